@@ -1,0 +1,173 @@
+"""`SnapshotCache`: per-node snapshots and the open watches on them."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodemesh.xds import types
+from nodemesh.xds.cache.protocol import (
+    Cancel,
+    DeltaWatchRequest,
+    DeltaWatchResponse,
+    WatchRequest,
+    WatchResponse,
+)
+from nodemesh.xds.cache._snapshot import Snapshot
+
+__all__ = ["SnapshotCache"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Watch:
+    request: WatchRequest | DeltaWatchRequest
+    respond: Callable[[WatchResponse], None] | Callable[[DeltaWatchResponse], None]
+
+
+class SnapshotCache:
+    """Holds one `Snapshot` per node id (plus an optional fallback) and answers watches.
+
+    Implements `ConfigWatcher`. Loop-confined: call it only from the event loop thread.
+    A node with no snapshot of its own gets the fallback snapshot, if one is set.
+    """
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._fallback: Snapshot | None = None
+        self._watches: dict[str, dict[int, _Watch]] = {}
+        self._ids = itertools.count(1)
+
+    # -- writing ---------------------------------------------------------------------------
+    def set_snapshot(self, node_id: str, snapshot: Snapshot) -> None:
+        self._snapshots[node_id] = snapshot
+        self._notify(node_id)
+
+    def clear_snapshot(self, node_id: str) -> None:
+        self._snapshots.pop(node_id, None)
+
+    def set_fallback_snapshot(self, snapshot: Snapshot | None) -> None:
+        """The snapshot served to nodes that have none of their own."""
+        self._fallback = snapshot
+        for node_id in list(self._watches):
+            if node_id not in self._snapshots:
+                self._notify(node_id)
+
+    # -- reading ---------------------------------------------------------------------------
+    def get_snapshot(self, node_id: str) -> Snapshot | None:
+        return self._snapshots.get(node_id, self._fallback)
+
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(self._snapshots))
+
+    def watched_node_ids(self) -> tuple[str, ...]:
+        """Nodes with at least one open watch (connected Envoys waiting for config)."""
+        return tuple(sorted(n for n, w in self._watches.items() if w))
+
+    def watch_count(self, node_id: str | None = None) -> int:
+        if node_id is not None:
+            return len(self._watches.get(node_id, {}))
+        return sum(len(w) for w in self._watches.values())
+
+    # -- ConfigWatcher ---------------------------------------------------------------------
+    def create_watch(
+        self, request: WatchRequest, respond: Callable[[WatchResponse], None]
+    ) -> Cancel:
+        snapshot = self.get_snapshot(request.node_id)
+        if snapshot is not None:
+            answer = _sotw_answer(snapshot, request)
+            if answer is not None:
+                respond(answer)
+                return _noop
+        return self._park(request, respond)
+
+    def create_delta_watch(
+        self, request: DeltaWatchRequest, respond: Callable[[DeltaWatchResponse], None]
+    ) -> Cancel:
+        snapshot = self.get_snapshot(request.node_id)
+        if snapshot is not None:
+            answer = _delta_answer(snapshot, request)
+            if answer is not None:
+                respond(answer)
+                return _noop
+        return self._park(request, respond)
+
+    # -- internals -------------------------------------------------------------------------
+    def _park(
+        self,
+        request: WatchRequest | DeltaWatchRequest,
+        respond: Callable[[WatchResponse], None] | Callable[[DeltaWatchResponse], None],
+    ) -> Cancel:
+        watch_id = next(self._ids)
+        node_watches = self._watches.setdefault(request.node_id, {})
+        node_watches[watch_id] = _Watch(request, respond)
+
+        def cancel() -> None:
+            watches = self._watches.get(request.node_id)
+            if watches is not None:
+                watches.pop(watch_id, None)
+                if not watches:
+                    del self._watches[request.node_id]
+
+        return cancel
+
+    def _notify(self, node_id: str) -> None:
+        watches = self._watches.get(node_id)
+        snapshot = self.get_snapshot(node_id)
+        if not watches or snapshot is None:
+            return
+        ordered = sorted(watches.items(), key=lambda kv: types.order_key(kv[1].request.type_url))
+        for watch_id, watch in ordered:
+            req = watch.request
+            if isinstance(req, WatchRequest):
+                answer: WatchResponse | DeltaWatchResponse | None = _sotw_answer(snapshot, req)
+            else:
+                answer = _delta_answer(snapshot, req)
+            if answer is None:
+                continue
+            del watches[watch_id]
+            watch.respond(answer)  # type: ignore[arg-type]
+        if not watches:
+            self._watches.pop(node_id, None)
+
+
+def _noop() -> None:
+    return None
+
+
+def _sotw_answer(snapshot: Snapshot, req: WatchRequest) -> WatchResponse | None:
+    version = snapshot.version(req.type_url)
+    if version is None:
+        return None  # the snapshot does not serve this type (yet)
+    if version == req.known_version and not req.names_changed:
+        return None
+    items = snapshot.resources(req.type_url)
+    if req.names is None:
+        chosen = tuple(items[n] for n in sorted(items))
+    else:
+        chosen = tuple(items[n] for n in sorted(req.names) if n in items)
+    return WatchResponse(req.type_url, version, chosen)
+
+
+def _delta_answer(snapshot: Snapshot, req: DeltaWatchRequest) -> DeltaWatchResponse | None:
+    version = snapshot.version(req.type_url)
+    if version is None or version == req.hold_version:
+        return None
+    items = snapshot.resources(req.type_url)
+    known = req.client_versions
+    if req.wildcard:
+        candidates = items.keys()
+    else:
+        candidates = req.subscribed & items.keys()
+    updated = tuple(
+        items[n] for n in sorted(candidates) if known.get(n) != items[n].version
+    )
+    removed = tuple(
+        sorted(n for n in known if n not in items and (req.wildcard or n in req.subscribed))
+    )
+    if not updated and not removed and not req.answer_empty:
+        return None
+    return DeltaWatchResponse(req.type_url, version, updated, removed)

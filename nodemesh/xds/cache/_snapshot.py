@@ -1,0 +1,114 @@
+"""`Snapshot`: the immutable set of resources, per type, that one node Envoy should hold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf.message import Message
+
+from nodemesh.xds import types
+from nodemesh.xds.cache._resource import Resource, content_version
+
+__all__ = ["Snapshot", "TypeSet"]
+
+_HCM_TYPE = types.TYPE_PREFIX + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+
+
+class TypeSet:
+    """The resources of one type in a snapshot, by name, and the version of the whole set."""
+
+    __slots__ = ("items", "version")
+
+    def __init__(self, resources: Iterable[Resource]) -> None:
+        items: dict[str, Resource] = {}
+        for r in resources:
+            if r.name in items:
+                raise ValueError(f"duplicate {types.short_name(r.type_url)} resource {r.name!r}")
+            items[r.name] = r
+        self.items: Mapping[str, Resource] = MappingProxyType(items)
+        # The type version hashes the sorted (name, version) pairs: equal content gives an equal
+        # version in any process, which is what lets a restarted control plane match Envoy.
+        self.version = content_version(
+            *(f"{n}\0{items[n].version}\n".encode() for n in sorted(items))
+        )
+
+
+class Snapshot:
+    """Resources per type URL for one node. Immutable once built; share freely between nodes.
+
+    Types absent from the snapshot are simply not served; an empty type is served as empty.
+    """
+
+    __slots__ = ("_types",)
+
+    def __init__(self, resources: Mapping[str, Iterable[Resource]]) -> None:
+        self._types: Mapping[str, TypeSet] = MappingProxyType(
+            {type_url: TypeSet(rs) for type_url, rs in resources.items()}
+        )
+
+    @classmethod
+    def from_messages(cls, messages: Iterable[Message]) -> Snapshot:
+        """Convenience for tests and the demo: serialize each message and group by type."""
+        core = (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE)
+        grouped: dict[str, list[Resource]] = {t: [] for t in core}
+        for m in messages:
+            r = Resource.from_message(m)
+            grouped.setdefault(r.type_url, []).append(r)
+        return cls(grouped)
+
+    @property
+    def type_urls(self) -> tuple[str, ...]:
+        return tuple(sorted(self._types, key=types.order_key))
+
+    def version(self, type_url: str) -> str | None:
+        ts = self._types.get(type_url)
+        return ts.version if ts is not None else None
+
+    def resources(self, type_url: str) -> Mapping[str, Resource]:
+        ts = self._types.get(type_url)
+        return ts.items if ts is not None else MappingProxyType({})
+
+    def has_type(self, type_url: str) -> bool:
+        return type_url in self._types
+
+    def consistent(self) -> list[str]:
+        """Every EDS and RDS name referenced from CDS and LDS exists. Returns the problems found."""
+        problems: list[str] = []
+        endpoints = self.resources(types.ENDPOINT)
+        for c in self.resources(types.CLUSTER).values():
+            cluster = c.message
+            assert isinstance(cluster, cluster_pb2.Cluster)
+            if cluster.type == cluster_pb2.Cluster.EDS:
+                wanted = cluster.eds_cluster_config.service_name or cluster.name
+                if wanted not in endpoints:
+                    problems.append(f"cluster {cluster.name!r} needs endpoints {wanted!r}")
+        routes = self.resources(types.ROUTE)
+        for name in sorted(_route_names(self.resources(types.LISTENER).values())):
+            if name not in routes:
+                problems.append(f"a listener needs route configuration {name!r}")
+        return problems
+
+
+def _route_names(listeners: Iterable[Resource]) -> set[str]:
+    names: set[str] = set()
+    for r in listeners:
+        listener = r.message
+        assert isinstance(listener, listener_pb2.Listener)
+        chains = list(listener.filter_chains)
+        if listener.HasField("default_filter_chain"):
+            chains.append(listener.default_filter_chain)
+        for chain in chains:
+            for f in chain.filters:
+                if f.typed_config.type_url != _HCM_TYPE:
+                    continue
+                hcm = hcm_pb2.HttpConnectionManager()
+                f.typed_config.Unpack(hcm)
+                if hcm.HasField("rds"):
+                    names.add(hcm.rds.route_config_name)
+    return names
