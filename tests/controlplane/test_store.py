@@ -1,0 +1,77 @@
+"""The store contract the sources rely on: keys, change detection, resync, notifications."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from nodemesh.controlplane.store import ObjectKey, Store
+
+
+def svc(name: str, port: int = 80, **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", **meta},
+        "spec": {"ports": [{"port": port}]},
+    }
+
+
+def test_apply_reports_only_real_changes() -> None:
+    store = Store()
+    assert store.apply(svc("web")) is True
+    assert store.apply(svc("web", resourceVersion="42", uid="x")) is False
+    assert store.apply({**svc("web"), "status": {"loadBalancer": {}}}) is False
+    assert store.apply(svc("web", port=81)) is True
+    assert store.revision == 2
+
+
+def test_files_mode_objects_get_a_generation_that_counts_changes() -> None:
+    store = Store()
+    key = ObjectKey("Service", "shop", "web")
+    store.apply(svc("web"))
+    store.apply(svc("web"))
+    store.apply(svc("web", port=81))
+    obj = store.get(key)
+    assert obj is not None and obj["metadata"]["generation"] == 2
+
+
+def test_kubernetes_generation_is_kept() -> None:
+    store = Store()
+    store.apply(svc("web", generation=7))
+    obj = store.get(ObjectKey("Service", "shop", "web"))
+    assert obj is not None and obj["metadata"]["generation"] == 7
+
+
+def test_wrong_api_group_is_refused_with_a_clear_message() -> None:
+    store = Store()
+    with pytest.raises(ValueError, match="not in group 'gateway.networking.k8s.io'"):
+        store.apply({"apiVersion": "v1", "kind": "HTTPRoute", "metadata": {"name": "r"}})
+
+
+def test_replace_all_deletes_missing_objects_of_the_given_kinds_only() -> None:
+    store = Store()
+    seen: list[frozenset[ObjectKey]] = []
+    store.apply(svc("a"))
+    store.apply(svc("b"))
+    store.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+    store.subscribe(lambda _rev, keys: seen.append(keys))
+    assert store.replace_all([svc("b"), svc("c")], kinds=["Service"]) is True
+    assert store.keys("Service") == [ObjectKey("Service", "shop", n) for n in ("b", "c")]
+    assert store.keys("Node") == [ObjectKey("Node", "", "n1")]
+    assert seen == [
+        frozenset({ObjectKey("Service", "shop", "a"), ObjectKey("Service", "shop", "c")})
+    ]
+    assert store.replace_all([svc("b"), svc("c")], kinds=["Service"]) is False
+
+
+def test_delete_and_view_are_consistent() -> None:
+    store = Store()
+    store.apply(svc("a"))
+    view = store.view()
+    assert store.delete(ObjectKey("Service", "shop", "a")) is True
+    assert store.delete(ObjectKey("Service", "shop", "a")) is False
+    assert ObjectKey("Service", "shop", "a") in view
+    assert len(store.view()) == 0
+    assert view.revision == 1 and store.revision == 2
