@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
+from aiohttp import web
+
+T = TypeVar("T")
 
 IN_CI = os.environ.get("CI") == "true"
 
 
 def need(condition: object, reason: str) -> None:
-    """Stop the test when a prerequisite is missing: fail under CI=true, skip (printed) otherwise."""
+    """Stop the test for a missing prerequisite: fail under CI=true, skip (printed) otherwise."""
     if condition:
         return
     if IN_CI:
@@ -26,3 +36,83 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+async def eventually(
+    check: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Poll `check` (run in a thread, so blocking admin calls do not stall the event loop)
+    until it returns a truthy value without raising AssertionError; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = await asyncio.to_thread(check)
+            if value:
+                return value
+            last = None
+        except AssertionError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            detail = f": {last}" if last else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}{detail}")
+        await asyncio.sleep(interval)
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> HttpResult:
+    """A plain HTTP GET (blocking); returns status, body and headers, never raises on HTTP codes."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return HttpResult(resp.status, resp.read().decode(), dict(resp.headers))
+    except urllib.error.HTTPError as exc:
+        return HttpResult(exc.code, exc.read().decode(), dict(exc.headers))
+
+
+@dataclass
+class HttpResult:
+    status: int
+    body: str
+    headers: dict[str, str]
+
+
+class Backend:
+    """A tiny HTTP backend on 127.0.0.1 that answers with its name and counts requests.
+
+    `fail_next(n, status)` makes the next n requests answer `status` (for retry tests).
+    Runs aiohttp on the test's event loop.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.hits = 0
+        self.paths: list[str] = []
+        self._fail: list[int] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def fail_next(self, n: int, status: int = 503) -> None:
+        self._fail.extend([status] * n)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        self.paths.append(request.path_qs)
+        if self._fail:
+            return web.Response(status=self._fail.pop(0), text=f"{self.name} failing\n")
+        return web.Response(text=f"{self.name}\n", headers={"x-backend": self.name})
+
+    async def start(self) -> Backend:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -6,6 +6,8 @@ The ADS server depends only on `ConfigWatcher`; `SnapshotCache` implements it.
 from __future__ import annotations
 
 from nodemesh.xds.cache._cache import SnapshotCache
+from nodemesh.xds.cache._resource import Resource, content_version
+from nodemesh.xds.cache._snapshot import Snapshot, TypeSet
 from nodemesh.xds.cache.protocol import (
     Cancel,
     ConfigWatcher,
@@ -14,8 +16,6 @@ from nodemesh.xds.cache.protocol import (
     WatchRequest,
     WatchResponse,
 )
-from nodemesh.xds.cache._resource import Resource, content_version
-from nodemesh.xds.cache._snapshot import Snapshot, TypeSet
 
 __all__ = [
     "Cancel",

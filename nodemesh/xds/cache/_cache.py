@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodemesh.xds import types
+from nodemesh.xds.cache._snapshot import Snapshot
 from nodemesh.xds.cache.protocol import (
     Cancel,
     DeltaWatchRequest,
@@ -15,7 +16,6 @@ from nodemesh.xds.cache.protocol import (
     WatchRequest,
     WatchResponse,
 )
-from nodemesh.xds.cache._snapshot import Snapshot
 
 __all__ = ["SnapshotCache"]
 
@@ -162,9 +162,7 @@ def _delta_answer(snapshot: Snapshot, req: DeltaWatchRequest) -> DeltaWatchRespo
         candidates = items.keys()
     else:
         candidates = req.subscribed & items.keys()
-    updated = tuple(
-        items[n] for n in sorted(candidates) if known.get(n) != items[n].version
-    )
+    updated = tuple(items[n] for n in sorted(candidates) if known.get(n) != items[n].version)
     removed = tuple(
         sorted(n for n in known if n not in items and (req.wildcard or n in req.subscribed))
     )

@@ -62,7 +62,11 @@ class Resource:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Resource):
             return NotImplemented
-        return (self.type_url, self.name, self.payload) == (other.type_url, other.name, other.payload)
+        return (self.type_url, self.name, self.payload) == (
+            other.type_url,
+            other.name,
+            other.payload,
+        )
 
     def __hash__(self) -> int:
         return hash((self.type_url, self.name, self.version))

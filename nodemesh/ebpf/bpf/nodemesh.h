@@ -1,0 +1,175 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Shared structs, maps and helpers of the nodemesh node data plane.
+ *
+ * User space mirrors every key and value struct in nodemesh/ebpf/_maps.py; a test compares
+ * sizes and offsets with this object's BTF. Addresses and ports are in network byte order
+ * everywhere in the maps, so user space never has to guess.
+ */
+#ifndef NODEMESH_H
+#define NODEMESH_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_IP 0
+#define SO_ORIGINAL_DST 80
+#define ECONNREFUSED 111
+
+#define NM_MAX_BACKENDS 32
+
+/* nm_services flags */
+#define NM_SVC_L7 (1U << 0) /* connections go to the node Envoy */
+
+/* nm_config flags */
+#define NM_CFG_ENVOY_SET (1U << 0) /* envoy_addr/envoy_port are valid */
+
+/* One destination a pod may connect to: a ClusterIP or a pod IP, and a TCP port. */
+struct nm_svc_key {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+struct nm_backend {
+	__be32 addr;
+	__be16 port;
+	__u16 weight;
+};
+
+/* The whole service in one value, so one map update switches atomically between versions. */
+struct nm_service {
+	__u32 flags;
+	__u32 n_backends;
+	__u32 total_weight;
+	__u32 pad;
+	struct nm_backend backends[NM_MAX_BACKENDS];
+};
+
+/* A TCP connection as seen from one end: s = this socket, d = its peer. */
+struct nm_tuple {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+struct nm_orig_dst {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+struct nm_config {
+	__u64 envoy_cgroup_id; /* connections made by the node Envoy are never rewritten */
+	__be32 envoy_addr;
+	__be16 envoy_port;
+	__u16 flags;
+};
+
+struct nm_stats {
+	__u64 msg_redirected;
+	__u64 bytes_redirected;
+	__u64 msg_passed;
+	__u64 l7_redirects;
+	__u64 l4_picks;
+	__u64 misses;
+	__u64 refused;
+	__u64 sockhash_inserts;
+	__u64 orig_dst_answered;
+	__u64 orig_dst_missing;
+};
+
+/* Maps shared by every object: pinned by name under the loader's pin root, so the four
+ * objects see one set and the maps outlive the agent.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nm_svc_key);
+	__type(value, struct nm_service);
+	/* No preallocation: an update swaps the element under RCU, so a reader never sees a
+	 * half-written service (with preallocation a freed element can be reused mid-read).
+	 */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nm_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct nm_orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_orig_cookie SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nm_tuple); /* the client's view of its connection to the node Envoy */
+	__type(value, struct nm_orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_orig_tuple SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nm_tuple);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __be32); /* pod IPs on this node and the node Envoy address */
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_local SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nm_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_stats SEC(".maps");
+
+#define NM_COUNT(field, n)                                              \
+	do {                                                            \
+		__u32 __zero = 0;                                       \
+		struct nm_stats *__s = bpf_map_lookup_elem(&nm_stats, &__zero); \
+		if (__s)                                                \
+			__s->field += (n);                              \
+	} while (0)
+
+static __always_inline struct nm_config *nm_get_config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&nm_config, &zero);
+}
+
+/* The kernel hands remote_port to sock_ops and sk_msg as a __be16 shifted into the upper
+ * half of a u32 on little endian; this yields the plain __be16 on either endianness.
+ */
+static __always_inline __be16 nm_remote_port(__u32 remote_port)
+{
+	return bpf_htons((__u16)bpf_ntohl(remote_port));
+}
+
+static __always_inline int nm_is_v4_mapped(const __u32 *ip6)
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+#endif

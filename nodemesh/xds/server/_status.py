@@ -1,0 +1,179 @@
+"""`StatusTracker`: what each node Envoy was sent, what it ACKed, and what it rejected."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from nodemesh.xds.types import short_name
+
+__all__ = ["AckEvent", "NackRecord", "NodeStatus", "StatusTracker", "TypeStatus"]
+
+
+@dataclass(frozen=True, slots=True)
+class NackRecord:
+    """Envoy rejected a response: which version, which resources, and Envoy's own message."""
+
+    node_id: str
+    type_url: str
+    version: str
+    nonce: str
+    resource_names: tuple[str, ...]
+    code: int
+    message: str
+    at: float
+
+
+@dataclass(slots=True)
+class TypeStatus:
+    version_sent: str = ""
+    version_acked: str = ""
+    nonce_sent: str = ""
+    responses_sent: int = 0
+    resources_sent: int = 0
+    acked_resources: dict[str, str] = field(default_factory=dict)  # name -> version, as ACKed
+    last_nack: NackRecord | None = None
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    node_id: str
+    streams: int = 0
+    last_connected: float = 0.0
+    last_disconnected: float = 0.0
+    types: dict[str, TypeStatus] = field(default_factory=dict)
+
+    @property
+    def connected(self) -> bool:
+        return self.streams > 0
+
+
+@dataclass(frozen=True, slots=True)
+class AckEvent:
+    """Delivered to listeners on every ACK and NACK."""
+
+    kind: Literal["ack", "nack"]
+    node_id: str
+    type_url: str
+    version: str
+    resource_versions: dict[str, str]  # what the node now holds of the type (ack), or was sent
+    nack: NackRecord | None = None
+
+
+Listener = Callable[[AckEvent], None]
+
+
+class StatusTracker:
+    """Per-node xDS status, updated by the ADS server; read by status APIs and the `Programmed`
+    condition. Loop-confined, like the cache. `snapshot()` returns plain JSON-able data.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeStatus] = {}
+        self._listeners: list[Listener] = []
+
+    # -- read ------------------------------------------------------------------------------
+    def node(self, node_id: str) -> NodeStatus | None:
+        return self._nodes.get(node_id)
+
+    def nodes(self) -> tuple[NodeStatus, ...]:
+        return tuple(self._nodes[n] for n in sorted(self._nodes))
+
+    def type_status(self, node_id: str, type_url: str) -> TypeStatus:
+        return self._node(node_id).types.setdefault(type_url, TypeStatus())
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for node in self.nodes():
+            types_out: dict[str, Any] = {}
+            for type_url, ts in sorted(node.types.items()):
+                types_out[short_name(type_url)] = {
+                    "type_url": type_url,
+                    "version_sent": ts.version_sent,
+                    "version_acked": ts.version_acked,
+                    "responses_sent": ts.responses_sent,
+                    "resources_sent": ts.resources_sent,
+                    "last_nack": asdict(ts.last_nack) if ts.last_nack else None,
+                }
+            out[node.node_id] = {
+                "connected": node.connected,
+                "streams": node.streams,
+                "types": types_out,
+            }
+        return out
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` on every ACK/NACK. Returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    # -- written by the server -------------------------------------------------------------
+    def stream_opened(self, node_id: str) -> None:
+        node = self._node(node_id)
+        node.streams += 1
+        node.last_connected = time.time()
+
+    def stream_closed(self, node_id: str) -> None:
+        node = self._node(node_id)
+        node.streams = max(0, node.streams - 1)
+        node.last_disconnected = time.time()
+
+    def sent(self, node_id: str, type_url: str, version: str, nonce: str, count: int) -> None:
+        ts = self.type_status(node_id, type_url)
+        ts.version_sent = version
+        ts.nonce_sent = nonce
+        ts.responses_sent += 1
+        ts.resources_sent += count
+
+    def acked(
+        self,
+        node_id: str,
+        type_url: str,
+        version: str,
+        resource_versions: dict[str, str],
+        *,
+        replace: bool,
+    ) -> None:
+        """Record an ACK. `replace`: the ACKed set is the whole state (SotW wildcard) rather
+        than an update to merge (delta, or a named subscription)."""
+        ts = self.type_status(node_id, type_url)
+        ts.version_acked = version
+        ts.last_nack = None
+        if replace:
+            ts.acked_resources = dict(resource_versions)
+        else:
+            ts.acked_resources.update(resource_versions)
+        self._emit(AckEvent("ack", node_id, type_url, version, dict(ts.acked_resources)))
+
+    def resumed(
+        self, node_id: str, type_url: str, version: str, resource_versions: dict[str, str]
+    ) -> None:
+        """A reconnecting client said what it holds (SotW: a version; delta: resource versions).
+        Recorded as ACKed state without an event: nothing new was delivered."""
+        ts = self.type_status(node_id, type_url)
+        if version:
+            ts.version_acked = version
+        ts.acked_resources.update(resource_versions)
+
+    def removed(self, node_id: str, type_url: str, names: tuple[str, ...]) -> None:
+        ts = self.type_status(node_id, type_url)
+        for n in names:
+            ts.acked_resources.pop(n, None)
+
+    def nacked(self, record: NackRecord, sent_versions: dict[str, str]) -> None:
+        self.type_status(record.node_id, record.type_url).last_nack = record
+        self._emit(
+            AckEvent("nack", record.node_id, record.type_url, record.version, sent_versions, record)
+        )
+
+    def _node(self, node_id: str) -> NodeStatus:
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = NodeStatus(node_id)
+        return node
+
+    def _emit(self, event: AckEvent) -> None:
+        for listener in list(self._listeners):
+            listener(event)

@@ -1,0 +1,242 @@
+"""The mesh IR: a plain, immutable description of what every node Envoy should do.
+
+`build` (in the control plane) produces it from user objects; `translate` turns it into Envoy
+protos. It lives under `nodemesh.xds` so that the translator never imports the control plane.
+Durations are integer milliseconds. `origins` name the user objects an item came from
+("HTTPRoute/shop/web"), so that ACKs and NACKs can be mapped back to them.
+
+All classes are frozen and compare by value: the translator memoizes Envoy resources by IR value
+(identity first), so build should reuse an unchanged IR object rather than rebuild an equal one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "Backend",
+    "CircuitBreaker",
+    "Cluster",
+    "ClusterEndpoints",
+    "Endpoint",
+    "Fault",
+    "HeaderMatch",
+    "HeaderMutation",
+    "LoadBalancer",
+    "Mesh",
+    "Mirror",
+    "OutlierDetection",
+    "PathMatch",
+    "QueryMatch",
+    "Redirect",
+    "Retry",
+    "Rewrite",
+    "Route",
+    "RouteMatch",
+    "ServiceInfo",
+    "VirtualHost",
+]
+
+Origins = tuple[str, ...]
+
+
+# -- endpoints and clusters ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    # ready -> HEALTHY; serving but terminating -> DRAINING (no new requests, kept for
+    # in-flight ones); neither -> left out by build.
+    draining: bool = False
+    node: str = ""
+    zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterEndpoints:
+    cluster: str
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_retries: int | None = None
+    retry_budget_percent: float | None = None
+    retry_budget_min_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx: int | None = None
+    consecutive_gateway_errors: int | None = None
+    interval_ms: int | None = None
+    base_ejection_time_ms: int | None = None
+    max_ejection_percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancer:
+    policy: Literal["RoundRobin", "LeastRequest", "RingHash", "Maglev"] = "RoundRobin"
+    hash_header: str = ""
+    hash_cookie: str = ""
+    hash_cookie_ttl_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """One upstream cluster per (Service, port) that some route uses."""
+
+    name: str
+    service: str  # "ns/name"
+    port: int
+    http2: bool = False
+    connect_timeout_ms: int | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    outlier: OutlierDetection | None = None
+    lb: LoadBalancer | None = None
+    origins: Origins = ()
+
+
+# -- routes ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    kind: Literal["Exact", "PathPrefix", "RegularExpression"]
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str
+    value: str
+    kind: Literal["Exact", "RegularExpression"] = "Exact"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    name: str
+    value: str
+    kind: Literal["Exact", "RegularExpression"] = "Exact"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path: PathMatch = PathMatch("PathPrefix", "/")
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()
+    method: str = ""
+    grpc: bool = False  # only match gRPC requests (content-type application/grpc*)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutation:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    cluster: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    retry_on: tuple[str, ...] = ()
+    status_codes: tuple[int, ...] = ()
+    num_retries: int | None = None
+    per_try_timeout_ms: int | None = None
+    backoff_base_ms: int | None = None
+    backoff_max_ms: int | None = None
+    skip_previous_hosts: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    hostname: str = ""
+    full_path: str | None = None
+    prefix: str | None = None  # replaces the matched PathPrefix
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    scheme: str = ""
+    hostname: str = ""
+    port: int | None = None
+    full_path: str | None = None
+    prefix: str | None = None
+    status_code: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    cluster: str
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay_ms: int | None = None
+    delay_percent: float = 100.0
+    abort_status: int | None = None
+    abort_percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One match with its action. Exactly one of backends (possibly empty: answer
+    `direct_status`), or redirect."""
+
+    name: str
+    match: RouteMatch = RouteMatch()
+    backends: tuple[Backend, ...] = ()
+    direct_status: int = 500  # when there is no usable backend
+    redirect: Redirect | None = None
+    request_headers: HeaderMutation | None = None
+    response_headers: HeaderMutation | None = None
+    rewrite: Rewrite | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    timeout_ms: int | None = None  # None: Envoy's default (15 s); 0: no timeout
+    idle_timeout_ms: int | None = None
+    retry: Retry | None = None
+    fault: Fault | None = None
+    hash_header: str = ""
+    hash_cookie: str = ""
+    hash_cookie_ttl_ms: int | None = None
+    origins: Origins = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    """Requests addressed to one (Service, port), by any of its names."""
+
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    origins: Origins = ()
+
+
+# -- the whole mesh -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """Per Service, what the node agent needs to know (the eBPF map builder reads this)."""
+
+    name: str  # "ns/name"
+    cluster_ips: tuple[str, ...]
+    ports: tuple[int, ...]
+    needs_l7: bool  # has an HTTPRoute/GRPCRoute or an L7 TrafficPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    virtual_hosts: tuple[VirtualHost, ...] = ()
+    clusters: tuple[Cluster, ...] = ()
+    endpoints: tuple[ClusterEndpoints, ...] = ()
+    services: tuple[ServiceInfo, ...] = ()
+    nodes: tuple[str, ...] = ()  # node names known from Node objects / endpoints
+    outbound_port: int = 15001
+    route_config_name: str = "outbound"
