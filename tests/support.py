@@ -42,7 +42,8 @@ async def eventually(
     check: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.05, what: str = ""
 ) -> T:
     """Poll `check` (run in a thread, so blocking admin calls do not stall the event loop)
-    until it returns a truthy value without raising AssertionError; fail after `timeout`."""
+    until it returns a truthy value without raising AssertionError or OSError; fail after
+    `timeout`."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while True:
@@ -51,7 +52,7 @@ async def eventually(
             if value:
                 return value
             last = None
-        except AssertionError as exc:
+        except (AssertionError, OSError) as exc:  # OSError: a listener not up yet
             last = exc
         if time.monotonic() > deadline:
             detail = f": {last}" if last else ""
@@ -116,3 +117,10 @@ class Backend:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+async def fetch(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> HttpResult:
+    """`http_get` off the event loop: the backends and the control plane live on that loop."""
+    return await asyncio.to_thread(http_get, url, headers, timeout)

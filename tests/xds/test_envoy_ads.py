@@ -1,0 +1,268 @@
+"""A real Envoy 1.40 against the ADS server, in delta and state-of-the-world modes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.route.v3 import route_pb2
+from google.protobuf.message import Message
+
+from nodemesh.envoy import EnvoyProcess
+from nodemesh.xds import types
+from nodemesh.xds.cache import Snapshot
+from tests.support import eventually, fetch, free_port, http_get
+from tests.xds import resources as R
+from tests.xds.conftest import ControlPlane
+
+ALL = (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE)
+
+
+def snap(*messages: Message) -> Snapshot:
+    return Snapshot.from_messages(messages)
+
+
+def base(listen: int, a_port: int, route: route_pb2.RouteConfiguration | None = None) -> list[Any]:
+    return [
+        R.eds_cluster("a"),
+        R.endpoints("a", a_port),
+        R.http_listener("web", listen, "web-routes"),
+        route if route is not None else R.routes("web-routes", ("/a", "a")),
+    ]
+
+
+def dump_versions(envoy: EnvoyProcess) -> dict[str, dict[str, str]]:
+    """Per type, resource name -> version_info as Envoy reports it in /config_dump."""
+    out: dict[str, dict[str, str]] = {"cds": {}, "eds": {}, "lds": {}, "rds": {}}
+    for c in envoy.config_dump()["configs"]:
+        kind = c["@type"].rsplit(".", 1)[-1]
+        if kind == "ClustersConfigDump":
+            for x in c.get("dynamic_active_clusters", []):
+                out["cds"][x["cluster"]["name"]] = x["version_info"]
+        elif kind == "EndpointsConfigDump":
+            for x in c.get("dynamic_endpoint_configs", []):
+                # Envoy keeps no version for EDS in its dump: compare the names only.
+                out["eds"][x["endpoint_config"]["cluster_name"]] = ""
+        elif kind == "ListenersConfigDump":
+            for x in c.get("dynamic_listeners", []):
+                if "active_state" in x:
+                    out["lds"][x["name"]] = x["active_state"]["version_info"]
+        elif kind == "RoutesConfigDump":
+            for x in c.get("dynamic_route_configs", []):
+                out["rds"][x["route_config"]["name"]] = x["version_info"]
+    return out
+
+
+def expected_versions(snapshot: Snapshot, mode: str) -> dict[str, dict[str, str]]:
+    """SotW: every resource carries the type version; delta: its own content hash."""
+    out = {}
+    for t in ALL:
+        items = snapshot.resources(t)
+        out[types.short_name(t)] = {
+            n: ""
+            if t == types.ENDPOINT
+            else (r.version if mode == "delta" else snapshot.version(t) or "")
+            for n, r in items.items()
+        }
+    return out
+
+
+def all_acked(cp: ControlPlane, node: str, snapshot: Snapshot) -> bool:
+    for t in ALL:
+        ts = cp.server.status.type_status(node, t)
+        if ts.version_acked != snapshot.version(t):
+            return False
+    return True
+
+
+def body_of(url: str, expect: int = 200) -> str | None:
+    r = http_get(url)
+    return r.body.strip() if r.status == expect else None
+
+
+async def test_envoy_acks_every_type_and_serves_requests(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    a = await backends("a")
+    listen = free_port()
+    s1 = snap(*base(listen, a.port))
+    control_plane.cache.set_snapshot("node-1", s1)
+    envoy = start_envoy("node-1", control_plane.address, delta=mode == "delta")
+
+    await eventually(envoy.ready, what="envoy /ready")
+    await eventually(lambda: all_acked(control_plane, "node-1", s1), what="ACK of every type")
+    assert dump_versions(envoy) == expected_versions(s1, mode)
+    await eventually(
+        lambda: body_of(f"http://127.0.0.1:{listen}/a/x") == "a",
+        what=f"{f'http://127.0.0.1:{listen}/a/x'} answers " + "a",
+    )
+    assert a.paths[-1] == "/a/x"
+    node = control_plane.server.status.snapshot()["node-1"]
+    assert node["connected"] is True
+    assert {t: node["types"][t]["version_acked"] for t in ("cds", "eds", "lds", "rds")} == {
+        types.short_name(t): s1.version(t) for t in ALL
+    }
+
+
+async def test_changes_take_effect_and_removed_resources_disappear(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    a, a2, b = await backends("a"), await backends("a2"), await backends("b")
+    listen = free_port()
+    url = f"http://127.0.0.1:{listen}"
+    control_plane.cache.set_snapshot("n", snap(*base(listen, a.port)))
+    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
+    await eventually(lambda: body_of(url + "/a") == "a", what=f"{url + '/a'} answers " + "a")
+
+    # A new cluster and a route to it.
+    s2 = snap(
+        *base(listen, a.port, R.routes("web-routes", ("/a", "a"), ("/b", "b")))[:3],
+        R.routes("web-routes", ("/a", "a"), ("/b", "b")),
+        R.eds_cluster("b"),
+        R.endpoints("b", b.port),
+    )
+    control_plane.cache.set_snapshot("n", s2)
+    await eventually(lambda: body_of(url + "/b") == "b", what=f"{url + '/b'} answers " + "b")
+
+    # Changed endpoints: the same cluster now points at another backend.
+    s3 = snap(
+        R.eds_cluster("a"),
+        R.endpoints("a", a2.port),
+        R.http_listener("web", listen, "web-routes"),
+        R.routes("web-routes", ("/a", "a"), ("/b", "b")),
+        R.eds_cluster("b"),
+        R.endpoints("b", b.port),
+    )
+    control_plane.cache.set_snapshot("n", s3)
+    await eventually(lambda: body_of(url + "/a") == "a2", what=f"{url + '/a'} answers " + "a2")
+
+    # Removed route and cluster: /b is gone, and so is cluster b from Envoy's config.
+    s4 = snap(*base(listen, a2.port))
+    control_plane.cache.set_snapshot("n", s4)
+    assert await eventually(lambda: http_get(url + "/b").status == 404)
+    await eventually(lambda: "b" not in dump_versions(envoy)["cds"], what="cluster b removed")
+    await eventually(lambda: all_acked(control_plane, "n", s4), what="ACK of the last version")
+    assert dump_versions(envoy) == expected_versions(s4, mode)
+    assert (await fetch(url + "/a")).body.strip() == "a2"
+
+
+async def test_nack_reports_envoys_message_and_is_not_resent(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    a, a2 = await backends("a"), await backends("a2")
+    listen = free_port()
+    url = f"http://127.0.0.1:{listen}/a"
+    good = snap(*base(listen, a.port))
+    control_plane.cache.set_snapshot("n", good)
+    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
+    await eventually(lambda: all_acked(control_plane, "n", good))
+
+    bad_routes = R.bad_regex_routes("web-routes", "a")
+    bad = snap(*base(listen, a.port, bad_routes))
+    control_plane.cache.set_snapshot("n", bad)
+    rds = control_plane.server.status.type_status("n", types.ROUTE)
+    await eventually(lambda: rds.last_nack is not None, what="a NACK for the bad route")
+    nack = rds.last_nack
+    assert nack is not None
+    assert nack.version == bad.version(types.ROUTE)
+    assert nack.resource_names == ("web-routes",)
+    assert "regex" in nack.message.lower() or "missing" in nack.message.lower(), nack.message
+    report = control_plane.server.status.snapshot()["n"]["types"]["rds"]["last_nack"]
+    assert report["message"] == nack.message
+    assert rds.version_acked == good.version(types.ROUTE)  # the last good version stays
+    assert (await fetch(url)).body.strip() == "a"  # ...and keeps serving
+    responses_at_nack = rds.responses_sent
+
+    # An unrelated change goes through; the rejected routes are not sent again meanwhile.
+    s3 = snap(*base(listen, a2.port, bad_routes))
+    control_plane.cache.set_snapshot("n", s3)
+    eds = control_plane.server.status.type_status("n", types.ENDPOINT)
+    await eventually(lambda: eds.version_acked == s3.version(types.ENDPOINT))
+    await eventually(lambda: body_of(url) == "a2", what=f"{url} answers " + "a2")
+    assert rds.responses_sent == responses_at_nack
+    rejected = envoy.stats("rds.web-routes.update_rejected")
+    assert sum(rejected.values()) == 1, rejected
+
+    # A fixed version is accepted and clears the NACK.
+    fixed = snap(*base(listen, a2.port, R.routes("web-routes", ("/a", "a"), ("/z", "a"))))
+    control_plane.cache.set_snapshot("n", fixed)
+    await eventually(lambda: rds.version_acked == fixed.version(types.ROUTE))
+    assert rds.last_nack is None
+    assert rds.responses_sent == responses_at_nack + 1
+    assert await eventually(lambda: body_of(url.replace("/a", "/z"))) == "a2"
+
+
+async def test_restart_keeps_serving_and_ends_with_the_same_versions(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    a, a2 = await backends("a"), await backends("a2")
+    listen = free_port()
+    url = f"http://127.0.0.1:{listen}/a"
+    s1 = snap(*base(listen, a.port))
+    control_plane.cache.set_snapshot("n", s1)
+    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
+    await eventually(lambda: all_acked(control_plane, "n", s1))
+    before = dump_versions(envoy)
+    port = control_plane.port
+
+    await control_plane.stop()
+    assert (
+        await fetch(url)
+    ).body.strip() == "a"  # Envoy serves the last config while the control plane is gone
+
+    restarted = await ControlPlane().start(port)
+    try:
+        restarted.cache.set_snapshot("n", snap(*base(listen, a.port)))  # rebuilt from scratch
+        status = restarted.server.status
+
+        def resynced() -> bool:
+            node = status.node("n")
+            if node is None or not node.connected:
+                return False
+            for t in ALL:
+                ts = status.type_status("n", t)
+                if mode == "delta":
+                    want = {n: r.version for n, r in s1.resources(t).items()}
+                    if ts.acked_resources != want:
+                        return False
+                elif ts.version_acked != s1.version(t):
+                    return False
+            return True
+
+        await eventually(resynced, timeout=20, what="Envoy reconnected with its versions")
+        assert dump_versions(envoy) == before
+        for t in ALL:  # nothing was resent: Envoy already held every resource
+            assert status.type_status("n", t).resources_sent == 0, types.short_name(t)
+        assert (await fetch(url)).body.strip() == "a"
+
+        # The new stream is live: a change made after the restart reaches Envoy.
+        restarted.cache.set_snapshot("n", snap(*base(listen, a2.port)))
+        await eventually(lambda: body_of(url) == "a2", what=f"{url} answers " + "a2")
+        assert status.type_status("n", types.ENDPOINT).resources_sent == 1
+    finally:
+        await restarted.stop()
+
+
+async def test_each_node_gets_its_own_snapshot(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    a, b = await backends("a"), await backends("b")
+    l1, l2 = free_port(), free_port()
+    control_plane.cache.set_snapshot("node-1", snap(*base(l1, a.port)))
+    control_plane.cache.set_snapshot("node-2", snap(*base(l2, b.port)))
+    start_envoy("node-1", control_plane.address, delta=mode == "delta")
+    start_envoy("node-2", control_plane.address, delta=mode == "delta")
+    await eventually(
+        lambda: body_of(f"http://127.0.0.1:{l1}/a") == "a",
+        what=f"{f'http://127.0.0.1:{l1}/a'} answers " + "a",
+    )
+    await eventually(
+        lambda: body_of(f"http://127.0.0.1:{l2}/a") == "b",
+        what=f"{f'http://127.0.0.1:{l2}/a'} answers " + "b",
+    )
+    assert (await fetch(f"http://127.0.0.1:{l1}/a")).body.strip() == "a"
+    nodes = control_plane.server.status.snapshot()
+    assert set(nodes) == {"node-1", "node-2"}
+    assert (
+        nodes["node-1"]["types"]["eds"]["version_acked"]
+        != (nodes["node-2"]["types"]["eds"]["version_acked"])
+    )
