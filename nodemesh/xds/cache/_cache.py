@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from nodemesh.xds import types
@@ -158,10 +158,9 @@ def _delta_answer(snapshot: Snapshot, req: DeltaWatchRequest) -> DeltaWatchRespo
         return None
     items = snapshot.resources(req.type_url)
     known = req.client_versions
-    if req.wildcard:
-        candidates = items.keys()
-    else:
-        candidates = req.subscribed & items.keys()
+    candidates: Iterable[str] = (
+        items.keys() if req.wildcard else req.subscribed.intersection(items.keys())
+    )
     updated = tuple(items[n] for n in sorted(candidates) if known.get(n) != items[n].version)
     removed = tuple(
         sorted(n for n in known if n not in items and (req.wildcard or n in req.subscribed))

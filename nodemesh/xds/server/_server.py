@@ -89,7 +89,7 @@ class AdsServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
-            port = server.add_insecure_port(address)
+            port = int(server.add_insecure_port(address))
         except RuntimeError as exc:
             raise ServerError(f"bind xDS listener {address}: {exc}") from exc
         if port == 0:

@@ -1,0 +1,242 @@
+"""The ADS protocol as a client sees it, over real gRPC: nonces, ACK/NACK, subscriptions.
+
+Negative checks ("nothing was sent") never wait for silence: the test sends a probe request
+for another type that must be answered, and since a stream answers in order, the next
+message read must be that probe's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nodemesh.xds import types
+from nodemesh.xds.cache import Snapshot
+from tests.xds import resources as R
+from tests.xds.conftest import ControlPlane
+
+SOTW = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+DR = discovery_pb2.DiscoveryRequest
+DDR = discovery_pb2.DeltaDiscoveryRequest
+
+
+def snapshot(port: int = 80, clusters: tuple[str, ...] = ("a", "b")) -> Snapshot:
+    msgs: list[Any] = [R.http_listener("web", 15001, "routes"), R.routes("routes", ("/", "a"))]
+    for c in clusters:
+        msgs += [R.eds_cluster(c), R.endpoints(c, port)]
+    return Snapshot.from_messages(msgs)
+
+
+@pytest.fixture
+async def channel(control_plane: ControlPlane) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(control_plane.address) as ch:
+        yield ch
+
+
+def sotw_call(ch: grpc.aio.Channel) -> Any:
+    return ch.stream_stream(
+        SOTW,
+        request_serializer=DR.SerializeToString,
+        response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+    )()
+
+
+def delta_call(ch: grpc.aio.Channel) -> Any:
+    return ch.stream_stream(
+        DELTA,
+        request_serializer=DDR.SerializeToString,
+        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+    )()
+
+
+def req(type_url: str, names: tuple[str, ...] = (), node: str = "n", **kw: Any) -> Any:
+    r = DR(type_url=type_url, resource_names=list(names), **kw)
+    if node:
+        r.node.id = node
+    return r
+
+
+async def test_nonces_increase_and_versions_are_the_snapshots(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER))
+    first = await call.read()
+    await call.write(req(types.LISTENER, node=""))
+    second = await call.read()
+    assert (first.nonce, second.nonce) == ("1", "2")
+    assert first.version_info == s.version(types.CLUSTER)
+    assert second.version_info == s.version(types.LISTENER)
+    call.cancel()
+
+
+async def test_a_stale_nonce_is_ignored(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER))
+    r1 = await call.read()
+    await call.write(req(types.CLUSTER, version_info=r1.version_info, response_nonce=r1.nonce))
+    control_plane.cache.set_snapshot("n", snapshot(clusters=("a",)))
+    r2 = await call.read()
+    assert r2.nonce != r1.nonce and len(r2.resources) == 1
+    # An answer to the superseded nonce r1 changes nothing, even though it asks for a
+    # version the server no longer has.
+    await call.write(req(types.CLUSTER, version_info="old", response_nonce=r1.nonce, node=""))
+    await call.write(req(types.LISTENER, node=""))  # the probe
+    probe = await call.read()
+    assert probe.type_url == types.LISTENER
+    stream = next(iter(control_plane.server._streams))
+    assert stream.stale_requests == 1
+    call.cancel()
+
+
+async def test_nack_is_recorded_and_the_rejected_version_is_held(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    s1 = snapshot()
+    control_plane.cache.set_snapshot("n", s1)
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER))
+    r1 = await call.read()
+    nack = req(types.CLUSTER, response_nonce=r1.nonce, node="")
+    nack.error_detail.code = 3
+    nack.error_detail.message = "cluster a: invalid"
+    await call.write(nack)
+    await call.write(req(types.LISTENER, node=""))
+    assert (await call.read()).type_url == types.LISTENER  # no resend of the rejected CDS
+    ts = control_plane.server.status.type_status("n", types.CLUSTER)
+    assert ts.last_nack is not None
+    assert (ts.last_nack.version, ts.last_nack.message) == (r1.version_info, "cluster a: invalid")
+    assert ts.last_nack.resource_names == ("a", "b") and ts.version_acked == ""
+    assert ts.responses_sent == 1
+
+    control_plane.cache.set_snapshot("n", snapshot(clusters=("a",)))
+    r2 = await call.read()
+    assert r2.type_url == types.CLUSTER and r2.version_info != r1.version_info
+    await call.write(req(types.CLUSTER, version_info=r2.version_info, response_nonce=r2.nonce))
+    await call.write(req(types.ROUTE, ("routes",), node=""))
+    assert (await call.read()).type_url == types.ROUTE
+    assert ts.version_acked == r2.version_info and ts.last_nack is None
+    call.cancel()
+
+
+async def test_named_subscription_is_answered_when_it_grows(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = sotw_call(channel)
+    await call.write(req(types.ENDPOINT, ("a",)))
+    r1 = await call.read()
+    assert len(r1.resources) == 1
+    await call.write(
+        req(types.ENDPOINT, ("a", "b"), version_info=r1.version_info, response_nonce=r1.nonce)
+    )
+    r2 = await call.read()
+    assert r2.version_info == r1.version_info and len(r2.resources) == 2
+    call.cancel()
+
+
+async def test_sotw_wildcard_gets_every_resource_and_removals(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER))
+    r1 = await call.read()
+    assert len(r1.resources) == 2
+    await call.write(req(types.CLUSTER, version_info=r1.version_info, response_nonce=r1.nonce))
+    control_plane.cache.set_snapshot("n", snapshot(clusters=("b",)))
+    r2 = await call.read()
+    assert len(r2.resources) == 1  # a is gone from the whole state
+    call.cancel()
+
+
+def dreq(type_url: str, node: str = "n", **kw: Any) -> Any:
+    r = DDR(type_url=type_url, **kw)
+    if node:
+        r.node.id = node
+    return r
+
+
+async def test_delta_sends_changes_and_removals_then_honours_unsubscribe(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = delta_call(channel)
+    await call.write(dreq(types.ENDPOINT, resource_names_subscribe=["a", "b"]))
+    r1 = await call.read()
+    assert sorted(x.name for x in r1.resources) == ["a", "b"]
+    await call.write(dreq(types.ENDPOINT, node="", response_nonce=r1.nonce))
+    control_plane.cache.set_snapshot("n", snapshot(port=81, clusters=("a",)))
+    r2 = await call.read()
+    assert [x.name for x in r2.resources] == ["a"] and list(r2.removed_resources) == ["b"]
+    await call.write(
+        dreq(types.ENDPOINT, node="", response_nonce=r2.nonce, resource_names_unsubscribe=["a"])
+    )
+    control_plane.cache.set_snapshot("n", snapshot(port=82, clusters=("a",)))
+    await call.write(dreq(types.CLUSTER, node=""))
+    assert (await call.read()).type_url == types.CLUSTER  # nothing for the unsubscribed a
+    call.cancel()
+
+
+async def test_delta_reconnect_with_current_versions_gets_nothing_resent(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    call = delta_call(channel)
+    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
+    await call.write(dreq(types.CLUSTER, initial_resource_versions=held))
+    await call.write(dreq(types.LISTENER, node=""))
+    first = await call.read()
+    assert first.type_url == types.LISTENER  # the CDS watch stays silent
+    ts = control_plane.server.status.type_status("n", types.CLUSTER)
+    assert ts.resources_sent == 0 and ts.acked_resources == held
+    call.cancel()
+
+
+async def test_delta_nack_holds_until_a_new_version(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = delta_call(channel)
+    await call.write(dreq(types.CLUSTER))
+    r1 = await call.read()
+    nack = dreq(types.CLUSTER, node="", response_nonce=r1.nonce)
+    nack.error_detail.message = "no"
+    await call.write(nack)
+    await call.write(dreq(types.LISTENER, node=""))
+    assert (await call.read()).type_url == types.LISTENER
+    control_plane.cache.set_snapshot("n", snapshot(clusters=("a", "b", "c")))
+    r2 = await call.read()
+    # Nothing was ACKed, so the new version brings every cluster again, c included.
+    assert r2.type_url == types.CLUSTER
+    assert sorted(x.name for x in r2.resources) == ["a", "b", "c"]
+    call.cancel()
+
+
+async def test_a_first_request_without_node_id_is_refused(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER, node=""))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.id" in (err.value.details() or "")
+
+
+async def test_health_service_reports_serving(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    resp = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
