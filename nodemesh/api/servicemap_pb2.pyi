@@ -1,0 +1,82 @@
+# mypy: disable-error-code="type-arg"
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class NodeServiceMap(_message.Message):
+    __slots__ = ("node", "envoy", "services", "local_addresses")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ENVOY_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    envoy: SocketAddress
+    services: _containers.RepeatedCompositeFieldContainer[Service]
+    local_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(
+        self,
+        node: str | None = ...,
+        envoy: SocketAddress | _Mapping | None = ...,
+        services: _Iterable[Service | _Mapping] | None = ...,
+        local_addresses: _Iterable[str] | None = ...,
+    ) -> None: ...
+
+class SocketAddress(_message.Message):
+    __slots__ = ("address", "port")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    def __init__(self, address: str | None = ..., port: int | None = ...) -> None: ...
+
+class Service(_message.Message):
+    __slots__ = ("name", "address", "port", "mode", "backends")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MODE_UNSPECIFIED: _ClassVar[Service.Mode]
+        L4: _ClassVar[Service.Mode]
+        L7: _ClassVar[Service.Mode]
+
+    MODE_UNSPECIFIED: Service.Mode
+    L4: Service.Mode
+    L7: Service.Mode
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    port: int
+    mode: Service.Mode
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    def __init__(
+        self,
+        name: str | None = ...,
+        address: str | None = ...,
+        port: int | None = ...,
+        mode: Service.Mode | str | None = ...,
+        backends: _Iterable[Backend | _Mapping] | None = ...,
+    ) -> None: ...
+
+class Backend(_message.Message):
+    __slots__ = ("address", "port", "weight")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    weight: int
+    def __init__(
+        self,
+        address: str | None = ...,
+        port: int | None = ...,
+        weight: int | None = ...,
+    ) -> None: ...

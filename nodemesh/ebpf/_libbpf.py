@@ -1,0 +1,329 @@
+"""ctypes binding to the system's libbpf.so.1 (1.1 or newer): only what the loader needs.
+
+Every failing call raises `BpfError` with the operation and its subject; libbpf's own log goes
+to the `nodemesh.ebpf.libbpf` logger.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from nodemesh.ebpf.errors import BpfError
+
+__all__ = [
+    "BPF_CGROUP_GETSOCKOPT",
+    "BPF_CGROUP_INET4_CONNECT",
+    "BPF_CGROUP_INET6_CONNECT",
+    "BPF_CGROUP_SOCK_OPS",
+    "BPF_SK_MSG_VERDICT",
+    "BpfObject",
+    "LinkInfo",
+    "MapInfo",
+    "ProgInfo",
+    "close_fd",
+    "libbpf",
+    "link_create",
+    "link_info",
+    "link_update",
+    "map_delete",
+    "map_get_fd_by_id",
+    "map_info",
+    "map_keys",
+    "map_lookup",
+    "map_update",
+    "num_possible_cpus",
+    "obj_get",
+    "obj_pin",
+    "prog_get_fd_by_id",
+    "prog_info",
+]
+
+# enum bpf_attach_type (uapi linux/bpf.h)
+BPF_CGROUP_SOCK_OPS = 3
+BPF_SK_MSG_VERDICT = 7
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_INET6_CONNECT = 11
+BPF_CGROUP_GETSOCKOPT = 21
+
+BPF_ANY = 0
+
+_log = logging.getLogger("nodemesh.ebpf.libbpf")
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+class _OpenOpts(ctypes.Structure):
+    # The head of struct bpf_object_open_opts; libbpf accepts a shorter `sz` from older callers.
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("object_name", ctypes.c_char_p),
+        ("relaxed_maps", ctypes.c_bool),
+        ("pin_root_path", ctypes.c_char_p),
+    ]
+
+
+class _Lib:
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            self.so = ctypes.CDLL(name, use_errno=True)
+            self.libc = ctypes.CDLL(None, use_errno=True)
+        except OSError as exc:
+            raise BpfError(f"load {name} (install libbpf1)", exc.errno or 2) from exc
+        so = self.so
+        vp, ci, cu, cc = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_char_p
+        self._sig("bpf_object__open_file", vp, [cc, ctypes.POINTER(_OpenOpts)])
+        self._sig("bpf_object__load", ci, [vp])
+        self._sig("bpf_object__close", None, [vp])
+        self._sig("bpf_object__find_program_by_name", vp, [vp, cc])
+        self._sig("bpf_object__find_map_by_name", vp, [vp, cc])
+        self._sig("bpf_program__fd", ci, [vp])
+        self._sig("bpf_map__fd", ci, [vp])
+        self._sig("bpf_link_create", ci, [ci, ci, ci, vp])
+        self._sig("bpf_link_update", ci, [ci, ci, vp])
+        self._sig("bpf_obj_pin", ci, [ci, cc])
+        self._sig("bpf_obj_get", ci, [cc])
+        self._sig("bpf_obj_get_info_by_fd", ci, [ci, vp, ctypes.POINTER(cu)])
+        self._sig("bpf_prog_get_fd_by_id", ci, [cu])
+        self._sig("bpf_map_get_fd_by_id", ci, [cu])
+        self._sig("bpf_map_update_elem", ci, [ci, vp, vp, ctypes.c_uint64])
+        self._sig("bpf_map_lookup_elem", ci, [ci, vp, vp])
+        self._sig("bpf_map_delete_elem", ci, [ci, vp])
+        self._sig("bpf_map_get_next_key", ci, [ci, vp, vp])
+        self._sig("libbpf_num_possible_cpus", ci, [])
+        self._sig("libbpf_set_print", vp, [_PRINT_FN])
+        self.libc.vsnprintf.restype = ci
+        self.libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, cc, vp]
+        self._printer = _PRINT_FN(self._print)  # kept referenced: libbpf holds the pointer
+        so.libbpf_set_print(self._printer)
+
+    def _sig(self, name: str, restype: Any, argtypes: list[Any]) -> None:
+        fn = getattr(self.so, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+    def _print(self, level: int, fmt: bytes | None, args: int | None) -> int:
+        buf = ctypes.create_string_buffer(4096)
+        # va_list is an array type on x86_64 and aarch64, so it travels as a pointer.
+        self.libc.vsnprintf(buf, len(buf), fmt, args)
+        text = buf.value.decode(errors="replace").rstrip()
+        if text:
+            _log.log(_LEVELS.get(level, logging.DEBUG), "%s", text)
+        return 0
+
+
+_lib: _Lib | None = None
+
+
+def libbpf() -> _Lib:
+    """The process-wide binding, loaded on first use."""
+    global _lib
+    if _lib is None:
+        _lib = _Lib()
+    return _lib
+
+
+def _errno_of(ret: int) -> int:
+    # libbpf 1.x returns -errno and also sets errno; raw syscalls return -1 and set errno.
+    return -ret if ret < -1 else (ctypes.get_errno() or 1)
+
+
+def _check(ret: int, operation: str) -> int:
+    if ret < 0:
+        raise BpfError(operation, _errno_of(ret))
+    return ret
+
+
+def close_fd(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
+
+
+class BpfObject:
+    """One opened and loaded BPF ELF object. Close it (or use `with`); pinned maps and links
+    outlive it, everything else goes away with it.
+    """
+
+    def __init__(self, path: str, pin_root: str) -> None:
+        lib = libbpf()
+        self.path = path
+        opts = _OpenOpts(
+            sz=ctypes.sizeof(_OpenOpts), pin_root_path=pin_root.encode(), relaxed_maps=False
+        )
+        ctypes.set_errno(0)
+        ptr = lib.so.bpf_object__open_file(path.encode(), ctypes.byref(opts))
+        if not ptr:
+            raise BpfError(f"open BPF object {path}", ctypes.get_errno() or 22)
+        self._obj: int | None = ptr
+
+    def load(self) -> None:
+        _check(libbpf().so.bpf_object__load(self._ptr), f"load BPF object {self.path}")
+
+    @property
+    def _ptr(self) -> int:
+        if self._obj is None:
+            raise ValueError(f"BPF object {self.path} is closed")
+        return self._obj
+
+    def program_fd(self, name: str) -> int:
+        prog = libbpf().so.bpf_object__find_program_by_name(self._ptr, name.encode())
+        if not prog:
+            raise BpfError(f"find program {name} in {self.path}", 2)
+        return _check(libbpf().so.bpf_program__fd(prog), f"fd of program {name}")
+
+    def map_fd(self, name: str) -> int:
+        m = libbpf().so.bpf_object__find_map_by_name(self._ptr, name.encode())
+        if not m:
+            raise BpfError(f"find map {name} in {self.path}", 2)
+        return _check(libbpf().so.bpf_map__fd(m), f"fd of map {name}")
+
+    def close(self) -> None:
+        if self._obj is not None:
+            libbpf().so.bpf_object__close(self._obj)
+            self._obj = None
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
+    ret = libbpf().so.bpf_link_create(prog_fd, target_fd, attach_type, None)
+    return _check(ret, f"create link {what}")
+
+
+def link_update(link_fd: int, prog_fd: int, what: str) -> None:
+    _check(libbpf().so.bpf_link_update(link_fd, prog_fd, None), f"update link {what}")
+
+
+def obj_pin(fd: int, path: str, what: str) -> None:
+    _check(libbpf().so.bpf_obj_pin(fd, path.encode()), f"pin {what} at {path}")
+
+
+def obj_get(path: str) -> int:
+    return _check(libbpf().so.bpf_obj_get(path.encode()), f"open pinned object {path}")
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    return _check(libbpf().so.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    return _check(libbpf().so.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+
+
+def _info(fd: int, what: str) -> bytes:
+    buf = ctypes.create_string_buffer(256)
+    size = ctypes.c_uint32(len(buf))
+    _check(libbpf().so.bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), f"info of {what}")
+    return buf.raw[: size.value]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    target_id: int  # cgroup id for cgroup links, map id for sockmap links; 0 once detached
+    attach_type: int
+
+
+# enum bpf_link_type
+_LINK_CGROUP = 3
+_LINK_SOCKMAP = 14
+
+
+def link_info(fd: int, what: str) -> LinkInfo:
+    raw = _info(fd, f"link {what}").ljust(32, b"\0")
+    ltype, lid, prog_id = struct.unpack_from("=III", raw, 0)
+    if ltype == _LINK_CGROUP:
+        target, attach = struct.unpack_from("=QI", raw, 16)
+    elif ltype == _LINK_SOCKMAP:
+        target, attach = struct.unpack_from("=II", raw, 16)
+    else:
+        target, attach = 0, -1
+    return LinkInfo(ltype, lid, prog_id, target, attach)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgInfo:
+    type: int
+    id: int
+    tag: bytes
+    name: str
+
+
+def prog_info(fd: int, what: str) -> ProgInfo:
+    raw = _info(fd, f"program {what}")
+    ptype, pid = struct.unpack_from("=II", raw, 0)
+    tag = raw[8:16]
+    name = raw[64:80].split(b"\0", 1)[0].decode()  # bpf_prog_info.name
+    return ProgInfo(ptype, pid, tag, name)
+
+
+@dataclass(frozen=True, slots=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(fd: int, what: str) -> MapInfo:
+    raw = _info(fd, f"map {what}")
+    mtype, mid, ks, vs, me, _flags = struct.unpack_from("=IIIIII", raw, 0)
+    name = raw[24:40].split(b"\0", 1)[0].decode()
+    return MapInfo(mtype, mid, ks, vs, me, name)
+
+
+def map_update(fd: int, key: ctypes.Array[Any] | Any, value: Any, what: str) -> None:
+    ret = libbpf().so.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY)
+    _check(ret, f"update {what}")
+
+
+def map_lookup(fd: int, key: Any, value: Any, what: str) -> bool:
+    """Fill `value`; False when the key is absent."""
+    ret = libbpf().so.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    if ret < 0 and _errno_of(ret) == 2:
+        return False
+    _check(ret, f"look up {what}")
+    return True
+
+
+def map_delete(fd: int, key: Any, what: str) -> bool:
+    """Delete; False when the key was already absent."""
+    ret = libbpf().so.bpf_map_delete_elem(fd, ctypes.byref(key))
+    if ret < 0 and _errno_of(ret) == 2:
+        return False
+    _check(ret, f"delete from {what}")
+    return True
+
+
+def map_keys(fd: int, key_type: type[Any], what: str) -> list[Any]:
+    """All keys of a hash map (a snapshot; concurrent writers may add or remove entries)."""
+    keys: list[Any] = []
+    prev = None
+    while True:
+        nxt = key_type()
+        prev_ref = ctypes.byref(prev) if prev is not None else None
+        ret = libbpf().so.bpf_map_get_next_key(fd, prev_ref, ctypes.byref(nxt))
+        if ret < 0:
+            if _errno_of(ret) == 2:
+                return keys
+            _check(ret, f"iterate {what}")
+        keys.append(nxt)
+        prev = nxt
+
+
+def num_possible_cpus() -> int:
+    return _check(libbpf().so.libbpf_num_possible_cpus(), "count possible CPUs")

@@ -1,0 +1,80 @@
+"""ctypes mirrors of the structs in bpf/nodemesh.h. A test compares them with the object's BTF."""
+
+from __future__ import annotations
+
+import ctypes
+
+__all__ = [
+    "MAX_BACKENDS",
+    "NM_CFG_ENVOY_SET",
+    "NM_SVC_L7",
+    "Backend",
+    "Config",
+    "OrigDst",
+    "Service",
+    "Stats",
+    "SvcKey",
+    "Tuple",
+]
+
+MAX_BACKENDS = 32
+NM_SVC_L7 = 1 << 0
+NM_CFG_ENVOY_SET = 1 << 0
+
+# Addresses and ports are stored in network byte order: fill them from bytes
+# (socket.inet_aton, int.to_bytes(..., "big")), never from host integers.
+
+
+class SvcKey(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Backend(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("weight", ctypes.c_uint16)]
+
+
+class Service(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("n_backends", ctypes.c_uint32),
+        ("total_weight", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("backends", Backend * MAX_BACKENDS),
+    ]
+
+
+class Tuple(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+    ]
+
+
+class OrigDst(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("envoy_cgroup_id", ctypes.c_uint64),
+        ("envoy_addr", ctypes.c_uint32),
+        ("envoy_port", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+    ]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [
+        ("msg_redirected", ctypes.c_uint64),
+        ("bytes_redirected", ctypes.c_uint64),
+        ("msg_passed", ctypes.c_uint64),
+        ("l7_redirects", ctypes.c_uint64),
+        ("l4_picks", ctypes.c_uint64),
+        ("misses", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64),
+        ("sockhash_inserts", ctypes.c_uint64),
+        ("orig_dst_answered", ctypes.c_uint64),
+        ("orig_dst_missing", ctypes.c_uint64),
+    ]

@@ -1,0 +1,128 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* cgroup/connect4 and connect6: send a connection to the node Envoy (L7 services) or to one
+ * backend picked here (L4 services). The rewrite happens once, at connect(): no NAT afterwards.
+ */
+#include "nodemesh.h"
+
+#define IPPROTO_TCP 6
+
+enum nm_verdict {
+	NM_PASS,    /* not ours: leave the connection alone */
+	NM_REWRITE, /* destination replaced by *out */
+	NM_REFUSE,  /* fail closed: ECONNREFUSED */
+};
+
+static __always_inline int nm_pick_backend(const struct nm_service *svc, struct nm_orig_dst *out)
+{
+	__u32 n = svc->n_backends;
+	__u32 total = svc->total_weight;
+
+	if (n == 0 || total == 0)
+		return -1;
+	__u32 r = bpf_get_prandom_u32() % total;
+	/* A constant bound keeps the loop provable for the verifier; n ends it early. */
+	for (__u32 i = 0; i < NM_MAX_BACKENDS; i++) {
+		if (i >= n)
+			break;
+		__u32 w = svc->backends[i].weight;
+		if (r < w) {
+			out->addr = svc->backends[i].addr;
+			out->port = svc->backends[i].port;
+			return 0;
+		}
+		r -= w;
+	}
+	return -1;
+}
+
+static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16 port,
+						  struct nm_orig_dst *out)
+{
+	struct nm_config *cfg = nm_get_config();
+	struct nm_svc_key key = { .addr = addr, .port = port };
+	struct nm_service *svc;
+
+	if (!cfg)
+		return NM_PASS;
+	/* The node Envoy's own upstream connections go where Envoy says: no loops. */
+	if (cfg->envoy_cgroup_id && bpf_get_current_cgroup_id() == cfg->envoy_cgroup_id)
+		return NM_PASS;
+	svc = bpf_map_lookup_elem(&nm_services, &key);
+	if (!svc) {
+		NM_COUNT(misses, 1);
+		return NM_PASS;
+	}
+	if (svc->flags & NM_SVC_L7) {
+		if (!(cfg->flags & NM_CFG_ENVOY_SET)) {
+			NM_COUNT(refused, 1);
+			return NM_REFUSE; /* never bypass Envoy for a flow that needs L7 */
+		}
+		struct nm_orig_dst orig = { .addr = addr, .port = port };
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+
+		if (bpf_map_update_elem(&nm_orig_cookie, &cookie, &orig, BPF_ANY)) {
+			NM_COUNT(refused, 1);
+			return NM_REFUSE; /* Envoy could not learn the destination */
+		}
+		out->addr = cfg->envoy_addr;
+		out->port = cfg->envoy_port;
+		NM_COUNT(l7_redirects, 1);
+		return NM_REWRITE;
+	}
+	if (nm_pick_backend(svc, out)) {
+		NM_COUNT(refused, 1);
+		return NM_REFUSE; /* a service without backends refuses, like kube-proxy */
+	}
+	NM_COUNT(l4_picks, 1);
+	return NM_REWRITE;
+}
+
+SEC("cgroup/connect4")
+int nm_sock4_connect(struct bpf_sock_addr *ctx)
+{
+	struct nm_orig_dst out = {};
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	switch (nm_connect(ctx, ctx->user_ip4, (__be16)ctx->user_port, &out)) {
+	case NM_REWRITE:
+		ctx->user_ip4 = out.addr;
+		ctx->user_port = out.port;
+		return 1;
+	case NM_REFUSE:
+		bpf_set_retval(-ECONNREFUSED);
+		return 0;
+	default:
+		return 1;
+	}
+}
+
+/* IPv6 sockets reach IPv4 services through v4-mapped addresses (::ffff:a.b.c.d). */
+SEC("cgroup/connect6")
+int nm_sock6_connect(struct bpf_sock_addr *ctx)
+{
+	struct nm_orig_dst out = {};
+	__u32 ip6[4];
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+	if (!nm_is_v4_mapped(ip6))
+		return 1;
+	switch (nm_connect(ctx, ip6[3], (__be16)ctx->user_port, &out)) {
+	case NM_REWRITE:
+		ctx->user_ip6[3] = out.addr;
+		ctx->user_port = out.port;
+		return 1;
+	case NM_REFUSE:
+		bpf_set_retval(-ECONNREFUSED);
+		return 0;
+	default:
+		return 1;
+	}
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

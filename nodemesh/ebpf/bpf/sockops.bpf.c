@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* sockops: put established connections whose both ends live on this node into nm_socks, and
+ * hand the original destination of a connection sent to the node Envoy from its socket cookie
+ * to its 4-tuple, where cgroup/getsockopt finds it.
+ */
+#include "nodemesh.h"
+
+static __always_inline int nm_tuple_of(const struct bpf_sock_ops *skops, struct nm_tuple *t)
+{
+	if (skops->family == AF_INET) {
+		t->saddr = skops->local_ip4;
+		t->daddr = skops->remote_ip4;
+	} else if (skops->family == AF_INET6) {
+		__u32 l6[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+				skops->local_ip6[3] };
+		__u32 r6[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
+				skops->remote_ip6[3] };
+
+		if (!nm_is_v4_mapped(l6) || !nm_is_v4_mapped(r6))
+			return -1;
+		t->saddr = l6[3];
+		t->daddr = r6[3];
+	} else {
+		return -1;
+	}
+	t->sport = bpf_htons((__u16)skops->local_port);
+	t->dport = nm_remote_port(skops->remote_port);
+	return 0;
+}
+
+static __always_inline void nm_established(struct bpf_sock_ops *skops, int active)
+{
+	struct nm_tuple t = {};
+
+	if (nm_tuple_of(skops, &t))
+		return;
+	if (active) {
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		struct nm_orig_dst *orig = bpf_map_lookup_elem(&nm_orig_cookie, &cookie);
+
+		if (orig) {
+			struct nm_orig_dst copy = *orig;
+
+			bpf_map_update_elem(&nm_orig_tuple, &t, &copy, BPF_ANY);
+			bpf_map_delete_elem(&nm_orig_cookie, &cookie);
+		}
+	}
+	if (!bpf_map_lookup_elem(&nm_local, &t.saddr) || !bpf_map_lookup_elem(&nm_local, &t.daddr))
+		return; /* the peer is elsewhere: the normal TCP path is the only path */
+	if (bpf_sock_hash_update(skops, &nm_socks, &t, BPF_ANY) == 0)
+		NM_COUNT(sockhash_inserts, 1);
+}
+
+SEC("sockops")
+int nm_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		nm_established(skops, 1);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		nm_established(skops, 0);
+		break;
+	}
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

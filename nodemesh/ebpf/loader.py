@@ -1,0 +1,222 @@
+"""`Dataplane`: install, converge and remove the node data plane (programs, links, pinned maps).
+
+Everything lives under one pin root (default /sys/fs/bpf/nodemesh): maps by name, links under
+`links/`. Pinned links keep the programs attached while no agent runs, and pinned maps keep
+established flows and the service map alive across agent restarts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from nodemesh.ebpf import _libbpf as bpf
+from nodemesh.ebpf._build import build_objects
+from nodemesh.ebpf.errors import BpfError
+
+__all__ = ["DEFAULT_PIN_ROOT", "MAP_NAMES", "Attachment", "Dataplane", "ensure_bpffs"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
+BPFFS = Path("/sys/fs/bpf")
+MAP_NAMES = (
+    "nm_config",
+    "nm_local",
+    "nm_orig_cookie",
+    "nm_orig_tuple",
+    "nm_services",
+    "nm_socks",
+    "nm_stats",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One program attached through a pinned link."""
+
+    obj: str
+    program: str
+    attach_type: int
+    target: Literal["cgroup", "sockhash"]
+
+
+WANTED = (
+    Attachment("connect", "nm_sock4_connect", bpf.BPF_CGROUP_INET4_CONNECT, "cgroup"),
+    Attachment("connect", "nm_sock6_connect", bpf.BPF_CGROUP_INET6_CONNECT, "cgroup"),
+    Attachment("sockops", "nm_sockops", bpf.BPF_CGROUP_SOCK_OPS, "cgroup"),
+    Attachment("sockopt", "nm_getsockopt", bpf.BPF_CGROUP_GETSOCKOPT, "cgroup"),
+    Attachment("redir", "nm_msg_redirect", bpf.BPF_SK_MSG_VERDICT, "sockhash"),
+)
+
+
+def _is_bpffs(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(
+            line.split()[1] == str(path) and line.split()[2] == "bpf" for line in f if line.strip()
+        )
+
+
+def ensure_bpffs(root: Path = BPFFS) -> None:
+    """Mount bpffs at /sys/fs/bpf if nothing is mounted there (needs CAP_SYS_ADMIN)."""
+    if _is_bpffs(root):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    root.mkdir(parents=True, exist_ok=True)
+    if libc.mount(b"bpf", str(root).encode(), b"bpf", 0, None) != 0:
+        raise BpfError(f"mount bpffs at {root}", ctypes.get_errno())
+    log.info("mounted bpffs at %s", root)
+
+
+class Dataplane:
+    """The data plane of one node: programs attached to `cgroup`, state pinned at `pin_root`.
+
+    `enable()` converges to the wanted attachments and is idempotent: a second call (or a new
+    agent process) keeps the same links and programs when the compiled code did not change, and
+    swaps programs in place (`bpf_link_update`, no detach window) when it did. `disable()`
+    removes every link and map pin; the kernel then frees programs and maps.
+
+    >>> dp = Dataplane("/sys/fs/cgroup/unified/nodemesh")   # doctest: +SKIP
+    >>> dp.enable()                                         # doctest: +SKIP
+    {'nm_sock4_connect': 'created', ...}
+    """
+
+    def __init__(self, cgroup: str | os.PathLike[str], pin_root: Path = DEFAULT_PIN_ROOT) -> None:
+        self.cgroup = Path(cgroup)
+        self.pin_root = Path(pin_root)
+
+    @property
+    def links_dir(self) -> Path:
+        return self.pin_root / "links"
+
+    def link_pin(self, program: str) -> Path:
+        return self.links_dir / program
+
+    def map_pin(self, name: str) -> Path:
+        return self.pin_root / name
+
+    # -- converge -------------------------------------------------------------------------
+    def enable(self) -> dict[str, str]:
+        """Attach every wanted program; returns {program: 'created' | 'updated' | 'kept'}."""
+        if self.pin_root.is_relative_to(BPFFS):
+            ensure_bpffs()
+        if not self.cgroup.is_dir():
+            raise BpfError(f"open cgroup {self.cgroup}", 2)
+        self.links_dir.mkdir(parents=True, exist_ok=True)
+        objects = build_objects()
+        result: dict[str, str] = {}
+        with ExitStack() as stack:
+            loaded: dict[str, bpf.BpfObject] = {}
+            for name, path in objects.items():
+                obj = stack.enter_context(bpf.BpfObject(str(path), str(self.pin_root)))
+                try:
+                    obj.load()
+                except BpfError as exc:
+                    raise BpfError(
+                        f"load {name}.bpf.o with maps pinned under {self.pin_root} "
+                        "(a pinned map with an older layout needs `disable()` first)",
+                        exc.errno,
+                    ) from exc
+                loaded[name] = obj
+            cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            stack.callback(os.close, cg_fd)
+            cg_id = os.stat(self.cgroup).st_ino
+            socks_fd = loaded["redir"].map_fd("nm_socks")
+            socks_id = bpf.map_info(socks_fd, "nm_socks").id
+            for want in WANTED:
+                prog_fd = loaded[want.obj].program_fd(want.program)
+                if want.target == "cgroup":
+                    result[want.program] = self._converge(want, prog_fd, cg_fd, cg_id)
+                else:
+                    result[want.program] = self._converge(want, prog_fd, socks_fd, socks_id)
+        log.info("data plane on %s: %s", self.cgroup, result)
+        return result
+
+    def _converge(self, want: Attachment, prog_fd: int, target_fd: int, target_id: int) -> str:
+        pin = self.link_pin(want.program)
+        what = f"{want.program} at {pin}"
+        if pin.exists():
+            link_fd = bpf.obj_get(str(pin))
+            try:
+                info = bpf.link_info(link_fd, what)
+                if info.target_id == target_id and info.attach_type == want.attach_type:
+                    if self._prog_tag(info.prog_id) == bpf.prog_info(prog_fd, want.program).tag:
+                        return "kept"
+                    bpf.link_update(link_fd, prog_fd, what)
+                    return "updated"
+            finally:
+                bpf.close_fd(link_fd)
+            # attached elsewhere, or detached because its cgroup or map went away
+            pin.unlink()
+        link_fd = bpf.link_create(prog_fd, target_fd, want.attach_type, what)
+        try:
+            bpf.obj_pin(link_fd, str(pin), f"link {want.program}")
+        finally:
+            bpf.close_fd(link_fd)
+        return "created"
+
+    @staticmethod
+    def _prog_tag(prog_id: int) -> bytes:
+        fd = bpf.prog_get_fd_by_id(prog_id)
+        try:
+            return bpf.prog_info(fd, f"id {prog_id}").tag
+        finally:
+            bpf.close_fd(fd)
+
+    # -- inspect --------------------------------------------------------------------------
+    def installed(self) -> bool:
+        return self.pin_root.exists()
+
+    def links(self) -> dict[str, bpf.LinkInfo]:
+        """The pinned links by program name."""
+        out: dict[str, bpf.LinkInfo] = {}
+        for want in WANTED:
+            pin = self.link_pin(want.program)
+            if pin.exists():
+                with self._pinned(pin) as fd:
+                    out[want.program] = bpf.link_info(fd, str(pin))
+        return out
+
+    def map_ids(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name in MAP_NAMES:
+            pin = self.map_pin(name)
+            if pin.exists():
+                with self._pinned(pin) as fd:
+                    out[name] = bpf.map_info(fd, str(pin)).id
+        return out
+
+    @staticmethod
+    @contextmanager
+    def _pinned(pin: Path) -> Iterator[int]:
+        fd = bpf.obj_get(str(pin))
+        try:
+            yield fd
+        finally:
+            bpf.close_fd(fd)
+
+    # -- remove ---------------------------------------------------------------------------
+    def disable(self) -> None:
+        """Detach everything and drop every pin; safe to call when nothing is installed."""
+        if not self.pin_root.exists():
+            return
+        for want in WANTED:
+            self.link_pin(want.program).unlink(missing_ok=True)
+        for name in MAP_NAMES:
+            self.map_pin(name).unlink(missing_ok=True)
+        if self.links_dir.exists():
+            self.links_dir.rmdir()
+        try:
+            self.pin_root.rmdir()
+        except OSError as exc:
+            # Something we do not own was pinned here: leave it, but say what it is.
+            left = sorted(p.name for p in self.pin_root.iterdir())
+            log.warning("left %s in place (not ours): %s", self.pin_root, left)
+            if not left:
+                raise BpfError(f"remove {self.pin_root}", exc.errno or 16) from exc

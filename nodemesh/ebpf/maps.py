@@ -1,0 +1,170 @@
+"""`NodeMaps`: the pinned maps of one node data plane, read and written from user space.
+
+`apply()` writes a `NodeMap` with minimal updates: only entries whose bytes differ are written,
+entries no longer wanted are deleted, so flows of unchanged services never notice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodemesh.api.servicemap import NodeMap, Service
+from nodemesh.ebpf import _libbpf as bpf
+from nodemesh.ebpf import _maps as m
+from nodemesh.ebpf.errors import ServiceMapError
+from nodemesh.ebpf.loader import DEFAULT_PIN_ROOT
+
+__all__ = ["ApplyResult", "NodeMaps"]
+
+
+def _addr(text: str) -> int:
+    """An IPv4 address as the u32 whose memory holds it in network order."""
+    return int.from_bytes(socket.inet_aton(text), "little")
+
+
+def _port(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def addr_text(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "little"))
+
+
+def port_number(value: int) -> int:
+    return int.from_bytes(value.to_bytes(2, "little"), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    written: int
+    deleted: int
+    unchanged: int
+
+
+def service_value(svc: Service) -> m.Service:
+    if len(svc.backends) > m.MAX_BACKENDS:
+        raise ServiceMapError(
+            f"service {svc.name}: {len(svc.backends)} backends, the kernel map holds "
+            f"{m.MAX_BACKENDS}"
+        )
+    value = m.Service()
+    value.flags = m.NM_SVC_L7 if svc.l7 else 0
+    value.n_backends = len(svc.backends)
+    value.total_weight = sum(b.weight for b in svc.backends)
+    for i, b in enumerate(svc.backends):
+        value.backends[i] = m.Backend(_addr(b.address), _port(b.port), b.weight)
+    return value
+
+
+class NodeMaps:
+    """File descriptors of the pinned maps under `pin_root`. Close when done."""
+
+    def __init__(self, pin_root: Path = DEFAULT_PIN_ROOT) -> None:
+        self.pin_root = Path(pin_root)
+        self._fds: dict[str, int] = {}
+        try:
+            for name in ("nm_services", "nm_config", "nm_local", "nm_stats", "nm_orig_tuple"):
+                self._fds[name] = bpf.obj_get(str(self.pin_root / name))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> NodeMaps:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------
+    def _read_hash(self, name: str, key_type: type[Any], value_type: type[Any]) -> dict[bytes, Any]:
+        fd = self._fds[name]
+        out: dict[bytes, Any] = {}
+        for key in bpf.map_keys(fd, key_type, name):
+            value = value_type()
+            if bpf.map_lookup(fd, key, value, name):
+                out[bytes(key)] = value
+        return out
+
+    def services(self) -> dict[tuple[str, int], m.Service]:
+        raw = self._read_hash("nm_services", m.SvcKey, m.Service)
+        result = {}
+        for kb, value in raw.items():
+            key = m.SvcKey.from_buffer_copy(kb)
+            result[(addr_text(key.addr), port_number(key.port))] = value
+        return result
+
+    def config(self) -> m.Config:
+        value = m.Config()
+        bpf.map_lookup(self._fds["nm_config"], ctypes.c_uint32(0), value, "nm_config")
+        return value
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over CPUs."""
+        ncpu = bpf.num_possible_cpus()
+        # the kernel pads each CPU's value to 8 bytes; Stats is a multiple of 8 already
+        values = (m.Stats * ncpu)()
+        bpf.map_lookup(self._fds["nm_stats"], ctypes.c_uint32(0), values, "nm_stats")
+        names = [f[0] for f in m.Stats._fields_]
+        return {n: sum(getattr(v, n) for v in values) for n in names}
+
+    # -- writing --------------------------------------------------------------------------
+    def apply(self, node_map: NodeMap, envoy_cgroup_id: int = 0) -> ApplyResult:
+        """Make the maps say exactly `node_map`, touching only entries that change."""
+        written = deleted = unchanged = 0
+        # config first: a new L7 service must find the Envoy address already in place
+        cfg = m.Config()
+        cfg.envoy_cgroup_id = envoy_cgroup_id
+        if node_map.envoy is not None:
+            cfg.envoy_addr = _addr(node_map.envoy[0])
+            cfg.envoy_port = _port(node_map.envoy[1])
+            cfg.flags = m.NM_CFG_ENVOY_SET
+        if bytes(self.config()) != bytes(cfg):
+            bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
+            written += 1
+        else:
+            unchanged += 1
+
+        local_fd = self._fds["nm_local"]
+        want_local = {bytes(ctypes.c_uint32(_addr(a))) for a in node_map.local_addresses}
+        if node_map.envoy is not None:
+            want_local.add(bytes(ctypes.c_uint32(_addr(node_map.envoy[0]))))
+        have_local = set(self._read_hash("nm_local", ctypes.c_uint32, ctypes.c_uint32))
+        for kb in sorted(want_local - have_local):
+            bpf.map_update(
+                local_fd, ctypes.c_uint32.from_buffer_copy(kb), ctypes.c_uint32(1), "nm_local"
+            )
+            written += 1
+        unchanged += len(want_local & have_local)
+
+        svc_fd = self._fds["nm_services"]
+        have = self._read_hash("nm_services", m.SvcKey, m.Service)
+        want: dict[bytes, m.Service] = {}
+        for svc in node_map.services:
+            key = m.SvcKey(_addr(svc.address), _port(svc.port), 0)
+            want[bytes(key)] = service_value(svc)
+        for kb, value in sorted(want.items()):
+            current = have.get(kb)
+            if current is not None and bytes(current) == bytes(value):
+                unchanged += 1
+                continue
+            bpf.map_update(svc_fd, m.SvcKey.from_buffer_copy(kb), value, "nm_services")
+            written += 1
+        for kb in sorted(have.keys() - want.keys()):
+            bpf.map_delete(svc_fd, m.SvcKey.from_buffer_copy(kb), "nm_services")
+            deleted += 1
+        # local addresses go last, so a pod leaving the node stops being short-circuited only
+        # after no service points at it any more
+        for kb in sorted(have_local - want_local):
+            bpf.map_delete(local_fd, ctypes.c_uint32.from_buffer_copy(kb), "nm_local")
+            deleted += 1
+        return ApplyResult(written, deleted, unchanged)

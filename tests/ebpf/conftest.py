@@ -1,0 +1,58 @@
+"""Node fixtures: a real bridge, netns pods, cgroups and the data plane on this kernel.
+
+ClusterIPs come from 10.244.255.0/24: inside the range the host routes as unreachable, so a
+connection the programs fail to rewrite can never leave the machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from nodemesh.api import Backend, NodeMap, Service
+from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf.testing import NodeLab, prerequisites
+from tests.support import need
+
+VIP = "10.244.255.10"
+VIP_L7 = "10.244.255.20"
+
+
+@pytest.fixture
+def lab() -> Iterator[NodeLab]:
+    missing = prerequisites()
+    need(not missing, "eBPF node tests need: " + "; ".join(missing))
+    with NodeLab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def node(lab: NodeLab) -> NodeLab:
+    """Three pods (a, b, c) and the data plane attached to the node cgroup."""
+    for name in ("a", "b", "c"):
+        lab.add_pod(name)
+    lab.enable()
+    return lab
+
+
+def program(lab: NodeLab, services: tuple[Service, ...], envoy: bool = True) -> None:
+    """Write a service map for `lab` straight into its maps (the agent does this in production)."""
+    model = NodeMap(
+        node="test",
+        services=services,
+        envoy=(lab.gateway, 15001) if envoy else None,
+        local_addresses=tuple(p.ip for p in lab.pods.values()),
+    )
+    with NodeMaps(lab.pin_root) as maps:
+        maps.apply(model, envoy_cgroup_id=os.stat(lab.envoy_cgroup).st_ino)
+
+
+def l4(name: str, vip: str, port: int, *backends: tuple[str, int, int]) -> Service:
+    return Service(name, vip, port, False, tuple(Backend(a, p, w) for a, p, w in backends))
+
+
+def stats(lab: NodeLab) -> dict[str, int]:
+    with NodeMaps(lab.pin_root) as maps:
+        return maps.stats()

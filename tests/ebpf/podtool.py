@@ -1,0 +1,252 @@
+"""A tiny workload run inside test pods: echo/HTTP servers and clients that print JSON.
+
+Not imported by the tests; they run it as a process inside a pod's netns and cgroup, because
+the kernel attributes a socket to the cgroup of the process that created it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import socket
+import socketserver
+import sys
+import threading
+import time
+
+PATTERN = os.urandom(1 << 22)  # 4 MiB of noise, sliced at moving offsets
+
+
+def _addr(text: str) -> tuple[str, int]:
+    host, port = text.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def _out(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _connect(to: str, family: int = socket.AF_INET) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(_addr(to))
+    return s
+
+
+def _read_line(s: socket.socket) -> str:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode().strip()
+
+
+# -- servers ---------------------------------------------------------------------------------
+def serve(args: argparse.Namespace) -> None:
+    name = args.name
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            s: socket.socket = self.request
+            s.sendall(f"HELLO {name}\n".encode())
+            h = hashlib.sha256()
+            count = 0
+            while True:
+                data = s.recv(1 << 20)
+                if not data:
+                    break
+                h.update(data)
+                count += len(data)
+                s.sendall(data)
+            s.sendall(f"DONE {count} {h.hexdigest()}\n".encode())
+            s.shutdown(socket.SHUT_WR)
+
+    class Http(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/fail") and name in self.path:
+                self.send_response(503)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            body = json.dumps({"pod": name, "path": self.path, "host": self.headers["host"]})
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    handler = Http if args.http else Echo
+    with Server(("0.0.0.0", args.port), handler) as srv:  # type: ignore[arg-type]
+        _out({"ready": True})
+        srv.serve_forever()
+
+
+# -- clients ---------------------------------------------------------------------------------
+def xfer(args: argparse.Namespace) -> None:
+    """Send `bytes` in messages of `sizes` (cycled), read the echo concurrently, half-close."""
+    sizes = [int(x) for x in args.sizes.split(",")]
+    s = _connect(args.to)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if args.nodelay else 0)
+    hello = _read_line(s)
+    total = args.bytes
+    sent_hash = hashlib.sha256()
+    echo_hash = hashlib.sha256()
+    result: dict[str, object] = {}
+
+    def receive() -> None:
+        got = 0
+        tail = b""
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            if got < total:
+                take = data[: total - got]
+                echo_hash.update(take)
+                got += len(take)
+                tail += data[len(take) :]
+            else:
+                tail += data
+        result["echo_bytes"] = got
+        result["trailer"] = tail.decode(errors="replace").strip()
+
+    t = threading.Thread(target=receive)
+    t.start()
+    start = time.monotonic()
+    sent = 0
+    i = 0
+    offset = 0
+    while sent < total:
+        n = min(sizes[i % len(sizes)], total - sent)
+        if offset + n > len(PATTERN):
+            offset = (offset * 7 + 13) % 4096
+        chunk = PATTERN[offset : offset + n]
+        offset += n
+        s.sendall(chunk)
+        sent_hash.update(chunk)
+        sent += n
+        i += 1
+    s.shutdown(socket.SHUT_WR)
+    t.join(120)
+    elapsed = time.monotonic() - start
+    s.close()
+    _out(
+        {
+            "hello": hello,
+            "sent": sent,
+            "sent_sha": sent_hash.hexdigest(),
+            "echo_sha": echo_hash.hexdigest(),
+            "seconds": elapsed,
+            **result,
+        }
+    )
+
+
+def conns(args: argparse.Namespace) -> None:
+    """Open `count` connections one after another; count the backends that answered."""
+    seen: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for _ in range(args.count):
+        try:
+            with _connect(args.to) as s:
+                name = _read_line(s).removeprefix("HELLO ")
+                seen[name] = seen.get(name, 0) + 1
+        except OSError as exc:
+            key = errno.errorcode.get(exc.errno or 0, str(exc))
+            errors[key] = errors.get(key, 0) + 1
+    _out({"backends": seen, "errors": errors})
+
+
+def connect(args: argparse.Namespace) -> None:
+    family = socket.AF_INET6 if args.v6 else socket.AF_INET
+    try:
+        with _connect(args.to, family) as s:
+            hello = _read_line(s)
+            _out({"ok": True, "hello": hello, "peer": list(s.getpeername()[:2])})
+    except OSError as exc:
+        _out({"ok": False, "errno": errno.errorcode.get(exc.errno or 0, str(exc))})
+
+
+def hold(args: argparse.Namespace) -> None:
+    """Keep one connection; each stdin line `ping` makes a 1000-byte round trip."""
+    s = _connect(args.to)
+    _out({"hello": _read_line(s)})
+    for line in sys.stdin:
+        if line.strip() != "ping":
+            break
+        try:
+            payload = os.urandom(1000)
+            s.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                data = s.recv(len(payload) - len(got))
+                if not data:
+                    break
+                got += data
+            _out({"ok": got == payload})
+        except OSError as exc:
+            _out({"ok": False, "errno": errno.errorcode.get(exc.errno or 0, str(exc))})
+    s.close()
+
+
+def get(args: argparse.Namespace) -> None:
+    host, port = _addr(args.to)
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=20)
+        conn.request("GET", args.path, headers={"host": args.host or host})
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+        _out({"status": resp.status, "body": body, "headers": dict(resp.getheaders())})
+    except OSError as exc:
+        _out({"status": 0, "errno": errno.errorcode.get(exc.errno or 0, str(exc))})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--name", required=True)
+    s.add_argument("--http", action="store_true")
+    x = sub.add_parser("xfer")
+    x.add_argument("--to", required=True)
+    x.add_argument("--bytes", type=int, required=True)
+    x.add_argument("--sizes", default="65536")
+    x.add_argument("--nodelay", type=int, default=0)
+    c = sub.add_parser("conns")
+    c.add_argument("--to", required=True)
+    c.add_argument("--count", type=int, default=100)
+    o = sub.add_parser("connect")
+    o.add_argument("--to", required=True)
+    o.add_argument("--v6", action="store_true")
+    h = sub.add_parser("hold")
+    h.add_argument("--to", required=True)
+    g = sub.add_parser("get")
+    g.add_argument("--to", required=True)
+    g.add_argument("--path", default="/")
+    g.add_argument("--host", default="")
+    args = p.parse_args()
+    {"serve": serve, "xfer": xfer, "conns": conns, "connect": connect, "hold": hold, "get": get}[
+        args.cmd
+    ](args)
+
+
+if __name__ == "__main__":
+    main()
