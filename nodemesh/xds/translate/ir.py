@@ -238,5 +238,6 @@ class Mesh:
     endpoints: tuple[ClusterEndpoints, ...] = ()
     services: tuple[ServiceInfo, ...] = ()
     nodes: tuple[str, ...] = ()  # node names known from Node objects / endpoints
+    outbound_address: str = "0.0.0.0"
     outbound_port: int = 15001
     route_config_name: str = "outbound"

@@ -1,0 +1,409 @@
+"""What HTTPRoute and GRPCRoute share: parentRefs, backendRefs, filters, timeouts, retry.
+
+A route becomes `RouteEntry`s (one per rule and match) attached to a (Service, port); the
+assembly in `__init__.py` orders them by Gateway API precedence and applies TrafficPolicy
+defaults, which route-level settings override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodemesh.controlplane.builder._util import (
+    Problems,
+    as_list,
+    as_map,
+    creation,
+    generation,
+    int_in,
+    parse_duration,
+)
+from nodemesh.controlplane.builder.service import ServiceModel
+from nodemesh.controlplane.builder.trafficpolicy import RetrySpec
+from nodemesh.controlplane.conditions import Condition
+from nodemesh.xds.translate import ir
+
+__all__ = [
+    "Grants",
+    "RouteEntry",
+    "RouteModel",
+    "read_route",
+]
+
+PortKey = tuple[str, str, int]  # (namespace, service, port)
+# (namespace, to-kind) -> list of (from-namespace, from-kind, to-name or "")
+Grants = Mapping[tuple[str, str], Sequence[tuple[str, str, str]]]
+
+
+@dataclass(slots=True)
+class RouteEntry:
+    parent: tuple[str, str, int | None]
+    sort_key: tuple[Any, ...]
+    route: ir.Route
+    retry: RetrySpec | None = None
+    timeout_ms: int | None = None
+    backend_timeout_ms: int | None = None
+
+
+@dataclass(slots=True)
+class RouteModel:
+    key: str
+    generation: int
+    entries: list[RouteEntry] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
+    clusters: set[PortKey] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Refs:
+    """Unresolved references found while reading one route: (reason, message)."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _backend(
+    ref: Mapping[str, Any],
+    path: str,
+    route_ns: str,
+    route_kind: str,
+    services: Mapping[tuple[str, str], ServiceModel],
+    grants: Grants,
+    refs: _Refs,
+) -> PortKey | None:
+    group, kind = ref.get("group", ""), ref.get("kind", "Service")
+    if group != "" or kind != "Service":
+        refs.problems.append(("InvalidKind", f"{path}: {group or 'core'}/{kind} is not a Service"))
+        return None
+    name = str(ref.get("name", ""))
+    ns = str(ref.get("namespace") or route_ns)
+    if ns != route_ns and not any(
+        from_ns == route_ns and from_kind == route_kind and to_name in ("", name)
+        for from_ns, from_kind, to_name in grants.get((ns, "Service"), ())
+    ):
+        refs.problems.append(
+            ("RefNotPermitted", f"{path}: Service {ns}/{name} needs a ReferenceGrant in {ns}")
+        )
+        return None
+    svc = services.get((ns, name))
+    if svc is None:
+        refs.problems.append(("BackendNotFound", f"{path}: Service {ns}/{name} not found"))
+        return None
+    port = ref.get("port")
+    if not isinstance(port, int):
+        refs.problems.append(("BackendNotFound", f"{path}: port is required for a Service"))
+        return None
+    if svc.port(port) is None:
+        refs.problems.append(("BackendNotFound", f"{path}: Service {ns}/{name} has no port {port}"))
+        return None
+    return (ns, name, port)
+
+
+def _mutation(spec: Mapping[str, Any], path: str, p: Problems) -> ir.HeaderMutation:
+    def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        out = []
+        for i, h in enumerate(as_list(spec.get(key))):
+            h = as_map(h)
+            if not h.get("name") or "value" not in h:
+                p.add(f"{path}.{key}[{i}]", "name and value are required")
+                continue
+            out.append((str(h["name"]).lower(), str(h["value"])))
+        return tuple(out)
+
+    return ir.HeaderMutation(
+        set=pairs("set"),
+        add=pairs("add"),
+        remove=tuple(str(n).lower() for n in as_list(spec.get("remove"))),
+    )
+
+
+def _path_modifier(
+    spec: Mapping[str, Any], path: str, p: Problems
+) -> tuple[str | None, str | None]:
+    kind = spec.get("type")
+    if kind == "ReplaceFullPath":
+        return str(spec.get("replaceFullPath", "/")), None
+    if kind == "ReplacePrefixMatch":
+        return None, str(spec.get("replacePrefixMatch", "/"))
+    p.add(f"{path}.type", f"unsupported value {kind!r} (ReplaceFullPath or ReplacePrefixMatch)")
+    return None, None
+
+
+@dataclass(slots=True)
+class _Filters:
+    request_headers: ir.HeaderMutation | None = None
+    response_headers: ir.HeaderMutation | None = None
+    rewrite: ir.Rewrite | None = None
+    redirect: ir.Redirect | None = None
+    mirrors: list[tuple[PortKey, float]] = field(default_factory=list)
+    unsupported: bool = False
+
+
+def _filters(
+    raw: Sequence[Any],
+    path: str,
+    route_ns: str,
+    route_kind: str,
+    services: Mapping[tuple[str, str], ServiceModel],
+    grants: Grants,
+    p: Problems,
+    refs: _Refs,
+    prefix_match: bool,
+) -> _Filters:
+    out = _Filters()
+    for i, f in enumerate(raw):
+        f = as_map(f)
+        fpath = f"{path}[{i}]"
+        kind = f.get("type")
+        if kind == "RequestHeaderModifier":
+            out.request_headers = _mutation(as_map(f.get("requestHeaderModifier")), fpath, p)
+        elif kind == "ResponseHeaderModifier":
+            out.response_headers = _mutation(as_map(f.get("responseHeaderModifier")), fpath, p)
+        elif kind == "URLRewrite" and route_kind == "HTTPRoute":
+            spec = as_map(f.get("urlRewrite"))
+            full, prefix = None, None
+            if "path" in spec:
+                full, prefix = _path_modifier(as_map(spec["path"]), f"{fpath}.urlRewrite.path", p)
+            if prefix is not None and not prefix_match:
+                p.add(f"{fpath}.urlRewrite.path", "ReplacePrefixMatch needs a PathPrefix match")
+            out.rewrite = ir.Rewrite(str(spec.get("hostname", "")), full, prefix)
+        elif kind == "RequestRedirect" and route_kind == "HTTPRoute":
+            spec = as_map(f.get("requestRedirect"))
+            full, prefix = None, None
+            if "path" in spec:
+                full, prefix = _path_modifier(
+                    as_map(spec["path"]), f"{fpath}.requestRedirect.path", p
+                )
+            if prefix is not None and not prefix_match:
+                p.add(
+                    f"{fpath}.requestRedirect.path", "ReplacePrefixMatch needs a PathPrefix match"
+                )
+            code = spec.get("statusCode", 302)
+            if code not in (301, 302, 303, 307, 308):
+                p.add(f"{fpath}.requestRedirect.statusCode", f"unsupported value {code!r}")
+            out.redirect = ir.Redirect(
+                scheme=str(spec.get("scheme", "")),
+                hostname=str(spec.get("hostname", "")),
+                port=int_in(spec.get("port"), f"{fpath}.requestRedirect.port", p, 1, 65535),
+                full_path=full,
+                prefix=prefix,
+                status_code=code if isinstance(code, int) else 302,
+            )
+        elif kind == "RequestMirror":
+            spec = as_map(f.get("requestMirror"))
+            target = _backend(
+                as_map(spec.get("backendRef")),
+                f"{fpath}.requestMirror.backendRef",
+                route_ns,
+                route_kind,
+                services,
+                grants,
+                refs,
+            )
+            percent = 100.0
+            if "percent" in spec:
+                value = int_in(spec.get("percent"), f"{fpath}.requestMirror.percent", p, 0, 100)
+                percent = float(value) if value is not None else 100.0
+            elif "fraction" in spec:
+                frac = as_map(spec["fraction"])
+                num, den = frac.get("numerator"), frac.get("denominator", 100)
+                if not isinstance(num, int) or not isinstance(den, int) or den <= 0 or num > den:
+                    p.add(f"{fpath}.requestMirror.fraction", "needs 0 <= numerator <= denominator")
+                else:
+                    percent = 100.0 * num / den
+            if target is not None:
+                out.mirrors.append((target, percent))
+        else:
+            # Gateway API: a filter we cannot apply must not be skipped; the rule answers 500.
+            refs.problems.append(("UnsupportedValue", f"{fpath}: filter {kind!r} is not supported"))
+            out.unsupported = True
+    return out
+
+
+MatchParser = Callable[[Mapping[str, Any], str, Problems], ir.RouteMatch]
+
+
+def _precedence(m: ir.RouteMatch) -> tuple[Any, ...]:
+    rank = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2}[m.path.kind]
+    return (rank, -len(m.path.value), 0 if m.method else 1, -len(m.headers), -len(m.query))
+
+
+def read_route(
+    obj: Mapping[str, Any],
+    kind: str,
+    services: Mapping[tuple[str, str], ServiceModel],
+    grants: Grants,
+    parse_match: MatchParser,
+    default_match: ir.RouteMatch,
+    allows_retry: bool,
+) -> RouteModel:
+    meta = as_map(obj.get("metadata"))
+    ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+    key = f"{kind}/{ns}/{name}"
+    gen = generation(obj)
+    model = RouteModel(key, gen)
+    spec = as_map(obj.get("spec"))
+    p = Problems()
+    refs = _Refs()
+
+    # Parents: only Services (GAMMA). Gateways belong to other controllers: no status from us.
+    parents: list[tuple[str, tuple[str, str, int | None]]] = []
+    rejected: list[tuple[str, str, str]] = []
+    for i, ref in enumerate(as_list(spec.get("parentRefs"))):
+        ref = as_map(ref)
+        if ref.get("kind") != "Service" or ref.get("group", "") not in ("", "core"):
+            continue
+        pns, pname = str(ref.get("namespace") or ns), str(ref.get("name", ""))
+        port = ref.get("port")
+        label = f"Service/{pns}/{pname}" + (f":{port}" if isinstance(port, int) else "")
+        svc = services.get((pns, pname))
+        if pns != ns:
+            rejected.append(
+                (
+                    label,
+                    "NotAllowedByParent",
+                    f"spec.parentRefs[{i}]: consumer routes (a Service in another "
+                    "namespace) are not supported yet",
+                )
+            )
+        elif svc is None:
+            rejected.append(
+                (
+                    label,
+                    "NoMatchingParent",
+                    f"spec.parentRefs[{i}]: Service {pns}/{pname} not found",
+                )
+            )
+        elif isinstance(port, int) and svc.port(port) is None:
+            rejected.append(
+                (
+                    label,
+                    "NoMatchingParent",
+                    f"spec.parentRefs[{i}]: Service {pns}/{pname} has no port {port}",
+                )
+            )
+        else:
+            parents.append((label, (pns, pname, port if isinstance(port, int) else None)))
+
+    # Rules.
+    order = (creation(obj), f"{ns}/{name}")
+    entries: list[RouteEntry] = []
+    for ri, rule in enumerate(as_list(spec.get("rules")) or [{}]):
+        rule = as_map(rule)
+        rpath = f"spec.rules[{ri}]"
+        rule_name = str(rule.get("name") or f"rule-{ri}")
+        matches = [
+            parse_match(as_map(m), f"{rpath}.matches[{mi}]", p)
+            for mi, m in enumerate(as_list(rule.get("matches")))
+        ] or [default_match]
+        all_prefix = all(m.path.kind == "PathPrefix" for m in matches)
+        filters = _filters(
+            as_list(rule.get("filters")),
+            f"{rpath}.filters",
+            ns,
+            kind,
+            services,
+            grants,
+            p,
+            refs,
+            all_prefix,
+        )
+        backends: list[ir.Backend] = []
+        weights_total = 0
+        for bi, b in enumerate(as_list(rule.get("backendRefs"))):
+            b = as_map(b)
+            weight = int_in(
+                b.get("weight", 1), f"{rpath}.backendRefs[{bi}].weight", p, 0, 1_000_000
+            )
+            target = _backend(b, f"{rpath}.backendRefs[{bi}]", ns, kind, services, grants, refs)
+            if b.get("filters"):
+                refs.problems.append(
+                    (
+                        "UnsupportedValue",
+                        f"{rpath}.backendRefs[{bi}].filters: per-backend filters are not supported",
+                    )
+                )
+                filters.unsupported = True
+            weights_total += weight or 0
+            if target is None or not weight:
+                continue
+            model.clusters.add(target)
+            backends.append(ir.Backend(services[target[:2]].cluster_name(target[2]), weight))
+        if filters.redirect is None and not as_list(rule.get("backendRefs")):
+            p.add(f"{rpath}.backendRefs", "a rule needs backendRefs or a RequestRedirect filter")
+        timeouts = as_map(rule.get("timeouts"))
+        request_ms = parse_duration(timeouts.get("request"), f"{rpath}.timeouts.request", p)
+        backend_ms = parse_duration(
+            timeouts.get("backendRequest"), f"{rpath}.timeouts.backendRequest", p
+        )
+        if request_ms and backend_ms and backend_ms > request_ms:
+            p.add(f"{rpath}.timeouts.backendRequest", "must not be longer than timeouts.request")
+        retry = None
+        if "retry" in rule:
+            if not allows_retry:
+                p.add(f"{rpath}.retry", f"{kind} has no retry field")
+            r = as_map(rule["retry"])
+            codes = as_list(r.get("codes"))
+            retry = RetrySpec(
+                status_codes=tuple(
+                    c
+                    for ci, c in enumerate(codes)
+                    if int_in(c, f"{rpath}.retry.codes[{ci}]", p, 400, 599)
+                )
+                or None,
+                attempts=int_in(r.get("attempts"), f"{rpath}.retry.attempts", p, 0, 100),
+                backoff_base_ms=parse_duration(r.get("backoff"), f"{rpath}.retry.backoff", p),
+            )
+        for mi, m in enumerate(matches):
+            for mirror_target, _ in filters.mirrors:
+                model.clusters.add(mirror_target)
+            route = ir.Route(
+                name=f"{key}/{rule_name}/{mi}",
+                match=m,
+                backends=() if filters.unsupported else tuple(backends),
+                direct_status=500,
+                redirect=filters.redirect,
+                request_headers=filters.request_headers,
+                response_headers=filters.response_headers,
+                rewrite=filters.rewrite,
+                mirrors=tuple(
+                    ir.Mirror(services[t[:2]].cluster_name(t[2]), pct) for t, pct in filters.mirrors
+                ),
+                origins=(key,),
+            )
+            sort_key = (*_precedence(m), order, ri, mi)
+            entries.append(
+                RouteEntry((ns, "", None), sort_key, route, retry, request_ms, backend_ms)
+            )
+
+    for label, reason, message in rejected:
+        model.conditions.append(Condition("Accepted", "False", reason, message, gen, label))
+    if p:
+        for label, _ in parents:
+            model.conditions.append(
+                Condition("Accepted", "False", "UnsupportedValue", "; ".join(p), gen, label)
+            )
+        model.clusters.clear()
+        return model
+    for label, parent in parents:
+        model.conditions.append(
+            Condition("Accepted", "True", "Accepted", "Route is accepted", gen, label)
+        )
+        if refs.problems:
+            reason = refs.problems[0][0]
+            message = "; ".join(m for _, m in refs.problems)
+            model.conditions.append(Condition("ResolvedRefs", "False", reason, message, gen, label))
+        else:
+            model.conditions.append(
+                Condition(
+                    "ResolvedRefs", "True", "ResolvedRefs", "All references resolved", gen, label
+                )
+            )
+        for e in entries:
+            model.entries.append(
+                RouteEntry(parent, e.sort_key, e.route, e.retry, e.timeout_ms, e.backend_timeout_ms)
+            )
+    if not parents:
+        model.clusters.clear()
+    return model

@@ -1,0 +1,63 @@
+"""GRPCRoute (GAMMA) -> route entries. A method match becomes a path match on
+"/package.Service/Method"; every match also requires a gRPC content type."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from nodemesh.controlplane.builder._routes import Grants, RouteModel, read_route
+from nodemesh.controlplane.builder._util import Problems, as_list, as_map
+from nodemesh.controlplane.builder.httproute import parse_regex
+from nodemesh.controlplane.builder.service import ServiceModel
+from nodemesh.xds.translate import ir
+
+__all__ = ["read_grpcroute"]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9.]*$")
+
+
+def parse_grpc_match(m: Mapping[str, Any], path: str, p: Problems) -> ir.RouteMatch:
+    method = as_map(m.get("method"))
+    kind = method.get("type", "Exact")
+    svc, meth = str(method.get("service", "")), str(method.get("method", ""))
+    if kind == "Exact":
+        for field, value in (("service", svc), ("method", meth)):
+            if value and not _NAME.match(value):
+                p.add(f"{path}.method.{field}", f"invalid gRPC name {value!r}")
+        if svc and meth:
+            pm = ir.PathMatch("Exact", f"/{svc}/{meth}")
+        elif svc:
+            pm = ir.PathMatch("PathPrefix", f"/{svc}")
+        elif meth:
+            pm = ir.PathMatch("RegularExpression", f"/[^/]+/{re.escape(meth)}")
+        else:
+            pm = ir.PathMatch("PathPrefix", "/")
+    elif kind == "RegularExpression":
+        s = parse_regex(svc, f"{path}.method.service", p) if svc else "[^/]+"
+        mm = parse_regex(meth, f"{path}.method.method", p) if meth else "[^/]+"
+        pm = ir.PathMatch("RegularExpression", f"/{s}/{mm}")
+    else:
+        p.add(
+            f"{path}.method.type", f"unsupported value {kind!r}; allowed: Exact, RegularExpression"
+        )
+        pm = ir.PathMatch("PathPrefix", "/")
+    headers = []
+    for i, h in enumerate(as_list(m.get("headers"))):
+        h = as_map(h)
+        hk = h.get("type", "Exact")
+        if hk not in ("Exact", "RegularExpression"):
+            p.add(f"{path}.headers[{i}].type", f"unsupported value {hk!r}")
+            hk = "Exact"
+        if hk == "RegularExpression":
+            parse_regex(str(h.get("value", "")), f"{path}.headers[{i}].value", p)
+        headers.append(ir.HeaderMatch(str(h.get("name", "")).lower(), str(h.get("value", "")), hk))
+    return ir.RouteMatch(path=pm, headers=tuple(headers), grpc=True)
+
+
+def read_grpcroute(
+    obj: Mapping[str, Any], services: Mapping[tuple[str, str], ServiceModel], grants: Grants
+) -> RouteModel:
+    default = ir.RouteMatch(grpc=True)
+    return read_route(obj, "GRPCRoute", services, grants, parse_grpc_match, default, False)

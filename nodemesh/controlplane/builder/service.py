@@ -1,0 +1,83 @@
+"""Services -> `ServiceModel`: ports, protocols, ClusterIPs and the host names clients use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nodemesh.controlplane.builder._util import as_list, as_map
+
+__all__ = ["CLUSTER_DOMAIN", "PortModel", "ServiceModel", "read_services"]
+
+CLUSTER_DOMAIN = "cluster.local"
+_H2_PROTOCOLS = frozenset({"grpc", "h2c", "http2", "kubernetes.io/h2c", "kubernetes.io/grpc"})
+
+
+@dataclass(frozen=True, slots=True)
+class PortModel:
+    name: str
+    port: int
+    app_protocol: str
+
+    @property
+    def http2(self) -> bool:
+        if self.app_protocol:
+            return self.app_protocol.lower() in _H2_PROTOCOLS
+        # Without appProtocol, follow the common port-naming convention ("grpc", "grpc-web").
+        return self.name.split("-", 1)[0] in ("grpc", "h2c", "http2")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceModel:
+    namespace: str
+    name: str
+    ports: tuple[PortModel, ...]
+    cluster_ips: tuple[str, ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def port(self, number: int) -> PortModel | None:
+        return next((p for p in self.ports if p.port == number), None)
+
+    def port_named(self, name: str) -> PortModel | None:
+        return next((p for p in self.ports if p.name == name), None)
+
+    @property
+    def default_port(self) -> PortModel | None:
+        """The port a Host without ":port" means: 80 if the Service has it, else the first one."""
+        return self.port(80) or (self.ports[0] if self.ports else None)
+
+    def cluster_name(self, port: int) -> str:
+        return f"{self.namespace}/{self.name}:{port}"
+
+    def hostnames(self, short_name: bool) -> tuple[str, ...]:
+        fqdn = f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+        names = (f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc", fqdn)
+        return ((self.name,) if short_name else ()) + names
+
+
+def read_services(objs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], ServiceModel]:
+    """Services that can carry mesh traffic (TCP ports; ExternalName Services are left out)."""
+    out: dict[tuple[str, str], ServiceModel] = {}
+    for obj in objs:
+        meta = as_map(obj.get("metadata"))
+        spec = as_map(obj.get("spec"))
+        if spec.get("type") == "ExternalName":
+            continue
+        ports = []
+        for p in as_list(spec.get("ports")):
+            p = as_map(p)
+            number = p.get("port")
+            if not isinstance(number, int) or p.get("protocol", "TCP") != "TCP":
+                continue
+            ports.append(PortModel(str(p.get("name", "")), number, str(p.get("appProtocol", ""))))
+        ips = [str(ip) for ip in as_list(spec.get("clusterIPs")) if ip and ip != "None"]
+        single = spec.get("clusterIP")
+        if not ips and isinstance(single, str) and single and single != "None":
+            ips = [single]
+        ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+        out[(ns, name)] = ServiceModel(ns, name, tuple(ports), tuple(ips))
+    return out

@@ -1,0 +1,109 @@
+"""`nodemesh controlplane`: the ADS server, the pipeline, a source (files or kubernetes) and the
+HTTP status listener, in one process until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import signal
+import sys
+
+from nodemesh.controlplane.files import FilesSource
+from nodemesh.controlplane.http import StatusServer
+from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.store import Store
+from nodemesh.xds.cache import SnapshotCache
+from nodemesh.xds.server import AdsServer
+
+__all__ = ["configure", "run", "split_hostport"]
+
+log = logging.getLogger(__name__)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=("files", "kubernetes"), default="files")
+    parser.add_argument("--config-dir", help="files mode: directory of YAML objects")
+    parser.add_argument("--xds-listen", default="127.0.0.1:18000", help="ADS gRPC HOST:PORT")
+    parser.add_argument("--http-listen", default="127.0.0.1:18080", help="status HTTP HOST:PORT")
+    parser.add_argument(
+        "--outbound-listen",
+        default="0.0.0.0:15001",
+        help="address of the node Envoys' outbound HTTP listener (HOST:PORT)",
+    )
+    parser.add_argument("--poll-interval", type=float, default=0.2, help="files mode poll, s")
+
+
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
+    out_host, out_port = split_hostport(args.outbound_listen)
+    xds_host, xds_port = split_hostport(args.xds_listen)
+    http_host, http_port = split_hostport(args.http_listen)
+    store = Store()
+    cache = SnapshotCache()
+    server = AdsServer(cache)
+    pipeline = Pipeline(
+        store, cache, server.status, outbound_address=out_host, outbound_port=out_port
+    )
+    status = StatusServer(pipeline)
+    files: FilesSource | None = None
+    kube_task: asyncio.Task[object] | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if args.source == "files":
+            files = FilesSource(args.config_dir, store, pipeline, interval=args.poll_interval)
+            files.scan()
+        await pipeline.start()
+        port = await server.start(f"{xds_host}:{xds_port}")
+        hport = await status.start(http_host, http_port)
+        if files is not None:
+            await files.start()
+        else:
+            kube = importlib.import_module("nodemesh.controlplane.kube")
+            kube_task = asyncio.create_task(
+                kube.run_operator(store, pipeline.kubernetes_status, stop=stop)
+            )
+        log.info("xDS on %s:%d, status on http://%s:%d/status", xds_host, port, http_host, hport)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if kube_task is not None:
+            kube_task.cancel()
+        if files is not None:
+            await files.stop()
+        await status.stop()
+        await pipeline.stop()
+        await server.stop(grace=1)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.source == "files" and not args.config_dir:
+        print(
+            "nodemesh controlplane: --config-dir is required with --source files", file=sys.stderr
+        )
+        return 2
+    if (
+        args.source == "kubernetes"
+        and importlib.util.find_spec("nodemesh.controlplane.kube") is None
+    ):
+        print("nodemesh controlplane: the kubernetes source is not installed", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0

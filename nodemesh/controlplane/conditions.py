@@ -1,0 +1,86 @@
+"""Conditions on user objects (Gateway API conventions) and their status shapes.
+
+A route has conditions per parentRef (`Condition.parent`, "Service/ns/name[:port]"); a policy
+has them at the top level (`parent == ""`). `Accepted` and `ResolvedRefs` come from build;
+`Programmed` comes from the data plane (ACK/NACK), see `nodemesh.controlplane.pipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "CONTROLLER_NAME",
+    "Condition",
+    "kubernetes_status",
+    "parse_parent",
+]
+
+CONTROLLER_NAME = "nodemesh.io/mesh"
+
+Status = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    type: str
+    status: Status
+    reason: str
+    message: str
+    observed_generation: int
+    parent: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "observedGeneration": self.observed_generation,
+        }
+
+
+def parse_parent(parent: str) -> dict[str, Any]:
+    """ "Service/ns/name[:port]" -> a Gateway API parentRef."""
+    kind, namespace, rest = parent.split("/", 2)
+    name, _, port = rest.partition(":")
+    ref: dict[str, Any] = {"group": "", "kind": kind, "namespace": namespace, "name": name}
+    if port:
+        ref["port"] = int(port)
+    return ref
+
+
+def kubernetes_status(
+    kind: str, conditions: Iterable[Condition], last_transition: Mapping[tuple[str, str], str]
+) -> dict[str, Any]:
+    """The `status` subresource body for an object: `parents[]` for routes, `conditions` else.
+
+    `last_transition` maps (parent, type) to an RFC 3339 time, kept by the caller so that the
+    time changes only when the status does.
+    """
+
+    def render(cs: Iterable[Condition]) -> list[dict[str, Any]]:
+        return [
+            {**c.as_dict(), "lastTransitionTime": last_transition.get((c.parent, c.type), "")}
+            for c in cs
+        ]
+
+    conditions = list(conditions)
+    if kind in ("HTTPRoute", "GRPCRoute"):
+        parents: dict[str, list[Condition]] = {}
+        for c in conditions:
+            parents.setdefault(c.parent, []).append(c)
+        return {
+            "parents": [
+                {
+                    "parentRef": parse_parent(p),
+                    "controllerName": CONTROLLER_NAME,
+                    "conditions": render(cs),
+                }
+                for p, cs in sorted(parents.items())
+                if p
+            ]
+        }
+    return {"conditions": render(conditions)}

@@ -1,0 +1,42 @@
+"""The control plane's HTTP listener: `/status` (JSON: objects, conditions, nodes, versions)
+and `/healthz`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from nodemesh.controlplane.pipeline import Pipeline
+
+__all__ = ["StatusServer"]
+
+
+class StatusServer:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.pipeline.status_json())
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        ok = self.pipeline.snapshot is not None
+        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not built yet\n")
+
+    async def start(self, host: str, port: int) -> int:
+        app = web.Application()
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/healthz", self._healthz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,332 @@
+"""The pipeline: store -> build -> translate -> snapshot cache, and ACK/NACK -> `Programmed`.
+
+Public surface (used by the files source, the kopf operator and the HTTP status listener):
+
+- `Pipeline(store, cache, status=None, *, debounce=0.05, outbound_address, outbound_port)`.
+  `await pipeline.start()` subscribes to the store (writes from any thread are fine) and to the
+  ADS status tracker, then rebuilds once; `await pipeline.stop()` undoes it. Store changes are
+  debounced: a burst of writes within `debounce` seconds gives one rebuild.
+- `await pipeline.rebuild()`: rebuild now (tests, CLI start-up). Returns the store revision built.
+- `pipeline.conditions()`: `{ObjectKey: (Condition, ...)}` for routes and policies: `Accepted`,
+  `ResolvedRefs` (per parentRef for routes) from build, and `Programmed` from the data plane:
+  True once every node Envoy that should carry the object ACKed a version containing it; False
+  with reason `Rejected` and Envoy's own message after a NACK; False/`Pending` while in flight;
+  Unknown/`NoNodes` while no node Envoy is connected.
+- `pipeline.kubernetes_status(key)`: the `status` body to patch onto the object (Gateway API
+  shapes, `lastTransitionTime` kept stable while a condition does not change), or None for
+  objects without conditions. It fits `nodemesh.controlplane.kube.StatusSource`.
+- `pipeline.subscribe(callback)`: `callback(key, conditions)` whenever an object's conditions
+  change (also with `()` when the object went away). Called on the event loop thread.
+- `pipeline.set_source_errors(source, {where: message})`: sources report what they could not
+  read (invalid YAML, objects without a name); shown in `/status` next to the objects.
+- A snapshot is published only when translation succeeded and the snapshot is consistent;
+  otherwise Envoy keeps the last good config and the error is shown in `status_json()`.
+
+Everything but the store callback runs on one event loop, like the cache and the ADS server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from nodemesh.controlplane.builder import BuildResult, build
+from nodemesh.controlplane.conditions import Condition, kubernetes_status
+from nodemesh.controlplane.store import ObjectKey, Store
+from nodemesh.xds import types
+from nodemesh.xds.cache import Snapshot, SnapshotCache
+from nodemesh.xds.server import AckEvent, StatusTracker
+from nodemesh.xds.translate import Translation, Translator
+
+__all__ = ["ConditionsCallback", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+ConditionsCallback = Callable[[ObjectKey, tuple[Condition, ...]], None]
+_STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: Store,
+        cache: SnapshotCache,
+        status: StatusTracker | None = None,
+        *,
+        debounce: float = 0.05,
+        outbound_address: str = "0.0.0.0",
+        outbound_port: int = 15001,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.status = status
+        self.debounce = debounce
+        self.outbound_address = outbound_address
+        self.outbound_port = outbound_port
+        self.translator = Translator()
+        self.built_revision = -1
+        self.snapshot: Snapshot | None = None
+        self.translation: Translation | None = None
+        self.last_error = ""
+        self.rebuilds = 0
+        self.last_build_seconds = 0.0
+        self._result: BuildResult | None = None
+        self._conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
+        self._generations: dict[ObjectKey, int] = {}
+        self._transitions: dict[tuple[ObjectKey, str, str], tuple[str, str]] = {}
+        self._source_errors: dict[str, dict[str, str]] = {}
+        self._subscribers: list[ConditionsCallback] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._programmed_scheduled = False
+        self._built = asyncio.Condition()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._unsubscribe.append(self.store.subscribe(self._on_store_change))
+        if self.status is not None:
+            self._unsubscribe.append(self.status.add_listener(self._on_ack))
+        await self.rebuild()
+        self._task = asyncio.create_task(self._run(), name="nodemesh-pipeline")
+
+    async def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def subscribe(self, callback: ConditionsCallback) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def set_source_errors(self, source: str, errors: Mapping[str, str]) -> None:
+        self._source_errors[source] = dict(errors)
+
+    # -- reading ---------------------------------------------------------------------------
+    def conditions(self) -> dict[ObjectKey, tuple[Condition, ...]]:
+        return dict(self._conditions)
+
+    def kubernetes_status(self, key: ObjectKey) -> dict[str, Any] | None:
+        """The status body for `key`, or None if the pipeline has no conditions for it (this
+        is the `StatusSource` the kopf operator calls)."""
+        if key not in self._conditions:
+            return None
+        transitions = {
+            (parent, ctype): t
+            for (k, parent, ctype), (_, t) in self._transitions.items()
+            if k == key
+        }
+        return kubernetes_status(key.kind, self._conditions.get(key, ()), transitions)
+
+    async def wait_built(self, revision: int, timeout: float = 10.0) -> None:
+        """Wait until the store revision `revision` (or a later one) has been built."""
+        async with self._built:
+            await asyncio.wait_for(
+                self._built.wait_for(lambda: self.built_revision >= revision), timeout
+            )
+
+    def status_json(self) -> dict[str, Any]:
+        objects = []
+        for key in sorted(self._conditions):
+            objects.append(
+                {
+                    "kind": key.kind,
+                    "namespace": key.namespace,
+                    "name": key.name,
+                    "generation": self._generations.get(key, 0),
+                    "conditions": [
+                        {**c.as_dict(), "parent": c.parent} for c in self._conditions[key]
+                    ],
+                }
+            )
+        snapshot = self.snapshot
+        return {
+            "store_revision": self.store.revision,
+            "built_revision": self.built_revision,
+            "last_error": self.last_error,
+            "build_seconds": round(self.last_build_seconds, 4),
+            "snapshot": {types.short_name(t): snapshot.version(t) for t in snapshot.type_urls}
+            if snapshot is not None
+            else {},
+            "source_errors": [
+                {"source": source, "where": where, "message": message}
+                for source, errors in sorted(self._source_errors.items())
+                for where, message in sorted(errors.items())
+            ],
+            "objects": objects,
+            "nodes": self.status.snapshot() if self.status is not None else {},
+        }
+
+    # -- rebuilding ------------------------------------------------------------------------
+    def _on_store_change(self, revision: int, changed: frozenset[ObjectKey]) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._dirty.set()
+        else:
+            loop.call_soon_threadsafe(self._dirty.set)
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            # Coalesce a burst of writes into one rebuild.
+            await asyncio.sleep(self.debounce)
+            self._dirty.clear()
+            try:
+                await self.rebuild()
+            except Exception:  # keep serving the last good config whatever happens
+                log.exception("rebuild failed")
+
+    async def rebuild(self) -> int:
+        view = self.store.view()
+        started = time.perf_counter()
+        try:
+            result = build(
+                view, outbound_address=self.outbound_address, outbound_port=self.outbound_port
+            )
+            translation = self.translator.translate(result.mesh)
+            snapshot = translation.snapshot()
+            problems = snapshot.consistent()
+            if problems:
+                raise ValueError("inconsistent snapshot: " + "; ".join(problems))
+        except Exception as exc:
+            self.last_error = f"revision {view.revision}: {exc}"
+            log.exception(
+                "build of revision %d failed; keeping the last good config", view.revision
+            )
+            self.built_revision = view.revision
+            await self._notify_built()
+            return view.revision
+        self.last_build_seconds = time.perf_counter() - started
+        self.last_error = ""
+        self._result = result
+        self.translation = translation
+        self.snapshot = snapshot
+        self._generations = {
+            k: int(view[k]["metadata"].get("generation", 0)) for k in result.conditions if k in view
+        }
+        self.cache.set_fallback_snapshot(snapshot)
+        for node in result.mesh.nodes:
+            self.cache.set_snapshot(node, translation.snapshot(node))
+        self.rebuilds += 1
+        self.built_revision = view.revision
+        self._update_conditions()
+        await self._notify_built()
+        log.debug("built revision %d in %.1f ms", view.revision, self.last_build_seconds * 1000)
+        return view.revision
+
+    async def _notify_built(self) -> None:
+        async with self._built:
+            self._built.notify_all()
+
+    # -- Programmed ------------------------------------------------------------------------
+    def _on_ack(self, event: AckEvent) -> None:
+        # Many ACKs arrive together (one per type per node): recompute once per loop turn.
+        if self._programmed_scheduled or self._loop is None:
+            return
+        self._programmed_scheduled = True
+        self._loop.call_soon(self._recompute_programmed)
+
+    def _recompute_programmed(self) -> None:
+        self._programmed_scheduled = False
+        self._update_conditions()
+
+    def _expected_nodes(self) -> list[str]:
+        nodes = set(self._result.mesh.nodes) if self._result is not None else set()
+        if self.status is not None:
+            nodes |= {n.node_id for n in self.status.nodes() if n.connected}
+        return sorted(nodes)
+
+    def _programmed(self, key: ObjectKey, gen: int, parent: str) -> Condition:
+        translation, snapshot = self.translation, self.snapshot
+        assert translation is not None and snapshot is not None
+        origin = f"{key.kind}/{key.namespace}/{key.name}"
+        wanted = [
+            (t, name, snapshot.resources(t)[name].version)
+            for (t, name), origins in translation.origins.items()
+            if origin in origins and name in snapshot.resources(t)
+        ]
+        nodes = self._expected_nodes()
+        if self.status is None or not nodes:
+            return Condition(
+                "Programmed", "Unknown", "NoNodes", "no node Envoy is connected", gen, parent
+            )
+        pending: list[str] = []
+        for node_id in nodes:
+            node = self.status.node(node_id)
+            for t, name, version in wanted:
+                ts = node.types.get(t) if node is not None else None
+                if ts is not None and ts.acked_resources.get(name) == version:
+                    continue
+                nack = ts.last_nack if ts is not None else None
+                if nack is not None and name in nack.resource_names:
+                    message = (
+                        f"node {node_id} rejected {types.short_name(t)} {name!r}: {nack.message}"
+                    )
+                    return Condition("Programmed", "False", "Rejected", message, gen, parent)
+                pending.append(f"{node_id}: {types.short_name(t)} {name}")
+        if pending:
+            more = f" (+{len(pending) - 3} more)" if len(pending) > 3 else ""
+            message = "waiting for ACK from " + ", ".join(pending[:3]) + more
+            return Condition("Programmed", "False", "Pending", message, gen, parent)
+        return Condition(
+            "Programmed", "True", "Programmed", f"ACKed by {len(nodes)} node(s)", gen, parent
+        )
+
+    def _update_conditions(self) -> None:
+        if self._result is None:
+            return
+        new: dict[ObjectKey, tuple[Condition, ...]] = {}
+        for key, built in self._result.conditions.items():
+            if key.kind not in _STATUS_KINDS:
+                continue
+            out = list(built)
+            accepted_parents = [
+                c.parent for c in built if c.type == "Accepted" and c.status == "True"
+            ]
+            gen = self._generations.get(key, 0)
+            for parent in accepted_parents:
+                out.append(self._programmed(key, gen, parent))
+            new[key] = tuple(out)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        changed = [k for k in new if new[k] != self._conditions.get(k)]
+        gone = [k for k in self._conditions if k not in new]
+        for key in changed:
+            for c in new[key]:
+                tkey = (key, c.parent, c.type)
+                prev = self._transitions.get(tkey)
+                if prev is None or prev[0] != c.status:
+                    self._transitions[tkey] = (c.status, now)
+        for key in gone:
+            for tkey in [t for t in self._transitions if t[0] == key]:
+                del self._transitions[tkey]
+        self._conditions = new
+        for key in changed:
+            self._emit(key, new[key])
+        for key in gone:
+            self._emit(key, ())
+
+    def _emit(self, key: ObjectKey, conditions: tuple[Condition, ...]) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(key, conditions)
+            except Exception:
+                log.exception("conditions subscriber failed for %s", key)

@@ -1,0 +1,68 @@
+"""`nodemesh status --controlplane URL`: the control plane's `/status` as readable tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+__all__ = ["configure", "render", "run"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--controlplane", default="http://127.0.0.1:18080", help="control plane HTTP URL"
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw JSON")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), *(fmt.format(*r) for r in rows)]
+
+
+def render(status: dict[str, Any]) -> str:
+    out: list[str] = []
+    out.append(
+        f"store revision {status.get('store_revision')}, built {status.get('built_revision')}"
+        + (f", LAST ERROR: {status['last_error']}" if status.get("last_error") else "")
+    )
+    rows = []
+    for obj in status.get("objects", []):
+        name = f"{obj['kind']}/{obj['namespace']}/{obj['name']}"
+        for c in obj["conditions"]:
+            rows.append([name, c.get("parent", "") or "-", c["type"], c["status"], c["reason"],
+                         c["message"][:100]])  # fmt: skip
+    out.append("")
+    out.extend(_table(rows, ["OBJECT", "PARENT", "CONDITION", "STATUS", "REASON", "MESSAGE"]))
+    nodes = []
+    for node_id, node in sorted(status.get("nodes", {}).items()):
+        for short, ts in sorted(node.get("types", {}).items()):
+            nack = ts.get("last_nack")
+            nodes.append([node_id, "yes" if node.get("connected") else "no", short,
+                          ts.get("version_sent", ""), ts.get("version_acked", ""),
+                          (nack or {}).get("message", "")[:80]])  # fmt: skip
+    out.append("")
+    out.extend(_table(nodes, ["NODE", "CONNECTED", "TYPE", "SENT", "ACKED", "LAST NACK"]))
+    errors = status.get("source_errors", [])
+    if errors:
+        out.append("")
+        out.append("SOURCE ERRORS")
+        out.extend(f"  {e['message']}" for e in errors)
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    url = args.controlplane.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            status = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"nodemesh status: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0

@@ -1,0 +1,45 @@
+"""IR `Cluster` -> Envoy `Cluster`: EDS over ADS, HTTP/2 for gRPC/h2c, timeouts, resilience."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import config_source_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_pb2
+
+from nodemesh.xds.translate import ir
+from nodemesh.xds.translate._proto import any_of, duration
+from nodemesh.xds.translate.circuit import circuit_breakers
+from nodemesh.xds.translate.lb import apply_lb_policy
+from nodemesh.xds.translate.outlier import outlier_detection
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT_MS", "cluster"]
+
+DEFAULT_CONNECT_TIMEOUT_MS = 5000
+_HPO_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def cluster(c: ir.Cluster) -> cluster_pb2.Cluster:
+    out = cluster_pb2.Cluster(
+        name=c.name,
+        type=cluster_pb2.Cluster.EDS,
+        connect_timeout=duration(
+            c.connect_timeout_ms if c.connect_timeout_ms is not None else DEFAULT_CONNECT_TIMEOUT_MS
+        ),
+    )
+    out.eds_cluster_config.eds_config.CopyFrom(
+        config_source_pb2.ConfigSource(
+            ads=config_source_pb2.AggregatedConfigSource(),
+            resource_api_version=config_source_pb2.V3,
+        )
+    )
+    if c.http2:
+        options = hpo_pb2.HttpProtocolOptions()
+        options.explicit_http_config.http2_protocol_options.SetInParent()
+        out.typed_extension_protocol_options[_HPO_KEY].CopyFrom(any_of(options))
+    if c.circuit_breaker is not None:
+        out.circuit_breakers.CopyFrom(circuit_breakers(c.circuit_breaker))
+    if c.outlier is not None:
+        out.outlier_detection.CopyFrom(outlier_detection(c.outlier))
+    if c.lb is not None:
+        apply_lb_policy(out, c.lb.policy)
+    return out

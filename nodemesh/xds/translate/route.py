@@ -1,0 +1,171 @@
+"""IR virtual hosts and routes -> one Envoy `RouteConfiguration` (matches, actions, filters).
+
+Route order inside a virtual host is decided by build (Gateway API precedence); this module keeps
+it. Retry, fault and hashing details come from `retry.py`, `fault.py` and `lb.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+
+from nodemesh.xds.translate import ir
+from nodemesh.xds.translate._proto import any_of, duration, fraction, uint32
+from nodemesh.xds.translate.fault import FILTER_NAME as FAULT_FILTER
+from nodemesh.xds.translate.fault import route_fault
+from nodemesh.xds.translate.lb import hash_policies
+from nodemesh.xds.translate.retry import retry_policy
+
+__all__ = ["route", "route_configuration", "virtual_host"]
+
+_REDIRECT_CODES = {
+    301: rc.RedirectAction.MOVED_PERMANENTLY,
+    302: rc.RedirectAction.FOUND,
+    303: rc.RedirectAction.SEE_OTHER,
+    307: rc.RedirectAction.TEMPORARY_REDIRECT,
+    308: rc.RedirectAction.PERMANENT_REDIRECT,
+}
+
+
+def route_configuration(
+    name: str, vhosts: Iterable[rc.VirtualHost]
+) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=list(vhosts))
+
+
+def virtual_host(vh: ir.VirtualHost) -> rc.VirtualHost:
+    return rc.VirtualHost(
+        name=vh.name, domains=list(vh.domains), routes=[route(r) for r in vh.routes]
+    )
+
+
+def _string_match(kind: str, value: str) -> string_pb2.StringMatcher:
+    if kind == "RegularExpression":
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=value))
+    return string_pb2.StringMatcher(exact=value)
+
+
+def _match(m: ir.RouteMatch) -> rc.RouteMatch:
+    out = rc.RouteMatch()
+    if m.path.kind == "Exact":
+        out.path = m.path.value
+    elif m.path.kind == "RegularExpression":
+        out.safe_regex.regex = m.path.value
+    else:
+        # Gateway API prefixes match whole path segments ("/a" matches "/a/b", not "/ab").
+        prefix = m.path.value.rstrip("/")
+        if prefix:
+            out.path_separated_prefix = prefix
+        else:
+            out.prefix = "/"
+    for h in m.headers:
+        out.headers.add(name=h.name, string_match=_string_match(h.kind, h.value))
+    if m.method:
+        out.headers.add(name=":method", string_match=string_pb2.StringMatcher(exact=m.method))
+    for q in m.query:
+        out.query_parameters.add(name=q.name, string_match=_string_match(q.kind, q.value))
+    if m.grpc:
+        out.grpc.SetInParent()
+    return out
+
+
+def _header_options(mutation: ir.HeaderMutation) -> list[base_pb2.HeaderValueOption]:
+    out = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for k, v in mutation.set
+    ]
+    out.extend(
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v),
+            append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
+        )
+        for k, v in mutation.add
+    )
+    return out
+
+
+def _redirect(r: ir.Redirect, match: ir.RouteMatch) -> rc.RedirectAction:
+    out = rc.RedirectAction(
+        response_code=_REDIRECT_CODES.get(r.status_code, rc.RedirectAction.FOUND)
+    )
+    if r.scheme:
+        out.scheme_redirect = r.scheme
+    if r.hostname:
+        out.host_redirect = r.hostname
+    if r.port is not None:
+        out.port_redirect = r.port
+    if r.full_path is not None:
+        out.path_redirect = r.full_path
+    elif r.prefix is not None:
+        _prefix_rewrite(out, match, r.prefix)
+    return out
+
+
+def _prefix_rewrite(
+    out: rc.RouteAction | rc.RedirectAction, match: ir.RouteMatch, new: str
+) -> None:
+    old = match.path.value.rstrip("/")
+    if new.rstrip("/") == "":
+        # "/a" -> "/": Envoy's prefix_rewrite would leave "//b" for "/a/b"; a regex does not.
+        out.regex_rewrite.pattern.regex = "^" + re.escape(old) + "/*"
+        out.regex_rewrite.substitution = "/"
+    else:
+        out.prefix_rewrite = new.rstrip("/") if old else new
+
+
+def _action(r: ir.Route) -> rc.RouteAction:
+    out = rc.RouteAction()
+    if len(r.backends) == 1:
+        out.cluster = r.backends[0].cluster
+    else:
+        out.weighted_clusters.clusters.extend(
+            rc.WeightedCluster.ClusterWeight(name=b.cluster, weight=uint32(b.weight))
+            for b in r.backends
+        )
+    if r.rewrite is not None:
+        if r.rewrite.hostname:
+            out.host_rewrite_literal = r.rewrite.hostname
+        if r.rewrite.full_path is not None:
+            out.regex_rewrite.pattern.regex = "^/.*$"
+            out.regex_rewrite.substitution = r.rewrite.full_path
+        elif r.rewrite.prefix is not None:
+            _prefix_rewrite(out, r.match, r.rewrite.prefix)
+    if r.timeout_ms is not None:
+        out.timeout.CopyFrom(duration(r.timeout_ms))
+    if r.idle_timeout_ms is not None:
+        out.idle_timeout.CopyFrom(duration(r.idle_timeout_ms))
+    if r.retry is not None:
+        out.retry_policy.CopyFrom(retry_policy(r.retry))
+    for m in r.mirrors:
+        mirror = out.request_mirror_policies.add(cluster=m.cluster)
+        if m.percent < 100:
+            mirror.runtime_fraction.default_value.CopyFrom(fraction(m.percent))
+    out.hash_policy.extend(hash_policies(r.hash_header, r.hash_cookie, r.hash_cookie_ttl_ms))
+    return out
+
+
+def route(r: ir.Route) -> rc.Route:
+    out = rc.Route(name=r.name, match=_match(r.match))
+    if r.redirect is not None:
+        out.redirect.CopyFrom(_redirect(r.redirect, r.match))
+    elif not r.backends:
+        out.direct_response.status = r.direct_status
+    else:
+        out.route.CopyFrom(_action(r))
+    if r.request_headers is not None:
+        out.request_headers_to_add.extend(_header_options(r.request_headers))
+        out.request_headers_to_remove.extend(r.request_headers.remove)
+    if r.response_headers is not None:
+        out.response_headers_to_add.extend(_header_options(r.response_headers))
+        out.response_headers_to_remove.extend(r.response_headers.remove)
+    if r.fault is not None:
+        out.typed_per_filter_config[FAULT_FILTER].CopyFrom(any_of(route_fault(r.fault)))
+    return out

@@ -1,0 +1,101 @@
+"""A user's routes, through a real node Envoy: names, default routes, header canary, weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Backends
+from tests.e2e.mesh import Mesh, endpoint_slice, service
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def route(name: str, parent: str, rules: list[dict[str, Any]], ns: str = "shop") -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}], "rules": rules},
+    }
+
+
+def backend(name: str, weight: int | None = None, port: int = 80) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": name, "port": port}
+    if weight is not None:
+        ref["weight"] = weight
+    return ref
+
+
+async def test_service_without_route_is_reachable_by_every_name(
+    mesh: Mesh, backends: Backends
+) -> None:
+    web = await backends.get("web")
+    mesh.apply(service("web", cluster_ip="10.96.0.10"), endpoint_slice("web", web.port))
+    await mesh.converge()
+    names = ("web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local", "web:80")
+    for host in (*names, "web.shop.svc.cluster.local:80", "10.96.0.10:80", "10.96.0.10"):
+        reply = await mesh.get(host)
+        assert (reply.status, reply.body) == (200, "web"), host
+    assert (await mesh.get("nothing.shop")).status == 404
+
+
+async def test_header_match_sends_canary_traffic_to_v2(mesh: Mesh, backends: Backends) -> None:
+    v1, v2 = await backends.get("reviews-v1"), await backends.get("reviews-v2")
+    mesh.apply(
+        service("reviews"), service("reviews-v1"), service("reviews-v2"),
+        endpoint_slice("reviews-v1", v1.port), endpoint_slice("reviews-v2", v2.port),
+        route("reviews", "reviews", [
+            {"matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+             "backendRefs": [backend("reviews-v2")]},
+            {"backendRefs": [backend("reviews-v1")]},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await mesh.get("reviews.shop", headers={"x-canary": "true"})).body == "reviews-v2"
+    assert (await mesh.get("reviews.shop", headers={"x-canary": "no"})).body == "reviews-v1"
+    assert (await mesh.get("reviews.shop")).body == "reviews-v1"
+
+
+async def test_weighted_split_follows_weights(mesh: Mesh, backends: Backends) -> None:
+    v1, v2 = await backends.get("split-v1"), await backends.get("split-v2")
+    mesh.apply(
+        service("split"), service("split-v1"), service("split-v2"),
+        endpoint_slice("split-v1", v1.port), endpoint_slice("split-v2", v2.port),
+        route("split", "split", [
+            {"backendRefs": [backend("split-v1", 80), backend("split-v2", 20)]},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    n = 400
+    counts = Counter(r.body for r in await mesh.get_many(n, "split.shop"))
+    assert set(counts) == {"split-v1", "split-v2"}
+    # Binomial(n=400, p=0.2): mean 80, sd 8; +-5 sd gives a false failure rate below 1e-6.
+    assert 40 <= counts["split-v2"] <= 120, counts
+
+
+def on_path(kind: str, value: str, to: str) -> dict[str, Any]:
+    return {"matches": [{"path": {"type": kind, "value": value}}], "backendRefs": [backend(to)]}
+
+
+async def test_path_match_precedence_prefers_exact_then_longest_prefix(
+    mesh: Mesh, backends: Backends
+) -> None:
+    a, b, c = [await backends.get(n) for n in ("paths-a", "paths-b", "paths-c")]
+    mesh.apply(
+        service("paths"), service("paths-a"), service("paths-b"), service("paths-c"),
+        endpoint_slice("paths-a", a.port), endpoint_slice("paths-b", b.port),
+        endpoint_slice("paths-c", c.port),
+        route("paths", "paths", [
+            on_path("PathPrefix", "/api", "paths-a"),
+            on_path("PathPrefix", "/api/v2", "paths-b"),
+            on_path("Exact", "/api/v2/health", "paths-c"),
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await mesh.get("paths.shop", "/api/v2/health")).body == "paths-c"
+    assert (await mesh.get("paths.shop", "/api/v2/items")).body == "paths-b"
+    assert (await mesh.get("paths.shop", "/api/v1")).body == "paths-a"
+    assert (await mesh.get("paths.shop", "/apix")).status == 404  # prefixes match whole segments
