@@ -251,6 +251,19 @@ class NodeLab:
         self.pods[name] = pod
         return pod
 
+    def spawn(self, argv: Sequence[str], name: str) -> Proc:
+        """A process in the host netns and this process's cgroup (outside the mesh)."""
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        proc = Proc(popen, name)
+        self._procs.append(proc)
+        return proc
+
     def enable(self) -> Dataplane:
         dp = Dataplane(self.cgroup, self.pin_root)
         if self.dataplane is None:

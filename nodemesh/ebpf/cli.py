@@ -1,0 +1,59 @@
+"""`nodemesh agent`: run the node agent, or remove the data plane (`--uninstall`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from nodemesh.ebpf.errors import NodemeshEbpfError
+from nodemesh.ebpf.loader import DEFAULT_PIN_ROOT, Dataplane
+
+__all__ = ["configure", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node", help="this node's name (the xDS node id)")
+    parser.add_argument("--controlplane", help="HOST:PORT of the control plane's ADS server")
+    parser.add_argument("--cgroup", required=True, type=Path, help="cgroup v2 of the mesh's pods")
+    parser.add_argument("--envoy-cgroup", type=Path, help="cgroup v2 of the node Envoy")
+    parser.add_argument("--pin-root", type=Path, default=DEFAULT_PIN_ROOT, help="bpffs dir")
+    parser.add_argument(
+        "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    dataplane = Dataplane(args.cgroup, args.pin_root)
+    try:
+        if args.uninstall:
+            dataplane.disable()
+            log.info("data plane removed from %s", args.pin_root)
+            return 0
+        if not args.node or not args.controlplane:
+            log.error("--node and --controlplane are required (unless --uninstall)")
+            return 2
+        from nodemesh.ebpf.agent import Agent
+
+        agent = Agent(args.node, args.controlplane, dataplane, args.envoy_cgroup)
+        asyncio.run(_until_signal(agent.run()))
+        return 0
+    except NodemeshEbpfError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+async def _until_signal(main: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

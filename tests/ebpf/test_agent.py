@@ -1,0 +1,190 @@
+"""The node agent against the real ADS server: ACK/NACK, restart without disruption, uninstall."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, to_proto
+from nodemesh.api import servicemap_pb2 as pb
+from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf.testing import NodeLab, Proc
+from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
+from nodemesh.xds.server import AdsServer
+from tests.ebpf.conftest import VIP
+
+NODE = "node-under-test"
+
+
+@dataclass
+class ControlPlane:
+    cache: SnapshotCache
+    server: AdsServer
+    port: int
+    lab: NodeLab
+
+    def publish(self, model: NodeMap | pb.NodeServiceMap) -> str:
+        msg = to_proto(model) if isinstance(model, NodeMap) else model
+        snap = Snapshot({TYPE_URL: [Resource.from_message(msg, name=NODE, type_url=TYPE_URL)]})
+        self.cache.set_snapshot(NODE, snap)
+        version = snap.version(TYPE_URL)
+        assert version is not None
+        return version
+
+    def map_for(self, *backends: str) -> NodeMap:
+        pods = self.lab.pods
+        return NodeMap(
+            NODE,
+            (Service("echo", VIP, 80, False, tuple(Backend(pods[b].ip, 7000) for b in backends)),),
+            envoy=(self.lab.gateway, 15001),
+            local_addresses=tuple(p.ip for p in pods.values()),
+        )
+
+    def type_status(self) -> dict[str, object]:
+        node = self.server.status.snapshot().get(NODE, {})
+        return dict(node.get("types", {}).get("NodeServiceMap", {}))
+
+    def start_agent(self) -> Proc:
+        lab = self.lab
+        argv = [
+            sys.executable, "-m", "nodemesh", "agent", "--node", NODE,
+            "--controlplane", f"127.0.0.1:{self.port}", "--cgroup", str(lab.cgroup),
+            "--envoy-cgroup", str(lab.envoy_cgroup), "--pin-root", str(lab.pin_root),
+        ]  # fmt: skip
+        return lab.spawn(argv, "agent")
+
+
+async def until(cond: Callable[[], object], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def cp(node: NodeLab) -> AsyncIterator[ControlPlane]:
+    for name in ("b", "c"):
+        node.pods[name].serve(7000)
+    cache = SnapshotCache()
+    server = AdsServer(cache)
+    port = await server.start("127.0.0.1:0")
+    try:
+        yield ControlPlane(cache, server, port, node)
+    finally:
+        await server.stop(0)
+
+
+def _stop(proc: Proc) -> None:
+    proc.popen.terminate()
+    assert proc.popen.wait(10) == 0, proc.stderr()
+
+
+async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None:
+    version = cp.publish(cp.map_for("b"))
+    cp.start_agent()
+    await until(lambda: cp.type_status().get("version_acked") == version, "the agent's ACK")
+
+    a = cp.lab.pods["a"]
+    result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
+    assert result == {"backends": {"b": 5}, "errors": {}}
+
+
+async def test_agent_nacks_an_invalid_map_and_keeps_the_last_good_one(cp: ControlPlane) -> None:
+    good = cp.publish(cp.map_for("b"))
+    cp.start_agent()
+    await until(lambda: cp.type_status().get("version_acked") == good, "the first ACK")
+
+    bad = to_proto(cp.map_for("c"))
+    bad.services[0].mode = pb.Service.MODE_UNSPECIFIED
+    bad_version = cp.publish(bad)
+    await until(lambda: cp.type_status().get("last_nack") is not None, "the NACK")
+
+    nack = cp.type_status()["last_nack"]
+    assert isinstance(nack, dict)
+    assert nack["version"] == bad_version and "mode is unset" in nack["message"]
+    assert cp.type_status()["version_acked"] == good
+    a = cp.lab.pods["a"]
+    result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
+    assert result["backends"] == {"b": 5}, "the last good map must stay in force"
+
+
+async def test_agent_restart_keeps_flows_and_attachments(cp: ControlPlane) -> None:
+    lab = cp.lab
+    version = cp.publish(cp.map_for("b"))
+    agent = cp.start_agent()
+    await until(lambda: cp.type_status().get("version_acked") == version, "the first ACK")
+    assert lab.dataplane is not None
+    links_before = lab.dataplane.links()
+    held = lab.pods["a"].hold(f"{VIP}:80")
+    assert (await asyncio.to_thread(held.json)) == {"hello": "HELLO b"}
+
+    _stop(agent)
+    held.send("ping")
+    assert (await asyncio.to_thread(held.json)) == {"ok": True}, "flow broke with agent down"
+    a = lab.pods["a"]
+    down = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "3")
+    assert down["backends"] == {"b": 3}, "the maps must keep working without the agent"
+
+    cp.start_agent()
+    v2 = cp.publish(cp.map_for("c"))
+    await until(lambda: cp.type_status().get("version_acked") == v2, "the restarted agent's ACK")
+
+    assert lab.dataplane.links() == links_before, "restart must reuse links and programs"
+    cgroup_progs = json.loads(
+        subprocess.run(
+            ["bpftool", "-j", "cgroup", "show", str(lab.cgroup)], capture_output=True, text=True
+        ).stdout
+    )
+    assert sorted(p["name"] for p in cgroup_progs) == sorted(
+        ["nm_sock4_connect", "nm_sock6_connect", "nm_sockops", "nm_getsockopt"]
+    ), "no duplicate attachments"
+    held.send("ping")
+    assert (await asyncio.to_thread(held.json)) == {"ok": True}
+    after = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
+    assert after["backends"] == {"c": 5}
+
+
+async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
+    lab = cp.lab
+    version = cp.publish(cp.map_for("b"))
+    agent = cp.start_agent()
+    await until(lambda: cp.type_status().get("version_acked") == version, "the ACK")
+    assert lab.dataplane is not None
+    links = lab.dataplane.links()
+    map_ids = set(lab.dataplane.map_ids().values())
+    prog_ids = {info.prog_id for info in links.values()}
+    link_ids = {info.id for info in links.values()}
+    assert len(links) == 5 and len(map_ids) == 7
+    _stop(agent)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "agent", "--uninstall", "--cgroup", str(lab.cgroup),
+         "--pin-root", str(lab.pin_root)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+    assert not lab.pin_root.exists()
+
+    def ids(kind: str) -> set[int]:
+        out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True)
+        return {int(o["id"]) for o in json.loads(out.stdout or "[]")}
+
+    # the kernel frees programs and maps after an RCU grace period: poll
+    await until(lambda: not (ids("link") & link_ids), "links to go")
+    await until(lambda: not (ids("prog") & prog_ids), "programs to go")
+    await until(lambda: not (ids("map") & map_ids), "maps to go")
+    # pods still talk, now over plain TCP
+    a = lab.pods["a"]
+    direct = await asyncio.to_thread(a.tool, "connect", "--to", f"{lab.pods['b'].ip}:7000")
+    assert direct["ok"] and direct["hello"] == "HELLO b"
+    with pytest.raises(Exception, match="open pinned object"):
+        NodeMaps(lab.pin_root)
