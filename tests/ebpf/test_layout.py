@@ -1,0 +1,61 @@
+"""User space and kernel agree: ctypes mirrors match the BTF of the compiled objects, and the
+committed protobuf code is what protoc generates from servicemap.proto.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodemesh.ebpf import _maps as m
+from nodemesh.ebpf._build import OBJECTS, build_objects
+from tests.support import need
+
+MIRRORS: dict[str, type[ctypes.Structure]] = {
+    "nm_svc_key": m.SvcKey,
+    "nm_backend": m.Backend,
+    "nm_service": m.Service,
+    "nm_tuple": m.Tuple,
+    "nm_orig_dst": m.OrigDst,
+    "nm_config": m.Config,
+    "nm_stats": m.Stats,
+}
+
+
+def _btf_structs(obj: Path) -> dict[str, dict[str, Any]]:
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", str(obj)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return {t["name"]: t for t in json.loads(out.stdout)["types"] if t["kind"] == "STRUCT"}
+
+
+@pytest.mark.parametrize("obj_name", OBJECTS)
+def test_ctypes_mirrors_match_btf(obj_name: str) -> None:
+    need(shutil.which("clang") and shutil.which("bpftool"), "clang and bpftool (make setup)")
+    structs = _btf_structs(build_objects()[obj_name])
+    for name, mirror in MIRRORS.items():
+        btf = structs.get(name)
+        if btf is None:
+            continue  # this object never mentions the struct
+        assert btf["size"] == ctypes.sizeof(mirror), f"{name} size"
+        got = [(f["name"], f["bits_offset"] // 8) for f in btf["members"]]
+        want = [(f[0], getattr(mirror, f[0]).offset) for f in mirror._fields_]
+        assert got == want, f"{name} fields differ from the ctypes mirror"
+    assert "nm_service" in structs or obj_name != "connect"
+
+
+def test_committed_protobuf_code_is_current(tmp_path: Path) -> None:
+    from nodemesh.api._generate import generate
+
+    api = Path(__file__).resolve().parents[2] / "nodemesh" / "api"
+    for fresh in generate(tmp_path):
+        assert fresh.read_text() == (api / fresh.name).read_text(), (
+            f"{fresh.name} is stale: run python -m nodemesh.api._generate"
+        )
