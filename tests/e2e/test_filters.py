@@ -1,0 +1,136 @@
+"""HTTPRoute filters and matches through a real node Envoy: headers, rewrite, redirect, mirror,
+query parameters and methods."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import Backends
+from tests.e2e.mesh import Mesh, endpoint_slice, service
+from tests.e2e.objects import http_route, to
+from tests.support import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def test_header_modifiers_change_request_and_response(mesh: Mesh, backends: Backends) -> None:
+    b = await backends.get("hdr")
+    mesh.apply(
+        service("hdr"),
+        endpoint_slice("hdr", b.port),
+        http_route("hdr", "hdr", [{
+            "backendRefs": [to("hdr")],
+            "filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "x-env", "value": "prod"}],
+                    "add": [{"name": "x-added", "value": "yes"}],
+                    "remove": ["x-secret"]}},
+                {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                    "set": [{"name": "x-served-by", "value": "mesh"}], "remove": ["x-path"]}},
+            ],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()
+    reply = await mesh.get("hdr.shop", headers={"x-env": "dev", "x-secret": "s3cr3t"})
+    seen = {k.lower(): v for k, v in b.seen[-1].headers.items()}
+    assert seen["x-env"] == "prod" and seen["x-added"] == "yes" and "x-secret" not in seen
+    assert reply.headers.get("x-served-by") == "mesh" and "x-path" not in reply.headers
+
+
+async def test_url_rewrite_replaces_prefix_and_host(mesh: Mesh, backends: Backends) -> None:
+    b = await backends.get("rw")
+    mesh.apply(
+        service("rw"),
+        endpoint_slice("rw", b.port),
+        http_route("rw", "rw", [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+            "backendRefs": [to("rw")],
+            "filters": [{"type": "URLRewrite", "urlRewrite": {
+                "hostname": "internal.rw",
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}],
+        }, {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/strip"}}],
+            "backendRefs": [to("rw")],
+            "filters": [{"type": "URLRewrite", "urlRewrite": {
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await mesh.get("rw.shop", "/old/items?x=1")).headers["x-path"] == "/new/items?x=1"
+    assert b.seen[-1].headers["Host"] == "internal.rw"
+    assert (await mesh.get("rw.shop", "/strip/a/b")).headers["x-path"] == "/a/b"
+
+
+async def test_redirect_answers_with_location(mesh: Mesh, backends: Backends) -> None:
+    b = await backends.get("redir")
+    mesh.apply(
+        service("redir"),
+        endpoint_slice("redir", b.port),
+        http_route("redir", "redir", [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
+            "filters": [{"type": "RequestRedirect", "requestRedirect": {
+                "hostname": "new.example", "statusCode": 301,
+                "path": {"type": "ReplaceFullPath", "replaceFullPath": "/landing"}}}],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()
+    reply = await mesh.get("redir.shop", "/moved/x")
+    assert reply.status == 301
+    assert reply.headers["Location"] == "http://new.example/landing"
+    assert b.hits == 0
+
+
+async def test_mirror_copies_requests_to_another_service(mesh: Mesh, backends: Backends) -> None:
+    main, shadow = await backends.get("mirror-main"), await backends.get("mirror-shadow")
+    mesh.apply(
+        service("mirror"), service("mirror-shadow"),
+        endpoint_slice("mirror", main.port), endpoint_slice("mirror-shadow", shadow.port),
+        http_route("mirror", "mirror", [{
+            "backendRefs": [to("mirror")],
+            "filters": [
+                {"type": "RequestMirror", "requestMirror": {"backendRef": to("mirror-shadow")}},
+            ],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()
+    reply = await mesh.get("mirror.shop", "/copy-me")
+    assert (reply.status, reply.body) == (200, "mirror-main")
+    await eventually(lambda: shadow.hits == 1, what="the mirrored request")
+    assert shadow.seen[0].path == "/copy-me"
+
+
+async def test_query_and_method_matches(mesh: Mesh, backends: Backends) -> None:
+    a, b = await backends.get("qm-a"), await backends.get("qm-b")
+    mesh.apply(
+        service("qm"), service("qm-a"), service("qm-b"),
+        endpoint_slice("qm-a", a.port), endpoint_slice("qm-b", b.port),
+        http_route("qm", "qm", [
+            {"matches": [{"queryParams": [{"name": "version", "value": "2"}]}],
+             "backendRefs": [to("qm-b")]},
+            {"matches": [{"method": "POST"}], "backendRefs": [to("qm-b")]},
+            {"backendRefs": [to("qm-a")]},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await mesh.get("qm.shop", "/?version=2")).body == "qm-b"
+    assert (await mesh.get("qm.shop", "/?version=1")).body == "qm-a"
+    assert (await mesh.get("qm.shop", "/", method="POST")).body == "qm-b"
+    assert (await mesh.get("qm.shop", "/")).body == "qm-a"
+
+
+async def test_unresolved_backend_answers_500_and_others_still_work(
+    mesh: Mesh, backends: Backends
+) -> None:
+    b = await backends.get("partial")
+    mesh.apply(
+        service("partial"),
+        endpoint_slice("partial", b.port),
+        http_route("partial", "partial", [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/gone"}}],
+             "backendRefs": [to("no-such-svc")]},
+            {"backendRefs": [to("partial")]},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await mesh.get("partial.shop", "/gone")).status == 500
+    assert (await mesh.get("partial.shop", "/ok")).body == "partial"

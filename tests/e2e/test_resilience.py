@@ -1,0 +1,187 @@
+"""Retries, timeouts, circuit breaking, outlier ejection and fault injection, as a client sees
+them through a real node Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.e2e.conftest import Backends
+from tests.e2e.mesh import Mesh, endpoint_slice, service
+from tests.e2e.objects import http_route, policy, to
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def test_route_retry_turns_503s_into_a_200(mesh: Mesh, backends: Backends) -> None:
+    flaky = await backends.get("retry-flaky")
+    mesh.apply(
+        service("retry"),
+        endpoint_slice("retry", flaky.port),
+        http_route("retry", "retry", [
+            {"backendRefs": [to("retry")],
+             "retry": {"codes": [503], "attempts": 2, "backoff": "10ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    flaky.fail_next(2, 503)
+    reply = await mesh.get("retry.shop")
+    assert (reply.status, reply.body) == (200, "retry-flaky")
+    assert flaky.hits == 3  # two failures, then the retry that worked
+
+
+async def test_retries_stop_after_attempts(mesh: Mesh, backends: Backends) -> None:
+    flaky = await backends.get("retry2-flaky")
+    mesh.apply(
+        service("retry2"),
+        endpoint_slice("retry2", flaky.port),
+        http_route("retry2", "retry2", [
+            {"backendRefs": [to("retry2")],
+             "retry": {"codes": [503], "attempts": 1, "backoff": "10ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    flaky.fail_next(5, 503)
+    reply = await mesh.get("retry2.shop")
+    assert reply.status == 503
+    assert flaky.hits == 2  # the first try and one retry
+
+
+async def test_policy_retry_applies_when_the_route_sets_none(
+    mesh: Mesh, backends: Backends
+) -> None:
+    flaky = await backends.get("pretry")
+    mesh.apply(
+        service("pretry"),
+        endpoint_slice("pretry", flaky.port),
+        policy("pretry", "pretry", retry={
+            "retryOn": ["gateway-error"], "attempts": 3, "backoff": {"baseInterval": "5ms"},
+        }),
+    )  # fmt: skip
+    await mesh.converge()
+    flaky.fail_next(3, 502)
+    reply = await mesh.get("pretry.shop")
+    assert reply.status == 200 and flaky.hits == 4
+
+
+async def test_request_timeout_answers_504(mesh: Mesh, backends: Backends) -> None:
+    slow = await backends.get("slow")
+    mesh.apply(
+        service("slow"),
+        endpoint_slice("slow", slow.port),
+        http_route("slow", "slow", [
+            {"backendRefs": [to("slow")], "timeouts": {"request": "300ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    slow.delay = 3.0
+    reply = await mesh.get("slow.shop")
+    assert reply.status == 504
+    assert 0.25 <= reply.seconds < 2.0
+
+
+async def test_backend_request_timeout_is_per_try_and_retried(
+    mesh: Mesh, backends: Backends
+) -> None:
+    slow = await backends.get("pertry")
+    mesh.apply(
+        service("pertry"),
+        endpoint_slice("pertry", slow.port),
+        policy("pertry", "pertry", retry={"retryOn": ["gateway-error"], "attempts": 2}),
+        http_route("pertry", "pertry", [
+            {"backendRefs": [to("pertry")],
+             "timeouts": {"request": "5s", "backendRequest": "200ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    slow.delay = 2.0
+    reply = await mesh.get("pertry.shop")
+    assert reply.status == 504
+    assert slow.hits == 3  # every try timed out after 200 ms: 1 + 2 retries
+    assert reply.seconds < 2.0
+
+
+async def test_circuit_breaker_sheds_excess_concurrent_requests(
+    mesh: Mesh, backends: Backends
+) -> None:
+    b = await backends.get("cb")
+    mesh.apply(
+        service("cb"),
+        endpoint_slice("cb", b.port),
+        policy("cb", "cb", circuitBreaker={
+            "maxConnections": 1, "maxPendingRequests": 1, "maxRequests": 1,
+        }),
+    )  # fmt: skip
+    await mesh.converge()
+    b.delay = 0.5
+    replies = await asyncio.gather(*(mesh.get("cb.shop") for _ in range(8)))
+    statuses = sorted(r.status for r in replies)
+    overflowed = [r for r in replies if r.status == 503]
+    assert 200 in statuses and overflowed, statuses
+    assert all(r.headers.get("x-envoy-overloaded") == "true" for r in overflowed)
+    assert b.hits < 8
+
+
+async def test_outlier_detection_ejects_a_failing_endpoint(mesh: Mesh, backends: Backends) -> None:
+    good, bad = await backends.get("od-good"), await backends.get("od-bad")
+    bad.fail_always = 500
+    mesh.apply(
+        service("od"),
+        endpoint_slice("od", good.port, suffix="good"),
+        endpoint_slice("od", bad.port, suffix="bad"),
+        policy("od", "od", outlierDetection={
+            "consecutive5xx": 2, "interval": "100ms", "baseEjectionTime": "30s",
+            "maxEjectionPercent": 50,
+        }),
+    )  # fmt: skip
+    await mesh.converge()
+    for _ in range(20):
+        await mesh.get("od.shop")
+    # Ejection is immediate on the second consecutive 5xx; round robin sends every other
+    # request to "bad" until then, so it sees only a few.
+    assert bad.hits <= 4, bad.hits
+    replies = [await mesh.get("od.shop") for _ in range(20)]
+    assert all(r.status == 200 and r.body == "od-good" for r in replies)
+
+
+async def test_fault_abort_answers_without_calling_the_backend(
+    mesh: Mesh, backends: Backends
+) -> None:
+    b = await backends.get("abort")
+    mesh.apply(
+        service("abort"),
+        endpoint_slice("abort", b.port),
+        policy("abort", "abort", faultInjection={"abort": {"httpStatus": 418, "percent": 100}}),
+    )
+    await mesh.converge()
+    replies = [await mesh.get("abort.shop") for _ in range(5)]
+    assert [r.status for r in replies] == [418] * 5
+    assert b.hits == 0
+
+
+async def test_fault_abort_percentage_is_statistical(mesh: Mesh, backends: Backends) -> None:
+    b = await backends.get("abort50")
+    mesh.apply(
+        service("abort50"),
+        endpoint_slice("abort50", b.port),
+        policy("abort50", "abort50", faultInjection={"abort": {"httpStatus": 503, "percent": 50}}),
+    )
+    await mesh.converge()
+    n = 300
+    aborted = sum(r.status == 503 for r in await mesh.get_many(n, "abort50.shop"))
+    # Binomial(300, 0.5): sd ~8.7; +-5 sd.
+    assert 106 <= aborted <= 194, aborted
+    assert b.hits == n - aborted
+
+
+async def test_fault_delay_holds_requests(mesh: Mesh, backends: Backends) -> None:
+    b = await backends.get("delay")
+    mesh.apply(
+        service("delay"),
+        endpoint_slice("delay", b.port),
+        policy("delay", "delay", faultInjection={"delay": {"fixedDelay": "400ms", "percent": 100}}),
+    )
+    await mesh.converge()
+    reply = await mesh.get("delay.shop")
+    assert reply.status == 200 and reply.seconds >= 0.38
