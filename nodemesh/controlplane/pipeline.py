@@ -86,6 +86,8 @@ class Pipeline:
         self._unsubscribe: list[Callable[[], None]] = []
         self._programmed_scheduled = False
         self._built = asyncio.Condition()
+        # (type, name, version) -> {origin: fingerprint of what that version holds of it}
+        self._history: dict[tuple[str, str, str], dict[str, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -223,6 +225,7 @@ class Pipeline:
         self._generations = {
             k: int(view[k]["metadata"].get("generation", 0)) for k in result.conditions if k in view
         }
+        self._record_history(result, snapshot)
         self.cache.set_fallback_snapshot(snapshot)
         for node in result.mesh.nodes:
             self.cache.set_snapshot(node, translation.snapshot(node))
@@ -238,6 +241,46 @@ class Pipeline:
             self._built.notify_all()
 
     # -- Programmed ------------------------------------------------------------------------
+    def _record_history(self, result: BuildResult, snapshot: Snapshot) -> None:
+        """Remember, per resource version, a fingerprint of each object's part in it. An object
+        is programmed on a node when the version the node ACKed holds the object's current
+        part, so a NACK caused by one route leaves the others Programmed."""
+        mesh = result.mesh
+        new = [
+            (t, name, r.version)
+            for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE)
+            for name, r in snapshot.resources(t).items()
+            if (t, name, r.version) not in self._history
+        ]
+        if not new:
+            return
+        clusters = {c.name: c for c in mesh.clusters}
+        endpoints = {e.cluster: e for e in mesh.endpoints}
+        route_fp: dict[str, int] | None = None
+        for t, name, version in new:
+            if t == types.CLUSTER:
+                c = clusters[name]
+                fp = {o: hash(c) for o in c.origins}
+            elif t == types.ENDPOINT:
+                e = endpoints[name]
+                owner = clusters.get(name)
+                fp = {o: hash(e) for o in (owner.origins if owner else ())}
+            else:
+                if route_fp is None:
+                    parts: dict[str, list[int]] = {}
+                    for vh in mesh.virtual_hosts:
+                        for o in vh.origins:
+                            parts.setdefault(o, []).append(hash((vh.name, vh.domains)))
+                        for r in vh.routes:
+                            for o in r.origins:
+                                parts.setdefault(o, []).append(hash((vh.name, r)))
+                    route_fp = {o: hash(tuple(v)) for o, v in parts.items()}
+                fp = route_fp
+            self._history[(t, name, version)] = fp
+        limit = 4 * (len(clusters) + len(endpoints)) + 1000
+        while len(self._history) > limit:
+            del self._history[next(iter(self._history))]
+
     def _on_ack(self, event: AckEvent) -> None:
         # Many ACKs arrive together (one per type per node): recompute once per loop turn.
         if self._programmed_scheduled or self._loop is None:
@@ -259,11 +302,12 @@ class Pipeline:
         translation, snapshot = self.translation, self.snapshot
         assert translation is not None and snapshot is not None
         origin = f"{key.kind}/{key.namespace}/{key.name}"
-        wanted = [
-            (t, name, snapshot.resources(t)[name].version)
-            for (t, name), origins in translation.origins.items()
-            if origin in origins and name in snapshot.resources(t)
-        ]
+        wanted = []
+        for (t, name), origins in translation.origins.items():
+            r = snapshot.resources(t).get(name)
+            if origin in origins and r is not None:
+                fp = self._history.get((t, name, r.version), {}).get(origin)
+                wanted.append((t, name, fp))
         nodes = self._expected_nodes()
         if self.status is None or not nodes:
             return Condition(
@@ -272,9 +316,10 @@ class Pipeline:
         pending: list[str] = []
         for node_id in nodes:
             node = self.status.node(node_id)
-            for t, name, version in wanted:
+            for t, name, fp in wanted:
                 ts = node.types.get(t) if node is not None else None
-                if ts is not None and ts.acked_resources.get(name) == version:
+                acked = ts.acked_resources.get(name) if ts is not None else None
+                if acked is not None and self._history.get((t, name, acked), {}).get(origin) == fp:
                     continue
                 nack = ts.last_nack if ts is not None else None
                 if nack is not None and name in nack.resource_names:

@@ -1,0 +1,156 @@
+"""Status that tells the truth: Accepted/ResolvedRefs from build, Programmed from Envoy's ACKs
+and NACKs, served on /status and printed by `nodemesh status`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+
+from nodemesh.controlplane import status_cli
+from nodemesh.controlplane.conditions import Condition
+from nodemesh.controlplane.http import StatusServer
+from nodemesh.controlplane.store import ObjectKey
+from tests.e2e.conftest import Backends
+from tests.e2e.mesh import Mesh, endpoint_slice, service
+from tests.e2e.objects import http_route, policy, to
+from tests.support import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+# Python's re accepts it; Envoy's RE2 program-size limit (100) rejects it: a NACK.
+HUGE_REGEX = "/(alpha|bravo|charlie|delta|echo|foxtrot|golf|hotel){1,8}"
+
+
+def cond(mesh: Mesh, kind: str, name: str, ctype: str) -> Condition | None:
+    conditions = mesh.pipeline.conditions().get(ObjectKey(kind, "shop", name), ())
+    return next((c for c in conditions if c.type == ctype), None)
+
+
+async def programmed(mesh: Mesh, kind: str, name: str, status: str) -> Condition:
+    def check() -> Condition | None:
+        c = cond(mesh, kind, name, "Programmed")
+        return c if c is not None and c.status == status else None
+
+    return await eventually(check, what=f"{kind} {name} Programmed={status}")
+
+
+async def test_route_is_programmed_once_envoy_acks(mesh: Mesh, backends: Backends) -> None:
+    b = await backends.get("st-ok")
+    mesh.apply(
+        service("st-ok"),
+        endpoint_slice("st-ok", b.port),
+        http_route("st-ok", "st-ok", [{"backendRefs": [to("st-ok")]}]),
+    )
+    await mesh.converge()
+    c = await programmed(mesh, "HTTPRoute", "st-ok", "True")
+    assert c.parent == "Service/shop/st-ok" and c.observed_generation == 1
+    accepted = cond(mesh, "HTTPRoute", "st-ok", "Accepted")
+    assert accepted is not None and accepted.status == "True"
+
+
+async def test_nack_marks_only_the_culprit_not_programmed_with_envoys_message(
+    mesh: Mesh, backends: Backends
+) -> None:
+    b = await backends.get("st-bad")
+    mesh.apply(
+        service("st-bad"),
+        endpoint_slice("st-bad", b.port),
+        http_route("st-bad", "st-bad", [
+            {"matches": [{"path": {"type": "RegularExpression", "value": HUGE_REGEX}}],
+             "backendRefs": [to("st-bad")]},
+        ]),
+    )  # fmt: skip
+    c = await programmed(mesh, "HTTPRoute", "st-bad", "False")
+    c = await eventually(
+        lambda: (
+            (x := cond(mesh, "HTTPRoute", "st-bad", "Programmed")) and x.reason == "Rejected" and x
+        ),
+        what="the NACK to reach the condition",
+    )
+    assert "program size" in c.message, c.message
+    # Envoy kept its last good config: the other route is still programmed and serving.
+    assert (await programmed(mesh, "HTTPRoute", "st-ok", "True")).status == "True"
+    assert (await mesh.get("st-ok.shop")).body == "st-ok"
+    # Fixing the route programs it.
+    mesh.apply(
+        http_route("st-bad", "st-bad", [
+            {"matches": [{"path": {"type": "RegularExpression", "value": "/(alpha|bravo)"}}],
+             "backendRefs": [to("st-bad")]},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    c = await programmed(mesh, "HTTPRoute", "st-bad", "True")
+    assert c.observed_generation == 2
+    assert (await mesh.get("st-bad.shop", "/alpha")).body == "st-bad"
+
+
+async def test_invalid_objects_get_precise_conditions_and_the_rest_programs(
+    mesh: Mesh, backends: Backends
+) -> None:
+    b = await backends.get("st-mixed")
+    mesh.apply(
+        service("st-mixed"),
+        endpoint_slice("st-mixed", b.port),
+        http_route("st-mixed-missing", "st-mixed", [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/x"}}],
+             "backendRefs": [to("nope"), to("st-mixed", port=81)]},
+            {"backendRefs": [to("st-mixed")]},
+        ]),
+        http_route("st-mixed-invalid", "st-mixed", [
+            {"backendRefs": [to("st-mixed")], "timeouts": {"request": "soon"}},
+        ]),
+        http_route("st-no-parent", "ghost", [{"backendRefs": [to("st-mixed")]}]),
+        policy("st-mixed-bad", "st-mixed", retry={"attempts": -1}),
+        policy("st-mixed-ghost", "ghost", timeouts={"request": "1s"}),
+    )  # fmt: skip
+    await mesh.converge()
+    resolved = cond(mesh, "HTTPRoute", "st-mixed-missing", "ResolvedRefs")
+    assert resolved is not None and resolved.status == "False"
+    assert resolved.reason == "BackendNotFound"
+    assert "Service shop/nope not found" in resolved.message
+    assert "Service shop/st-mixed has no port 81" in resolved.message
+    invalid = cond(mesh, "HTTPRoute", "st-mixed-invalid", "Accepted")
+    assert invalid is not None and invalid.status == "False"
+    assert "spec.rules[0].timeouts.request: invalid duration 'soon'" in invalid.message
+    orphan = cond(mesh, "HTTPRoute", "st-no-parent", "Accepted")
+    assert orphan is not None and orphan.reason == "NoMatchingParent"
+    bad = cond(mesh, "TrafficPolicy", "st-mixed-bad", "Accepted")
+    assert bad is not None and bad.status == "False" and "spec.retry.attempts" in bad.message
+    ghost = cond(mesh, "TrafficPolicy", "st-mixed-ghost", "ResolvedRefs")
+    assert ghost is not None and ghost.reason == "TargetNotFound"
+    # The unresolved rule answers 500; the valid rule of the same route still answers.
+    assert (await mesh.get("st-mixed.shop", "/x")).status == 500
+    assert (await mesh.get("st-mixed.shop", "/")).body == "st-mixed"
+
+
+async def test_status_endpoint_and_cli_show_objects_and_nodes(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = StatusServer(mesh.pipeline)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def get(path: str) -> Any:
+            with urllib.request.urlopen(url + path, timeout=5) as resp:
+                return resp.status, resp.read()
+
+        status, body = await asyncio.to_thread(get, "/healthz")
+        assert status == 200
+        status, body = await asyncio.to_thread(get, "/status")
+        data = json.loads(body)
+        names = {(o["kind"], o["name"]) for o in data["objects"]}
+        assert ("HTTPRoute", "st-ok") in names
+        node = data["nodes"]["node-1"]
+        assert node["connected"] and node["types"]["rds"]["version_acked"]
+        args = argparse.Namespace(controlplane=url, json=False)
+        assert await asyncio.to_thread(status_cli.run, args) == 0
+        out = capsys.readouterr().out
+        assert "HTTPRoute/shop/st-ok" in out and "Programmed" in out and "node-1" in out
+    finally:
+        await server.stop()
