@@ -159,6 +159,65 @@ def xfer(args: argparse.Namespace) -> None:
     )
 
 
+def rr(args: argparse.Namespace) -> None:
+    """Request/response round trips of `size` bytes on one connection; latency percentiles."""
+    s = _connect(args.to)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _read_line(s)
+    payload = PATTERN[: args.size]
+    lat: list[float] = []
+    for i in range(args.warmup + args.count):
+        t0 = time.perf_counter()
+        s.sendall(payload)
+        got = 0
+        while got < args.size:
+            data = s.recv(args.size - got)
+            if not data:
+                raise SystemExit("echo closed")
+            got += len(data)
+        if i >= args.warmup:
+            lat.append(time.perf_counter() - t0)
+    s.close()
+    lat.sort()
+    _out(
+        {
+            "count": len(lat),
+            "p50_us": lat[len(lat) // 2] * 1e6,
+            "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+            "mean_us": sum(lat) / len(lat) * 1e6,
+        }
+    )
+
+
+def stream(args: argparse.Namespace) -> None:
+    """Throughput of 64 KiB writes for `seconds`; the echo is drained concurrently."""
+    s = _connect(args.to)
+    _read_line(s)
+    chunk = PATTERN[: 1 << 16]
+    done = threading.Event()
+    received = [0]
+
+    def drain() -> None:
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            received[0] += len(data)
+        done.set()
+
+    t = threading.Thread(target=drain)
+    t.start()
+    sent = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < args.seconds:
+        s.sendall(chunk)
+        sent += len(chunk)
+    s.shutdown(socket.SHUT_WR)
+    t.join(60)
+    elapsed = time.perf_counter() - t0
+    _out({"bytes": sent, "seconds": elapsed, "mb_per_s": sent / elapsed / 1e6})
+
+
 def conns(args: argparse.Namespace) -> None:
     """Open `count` connections one after another; count the backends that answered."""
     seen: dict[str, int] = {}
@@ -230,6 +289,14 @@ def main() -> None:
     x.add_argument("--bytes", type=int, required=True)
     x.add_argument("--sizes", default="65536")
     x.add_argument("--nodelay", type=int, default=0)
+    r = sub.add_parser("rr")
+    r.add_argument("--to", required=True)
+    r.add_argument("--size", type=int, default=1)
+    r.add_argument("--count", type=int, default=5000)
+    r.add_argument("--warmup", type=int, default=200)
+    st = sub.add_parser("stream")
+    st.add_argument("--to", required=True)
+    st.add_argument("--seconds", type=float, default=2.0)
     c = sub.add_parser("conns")
     c.add_argument("--to", required=True)
     c.add_argument("--count", type=int, default=100)
@@ -243,9 +310,16 @@ def main() -> None:
     g.add_argument("--path", default="/")
     g.add_argument("--host", default="")
     args = p.parse_args()
-    {"serve": serve, "xfer": xfer, "conns": conns, "connect": connect, "hold": hold, "get": get}[
-        args.cmd
-    ](args)
+    {
+        "serve": serve,
+        "xfer": xfer,
+        "rr": rr,
+        "stream": stream,
+        "conns": conns,
+        "connect": connect,
+        "hold": hold,
+        "get": get,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":
