@@ -20,9 +20,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from google.protobuf.message import Message  # noqa: E402
+from google.protobuf.message import Message
 
-from tests.xds import resources as R  # noqa: E402
+from tests.xds import resources as R
 
 ROUNDS = 5
 
@@ -55,7 +55,7 @@ def to_data_plane(messages: list[Message]) -> list[Any]:
     return out
 
 
-def best_of(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -75,8 +75,8 @@ def main() -> int:
         upb_times: list[float] = []
         edp_times: list[float] = []
         for _ in range(ROUNDS):  # alternate, so both see the same machine state
-            upb_times.append(best_of(lambda: [m.SerializeToString() for m in msgs]))
-            edp_times.append(best_of(lambda: [bytes(x) for x in edp]))
+            upb_times.append(timed(lambda ms=msgs: [m.SerializeToString() for m in ms]))
+            edp_times.append(timed(lambda xs=edp: [bytes(x) for x in xs]))
         upb, slow = min(upb_times), min(edp_times)
         ratio = slow / upb
         results["workloads"][name] = {
