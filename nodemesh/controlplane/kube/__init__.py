@@ -1,0 +1,32 @@
+"""The Kubernetes source: a kopf operator that watches the cluster into the control plane's
+`Store` and writes the pipeline's conditions back as status, leader-elected on a Lease.
+
+Entry point: `run_operator(store, status, options=..., stop=...)`; `Operator` for embedding.
+"""
+
+from __future__ import annotations
+
+from nodemesh.controlplane.kube._errors import KubeSourceError, LeaseError, OperatorError
+from nodemesh.controlplane.kube._operator import (
+    FINALIZER,
+    Operator,
+    OperatorOptions,
+    default_connection,
+    run_operator,
+)
+from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
+from nodemesh.controlplane.kube._status import StatusSource
+
+__all__ = [
+    "FINALIZER",
+    "RESOURCES",
+    "KubeSourceError",
+    "LeaseError",
+    "Operator",
+    "OperatorError",
+    "OperatorOptions",
+    "StatusSource",
+    "WatchedResource",
+    "default_connection",
+    "run_operator",
+]

@@ -1,0 +1,130 @@
+"""`Feed`: moves objects from kopf's indexes into the `Store`, level-based, one dirty key at a time.
+
+kopf index handlers and event handlers only mark keys dirty; `Feed.flush` reads each dirty key's
+current value from the index (present -> `Store.apply`, absent -> `Store.delete`). Nothing is
+written before the first full listing of every kind is indexed, so a restarted operator
+publishes its first snapshot from complete data and Envoy sees no churn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
+from nodemesh.controlplane.store import ObjectKey, Store
+
+__all__ = ["Feed", "IndexLike"]
+
+log = logging.getLogger("nodemesh.controlplane.kube")
+
+_CONFIG_KINDS = frozenset(r.kind for r in RESOURCES if r.config)
+
+
+class IndexLike(Protocol):
+    """The read side of a `kopf.Index` that the feed needs."""
+
+    def get(self, key: Any, default: Any = None) -> Any: ...
+
+
+class Feed:
+    """Dirty keys in, store writes out. Loop-confined (kopf handlers run on the same loop)."""
+
+    def __init__(self, store: Store, *, initial_sync_timeout: float = 10.0) -> None:
+        self._store = store
+        self._indexes: dict[str, IndexLike] = {}
+        self._dirty: set[ObjectKey] = set()
+        self._wakeup = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._initial_sync_timeout = initial_sync_timeout
+        self.flushed = 0  # store writes that changed something, for tests and status
+
+    # -- called from kopf handlers ---------------------------------------------------------
+    def attach(self, indexes: Mapping[str, IndexLike]) -> None:
+        """Remember kopf's live index objects (from the startup handler's kwargs)."""
+        for r in RESOURCES:
+            if r.index_id in indexes:
+                self._indexes[r.kind] = indexes[r.index_id]
+
+    def touch(self, key: ObjectKey) -> None:
+        self._dirty.add(key)
+        self._wakeup.set()
+
+    def mark_synced(self) -> None:
+        """kopf runs non-index handlers only once every watched kind is fully indexed."""
+        if not self._synced.is_set():
+            log.info("initial listing indexed: %d objects pending", len(self._dirty))
+            self._synced.set()
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    # -- the loop --------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Flush dirty keys into the store until cancelled."""
+        try:
+            await asyncio.wait_for(self._synced.wait(), self._initial_sync_timeout)
+        except TimeoutError:
+            # An empty cluster never calls a non-index handler; its empty state is complete.
+            log.info("nothing indexed after %.1fs: empty cluster", self._initial_sync_timeout)
+            self._synced.set()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            self.flush()
+
+    def flush(self) -> int:
+        """Write every dirty key's current indexed value into the store. Returns writes done."""
+        dirty, self._dirty = self._dirty, set()
+        writes = 0
+        for key in sorted(dirty):
+            obj = self._lookup(key)
+            level = logging.INFO if key.kind in _CONFIG_KINDS else logging.DEBUG
+            if obj is None:
+                if self._store.delete(key):
+                    writes += 1
+                    log.log(level, "removed %s", key)
+                continue
+            try:
+                changed = self._store.apply(obj)
+            except ValueError as exc:
+                log.warning("rejected %s: %s", key, exc)
+                continue
+            if changed:
+                writes += 1
+                log.log(level, "stored %s", key)
+        self.flushed += writes
+        return writes
+
+    def _lookup(self, key: ObjectKey) -> Mapping[str, Any] | None:
+        index = self._indexes.get(key.kind)
+        if index is None:
+            return None
+        values = index.get(key)
+        if not values:
+            return None
+        for value in values:
+            return value  # type: ignore[no-any-return]
+        return None
+
+
+def plain_object(resource: WatchedResource, body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain dict of a kopf body, with apiVersion/kind set (list items may lack them)."""
+    obj: dict[str, Any] = {k: _plain(v) for k, v in body.items()}
+    obj["apiVersion"] = resource.api_version
+    obj["kind"] = resource.kind
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

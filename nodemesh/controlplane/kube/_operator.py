@@ -1,0 +1,179 @@
+"""`Operator`: kopf embedded next to the other servers, feeding the store and writing status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from nodemesh.controlplane.kube._errors import OperatorError
+from nodemesh.controlplane.kube._feed import Feed
+from nodemesh.controlplane.kube._handlers import CONTEXT_KEY, Context, build_registry
+from nodemesh.controlplane.kube._lease import LeaseElector
+from nodemesh.controlplane.kube._status import Leadership, StatusSource, StatusWriter, always_leader
+from nodemesh.controlplane.store import ObjectKey, Store
+
+__all__ = ["FINALIZER", "Operator", "OperatorOptions", "default_connection", "run_operator"]
+
+log = logging.getLogger("nodemesh.controlplane.kube")
+
+# kopf puts this finalizer on objects that have a status timer, so that it can stop the timer.
+FINALIZER = "nodemesh.io/status-writer"
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorOptions:
+    """How the operator runs. The defaults suit one replica watching all namespaces."""
+
+    namespaces: tuple[str, ...] = ()  # () means all namespaces (cluster-wide)
+    identity: str = field(default_factory=socket.gethostname)
+    leader_election: bool = True
+    lease_namespace: str | None = None  # default: the service account's namespace, else "default"
+    lease_name: str = "nodemesh-controlplane"
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    status_interval: float = 1.0  # per object: at most one status write per interval
+    status_rate: float = 50.0  # all objects: at most this many status writes per second
+    initial_sync_timeout: float = 10.0
+
+
+def _no_status(key: ObjectKey) -> Mapping[str, Any] | None:
+    return None
+
+
+def default_connection() -> kopf.ConnectionInfo:
+    """In-cluster service account credentials, else the kubeconfig (kopf's own readers)."""
+    settings = kopf.OperatorSettings()
+    for login in (kopf.login_with_service_account, kopf.login_with_kubeconfig):
+        info = login(settings=settings, logger=log)
+        if info is not None:
+            assert isinstance(info, kopf.ConnectionInfo)
+            return info
+    raise OperatorError("no Kubernetes credentials: neither a service account nor a kubeconfig")
+
+
+class _ForeignTasks(Collection["asyncio.Task[Any]"]):
+    """Every task whose coroutine is not kopf's own: what kopf's exit sweep must leave alone."""
+
+    def __contains__(self, task: object) -> bool:
+        if not isinstance(task, asyncio.Task):
+            return False
+        code = getattr(task.get_coro(), "cr_code", None)
+        return not (code is not None and _KOPF_DIR in code.co_filename)
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_KOPF_DIR = os.path.dirname(kopf.__file__)
+
+
+class Operator:
+    """One kopf operator instance writing into `store`; several may share a process.
+
+    Usage::
+
+        op = Operator(store, pipeline_status, OperatorOptions(namespaces=("shop",)))
+        await op.run(stop=stop_event, ready=ready_event)   # returns after `stop` is set
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        status: StatusSource | None = None,
+        options: OperatorOptions | None = None,
+        *,
+        connection: kopf.ConnectionInfo | None = None,
+    ) -> None:
+        self.options = options or OperatorOptions()
+        self.connection = connection or default_connection()
+        self.feed = Feed(store, initial_sync_timeout=self.options.initial_sync_timeout)
+        self.elector: LeaseElector | None = None
+        leadership: Leadership = always_leader
+        if self.options.leader_election:
+            self.elector = LeaseElector(
+                self.connection,
+                self.options.lease_namespace or self.connection.default_namespace or "default",
+                self.options.lease_name,
+                self.options.identity,
+                lease_duration=self.options.lease_duration,
+                renew_deadline=self.options.renew_deadline,
+                retry_period=self.options.retry_period,
+            )
+            leadership = self.elector
+        self.status = StatusWriter(status or _no_status, leadership, rate=self.options.status_rate)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.elector.is_leader if self.elector is not None else True
+
+    def settings(self) -> kopf.OperatorSettings:
+        settings = kopf.OperatorSettings()
+        settings.posting.enabled = False  # we log; no Events RBAC needed
+        settings.scanning.disabled = True  # no CRD/namespace watching: restart after adding CRDs
+        settings.persistence.finalizer = FINALIZER
+        settings.watching.server_timeout = 300
+        return settings
+
+    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Run kopf, the feed and the elector until `stop` is set; then release the lease."""
+        memo = kopf.Memo()
+        memo[CONTEXT_KEY] = Context(self.feed, self.status, self.connection)
+        ns = self.options.namespaces
+        tasks = [asyncio.create_task(self.feed.run(), name="nodemesh-kube-feed")]
+        if self.elector is not None:
+            tasks.append(asyncio.create_task(self.elector.run(), name="nodemesh-kube-lease"))
+        log.info(
+            "operator %s starting: %s",
+            self.options.identity,
+            f"namespaces {', '.join(ns)}" if ns else "all namespaces",
+        )
+        try:
+            # kopf.operator() = spawn_tasks + run_tasks(ignored=<tasks existing at start>): at exit
+            # it would cancel every task created since, ADS streams included. Sweep only kopf's.
+            operator_tasks = await kopf.spawn_tasks(
+                registry=build_registry(status_interval=self.options.status_interval),
+                settings=self.settings(),
+                memo=memo,
+                clusterwide=not ns,
+                namespaces=list(ns),
+                standalone=True,
+                stop_flag=stop,
+                ready_flag=ready,
+            )
+            await kopf.run_tasks(operator_tasks, ignored=_ForeignTasks())
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            if self.elector is not None:
+                await self.elector.release()
+            log.info("operator %s stopped", self.options.identity)
+        if not stop.is_set():
+            raise OperatorError("kopf exited without a stop request")
+
+
+async def run_operator(
+    store: Store,
+    status: StatusSource | None = None,
+    *,
+    options: OperatorOptions | None = None,
+    connection: kopf.ConnectionInfo | None = None,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Watch the cluster into `store` and write `status(key)` back, until `stop` is set."""
+    await Operator(store, status, options, connection=connection).run(stop=stop, ready=ready)

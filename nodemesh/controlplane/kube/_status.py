@@ -1,0 +1,140 @@
+"""`StatusWriter`: decides, per object and per timer tick, what status patch kopf should apply.
+
+The pipeline owns the conditions; this module compares them with the object's live status and
+fills kopf's `patch.status` only when the leader sees a difference, at most `rate` writes per
+second across all objects. Every replica logs accept/reject transitions; only the leader writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, Protocol
+
+from nodemesh.controlplane.store import ObjectKey
+
+__all__ = ["Leadership", "StatusSource", "StatusWriter", "always_leader"]
+
+log = logging.getLogger("nodemesh.controlplane.kube")
+
+
+class StatusSource(Protocol):
+    """Where the desired status of an object comes from (the pipeline).
+
+    Returns the top-level status fields to hold (e.g. `{"conditions": [...]}` or, for Gateway API
+    routes, `{"parents": [...]}`), or None while the object has not been built yet.
+    The returned mapping must not be altered.
+    """
+
+    def __call__(self, key: ObjectKey) -> Mapping[str, Any] | None: ...
+
+
+class Leadership(Protocol):
+    @property
+    def is_leader(self) -> bool: ...
+
+
+class _Always:
+    is_leader = True
+
+
+always_leader: Leadership = _Always()
+
+
+class StatusWriter:
+    """Compares desired and live status; fills kopf's patch when they differ (leader only)."""
+
+    def __init__(
+        self,
+        source: StatusSource,
+        leadership: Leadership = always_leader,
+        *,
+        rate: float = 50.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._leadership = leadership
+        self._rate = rate
+        self._burst = max(1.0, rate)
+        self._tokens = self._burst
+        self._clock = clock
+        self._last = clock()
+        self._verdicts: dict[ObjectKey, str] = {}
+        self.writes = 0
+        self.throttled = 0
+
+    def reconcile(
+        self,
+        key: ObjectKey,
+        live_status: Mapping[str, Any],
+        patch_status: MutableMapping[str, Any],
+    ) -> bool:
+        """Fill `patch_status` (kopf's `patch.status`) if needed. Returns True if it did."""
+        desired = self._source(key)
+        if desired is None:
+            return False
+        self._log_verdict(key, desired)
+        if not self._leadership.is_leader:
+            return False
+        changed = {k: v for k, v in desired.items() if _plain(live_status.get(k)) != _plain(v)}
+        if not changed:
+            return False
+        if not self._take_token():
+            self.throttled += 1
+            return False  # the next timer tick retries
+        for field, value in changed.items():
+            patch_status[field] = _plain(value)
+        self.writes += 1
+        log.debug("status of %s: writing %s", key, sorted(changed))
+        return True
+
+    def forget(self, key: ObjectKey) -> None:
+        self._verdicts.pop(key, None)
+
+    def _take_token(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def _log_verdict(self, key: ObjectKey, desired: Mapping[str, Any]) -> None:
+        verdict = _verdict(desired)
+        if verdict is None or self._verdicts.get(key) == verdict:
+            return
+        self._verdicts[key] = verdict
+        if verdict.startswith("accepted"):
+            log.info("%s %s", verdict, key)
+        else:
+            log.warning("%s %s", verdict, key)
+
+
+def _conditions(desired: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    found: list[Mapping[str, Any]] = list(desired.get("conditions") or [])
+    for parent in desired.get("parents") or []:
+        found.extend(parent.get("conditions") or [])
+    return found
+
+
+def _verdict(desired: Mapping[str, Any]) -> str | None:
+    """'accepted' or 'rejected (<reason>: <message>)' from the Accepted/ResolvedRefs conditions."""
+    conditions = _conditions(desired)
+    verdict_types = ("Accepted", "ResolvedRefs", "Programmed")
+    bad = [c for c in conditions if c.get("type") in verdict_types and c.get("status") == "False"]
+    if bad:
+        c = bad[0]
+        return f"rejected ({c.get('type')}={c.get('reason')}: {c.get('message', '')})"
+    if any(c.get("type") == "Accepted" and c.get("status") == "True" for c in conditions):
+        return "accepted"
+    return None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,288 @@
+"""Fixtures for the operator tests: kmock's KubernetesEmulator (a real HTTP server) behind the
+real kopf, and operators running embedded on the test's event loop.
+
+The emulator is kmock's, with two gaps filled in as a real API server behaves: RFC 6902 JSON
+patches (kopf adds and removes finalizers with them) and a `resourceVersion` on every write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp.web
+import kmock
+import kopf
+import pytest
+
+from nodemesh.controlplane.kube import RESOURCES, Operator, OperatorOptions
+from nodemesh.controlplane.kube._resources import LEASE, WatchedResource
+from nodemesh.controlplane.store import Store
+
+DEADLINE = 20.0
+
+
+def resource_path(r: WatchedResource) -> str:
+    return f"{r.group}/{r.version}/{r.plural}" if r.group else f"{r.version}/{r.plural}"
+
+
+def object_url(r: WatchedResource, namespace: str | None, name: str | None = None) -> str:
+    base = f"/apis/{r.group}/{r.version}" if r.group else f"/api/{r.version}"
+    if r.namespaced and namespace:
+        base += f"/namespaces/{namespace}"
+    base += f"/{r.plural}"
+    return f"{base}/{name}" if name else base
+
+
+class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator plus JSON patches and resourceVersions."""
+
+    _versions = itertools.count(1)
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if (
+            request.resource is not None
+            and request.action == kmock.action.UPDATE
+            and isinstance(request.data, list)
+        ):
+            return await self._json_patch(request)
+        response = await super()._handle(request)
+        return response
+
+    async def _json_patch(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                return aiohttp.web.json_response({"kind": "Status", "code": 404}, status=404)
+            obj = self.objects[key]
+            old = copy.deepcopy(obj.raw)
+            try:
+                new = apply_json_patch(old, request.data)
+            except ValueError as exc:
+                return aiohttp.web.json_response(
+                    {"kind": "Status", "code": 422, "message": str(exc)}, status=422
+                )
+            obj.patch(merge_diff(obj.raw, new))
+            bus = self._buses[request.resource]
+            meta = obj.raw.get("metadata", {})
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                raw = obj.raw
+                obj.delete()
+                await bus.put({"type": "DELETED", "object": raw})
+                return aiohttp.web.json_response(raw)
+            await bus.put({"type": "MODIFIED", "object": obj.raw})
+            return aiohttp.web.json_response(obj.raw)
+
+
+def _pointer(path: str) -> list[str]:
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
+
+
+def apply_json_patch(doc: Any, ops: list[Mapping[str, Any]]) -> Any:
+    """RFC 6902 add/remove/replace/test, enough for kopf's finalizer patches."""
+    for op in ops:
+        parts = _pointer(op["path"])
+        parent: Any = doc
+        for p in parts[:-1]:
+            parent = parent[int(p)] if isinstance(parent, list) else parent.setdefault(p, {})
+        last = parts[-1] if parts else ""
+        if op["op"] == "test":
+            current = parent.get(last) if isinstance(parent, dict) else parent[int(last)]
+            if current != op.get("value"):
+                raise ValueError(f"test failed at {op['path']}: {current!r} != {op.get('value')!r}")
+        elif op["op"] in ("add", "replace"):
+            if isinstance(parent, list):
+                if last == "-":
+                    parent.append(op["value"])
+                elif op["op"] == "add":
+                    parent.insert(int(last), op["value"])
+                else:
+                    parent[int(last)] = op["value"]
+            else:
+                parent[last] = op["value"]
+        elif op["op"] == "remove":
+            if isinstance(parent, list):
+                del parent[int(last)]
+            else:
+                del parent[last]
+        else:
+            raise ValueError(f"unsupported op {op['op']!r}")
+    return doc
+
+
+def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch turning `old` into `new` (None deletes a key, lists are replaced)."""
+    out: dict[str, Any] = {}
+    for k in old:
+        if k not in new:
+            out[k] = None
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(old.get(k), Mapping):
+            sub = merge_diff(old[k], v)
+            if sub:
+                out[k] = sub
+        elif old.get(k) != v or k not in old:
+            out[k] = v
+    return out
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[Kube]:
+    """A running emulator with every resource the operator watches declared in discovery."""
+    async with Emulator() as emulator, kmock.Server(emulator):
+        emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = (
+            kmock.ResourceInfo(
+                kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch", "get"}
+            )
+        )
+        emulator.resources["v1/namespaces"] = kmock.ResourceInfo(
+            kind="Namespace", namespaced=False, verbs={"list", "watch", "get"}
+        )
+        verbs = {"get", "list", "watch", "create", "update", "patch", "delete"}
+        for r in (*RESOURCES, LEASE):
+            emulator.resources[resource_path(r)] = kmock.ResourceInfo(
+                kind=r.kind,
+                namespaced=r.namespaced,
+                verbs=verbs,
+                subresources={"status"} if r.status else set(),
+            )
+        yield Kube(emulator)
+
+
+class Kube:
+    """What a user does with kubectl, over HTTP against the emulator."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+
+    @property
+    def server(self) -> str:
+        return str(self.emulator.url).rstrip("/")
+
+    def connection(self, token: str = "nodemesh") -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=self.server, token=token, default_namespace="nodemesh")
+
+    async def _call(self, method: str, url: str, **kw: Any) -> dict[str, Any]:
+        async with self.emulator.request(method, url, **kw) as resp:
+            body: dict[str, Any] = await resp.json()
+            if resp.status >= 300:
+                raise AssertionError(f"{method} {url}: HTTP {resp.status}: {body}")
+            return body
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        r = _resource_of(obj)
+        return await self._call(
+            "POST", object_url(r, obj["metadata"].get("namespace")), json=dict(obj)
+        )
+
+    async def patch(
+        self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        r = _by_kind(kind)
+        return await self._call(
+            "PATCH",
+            object_url(r, namespace, name),
+            json=dict(patch),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        await self._call("DELETE", object_url(_by_kind(kind), namespace, name))
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        r = _by_kind(kind)
+        async with self.emulator.request("GET", object_url(r, namespace, name)) as resp:
+            if resp.status == 404:
+                return None
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    def requests_by(self, token: str) -> list[kmock.Request]:
+        return [
+            q for q in self.emulator.requests if q.headers.get("Authorization") == f"Bearer {token}"
+        ]
+
+
+def _by_kind(kind: str) -> WatchedResource:
+    for r in (*RESOURCES, LEASE):
+        if r.kind == kind:
+            return r
+    raise KeyError(kind)
+
+
+def _resource_of(obj: Mapping[str, Any]) -> WatchedResource:
+    return _by_kind(obj["kind"])
+
+
+async def eventually(
+    check: Callable[[], Any | Awaitable[Any]], what: str, deadline: float = DEADLINE
+) -> Any:
+    """Poll `check` until it returns a truthy value, or fail after `deadline` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    last: Any = None
+    while True:
+        last = check()
+        if asyncio.iscoroutine(last) or isinstance(last, Awaitable):
+            last = await last
+        if last:
+            return last
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {deadline}s waiting for {what}; last={last!r}")
+        await asyncio.sleep(0.05)
+
+
+class RunningOperator:
+    def __init__(self, operator: Operator, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        self.operator = operator
+        self.task = task
+        self.stop_flag = stop
+
+    async def stop(self) -> None:
+        self.stop_flag.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 30)
+
+
+@pytest.fixture
+async def start_operator(
+    kube: Kube,
+) -> AsyncIterator[Callable[..., Awaitable[RunningOperator]]]:
+    """Start embedded operators against the emulator; all are stopped at teardown."""
+    running: list[RunningOperator] = []
+
+    async def start(
+        store: Store,
+        status: Any = None,
+        *,
+        token: str = "nodemesh",
+        wait_ready: bool = True,
+        **options: Any,
+    ) -> RunningOperator:
+        defaults: dict[str, Any] = dict(
+            identity=token,
+            status_interval=0.2,
+            initial_sync_timeout=2.0,
+            lease_duration=3.0,
+            renew_deadline=2.0,
+            retry_period=0.3,
+        )
+        defaults.update(options)
+        op = Operator(store, status, OperatorOptions(**defaults), connection=kube.connection(token))
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(op.run(stop=stop, ready=ready))
+        handle = RunningOperator(op, task, stop)
+        running.append(handle)
+        if wait_ready:
+            await eventually(lambda: ready.is_set() or task.done(), "kopf ready")
+            if task.done():
+                task.result()
+        return handle
+
+    yield start
+    for handle in reversed(running):
+        await handle.stop()

@@ -1,0 +1,68 @@
+"""The operator mirrors the cluster into the store: create, change, delete, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import kopf
+
+from nodemesh.controlplane.store import ObjectKey, Store
+from tests.kube.conftest import Kube, eventually
+
+
+def service(name: str, ns: str = "shop", port: int = 80) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": port}]},
+    }
+
+
+async def test_created_objects_reach_the_store(kube: Kube, start_operator: Any) -> None:
+    store = Store()
+    await kube.create(service("web"))
+    await start_operator(store)
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "web")), "web in store")
+    await kube.create(service("api"))
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "api")), "api in store")
+
+
+async def test_changes_and_deletions_follow(kube: Kube, start_operator: Any) -> None:
+    store = Store()
+    await kube.create(service("web"))
+    await start_operator(store)
+    key = ObjectKey("Service", "shop", "web")
+    await eventually(lambda: store.get(key), "web in store")
+    await kube.patch("Service", "shop", "web", {"spec": {"ports": [{"name": "http", "port": 81}]}})
+
+    def port() -> Any:
+        obj = store.get(key)
+        return obj is not None and obj["spec"]["ports"][0]["port"] == 81
+
+    await eventually(port, "port 81 in store")
+    await kube.delete("Service", "shop", "web")
+    await eventually(lambda: store.get(key) is None, "web gone from store")
+
+
+async def test_stopping_the_operator_leaves_other_servers_tasks_running(
+    kube: Kube, start_operator: Any
+) -> None:
+    """kopf's own exit sweep cancels every task born after it started; ours must survive."""
+    await kube.create(service("web"))
+    handle = await start_operator(Store())
+    # Stop only after the initial discovery: kopf leaves its discovery sub-tasks to its 5s sweep.
+    await eventually(lambda: handle.operator.feed.synced, "initial listing indexed")
+    sibling = asyncio.create_task(asyncio.Event().wait(), name="an ADS stream")
+    await handle.stop()
+    assert not sibling.done(), "stopping the operator cancelled another server's task"
+    kopf_dir = os.path.dirname(kopf.__file__)
+    left = [
+        t
+        for t in asyncio.all_tasks()
+        if kopf_dir in getattr(getattr(t.get_coro(), "cr_code", None), "co_filename", "")
+    ]
+    sibling.cancel()
+    assert not left, f"kopf tasks left running: {left}"
