@@ -66,7 +66,6 @@ _METADATA_NOISE = frozenset(
         "resourceVersion",
         "managedFields",
         "uid",
-        "creationTimestamp",
         "selfLink",
         "generateName",
         "ownerReferences",

@@ -106,7 +106,8 @@ def _policy_conditions(pol: Any, gen: int) -> tuple[Condition, ...]:
     message = "Policy is accepted"
     if pol.overridden:
         message += "; overridden by older or more specific policies: " + ", ".join(
-            f"{section} by {winner}" for section, winner in sorted(pol.overridden.items())
+            f"{section} by {', '.join(sorted(winners))}"
+            for section, winners in sorted(pol.overridden.items())
         )
     resolved = (
         Condition("ResolvedRefs", "False", "TargetNotFound", "; ".join(pol.unresolved), gen)

@@ -145,7 +145,7 @@ class TrafficPolicyModel:
     sections: dict[str, PolicySettings]  # section -> the settings it contributes
     problems: Problems = field(default_factory=Problems)
     unresolved: list[str] = field(default_factory=list)
-    overridden: dict[str, str] = field(default_factory=dict)  # section -> winning policy
+    overridden: dict[str, set[str]] = field(default_factory=dict)  # section -> winning policies
 
 
 def _retry(spec: Mapping[str, Any], p: Problems) -> tuple[RetrySpec, float | None, int | None]:
@@ -388,7 +388,7 @@ def settings_for(
             for section, settings in pol.sections.items():
                 winner = winners.get(section)
                 if winner is not None and winner is not pol:
-                    pol.overridden.setdefault(section, winner.key)
+                    pol.overridden.setdefault(section, set()).add(winner.key)
                     continue
                 winners[section] = pol
                 merged = _merge(merged, settings)
