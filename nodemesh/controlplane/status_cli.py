@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*header), *(fmt.format(*r) for r in rows)]
+    return [fmt.format(*header).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]
 
 
 def render(status: dict[str, Any]) -> str:
