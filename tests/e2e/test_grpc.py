@@ -1,0 +1,70 @@
+"""GRPCRoute with a real gRPC server and client through the node Envoy (HTTP/2 upstream)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.e2e.mesh import Mesh, endpoint_slice, service
+from tests.e2e.objects import grpc_route, to
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+H2 = (("grpc", 50051, "kubernetes.io/h2c"),)
+
+
+async def start_server(
+    status: health_pb2.HealthCheckResponse.ServingStatus.ValueType,
+) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", status)  # type: ignore[arg-type]
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def grpc_backends(mesh: Mesh) -> AsyncIterator[None]:
+    serving, serving_port = await start_server(health_pb2.HealthCheckResponse.SERVING)
+    other, other_port = await start_server(health_pb2.HealthCheckResponse.NOT_SERVING)
+    mesh.apply(
+        service("catalog", ports=H2), service("catalog-check", ports=H2),
+        endpoint_slice("catalog", other_port, port_name="grpc"),
+        endpoint_slice("catalog-check", serving_port, port_name="grpc"),
+        grpc_route("catalog", "catalog", [
+            {"matches": [{"method": {"service": "grpc.health.v1.Health", "method": "Check"}}],
+             "backendRefs": [to("catalog-check", port=50051)]},
+            {"backendRefs": [to("catalog", port=50051)]},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    try:
+        yield
+    finally:
+        await serving.stop(0)
+        await other.stop(0)
+
+
+async def test_grpc_method_match_routes_check_and_watch_apart(
+    mesh: Mesh, grpc_backends: None
+) -> None:
+    options = [("grpc.default_authority", "catalog.shop:50051")]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.outbound_port}", options=options) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        check = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING  # catalog-check
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        first = await watch.read()
+        watch.cancel()
+        assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING  # catalog
+
+
+async def test_plain_http_does_not_match_a_grpc_route(mesh: Mesh, grpc_backends: None) -> None:
+    reply = await mesh.get("catalog.shop:50051", "/grpc.health.v1.Health/Check")
+    assert reply.status == 404
