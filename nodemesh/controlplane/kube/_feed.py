@@ -63,14 +63,18 @@ class Feed:
         return self._synced.is_set()
 
     # -- the loop --------------------------------------------------------------------------
-    async def run(self) -> None:
-        """Flush dirty keys into the store until cancelled."""
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Flush dirty keys into the store until cancelled. `ready` is set once the store holds
+        the initial listing of every watched kind."""
         try:
             await asyncio.wait_for(self._synced.wait(), self._initial_sync_timeout)
         except TimeoutError:
             # An empty cluster never calls a non-index handler; its empty state is complete.
             log.info("nothing indexed after %.1fs: empty cluster", self._initial_sync_timeout)
             self._synced.set()
+        self.flush()
+        if ready is not None:
+            ready.set()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()

@@ -127,11 +127,16 @@ class Operator:
         return settings
 
     async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Run kopf, the feed and the elector until `stop` is set; then release the lease."""
+        """Run kopf, the feed and the elector until `stop` is set; then release the lease.
+
+        `ready` is set once the store holds the initial listing of every watched kind: start
+        serving xDS only then, so that a restarted control plane never publishes a partial
+        snapshot (Envoy would drop routes and clusters, then get them back).
+        """
         memo = kopf.Memo()
         memo[CONTEXT_KEY] = Context(self.feed, self.status, self.connection)
         ns = self.options.namespaces
-        tasks = [asyncio.create_task(self.feed.run(), name="nodemesh-kube-feed")]
+        tasks = [asyncio.create_task(self.feed.run(ready), name="nodemesh-kube-feed")]
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="nodemesh-kube-lease"))
         log.info(
@@ -150,7 +155,6 @@ class Operator:
                 namespaces=list(ns),
                 standalone=True,
                 stop_flag=stop,
-                ready_flag=ready,
             )
             await kopf.run_tasks(operator_tasks, ignored=_ForeignTasks())
         finally:
