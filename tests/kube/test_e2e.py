@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.e2e.mesh import endpoint_slice, service
+from nodemesh.controlplane.store import ObjectKey
+from nodemesh.xds import types
+from tests.e2e.mesh import NODE, endpoint_slice, service
 from tests.e2e.objects import http_route, to
 from tests.kube.conftest import Cluster, Kube, eventually
+from tests.kube.mesh import ALL_TYPES, NodeEnvoy
+from tests.support import free_port
 
 
 def parent_conditions(obj: dict[str, Any] | None) -> dict[str, str]:
@@ -86,3 +90,130 @@ async def test_changes_and_deletions_follow_and_a_deleted_backend_unresolves(
     await kube.delete("HTTPRoute", "shop", "app")
     await eventually(lambda: serves("blue"), "Envoy routes app to its own endpoints")
     assert await kube.get("HTTPRoute", "shop", "app") is None, "the finalizer was not released"
+
+
+async def test_endpointslice_churn_coalesces_and_ends_exact(cluster: Cluster) -> None:
+    """A rolling update's worth of EndpointSlice writes (500) gives far fewer snapshot versions,
+    and Envoy ends with exactly the final endpoints."""
+    kube = cluster.kube
+    backend = await cluster.backend("churn")
+    replica = await cluster.replica()
+    envoy = await cluster.envoy(replica)
+    await kube.create(service("churn"))
+    await kube.create(endpoint_slice("churn", backend.port, suffix="a"))
+    await eventually(lambda: replica.store.revision >= 2, "objects in the store")
+    await replica.converge()
+    rebuilds_before = replica.pipeline.rebuilds
+    eds = replica.server.status.type_status(NODE, types.ENDPOINT)
+    eds_before = eds.responses_sent
+
+    updates = 500
+    for i in range(updates):
+        final = i == updates - 1
+        addresses = ["127.0.0.1"] if final else ["127.0.0.1", f"127.0.1.{i % 250 + 1}"]
+        await kube.patch("EndpointSlice", "shop", "churn-a", {"endpoints": [
+            {"addresses": addresses, "conditions": {"ready": True}, "nodeName": NODE},
+        ]})  # fmt: skip
+
+    def final_state() -> bool:
+        obj = replica.store.get(ObjectKey("EndpointSlice", "shop", "churn-a"))
+        return obj is not None and obj["endpoints"][0]["addresses"] == ["127.0.0.1"]
+
+    await eventually(final_state, "the last EndpointSlice update in the store")
+    await replica.converge()
+    rebuilds = replica.pipeline.rebuilds - rebuilds_before
+    eds_versions = eds.responses_sent - eds_before
+    print(f"\n{updates} EndpointSlice updates -> {rebuilds} rebuilds, {eds_versions} EDS versions")
+    assert rebuilds <= updates // 10, f"{rebuilds} rebuilds for {updates} updates"
+    assert eds_versions <= updates // 10
+
+    # Exact final state, as Envoy holds it and as a client sees it.
+    assert envoy.envoy is not None
+    dump = envoy.envoy.config_dump("dynamic_endpoint_configs")
+    hosts = sorted(
+        lb["endpoint"]["address"]["socket_address"]["address"]
+        for cfg in dump.get("configs", [])
+        if "churn" in cfg.get("endpoint_config", {}).get("cluster_name", "")
+        for ep in cfg["endpoint_config"].get("endpoints", [])
+        for lb in ep.get("lb_endpoints", [])
+    )
+    assert hosts == ["127.0.0.1"]
+    assert (await envoy.get("churn.shop")).body == "churn"
+
+
+def envoy_changes(envoy: NodeEnvoy) -> dict[str, int]:
+    """Envoy's own counters of config it added, changed or removed."""
+    return envoy.stats(
+        r"^(cluster_manager\.cluster_(added|modified|removed)"
+        r"|listener_manager\.listener_(added|modified|removed))$"
+    )
+
+
+async def test_operator_restart_causes_no_config_churn(cluster: Cluster) -> None:
+    kube = cluster.kube
+    backend = await cluster.backend("steady")
+    xds_port = free_port()
+    first = await cluster.replica(xds_port=xds_port)
+    envoy = await cluster.envoy(first)
+    for obj in (
+        service("steady"), endpoint_slice("steady", backend.port),
+        http_route("steady", "steady", [{"backendRefs": [to("steady")]}]),
+    ):  # fmt: skip
+        await kube.create(obj)
+    await eventually(lambda: first.store.revision >= 3, "objects in the store")
+    await first.converge()
+    assert first.pipeline.snapshot is not None
+    versions = {t: first.pipeline.snapshot.version(t) for t in ALL_TYPES}
+    changes = envoy_changes(envoy)
+
+    await first.stop()
+    second = await cluster.replica(xds_port=xds_port)  # a new process's worth of state
+    assert second.pipeline.snapshot is not None
+    assert {t: second.pipeline.snapshot.version(t) for t in ALL_TYPES} == versions
+    await eventually(lambda: second.server.status.node(NODE) is not None, "Envoy reconnects")
+    await second.converge()
+    assert envoy_changes(envoy) == changes, "Envoy changed config across the restart"
+    assert (await envoy.get("steady.shop")).body == "steady"
+
+
+def status_writes(kube: Kube, token: str) -> int:
+    return sum(1 for m, p in kube.writes_by(token) if m == "PATCH" and p.endswith("/status"))
+
+
+async def test_only_the_leader_writes_status_and_replicas_serve_the_same_config(
+    cluster: Cluster,
+) -> None:
+    kube = cluster.kube
+    backend = await cluster.backend("ha")
+    a = await cluster.replica(token="replica-a")
+    await eventually(lambda: a.is_leader, "replica-a leads")
+    b = await cluster.replica(token="replica-b")
+    for obj in (
+        service("ha"), endpoint_slice("ha", backend.port),
+        http_route("ha", "ha", [{"backendRefs": [to("ha")]}]),
+    ):  # fmt: skip
+        await kube.create(obj)
+    envoy = await cluster.envoy(a)
+    await eventually(lambda: a.store.revision >= 3 and b.store.revision >= 3, "both replicas")
+    await a.converge()
+    await status_shows(kube, "HTTPRoute", "ha", {"Programmed": "True"})
+    assert not b.is_leader
+    assert status_writes(kube, "replica-a") > 0
+    assert status_writes(kube, "replica-b") == 0, "a follower wrote status"
+
+    # Same data, same config: the follower's snapshot is the one Envoy holds from the leader.
+    assert a.pipeline.snapshot is not None and b.pipeline.snapshot is not None
+    assert {t: b.pipeline.snapshot.version(t) for t in ALL_TYPES} == {
+        t: a.pipeline.snapshot.version(t) for t in ALL_TYPES
+    }
+    await envoy.stop()
+    envoy = await cluster.envoy(b)
+    await b.converge()
+    assert (await envoy.get("ha.shop")).body == "ha"
+
+    # The leader goes away: it releases the Lease, the follower takes over and writes status.
+    await a.stop()
+    await eventually(lambda: b.is_leader, "replica-b takes over")
+    await kube.create(http_route("ha2", "ha", [{"backendRefs": [to("ha")]}]))
+    await status_shows(kube, "HTTPRoute", "ha2", {"Accepted": "True", "Programmed": "True"})
+    assert status_writes(kube, "replica-b") > 0
