@@ -47,21 +47,26 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _versions = itertools.count(1)
 
     # kmock keeps every request and its routing scans them all on each new one (quadratic:
-    # 500 PATCHes take ~60 s). Keep only the current one, and our own light log of writes.
+    # 500 PATCHes take ~60 s). Keep only the current one, and our own light log of calls.
 
     @property
-    def writes(self) -> list[tuple[str, str, str]]:
-        """(Authorization header, method, path) of every non-GET request, in order."""
-        if "_writes" not in self.__dict__:
-            self.__dict__["_writes"] = []
-        log: list[tuple[str, str, str]] = self.__dict__["_writes"]
+    def calls(self) -> list[tuple[str, str, str, bool]]:
+        """(Authorization header, method, path, is-a-watch) of every request, in order."""
+        if "_calls" not in self.__dict__:
+            self.__dict__["_calls"] = []
+        log: list[tuple[str, str, str, bool]] = self.__dict__["_calls"]
         return log
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         del self._requests[:-1]
-        method = str(request.method.value)
-        if method != "GET":
-            self.writes.append((request.headers.get("Authorization", ""), method, request.url.path))
+        self.calls.append(
+            (
+                request.headers.get("Authorization", ""),
+                str(request.method.value),
+                request.url.path,
+                request.params.get("watch") in ("true", "1"),
+            )
+        )
         if request.resource is not None and request.action == kmock.action.UPDATE:
             if isinstance(request.data, list):
                 return await self._json_patch(request)
@@ -233,7 +238,9 @@ class Kube:
 
     def writes_by(self, token: str) -> list[tuple[str, str]]:
         """(method, path) of every write made with this bearer token."""
-        return [(m, p) for a, m, p in self.emulator.writes if a == f"Bearer {token}"]
+        return [
+            (m, p) for a, m, p, _ in self.emulator.calls if a == f"Bearer {token}" and m != "GET"
+        ]
 
 
 def _by_kind(kind: str) -> WatchedResource:
