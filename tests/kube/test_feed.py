@@ -66,3 +66,18 @@ async def test_stopping_the_operator_leaves_other_servers_tasks_running(
     ]
     sibling.cancel()
     assert not left, f"kopf tasks left running: {left}"
+
+
+async def test_namespace_scoping_ignores_other_namespaces(kube: Kube, start_operator: Any) -> None:
+    store = Store()
+    await kube.create(service("web", ns="shop"))
+    await kube.create(service("web", ns="other"))
+    await kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
+    await start_operator(store, namespaces=("shop",))
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "web")), "shop/web in store")
+    await kube.create(service("api", ns="other"))
+    await kube.create(service("api", ns="shop"))
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "api")), "shop/api in store")
+    assert [k for k in store.keys() if k.namespace == "other"] == []
+    # Nodes are cluster-scoped: still watched in namespaced mode (the mesh needs them).
+    assert store.keys("Node") == [ObjectKey("Node", "", "node-1")]

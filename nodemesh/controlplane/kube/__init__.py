@@ -1,11 +1,13 @@
 """The Kubernetes source: a kopf operator that watches the cluster into the control plane's
 `Store` and writes the pipeline's conditions back as status, leader-elected on a Lease.
 
-Entry point: `run_operator(store, status, options=..., stop=...)`; `Operator` for embedding.
+Entry point: `run_operator(store, status, options=..., stop=..., ready=...)`; `Operator` for
+embedding; `add_arguments(parser)` / `options_from_args(args)` for the CLI.
 """
 
 from __future__ import annotations
 
+from nodemesh.controlplane.kube._cli import add_arguments, options_from_args
 from nodemesh.controlplane.kube._errors import KubeSourceError, LeaseError, OperatorError
 from nodemesh.controlplane.kube._operator import (
     FINALIZER,
@@ -27,6 +29,8 @@ __all__ = [
     "OperatorOptions",
     "StatusSource",
     "WatchedResource",
+    "add_arguments",
     "default_connection",
+    "options_from_args",
     "run_operator",
 ]
