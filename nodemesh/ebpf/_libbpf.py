@@ -109,7 +109,7 @@ class _Lib:
         fn.argtypes = argtypes
 
     def _print(self, level: int, fmt: bytes | None, args: int | None) -> int:
-        buf = ctypes.create_string_buffer(4096)
+        buf = ctypes.create_string_buffer(1 << 16)  # verifier logs come in one message
         # va_list is an array type on x86_64 and aarch64, so it travels as a pointer.
         self.libc.vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode(errors="replace").rstrip()

@@ -145,9 +145,17 @@ class Pod:
             raise RuntimeError(f"podtool {args} in {self.name}: {proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    def serve(self, port: int, http: bool = False) -> Proc:
+    def serve(
+        self, port: int, http: bool = False, sink_chunk: int = 0, sink_pause: float = 0.0
+    ) -> Proc:
+        """A server: byte echo, HTTP (`http`), or a sink that waits `sink_pause` seconds after
+        its hello, then reads `sink_chunk` bytes a call."""
         argv = [sys.executable, str(PODTOOL), "serve", "--port", str(port), "--name", self.name]
-        proc = self.spawn([*argv, *(["--http"] if http else [])], f"{self.name}:serve")
+        if http:
+            argv.append("--http")
+        if sink_chunk:
+            argv += ["--sink", "--chunk", str(sink_chunk), "--pause", str(sink_pause)]
+        proc = self.spawn(argv, f"{self.name}:serve")
         proc.json()  # {"ready": true}
         return proc
 

@@ -92,7 +92,25 @@ def serve(args: argparse.Namespace) -> None:
         allow_reuse_address = True
         daemon_threads = True
 
-    handler = Http if args.http else Echo
+    class Sink(socketserver.BaseRequestHandler):
+        """Read everything in `--chunk`-byte recv calls (a reader slower than a bulk writer)."""
+
+        def handle(self) -> None:
+            s: socket.socket = self.request
+            s.sendall(f"HELLO {name}\n".encode())
+            time.sleep(args.pause)  # busy elsewhere: the writer gets ahead
+            h = hashlib.sha256()
+            count = 0
+            while True:
+                data = s.recv(args.chunk)
+                if not data:
+                    break
+                h.update(data)
+                count += len(data)
+            s.sendall(f"DONE {count} {h.hexdigest()}\n".encode())
+            s.shutdown(socket.SHUT_WR)
+
+    handler = Http if args.http else Sink if args.sink else Echo
     with Server(("0.0.0.0", args.port), handler) as srv:  # type: ignore[arg-type]
         _out({"ready": True})
         srv.serve_forever()
@@ -155,6 +173,43 @@ def xfer(args: argparse.Namespace) -> None:
             "echo_sha": echo_hash.hexdigest(),
             "seconds": elapsed,
             **result,
+        }
+    )
+
+
+def push(args: argparse.Namespace) -> None:
+    """Send `bytes` in `chunk`-byte sendall calls, half-close, read the sink's trailer."""
+    s = _connect(args.to)
+    hello = _read_line(s)
+    sent_hash = hashlib.sha256()
+    sent = 0
+    offset = 0
+    start = time.monotonic()
+    try:
+        while sent < args.bytes:
+            n = min(args.chunk, args.bytes - sent)
+            if offset + n > len(PATTERN):
+                offset = (offset * 7 + 13) % 4096
+            chunk = PATTERN[offset : offset + n]
+            offset += n
+            s.sendall(chunk)
+            sent_hash.update(chunk)
+            sent += n
+        s.shutdown(socket.SHUT_WR)
+        trailer = _read_line(s)
+    except OSError as exc:
+        _out({"ok": False, "errno": errno.errorcode.get(exc.errno or 0, str(exc)), "sent": sent})
+        return
+    finally:
+        s.close()
+    _out(
+        {
+            "ok": True,
+            "hello": hello,
+            "sent": sent,
+            "sent_sha": sent_hash.hexdigest(),
+            "trailer": trailer,
+            "seconds": time.monotonic() - start,
         }
     )
 
@@ -284,11 +339,18 @@ def main() -> None:
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--name", required=True)
     s.add_argument("--http", action="store_true")
+    s.add_argument("--sink", action="store_true")
+    s.add_argument("--chunk", type=int, default=16384)
+    s.add_argument("--pause", type=float, default=0.0)
     x = sub.add_parser("xfer")
     x.add_argument("--to", required=True)
     x.add_argument("--bytes", type=int, required=True)
     x.add_argument("--sizes", default="65536")
     x.add_argument("--nodelay", type=int, default=0)
+    pu = sub.add_parser("push")
+    pu.add_argument("--to", required=True)
+    pu.add_argument("--bytes", type=int, required=True)
+    pu.add_argument("--chunk", type=int, default=65536)
     r = sub.add_parser("rr")
     r.add_argument("--to", required=True)
     r.add_argument("--size", type=int, default=1)
@@ -313,6 +375,7 @@ def main() -> None:
     {
         "serve": serve,
         "xfer": xfer,
+        "push": push,
         "rr": rr,
         "stream": stream,
         "conns": conns,
