@@ -89,6 +89,9 @@ class NodeEnvoy:
     async def start(self, xds_port: int) -> NodeEnvoy:
         self.envoy = EnvoyProcess(bootstrap(NODE, f"127.0.0.1:{xds_port}"), binary=self.binary)
         await asyncio.to_thread(self.envoy.start)
+        return await self.start_client()
+
+    async def start_client(self) -> NodeEnvoy:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         return self
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 
-from nodemesh.controlplane.kube._operator import OperatorOptions
+from nodemesh.controlplane.kube._operator import OperatorOptions, default_identity
 
 __all__ = ["add_arguments", "options_from_args"]
 
@@ -22,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--identity",
-        default=os.environ.get("POD_NAME") or socket.gethostname(),
+        default=default_identity(),
         help="this replica's name in the leader-election Lease (default: $POD_NAME or hostname)",
     )
     group.add_argument(
@@ -41,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> OperatorOptions:
     return OperatorOptions(
         namespaces=tuple(getattr(args, "namespaces", ()) or ()),
-        identity=getattr(args, "identity", None) or socket.gethostname(),
+        identity=getattr(args, "identity", None) or default_identity(),
         leader_election=getattr(args, "leader_election", True),
         lease_namespace=getattr(args, "lease_namespace", None),
         lease_name=getattr(args, "lease_name", "nodemesh-controlplane"),

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
+import threading
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +35,9 @@ class OperatorOptions:
     """How the operator runs. The defaults suit one replica watching all namespaces."""
 
     namespaces: tuple[str, ...] = ()  # () means all namespaces (cluster-wide)
-    identity: str = field(default_factory=socket.gethostname)
+    identity: str = field(
+        default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname()
+    )
     leader_election: bool = True
     lease_namespace: str | None = None  # default: the service account's namespace, else "default"
     lease_name: str = "nodemesh-controlplane"
@@ -42,6 +47,11 @@ class OperatorOptions:
     status_interval: float = 1.0  # per object: at most one status write per interval
     status_rate: float = 50.0  # all objects: at most this many status writes per second
     initial_sync_timeout: float = 10.0
+
+
+def default_identity() -> str:
+    """The Lease holder name: the pod's name (downward API `POD_NAME`), else the hostname."""
+    return os.environ.get("POD_NAME") or socket.gethostname()
 
 
 def _no_status(key: ObjectKey) -> Mapping[str, Any] | None:
@@ -75,6 +85,18 @@ class _NoSweep(Collection["asyncio.Task[Any]"]):
 
     def __len__(self) -> int:
         return 0
+
+
+def _take_back_signals(stop: asyncio.Event) -> None:
+    """kopf.spawn_tasks() points SIGINT/SIGTERM of the main thread's loop at itself, and the
+    host (the CLI, which drains the ADS server on these signals) would never hear of them.
+    Point them at `stop`: the host passes the same event its own handlers set."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
 
 
 class Operator:
@@ -122,6 +144,9 @@ class Operator:
         settings.scanning.disabled = True  # no CRD/namespace watching: restart after adding CRDs
         settings.persistence.finalizer = FINALIZER
         settings.watching.server_timeout = 300
+        # kopf SIGKILLs its thread (here: the whole control plane, mid-drain) if it is still
+        # exiting after this long when stopped by anything but the stop flag.
+        settings.process.ultimate_exiting_timeout = None
         return settings
 
     async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -153,6 +178,7 @@ class Operator:
                 standalone=True,
                 stop_flag=stop,
             )
+            _take_back_signals(stop)
             await kopf.run_tasks(operator_tasks, ignored=_NoSweep())
         finally:
             for t in tasks:

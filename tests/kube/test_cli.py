@@ -1,0 +1,109 @@
+"""`nodemesh controlplane --source kubernetes` as a user runs it: a separate process that reads
+a kubeconfig (pointing at the emulator), serves a real node Envoy, writes status, and hands
+the Lease back on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nodemesh.envoy import EnvoyProcess
+from nodemesh.xds.bootstrap import bootstrap
+from tests.e2e.mesh import HttpBackend, endpoint_slice, service
+from tests.e2e.objects import http_route, to
+from tests.kube.conftest import Kube, eventually
+from tests.kube.mesh import NodeEnvoy
+from tests.kube.test_e2e import status_shows
+from tests.support import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Process:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, xds: int, outbound: int) -> None:
+        self.proc, self.log, self.xds, self.outbound = proc, log, xds, outbound
+
+    async def terminate(self, timeout: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.proc.wait, timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                await asyncio.to_thread(self.proc.wait)
+        return self.proc.returncode
+
+
+@pytest.fixture
+async def controlplane(kube: Kube, tmp_path: Path) -> AsyncIterator[Process]:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": kube.server}}],
+        "users": [{"name": "cli", "user": {"token": "cli"}}],
+        "contexts": [{"name": "kmock",
+                      "context": {"cluster": "kmock", "user": "cli", "namespace": "nodemesh"}}],
+    }))  # fmt: skip
+    xds, http, outbound = free_port(), free_port(), free_port()
+    log = tmp_path / "controlplane.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nodemesh", "controlplane", "--source", "kubernetes",
+             "--xds-listen", f"127.0.0.1:{xds}", "--http-listen", f"127.0.0.1:{http}",
+             "--outbound-listen", f"127.0.0.1:{outbound}"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "cli-replica"},
+        )  # fmt: skip
+    p = Process(proc, log, xds, outbound)
+    try:
+        yield p
+    finally:
+        await p.terminate()
+        print(log.read_text()[-3000:])
+
+
+async def test_cli_serves_envoy_writes_status_and_releases_the_lease(
+    kube: Kube, controlplane: Process, envoy_binary: str
+) -> None:
+    backend = await HttpBackend("cli").start()
+    envoy = NodeEnvoy(envoy_binary, controlplane.outbound)
+    try:
+        for obj in (
+            service("cli"), endpoint_slice("cli", backend.port),
+            http_route("cli", "cli", [{"backendRefs": [to("cli")]}]),
+        ):  # fmt: skip
+            await kube.create(obj)
+        envoy.envoy = EnvoyProcess(
+            bootstrap("node-1", f"127.0.0.1:{controlplane.xds}"), binary=envoy_binary
+        )
+        await asyncio.to_thread(envoy.envoy.start)
+        await envoy.start_client()
+
+        async def serves() -> bool:
+            try:
+                return (await envoy.get("cli.shop", timeout=2)).body == "cli"
+            except Exception:
+                return False
+
+        await eventually(serves, "Envoy serves the route from the CLI's control plane", 30)
+        await status_shows(kube, "HTTPRoute", "cli", {"Programmed": "True"})
+
+        async def holder() -> Any:
+            lease = await kube.get("Lease", "nodemesh", "nodemesh-controlplane")
+            return (lease or {}).get("spec", {}).get("holderIdentity")
+
+        assert await holder() is not None
+        assert await controlplane.terminate() == 0
+        assert await holder() is None, "the Lease was not released on SIGTERM"
+    finally:
+        await envoy.stop()
+        await backend.stop()
