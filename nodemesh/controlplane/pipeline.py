@@ -41,6 +41,7 @@ from nodemesh.xds import types
 from nodemesh.xds.cache import Snapshot, SnapshotCache
 from nodemesh.xds.server import AckEvent, StatusTracker
 from nodemesh.xds.translate import Translation, Translator
+from nodemesh.xds.translate.cluster import cluster_of_eds_name
 
 __all__ = ["ConditionsCallback", "Pipeline"]
 
@@ -262,8 +263,8 @@ class Pipeline:
                 c = clusters[name]
                 fp = {o: hash(c) for o in c.origins}
             elif t == types.ENDPOINT:
-                e = endpoints[name]
-                owner = clusters.get(name)
+                e = endpoints[cluster_of_eds_name(name)]
+                owner = clusters.get(e.cluster)
                 fp = {o: hash(e) for o in (owner.origins if owner else ())}
             else:
                 if route_fp is None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf.message import Message
 
 from nodemesh.xds import types
@@ -53,9 +54,11 @@ class Translation:
 
 def translate_messages(mesh: ir.Mesh) -> dict[str, list[Message]]:
     """The Envoy messages for `mesh`, by type URL, in a stable order (no memoization)."""
+    clusters = [cluster(c) for c in mesh.clusters]
+    eds = {c.name: c.eds_cluster_config.service_name for c in clusters}
     return {
-        types.CLUSTER: [cluster(c) for c in mesh.clusters],
-        types.ENDPOINT: [load_assignment(e) for e in mesh.endpoints],
+        types.CLUSTER: list(clusters),
+        types.ENDPOINT: [load_assignment(e, eds[e.cluster]) for e in mesh.endpoints],
         types.LISTENER: [_listener(mesh)],
         types.ROUTE: [
             route_configuration(
@@ -106,8 +109,8 @@ class Translator:
         self._clusters: _Memo[str, ir.Cluster, Resource] = _Memo(
             lambda c: Resource.from_message(cluster(c))
         )
-        self._endpoints: _Memo[str, ir.ClusterEndpoints, Resource] = _Memo(
-            lambda e: Resource.from_message(load_assignment(e))
+        self._endpoints: _Memo[str, tuple[ir.ClusterEndpoints, str], Resource] = _Memo(
+            lambda pair: Resource.from_message(load_assignment(*pair))
         )
         self._vhosts: _Memo[str, ir.VirtualHost, Message] = _Memo(virtual_host)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
@@ -120,22 +123,31 @@ class Translator:
         clusters = tuple(self._clusters.get(c.name, c, new_clusters) for c in mesh.clusters)
         self._clusters.swap(new_clusters)
         cluster_origins: dict[str, Origins] = {}
-        for c in mesh.clusters:
+        eds_names: dict[str, str] = {}
+        for c, r in zip(mesh.clusters, clusters, strict=True):
             cluster_origins[c.name] = frozenset(c.origins)
             origins[(types.CLUSTER, c.name)] = cluster_origins[c.name]
+            message = r.message
+            assert isinstance(message, cluster_pb2.Cluster)
+            eds_names[c.name] = message.eds_cluster_config.service_name
 
-        new_eps: dict[str, tuple[ir.ClusterEndpoints, Resource]] = {}
-        endpoints = tuple(self._endpoints.get(e.cluster, e, new_eps) for e in mesh.endpoints)
+        new_eps: dict[str, tuple[tuple[ir.ClusterEndpoints, str], Resource]] = {}
+        endpoints = tuple(
+            self._endpoints.get(e.cluster, (e, eds_names[e.cluster]), new_eps)
+            for e in mesh.endpoints
+        )
         self._endpoints.swap(new_eps)
         for e in mesh.endpoints:
-            origins[(types.ENDPOINT, e.cluster)] = cluster_origins.get(e.cluster, frozenset())
+            origins[(types.ENDPOINT, eds_names[e.cluster])] = cluster_origins.get(
+                e.cluster, frozenset()
+            )
 
         route = self._route_resource(mesh)
         route_origins: set[str] = set()
         for v in mesh.virtual_hosts:
             route_origins.update(v.origins)
-            for r in v.routes:
-                route_origins.update(r.origins)
+            for rt in v.routes:
+                route_origins.update(rt.origins)
         origins[(types.ROUTE, route.name)] = frozenset(route_origins)
 
         key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name)

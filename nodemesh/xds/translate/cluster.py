@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import config_source_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_pb2
@@ -12,7 +14,7 @@ from nodemesh.xds.translate.circuit import circuit_breakers
 from nodemesh.xds.translate.lb import apply_lb_policy
 from nodemesh.xds.translate.outlier import outlier_detection
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT_MS", "cluster"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT_MS", "cluster", "cluster_of_eds_name"]
 
 DEFAULT_CONNECT_TIMEOUT_MS = 5000
 _HPO_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -42,4 +44,15 @@ def cluster(c: ir.Cluster) -> cluster_pb2.Cluster:
         out.outlier_detection.CopyFrom(outlier_detection(c.outlier))
     if c.lb is not None:
         apply_lb_policy(out, c.lb.policy)
+    # Envoy re-warms a changed EDS cluster and waits for its endpoints, but over delta ADS it
+    # sends no new EDS request for a name it already watches: the warming cluster would wait
+    # for the initial fetch timeout (15 s). Naming the EDS resource after the cluster's content
+    # makes every changed cluster subscribe to a new name, which the server answers at once.
+    digest = hashlib.blake2b(out.SerializeToString(deterministic=True), digest_size=4).hexdigest()
+    out.eds_cluster_config.service_name = f"{c.name}@{digest}"
     return out
+
+
+def cluster_of_eds_name(eds_name: str) -> str:
+    """The cluster an EDS resource name belongs to ("ns/svc:80@1a2b3c4d" -> "ns/svc:80")."""
+    return eds_name.rsplit("@", 1)[0]

@@ -11,7 +11,8 @@ from nodemesh.xds.translate import ir
 __all__ = ["load_assignment"]
 
 
-def load_assignment(ce: ir.ClusterEndpoints) -> endpoint_pb2.ClusterLoadAssignment:
+def load_assignment(ce: ir.ClusterEndpoints, name: str) -> endpoint_pb2.ClusterLoadAssignment:
+    """The endpoints of `ce` as the EDS resource `name` (see `cluster.py` for the naming)."""
     by_zone: dict[str, list[ec_pb2.LbEndpoint]] = {}
     for e in ce.endpoints:
         lb = ec_pb2.LbEndpoint(
@@ -23,7 +24,7 @@ def load_assignment(ce: ir.ClusterEndpoints) -> endpoint_pb2.ClusterLoadAssignme
             health_status=health_check_pb2.DRAINING if e.draining else health_check_pb2.HEALTHY,
         )
         by_zone.setdefault(e.zone, []).append(lb)
-    out = endpoint_pb2.ClusterLoadAssignment(cluster_name=ce.cluster)
+    out = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     for zone in sorted(by_zone):
         locality = out.endpoints.add(lb_endpoints=by_zone[zone])
         if zone:

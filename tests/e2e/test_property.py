@@ -1,0 +1,236 @@
+"""Property tests: any route or policy that the CRD schemas accept is ACKed by a real Envoy
+(no NACK for validated input), and arbitrary junk yields conditions, never an exception."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodemesh.controlplane.store import ObjectKey
+from tests.controlplane import crd
+from tests.e2e.conftest import Backends
+from tests.e2e.mesh import NODE, Mesh, endpoint_slice, service
+from tests.e2e.objects import http_route, policy, to
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+durations = st.builds(lambda n, u: f"{n}{u}", st.integers(1, 5000), st.sampled_from(["ms", "s"]))
+header_names = st.from_regex(r"\Ax-[a-z]{1,8}\Z")
+values = st.from_regex(r"\A[a-zA-Z0-9._-]{1,12}\Z")
+paths = st.from_regex(r"\A(/[a-z0-9]{1,6}){1,3}\Z")
+percent = st.one_of(
+    st.integers(0, 100), st.floats(0, 100, allow_nan=False).map(lambda f: round(f, 2))
+)
+
+
+def optional(d: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """A dict with any subset of the given strategies' keys."""
+    return st.fixed_dictionaries({}, optional=d)
+
+
+retry = optional(
+    {
+        "retryOn": st.lists(
+            st.sampled_from(
+                [
+                    "5xx",
+                    "gateway-error",
+                    "reset",
+                    "connect-failure",
+                    "retriable-4xx",
+                    "refused-stream",
+                ]
+            ),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        ),
+        "retriableStatusCodes": st.lists(st.integers(400, 599), max_size=3, unique=True),
+        "attempts": st.integers(0, 5),
+        "perTryTimeout": durations,
+        "backoff": st.builds(
+            lambda a, b: {"baseInterval": f"{a}ms", "maxInterval": f"{a + b}ms"},
+            st.integers(1, 500),
+            st.integers(0, 500),
+        ),
+        "budget": optional({"percent": percent, "minConcurrency": st.integers(1, 100)}),
+        "skipPreviousHosts": st.booleans(),
+    }
+)
+lb = st.one_of(
+    st.builds(lambda t: {"type": t}, st.sampled_from(["RoundRobin", "LeastRequest"])),
+    st.builds(
+        lambda t, h: {"type": t, "hashOn": h},
+        st.sampled_from(["RingHash", "Maglev"]),
+        st.one_of(
+            header_names.map(lambda h: {"header": h}),
+            st.builds(
+                lambda n, ttl: {"cookie": {"name": n, **ttl}}, values, optional({"ttl": durations})
+            ),
+        ),
+    ),
+)
+fault = st.one_of(
+    st.builds(lambda d, p: {"delay": {"fixedDelay": d, "percent": p}}, durations, percent),
+    st.builds(
+        lambda s, p: {"abort": {"httpStatus": s, "percent": p}}, st.integers(200, 599), percent
+    ),
+)
+policy_specs = optional(
+    {
+        "retry": retry,
+        "timeouts": optional(
+            {"connect": durations, "request": durations, "idle": durations}
+        ).filter(bool),
+        "circuitBreaker": optional(
+            {
+                k: st.integers(1, 10_000)
+                for k in ("maxConnections", "maxPendingRequests", "maxRequests", "maxRetries")
+            }
+        ).filter(bool),
+        "outlierDetection": st.fixed_dictionaries(
+            {"consecutive5xx": st.integers(1, 20)},
+            optional={
+                "consecutiveGatewayErrors": st.integers(1, 20),
+                "interval": durations,
+                "baseEjectionTime": durations,
+                "maxEjectionPercent": st.integers(0, 100),
+            },
+        ),
+        "loadBalancer": lb,
+        "faultInjection": fault,
+    }
+).filter(bool)
+
+matches = optional(
+    {
+        "path": st.one_of(
+            st.builds(
+                lambda t, v: {"type": t, "value": v},
+                st.sampled_from(["Exact", "PathPrefix"]),
+                paths,
+            ),
+            st.builds(lambda v: {"type": "RegularExpression", "value": v + "/[0-9]+"}, paths),
+        ),
+        "headers": st.lists(
+            st.builds(lambda n, v: {"name": n, "value": v}, header_names, values),
+            max_size=2,
+            unique_by=lambda h: h["name"],
+        ),
+        "queryParams": st.lists(
+            st.builds(
+                lambda n, v: {"name": n, "value": v}, st.from_regex(r"\A[a-z]{1,6}\Z"), values
+            ),
+            max_size=2,
+            unique_by=lambda q: q["name"],
+        ),
+        "method": st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+    }
+)
+header_mod = optional(
+    {
+        "set": st.lists(
+            st.builds(lambda n, v: {"name": n, "value": v}, header_names, values),
+            max_size=2,
+            unique_by=lambda h: h["name"],
+        ),
+        "remove": st.lists(header_names, max_size=2, unique=True),
+    }
+)
+filters = st.lists(
+    st.one_of(
+        header_mod.map(lambda m: {"type": "RequestHeaderModifier", "requestHeaderModifier": m}),
+        header_mod.map(lambda m: {"type": "ResponseHeaderModifier", "responseHeaderModifier": m}),
+        values.map(
+            lambda h: {
+                "type": "URLRewrite",
+                "urlRewrite": {"hostname": h.lower().strip(".-_") or "h"},
+            }
+        ),
+        st.just({"type": "RequestMirror", "requestMirror": {"backendRef": to("prop-b")}}),
+    ),
+    max_size=2,
+    unique_by=lambda f: f["type"],
+)
+rules = st.lists(
+    st.fixed_dictionaries(
+        {
+            "backendRefs": st.lists(
+                st.builds(
+                    lambda n, w: to(n, w),
+                    st.sampled_from(["prop-a", "prop-b"]),
+                    st.integers(0, 100),
+                ),
+                min_size=1,
+                max_size=2,
+            )
+        },
+        optional={
+            "matches": st.lists(matches, max_size=2),
+            "filters": filters,
+            "timeouts": st.builds(
+                lambda r, b: {"request": f"{r + b}ms", "backendRequest": f"{r}ms"},
+                st.integers(1, 5000),
+                st.integers(0, 5000),
+            ),
+            "retry": optional(
+                {
+                    "codes": st.lists(st.integers(400, 599), max_size=3, unique=True),
+                    "attempts": st.integers(0, 5),
+                    "backoff": durations,
+                }
+            ),
+        },
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+async def setup_services(mesh: Mesh, backends: Backends) -> None:
+    a, b = await backends.get("prop-a"), await backends.get("prop-b")
+    mesh.apply(
+        service("prop"),
+        service("prop-a"),
+        service("prop-b"),
+        endpoint_slice("prop-a", a.port),
+        endpoint_slice("prop-b", b.port),
+    )
+
+
+async def assert_acked_without_nack(mesh: Mesh) -> None:
+    await mesh.converge()
+    node = mesh.server.status.node(NODE)
+    assert node is not None
+    nacks = [ts.last_nack for ts in node.types.values() if ts.last_nack is not None]
+    assert not nacks, nacks
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=policy_specs)
+async def test_every_schema_valid_policy_is_acked_by_envoy(
+    mesh: Mesh, backends: Backends, spec: dict[str, Any]
+) -> None:
+    await setup_services(mesh, backends)
+    obj = policy("prop-policy", "prop", **spec)
+    assert crd.errors(obj) == []
+    mesh.apply(obj)
+    await assert_acked_without_nack(mesh)
+    conds = mesh.pipeline.conditions()[ObjectKey("TrafficPolicy", "shop", "prop-policy")]
+    assert all(c.status == "True" for c in conds if c.type != "Programmed"), conds
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(route_rules=rules)
+async def test_every_valid_route_is_acked_by_envoy(
+    mesh: Mesh, backends: Backends, route_rules: list[dict[str, Any]]
+) -> None:
+    await setup_services(mesh, backends)
+    mesh.delete("TrafficPolicy", "prop-policy")
+    mesh.apply(http_route("prop-route", "prop", route_rules))
+    await assert_acked_without_nack(mesh)
+    conds = mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "shop", "prop-route")]
+    assert all(c.status == "True" for c in conds if c.type != "Programmed"), conds
