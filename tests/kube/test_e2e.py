@@ -217,3 +217,22 @@ async def test_only_the_leader_writes_status_and_replicas_serve_the_same_config(
     await kube.create(http_route("ha2", "ha", [{"backendRefs": [to("ha")]}]))
     await status_shows(kube, "HTTPRoute", "ha2", {"Accepted": "True", "Programmed": "True"})
     assert status_writes(kube, "replica-b") > 0
+
+
+async def test_unchanged_status_is_not_rewritten(cluster: Cluster) -> None:
+    kube = cluster.kube
+    backend = await cluster.backend("quiet")
+    replica = await cluster.replica(token="quiet")
+    await cluster.envoy(replica)
+    for obj in (
+        service("quiet"), endpoint_slice("quiet", backend.port),
+        http_route("quiet", "quiet", [{"backendRefs": [to("quiet")]}]),
+    ):  # fmt: skip
+        await kube.create(obj)
+    await status_shows(kube, "HTTPRoute", "quiet", {"Programmed": "True"})
+    writes = status_writes(kube, "quiet")
+    assert replica.operator is not None
+    writer = replica.operator.operator.status
+    checks = writer.checks
+    await eventually(lambda: writer.checks >= checks + 10, "ten more status checks")
+    assert status_writes(kube, "quiet") == writes, "an unchanged status was written again"

@@ -74,6 +74,7 @@ class LeaseElector:
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
         self._session: aiohttp.ClientSession | None = None
+        self._released = False
         self.transitions = 0
 
     @property
@@ -100,6 +101,8 @@ class LeaseElector:
             await self._close()
 
     async def try_acquire_or_renew(self) -> bool:
+        if self._released:
+            return False  # released on shutdown: never take it back
         now = self._clock()
         lease = await self._get()
         if lease is None:
@@ -136,7 +139,9 @@ class LeaseElector:
         return ok
 
     async def release(self) -> None:
-        """Give the lease up (holder cleared, 1s duration) so that a peer takes over quickly."""
+        """Give the lease up (holder cleared, 1s duration) so that a peer takes over quickly.
+        The elector does not try to acquire it again afterwards."""
+        self._released = True
         if not self._leader:
             await self._close()
             return

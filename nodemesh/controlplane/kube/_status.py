@@ -61,6 +61,7 @@ class StatusWriter:
         self._clock = clock
         self._last = clock()
         self._verdicts: dict[ObjectKey, str] = {}
+        self.checks = 0  # reconcile calls (timer ticks with a built object)
         self.writes = 0
         self.throttled = 0
 
@@ -74,6 +75,7 @@ class StatusWriter:
         desired = self._source(key)
         if desired is None:
             return False
+        self.checks += 1
         self._log_verdict(key, desired)
         if not self._leadership.is_leader:
             return False
