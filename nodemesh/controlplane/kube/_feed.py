@@ -97,6 +97,9 @@ class Feed:
             except ValueError as exc:
                 log.warning("rejected %s: %s", key, exc)
                 continue
+            except Exception:  # a bug downstream must not stop the feed for every other object
+                log.exception("storing %s failed", key)
+                continue
             if changed:
                 writes += 1
                 log.log(level, "stored %s", key)

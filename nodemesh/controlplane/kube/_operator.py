@@ -35,9 +35,7 @@ class OperatorOptions:
     """How the operator runs. The defaults suit one replica watching all namespaces."""
 
     namespaces: tuple[str, ...] = ()  # () means all namespaces (cluster-wide)
-    identity: str = field(
-        default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname()
-    )
+    identity: str = field(default_factory=lambda: default_identity())
     leader_election: bool = True
     lease_namespace: str | None = None  # default: the service account's namespace, else "default"
     lease_name: str = "nodemesh-controlplane"
