@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from nodemesh.controlplane.builder import BuildResult, build
+from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
@@ -69,6 +69,7 @@ class Pipeline:
         self.outbound_address = outbound_address
         self.outbound_port = outbound_port
         self.translator = Translator()
+        self._memo = BuildMemo()
         self.built_revision = -1
         self.snapshot: Snapshot | None = None
         self.translation: Translation | None = None
@@ -203,7 +204,10 @@ class Pipeline:
         started = time.perf_counter()
         try:
             result = build(
-                view, outbound_address=self.outbound_address, outbound_port=self.outbound_port
+                view,
+                outbound_address=self.outbound_address,
+                outbound_port=self.outbound_port,
+                memo=self._memo,
             )
             translation = self.translator.translate(result.mesh)
             snapshot = translation.snapshot()

@@ -17,10 +17,14 @@ from typing import Any
 
 from nodemesh.controlplane.builder._routes import Grants, RouteEntry, RouteModel
 from nodemesh.controlplane.builder._util import as_list, as_map, generation
-from nodemesh.controlplane.builder.endpointslice import read_endpoints
+from nodemesh.controlplane.builder.endpointslice import (
+    merge_endpoints,
+    slice_endpoints,
+    slice_service,
+)
 from nodemesh.controlplane.builder.grpcroute import read_grpcroute
 from nodemesh.controlplane.builder.httproute import read_httproute
-from nodemesh.controlplane.builder.service import ServiceModel, read_services
+from nodemesh.controlplane.builder.service import ServiceModel, read_service
 from nodemesh.controlplane.builder.trafficpolicy import (
     PolicySettings,
     RetrySpec,
@@ -31,7 +35,7 @@ from nodemesh.controlplane.conditions import Condition
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds.translate import ir
 
-__all__ = ["BuildResult", "build"]
+__all__ = ["BuildMemo", "BuildResult", "build"]
 
 Objects = Mapping[ObjectKey, Mapping[str, Any]]
 
@@ -42,14 +46,36 @@ class BuildResult:
     conditions: Mapping[ObjectKey, tuple[Condition, ...]]
 
 
-def _of_kind(objects: Objects, kind: str) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
+class BuildMemo:
+    """Caches that let a build reuse the previous one's work. Keyed by object identity: the
+    store keeps the same dict for an unchanged object, so an unchanged Service or EndpointSlice
+    is not read again, and unchanged IR items keep their identity (the Translator's memo then
+    hits on `is`). A build with a fresh memo gives the same result as one with a warm memo."""
+
+    def __init__(self) -> None:
+        self.services: dict[ObjectKey, tuple[Mapping[str, Any], ServiceModel | None]] = {}
+        self.slices: dict[ObjectKey, tuple[Mapping[str, Any], ServiceModel, dict[Any, Any]]] = {}
+        self.endpoints: dict[str, tuple[tuple[int, ...], ir.ClusterEndpoints]] = {}
+        self.clusters: dict[str, ir.Cluster] = {}
+        self.vhosts: dict[str, ir.VirtualHost] = {}
+
+
+def _same(memo: Mapping[str, Any], name: str, value: Any) -> Any:
+    """The previous build's equal value if there is one (keeps IR identity stable)."""
+    old = memo.get(name)
+    return old if old is not None and old == value else value
+
+
+def _of_kind(
+    objects: Objects, kind: str, ordered: bool = True
+) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
     of_kind = getattr(objects, "of_kind", None)
     items = (
         of_kind(kind).items()
         if of_kind is not None
         else ((k, v) for k, v in objects.items() if k.kind == kind)
     )
-    return sorted(items, key=lambda kv: kv[0])
+    return sorted(items, key=lambda kv: kv[0]) if ordered else list(items)
 
 
 def _grants(objects: Objects) -> Grants:
@@ -118,12 +144,39 @@ def _policy_conditions(pol: Any, gen: int) -> tuple[Condition, ...]:
 
 
 def build(
-    objects: Objects, *, outbound_address: str = "0.0.0.0", outbound_port: int = 15001
+    objects: Objects,
+    *,
+    outbound_address: str = "0.0.0.0",
+    outbound_port: int = 15001,
+    memo: BuildMemo | None = None,
 ) -> BuildResult:
+    memo = memo if memo is not None else BuildMemo()
     conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
-    services = read_services(obj for _, obj in _of_kind(objects, "Service"))
+    services: dict[tuple[str, str], ServiceModel] = {}
+    seen_services: dict[ObjectKey, tuple[Mapping[str, Any], ServiceModel | None]] = {}
+    for key, obj in _of_kind(objects, "Service", ordered=False):
+        cached = memo.services.get(key)
+        svc_model = cached[1] if cached is not None and cached[0] is obj else read_service(obj)
+        seen_services[key] = (obj, svc_model)
+        if svc_model is not None:
+            services[(svc_model.namespace, svc_model.name)] = svc_model
+    memo.services = seen_services
     grants = _grants(objects)
-    endpoints = read_endpoints((obj for _, obj in _of_kind(objects, "EndpointSlice")), services)
+    endpoint_parts: dict[tuple[str, str, int], list[list[ir.Endpoint]]] = {}
+    seen_slices: dict[ObjectKey, tuple[Mapping[str, Any], ServiceModel, dict[Any, Any]]] = {}
+    for key, obj in _of_kind(objects, "EndpointSlice", ordered=False):
+        svc = services.get(slice_service(obj))
+        if svc is None:
+            continue
+        cached_slice = memo.slices.get(key)
+        if cached_slice is not None and cached_slice[0] is obj and cached_slice[1] is svc:
+            contributed = cached_slice[2]
+        else:
+            contributed = slice_endpoints(obj, svc)
+        seen_slices[key] = (obj, svc, contributed)
+        for port_key, eps in contributed.items():
+            endpoint_parts.setdefault(port_key, []).append(eps)
+    memo.slices = seen_slices
 
     policies = []
     for key, obj in _of_kind(objects, "TrafficPolicy"):
@@ -169,6 +222,7 @@ def build(
 
     clusters: list[ir.Cluster] = []
     cla: list[ir.ClusterEndpoints] = []
+    new_cla: dict[str, tuple[tuple[int, ...], ir.ClusterEndpoints]] = {}
     lbs: dict[str, ir.LoadBalancer] = {}
     for ns, name, port in sorted(used):
         svc = services[(ns, name)]
@@ -186,22 +240,36 @@ def build(
             or s.budget_min_concurrency is not None
         )
         clusters.append(
-            ir.Cluster(
-                name=cname,
-                service=f"{ns}/{name}",
-                port=port,
-                http2=bool(pm and pm.http2),
-                connect_timeout_ms=s.connect_timeout_ms,
-                circuit_breaker=s.cluster_breaker(),
-                outlier=s.outlier,
-                lb=s.lb,
-                origins=cluster_origins,
+            _same(
+                memo.clusters,
+                cname,
+                ir.Cluster(
+                    name=cname,
+                    service=f"{ns}/{name}",
+                    port=port,
+                    http2=bool(pm and pm.http2),
+                    connect_timeout_ms=s.connect_timeout_ms,
+                    circuit_breaker=s.cluster_breaker(),
+                    outlier=s.outlier,
+                    lb=s.lb,
+                    origins=cluster_origins,
+                ),
             )
         )
         if s.lb is not None and (s.lb.hash_header or s.lb.hash_cookie):
             lbs[cname] = s.lb
-        cla.append(ir.ClusterEndpoints(cname, endpoints.get((ns, name, port), ())))
+        parts = endpoint_parts.get((ns, name, port), [])
+        identity = tuple(id(p) for p in parts)
+        cached_cla = memo.endpoints.get(cname)
+        if cached_cla is not None and cached_cla[0] == identity:
+            cla_ir = cached_cla[1]
+        else:
+            cla_ir = ir.ClusterEndpoints(cname, merge_endpoints(parts))
+        new_cla[cname] = (identity, cla_ir)
+        cla.append(cla_ir)
 
+    memo.endpoints = new_cla
+    memo.clusters = {c.name: c for c in clusters}
     vhosts: list[ir.VirtualHost] = []
     for svc, port, entries in vhost_plan:
         policy = settings.get((svc.namespace, svc.name, port))
@@ -214,14 +282,20 @@ def build(
                 domains += svc.cluster_ips
         origins = {f"Service/{svc.namespace}/{svc.name}"}
         routes_ir = tuple(_finish(e, policy, lbs) for e in entries)
+        vh_name = f"{svc.namespace}/{svc.name}:{port}"
         vhosts.append(
-            ir.VirtualHost(
-                name=f"{svc.namespace}/{svc.name}:{port}",
-                domains=tuple(dict.fromkeys(domains)),
-                routes=routes_ir,
-                origins=tuple(sorted(origins)),
+            _same(
+                memo.vhosts,
+                vh_name,
+                ir.VirtualHost(
+                    name=vh_name,
+                    domains=tuple(dict.fromkeys(domains)),
+                    routes=routes_ir,
+                    origins=tuple(sorted(origins)),
+                ),
             )
         )
+    memo.vhosts = {v.name: v for v in vhosts}
 
     infos = []
     for (ns, name), svc in sorted(services.items()):

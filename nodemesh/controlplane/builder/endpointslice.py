@@ -9,46 +9,72 @@ from nodemesh.controlplane.builder._util import as_list, as_map
 from nodemesh.controlplane.builder.service import ServiceModel
 from nodemesh.xds.translate import ir
 
-__all__ = ["SERVICE_NAME_LABEL", "read_endpoints"]
+__all__ = [
+    "SERVICE_NAME_LABEL",
+    "merge_endpoints",
+    "read_endpoints",
+    "slice_endpoints",
+    "slice_service",
+]
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+PortKey = tuple[str, str, int]
+
+
+def slice_service(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(namespace, Service name) a slice belongs to."""
+    meta = as_map(obj.get("metadata"))
+    ns = str(meta.get("namespace", "default"))
+    return ns, str(as_map(meta.get("labels")).get(SERVICE_NAME_LABEL))
+
+
+def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, list[ir.Endpoint]]:
+    """The endpoints one slice contributes to each port of its Service."""
+    found: dict[PortKey, list[ir.Endpoint]] = {}
+    if obj.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        return found
+    # A slice port is matched to the Service port by name ("" for a single unnamed port).
+    slice_ports: dict[str, int] = {}
+    for p in as_list(obj.get("ports")):
+        p = as_map(p)
+        if isinstance(p.get("port"), int) and p.get("protocol", "TCP") == "TCP":
+            slice_ports[str(p.get("name") or "")] = p["port"]
+    targets = [(sp.port, slice_ports[sp.name]) for sp in svc.ports if sp.name in slice_ports]
+    if not targets:
+        return found
+    for e in as_list(obj.get("endpoints")):
+        e = as_map(e)
+        cond = as_map(e.get("conditions"))
+        ready = cond.get("ready") is not False  # unset means ready
+        serving = cond.get("serving", ready) is not False
+        terminating = cond.get("terminating") is True
+        if not ready and not (serving and terminating):
+            continue
+        zone = str(e.get("zone", ""))
+        node = str(e.get("nodeName", ""))
+        for port, target in targets:
+            bucket = found.setdefault((svc.namespace, svc.name, port), [])
+            for addr in as_list(e.get("addresses")):
+                bucket.append(ir.Endpoint(str(addr), target, not ready, node, zone))
+    return found
+
+
+def merge_endpoints(parts: Iterable[list[ir.Endpoint]]) -> tuple[ir.Endpoint, ...]:
+    """Endpoints of one (Service, port) from all its slices: deduplicated, sorted."""
+    merged = {e for part in parts for e in part}
+    return tuple(sorted(merged, key=lambda e: (e.address, e.port, e.draining)))
 
 
 def read_endpoints(
     slices: Iterable[Mapping[str, Any]], services: Mapping[tuple[str, str], ServiceModel]
-) -> dict[tuple[str, str, int], tuple[ir.Endpoint, ...]]:
+) -> dict[PortKey, tuple[ir.Endpoint, ...]]:
     """(namespace, service, service port) -> endpoints, sorted, deduplicated."""
-    found: dict[tuple[str, str, int], set[ir.Endpoint]] = {}
+    parts: dict[PortKey, list[list[ir.Endpoint]]] = {}
     for obj in slices:
-        meta = as_map(obj.get("metadata"))
-        ns = str(meta.get("namespace", "default"))
-        svc_name = as_map(meta.get("labels")).get(SERVICE_NAME_LABEL)
-        svc = services.get((ns, str(svc_name)))
-        if svc is None or obj.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        svc = services.get(slice_service(obj))
+        if svc is None:
             continue
-        # A slice port is matched to the Service port by name ("" for a single unnamed port).
-        slice_ports: dict[str, int] = {}
-        for p in as_list(obj.get("ports")):
-            p = as_map(p)
-            if isinstance(p.get("port"), int) and p.get("protocol", "TCP") == "TCP":
-                slice_ports[str(p.get("name") or "")] = p["port"]
-        for e in as_list(obj.get("endpoints")):
-            e = as_map(e)
-            cond = as_map(e.get("conditions"))
-            ready = cond.get("ready") is not False  # unset means ready
-            serving = cond.get("serving", ready) is not False
-            terminating = cond.get("terminating") is True
-            if not ready and not (serving and terminating):
-                continue
-            zone = str(e.get("zone", ""))
-            node = str(e.get("nodeName", ""))
-            for sp in svc.ports:
-                target = slice_ports.get(sp.name)
-                if target is None:
-                    continue
-                bucket = found.setdefault((ns, svc.name, sp.port), set())
-                for addr in as_list(e.get("addresses")):
-                    bucket.add(ir.Endpoint(str(addr), target, not ready, node, zone))
-    return {
-        k: tuple(sorted(v, key=lambda e: (e.address, e.port, e.draining))) for k, v in found.items()
-    }
+        for key, eps in slice_endpoints(obj, svc).items():
+            parts.setdefault(key, []).append(eps)
+    return {k: merge_endpoints(v) for k, v in parts.items()}

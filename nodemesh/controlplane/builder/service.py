@@ -8,7 +8,7 @@ from typing import Any
 
 from nodemesh.controlplane.builder._util import as_list, as_map
 
-__all__ = ["CLUSTER_DOMAIN", "PortModel", "ServiceModel", "read_services"]
+__all__ = ["CLUSTER_DOMAIN", "PortModel", "ServiceModel", "read_service", "read_services"]
 
 CLUSTER_DOMAIN = "cluster.local"
 _H2_PROTOCOLS = frozenset({"grpc", "h2c", "http2", "kubernetes.io/h2c", "kubernetes.io/grpc"})
@@ -59,25 +59,32 @@ class ServiceModel:
         return ((self.name,) if short_name else ()) + names
 
 
+def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
+    """A Service that can carry mesh traffic (TCP ports), or None (ExternalName)."""
+    meta = as_map(obj.get("metadata"))
+    spec = as_map(obj.get("spec"))
+    if spec.get("type") == "ExternalName":
+        return None
+    ports = []
+    for p in as_list(spec.get("ports")):
+        p = as_map(p)
+        number = p.get("port")
+        if not isinstance(number, int) or p.get("protocol", "TCP") != "TCP":
+            continue
+        ports.append(PortModel(str(p.get("name", "")), number, str(p.get("appProtocol", ""))))
+    ips = [str(ip) for ip in as_list(spec.get("clusterIPs")) if ip and ip != "None"]
+    single = spec.get("clusterIP")
+    if not ips and isinstance(single, str) and single and single != "None":
+        ips = [single]
+    ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+    return ServiceModel(ns, name, tuple(ports), tuple(ips))
+
+
 def read_services(objs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], ServiceModel]:
     """Services that can carry mesh traffic (TCP ports; ExternalName Services are left out)."""
     out: dict[tuple[str, str], ServiceModel] = {}
     for obj in objs:
-        meta = as_map(obj.get("metadata"))
-        spec = as_map(obj.get("spec"))
-        if spec.get("type") == "ExternalName":
-            continue
-        ports = []
-        for p in as_list(spec.get("ports")):
-            p = as_map(p)
-            number = p.get("port")
-            if not isinstance(number, int) or p.get("protocol", "TCP") != "TCP":
-                continue
-            ports.append(PortModel(str(p.get("name", "")), number, str(p.get("appProtocol", ""))))
-        ips = [str(ip) for ip in as_list(spec.get("clusterIPs")) if ip and ip != "None"]
-        single = spec.get("clusterIP")
-        if not ips and isinstance(single, str) and single and single != "None":
-            ips = [single]
-        ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
-        out[(ns, name)] = ServiceModel(ns, name, tuple(ports), tuple(ips))
+        svc = read_service(obj)
+        if svc is not None:
+            out[(svc.namespace, svc.name)] = svc
     return out

@@ -1,0 +1,219 @@
+"""Build + translate + serialize a mesh of 10,000 Services and 100,000 endpoints, from scratch and
+after one endpoint change. Goals: full build under 1 s; one endpoint change under 5 ms to bytes
+ready to send. Prints a table and writes bench/results/translate.json.
+
+Stages timed: store.view(), build (objects -> IR), translate (IR -> Resources, serialized),
+Snapshot (per-type versions), and their sum. The incremental run changes one endpoint address
+in one EndpointSlice and goes through the same pipeline with the memoizing Translator.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import google.protobuf
+
+from nodemesh.controlplane.builder import BuildMemo, build
+from nodemesh.controlplane.store import Store
+from nodemesh.xds.cache import Snapshot
+from nodemesh.xds.translate import Translator
+
+SERVICES = 10_000
+ENDPOINTS_PER_SERVICE = 10
+ROUTES = 1_000  # every tenth Service gets an HTTPRoute with a canary split
+POLICIES = 500
+RESULTS = Path(__file__).resolve().parent / "results" / "translate.json"
+
+
+def objects() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i in range(SERVICES):
+        ns, name = f"ns{i % 100}", f"svc{i}"
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "clusterIP": f"10.96.{i // 250}.{i % 250}",
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+                },
+            }
+        )
+        out.append(endpoint_slice(ns, name, i, 0))
+        if i % (SERVICES // ROUTES) == 0:
+            out.append(
+                {
+                    "apiVersion": "gateway.networking.k8s.io/v1",
+                    "kind": "HTTPRoute",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {
+                        "parentRefs": [{"kind": "Service", "name": name}],
+                        "rules": [
+                            {
+                                "matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
+                                "backendRefs": [{"name": f"svc{i + 1}", "port": 80}],
+                            },
+                            {
+                                "backendRefs": [
+                                    {"name": name, "port": 80, "weight": 90},
+                                    {"name": f"svc{i + 1}", "port": 80, "weight": 10},
+                                ],
+                                "retry": {"codes": [503], "attempts": 2},
+                            },
+                        ],
+                    },
+                }
+            )
+        if i % (SERVICES // POLICIES) == 1:
+            out.append(
+                {
+                    "apiVersion": "nodemesh.io/v1alpha1",
+                    "kind": "TrafficPolicy",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {
+                        "targetRefs": [{"kind": "Service", "name": name}],
+                        "outlierDetection": {"consecutive5xx": 5},
+                        "circuitBreaker": {"maxRequests": 1000},
+                    },
+                }
+            )
+    return out
+
+
+def endpoint_slice(ns: str, name: str, i: int, salt: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-abcde",
+            "namespace": ns,
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [f"10.{(i >> 8) % 250}.{i % 250}.{j + 10 + salt}"],
+                "conditions": {"ready": True},
+                "nodeName": f"node{j % 50}",
+            }
+            for j in range(ENDPOINTS_PER_SERVICE)
+        ],
+    }
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def full_run(store: Store) -> dict[str, float]:
+    view, t_view = timed(store.view)
+    result, t_build = timed(lambda: build(view))
+    translator = Translator()
+    translation, t_translate = timed(lambda: translator.translate(result.mesh))
+    _, t_snapshot = timed(lambda: Snapshot(translation.shared))
+    return {
+        "view": t_view,
+        "build": t_build,
+        "translate": t_translate,
+        "snapshot": t_snapshot,
+        "total": t_view + t_build + t_translate + t_snapshot,
+    }
+
+
+def incremental_runs(store: Store, n: int) -> tuple[list[dict[str, float]], int]:
+    translator, memo = Translator(), BuildMemo()
+    translator.translate(build(store.view(), memo=memo).mesh)
+    runs = []
+    serialized = 0
+    for k in range(n):
+        i = (k * 7919) % SERVICES
+        store.apply(endpoint_slice(f"ns{i % 100}", f"svc{i}", i, salt=100 + k))
+        before = translator.serialized
+        t0 = time.perf_counter()
+        view = store.view()
+        t1 = time.perf_counter()
+        result = build(view, memo=memo)
+        t2 = time.perf_counter()
+        translation = translator.translate(result.mesh)
+        t3 = time.perf_counter()
+        Snapshot(translation.shared)
+        t4 = time.perf_counter()
+        t_view, t_build, t_translate, t_snapshot = t1 - t0, t2 - t1, t3 - t2, t4 - t3
+        serialized = translator.serialized - before
+        runs.append(
+            {
+                "view": t_view,
+                "build": t_build,
+                "translate": t_translate,
+                "snapshot": t_snapshot,
+                "total": t_view + t_build + t_translate + t_snapshot,
+            }
+        )
+    return runs, serialized
+
+
+def main() -> int:
+    objs = objects()
+    store = Store()
+    _, t_load = timed(lambda: [store.apply(o) for o in objs])
+    gc.collect()
+    full = [full_run(store) for _ in range(3)]
+    inc, serialized = incremental_runs(store, 10)
+
+    def med(runs: list[dict[str, float]], stage: str) -> float:
+        return statistics.median(r[stage] for r in runs)
+
+    stages = ("view", "build", "translate", "snapshot", "total")
+    print(
+        f"mesh: {SERVICES} Services, {SERVICES * ENDPOINTS_PER_SERVICE} endpoints, "
+        f"{ROUTES} HTTPRoutes, {POLICIES} TrafficPolicies ({len(objs)} objects, "
+        f"store load {t_load:.2f} s)"
+    )
+    print(f"{'stage':<10} {'full (median of 3)':>20} {'one endpoint change (median of 10)':>38}")
+    for s in stages:
+        print(f"{s:<10} {med(full, s) * 1000:>17.1f} ms {med(inc, s) * 1000:>35.2f} ms")
+    print(f"resources re-serialized per endpoint change: {serialized}")
+    full_ms, inc_ms = med(full, "total") * 1000, med(inc, "total") * 1000
+    inc_translate_ms = med(inc, "translate") * 1000
+    print(f"goal full build < 1000 ms: {'met' if full_ms < 1000 else 'NOT met'} ({full_ms:.0f} ms)")
+    print(
+        f"goal one endpoint change < 5 ms: {'met' if inc_ms < 5 else 'NOT met'} ({inc_ms:.1f} ms; "
+        f"translate+serialize alone {inc_translate_ms:.2f} ms)"
+    )
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "protobuf": google.protobuf.__version__,
+                "services": SERVICES,
+                "endpoints": SERVICES * ENDPOINTS_PER_SERVICE,
+                "routes": ROUTES,
+                "policies": POLICIES,
+                "full_ms": {s: round(med(full, s) * 1000, 2) for s in stages},
+                "one_endpoint_change_ms": {s: round(med(inc, s) * 1000, 3) for s in stages},
+                "reserialized_per_endpoint_change": serialized,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
