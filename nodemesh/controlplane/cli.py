@@ -74,6 +74,13 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             kube_task = asyncio.create_task(
                 kube.run_operator(store, pipeline.kubernetes_status, stop=stop)
             )
+
+            def operator_done(task: asyncio.Task[object]) -> None:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("the kubernetes source stopped: %s", task.exception())
+                    stop.set()
+
+            kube_task.add_done_callback(operator_done)
         log.info("xDS on %s:%d, status on http://%s:%d/status", xds_host, port, http_host, hport)
         if ready is not None:
             ready.set()

@@ -99,3 +99,18 @@ async def test_path_match_precedence_prefers_exact_then_longest_prefix(
     assert (await mesh.get("paths.shop", "/api/v2/items")).body == "paths-b"
     assert (await mesh.get("paths.shop", "/api/v1")).body == "paths-a"
     assert (await mesh.get("paths.shop", "/apix")).status == 404  # prefixes match whole segments
+
+
+async def test_terminating_endpoints_drain_instead_of_taking_new_requests(
+    mesh: Mesh, backends: Backends
+) -> None:
+    live, leaving = await backends.get("drain-live"), await backends.get("drain-leaving")
+    mesh.apply(
+        service("drain"),
+        endpoint_slice("drain", live.port, suffix="live"),
+        endpoint_slice("drain", leaving.port, suffix="leaving", ready=False, terminating=True),
+    )
+    await mesh.converge()
+    replies = await mesh.get_many(40, "drain.shop")
+    assert all(r.body == "drain-live" for r in replies)
+    assert leaving.hits == 0
