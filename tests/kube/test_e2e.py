@@ -4,7 +4,10 @@ status tells the truth."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
 
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds import types
@@ -56,8 +59,9 @@ async def test_route_with_retries_serves_and_reports_programmed(cluster: Cluster
 
 
 async def test_changes_and_deletions_follow_and_a_deleted_backend_unresolves(
-    cluster: Cluster,
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
     kube = cluster.kube
     blue, green = await cluster.backend("blue"), await cluster.backend("green")
     replica = await cluster.replica()
@@ -85,6 +89,12 @@ async def test_changes_and_deletions_follow_and_a_deleted_backend_unresolves(
     # Deleting the backend Service: the route no longer resolves, and says so.
     await kube.delete("Service", "shop", "green")
     await status_shows(kube, "HTTPRoute", "app", {"ResolvedRefs": "False"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "nodemesh.controlplane.kube"]
+    assert "accepted HTTPRoute/shop/app" in lines
+    assert any(
+        m.startswith("rejected (ResolvedRefs=BackendNotFound") and m.endswith("HTTPRoute/shop/app")
+        for m in lines
+    ), lines
 
     # Deleting the route: Envoy falls back to the Service's own default route (blue).
     await kube.delete("HTTPRoute", "shop", "app")
