@@ -41,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="address of the node Envoys' outbound HTTP listener (HOST:PORT)",
     )
     parser.add_argument("--poll-interval", type=float, default=0.2, help="files mode poll, s")
+    if importlib.util.find_spec("nodemesh.controlplane.kube") is not None:
+        importlib.import_module("nodemesh.controlplane.kube").add_arguments(parser)
 
 
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
@@ -55,7 +57,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     )
     status = StatusServer(pipeline)
     files: FilesSource | None = None
-    kube_task: asyncio.Task[object] | None = None
+    kube_task: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -64,23 +66,38 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         if args.source == "files":
             files = FilesSource(args.config_dir, store, pipeline, interval=args.poll_interval)
             files.scan()
-        await pipeline.start()
-        port = await server.start(f"{xds_host}:{xds_port}")
-        hport = await status.start(http_host, http_port)
-        if files is not None:
-            await files.start()
         else:
             kube = importlib.import_module("nodemesh.controlplane.kube")
+            kube_ready = asyncio.Event()
             kube_task = asyncio.create_task(
-                kube.run_operator(store, pipeline.kubernetes_status, stop=stop)
+                kube.run_operator(
+                    store,
+                    pipeline.kubernetes_status,
+                    options=kube.options_from_args(args),
+                    stop=stop,
+                    ready=kube_ready,
+                )
             )
+            # Serve xDS only once the store holds the whole cluster: a partial first snapshot
+            # would make the Envoys of a restarted control plane drop config and get it back.
+            waiting = asyncio.create_task(kube_ready.wait())
+            await asyncio.wait({kube_task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if kube_task.done():
+                kube_task.result()  # the operator's error, or it was stopped during start-up
+                return 0
 
-            def operator_done(task: asyncio.Task[object]) -> None:
+            def operator_done(task: asyncio.Task[None]) -> None:
                 if not task.cancelled() and task.exception() is not None:
                     log.error("the kubernetes source stopped: %s", task.exception())
                     stop.set()
 
             kube_task.add_done_callback(operator_done)
+        await pipeline.start()
+        port = await server.start(f"{xds_host}:{xds_port}")
+        hport = await status.start(http_host, http_port)
+        if files is not None:
+            await files.start()
         log.info("xDS on %s:%d, status on http://%s:%d/status", xds_host, port, http_host, hport)
         if ready is not None:
             ready.set()
@@ -89,7 +106,12 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         if kube_task is not None:
-            kube_task.cancel()
+            # The operator stops on `stop` and hands the Lease over; then the ADS server drains.
+            stop.set()
+            try:
+                await asyncio.wait_for(kube_task, 30)
+            except Exception:
+                log.exception("the kubernetes source did not stop cleanly")
         if files is not None:
             await files.stop()
         await status.stop()
