@@ -246,3 +246,24 @@ async def test_unchanged_status_is_not_rewritten(cluster: Cluster) -> None:
     checks = writer.checks
     await eventually(lambda: writer.checks >= checks + 10, "ten more status checks")
     assert status_writes(kube, "quiet") == writes, "an unchanged status was written again"
+
+
+async def test_a_reference_grant_in_the_cluster_resolves_a_cross_namespace_backend(
+    cluster: Cluster,
+) -> None:
+    kube = cluster.kube
+    await cluster.replica()
+    await kube.create(service("web"))
+    await kube.create(service("billing", ns="finance"))
+    await kube.create(
+        http_route("web", "web", [{"backendRefs": [{**to("billing"), "namespace": "finance"}]}])
+    )
+    await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "False"})
+    await kube.create({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "shop-to-billing", "namespace": "finance"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                           "namespace": "shop"}],
+                 "to": [{"group": "", "kind": "Service", "name": "billing"}]},
+    })  # fmt: skip
+    await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "True"})
