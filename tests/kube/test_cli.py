@@ -1,6 +1,6 @@
 """`nodemesh controlplane --source kubernetes` as a user runs it: a separate process that reads
-a kubeconfig (pointing at the emulator), serves a real node Envoy, writes status, and hands
-the Lease back on SIGTERM."""
+a kubeconfig (pointing at the emulator), watches only `--namespace`, serves a real node Envoy,
+writes status, and hands the Lease back on SIGTERM."""
 
 from __future__ import annotations
 
@@ -59,9 +59,10 @@ async def controlplane(kube: Kube, tmp_path: Path) -> AsyncIterator[Process]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nodemesh", "controlplane", "--source", "kubernetes",
              "--xds-listen", f"127.0.0.1:{xds}", "--http-listen", f"127.0.0.1:{http}",
-             "--outbound-listen", f"127.0.0.1:{outbound}"],
+             "--outbound-listen", f"127.0.0.1:{outbound}",
+             "--namespace", "shop", "--identity", "cli-replica"],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-            env={**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "cli-replica"},
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         )  # fmt: skip
     p = Process(proc, log, xds, outbound)
     try:
@@ -80,6 +81,7 @@ async def test_cli_serves_envoy_writes_status_and_releases_the_lease(
         for obj in (
             service("cli"), endpoint_slice("cli", backend.port),
             http_route("cli", "cli", [{"backendRefs": [to("cli")]}]),
+            service("cli", ns="other"), endpoint_slice("cli", backend.port, ns="other"),
         ):  # fmt: skip
             await kube.create(obj)
         envoy.envoy = EnvoyProcess(
@@ -96,12 +98,14 @@ async def test_cli_serves_envoy_writes_status_and_releases_the_lease(
 
         await eventually(serves, "Envoy serves the route from the CLI's control plane", 30)
         await status_shows(kube, "HTTPRoute", "cli", {"Programmed": "True"})
+        # --namespace shop: the Service in "other" is not in the mesh.
+        assert (await envoy.get("cli.other", timeout=2)).status == 404
 
         async def holder() -> Any:
             lease = await kube.get("Lease", "nodemesh", "nodemesh-controlplane")
             return (lease or {}).get("spec", {}).get("holderIdentity")
 
-        assert await holder() is not None
+        assert await holder() == "cli-replica"
         assert await controlplane.terminate() == 0
         assert await holder() is None, "the Lease was not released on SIGTERM"
     finally:
