@@ -22,9 +22,13 @@ def _any(msg: Message) -> any_pb2.Any:
     return a
 
 
-def eds_cluster(name: str) -> cluster_pb2.Cluster:
+def eds_cluster(name: str, connect_timeout_s: int = 1) -> cluster_pb2.Cluster:
     c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.EDS)
-    c.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
+    c.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=connect_timeout_s))
+    # A stalled EDS fetch must show as a stall, not hide inside a 15 s default timeout.
+    c.eds_cluster_config.eds_config.initial_fetch_timeout.CopyFrom(
+        duration_pb2.Duration(seconds=60)
+    )
     c.eds_cluster_config.eds_config.ads.SetInParent()
     c.eds_cluster_config.eds_config.resource_api_version = config_source_pb2.V3
     return c

@@ -266,3 +266,34 @@ async def test_each_node_gets_its_own_snapshot(
         nodes["node-1"]["types"]["eds"]["version_acked"]
         != (nodes["node-2"]["types"]["eds"]["version_acked"])
     )
+
+
+async def test_a_changed_cluster_warms_with_its_unchanged_endpoints(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    """Envoy re-warms a changed cluster and waits for its endpoints, but does not ask again for
+    a name it already watches: the server must resend them, or the cluster hangs in warming
+    until the initial fetch timeout (60 s here)."""
+    a = await backends("a")
+    listen = free_port()
+    s1 = snap(*base(listen, a.port))
+    control_plane.cache.set_snapshot("n", s1)
+    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
+    await eventually(lambda: all_acked(control_plane, "n", s1))
+
+    changed = snap(R.eds_cluster("a", connect_timeout_s=2), *base(listen, a.port)[1:])
+    assert changed.version(types.ENDPOINT) == s1.version(types.ENDPOINT)
+    control_plane.cache.set_snapshot("n", changed)
+
+    def warmed() -> bool:
+        dump = envoy.config_dump()
+        clusters = next(c for c in dump["configs"] if c["@type"].endswith("ClustersConfigDump"))
+        active = {
+            x["cluster"]["name"]: x["cluster"].get("connect_timeout")
+            for x in clusters.get("dynamic_active_clusters", [])
+        }
+        return active.get("a") == "2s" and not clusters.get("dynamic_warming_clusters")
+
+    await eventually(warmed, timeout=20, what="the changed cluster leaves warming")
+    await eventually(lambda: all_acked(control_plane, "n", changed), what="CDS ACK")
+    await eventually(lambda: body_of(f"http://127.0.0.1:{listen}/a") == "a", what="serving")

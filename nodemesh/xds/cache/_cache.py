@@ -121,6 +121,8 @@ class SnapshotCache:
             return
         ordered = sorted(watches.items(), key=lambda kv: types.order_key(kv[1].request.type_url))
         for watch_id, watch in ordered:
+            if watch_id not in watches:
+                continue  # cancelled by an earlier answer in this round (its stream reopened it)
             req = watch.request
             if isinstance(req, WatchRequest):
                 answer: WatchResponse | DeltaWatchResponse | None = _sotw_answer(snapshot, req)

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from nodemesh.xds import _wire
+from nodemesh.xds import _wire, types
 from nodemesh.xds.cache.protocol import (
     Cancel,
     ConfigWatcher,
     DeltaWatchRequest,
     DeltaWatchResponse,
+    Resource,
     WatchRequest,
     WatchResponse,
 )
@@ -29,6 +32,16 @@ __all__ = ["DeltaStream", "ProtocolError", "SotwStream"]
 
 class ProtocolError(Exception):
     """The client broke the xDS protocol; the stream ends with INVALID_ARGUMENT."""
+
+
+def _eds_names(clusters: Iterable[Resource]) -> set[str]:
+    """The EDS resource names that these clusters read their endpoints from."""
+    names: set[str] = set()
+    for r in clusters:
+        c = r.message
+        if isinstance(c, cluster_pb2.Cluster) and c.type == cluster_pb2.Cluster.EDS:
+            names.add(c.eds_cluster_config.service_name or c.name)
+    return names
 
 
 class _Stream:
@@ -89,6 +102,7 @@ class _SotwType:
     names: frozenset[str] | None = None  # None: wildcard
     legacy_wildcard: bool = False
     started: bool = False
+    force: bool = False  # answer the next watch even if the version is unchanged
     cancel: Cancel | None = None
 
 
@@ -132,15 +146,19 @@ class SotwStream(_Stream):
         elif requested - {"*"}:
             st.legacy_wildcard = False
         names = None if ("*" in requested or (not requested and st.legacy_wildcard)) else requested
-        names_changed = st.started and names != st.names
+        if st.started and names != st.names:
+            st.force = True
         st.names = names
         st.started = True
         known = st.sent_version if st.sent_version is not None else req.version_info
+        self._open(type_url, st, known)
 
+    def _open(self, type_url: str, st: _SotwType, known: str) -> None:
+        assert self.node_id is not None
         if st.cancel is not None:
             st.cancel()
         st.cancel = None
-        request = WatchRequest(node_id, type_url, known, names, names_changed)
+        request = WatchRequest(self.node_id, type_url, known, st.names, st.force)
         answered: list[bool] = []
 
         def respond(resp: WatchResponse) -> None:
@@ -154,15 +172,30 @@ class SotwStream(_Stream):
     def _respond(self, st: _SotwType, resp: WatchResponse) -> None:
         assert self.node_id is not None
         st.cancel = None
+        st.force = False
         nonce = self._next_nonce()
         st.nonce = nonce
         st.sent_version = resp.version
-        st.sent = {r.name: r.version for r in resp.resources}
+        before, st.sent = st.sent, {r.name: r.version for r in resp.resources}
         data = _wire.sotw_response(
             resp.type_url, resp.version, nonce, (r.sotw_entry for r in resp.resources)
         )
         self.status.sent(self.node_id, resp.type_url, resp.version, nonce, len(resp.resources))
         self.queue.put_nowait(data)
+        if resp.type_url == types.CLUSTER:
+            changed = [r for r in resp.resources if before.get(r.name, r.version) != r.version]
+            if _eds_names(changed):
+                self._resend_endpoints()
+
+    def _resend_endpoints(self) -> None:
+        """Envoy re-warms a changed cluster and waits for its endpoints, but does not ask again
+        for a name it already watches. Answer the endpoints watch now, unchanged or not."""
+        eds = self.types.get(types.ENDPOINT)
+        if eds is None:
+            return
+        eds.force = True
+        if eds.cancel is not None:  # parked; otherwise the next EDS request carries the force
+            self._open(types.ENDPOINT, eds, eds.sent_version or "")
 
     def close(self) -> None:
         self._cancel_all([st.cancel for st in self.types.values()])
@@ -249,16 +282,25 @@ class DeltaStream(_Stream):
                 )
                 self.status.removed(node_id, type_url, pending.removed)
 
+        self._open(type_url, st)
+
+    @staticmethod
+    def _view(st: _DeltaType) -> dict[str, str]:
         view = dict(st.client)
         for p in st.pending.values():  # optimistic: what is in flight will most likely be ACKed
             view.update(p.updated)
             for name in p.removed:
                 view.pop(name, None)
+        return view
+
+    def _open(self, type_url: str, st: _DeltaType) -> None:
+        assert self.node_id is not None
         if st.cancel is not None:
             st.cancel()
             st.cancel = None
+        view = self._view(st)
         request = DeltaWatchRequest(
-            node_id=node_id,
+            node_id=self.node_id,
             type_url=type_url,
             wildcard=st.wildcard,
             subscribed=frozenset(st.subscribed),
@@ -281,6 +323,7 @@ class DeltaStream(_Stream):
         st.cancel = None
         st.answer_empty = False
         st.hold = None
+        held = self._view(st) if resp.type_url == types.CLUSTER else {}
         nonce = self._next_nonce()
         st.pending[nonce] = _Pending(
             resp.version, {r.name: r.version for r in resp.updated}, resp.removed
@@ -290,6 +333,23 @@ class DeltaStream(_Stream):
         )
         self.status.sent(self.node_id, resp.type_url, resp.version, nonce, len(resp.updated))
         self.queue.put_nowait(data)
+        if held:
+            names = _eds_names(r for r in resp.updated if r.name in held)
+            if names:
+                self._resend_endpoints(names)
+
+    def _resend_endpoints(self, names: set[str]) -> None:
+        """Envoy re-warms a changed cluster and waits for its endpoints, but does not ask again
+        for a name it already watches: forget that the client holds them, so they go again."""
+        eds = self.types.get(types.ENDPOINT)
+        if eds is None:
+            return
+        for name in names:
+            eds.client.pop(name, None)
+            for p in eds.pending.values():
+                p.updated.pop(name, None)
+        if eds.cancel is not None:  # parked; otherwise the next EDS request sees the gap
+            self._open(types.ENDPOINT, eds)
 
     def close(self) -> None:
         self._cancel_all([st.cancel for st in self.types.values()])
