@@ -154,6 +154,12 @@ class Operator:
         serving xDS only then, so that a restarted control plane never publishes a partial
         snapshot (Envoy would drop routes and clusters, then get them back).
         """
+        # kopf logs every handler call at INFO ("Handler 'nm_event_pods' succeeded"): thousands
+        # of lines per minute in a busy cluster, burying our accepted/rejected lines. Quieten it
+        # unless the host configured these loggers itself.
+        for name in ("kopf.objects", "kopf.activities"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         memo = kopf.Memo()
         memo[CONTEXT_KEY] = Context(self.feed, self.status, self.connection)
         ns = self.options.namespaces
