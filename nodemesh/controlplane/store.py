@@ -12,7 +12,9 @@ Contract for writers (files source, `nodemesh.controlplane.kube`):
   objects (Node) use namespace "".
 - `apply(obj)` inserts or replaces; returns True when the content changed. Metadata noise
   (resourceVersion, managedFields, uid, creationTimestamp, ...) and `status` are dropped before
-  comparing and storing, so a status patch echoed back by the API server is not a change.
+  comparing and storing, so a status patch echoed back by the API server is not a change;
+  only the status fields that are input are kept (Node `addresses`; Pod `podIP`, `podIPs`,
+  `phase`).
   Objects without `metadata.generation` (files mode) get one: 1 on insert, +1 on each change.
 - `delete(key)` returns True when the key was present.
 - `replace_all(objs, kinds=None)`: a full resync of the given kinds (all kinds of the objects
@@ -74,6 +76,10 @@ _METADATA_NOISE = frozenset(
     }
 )
 _ANNOTATION_NOISE = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
+# The status fields that are input (the node agents' service maps); every other status is dropped.
+_INPUT_STATUS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"Node": ("addresses",), "Pod": ("podIP", "podIPs", "phase")}
+)
 
 Subscriber = Callable[[int, frozenset["ObjectKey"]], None]
 
@@ -117,7 +123,11 @@ def key_of(obj: Mapping[str, Any]) -> ObjectKey:
 
 def _normalize(obj: Mapping[str, Any], key: ObjectKey) -> dict[str, Any]:
     out = copy.deepcopy(dict(obj))
-    out.pop("status", None)
+    status = out.pop("status", None)
+    if key.kind in _INPUT_STATUS and isinstance(status, Mapping):
+        kept = {f: status[f] for f in _INPUT_STATUS[key.kind] if f in status}
+        if kept:
+            out["status"] = kept
     meta = dict(out.get("metadata") or {})
     for field in _METADATA_NOISE:
         meta.pop(field, None)

@@ -1,8 +1,9 @@
 """Build: input objects -> mesh IR + conditions per object. Pure: no clock, no I/O.
 
-One module per input kind (`service.py`, `endpointslice.py`, `httproute.py`, `grpcroute.py`,
-`trafficpolicy.py`); this module assembles their results into `ir.Mesh`. Errors are collected:
-a broken object gets conditions with precise messages and everything else still programs.
+One module per input kind (`service.py`, `endpointslice.py`, `node.py`, `httproute.py`,
+`grpcroute.py`, `trafficpolicy.py`); this module assembles their results into `ir.Mesh`. Errors
+are collected: a broken object gets conditions with precise messages and everything else still
+programs.
 
 >>> result = build(store.view())                # doctest: +SKIP
 >>> result.mesh.virtual_hosts[0].domains        # doctest: +SKIP
@@ -24,6 +25,7 @@ from nodemesh.controlplane.builder.endpointslice import (
 )
 from nodemesh.controlplane.builder.grpcroute import read_grpcroute
 from nodemesh.controlplane.builder.httproute import read_httproute
+from nodemesh.controlplane.builder.node import NodeIndex
 from nodemesh.controlplane.builder.service import ServiceModel, read_service
 from nodemesh.controlplane.builder.trafficpolicy import (
     PolicySettings,
@@ -58,6 +60,7 @@ class BuildMemo:
         self.endpoints: dict[str, tuple[tuple[int, ...], ir.ClusterEndpoints]] = {}
         self.clusters: dict[str, ir.Cluster] = {}
         self.vhosts: dict[str, ir.VirtualHost] = {}
+        self.nodes = NodeIndex()
 
 
 def _same(memo: Mapping[str, Any], name: str, value: Any) -> Any:
@@ -302,19 +305,35 @@ def build(
         needs_l7 = bool(attached.get((ns, name))) or any(
             settings.get((ns, name, p.port)) is not None for p in svc.ports
         )
+        backends = tuple(
+            new_cla[c][1].endpoints
+            if (c := svc.cluster_name(p.port)) in new_cla
+            else merge_endpoints(endpoint_parts.get((ns, name, p.port), []))
+            for p in svc.ports
+        )
         infos.append(
             ir.ServiceInfo(
-                f"{ns}/{name}", svc.cluster_ips, tuple(p.port for p in svc.ports), needs_l7
+                f"{ns}/{name}",
+                svc.cluster_ips,
+                tuple(p.port for p in svc.ports),
+                needs_l7,
+                backends,
             )
         )
 
-    nodes = tuple(sorted(k.name for k, _ in _of_kind(objects, "Node")))
+    node_infos = memo.nodes.update(
+        _of_kind(objects, "Node", ordered=False),
+        _of_kind(objects, "Pod", ordered=False),
+        _of_kind(objects, "EndpointSlice", ordered=False),
+    )
+    nodes = tuple(n.name for n in node_infos)
     mesh = ir.Mesh(
         virtual_hosts=tuple(vhosts),
         clusters=tuple(clusters),
         endpoints=tuple(cla),
         services=tuple(infos),
         nodes=nodes,
+        node_infos=node_infos,
         outbound_address=outbound_address,
         outbound_port=outbound_port,
     )

@@ -25,6 +25,8 @@ from nodemesh.xds.translate.cluster import cluster
 from nodemesh.xds.translate.endpoint import load_assignment
 from nodemesh.xds.translate.listener import outbound_listener
 from nodemesh.xds.translate.route import route_configuration, virtual_host
+from nodemesh.xds.translate.servicemap import TYPE_URL as SERVICE_MAP_TYPE_URL
+from nodemesh.xds.translate.servicemap import ServiceMaps
 
 __all__ = ["Translation", "Translator", "ir", "translate_messages"]
 
@@ -35,7 +37,8 @@ Origins = frozenset[str]
 
 @dataclass(frozen=True, slots=True)
 class Translation:
-    """Envoy resources for the mesh. `shared` goes to every node; `per_node` adds to it.
+    """Envoy resources for the mesh. `shared` goes to every node; `per_node` adds to it (today:
+    each known node's agent service map under `SERVICE_MAP_TYPE_URL`, named after the node).
 
     `origins` maps (type_url, resource name) to the user objects ("Kind/ns/name") it carries.
     """
@@ -115,6 +118,7 @@ class Translator:
         self._vhosts: _Memo[str, ir.VirtualHost, Message] = _Memo(virtual_host)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
         self._listener: tuple[tuple[str, int, str], Resource] | None = None
+        self._service_maps = ServiceMaps()
 
     def translate(self, mesh: ir.Mesh) -> Translation:
         origins: dict[tuple[str, str], Origins] = {}
@@ -159,7 +163,11 @@ class Translator:
             types.LISTENER: (self._listener[1],),
             types.ROUTE: (route,),
         }
-        return Translation(shared=shared, per_node={}, origins=origins)
+        per_node = {
+            node: {SERVICE_MAP_TYPE_URL: (r,)}
+            for node, r in self._service_maps.resources(mesh).items()
+        }
+        return Translation(shared=shared, per_node=per_node, origins=origins)
 
     def _route_resource(self, mesh: ir.Mesh) -> Resource:
         last = self._route

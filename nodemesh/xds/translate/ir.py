@@ -26,6 +26,7 @@ __all__ = [
     "LoadBalancer",
     "Mesh",
     "Mirror",
+    "NodeInfo",
     "OutlierDetection",
     "PathMatch",
     "QueryMatch",
@@ -229,6 +230,22 @@ class ServiceInfo:
     cluster_ips: tuple[str, ...]
     ports: tuple[int, ...]
     needs_l7: bool  # has an HTTPRoute/GRPCRoute or an L7 TrafficPolicy
+    # Per entry of `ports`, same order: that port's endpoints (address, targetPort; ready and
+    # draining, as in its ClusterEndpoints). The node map balances L4 over the ready ones.
+    backends: tuple[tuple[Endpoint, ...], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A node (from its Node object), for its agent's service map."""
+
+    name: str
+    # Where this node's pods reach the node Envoy: the Node's first IPv4 InternalIP in
+    # status.addresses; "" when it has none (then L7 connections on that node are refused).
+    envoy_address: str = ""
+    # Pod IPs on this node (IPv4, sorted): Pods' status.podIP(s) with spec.nodeName (host
+    # network and finished pods left out), and EndpointSlice endpoints with this nodeName.
+    pod_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +255,7 @@ class Mesh:
     endpoints: tuple[ClusterEndpoints, ...] = ()
     services: tuple[ServiceInfo, ...] = ()
     nodes: tuple[str, ...] = ()  # node names known from Node objects / endpoints
+    node_infos: tuple[NodeInfo, ...] = ()  # per name in `nodes`, same order
     outbound_address: str = "0.0.0.0"
     outbound_port: int = 15001
     route_config_name: str = "outbound"

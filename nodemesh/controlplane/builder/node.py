@@ -1,0 +1,121 @@
+"""Nodes and Pods -> `ir.NodeInfo`: per node, where its pods reach the node Envoy and which pod
+IPs live on it (what a node agent needs besides the Services).
+
+`NodeIndex` keeps per-node pod IP reference counts across builds, keyed by object identity (the
+store keeps the same dict for an unchanged object), so a build reads only the Pods, Nodes and
+EndpointSlices that changed, and an unchanged node keeps its `NodeInfo` object.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from nodemesh.controlplane.builder._util import as_list, as_map
+from nodemesh.controlplane.store import ObjectKey
+from nodemesh.xds.translate import ir
+
+__all__ = ["NodeIndex", "node_address", "pod_placement", "slice_placement"]
+
+Placement = tuple[tuple[str, str], ...]  # (node name, pod IP) pairs
+Items = Iterable[tuple[ObjectKey, Mapping[str, Any]]]
+
+
+def _ipv4(value: Any) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        return None
+
+
+def node_address(obj: Mapping[str, Any]) -> str:
+    """The Node's first IPv4 InternalIP (status.addresses), or ""."""
+    for a in as_list(as_map(obj.get("status")).get("addresses")):
+        a = as_map(a)
+        if a.get("type") == "InternalIP":
+            ip = _ipv4(a.get("address"))
+            if ip is not None:
+                return ip
+    return ""
+
+
+def pod_placement(obj: Mapping[str, Any]) -> Placement:
+    """(node, IPv4) of a running pod with its own network namespace; () otherwise."""
+    spec, status = as_map(obj.get("spec")), as_map(obj.get("status"))
+    node = spec.get("nodeName")
+    if not isinstance(node, str) or not node or spec.get("hostNetwork") is True:
+        return ()
+    if status.get("phase") in ("Succeeded", "Failed"):  # its IP may already be reused
+        return ()
+    ips = [as_map(p).get("ip") for p in as_list(status.get("podIPs"))] or [status.get("podIP")]
+    return tuple(sorted({(node, ip) for ip in map(_ipv4, ips) if ip is not None}))
+
+
+def slice_placement(obj: Mapping[str, Any]) -> Placement:
+    """(nodeName, IPv4) of every endpoint of an EndpointSlice, ready or not."""
+    out: set[tuple[str, str]] = set()
+    for e in as_list(obj.get("endpoints")):
+        e = as_map(e)
+        node = e.get("nodeName")
+        if isinstance(node, str) and node:
+            for addr in as_list(e.get("addresses")):
+                ip = _ipv4(addr)
+                if ip is not None:
+                    out.add((node, ip))
+    return tuple(sorted(out))
+
+
+class NodeIndex:
+    """Pod IPs per node, updated from one build to the next. Not thread-safe (one per build
+    memo). A fresh index gives the same result as a warm one."""
+
+    def __init__(self) -> None:
+        self._placed: dict[ObjectKey, tuple[Mapping[str, Any], Placement]] = {}
+        self._refs: dict[str, dict[str, int]] = {}  # node -> pod IP -> how many objects say so
+        self._infos: dict[str, ir.NodeInfo] = {}
+
+    def update(self, nodes: Items, pods: Items, slices: Items) -> tuple[ir.NodeInfo, ...]:
+        """NodeInfo for every Node object, sorted by name."""
+        dirty: set[str] = set()
+        seen: set[ObjectKey] = set()
+        for items, place in ((pods, pod_placement), (slices, slice_placement)):
+            for key, obj in items:
+                seen.add(key)
+                last = self._placed.get(key)
+                if last is not None and last[0] is obj:
+                    continue
+                new = place(obj)
+                old = last[1] if last is not None else ()
+                self._placed[key] = (obj, new)
+                if new != old:
+                    self._move(old, new, dirty)
+        for key in [k for k in self._placed if k not in seen]:
+            self._move(self._placed.pop(key)[1], (), dirty)
+
+        infos: dict[str, ir.NodeInfo] = {}
+        for key, obj in sorted(nodes, key=lambda kv: kv[0]):
+            address = node_address(obj)
+            was = self._infos.get(key.name)
+            if was is not None and key.name not in dirty and was.envoy_address == address:
+                infos[key.name] = was
+                continue
+            ips = tuple(sorted(self._refs.get(key.name, {})))
+            infos[key.name] = ir.NodeInfo(key.name, address, ips)
+        self._infos = infos
+        return tuple(infos.values())
+
+    def _move(self, old: Placement, new: Placement, dirty: set[str]) -> None:
+        for node, ip in old:
+            refs = self._refs[node]
+            refs[ip] -= 1
+            if not refs[ip]:
+                del refs[ip]
+                dirty.add(node)
+                if not refs:
+                    del self._refs[node]
+        for node, ip in new:
+            refs = self._refs.setdefault(node, {})
+            refs[ip] = refs.get(ip, 0) + 1
+            if refs[ip] == 1:
+                dirty.add(node)
