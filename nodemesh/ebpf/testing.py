@@ -146,15 +146,23 @@ class Pod:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def serve(
-        self, port: int, http: bool = False, sink_chunk: int = 0, sink_pause: float = 0.0
+        self,
+        port: int,
+        http: bool = False,
+        sink_chunk: int = 0,
+        sink_pause: float = 0.0,
+        sink_hold_until: str = "",
     ) -> Proc:
-        """A server: byte echo, HTTP (`http`), or a sink that waits `sink_pause` seconds after
-        its hello, then reads `sink_chunk` bytes a call."""
+        """A server: byte echo, HTTP (`http`), or a sink that waits after its hello (until the
+        file `sink_hold_until` exists, at most `sink_pause` seconds), then reads `sink_chunk`
+        bytes a call."""
         argv = [sys.executable, str(PODTOOL), "serve", "--port", str(port), "--name", self.name]
         if http:
             argv.append("--http")
         if sink_chunk:
             argv += ["--sink", "--chunk", str(sink_chunk), "--pause", str(sink_pause)]
+            if sink_hold_until:
+                argv += ["--hold-until", sink_hold_until]
         proc = self.spawn(argv, f"{self.name}:serve")
         proc.json()  # {"ready": true}
         return proc

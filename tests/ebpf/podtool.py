@@ -98,7 +98,16 @@ def serve(args: argparse.Namespace) -> None:
         def handle(self) -> None:
             s: socket.socket = self.request
             s.sendall(f"HELLO {name}\n".encode())
-            time.sleep(args.pause)  # busy elsewhere: the writer gets ahead
+            # Busy elsewhere, so the writer gets ahead: until --hold-until exists (the test
+            # creates it once the writer is done or failed), for at most --pause seconds.
+            deadline = time.monotonic() + args.pause
+            while time.monotonic() < deadline:
+                if args.hold_until and os.path.exists(args.hold_until):
+                    break
+                if not args.hold_until:
+                    time.sleep(max(0.0, deadline - time.monotonic()))
+                    break
+                time.sleep(0.05)
             h = hashlib.sha256()
             count = 0
             while True:
@@ -185,6 +194,9 @@ def push(args: argparse.Namespace) -> None:
     sent = 0
     offset = 0
     start = time.monotonic()
+    if args.send_timeout:
+        # A send that makes no progress for this long means the writer is blocked: report it.
+        s.settimeout(args.send_timeout)
     try:
         while sent < args.bytes:
             n = min(args.chunk, args.bytes - sent)
@@ -197,6 +209,9 @@ def push(args: argparse.Namespace) -> None:
             sent += n
         s.shutdown(socket.SHUT_WR)
         trailer = _read_line(s)
+    except TimeoutError:
+        _out({"ok": False, "blocked": True, "sent": sent})
+        return
     except OSError as exc:
         _out({"ok": False, "errno": errno.errorcode.get(exc.errno or 0, str(exc)), "sent": sent})
         return
@@ -342,12 +357,14 @@ def main() -> None:
     s.add_argument("--sink", action="store_true")
     s.add_argument("--chunk", type=int, default=16384)
     s.add_argument("--pause", type=float, default=0.0)
+    s.add_argument("--hold-until", default="")
     x = sub.add_parser("xfer")
     x.add_argument("--to", required=True)
     x.add_argument("--bytes", type=int, required=True)
     x.add_argument("--sizes", default="65536")
     x.add_argument("--nodelay", type=int, default=0)
     pu = sub.add_parser("push")
+    pu.add_argument("--send-timeout", type=float, default=0.0)
     pu.add_argument("--to", required=True)
     pu.add_argument("--bytes", type=int, required=True)
     pu.add_argument("--chunk", type=int, default=65536)
