@@ -41,6 +41,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="address of the node Envoys' outbound HTTP listener (HOST:PORT)",
     )
     parser.add_argument("--poll-interval", type=float, default=0.2, help="files mode poll, s")
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, refuse new xDS streams but keep serving open ones this long",
+    )
     if importlib.util.find_spec("nodemesh.controlplane.kube") is not None:
         importlib.import_module("nodemesh.controlplane.kube").add_arguments(parser)
 
@@ -116,7 +122,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             await files.stop()
         await status.stop()
         await pipeline.stop()
-        await server.stop(grace=1)
+        await server.stop(grace=args.drain_seconds)
     return 0
 
 
