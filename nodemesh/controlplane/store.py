@@ -23,6 +23,8 @@ Contract for writers (files source, `nodemesh.controlplane.kube`):
 - The store is thread-safe (a lock around every write); subscribers are called in the writer's
   thread after the lock is released, with the new revision and the set of changed keys.
 - Stored objects are deep copies and must not be mutated by readers.
+- `view()` is O(kinds) (copy-on-write per kind); `view.changed_since(revision)` gives the keys
+  written since an earlier revision of the same store (what an incremental build reads).
 
 Usage::
 
@@ -82,6 +84,8 @@ _INPUT_STATUS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 Subscriber = Callable[[int, frozenset["ObjectKey"]], None]
+_EMPTY: Mapping[ObjectKey, Mapping[str, Any]] = MappingProxyType({})
+_LOG_LIMIT = 8192  # revisions whose changed keys views can still report
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -150,32 +154,58 @@ def _without_generation(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class StoreView(Mapping[ObjectKey, Mapping[str, Any]]):
-    """An immutable, consistent view of the store at one revision."""
+    """An immutable, consistent view of the store at one revision.
 
-    __slots__ = ("_by_kind", "_objects", "revision")
+    `changed_since(revision)` tells which keys changed between an older revision of the same
+    store and this one (None when that is no longer known), so a rebuild can read only those.
+    """
+
+    __slots__ = ("_by_kind", "_log", "_log_base", "revision", "source")
 
     def __init__(
         self,
         revision: int,
-        objects: Mapping[ObjectKey, Mapping[str, Any]],
         by_kind: Mapping[str, Mapping[ObjectKey, Mapping[str, Any]]],
+        *,
+        source: object = None,
+        log: list[frozenset[ObjectKey]] | None = None,
+        log_base: int = 0,
     ) -> None:
         self.revision = revision
-        self._objects = objects
+        self.source = source  # identifies the store; revisions of different stores never mix
         self._by_kind = by_kind
+        self._log = log
+        self._log_base = log_base
 
     def __getitem__(self, key: ObjectKey) -> Mapping[str, Any]:
-        return self._objects[key]
+        return self._by_kind.get(key.kind, _EMPTY)[key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, ObjectKey) and key in self._by_kind.get(key.kind, _EMPTY)
 
     def __iter__(self) -> Iterator[ObjectKey]:
-        return iter(self._objects)
+        for objs in self._by_kind.values():
+            yield from objs
 
     def __len__(self) -> int:
-        return len(self._objects)
+        return sum(len(objs) for objs in self._by_kind.values())
 
     def of_kind(self, kind: str) -> Mapping[ObjectKey, Mapping[str, Any]]:
-        """Objects of one kind, by key."""
-        return self._by_kind.get(kind, MappingProxyType({}))
+        """Objects of one kind, by key. The same mapping object as in an earlier view while
+        nothing of that kind changed."""
+        return self._by_kind.get(kind, _EMPTY)
+
+    def changed_since(self, revision: int) -> frozenset[ObjectKey] | None:
+        """Keys written after `revision` up to this view's revision, or None if not known."""
+        if revision == self.revision:
+            return frozenset()
+        log = self._log
+        if log is None or revision < self._log_base or revision > self.revision:
+            return None
+        entries = log[revision - self._log_base : self.revision - self._log_base]
+        if len(entries) == 1:
+            return entries[0]
+        return frozenset().union(*entries)
 
 
 class Store:
@@ -184,8 +214,17 @@ class Store:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_kind: dict[str, dict[ObjectKey, dict[str, Any]]] = {}
+        # Copy-on-write: a kind's dict handed to a view (through its proxy here) is never
+        # written again; the next write to that kind copies it first. So `view()` costs
+        # O(kinds), and an unchanged kind keeps its mapping object from view to view.
+        self._shared: dict[str, Mapping[ObjectKey, Mapping[str, Any]]] = {}
         self._revision = 0
         self._subscribers: list[Subscriber] = []
+        self._token = object()
+        # _log[i] holds the keys changed by revision _log_base + i + 1. Trimming replaces
+        # the list, so views keep reading the one they were given.
+        self._log: list[frozenset[ObjectKey]] = []
+        self._log_base = 0
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -204,11 +243,19 @@ class Store:
     def view(self) -> StoreView:
         """A consistent snapshot for one rebuild (shallow copies; objects are shared, read-only)."""
         with self._lock:
-            by_kind = {kind: MappingProxyType(dict(objs)) for kind, objs in self._by_kind.items()}
-            merged: dict[ObjectKey, Mapping[str, Any]] = {}
-            for objs in by_kind.values():
-                merged.update(objs)
-            return StoreView(self._revision, MappingProxyType(merged), MappingProxyType(by_kind))
+            by_kind: dict[str, Mapping[ObjectKey, Mapping[str, Any]]] = {}
+            for kind, objs in self._by_kind.items():
+                proxy = self._shared.get(kind)
+                if proxy is None:
+                    proxy = self._shared[kind] = MappingProxyType(objs)
+                by_kind[kind] = proxy
+            return StoreView(
+                self._revision,
+                MappingProxyType(by_kind),
+                source=self._token,
+                log=self._log,
+                log_base=self._log_base,
+            )
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call `callback(revision, changed_keys)` after every change. Returns an unsubscribe."""
@@ -226,16 +273,17 @@ class Store:
         self._check_group(obj, key)
         with self._lock:
             changed = self._apply_locked(key, obj)
-            revision = self._bump() if changed else self._revision
+            revision = self._bump(frozenset({key})) if changed else self._revision
         if changed:
             self._notify(revision, frozenset({key}))
         return changed
 
     def delete(self, key: ObjectKey) -> bool:
         with self._lock:
-            objs = self._by_kind.get(key.kind, {})
-            present = objs.pop(key, None) is not None
-            revision = self._bump() if present else self._revision
+            present = key in self._by_kind.get(key.kind, {})
+            if present:
+                del self._writable(key.kind)[key]
+            revision = self._bump(frozenset({key})) if present else self._revision
         if present:
             self._notify(revision, frozenset({key}))
         return present
@@ -252,14 +300,16 @@ class Store:
         changed: set[ObjectKey] = set()
         with self._lock:
             for kind in scope:
-                for key in list(self._by_kind.get(kind, {})):
-                    if key not in incoming:
-                        del self._by_kind[kind][key]
+                gone = [key for key in self._by_kind.get(kind, {}) if key not in incoming]
+                if gone:
+                    writable = self._writable(kind)
+                    for key in gone:
+                        del writable[key]
                         changed.add(key)
             for key, obj in incoming.items():
                 if key.kind in scope and self._apply_locked(key, obj):
                     changed.add(key)
-            revision = self._bump() if changed else self._revision
+            revision = self._bump(frozenset(changed)) if changed else self._revision
         if changed:
             self._notify(revision, frozenset(changed))
         return bool(changed)
@@ -278,8 +328,7 @@ class Store:
 
     def _apply_locked(self, key: ObjectKey, obj: Mapping[str, Any]) -> bool:
         new = _normalize(obj, key)
-        objs = self._by_kind.setdefault(key.kind, {})
-        old = objs.get(key)
+        old = self._by_kind.get(key.kind, {}).get(key)
         has_generation = "generation" in new["metadata"]
         if old is not None:
             if has_generation:
@@ -290,11 +339,25 @@ class Store:
         if not has_generation:
             previous = old["metadata"].get("generation", 0) if old is not None else 0
             new["metadata"]["generation"] = int(previous) + 1
-        objs[key] = new
+        self._writable(key.kind)[key] = new
         return True
 
-    def _bump(self) -> int:
+    def _writable(self, kind: str) -> dict[ObjectKey, dict[str, Any]]:
+        """The kind's dict, copied first if a view may hold it."""
+        objs = self._by_kind.get(kind)
+        if objs is None:
+            objs = self._by_kind[kind] = {}
+        elif self._shared.pop(kind, None) is not None:
+            objs = self._by_kind[kind] = dict(objs)
+        return objs
+
+    def _bump(self, changed: frozenset[ObjectKey]) -> int:
         self._revision += 1
+        if len(self._log) >= _LOG_LIMIT:
+            half = _LOG_LIMIT // 2
+            self._log = self._log[half:]
+            self._log_base += half
+        self._log.append(changed)
         return self._revision
 
     def _notify(self, revision: int, changed: frozenset[ObjectKey]) -> None:

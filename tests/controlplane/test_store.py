@@ -75,3 +75,22 @@ def test_delete_and_view_are_consistent() -> None:
     assert ObjectKey("Service", "shop", "a") in view
     assert len(store.view()) == 0
     assert view.revision == 1 and store.revision == 2
+
+
+def test_a_view_reports_the_keys_changed_since_an_earlier_revision() -> None:
+    store = Store()
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "namespace": "x"}}
+    store.apply(svc)
+    first = store.view()
+    store.apply({**svc, "metadata": {"name": "b", "namespace": "x"}})
+    store.delete(ObjectKey("Service", "x", "a"))
+    second = store.view()
+    assert second.changed_since(first.revision) == {
+        ObjectKey("Service", "x", "a"),
+        ObjectKey("Service", "x", "b"),
+    }
+    assert second.changed_since(second.revision) == frozenset()
+    assert first.changed_since(second.revision) is None
+    # Copy-on-write: the earlier view still sees its revision.
+    assert set(first) == {ObjectKey("Service", "x", "a")}
+    assert set(second) == {ObjectKey("Service", "x", "b")}

@@ -63,7 +63,7 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
 def merge_endpoints(parts: Iterable[list[ir.Endpoint]]) -> tuple[ir.Endpoint, ...]:
     """Endpoints of one (Service, port) from all its slices: deduplicated, sorted."""
     merged = {e for part in parts for e in part}
-    return tuple(sorted(merged, key=lambda e: (e.address, e.port, e.draining)))
+    return tuple(sorted(merged, key=lambda e: (e.address, e.port, e.draining, e.node, e.zone)))
 
 
 def read_endpoints(

@@ -74,6 +74,8 @@ class NodeIndex:
         self._placed: dict[ObjectKey, tuple[Mapping[str, Any], Placement]] = {}
         self._refs: dict[str, dict[str, int]] = {}  # node -> pod IP -> how many objects say so
         self._infos: dict[str, ir.NodeInfo] = {}
+        self._tuple: tuple[ir.NodeInfo, ...] = ()
+        self._nodes: list[tuple[ObjectKey, Mapping[str, Any]]] = []
 
     def update(self, nodes: Items, pods: Items, slices: Items) -> tuple[ir.NodeInfo, ...]:
         """NodeInfo for every Node object, sorted by name."""
@@ -93,6 +95,33 @@ class NodeIndex:
         for key in [k for k in self._placed if k not in seen]:
             self._move(self._placed.pop(key)[1], (), dirty)
 
+        return self._node_infos(nodes, dirty)
+
+    def update_changed(
+        self,
+        changed: Iterable[tuple[ObjectKey, Mapping[str, Any] | None]],
+        nodes: Items | None,
+    ) -> tuple[ir.NodeInfo, ...]:
+        """Like `update`, given only the Pods and EndpointSlices that changed (None: deleted)
+        and the Node objects, or None when no Node changed since the last call."""
+        dirty: set[str] = set()
+        for key, obj in changed:
+            last = self._placed.pop(key, None)
+            old = last[1] if last is not None else ()
+            new: Placement = ()
+            if obj is not None:
+                new = (pod_placement if key.kind == "Pod" else slice_placement)(obj)
+                self._placed[key] = (obj, new)
+            if new != old:
+                self._move(old, new, dirty)
+        if nodes is None:
+            if not dirty.intersection(self._infos):
+                return self._tuple
+            nodes = self._nodes
+        return self._node_infos(nodes, dirty)
+
+    def _node_infos(self, nodes: Items, dirty: set[str]) -> tuple[ir.NodeInfo, ...]:
+        self._nodes = nodes = list(nodes)
         infos: dict[str, ir.NodeInfo] = {}
         for key, obj in sorted(nodes, key=lambda kv: kv[0]):
             address = node_address(obj)
@@ -103,7 +132,8 @@ class NodeIndex:
             ips = tuple(sorted(self._refs.get(key.name, {})))
             infos[key.name] = ir.NodeInfo(key.name, address, ips)
         self._infos = infos
-        return tuple(infos.values())
+        self._tuple = tuple(infos.values())
+        return self._tuple
 
     def _move(self, old: Placement, new: Placement, dirty: set[str]) -> None:
         for node, ip in old:

@@ -1,0 +1,716 @@
+"""The build engine: per-object results and a dependency index, so that a build after a change
+recomputes only what the changed objects affect and reuses every other IR object by identity.
+
+A cold engine treats every object as changed; a warm one takes the changed keys from the store
+view (`StoreView.changed_since`) or, for other inputs, from an identity diff per kind. What a
+route or a policy depends on is recorded while it is read (the Services and ReferenceGrants it
+looked up, found or not), so that a Service that appears, changes or goes away re-reads exactly
+the routes and policies that asked for it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
+
+from nodemesh.controlplane.builder._routes import Grants, RouteEntry, RouteModel
+from nodemesh.controlplane.builder._util import as_list, as_map, generation
+from nodemesh.controlplane.builder.endpointslice import (
+    merge_endpoints,
+    slice_endpoints,
+    slice_service,
+)
+from nodemesh.controlplane.builder.grpcroute import read_grpcroute
+from nodemesh.controlplane.builder.httproute import read_httproute
+from nodemesh.controlplane.builder.node import NodeIndex
+from nodemesh.controlplane.builder.service import ServiceModel, read_service
+from nodemesh.controlplane.builder.trafficpolicy import (
+    PolicySettings,
+    RetrySpec,
+    TrafficPolicyModel,
+    read_traffic_policy,
+    settings_for,
+)
+from nodemesh.controlplane.conditions import Condition
+from nodemesh.controlplane.store import ObjectKey
+from nodemesh.xds.translate import ir
+
+__all__ = ["BuildResult", "Engine", "Objects"]
+
+Objects = Mapping[ObjectKey, Mapping[str, Any]]
+Ref = tuple[str, str]  # (namespace, Service name)
+PortKey = tuple[str, str, int]  # (namespace, Service name, port)
+VhostKey = tuple[str, str, int]  # (namespace, Service name, index in the Service's ports)
+GrantKey = tuple[str, str]  # (namespace, to-kind)
+
+_ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+_READERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[Ref, ServiceModel], Grants], Any]] = {
+    "HTTPRoute": read_httproute,
+    "GRPCRoute": read_grpcroute,
+}
+_INPUT_KINDS = (
+    "Service",
+    "EndpointSlice",
+    "Pod",
+    "Node",
+    "HTTPRoute",
+    "GRPCRoute",
+    "ReferenceGrant",
+    "TrafficPolicy",
+)
+_ANY: Any = ("*", "*")  # recorded when a reader iterates a whole mapping
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    mesh: ir.Mesh
+    conditions: Mapping[ObjectKey, tuple[Condition, ...]]
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Lookups(Mapping[K, V]):
+    """A read-only mapping that records every key asked for (hits and misses)."""
+
+    __slots__ = ("_data", "seen")
+
+    def __init__(self, data: Mapping[K, V]) -> None:
+        self._data = data
+        self.seen: set[K] = set()
+
+    def __getitem__(self, key: K) -> V:
+        self.seen.add(key)
+        return self._data[key]
+
+    def __contains__(self, key: object) -> bool:
+        self.seen.add(key)  # type: ignore[arg-type]
+        return key in self._data
+
+    def get(self, key: K, default: Any = None) -> Any:
+        self.seen.add(key)
+        return self._data.get(key, default)
+
+    def __iter__(self) -> Iterator[K]:
+        self.seen.add(_ANY)
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        self.seen.add(_ANY)
+        return len(self._data)
+
+
+class _Ordered(Generic[K, V]):
+    """Items kept in key order; `result()` gives them as a tuple, the same tuple object while
+    nothing changed, and patches positions in place when only values changed."""
+
+    def __init__(self) -> None:
+        self._items: dict[K, V] = {}
+        self._keys: list[Any] = []  # sorted; K is a tuple of str/int
+        self._pos: dict[K, int] = {}
+        self._tuple: tuple[V, ...] = ()
+        self._pending: set[K] = set()
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def set(self, key: K, value: V) -> None:
+        if self._items.get(key) is not value:
+            self._items[key] = value
+            self._pending.add(key)
+
+    def remove(self, key: K) -> None:
+        if self._items.pop(key, None) is not None:
+            self._pending.add(key)
+
+    def result(self) -> tuple[V, ...]:
+        pending, items = self._pending, self._items
+        if not pending:
+            return self._tuple
+        moved = [k for k in pending if (k in items) != (k in self._pos)]
+        if not moved:
+            values = list(self._tuple)
+            for k in pending:
+                values[self._pos[k]] = items[k]
+        else:
+            if len(moved) > 64:
+                self._keys = sorted(items, key=lambda k: k)
+            else:
+                for k in moved:
+                    if k in items:
+                        insort(self._keys, k)
+                    else:
+                        del self._keys[bisect_left(self._keys, k)]
+            self._pos = {k: i for i, k in enumerate(self._keys)}
+            values = [items[k] for k in self._keys]
+        pending.clear()
+        self._tuple = tuple(values)
+        return self._tuple
+
+
+def _grants(objs: Mapping[ObjectKey, Mapping[str, Any]]) -> dict[GrantKey, list[Any]]:
+    out: dict[GrantKey, list[tuple[str, str, str]]] = {}
+    for key, obj in sorted(objs.items(), key=lambda kv: kv[0]):
+        spec = as_map(obj.get("spec"))
+        froms = [as_map(f) for f in as_list(spec.get("from"))]
+        for to in (as_map(t) for t in as_list(spec.get("to"))):
+            if to.get("group", "") != "":
+                continue
+            for f in froms:
+                if f.get("group") == "gateway.networking.k8s.io":
+                    out.setdefault((key.namespace, str(to.get("kind"))), []).append(
+                        (str(f.get("namespace")), str(f.get("kind")), str(to.get("name", "")))
+                    )
+    return out
+
+
+def _finish(
+    entry: RouteEntry, policy: PolicySettings | None, lbs: Mapping[str, ir.LoadBalancer]
+) -> ir.Route:
+    """Apply policy defaults under the route's own settings (route wins, field by field)."""
+    policy = policy or PolicySettings()
+    retry: RetrySpec | None = entry.retry.over(policy.retry) if entry.retry else policy.retry
+    if entry.backend_timeout_ms is not None:
+        base = retry if retry is not None else RetrySpec(attempts=0)
+        retry = RetrySpec(per_try_timeout_ms=entry.backend_timeout_ms).over(base)
+    r = entry.route
+    hash_lb = next((lbs[b.cluster] for b in r.backends if b.cluster in lbs), None)
+    origins = r.origins + tuple(
+        o for o in policy.origins if policy.route_level and o not in r.origins
+    )
+    if r.redirect is not None or not r.backends:
+        return replace(r, origins=origins)
+    return replace(
+        r,
+        retry=retry.to_ir() if retry is not None else None,
+        timeout_ms=entry.timeout_ms if entry.timeout_ms is not None else policy.request_timeout_ms,
+        idle_timeout_ms=policy.idle_timeout_ms,
+        fault=policy.fault,
+        hash_header=hash_lb.hash_header if hash_lb else "",
+        hash_cookie=hash_lb.hash_cookie if hash_lb else "",
+        hash_cookie_ttl_ms=hash_lb.hash_cookie_ttl_ms if hash_lb else None,
+        origins=origins,
+    )
+
+
+def _policy_conditions(pol: TrafficPolicyModel, gen: int) -> tuple[Condition, ...]:
+    if pol.problems:
+        return (
+            Condition("Accepted", "False", "Invalid", "; ".join(pol.problems), gen),
+            Condition("ResolvedRefs", "Unknown", "Invalid", "policy is invalid", gen),
+        )
+    message = "Policy is accepted"
+    if pol.overridden:
+        message += "; overridden by older or more specific policies: " + ", ".join(
+            f"{section} by {', '.join(sorted(winners))}"
+            for section, winners in sorted(pol.overridden.items())
+        )
+    resolved = (
+        Condition("ResolvedRefs", "False", "TargetNotFound", "; ".join(pol.unresolved), gen)
+        if pol.unresolved
+        else Condition("ResolvedRefs", "True", "ResolvedRefs", "All targets resolved", gen)
+    )
+    return (Condition("Accepted", "True", "Accepted", message, gen), resolved)
+
+
+def _hash_lb(s: PolicySettings | None) -> ir.LoadBalancer | None:
+    lb = s.lb if s is not None else None
+    return lb if lb is not None and (lb.hash_header or lb.hash_cookie) else None
+
+
+class _Lbs(Mapping[str, ir.LoadBalancer]):
+    """Cluster name -> its hashing load balancer (what `_finish` reads)."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _lb(self, name: object) -> ir.LoadBalancer | None:
+        pk = self._engine.cluster_keys.get(name)  # type: ignore[call-overload]
+        return _hash_lb(self._engine.settings.get(pk)) if pk is not None else None
+
+    def __getitem__(self, name: str) -> ir.LoadBalancer:
+        lb = self._lb(name)
+        if lb is None:
+            raise KeyError(name)
+        return lb
+
+    def __contains__(self, name: object) -> bool:
+        return self._lb(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self._engine.cluster_keys if self._lb(n) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Engine:
+    """The state one `BuildMemo` carries from build to build. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self.source: object = None
+        self.revision = -1
+        self.last: dict[str, Mapping[ObjectKey, Mapping[str, Any]]] = {}
+        self.services: dict[Ref, ServiceModel] = {}
+        self.name_ns: dict[str, set[str]] = {}
+        self.grants: dict[GrantKey, list[Any]] = {}
+        # EndpointSlices
+        self.slice_ref: dict[ObjectKey, Ref] = {}
+        self.slices_of: dict[Ref, set[ObjectKey]] = {}
+        self.slice_read: dict[
+            ObjectKey, tuple[Mapping[str, Any], ServiceModel, dict[Any, Any]]
+        ] = {}
+        self.eps: dict[PortKey, tuple[ir.Endpoint, ...]] = {}
+        self.eps_ports: dict[Ref, set[PortKey]] = {}
+        # TrafficPolicies
+        self.policies: dict[ObjectKey, tuple[TrafficPolicyModel, int]] = {}
+        self.settings: dict[PortKey, PolicySettings] = {}
+        self.policy_deps: set[Ref] = set()
+        # Routes
+        self.routes: dict[ObjectKey, RouteModel] = {}
+        self.route_parents: dict[ObjectKey, set[Ref]] = {}
+        self.route_deps: dict[ObjectKey, tuple[set[Ref], set[GrantKey]]] = {}
+        self.svc_dependents: dict[Ref, set[ObjectKey]] = {}
+        self.grant_dependents: dict[GrantKey, set[ObjectKey]] = {}
+        self.attached: dict[Ref, dict[ObjectKey, list[RouteEntry]]] = {}
+        self.route_used: dict[PortKey, int] = {}
+        self.cluster_users: dict[PortKey, set[ObjectKey]] = {}
+        self.cluster_keys: dict[str, PortKey] = {}  # cluster name -> (ns, name, port)
+        self.defaults: dict[Ref, set[PortKey]] = {}
+        self.default_used: set[PortKey] = set()
+        # Outputs
+        self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
+        self.vhosts: _Ordered[VhostKey, ir.VirtualHost] = _Ordered()
+        self.vhost_keys: dict[Ref, list[VhostKey]] = {}
+        self.clusters: _Ordered[PortKey, ir.Cluster] = _Ordered()
+        self.cla: _Ordered[PortKey, ir.ClusterEndpoints] = _Ordered()
+        self.infos: _Ordered[Ref, ir.ServiceInfo] = _Ordered()
+        self.nodes = NodeIndex()
+        self.mesh: ir.Mesh | None = None
+
+    # -- change detection ------------------------------------------------------------------
+    def _current(self, objects: Objects) -> dict[str, Mapping[ObjectKey, Mapping[str, Any]]]:
+        of_kind = getattr(objects, "of_kind", None)
+        if of_kind is not None:
+            return {kind: of_kind(kind) for kind in _INPUT_KINDS}
+        out: dict[str, dict[ObjectKey, Mapping[str, Any]]] = {k: {} for k in _INPUT_KINDS}
+        for key, obj in objects.items():
+            if key.kind in out:
+                out[key.kind][key] = obj
+        return dict(out)
+
+    def _changed(
+        self, objects: Objects, current: Mapping[str, Mapping[ObjectKey, Mapping[str, Any]]]
+    ) -> dict[str, set[ObjectKey]]:
+        by_kind: dict[str, set[ObjectKey]] = {k: set() for k in _INPUT_KINDS}
+        source = getattr(objects, "source", None)
+        keys = None
+        if self.mesh is not None and source is not None and source is self.source:
+            keys = objects.changed_since(self.revision)  # type: ignore[attr-defined]
+        if keys is not None:
+            for key in keys:
+                if key.kind in by_kind:
+                    by_kind[key.kind].add(key)
+            return by_kind
+        for kind in _INPUT_KINDS:
+            new, old = current[kind], self.last.get(kind, {})
+            if new is old:
+                continue
+            out = by_kind[kind]
+            for key, obj in new.items():
+                if old.get(key) is not obj:
+                    out.add(key)
+            out.update(key for key in old if key not in new)
+        return by_kind
+
+    # -- the build -------------------------------------------------------------------------
+    def build(self, objects: Objects, outbound_address: str, outbound_port: int) -> BuildResult:
+        current = self._current(objects)
+        changed = self._changed(objects, current)
+        self.source = getattr(objects, "source", None)
+        self.revision = getattr(objects, "revision", -1)
+        self.last = dict(current)
+
+        svc_changed, short_flips = self._services(changed["Service"], current["Service"])
+        route_dirty: set[ObjectKey] = set()
+        if changed["ReferenceGrant"]:
+            route_dirty |= self._grants_changed(current["ReferenceGrant"])
+        ep_changed = self._endpoints(
+            changed["EndpointSlice"], current["EndpointSlice"], svc_changed
+        )
+        settings_changed = self._policies(changed["TrafficPolicy"], current, svc_changed)
+
+        for kind in _ROUTE_KINDS:
+            route_dirty |= changed[kind]
+        for ref in svc_changed:
+            route_dirty |= self.svc_dependents.get(ref, set())
+        if svc_changed:
+            route_dirty |= self.svc_dependents.get(_ANY, set())
+        vh_dirty: set[Ref] = set(svc_changed) | short_flips
+        usage_changed: set[PortKey] = set()
+        for key in route_dirty:
+            vh_dirty |= self._route(key, current[key.kind].get(key), usage_changed)
+
+        for pk in settings_changed:
+            vh_dirty.add(pk[:2])
+            for route in self.cluster_users.get(pk, ()):
+                vh_dirty |= self.route_parents.get(route, set())
+        for ref in vh_dirty:
+            self._virtual_hosts(ref, usage_changed)
+
+        cluster_dirty = usage_changed | settings_changed | ep_changed
+        for ref in svc_changed:
+            svc = self.services.get(ref)
+            if svc is not None:
+                cluster_dirty.update((ref[0], ref[1], p.port) for p in svc.ports)
+        for pk in cluster_dirty:
+            self._cluster(pk)
+
+        info_dirty = vh_dirty | {pk[:2] for pk in settings_changed} | {pk[:2] for pk in ep_changed}
+        for ref in info_dirty:
+            self._info(ref)
+
+        node_keys = changed["Pod"] | changed["EndpointSlice"]
+        node_infos = self.nodes.update_changed(
+            ((k, current[k.kind].get(k)) for k in sorted(node_keys)),
+            current["Node"].items() if changed["Node"] or self.mesh is None else None,
+        )
+        mesh = ir.Mesh(
+            virtual_hosts=self.vhosts.result(),
+            clusters=self.clusters.result(),
+            endpoints=self.cla.result(),
+            services=self.infos.result(),
+            nodes=tuple(n.name for n in node_infos)
+            if self.mesh is None or node_infos is not self.mesh.node_infos
+            else self.mesh.nodes,
+            node_infos=node_infos,
+            outbound_address=outbound_address,
+            outbound_port=outbound_port,
+        )
+        last = self.mesh
+        if last is not None and all(
+            getattr(mesh, f) is getattr(last, f)
+            for f in ("virtual_hosts", "clusters", "endpoints", "services", "node_infos")
+        ):
+            if (last.outbound_address, last.outbound_port) == (outbound_address, outbound_port):
+                mesh = last
+        self.mesh = mesh
+        return BuildResult(mesh, dict(self.conditions))
+
+    # -- Services --------------------------------------------------------------------------
+    def _services(
+        self, keys: set[ObjectKey], objs: Mapping[ObjectKey, Mapping[str, Any]]
+    ) -> tuple[set[Ref], set[Ref]]:
+        changed: set[Ref] = set()
+        counts: dict[str, int] = {}
+        for key in keys:
+            ref = (key.namespace, key.name)
+            obj = objs.get(key)
+            model = read_service(obj) if obj is not None else None
+            old = self.services.get(ref)
+            if model == old:
+                continue
+            changed.add(ref)
+            counts.setdefault(key.name, len(self.name_ns.get(key.name, ())))
+            if model is None:
+                del self.services[ref]
+                self.name_ns[key.name].discard(key.namespace)
+            else:
+                self.services[ref] = model
+                self.name_ns.setdefault(key.name, set()).add(key.namespace)
+        # Short names ("web") are served only while unique across namespaces.
+        flips: set[Ref] = set()
+        for name, before in counts.items():
+            now = self.name_ns.get(name, set())
+            if (before == 1) != (len(now) == 1):
+                flips.update((ns, name) for ns in now)
+            if not now:
+                self.name_ns.pop(name, None)
+        return changed, flips
+
+    def _grants_changed(self, objs: Mapping[ObjectKey, Mapping[str, Any]]) -> set[ObjectKey]:
+        new = _grants(objs)
+        dirty: set[ObjectKey] = set()
+        for gk in self.grants.keys() | new.keys():
+            if self.grants.get(gk) != new.get(gk):
+                dirty |= self.grant_dependents.get(gk, set())
+        self.grants = new
+        return dirty
+
+    # -- EndpointSlices --------------------------------------------------------------------
+    def _endpoints(
+        self,
+        keys: set[ObjectKey],
+        objs: Mapping[ObjectKey, Mapping[str, Any]],
+        svc_changed: set[Ref],
+    ) -> set[PortKey]:
+        dirty = set(svc_changed)
+        for key in keys:
+            old_ref = self.slice_ref.pop(key, None)
+            if old_ref is not None:
+                self.slices_of[old_ref].discard(key)
+                dirty.add(old_ref)
+            self.slice_read.pop(key, None)
+            obj = objs.get(key)
+            if obj is not None:
+                ref = slice_service(obj)
+                self.slice_ref[key] = ref
+                self.slices_of.setdefault(ref, set()).add(key)
+                dirty.add(ref)
+        changed: set[PortKey] = set()
+        for ref in dirty:
+            svc = self.services.get(ref)
+            parts: dict[PortKey, list[list[ir.Endpoint]]] = {}
+            if svc is not None:
+                for skey in sorted(self.slices_of.get(ref, ())):
+                    obj = objs[skey]
+                    cached = self.slice_read.get(skey)
+                    if cached is not None and cached[0] is obj and cached[1] is svc:
+                        contributed = cached[2]
+                    else:
+                        contributed = slice_endpoints(obj, svc)
+                        self.slice_read[skey] = (obj, svc, contributed)
+                    for pk, eps in contributed.items():
+                        parts.setdefault(pk, []).append(eps)
+            if not self.slices_of.get(ref):
+                self.slices_of.pop(ref, None)
+            old_ports = self.eps_ports.pop(ref, set())
+            if parts:
+                self.eps_ports[ref] = set(parts)
+            for pk in old_ports | parts.keys():
+                old = self.eps.get(pk)
+                if pk not in parts:
+                    del self.eps[pk]
+                    changed.add(pk)
+                    continue
+                new = merge_endpoints(parts[pk])
+                if old is None or old != new:
+                    self.eps[pk] = new
+                    changed.add(pk)
+        return changed
+
+    # -- TrafficPolicies -------------------------------------------------------------------
+    def _policies(
+        self,
+        keys: set[ObjectKey],
+        current: Mapping[str, Mapping[ObjectKey, Mapping[str, Any]]],
+        svc_changed: set[Ref],
+    ) -> set[PortKey]:
+        deps = self.policy_deps
+        if not keys and not (svc_changed & deps or (svc_changed and _ANY in deps)):
+            return set()
+        objs = current["TrafficPolicy"]
+        for key in keys:
+            obj = objs.get(key)
+            if obj is None:
+                self.policies.pop(key, None)
+                self.conditions.pop(key, None)
+            else:
+                self.policies[key] = (read_traffic_policy(obj), generation(obj))
+        # Overrides and unresolved targets span policies: settle them all (policies are few;
+        # settings_for records on the models, so it gets fresh copies).
+        fresh = [
+            (key, replace(model, unresolved=[], overridden={}), gen)
+            for key, (model, gen) in sorted(self.policies.items())
+        ]
+        lookups: _Lookups[Ref, ServiceModel] = _Lookups(self.services)
+        settings = settings_for((m for _, m, _ in fresh), lookups)
+        self.policy_deps = lookups.seen
+        for key, model, gen in fresh:
+            self.conditions[key] = _policy_conditions(model, gen)
+        changed: set[PortKey] = set()
+        for pk in self.settings.keys() | settings.keys():
+            old, new = self.settings.get(pk), settings.get(pk)
+            if old == new:
+                if old is not None:
+                    settings[pk] = old
+                continue
+            changed.add(pk)
+        self.settings = settings
+        return changed
+
+    # -- Routes ----------------------------------------------------------------------------
+    def _route(
+        self, key: ObjectKey, obj: Mapping[str, Any] | None, usage_changed: set[PortKey]
+    ) -> set[Ref]:
+        """Re-read one route (or drop it). Returns the Services whose virtual hosts it touched."""
+        touched = self.route_parents.pop(key, set())
+        old = self.routes.pop(key, None)
+        if old is not None:
+            for ref in touched:
+                entries = self.attached[ref]
+                entries.pop(key, None)
+                if not entries:
+                    del self.attached[ref]
+            for pk in old.clusters:
+                self.route_used[pk] -= 1
+                if not self.route_used[pk]:
+                    del self.route_used[pk]
+                    usage_changed.add(pk)
+                users = self.cluster_users[pk]
+                users.discard(key)
+                if not users:
+                    del self.cluster_users[pk]
+        old_refs, old_grants = self.route_deps.pop(key, (set(), set()))
+        for ref in old_refs:
+            self.svc_dependents[ref].discard(key)
+        for gk in old_grants:
+            self.grant_dependents[gk].discard(key)
+        if obj is None:
+            self.conditions.pop(key, None)
+            return touched
+
+        services: _Lookups[Ref, ServiceModel] = _Lookups(self.services)
+        grants: _Lookups[GrantKey, list[Any]] = _Lookups(self.grants)
+        model: RouteModel = _READERS[key.kind](obj, services, grants)
+        self.routes[key] = model
+        self.conditions[key] = tuple(model.conditions)
+        self.route_deps[key] = (services.seen, grants.seen)
+        for ref in services.seen:
+            self.svc_dependents.setdefault(ref, set()).add(key)
+        for gk in grants.seen:
+            self.grant_dependents.setdefault(gk, set()).add(key)
+        parents: set[Ref] = set()
+        for e in model.entries:
+            ref = (e.parent[0], e.parent[1])
+            parents.add(ref)
+            self.attached.setdefault(ref, {}).setdefault(key, []).append(e)
+        if parents:
+            self.route_parents[key] = parents
+        for pk in model.clusters:
+            count = self.route_used.get(pk, 0)
+            self.route_used[pk] = count + 1
+            if not count:
+                usage_changed.add(pk)
+            self.cluster_users.setdefault(pk, set()).add(key)
+            self.cluster_keys[self.services[pk[:2]].cluster_name(pk[2])] = pk
+        return touched | parents
+
+    # -- per Service: virtual hosts, clusters, ServiceInfo ---------------------------------
+    def _virtual_hosts(self, ref: Ref, usage_changed: set[PortKey]) -> None:
+        svc = self.services.get(ref)
+        old_keys = self.vhost_keys.pop(ref, [])
+        old_defaults = self.defaults.pop(ref, set())
+        new_keys: list[VhostKey] = []
+        defaults: set[PortKey] = set()
+        if svc is not None:
+            ns, name = ref
+            attached = self.attached.get(ref, {})
+            # The order a full build would attach them in: HTTPRoutes, then GRPCRoutes, by key.
+            entries = [
+                e
+                for rkey in sorted(attached, key=lambda k: (_ROUTE_KINDS.index(k.kind), k))
+                for e in attached[rkey]
+            ]
+            short = len(self.name_ns.get(name, ())) == 1
+            hosts = svc.hostnames(short_name=short)
+            default_port = svc.default_port
+            lbs = _Lbs(self)
+            for index, sp in enumerate(svc.ports):
+                port = sp.port
+                mine = sorted(
+                    (e for e in entries if e.parent[2] in (None, port)), key=lambda e: e.sort_key
+                )
+                if not mine:
+                    cname = svc.cluster_name(port)
+                    default = ir.Route(
+                        name=f"Service/{ns}/{name}:{port}/default",
+                        backends=(ir.Backend(cname),),
+                        origins=(f"Service/{ns}/{name}",),
+                    )
+                    mine = [RouteEntry((ns, name, port), (), default)]
+                    defaults.add((ns, name, port))
+                    self.cluster_keys[cname] = (ns, name, port)
+                policy = self.settings.get((ns, name, port))
+                domains = [f"{h}:{port}" for h in hosts] + [
+                    f"{ip}:{port}" for ip in svc.cluster_ips
+                ]
+                if default_port is not None and default_port.port == port:
+                    domains += hosts
+                    if port == 80:
+                        domains += svc.cluster_ips
+                vkey = (ns, name, index)
+                vh = ir.VirtualHost(
+                    name=f"{ns}/{name}:{port}",
+                    domains=tuple(dict.fromkeys(domains)),
+                    routes=tuple(_finish(e, policy, lbs) for e in mine),
+                    origins=(f"Service/{ns}/{name}",),
+                )
+                old = self.vhosts.get(vkey)
+                self.vhosts.set(vkey, old if old is not None and old == vh else vh)
+                new_keys.append(vkey)
+        for vkey in old_keys:
+            if vkey not in new_keys:
+                self.vhosts.remove(vkey)
+        if new_keys:
+            self.vhost_keys[ref] = new_keys
+        if defaults:
+            self.defaults[ref] = defaults
+        for pk in old_defaults - defaults:
+            self.default_used.discard(pk)
+            usage_changed.add(pk)
+        for pk in defaults - old_defaults:
+            self.default_used.add(pk)
+            usage_changed.add(pk)
+
+    def _cluster(self, pk: PortKey) -> None:
+        ns, name, port = pk
+        svc = self.services.get((ns, name))
+        if svc is None or not (self.route_used.get(pk) or pk in self.default_used):
+            self.clusters.remove(pk)
+            self.cla.remove(pk)
+            return
+        pm = svc.port(port)
+        s = self.settings.get(pk) or PolicySettings()
+        cname = svc.cluster_name(port)
+        origins = (f"Service/{ns}/{name}",) + tuple(
+            o
+            for o in s.origins
+            if s.connect_timeout_ms
+            or s.circuit_breaker
+            or s.outlier
+            or s.lb
+            or s.budget_percent is not None
+            or s.budget_min_concurrency is not None
+        )
+        cluster = ir.Cluster(
+            name=cname,
+            service=f"{ns}/{name}",
+            port=port,
+            http2=bool(pm and pm.http2),
+            connect_timeout_ms=s.connect_timeout_ms,
+            circuit_breaker=s.cluster_breaker(),
+            outlier=s.outlier,
+            lb=s.lb,
+            origins=origins,
+        )
+        old = self.clusters.get(pk)
+        self.clusters.set(pk, old if old is not None and old == cluster else cluster)
+        eps = self.eps.get(pk, ())
+        old_cla = self.cla.get(pk)
+        if old_cla is None or old_cla.cluster != cname or old_cla.endpoints != eps:
+            self.cla.set(pk, ir.ClusterEndpoints(cname, eps))
+
+    def _info(self, ref: Ref) -> None:
+        svc = self.services.get(ref)
+        if svc is None:
+            self.infos.remove(ref)
+            return
+        ns, name = ref
+        needs_l7 = ref in self.attached or any(
+            (ns, name, p.port) in self.settings for p in svc.ports
+        )
+        info = ir.ServiceInfo(
+            f"{ns}/{name}",
+            svc.cluster_ips,
+            tuple(p.port for p in svc.ports),
+            needs_l7,
+            tuple(self.eps.get((ns, name, p.port), ()) for p in svc.ports),
+        )
+        old = self.infos.get(ref)
+        self.infos.set(ref, old if old is not None and old == info else info)

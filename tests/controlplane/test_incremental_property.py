@@ -1,0 +1,309 @@
+"""Property: after any sequence of store changes, an incremental build (warm memo) equals a
+build from scratch, IR and conditions. The object universe is small on purpose, so that random
+changes often hit cross-references: routes whose parent or backend Service comes and goes,
+ports that disappear, policies that target, overlap and override each other, ReferenceGrants
+that allow a cross-namespace backend, slices that move between Services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodemesh.controlplane.builder import BuildMemo, build
+from nodemesh.controlplane.store import ObjectKey, Store, key_of
+
+NAMESPACES = ("a", "b")
+SERVICES = ("s0", "s1", "s2")
+PORTS = ((80, "http"), (81, "grpc"), (9090, "admin"))
+
+ns_ = st.sampled_from(NAMESPACES)
+svc_ = st.sampled_from(SERVICES)
+port_ = st.sampled_from([p for p, _ in PORTS] + [7])
+
+
+@st.composite
+def service(draw: st.DrawFn) -> dict[str, Any]:
+    ports = draw(st.lists(st.sampled_from(PORTS), unique=True, max_size=3))
+    spec: dict[str, Any] = {
+        "clusterIP": draw(st.sampled_from(["10.96.0.1", "10.96.0.2", "None"])),
+        "ports": [
+            {"name": n, "port": p, **({"appProtocol": "grpc"} if n == "grpc" else {})}
+            for p, n in ports
+        ],
+    }
+    if draw(st.integers(0, 9)) == 0:
+        spec = {"type": "ExternalName", "externalName": "example.com"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": draw(svc_), "namespace": draw(ns_)},
+        "spec": spec,
+    }
+
+
+@st.composite
+def endpoint_slice(draw: st.DrawFn) -> dict[str, Any]:
+    endpoints = []
+    for _ in range(draw(st.integers(0, 3))):
+        ready = draw(st.booleans())
+        endpoints.append(
+            {
+                "addresses": [f"10.0.0.{draw(st.integers(1, 4))}"],
+                "conditions": {"ready": ready, "serving": True, "terminating": not ready},
+                "nodeName": draw(st.sampled_from(["n1", "n2"])),
+            }
+        )
+    names = draw(st.lists(st.sampled_from([n for _, n in PORTS]), unique=True, max_size=2))
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"sl{draw(st.integers(0, 3))}",
+            "namespace": draw(ns_),
+            "labels": {"kubernetes.io/service-name": draw(svc_)},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": n, "port": 8000 + i} for i, n in enumerate(names)],
+        "endpoints": endpoints,
+    }
+
+
+@st.composite
+def backend_ref(draw: st.DrawFn) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": draw(svc_), "port": draw(port_)}
+    if draw(st.booleans()):
+        ref["namespace"] = draw(ns_)
+    if draw(st.booleans()):
+        ref["weight"] = draw(st.integers(0, 3))
+    return ref
+
+
+@st.composite
+def route(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["HTTPRoute", "GRPCRoute"]))
+    parents = []
+    for _ in range(draw(st.integers(1, 2))):
+        parent: dict[str, Any] = {"kind": "Service", "name": draw(svc_)}
+        if draw(st.booleans()):
+            parent["port"] = draw(port_)
+        if draw(st.integers(0, 4)) == 0:
+            parent["namespace"] = draw(ns_)
+        parents.append(parent)
+    rules = []
+    for _ in range(draw(st.integers(1, 2))):
+        rule: dict[str, Any] = {"backendRefs": draw(st.lists(backend_ref(), max_size=2))}
+        if kind == "HTTPRoute" and draw(st.booleans()):
+            rule["matches"] = [{"path": {"type": "PathPrefix", "value": "/x"}}]
+        if kind == "HTTPRoute" and draw(st.booleans()):
+            rule["retry"] = {"attempts": draw(st.integers(0, 3))}
+        if draw(st.integers(0, 3)) == 0:
+            rule["filters"] = [
+                {"type": "RequestMirror", "requestMirror": {"backendRef": draw(backend_ref())}}
+            ]
+        rules.append(rule)
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": kind,
+        "metadata": {
+            "name": f"r{draw(st.integers(0, 2))}",
+            "namespace": draw(ns_),
+            "creationTimestamp": f"2026-01-0{draw(st.integers(1, 3))}T00:00:00Z",
+        },
+        "spec": {"parentRefs": parents, "rules": rules},
+    }
+
+
+@st.composite
+def policy(draw: st.DrawFn) -> dict[str, Any]:
+    targets = []
+    for _ in range(draw(st.integers(1, 2))):
+        t: dict[str, Any] = {"group": "", "kind": "Service", "name": draw(svc_)}
+        if draw(st.booleans()):
+            t["sectionName"] = draw(st.sampled_from([n for _, n in PORTS] + ["nope"]))
+        targets.append(t)
+    spec: dict[str, Any] = {"targetRefs": targets}
+    if draw(st.booleans()):
+        spec["outlierDetection"] = {"consecutive5xx": draw(st.integers(1, 5))}
+    if draw(st.booleans()):
+        spec["loadBalancer"] = draw(
+            st.sampled_from(
+                [
+                    {"type": "RingHash", "hashOn": {"header": "x-user"}},
+                    {"type": "LeastRequest"},
+                ]
+            )
+        )
+    if draw(st.booleans()):
+        spec["retry"] = {"attempts": draw(st.integers(1, 3)), "retryOn": ["5xx"]}
+    if draw(st.booleans()):
+        spec["timeouts"] = {"request": draw(st.sampled_from(["1s", "2s", "bad"]))}
+    return {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {
+            "name": f"p{draw(st.integers(0, 2))}",
+            "namespace": draw(ns_),
+            "creationTimestamp": f"2026-01-0{draw(st.integers(1, 3))}T00:00:00Z",
+        },
+        "spec": spec,
+    }
+
+
+@st.composite
+def grant(draw: st.DrawFn) -> dict[str, Any]:
+    to: dict[str, Any] = {"group": "", "kind": "Service"}
+    if draw(st.booleans()):
+        to["name"] = draw(svc_)
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": f"g{draw(st.integers(0, 1))}", "namespace": draw(ns_)},
+        "spec": {
+            "from": [
+                {
+                    "group": "gateway.networking.k8s.io",
+                    "kind": draw(st.sampled_from(["HTTPRoute", "GRPCRoute"])),
+                    "namespace": draw(ns_),
+                }
+            ],
+            "to": [to],
+        },
+    }
+
+
+@st.composite
+def node_or_pod(draw: st.DrawFn) -> dict[str, Any]:
+    if draw(st.booleans()):
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": draw(st.sampled_from(["n1", "n2"]))},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]},
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"pod{draw(st.integers(0, 2))}", "namespace": draw(ns_)},
+        "spec": {"nodeName": draw(st.sampled_from(["n1", "n2"]))},
+        "status": {"podIP": f"10.0.0.{draw(st.integers(1, 4))}", "phase": "Running"},
+    }
+
+
+objects = st.one_of(service(), endpoint_slice(), route(), policy(), grant(), node_or_pod())
+# An operation: apply an object, or delete the object with that key.
+operations = st.tuples(st.sampled_from(["apply", "apply", "delete"]), objects)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(operations, min_size=1, max_size=4), min_size=1, max_size=10))
+def test_incremental_build_equals_a_build_from_scratch(
+    batches: list[list[tuple[str, dict[str, Any]]]],
+) -> None:
+    store, memo = Store(), BuildMemo()
+    build(store.view(), memo=memo)
+    for batch in batches:
+        for op, obj in batch:
+            if op == "apply":
+                store.apply(obj)
+            else:
+                store.delete(key_of(obj))
+        view = store.view()
+        warm = build(view, memo=memo)
+        cold = build(view)
+        assert warm.mesh == cold.mesh
+        assert dict(warm.conditions) == dict(cold.conditions)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(operations, min_size=1, max_size=4), min_size=1, max_size=6))
+def test_incremental_build_of_plain_mappings_equals_a_build_from_scratch(
+    batches: list[list[tuple[str, dict[str, Any]]]],
+) -> None:
+    """Inputs that are not store views (no change log) are diffed by identity per kind."""
+    store, memo = Store(), BuildMemo()
+    for batch in batches:
+        for op, obj in batch:
+            if op == "apply":
+                store.apply(obj)
+            else:
+                store.delete(key_of(obj))
+        objs: dict[ObjectKey, Any] = dict(store.view())
+        assert build(objs, memo=memo) == build(objs)
+
+
+def _svc(name: str, ns: str = "a") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": "10.96.0.9", "ports": [{"name": "http", "port": 80}]},
+    }
+
+
+def _route(parent: str, backend: str, backend_ns: str | None = None) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": backend, "port": 80}
+    if backend_ns:
+        ref["namespace"] = backend_ns
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "a"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": parent}],
+            "rules": [{"backendRefs": [ref]}],
+        },
+    }
+
+
+def _steps_agree(steps: list[tuple[str, dict[str, Any]]]) -> None:
+    store, memo = Store(), BuildMemo()
+    for op, obj in steps:
+        if op == "apply":
+            store.apply(obj)
+        else:
+            store.delete(key_of(obj))
+        assert build(store.view(), memo=memo) == build(store.view()), (op, obj)
+
+
+def test_a_hash_policy_on_a_backend_reaches_the_routes_of_other_services() -> None:
+    ring = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "p", "namespace": "a"},
+        "spec": {
+            "targetRefs": [{"group": "", "kind": "Service", "name": "s1"}],
+            "loadBalancer": {"type": "RingHash", "hashOn": {"header": "x-user"}},
+        },
+    }
+    _steps_agree(
+        [
+            ("apply", _svc("s0")),
+            ("apply", _svc("s1")),
+            ("apply", _route("s0", "s1")),
+            ("apply", ring),
+            ("delete", ring),
+        ]
+    )
+
+
+def test_a_reference_grant_resolves_and_unresolves_a_cross_namespace_backend() -> None:
+    grant_obj = {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": "g", "namespace": "b"},
+        "spec": {
+            "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "a"}],
+            "to": [{"group": "", "kind": "Service"}],
+        },
+    }
+    _steps_agree(
+        [
+            ("apply", _svc("s0")),
+            ("apply", _svc("s1", ns="b")),
+            ("apply", _route("s0", "s1", backend_ns="b")),
+            ("apply", grant_obj),
+            ("delete", grant_obj),
+        ]
+    )
