@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.store import ObjectKey, Store, key_of
+from nodemesh.xds.translate import Translator
 
 NAMESPACES = ("a", "b")
 SERVICES = ("s0", "s1", "s2")
@@ -201,8 +202,8 @@ operations = st.tuples(st.sampled_from(["apply", "apply", "delete"]), objects)
 def test_incremental_build_equals_a_build_from_scratch(
     batches: list[list[tuple[str, dict[str, Any]]]],
 ) -> None:
-    store, memo = Store(), BuildMemo()
-    build(store.view(), memo=memo)
+    store, memo, translator = Store(), BuildMemo(), Translator()
+    translator.translate(build(store.view(), memo=memo).mesh).snapshot()
     for batch in batches:
         for op, obj in batch:
             if op == "apply":
@@ -214,6 +215,17 @@ def test_incremental_build_equals_a_build_from_scratch(
         cold = build(view)
         assert warm.mesh == cold.mesh
         assert dict(warm.conditions) == dict(cold.conditions)
+        # The memoizing Translator and the snapshot derived from the previous one agree with a
+        # fresh translation, version for version.
+        got, want = translator.translate(warm.mesh), Translator().translate(cold.mesh)
+        assert got.origins == want.origins
+        assert got.per_node.keys() == want.per_node.keys()
+        for node in (None, *want.per_node):
+            a, b = got.snapshot(node), want.snapshot(node)
+            assert a.type_urls == b.type_urls
+            for t in b.type_urls:
+                assert a.version(t) == b.version(t)
+                assert dict(a.resources(t)) == dict(b.resources(t))
 
 
 @settings(max_examples=100, deadline=None)

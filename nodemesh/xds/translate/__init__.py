@@ -12,14 +12,16 @@ previous `Resource`, so one endpoint change re-serializes one ClusterLoadAssignm
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import compress
+from operator import is_not
 from typing import Generic, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf.message import Message
 
 from nodemesh.xds import types
-from nodemesh.xds.cache import Resource, Snapshot
+from nodemesh.xds.cache import Resource, Snapshot, TypeSet
 from nodemesh.xds.translate import ir
 from nodemesh.xds.translate.cluster import cluster
 from nodemesh.xds.translate.endpoint import load_assignment
@@ -35,6 +37,20 @@ LISTENER_NAME = "outbound"
 Origins = frozenset[str]
 
 
+Changes = Mapping[str, tuple[tuple[Resource, ...], tuple[str, ...]]]
+
+
+class _SharedSnapshot:
+    """The shared snapshot, made on first use: from the previous translation's snapshot plus
+    the changes when the Translator knows them, else from scratch."""
+
+    __slots__ = ("base", "changes", "value")
+
+    def __init__(self, base: Snapshot | None, changes: Changes | None) -> None:
+        self.base, self.changes = base, changes
+        self.value: Snapshot | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Translation:
     """Envoy resources for the mesh. `shared` goes to every node; `per_node` adds to it (today:
@@ -46,13 +62,35 @@ class Translation:
     shared: Mapping[str, tuple[Resource, ...]]
     per_node: Mapping[str, Mapping[str, tuple[Resource, ...]]]
     origins: Mapping[tuple[str, str], Origins]
+    _snapshot: _SharedSnapshot = field(
+        default_factory=lambda: _SharedSnapshot(None, None), compare=False, repr=False
+    )
 
     def snapshot(self, node: str | None = None) -> Snapshot:
+        """The snapshot for `node` (None: the shared one). Nodes without extra resources get
+        the same shared Snapshot object; the others share its TypeSets."""
+        shared = self.shared_snapshot()
         extra = self.per_node.get(node, {}) if node is not None else {}
         if not extra:
-            return Snapshot(self.shared)
-        merged = {t: (*self.shared.get(t, ()), *extra.get(t, ())) for t in {*self.shared, *extra}}
-        return Snapshot(merged)
+            return shared
+        if any(t in self.shared for t in extra):
+            merged = {
+                t: (*self.shared.get(t, ()), *extra.get(t, ())) for t in {*self.shared, *extra}
+            }
+            return Snapshot(merged)
+        type_sets = {t: ts for t in shared.type_urls if (ts := shared.type_set(t)) is not None}
+        type_sets.update({t: TypeSet(rs) for t, rs in extra.items()})
+        return Snapshot.of_type_sets(type_sets)
+
+    def shared_snapshot(self) -> Snapshot:
+        lazy = self._snapshot
+        if lazy.value is None:
+            if lazy.base is not None and lazy.changes is not None:
+                lazy.value = lazy.base.updated(lazy.changes)
+            else:
+                lazy.value = Snapshot(self.shared)
+            lazy.base = lazy.changes = None
+        return lazy.value
 
 
 def translate_messages(mesh: ir.Mesh) -> dict[str, list[Message]]:
@@ -105,8 +143,42 @@ class _Memo(Generic[K, V, Out]):
         self._last = new
 
 
+@dataclass(slots=True)
+class _Last:
+    """What the previous `translate` saw and made, for the identity fast paths."""
+
+    mesh: ir.Mesh
+    translation: Translation
+    eds_names: dict[str, str]
+    cluster_origins: dict[str, Origins]
+
+
+def _changed_positions(old: tuple[object, ...], new: tuple[object, ...]) -> list[int] | None:
+    """Positions whose item is not the same object, or None when the lengths differ."""
+    if len(old) != len(new):
+        return None
+    return list(compress(range(len(new)), map(is_not, old, new)))
+
+
+def _delta(
+    old: tuple[Resource, ...], new: tuple[Resource, ...]
+) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
+    """(resources new or replaced, names gone) from `old` to `new`."""
+    positions = _changed_positions(old, new)
+    if positions is not None and all(old[i].name == new[i].name for i in positions):
+        return tuple(new[i] for i in positions), ()
+    before = {r.name: r for r in old}
+    names = {r.name for r in new}
+    upserts = tuple(r for r in new if before.get(r.name) is not r)
+    return upserts, tuple(n for n in before if n not in names)
+
+
 class Translator:
-    """Memoizing translator. Not thread-safe; one per pipeline."""
+    """Memoizing translator. Not thread-safe; one per pipeline.
+
+    Fast paths rely on the build keeping unchanged IR objects (and unchanged tuples of them) by
+    identity: an unchanged tuple is not looked at, and a changed one is compared position by
+    position with `is`, so one endpoint change costs one ClusterLoadAssignment."""
 
     def __init__(self) -> None:
         self._clusters: _Memo[str, ir.Cluster, Resource] = _Memo(
@@ -119,41 +191,29 @@ class Translator:
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
         self._listener: tuple[tuple[str, int, str], Resource] | None = None
         self._service_maps = ServiceMaps()
+        self._last: _Last | None = None
 
     def translate(self, mesh: ir.Mesh) -> Translation:
-        origins: dict[tuple[str, str], Origins] = {}
+        last = self._last
+        if last is not None and last.mesh is mesh:
+            return last.translation
+        same_clusters = last is not None and last.mesh.clusters is mesh.clusters
+        if last is not None and same_clusters:
+            clusters = last.translation.shared[types.CLUSTER]
+            eds_names, cluster_origins = last.eds_names, last.cluster_origins
+        else:
+            new_clusters: dict[str, tuple[ir.Cluster, Resource]] = {}
+            clusters = tuple(self._clusters.get(c.name, c, new_clusters) for c in mesh.clusters)
+            self._clusters.swap(new_clusters)
+            cluster_origins, eds_names = {}, {}
+            for c, r in zip(mesh.clusters, clusters, strict=True):
+                cluster_origins[c.name] = frozenset(c.origins)
+                message = r.message
+                assert isinstance(message, cluster_pb2.Cluster)
+                eds_names[c.name] = message.eds_cluster_config.service_name
 
-        new_clusters: dict[str, tuple[ir.Cluster, Resource]] = {}
-        clusters = tuple(self._clusters.get(c.name, c, new_clusters) for c in mesh.clusters)
-        self._clusters.swap(new_clusters)
-        cluster_origins: dict[str, Origins] = {}
-        eds_names: dict[str, str] = {}
-        for c, r in zip(mesh.clusters, clusters, strict=True):
-            cluster_origins[c.name] = frozenset(c.origins)
-            origins[(types.CLUSTER, c.name)] = cluster_origins[c.name]
-            message = r.message
-            assert isinstance(message, cluster_pb2.Cluster)
-            eds_names[c.name] = message.eds_cluster_config.service_name
-
-        new_eps: dict[str, tuple[tuple[ir.ClusterEndpoints, str], Resource]] = {}
-        endpoints = tuple(
-            self._endpoints.get(e.cluster, (e, eds_names[e.cluster]), new_eps)
-            for e in mesh.endpoints
-        )
-        self._endpoints.swap(new_eps)
-        for e in mesh.endpoints:
-            origins[(types.ENDPOINT, eds_names[e.cluster])] = cluster_origins.get(
-                e.cluster, frozenset()
-            )
-
+        endpoints = self._endpoint_resources(mesh, last if same_clusters else None, eds_names)
         route = self._route_resource(mesh)
-        route_origins: set[str] = set()
-        for v in mesh.virtual_hosts:
-            route_origins.update(v.origins)
-            for rt in v.routes:
-                route_origins.update(rt.origins)
-        origins[(types.ROUTE, route.name)] = frozenset(route_origins)
-
         key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name)
         if self._listener is None or self._listener[0] != key:
             self._listener = (key, Resource.from_message(_listener(mesh)))
@@ -163,15 +223,106 @@ class Translator:
             types.LISTENER: (self._listener[1],),
             types.ROUTE: (route,),
         }
-        per_node = {
-            node: {SERVICE_MAP_TYPE_URL: (r,)}
-            for node, r in self._service_maps.resources(mesh).items()
-        }
-        return Translation(shared=shared, per_node=per_node, origins=origins)
+
+        same_endpoint_names = (
+            last is not None
+            and same_clusters
+            and len(mesh.endpoints) == len(last.mesh.endpoints)
+            and all(
+                a is b or a.cluster == b.cluster
+                for a, b in zip(mesh.endpoints, last.mesh.endpoints, strict=True)
+            )
+        )
+        if (
+            last is not None
+            and same_endpoint_names
+            and last.mesh.virtual_hosts is mesh.virtual_hosts
+        ):
+            origins = last.translation.origins
+        else:
+            origins = self._origins(mesh, cluster_origins, eds_names, route)
+
+        if last is not None and (
+            last.mesh.services is mesh.services
+            and last.mesh.node_infos is mesh.node_infos
+            and last.mesh.outbound_port == mesh.outbound_port
+        ):
+            per_node = last.translation.per_node
+        elif not mesh.node_infos:
+            per_node = {}  # ServiceMaps compares with what it saw last, whenever it runs next
+        else:
+            per_node = {
+                node: {SERVICE_MAP_TYPE_URL: (r,)}
+                for node, r in self._service_maps.resources(mesh).items()
+            }
+
+        lazy = _SharedSnapshot(None, None)
+        if last is not None and (base := last.translation._snapshot.value) is not None:
+            old = last.translation.shared
+            changes = {
+                t: d
+                for t in shared
+                if old.get(t) is not shared[t]
+                and (d := _delta(old.get(t, ()), shared[t])) != ((), ())
+            }
+            if shared.keys() == old.keys():
+                lazy = _SharedSnapshot(base, changes)
+        translation = Translation(shared=shared, per_node=per_node, origins=origins, _snapshot=lazy)
+        self._last = _Last(mesh, translation, eds_names, cluster_origins)
+        return translation
+
+    def _endpoint_resources(
+        self, mesh: ir.Mesh, last: _Last | None, eds_names: Mapping[str, str]
+    ) -> tuple[Resource, ...]:
+        if last is not None:
+            old_ir, old = last.mesh.endpoints, last.translation.shared[types.ENDPOINT]
+            if old_ir is mesh.endpoints:
+                return old
+            positions = _changed_positions(old_ir, mesh.endpoints)
+            if positions is not None and all(
+                old_ir[i].cluster == mesh.endpoints[i].cluster for i in positions
+            ):
+                out = list(old)
+                memo = self._endpoints
+                for i in positions:
+                    e = mesh.endpoints[i]
+                    out[i] = memo.get(e.cluster, (e, eds_names[e.cluster]), memo._last)
+                return tuple(out)
+        new_eps: dict[str, tuple[tuple[ir.ClusterEndpoints, str], Resource]] = {}
+        endpoints = tuple(
+            self._endpoints.get(e.cluster, (e, eds_names[e.cluster]), new_eps)
+            for e in mesh.endpoints
+        )
+        self._endpoints.swap(new_eps)
+        return endpoints
+
+    @staticmethod
+    def _origins(
+        mesh: ir.Mesh,
+        cluster_origins: Mapping[str, Origins],
+        eds_names: Mapping[str, str],
+        route: Resource,
+    ) -> dict[tuple[str, str], Origins]:
+        origins: dict[tuple[str, str], Origins] = {}
+        for name, o in cluster_origins.items():
+            origins[(types.CLUSTER, name)] = o
+        for e in mesh.endpoints:
+            origins[(types.ENDPOINT, eds_names[e.cluster])] = cluster_origins.get(
+                e.cluster, frozenset()
+            )
+        route_origins: set[str] = set()
+        for v in mesh.virtual_hosts:
+            route_origins.update(v.origins)
+            for rt in v.routes:
+                route_origins.update(rt.origins)
+        origins[(types.ROUTE, route.name)] = frozenset(route_origins)
+        return origins
 
     def _route_resource(self, mesh: ir.Mesh) -> Resource:
         last = self._route
         vhosts = mesh.virtual_hosts
+        if last is not None and last[1] is vhosts and last[0] == mesh.route_config_name:
+            return last[2]
         if (
             last is not None
             and last[0] == mesh.route_config_name
