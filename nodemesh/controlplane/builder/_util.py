@@ -28,6 +28,8 @@ class Problems(list[str]):
 
 
 def as_map(value: Any) -> Mapping[str, Any]:
+    if type(value) is dict:  # the common case, without the slow ABC instance check
+        return value
     return value if isinstance(value, Mapping) else {}
 
 

@@ -24,7 +24,7 @@ _HCM_TYPE = types.TYPE_PREFIX + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_na
 class TypeSet:
     """The resources of one type in a snapshot, by name, and the version of the whole set."""
 
-    __slots__ = ("_lines", "_order", "items", "version")
+    __slots__ = ("_items", "_lines", "_order", "items", "version")
 
     def __init__(self, resources: Iterable[Resource]) -> None:
         items: dict[str, Resource] = {}
@@ -32,6 +32,7 @@ class TypeSet:
             if r.name in items:
                 raise ValueError(f"duplicate {types.short_name(r.type_url)} resource {r.name!r}")
             items[r.name] = r
+        self._items = items
         self.items: Mapping[str, Resource] = MappingProxyType(items)
         # The type version hashes the sorted (name, version) pairs: equal content gives an equal
         # version in any process, which is what lets a restarted control plane match Envoy.
@@ -43,7 +44,7 @@ class TypeSet:
     def updated(self, upserts: Iterable[Resource], removed: Iterable[str] = ()) -> TypeSet:
         """A new TypeSet: this one with `upserts` added or replaced (by name) and `removed`
         left out. Equal to building it from the full list, at a cost in the changes."""
-        items = dict(self.items)
+        items = self._items.copy()
         order, lines = list(self._order), list(self._lines)
         seen: set[str] = set()
         for r in upserts:
@@ -63,6 +64,7 @@ class TypeSet:
                 i = bisect_left(order, name)
                 del order[i], lines[i]
         out = TypeSet.__new__(TypeSet)
+        out._items = items
         out.items = MappingProxyType(items)
         out._order, out._lines = order, lines
         out.version = content_version(b"".join(lines))

@@ -212,7 +212,9 @@ class Translator:
                 assert isinstance(message, cluster_pb2.Cluster)
                 eds_names[c.name] = message.eds_cluster_config.service_name
 
-        endpoints = self._endpoint_resources(mesh, last if same_clusters else None, eds_names)
+        endpoints, endpoint_upserts = self._endpoint_resources(
+            mesh, last if same_clusters else None, eds_names
+        )
         route = self._route_resource(mesh)
         key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name)
         if self._listener is None or self._listener[0] != key:
@@ -224,18 +226,10 @@ class Translator:
             types.ROUTE: (route,),
         }
 
-        same_endpoint_names = (
-            last is not None
-            and same_clusters
-            and len(mesh.endpoints) == len(last.mesh.endpoints)
-            and all(
-                a is b or a.cluster == b.cluster
-                for a, b in zip(mesh.endpoints, last.mesh.endpoints, strict=True)
-            )
-        )
+        # Same clusters and the same endpoint names (patched in place): the origins stand.
         if (
             last is not None
-            and same_endpoint_names
+            and endpoint_upserts is not None
             and last.mesh.virtual_hosts is mesh.virtual_hosts
         ):
             origins = last.translation.origins
@@ -263,7 +257,12 @@ class Translator:
                 t: d
                 for t in shared
                 if old.get(t) is not shared[t]
-                and (d := _delta(old.get(t, ()), shared[t])) != ((), ())
+                and (
+                    d := (endpoint_upserts, ())
+                    if t == types.ENDPOINT and endpoint_upserts is not None
+                    else _delta(old.get(t, ()), shared[t])
+                )
+                != ((), ())
             }
             if shared.keys() == old.keys():
                 lazy = _SharedSnapshot(base, changes)
@@ -273,28 +272,34 @@ class Translator:
 
     def _endpoint_resources(
         self, mesh: ir.Mesh, last: _Last | None, eds_names: Mapping[str, str]
-    ) -> tuple[Resource, ...]:
+    ) -> tuple[tuple[Resource, ...], tuple[Resource, ...] | None]:
+        """The ClusterLoadAssignments, and which of them are new when the names are the same
+        as last time (None when that is not known)."""
         if last is not None:
             old_ir, old = last.mesh.endpoints, last.translation.shared[types.ENDPOINT]
             if old_ir is mesh.endpoints:
-                return old
+                return old, ()
             positions = _changed_positions(old_ir, mesh.endpoints)
             if positions is not None and all(
                 old_ir[i].cluster == mesh.endpoints[i].cluster for i in positions
             ):
                 out = list(old)
                 memo = self._endpoints
+                upserts = []
                 for i in positions:
                     e = mesh.endpoints[i]
-                    out[i] = memo.get(e.cluster, (e, eds_names[e.cluster]), memo._last)
-                return tuple(out)
+                    r = memo.get(e.cluster, (e, eds_names[e.cluster]), memo._last)
+                    if r is not out[i]:
+                        out[i] = r
+                        upserts.append(r)
+                return tuple(out), tuple(upserts)
         new_eps: dict[str, tuple[tuple[ir.ClusterEndpoints, str], Resource]] = {}
         endpoints = tuple(
             self._endpoints.get(e.cluster, (e, eds_names[e.cluster]), new_eps)
             for e in mesh.endpoints
         )
         self._endpoints.swap(new_eps)
-        return endpoints
+        return endpoints, None
 
     @staticmethod
     def _origins(
