@@ -301,11 +301,6 @@ async def test_adding_an_httproute_flips_new_connections_to_the_node_envoy(feed:
     assert after["l4_picks"] == before["l4_picks"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the node Envoy routes by Host; the restored original destination does not pick the "
-    "route (docs/ebpf.md, 'The control-plane feed')",
-)
 async def test_a_redirected_connection_is_routed_by_its_original_destination(
     feed: Feed,
 ) -> None:

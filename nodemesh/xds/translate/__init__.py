@@ -11,6 +11,7 @@ previous `Resource`, so one endpoint change re-serializes one ClusterLoadAssignm
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import compress
@@ -25,8 +26,12 @@ from nodemesh.xds.cache import Resource, Snapshot, TypeSet
 from nodemesh.xds.translate import ir
 from nodemesh.xds.translate.cluster import cluster
 from nodemesh.xds.translate.endpoint import load_assignment
-from nodemesh.xds.translate.listener import outbound_listener
-from nodemesh.xds.translate.route import route_configuration, virtual_host
+from nodemesh.xds.translate.listener import Destination, outbound_listener
+from nodemesh.xds.translate.route import (
+    destination_route_configuration,
+    route_configuration,
+    virtual_host,
+)
 from nodemesh.xds.translate.servicemap import TYPE_URL as SERVICE_MAP_TYPE_URL
 from nodemesh.xds.translate.servicemap import ServiceMaps
 
@@ -97,21 +102,71 @@ def translate_messages(mesh: ir.Mesh) -> dict[str, list[Message]]:
     """The Envoy messages for `mesh`, by type URL, in a stable order (no memoization)."""
     clusters = [cluster(c) for c in mesh.clusters]
     eds = {c.name: c.eds_cluster_config.service_name for c in clusters}
+    destinations, dest_vhosts = l7_destinations(mesh)
     return {
         types.CLUSTER: list(clusters),
         types.ENDPOINT: [load_assignment(e, eds[e.cluster]) for e in mesh.endpoints],
-        types.LISTENER: [_listener(mesh)],
+        types.LISTENER: [_listener(mesh, destinations)],
         types.ROUTE: [
             route_configuration(
                 mesh.route_config_name, (virtual_host(v) for v in mesh.virtual_hosts)
-            )
+            ),
+            *(_destination_routes(v) for v in dest_vhosts),
         ],
     }
 
 
-def _listener(mesh: ir.Mesh) -> Message:
+def destination_route_name(vhost: str) -> str:
+    """The route configuration that redirected connections to one Service port use."""
+    return f"{LISTENER_NAME}/{vhost}"
+
+
+def l7_destinations(mesh: ir.Mesh) -> tuple[tuple[Destination, ...], tuple[ir.VirtualHost, ...]]:
+    """Every (ClusterIP, port) that the node agents send to Envoy (Services that need L7), with
+    its route configuration name; and the virtual hosts those route configurations carry.
+    A ClusterIP:port claimed by two Services goes to the first by name, as in the node maps."""
+    vhosts = {v.name: v for v in mesh.virtual_hosts}
+    seen: set[tuple[str, int]] = set()
+    destinations: list[Destination] = []
+    used: dict[str, ir.VirtualHost] = {}
+    for svc in sorted(mesh.services, key=lambda s: s.name):
+        if not svc.needs_l7:
+            continue
+        for port in svc.ports:
+            vh = vhosts.get(f"{svc.name}:{port}")
+            if vh is None:
+                continue
+            for ip in svc.cluster_ips:
+                if (ip, port) in seen or not _is_ip(ip):
+                    continue
+                seen.add((ip, port))
+                destinations.append((ip, port, destination_route_name(vh.name)))
+                used[vh.name] = vh
+    return tuple(destinations), tuple(used[n] for n in sorted(used))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _destination_routes(vh: ir.VirtualHost) -> Message:
+    config: Message = destination_route_configuration(
+        destination_route_name(vh.name), virtual_host(vh)
+    )
+    return config
+
+
+def _listener(mesh: ir.Mesh, destinations: tuple[Destination, ...] = ()) -> Message:
     listener: Message = outbound_listener(
-        LISTENER_NAME, mesh.outbound_address, mesh.outbound_port, mesh.route_config_name
+        LISTENER_NAME,
+        mesh.outbound_address,
+        mesh.outbound_port,
+        mesh.route_config_name,
+        destinations,
     )
     return listener
 
@@ -189,7 +244,18 @@ class Translator:
         )
         self._vhosts: _Memo[str, ir.VirtualHost, Message] = _Memo(virtual_host)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
-        self._listener: tuple[tuple[str, int, str], Resource] | None = None
+        self._listener: tuple[tuple[str, int, str, tuple[Destination, ...]], Resource] | None = None
+        self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(
+            lambda v: Resource.from_message(_destination_routes(v))
+        )
+        self._destinations: (
+            tuple[
+                tuple[object, object],
+                tuple[tuple[Destination, ...], tuple[ir.VirtualHost, ...]],
+                tuple[Resource, ...],
+            ]
+            | None
+        ) = None
         self._service_maps = ServiceMaps()
         self._last: _Last | None = None
 
@@ -216,14 +282,15 @@ class Translator:
             mesh, last if same_clusters else None, eds_names
         )
         route = self._route_resource(mesh)
-        key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name)
+        (destinations, dest_vhosts), dest_routes = self._destination_resources(mesh)
+        key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name, destinations)
         if self._listener is None or self._listener[0] != key:
-            self._listener = (key, Resource.from_message(_listener(mesh)))
+            self._listener = (key, Resource.from_message(_listener(mesh, destinations)))
         shared = {
             types.CLUSTER: clusters,
             types.ENDPOINT: endpoints,
             types.LISTENER: (self._listener[1],),
-            types.ROUTE: (route,),
+            types.ROUTE: (route, *dest_routes),
         }
 
         # Same clusters and the same endpoint names (patched in place): the origins stand.
@@ -231,10 +298,11 @@ class Translator:
             last is not None
             and endpoint_upserts is not None
             and last.mesh.virtual_hosts is mesh.virtual_hosts
+            and last.mesh.services is mesh.services
         ):
             origins = last.translation.origins
         else:
-            origins = self._origins(mesh, cluster_origins, eds_names, route)
+            origins = self._origins(mesh, cluster_origins, eds_names, route, dest_vhosts)
 
         if last is not None and (
             last.mesh.services is mesh.services
@@ -307,6 +375,7 @@ class Translator:
         cluster_origins: Mapping[str, Origins],
         eds_names: Mapping[str, str],
         route: Resource,
+        dest_vhosts: tuple[ir.VirtualHost, ...] = (),
     ) -> dict[tuple[str, str], Origins]:
         origins: dict[tuple[str, str], Origins] = {}
         for name, o in cluster_origins.items():
@@ -321,7 +390,27 @@ class Translator:
             for rt in v.routes:
                 route_origins.update(rt.origins)
         origins[(types.ROUTE, route.name)] = frozenset(route_origins)
+        for v in dest_vhosts:
+            origins[(types.ROUTE, destination_route_name(v.name))] = frozenset(
+                {*v.origins, *(o for rt in v.routes for o in rt.origins)}
+            )
         return origins
+
+    def _destination_resources(
+        self, mesh: ir.Mesh
+    ) -> tuple[tuple[tuple[Destination, ...], tuple[ir.VirtualHost, ...]], tuple[Resource, ...]]:
+        """The L7 destinations and their route configurations, recomputed only when the
+        Services or virtual hosts changed (identity), each route memoized per virtual host."""
+        key = (mesh.services, mesh.virtual_hosts)
+        last = self._destinations
+        if last is not None and last[0][0] is key[0] and last[0][1] is key[1]:
+            return last[1], last[2]
+        found = l7_destinations(mesh)
+        new: dict[str, tuple[ir.VirtualHost, Resource]] = {}
+        resources = tuple(self._dest_routes.get(v.name, v, new) for v in found[1])
+        self._dest_routes.swap(new)
+        self._destinations = (key, found, resources)
+        return found, resources
 
     def _route_resource(self, mesh: ir.Mesh) -> Resource:
         last = self._route

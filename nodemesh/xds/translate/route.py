@@ -38,6 +38,16 @@ def route_configuration(
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=list(vhosts))
 
 
+def destination_route_configuration(name: str, vh: rc.VirtualHost) -> route_pb2.RouteConfiguration:
+    """The route configuration of one Service port for connections redirected to it: its one
+    virtual host matches any Host."""
+    star = rc.VirtualHost()
+    star.CopyFrom(vh)
+    del star.domains[:]
+    star.domains.append("*")
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[star])
+
+
 def virtual_host(vh: ir.VirtualHost) -> rc.VirtualHost:
     return rc.VirtualHost(
         name=vh.name, domains=list(vh.domains), routes=[route(r) for r in vh.routes]
