@@ -250,7 +250,7 @@ class Translator:
         )
         self._destinations: (
             tuple[
-                tuple[object, object],
+                tuple[object, tuple[ir.VirtualHost, ...]],
                 tuple[tuple[Destination, ...], tuple[ir.VirtualHost, ...]],
                 tuple[Resource, ...],
             ]
@@ -282,7 +282,9 @@ class Translator:
             mesh, last if same_clusters else None, eds_names
         )
         route = self._route_resource(mesh)
+        prev = self._destinations
         (destinations, dest_vhosts), dest_routes = self._destination_resources(mesh)
+        same_destinations = prev is not None and prev[1][1] is dest_vhosts
         key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name, destinations)
         if self._listener is None or self._listener[0] != key:
             self._listener = (key, Resource.from_message(_listener(mesh, destinations)))
@@ -298,7 +300,7 @@ class Translator:
             last is not None
             and endpoint_upserts is not None
             and last.mesh.virtual_hosts is mesh.virtual_hosts
-            and last.mesh.services is mesh.services
+            and same_destinations
         ):
             origins = last.translation.origins
         else:
@@ -399,12 +401,15 @@ class Translator:
     def _destination_resources(
         self, mesh: ir.Mesh
     ) -> tuple[tuple[tuple[Destination, ...], tuple[ir.VirtualHost, ...]], tuple[Resource, ...]]:
-        """The L7 destinations and their route configurations, recomputed only when the
-        Services or virtual hosts changed (identity), each route memoized per virtual host."""
-        key = (mesh.services, mesh.virtual_hosts)
+        """The L7 destinations and their route configurations, recomputed only when the virtual
+        hosts changed (identity) or the name, ClusterIPs or ports of a Service that needs L7
+        did (an endpoint change replaces a ServiceInfo but changes none of these); each route
+        configuration is memoized per virtual host."""
+        l7 = tuple((s.name, s.cluster_ips, s.ports) for s in mesh.services if s.needs_l7)
         last = self._destinations
-        if last is not None and last[0][0] is key[0] and last[0][1] is key[1]:
+        if last is not None and last[0][1] is mesh.virtual_hosts and last[0][0] == l7:
             return last[1], last[2]
+        key = (l7, mesh.virtual_hosts)
         found = l7_destinations(mesh)
         new: dict[str, tuple[ir.VirtualHost, Resource]] = {}
         resources = tuple(self._dest_routes.get(v.name, v, new) for v in found[1])
