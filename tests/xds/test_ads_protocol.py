@@ -95,8 +95,7 @@ async def test_a_stale_nonce_is_ignored(
     await call.write(req(types.LISTENER, node=""))  # the probe
     probe = await call.read()
     assert probe.type_url == types.LISTENER
-    stream = next(iter(control_plane.server._streams))
-    assert stream.stale_requests == 1
+    assert control_plane.server.stale_requests == 1
     call.cancel()
 
 

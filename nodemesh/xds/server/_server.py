@@ -63,11 +63,17 @@ class AdsServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._streams: set[SotwStream | DeltaStream] = set()
+        self._stale_closed = 0
         self.port = 0
 
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def stale_requests(self) -> int:
+        """Requests ignored because they answered a superseded nonce, over all streams."""
+        return self._stale_closed + sum(s.stale_requests for s in self._streams)
 
     async def start(self, address: str = "127.0.0.1:0") -> int:
         """Bind and start serving; returns the bound port."""
@@ -150,3 +156,4 @@ class AdsServer:
             reader.cancel()
             stream.close()
             self._streams.discard(stream)
+            self._stale_closed += stream.stale_requests
