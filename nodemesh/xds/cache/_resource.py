@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import cast
 
 from google.protobuf.message import Message
 
@@ -59,6 +61,15 @@ class Resource:
             payload,
         )
 
+    @classmethod
+    def from_payload(
+        cls, type_url: str, name: str, payload: bytes, decode: Callable[[bytes], Message]
+    ) -> Resource:
+        """A resource from bytes encoded elsewhere; `message` is `decode(payload)`, made on
+        first read. The bytes must be what `SerializeToString(deterministic=True)` gives for
+        that message, so that versions match those of `from_message`."""
+        return _Encoded(type_url, name, payload, decode)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Resource):
             return NotImplemented
@@ -73,3 +84,28 @@ class Resource:
 
     def __repr__(self) -> str:
         return f"Resource({self.type_url.rsplit('.', 1)[-1]}/{self.name}@{self.version})"
+
+
+class _Encoded(Resource):
+    """A `Resource` whose message is decoded from its payload when first read."""
+
+    __slots__ = ("_decode", "_message")
+    _message: Message | None
+
+    def __init__(
+        self, type_url: str, name: str, payload: bytes, decode: Callable[[bytes], Message]
+    ) -> None:
+        self._decode = decode
+        super().__init__(type_url, name, cast(Message, None), payload)
+
+    @property
+    def message(self) -> Message:
+        message = self._message
+        if message is None:
+            message = self._decode(self.payload)
+            self._message = message
+        return message
+
+    @message.setter
+    def message(self, value: Message) -> None:
+        self._message = value

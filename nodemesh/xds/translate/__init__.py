@@ -19,13 +19,14 @@ from operator import is_not
 from typing import Generic, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf.message import Message
 
 from nodemesh.xds import types
 from nodemesh.xds.cache import Resource, Snapshot, TypeSet
 from nodemesh.xds.translate import ir
 from nodemesh.xds.translate.cluster import cluster
-from nodemesh.xds.translate.endpoint import load_assignment
+from nodemesh.xds.translate.endpoint import load_assignment, load_assignment_bytes
 from nodemesh.xds.translate.listener import Destination, outbound_listener
 from nodemesh.xds.translate.route import (
     destination_route_configuration,
@@ -171,6 +172,11 @@ def _listener(mesh: ir.Mesh, destinations: tuple[Destination, ...] = ()) -> Mess
     return listener
 
 
+def _decode_cla(payload: bytes) -> Message:
+    message: Message = endpoint_pb2.ClusterLoadAssignment.FromString(payload)
+    return message
+
+
 K = TypeVar("K")
 V = TypeVar("V")
 Out = TypeVar("Out")
@@ -240,7 +246,9 @@ class Translator:
             lambda c: Resource.from_message(cluster(c))
         )
         self._endpoints: _Memo[str, tuple[ir.ClusterEndpoints, str], Resource] = _Memo(
-            lambda pair: Resource.from_message(load_assignment(*pair))
+            lambda pair: Resource.from_payload(
+                types.ENDPOINT, pair[1], load_assignment_bytes(*pair), _decode_cla
+            )
         )
         self._vhosts: _Memo[str, ir.VirtualHost, Message] = _Memo(virtual_host)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None

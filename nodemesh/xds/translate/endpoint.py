@@ -1,14 +1,20 @@
-"""IR `ClusterEndpoints` -> Envoy `ClusterLoadAssignment`; terminating endpoints drain."""
+"""IR `ClusterEndpoints` -> Envoy `ClusterLoadAssignment`; terminating endpoints drain.
+
+`load_assignment` builds the message; `load_assignment_bytes` encodes the same message straight
+to its deterministic wire bytes (100,000 endpoints through the protobuf Python API cost about a
+second), with field numbers taken from the descriptors. Both give the same bytes.
+"""
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
 from nodemesh.xds.translate import ir
 
-__all__ = ["load_assignment"]
+__all__ = ["load_assignment", "load_assignment_bytes"]
 
 
 def load_assignment(ce: ir.ClusterEndpoints, name: str) -> endpoint_pb2.ClusterLoadAssignment:
@@ -30,3 +36,76 @@ def load_assignment(ce: ir.ClusterEndpoints, name: str) -> endpoint_pb2.ClusterL
         if zone:
             locality.locality.zone = zone
     return out
+
+
+def _tag(message: type, field: str, wire_type: int) -> bytes:
+    number = message.DESCRIPTOR.fields_by_name[field].number  # type: ignore[attr-defined]
+    return _varint((number << 3) | wire_type)
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _BYTE[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_BYTE = [bytes((i,)) for i in range(0x80)]
+_VARINT, _LEN = 0, 2
+_CLA_NAME = _tag(endpoint_pb2.ClusterLoadAssignment, "cluster_name", _LEN)
+_CLA_ENDPOINTS = _tag(endpoint_pb2.ClusterLoadAssignment, "endpoints", _LEN)
+_LLE_LOCALITY = _tag(ec_pb2.LocalityLbEndpoints, "locality", _LEN)
+_LLE_LB = _tag(ec_pb2.LocalityLbEndpoints, "lb_endpoints", _LEN)
+_LOC_ZONE = _tag(base_pb2.Locality, "zone", _LEN)
+_LB_ENDPOINT = _tag(ec_pb2.LbEndpoint, "endpoint", _LEN)
+_LB_HEALTH = _tag(ec_pb2.LbEndpoint, "health_status", _VARINT)
+_EP_ADDRESS = _tag(ec_pb2.Endpoint, "address", _LEN)
+_ADDR_SOCKET = _tag(address_pb2.Address, "socket_address", _LEN)
+_SA_ADDRESS = _tag(address_pb2.SocketAddress, "address", _LEN)
+_SA_PORT = _tag(address_pb2.SocketAddress, "port_value", _VARINT)
+_HEALTHY = _LB_HEALTH + _varint(health_check_pb2.HEALTHY)
+_DRAINING = _LB_HEALTH + _varint(health_check_pb2.DRAINING)
+assert (
+    address_pb2.SocketAddress.DESCRIPTOR.fields_by_name["port_value"].type
+    == FieldDescriptor.TYPE_UINT32
+)
+
+
+def _lb_endpoint(address: str, port: int, draining: bool) -> bytes:
+    """One `LocalityLbEndpoints.lb_endpoints` entry (tag, length and the LbEndpoint)."""
+    a = address.encode()
+    # port_value is in a oneof, so it has presence: 0 is written too.
+    sa = (_SA_ADDRESS + _varint(len(a)) + a if a else b"") + _SA_PORT + _varint(port)
+    addr = _ADDR_SOCKET + _varint(len(sa)) + sa
+    ep = _EP_ADDRESS + _varint(len(addr)) + addr
+    body = _LB_ENDPOINT + _varint(len(ep)) + ep + (_DRAINING if draining else _HEALTHY)
+    return _LLE_LB + _varint(len(body)) + body
+
+
+def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
+    """`load_assignment(ce, name).SerializeToString(deterministic=True)`, without the message."""
+    by_zone: dict[str, list[bytes]] = {}
+    for e in ce.endpoints:
+        port = e.port
+        if type(port) is not int or not 0 <= port <= 0xFFFF_FFFF:
+            # Out of range for uint32: let protobuf raise what it raises.
+            payload: bytes = load_assignment(ce, name).SerializeToString(deterministic=True)
+            return payload
+        zone = by_zone.get(e.zone)
+        if zone is None:
+            by_zone[e.zone] = zone = []
+        zone.append(_lb_endpoint(e.address, port, e.draining))
+    n = name.encode()
+    parts = [_CLA_NAME, _varint(len(n)), n] if n else []
+    for zone_name in sorted(by_zone):
+        z = zone_name.encode()
+        lle = b"".join(by_zone[zone_name])
+        if z:
+            loc = _LOC_ZONE + _varint(len(z)) + z
+            lle = _LLE_LOCALITY + _varint(len(loc)) + loc + lle
+        parts += (_CLA_ENDPOINTS, _varint(len(lle)), lle)
+    return b"".join(parts)
