@@ -377,7 +377,7 @@ class Engine:
 
         node_keys = changed["Pod"] | changed["EndpointSlice"]
         node_infos = self.nodes.update_changed(
-            ((k, current[k.kind].get(k)) for k in sorted(node_keys)),
+            ((k, current[k.kind].get(k)) for k in node_keys),
             current["Node"].items() if changed["Node"] or self.mesh is None else None,
         )
         mesh = ir.Mesh(

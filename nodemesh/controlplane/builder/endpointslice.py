@@ -43,27 +43,35 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
     targets = [(sp.port, slice_ports[sp.name]) for sp in svc.ports if sp.name in slice_ports]
     if not targets:
         return found
+    ns, name, endpoint = svc.namespace, svc.name, ir.Endpoint
+    buckets: list[tuple[list[ir.Endpoint], int]] | None = None
     for e in as_list(obj.get("endpoints")):
         e = as_map(e)
         cond = as_map(e.get("conditions"))
         ready = cond.get("ready") is not False  # unset means ready
-        serving = cond.get("serving", ready) is not False
-        terminating = cond.get("terminating") is True
-        if not ready and not (serving and terminating):
-            continue
+        if not ready:
+            serving = cond.get("serving", ready) is not False
+            if not (serving and cond.get("terminating") is True):
+                continue
+        if buckets is None:
+            buckets = [(found.setdefault((ns, name, port), []), t) for port, t in targets]
         zone = str(e.get("zone", ""))
         node = str(e.get("nodeName", ""))
-        for port, target in targets:
-            bucket = found.setdefault((svc.namespace, svc.name, port), [])
-            for addr in as_list(e.get("addresses")):
-                bucket.append(ir.Endpoint(str(addr), target, not ready, node, zone))
+        draining = not ready
+        addresses = as_list(e.get("addresses"))
+        for bucket, target in buckets:
+            for addr in addresses:
+                bucket.append(endpoint(str(addr), target, draining, node, zone))
     return found
 
 
 def merge_endpoints(parts: Iterable[list[ir.Endpoint]]) -> tuple[ir.Endpoint, ...]:
-    """Endpoints of one (Service, port) from all its slices: deduplicated, sorted."""
-    merged = {e for part in parts for e in part}
-    return tuple(sorted(merged, key=lambda e: (e.address, e.port, e.draining, e.node, e.zone)))
+    """Endpoints of one (Service, port) from all its slices: deduplicated, sorted (by address,
+    port, draining, node, zone: the order of `ir.Endpoint`'s fields)."""
+    merged: set[ir.Endpoint] = set()
+    for part in parts:
+        merged.update(part)
+    return tuple(sorted(merged))
 
 
 def read_endpoints(

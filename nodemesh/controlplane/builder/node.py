@@ -85,9 +85,13 @@ class NodeIndex:
         self._infos: dict[str, ir.NodeInfo] = {}
         self._tuple: tuple[ir.NodeInfo, ...] = ()
         self._nodes: list[tuple[ObjectKey, Mapping[str, Any]]] = []
+        # Changed Pods and EndpointSlices (None: deleted) not placed yet: while there is no
+        # Node object no NodeInfo needs them, so placing them waits for the first Node.
+        self._pending: dict[ObjectKey, Mapping[str, Any] | None] = {}
 
     def update(self, nodes: Items, pods: Items, slices: Items) -> tuple[ir.NodeInfo, ...]:
         """NodeInfo for every Node object, sorted by name."""
+        self._pending.clear()  # every Pod and EndpointSlice is given here
         dirty: set[str] = set()
         seen: set[ObjectKey] = set()
         for items, place in ((pods, pod_placement), (slices, slice_placement)):
@@ -113,6 +117,15 @@ class NodeIndex:
     ) -> tuple[ir.NodeInfo, ...]:
         """Like `update`, given only the Pods and EndpointSlices that changed (None: deleted)
         and the Node objects, or None when no Node changed since the last call."""
+        if nodes is not None:
+            nodes = list(nodes)
+        if not (self._nodes if nodes is None else nodes):
+            self._pending.update(changed)
+            self._nodes, self._infos, self._tuple = [], {}, ()
+            return self._tuple
+        if self._pending:
+            self._pending.update(changed)
+            changed, self._pending = self._pending.items(), {}
         dirty: set[str] = set()
         for key, obj in changed:
             last = self._placed.pop(key, None)

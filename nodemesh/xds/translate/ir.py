@@ -5,14 +5,15 @@ protos. It lives under `nodemesh.xds` so that the translator never imports the c
 Durations are integer milliseconds. `origins` name the user objects an item came from
 ("HTTPRoute/shop/web"), so that ACKs and NACKs can be mapped back to them.
 
-All classes are frozen and compare by value: the translator memoizes Envoy resources by IR value
-(identity first), so build should reuse an unchanged IR object rather than rebuild an equal one.
+All classes are frozen and compare by value (`Endpoint` is a NamedTuple, the rest are
+dataclasses): the translator memoizes Envoy resources by IR value (identity first), so build
+should reuse an unchanged IR object rather than rebuild an equal one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = [
     "Backend",
@@ -43,8 +44,10 @@ Origins = tuple[str, ...]
 
 
 # -- endpoints and clusters ----------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """A NamedTuple, not a dataclass, because there are 100,000s of them: it is made, hashed,
+    compared and sorted (by its fields, in order) at C speed."""
+
     address: str
     port: int
     # ready -> HEALTHY; serving but terminating -> DRAINING (no new requests, kept for
