@@ -4,7 +4,7 @@ serialization of the same message, so versions match `translate_messages` and re
 from __future__ import annotations
 
 from envoy.config.endpoint.v3 import endpoint_pb2
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodemesh.xds import types
@@ -26,6 +26,7 @@ _cluster_endpoints = st.builds(
 )
 
 
+@settings(max_examples=500)
 @given(_cluster_endpoints, _text)
 def test_encoded_load_assignment_equals_protobuf_bytes(ce: ir.ClusterEndpoints, name: str) -> None:
     expected = load_assignment(ce, name).SerializeToString(deterministic=True)

@@ -86,19 +86,62 @@ def _lb_endpoint(address: str, port: int, draining: bool) -> bytes:
     return _LLE_LB + _varint(len(body)) + body
 
 
+# The one-byte tags of an LbEndpoint entry, outermost first, for the fast path below.
+_ONE_BYTE_TAGS = all(
+    len(t) == 1
+    for t in (_LLE_LB, _LB_ENDPOINT, _EP_ADDRESS, _ADDR_SOCKET, _SA_ADDRESS, _SA_PORT, _LB_HEALTH)
+)
+_T_LLE_LB, _T_LB_ENDPOINT, _T_EP_ADDRESS, _T_ADDR_SOCKET, _T_SA_ADDRESS = (
+    _LLE_LB[0],
+    _LB_ENDPOINT[0],
+    _EP_ADDRESS[0],
+    _ADDR_SOCKET[0],
+    _SA_ADDRESS[0],
+)
+
+
 def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
     """`load_assignment(ce, name).SerializeToString(deterministic=True)`, without the message."""
     by_zone: dict[str, list[bytes]] = {}
-    for e in ce.endpoints:
-        port = e.port
-        if type(port) is not int or not 0 <= port <= 0xFFFF_FFFF:
-            # Out of range for uint32: let protobuf raise what it raises.
-            payload: bytes = load_assignment(ce, name).SerializeToString(deterministic=True)
-            return payload
-        zone = by_zone.get(e.zone)
+    # (port, draining) -> the bytes after the address: port_value, then health_status.
+    tails: dict[tuple[int, bool], bytes] = {}
+    for address, port, draining, _node, zone_name in ce.endpoints:
+        tail = tails.get((port, draining))
+        if tail is None:
+            if type(port) is not int or not 0 <= port <= 0xFFFF_FFFF:
+                # Out of range for uint32: let protobuf raise what it raises.
+                payload: bytes = load_assignment(ce, name).SerializeToString(deterministic=True)
+                return payload
+            tail = _SA_PORT + _varint(port) + (_DRAINING if draining else _HEALTHY)
+            tails[(port, draining)] = tail
+        a = address.encode()
+        # SocketAddress size: address field (tag, length, bytes) and the port field.
+        n = len(a) + len(tail)
+        if _ONE_BYTE_TAGS and a and n < 120:  # every length fits in one byte
+            entry = (
+                bytes(
+                    (
+                        _T_LLE_LB,
+                        n + 8,
+                        _T_LB_ENDPOINT,
+                        n + 4,
+                        _T_EP_ADDRESS,
+                        n + 2,
+                        _T_ADDR_SOCKET,
+                        n,
+                        _T_SA_ADDRESS,
+                        len(a),
+                    )
+                )
+                + a
+                + tail
+            )
+        else:
+            entry = _lb_endpoint(address, port, draining)
+        zone = by_zone.get(zone_name)
         if zone is None:
-            by_zone[e.zone] = zone = []
-        zone.append(_lb_endpoint(e.address, port, e.draining))
+            by_zone[zone_name] = zone = []
+        zone.append(entry)
     n = name.encode()
     parts = [_CLA_NAME, _varint(len(n)), n] if n else []
     for zone_name in sorted(by_zone):
