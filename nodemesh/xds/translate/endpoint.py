@@ -142,8 +142,8 @@ def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
         if zone is None:
             by_zone[zone_name] = zone = []
         zone.append(entry)
-    n = name.encode()
-    parts = [_CLA_NAME, _varint(len(n)), n] if n else []
+    cla_name = name.encode()
+    parts = [_CLA_NAME, _varint(len(cla_name)), cla_name] if cla_name else []
     for zone_name in sorted(by_zone):
         z = zone_name.encode()
         lle = b"".join(by_zone[zone_name])
