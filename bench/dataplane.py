@@ -10,7 +10,8 @@ Two pods (`a` client, `b` server) on one `NodeLab` node. Columns:
 - `nodemesh_l4`: a -> L4 ClusterIP, backend picked in connect4, payloads via sk_msg/sockhash.
 - `nodemesh_l7`: a -> L7 ClusterIP, connect4 rewrites to the node Envoy (host netns, node envoy
   cgroup, `original_dst` listener, HTTP connection manager), which routes by original
-  destination to b_ip:8080; both legs via sk_msg/sockhash.
+  destination to b_ip:8080 (its own cluster, so no upstream connection from before the data
+  plane was attached is reused); both legs via sk_msg/sockhash.
 
 Every Envoy has the same HTTP connection manager (router filter only), concurrency 1. Protocol
 for the 4-column table: HTTP/1.1 keep-alive, POST of N bytes echoed back (one connection per
@@ -18,6 +19,9 @@ measurement). The TCP echo table (podtool `rr`/`stream`) compares no mesh and L4
 echo through an HTTP proxy is not the same workload.
 
 CPU placement (2 CPUs): the load generator alone on CPU 0; the server and every Envoy on CPU 1.
+After every throughput run the bench waits until the lab's sockets have drained what it left
+queued (`drain`): over the sockhash a failed upload leaves GBs behind, and reading them slowed
+the next column's round trips from ~0.2 ms to ~1 ms.
 Writes bench/results/dataplane.json; see docs/bench-dataplane.md. Internal worker modes
 (`http-serve`, `http-rr`, `http-stream`, `http-probe`) run inside the pods.
 """
@@ -28,8 +32,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +60,10 @@ OUTBOUND, INBOUND, DIRECT = 15001, 15006, 15002
 SIZES = (1, 1024, 65536)
 COUNT = int(os.environ.get("NODEMESH_BENCH_RR", "5000"))
 STREAM_SECONDS = 3.0
+# A throughput run over the sockhash can leave GBs queued on the reader (no backpressure, see
+# docs/ebpf.md); the next measurement waits until the lab's sockets hold less than this.
+DRAINED_BYTES = 1 << 20
+DRAIN_TIMEOUT = 180.0
 PY = sys.executable
 SELF = str(Path(__file__).resolve())
 COLUMNS = ("no_mesh", "nodemesh_l4", "nodemesh_l7", "sidecar", "node_envoy_plain")
@@ -309,12 +319,15 @@ def _node_envoy(lab: NodeLab, backend: tuple[str, int]) -> dict[str, Any]:
                                 "prefix_ranges": [{"address_prefix": VIP_L7, "prefix_len": 32}],
                                 "destination_port": 80,
                             },
-                            "filters": [_hcm("outbound_echo", "echo")],
+                            "filters": [_hcm("outbound_echo", "echo_l7")],
                         }
                     ],
                 }
             ],
-            "clusters": [_cluster("echo", *backend)],
+            # Its own cluster, so the L7 column never reuses an upstream connection that the
+            # diagnostic column opened before the data plane was attached (that one would stay
+            # plain TCP): both L7 legs really go through the sockhash.
+            "clusters": [_cluster("echo", *backend), _cluster("echo_l7", *backend)],
         },
     }
     direct = {
@@ -356,25 +369,61 @@ def _run(pod: Pod, argv: list[str], what: str) -> Any:
         proc.stop()
 
 
-def _stream(pod: Pod, argv: list[str]) -> dict[str, Any]:
-    """A throughput run; a failure is recorded in the results (and printed), not raised."""
+def backlog(lab: NodeLab) -> int:
+    """Receive memory (ss `skmem r`, bytes) held by the lab's TCP sockets: every pod netns, and
+    the host netns sockets of the lab's /24 (the node Envoy's)."""
+    total = 0
+    cmds = [["ss", "-tmHn"]]
+    cmds += [["ip", "netns", "exec", p.netns, "ss", "-tmHn"] for p in lab.pods.values() if p.netns]
+    for cmd in cmds:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if cmd[0] == "ss" and f"{lab.prefix}." not in line:
+                continue  # other host sockets are not ours
+            if m := re.search(r"skmem:\(r(\d+)", line):
+                total += int(m.group(1))
+    return total
+
+
+def drain(lab: NodeLab) -> dict[str, Any]:
+    """Wait until the previous run's backlog is gone, so it does not slow the next measurement.
+
+    Without this, a throughput run that failed with ENOMEM left 1.4-2.4 GB queued on the
+    server's socket; the server kept reading it for 5-10 s on the CPU it shares with the
+    Envoys, with the node under TCP memory pressure, and the L7 round trips measured meanwhile
+    were 0.6-1.4 ms instead of ~0.2 ms.
+    """
+    t0, peak = time.monotonic(), 0
+    while (queued := backlog(lab)) >= DRAINED_BYTES:
+        peak = max(peak, queued)
+        if time.monotonic() - t0 > DRAIN_TIMEOUT:
+            raise RuntimeError(f"{queued} bytes still queued after {DRAIN_TIMEOUT:.0f} s")
+        time.sleep(0.1)
+    return {"drain_s": time.monotonic() - t0, "backlog_bytes_peak": peak}
+
+
+def _stream(lab: NodeLab, pod: Pod, argv: list[str]) -> dict[str, Any]:
+    """A throughput run; a failure is recorded in the results (and printed), not raised. Returns
+    once the lab's sockets have drained what the run left queued."""
     try:
-        return dict(_run(pod, argv, "stream"))
+        out = dict(_run(pod, argv, "stream"))
     except RuntimeError as exc:
         lines = [x for x in str(exc).splitlines() if "Error" in x]
-        return {"error": lines[0].strip() if lines else str(exc)[:200]}
+        out = {"error": lines[0].strip() if lines else str(exc)[:200]}
+    out.update(drain(lab))
+    return out
 
 
-def measure_tcp(a: Pod, to: str) -> dict[str, Any]:
+def measure_tcp(lab: NodeLab, a: Pod, to: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in SIZES:
         args = ["rr", "--to", to, "--size", str(size), "--count", str(COUNT)]
         out[f"rr_{size}"] = _run(a, [str(PODTOOL), *args], "rr")
-    out["stream_64k"] = _stream(a, [str(PODTOOL), "stream", "--to", to, "--seconds", "3"])
+    out["stream_64k"] = _stream(lab, a, [str(PODTOOL), "stream", "--to", to, "--seconds", "3"])
     return out
 
 
-def measure_http(a: Pod, to: str) -> dict[str, Any]:
+def measure_http(lab: NodeLab, a: Pod, to: str) -> dict[str, Any]:
     probe = _run(a, [SELF, "http-probe", "--to", to, "--seconds", "20"], "probe")
     if not probe["ok"]:
         raise RuntimeError(f"{to} not answering: {probe}")
@@ -383,7 +432,7 @@ def measure_http(a: Pod, to: str) -> dict[str, Any]:
         args = ["http-rr", "--to", to, "--size", str(size), "--count", str(COUNT)]
         out[f"rr_{size}"] = _run(a, [SELF, *args], "http-rr")
     args = ["http-stream", "--to", to, "--seconds", str(STREAM_SECONDS)]
-    out["stream_64k"] = _stream(a, [SELF, *args])
+    out["stream_64k"] = _stream(lab, a, [SELF, *args])
     return out
 
 
@@ -400,13 +449,13 @@ def run(results: dict[str, Any], tmp: Path) -> None:
         with envoy(node_envoy, lab.envoy_cgroup, None, tmp):
             # Before the data plane is attached: plain veth, the sidecar model, and (diagnostic)
             # one hop through the node Envoy over plain TCP.
-            tcp["no_mesh"] = measure_tcp(a, f"{b.ip}:{TCP_PORT}")
-            http["no_mesh"] = measure_http(a, f"{b.ip}:{HTTP_PORT}")
+            tcp["no_mesh"] = measure_tcp(lab, a, f"{b.ip}:{TCP_PORT}")
+            http["no_mesh"] = measure_http(lab, a, f"{b.ip}:{HTTP_PORT}")
             inbound = _proxy("sidecar-b", ("0.0.0.0", INBOUND), ("127.0.0.1", HTTP_PORT))
             outbound = _proxy("sidecar-a", ("127.0.0.1", OUTBOUND), (b.ip, INBOUND))
             with envoy(inbound, b.cgroup, b.netns, tmp), envoy(outbound, a.cgroup, a.netns, tmp):
-                http["sidecar"] = measure_http(a, f"127.0.0.1:{OUTBOUND}")
-            http["node_envoy_plain"] = measure_http(a, f"{lab.gateway}:{DIRECT}")
+                http["sidecar"] = measure_http(lab, a, f"127.0.0.1:{OUTBOUND}")
+            http["node_envoy_plain"] = measure_http(lab, a, f"{lab.gateway}:{DIRECT}")
             # nodemesh: L4 services to the echo/HTTP ports, an L7 service via the node Envoy.
             lab.enable()
             model = NodeMap(
@@ -421,10 +470,10 @@ def run(results: dict[str, Any], tmp: Path) -> None:
             )
             with NodeMaps(lab.pin_root) as maps:
                 maps.apply(model, envoy_cgroup_id=os.stat(lab.envoy_cgroup).st_ino)
-                tcp["nodemesh_l4"] = measure_tcp(a, f"{VIP}:{TCP_PORT}")
-                http["nodemesh_l4"] = measure_http(a, f"{VIP}:{HTTP_PORT}")
+                tcp["nodemesh_l4"] = measure_tcp(lab, a, f"{VIP}:{TCP_PORT}")
+                http["nodemesh_l4"] = measure_http(lab, a, f"{VIP}:{HTTP_PORT}")
                 before = maps.stats()
-                http["nodemesh_l7"] = measure_http(a, f"{VIP_L7}:80")
+                http["nodemesh_l7"] = measure_http(lab, a, f"{VIP_L7}:80")
                 after = maps.stats()
                 results["stats"] = after
                 results["l7_stats_delta"] = {k: after[k] - before.get(k, 0) for k in after}
@@ -480,6 +529,8 @@ def report(results: dict[str, Any]) -> None:
             print(f"rr {size:>6} B {q:<11}{row}")
     row = "".join(_mbps(http[c], 14) for c in COLUMNS)
     print(f"{'upload 64K MB/s':<24}{row}")
+    row = "".join(f"{http[c]['stream_64k']['drain_s']:>14.1f}" for c in COLUMNS)
+    print(f"{'drain after upload, s':<24}{row}")
     print("\nGoals (p50)")
     for k, g in results["goals"]["l4_20pct_faster_p50"].items():
         met = "met" if g["met"] else "NOT met"
