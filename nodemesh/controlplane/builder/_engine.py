@@ -171,12 +171,33 @@ def _finish(
     entry: RouteEntry, policy: PolicySettings | None, lbs: Mapping[str, ir.LoadBalancer]
 ) -> ir.Route:
     """Apply policy defaults under the route's own settings (route wins, field by field)."""
-    policy = policy or PolicySettings()
+    r = entry.route
+    if (
+        policy is None
+        and entry.retry is None
+        and entry.timeout_ms is None
+        and entry.backend_timeout_ms is None
+        and (
+            r.redirect is not None
+            or not r.backends
+            or (
+                r.retry is None
+                and r.timeout_ms is None
+                and r.idle_timeout_ms is None
+                and r.fault is None
+                and not r.hash_header
+                and not r.hash_cookie
+                and r.hash_cookie_ttl_ms is None
+                and not any(b.cluster in lbs for b in r.backends)
+            )
+        )
+    ):
+        return r  # nothing to apply: what the general path below would give, equal
+    policy = policy or _NO_POLICY
     retry: RetrySpec | None = entry.retry.over(policy.retry) if entry.retry else policy.retry
     if entry.backend_timeout_ms is not None:
         base = retry if retry is not None else RetrySpec(attempts=0)
         retry = RetrySpec(per_try_timeout_ms=entry.backend_timeout_ms).over(base)
-    r = entry.route
     hash_lb = next((lbs[b.cluster] for b in r.backends if b.cluster in lbs), None)
     origins = r.origins + tuple(
         o for o in policy.origins if policy.route_level and o not in r.origins
@@ -194,6 +215,9 @@ def _finish(
         hash_cookie_ttl_ms=hash_lb.hash_cookie_ttl_ms if hash_lb else None,
         origins=origins,
     )
+
+
+_NO_POLICY = PolicySettings()
 
 
 def _policy_conditions(pol: TrafficPolicyModel, gen: int) -> tuple[Condition, ...]:
@@ -600,21 +624,30 @@ class Engine:
         defaults: set[PortKey] = set()
         if svc is not None:
             ns, name = ref
-            attached = self.attached.get(ref, {})
+            attached = self.attached.get(ref)
             # The order a full build would attach them in: HTTPRoutes, then GRPCRoutes, by key.
-            entries = [
-                e
-                for rkey in sorted(attached, key=lambda k: (_ROUTE_KINDS.index(k.kind), k))
-                for e in attached[rkey]
-            ]
+            entries = (
+                [
+                    e
+                    for rkey in sorted(attached, key=lambda k: (_ROUTE_KINDS.index(k.kind), k))
+                    for e in attached[rkey]
+                ]
+                if attached
+                else []
+            )
             short = len(self.name_ns.get(name, ())) == 1
             hosts = svc.hostnames(short_name=short)
             default_port = svc.default_port
             lbs = _Lbs(self)
             for index, sp in enumerate(svc.ports):
                 port = sp.port
-                mine = sorted(
-                    (e for e in entries if e.parent[2] in (None, port)), key=lambda e: e.sort_key
+                mine = (
+                    sorted(
+                        (e for e in entries if e.parent[2] in (None, port)),
+                        key=lambda e: e.sort_key,
+                    )
+                    if entries
+                    else []
                 )
                 if not mine:
                     cname = svc.cluster_name(port)
@@ -666,7 +699,7 @@ class Engine:
             self.cla.remove(pk)
             return
         pm = svc.port(port)
-        s = self.settings.get(pk) or PolicySettings()
+        s = self.settings.get(pk) or _NO_POLICY
         cname = svc.cluster_name(port)
         origins = (f"Service/{ns}/{name}",) + tuple(
             o

@@ -43,11 +43,14 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
     targets = [(sp.port, slice_ports[sp.name]) for sp in svc.ports if sp.name in slice_ports]
     if not targets:
         return found
-    ns, name, endpoint = svc.namespace, svc.name, ir.Endpoint
+    ns, name, endpoint, new = svc.namespace, svc.name, ir.Endpoint, tuple.__new__
     buckets: list[tuple[list[ir.Endpoint], int]] | None = None
     for e in as_list(obj.get("endpoints")):
-        e = as_map(e)
-        cond = as_map(e.get("conditions"))
+        if type(e) is not dict:
+            e = as_map(e)
+        cond = e.get("conditions")
+        if type(cond) is not dict:
+            cond = as_map(cond)
         ready = cond.get("ready") is not False  # unset means ready
         if not ready:
             serving = cond.get("serving", ready) is not False
@@ -61,7 +64,8 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
         addresses = as_list(e.get("addresses"))
         for bucket, target in buckets:
             for addr in addresses:
-                bucket.append(endpoint(str(addr), target, draining, node, zone))
+                # tuple.__new__: the NamedTuple's own __new__ without its Python frame.
+                bucket.append(new(endpoint, (str(addr), target, draining, node, zone)))
     return found
 
 
