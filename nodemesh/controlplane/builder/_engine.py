@@ -137,7 +137,7 @@ class _Ordered(Generic[K, V]):
                 values[self._pos[k]] = items[k]
         else:
             if len(moved) > 64:
-                self._keys = sorted(items, key=lambda k: k)
+                self._keys = sorted(items)
             else:
                 for k in moved:
                     if k in items:
@@ -372,7 +372,9 @@ class Engine:
         for kind in _ROUTE_KINDS:
             route_dirty |= changed[kind]
         for ref in svc_changed:
-            route_dirty |= self.svc_dependents.get(ref, set())
+            dependents = self.svc_dependents.get(ref)
+            if dependents:
+                route_dirty |= dependents
         if svc_changed:
             route_dirty |= self.svc_dependents.get(_ANY, set())
         vh_dirty: set[Ref] = set(svc_changed) | short_flips

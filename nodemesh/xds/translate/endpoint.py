@@ -102,9 +102,12 @@ _T_LLE_LB, _T_LB_ENDPOINT, _T_EP_ADDRESS, _T_ADDR_SOCKET, _T_SA_ADDRESS = (
 
 def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
     """`load_assignment(ce, name).SerializeToString(deterministic=True)`, without the message."""
-    by_zone: dict[str, list[bytes]] = {}
+    by_zone: dict[str, list[bytes]] = {}  # zone -> the pieces of its lb_endpoints entries
+    sizes: dict[str, int] = {}
     # (port, draining) -> the bytes after the address: port_value, then health_status.
     tails: dict[tuple[int, bool], bytes] = {}
+    # (SocketAddress size, address size) -> the tags and lengths before the address.
+    heads: dict[tuple[int, int], bytes] = {}
     for address, port, draining, _node, zone_name in ce.endpoints:
         tail = tails.get((port, draining))
         if tail is None:
@@ -115,11 +118,16 @@ def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
             tail = _SA_PORT + _varint(port) + (_DRAINING if draining else _HEALTHY)
             tails[(port, draining)] = tail
         a = address.encode()
-        # SocketAddress size: address field (tag, length, bytes) and the port field.
+        # SocketAddress size: the address field (tag, length, bytes) and the port field.
         n = len(a) + len(tail)
+        zone = by_zone.get(zone_name)
+        if zone is None:
+            by_zone[zone_name] = zone = []
+            sizes[zone_name] = 0
         if _ONE_BYTE_TAGS and a and n < 120:  # every length fits in one byte
-            entry = (
-                bytes(
+            head = heads.get((n, len(a)))
+            if head is None:
+                head = bytes(
                     (
                         _T_LLE_LB,
                         n + 8,
@@ -133,22 +141,23 @@ def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
                         len(a),
                     )
                 )
-                + a
-                + tail
-            )
+                heads[(n, len(a))] = head
+            zone += (head, a, tail)
+            sizes[zone_name] += n + 10
         else:
             entry = _lb_endpoint(address, port, draining)
-        zone = by_zone.get(zone_name)
-        if zone is None:
-            by_zone[zone_name] = zone = []
-        zone.append(entry)
+            zone.append(entry)
+            sizes[zone_name] += len(entry)
     cla_name = name.encode()
     parts = [_CLA_NAME, _varint(len(cla_name)), cla_name] if cla_name else []
     for zone_name in sorted(by_zone):
         z = zone_name.encode()
-        lle = b"".join(by_zone[zone_name])
+        size = sizes[zone_name]
         if z:
             loc = _LOC_ZONE + _varint(len(z)) + z
-            lle = _LLE_LOCALITY + _varint(len(loc)) + loc + lle
-        parts += (_CLA_ENDPOINTS, _varint(len(lle)), lle)
+            locality = _LLE_LOCALITY + _varint(len(loc)) + loc
+            parts += (_CLA_ENDPOINTS, _varint(size + len(locality)), locality)
+        else:
+            parts += (_CLA_ENDPOINTS, _varint(size))
+        parts += by_zone[zone_name]
     return b"".join(parts)
