@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 from google.protobuf.message import Message
 
 from nodemesh.xds import types
@@ -31,7 +32,9 @@ from nodemesh.xds.translate.listener import Destination, outbound_listener
 from nodemesh.xds.translate.route import (
     destination_route_configuration,
     route_configuration,
+    route_configuration_bytes,
     virtual_host,
+    virtual_host_entry,
 )
 from nodemesh.xds.translate.servicemap import TYPE_URL as SERVICE_MAP_TYPE_URL
 from nodemesh.xds.translate.servicemap import ServiceMaps
@@ -172,6 +175,11 @@ def _listener(mesh: ir.Mesh, destinations: tuple[Destination, ...] = ()) -> Mess
     return listener
 
 
+def _decode_route_configuration(payload: bytes) -> Message:
+    message: Message = route_pb2.RouteConfiguration.FromString(payload)
+    return message
+
+
 def _decode_cla(payload: bytes) -> Message:
     message: Message = endpoint_pb2.ClusterLoadAssignment.FromString(payload)
     return message
@@ -250,7 +258,7 @@ class Translator:
                 types.ENDPOINT, pair[1], load_assignment_bytes(*pair), _decode_cla
             )
         )
-        self._vhosts: _Memo[str, ir.VirtualHost, Message] = _Memo(virtual_host)
+        self._vhosts: _Memo[str, ir.VirtualHost, bytes] = _Memo(virtual_host_entry)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
         self._listener: tuple[tuple[str, int, str, tuple[Destination, ...]], Resource] | None = None
         self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(
@@ -437,10 +445,15 @@ class Translator:
             and all(a is b or a == b for a, b in zip(last[1], vhosts, strict=True))
         ):
             return last[2]
-        new: dict[str, tuple[ir.VirtualHost, Message]] = {}
-        protos = [self._vhosts.get(v.name, v, new) for v in vhosts]
+        new: dict[str, tuple[ir.VirtualHost, bytes]] = {}
+        entries = [self._vhosts.get(v.name, v, new) for v in vhosts]
         self._vhosts.swap(new)
-        resource = Resource.from_message(route_configuration(mesh.route_config_name, protos))
+        resource = Resource.from_payload(
+            types.ROUTE,
+            mesh.route_config_name,
+            route_configuration_bytes(mesh.route_config_name, entries),
+            _decode_route_configuration,
+        )
         self._route = (mesh.route_config_name, vhosts, resource)
         return resource
 

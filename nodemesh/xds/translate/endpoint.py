@@ -13,6 +13,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
 from nodemesh.xds.translate import ir
+from nodemesh.xds.translate._encode import LEN, VARINT, tag, varint
 
 __all__ = ["load_assignment", "load_assignment_bytes"]
 
@@ -38,37 +39,19 @@ def load_assignment(ce: ir.ClusterEndpoints, name: str) -> endpoint_pb2.ClusterL
     return out
 
 
-def _tag(message: type, field: str, wire_type: int) -> bytes:
-    number = message.DESCRIPTOR.fields_by_name[field].number  # type: ignore[attr-defined]
-    return _varint((number << 3) | wire_type)
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _BYTE[value]
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_BYTE = [bytes((i,)) for i in range(0x80)]
-_VARINT, _LEN = 0, 2
-_CLA_NAME = _tag(endpoint_pb2.ClusterLoadAssignment, "cluster_name", _LEN)
-_CLA_ENDPOINTS = _tag(endpoint_pb2.ClusterLoadAssignment, "endpoints", _LEN)
-_LLE_LOCALITY = _tag(ec_pb2.LocalityLbEndpoints, "locality", _LEN)
-_LLE_LB = _tag(ec_pb2.LocalityLbEndpoints, "lb_endpoints", _LEN)
-_LOC_ZONE = _tag(base_pb2.Locality, "zone", _LEN)
-_LB_ENDPOINT = _tag(ec_pb2.LbEndpoint, "endpoint", _LEN)
-_LB_HEALTH = _tag(ec_pb2.LbEndpoint, "health_status", _VARINT)
-_EP_ADDRESS = _tag(ec_pb2.Endpoint, "address", _LEN)
-_ADDR_SOCKET = _tag(address_pb2.Address, "socket_address", _LEN)
-_SA_ADDRESS = _tag(address_pb2.SocketAddress, "address", _LEN)
-_SA_PORT = _tag(address_pb2.SocketAddress, "port_value", _VARINT)
-_HEALTHY = _LB_HEALTH + _varint(health_check_pb2.HEALTHY)
-_DRAINING = _LB_HEALTH + _varint(health_check_pb2.DRAINING)
+_CLA_NAME = tag(endpoint_pb2.ClusterLoadAssignment, "cluster_name", LEN)
+_CLA_ENDPOINTS = tag(endpoint_pb2.ClusterLoadAssignment, "endpoints", LEN)
+_LLE_LOCALITY = tag(ec_pb2.LocalityLbEndpoints, "locality", LEN)
+_LLE_LB = tag(ec_pb2.LocalityLbEndpoints, "lb_endpoints", LEN)
+_LOC_ZONE = tag(base_pb2.Locality, "zone", LEN)
+_LB_ENDPOINT = tag(ec_pb2.LbEndpoint, "endpoint", LEN)
+_LB_HEALTH = tag(ec_pb2.LbEndpoint, "health_status", VARINT)
+_EP_ADDRESS = tag(ec_pb2.Endpoint, "address", LEN)
+_ADDR_SOCKET = tag(address_pb2.Address, "socket_address", LEN)
+_SA_ADDRESS = tag(address_pb2.SocketAddress, "address", LEN)
+_SA_PORT = tag(address_pb2.SocketAddress, "port_value", VARINT)
+_HEALTHY = _LB_HEALTH + varint(health_check_pb2.HEALTHY)
+_DRAINING = _LB_HEALTH + varint(health_check_pb2.DRAINING)
 assert (
     address_pb2.SocketAddress.DESCRIPTOR.fields_by_name["port_value"].type
     == FieldDescriptor.TYPE_UINT32
@@ -79,11 +62,11 @@ def _lb_endpoint(address: str, port: int, draining: bool) -> bytes:
     """One `LocalityLbEndpoints.lb_endpoints` entry (tag, length and the LbEndpoint)."""
     a = address.encode()
     # port_value is in a oneof, so it has presence: 0 is written too.
-    sa = (_SA_ADDRESS + _varint(len(a)) + a if a else b"") + _SA_PORT + _varint(port)
-    addr = _ADDR_SOCKET + _varint(len(sa)) + sa
-    ep = _EP_ADDRESS + _varint(len(addr)) + addr
-    body = _LB_ENDPOINT + _varint(len(ep)) + ep + (_DRAINING if draining else _HEALTHY)
-    return _LLE_LB + _varint(len(body)) + body
+    sa = (_SA_ADDRESS + varint(len(a)) + a if a else b"") + _SA_PORT + varint(port)
+    addr = _ADDR_SOCKET + varint(len(sa)) + sa
+    ep = _EP_ADDRESS + varint(len(addr)) + addr
+    body = _LB_ENDPOINT + varint(len(ep)) + ep + (_DRAINING if draining else _HEALTHY)
+    return _LLE_LB + varint(len(body)) + body
 
 
 # The one-byte tags of an LbEndpoint entry, outermost first, for the fast path below.
@@ -115,7 +98,7 @@ def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
                 # Out of range for uint32: let protobuf raise what it raises.
                 payload: bytes = load_assignment(ce, name).SerializeToString(deterministic=True)
                 return payload
-            tail = _SA_PORT + _varint(port) + (_DRAINING if draining else _HEALTHY)
+            tail = _SA_PORT + varint(port) + (_DRAINING if draining else _HEALTHY)
             tails[(port, draining)] = tail
         a = address.encode()
         # SocketAddress size: the address field (tag, length, bytes) and the port field.
@@ -149,15 +132,15 @@ def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
             zone.append(entry)
             sizes[zone_name] += len(entry)
     cla_name = name.encode()
-    parts = [_CLA_NAME, _varint(len(cla_name)), cla_name] if cla_name else []
+    parts = [_CLA_NAME, varint(len(cla_name)), cla_name] if cla_name else []
     for zone_name in sorted(by_zone):
         z = zone_name.encode()
         size = sizes[zone_name]
         if z:
-            loc = _LOC_ZONE + _varint(len(z)) + z
-            locality = _LLE_LOCALITY + _varint(len(loc)) + loc
-            parts += (_CLA_ENDPOINTS, _varint(size + len(locality)), locality)
+            loc = _LOC_ZONE + varint(len(z)) + z
+            locality = _LLE_LOCALITY + varint(len(loc)) + loc
+            parts += (_CLA_ENDPOINTS, varint(size + len(locality)), locality)
         else:
-            parts += (_CLA_ENDPOINTS, _varint(size))
+            parts += (_CLA_ENDPOINTS, varint(size))
         parts += by_zone[zone_name]
     return b"".join(parts)

@@ -15,13 +15,20 @@ from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from nodemesh.xds.translate import ir
+from nodemesh.xds.translate._encode import LEN, tag, varint
 from nodemesh.xds.translate._proto import any_of, duration, fraction, uint32
 from nodemesh.xds.translate.fault import FILTER_NAME as FAULT_FILTER
 from nodemesh.xds.translate.fault import route_fault
 from nodemesh.xds.translate.lb import hash_policies
 from nodemesh.xds.translate.retry import retry_policy
 
-__all__ = ["route", "route_configuration", "virtual_host"]
+__all__ = [
+    "route",
+    "route_configuration",
+    "route_configuration_bytes",
+    "virtual_host",
+    "virtual_host_entry",
+]
 
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
@@ -36,6 +43,24 @@ def route_configuration(
     name: str, vhosts: Iterable[rc.VirtualHost]
 ) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=list(vhosts))
+
+
+_RC_NAME = tag(route_pb2.RouteConfiguration, "name", LEN)
+_RC_VHOSTS = tag(route_pb2.RouteConfiguration, "virtual_hosts", LEN)
+
+
+def virtual_host_entry(vh: ir.VirtualHost) -> bytes:
+    """`virtual_host(vh)` as one `RouteConfiguration.virtual_hosts` entry (tag, length, bytes)."""
+    body: bytes = virtual_host(vh).SerializeToString(deterministic=True)
+    return _RC_VHOSTS + varint(len(body)) + body
+
+
+def route_configuration_bytes(name: str, entries: Iterable[bytes]) -> bytes:
+    """`route_configuration(name, ...)` serialized deterministically, from its virtual hosts'
+    entries (`virtual_host_entry`): a message's fields are written in field-number order and an
+    embedded message is its own bytes, so the configuration is its name and then the entries."""
+    n = name.encode()
+    return (_RC_NAME + varint(len(n)) + n if n else b"") + b"".join(entries)
 
 
 def destination_route_configuration(name: str, vh: rc.VirtualHost) -> route_pb2.RouteConfiguration:

@@ -1,0 +1,25 @@
+"""Protobuf wire-format helpers for the resources the translator encodes by hand (endpoints,
+route configurations). Field numbers come from the generated descriptors."""
+
+from __future__ import annotations
+
+__all__ = ["LEN", "VARINT", "tag", "varint"]
+
+VARINT, LEN = 0, 2  # wire types
+_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+def tag(message: type, field: str, wire_type: int) -> bytes:
+    number = message.DESCRIPTOR.fields_by_name[field].number  # type: ignore[attr-defined]
+    return varint((number << 3) | wire_type)
+
+
+def varint(value: int) -> bytes:
+    if value < 0x80:
+        return _BYTE[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
