@@ -3,7 +3,7 @@ deterministic serialization of the whole message (so versions match `translate_m
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodemesh.xds import types
@@ -29,14 +29,22 @@ _routes = st.builds(
     timeout_ms=st.none() | st.integers(0, 10**7),
     origins=st.lists(_text, max_size=2).map(tuple),
 )
+_plain_routes = st.builds(
+    ir.Route,
+    name=_text,
+    backends=st.tuples(st.builds(ir.Backend, cluster=_text, weight=st.integers(1, 1000))),
+    origins=st.lists(_text, max_size=2).map(tuple),
+)
 _vhosts = st.builds(
     ir.VirtualHost,
     name=_text,
     domains=st.lists(_text, max_size=5).map(tuple),
-    routes=st.lists(_routes, max_size=3).map(tuple),
+    routes=st.lists(_plain_routes, max_size=3).map(tuple)
+    | st.lists(_routes | _plain_routes, max_size=3).map(tuple),
 )
 
 
+@settings(max_examples=400)
 @given(_text, st.lists(_vhosts, max_size=5))
 def test_route_configuration_bytes_equal_protobuf(name: str, vhosts: list[ir.VirtualHost]) -> None:
     expected = route_configuration(name, [virtual_host(v) for v in vhosts]).SerializeToString(

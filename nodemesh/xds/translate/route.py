@@ -49,9 +49,60 @@ _RC_NAME = tag(route_pb2.RouteConfiguration, "name", LEN)
 _RC_VHOSTS = tag(route_pb2.RouteConfiguration, "virtual_hosts", LEN)
 
 
+_VH_NAME = tag(rc.VirtualHost, "name", LEN)
+_VH_DOMAINS = tag(rc.VirtualHost, "domains", LEN)
+_VH_ROUTES = tag(rc.VirtualHost, "routes", LEN)
+_R_NAME = tag(rc.Route, "name", LEN)
+_R_ROUTE = tag(rc.Route, "route", LEN)
+_RA_CLUSTER = tag(rc.RouteAction, "cluster", LEN)
+_DEFAULT_MATCH = ir.RouteMatch()
+
+
+def _plain(r: ir.Route) -> bool:
+    """A route that `route` turns into: match any path, send to one cluster, nothing else."""
+    return (
+        len(r.backends) == 1
+        and r.backends[0].cluster != ""  # a oneof member: even "" would be written
+        and r.match == _DEFAULT_MATCH
+        and r.redirect is None
+        and r.request_headers is None
+        and r.response_headers is None
+        and r.rewrite is None
+        and not r.mirrors
+        and r.timeout_ms is None
+        and r.idle_timeout_ms is None
+        and r.retry is None
+        and r.fault is None
+        and not r.hash_header
+        and not r.hash_cookie
+        and r.hash_cookie_ttl_ms is None
+    )
+
+
+def _field(tag_bytes: bytes, payload: bytes) -> bytes:
+    return tag_bytes + varint(len(payload)) + payload
+
+
+_MATCH_ALL = _field(tag(rc.Route, "match", LEN), _field(tag(rc.RouteMatch, "prefix", LEN), b"/"))
+
+
 def virtual_host_entry(vh: ir.VirtualHost) -> bytes:
-    """`virtual_host(vh)` as one `RouteConfiguration.virtual_hosts` entry (tag, length, bytes)."""
-    body: bytes = virtual_host(vh).SerializeToString(deterministic=True)
+    """`virtual_host(vh)` as one `RouteConfiguration.virtual_hosts` entry (tag, length, bytes).
+    Virtual hosts whose routes are all plain (most Services: one default route) are encoded
+    here, fields in field-number order as protobuf's deterministic serialization writes them."""
+    if all(_plain(r) for r in vh.routes):
+        parts = [_field(_VH_NAME, vh.name.encode())] if vh.name else []
+        parts += [_field(_VH_DOMAINS, d.encode()) for d in vh.domains]
+        for r in vh.routes:
+            route_bytes = _MATCH_ALL + _field(
+                _R_ROUTE, _field(_RA_CLUSTER, r.backends[0].cluster.encode())
+            )
+            if r.name:
+                route_bytes += _field(_R_NAME, r.name.encode())
+            parts.append(_field(_VH_ROUTES, route_bytes))
+        body = b"".join(parts)
+    else:
+        body = virtual_host(vh).SerializeToString(deterministic=True)
     return _RC_VHOSTS + varint(len(body)) + body
 
 
