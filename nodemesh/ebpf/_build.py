@@ -19,7 +19,11 @@ from nodemesh.ebpf.errors import BuildError
 __all__ = ["OBJECTS", "SOURCE_DIR", "build_objects"]
 
 SOURCE_DIR = Path(__file__).parent / "bpf"
-OBJECTS = ("connect", "sockops", "redir", "sockopt")
+OBJECTS = ("connect", "sockops", "redir", "sockopt", "backlog")
+
+
+# -mcpu=v3: atomic fetch-and-add (backlog.bpf.c); kernels >= 5.12 run v3 code.
+_FLAGS = ("-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror")
 
 
 def _cache_dir() -> Path:
@@ -39,7 +43,7 @@ def build_objects(clang: str = "clang") -> dict[str, Path]:
     if exe is None:
         raise BuildError(f"{clang} not found: install clang (make setup) to build the BPF programs")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    h = hashlib.blake2b(version.encode(), digest_size=10)
+    h = hashlib.blake2b(version.encode() + " ".join(_FLAGS).encode(), digest_size=10)
     for src in sorted(SOURCE_DIR.glob("*.[ch]")):
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     out_dir = _cache_dir() / h.hexdigest()
@@ -56,7 +60,7 @@ def build_objects(clang: str = "clang") -> dict[str, Path]:
 def _compile(exe: str, src: Path, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".o.tmp")
     os.close(fd)
-    cmd = [exe, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", *_include_flags()]
+    cmd = [exe, *_FLAGS, *_include_flags()]
     proc = subprocess.run([*cmd, "-c", str(src), "-o", tmp], capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)

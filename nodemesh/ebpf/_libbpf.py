@@ -22,6 +22,7 @@ __all__ = [
     "BPF_CGROUP_INET6_CONNECT",
     "BPF_CGROUP_SOCK_OPS",
     "BPF_SK_MSG_VERDICT",
+    "BPF_TRACE_RAW_TP",
     "BpfObject",
     "LinkInfo",
     "MapInfo",
@@ -50,6 +51,7 @@ BPF_SK_MSG_VERDICT = 7
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_GETSOCKOPT = 21
+BPF_TRACE_RAW_TP = 23
 
 BPF_ANY = 0
 
@@ -84,6 +86,10 @@ class _Lib:
         self._sig("bpf_object__find_program_by_name", vp, [vp, cc])
         self._sig("bpf_object__find_map_by_name", vp, [vp, cc])
         self._sig("bpf_program__fd", ci, [vp])
+        self._sig("bpf_program__attach", vp, [vp])
+        self._sig("bpf_link__fd", ci, [vp])
+        self._sig("bpf_link__destroy", ci, [vp])
+        self._sig("bpf_map__set_initial_value", ci, [vp, vp, ctypes.c_size_t])
         self._sig("bpf_map__fd", ci, [vp])
         self._sig("bpf_link_create", ci, [ci, ci, ci, vp])
         self._sig("bpf_link_update", ci, [ci, ci, vp])
@@ -171,11 +177,38 @@ class BpfObject:
             raise ValueError(f"BPF object {self.path} is closed")
         return self._obj
 
-    def program_fd(self, name: str) -> int:
+    def _program(self, name: str) -> int:
         prog = libbpf().so.bpf_object__find_program_by_name(self._ptr, name.encode())
         if not prog:
             raise BpfError(f"find program {name} in {self.path}", 2)
-        return _check(libbpf().so.bpf_program__fd(prog), f"fd of program {name}")
+        return int(prog)
+
+    def program_fd(self, name: str) -> int:
+        return _check(libbpf().so.bpf_program__fd(self._program(name)), f"fd of program {name}")
+
+    def set_rodata(self, data: bytes) -> None:
+        """Replace the object's `.rodata` (its `const volatile` globals) before `load()`; the
+        size must be the section's, or libbpf refuses (EINVAL)."""
+        m = libbpf().so.bpf_object__find_map_by_name(self._ptr, b".rodata")
+        if not m:
+            raise BpfError(f"find .rodata in {self.path}", 2)
+        buf = ctypes.create_string_buffer(data, len(data))
+        ret = libbpf().so.bpf_map__set_initial_value(m, buf, len(data))
+        _check(ret, f"set .rodata of {self.path} ({len(data)} bytes)")
+
+    def attach_pinned(self, name: str, pin: str) -> None:
+        """Attach a program that names its own target (`SEC("tp_btf/name")`, fentry/fexit)
+        with `bpf_program__attach` and pin the link at `pin`; the pin keeps it attached."""
+        ctypes.set_errno(0)
+        link = libbpf().so.bpf_program__attach(self._program(name))
+        if not link:
+            raise BpfError(f"attach program {name}", ctypes.get_errno() or 22)
+        try:
+            fd = _check(libbpf().so.bpf_link__fd(link), f"fd of link {name}")
+            obj_pin(fd, pin, f"link {name}")
+        finally:
+            # Closes our fd only: a pinned link stays attached.
+            libbpf().so.bpf_link__destroy(link)
 
     def map_fd(self, name: str) -> int:
         m = libbpf().so.bpf_object__find_map_by_name(self._ptr, name.encode())
@@ -232,11 +265,15 @@ class LinkInfo:
     type: int
     id: int
     prog_id: int
-    target_id: int  # cgroup id for cgroup links, map id for sockmap links; 0 once detached
+    # cgroup id for cgroup links, map id for sockmap links, BTF id of the traced function for
+    # tracing links; 0 once detached
+    target_id: int
     attach_type: int
 
 
 # enum bpf_link_type
+_LINK_RAW_TRACEPOINT = 1
+_LINK_TRACING = 2
 _LINK_CGROUP = 3
 _LINK_SOCKMAP = 14
 
@@ -248,6 +285,10 @@ def link_info(fd: int, what: str) -> LinkInfo:
         target, attach = struct.unpack_from("=QI", raw, 16)
     elif ltype == _LINK_SOCKMAP:
         target, attach = struct.unpack_from("=II", raw, 16)
+    elif ltype == _LINK_RAW_TRACEPOINT:
+        target, attach = 0, BPF_TRACE_RAW_TP  # tp_btf links; info holds only the name
+    elif ltype == _LINK_TRACING:
+        attach, _btf_obj_id, target = struct.unpack_from("=III", raw, 16)
     else:
         target, attach = 0, -1
     return LinkInfo(ltype, lid, prog_id, target, attach)

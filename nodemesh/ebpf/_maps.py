@@ -77,4 +77,8 @@ class Stats(ctypes.Structure):
         ("sockhash_inserts", ctypes.c_uint64),
         ("orig_dst_answered", ctypes.c_uint64),
         ("orig_dst_missing", ctypes.c_uint64),
+        ("fallback_backlog", ctypes.c_uint64),
+        ("fallback_nopeer", ctypes.c_uint64),
+        ("bytes_consumed", ctypes.c_uint64),
+        ("bytes_clamped", ctypes.c_uint64),
     ]

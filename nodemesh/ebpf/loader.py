@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -20,14 +21,28 @@ from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf._build import build_objects
 from nodemesh.ebpf.errors import BpfError
 
-__all__ = ["DEFAULT_PIN_ROOT", "MAP_NAMES", "Attachment", "Dataplane", "ensure_bpffs"]
+__all__ = [
+    "DEFAULT_BACKLOG_LIMIT",
+    "DEFAULT_PIN_ROOT",
+    "MAP_NAMES",
+    "Attachment",
+    "Dataplane",
+    "ensure_bpffs",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
 BPFFS = Path("/sys/fs/bpf")
+# Unread redirected bytes a receiving socket may hold before its writer goes to plain TCP
+# (redir.bpf.c). The kernel's default tcp_wmem[2] (send buffer ceiling), so a stalled reader
+# holds about what plain TCP would buffer on the sending side, and far above what a reader
+# that keeps up ever has queued.
+DEFAULT_BACKLOG_LIMIT = 4 << 20
 MAP_NAMES = (
+    "nm_backlog",
     "nm_config",
+    "nm_fallback",
     "nm_local",
     "nm_orig_cookie",
     "nm_orig_tuple",
@@ -44,7 +59,7 @@ class Attachment:
     obj: str
     program: str
     attach_type: int
-    target: Literal["cgroup", "sockhash"]
+    target: Literal["cgroup", "sockhash", "kernel"]  # kernel: tp_btf, the program names it
 
 
 WANTED = (
@@ -53,6 +68,7 @@ WANTED = (
     Attachment("sockops", "nm_sockops", bpf.BPF_CGROUP_SOCK_OPS, "cgroup"),
     Attachment("sockopt", "nm_getsockopt", bpf.BPF_CGROUP_GETSOCKOPT, "cgroup"),
     Attachment("redir", "nm_msg_redirect", bpf.BPF_SK_MSG_VERDICT, "sockhash"),
+    Attachment("backlog", "nm_msg_consumed", bpf.BPF_TRACE_RAW_TP, "kernel"),
 )
 
 
@@ -87,9 +103,15 @@ class Dataplane:
     {'nm_sock4_connect': 'created', ...}
     """
 
-    def __init__(self, cgroup: str | os.PathLike[str], pin_root: Path = DEFAULT_PIN_ROOT) -> None:
+    def __init__(
+        self,
+        cgroup: str | os.PathLike[str],
+        pin_root: Path = DEFAULT_PIN_ROOT,
+        backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+    ) -> None:
         self.cgroup = Path(cgroup)
         self.pin_root = Path(pin_root)
+        self.backlog_limit = backlog_limit
 
     @property
     def links_dir(self) -> Path:
@@ -115,6 +137,8 @@ class Dataplane:
             loaded: dict[str, bpf.BpfObject] = {}
             for name, path in objects.items():
                 obj = stack.enter_context(bpf.BpfObject(str(path), str(self.pin_root)))
+                if name == "redir":
+                    obj.set_rodata(struct.pack("=q", self.backlog_limit))  # nm_backlog_limit
                 try:
                     obj.load()
                 except BpfError as exc:
@@ -133,6 +157,8 @@ class Dataplane:
                 prog_fd = loaded[want.obj].program_fd(want.program)
                 if want.target == "cgroup":
                     result[want.program] = self._converge(want, prog_fd, cg_fd, cg_id)
+                elif want.target == "kernel":
+                    result[want.program] = self._converge_trace(want, loaded[want.obj], prog_fd)
                 else:
                     result[want.program] = self._converge(want, prog_fd, socks_fd, socks_id)
         log.info("data plane on %s: %s", self.cgroup, result)
@@ -159,6 +185,28 @@ class Dataplane:
             bpf.obj_pin(link_fd, str(pin), f"link {want.program}")
         finally:
             bpf.close_fd(link_fd)
+        return "created"
+
+    def _converge_trace(self, want: Attachment, obj: bpf.BpfObject, prog_fd: int) -> str:
+        """tp_btf links cannot be updated in place (no `bpf_link_update` for them): a changed
+        program gets a new link, pinned next to the old one and renamed over it, so reads are
+        never uncounted (for an instant both run: a read is subtracted twice, which only
+        lowers the backlog, clamped at 0)."""
+        pin = self.link_pin(want.program)
+        if pin.exists():
+            with self._pinned(pin) as link_fd:
+                info = bpf.link_info(link_fd, str(pin))
+            if (
+                info.attach_type == want.attach_type
+                and self._prog_tag(info.prog_id) == bpf.prog_info(prog_fd, want.program).tag
+            ):
+                return "kept"
+            new = pin.with_name(pin.name + "_new")  # bpffs refuses dots in names (EPERM)
+            new.unlink(missing_ok=True)
+            obj.attach_pinned(want.program, str(new))
+            os.replace(new, pin)
+            return "updated"
+        obj.attach_pinned(want.program, str(pin))
         return "created"
 
     @staticmethod
@@ -208,6 +256,7 @@ class Dataplane:
             return
         for want in WANTED:
             self.link_pin(want.program).unlink(missing_ok=True)
+            self.link_pin(want.program + "_new").unlink(missing_ok=True)
         for name in MAP_NAMES:
             self.map_pin(name).unlink(missing_ok=True)
         if self.links_dir.exists():

@@ -152,10 +152,11 @@ class Pod:
         sink_chunk: int = 0,
         sink_pause: float = 0.0,
         sink_hold_until: str = "",
+        sink_read_first: int = 0,
     ) -> Proc:
-        """A server: byte echo, HTTP (`http`), or a sink that waits after its hello (until the
-        file `sink_hold_until` exists, at most `sink_pause` seconds), then reads `sink_chunk`
-        bytes a call."""
+        """A server: byte echo, HTTP (`http`), or a sink that reads `sink_read_first` bytes
+        after its hello, waits (until the file `sink_hold_until` exists, at most `sink_pause`
+        seconds), then reads the rest `sink_chunk` bytes a call."""
         argv = [sys.executable, str(PODTOOL), "serve", "--port", str(port), "--name", self.name]
         if http:
             argv.append("--http")
@@ -163,6 +164,8 @@ class Pod:
             argv += ["--sink", "--chunk", str(sink_chunk), "--pause", str(sink_pause)]
             if sink_hold_until:
                 argv += ["--hold-until", sink_hold_until]
+            if sink_read_first:
+                argv += ["--read-first", str(sink_read_first)]
         proc = self.spawn(argv, f"{self.name}:serve")
         proc.json()  # {"ready": true}
         return proc
@@ -280,8 +283,9 @@ class NodeLab:
         self._procs.append(proc)
         return proc
 
-    def enable(self) -> Dataplane:
-        dp = Dataplane(self.cgroup, self.pin_root)
+    def enable(self, **options: Any) -> Dataplane:
+        """Attach the data plane (`options` go to `Dataplane`, e.g. `backlog_limit`)."""
+        dp = Dataplane(self.cgroup, self.pin_root, **options)
         if self.dataplane is None:
             self._undo.append(("dataplane", dp.disable))
         self.dataplane = dp

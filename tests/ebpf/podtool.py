@@ -98,6 +98,14 @@ def serve(args: argparse.Namespace) -> None:
         def handle(self) -> None:
             s: socket.socket = self.request
             s.sendall(f"HELLO {name}\n".encode())
+            h = hashlib.sha256()
+            count = 0
+            while count < args.read_first:  # keep up at first, then stall
+                data = s.recv(min(args.chunk, args.read_first - count))
+                if not data:
+                    break
+                h.update(data)
+                count += len(data)
             # Busy elsewhere, so the writer gets ahead: until --hold-until exists (the test
             # creates it once the writer is done or failed), for at most --pause seconds.
             deadline = time.monotonic() + args.pause
@@ -108,8 +116,6 @@ def serve(args: argparse.Namespace) -> None:
                     time.sleep(max(0.0, deadline - time.monotonic()))
                     break
                 time.sleep(0.05)
-            h = hashlib.sha256()
-            count = 0
             while True:
                 data = s.recv(args.chunk)
                 if not data:
@@ -136,6 +142,10 @@ def xfer(args: argparse.Namespace) -> None:
     sent_hash = hashlib.sha256()
     echo_hash = hashlib.sha256()
     result: dict[str, object] = {}
+    # --window: never more than this many bytes sent and not yet echoed back (a writer that
+    # waits for its peer, like request/response protocols); 0: write as fast as possible.
+    echoed = [0]
+    moved = threading.Condition()
 
     def receive() -> None:
         got = 0
@@ -149,6 +159,9 @@ def xfer(args: argparse.Namespace) -> None:
                 echo_hash.update(take)
                 got += len(take)
                 tail += data[len(take) :]
+                with moved:
+                    echoed[0] = got
+                    moved.notify()
             else:
                 tail += data
         result["echo_bytes"] = got
@@ -166,6 +179,11 @@ def xfer(args: argparse.Namespace) -> None:
             offset = (offset * 7 + 13) % 4096
         chunk = PATTERN[offset : offset + n]
         offset += n
+        if args.window:
+            need = sent + n - args.window  # echoed bytes required before this write
+            with moved:
+                if not moved.wait_for(lambda: echoed[0] >= need, 20):  # noqa: B023 (waits here)
+                    raise SystemExit(f"no echo for 20 s at {sent} bytes sent")
         s.sendall(chunk)
         sent_hash.update(chunk)
         sent += n
@@ -187,26 +205,42 @@ def xfer(args: argparse.Namespace) -> None:
 
 
 def push(args: argparse.Namespace) -> None:
-    """Send `bytes` in `chunk`-byte sendall calls, half-close, read the sink's trailer."""
+    """Send `bytes` in `chunk`-byte writes, half-close, read the sink's trailer.
+
+    With --send-timeout, a write that makes no progress for that long means the writer is
+    blocked: without --release, report it and stop; with --release FILE, record how much was
+    sent when it first blocked (`blocked_at`), create FILE (the sink's --hold-until) and keep
+    writing until everything is sent."""
     s = _connect(args.to)
     hello = _read_line(s)
     sent_hash = hashlib.sha256()
     sent = 0
     offset = 0
+    blocked_at = None
     start = time.monotonic()
     if args.send_timeout:
-        # A send that makes no progress for this long means the writer is blocked: report it.
         s.settimeout(args.send_timeout)
     try:
         while sent < args.bytes:
             n = min(args.chunk, args.bytes - sent)
             if offset + n > len(PATTERN):
                 offset = (offset * 7 + 13) % 4096
-            chunk = PATTERN[offset : offset + n]
+            chunk = memoryview(PATTERN[offset : offset + n])
             offset += n
-            s.sendall(chunk)
-            sent_hash.update(chunk)
-            sent += n
+            while chunk:
+                try:
+                    k = s.send(chunk)  # not sendall: a timeout must not lose the count
+                except TimeoutError:
+                    if not args.release:
+                        raise
+                    if blocked_at is None:
+                        blocked_at = sent
+                        open(args.release, "w").close()
+                        s.settimeout(60)
+                    continue
+                sent_hash.update(chunk[:k])
+                sent += k
+                chunk = chunk[k:]
         s.shutdown(socket.SHUT_WR)
         trailer = _read_line(s)
     except TimeoutError:
@@ -217,12 +251,15 @@ def push(args: argparse.Namespace) -> None:
         return
     finally:
         s.close()
+        if args.release and not os.path.exists(args.release):
+            open(args.release, "w").close()
     _out(
         {
             "ok": True,
             "hello": hello,
             "sent": sent,
             "sent_sha": sent_hash.hexdigest(),
+            "blocked_at": blocked_at,
             "trailer": trailer,
             "seconds": time.monotonic() - start,
         }
@@ -358,16 +395,19 @@ def main() -> None:
     s.add_argument("--chunk", type=int, default=16384)
     s.add_argument("--pause", type=float, default=0.0)
     s.add_argument("--hold-until", default="")
+    s.add_argument("--read-first", type=int, default=0)
     x = sub.add_parser("xfer")
     x.add_argument("--to", required=True)
     x.add_argument("--bytes", type=int, required=True)
     x.add_argument("--sizes", default="65536")
     x.add_argument("--nodelay", type=int, default=0)
+    x.add_argument("--window", type=int, default=0)
     pu = sub.add_parser("push")
     pu.add_argument("--send-timeout", type=float, default=0.0)
     pu.add_argument("--to", required=True)
     pu.add_argument("--bytes", type=int, required=True)
     pu.add_argument("--chunk", type=int, default=65536)
+    pu.add_argument("--release", default="")
     r = sub.add_parser("rr")
     r.add_argument("--to", required=True)
     r.add_argument("--size", type=int, default=1)

@@ -162,7 +162,7 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     map_ids = set(lab.dataplane.map_ids().values())
     prog_ids = {info.prog_id for info in links.values()}
     link_ids = {info.id for info in links.values()}
-    assert len(links) == 5 and len(map_ids) == 7
+    assert len(links) == 6 and len(map_ids) == 9
     _stop(agent)
 
     proc = subprocess.run(

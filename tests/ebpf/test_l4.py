@@ -26,7 +26,11 @@ def test_l4_payload_crosses_intact_and_skips_the_stack(node: NodeLab) -> None:
     b.serve(7000)
     before = stats(node)
 
-    result = a.tool("xfer", "--to", f"{VIP}:80", "--bytes", str(100 * MB), "--sizes", SIZES)
+    # A reader that keeps up: the writer is never more than 2 MiB ahead of the echo.
+    result = a.tool(
+        "xfer", "--to", f"{VIP}:80", "--bytes", str(100 * MB), "--sizes", SIZES,
+        "--window", str(2 * MB),
+    )  # fmt: skip
 
     assert result["hello"] == "HELLO b"
     _check_xfer(result, 100 * MB)
@@ -36,6 +40,23 @@ def test_l4_payload_crosses_intact_and_skips_the_stack(node: NodeLab) -> None:
     # both directions went socket to socket: 100 MB out, 100 MB echoed (+ hello and trailer)
     assert after["bytes_redirected"] - before["bytes_redirected"] >= 200 * MB
     assert after["msg_passed"] == before["msg_passed"]
+    assert after["fallback_backlog"] == before["fallback_backlog"], "a reader that keeps up"
+    assert after["fallback_nopeer"] == before["fallback_nopeer"]
+    # every redirected byte was read, and counted as read (nm_backlog back to 0)
+    assert after["bytes_consumed"] - before["bytes_consumed"] == (
+        after["bytes_redirected"] - before["bytes_redirected"]
+    )
+
+
+def test_l4_echo_with_a_writer_that_outruns_its_reader_stays_intact(node: NodeLab) -> None:
+    """No pacing: the writer gets ahead of the echo server (4-40 MiB unread measured without
+    a limit), so the connection may fall back to TCP mid-stream in either direction; the bytes
+    must cross intact and in order either way."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),))
+    b.serve(7000)
+    result = a.tool("xfer", "--to", f"{VIP}:80", "--bytes", str(100 * MB), "--sizes", SIZES)
+    _check_xfer(result, 100 * MB)
 
 
 @pytest.mark.parametrize("nodelay", [0, 1], ids=["nagle", "nodelay"])
@@ -112,36 +133,57 @@ def test_a_policy_change_applies_to_new_connections_only(node: NodeLab) -> None:
     assert held.json() == {"ok": True}, "the established connection broke"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "kernel tcp_bpf: an sk_msg ingress redirect (bpf_tcp_ingress) queues on the peer "
-        "without checking its sk_rcvbuf and never makes the writer wait, so a stalled reader "
-        "accumulates without bound; under global TCP memory pressure (past tcp_mem[1]) the "
-        "writer then gets ENOMEM. sk_msg cannot see the peer's queue (a sockhash lookup needs "
-        "bpf_sk_release, which sk_msg programs may not call), so no sound fallback yet"
-    ),
-)
 def test_a_stalled_reader_blocks_the_writer(node: NodeLab, tmp_path: Path) -> None:
     """Backpressure: a writer whose reader reads nothing is blocked once the socket buffers
-    are full (a few MiB on plain TCP), instead of queueing without bound."""
+    are full (a few MiB on plain TCP), instead of queueing without bound; once the reader
+    reads, every byte arrives in order, across the switch from redirect to TCP."""
     a, b = node.pods["a"], node.pods["b"]
     program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
-    # The reader reads nothing until the writer reports (at most 30 s), then 16 KiB a call.
-    writer_done = tmp_path / "writer-done"
-    b.serve(7000, sink_chunk=16384, sink_pause=30, sink_hold_until=str(writer_done))
+    # The reader reads nothing until the writer is blocked (at most 60 s), then 16 KiB a call.
+    writer_blocked = tmp_path / "writer-blocked"
+    b.serve(7000, sink_chunk=16384, sink_pause=60, sink_hold_until=str(writer_blocked))
     before = stats(node)
-    try:
-        result = a.tool(
-            "push", "--to", f"{VIP}:80", "--bytes", str(512 * MB), "--chunk", "65536",
-            "--send-timeout", "2",
-        )  # fmt: skip
-    finally:
-        writer_done.touch()
-    assert stats(node)["bytes_redirected"] - before["bytes_redirected"] > 0
-    assert result["sent"] < 64 * MB, (
-        f"the writer was never blocked: {result['sent'] >> 20} MiB queued on a reader that "
-        f"read nothing ({result})"
+    result = a.tool(
+        "push", "--to", f"{VIP}:80", "--bytes", str(256 * MB), "--chunk", "65536",
+        "--send-timeout", "2", "--release", str(writer_blocked),
+    )  # fmt: skip
+    after = stats(node)
+    assert result["ok"], result
+    assert result["blocked_at"] is not None, f"the writer was never blocked ({result})"
+    assert result["blocked_at"] < 64 * MB, (
+        f"{result['blocked_at'] >> 20} MiB queued on a reader that read nothing ({result})"
     )
-    assert result.get("blocked"), result
+    assert result["trailer"] == f"DONE {256 * MB} {result['sent_sha']}", "bytes lost or reordered"
+    assert after["fallback_backlog"] - before["fallback_backlog"] == 1
+    assert after["fallback_nopeer"] == before["fallback_nopeer"]
+    redirected = after["bytes_redirected"] - before["bytes_redirected"]
+    assert 4 * MB <= redirected < 8 * MB, redirected  # the limit, plus at most one message
+    assert after["msg_passed"] > before["msg_passed"]
+
+
+def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
+    node: NodeLab, tmp_path: Path
+) -> None:
+    """The reader keeps up for 24 MiB (all redirected), then stops: the connection falls back
+    to TCP for good, the writer blocks, and after the reader resumes the sha256 of all 128 MiB
+    matches end to end."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    writer_blocked = tmp_path / "writer-blocked"
+    b.serve(
+        7000, sink_chunk=65536, sink_pause=60, sink_hold_until=str(writer_blocked),
+        sink_read_first=24 * MB,
+    )  # fmt: skip
+    before = stats(node)
+    result = a.tool(
+        "push", "--to", f"{VIP}:80", "--bytes", str(128 * MB), "--chunk", "65536",
+        "--send-timeout", "2", "--release", str(writer_blocked),
+    )  # fmt: skip
+    after = stats(node)
+    assert result["ok"], result
+    assert result["blocked_at"] is not None, result
+    assert 24 * MB <= result["blocked_at"] < (24 + 64) * MB, result
+    assert result["trailer"] == f"DONE {128 * MB} {result['sent_sha']}", "bytes lost or reordered"
+    assert after["fallback_backlog"] - before["fallback_backlog"] == 1
+    assert after["bytes_redirected"] - before["bytes_redirected"] >= 24 * MB
+    assert after["msg_passed"] > before["msg_passed"]

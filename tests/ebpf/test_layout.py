@@ -51,6 +51,24 @@ def test_ctypes_mirrors_match_btf(obj_name: str) -> None:
     assert "nm_service" in structs or obj_name != "connect"
 
 
+def test_the_loader_writes_the_whole_rodata_of_redir() -> None:
+    """Dataplane.enable() replaces redir's .rodata with one little-endian s64 (the backlog
+    limit): that must stay the section's only variable."""
+    need(shutil.which("clang") and shutil.which("bpftool"), "clang and bpftool (make setup)")
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", str(build_objects()["redir"])],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    types = json.loads(out.stdout)["types"]
+    (sec,) = [t for t in types if t["kind"] == "DATASEC" and t["name"] == ".rodata"]
+    names = {t["id"]: t["name"] for t in types}
+    assert [(names[v["type_id"]], v["offset"], v["size"]) for v in sec["vars"]] == [
+        ("nm_backlog_limit", 0, 8)
+    ]
+
+
 def test_committed_protobuf_code_is_current(tmp_path: Path) -> None:
     from nodemesh.api._generate import generate
 

@@ -80,6 +80,10 @@ struct nm_stats {
 	__u64 sockhash_inserts;
 	__u64 orig_dst_answered;
 	__u64 orig_dst_missing;
+	__u64 fallback_backlog; /* connections sent to TCP: the peer had too much unread */
+	__u64 fallback_nopeer;  /* connections sent to TCP: the peer was not in nm_socks */
+	__u64 bytes_consumed;   /* read by applications from sockets with a backlog entry */
+	__u64 bytes_clamped;    /* of those, read while the entry was already 0 */
 };
 
 /* Maps shared by every object: pinned by name under the loader's pin root, so the four
@@ -128,6 +132,29 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_socks SEC(".maps");
+
+/* Bytes redirected to a socket and not yet read by its application, keyed like that socket's
+ * nm_socks entry (the RECEIVING socket). sk_msg adds, fexit/sk_msg_recvmsg subtracts.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nm_tuple);
+	__type(value, __s64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_backlog SEC(".maps");
+
+/* Connections that went to plain TCP for good, keyed by the SENDING socket's own tuple. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nm_tuple);
+	__type(value, __u32); /* NM_FALLBACK_* */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_fallback SEC(".maps");
+
+#define NM_FALLBACK_BACKLOG 1
+#define NM_FALLBACK_NOPEER 2
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

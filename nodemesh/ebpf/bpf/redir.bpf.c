@@ -2,14 +2,37 @@
 /* sk_msg: hand a message straight to the peer socket's receive queue when the peer is in
  * nm_socks (same node), skipping TCP/IP and the veth pair. Otherwise the message goes out
  * the normal way.
+ *
+ * Backpressure: an ingress redirect never waits for the reader, so the data plane keeps its own
+ * count of redirected bytes the peer has not read yet (nm_backlog, decremented by
+ * backlog.bpf.c). Past nm_backlog_limit, or when the peer is not in nm_socks, the sending side
+ * of the connection goes to plain TCP for good (nm_fallback), where the TCP window and the send
+ * buffer block the writer. Never back: the peer reads its redirected queue before its TCP
+ * queue, so order holds only while every redirected byte was written before any TCP byte.
  */
 #include "nodemesh.h"
+
+/* Set by the loader before load (Dataplane(backlog_limit=...)). */
+const volatile __s64 nm_backlog_limit = 4 << 20;
+
+static __always_inline int nm_fall_back(struct nm_tuple *self, __u32 reason)
+{
+	bpf_map_update_elem(&nm_fallback, self, &reason, BPF_ANY);
+	if (reason == NM_FALLBACK_BACKLOG)
+		NM_COUNT(fallback_backlog, 1);
+	else
+		NM_COUNT(fallback_nopeer, 1);
+	NM_COUNT(msg_passed, 1);
+	return SK_PASS; /* no redirect set: the message goes out over TCP */
+}
 
 SEC("sk_msg")
 int nm_msg_redirect(struct sk_msg_md *msg)
 {
 	struct nm_tuple peer = {};
+	struct nm_tuple self = {};
 	__u32 size = msg->size;
+	__s64 *backlog;
 
 	if (msg->family == AF_INET) {
 		peer.saddr = msg->remote_ip4;
@@ -29,15 +52,39 @@ int nm_msg_redirect(struct sk_msg_md *msg)
 	}
 	peer.sport = nm_remote_port(msg->remote_port);
 	peer.dport = bpf_htons((__u16)msg->local_port);
+	self.saddr = peer.daddr;
+	self.daddr = peer.saddr;
+	self.sport = peer.dport;
+	self.dport = peer.sport;
+
+	if (bpf_map_lookup_elem(&nm_fallback, &self)) {
+		NM_COUNT(msg_passed, 1);
+		return SK_PASS; /* sticky: this connection already went to TCP */
+	}
+	backlog = bpf_map_lookup_elem(&nm_backlog, &peer);
+	if (backlog && *backlog > nm_backlog_limit)
+		return nm_fall_back(&self, NM_FALLBACK_BACKLOG);
 	/* SK_PASS with a redirect set means "redirect"; without one it means "send normally",
 	 * so a peer that left the map degrades to plain TCP instead of dropping data.
 	 */
-	if (bpf_msg_redirect_hash(msg, &nm_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
-		NM_COUNT(msg_redirected, 1);
-		NM_COUNT(bytes_redirected, size);
+	if (bpf_msg_redirect_hash(msg, &nm_socks, &peer, BPF_F_INGRESS) != SK_PASS)
+		return nm_fall_back(&self, NM_FALLBACK_NOPEER);
+	/* Counted before the kernel queues the data (after this program returns), so the
+	 * reader's decrement never comes before this increment.
+	 */
+	if (backlog) {
+		__sync_fetch_and_add(backlog, (__s64)size);
 	} else {
-		NM_COUNT(msg_passed, 1);
+		__s64 first = size;
+
+		if (bpf_map_update_elem(&nm_backlog, &peer, &first, BPF_NOEXIST)) {
+			backlog = bpf_map_lookup_elem(&nm_backlog, &peer); /* lost a race: add */
+			if (backlog)
+				__sync_fetch_and_add(backlog, (__s64)size);
+		}
 	}
+	NM_COUNT(msg_redirected, 1);
+	NM_COUNT(bytes_redirected, size);
 	return SK_PASS;
 }
 

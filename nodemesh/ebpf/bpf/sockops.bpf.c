@@ -47,6 +47,11 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	}
 	if (!bpf_map_lookup_elem(&nm_local, &t.saddr) || !bpf_map_lookup_elem(&nm_local, &t.daddr))
 		return; /* the peer is elsewhere: the normal TCP path is the only path */
+	/* A reused 4-tuple starts clean: no backlog, no fallback mark from an older connection.
+	 * Nothing can redirect to this socket before it is in nm_socks, so no add is lost.
+	 */
+	bpf_map_delete_elem(&nm_backlog, &t);
+	bpf_map_delete_elem(&nm_fallback, &t);
 	if (bpf_sock_hash_update(skops, &nm_socks, &t, BPF_ANY) == 0)
 		NM_COUNT(sockhash_inserts, 1);
 }
