@@ -290,7 +290,7 @@ class Engine:
             ObjectKey, tuple[Mapping[str, Any], ServiceModel, dict[Any, Any]]
         ] = {}
         self.eps: dict[PortKey, tuple[ir.Endpoint, ...]] = {}
-        self.eps_ports: dict[Ref, set[PortKey]] = {}
+        self.eps_ports: dict[Ref, tuple[PortKey, ...]] = {}
         # TrafficPolicies
         self.policies: dict[ObjectKey, tuple[TrafficPolicyModel, int]] = {}
         self.settings: dict[PortKey, PolicySettings] = {}
@@ -310,7 +310,7 @@ class Engine:
         # Outputs
         self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self.vhosts: _Ordered[VhostKey, ir.VirtualHost] = _Ordered()
-        self.vhost_keys: dict[Ref, list[VhostKey]] = {}
+        self.vhost_keys: dict[Ref, tuple[VhostKey, ...]] = {}
         self.clusters: _Ordered[PortKey, ir.Cluster] = _Ordered()
         self.cla: _Ordered[PortKey, ir.ClusterEndpoints] = _Ordered()
         self.infos: _Ordered[Ref, ir.ServiceInfo] = _Ordered()
@@ -493,22 +493,27 @@ class Engine:
             svc = self.services.get(ref)
             parts: dict[PortKey, list[list[ir.Endpoint]]] = {}
             if svc is not None:
-                for skey in sorted(self.slices_of.get(ref, ())):
+                skeys = self.slices_of.get(ref, ())
+                for skey in sorted(skeys) if len(skeys) > 1 else skeys:
                     obj = objs[skey]
                     cached = self.slice_read.get(skey)
                     if cached is not None and cached[0] is obj and cached[1] is svc:
                         contributed = cached[2]
                     else:
                         contributed = slice_endpoints(obj, svc)
-                        self.slice_read[skey] = (obj, svc, contributed)
+                        # Kept only for Services with several slices: a Service's only slice
+                        # is read again whenever it or the Service changes, so it never hits
+                        # (and 100,000s of cached objects make the garbage collector slower).
+                        if len(skeys) > 1:
+                            self.slice_read[skey] = (obj, svc, contributed)
                     for pk, eps in contributed.items():
                         parts.setdefault(pk, []).append(eps)
             if not self.slices_of.get(ref):
                 self.slices_of.pop(ref, None)
-            old_ports = self.eps_ports.pop(ref, set())
+            old_ports = self.eps_ports.pop(ref, ())
             if parts:
-                self.eps_ports[ref] = set(parts)
-            for pk in old_ports | parts.keys():
+                self.eps_ports[ref] = tuple(parts)  # a tuple of atomic tuples: not GC-tracked
+            for pk in parts.keys() | old_ports:
                 old = self.eps.get(pk)
                 if pk not in parts:
                     del self.eps[pk]
@@ -620,7 +625,7 @@ class Engine:
     # -- per Service: virtual hosts, clusters, ServiceInfo ---------------------------------
     def _virtual_hosts(self, ref: Ref, usage_changed: set[PortKey]) -> None:
         svc = self.services.get(ref)
-        old_keys = self.vhost_keys.pop(ref, [])
+        old_keys = self.vhost_keys.pop(ref, ())
         old_defaults = self.defaults.pop(ref, set())
         new_keys: list[VhostKey] = []
         defaults: set[PortKey] = set()
@@ -683,7 +688,7 @@ class Engine:
             if vkey not in new_keys:
                 self.vhosts.remove(vkey)
         if new_keys:
-            self.vhost_keys[ref] = new_keys
+            self.vhost_keys[ref] = tuple(new_keys)
         if defaults:
             self.defaults[ref] = defaults
         for pk in old_defaults - defaults:
