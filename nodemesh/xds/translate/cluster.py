@@ -20,20 +20,20 @@ DEFAULT_CONNECT_TIMEOUT_MS = 5000
 _HPO_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
+# Made once and copied into every cluster (never altered): 10,000 clusters add up.
+_ADS = config_source_pb2.ConfigSource(
+    ads=config_source_pb2.AggregatedConfigSource(),
+    resource_api_version=config_source_pb2.V3,
+)
+_DEFAULT_CONNECT_TIMEOUT = duration(DEFAULT_CONNECT_TIMEOUT_MS)
+
+
 def cluster(c: ir.Cluster) -> cluster_pb2.Cluster:
-    out = cluster_pb2.Cluster(
-        name=c.name,
-        type=cluster_pb2.Cluster.EDS,
-        connect_timeout=duration(
-            c.connect_timeout_ms if c.connect_timeout_ms is not None else DEFAULT_CONNECT_TIMEOUT_MS
-        ),
+    out = cluster_pb2.Cluster(name=c.name, type=cluster_pb2.Cluster.EDS)
+    out.connect_timeout.CopyFrom(
+        _DEFAULT_CONNECT_TIMEOUT if c.connect_timeout_ms is None else duration(c.connect_timeout_ms)
     )
-    out.eds_cluster_config.eds_config.CopyFrom(
-        config_source_pb2.ConfigSource(
-            ads=config_source_pb2.AggregatedConfigSource(),
-            resource_api_version=config_source_pb2.V3,
-        )
-    )
+    out.eds_cluster_config.eds_config.CopyFrom(_ADS)
     if c.http2:
         options = hpo_pb2.HttpProtocolOptions()
         options.explicit_http_config.http2_protocol_options.SetInParent()
