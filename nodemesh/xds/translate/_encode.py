@@ -3,7 +3,9 @@ route configurations). Field numbers come from the generated descriptors."""
 
 from __future__ import annotations
 
-__all__ = ["LEN", "VARINT", "tag", "varint"]
+from collections.abc import Iterable
+
+__all__ = ["LEN", "VARINT", "strings", "tag", "varint"]
 
 VARINT, LEN = 0, 2  # wire types
 _BYTE = [bytes((i,)) for i in range(0x80)]
@@ -23,3 +25,13 @@ def varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def strings(tag_bytes: bytes, values: Iterable[str]) -> list[bytes]:
+    """The pieces (tag, length, bytes) of a repeated string field, to be joined."""
+    out: list[bytes] = []
+    for v in values:
+        b = v.encode()
+        n = len(b)
+        out += (tag_bytes, _BYTE[n] if n < 0x80 else varint(n), b)
+    return out

@@ -15,7 +15,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from nodemesh.xds.translate import ir
-from nodemesh.xds.translate._encode import LEN, tag, varint
+from nodemesh.xds.translate._encode import LEN, strings, tag, varint
 from nodemesh.xds.translate._proto import any_of, duration, fraction, uint32
 from nodemesh.xds.translate.fault import FILTER_NAME as FAULT_FILTER
 from nodemesh.xds.translate.fault import route_fault
@@ -92,7 +92,7 @@ def virtual_host_entry(vh: ir.VirtualHost) -> bytes:
     here, fields in field-number order as protobuf's deterministic serialization writes them."""
     if all(_plain(r) for r in vh.routes):
         parts = [_field(_VH_NAME, vh.name.encode())] if vh.name else []
-        parts += [_field(_VH_DOMAINS, d.encode()) for d in vh.domains]
+        parts += strings(_VH_DOMAINS, vh.domains)
         for r in vh.routes:
             route_bytes = _MATCH_ALL + _field(
                 _R_ROUTE, _field(_RA_CLUSTER, r.backends[0].cluster.encode())
