@@ -20,7 +20,12 @@ def _tag(message: type, field: str) -> bytes:
     return varint((number << 3) | _LEN)
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]  # most lengths and tags: skip the loop
     out = bytearray()
     while True:
         bits = value & 0x7F
