@@ -6,6 +6,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nodemesh.xds import types
 from nodemesh.xds.cache._snapshot import Snapshot
@@ -18,6 +19,9 @@ from nodemesh.xds.cache.protocol import (
 )
 
 __all__ = ["SnapshotCache"]
+
+Req = TypeVar("Req", WatchRequest, DeltaWatchRequest)
+Resp = TypeVar("Resp", WatchResponse, DeltaWatchResponse)
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +80,26 @@ class SnapshotCache:
     def create_watch(
         self, request: WatchRequest, respond: Callable[[WatchResponse], None]
     ) -> Cancel:
-        snapshot = self.get_snapshot(request.node_id)
-        if snapshot is not None:
-            answer = _sotw_answer(snapshot, request)
-            if answer is not None:
-                respond(answer)
-                return _noop
-        return self._park(request, respond)
+        return self._answer_or_park(request, respond, _sotw_answer)
 
     def create_delta_watch(
         self, request: DeltaWatchRequest, respond: Callable[[DeltaWatchResponse], None]
     ) -> Cancel:
-        snapshot = self.get_snapshot(request.node_id)
-        if snapshot is not None:
-            answer = _delta_answer(snapshot, request)
-            if answer is not None:
-                respond(answer)
-                return _noop
-        return self._park(request, respond)
+        return self._answer_or_park(request, respond, _delta_answer)
 
     # -- internals -------------------------------------------------------------------------
+    def _answer_or_park(
+        self,
+        request: Req,
+        respond: Callable[[Resp], None],
+        answer: Callable[[Snapshot, Req], Resp | None],
+    ) -> Cancel:
+        snapshot = self.get_snapshot(request.node_id)
+        if snapshot is not None and (found := answer(snapshot, request)) is not None:
+            respond(found)
+            return _noop
+        return self._park(request, respond)
+
     def _park(
         self,
         request: WatchRequest | DeltaWatchRequest,
