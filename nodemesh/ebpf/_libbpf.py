@@ -20,11 +20,16 @@ __all__ = [
     "BPF_CGROUP_GETSOCKOPT",
     "BPF_CGROUP_INET4_CONNECT",
     "BPF_CGROUP_INET6_CONNECT",
+    "BPF_ANY",
     "BPF_CGROUP_SOCK_OPS",
+    "BPF_MAP_TYPE_HASH",
+    "BPF_MAP_TYPE_LRU_HASH",
+    "BPF_NOEXIST",
     "BPF_SK_MSG_VERDICT",
     "BPF_TRACE_RAW_TP",
     "BpfObject",
     "LinkInfo",
+    "MapDef",
     "MapInfo",
     "ProgInfo",
     "close_fd",
@@ -32,6 +37,7 @@ __all__ = [
     "link_create",
     "link_info",
     "link_update",
+    "map_create",
     "map_delete",
     "map_get_fd_by_id",
     "map_info",
@@ -53,7 +59,12 @@ BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_GETSOCKOPT = 21
 BPF_TRACE_RAW_TP = 23
 
+# enum bpf_map_type
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_LRU_HASH = 9
+
 BPF_ANY = 0
+BPF_NOEXIST = 1
 
 _log = logging.getLogger("nodemesh.ebpf.libbpf")
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -91,6 +102,12 @@ class _Lib:
         self._sig("bpf_link__destroy", ci, [vp])
         self._sig("bpf_map__set_initial_value", ci, [vp, vp, ctypes.c_size_t])
         self._sig("bpf_map__fd", ci, [vp])
+        self._sig("bpf_map__type", ci, [vp])
+        self._sig("bpf_map__key_size", cu, [vp])
+        self._sig("bpf_map__value_size", cu, [vp])
+        self._sig("bpf_map__max_entries", cu, [vp])
+        self._sig("bpf_map__map_flags", cu, [vp])
+        self._sig("bpf_map_create", ci, [ci, cc, cu, cu, cu, vp])
         self._sig("bpf_link_create", ci, [ci, ci, ci, vp])
         self._sig("bpf_link_update", ci, [ci, ci, vp])
         self._sig("bpf_obj_pin", ci, [ci, cc])
@@ -210,11 +227,28 @@ class BpfObject:
             # Closes our fd only: a pinned link stays attached.
             libbpf().so.bpf_link__destroy(link)
 
-    def map_fd(self, name: str) -> int:
+    def _map(self, name: str) -> int:
         m = libbpf().so.bpf_object__find_map_by_name(self._ptr, name.encode())
         if not m:
             raise BpfError(f"find map {name} in {self.path}", 2)
-        return _check(libbpf().so.bpf_map__fd(m), f"fd of map {name}")
+        return int(m)
+
+    def has_map(self, name: str) -> bool:
+        return bool(libbpf().so.bpf_object__find_map_by_name(self._ptr, name.encode()))
+
+    def map_fd(self, name: str) -> int:
+        return _check(libbpf().so.bpf_map__fd(self._map(name)), f"fd of map {name}")
+
+    def map_definition(self, name: str) -> MapDef:
+        """What the object asks for (before `load()`), as libbpf compares it with a pin."""
+        lib, m = libbpf().so, self._map(name)
+        return MapDef(
+            lib.bpf_map__type(m),
+            lib.bpf_map__key_size(m),
+            lib.bpf_map__value_size(m),
+            lib.bpf_map__max_entries(m),
+            lib.bpf_map__map_flags(m),
+        )
 
     def close(self) -> None:
         if self._obj is not None:
@@ -311,6 +345,17 @@ def prog_info(fd: int, what: str) -> ProgInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class MapDef:
+    """The attributes libbpf requires equal before it reuses a pinned map."""
+
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
 class MapInfo:
     type: int
     id: int
@@ -318,18 +363,39 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    flags: int = 0
+
+    @property
+    def definition(self) -> MapDef:
+        return MapDef(self.type, self.key_size, self.value_size, self.max_entries, self.flags)
 
 
 def map_info(fd: int, what: str) -> MapInfo:
     raw = _info(fd, f"map {what}")
-    mtype, mid, ks, vs, me, _flags = struct.unpack_from("=IIIIII", raw, 0)
+    mtype, mid, ks, vs, me, flags = struct.unpack_from("=IIIIII", raw, 0)
     name = raw[24:40].split(b"\0", 1)[0].decode()
-    return MapInfo(mtype, mid, ks, vs, me, name)
+    return MapInfo(mtype, mid, ks, vs, me, name, flags)
 
 
-def map_update(fd: int, key: ctypes.Array[Any] | Any, value: Any, what: str) -> None:
-    ret = libbpf().so.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY)
+def map_create(
+    map_type: int, name: str, key_size: int, value_size: int, max_entries: int, what: str
+) -> int:
+    """A new map (no options); returns its fd."""
+    ret = libbpf().so.bpf_map_create(
+        map_type, name.encode(), key_size, value_size, max_entries, None
+    )
+    return _check(ret, f"create map {what}")
+
+
+def map_update(
+    fd: int, key: ctypes.Array[Any] | Any, value: Any, what: str, flags: int = BPF_ANY
+) -> bool:
+    """Write; False when `flags` is BPF_NOEXIST and the key exists already."""
+    ret = libbpf().so.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags)
+    if ret < 0 and flags == BPF_NOEXIST and _errno_of(ret) == 17:  # EEXIST
+        return False
     _check(ret, f"update {what}")
+    return True
 
 
 def map_lookup(fd: int, key: Any, value: Any, what: str) -> bool:

@@ -81,4 +81,7 @@ class Stats(ctypes.Structure):
         ("fallback_nopeer", ctypes.c_uint64),
         ("bytes_consumed", ctypes.c_uint64),
         ("bytes_clamped", ctypes.c_uint64),
+        ("untracked_full", ctypes.c_uint64),
+        ("fallback_unrecorded", ctypes.c_uint64),
+        ("entries_freed", ctypes.c_uint64),
     ]

@@ -50,6 +50,15 @@ MAP_NAMES = (
     "nm_socks",
     "nm_stats",
 )
+# Maps that may change definition between versions. libbpf refuses to reuse a pinned map whose
+# type, sizes or flags differ, so `enable()` moves such a pin aside (`<name>_old`), lets libbpf
+# create and pin the new map, swaps every program in and then drops the old pin. Nothing is
+# copied: sockets already in nm_socks keep the sk_msg program they were inserted with (a psock
+# holds its own program reference; a link update reaches only sockets inserted later), and that
+# program keeps the maps it was loaded with, so an old connection's fallback marks stay where
+# its program looks; the old maps go when their last connection does. nm_stats restarts at 0.
+# Any other changed map still needs `disable()` first.
+REPLACEABLE = ("nm_backlog", "nm_fallback", "nm_stats")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +143,13 @@ class Dataplane:
         objects = build_objects()
         result: dict[str, str] = {}
         with ExitStack() as stack:
+            opened = {
+                name: stack.enter_context(bpf.BpfObject(str(path), str(self.pin_root)))
+                for name, path in objects.items()
+            }
+            replaced = self._set_aside_changed_maps(opened)
             loaded: dict[str, bpf.BpfObject] = {}
-            for name, path in objects.items():
-                obj = stack.enter_context(bpf.BpfObject(str(path), str(self.pin_root)))
+            for name, obj in opened.items():
                 if name == "redir":
                     obj.set_rodata(struct.pack("=q", self.backlog_limit))  # nm_backlog_limit
                 try:
@@ -155,16 +168,41 @@ class Dataplane:
             socks_id = bpf.map_info(socks_fd, "nm_socks").id
             for want in WANTED:
                 prog_fd = loaded[want.obj].program_fd(want.program)
+                # A program loaded with a new map has the old tag (map fds are not part of
+                # it) but must be swapped in all the same.
+                force = bool(replaced)
                 if want.target == "cgroup":
-                    result[want.program] = self._converge(want, prog_fd, cg_fd, cg_id)
+                    result[want.program] = self._converge(want, prog_fd, cg_fd, cg_id, force)
                 elif want.target == "kernel":
-                    result[want.program] = self._converge_trace(want, loaded[want.obj], prog_fd)
+                    result[want.program] = self._converge_trace(
+                        want, loaded[want.obj], prog_fd, force
+                    )
                 else:
-                    result[want.program] = self._converge(want, prog_fd, socks_fd, socks_id)
+                    result[want.program] = self._converge(want, prog_fd, socks_fd, socks_id, force)
+            # Only now: an `_old` pin left by an interrupted enable() forces the swap again.
+            for name in replaced:
+                self.map_pin(name + "_old").unlink()
         log.info("data plane on %s: %s", self.cgroup, result)
         return result
 
-    def _converge(self, want: Attachment, prog_fd: int, target_fd: int, target_id: int) -> str:
+    def _set_aside_changed_maps(self, objects: dict[str, bpf.BpfObject]) -> list[str]:
+        """Move the pin of every REPLACEABLE map whose pinned attributes differ from the
+        objects' definition to `<name>_old`; returns the maps with an `_old` pin (also one an
+        interrupted `enable()` left behind)."""
+        for name in REPLACEABLE:
+            pin = self.map_pin(name)
+            want = next(o.map_definition(name) for o in objects.values() if o.has_map(name))
+            if pin.exists():
+                with self._pinned(pin) as fd:
+                    have = bpf.map_info(fd, str(pin)).definition
+                if have != want:
+                    log.info("replacing pinned map %s: %s, now %s", name, have, want)
+                    os.replace(pin, self.map_pin(name + "_old"))
+        return [n for n in REPLACEABLE if self.map_pin(n + "_old").exists()]
+
+    def _converge(
+        self, want: Attachment, prog_fd: int, target_fd: int, target_id: int, force: bool = False
+    ) -> str:
         pin = self.link_pin(want.program)
         what = f"{want.program} at {pin}"
         if pin.exists():
@@ -172,7 +210,8 @@ class Dataplane:
             try:
                 info = bpf.link_info(link_fd, what)
                 if info.target_id == target_id and info.attach_type == want.attach_type:
-                    if self._prog_tag(info.prog_id) == bpf.prog_info(prog_fd, want.program).tag:
+                    tag = bpf.prog_info(prog_fd, want.program).tag
+                    if not force and self._prog_tag(info.prog_id) == tag:
                         return "kept"
                     bpf.link_update(link_fd, prog_fd, what)
                     return "updated"
@@ -187,7 +226,9 @@ class Dataplane:
             bpf.close_fd(link_fd)
         return "created"
 
-    def _converge_trace(self, want: Attachment, obj: bpf.BpfObject, prog_fd: int) -> str:
+    def _converge_trace(
+        self, want: Attachment, obj: bpf.BpfObject, prog_fd: int, force: bool = False
+    ) -> str:
         """tp_btf links cannot be updated in place (no `bpf_link_update` for them): a changed
         program gets a new link, pinned next to the old one and renamed over it, so reads are
         never uncounted (for an instant both run: a read is subtracted twice, which only
@@ -197,7 +238,8 @@ class Dataplane:
             with self._pinned(pin) as link_fd:
                 info = bpf.link_info(link_fd, str(pin))
             if (
-                info.attach_type == want.attach_type
+                not force
+                and info.attach_type == want.attach_type
                 and self._prog_tag(info.prog_id) == bpf.prog_info(prog_fd, want.program).tag
             ):
                 return "kept"
@@ -259,6 +301,8 @@ class Dataplane:
             self.link_pin(want.program + "_new").unlink(missing_ok=True)
         for name in MAP_NAMES:
             self.map_pin(name).unlink(missing_ok=True)
+        for name in REPLACEABLE:
+            self.map_pin(name + "_old").unlink(missing_ok=True)
         if self.links_dir.exists():
             self.links_dir.rmdir()
         try:

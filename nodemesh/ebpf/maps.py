@@ -68,7 +68,16 @@ class NodeMaps:
         self.pin_root = Path(pin_root)
         self._fds: dict[str, int] = {}
         try:
-            for name in ("nm_services", "nm_config", "nm_local", "nm_stats", "nm_orig_tuple"):
+            for name in (
+                "nm_services",
+                "nm_config",
+                "nm_local",
+                "nm_stats",
+                "nm_orig_tuple",
+                "nm_backlog",
+                "nm_fallback",
+                "nm_socks",
+            ):
                 self._fds[name] = bpf.obj_get(str(self.pin_root / name))
         except BaseException:
             self.close()
@@ -107,6 +116,26 @@ class NodeMaps:
         value = m.Config()
         bpf.map_lookup(self._fds["nm_config"], ctypes.c_uint32(0), value, "nm_config")
         return value
+
+    def count(self, name: str) -> int:
+        """Entries in one of the tuple-keyed maps (nm_backlog, nm_fallback, nm_socks,
+        nm_orig_tuple): a snapshot."""
+        return len(bpf.map_keys(self._fds[name], m.Tuple, name))
+
+    def sock_state(self, name: str) -> dict[tuple[str, int, str, int], int]:
+        """nm_backlog or nm_fallback as {(saddr, sport, daddr, dport): value}."""
+        value_type = ctypes.c_int64 if name == "nm_backlog" else ctypes.c_uint32
+        out = {}
+        for kb, value in self._read_hash(name, m.Tuple, value_type).items():
+            k = m.Tuple.from_buffer_copy(kb)
+            key = (
+                addr_text(k.saddr),
+                port_number(k.sport),
+                addr_text(k.daddr),
+                port_number(k.dport),
+            )
+            out[key] = value.value
+        return out
 
     def stats(self) -> dict[str, int]:
         """Counters summed over CPUs."""

@@ -7,6 +7,7 @@ connection the programs fail to rewrite can never leave the machine.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -56,3 +57,23 @@ def l4(name: str, vip: str, port: int, *backends: tuple[str, int, int]) -> Servi
 def stats(lab: NodeLab) -> dict[str, int]:
     with NodeMaps(lab.pin_root) as maps:
         return maps.stats()
+
+
+SOCK_STATE_MAPS = ("nm_socks", "nm_backlog", "nm_fallback")
+
+
+def sock_state(lab: NodeLab) -> dict[str, int]:
+    """Entries in nm_socks and in the per-socket maps nm_backlog and nm_fallback."""
+    with NodeMaps(lab.pin_root) as maps:
+        return {name: maps.count(name) for name in SOCK_STATE_MAPS}
+
+
+def settled_sock_state(lab: NodeLab, want: dict[str, int], timeout: float = 10) -> dict[str, int]:
+    """`sock_state` once it equals `want` (sockets reach TCP_CLOSE a little after the
+    processes are done: FIN handshake, TIME_WAIT), or the last reading after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = sock_state(lab)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)

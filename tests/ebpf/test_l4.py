@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf.testing import NodeLab
-from tests.ebpf.conftest import VIP, l4, program, stats
+from tests.ebpf.conftest import VIP, l4, program, settled_sock_state, sock_state, stats
 
 MB = 1 << 20
 SIZES = "1,2,3,100,1448,4096,65536,1048576,7,999999,16384"
@@ -25,6 +26,7 @@ def test_l4_payload_crosses_intact_and_skips_the_stack(node: NodeLab) -> None:
     program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),))
     b.serve(7000)
     before = stats(node)
+    entries_before = sock_state(node)
 
     # A reader that keeps up: the writer is never more than 2 MiB ahead of the echo.
     result = a.tool(
@@ -42,10 +44,54 @@ def test_l4_payload_crosses_intact_and_skips_the_stack(node: NodeLab) -> None:
     assert after["msg_passed"] == before["msg_passed"]
     assert after["fallback_backlog"] == before["fallback_backlog"], "a reader that keeps up"
     assert after["fallback_nopeer"] == before["fallback_nopeer"]
-    # every redirected byte was read, and counted as read (nm_backlog back to 0)
-    assert after["bytes_consumed"] - before["bytes_consumed"] == (
-        after["bytes_redirected"] - before["bytes_redirected"]
+    # Every redirected byte was read and counted as read, except the last echoed bytes the
+    # client reads after its socket reached CLOSE (the server's FIN took it to TIME_WAIT;
+    # the FIN went over TCP, ahead of the redirected data): its entry is gone by then. The
+    # writer is at most --window ahead of what it read back, so that is at most 2 MiB plus
+    # the trailer. test_a_connection_has_its_entries_... checks the exact count while open.
+    uncounted = (after["bytes_redirected"] - before["bytes_redirected"]) - (
+        after["bytes_consumed"] - before["bytes_consumed"]
     )
+    assert 0 <= uncounted <= 2 * MB + 4096, uncounted
+    # the connection is closed: both sockets' nm_backlog/nm_fallback entries went with it
+    assert settled_sock_state(node, entries_before) == entries_before
+    assert stats(node)["entries_freed"] - before["entries_freed"] == 2
+
+
+def test_a_connection_has_its_entries_while_open_and_none_after_close(node: NodeLab) -> None:
+    """sockops gives each socket it puts into nm_socks one nm_backlog and one nm_fallback
+    entry (0: redirecting, nothing unread) and deletes both when the socket reaches CLOSE."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),))
+    b.serve(7000)
+    empty = sock_state(node)
+    assert empty == {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0}
+    before = stats(node)
+    held = a.hold(f"{VIP}:80")
+    assert held.json() == {"hello": "HELLO b"}
+    held.send("ping")
+    assert held.json() == {"ok": True}
+
+    assert sock_state(node) == {"nm_socks": 2, "nm_backlog": 2, "nm_fallback": 2}
+    with NodeMaps(node.pin_root) as maps:
+        fallback = maps.sock_state("nm_fallback")
+        backlog = maps.sock_state("nm_backlog")
+    assert set(fallback) == set(backlog)
+    assert {(s, d) for s, _, d, _ in fallback} == {(a.ip, b.ip), (b.ip, a.ip)}
+    assert set(fallback.values()) == {0}, "no fallback on a redirected connection"
+    assert set(backlog.values()) == {0}, "everything redirected was read"
+    during = stats(node)
+    assert during["bytes_redirected"] - before["bytes_redirected"] >= 2000  # ping and echo
+    assert during["bytes_consumed"] - before["bytes_consumed"] == (
+        during["bytes_redirected"] - before["bytes_redirected"]
+    ), "every redirected byte counted as read while the connection is open"
+
+    held.send("bye")  # podtool hold closes its socket and exits
+    assert held.popen.wait(10) == 0
+    assert settled_sock_state(node, empty) == empty
+    after = stats(node)
+    assert after["entries_freed"] - before["entries_freed"] == 2
+    assert after["untracked_full"] == before["untracked_full"] == 0
 
 
 def test_l4_echo_with_a_writer_that_outruns_its_reader_stays_intact(node: NodeLab) -> None:
@@ -143,6 +189,7 @@ def test_a_stalled_reader_blocks_the_writer(node: NodeLab, tmp_path: Path) -> No
     writer_blocked = tmp_path / "writer-blocked"
     b.serve(7000, sink_chunk=16384, sink_pause=60, sink_hold_until=str(writer_blocked))
     before = stats(node)
+    entries_before = sock_state(node)
     result = a.tool(
         "push", "--to", f"{VIP}:80", "--bytes", str(256 * MB), "--chunk", "65536",
         "--send-timeout", "2", "--release", str(writer_blocked),
@@ -159,6 +206,10 @@ def test_a_stalled_reader_blocks_the_writer(node: NodeLab, tmp_path: Path) -> No
     redirected = after["bytes_redirected"] - before["bytes_redirected"]
     assert 4 * MB <= redirected < 8 * MB, redirected  # the limit, plus at most one message
     assert after["msg_passed"] > before["msg_passed"]
+    assert after["fallback_unrecorded"] == before["fallback_unrecorded"]
+    # the fallen-back connection is closed: its mark and both backlogs are gone
+    assert settled_sock_state(node, entries_before) == entries_before
+    assert stats(node)["entries_freed"] - before["entries_freed"] == 2
 
 
 def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
@@ -175,6 +226,7 @@ def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
         sink_read_first=24 * MB,
     )  # fmt: skip
     before = stats(node)
+    entries_before = sock_state(node)
     result = a.tool(
         "push", "--to", f"{VIP}:80", "--bytes", str(128 * MB), "--chunk", "65536",
         "--send-timeout", "2", "--release", str(writer_blocked),
@@ -187,3 +239,5 @@ def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
     assert after["fallback_backlog"] - before["fallback_backlog"] == 1
     assert after["bytes_redirected"] - before["bytes_redirected"] >= 24 * MB
     assert after["msg_passed"] > before["msg_passed"]
+    assert settled_sock_state(node, entries_before) == entries_before
+    assert stats(node)["entries_freed"] - before["entries_freed"] == 2

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import socket
+
 from nodemesh.api import Backend, NodeMap, Service
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf import _libbpf as bpf
+from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf.testing import NodeLab
+from tests.ebpf.conftest import program, settled_sock_state, stats
 
 
 def test_enable_twice_keeps_every_link_and_program(node: NodeLab) -> None:
@@ -34,3 +41,80 @@ def test_apply_writes_only_what_changed(node: NodeLab) -> None:
         result = maps.apply(changed)
         assert (result.written, result.deleted) == (0, 1)  # only the dropped service
         assert set(maps.services()) == {("10.244.255.2", 80)}
+
+
+def _key(saddr: str, sport: int, daddr: str, dport: int) -> m.Tuple:
+    def addr(text: str) -> int:
+        return int.from_bytes(socket.inet_aton(text), "little")
+
+    def port(number: int) -> int:
+        return int.from_bytes(number.to_bytes(2, "big"), "little")
+
+    return m.Tuple(addr(saddr), addr(daddr), port(sport), port(dport))
+
+
+def test_enable_replaces_an_older_fallback_map_and_old_connections_keep_their_marks(
+    node: NodeLab,
+) -> None:
+    """Upgrade from the version with LRU maps: libbpf refuses a pinned map whose type or size
+    differ, so enable() moves the pin aside, lets libbpf create the new map and swaps every
+    program in (same code, new map). A connection from before keeps the sk_msg program it was
+    inserted with, and so the map that holds its fallback mark: it stays on TCP. New
+    connections get their entries in the new map, and lose them at close."""
+    assert node.dataplane is not None
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, ())
+    b.serve(7000)
+    held = a.hold(f"{b.ip}:7000")
+    assert held.json() == {"hello": "HELLO b"}
+    pin = node.pin_root / "nm_fallback"
+    with NodeMaps(node.pin_root) as maps:
+        live = maps.sock_state("nm_fallback")
+    (client,) = [k for k in live if k[0] == a.ip]
+    # The held client falls back (marked in the map its sk_msg program uses) ...
+    fd = bpf.obj_get(str(pin))
+    try:
+        bpf.map_update(fd, _key(*client), ctypes.c_uint32(1), "nm_fallback")  # BACKLOG
+    finally:
+        os.close(fd)
+    # ... and the pin is what the previous version made: LRU, 65536 entries, no flags.
+    old_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, "nm_fallback", 12, 4, 65536, "old")
+    try:
+        bpf.map_update(old_fd, _key(*client), ctypes.c_uint32(1), "old")
+        pin.unlink()  # the running programs keep the map they were loaded with
+        bpf.obj_pin(old_fd, str(pin), "old nm_fallback")
+    finally:
+        os.close(old_fd)
+
+    result = node.dataplane.enable()
+
+    assert set(result.values()) == {"updated"}, result
+    assert not (node.pin_root / "nm_fallback_old").exists()
+    fd = bpf.obj_get(str(pin))
+    try:
+        info = bpf.map_info(fd, "nm_fallback")
+    finally:
+        os.close(fd)
+    assert (info.type, info.max_entries, info.flags) == (bpf.BPF_MAP_TYPE_HASH, 131072, 1)
+    with NodeMaps(node.pin_root) as maps:
+        assert maps.count("nm_fallback") == 0, "nothing copied from the old map"
+    before = stats(node)
+    held.send("ping")
+    assert held.json() == {"ok": True}
+    after = stats(node)
+    # the client's ping went over TCP (its old program, its old mark); the echo redirected
+    assert after["msg_passed"] - before["msg_passed"] == 1
+    assert after["msg_redirected"] - before["msg_redirected"] >= 1
+    assert after["fallback_backlog"] == before["fallback_backlog"], "sticky, not a new fallback"
+
+    fresh = a.hold(f"{b.ip}:7000")
+    assert fresh.json() == {"hello": "HELLO b"}
+    with NodeMaps(node.pin_root) as maps:
+        assert set(maps.sock_state("nm_fallback").values()) == {0}
+        assert maps.count("nm_fallback") == 2, "the new connection's two sockets"
+    for proc in (held, fresh):
+        proc.send("bye")
+        assert proc.popen.wait(10) == 0
+    empty = {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0}
+    assert settled_sock_state(node, empty) == empty
+    assert node.dataplane.enable() == dict.fromkeys(result, "kept")

@@ -61,8 +61,8 @@ int BPF_PROG(nm_msg_consumed, struct sock *sk, int ret, int flags)
 	backlog = bpf_map_lookup_elem(&nm_backlog, &t);
 	if (!backlog)
 		return 0;
-	/* Clamp at 0: TCP bytes read after the redirected ones are gone, and an entry recreated
-	 * after an LRU eviction starts below what is queued. Undoing the overshoot with a second
+	/* Clamp at 0: TCP bytes read after the redirected ones are gone, and bytes redirected
+	 * while the entry was missing (the socket closing) were never added. Undoing the overshoot with a second
 	 * add is exact while the writer adds concurrently; two readers of one socket at once
 	 * (threads) may each undo only their own overshoot, which still never goes below 0.
 	 */

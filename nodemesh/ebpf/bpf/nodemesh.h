@@ -84,6 +84,9 @@ struct nm_stats {
 	__u64 fallback_nopeer;  /* connections sent to TCP: the peer was not in nm_socks */
 	__u64 bytes_consumed;   /* read by applications from sockets with a backlog entry */
 	__u64 bytes_clamped;    /* of those, read while the entry was already 0 */
+	__u64 untracked_full;   /* sockets left on TCP: nm_backlog/nm_fallback were full */
+	__u64 fallback_unrecorded; /* a fallback with no nm_fallback entry to mark (see redir) */
+	__u64 entries_freed;    /* sockets whose nm_backlog/nm_fallback entries went at close */
 };
 
 /* Maps shared by every object: pinned by name under the loader's pin root, so the four
@@ -133,23 +136,37 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_socks SEC(".maps");
 
-/* Bytes redirected to a socket and not yet read by its application, keyed like that socket's
- * nm_socks entry (the RECEIVING socket). sk_msg adds, fexit/sk_msg_recvmsg subtracts.
+/* Per-socket state of the backpressure rule (redir.bpf.c), one entry per socket in nm_socks
+ * in each map, keyed by that socket's own nm_socks key. sockops creates both entries before it
+ * inserts the socket into nm_socks (a socket whose entries cannot be created stays out of
+ * nm_socks, on TCP) and deletes them when the socket reaches TCP_CLOSE. Plain hashes, not LRU:
+ * a live entry must never be evicted (a lost nm_fallback mark would let a connection redirect
+ * again while its peer holds unread TCP bytes). Entries exist only for sockets in nm_socks
+ * (65536) and for the instant before an insert into it, so twice that never fills; the
+ * programs still fail safe if it does (sockops, redir). No preallocation: memory follows the
+ * live connections, not max_entries.
+ */
+#define NM_SOCK_STATE_ENTRIES 131072
+
+/* Bytes redirected to the socket and not yet read by its application. sk_msg adds,
+ * tp_btf/sock_recv_length subtracts, both in place.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_SOCK_STATE_ENTRIES);
 	__type(key, struct nm_tuple);
 	__type(value, __s64);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_backlog SEC(".maps");
 
-/* Connections that went to plain TCP for good, keyed by the SENDING socket's own tuple. */
+/* The socket's sending direction: 0 = redirecting, NM_FALLBACK_* = on plain TCP for good. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_SOCK_STATE_ENTRIES);
 	__type(key, struct nm_tuple);
-	__type(value, __u32); /* NM_FALLBACK_* */
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_fallback SEC(".maps");
 

@@ -6,7 +6,7 @@
  * Backpressure: an ingress redirect never waits for the reader, so the data plane keeps its own
  * count of redirected bytes the peer has not read yet (nm_backlog, decremented by
  * backlog.bpf.c). Past nm_backlog_limit, or when the peer is not in nm_socks, the sending side
- * of the connection goes to plain TCP for good (nm_fallback), where the TCP window and the send
+ * of the connection goes to plain TCP for good (its nm_fallback entry set), where the TCP window and the send
  * buffer block the writer. Never back: the peer reads its redirected queue before its TCP
  * queue, so order holds only while every redirected byte was written before any TCP byte.
  */
@@ -15,9 +15,22 @@
 /* Set by the loader before load (Dataplane(backlog_limit=...)). */
 const volatile __s64 nm_backlog_limit = 4 << 20;
 
-static __always_inline int nm_fall_back(struct nm_tuple *self, __u32 reason)
+/* Mark this connection direction as on TCP for good. sockops created the socket's nm_fallback
+ * entry before it let the socket into nm_socks, so this is an in-place write that cannot fail.
+ * Should an entry be missing all the same (none known), it is created here, which fails only
+ * on a full map. Returns 0 when nothing was marked.
+ */
+static __always_inline int nm_mark(__u32 *fallback, struct nm_tuple *self, __u32 reason)
 {
-	bpf_map_update_elem(&nm_fallback, self, &reason, BPF_ANY);
+	if (fallback) {
+		*fallback = reason;
+		return 1;
+	}
+	return bpf_map_update_elem(&nm_fallback, self, &reason, BPF_NOEXIST) == 0;
+}
+
+static __always_inline int nm_to_tcp(__u32 reason)
+{
 	if (reason == NM_FALLBACK_BACKLOG)
 		NM_COUNT(fallback_backlog, 1);
 	else
@@ -32,6 +45,7 @@ int nm_msg_redirect(struct sk_msg_md *msg)
 	struct nm_tuple peer = {};
 	struct nm_tuple self = {};
 	__u32 size = msg->size;
+	__u32 *fallback;
 	__s64 *backlog;
 
 	if (msg->family == AF_INET) {
@@ -57,32 +71,43 @@ int nm_msg_redirect(struct sk_msg_md *msg)
 	self.sport = peer.dport;
 	self.dport = peer.sport;
 
-	if (bpf_map_lookup_elem(&nm_fallback, &self)) {
+	fallback = bpf_map_lookup_elem(&nm_fallback, &self);
+	if (fallback && *fallback) {
 		NM_COUNT(msg_passed, 1);
 		return SK_PASS; /* sticky: this connection already went to TCP */
 	}
 	backlog = bpf_map_lookup_elem(&nm_backlog, &peer);
-	if (backlog && *backlog > nm_backlog_limit)
-		return nm_fall_back(&self, NM_FALLBACK_BACKLOG);
+	if (backlog && *backlog > nm_backlog_limit) {
+		if (nm_mark(fallback, &self, NM_FALLBACK_BACKLOG))
+			return nm_to_tcp(NM_FALLBACK_BACKLOG);
+		/* Fail safe when the mark cannot be recorded: keep redirecting. Sending this
+		 * message over TCP unmarked would let the next one redirect again, and the peer
+		 * reads redirected data before TCP data: reordering. Staying redirected only
+		 * loses the limit for this connection, never the byte order.
+		 */
+		NM_COUNT(fallback_unrecorded, 1);
+	}
 	/* SK_PASS with a redirect set means "redirect"; without one it means "send normally",
 	 * so a peer that left the map degrades to plain TCP instead of dropping data.
 	 */
-	if (bpf_msg_redirect_hash(msg, &nm_socks, &peer, BPF_F_INGRESS) != SK_PASS)
-		return nm_fall_back(&self, NM_FALLBACK_NOPEER);
-	/* Counted before the kernel queues the data (after this program returns), so the
-	 * reader's decrement never comes before this increment.
-	 */
-	if (backlog) {
-		__sync_fetch_and_add(backlog, (__s64)size);
-	} else {
-		__s64 first = size;
-
-		if (bpf_map_update_elem(&nm_backlog, &peer, &first, BPF_NOEXIST)) {
-			backlog = bpf_map_lookup_elem(&nm_backlog, &peer); /* lost a race: add */
-			if (backlog)
-				__sync_fetch_and_add(backlog, (__s64)size);
-		}
+	if (bpf_msg_redirect_hash(msg, &nm_socks, &peer, BPF_F_INGRESS) != SK_PASS) {
+		/* No peer to redirect to: TCP is the only way. If it cannot be marked (no entry
+		 * and a full map: sockops admits no socket without one), a later message could
+		 * redirect ahead of this one should the peer join nm_socks.
+		 */
+		if (!nm_mark(fallback, &self, NM_FALLBACK_NOPEER))
+			NM_COUNT(fallback_unrecorded, 1);
+		return nm_to_tcp(NM_FALLBACK_NOPEER);
 	}
+	/* Counted before the kernel queues the data (after this program returns), so the
+	 * reader's decrement never comes before this increment. The peer's entry is never
+	 * created here: sockops made it when the peer joined nm_socks, and a missing one means
+	 * the peer is closing (its entry went at TCP_CLOSE, it leaves nm_socks next), where a
+	 * new entry would outlive the socket, or was admitted by the sockops of before an
+	 * upgrade that replaced this map. Those bytes go uncounted (no limit, order intact).
+	 */
+	if (backlog)
+		__sync_fetch_and_add(backlog, (__s64)size);
 	NM_COUNT(msg_redirected, 1);
 	NM_COUNT(bytes_redirected, size);
 	return SK_PASS;

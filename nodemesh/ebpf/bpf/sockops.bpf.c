@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* sockops: put established connections whose both ends live on this node into nm_socks, and
- * hand the original destination of a connection sent to the node Envoy from its socket cookie
- * to its 4-tuple, where cgroup/getsockopt finds it.
+/* sockops: put established connections whose both ends live on this node into nm_socks, with
+ * their nm_backlog/nm_fallback entries (deleted again at TCP_CLOSE), and hand the original
+ * destination of a connection sent to the node Envoy from its socket cookie to its 4-tuple,
+ * where cgroup/getsockopt finds it.
  */
 #include "nodemesh.h"
 
@@ -28,9 +29,21 @@ static __always_inline int nm_tuple_of(const struct bpf_sock_ops *skops, struct 
 	return 0;
 }
 
+/* Returns how many of the socket's two entries were there. */
+static __always_inline int nm_forget(const struct nm_tuple *t)
+{
+	int n = 0;
+
+	n += bpf_map_delete_elem(&nm_backlog, t) == 0;
+	n += bpf_map_delete_elem(&nm_fallback, t) == 0;
+	return n;
+}
+
 static __always_inline void nm_established(struct bpf_sock_ops *skops, int active)
 {
 	struct nm_tuple t = {};
+	__s64 zero64 = 0;
+	__u32 zero32 = 0;
 
 	if (nm_tuple_of(skops, &t))
 		return;
@@ -47,13 +60,41 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	}
 	if (!bpf_map_lookup_elem(&nm_local, &t.saddr) || !bpf_map_lookup_elem(&nm_local, &t.daddr))
 		return; /* the peer is elsewhere: the normal TCP path is the only path */
-	/* A reused 4-tuple starts clean: no backlog, no fallback mark from an older connection.
-	 * Nothing can redirect to this socket before it is in nm_socks, so no add is lost.
+	/* Ask for BPF_SOCK_OPS_STATE_CB first, so whatever is created below goes at close. */
+	if (bpf_sock_ops_cb_flags_set(skops,
+				      skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG))
+		return;
+	/* Both per-socket entries exist before the socket is in nm_socks, so sk_msg and the read
+	 * counter only ever change them in place, which cannot fail on a full map. BPF_ANY
+	 * resets them for a reused 4-tuple; nothing can redirect to this socket before it is in
+	 * nm_socks, so no add is lost. If the maps are full the socket stays out of nm_socks:
+	 * plain TCP for its whole life, and its peer's sends fall back (no peer).
 	 */
-	bpf_map_delete_elem(&nm_backlog, &t);
-	bpf_map_delete_elem(&nm_fallback, &t);
+	if (bpf_map_update_elem(&nm_backlog, &t, &zero64, BPF_ANY) ||
+	    bpf_map_update_elem(&nm_fallback, &t, &zero32, BPF_ANY)) {
+		nm_forget(&t);
+		NM_COUNT(untracked_full, 1);
+		return;
+	}
 	if (bpf_sock_hash_update(skops, &nm_socks, &t, BPF_ANY) == 0)
 		NM_COUNT(sockhash_inserts, 1);
+	else
+		nm_forget(&t);
+}
+
+/* The socket reached TCP_CLOSE: drop its entries. tcp_set_state() calls this before it
+ * unhashes the socket and releases the port (inet_put_port() zeroes skc_num afterwards), so
+ * local_port (skc_num), remote_port and both addresses still hold the ESTABLISHED values and
+ * nm_tuple_of() builds the same key as at insert; the socket leaves nm_socks right after.
+ */
+static __always_inline void nm_closed(struct bpf_sock_ops *skops)
+{
+	struct nm_tuple t = {};
+
+	if (nm_tuple_of(skops, &t))
+		return;
+	if (nm_forget(&t))
+		NM_COUNT(entries_freed, 1);
 }
 
 SEC("sockops")
@@ -65,6 +106,10 @@ int nm_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		nm_established(skops, 0);
+		break;
+	case BPF_SOCK_OPS_STATE_CB: /* only sockets nm_established() tracks ask for it */
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			nm_closed(skops);
 		break;
 	}
 	return 1;
