@@ -215,9 +215,10 @@ def test_a_stalled_reader_blocks_the_writer(node: NodeLab, tmp_path: Path) -> No
 def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
     node: NodeLab, tmp_path: Path
 ) -> None:
-    """The reader keeps up for 24 MiB (all redirected), then stops: the connection falls back
-    to TCP for good, the writer blocks, and after the reader resumes the sha256 of all 128 MiB
-    matches end to end."""
+    """The reader takes 24 MiB, then stops: the connection falls back to TCP for good (once,
+    mid-stream: some bytes redirected before, some sent over TCP after), the writer blocks, and
+    after the reader resumes the sha256 of all 128 MiB matches end to end. Where exactly the
+    switch happens depends on how far the reader lags (it may switch before 24 MiB)."""
     a, b = node.pods["a"], node.pods["b"]
     program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
     writer_blocked = tmp_path / "writer-blocked"
@@ -237,7 +238,7 @@ def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
     assert 24 * MB <= result["blocked_at"] < (24 + 64) * MB, result
     assert result["trailer"] == f"DONE {128 * MB} {result['sent_sha']}", "bytes lost or reordered"
     assert after["fallback_backlog"] - before["fallback_backlog"] == 1
-    assert after["bytes_redirected"] - before["bytes_redirected"] >= 24 * MB
+    assert 0 < after["bytes_redirected"] - before["bytes_redirected"] < 128 * MB
     assert after["msg_passed"] > before["msg_passed"]
     assert settled_sock_state(node, entries_before) == entries_before
     assert stats(node)["entries_freed"] - before["entries_freed"] == 2
