@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import shutil
 import socket
 import sys
@@ -85,9 +86,17 @@ def _slice(service: str, port: int) -> dict[str, Any]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range (which starts at 32768 by default), for Envoy's
+    listener: an ephemeral port could be taken as some connection's source port before Envoy
+    binds it."""
+    for port in random.sample(range(10000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found for the demo's Envoy listener")
 
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:

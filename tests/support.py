@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -31,11 +32,33 @@ def need(condition: object, reason: str) -> None:
     pytest.skip(reason)
 
 
+def _port_candidates() -> Iterator[int]:
+    """Ports below the kernel's ephemeral range, shuffled, each offered once per run: a port the
+    kernel hands out as an ephemeral one could be taken as a connection's source port before
+    the listener (often Envoy) binds it."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    ports = list(range(10000, max(10001, low)))
+    random.shuffle(ports)
+    return iter(ports)
+
+
+_CANDIDATES = _port_candidates()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (for listeners that Envoy binds itself)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free now and outside the ephemeral range (for listeners that another
+    process binds later, such as Envoy's)."""
+    for port in _CANDIDATES:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left below the ephemeral range")
 
 
 async def eventually(
