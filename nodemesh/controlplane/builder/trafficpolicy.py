@@ -172,6 +172,8 @@ def _retry(spec: Mapping[str, Any], p: Problems) -> tuple[RetrySpec, float | Non
         p.add(f"{path}.backoff", "maxInterval must be at least baseInterval")
     if base == 0:
         p.add(f"{path}.backoff.baseInterval", "must be greater than 0")
+    if top == 0:
+        p.add(f"{path}.backoff.maxInterval", "must be greater than 0")
     if top is not None and base is None:
         p.add(f"{path}.backoff", "maxInterval needs baseInterval")
     budget = as_map(spec.get("budget"))
@@ -308,6 +310,8 @@ def read_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicyModel:
     if "outlierDetection" in spec:
         od = as_map(spec["outlierDetection"])
         path = "spec.outlierDetection"
+        if "consecutive5xx" not in od and "consecutiveGatewayErrors" not in od:
+            p.add(path, "set consecutive5xx, consecutiveGatewayErrors or both")
         sections["outlierDetection"] = PolicySettings(
             outlier=ir.OutlierDetection(
                 consecutive_5xx=int_in(
@@ -320,8 +324,8 @@ def read_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicyModel:
                     1,
                     1000,
                 ),
-                interval_ms=parse_duration(od.get("interval"), f"{path}.interval", p),
-                base_ejection_time_ms=parse_duration(
+                interval_ms=_positive_duration(od.get("interval"), f"{path}.interval", p),
+                base_ejection_time_ms=_positive_duration(
                     od.get("baseEjectionTime"), f"{path}.baseEjectionTime", p
                 ),
                 max_ejection_percent=int_in(
@@ -338,7 +342,16 @@ def read_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicyModel:
         sections["faultInjection"] = PolicySettings(
             fault=_fault(as_map(spec["faultInjection"]), p), origins=origins
         )
+    if not sections:
+        p.add("spec", f"set at least one of {', '.join(SECTIONS)}")
     return TrafficPolicyModel(key, (creation(obj), f"{ns}/{name}"), targets, sections, p)
+
+
+def _positive_duration(value: Any, path: str, p: Problems) -> int | None:
+    ms = parse_duration(value, path, p)
+    if ms == 0:
+        p.add(path, "must be greater than 0")
+    return ms
 
 
 def _merge(a: PolicySettings, b: PolicySettings) -> PolicySettings:
