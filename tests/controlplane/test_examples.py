@@ -8,6 +8,7 @@ from nodemesh.controlplane.builder import build
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.store import Store
 from nodemesh.xds.translate import Translator
+from tests import gatewayapi
 from tests.controlplane import crd
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -57,3 +58,13 @@ def test_crd_rejects_what_the_builder_rejects() -> None:
     fields += ("retry.perTryTimeout", "loadBalancer.type", "faultInjection.abort.httpStatus")
     for field in fields:
         assert f"spec.{field}:" in problems, (field, problems)
+
+
+def test_example_routes_follow_gateway_api_schemas() -> None:
+    store = Store()
+    FilesSource(EXAMPLES, store).scan()
+    keys = [k for kind in ("HTTPRoute", "GRPCRoute") for k in store.keys(kind)]
+    objs = [store.get(k) for k in keys]
+    results = gatewayapi.errors([o for o in objs if o is not None])
+    assert len(results) == len(keys) >= 3
+    assert dict(zip(map(str, keys), results, strict=True)) == {str(k): [] for k in keys}

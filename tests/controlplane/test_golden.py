@@ -19,6 +19,7 @@ from nodemesh.controlplane.files import load_objects
 from nodemesh.controlplane.store import Store
 from nodemesh.xds import types
 from nodemesh.xds.translate import translate_messages
+from tests import gatewayapi
 from tests.controlplane import crd
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -98,3 +99,20 @@ def test_every_case_is_translated_consistently() -> None:
         from nodemesh.xds.translate import Translator
 
         assert Translator().translate(result.mesh).snapshot().consistent() == [], case
+
+
+def test_golden_routes_follow_gateway_api_schemas() -> None:
+    """Every HTTPRoute, GRPCRoute and ReferenceGrant passes Gateway API's own schema (one Node.js
+    run for all), except in `invalid-objects`, whose inputs are malformed on purpose
+    (`invalid-refs` is well-formed; its references just do not resolve)."""
+    named: list[tuple[str, dict[str, Any]]] = []
+    for case in CASES:
+        if case == "invalid-objects":
+            continue
+        objs, _ = load_objects((GOLDEN / case / "in.yaml").read_text(), case)
+        named += [(f"{case}: {o['kind']}/{o['metadata']['name']}", o) for o in objs]
+    results = gatewayapi.errors([o for _, o in named])
+    checked = {name: problems for (name, _), problems in zip(named, results, strict=True)}
+    routes = {name: p for name, p in checked.items() if p is not None}
+    assert sum("HTTPRoute/" in n for n in routes) >= 6 and any("GRPCRoute/" in n for n in routes)
+    assert {name: p for name, p in routes.items() if p} == {}

@@ -1,5 +1,6 @@
-"""Property tests: any route or policy that the CRD schemas accept is ACKed by a real Envoy
-(no NACK for validated input), and arbitrary junk yields conditions, never an exception."""
+"""Property tests: any route or policy that the CRD schemas accept (Gateway API's for routes,
+nodemesh's with its CEL rules for policies) is ACKed by a real Envoy (no NACK for validated
+input), and arbitrary junk yields conditions, never an exception."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodemesh.controlplane.store import ObjectKey
+from tests import gatewayapi
 from tests.controlplane import crd
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import NODE, Mesh, endpoint_slice, service
@@ -230,7 +232,9 @@ async def test_every_valid_route_is_acked_by_envoy(
 ) -> None:
     await setup_services(mesh, backends)
     mesh.delete("TrafficPolicy", "prop-policy")
-    mesh.apply(http_route("prop-route", "prop", route_rules))
+    route = http_route("prop-route", "prop", route_rules)
+    assert gatewayapi.errors([route]) == [[]]  # valid for Gateway API's own schema
+    mesh.apply(route)
     await assert_acked_without_nack(mesh)
     conds = mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "shop", "prop-route")]
     assert all(c.status == "True" for c in conds if c.type != "Programmed"), conds
