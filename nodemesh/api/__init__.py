@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
-from nodemesh.api.servicemap import TYPE_URL, Backend, NodeMap, Service, from_proto, to_proto
+from nodemesh.api.servicemap import (
+    TYPE_URL,
+    Backend,
+    NodeMap,
+    Service,
+    ServiceIPv6,
+    from_proto,
+    to_proto,
+)
 
-__all__ = ["TYPE_URL", "Backend", "NodeMap", "Service", "from_proto", "to_proto"]
+__all__ = ["TYPE_URL", "Backend", "NodeMap", "Service", "ServiceIPv6", "from_proto", "to_proto"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from nodemesh.api import servicemap_pb2 as pb
 
-__all__ = ["TYPE_URL", "Backend", "NodeMap", "Service", "from_proto", "to_proto"]
+__all__ = ["TYPE_URL", "Backend", "NodeMap", "Service", "ServiceIPv6", "from_proto", "to_proto"]
 
 TYPE_URL = "type.googleapis.com/" + pb.NodeServiceMap.DESCRIPTOR.full_name
 MAX_BACKENDS = 32  # mirrors NM_MAX_BACKENDS in nodemesh/ebpf/bpf/nodemesh.h
@@ -36,11 +36,24 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceIPv6:
+    """An IPv6 ClusterIP, handled at connect() as `target` (the same Service's IPv4 ClusterIP,
+    same port). With no target it is refused, which only L7 Services need (fail closed)."""
+
+    name: str
+    address: str
+    port: int
+    target: str = ""
+    l7: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class NodeMap:
     node: str
     services: tuple[Service, ...] = ()
     envoy: tuple[str, int] | None = None  # the node Envoy's outbound listener
     local_addresses: tuple[str, ...] = ()  # pod IPs on this node
+    services_ipv6: tuple[ServiceIPv6, ...] = ()
 
 
 def to_proto(model: NodeMap) -> pb.NodeServiceMap:
@@ -63,7 +76,23 @@ def to_proto(model: NodeMap) -> pb.NodeServiceMap:
                 ],
             )
         )
+    for v6 in sorted(model.services_ipv6, key=lambda s: (s.address, s.port, s.name)):
+        msg.services_ipv6.append(
+            pb.ServiceIPv6(
+                name=v6.name, address=v6.address, port=v6.port, target=v6.target, l7=v6.l7
+            )
+        )
     return msg
+
+
+def _ipv6(text: str, where: str, problems: list[str]) -> None:
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError:
+        problems.append(f"{where}: {text!r} is not an IPv6 address")
+        return
+    if addr.ipv4_mapped is not None:
+        problems.append(f"{where}: {text!r} is v4-mapped (list its IPv4 address instead)")
 
 
 def _ipv4(text: str, where: str, problems: list[str]) -> None:
@@ -111,6 +140,21 @@ def from_proto(msg: pb.NodeServiceMap) -> NodeMap:
         services.append(
             Service(s.name, s.address, s.port, s.mode == pb.Service.L7, tuple(backends))
         )
+    services6: list[ServiceIPv6] = []
+    seen6: dict[tuple[str, int], str] = {}
+    for v6 in msg.services_ipv6:
+        where = f"service {v6.name or '?'} ([{v6.address}]:{v6.port})"
+        _ipv6(v6.address, where, problems)
+        _port(v6.port, where, problems)
+        if v6.target:
+            _ipv4(v6.target, f"{where} target", problems)
+        elif not v6.l7:
+            problems.append(f"{where}: no target and not L7 (nothing to do)")
+        key = (str(v6.address), v6.port)
+        if key in seen6:
+            problems.append(f"{where}: same address and port as {seen6[key]}")
+        seen6[key] = v6.name
+        services6.append(ServiceIPv6(v6.name, v6.address, v6.port, v6.target, v6.l7))
     if problems:
         raise ValueError("; ".join(problems))
-    return NodeMap(msg.node, tuple(services), envoy, tuple(msg.local_addresses))
+    return NodeMap(msg.node, tuple(services), envoy, tuple(msg.local_addresses), tuple(services6))

@@ -11,21 +11,24 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeServiceMap(_message.Message):
-    __slots__ = ("node", "envoy", "services", "local_addresses")
+    __slots__ = ("node", "envoy", "services", "local_addresses", "services_ipv6")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENVOY_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_IPV6_FIELD_NUMBER: _ClassVar[int]
     node: str
     envoy: SocketAddress
     services: _containers.RepeatedCompositeFieldContainer[Service]
     local_addresses: _containers.RepeatedScalarFieldContainer[str]
+    services_ipv6: _containers.RepeatedCompositeFieldContainer[ServiceIPv6]
     def __init__(
         self,
         node: str | None = ...,
         envoy: SocketAddress | _Mapping | None = ...,
         services: _Iterable[Service | _Mapping] | None = ...,
         local_addresses: _Iterable[str] | None = ...,
+        services_ipv6: _Iterable[ServiceIPv6 | _Mapping] | None = ...,
     ) -> None: ...
 
 class SocketAddress(_message.Message):
@@ -64,6 +67,27 @@ class Service(_message.Message):
         port: int | None = ...,
         mode: Service.Mode | str | None = ...,
         backends: _Iterable[Backend | _Mapping] | None = ...,
+    ) -> None: ...
+
+class ServiceIPv6(_message.Message):
+    __slots__ = ("name", "address", "port", "target", "l7")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    L7_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    port: int
+    target: str
+    l7: bool
+    def __init__(
+        self,
+        name: str | None = ...,
+        address: str | None = ...,
+        port: int | None = ...,
+        target: str | None = ...,
+        l7: bool | None = ...,
     ) -> None: ...
 
 class Backend(_message.Message):

@@ -7,18 +7,22 @@ import ctypes
 __all__ = [
     "MAX_BACKENDS",
     "NM_CFG_ENVOY_SET",
+    "NM_SVC6_L7",
     "NM_SVC_L7",
     "Backend",
     "Config",
     "OrigDst",
     "Service",
     "Stats",
+    "Svc6",
+    "Svc6Key",
     "SvcKey",
     "Tuple",
 ]
 
 MAX_BACKENDS = 32
 NM_SVC_L7 = 1 << 0
+NM_SVC6_L7 = 1 << 0
 NM_CFG_ENVOY_SET = 1 << 0
 
 # Addresses and ports are stored in network byte order: fill them from bytes
@@ -27,6 +31,18 @@ NM_CFG_ENVOY_SET = 1 << 0
 
 class SvcKey(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Svc6Key(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32 * 4),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Svc6(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class Backend(ctypes.Structure):

@@ -47,6 +47,7 @@ MAP_NAMES = (
     "nm_orig_cookie",
     "nm_orig_tuple",
     "nm_services",
+    "nm_services6",
     "nm_socks",
     "nm_stats",
 )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodemesh.api.servicemap import NodeMap, Service
+from nodemesh.api.servicemap import NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf.errors import ServiceMapError
@@ -33,6 +33,19 @@ def _port(port: int) -> int:
 
 def addr_text(value: int) -> str:
     return socket.inet_ntoa(value.to_bytes(4, "little"))
+
+
+def svc6_key(svc: ServiceIPv6) -> m.Svc6Key:
+    key = m.Svc6Key()
+    key.addr = (ctypes.c_uint32 * 4).from_buffer_copy(
+        socket.inet_pton(socket.AF_INET6, svc.address)
+    )
+    key.port = _port(svc.port)
+    return key
+
+
+def svc6_value(svc: ServiceIPv6) -> m.Svc6:
+    return m.Svc6(_addr(svc.target) if svc.target else 0, m.NM_SVC6_L7 if svc.l7 else 0)
 
 
 def port_number(value: int) -> int:
@@ -70,6 +83,7 @@ class NodeMaps:
         try:
             for name in (
                 "nm_services",
+                "nm_services6",
                 "nm_config",
                 "nm_local",
                 "nm_stats",
@@ -110,6 +124,15 @@ class NodeMaps:
         for kb, value in raw.items():
             key = m.SvcKey.from_buffer_copy(kb)
             result[(addr_text(key.addr), port_number(key.port))] = value
+        return result
+
+    def services_ipv6(self) -> dict[tuple[str, int], m.Svc6]:
+        raw = self._read_hash("nm_services6", m.Svc6Key, m.Svc6)
+        result = {}
+        for kb, value in raw.items():
+            key = m.Svc6Key.from_buffer_copy(kb)
+            addr = socket.inet_ntop(socket.AF_INET6, bytes(key.addr))
+            result[(addr, port_number(key.port))] = value
         return result
 
     def config(self) -> m.Config:
@@ -188,6 +211,9 @@ class NodeMaps:
                 continue
             bpf.map_update(svc_fd, m.SvcKey.from_buffer_copy(kb), value, "nm_services")
             written += 1
+        # IPv6 ClusterIPs after the IPv4 entries they stand for, removed before them
+        written6, deleted6, unchanged6 = self._apply_services6(node_map.services_ipv6)
+        written, deleted, unchanged = written + written6, deleted + deleted6, unchanged + unchanged6
         for kb in sorted(have.keys() - want.keys()):
             bpf.map_delete(svc_fd, m.SvcKey.from_buffer_copy(kb), "nm_services")
             deleted += 1
@@ -197,3 +223,20 @@ class NodeMaps:
             bpf.map_delete(local_fd, ctypes.c_uint32.from_buffer_copy(kb), "nm_local")
             deleted += 1
         return ApplyResult(written, deleted, unchanged)
+
+    def _apply_services6(self, services: tuple[ServiceIPv6, ...]) -> tuple[int, int, int]:
+        fd = self._fds["nm_services6"]
+        have = self._read_hash("nm_services6", m.Svc6Key, m.Svc6)
+        want = {bytes(svc6_key(s)): svc6_value(s) for s in services}
+        written = unchanged = deleted = 0
+        for kb, value in sorted(want.items()):
+            current = have.get(kb)
+            if current is not None and bytes(current) == bytes(value):
+                unchanged += 1
+                continue
+            bpf.map_update(fd, m.Svc6Key.from_buffer_copy(kb), value, "nm_services6")
+            written += 1
+        for kb in sorted(have.keys() - want.keys()):
+            bpf.map_delete(fd, m.Svc6Key.from_buffer_copy(kb), "nm_services6")
+            deleted += 1
+        return written, deleted, unchanged

@@ -13,12 +13,12 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
-from nodemesh.api import TYPE_URL, from_proto
+from nodemesh.api import TYPE_URL, from_proto, to_proto
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds.translate import Translator, ir
-from nodemesh.xds.translate.servicemap import node_map, service_entries
+from nodemesh.xds.translate.servicemap import node_map, service_entries, service_entries_ipv6
 from tests.controlplane.test_golden import GOLDEN, load_case
 
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("servicemap"))
@@ -151,3 +151,29 @@ def test_duplicate_cluster_ip_keeps_the_first_service_by_name() -> None:
     a = ir.ServiceInfo("shop/a", ("10.96.0.1",), (80,), True)
     b = ir.ServiceInfo("shop/b", ("10.96.0.1",), (80,), False)
     assert [s.name for s in service_entries([b, a])] == ["shop/a:80"]
+
+
+def test_ipv6_cluster_ips_stand_for_the_ipv4_one_or_are_refused_when_l7() -> None:
+    dual = ir.ServiceInfo("shop/dual", ("10.96.0.1", "fd00::1"), (80, 81), False)
+    l7_v6 = ir.ServiceInfo("shop/l7v6", ("fd00::2",), (80,), True)
+    l4_v6 = ir.ServiceInfo("shop/l4v6", ("fd00::3",), (80,), False)
+    entries = service_entries_ipv6([l4_v6, l7_v6, dual])
+    assert [(e.name, e.address, e.target, e.l7) for e in entries] == [
+        ("shop/dual:80", "fd00::1", "10.96.0.1", False),
+        ("shop/dual:81", "fd00::1", "10.96.0.1", False),
+        ("shop/l7v6:80", "fd00::2", "", True),
+    ]
+    model = node_map(ir.NodeInfo("n"), service_entries([dual]), 15001, entries)
+    assert from_proto(to_proto(model)) == model  # the agent accepts what is produced
+
+
+def test_the_agent_refuses_a_malformed_ipv6_entry_with_every_problem() -> None:
+    msg = pb.NodeServiceMap(node="n")
+    msg.services_ipv6.add(name="a", address="::ffff:10.0.0.1", port=80, target="10.0.0.1")
+    msg.services_ipv6.add(name="b", address="fd00::1", port=0, target="not-ip")
+    msg.services_ipv6.add(name="c", address="fd00::2", port=80)
+    with pytest.raises(ValueError) as err:
+        from_proto(msg)
+    text = str(err.value)
+    assert "is v4-mapped" in text and "port 0" in text and "'not-ip' is not an IPv4" in text
+    assert "no target and not L7" in text

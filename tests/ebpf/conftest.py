@@ -12,13 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodemesh.api import Backend, NodeMap, Service
+from nodemesh.api import Backend, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf.testing import NodeLab, prerequisites
 from tests.support import need
 
 VIP = "10.244.255.10"
 VIP_L7 = "10.244.255.20"
+# An IPv6 ClusterIP (dual-stack tests); the pods have no IPv6 route, so nothing can leave.
+VIP6 = "fd00:96::10"
 
 
 @pytest.fixture
@@ -38,13 +40,19 @@ def node(lab: NodeLab) -> NodeLab:
     return lab
 
 
-def program(lab: NodeLab, services: tuple[Service, ...], envoy: bool = True) -> None:
+def program(
+    lab: NodeLab,
+    services: tuple[Service, ...],
+    envoy: bool = True,
+    services_ipv6: tuple[ServiceIPv6, ...] = (),
+) -> None:
     """Write a service map for `lab` straight into its maps (the agent does this in production)."""
     model = NodeMap(
         node="test",
         services=services,
         envoy=(lab.gateway, 15001) if envoy else None,
         local_addresses=tuple(p.ip for p in lab.pods.values()),
+        services_ipv6=services_ipv6,
     )
     with NodeMaps(lab.pin_root) as maps:
         maps.apply(model, envoy_cgroup_id=os.stat(lab.envoy_cgroup).st_ino)

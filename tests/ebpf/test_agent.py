@@ -15,6 +15,7 @@ import pytest
 from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, to_proto
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf.loader import MAP_NAMES
 from nodemesh.ebpf.testing import NodeLab, Proc
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
 from nodemesh.xds.server import AdsServer
@@ -162,7 +163,7 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     map_ids = set(lab.dataplane.map_ids().values())
     prog_ids = {info.prog_id for info in links.values()}
     link_ids = {info.id for info in links.values()}
-    assert len(links) == 6 and len(map_ids) == 9
+    assert len(links) == 6 and len(map_ids) == len(MAP_NAMES) == 10
     _stop(agent)
 
     proc = subprocess.run(

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from nodemesh.api import ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf.testing import NodeLab
-from tests.ebpf.conftest import VIP, l4, program, settled_sock_state, sock_state, stats
+from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
 
 MB = 1 << 20
 SIZES = "1,2,3,100,1448,4096,65536,1048576,7,999999,16384"
@@ -162,6 +163,25 @@ def test_ipv6_socket_reaches_an_ipv4_service_through_a_mapped_address(node: Node
     program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),))
     result = node.pods["a"].tool("connect", "--v6", "--to", f"[::ffff:{VIP}]:80")
     assert result["ok"] and result["hello"] == "HELLO b"
+
+
+def test_an_ipv6_cluster_ip_is_balanced_like_its_ipv4_cluster_ip(node: NodeLab) -> None:
+    """Dual stack: the IPv6 ClusterIP stands for the IPv4 one, so an IPv6 client gets the same
+    kernel pick (and the short cut) although the pods have no IPv6 at all."""
+    b = node.pods["b"]
+    b.serve(7000)
+    program(
+        node,
+        (l4("echo", VIP, 80, (b.ip, 7000, 1)),),
+        services_ipv6=(ServiceIPv6("echo", VIP6, 80, VIP),),
+    )
+    before = stats(node)
+    result = node.pods["a"].tool("connect", "--v6", "--to", f"[{VIP6}]:80")
+    assert result["ok"] and result["hello"] == "HELLO b", result
+    assert result["peer"] == [f"::ffff:{b.ip}", 7000]
+    after = stats(node)
+    assert after["l4_picks"] - before["l4_picks"] == 1
+    assert after["sockhash_inserts"] - before["sockhash_inserts"] >= 1
 
 
 def test_a_policy_change_applies_to_new_connections_only(node: NodeLab) -> None:

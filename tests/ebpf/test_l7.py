@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nodemesh.api import Service
+from nodemesh.api import Service, ServiceIPv6
 from nodemesh.ebpf.testing import NodeLab
 from nodemesh.envoy import EnvoyProcess
-from tests.ebpf.conftest import VIP, VIP_L7, l4, program, stats
+from tests.ebpf.conftest import VIP, VIP6, VIP_L7, l4, program, stats
 from tests.ebpf.envoy_node import bootstrap, l7_service_config, start_node_envoy
 from tests.support import need
 
@@ -100,4 +100,45 @@ def test_fail_closed_without_a_node_envoy_address_refuses_l7(node: NodeLab) -> N
         "ok": False,
         "errno": "ECONNREFUSED",
     }
+    assert stats(node)["refused"] - before["refused"] == 1
+
+
+def test_an_ipv6_cluster_ip_of_an_l7_service_goes_through_envoy(
+    l7_node: tuple[NodeLab, EnvoyProcess],
+) -> None:
+    """Dual stack: an IPv6 client of an L7 Service reaches the node Envoy like an IPv4 one, and
+    Envoy routes it by the IPv4 ClusterIP it stands for."""
+    node, _ = l7_node
+    program(
+        node,
+        (Service("web", VIP_L7, 80, True),),
+        services_ipv6=(ServiceIPv6("web", VIP6, 80, VIP_L7, l7=True),),
+    )
+    before = stats(node)
+
+    resp = node.pods["a"].tool("get", "--to", f"[{VIP6}]:80", "--path", "/hello")
+
+    assert resp["status"] == 200, resp
+    assert resp["headers"]["x-nodemesh-route"] == "web"
+    assert json.loads(resp["body"])["pod"] in {"b", "c"}
+    after = stats(node)
+    assert after["l7_redirects"] - before["l7_redirects"] == 1
+    assert after["orig_dst_answered"] - before["orig_dst_answered"] >= 1
+
+
+def test_an_l7_service_with_only_an_ipv6_cluster_ip_is_refused(node: NodeLab) -> None:
+    """Fail closed: the kernel cannot send it to Envoy by an IPv4 original destination, so the
+    connection is refused rather than let past Envoy. An IPv6 address that is no Service is
+    not touched (here it has no route: ENETUNREACH, not a refusal)."""
+    program(node, (), services_ipv6=(ServiceIPv6("ledger", VIP6, 80, "", l7=True),))
+    before = stats(node)
+
+    a = node.pods["a"]
+    assert a.tool("connect", "--v6", "--to", f"[{VIP6}]:80") == {
+        "ok": False,
+        "errno": "ECONNREFUSED",
+    }
+    assert stats(node)["refused"] - before["refused"] == 1
+    other = a.tool("connect", "--v6", "--to", "[fd00:96::99]:80")
+    assert other["ok"] is False and other["errno"] != "ECONNREFUSED", other
     assert stats(node)["refused"] - before["refused"] == 1

@@ -19,6 +19,8 @@ from tests.support import need
 
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "nm_svc_key": m.SvcKey,
+    "nm_svc6_key": m.Svc6Key,
+    "nm_svc6": m.Svc6,
     "nm_backend": m.Backend,
     "nm_service": m.Service,
     "nm_tuple": m.Tuple,

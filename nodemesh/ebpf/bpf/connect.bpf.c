@@ -97,12 +97,16 @@ int nm_sock4_connect(struct bpf_sock_addr *ctx)
 	}
 }
 
-/* IPv6 sockets reach IPv4 services through v4-mapped addresses (::ffff:a.b.c.d). */
+/* IPv6 sockets reach IPv4 services through v4-mapped addresses (::ffff:a.b.c.d). An IPv6
+ * ClusterIP in nm_services6 is handled as its Service's IPv4 ClusterIP and the socket is sent
+ * to the v4-mapped result (a socket with IPV6_V6ONLY then fails to connect: an error, never a
+ * bypass); an L7 Service without an IPv4 ClusterIP is refused, so L7 is never skipped. */
 SEC("cgroup/connect6")
 int nm_sock6_connect(struct bpf_sock_addr *ctx)
 {
 	struct nm_orig_dst out = {};
 	__u32 ip6[4];
+	__be32 addr;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
@@ -110,10 +114,38 @@ int nm_sock6_connect(struct bpf_sock_addr *ctx)
 	ip6[1] = ctx->user_ip6[1];
 	ip6[2] = ctx->user_ip6[2];
 	ip6[3] = ctx->user_ip6[3];
-	if (!nm_is_v4_mapped(ip6))
-		return 1;
-	switch (nm_connect(ctx, ip6[3], (__be16)ctx->user_port, &out)) {
+	if (nm_is_v4_mapped(ip6)) {
+		addr = ip6[3];
+	} else {
+		struct nm_config *cfg = nm_get_config();
+		struct nm_svc6_key key6 = { .port = (__be16)ctx->user_port };
+		struct nm_svc6 *svc6;
+
+		if (!cfg || (cfg->envoy_cgroup_id &&
+			     bpf_get_current_cgroup_id() == cfg->envoy_cgroup_id))
+			return 1;
+		key6.addr[0] = ip6[0];
+		key6.addr[1] = ip6[1];
+		key6.addr[2] = ip6[2];
+		key6.addr[3] = ip6[3];
+		svc6 = bpf_map_lookup_elem(&nm_services6, &key6);
+		if (!svc6)
+			return 1; /* not a mesh Service: the cluster's own path */
+		addr = svc6->addr;
+		if (!addr || ((svc6->flags & NM_SVC6_L7) &&
+			      !bpf_map_lookup_elem(&nm_services,
+						   &(struct nm_svc_key){ .addr = addr,
+									 .port = key6.port }))) {
+			NM_COUNT(refused, 1);
+			bpf_set_retval(-ECONNREFUSED);
+			return 0; /* an L7 Service with nothing to stand in for it: fail closed */
+		}
+	}
+	switch (nm_connect(ctx, addr, (__be16)ctx->user_port, &out)) {
 	case NM_REWRITE:
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
 		ctx->user_ip6[3] = out.addr;
 		ctx->user_port = out.port;
 		return 1;

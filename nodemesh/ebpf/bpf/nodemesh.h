@@ -23,6 +23,9 @@
 /* nm_services flags */
 #define NM_SVC_L7 (1U << 0) /* connections go to the node Envoy */
 
+/* nm_services6 flags */
+#define NM_SVC6_L7 (1U << 0) /* the Service needs L7: refuse when the target is unset */
+
 /* nm_config flags */
 #define NM_CFG_ENVOY_SET (1U << 0) /* envoy_addr/envoy_port are valid */
 
@@ -31,6 +34,20 @@ struct nm_svc_key {
 	__be32 addr;
 	__be16 port;
 	__u16 pad;
+};
+
+/* An IPv6 ClusterIP and TCP port (connect6 only). */
+struct nm_svc6_key {
+	__be32 addr[4];
+	__be16 port;
+	__u16 pad;
+};
+
+/* What an IPv6 ClusterIP stands for: its Service's IPv4 ClusterIP (same port), looked up in
+ * nm_services as if the client had connected to it; addr 0 means the Service has none. */
+struct nm_svc6 {
+	__be32 addr;
+	__u32 flags;
 };
 
 struct nm_backend {
@@ -103,6 +120,15 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nm_svc6_key);
+	__type(value, struct nm_svc6);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_services6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
