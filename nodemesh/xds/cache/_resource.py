@@ -42,10 +42,9 @@ class Resource:
         self.name = name
         self.message = message
         self.payload = payload
-        self.version = content_version(payload)
-        any_payload = _wire.any_bytes(type_url, payload)
-        self.sotw_entry = _wire.sotw_entry(any_payload)
-        self.delta_entry = _wire.delta_entry(name, self.version, any_payload)
+        # content_version(payload), one call shorter (made for every resource of every build)
+        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
 
     @classmethod
     def from_message(
