@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import groupby, islice
+from operator import eq
 from typing import Any
 
 from nodemesh.controlplane.builder._util import as_list, as_map
@@ -58,24 +60,35 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
                 continue
         if buckets is None:
             buckets = [(found.setdefault((ns, name, port), []), t) for port, t in targets]
-        zone = str(e.get("zone", ""))
-        node = str(e.get("nodeName", ""))
+        # str() only for what is not a str already (a call per field and endpoint otherwise)
+        zone = e.get("zone", "")
+        if type(zone) is not str:
+            zone = str(zone)
+        node = e.get("nodeName", "")
+        if type(node) is not str:
+            node = str(node)
+        addresses = e.get("addresses")
+        if type(addresses) is not list:
+            addresses = as_list(addresses)
         draining = not ready
-        addresses = as_list(e.get("addresses"))
         for bucket, target in buckets:
-            for addr in addresses:
-                # tuple.__new__: the NamedTuple's own __new__ without its Python frame.
-                bucket.append(new(endpoint, (str(addr), target, draining, node, zone)))
+            # tuple.__new__: the NamedTuple's own __new__ without its Python frame.
+            for a in addresses:
+                bucket.append(new(endpoint, (str(a), target, draining, node, zone)))
     return found
 
 
 def merge_endpoints(parts: Iterable[list[ir.Endpoint]]) -> tuple[ir.Endpoint, ...]:
     """Endpoints of one (Service, port) from all its slices: deduplicated, sorted (by address,
     port, draining, node, zone: the order of `ir.Endpoint`'s fields)."""
-    merged: set[ir.Endpoint] = set()
+    merged: list[ir.Endpoint] = []
     for part in parts:
-        merged.update(part)
-    return tuple(sorted(merged))
+        merged += part
+    merged.sort()
+    # Equal endpoints are neighbours once sorted; usually there are none (no set to hash into).
+    if any(map(eq, merged, islice(merged, 1, None))):
+        merged = [e for e, _ in groupby(merged)]
+    return tuple(merged)
 
 
 def read_endpoints(
