@@ -218,6 +218,7 @@ def _finish(
 
 
 _NO_POLICY = PolicySettings()
+_NO_KEYS: frozenset[Any] = frozenset()
 
 
 def _policy_conditions(pol: TrafficPolicyModel, gen: int) -> tuple[Condition, ...]:
@@ -305,6 +306,7 @@ class Engine:
         self.route_used: dict[PortKey, int] = {}
         self.cluster_users: dict[PortKey, set[ObjectKey]] = {}
         self.cluster_keys: dict[str, PortKey] = {}  # cluster name -> (ns, name, port)
+        self.lbs = _Lbs(self)
         self.defaults: dict[Ref, set[PortKey]] = {}
         self.default_used: set[PortKey] = set()
         # Outputs
@@ -626,7 +628,7 @@ class Engine:
     def _virtual_hosts(self, ref: Ref, usage_changed: set[PortKey]) -> None:
         svc = self.services.get(ref)
         old_keys = self.vhost_keys.pop(ref, ())
-        old_defaults = self.defaults.pop(ref, set())
+        old_defaults = self.defaults.pop(ref, _NO_KEYS)
         new_keys: list[VhostKey] = []
         defaults: set[PortKey] = set()
         if svc is not None:
@@ -640,46 +642,53 @@ class Engine:
                     for e in attached[rkey]
                 ]
                 if attached
-                else []
+                else None
             )
             short = len(self.name_ns.get(name, ())) == 1
             hosts = svc.hostnames(short_name=short)
             default_port = svc.default_port
-            lbs = _Lbs(self)
+            origins = (f"Service/{ns}/{name}",)
+            settings = self.settings
             for index, sp in enumerate(svc.ports):
                 port = sp.port
+                pk = (ns, name, port)
                 mine = (
                     sorted(
                         (e for e in entries if e.parent[2] in (None, port)),
                         key=lambda e: e.sort_key,
                     )
                     if entries
-                    else []
+                    else None
                 )
-                if not mine:
+                policy = settings.get(pk)
+                if mine:
+                    lbs = self.lbs
+                    routes = tuple(_finish(e, policy, lbs) for e in mine)
+                else:
                     cname = svc.cluster_name(port)
+                    defaults.add(pk)
+                    self.cluster_keys[cname] = pk
                     default = ir.Route(
                         name=f"Service/{ns}/{name}:{port}/default",
                         backends=(ir.Backend(cname),),
-                        origins=(f"Service/{ns}/{name}",),
+                        origins=origins,
                     )
-                    mine = [RouteEntry((ns, name, port), (), default)]
-                    defaults.add((ns, name, port))
-                    self.cluster_keys[cname] = (ns, name, port)
-                policy = self.settings.get((ns, name, port))
-                domains = [f"{h}:{port}" for h in hosts] + [
-                    f"{ip}:{port}" for ip in svc.cluster_ips
-                ]
+                    # Without a policy, _finish would give the route as it is (its one cluster
+                    # is this port's, which then has no hashing load balancer either).
+                    routes = (
+                        (default,)
+                        if policy is None
+                        else (_finish(RouteEntry(pk, (), default), policy, self.lbs),)
+                    )
+                domains = [f"{h}:{port}" for h in hosts]
+                domains += [f"{ip}:{port}" for ip in svc.cluster_ips]
                 if default_port is not None and default_port.port == port:
                     domains += hosts
                     if port == 80:
                         domains += svc.cluster_ips
                 vkey = (ns, name, index)
                 vh = ir.VirtualHost(
-                    name=f"{ns}/{name}:{port}",
-                    domains=tuple(dict.fromkeys(domains)),
-                    routes=tuple(_finish(e, policy, lbs) for e in mine),
-                    origins=(f"Service/{ns}/{name}",),
+                    f"{ns}/{name}:{port}", tuple(dict.fromkeys(domains)), routes, origins
                 )
                 old = self.vhosts.get(vkey)
                 self.vhosts.set(vkey, old if old is not None and old == vh else vh)
@@ -691,12 +700,13 @@ class Engine:
             self.vhost_keys[ref] = tuple(new_keys)
         if defaults:
             self.defaults[ref] = defaults
-        for pk in old_defaults - defaults:
-            self.default_used.discard(pk)
-            usage_changed.add(pk)
-        for pk in defaults - old_defaults:
-            self.default_used.add(pk)
-            usage_changed.add(pk)
+        if old_defaults != defaults:
+            for pk in old_defaults - defaults:
+                self.default_used.discard(pk)
+                usage_changed.add(pk)
+            for pk in defaults - old_defaults:
+                self.default_used.add(pk)
+                usage_changed.add(pk)
 
     def _cluster(self, pk: PortKey) -> None:
         ns, name, port = pk
