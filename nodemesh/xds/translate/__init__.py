@@ -31,10 +31,12 @@ from nodemesh.xds.translate.endpoint import load_assignment, load_assignment_byt
 from nodemesh.xds.translate.listener import Destination, outbound_listener
 from nodemesh.xds.translate.route import (
     destination_route_configuration,
+    destination_route_configuration_bytes,
     route_configuration,
     route_configuration_bytes,
     virtual_host,
     virtual_host_entry,
+    virtual_host_routes,
 )
 from nodemesh.xds.translate.servicemap import TYPE_URL as SERVICE_MAP_TYPE_URL
 from nodemesh.xds.translate.servicemap import ServiceMaps
@@ -180,6 +182,11 @@ def _decode_route_configuration(payload: bytes) -> Message:
     return message
 
 
+def _vhost_bytes(vh: ir.VirtualHost) -> tuple[bytes, bytes]:
+    routes = virtual_host_routes(vh)
+    return routes, virtual_host_entry(vh, routes)
+
+
 def _decode_cla(payload: bytes) -> Message:
     message: Message = endpoint_pb2.ClusterLoadAssignment.FromString(payload)
     return message
@@ -258,12 +265,12 @@ class Translator:
                 types.ENDPOINT, pair[1], load_assignment_bytes(*pair), _decode_cla
             )
         )
-        self._vhosts: _Memo[str, ir.VirtualHost, bytes] = _Memo(virtual_host_entry)
+        # Per virtual host: (its routes' bytes, its entry in the outbound configuration). The
+        # routes' bytes are shared with its destination route configuration, if it has one.
+        self._vhosts: _Memo[str, ir.VirtualHost, tuple[bytes, bytes]] = _Memo(_vhost_bytes)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
         self._listener: tuple[tuple[str, int, str, tuple[Destination, ...]], Resource] | None = None
-        self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(
-            lambda v: Resource.from_message(_destination_routes(v))
-        )
+        self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(self._destination_route)
         self._destinations: (
             tuple[
                 tuple[object, tuple[ir.VirtualHost, ...]],
@@ -445,8 +452,8 @@ class Translator:
             and all(a is b or a == b for a, b in zip(last[1], vhosts, strict=True))
         ):
             return last[2]
-        new: dict[str, tuple[ir.VirtualHost, bytes]] = {}
-        entries = [self._vhosts.get(v.name, v, new) for v in vhosts]
+        new: dict[str, tuple[ir.VirtualHost, tuple[bytes, bytes]]] = {}
+        entries = [self._vhosts.get(v.name, v, new)[1] for v in vhosts]
         self._vhosts.swap(new)
         resource = Resource.from_payload(
             types.ROUTE,
@@ -456,6 +463,17 @@ class Translator:
         )
         self._route = (mesh.route_config_name, vhosts, resource)
         return resource
+
+    def _destination_route(self, vh: ir.VirtualHost) -> Resource:
+        name = destination_route_name(vh.name)
+        last = self._vhosts._last.get(vh.name)  # made by _route_resource for this translation
+        routes = last[1][0] if last is not None and (last[0] is vh or last[0] == vh) else None
+        return Resource.from_payload(
+            types.ROUTE,
+            name,
+            destination_route_configuration_bytes(name, vh, routes),
+            _decode_route_configuration,
+        )
 
     @property
     def serialized(self) -> int:

@@ -23,11 +23,14 @@ from nodemesh.xds.translate.lb import hash_policies
 from nodemesh.xds.translate.retry import retry_policy
 
 __all__ = [
+    "destination_route_configuration",
+    "destination_route_configuration_bytes",
     "route",
     "route_configuration",
     "route_configuration_bytes",
     "virtual_host",
     "virtual_host_entry",
+    "virtual_host_routes",
 ]
 
 _REDIRECT_CODES = {
@@ -86,23 +89,36 @@ def _field(tag_bytes: bytes, payload: bytes) -> bytes:
 _MATCH_ALL = _field(tag(rc.Route, "match", LEN), _field(tag(rc.RouteMatch, "prefix", LEN), b"/"))
 
 
-def virtual_host_entry(vh: ir.VirtualHost) -> bytes:
-    """`virtual_host(vh)` as one `RouteConfiguration.virtual_hosts` entry (tag, length, bytes).
-    Virtual hosts whose routes are all plain (most Services: one default route) are encoded
+def virtual_host_routes(vh: ir.VirtualHost) -> bytes:
+    """The bytes of `virtual_host(vh)` after its name and domains (fields 1 and 2; what follows
+    is its routes). Routes that are all plain (most Services: one default route) are encoded
     here, fields in field-number order as protobuf's deterministic serialization writes them."""
-    if all(_plain(r) for r in vh.routes):
-        parts = [_field(_VH_NAME, vh.name.encode())] if vh.name else []
-        parts += strings(_VH_DOMAINS, vh.domains)
-        for r in vh.routes:
-            route_bytes = _MATCH_ALL + _field(
-                _R_ROUTE, _field(_RA_CLUSTER, r.backends[0].cluster.encode())
-            )
-            if r.name:
-                route_bytes += _field(_R_NAME, r.name.encode())
-            parts.append(_field(_VH_ROUTES, route_bytes))
-        body = b"".join(parts)
-    else:
-        body = virtual_host(vh).SerializeToString(deterministic=True)
+    if not all(_plain(r) for r in vh.routes):
+        message = rc.VirtualHost(routes=[route(r) for r in vh.routes])
+        out: bytes = message.SerializeToString(deterministic=True)
+        return out
+    parts = []
+    for r in vh.routes:
+        route_bytes = _MATCH_ALL + _field(
+            _R_ROUTE, _field(_RA_CLUSTER, r.backends[0].cluster.encode())
+        )
+        if r.name:
+            route_bytes += _field(_R_NAME, r.name.encode())
+        parts.append(_field(_VH_ROUTES, route_bytes))
+    return b"".join(parts)
+
+
+def virtual_host_entry(
+    vh: ir.VirtualHost, routes: bytes | None = None, domains: Iterable[str] | None = None
+) -> bytes:
+    """`virtual_host(vh)` as one `RouteConfiguration.virtual_hosts` entry (tag, length, bytes),
+    from `virtual_host_routes(vh)` (made when not given); `domains` instead of `vh.domains`."""
+    if routes is None:
+        routes = virtual_host_routes(vh)
+    parts = [_field(_VH_NAME, vh.name.encode())] if vh.name else []
+    parts += strings(_VH_DOMAINS, vh.domains if domains is None else domains)
+    parts.append(routes)
+    body = b"".join(parts)
     return _RC_VHOSTS + varint(len(body)) + body
 
 
@@ -112,6 +128,17 @@ def route_configuration_bytes(name: str, entries: Iterable[bytes]) -> bytes:
     embedded message is its own bytes, so the configuration is its name and then the entries."""
     n = name.encode()
     return (_RC_NAME + varint(len(n)) + n if n else b"") + b"".join(entries)
+
+
+def destination_route_configuration_bytes(
+    name: str, vh: ir.VirtualHost, routes: bytes | None = None
+) -> bytes:
+    """`destination_route_configuration(name, virtual_host(vh))` serialized deterministically,
+    from `virtual_host_routes(vh)` (made when not given)."""
+    return route_configuration_bytes(name, [virtual_host_entry(vh, routes, _ANY_HOST)])
+
+
+_ANY_HOST = ("*",)
 
 
 def destination_route_configuration(name: str, vh: rc.VirtualHost) -> route_pb2.RouteConfiguration:
