@@ -441,7 +441,7 @@ class Engine:
             obj = objs.get(key)
             model = read_service(obj) if obj is not None else None
             old = self.services.get(ref)
-            if model == old:
+            if model is old or (old is not None and model == old):
                 continue
             changed.add(ref)
             counts.setdefault(key.name, len(self.name_ns.get(key.name, ())))
@@ -715,30 +715,36 @@ class Engine:
             self.clusters.remove(pk)
             self.cla.remove(pk)
             return
-        pm = svc.port(port)
-        s = self.settings.get(pk) or _NO_POLICY
         cname = svc.cluster_name(port)
-        origins = (f"Service/{ns}/{name}",) + tuple(
-            o
-            for o in s.origins
-            if s.connect_timeout_ms
-            or s.circuit_breaker
-            or s.outlier
-            or s.lb
-            or s.budget_percent is not None
-            or s.budget_min_concurrency is not None
-        )
-        cluster = ir.Cluster(
-            name=cname,
-            service=f"{ns}/{name}",
-            port=port,
-            http2=bool(pm and pm.http2),
-            connect_timeout_ms=s.connect_timeout_ms,
-            circuit_breaker=s.cluster_breaker(),
-            outlier=s.outlier,
-            lb=s.lb,
-            origins=origins,
-        )
+        pm = svc.port(port)
+        http2 = bool(pm and pm.http2)
+        s = self.settings.get(pk)
+        if s is None:  # no policy: the defaults, without looking at them one by one
+            cluster = ir.Cluster(
+                cname, f"{ns}/{name}", port, http2, origins=(f"Service/{ns}/{name}",)
+            )
+        else:
+            origins = (f"Service/{ns}/{name}",) + tuple(
+                o
+                for o in s.origins
+                if s.connect_timeout_ms
+                or s.circuit_breaker
+                or s.outlier
+                or s.lb
+                or s.budget_percent is not None
+                or s.budget_min_concurrency is not None
+            )
+            cluster = ir.Cluster(
+                name=cname,
+                service=f"{ns}/{name}",
+                port=port,
+                http2=http2,
+                connect_timeout_ms=s.connect_timeout_ms,
+                circuit_breaker=s.cluster_breaker(),
+                outlier=s.outlier,
+                lb=s.lb,
+                origins=origins,
+            )
         old = self.clusters.get(pk)
         self.clusters.set(pk, old if old is not None and old == cluster else cluster)
         eps = self.eps.get(pk, ())
@@ -752,15 +758,12 @@ class Engine:
             self.infos.remove(ref)
             return
         ns, name = ref
-        needs_l7 = ref in self.attached or any(
-            (ns, name, p.port) in self.settings for p in svc.ports
+        settings, eps = self.settings, self.eps
+        ports = tuple([p.port for p in svc.ports])
+        needs_l7 = ref in self.attached or (
+            bool(settings) and any((ns, name, port) in settings for port in ports)
         )
-        info = ir.ServiceInfo(
-            f"{ns}/{name}",
-            svc.cluster_ips,
-            tuple(p.port for p in svc.ports),
-            needs_l7,
-            tuple(self.eps.get((ns, name, p.port), ()) for p in svc.ports),
-        )
+        backends = tuple([eps.get((ns, name, port), ()) for port in ports])
+        info = ir.ServiceInfo(f"{ns}/{name}", svc.cluster_ips, ports, needs_l7, backends)
         old = self.infos.get(ref)
         self.infos.set(ref, old if old is not None and old == info else info)
