@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from nodemesh.xds import types
 from nodemesh.xds.cache import Resource, Snapshot, TypeSet
 from nodemesh.xds.translate import ir
-from nodemesh.xds.translate.cluster import cluster
+from nodemesh.xds.translate.cluster import cluster, cluster_bytes
 from nodemesh.xds.translate.endpoint import load_assignment, load_assignment_bytes
 from nodemesh.xds.translate.listener import Destination, outbound_listener
 from nodemesh.xds.translate.route import (
@@ -187,6 +187,22 @@ def _vhost_bytes(vh: ir.VirtualHost) -> tuple[bytes, bytes]:
     return routes, virtual_host_entry(vh, routes)
 
 
+def _cluster_resource(c: ir.Cluster) -> tuple[Resource, str]:
+    """The Cluster resource and its EDS service name."""
+    encoded = cluster_bytes(c)
+    if encoded is None:
+        message = cluster(c)
+        resource = Resource.from_message(message, name=c.name, type_url=types.CLUSTER)
+        return resource, message.eds_cluster_config.service_name
+    payload, eds_name = encoded
+    return Resource.from_payload(types.CLUSTER, c.name, payload, _decode_cluster), eds_name
+
+
+def _decode_cluster(payload: bytes) -> Message:
+    message: Message = cluster_pb2.Cluster.FromString(payload)
+    return message
+
+
 def _decode_cla(payload: bytes) -> Message:
     message: Message = endpoint_pb2.ClusterLoadAssignment.FromString(payload)
     return message
@@ -257,9 +273,7 @@ class Translator:
     position with `is`, so one endpoint change costs one ClusterLoadAssignment."""
 
     def __init__(self) -> None:
-        self._clusters: _Memo[str, ir.Cluster, Resource] = _Memo(
-            lambda c: Resource.from_message(cluster(c))
-        )
+        self._clusters: _Memo[str, ir.Cluster, tuple[Resource, str]] = _Memo(_cluster_resource)
         self._endpoints: _Memo[str, tuple[ir.ClusterEndpoints, str], Resource] = _Memo(
             lambda pair: Resource.from_payload(
                 types.ENDPOINT, pair[1], load_assignment_bytes(*pair), _decode_cla
@@ -291,15 +305,14 @@ class Translator:
             clusters = last.translation.shared[types.CLUSTER]
             eds_names, cluster_origins = last.eds_names, last.cluster_origins
         else:
-            new_clusters: dict[str, tuple[ir.Cluster, Resource]] = {}
-            clusters = tuple(self._clusters.get(c.name, c, new_clusters) for c in mesh.clusters)
+            new_clusters: dict[str, tuple[ir.Cluster, tuple[Resource, str]]] = {}
+            made = [self._clusters.get(c.name, c, new_clusters) for c in mesh.clusters]
             self._clusters.swap(new_clusters)
+            clusters = tuple([r for r, _ in made])
             cluster_origins, eds_names = {}, {}
-            for c, r in zip(mesh.clusters, clusters, strict=True):
+            for c, (_, eds_name) in zip(mesh.clusters, made, strict=True):
                 cluster_origins[c.name] = frozenset(c.origins)
-                message = r.message
-                assert isinstance(message, cluster_pb2.Cluster)
-                eds_names[c.name] = message.eds_cluster_config.service_name
+                eds_names[c.name] = eds_name
 
         endpoints, endpoint_upserts = self._endpoint_resources(
             mesh, last if same_clusters else None, eds_names
