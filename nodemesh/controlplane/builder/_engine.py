@@ -130,13 +130,14 @@ class _Ordered(Generic[K, V]):
         pending, items = self._pending, self._items
         if not pending:
             return self._tuple
-        moved = [k for k in pending if (k in items) != (k in self._pos)]
-        if not moved:
+        # Nothing placed yet (a cold build): sort, without looking for moves one by one.
+        moved = [k for k in pending if (k in items) != (k in self._pos)] if self._pos else None
+        if moved is not None and not moved:
             values = list(self._tuple)
             for k in pending:
                 values[self._pos[k]] = items[k]
         else:
-            if len(moved) > 64:
+            if moved is None or len(moved) > 64:
                 self._keys = sorted(items)
             else:
                 for k in moved:
@@ -144,7 +145,7 @@ class _Ordered(Generic[K, V]):
                         insort(self._keys, k)
                     else:
                         del self._keys[bisect_left(self._keys, k)]
-            self._pos = {k: i for i, k in enumerate(self._keys)}
+            self._pos = dict(zip(self._keys, range(len(self._keys)), strict=True))
             values = [items[k] for k in self._keys]
         pending.clear()
         self._tuple = tuple(values)

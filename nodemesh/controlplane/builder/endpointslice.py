@@ -45,8 +45,11 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
     targets = [(sp.port, slice_ports[sp.name]) for sp in svc.ports if sp.name in slice_ports]
     if not targets:
         return found
-    ns, name, endpoint, new = svc.namespace, svc.name, ir.Endpoint, tuple.__new__
-    buckets: list[tuple[list[ir.Endpoint], int]] | None = None
+    # Made for the first target port, then copied with the other target ports (rare).
+    endpoint, new, first_target = ir.Endpoint, tuple.__new__, targets[0][1]
+    made: list[ir.Endpoint] = []
+    append = made.append
+    passed = False  # a port gets an entry (maybe empty) once one endpoint passes
     for e in as_list(obj.get("endpoints")):
         if type(e) is not dict:
             e = as_map(e)
@@ -58,8 +61,7 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
             serving = cond.get("serving", ready) is not False
             if not (serving and cond.get("terminating") is True):
                 continue
-        if buckets is None:
-            buckets = [(found.setdefault((ns, name, port), []), t) for port, t in targets]
+        passed = True
         # str() only for what is not a str already (a call per field and endpoint otherwise)
         zone = e.get("zone", "")
         if type(zone) is not str:
@@ -71,10 +73,15 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
         if type(addresses) is not list:
             addresses = as_list(addresses)
         draining = not ready
-        for bucket, target in buckets:
+        for a in addresses:
             # tuple.__new__: the NamedTuple's own __new__ without its Python frame.
-            for a in addresses:
-                bucket.append(new(endpoint, (str(a), target, draining, node, zone)))
+            append(new(endpoint, (str(a), first_target, draining, node, zone)))
+    if passed:
+        ns, name = svc.namespace, svc.name
+        found[(ns, name, targets[0][0])] = made
+        for port, target in targets[1:]:
+            copies = [new(endpoint, (a, target, d, n, z)) for a, _, d, n, z in made]
+            found.setdefault((ns, name, port), []).extend(copies)
     return found
 
 
