@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import cast
 
 from google.protobuf.message import Message
 
@@ -94,8 +93,15 @@ class _Encoded(Resource):
     def __init__(
         self, type_url: str, name: str, payload: bytes, decode: Callable[[bytes], Message]
     ) -> None:
+        # Resource.__init__ spelled out: no super() call and no trip through the message
+        # setter (made for every encoded resource of every build).
         self._decode = decode
-        super().__init__(type_url, name, cast(Message, None), payload)
+        self._message = None
+        self.type_url = type_url
+        self.name = name
+        self.payload = payload
+        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
 
     @property
     def message(self) -> Message:

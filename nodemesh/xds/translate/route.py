@@ -59,6 +59,8 @@ _R_NAME = tag(rc.Route, "name", LEN)
 _R_ROUTE = tag(rc.Route, "route", LEN)
 _RA_CLUSTER = tag(rc.RouteAction, "cluster", LEN)
 _DEFAULT_MATCH = ir.RouteMatch()
+# The default of `ir.Route.match`: most routes hold this very object (no field-by-field ==).
+_ROUTE_DEFAULT_MATCH = ir.Route("").match
 
 
 def _plain(r: ir.Route) -> bool:
@@ -66,7 +68,7 @@ def _plain(r: ir.Route) -> bool:
     return (
         len(r.backends) == 1
         and r.backends[0].cluster != ""  # a oneof member: even "" would be written
-        and r.match == _DEFAULT_MATCH
+        and (r.match is _ROUTE_DEFAULT_MATCH or r.match == _DEFAULT_MATCH)
         and r.redirect is None
         and r.request_headers is None
         and r.response_headers is None
@@ -93,19 +95,25 @@ def virtual_host_routes(vh: ir.VirtualHost) -> bytes:
     """The bytes of `virtual_host(vh)` after its name and domains (fields 1 and 2; what follows
     is its routes). Routes that are all plain (most Services: one default route) are encoded
     here, fields in field-number order as protobuf's deterministic serialization writes them."""
-    if not all(_plain(r) for r in vh.routes):
-        message = rc.VirtualHost(routes=[route(r) for r in vh.routes])
+    routes = vh.routes
+    if len(routes) == 1 and _plain(routes[0]):  # most: a Service's default route
+        return _plain_route(routes[0])
+    if not all(_plain(r) for r in routes):
+        message = rc.VirtualHost(routes=[route(r) for r in routes])
         out: bytes = message.SerializeToString(deterministic=True)
         return out
-    parts = []
-    for r in vh.routes:
-        route_bytes = _MATCH_ALL + _field(
-            _R_ROUTE, _field(_RA_CLUSTER, r.backends[0].cluster.encode())
-        )
-        if r.name:
-            route_bytes += _field(_R_NAME, r.name.encode())
-        parts.append(_field(_VH_ROUTES, route_bytes))
-    return b"".join(parts)
+    return b"".join([_plain_route(r) for r in routes])
+
+
+def _plain_route(r: ir.Route) -> bytes:
+    """One `VirtualHost.routes` entry for a plain route (see `_plain`)."""
+    cluster = r.backends[0].cluster.encode()
+    action = _RA_CLUSTER + varint(len(cluster)) + cluster
+    body = _MATCH_ALL + _R_ROUTE + varint(len(action)) + action
+    name = r.name.encode()
+    if name:
+        body += _R_NAME + varint(len(name)) + name
+    return _VH_ROUTES + varint(len(body)) + body
 
 
 def virtual_host_entry(
