@@ -12,8 +12,10 @@ should reuse an unchanged IR object rather than rebuild an equal one.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
-from typing import Any, Literal, NamedTuple, TypeVar
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+from nodemesh._dataclasses import fast_init
 
 __all__ = [
     "Backend",
@@ -41,29 +43,6 @@ __all__ = [
 ]
 
 Origins = tuple[str, ...]
-_T = TypeVar("_T")
-
-
-def _fast_init(cls: type[_T]) -> type[_T]:
-    """Give a frozen, slotted dataclass an `__init__` that stores each field through its slot's
-    descriptor: the generated one goes through `object.__setattr__` per field (frozen), which
-    costs about twice as much, and build makes these classes 10,000s of times. Same parameters
-    and defaults; instances stay frozen (assignment still raises)."""
-    params, lines, env = [], [], {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        assert f.init and f.default_factory is MISSING and not hasattr(cls, "__post_init__")
-        env[f"_set_{f.name}"] = getattr(cls, f.name).__set__
-        if f.default is MISSING:
-            params.append(f.name)
-        else:
-            env[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
-        lines.append(f"\n    _set_{f.name}(self, {f.name})")
-    exec(f"def __init__(self, {', '.join(params)}):{''.join(lines)}", env)  # as dataclass does
-    init: Any = env["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    cls.__init__ = init  # type: ignore[method-assign]
-    return cls
 
 
 # -- endpoints and clusters ----------------------------------------------------------------
@@ -80,7 +59,7 @@ class Endpoint(NamedTuple):
     zone: str = ""
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ClusterEndpoints:
     cluster: str
@@ -114,7 +93,7 @@ class LoadBalancer:
     hash_cookie_ttl_ms: int | None = None
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Cluster:
     """One upstream cluster per (Service, port) that some route uses."""
@@ -167,7 +146,7 @@ class HeaderMutation:
     remove: tuple[str, ...] = ()
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Backend:
     cluster: str
@@ -216,7 +195,7 @@ class Fault:
     abort_percent: float = 100.0
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Route:
     """One match with its action. Exactly one of backends (possibly empty: answer
@@ -241,7 +220,7 @@ class Route:
     origins: Origins = ()
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class VirtualHost:
     """Requests addressed to one (Service, port), by any of its names."""
@@ -253,7 +232,7 @@ class VirtualHost:
 
 
 # -- the whole mesh -------------------------------------------------------------------------
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ServiceInfo:
     """Per Service, what the node agent needs to know (the eBPF map builder reads this)."""
