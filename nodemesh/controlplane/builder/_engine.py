@@ -492,39 +492,48 @@ class Engine:
                 self.slices_of.setdefault(ref, set()).add(key)
                 dirty.add(ref)
         changed: set[PortKey] = set()
+        services, slices_of, slice_read, eps_of = (
+            self.services,
+            self.slices_of,
+            self.slice_read,
+            self.eps,
+        )
         for ref in dirty:
-            svc = self.services.get(ref)
+            svc = services.get(ref)
+            skeys = slices_of.get(ref)
             parts: dict[PortKey, list[list[ir.Endpoint]]] = {}
-            if svc is not None:
-                skeys = self.slices_of.get(ref, ())
-                for skey in sorted(skeys) if len(skeys) > 1 else skeys:
+            if not skeys:
+                slices_of.pop(ref, None)
+            elif svc is not None and len(skeys) == 1:
+                # A Service's only slice is read again whenever it or the Service changes
+                # (caching it would never hit, and 100,000s of cached objects make the garbage
+                # collector slower).
+                for skey in skeys:
+                    for pk, eps in slice_endpoints(objs[skey], svc).items():
+                        parts[pk] = [eps]
+            elif svc is not None:
+                for skey in sorted(skeys):
                     obj = objs[skey]
-                    cached = self.slice_read.get(skey)
+                    cached = slice_read.get(skey)
                     if cached is not None and cached[0] is obj and cached[1] is svc:
                         contributed = cached[2]
                     else:
                         contributed = slice_endpoints(obj, svc)
-                        # Kept only for Services with several slices: a Service's only slice
-                        # is read again whenever it or the Service changes, so it never hits
-                        # (and 100,000s of cached objects make the garbage collector slower).
-                        if len(skeys) > 1:
-                            self.slice_read[skey] = (obj, svc, contributed)
+                        slice_read[skey] = (obj, svc, contributed)
                     for pk, eps in contributed.items():
                         parts.setdefault(pk, []).append(eps)
-            if not self.slices_of.get(ref):
-                self.slices_of.pop(ref, None)
             old_ports = self.eps_ports.pop(ref, ())
             if parts:
                 self.eps_ports[ref] = tuple(parts)  # a tuple of atomic tuples: not GC-tracked
-            for pk in parts.keys() | old_ports:
-                old = self.eps.get(pk)
+            for pk in old_ports:
                 if pk not in parts:
-                    del self.eps[pk]
+                    del eps_of[pk]
                     changed.add(pk)
-                    continue
-                new = merge_endpoints(parts[pk])
+            for pk, part in parts.items():
+                new = merge_endpoints(part)
+                old = eps_of.get(pk)
                 if old is None or old != new:
-                    self.eps[pk] = new
+                    eps_of[pk] = new
                     changed.add(pk)
         return changed
 
