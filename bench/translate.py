@@ -140,7 +140,7 @@ def full_run(store: Store) -> dict[str, float]:
     gc0 = GC.total
     # As Pipeline.rebuild runs a cold build: the collector paused, then what lives on frozen
     # (its exit is timed as part of the Snapshot stage).
-    collector = build_collector(cold=True)
+    collector = build_collector(cold=True, objects=len(store.view()))
     collector.__enter__()
     view, t_view = timed(store.view)
     result, t_build = timed(lambda: build(view))
@@ -167,7 +167,7 @@ def full_run(store: Store) -> dict[str, float]:
 
 def incremental_runs(store: Store, n: int) -> tuple[list[dict[str, float]], int]:
     translator, memo = Translator(), BuildMemo()
-    with build_collector(cold=memo.cold):
+    with build_collector(cold=memo.cold, objects=len(store.view())):
         translator.translate(build(store.view(), memo=memo).mesh).snapshot()
     runs = []
     serialized = 0
@@ -176,8 +176,8 @@ def incremental_runs(store: Store, n: int) -> tuple[list[dict[str, float]], int]
         store.apply(endpoint_slice(f"ns{i % 100}", f"svc{i}", i, salt=100 + k))
         before = translator.serialized
         t0 = time.perf_counter()
-        with build_collector(cold=memo.cold):  # warm: leaves the collector alone
-            view = store.view()
+        view = store.view()
+        with build_collector(cold=memo.cold, objects=len(view)):  # warm: leaves it alone
             t1 = time.perf_counter()
             result = build(view, memo=memo)
             t2 = time.perf_counter()

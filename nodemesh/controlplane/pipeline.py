@@ -45,7 +45,7 @@ from nodemesh.xds.server import AckEvent, StatusTracker
 from nodemesh.xds.translate import Translation, Translator
 from nodemesh.xds.translate.cluster import cluster_of_eds_name
 
-__all__ = ["ConditionsCallback", "Pipeline", "build_collector"]
+__all__ = ["BULK_OBJECTS", "ConditionsCallback", "Pipeline", "build_collector"]
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +53,28 @@ ConditionsCallback = Callable[[ObjectKey, tuple[Condition, ...]], None]
 _STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
 
 
-@contextmanager
-def build_collector(cold: bool) -> Iterator[None]:
-    """The cyclic garbage collector's part in a rebuild (`Pipeline.rebuild` runs build,
-    translate and snapshot inside it; `bench/translate.py` does the same).
+# A cold build of fewer objects than this leaves the collector alone (tests, demos, small meshes:
+# little to gain, and nothing of theirs is frozen).
+BULK_OBJECTS = 5_000
 
-    A cold build makes about a million objects that live on (IR, resources) over a store of
-    about as many; the collector would scan them all several times while they are made (a
-    quarter of the cold build's time, for garbage that build and translate do not make: their
-    objects are freed by reference counting). So during a cold build it is paused, and
-    afterwards everything alive is frozen (`gc.freeze`): later collections skip the store and
-    the IR as they were then, and still free them by reference counting when replaced. The
-    price: a reference cycle that is already garbage at that moment is never collected (the
-    pipeline makes none; start-up may leave a few). Warm builds leave the collector alone.
+
+@contextmanager
+def build_collector(cold: bool, objects: int) -> Iterator[None]:
+    """The cyclic garbage collector's part in a rebuild of `objects` store objects
+    (`Pipeline.rebuild` runs build, translate and snapshot inside it; `bench/translate.py`
+    does the same).
+
+    A cold build of a big mesh makes about a million objects that live on (IR, resources) next
+    to a store of about as many; the collector would scan them all several times while they
+    are made (a quarter of the cold build's time), for garbage that build and translate do not
+    make: their objects are freed by reference counting. So during a big cold build it is
+    paused, and afterwards everything alive is frozen (`gc.freeze`): later collections skip
+    the store and the IR as they were then, and reference counting still frees them when they
+    are replaced. The price: a reference cycle that is already garbage at that moment is never
+    collected (the pipeline makes none; start-up may leave a few). Warm builds and small cold
+    builds leave the collector alone.
     """
-    if not cold or not gc.isenabled():
+    if not cold or objects < BULK_OBJECTS or not gc.isenabled():
         yield
         return
     gc.disable()
@@ -230,7 +237,7 @@ class Pipeline:
         view = self.store.view()
         started = time.perf_counter()
         try:
-            with build_collector(cold=self._memo.cold):
+            with build_collector(cold=self._memo.cold, objects=len(view)):
                 result = build(
                     view,
                     outbound_address=self.outbound_address,
