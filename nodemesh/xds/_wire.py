@@ -26,6 +26,8 @@ _ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
 def varint(value: int) -> bytes:
     if value < 0x80:
         return _ONE_BYTE[value]  # most lengths and tags: skip the loop
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))  # most other lengths
     out = bytearray()
     while True:
         bits = value & 0x7F
@@ -58,6 +60,7 @@ _RES = discovery_pb2.Resource
 _RES_NAME = _tag(_RES, "name")
 _RES_VERSION = _tag(_RES, "version")
 _RES_RESOURCE = _tag(_RES, "resource")
+_RES_NAME_LEN, _RES_RESOURCE_LEN = len(_RES_NAME), len(_RES_RESOURCE)
 
 
 def any_bytes(type_url: str, payload: bytes) -> bytes:
@@ -78,6 +81,33 @@ def delta_entry(name: str, version: str, any_payload: bytes) -> bytes:
         + _field(_RES_NAME, name.encode())
     )
     return _field(_DDR_RESOURCES, body)
+
+
+_ANY_HEADS: dict[str, bytes] = {}
+
+
+def entries(type_url: str, name: str, version: str, payload: bytes) -> tuple[bytes, bytes]:
+    """`(sotw_entry(any), delta_entry(name, version, any))` for `any = any_bytes(type_url,
+    payload)`, each joined once (made for every resource of every build)."""
+    head = _ANY_HEADS.get(type_url)
+    if head is None:
+        head = _field(_ANY_TYPE_URL, type_url.encode()) + _ANY_VALUE
+        _ANY_HEADS[type_url] = head
+    size = varint(len(payload))
+    any_size = len(head) + len(size) + len(payload)
+    any_len = varint(any_size)
+    sotw = b"".join((_DR_RESOURCES, any_len, head, size, payload))
+    # A Resource's fields in field-number order: version, resource, name.
+    v = _field(_RES_VERSION, version.encode())
+    b = name.encode()
+    b_len = varint(len(b))
+    body_size = len(v) + _RES_RESOURCE_LEN + len(any_len) + any_size + _RES_NAME_LEN
+    body_size += len(b_len) + len(b)
+    delta = b"".join(
+        (_DDR_RESOURCES, varint(body_size), v, _RES_RESOURCE, any_len, head, size, payload)
+        + (_RES_NAME, b_len, b)
+    )
+    return sotw, delta
 
 
 def sotw_response(type_url: str, version: str, nonce: str, entries: Iterable[bytes]) -> bytes:

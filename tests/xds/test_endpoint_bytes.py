@@ -33,6 +33,32 @@ def test_encoded_load_assignment_equals_protobuf_bytes(ce: ir.ClusterEndpoints, 
     assert load_assignment_bytes(ce, name) == expected
 
 
+@st.composite
+def _uniform_cluster_endpoints(draw: st.DrawFn) -> ir.ClusterEndpoints:
+    """Endpoints that share port, draining flag and zone (the encoder's fast path), addresses
+    of any length (short ones usually)."""
+    port = draw(st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([80, 8080, 2**21])))
+    draining = draw(st.booleans())
+    zone = draw(st.one_of(st.sampled_from(["", "zone-b"]), _text))
+    addresses = draw(
+        st.lists(
+            st.one_of(st.ip_addresses().map(str), _text, st.text(min_size=100, max_size=130)),
+            min_size=1,
+            max_size=40,
+        )
+    )
+    return ir.ClusterEndpoints(
+        draw(_text), tuple(ir.Endpoint(a, port, draining, "", zone) for a in addresses)
+    )
+
+
+@settings(max_examples=500)
+@given(_uniform_cluster_endpoints(), _text)
+def test_uniform_load_assignment_equals_protobuf_bytes(ce: ir.ClusterEndpoints, name: str) -> None:
+    expected = load_assignment(ce, name).SerializeToString(deterministic=True)
+    assert load_assignment_bytes(ce, name) == expected
+
+
 @given(_cluster_endpoints)
 def test_resource_from_payload_matches_from_message(ce: ir.ClusterEndpoints) -> None:
     message = load_assignment(ce, "ns/web:80")

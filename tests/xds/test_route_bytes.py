@@ -9,10 +9,13 @@ from hypothesis import strategies as st
 from nodemesh.xds import types
 from nodemesh.xds.translate import Translator, ir, translate_messages
 from nodemesh.xds.translate.route import (
+    destination_route_configuration,
+    destination_route_configuration_bytes,
     route_configuration,
     route_configuration_bytes,
     virtual_host,
     virtual_host_entry,
+    virtual_host_routes,
 )
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
@@ -60,3 +63,34 @@ def test_translator_route_resource_matches_translate_messages(vhosts: list[ir.Vi
     message = translate_messages(mesh)[types.ROUTE][0]
     assert resource.payload == message.SerializeToString(deterministic=True)
     assert resource.message == message
+
+
+@given(_text, _vhosts)
+def test_destination_route_configuration_bytes_equal_protobuf(
+    name: str, vhost: ir.VirtualHost
+) -> None:
+    message = destination_route_configuration(name, virtual_host(vhost))
+    expected = message.SerializeToString(deterministic=True)
+    assert destination_route_configuration_bytes(name, vhost) == expected
+    routes = virtual_host_routes(vhost)
+    assert destination_route_configuration_bytes(name, vhost, routes) == expected
+
+
+@given(st.lists(_vhosts, max_size=5))
+def test_translator_destination_routes_match_translate_messages(
+    vhosts: list[ir.VirtualHost],
+) -> None:
+    services = tuple(
+        ir.ServiceInfo(f"ns/s{i}", (f"10.0.0.{i + 1}",), (80,), True) for i in range(len(vhosts))
+    )
+    named = [
+        ir.VirtualHost(f"{s.name}:80", v.domains, v.routes)
+        for s, v in zip(services, vhosts, strict=True)
+    ]
+    mesh = ir.Mesh(virtual_hosts=tuple(named), services=services)
+    resources = Translator().translate(mesh).shared[types.ROUTE]
+    messages = translate_messages(mesh)[types.ROUTE]
+    assert len(resources) == len(vhosts) + 1  # the outbound one and one per destination
+    assert [r.payload for r in resources] == [
+        m.SerializeToString(deterministic=True) for m in messages
+    ]

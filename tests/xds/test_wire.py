@@ -48,3 +48,19 @@ def test_any_length_and_text_round_trips(names: list[str], payload: bytes, versi
     assert all(x.resource.value == payload and x.version == version for x in msg.resources)
     assert list(msg.removed_resources) == names
     assert _wire.varint(300) == bytes([0xAC, 0x02])
+
+
+@given(
+    type_url=st.text(max_size=200),
+    name=st.text(max_size=300),
+    version=st.text(max_size=40),
+    payload=st.binary(max_size=20000),
+)
+def test_entries_equal_the_entries_made_one_by_one(
+    type_url: str, name: str, version: str, payload: bytes
+) -> None:
+    any_payload = _wire.any_bytes(type_url, payload)
+    assert _wire.entries(type_url, name, version, payload) == (
+        _wire.sotw_entry(any_payload),
+        _wire.delta_entry(name, version, any_payload),
+    )

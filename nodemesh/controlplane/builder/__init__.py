@@ -28,6 +28,11 @@ class BuildMemo:
     def __init__(self) -> None:
         self.engine = Engine()
 
+    @property
+    def cold(self) -> bool:
+        """True until a build with this memo succeeded: the next build reads every object."""
+        return self.engine.mesh is None
+
     def reset(self) -> None:
         self.engine = Engine()
 

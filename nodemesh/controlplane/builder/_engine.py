@@ -130,13 +130,14 @@ class _Ordered(Generic[K, V]):
         pending, items = self._pending, self._items
         if not pending:
             return self._tuple
-        moved = [k for k in pending if (k in items) != (k in self._pos)]
-        if not moved:
+        # Nothing placed yet (a cold build): sort, without looking for moves one by one.
+        moved = [k for k in pending if (k in items) != (k in self._pos)] if self._pos else None
+        if moved is not None and not moved:
             values = list(self._tuple)
             for k in pending:
                 values[self._pos[k]] = items[k]
         else:
-            if len(moved) > 64:
+            if moved is None or len(moved) > 64:
                 self._keys = sorted(items)
             else:
                 for k in moved:
@@ -144,7 +145,7 @@ class _Ordered(Generic[K, V]):
                         insort(self._keys, k)
                     else:
                         del self._keys[bisect_left(self._keys, k)]
-            self._pos = {k: i for i, k in enumerate(self._keys)}
+            self._pos = dict(zip(self._keys, range(len(self._keys)), strict=True))
             values = [items[k] for k in self._keys]
         pending.clear()
         self._tuple = tuple(values)
@@ -218,6 +219,7 @@ def _finish(
 
 
 _NO_POLICY = PolicySettings()
+_NO_KEYS: frozenset[Any] = frozenset()
 
 
 def _policy_conditions(pol: TrafficPolicyModel, gen: int) -> tuple[Condition, ...]:
@@ -305,6 +307,7 @@ class Engine:
         self.route_used: dict[PortKey, int] = {}
         self.cluster_users: dict[PortKey, set[ObjectKey]] = {}
         self.cluster_keys: dict[str, PortKey] = {}  # cluster name -> (ns, name, port)
+        self.lbs = _Lbs(self)
         self.defaults: dict[Ref, set[PortKey]] = {}
         self.default_used: set[PortKey] = set()
         # Outputs
@@ -439,7 +442,7 @@ class Engine:
             obj = objs.get(key)
             model = read_service(obj) if obj is not None else None
             old = self.services.get(ref)
-            if model == old:
+            if model is old or (old is not None and model == old):
                 continue
             changed.add(ref)
             counts.setdefault(key.name, len(self.name_ns.get(key.name, ())))
@@ -489,39 +492,48 @@ class Engine:
                 self.slices_of.setdefault(ref, set()).add(key)
                 dirty.add(ref)
         changed: set[PortKey] = set()
+        services, slices_of, slice_read, eps_of = (
+            self.services,
+            self.slices_of,
+            self.slice_read,
+            self.eps,
+        )
         for ref in dirty:
-            svc = self.services.get(ref)
+            svc = services.get(ref)
+            skeys = slices_of.get(ref)
             parts: dict[PortKey, list[list[ir.Endpoint]]] = {}
-            if svc is not None:
-                skeys = self.slices_of.get(ref, ())
-                for skey in sorted(skeys) if len(skeys) > 1 else skeys:
+            if not skeys:
+                slices_of.pop(ref, None)
+            elif svc is not None and len(skeys) == 1:
+                # A Service's only slice is read again whenever it or the Service changes
+                # (caching it would never hit, and 100,000s of cached objects make the garbage
+                # collector slower).
+                for skey in skeys:
+                    for pk, eps in slice_endpoints(objs[skey], svc).items():
+                        parts[pk] = [eps]
+            elif svc is not None:
+                for skey in sorted(skeys):
                     obj = objs[skey]
-                    cached = self.slice_read.get(skey)
+                    cached = slice_read.get(skey)
                     if cached is not None and cached[0] is obj and cached[1] is svc:
                         contributed = cached[2]
                     else:
                         contributed = slice_endpoints(obj, svc)
-                        # Kept only for Services with several slices: a Service's only slice
-                        # is read again whenever it or the Service changes, so it never hits
-                        # (and 100,000s of cached objects make the garbage collector slower).
-                        if len(skeys) > 1:
-                            self.slice_read[skey] = (obj, svc, contributed)
+                        slice_read[skey] = (obj, svc, contributed)
                     for pk, eps in contributed.items():
                         parts.setdefault(pk, []).append(eps)
-            if not self.slices_of.get(ref):
-                self.slices_of.pop(ref, None)
             old_ports = self.eps_ports.pop(ref, ())
             if parts:
                 self.eps_ports[ref] = tuple(parts)  # a tuple of atomic tuples: not GC-tracked
-            for pk in parts.keys() | old_ports:
-                old = self.eps.get(pk)
+            for pk in old_ports:
                 if pk not in parts:
-                    del self.eps[pk]
+                    del eps_of[pk]
                     changed.add(pk)
-                    continue
-                new = merge_endpoints(parts[pk])
+            for pk, part in parts.items():
+                new = merge_endpoints(part)
+                old = eps_of.get(pk)
                 if old is None or old != new:
-                    self.eps[pk] = new
+                    eps_of[pk] = new
                     changed.add(pk)
         return changed
 
@@ -626,7 +638,7 @@ class Engine:
     def _virtual_hosts(self, ref: Ref, usage_changed: set[PortKey]) -> None:
         svc = self.services.get(ref)
         old_keys = self.vhost_keys.pop(ref, ())
-        old_defaults = self.defaults.pop(ref, set())
+        old_defaults = self.defaults.pop(ref, _NO_KEYS)
         new_keys: list[VhostKey] = []
         defaults: set[PortKey] = set()
         if svc is not None:
@@ -640,46 +652,53 @@ class Engine:
                     for e in attached[rkey]
                 ]
                 if attached
-                else []
+                else None
             )
             short = len(self.name_ns.get(name, ())) == 1
             hosts = svc.hostnames(short_name=short)
             default_port = svc.default_port
-            lbs = _Lbs(self)
+            origins = (f"Service/{ns}/{name}",)
+            settings = self.settings
             for index, sp in enumerate(svc.ports):
                 port = sp.port
+                pk = (ns, name, port)
                 mine = (
                     sorted(
                         (e for e in entries if e.parent[2] in (None, port)),
                         key=lambda e: e.sort_key,
                     )
                     if entries
-                    else []
+                    else None
                 )
-                if not mine:
+                policy = settings.get(pk)
+                if mine:
+                    lbs = self.lbs
+                    routes = tuple(_finish(e, policy, lbs) for e in mine)
+                else:
                     cname = svc.cluster_name(port)
+                    defaults.add(pk)
+                    self.cluster_keys[cname] = pk
                     default = ir.Route(
                         name=f"Service/{ns}/{name}:{port}/default",
                         backends=(ir.Backend(cname),),
-                        origins=(f"Service/{ns}/{name}",),
+                        origins=origins,
                     )
-                    mine = [RouteEntry((ns, name, port), (), default)]
-                    defaults.add((ns, name, port))
-                    self.cluster_keys[cname] = (ns, name, port)
-                policy = self.settings.get((ns, name, port))
-                domains = [f"{h}:{port}" for h in hosts] + [
-                    f"{ip}:{port}" for ip in svc.cluster_ips
-                ]
+                    # Without a policy, _finish would give the route as it is (its one cluster
+                    # is this port's, which then has no hashing load balancer either).
+                    routes = (
+                        (default,)
+                        if policy is None
+                        else (_finish(RouteEntry(pk, (), default), policy, self.lbs),)
+                    )
+                domains = [f"{h}:{port}" for h in hosts]
+                domains += [f"{ip}:{port}" for ip in svc.cluster_ips]
                 if default_port is not None and default_port.port == port:
                     domains += hosts
                     if port == 80:
                         domains += svc.cluster_ips
                 vkey = (ns, name, index)
                 vh = ir.VirtualHost(
-                    name=f"{ns}/{name}:{port}",
-                    domains=tuple(dict.fromkeys(domains)),
-                    routes=tuple(_finish(e, policy, lbs) for e in mine),
-                    origins=(f"Service/{ns}/{name}",),
+                    f"{ns}/{name}:{port}", tuple(dict.fromkeys(domains)), routes, origins
                 )
                 old = self.vhosts.get(vkey)
                 self.vhosts.set(vkey, old if old is not None and old == vh else vh)
@@ -691,12 +710,13 @@ class Engine:
             self.vhost_keys[ref] = tuple(new_keys)
         if defaults:
             self.defaults[ref] = defaults
-        for pk in old_defaults - defaults:
-            self.default_used.discard(pk)
-            usage_changed.add(pk)
-        for pk in defaults - old_defaults:
-            self.default_used.add(pk)
-            usage_changed.add(pk)
+        if old_defaults != defaults:
+            for pk in old_defaults - defaults:
+                self.default_used.discard(pk)
+                usage_changed.add(pk)
+            for pk in defaults - old_defaults:
+                self.default_used.add(pk)
+                usage_changed.add(pk)
 
     def _cluster(self, pk: PortKey) -> None:
         ns, name, port = pk
@@ -705,30 +725,36 @@ class Engine:
             self.clusters.remove(pk)
             self.cla.remove(pk)
             return
-        pm = svc.port(port)
-        s = self.settings.get(pk) or _NO_POLICY
         cname = svc.cluster_name(port)
-        origins = (f"Service/{ns}/{name}",) + tuple(
-            o
-            for o in s.origins
-            if s.connect_timeout_ms
-            or s.circuit_breaker
-            or s.outlier
-            or s.lb
-            or s.budget_percent is not None
-            or s.budget_min_concurrency is not None
-        )
-        cluster = ir.Cluster(
-            name=cname,
-            service=f"{ns}/{name}",
-            port=port,
-            http2=bool(pm and pm.http2),
-            connect_timeout_ms=s.connect_timeout_ms,
-            circuit_breaker=s.cluster_breaker(),
-            outlier=s.outlier,
-            lb=s.lb,
-            origins=origins,
-        )
+        pm = svc.port(port)
+        http2 = bool(pm and pm.http2)
+        s = self.settings.get(pk)
+        if s is None:  # no policy: the defaults, without looking at them one by one
+            cluster = ir.Cluster(
+                cname, f"{ns}/{name}", port, http2, origins=(f"Service/{ns}/{name}",)
+            )
+        else:
+            origins = (f"Service/{ns}/{name}",) + tuple(
+                o
+                for o in s.origins
+                if s.connect_timeout_ms
+                or s.circuit_breaker
+                or s.outlier
+                or s.lb
+                or s.budget_percent is not None
+                or s.budget_min_concurrency is not None
+            )
+            cluster = ir.Cluster(
+                name=cname,
+                service=f"{ns}/{name}",
+                port=port,
+                http2=http2,
+                connect_timeout_ms=s.connect_timeout_ms,
+                circuit_breaker=s.cluster_breaker(),
+                outlier=s.outlier,
+                lb=s.lb,
+                origins=origins,
+            )
         old = self.clusters.get(pk)
         self.clusters.set(pk, old if old is not None and old == cluster else cluster)
         eps = self.eps.get(pk, ())
@@ -742,15 +768,12 @@ class Engine:
             self.infos.remove(ref)
             return
         ns, name = ref
-        needs_l7 = ref in self.attached or any(
-            (ns, name, p.port) in self.settings for p in svc.ports
+        settings, eps = self.settings, self.eps
+        ports = tuple([p.port for p in svc.ports])
+        needs_l7 = ref in self.attached or (
+            bool(settings) and any((ns, name, port) in settings for port in ports)
         )
-        info = ir.ServiceInfo(
-            f"{ns}/{name}",
-            svc.cluster_ips,
-            tuple(p.port for p in svc.ports),
-            needs_l7,
-            tuple(self.eps.get((ns, name, p.port), ()) for p in svc.ports),
-        )
+        backends = tuple([eps.get((ns, name, port), ()) for port in ports])
+        info = ir.ServiceInfo(f"{ns}/{name}", svc.cluster_ips, ports, needs_l7, backends)
         old = self.infos.get(ref)
         self.infos.set(ref, old if old is not None and old == info else info)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import groupby, islice
+from operator import eq
 from typing import Any
 
 from nodemesh.controlplane.builder._util import as_list, as_map
@@ -43,8 +45,11 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
     targets = [(sp.port, slice_ports[sp.name]) for sp in svc.ports if sp.name in slice_ports]
     if not targets:
         return found
-    ns, name, endpoint, new = svc.namespace, svc.name, ir.Endpoint, tuple.__new__
-    buckets: list[tuple[list[ir.Endpoint], int]] | None = None
+    # Made for the first target port, then copied with the other target ports (rare).
+    endpoint, new, first_target = ir.Endpoint, tuple.__new__, targets[0][1]
+    made: list[ir.Endpoint] = []
+    append = made.append
+    passed = False  # a port gets an entry (maybe empty) once one endpoint passes
     for e in as_list(obj.get("endpoints")):
         if type(e) is not dict:
             e = as_map(e)
@@ -56,26 +61,41 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
             serving = cond.get("serving", ready) is not False
             if not (serving and cond.get("terminating") is True):
                 continue
-        if buckets is None:
-            buckets = [(found.setdefault((ns, name, port), []), t) for port, t in targets]
-        zone = str(e.get("zone", ""))
-        node = str(e.get("nodeName", ""))
+        passed = True
+        # str() only for what is not a str already (a call per field and endpoint otherwise)
+        zone = e.get("zone", "")
+        if type(zone) is not str:
+            zone = str(zone)
+        node = e.get("nodeName", "")
+        if type(node) is not str:
+            node = str(node)
+        addresses = e.get("addresses")
+        if type(addresses) is not list:
+            addresses = as_list(addresses)
         draining = not ready
-        addresses = as_list(e.get("addresses"))
-        for bucket, target in buckets:
-            for addr in addresses:
-                # tuple.__new__: the NamedTuple's own __new__ without its Python frame.
-                bucket.append(new(endpoint, (str(addr), target, draining, node, zone)))
+        for a in addresses:
+            # tuple.__new__: the NamedTuple's own __new__ without its Python frame.
+            append(new(endpoint, (str(a), first_target, draining, node, zone)))
+    if passed:
+        ns, name = svc.namespace, svc.name
+        found[(ns, name, targets[0][0])] = made
+        for port, target in targets[1:]:
+            copies = [new(endpoint, (a, target, d, n, z)) for a, _, d, n, z in made]
+            found.setdefault((ns, name, port), []).extend(copies)
     return found
 
 
 def merge_endpoints(parts: Iterable[list[ir.Endpoint]]) -> tuple[ir.Endpoint, ...]:
     """Endpoints of one (Service, port) from all its slices: deduplicated, sorted (by address,
     port, draining, node, zone: the order of `ir.Endpoint`'s fields)."""
-    merged: set[ir.Endpoint] = set()
+    merged: list[ir.Endpoint] = []
     for part in parts:
-        merged.update(part)
-    return tuple(sorted(merged))
+        merged += part
+    merged.sort()
+    # Equal endpoints are neighbours once sorted; usually there are none (no set to hash into).
+    if any(map(eq, merged, islice(merged, 1, None))):
+        merged = [e for e, _ in groupby(merged)]
+    return tuple(merged)
 
 
 def read_endpoints(

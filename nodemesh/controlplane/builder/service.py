@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nodemesh._dataclasses import fast_init
 from nodemesh.controlplane.builder._util import as_list, as_map
 
 __all__ = ["CLUSTER_DOMAIN", "PortModel", "ServiceModel", "read_service", "read_services"]
@@ -14,6 +15,7 @@ CLUSTER_DOMAIN = "cluster.local"
 _H2_PROTOCOLS = frozenset({"grpc", "h2c", "http2", "kubernetes.io/h2c", "kubernetes.io/grpc"})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PortModel:
     name: str
@@ -28,6 +30,7 @@ class PortModel:
         return self.name.split("-", 1)[0] in ("grpc", "h2c", "http2")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ServiceModel:
     namespace: str
@@ -40,7 +43,10 @@ class ServiceModel:
         return f"{self.namespace}/{self.name}"
 
     def port(self, number: int) -> PortModel | None:
-        return next((p for p in self.ports if p.port == number), None)
+        for p in self.ports:  # a loop, not next(genexpr): called per Service several times
+            if p.port == number:
+                return p
+        return None
 
     def port_named(self, name: str) -> PortModel | None:
         return next((p for p in self.ports if p.name == name), None)
@@ -67,12 +73,14 @@ def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
         return None
     ports = []
     for p in as_list(spec.get("ports")):
-        p = as_map(p)
+        if type(p) is not dict:
+            p = as_map(p)
         number = p.get("port")
         if not isinstance(number, int) or p.get("protocol", "TCP") != "TCP":
             continue
         ports.append(PortModel(str(p.get("name", "")), number, str(p.get("appProtocol", ""))))
-    ips = [str(ip) for ip in as_list(spec.get("clusterIPs")) if ip and ip != "None"]
+    ips = spec.get("clusterIPs")
+    ips = [str(ip) for ip in ips if ip and ip != "None"] if isinstance(ips, list) and ips else []
     single = spec.get("clusterIP")
     if not ips and isinstance(single, str) and single and single != "None":
         ips = [single]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import cast
 
 from google.protobuf.message import Message
 
@@ -42,10 +41,9 @@ class Resource:
         self.name = name
         self.message = message
         self.payload = payload
-        self.version = content_version(payload)
-        any_payload = _wire.any_bytes(type_url, payload)
-        self.sotw_entry = _wire.sotw_entry(any_payload)
-        self.delta_entry = _wire.delta_entry(name, self.version, any_payload)
+        # content_version(payload), one call shorter (made for every resource of every build)
+        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
 
     @classmethod
     def from_message(
@@ -95,8 +93,15 @@ class _Encoded(Resource):
     def __init__(
         self, type_url: str, name: str, payload: bytes, decode: Callable[[bytes], Message]
     ) -> None:
+        # Resource.__init__ spelled out: no super() call and no trip through the message
+        # setter (made for every encoded resource of every build).
         self._decode = decode
-        super().__init__(type_url, name, cast(Message, None), payload)
+        self._message = None
+        self.type_url = type_url
+        self.name = name
+        self.payload = payload
+        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
 
     @property
     def message(self) -> Message:

@@ -26,15 +26,17 @@ from google.protobuf.message import Message
 from nodemesh.xds import types
 from nodemesh.xds.cache import Resource, Snapshot, TypeSet
 from nodemesh.xds.translate import ir
-from nodemesh.xds.translate.cluster import cluster
+from nodemesh.xds.translate.cluster import cluster, cluster_bytes
 from nodemesh.xds.translate.endpoint import load_assignment, load_assignment_bytes
 from nodemesh.xds.translate.listener import Destination, outbound_listener
 from nodemesh.xds.translate.route import (
     destination_route_configuration,
+    destination_route_configuration_bytes,
     route_configuration,
     route_configuration_bytes,
     virtual_host,
     virtual_host_entry,
+    virtual_host_routes,
 )
 from nodemesh.xds.translate.servicemap import TYPE_URL as SERVICE_MAP_TYPE_URL
 from nodemesh.xds.translate.servicemap import ServiceMaps
@@ -180,6 +182,27 @@ def _decode_route_configuration(payload: bytes) -> Message:
     return message
 
 
+def _vhost_bytes(vh: ir.VirtualHost) -> tuple[bytes, bytes]:
+    routes = virtual_host_routes(vh)
+    return routes, virtual_host_entry(vh, routes)
+
+
+def _cluster_resource(c: ir.Cluster) -> tuple[Resource, str]:
+    """The Cluster resource and its EDS service name."""
+    encoded = cluster_bytes(c)
+    if encoded is None:
+        message = cluster(c)
+        resource = Resource.from_message(message, name=c.name, type_url=types.CLUSTER)
+        return resource, message.eds_cluster_config.service_name
+    payload, eds_name = encoded
+    return Resource.from_payload(types.CLUSTER, c.name, payload, _decode_cluster), eds_name
+
+
+def _decode_cluster(payload: bytes) -> Message:
+    message: Message = cluster_pb2.Cluster.FromString(payload)
+    return message
+
+
 def _decode_cla(payload: bytes) -> Message:
     message: Message = endpoint_pb2.ClusterLoadAssignment.FromString(payload)
     return message
@@ -250,20 +273,18 @@ class Translator:
     position with `is`, so one endpoint change costs one ClusterLoadAssignment."""
 
     def __init__(self) -> None:
-        self._clusters: _Memo[str, ir.Cluster, Resource] = _Memo(
-            lambda c: Resource.from_message(cluster(c))
-        )
+        self._clusters: _Memo[str, ir.Cluster, tuple[Resource, str]] = _Memo(_cluster_resource)
         self._endpoints: _Memo[str, tuple[ir.ClusterEndpoints, str], Resource] = _Memo(
             lambda pair: Resource.from_payload(
                 types.ENDPOINT, pair[1], load_assignment_bytes(*pair), _decode_cla
             )
         )
-        self._vhosts: _Memo[str, ir.VirtualHost, bytes] = _Memo(virtual_host_entry)
+        # Per virtual host: (its routes' bytes, its entry in the outbound configuration). The
+        # routes' bytes are shared with its destination route configuration, if it has one.
+        self._vhosts: _Memo[str, ir.VirtualHost, tuple[bytes, bytes]] = _Memo(_vhost_bytes)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
         self._listener: tuple[tuple[str, int, str, tuple[Destination, ...]], Resource] | None = None
-        self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(
-            lambda v: Resource.from_message(_destination_routes(v))
-        )
+        self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(self._destination_route)
         self._destinations: (
             tuple[
                 tuple[object, tuple[ir.VirtualHost, ...]],
@@ -284,15 +305,14 @@ class Translator:
             clusters = last.translation.shared[types.CLUSTER]
             eds_names, cluster_origins = last.eds_names, last.cluster_origins
         else:
-            new_clusters: dict[str, tuple[ir.Cluster, Resource]] = {}
-            clusters = tuple(self._clusters.get(c.name, c, new_clusters) for c in mesh.clusters)
+            new_clusters: dict[str, tuple[ir.Cluster, tuple[Resource, str]]] = {}
+            made = [self._clusters.get(c.name, c, new_clusters) for c in mesh.clusters]
             self._clusters.swap(new_clusters)
+            clusters = tuple([r for r, _ in made])
             cluster_origins, eds_names = {}, {}
-            for c, r in zip(mesh.clusters, clusters, strict=True):
+            for c, (_, eds_name) in zip(mesh.clusters, made, strict=True):
                 cluster_origins[c.name] = frozenset(c.origins)
-                message = r.message
-                assert isinstance(message, cluster_pb2.Cluster)
-                eds_names[c.name] = message.eds_cluster_config.service_name
+                eds_names[c.name] = eds_name
 
         endpoints, endpoint_upserts = self._endpoint_resources(
             mesh, last if same_clusters else None, eds_names
@@ -445,8 +465,8 @@ class Translator:
             and all(a is b or a == b for a, b in zip(last[1], vhosts, strict=True))
         ):
             return last[2]
-        new: dict[str, tuple[ir.VirtualHost, bytes]] = {}
-        entries = [self._vhosts.get(v.name, v, new) for v in vhosts]
+        new: dict[str, tuple[ir.VirtualHost, tuple[bytes, bytes]]] = {}
+        entries = [self._vhosts.get(v.name, v, new)[1] for v in vhosts]
         self._vhosts.swap(new)
         resource = Resource.from_payload(
             types.ROUTE,
@@ -456,6 +476,17 @@ class Translator:
         )
         self._route = (mesh.route_config_name, vhosts, resource)
         return resource
+
+    def _destination_route(self, vh: ir.VirtualHost) -> Resource:
+        name = destination_route_name(vh.name)
+        last = self._vhosts._last.get(vh.name)  # made by _route_resource for this translation
+        routes = last[1][0] if last is not None and (last[0] is vh or last[0] == vh) else None
+        return Resource.from_payload(
+            types.ROUTE,
+            name,
+            destination_route_configuration_bytes(name, vh, routes),
+            _decode_route_configuration,
+        )
 
     @property
     def serialized(self) -> int:

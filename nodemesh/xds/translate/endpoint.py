@@ -83,8 +83,68 @@ _T_LLE_LB, _T_LB_ENDPOINT, _T_EP_ADDRESS, _T_ADDR_SOCKET, _T_SA_ADDRESS = (
 )
 
 
+# Per length of the tail (port_value and health_status): the tags and lengths before an
+# address of each length up to the one-byte limit (index 0: an empty address, not this path).
+_HEADS: dict[int, list[bytes]] = {}
+
+
+def _heads(tail_size: int) -> list[bytes]:
+    heads = _HEADS.get(tail_size)
+    if heads is None:
+        heads = [b""]
+        for a in range(1, 120 - tail_size):
+            n = a + tail_size  # the SocketAddress size
+            heads.append(
+                bytes(
+                    (_T_LLE_LB, n + 8, _T_LB_ENDPOINT, n + 4, _T_EP_ADDRESS)
+                    + (n + 2, _T_ADDR_SOCKET, n, _T_SA_ADDRESS, a)
+                )
+            )
+        _HEADS[tail_size] = heads
+    return heads
+
+
+def _uniform_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes | None:
+    """`load_assignment_bytes` when every endpoint has the same port, draining flag and zone
+    (one locality, one tail) and a short address (one-byte lengths): most clusters. None when
+    that is not so."""
+    _, port, draining, _, zone = ce.endpoints[0]
+    if not _ONE_BYTE_TAGS or type(port) is not int or not 0 <= port <= 0xFFFF_FFFF:
+        return None
+    tail = _SA_PORT + varint(port) + (_DRAINING if draining else _HEALTHY)
+    heads = _heads(len(tail))
+    limit = len(heads)
+    pieces: list[bytes] = []
+    total = 0
+    for address, p, d, _, z in ce.endpoints:
+        if p != port or d != draining or z != zone:
+            return None
+        a = address.encode()
+        n = len(a)
+        if not 0 < n < limit:
+            return None
+        pieces += (heads[n], a, tail)
+        total += n
+    size = total + len(ce.endpoints) * (len(heads[1]) + len(tail))
+    cla_name = name.encode()
+    out = [_CLA_NAME, varint(len(cla_name)), cla_name] if cla_name else []
+    zone_bytes = zone.encode()
+    if zone_bytes:
+        loc = _LOC_ZONE + varint(len(zone_bytes)) + zone_bytes
+        locality = _LLE_LOCALITY + varint(len(loc)) + loc
+        out += (_CLA_ENDPOINTS, varint(size + len(locality)), locality)
+    else:
+        out += (_CLA_ENDPOINTS, varint(size))
+    out += pieces
+    return b"".join(out)
+
+
 def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
     """`load_assignment(ce, name).SerializeToString(deterministic=True)`, without the message."""
+    if ce.endpoints:
+        uniform = _uniform_bytes(ce, name)
+        if uniform is not None:
+            return uniform
     by_zone: dict[str, list[bytes]] = {}  # zone -> the pieces of its lb_endpoints entries
     sizes: dict[str, int] = {}
     # (port, draining) -> the bytes after the address: port_value, then health_status.

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from nodemesh._dataclasses import fast_init
+
 __all__ = [
     "Backend",
     "CircuitBreaker",
@@ -57,6 +59,7 @@ class Endpoint(NamedTuple):
     zone: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ClusterEndpoints:
     cluster: str
@@ -90,6 +93,7 @@ class LoadBalancer:
     hash_cookie_ttl_ms: int | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Cluster:
     """One upstream cluster per (Service, port) that some route uses."""
@@ -142,6 +146,7 @@ class HeaderMutation:
     remove: tuple[str, ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Backend:
     cluster: str
@@ -190,6 +195,7 @@ class Fault:
     abort_percent: float = 100.0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Route:
     """One match with its action. Exactly one of backends (possibly empty: answer
@@ -214,6 +220,7 @@ class Route:
     origins: Origins = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class VirtualHost:
     """Requests addressed to one (Service, port), by any of its names."""
@@ -225,6 +232,7 @@ class VirtualHost:
 
 
 # -- the whole mesh -------------------------------------------------------------------------
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ServiceInfo:
     """Per Service, what the node agent needs to know (the eBPF map builder reads this)."""

@@ -75,23 +75,23 @@ def outbound_listener(
     )
 
 
+# Made once and copied into every connection manager (never altered): one per L7 destination.
+_ADS = config_source_pb2.ConfigSource(
+    ads=config_source_pb2.AggregatedConfigSource(),
+    resource_api_version=config_source_pb2.V3,
+)
+_HTTP_FILTERS = (
+    hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=any_of(fault_filter())),
+    hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=any_of(router_pb2.Router())),
+)
+
+
 def _hcm_filter(stat_prefix: str, route_config: str) -> lc_pb2.Filter:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(
-            route_config_name=route_config,
-            config_source=config_source_pb2.ConfigSource(
-                ads=config_source_pb2.AggregatedConfigSource(),
-                resource_api_version=config_source_pb2.V3,
-            ),
-        ),
-        http_filters=[
-            hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=any_of(fault_filter())),
-            hcm_pb2.HttpFilter(
-                name="envoy.filters.http.router", typed_config=any_of(router_pb2.Router())
-            ),
-        ],
+        rds=hcm_pb2.Rds(route_config_name=route_config, config_source=_ADS),
+        http_filters=_HTTP_FILTERS,
     )
     return lc_pb2.Filter(
         name="envoy.filters.network.http_connection_manager", typed_config=any_of(hcm)

@@ -23,11 +23,14 @@ from nodemesh.xds.translate.lb import hash_policies
 from nodemesh.xds.translate.retry import retry_policy
 
 __all__ = [
+    "destination_route_configuration",
+    "destination_route_configuration_bytes",
     "route",
     "route_configuration",
     "route_configuration_bytes",
     "virtual_host",
     "virtual_host_entry",
+    "virtual_host_routes",
 ]
 
 _REDIRECT_CODES = {
@@ -56,6 +59,8 @@ _R_NAME = tag(rc.Route, "name", LEN)
 _R_ROUTE = tag(rc.Route, "route", LEN)
 _RA_CLUSTER = tag(rc.RouteAction, "cluster", LEN)
 _DEFAULT_MATCH = ir.RouteMatch()
+# The default of `ir.Route.match`: most routes hold this very object (no field-by-field ==).
+_ROUTE_DEFAULT_MATCH = ir.Route("").match
 
 
 def _plain(r: ir.Route) -> bool:
@@ -63,7 +68,7 @@ def _plain(r: ir.Route) -> bool:
     return (
         len(r.backends) == 1
         and r.backends[0].cluster != ""  # a oneof member: even "" would be written
-        and r.match == _DEFAULT_MATCH
+        and (r.match is _ROUTE_DEFAULT_MATCH or r.match == _DEFAULT_MATCH)
         and r.redirect is None
         and r.request_headers is None
         and r.response_headers is None
@@ -86,23 +91,42 @@ def _field(tag_bytes: bytes, payload: bytes) -> bytes:
 _MATCH_ALL = _field(tag(rc.Route, "match", LEN), _field(tag(rc.RouteMatch, "prefix", LEN), b"/"))
 
 
-def virtual_host_entry(vh: ir.VirtualHost) -> bytes:
-    """`virtual_host(vh)` as one `RouteConfiguration.virtual_hosts` entry (tag, length, bytes).
-    Virtual hosts whose routes are all plain (most Services: one default route) are encoded
+def virtual_host_routes(vh: ir.VirtualHost) -> bytes:
+    """The bytes of `virtual_host(vh)` after its name and domains (fields 1 and 2; what follows
+    is its routes). Routes that are all plain (most Services: one default route) are encoded
     here, fields in field-number order as protobuf's deterministic serialization writes them."""
-    if all(_plain(r) for r in vh.routes):
-        parts = [_field(_VH_NAME, vh.name.encode())] if vh.name else []
-        parts += strings(_VH_DOMAINS, vh.domains)
-        for r in vh.routes:
-            route_bytes = _MATCH_ALL + _field(
-                _R_ROUTE, _field(_RA_CLUSTER, r.backends[0].cluster.encode())
-            )
-            if r.name:
-                route_bytes += _field(_R_NAME, r.name.encode())
-            parts.append(_field(_VH_ROUTES, route_bytes))
-        body = b"".join(parts)
-    else:
-        body = virtual_host(vh).SerializeToString(deterministic=True)
+    routes = vh.routes
+    if len(routes) == 1 and _plain(routes[0]):  # most: a Service's default route
+        return _plain_route(routes[0])
+    if not all(_plain(r) for r in routes):
+        message = rc.VirtualHost(routes=[route(r) for r in routes])
+        out: bytes = message.SerializeToString(deterministic=True)
+        return out
+    return b"".join([_plain_route(r) for r in routes])
+
+
+def _plain_route(r: ir.Route) -> bytes:
+    """One `VirtualHost.routes` entry for a plain route (see `_plain`)."""
+    cluster = r.backends[0].cluster.encode()
+    action = _RA_CLUSTER + varint(len(cluster)) + cluster
+    body = _MATCH_ALL + _R_ROUTE + varint(len(action)) + action
+    name = r.name.encode()
+    if name:
+        body += _R_NAME + varint(len(name)) + name
+    return _VH_ROUTES + varint(len(body)) + body
+
+
+def virtual_host_entry(
+    vh: ir.VirtualHost, routes: bytes | None = None, domains: Iterable[str] | None = None
+) -> bytes:
+    """`virtual_host(vh)` as one `RouteConfiguration.virtual_hosts` entry (tag, length, bytes),
+    from `virtual_host_routes(vh)` (made when not given); `domains` instead of `vh.domains`."""
+    if routes is None:
+        routes = virtual_host_routes(vh)
+    parts = [_field(_VH_NAME, vh.name.encode())] if vh.name else []
+    parts += strings(_VH_DOMAINS, vh.domains if domains is None else domains)
+    parts.append(routes)
+    body = b"".join(parts)
     return _RC_VHOSTS + varint(len(body)) + body
 
 
@@ -112,6 +136,17 @@ def route_configuration_bytes(name: str, entries: Iterable[bytes]) -> bytes:
     embedded message is its own bytes, so the configuration is its name and then the entries."""
     n = name.encode()
     return (_RC_NAME + varint(len(n)) + n if n else b"") + b"".join(entries)
+
+
+def destination_route_configuration_bytes(
+    name: str, vh: ir.VirtualHost, routes: bytes | None = None
+) -> bytes:
+    """`destination_route_configuration(name, virtual_host(vh))` serialized deterministically,
+    from `virtual_host_routes(vh)` (made when not given)."""
+    return route_configuration_bytes(name, [virtual_host_entry(vh, routes, _ANY_HOST)])
+
+
+_ANY_HOST = ("*",)
 
 
 def destination_route_configuration(name: str, vh: rc.VirtualHost) -> route_pb2.RouteConfiguration:
