@@ -168,7 +168,7 @@ def full_run(store: Store) -> dict[str, float]:
 def incremental_runs(store: Store, n: int) -> tuple[list[dict[str, float]], int]:
     translator, memo = Translator(), BuildMemo()
     with build_collector(cold=memo.cold, objects=len(store.view())):
-        translator.translate(build(store.view(), memo=memo).mesh).snapshot()
+        translator.translate(build(store.view(), memo=memo).mesh).snapshot().consistent()
     runs = []
     serialized = 0
     for k in range(n):
@@ -183,8 +183,10 @@ def incremental_runs(store: Store, n: int) -> tuple[list[dict[str, float]], int]
             t2 = time.perf_counter()
             translation = translator.translate(result.mesh)
             t3 = time.perf_counter()
-            translation.snapshot()
+            # as Pipeline.rebuild: the snapshot, checked before it is set
+            problems = translation.snapshot().consistent()
             t4 = time.perf_counter()
+        assert problems == [], problems
         t_view, t_build, t_translate, t_snapshot = t1 - t0, t2 - t1, t3 - t2, t4 - t3
         serialized = translator.serialized - before
         runs.append(

@@ -54,6 +54,24 @@ def test_consistent_reports_missing_endpoints_and_routes() -> None:
     assert full().consistent() == []
 
 
+def test_consistent_follows_updates_that_add_remove_or_change_names() -> None:
+    """The answer is reused while the referred names stay the same, and recomputed when a
+    name comes or goes (a removed ClusterLoadAssignment or RouteConfiguration is caught)."""
+    base = full(extra_cluster="b")
+    assert base.consistent() == []
+    changed = base.updated({types.ENDPOINT: ([Resource.from_message(R.endpoints("a", 9))], [])})
+    assert changed.version(types.ENDPOINT) != base.version(types.ENDPOINT)
+    assert changed.consistent() == []
+    gone = changed.updated({types.ENDPOINT: ([], ["b"])})
+    assert gone.consistent() == ["cluster 'b' needs endpoints 'b'"]
+    back = gone.updated({types.ENDPOINT: ([Resource.from_message(R.endpoints("b", 1))], [])})
+    assert back.consistent() == []
+    no_routes = back.updated({types.ROUTE: ([], ["routes"])})
+    assert no_routes.consistent() == ["a listener needs route configuration 'routes'"]
+    new_cluster = back.updated({types.CLUSTER: ([Resource.from_message(R.eds_cluster("c"))], [])})
+    assert new_cluster.consistent() == ["cluster 'c' needs endpoints 'c'"]
+
+
 def test_duplicate_names_are_refused() -> None:
     try:
         Snapshot.from_messages([cluster_pb2.Cluster(name="a"), cluster_pb2.Cluster(name="a")])

@@ -51,4 +51,9 @@ def test_translator_clusters_match_translate_messages(clusters: list[ir.Cluster]
             m.SerializeToString(deterministic=True) for m in messages[t]
         ]
         assert [r.message for r in translation.shared[t]] == messages[t]
+    for r in translation.shared[types.CLUSTER]:
+        # what the encoder declared is what the message says (consistent() trusts it)
+        if r.references is not None:
+            assert r.message.type == r.message.EDS
+            assert r.references == (r.message.eds_cluster_config.service_name or r.message.name,)
     assert translation.snapshot().consistent() == []

@@ -34,9 +34,23 @@ class Resource:
     ('web', 16)
     """
 
-    __slots__ = ("delta_entry", "message", "name", "payload", "sotw_entry", "type_url", "version")
+    __slots__ = (
+        "delta_entry",
+        "message",
+        "name",
+        "payload",
+        "references",
+        "sotw_entry",
+        "type_url",
+        "version",
+    )
+    # The names of other resources this one needs (a Cluster's EDS name, a Listener's route
+    # configurations), for `Snapshot.consistent()`; None until first computed there. A pure
+    # function of the bytes, so a Resource shared between snapshots computes it once.
+    references: tuple[str, ...] | None
 
     def __init__(self, type_url: str, name: str, message: Message, payload: bytes) -> None:
+        self.references = None
         self.type_url = type_url
         self.name = name
         self.message = message
@@ -61,12 +75,20 @@ class Resource:
 
     @classmethod
     def from_payload(
-        cls, type_url: str, name: str, payload: bytes, decode: Callable[[bytes], Message]
+        cls,
+        type_url: str,
+        name: str,
+        payload: bytes,
+        decode: Callable[[bytes], Message],
+        references: tuple[str, ...] | None = None,
     ) -> Resource:
         """A resource from bytes encoded elsewhere; `message` is `decode(payload)`, made on
         first read. The bytes must be what `SerializeToString(deterministic=True)` gives for
-        that message, so that versions match those of `from_message`."""
-        return _Encoded(type_url, name, payload, decode)
+        that message, so that versions match those of `from_message`. `references`, when the
+        encoder knows them, spares `Snapshot.consistent()` the decoding."""
+        resource = _Encoded(type_url, name, payload, decode)
+        resource.references = references
+        return resource
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Resource):
@@ -97,6 +119,7 @@ class _Encoded(Resource):
         # setter (made for every encoded resource of every build).
         self._decode = decode
         self._message = None
+        self.references = None
         self.type_url = type_url
         self.name = name
         self.payload = payload

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -24,7 +24,7 @@ _HCM_TYPE = types.TYPE_PREFIX + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_na
 class TypeSet:
     """The resources of one type in a snapshot, by name, and the version of the whole set."""
 
-    __slots__ = ("_items", "_lines", "_order", "items", "version")
+    __slots__ = ("_checked", "_items", "_lines", "_order", "items", "version")
 
     def __init__(self, resources: Iterable[Resource]) -> None:
         items: dict[str, Resource] = {}
@@ -40,12 +40,17 @@ class TypeSet:
         self._order = sorted(items)
         self._lines = [_line(items[n]) for n in self._order]
         self.version = content_version(b"".join(self._lines))
+        # Snapshot.consistent()'s answer for this set against another type's names (see there)
+        self._checked: tuple[list[str], list[str]] | None = None
 
     def updated(self, upserts: Iterable[Resource], removed: Iterable[str] = ()) -> TypeSet:
         """A new TypeSet: this one with `upserts` added or replaced (by name) and `removed`
         left out. Equal to building it from the full list, at a cost in the changes."""
         items = self._items.copy()
-        order, lines = list(self._order), list(self._lines)
+        # The sorted names are copied only when a name comes or goes, so the same list object
+        # means the same names (Snapshot.consistent() relies on that).
+        order, lines = self._order, list(self._lines)
+        same_names = True
         seen: set[str] = set()
         for r in upserts:
             if r.name in seen:
@@ -55,11 +60,15 @@ class TypeSet:
             if r.name in items:
                 lines[i] = _line(r)
             else:
+                if same_names:
+                    order, same_names = list(order), False
                 order.insert(i, r.name)
                 lines.insert(i, _line(r))
             items[r.name] = r
         for name in removed:
             if name in items and name not in seen:
+                if same_names:
+                    order, same_names = list(order), False
                 del items[name]
                 i = bisect_left(order, name)
                 del order[i], lines[i]
@@ -68,6 +77,7 @@ class TypeSet:
         out.items = MappingProxyType(items)
         out._order, out._lines = order, lines
         out.version = content_version(b"".join(lines))
+        out._checked = None
         return out
 
 
@@ -136,21 +146,66 @@ class Snapshot:
         return type_url in self._types
 
     def consistent(self) -> list[str]:
-        """Every EDS and RDS name referenced from CDS and LDS exists. Returns the problems found."""
-        problems: list[str] = []
-        endpoints = self.resources(types.ENDPOINT)
-        for c in self.resources(types.CLUSTER).values():
-            cluster = c.message
-            assert isinstance(cluster, cluster_pb2.Cluster)
-            if cluster.type == cluster_pb2.Cluster.EDS:
-                wanted = cluster.eds_cluster_config.service_name or cluster.name
-                if wanted not in endpoints:
-                    problems.append(f"cluster {cluster.name!r} needs endpoints {wanted!r}")
-        routes = self.resources(types.ROUTE)
-        for name in sorted(_route_names(self.resources(types.LISTENER).values())):
-            if name not in routes:
-                problems.append(f"a listener needs route configuration {name!r}")
-        return problems
+        """Every EDS and RDS name referenced from CDS and LDS exists. Returns the problems found.
+
+        Each resource's references are computed once (decoding it) and kept on the Resource.
+        The answer for a set of Clusters (Listeners) is kept on its TypeSet together with the
+        list of endpoint (route) names it was checked against: a TypeSet made by `updated()`
+        shares that list when no name came or went, so a snapshot that changed only some
+        endpoints' contents is checked in constant time."""
+        clusters, endpoints = self._types.get(types.CLUSTER), self._types.get(types.ENDPOINT)
+        listeners, routes = self._types.get(types.LISTENER), self._types.get(types.ROUTE)
+        return _checked(clusters, endpoints, _cluster_problems) + _checked(
+            listeners, routes, _listener_problems
+        )
+
+
+def _checked(
+    referring: TypeSet | None,
+    referred: TypeSet | None,
+    check: Callable[[Iterable[Resource], Mapping[str, Resource]], list[str]],
+) -> list[str]:
+    if referring is None:
+        return []
+    names = referred._order if referred is not None else []
+    last = referring._checked
+    if last is not None and last[0] is names:
+        return list(last[1])
+    problems = check(referring.items.values(), referred.items if referred is not None else {})
+    referring._checked = (names, problems)
+    return list(problems)
+
+
+def _cluster_problems(clusters: Iterable[Resource], endpoints: Mapping[str, Resource]) -> list[str]:
+    problems = []
+    for c in clusters:
+        refs = c.references
+        if refs is None:
+            refs = c.references = _cluster_references(c)
+        for wanted in refs:
+            if wanted not in endpoints:
+                problems.append(f"cluster {c.name!r} needs endpoints {wanted!r}")
+    return problems
+
+
+def _listener_problems(listeners: Iterable[Resource], routes: Mapping[str, Resource]) -> list[str]:
+    needed: set[str] = set()
+    for r in listeners:
+        refs = r.references
+        if refs is None:
+            refs = r.references = tuple(sorted(_route_names((r,))))
+        needed.update(refs)
+    return [
+        f"a listener needs route configuration {n!r}" for n in sorted(needed) if n not in routes
+    ]
+
+
+def _cluster_references(resource: Resource) -> tuple[str, ...]:
+    cluster = resource.message
+    assert isinstance(cluster, cluster_pb2.Cluster)
+    if cluster.type != cluster_pb2.Cluster.EDS:
+        return ()
+    return (cluster.eds_cluster_config.service_name or cluster.name,)
 
 
 def _route_names(listeners: Iterable[Resource]) -> set[str]:

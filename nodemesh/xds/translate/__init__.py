@@ -195,7 +195,11 @@ def _cluster_resource(c: ir.Cluster) -> tuple[Resource, str]:
         resource = Resource.from_message(message, name=c.name, type_url=types.CLUSTER)
         return resource, message.eds_cluster_config.service_name
     payload, eds_name = encoded
-    return Resource.from_payload(types.CLUSTER, c.name, payload, _decode_cluster), eds_name
+    # hand-encoded Clusters are EDS clusters with this service name (tests/xds/test_cluster_bytes)
+    resource = Resource.from_payload(
+        types.CLUSTER, c.name, payload, _decode_cluster, references=(eds_name,)
+    )
+    return resource, eds_name
 
 
 def _decode_cluster(payload: bytes) -> Message:
