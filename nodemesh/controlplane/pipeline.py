@@ -14,7 +14,9 @@ Public surface (used by the files source, the kopf operator and the HTTP status 
   Unknown/`NoNodes` while no node Envoy is connected.
 - `pipeline.kubernetes_status(key)`: the `status` body to patch onto the object (Gateway API
   shapes, `lastTransitionTime` kept stable while a condition does not change), or None for
-  objects without conditions. It fits `nodemesh.controlplane.kube.StatusSource`.
+  objects without conditions. It fits `nodemesh.controlplane.kube.StatusSource`, and its
+  `subscribe(callback)` calls `callback(key)` whenever that body may have changed, so the
+  operator sees every change rather than what its timer ticks happen to sample.
 - `pipeline.subscribe(callback)`: `callback(key, conditions)` whenever an object's conditions
   change (also with `()` when the object went away). Called on the event loop thread.
 - `pipeline.set_source_errors(source, {where: message})`: sources report what they could not
@@ -45,7 +47,7 @@ from nodemesh.xds.server import AckEvent, StatusTracker
 from nodemesh.xds.translate import Translation, Translator
 from nodemesh.xds.translate.cluster import cluster_of_eds_name
 
-__all__ = ["BULK_OBJECTS", "ConditionsCallback", "Pipeline", "build_collector"]
+__all__ = ["BULK_OBJECTS", "ConditionsCallback", "KubernetesStatus", "Pipeline", "build_collector"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,21 @@ def build_collector(cold: bool, objects: int) -> Iterator[None]:
     finally:
         gc.freeze()
         gc.enable()
+
+
+class KubernetesStatus:
+    """`pipeline.kubernetes_status`: a `StatusSource` (called with a key) that can also be
+    watched, through the pipeline's own conditions subscription."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def __call__(self, key: ObjectKey) -> dict[str, Any] | None:
+        return self._pipeline.status_body(key)
+
+    def subscribe(self, callback: Callable[[ObjectKey], None]) -> Callable[[], None]:
+        """`callback(key)` on the event loop whenever `key`'s conditions change or go away."""
+        return self._pipeline.subscribe(lambda key, _conditions: callback(key))
 
 
 class Pipeline:
@@ -124,6 +141,7 @@ class Pipeline:
         self._built = asyncio.Condition()
         # (type, name, version) -> {origin: fingerprint of what that version holds of it}
         self._history: dict[tuple[str, str, str], dict[str, int]] = {}
+        self.kubernetes_status = KubernetesStatus(self)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -157,9 +175,9 @@ class Pipeline:
     def conditions(self) -> dict[ObjectKey, tuple[Condition, ...]]:
         return dict(self._conditions)
 
-    def kubernetes_status(self, key: ObjectKey) -> dict[str, Any] | None:
-        """The status body for `key`, or None if the pipeline has no conditions for it (this
-        is the `StatusSource` the kopf operator calls)."""
+    def status_body(self, key: ObjectKey) -> dict[str, Any] | None:
+        """The status body for `key`, or None if the pipeline has no conditions for it (what
+        `kubernetes_status`, the `StatusSource` the kopf operator calls, returns)."""
         if key not in self._conditions:
             return None
         transitions = {

@@ -17,13 +17,14 @@ from nodemesh.controlplane.kube._operator import (
     run_operator,
 )
 from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
-from nodemesh.controlplane.kube._status import StatusSource
+from nodemesh.controlplane.kube._status import ObservableStatusSource, StatusSource
 
 __all__ = [
     "FINALIZER",
     "RESOURCES",
     "KubeSourceError",
     "LeaseError",
+    "ObservableStatusSource",
     "Operator",
     "OperatorError",
     "OperatorOptions",

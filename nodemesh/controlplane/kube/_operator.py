@@ -163,6 +163,7 @@ class Operator:
         memo = kopf.Memo()
         memo[CONTEXT_KEY] = Context(self.feed, self.status, self.connection)
         ns = self.options.namespaces
+        self.status.start()
         tasks = [asyncio.create_task(self.feed.run(ready), name="nodemesh-kube-feed")]
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="nodemesh-kube-lease"))
@@ -190,6 +191,7 @@ class Operator:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            self.status.stop()
             if self.elector is not None:
                 await self.elector.release()
             log.info("operator %s stopped", self.options.identity)

@@ -2,7 +2,8 @@
 
 The pipeline owns the conditions; this module compares them with the object's live status and
 fills kopf's `patch.status` only when the leader sees a difference, at most `rate` writes per
-second across all objects. Every replica logs accept/reject transitions; only the leader writes.
+second across all objects. Every replica logs each accept/reject transition when the source
+reports it (not when a tick happens to see it); only the leader writes.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from nodemesh.controlplane.store import ObjectKey
 
-__all__ = ["Leadership", "StatusSource", "StatusWriter", "always_leader"]
+__all__ = [
+    "Leadership",
+    "ObservableStatusSource",
+    "StatusSource",
+    "StatusWriter",
+    "always_leader",
+]
 
 log = logging.getLogger("nodemesh.controlplane.kube")
 
@@ -28,6 +35,20 @@ class StatusSource(Protocol):
     """
 
     def __call__(self, key: ObjectKey) -> Mapping[str, Any] | None: ...
+
+
+@runtime_checkable
+class ObservableStatusSource(StatusSource, Protocol):
+    """A `StatusSource` that also tells when an object's desired status may have changed (the
+    pipeline's `kubernetes_status`). `subscribe` returns the unsubscribe function; callbacks
+    come on the event loop.
+
+    The writer logs verdicts from these calls: its timer ticks only sample the status, and a
+    verdict that lasts less than a tick (a route accepted, then changed 50 ms later) would
+    never be logged.
+    """
+
+    def subscribe(self, callback: Callable[[ObjectKey], None]) -> Callable[[], None]: ...
 
 
 class Leadership(Protocol):
@@ -61,6 +82,7 @@ class StatusWriter:
         self._clock = clock
         self._last = clock()
         self._verdicts: dict[ObjectKey, str] = {}
+        self._unsubscribe: Callable[[], None] | None = None
         self.checks = 0  # reconcile calls (timer ticks with a built object)
         self.writes = 0
         self.throttled = 0
@@ -90,6 +112,24 @@ class StatusWriter:
         self.writes += 1
         log.debug("status of %s: writing %s", key, sorted(changed))
         return True
+
+    def start(self) -> None:
+        """Log every verdict change as it happens, if the source can be watched."""
+        if isinstance(self._source, ObservableStatusSource) and self._unsubscribe is None:
+            self._unsubscribe = self._source.subscribe(self.observe)
+
+    def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def observe(self, key: ObjectKey) -> None:
+        """`key`'s desired status may have changed: log its verdict if that changed."""
+        desired = self._source(key)
+        if desired is None:
+            self.forget(key)
+        else:
+            self._log_verdict(key, desired)
 
     def forget(self, key: ObjectKey) -> None:
         self._verdicts.pop(key, None)
