@@ -3,7 +3,11 @@ rate limit whose throttled writes are retried on a later tick."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from nodemesh.controlplane.kube._status import StatusWriter
 from nodemesh.controlplane.store import ObjectKey
@@ -52,3 +56,51 @@ def test_writes_are_rate_limited_and_retried_later() -> None:
     clock.now = 1.0  # one second later: five more tokens
     done |= {i for i in range(20) if i not in done and writer.reconcile(key(i), {}, {})}
     assert len(done) == 10 and writer.throttled == 15 + 10
+
+
+class Observable:
+    """A status source that reports changes, like the pipeline's `kubernetes_status`."""
+
+    def __init__(self) -> None:
+        self.status: dict[ObjectKey, dict[str, Any]] = {}
+        self.callbacks: list[Callable[[ObjectKey], None]] = []
+
+    def __call__(self, k: ObjectKey) -> dict[str, Any] | None:
+        return self.status.get(k)
+
+    def subscribe(self, callback: Callable[[ObjectKey], None]) -> Callable[[], None]:
+        self.callbacks.append(callback)
+        return lambda: self.callbacks.remove(callback)
+
+    def set(self, k: ObjectKey, status: dict[str, Any]) -> None:
+        self.status[k] = status
+        for callback in list(self.callbacks):
+            callback(k)
+
+
+def test_every_verdict_change_is_logged_even_between_ticks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No timer tick happens here at all: the verdicts come from the source's reports."""
+    source = Observable()
+    writer = StatusWriter(source, Leader())
+    writer.start()
+    rejected = {
+        "conditions": [
+            {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound", "message": "x"}
+        ]
+    }
+    with caplog.at_level(logging.INFO, logger="nodemesh.controlplane.kube"):
+        source.set(key(0), ACCEPTED)
+        source.set(key(0), ACCEPTED)  # unchanged: not logged again
+        source.set(key(0), rejected)
+        source.set(key(0), ACCEPTED)
+        writer.stop()
+        source.set(key(0), rejected)  # after stop: not watched any more
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"accepted {key(0)}",
+        f"rejected (ResolvedRefs=BackendNotFound: x) {key(0)}",
+        f"accepted {key(0)}",
+    ]
+    assert source.callbacks == [] and writer.writes == 0
