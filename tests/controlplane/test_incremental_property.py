@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodemesh.controlplane.builder import BuildMemo, build
+from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
 from nodemesh.controlplane.store import ObjectKey, Store, key_of
 from nodemesh.xds.translate import Translator
 
@@ -269,14 +269,39 @@ def _route(parent: str, backend: str, backend_ns: str | None = None) -> dict[str
     }
 
 
-def _steps_agree(steps: list[tuple[str, dict[str, Any]]]) -> None:
+def _steps_agree(steps: list[tuple[str, dict[str, Any]]]) -> list[BuildResult]:
+    """Apply the steps; after each, the incremental build equals a build from scratch.
+    Returns the build after each step."""
     store, memo = Store(), BuildMemo()
+    results = []
     for op, obj in steps:
         if op == "apply":
             store.apply(obj)
         else:
             store.delete(key_of(obj))
-        assert build(store.view(), memo=memo) == build(store.view()), (op, obj)
+        result = build(store.view(), memo=memo)
+        assert result == build(store.view()), (op, obj)
+        results.append(result)
+    return results
+
+
+def _route_hash_headers(result: BuildResult) -> set[str]:
+    """Hash headers on the routes of the `a/s0` virtual hosts."""
+    return {
+        route.hash_header
+        for vh in result.mesh.virtual_hosts
+        if vh.name.startswith("a/s0:")
+        for route in vh.routes
+    }
+
+
+def _resolved_refs(result: BuildResult) -> str:
+    (status,) = {
+        c.status
+        for c in result.conditions[ObjectKey("HTTPRoute", "a", "r")]
+        if c.type == "ResolvedRefs"
+    }
+    return status
 
 
 def test_a_hash_policy_on_a_backend_reaches_the_routes_of_other_services() -> None:
@@ -289,7 +314,7 @@ def test_a_hash_policy_on_a_backend_reaches_the_routes_of_other_services() -> No
             "loadBalancer": {"type": "RingHash", "hashOn": {"header": "x-user"}},
         },
     }
-    _steps_agree(
+    *_, routed, hashed, unhashed = _steps_agree(
         [
             ("apply", _svc("s0")),
             ("apply", _svc("s1")),
@@ -298,6 +323,9 @@ def test_a_hash_policy_on_a_backend_reaches_the_routes_of_other_services() -> No
             ("delete", ring),
         ]
     )
+    assert _route_hash_headers(routed) == {""}
+    assert _route_hash_headers(hashed) == {"x-user"}  # s1's policy hashes s0's route to s1
+    assert _route_hash_headers(unhashed) == {""}
 
 
 def test_a_reference_grant_resolves_and_unresolves_a_cross_namespace_backend() -> None:
@@ -310,7 +338,7 @@ def test_a_reference_grant_resolves_and_unresolves_a_cross_namespace_backend() -
             "to": [{"group": "", "kind": "Service"}],
         },
     }
-    _steps_agree(
+    *_, refused, granted, revoked = _steps_agree(
         [
             ("apply", _svc("s0")),
             ("apply", _svc("s1", ns="b")),
@@ -319,3 +347,4 @@ def test_a_reference_grant_resolves_and_unresolves_a_cross_namespace_backend() -
             ("delete", grant_obj),
         ]
     )
+    assert [_resolved_refs(r) for r in (refused, granted, revoked)] == ["False", "True", "False"]

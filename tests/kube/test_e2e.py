@@ -258,7 +258,8 @@ async def test_a_reference_grant_in_the_cluster_resolves_a_cross_namespace_backe
     await kube.create(
         http_route("web", "web", [{"backendRefs": [{**to("billing"), "namespace": "finance"}]}])
     )
-    await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "False"})
+    before = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "False"})
+    assert before["Accepted"] == "True"  # refused reference, not a refused route
     await kube.create({
         "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
         "metadata": {"name": "shop-to-billing", "namespace": "finance"},
@@ -266,4 +267,8 @@ async def test_a_reference_grant_in_the_cluster_resolves_a_cross_namespace_backe
                            "namespace": "shop"}],
                  "to": [{"group": "", "kind": "Service", "name": "billing"}]},
     })  # fmt: skip
-    await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "True"})
+    granted = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "True"})
+    assert granted["Accepted"] == "True"
+    await kube.delete("ReferenceGrant", "finance", "shop-to-billing")
+    revoked = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "False"})
+    assert revoked["ResolvedRefs"] == "False"

@@ -25,9 +25,11 @@ async def test_created_objects_reach_the_store(kube: Kube, start_operator: Any) 
     store = Store()
     await kube.create(service("web"))
     await start_operator(store)
-    await eventually(lambda: store.get(ObjectKey("Service", "shop", "web")), "web in store")
-    await kube.create(service("api"))
-    await eventually(lambda: store.get(ObjectKey("Service", "shop", "api")), "api in store")
+    web = await eventually(lambda: store.get(ObjectKey("Service", "shop", "web")), "web in store")
+    assert web["spec"]["ports"][0]["port"] == 80  # created before the operator started
+    await kube.create(service("api", port=8080))
+    api = await eventually(lambda: store.get(ObjectKey("Service", "shop", "api")), "api in store")
+    assert api["spec"]["ports"][0]["port"] == 8080  # created while it ran
 
 
 async def test_changes_and_deletions_follow(kube: Kube, start_operator: Any) -> None:
@@ -43,8 +45,11 @@ async def test_changes_and_deletions_follow(kube: Kube, start_operator: Any) -> 
         return obj is not None and obj["spec"]["ports"][0]["port"] == 81
 
     await eventually(port, "port 81 in store")
+    changed = store.get(key)
+    assert changed is not None and changed["spec"]["ports"] == [{"name": "http", "port": 81}]
     await kube.delete("Service", "shop", "web")
     await eventually(lambda: store.get(key) is None, "web gone from store")
+    assert key not in store.keys("Service")
 
 
 async def test_stopping_the_operator_leaves_other_servers_tasks_running(
