@@ -594,12 +594,22 @@ def median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def tcp_rounds(lab: NodeLab, a: Pod, b: Pod, tcp: dict[str, Any]) -> None:
-    """No mesh and L4 alternately, ROUNDS times (the order flips each round); the data plane
-    is detached for no mesh and attached again for L4, so no mesh runs without any program."""
+def alternate_rounds(
+    lab: NodeLab,
+    a: Pod,
+    b: Pod,
+    port: int,
+    measure: Callable[[NodeLab, Pod, str], dict[str, Any]],
+    out: dict[str, Any],
+) -> None:
+    """No mesh and L4 alternately, ROUNDS times (the order flips each round), into
+    `out["no_mesh"]` and `out["nodemesh_l4"]` as the median of the rounds. The data plane is
+    detached for no mesh (no program at all) and attached again for L4. Measured once each
+    in sequence, the two columns differed by more than the mesh does (run to run, the HTTP
+    64 KiB round trip of either moved by 40-70 %)."""
     model = NodeMap(
         "bench",
-        (Service("echo", VIP, TCP_PORT, False, (Backend(b.ip, TCP_PORT),)),),
+        (Service("svc", VIP, port, False, (Backend(b.ip, port),)),),
         local_addresses=(a.ip, b.ip),
     )
     rounds: dict[str, list[dict[str, Any]]] = {"no_mesh": [], "nodemesh_l4": []}
@@ -608,13 +618,13 @@ def tcp_rounds(lab: NodeLab, a: Pod, b: Pod, tcp: dict[str, Any]) -> None:
             if column == "no_mesh":
                 if lab.dataplane is not None:
                     lab.dataplane.disable()
-                rounds[column].append(measure_tcp(lab, a, f"{b.ip}:{TCP_PORT}"))
+                rounds[column].append(measure(lab, a, f"{b.ip}:{port}"))
                 continue
             lab.enable()
             with NodeMaps(lab.pin_root) as maps:
                 maps.apply(model)
                 before = maps.stats()
-                one = measure_tcp(lab, a, f"{VIP}:{TCP_PORT}")
+                one = measure(lab, a, f"{VIP}:{port}")
                 after = maps.stats()
             one["stats_delta"] = {
                 k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)
@@ -623,34 +633,7 @@ def tcp_rounds(lab: NodeLab, a: Pod, b: Pod, tcp: dict[str, Any]) -> None:
     if lab.dataplane is not None:
         lab.dataplane.disable()
     for column, measured in rounds.items():
-        tcp[column] = {**median_of_rounds(measured), "rounds": measured}
-
-
-def http_rounds(lab: NodeLab, a: Pod, b: Pod, http: dict[str, Any]) -> None:
-    """HTTP over no mesh and over L4, alternately, ROUNDS times, like `tcp_rounds`: measured
-    once each in sequence, the two columns differed by more than the mesh does (run to run,
-    the 64 KiB round trip of either moved by 40-70 %)."""
-    model = NodeMap(
-        "bench",
-        (Service("http", VIP, HTTP_PORT, False, (Backend(b.ip, HTTP_PORT),)),),
-        local_addresses=(a.ip, b.ip),
-    )
-    rounds: dict[str, list[dict[str, Any]]] = {"no_mesh": [], "nodemesh_l4": []}
-    for r in range(ROUNDS):
-        for column in ("no_mesh", "nodemesh_l4")[:: 1 if r % 2 == 0 else -1]:
-            if column == "no_mesh":
-                if lab.dataplane is not None:
-                    lab.dataplane.disable()
-                rounds[column].append(measure_http(lab, a, f"{b.ip}:{HTTP_PORT}"))
-                continue
-            lab.enable()
-            with NodeMaps(lab.pin_root) as maps:
-                maps.apply(model)
-                rounds[column].append(measure_http(lab, a, f"{VIP}:{HTTP_PORT}"))
-    if lab.dataplane is not None:
-        lab.dataplane.disable()
-    for column, measured in rounds.items():
-        http[column] = {**median_of_rounds(measured), "rounds": measured}
+        out[column] = {**median_of_rounds(measured), "rounds": measured}
 
 
 def measure_http(lab: NodeLab, a: Pod, to: str) -> dict[str, Any]:
@@ -677,8 +660,8 @@ def run(results: dict[str, Any], tmp: Path) -> None:
             b.spawn(["taskset", "-c", "1", PY, *argv], f"b:{argv[1]}").json()
         node_envoy = _node_envoy(lab, (b.ip, HTTP_PORT))
         with envoy(node_envoy, lab.envoy_cgroup, None, tmp):
-            tcp_rounds(lab, a, b, tcp)
-            http_rounds(lab, a, b, http)
+            alternate_rounds(lab, a, b, TCP_PORT, measure_tcp, tcp)
+            alternate_rounds(lab, a, b, HTTP_PORT, measure_http, http)
             # With the data plane detached: the sidecar model, and (diagnostic) one hop through
             # the node Envoy over plain TCP.
             inbound = _proxy("sidecar-b", ("0.0.0.0", INBOUND), ("127.0.0.1", HTTP_PORT))
