@@ -194,6 +194,16 @@ def _connect(to: str) -> tuple[socket.socket, Conn, bytes]:
     return s, Conn(s), f"Host: {to}\r\n".encode()
 
 
+def _latencies(lat: list[float]) -> dict[str, Any]:
+    lat = sorted(lat)
+    return {
+        "count": len(lat),
+        "p50_us": lat[len(lat) // 2] * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+        "mean_us": sum(lat) / len(lat) * 1e6,
+    }
+
+
 def http_rr(to: str, size: int, count: int, warmup: int) -> dict[str, Any]:
     s, c, host = _connect(to)
     body = PATTERN[:size]
@@ -209,13 +219,7 @@ def http_rr(to: str, size: int, count: int, warmup: int) -> dict[str, Any]:
         if i >= warmup:
             lat.append(dt)
     s.close()
-    lat.sort()
-    return {
-        "count": len(lat),
-        "p50_us": lat[len(lat) // 2] * 1e6,
-        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
-        "mean_us": sum(lat) / len(lat) * 1e6,
-    }
+    return _latencies(lat)
 
 
 def tcp_rr(to: str, size: int, count: int, warmup: int) -> dict[str, Any]:
@@ -240,13 +244,7 @@ def tcp_rr(to: str, size: int, count: int, warmup: int) -> dict[str, Any]:
         if i >= warmup:
             lat.append(dt)
     s.close()
-    lat.sort()
-    return {
-        "count": len(lat),
-        "p50_us": lat[len(lat) // 2] * 1e6,
-        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
-        "mean_us": sum(lat) / len(lat) * 1e6,
-    }
+    return _latencies(lat)
 
 
 def tcp_stream(to: str, seconds: float) -> dict[str, Any]:

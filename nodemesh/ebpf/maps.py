@@ -198,25 +198,27 @@ class NodeMaps:
             written += 1
         unchanged += len(want_local & have_local)
 
-        svc_fd = self._fds["nm_services"]
-        have = self._read_hash("nm_services", m.SvcKey, m.Service)
-        want: dict[bytes, m.Service] = {}
-        for svc in node_map.services:
-            key = m.SvcKey(_addr(svc.address), _port(svc.port), 0)
-            want[bytes(key)] = service_value(svc)
-        for kb, value in sorted(want.items()):
-            current = have.get(kb)
-            if current is not None and bytes(current) == bytes(value):
-                unchanged += 1
-                continue
-            bpf.map_update(svc_fd, m.SvcKey.from_buffer_copy(kb), value, "nm_services")
-            written += 1
-        # IPv6 ClusterIPs after the IPv4 entries they stand for, removed before them
-        written6, deleted6, unchanged6 = self._apply_services6(node_map.services_ipv6)
-        written, deleted, unchanged = written + written6, deleted + deleted6, unchanged + unchanged6
-        for kb in sorted(have.keys() - want.keys()):
-            bpf.map_delete(svc_fd, m.SvcKey.from_buffer_copy(kb), "nm_services")
-            deleted += 1
+        want4 = {
+            bytes(m.SvcKey(_addr(svc.address), _port(svc.port), 0)): service_value(svc)
+            for svc in node_map.services
+        }
+        want6 = {bytes(svc6_key(s)): svc6_value(s) for s in node_map.services_ipv6}
+        have4 = self._read_hash("nm_services", m.SvcKey, m.Service)
+        have6 = self._read_hash("nm_services6", m.Svc6Key, m.Svc6)
+        # IPv6 ClusterIPs are written after the IPv4 entries they stand for, removed before them
+        for name, key_type, have, want in (
+            ("nm_services", m.SvcKey, have4, want4),
+            ("nm_services6", m.Svc6Key, have6, want6),
+        ):
+            w, u = self._write_changed(name, key_type, have, want)
+            written, unchanged = written + w, unchanged + u
+        for name, key_type, have, want in (
+            ("nm_services6", m.Svc6Key, have6, want6),
+            ("nm_services", m.SvcKey, have4, want4),
+        ):
+            for kb in sorted(have.keys() - want.keys()):
+                bpf.map_delete(self._fds[name], key_type.from_buffer_copy(kb), name)
+                deleted += 1
         # local addresses go last, so a pod leaving the node stops being short-circuited only
         # after no service points at it any more
         for kb in sorted(have_local - want_local):
@@ -224,19 +226,20 @@ class NodeMaps:
             deleted += 1
         return ApplyResult(written, deleted, unchanged)
 
-    def _apply_services6(self, services: tuple[ServiceIPv6, ...]) -> tuple[int, int, int]:
-        fd = self._fds["nm_services6"]
-        have = self._read_hash("nm_services6", m.Svc6Key, m.Svc6)
-        want = {bytes(svc6_key(s)): svc6_value(s) for s in services}
-        written = unchanged = deleted = 0
+    def _write_changed(
+        self,
+        name: str,
+        key_type: type[ctypes.Structure],
+        have: dict[bytes, Any],
+        want: dict[bytes, Any],
+    ) -> tuple[int, int]:
+        """Write the entries of `want` whose bytes differ from `have`: (written, unchanged)."""
+        written = unchanged = 0
         for kb, value in sorted(want.items()):
             current = have.get(kb)
             if current is not None and bytes(current) == bytes(value):
                 unchanged += 1
                 continue
-            bpf.map_update(fd, m.Svc6Key.from_buffer_copy(kb), value, "nm_services6")
+            bpf.map_update(self._fds[name], key_type.from_buffer_copy(kb), value, name)
             written += 1
-        for kb in sorted(have.keys() - want.keys()):
-            bpf.map_delete(fd, m.Svc6Key.from_buffer_copy(kb), "nm_services6")
-            deleted += 1
-        return written, deleted, unchanged
+        return written, unchanged

@@ -22,20 +22,16 @@ from nodemesh.xds.translate import ir
 __all__ = ["TYPE_URL", "ServiceMaps", "node_map", "service_entries", "service_entries_ipv6"]
 
 
+def _ip_version(text: str) -> int:
+    """4 or 6, or 0 for what is not an IP address."""
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return 0
+
+
 def _is_ipv4(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
+    return _ip_version(text) == 4
 
 
 def _entries6(info: ir.ServiceInfo) -> tuple[ServiceIPv6, ...]:
@@ -46,7 +42,7 @@ def _entries6(info: ir.ServiceInfo) -> tuple[ServiceIPv6, ...]:
     return tuple(
         ServiceIPv6(f"{info.name}:{port}", ip, port, target, info.needs_l7)
         for ip in info.cluster_ips
-        if _is_ipv6(ip)
+        if _ip_version(ip) == 6
         for port in info.ports
     )
 
