@@ -100,4 +100,6 @@ class Stats(ctypes.Structure):
         ("untracked_full", ctypes.c_uint64),
         ("fallback_unrecorded", ctypes.c_uint64),
         ("entries_freed", ctypes.c_uint64),
+        ("sockhash_detached", ctypes.c_uint64),
+        ("cas_exhausted", ctypes.c_uint64),
     ]

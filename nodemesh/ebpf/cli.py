@@ -26,12 +26,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--envoy-cgroup", type=Path, help="cgroup v2 of the node Envoy")
     parser.add_argument("--pin-root", type=Path, default=DEFAULT_PIN_ROOT, help="bpffs dir")
     parser.add_argument(
+        "--no-socket-redirect",
+        dest="socket_redirect",
+        action="store_false",
+        help="never carry payloads socket to socket (sk_msg): for nodes running programs that "
+        "block in recv() in one thread while another half-closes or writes (docs/ebpf.md)",
+    )
+    parser.add_argument(
         "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    dataplane = Dataplane(args.cgroup, args.pin_root)
+    dataplane = Dataplane(args.cgroup, args.pin_root, socket_redirect=args.socket_redirect)
     try:
         if args.uninstall:
             dataplane.disable()

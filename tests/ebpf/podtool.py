@@ -266,6 +266,112 @@ def push(args: argparse.Namespace) -> None:
     )
 
 
+def duplex(args: argparse.Namespace) -> None:
+    """Like push, but as a blocking program with a reader thread: the socket has no timeout,
+    one thread blocks in recv() for the sink's trailer from the start while another writes
+    `bytes` and half-closes. When the writer has made no progress for --stall seconds (it is
+    blocked: the sink reads nothing), create --release (the sink's --hold-until)."""
+    s = _connect(args.to)
+    hello = _read_line(s)
+    s.settimeout(None)  # blocking, as most C and Java programs use their sockets
+    sent_hash = hashlib.sha256()
+    progress = {"sent": 0}
+    reader: dict[str, object] = {}
+
+    def read_trailer() -> None:
+        try:
+            reader["trailer"] = _read_line(s)
+        except OSError as exc:
+            reader["errno"] = errno.errorcode.get(exc.errno or 0, str(exc))
+
+    def release_when_stalled() -> None:
+        last, since = -1, time.monotonic()
+        while not os.path.exists(args.release):
+            now, sent = time.monotonic(), progress["sent"]
+            if sent != last:
+                last, since = sent, now
+            elif now - since >= args.stall:
+                progress["blocked_at"] = sent
+                open(args.release, "w").close()
+            time.sleep(0.05)
+
+    threads = [
+        threading.Thread(target=f, daemon=True) for f in (read_trailer, release_when_stalled)
+    ]
+    for t in threads:
+        t.start()
+    offset, error = 0, None
+    try:
+        while progress["sent"] < args.bytes:
+            n = min(args.chunk, args.bytes - progress["sent"])
+            if offset + n > len(PATTERN):
+                offset = (offset * 7 + 13) % 4096
+            chunk = PATTERN[offset : offset + n]
+            offset += n
+            s.sendall(chunk)
+            sent_hash.update(chunk)
+            progress["sent"] += n
+        s.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno or 0, str(exc))
+    if not os.path.exists(args.release):
+        open(args.release, "w").close()
+    threads[0].join(60)
+    s.close()
+    _out(
+        {
+            "hello": hello,
+            "sent": progress["sent"],
+            "sent_sha": sent_hash.hexdigest(),
+            "blocked_at": progress.get("blocked_at"),
+            "write_error": error,
+            "reader": reader,
+        }
+    )
+
+
+def _wait_blocked(thread: threading.Thread, timeout: float = 10) -> bool:
+    """Poll until `thread` sleeps in the kernel (state S in /proc), or `timeout` passes."""
+    stat = f"/proc/self/task/{thread.native_id}/stat"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(stat) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "S":
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def halfclose(args: argparse.Namespace) -> None:
+    """A blocking program: one thread blocks in recv() for the sink's trailer; once it sleeps,
+    the main thread half-closes (shutdown SHUT_WR, nothing sent). The sink sees EOF and answers
+    DONE 0; the reader must get that line."""
+    s = _connect(args.to)
+    hello = _read_line(s)
+    s.settimeout(None)
+    reader: dict[str, object] = {}
+
+    def read_trailer() -> None:
+        try:
+            reader["trailer"] = _read_line(s)
+        except OSError as exc:
+            reader["errno"] = errno.errorcode.get(exc.errno or 0, str(exc))
+
+    if args.same_thread:  # shut down, then block in recv() (the usual single-threaded client)
+        s.shutdown(socket.SHUT_WR)
+        read_trailer()
+        s.close()
+        _out({"hello": hello, "reader": reader})
+        return
+    t = threading.Thread(target=read_trailer, daemon=True)
+    t.start()
+    blocked = _wait_blocked(t)
+    s.shutdown(socket.SHUT_WR)
+    t.join(20)
+    s.close()
+    _out({"hello": hello, "reader_blocked": blocked, "reader": reader})
+
+
 def rr(args: argparse.Namespace) -> None:
     """Request/response round trips of `size` bytes on one connection; latency percentiles."""
     s = _connect(args.to)
@@ -408,6 +514,15 @@ def main() -> None:
     pu.add_argument("--bytes", type=int, required=True)
     pu.add_argument("--chunk", type=int, default=65536)
     pu.add_argument("--release", default="")
+    du = sub.add_parser("duplex")
+    du.add_argument("--to", required=True)
+    du.add_argument("--bytes", type=int, required=True)
+    du.add_argument("--chunk", type=int, default=65536)
+    du.add_argument("--stall", type=float, default=0.5)
+    du.add_argument("--release", required=True)
+    hc = sub.add_parser("halfclose")
+    hc.add_argument("--to", required=True)
+    hc.add_argument("--same-thread", action="store_true")
     r = sub.add_parser("rr")
     r.add_argument("--to", required=True)
     r.add_argument("--size", type=int, default=1)
@@ -433,6 +548,8 @@ def main() -> None:
         "serve": serve,
         "xfer": xfer,
         "push": push,
+        "duplex": duplex,
+        "halfclose": halfclose,
         "rr": rr,
         "stream": stream,
         "conns": conns,

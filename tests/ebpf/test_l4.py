@@ -40,11 +40,13 @@ def test_l4_payload_crosses_intact_and_skips_the_stack(node: NodeLab) -> None:
     after = stats(node)
     assert after["l4_picks"] - before["l4_picks"] == 1
     assert after["sockhash_inserts"] - before["sockhash_inserts"] == 2  # both ends
-    # both directions went socket to socket: 100 MB out, 100 MB echoed (+ hello and trailer)
-    assert after["bytes_redirected"] - before["bytes_redirected"] >= 200 * MB
-    assert after["msg_passed"] == before["msg_passed"]
+    # Both directions went socket to socket: 100 MB out, 100 MB echoed, except what the echo
+    # sent after the client's half-close if the client left nm_socks then (nothing unread:
+    # nm_detach), which goes over TCP: at most the --window the client was ahead.
+    redirected = after["bytes_redirected"] - before["bytes_redirected"]
+    passed = after["msg_passed"] - before["msg_passed"]
+    assert redirected >= 200 * MB - 2 * MB, redirected
     assert after["fallback_backlog"] == before["fallback_backlog"], "a reader that keeps up"
-    assert after["fallback_nopeer"] == before["fallback_nopeer"]
     # Every redirected byte was read and counted as read, except the last echoed bytes the
     # client reads after its socket reached CLOSE (the server's FIN took it to TIME_WAIT;
     # the FIN went over TCP, ahead of the redirected data): its entry is gone by then. The
@@ -56,7 +58,16 @@ def test_l4_payload_crosses_intact_and_skips_the_stack(node: NodeLab) -> None:
     assert 0 <= uncounted <= 2 * MB + 4096, uncounted
     # the connection is closed: both sockets' nm_backlog/nm_fallback entries went with it
     assert settled_sock_state(node, entries_before) == entries_before
-    assert stats(node)["entries_freed"] - before["entries_freed"] == 2
+    closed = stats(node)
+    assert closed["entries_freed"] - before["entries_freed"] == 2
+    # The client half-closes first (FIN_WAIT1): it leaves nm_socks then if it had read every
+    # echo (nm_detach), and the server follows at its next send (the rest over TCP); if the
+    # client stayed, every byte was redirected. The server half-closes in CLOSE_WAIT, where
+    # its reads return EOF at once, so it has no reason to leave by itself.
+    detached = closed["sockhash_detached"] - before["sockhash_detached"]
+    assert detached in (0, 2), detached
+    if detached == 0:
+        assert passed == 0, passed
 
 
 def test_a_connection_has_its_entries_while_open_and_none_after_close(node: NodeLab) -> None:
@@ -125,7 +136,12 @@ def test_l4_small_and_large_messages_with_and_without_nagle(node: NodeLab, nodel
         str(nodelay),
     )
     _check_xfer(result, 3 * MB)
-    assert stats(node)["bytes_redirected"] - before["bytes_redirected"] >= 6 * MB
+    # Every byte out was redirected, and the echo until the client's half-close: the client
+    # leaves nm_socks at its FIN if it had read every echo by then (the rest of the echo goes
+    # over TCP, still intact and in order, as checked above).
+    after = stats(node)
+    assert after["bytes_redirected"] - before["bytes_redirected"] >= 3 * MB
+    assert after["fallback_backlog"] == before["fallback_backlog"]
 
 
 def test_l4_spreads_by_weight_and_a_removed_backend_gets_no_new_connections(
@@ -262,3 +278,91 @@ def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
     assert after["msg_passed"] > before["msg_passed"]
     assert settled_sock_state(node, entries_before) == entries_before
     assert stats(node)["entries_freed"] - before["entries_freed"] == 2
+
+
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+# tcp_bpf_recvmsg() (kernel 6.18) returns EAGAIN to a blocking reader that was already waiting
+# when a wakeup without data came (docs/ebpf.md, Known limitations). nm_detach() keeps later
+# reads clear of it; a thread that was waiting before its socket left nm_socks is not.
+KERNEL_EAGAIN = pytest.mark.xfail(
+    strict=True,
+    reason="kernel: tcp_bpf_recvmsg() returns EAGAIN to a blocking reader woken without data; "
+    "if this passes, the kernel is fixed: update docs/ebpf.md and drop the mark",
+)
+
+
+@pytest.fixture
+def node_without_redirect(lab: NodeLab) -> NodeLab:
+    """Pods a and b, the data plane attached with the socket redirect switched off."""
+    for name in ("a", "b"):
+        lab.add_pod(name)
+    lab.enable(socket_redirect=False)
+    return lab
+
+
+def test_a_blocking_client_that_half_closes_reads_the_answer(node: NodeLab) -> None:
+    """shutdown(SHUT_WR), then a blocking recv() for the answer (`nc -N` and many
+    request/response clients). The server answers after 0.5 s, long after the ACK of the
+    client's FIN: on a socket still in nm_socks that ACK made the kernel return EAGAIN to the
+    waiting recv() every time; the client now leaves nm_socks at FIN_WAIT1."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    b.serve(7000, sink_chunk=65536, sink_pause=0.5)
+    before = stats(node)
+    entries_before = sock_state(node)
+    result = a.tool("halfclose", "--to", f"{VIP}:80", "--same-thread")
+    assert result == {"hello": "HELLO b", "reader": {"trailer": f"DONE 0 {EMPTY_SHA256}"}}
+    assert settled_sock_state(node, entries_before) == entries_before
+    after = stats(node)
+    assert after["sockhash_inserts"] - before["sockhash_inserts"] == 2
+    # the client at its FIN, the server at its next packet (the ACK of that FIN): its peer
+    # was gone, so its answer went over plain TCP
+    assert after["sockhash_detached"] - before["sockhash_detached"] == 2
+
+
+@pytest.mark.parametrize(
+    "redirect", [pytest.param(True, marks=KERNEL_EAGAIN), pytest.param(False, id="no-redirect")]
+)
+def test_a_reader_thread_waiting_while_another_half_closes_reads_the_answer(
+    lab: NodeLab, redirect: bool
+) -> None:
+    """One thread blocks in recv(), then another half-closes: the waiting thread must get the
+    answer. With the socket redirect on, the kernel bug hits it; the agent's
+    --no-socket-redirect is the way out for nodes running such programs."""
+    for name in ("a", "b"):
+        lab.add_pod(name)
+    lab.enable(socket_redirect=redirect)
+    a, b = lab.pods["a"], lab.pods["b"]
+    program(lab, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    b.serve(7000, sink_chunk=65536, sink_pause=0.5)
+    before = stats(lab)
+    result = a.tool("halfclose", "--to", f"{VIP}:80")
+    after = stats(lab)
+    assert after["l4_picks"] - before["l4_picks"] == 1
+    assert (after["sockhash_inserts"] - before["sockhash_inserts"] > 0) == redirect
+    assert result["reader_blocked"], result
+    assert result["reader"] == {"trailer": f"DONE 0 {EMPTY_SHA256}"}
+
+
+@pytest.mark.parametrize(
+    "redirect", [pytest.param(True, marks=KERNEL_EAGAIN), pytest.param(False, id="no-redirect")]
+)
+def test_a_reader_thread_waiting_while_another_writes_past_a_stalled_peer(
+    lab: NodeLab, tmp_path: Path, redirect: bool
+) -> None:
+    """One thread blocks in recv() from the start; another writes 64 MiB to a peer that reads
+    nothing until the writer is blocked. With the redirect on, the writer falls back to TCP
+    past 4 MiB and the freed send buffer wakes the waiting reader: the kernel bug again."""
+    for name in ("a", "b"):
+        lab.add_pod(name)
+    lab.enable(socket_redirect=redirect)
+    a, b = lab.pods["a"], lab.pods["b"]
+    program(lab, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    release = tmp_path / "writer-blocked"
+    b.serve(7000, sink_chunk=65536, sink_pause=60, sink_hold_until=str(release))
+    result = a.tool(
+        "duplex", "--to", f"{VIP}:80", "--bytes", str(64 * MB), "--release", str(release)
+    )
+    assert result["blocked_at"] is not None, result
+    assert result["write_error"] is None, result
+    assert result["reader"] == {"trailer": f"DONE {64 * MB} {result['sent_sha']}"}

@@ -40,7 +40,6 @@ int BPF_PROG(nm_msg_consumed, struct sock *sk, int ret, int flags)
 	struct nm_tuple t = {};
 	unsigned short family;
 	__s64 *backlog;
-	__s64 left;
 
 	if (ret <= 0 || (flags & MSG_PEEK))
 		return 0;
@@ -62,16 +61,25 @@ int BPF_PROG(nm_msg_consumed, struct sock *sk, int ret, int flags)
 	if (!backlog)
 		return 0;
 	/* Clamp at 0: TCP bytes read after the redirected ones are gone, and bytes redirected
-	 * while the entry was missing (the socket closing) were never added. Undoing the overshoot with a second
-	 * add is exact while the writer adds concurrently; two readers of one socket at once
-	 * (threads) may each undo only their own overshoot, which still never goes below 0.
+	 * while the entry was missing (the socket closing) were never added. A compare-and-swap
+	 * so the count never dips below 0 even for an instant: nm_detach() in sockops takes a
+	 * socket out of nm_socks only by swapping an exact 0 for NM_DETACHED, and a detached
+	 * (negative) entry is left as it is. Retried while the writer adds at the same moment.
 	 */
-	NM_COUNT(bytes_consumed, ret);
-	left = __sync_add_and_fetch(backlog, -(__s64)ret);
-	if (left < 0) {
-		__sync_fetch_and_add(backlog, -left);
-		NM_COUNT(bytes_clamped, -left);
+	for (int i = 0; i < NM_CAS_TRIES; i++) {
+		__s64 old = *(volatile __s64 *)backlog;
+		__s64 left = old > ret ? old - ret : 0;
+
+		if (old < 0)
+			return 0; /* detached: nothing is redirected to it any more, not counted */
+		if (__sync_val_compare_and_swap(backlog, old, left) == old) {
+			NM_COUNT(bytes_consumed, ret);
+			if (old < ret)
+				NM_COUNT(bytes_clamped, ret - old);
+			return 0;
+		}
 	}
+	NM_COUNT(cas_exhausted, 1);
 	return 0;
 }
 

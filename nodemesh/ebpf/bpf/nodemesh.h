@@ -104,7 +104,19 @@ struct nm_stats {
 	__u64 untracked_full;   /* sockets left on TCP: nm_backlog/nm_fallback were full */
 	__u64 fallback_unrecorded; /* a fallback with no nm_fallback entry to mark (see redir) */
 	__u64 entries_freed;    /* sockets whose nm_backlog/nm_fallback entries went at close */
+	__u64 sockhash_detached; /* sockets taken out of nm_socks before close (sockops) */
+	__u64 cas_exhausted;     /* nm_backlog updates given up after NM_CAS_TRIES races */
 };
+
+/* Compare-and-swap attempts on one nm_backlog entry before giving up (only the writer, the
+ * reader and nm_detach() ever race on an entry, so a retry almost always succeeds).
+ */
+#define NM_CAS_TRIES 16
+
+/* nm_backlog value of a socket sockops took out of nm_socks (nm_detach()): no redirect may
+ * reach it any more. Negative, so it is never above the limit and never counted down.
+ */
+#define NM_DETACHED (-((__s64)1 << 62))
 
 /* Maps shared by every object: pinned by name under the loader's pin root, so the four
  * objects see one set and the maps outlive the agent.

@@ -39,6 +39,21 @@ static __always_inline int nm_to_tcp(__u32 reason)
 	return SK_PASS; /* no redirect set: the message goes out over TCP */
 }
 
+/* Take back a reservation whose message was not redirected, never below 0 and never on a
+ * detached entry (see backlog.bpf.c for why the count must not dip below 0).
+ */
+static __always_inline void nm_unreserve(__s64 *backlog, __u32 size)
+{
+	for (int i = 0; i < NM_CAS_TRIES; i++) {
+		__s64 old = *(volatile __s64 *)backlog;
+		__s64 left = old > (__s64)size ? old - (__s64)size : 0;
+
+		if (old < 0 || __sync_val_compare_and_swap(backlog, old, left) == old)
+			return;
+	}
+	NM_COUNT(cas_exhausted, 1);
+}
+
 SEC("sk_msg")
 int nm_msg_redirect(struct sk_msg_md *msg)
 {
@@ -77,7 +92,7 @@ int nm_msg_redirect(struct sk_msg_md *msg)
 		return SK_PASS; /* sticky: this connection already went to TCP */
 	}
 	backlog = bpf_map_lookup_elem(&nm_backlog, &peer);
-	if (backlog && *backlog > nm_backlog_limit) {
+	if (backlog && *(volatile __s64 *)backlog > nm_backlog_limit) {
 		if (nm_mark(fallback, &self, NM_FALLBACK_BACKLOG))
 			return nm_to_tcp(NM_FALLBACK_BACKLOG);
 		/* Fail safe when the mark cannot be recorded: keep redirecting. Sending this
@@ -87,10 +102,29 @@ int nm_msg_redirect(struct sk_msg_md *msg)
 		 */
 		NM_COUNT(fallback_unrecorded, 1);
 	}
+	/* Reserve before redirecting: counted before the kernel queues the data (after this
+	 * program returns), so the reader's decrement never comes before this increment, and a
+	 * count above 0 keeps nm_detach() (sockops) from taking the peer out of nm_socks while
+	 * this message is on its way: it swaps only an exact 0 for NM_DETACHED. If the peer was
+	 * detached first, nothing may be redirected to it any more (the kernel would drop the
+	 * data once its psock is gone): undo and use TCP, which is then the only way for good.
+	 * The peer's entry is never created here: sockops made it when the peer joined nm_socks,
+	 * and a missing one means the peer is closing (its entry went at TCP_CLOSE, it leaves
+	 * nm_socks next), where a new entry would outlive the socket. Those bytes go uncounted
+	 * (no limit, order intact).
+	 */
+	if (backlog && __sync_fetch_and_add(backlog, (__s64)size) < 0) {
+		__sync_fetch_and_add(backlog, -(__s64)size);
+		if (!nm_mark(fallback, &self, NM_FALLBACK_NOPEER))
+			NM_COUNT(fallback_unrecorded, 1);
+		return nm_to_tcp(NM_FALLBACK_NOPEER);
+	}
 	/* SK_PASS with a redirect set means "redirect"; without one it means "send normally",
 	 * so a peer that left the map degrades to plain TCP instead of dropping data.
 	 */
 	if (bpf_msg_redirect_hash(msg, &nm_socks, &peer, BPF_F_INGRESS) != SK_PASS) {
+		if (backlog)
+			nm_unreserve(backlog, size);
 		/* No peer to redirect to: TCP is the only way. If it cannot be marked (no entry
 		 * and a full map: sockops admits no socket without one), a later message could
 		 * redirect ahead of this one should the peer join nm_socks.
@@ -99,15 +133,6 @@ int nm_msg_redirect(struct sk_msg_md *msg)
 			NM_COUNT(fallback_unrecorded, 1);
 		return nm_to_tcp(NM_FALLBACK_NOPEER);
 	}
-	/* Counted before the kernel queues the data (after this program returns), so the
-	 * reader's decrement never comes before this increment. The peer's entry is never
-	 * created here: sockops made it when the peer joined nm_socks, and a missing one means
-	 * the peer is closing (its entry went at TCP_CLOSE, it leaves nm_socks next), where a
-	 * new entry would outlive the socket, or was admitted by the sockops of before an
-	 * upgrade that replaced this map. Those bytes go uncounted (no limit, order intact).
-	 */
-	if (backlog)
-		__sync_fetch_and_add(backlog, (__s64)size);
 	NM_COUNT(msg_redirected, 1);
 	NM_COUNT(bytes_redirected, size);
 	return SK_PASS;

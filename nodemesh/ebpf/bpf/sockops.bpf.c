@@ -6,6 +6,11 @@
  */
 #include "nodemesh.h"
 
+/* Set by the loader before load (Dataplane(socket_redirect=...)): 0 keeps every socket out of
+ * nm_socks, so no payload skips the stack (connect-time balancing and the L7 redirect stay).
+ */
+const volatile __u32 nm_socket_redirect = 1;
+
 static __always_inline int nm_tuple_of(const struct bpf_sock_ops *skops, struct nm_tuple *t)
 {
 	if (skops->family == AF_INET) {
@@ -58,11 +63,16 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 			bpf_map_delete_elem(&nm_orig_cookie, &cookie);
 		}
 	}
+	if (!nm_socket_redirect)
+		return;
 	if (!bpf_map_lookup_elem(&nm_local, &t.saddr) || !bpf_map_lookup_elem(&nm_local, &t.daddr))
 		return; /* the peer is elsewhere: the normal TCP path is the only path */
-	/* Ask for BPF_SOCK_OPS_STATE_CB first, so whatever is created below goes at close. */
-	if (bpf_sock_ops_cb_flags_set(skops,
-				      skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG))
+	/* Ask for BPF_SOCK_OPS_STATE_CB first, so whatever is created below goes at close, and
+	 * for BPF_SOCK_OPS_HDR_OPT_LEN_CB (every packet the socket sends) for nm_detach().
+	 */
+	if (bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						     BPF_SOCK_OPS_STATE_CB_FLAG |
+						     BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG))
 		return;
 	/* Both per-socket entries exist before the socket is in nm_socks, so sk_msg and the read
 	 * counter only ever change them in place, which cannot fail on a full map. BPF_ANY
@@ -97,6 +107,66 @@ static __always_inline void nm_closed(struct bpf_sock_ops *skops)
 		NM_COUNT(entries_freed, 1);
 }
 
+/* Take the socket out of nm_socks for the rest of its life, once that cannot lose data.
+ *
+ * Why: on a socket in a sockhash, tcp_bpf_recvmsg() waits once for data and returns -EAGAIN
+ * if anything else woke it, even to a blocking reader (docs/ebpf.md, Known limitations).
+ * Such wakeups come from the socket's own TCP traffic: the ACK of its FIN after
+ * shutdown(SHUT_WR) (a state change) and, once it sends over TCP, freed send buffer (write
+ * space). Out of nm_socks its psock goes and its reads are plain tcp_recvmsg(). So a socket
+ * leaves when it half-closes or closes (FIN_WAIT1), when its own sends went to TCP
+ * (nm_fallback set), and when its peer left (the peer's count is NM_DETACHED).
+ *
+ * When: only with nothing redirected to it unread. The swap of an exact 0 for NM_DETACHED
+ * makes that atomic with the peer's sk_msg, which reserves (adds to this count) before it
+ * redirects and falls back to TCP when it finds NM_DETACHED; a redirect that reached a
+ * socket after its psock went would be dropped by the kernel. With data unread the socket
+ * stays and the next packet it sends (HDR_OPT_LEN_CB, an ACK at least) tries again.
+ */
+static __always_inline void nm_detach(struct bpf_sock_ops *skops, const struct nm_tuple *self)
+{
+	__s64 *backlog = bpf_map_lookup_elem(&nm_backlog, self);
+
+	if (!backlog || __sync_val_compare_and_swap(backlog, 0, NM_DETACHED) != 0)
+		return;
+	if (bpf_map_delete_elem(&nm_socks, self) == 0)
+		NM_COUNT(sockhash_detached, 1);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+						 ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+}
+
+/* A packet is about to be sent: leave nm_socks if this socket's sends went to TCP or its
+ * peer already left.
+ */
+static __always_inline void nm_sending(struct bpf_sock_ops *skops)
+{
+	struct nm_tuple self = {};
+	struct nm_tuple peer;
+	__u32 *fallback;
+	__s64 *peer_backlog;
+
+	if (nm_tuple_of(skops, &self))
+		return;
+	fallback = bpf_map_lookup_elem(&nm_fallback, &self);
+	if (!fallback)
+		return; /* not a socket nm_established() tracks */
+	peer.saddr = self.daddr;
+	peer.daddr = self.saddr;
+	peer.sport = self.dport;
+	peer.dport = self.sport;
+	peer_backlog = bpf_map_lookup_elem(&nm_backlog, &peer);
+	if (*fallback || (peer_backlog && *(volatile __s64 *)peer_backlog < 0))
+		nm_detach(skops, &self);
+}
+
+static __always_inline void nm_half_closed(struct bpf_sock_ops *skops)
+{
+	struct nm_tuple self = {};
+
+	if (nm_tuple_of(skops, &self) == 0)
+		nm_detach(skops, &self);
+}
+
 SEC("sockops")
 int nm_sockops(struct bpf_sock_ops *skops)
 {
@@ -110,6 +180,11 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB: /* only sockets nm_established() tracks ask for it */
 		if (skops->args[1] == BPF_TCP_CLOSE)
 			nm_closed(skops);
+		else if (skops->args[1] == BPF_TCP_FIN_WAIT1)
+			nm_half_closed(skops);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB: /* the same sockets, until nm_detach() */
+		nm_sending(skops);
 		break;
 	}
 	return 1;
