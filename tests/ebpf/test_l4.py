@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import socket
 from pathlib import Path
 
 import pytest
 
 from nodemesh.api import ServiceIPv6
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf import _libbpf as bpf
+from nodemesh.ebpf._maps import Tuple
 from nodemesh.ebpf.testing import NodeLab
 from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
 
@@ -366,3 +371,33 @@ def test_a_reader_thread_waiting_while_another_writes_past_a_stalled_peer(
     assert result["blocked_at"] is not None, result
     assert result["write_error"] is None, result
     assert result["reader"] == {"trailer": f"DONE {64 * MB} {result['sent_sha']}"}
+
+
+def test_with_the_socket_maps_full_a_connection_stays_on_plain_tcp_intact(node: NodeLab) -> None:
+    """Fail safe at capacity: sockops admits a socket into nm_socks only once its nm_backlog
+    and nm_fallback entries exist. With nm_backlog full (filled here with keys of
+    198.51.100.0/24, TEST-NET-2, never a socket of the lab), a new connection is neither
+    redirected nor broken: both ends stay on plain TCP and are counted as untracked_full."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),))
+    b.serve(7000)
+    fd = bpf.obj_get(str(node.pin_root / "nm_backlog"))
+    try:
+        capacity = bpf.map_info(fd, "nm_backlog").max_entries
+        base = int.from_bytes(socket.inet_aton("198.51.100.0"), "little")
+        zero = ctypes.c_int64(0)
+        for i in range(capacity):
+            key = Tuple(base + ((i & 0xFF) << 24), base, 1024 + (i >> 8), 80)
+            bpf.map_update(fd, key, zero, "nm_backlog")
+        with NodeMaps(node.pin_root) as maps:
+            assert maps.count("nm_backlog") == capacity
+        before = stats(node)
+        result = a.tool("xfer", "--to", f"{VIP}:80", "--bytes", str(4 * MB), "--window", str(MB))
+        after = stats(node)
+    finally:
+        os.close(fd)
+    _check_xfer(result, 4 * MB)
+    assert after["l4_picks"] - before["l4_picks"] == 1, "balancing does not need the maps"
+    assert after["untracked_full"] - before["untracked_full"] == 2  # both ends
+    assert after["sockhash_inserts"] == before["sockhash_inserts"]
+    assert after["bytes_redirected"] == before["bytes_redirected"]
