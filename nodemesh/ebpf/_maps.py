@@ -7,6 +7,7 @@ import ctypes
 __all__ = [
     "MAX_BACKENDS",
     "NM_CFG_ENVOY_SET",
+    "NM_CFG_SOCKET_REDIRECT",
     "NM_SVC6_L7",
     "NM_SVC_L7",
     "Backend",
@@ -24,6 +25,7 @@ MAX_BACKENDS = 32
 NM_SVC_L7 = 1 << 0
 NM_SVC6_L7 = 1 << 0
 NM_CFG_ENVOY_SET = 1 << 0
+NM_CFG_SOCKET_REDIRECT = 1 << 1
 
 # Addresses and ports are stored in network byte order: fill them from bytes
 # (socket.inet_aton, int.to_bytes(..., "big")), never from host integers.

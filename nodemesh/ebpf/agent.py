@@ -43,12 +43,14 @@ class Agent:
         dataplane: Dataplane,
         envoy_cgroup: Path | None = None,
         max_backoff: float = 5.0,
+        socket_redirect: bool = True,
     ) -> None:
         self.node = node
         self.controlplane = controlplane
         self.dataplane = dataplane
         self.envoy_cgroup_id = os.stat(envoy_cgroup).st_ino if envoy_cgroup else 0
         self.max_backoff = max_backoff
+        self.socket_redirect = socket_redirect
         self.applied_version = ""
         self.last_error = ""
 
@@ -125,4 +127,4 @@ class Agent:
             model = from_proto(msg)
             if model.node != self.node:
                 raise ValueError(f"service map is for node {model.node!r}, not {self.node!r}")
-        return maps.apply(model, self.envoy_cgroup_id)
+        return maps.apply(model, self.envoy_cgroup_id, self.socket_redirect)

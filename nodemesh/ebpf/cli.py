@@ -26,11 +26,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--envoy-cgroup", type=Path, help="cgroup v2 of the node Envoy")
     parser.add_argument("--pin-root", type=Path, default=DEFAULT_PIN_ROOT, help="bpffs dir")
     parser.add_argument(
-        "--no-socket-redirect",
-        dest="socket_redirect",
-        action="store_false",
-        help="never carry payloads socket to socket (sk_msg): for nodes running programs that "
-        "block in recv() in one thread while another half-closes or writes (docs/ebpf.md)",
+        "--socket-redirect",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="carry same-node payloads socket to socket (sk_msg). auto: only if this kernel "
+        "keeps a blocking recv() waiting across a signal on a socket in a sockmap (a probe at "
+        "start; 6.18 does not, docs/ebpf.md); on: always; off: never",
     )
     parser.add_argument(
         "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"
@@ -38,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dataplane = Dataplane(args.cgroup, args.pin_root, socket_redirect=args.socket_redirect)
+    dataplane = Dataplane(args.cgroup, args.pin_root)
     try:
         if args.uninstall:
             dataplane.disable()
@@ -49,12 +50,37 @@ def run(args: argparse.Namespace) -> int:
             return 2
         from nodemesh.ebpf.agent import Agent
 
-        agent = Agent(args.node, args.controlplane, dataplane, args.envoy_cgroup)
+        agent = Agent(
+            args.node,
+            args.controlplane,
+            dataplane,
+            args.envoy_cgroup,
+            socket_redirect=_socket_redirect(args.socket_redirect),
+        )
         asyncio.run(_until_signal(agent.run()))
         return 0
     except NodemeshEbpfError as exc:
         log.error("%s", exc)
         return 1
+
+
+def _socket_redirect(mode: str) -> bool:
+    if mode != "auto":
+        log.info("socket redirect %s (--socket-redirect=%s)", mode, mode)
+        return mode == "on"
+    from nodemesh.ebpf.probe import blocking_recv_survives_a_signal
+
+    probe = blocking_recv_survives_a_signal()
+    if probe.ok:
+        log.info("socket redirect on: %s", probe.detail)
+    else:
+        log.warning(
+            "socket redirect off: on this kernel %s on a socket in a sockmap, which programs "
+            "that block in recv() do not expect (docs/ebpf.md, Known limitations); same-node "
+            "payloads take the TCP path. --socket-redirect=on to use it anyway",
+            probe.detail,
+        )
+    return probe.ok
 
 
 async def _until_signal(main: Coroutine[Any, Any, None]) -> None:

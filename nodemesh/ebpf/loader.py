@@ -118,12 +118,10 @@ class Dataplane:
         cgroup: str | os.PathLike[str],
         pin_root: Path = DEFAULT_PIN_ROOT,
         backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
-        socket_redirect: bool = True,
     ) -> None:
         self.cgroup = Path(cgroup)
         self.pin_root = Path(pin_root)
         self.backlog_limit = backlog_limit
-        self.socket_redirect = socket_redirect
 
     @property
     def links_dir(self) -> Path:
@@ -155,8 +153,6 @@ class Dataplane:
             for name, obj in opened.items():
                 if name == "redir":
                     obj.set_rodata(struct.pack("=q", self.backlog_limit))  # nm_backlog_limit
-                elif name == "sockops":
-                    obj.set_rodata(struct.pack("=I", self.socket_redirect))  # nm_socket_redirect
                 try:
                     obj.load()
                 except BpfError as exc:

@@ -170,8 +170,12 @@ class NodeMaps:
         return {n: sum(getattr(v, n) for v in values) for n in names}
 
     # -- writing --------------------------------------------------------------------------
-    def apply(self, node_map: NodeMap, envoy_cgroup_id: int = 0) -> ApplyResult:
-        """Make the maps say exactly `node_map`, touching only entries that change."""
+    def apply(
+        self, node_map: NodeMap, envoy_cgroup_id: int = 0, socket_redirect: bool = True
+    ) -> ApplyResult:
+        """Make the maps say exactly `node_map`, touching only entries that change.
+        `socket_redirect`: let sockops put same-node connections into the sockhash (new
+        connections follow a change; docs/ebpf.md, Known limitations)."""
         written = deleted = unchanged = 0
         # config first: a new L7 service must find the Envoy address already in place
         cfg = m.Config()
@@ -180,6 +184,8 @@ class NodeMaps:
             cfg.envoy_addr = _addr(node_map.envoy[0])
             cfg.envoy_port = _port(node_map.envoy[1])
             cfg.flags = m.NM_CFG_ENVOY_SET
+        if socket_redirect:
+            cfg.flags |= m.NM_CFG_SOCKET_REDIRECT
         if bytes(self.config()) != bytes(cfg):
             bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
             written += 1

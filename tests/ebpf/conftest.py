@@ -45,6 +45,7 @@ def program(
     services: tuple[Service, ...],
     envoy: bool = True,
     services_ipv6: tuple[ServiceIPv6, ...] = (),
+    socket_redirect: bool = True,
 ) -> None:
     """Write a service map for `lab` straight into its maps (the agent does this in production)."""
     model = NodeMap(
@@ -55,7 +56,7 @@ def program(
         services_ipv6=services_ipv6,
     )
     with NodeMaps(lab.pin_root) as maps:
-        maps.apply(model, envoy_cgroup_id=os.stat(lab.envoy_cgroup).st_ino)
+        maps.apply(model, os.stat(lab.envoy_cgroup).st_ino, socket_redirect)
 
 
 def l4(name: str, vip: str, port: int, *backends: tuple[str, int, int]) -> Service:

@@ -372,6 +372,39 @@ def halfclose(args: argparse.Namespace) -> None:
     _out({"hello": hello, "reader_blocked": blocked, "reader": reader})
 
 
+def signalled(args: argparse.Namespace) -> None:
+    """A blocking recv() that nothing answers, interrupted by a signal whose handler returns
+    (it must go on waiting: Python retries after EINTR, PEP 475), then ended by a second
+    signal whose handler raises. Reports which of the two ended it."""
+    import signal
+
+    s = _connect(args.to)
+    hello = _read_line(s)
+    s.settimeout(None)
+    fired = []
+
+    class Stop(Exception):
+        pass
+
+    def on_alarm(signum: int, _frame: object) -> None:
+        fired.append(time.monotonic())
+        if len(fired) == 2:
+            raise Stop
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.4)  # at 0.2 s, then 0.6 s
+    try:
+        s.recv(1)
+        ended = "data"
+    except Stop:
+        ended = "second signal"
+    except OSError as exc:
+        ended = errno.errorcode.get(exc.errno or 0, str(exc))
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    s.close()
+    _out({"hello": hello, "ended": ended, "signals": len(fired)})
+
+
 def rr(args: argparse.Namespace) -> None:
     """Request/response round trips of `size` bytes on one connection; latency percentiles."""
     s = _connect(args.to)
@@ -523,6 +556,8 @@ def main() -> None:
     hc = sub.add_parser("halfclose")
     hc.add_argument("--to", required=True)
     hc.add_argument("--same-thread", action="store_true")
+    sg = sub.add_parser("signalled")
+    sg.add_argument("--to", required=True)
     r = sub.add_parser("rr")
     r.add_argument("--to", required=True)
     r.add_argument("--size", type=int, default=1)
@@ -550,6 +585,7 @@ def main() -> None:
         "push": push,
         "duplex": duplex,
         "halfclose": halfclose,
+        "signalled": signalled,
         "rr": rr,
         "stream": stream,
         "conns": conns,

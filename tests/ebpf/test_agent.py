@@ -15,7 +15,9 @@ import pytest
 from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, to_proto
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf._maps import NM_CFG_SOCKET_REDIRECT
 from nodemesh.ebpf.loader import MAP_NAMES
+from nodemesh.ebpf.probe import blocking_recv_survives_a_signal
 from nodemesh.ebpf.testing import NodeLab, Proc
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
 from nodemesh.xds.server import AdsServer
@@ -96,6 +98,10 @@ async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None
     a = cp.lab.pods["a"]
     result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
     assert result == {"backends": {"b": 5}, "errors": {}}
+    # --socket-redirect=auto (the default): on exactly when the kernel passes the probe
+    probe = await asyncio.to_thread(blocking_recv_survives_a_signal)
+    with NodeMaps(cp.lab.pin_root) as maps:
+        assert bool(maps.config().flags & NM_CFG_SOCKET_REDIRECT) == probe.ok, probe
 
 
 async def test_agent_nacks_an_invalid_map_and_keeps_the_last_good_one(cp: ControlPlane) -> None:

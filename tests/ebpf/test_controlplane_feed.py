@@ -210,6 +210,7 @@ async def feed(node: NodeLab, tmp_path: Path) -> AsyncIterator[Feed]:
             sys.executable, "-m", "nodemesh", "agent", "--node", NODE,
             "--controlplane", f"127.0.0.1:{port}", "--cgroup", str(node.cgroup),
             "--envoy-cgroup", str(node.envoy_cgroup), "--pin-root", str(node.pin_root),
+            "--socket-redirect", "on",  # the tests below follow payloads through the sockhash
         ]  # fmt: skip
         node.spawn(agent, "agent")  # the lab stops it
         config = bootstrap(NODE, f"127.0.0.1:{port}", delta=True)

@@ -13,6 +13,7 @@ from nodemesh.api import ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf._maps import Tuple
+from nodemesh.ebpf.probe import blocking_recv_survives_a_signal
 from nodemesh.ebpf.testing import NodeLab
 from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
 
@@ -296,15 +297,6 @@ KERNEL_EAGAIN = pytest.mark.xfail(
 )
 
 
-@pytest.fixture
-def node_without_redirect(lab: NodeLab) -> NodeLab:
-    """Pods a and b, the data plane attached with the socket redirect switched off."""
-    for name in ("a", "b"):
-        lab.add_pod(name)
-    lab.enable(socket_redirect=False)
-    return lab
-
-
 def test_a_blocking_client_that_half_closes_reads_the_answer(node: NodeLab) -> None:
     """shutdown(SHUT_WR), then a blocking recv() for the answer (`nc -N` and many
     request/response clients). The server answers after 0.5 s, long after the ACK of the
@@ -329,20 +321,17 @@ def test_a_blocking_client_that_half_closes_reads_the_answer(node: NodeLab) -> N
     "redirect", [pytest.param(True, marks=KERNEL_EAGAIN), pytest.param(False, id="no-redirect")]
 )
 def test_a_reader_thread_waiting_while_another_half_closes_reads_the_answer(
-    lab: NodeLab, redirect: bool
+    node: NodeLab, redirect: bool
 ) -> None:
     """One thread blocks in recv(), then another half-closes: the waiting thread must get the
     answer. With the socket redirect on, the kernel bug hits it; the agent's
-    --no-socket-redirect is the way out for nodes running such programs."""
-    for name in ("a", "b"):
-        lab.add_pod(name)
-    lab.enable(socket_redirect=redirect)
-    a, b = lab.pods["a"], lab.pods["b"]
-    program(lab, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    --socket-redirect=auto turns it off on such kernels."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),), socket_redirect=redirect)
     b.serve(7000, sink_chunk=65536, sink_pause=0.5)
-    before = stats(lab)
+    before = stats(node)
     result = a.tool("halfclose", "--to", f"{VIP}:80")
-    after = stats(lab)
+    after = stats(node)
     assert after["l4_picks"] - before["l4_picks"] == 1
     assert (after["sockhash_inserts"] - before["sockhash_inserts"] > 0) == redirect
     assert result["reader_blocked"], result
@@ -353,16 +342,13 @@ def test_a_reader_thread_waiting_while_another_half_closes_reads_the_answer(
     "redirect", [pytest.param(True, marks=KERNEL_EAGAIN), pytest.param(False, id="no-redirect")]
 )
 def test_a_reader_thread_waiting_while_another_writes_past_a_stalled_peer(
-    lab: NodeLab, tmp_path: Path, redirect: bool
+    node: NodeLab, tmp_path: Path, redirect: bool
 ) -> None:
     """One thread blocks in recv() from the start; another writes 64 MiB to a peer that reads
     nothing until the writer is blocked. With the redirect on, the writer falls back to TCP
     past 4 MiB and the freed send buffer wakes the waiting reader: the kernel bug again."""
-    for name in ("a", "b"):
-        lab.add_pod(name)
-    lab.enable(socket_redirect=redirect)
-    a, b = lab.pods["a"], lab.pods["b"]
-    program(lab, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),), socket_redirect=redirect)
     release = tmp_path / "writer-blocked"
     b.serve(7000, sink_chunk=65536, sink_pause=60, sink_hold_until=str(release))
     result = a.tool(
@@ -401,3 +387,34 @@ def test_with_the_socket_maps_full_a_connection_stays_on_plain_tcp_intact(node: 
     assert after["untracked_full"] - before["untracked_full"] == 2  # both ends
     assert after["sockhash_inserts"] == before["sockhash_inserts"]
     assert after["bytes_redirected"] == before["bytes_redirected"]
+
+
+@pytest.mark.parametrize(
+    "redirect", [pytest.param(True, marks=KERNEL_EAGAIN), pytest.param(False, id="no-redirect")]
+)
+def test_a_blocking_reader_interrupted_by_a_signal_keeps_waiting(
+    node: NodeLab, redirect: bool
+) -> None:
+    """A single-threaded program blocked in recv() gets a signal whose handler returns: the
+    call must go on waiting (EINTR is retried; a second signal ends the test). With the
+    redirect on, the kernel returns EAGAIN instead; this is what the agent probes for."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),), socket_redirect=redirect)
+    b.serve(7000, sink_chunk=65536, sink_pause=30)
+    result = a.tool("signalled", "--to", f"{VIP}:80")
+    assert result == {"hello": "HELLO b", "ended": "second signal", "signals": 2}
+
+
+@pytest.mark.parametrize("sockmap", [True, False], ids=["sockmap", "control"])
+def test_the_agents_kernel_probe_agrees_with_a_pod(node: NodeLab, sockmap: bool) -> None:
+    """The agent's --socket-redirect=auto trusts nodemesh.ebpf.probe: its verdict must be what
+    a real program in a pod sees (the test above, run here once), and its control (the same
+    steps on a socket outside any sockmap) must pass on every kernel."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),), socket_redirect=sockmap)
+    b.serve(7000, sink_chunk=65536, sink_pause=30)
+    pod = a.tool("signalled", "--to", f"{VIP}:80")
+    probe = blocking_recv_survives_a_signal(sockmap=sockmap)
+    assert probe.ok == (pod["ended"] == "second signal"), (probe, pod)
+    if not sockmap:
+        assert probe.ok, probe

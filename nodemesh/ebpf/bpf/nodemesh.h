@@ -28,6 +28,7 @@
 
 /* nm_config flags */
 #define NM_CFG_ENVOY_SET (1U << 0) /* envoy_addr/envoy_port are valid */
+#define NM_CFG_SOCKET_REDIRECT (1U << 1) /* sockops may put sockets into nm_socks */
 
 /* One destination a pod may connect to: a ClusterIP or a pod IP, and a TCP port. */
 struct nm_svc_key {

@@ -6,11 +6,6 @@
  */
 #include "nodemesh.h"
 
-/* Set by the loader before load (Dataplane(socket_redirect=...)): 0 keeps every socket out of
- * nm_socks, so no payload skips the stack (connect-time balancing and the L7 redirect stay).
- */
-const volatile __u32 nm_socket_redirect = 1;
-
 static __always_inline int nm_tuple_of(const struct bpf_sock_ops *skops, struct nm_tuple *t)
 {
 	if (skops->family == AF_INET) {
@@ -47,6 +42,7 @@ static __always_inline int nm_forget(const struct nm_tuple *t)
 static __always_inline void nm_established(struct bpf_sock_ops *skops, int active)
 {
 	struct nm_tuple t = {};
+	struct nm_config *cfg;
 	__s64 zero64 = 0;
 	__u32 zero32 = 0;
 
@@ -63,7 +59,11 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 			bpf_map_delete_elem(&nm_orig_cookie, &cookie);
 		}
 	}
-	if (!nm_socket_redirect)
+	/* The agent's switch (--socket-redirect): without it no socket enters nm_socks, so no
+	 * payload skips the stack; connect-time balancing and the L7 redirect stay.
+	 */
+	cfg = nm_get_config();
+	if (!cfg || !(cfg->flags & NM_CFG_SOCKET_REDIRECT))
 		return;
 	if (!bpf_map_lookup_elem(&nm_local, &t.saddr) || !bpf_map_lookup_elem(&nm_local, &t.daddr))
 		return; /* the peer is elsewhere: the normal TCP path is the only path */

@@ -1,0 +1,139 @@
+"""Does this kernel keep a blocking recv() waiting on a socket in a sockmap?
+
+On 6.18, `tcp_bpf_recvmsg()` (the receive path of every TCP socket in a sockmap or sockhash)
+waits once and returns -EAGAIN to a blocking reader woken by anything but data: a signal, a
+state change, freed send buffer (docs/ebpf.md, Known limitations). A program that blocks in
+recv() would see EAGAIN where it expects to go on waiting, so the agent short-circuits
+payloads (`socket_redirect`) only on kernels that pass this probe, unless told otherwise.
+
+The probe reproduces the simplest trigger: a loopback connection whose client socket sits in a
+fresh sockmap (no programs), a thread blocked in recv() on it, and a signal to that thread with
+a handler that returns. A correct kernel restarts or interrupts the wait (Python retries after
+EINTR, PEP 475) and the thread goes on waiting until a byte comes; the buggy one returns
+EAGAIN. It runs in a child process (`python -m nodemesh.ebpf.probe`), so its signal handler
+and threads never touch the agent, and it needs what the agent needs (CAP_BPF).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodemesh.ebpf import _libbpf as bpf
+
+__all__ = ["ProbeResult", "blocking_recv_survives_a_signal"]
+
+BPF_MAP_TYPE_SOCKMAP = 15
+_DEADLINE_S = 5.0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool  # False: the kernel has the bug, or the probe could not run
+    detail: str
+
+
+def blocking_recv_survives_a_signal(timeout: float = 30, sockmap: bool = True) -> ProbeResult:
+    """Run the probe in a child process and return its verdict (`sockmap=False`: the control
+    run on a socket outside any sockmap, which every kernel passes)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "nodemesh.ebpf.probe", *([] if sockmap else ["--control"])],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return ProbeResult(False, f"the probe did not finish in {timeout} s")
+    try:
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+        return ProbeResult(bool(answer["ok"]), str(answer["detail"]))
+    except (IndexError, ValueError, KeyError):
+        return ProbeResult(False, f"the probe failed: {proc.stderr.strip()[-500:]}")
+
+
+def _sleeping(thread: threading.Thread) -> bool:
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "S"
+
+
+def _pending(thread: threading.Thread, signum: int) -> bool:
+    """Is `signum` still pending for `thread` (sent, not delivered yet)? A thread that has
+    ended (its recv() failed) has nothing pending."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            for line in f:
+                if line.startswith("SigPnd:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + _DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.005)
+
+
+def _probe(sockmap_on: bool = True) -> ProbeResult:
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler that returns
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    sockmap = bpf.map_create(BPF_MAP_TYPE_SOCKMAP, "nm_probe", 4, 4, 1, "nm_probe")
+    try:
+        client.settimeout(None)
+        if sockmap_on:  # off: the control, the same steps on a plain socket
+            fd = ctypes.c_uint32(client.fileno())
+            bpf.map_update(sockmap, ctypes.c_uint32(0), fd, "nm_probe")
+        got: dict[str, object] = {}
+
+        def read() -> None:
+            try:
+                got["data"] = client.recv(1)
+            except OSError as exc:
+                got["errno"] = exc.errno
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        _until(lambda: _sleeping(reader), "the reader to block in recv()")
+        signal.pthread_kill(reader.ident or 0, signal.SIGUSR1)
+        # Delivered means the interrupted recv() has returned: EAGAIN on the buggy kernel,
+        # EINTR or a restart on a correct one (then Python calls recv() again). Only then
+        # send the byte that ends a correct wait.
+        _until(lambda: not _pending(reader, signal.SIGUSR1), "the signal's delivery")
+        server.sendall(b"x")
+        reader.join(_DEADLINE_S)
+        if "errno" in got:
+            return ProbeResult(False, f"recv() got errno {got['errno']} after a signal")
+        if got.get("data") != b"x":
+            return ProbeResult(False, f"recv() ended with {got} instead of the byte sent")
+        return ProbeResult(True, "a blocking recv() kept waiting across a signal")
+    finally:
+        os.close(sockmap)
+        for s in (client, server, listener):
+            s.close()
+
+
+def main() -> None:
+    try:
+        result = _probe(sockmap_on="--control" not in sys.argv[1:])
+    except Exception as exc:  # report, never crash the agent's decision
+        result = ProbeResult(False, f"the probe could not run: {exc!r}")
+    print(json.dumps({"ok": result.ok, "detail": result.detail}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
