@@ -266,6 +266,14 @@ def push(args: argparse.Namespace) -> None:
     )
 
 
+def _read_trailer(s: socket.socket, out: dict[str, object]) -> None:
+    """A blocking read of one line into out["trailer"], or the errno into out["errno"]."""
+    try:
+        out["trailer"] = _read_line(s)
+    except OSError as exc:
+        out["errno"] = errno.errorcode.get(exc.errno or 0, str(exc))
+
+
 def duplex(args: argparse.Namespace) -> None:
     """Like push, but as a blocking program with a reader thread: the socket has no timeout,
     one thread blocks in recv() for the sink's trailer from the start while another writes
@@ -273,16 +281,10 @@ def duplex(args: argparse.Namespace) -> None:
     blocked: the sink reads nothing), create --release (the sink's --hold-until)."""
     s = _connect(args.to)
     hello = _read_line(s)
-    s.settimeout(None)  # blocking, as most C and Java programs use their sockets
+    s.settimeout(None)  # blocking, as C programs and Python without a timeout use sockets
     sent_hash = hashlib.sha256()
     progress = {"sent": 0}
     reader: dict[str, object] = {}
-
-    def read_trailer() -> None:
-        try:
-            reader["trailer"] = _read_line(s)
-        except OSError as exc:
-            reader["errno"] = errno.errorcode.get(exc.errno or 0, str(exc))
 
     def release_when_stalled() -> None:
         last, since = -1, time.monotonic()
@@ -296,7 +298,8 @@ def duplex(args: argparse.Namespace) -> None:
             time.sleep(0.05)
 
     threads = [
-        threading.Thread(target=f, daemon=True) for f in (read_trailer, release_when_stalled)
+        threading.Thread(target=_read_trailer, args=(s, reader), daemon=True),
+        threading.Thread(target=release_when_stalled, daemon=True),
     ]
     for t in threads:
         t.start()
@@ -351,19 +354,13 @@ def halfclose(args: argparse.Namespace) -> None:
     s.settimeout(None)
     reader: dict[str, object] = {}
 
-    def read_trailer() -> None:
-        try:
-            reader["trailer"] = _read_line(s)
-        except OSError as exc:
-            reader["errno"] = errno.errorcode.get(exc.errno or 0, str(exc))
-
     if args.same_thread:  # shut down, then block in recv() (the usual single-threaded client)
         s.shutdown(socket.SHUT_WR)
-        read_trailer()
+        _read_trailer(s, reader)
         s.close()
         _out({"hello": hello, "reader": reader})
         return
-    t = threading.Thread(target=read_trailer, daemon=True)
+    t = threading.Thread(target=_read_trailer, args=(s, reader), daemon=True)
     t.start()
     blocked = _wait_blocked(t)
     s.shutdown(socket.SHUT_WR)
