@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf.message import Message
 
@@ -28,7 +29,12 @@ from nodemesh.xds.cache import Resource, Snapshot, TypeSet
 from nodemesh.xds.translate import ir
 from nodemesh.xds.translate.cluster import cluster, cluster_bytes
 from nodemesh.xds.translate.endpoint import load_assignment, load_assignment_bytes
-from nodemesh.xds.translate.listener import Destination, outbound_listener
+from nodemesh.xds.translate.listener import (
+    Destination,
+    outbound_listener,
+    outbound_listener_bytes,
+    outbound_listener_routes,
+)
 from nodemesh.xds.translate.route import (
     destination_route_configuration,
     destination_route_configuration_bytes,
@@ -175,6 +181,28 @@ def _listener(mesh: ir.Mesh, destinations: tuple[Destination, ...] = ()) -> Mess
         destinations,
     )
     return listener
+
+
+def _listener_resource(mesh: ir.Mesh, destinations: tuple[Destination, ...]) -> Resource:
+    """`Resource.from_message(_listener(mesh, destinations))`, encoded without the message."""
+    return Resource.from_payload(
+        types.LISTENER,
+        LISTENER_NAME,
+        outbound_listener_bytes(
+            LISTENER_NAME,
+            mesh.outbound_address,
+            mesh.outbound_port,
+            mesh.route_config_name,
+            destinations,
+        ),
+        _decode_listener,
+        references=outbound_listener_routes(mesh.route_config_name, destinations),
+    )
+
+
+def _decode_listener(payload: bytes) -> Message:
+    message: Message = listener_pb2.Listener.FromString(payload)
+    return message
 
 
 def _decode_route_configuration(payload: bytes) -> Message:
@@ -327,7 +355,7 @@ class Translator:
         same_destinations = prev is not None and prev[1][1] is dest_vhosts
         key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name, destinations)
         if self._listener is None or self._listener[0] != key:
-            self._listener = (key, Resource.from_message(_listener(mesh, destinations)))
+            self._listener = (key, _listener_resource(mesh, destinations))
         shared = {
             types.CLUSTER: clusters,
             types.ENDPOINT: endpoints,
