@@ -479,13 +479,17 @@ class Engine:
                 else:
                     namespaces.add(ns)
         # Short names ("web") are served only while unique across namespaces.
+        # Only the Services that did not change themselves are returned (in a cold build, none).
         flips: set[Ref] = set()
         for name, before in counts.items():
-            now = self.name_ns.get(name, set())
-            if (before == 1) != (len(now) == 1):
-                flips.update((ns, name) for ns in now)
+            now = name_ns.get(name)
             if not now:
-                self.name_ns.pop(name, None)
+                name_ns.pop(name, None)
+                continue
+            if (before == 1) != (len(now) == 1):
+                for ns in now:
+                    if (ns, name) not in changed:
+                        flips.add((ns, name))
         return changed, flips
 
     def _grants_changed(self, objs: Mapping[ObjectKey, Mapping[str, Any]]) -> set[ObjectKey]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import is_not
+from itertools import chain, compress
+from operator import attrgetter, is_not
 from typing import Generic, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -141,9 +141,7 @@ def l7_destinations(mesh: ir.Mesh) -> tuple[tuple[Destination, ...], tuple[ir.Vi
     seen: set[tuple[str, int]] = set()
     destinations: list[Destination] = []
     used: dict[str, ir.VirtualHost] = {}
-    for svc in sorted(mesh.services, key=lambda s: s.name):
-        if not svc.needs_l7:
-            continue
+    for svc in sorted([s for s in mesh.services if s.needs_l7], key=lambda s: s.name):
         for port in svc.ports:
             vh = vhosts.get(f"{svc.name}:{port}")
             if vh is None:
@@ -275,6 +273,10 @@ class _Last:
     translation: Translation
     eds_names: dict[str, str]
     cluster_origins: dict[str, Origins]
+
+
+_routes_of = attrgetter("routes")
+_origins_of = attrgetter("origins")
 
 
 def _changed_positions(old: tuple[object, ...], new: tuple[object, ...]) -> list[int] | None:
@@ -454,12 +456,15 @@ class Translator:
             origins[(types.ENDPOINT, eds_names[e.cluster])] = cluster_origins.get(
                 e.cluster, frozenset()
             )
-        route_origins: set[str] = set()
-        for v in mesh.virtual_hosts:
-            route_origins.update(v.origins)
-            for rt in v.routes:
-                route_origins.update(rt.origins)
-        origins[(types.ROUTE, route.name)] = frozenset(route_origins)
+        # chained iterators, not loops: 10,000 virtual hosts and their routes
+        vhosts = mesh.virtual_hosts
+        routes = chain.from_iterable(map(_routes_of, vhosts))
+        origins[(types.ROUTE, route.name)] = frozenset(
+            chain(
+                chain.from_iterable(map(_origins_of, vhosts)),
+                chain.from_iterable(map(_origins_of, routes)),
+            )
+        )
         for v in dest_vhosts:
             origins[(types.ROUTE, destination_route_name(v.name))] = frozenset(
                 {*v.origins, *(o for rt in v.routes for o in rt.origins)}
