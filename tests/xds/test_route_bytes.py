@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from nodemesh.xds import types
 from nodemesh.xds.translate import Translator, ir, translate_messages
+from nodemesh.xds.translate._encode import LEN, strings, strings_bytes, varint
 from nodemesh.xds.translate.route import (
     destination_route_configuration,
     destination_route_configuration_bytes,
@@ -19,6 +20,8 @@ from nodemesh.xds.translate.route import (
 )
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
+# Host names are ASCII: the text fast path of strings_bytes, on both sides of 128 characters.
+_ascii = st.text(st.characters(max_codepoint=127), max_size=200)
 _routes = st.builds(
     ir.Route,
     name=_text,
@@ -41,7 +44,7 @@ _plain_routes = st.builds(
 _vhosts = st.builds(
     ir.VirtualHost,
     name=_text,
-    domains=st.lists(_text, max_size=5).map(tuple),
+    domains=st.lists(_text | _ascii, max_size=12).map(tuple),
     routes=st.lists(_plain_routes, max_size=3).map(tuple)
     | st.lists(_routes | _plain_routes, max_size=3).map(tuple),
 )
@@ -94,3 +97,10 @@ def test_translator_destination_routes_match_translate_messages(
     assert [r.payload for r in resources] == [
         m.SerializeToString(deterministic=True) for m in messages
     ]
+
+
+@settings(max_examples=400)
+@given(st.integers(1, 15) | st.integers(16, 2**29 - 1), st.lists(_text | _ascii, max_size=12))
+def test_strings_bytes_equal_the_pieces_joined(field: int, values: list[str]) -> None:
+    tag_bytes = varint((field << 3) | LEN)  # one byte up to field 15, more beyond
+    assert strings_bytes(tag_bytes, values) == b"".join(strings(tag_bytes, values))

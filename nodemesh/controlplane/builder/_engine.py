@@ -122,6 +122,14 @@ class _Ordered(Generic[K, V]):
             self._items[key] = value
             self._pending.add(key)
 
+    def put(self, key: K, value: V) -> None:
+        """`set`, keeping the item already there when it is equal to `value` (its identity is
+        what the translator's fast paths compare)."""
+        old = self._items.get(key)
+        if old is None or (old is not value and old != value):
+            self._items[key] = value
+            self._pending.add(key)
+
     def remove(self, key: K) -> None:
         if self._items.pop(key, None) is not None:
             self._pending.add(key)
@@ -349,6 +357,9 @@ class Engine:
             if new is old:
                 continue
             out = by_kind[kind]
+            if not old:  # a cold build: every key is new
+                out.update(new)
+                continue
             for key, obj in new.items():
                 if old.get(key) is not obj:
                     out.add(key)
@@ -389,19 +400,27 @@ class Engine:
             vh_dirty.add(pk[:2])
             for route in self.cluster_users.get(pk, ()):
                 vh_dirty |= self.route_parents.get(route, set())
-        for ref in vh_dirty:
+        # Visited in key order, so that the outputs (`_Ordered`) of a cold build are made in
+        # the order they are sorted in, which sorting then only checks: two sorts, not four.
+        vh_order = sorted(vh_dirty)
+        for ref in vh_order:
             self._virtual_hosts(ref, usage_changed)
 
         cluster_dirty = usage_changed | settings_changed | ep_changed
+        services = self.services
         for ref in svc_changed:
-            svc = self.services.get(ref)
+            svc = services.get(ref)
             if svc is not None:
-                cluster_dirty.update((ref[0], ref[1], p.port) for p in svc.ports)
-        for pk in cluster_dirty:
+                ns, name = ref
+                for p in svc.ports:
+                    cluster_dirty.add((ns, name, p.port))
+        for pk in sorted(cluster_dirty):
             self._cluster(pk)
 
-        info_dirty = vh_dirty | {pk[:2] for pk in settings_changed} | {pk[:2] for pk in ep_changed}
-        for ref in info_dirty:
+        info_extra = {pk[:2] for pk in settings_changed} | {pk[:2] for pk in ep_changed}
+        for ref in vh_order:
+            self._info(ref)
+        for ref in sorted(info_extra - vh_dirty):
             self._info(ref)
 
         node_keys = changed["Pod"] | changed["EndpointSlice"]
@@ -437,29 +456,40 @@ class Engine:
     ) -> tuple[set[Ref], set[Ref]]:
         changed: set[Ref] = set()
         counts: dict[str, int] = {}
+        services, name_ns = self.services, self.name_ns
         for key in keys:
-            ref = (key.namespace, key.name)
+            _, ns, name = key
+            ref = (ns, name)
             obj = objs.get(key)
             model = read_service(obj) if obj is not None else None
-            old = self.services.get(ref)
+            old = services.get(ref)
             if model is old or (old is not None and model == old):
                 continue
             changed.add(ref)
-            counts.setdefault(key.name, len(self.name_ns.get(key.name, ())))
+            namespaces = name_ns.get(name)
+            if name not in counts:
+                counts[name] = len(namespaces) if namespaces is not None else 0
             if model is None:
-                del self.services[ref]
-                self.name_ns[key.name].discard(key.namespace)
+                del services[ref]
+                name_ns[name].discard(ns)
             else:
-                self.services[ref] = model
-                self.name_ns.setdefault(key.name, set()).add(key.namespace)
+                services[ref] = model
+                if namespaces is None:
+                    name_ns[name] = {ns}
+                else:
+                    namespaces.add(ns)
         # Short names ("web") are served only while unique across namespaces.
+        # Only the Services that did not change themselves are returned (in a cold build, none).
         flips: set[Ref] = set()
         for name, before in counts.items():
-            now = self.name_ns.get(name, set())
-            if (before == 1) != (len(now) == 1):
-                flips.update((ns, name) for ns in now)
+            now = name_ns.get(name)
             if not now:
-                self.name_ns.pop(name, None)
+                name_ns.pop(name, None)
+                continue
+            if (before == 1) != (len(now) == 1):
+                for ns in now:
+                    if (ns, name) not in changed:
+                        flips.add((ns, name))
         return changed, flips
 
     def _grants_changed(self, objs: Mapping[ObjectKey, Mapping[str, Any]]) -> set[ObjectKey]:
@@ -479,25 +509,30 @@ class Engine:
         svc_changed: set[Ref],
     ) -> set[PortKey]:
         dirty = set(svc_changed)
-        for key in keys:
-            old_ref = self.slice_ref.pop(key, None)
-            if old_ref is not None:
-                self.slices_of[old_ref].discard(key)
-                dirty.add(old_ref)
-            self.slice_read.pop(key, None)
-            obj = objs.get(key)
-            if obj is not None:
-                ref = slice_service(obj)
-                self.slice_ref[key] = ref
-                self.slices_of.setdefault(ref, set()).add(key)
-                dirty.add(ref)
-        changed: set[PortKey] = set()
-        services, slices_of, slice_read, eps_of = (
+        services, slices_of, slice_read, slice_ref, eps_of = (
             self.services,
             self.slices_of,
             self.slice_read,
+            self.slice_ref,
             self.eps,
         )
+        for key in keys:
+            old_ref = slice_ref.pop(key, None)
+            if old_ref is not None:
+                slices_of[old_ref].discard(key)
+                dirty.add(old_ref)
+                slice_read.pop(key, None)
+            obj = objs.get(key)
+            if obj is not None:
+                ref = slice_service(obj)
+                slice_ref[key] = ref
+                of_ref = slices_of.get(ref)
+                if of_ref is None:
+                    slices_of[ref] = {key}
+                else:
+                    of_ref.add(key)
+                dirty.add(ref)
+        changed: set[PortKey] = set()
         for ref in dirty:
             svc = services.get(ref)
             skeys = slices_of.get(ref)
@@ -656,12 +691,14 @@ class Engine:
             )
             short = len(self.name_ns.get(name, ())) == 1
             hosts = svc.hostnames(short_name=short)
+            ips = svc.cluster_ips
             default_port = svc.default_port
             origins = (f"Service/{ns}/{name}",)
-            settings = self.settings
+            settings, vhosts, cluster_keys = self.settings, self.vhosts, self.cluster_keys
             for index, sp in enumerate(svc.ports):
                 port = sp.port
                 pk = (ns, name, port)
+                suffix = f":{port}"
                 mine = (
                     sorted(
                         (e for e in entries if e.parent[2] in (None, port)),
@@ -670,16 +707,16 @@ class Engine:
                     if entries
                     else None
                 )
-                policy = settings.get(pk)
+                policy = settings.get(pk) if settings else None
                 if mine:
                     lbs = self.lbs
                     routes = tuple(_finish(e, policy, lbs) for e in mine)
                 else:
                     cname = svc.cluster_name(port)
                     defaults.add(pk)
-                    self.cluster_keys[cname] = pk
+                    cluster_keys[cname] = pk
                     default = ir.Route(
-                        name=f"Service/{ns}/{name}:{port}/default",
+                        f"Service/{ns}/{name}{suffix}/default",
                         backends=(ir.Backend(cname),),
                         origins=origins,
                     )
@@ -690,18 +727,20 @@ class Engine:
                         if policy is None
                         else (_finish(RouteEntry(pk, (), default), policy, self.lbs),)
                     )
-                domains = [f"{h}:{port}" for h in hosts]
-                domains += [f"{ip}:{port}" for ip in svc.cluster_ips]
+                domains = [h + suffix for h in hosts]
+                for ip in ips:
+                    domains.append(ip + suffix)
                 if default_port is not None and default_port.port == port:
                     domains += hosts
                     if port == 80:
-                        domains += svc.cluster_ips
+                        domains += ips
                 vkey = (ns, name, index)
-                vh = ir.VirtualHost(
-                    f"{ns}/{name}:{port}", tuple(dict.fromkeys(domains)), routes, origins
+                vhosts.put(
+                    vkey,
+                    ir.VirtualHost(
+                        f"{ns}/{name}{suffix}", tuple(dict.fromkeys(domains)), routes, origins
+                    ),
                 )
-                old = self.vhosts.get(vkey)
-                self.vhosts.set(vkey, old if old is not None and old == vh else vh)
                 new_keys.append(vkey)
         for vkey in old_keys:
             if vkey not in new_keys:
@@ -755,8 +794,7 @@ class Engine:
                 lb=s.lb,
                 origins=origins,
             )
-        old = self.clusters.get(pk)
-        self.clusters.set(pk, old if old is not None and old == cluster else cluster)
+        self.clusters.put(pk, cluster)
         eps = self.eps.get(pk, ())
         old_cla = self.cla.get(pk)
         if old_cla is None or old_cla.cluster != cname or old_cla.endpoints != eps:
@@ -769,11 +807,16 @@ class Engine:
             return
         ns, name = ref
         settings, eps = self.settings, self.eps
-        ports = tuple([p.port for p in svc.ports])
-        needs_l7 = ref in self.attached or (
-            bool(settings) and any((ns, name, port) in settings for port in ports)
+        needs_l7 = ref in self.attached
+        ports: list[int] = []
+        backends: list[tuple[ir.Endpoint, ...]] = []
+        for p in svc.ports:  # a loop, not comprehensions and any(): made for every Service
+            pk = (ns, name, p.port)
+            ports.append(p.port)
+            backends.append(eps.get(pk, ()))
+            if not needs_l7 and pk in settings:
+                needs_l7 = True
+        info = ir.ServiceInfo(
+            f"{ns}/{name}", svc.cluster_ips, tuple(ports), needs_l7, tuple(backends)
         )
-        backends = tuple([eps.get((ns, name, port), ()) for port in ports])
-        info = ir.ServiceInfo(f"{ns}/{name}", svc.cluster_ips, ports, needs_l7, backends)
-        old = self.infos.get(ref)
-        self.infos.set(ref, old if old is not None and old == info else info)
+        self.infos.put(ref, info)

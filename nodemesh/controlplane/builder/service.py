@@ -67,8 +67,12 @@ class ServiceModel:
 
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
     """A Service that can carry mesh traffic (TCP ports), or None (ExternalName)."""
-    meta = as_map(obj.get("metadata"))
-    spec = as_map(obj.get("spec"))
+    # type() checks before the helpers and str(): this runs for every Service of a cold build.
+    meta, spec = obj.get("metadata"), obj.get("spec")
+    if type(meta) is not dict:
+        meta = as_map(meta)
+    if type(spec) is not dict:
+        spec = as_map(spec)
     if spec.get("type") == "ExternalName":
         return None
     ports = []
@@ -78,13 +82,22 @@ def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
         number = p.get("port")
         if not isinstance(number, int) or p.get("protocol", "TCP") != "TCP":
             continue
-        ports.append(PortModel(str(p.get("name", "")), number, str(p.get("appProtocol", ""))))
+        port_name, app_protocol = p.get("name", ""), p.get("appProtocol", "")
+        if type(port_name) is not str:
+            port_name = str(port_name)
+        if type(app_protocol) is not str:
+            app_protocol = str(app_protocol)
+        ports.append(PortModel(port_name, number, app_protocol))
     ips = spec.get("clusterIPs")
     ips = [str(ip) for ip in ips if ip and ip != "None"] if isinstance(ips, list) and ips else []
     single = spec.get("clusterIP")
     if not ips and isinstance(single, str) and single and single != "None":
         ips = [single]
-    ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+    ns, name = meta.get("namespace", "default"), meta.get("name", "")
+    if type(ns) is not str:
+        ns = str(ns)
+    if type(name) is not str:
+        name = str(name)
     return ServiceModel(ns, name, tuple(ports), tuple(ips))
 
 

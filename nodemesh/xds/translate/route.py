@@ -15,7 +15,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from nodemesh.xds.translate import ir
-from nodemesh.xds.translate._encode import LEN, strings, tag, varint
+from nodemesh.xds.translate._encode import LEN, strings_bytes, tag, varint
 from nodemesh.xds.translate._proto import any_of, duration, fraction, uint32
 from nodemesh.xds.translate.fault import FILTER_NAME as FAULT_FILTER
 from nodemesh.xds.translate.fault import route_fault
@@ -123,11 +123,16 @@ def virtual_host_entry(
     from `virtual_host_routes(vh)` (made when not given); `domains` instead of `vh.domains`."""
     if routes is None:
         routes = virtual_host_routes(vh)
-    parts = [_field(_VH_NAME, vh.name.encode())] if vh.name else []
-    parts += strings(_VH_DOMAINS, vh.domains if domains is None else domains)
-    parts.append(routes)
-    body = b"".join(parts)
-    return _RC_VHOSTS + varint(len(body)) + body
+    name = vh.name.encode()
+    domain_fields = strings_bytes(_VH_DOMAINS, vh.domains if domains is None else domains)
+    size = len(domain_fields) + len(routes)
+    if name:
+        n = len(name)
+        size += len(_VH_NAME) + len(varint(n)) + n
+        return b"".join(
+            (_RC_VHOSTS, varint(size), _VH_NAME, varint(n), name, domain_fields, routes)
+        )
+    return b"".join((_RC_VHOSTS, varint(size), domain_fields, routes))
 
 
 def route_configuration_bytes(name: str, entries: Iterable[bytes]) -> bytes:
