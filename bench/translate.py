@@ -51,6 +51,9 @@ def objects() -> list[dict[str, Any]]:
         )
         out.append(endpoint_slice(ns, name, i, 0))
         if i % (SERVICES // ROUTES) == 0:
+            # the canary: a Service of the same namespace (a backend in another one would
+            # need a ReferenceGrant, and without one build refuses it)
+            canary = f"svc{(i + 100) % SERVICES}"
             out.append(
                 {
                     "apiVersion": "gateway.networking.k8s.io/v1",
@@ -61,12 +64,12 @@ def objects() -> list[dict[str, Any]]:
                         "rules": [
                             {
                                 "matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
-                                "backendRefs": [{"name": f"svc{i + 1}", "port": 80}],
+                                "backendRefs": [{"name": canary, "port": 80}],
                             },
                             {
                                 "backendRefs": [
                                     {"name": name, "port": 80, "weight": 90},
-                                    {"name": f"svc{i + 1}", "port": 80, "weight": 10},
+                                    {"name": canary, "port": 80, "weight": 10},
                                 ],
                                 "retry": {"codes": [503], "attempts": 2},
                             },
@@ -205,6 +208,17 @@ def main() -> int:
     objs = objects()
     store = Store()
     _, t_load = timed(lambda: [store.apply(o) for o in objs])
+    # The input must be what it claims: a refused route or policy would be measured as a
+    # cheaper one (the canaries once were, from another namespace without a ReferenceGrant).
+    refused = [
+        f"{key}: {c.type} {c.reason}"
+        for key, conds in build(store.view()).conditions.items()
+        for c in conds
+        if c.status != "True"
+    ]
+    if refused:
+        print(f"{len(refused)} conditions not True, e.g. {refused[:3]}", file=sys.stderr)
+        return 1
     gc.collect()
     full = [full_run(store) for _ in range(3)]
     inc, serialized = incremental_runs(store, 10)
