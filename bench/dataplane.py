@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from nodemesh.api import Backend, NodeMap, Service  # noqa: E402
 from nodemesh.ebpf import NodeMaps  # noqa: E402
+from nodemesh.ebpf.probe import blocking_recv_survives_a_signal  # noqa: E402
 from nodemesh.ebpf.testing import NodeLab, Pod, prerequisites  # noqa: E402
 from nodemesh.envoy import EnvoyProcess, find_envoy  # noqa: E402
 
@@ -764,6 +766,11 @@ def report(results: dict[str, Any]) -> None:
     print(f"{'upload 64K MB/s':<24}{row}")
     row = "".join(f"{http[c]['stream_64k']['drain_s']:>14.1f}" for c in COLUMNS)
     print(f"{'drain after upload, s':<24}{row}")
+    probe = results["socket_redirect_probe"]
+    print(
+        "L4 = sockhash short cut on; the agent's default (auto) would "
+        + ("use it here" if probe["ok"] else f"leave it off here: {probe['detail']}")
+    )
     q = results["quiet"]
     print(
         f"\n{q['measurements']} measurements, {q['repeated']} repeated because other processes "
@@ -803,6 +810,9 @@ def main() -> int:
         "rr_count": COUNT,
         "tcp_rounds": ROUNDS,
         "placement": "load generator CPU 0; servers and all Envoys CPU 1 (concurrency 1 each)",
+        # The L4 column has the sockhash short cut on (maps.apply's default); the agent's
+        # --socket-redirect=auto uses it only where this probe passes (docs/ebpf.md).
+        "socket_redirect_probe": asdict(blocking_recv_survives_a_signal()),
         "tcp_echo": {},
         "http_echo": {},
     }
