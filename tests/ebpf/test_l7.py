@@ -69,6 +69,33 @@ def test_l7_connection_reaches_node_envoy_and_is_routed_by_original_destination(
     )
 
 
+def test_without_the_socket_short_cut_l7_is_still_routed_by_original_destination(
+    l7_node: tuple[NodeLab, EnvoyProcess],
+) -> None:
+    """The agent's default on kernels that fail its probe (6.18): no socket enters the
+    sockhash, yet the L7 redirect and SO_ORIGINAL_DST work as before (nm_orig_tuple is
+    filled before the switch is looked at)."""
+    node, envoy = l7_node
+    b = node.pods["b"]
+    program(
+        node,
+        (Service("web", VIP_L7, 80, True), l4("echo", VIP, 80, (b.ip, 7000, 1))),
+        socket_redirect=False,
+    )
+    before = stats(node)
+
+    resp = node.pods["a"].tool("get", "--to", f"{VIP_L7}:80", "--path", "/hello")
+
+    assert resp["status"] == 200, resp
+    assert resp["headers"]["x-nodemesh-route"] == "web"
+    assert json.loads(resp["body"])["host"] == VIP_L7
+    after = stats(node)
+    assert after["l7_redirects"] - before["l7_redirects"] == 1
+    assert after["orig_dst_answered"] - before["orig_dst_answered"] >= 1
+    assert after["sockhash_inserts"] == before["sockhash_inserts"]
+    assert after["msg_redirected"] == before["msg_redirected"]
+
+
 def test_l7_route_retries_apply(l7_node: tuple[NodeLab, EnvoyProcess]) -> None:
     node, envoy = l7_node
     a = node.pods["a"]
