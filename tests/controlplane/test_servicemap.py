@@ -12,13 +12,20 @@ import json
 import pytest
 import yaml
 from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodemesh.api import TYPE_URL, from_proto, to_proto
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds.translate import Translator, ir
-from nodemesh.xds.translate.servicemap import node_map, service_entries, service_entries_ipv6
+from nodemesh.xds.translate.servicemap import (
+    ServiceMaps,
+    node_map,
+    service_entries,
+    service_entries_ipv6,
+)
 from tests.controlplane.test_golden import GOLDEN, load_case
 
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("servicemap"))
@@ -177,3 +184,53 @@ def test_the_agent_refuses_a_malformed_ipv6_entry_with_every_problem() -> None:
     text = str(err.value)
     assert "is v4-mapped" in text and "port 0" in text and "'not-ip' is not an IPv4" in text
     assert "no target and not L7" in text
+
+
+_IPV4 = st.builds(lambda a, b: f"10.{a}.0.{b}", st.integers(0, 3), st.integers(1, 4))
+_IPV6 = st.builds(lambda a: f"fd00::{a:x}", st.integers(1, 4))
+_POD = st.builds(lambda a: f"10.244.0.{a}", st.integers(1, 60))
+_INFO = st.builds(
+    lambda name, ips, ports, l7, eps: ir.ServiceInfo(
+        f"ns/{name}",
+        tuple(ips),
+        tuple(ports),
+        l7,
+        tuple(tuple(ir.Endpoint(a, 8080, i % 7 == 6) for i, a in enumerate(eps)) for _ in ports),
+    ),
+    st.sampled_from("abcdef"),
+    st.lists(st.one_of(_IPV4, _IPV6), min_size=1, max_size=3, unique=True),
+    st.lists(st.integers(1, 3), min_size=1, max_size=2, unique=True),
+    st.booleans(),
+    # up to 45 endpoints (every seventh draining): often more than MAX_BACKENDS (32) ready,
+    # so nodes take windows of the backends
+    st.one_of(
+        st.lists(_POD, max_size=4, unique=True),
+        st.lists(_POD, min_size=38, max_size=45, unique=True),
+    ),
+)
+_MESHES = st.lists(
+    st.lists(_INFO, max_size=5).map(lambda infos: tuple({i.name: i for i in infos}.values())),
+    min_size=1,
+    max_size=4,
+)
+_NODES = (
+    ir.NodeInfo("node-a", "10.250.0.1", ("10.1.0.1", "10.1.0.2")),
+    ir.NodeInfo("node-b"),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_MESHES)
+def test_shared_bytes_equal_the_map_encoded_whole(meshes: list[tuple[ir.ServiceInfo, ...]]) -> None:
+    """ServiceMaps encodes the Services once and adds each node's fields around them: across
+    a sequence of meshes (Services added, changed, removed), every node's bytes must be what
+    to_proto gives for that node's whole map, including two Services on one ClusterIP:port
+    (the first by name keeps it) and windows of more than MAX_BACKENDS backends."""
+    maps = ServiceMaps()
+    for services in meshes:
+        mesh = ir.Mesh(services=services, node_infos=_NODES)
+        got = maps.resources(mesh)
+        entries, entries6 = service_entries(services), service_entries_ipv6(services)
+        for node in _NODES:
+            whole = to_proto(node_map(node, entries, mesh.outbound_port, entries6))
+            assert got[node.name].payload == whole.SerializeToString(deterministic=True)

@@ -9,12 +9,14 @@ refused, an L4 one leaves them to the cluster's own path. Pure; `ServiceMaps` me
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import ipaddress
-from collections.abc import Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, ServiceIPv6, to_proto
+from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, ServiceIPv6
+from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.api.servicemap import MAX_BACKENDS
 from nodemesh.xds.cache import Resource
 from nodemesh.xds.translate import ir
@@ -118,47 +120,164 @@ def node_map(
     return NodeMap(node.name, entries, envoy, node.pod_ips, entries6)
 
 
+def service_entry_bytes(entry: Service) -> bytes:
+    """One `services` entry of a NodeServiceMap (field 3: tag, length, body) as `to_proto`
+    encodes it: a message with just that entry serializes to exactly those bytes."""
+    msg = pb.NodeServiceMap()
+    msg.services.append(
+        pb.Service(
+            name=entry.name,
+            address=entry.address,
+            port=entry.port,
+            mode=pb.Service.L7 if entry.l7 else pb.Service.L4,
+            backends=[
+                pb.Backend(address=b.address, port=b.port, weight=b.weight) for b in entry.backends
+            ],
+        )
+    )
+    return msg.SerializeToString(deterministic=True)
+
+
+def service6_entry_bytes(entry: ServiceIPv6) -> bytes:
+    """One `services_ipv6` entry (field 5), as `to_proto` encodes it."""
+    msg = pb.NodeServiceMap()
+    msg.services_ipv6.append(
+        pb.ServiceIPv6(
+            name=entry.name,
+            address=entry.address,
+            port=entry.port,
+            target=entry.target,
+            l7=entry.l7,
+        )
+    )
+    return msg.SerializeToString(deterministic=True)
+
+
+def _sort_key(entry: Service | ServiceIPv6) -> tuple[str, int, str]:
+    return (entry.address, entry.port, entry.name)
+
+
+class _Blob:
+    """Every node's `services` (or `services_ipv6`) field, encoded once: the entries in the
+    order `to_proto` writes them (address, port, name), each entry's bytes made once and kept
+    while its Service's entries are unchanged. `segments` is bytes runs, with the entries a
+    node must window (more than MAX_BACKENDS backends) left as entries between them."""
+
+    def __init__(self, encode: Callable[[Any], bytes]) -> None:
+        self._encode = encode
+        self._bytes: dict[tuple[str, int, str], tuple[Any, bytes]] = {}
+        self._order: list[tuple[str, int, str]] = []
+        self.segments: tuple[bytes | Service, ...] = ()
+
+    def update(self, removed: Iterable[Any], added: Iterable[Any]) -> None:
+        for entry in removed:
+            key = _sort_key(entry)
+            del self._bytes[key]
+            del self._order[bisect.bisect_left(self._order, key)]
+        for entry in added:
+            key = _sort_key(entry)
+            self._bytes[key] = (entry, self._encode(entry))
+            bisect.insort(self._order, key)
+        segments: list[bytes | Service] = []
+        run: list[bytes] = []
+        last: tuple[str, int] | None = None
+        for key in self._order:
+            if key[:2] == last:
+                continue  # a second Service on one ClusterIP:port: the first by name keeps it
+            last = key[:2]
+            entry, data = self._bytes[key]
+            if isinstance(entry, Service) and len(entry.backends) > MAX_BACKENDS:
+                segments += (b"".join(run), entry)
+                run = []
+            else:
+                run.append(data)
+        segments.append(b"".join(run))
+        self.segments = tuple(segments)
+
+    def for_node(self, node: str) -> bytes:
+        if len(self.segments) == 1:
+            return self.segments[0]  # type: ignore[return-value]
+        return b"".join(
+            part if isinstance(part, bytes) else service_entry_bytes(_for_node(part, node))
+            for part in self.segments
+        )
+
+
 class ServiceMaps:
     """Per node, the service map `Resource` (named after the node); a node whose map did not
-    change keeps its Resource (and so its version). Not thread-safe; one per Translator."""
+    change keeps its Resource (and so its version). Not thread-safe; one per Translator.
+
+    Every node's map lists every Service, so the Services' part of the bytes is made once per
+    change and shared: each entry is encoded when its Service changes, the entries are joined
+    once, and a node adds only its own fields (node, Envoy address, pod IPs). The bytes equal
+    `to_proto(node_map(...)).SerializeToString(deterministic=True)` (tested), field by field
+    in number order, so versions are what they were. Still, every node gets the whole list
+    again when one Service changes (its map is one resource)."""
 
     def __init__(self) -> None:
         self._infos: dict[
             str, tuple[ir.ServiceInfo, tuple[Service, ...], tuple[ServiceIPv6, ...]]
         ] = {}
-        self._entries: tuple[Service, ...] = ()
-        self._entries6: tuple[ServiceIPv6, ...] = ()
-        self._nodes: dict[str, tuple[NodeMap, Resource]] = {}
+        self._services = _Blob(service_entry_bytes)
+        self._services6 = _Blob(service6_entry_bytes)
+        self._nodes: dict[str, tuple[tuple[object, ...], Resource]] = {}
         self.made = 0
 
     def resources(self, mesh: ir.Mesh) -> dict[str, Resource]:
-        entries = self._service_entries(mesh.services)
-        out: dict[str, tuple[NodeMap, Resource]] = {}
+        services, services6 = self._update(mesh.services)
+        out: dict[str, tuple[tuple[object, ...], Resource]] = {}
         for node in mesh.node_infos:
-            model = node_map(node, entries, mesh.outbound_port, self._entries6)
+            key = (node, mesh.outbound_port, services, services6)
             last = self._nodes.get(node.name)
-            if last is not None and last[0] == model:
+            if last is not None and last[0] == key:
                 out[node.name] = last
                 continue
-            resource = Resource.from_message(to_proto(model), name=node.name, type_url=TYPE_URL)
+            head = pb.NodeServiceMap(node=node.name)
+            if node.envoy_address:
+                head.envoy.address, head.envoy.port = node.envoy_address, mesh.outbound_port
+            local = pb.NodeServiceMap(local_addresses=sorted(node.pod_ips))
+            payload = b"".join(
+                (
+                    head.SerializeToString(deterministic=True),
+                    self._services.for_node(node.name),
+                    local.SerializeToString(deterministic=True),
+                    self._services6.for_node(node.name),
+                )
+            )
+            resource = Resource.from_payload(
+                TYPE_URL, node.name, payload, pb.NodeServiceMap.FromString
+            )
             self.made += 1
-            out[node.name] = (model, resource)
+            out[node.name] = (key, resource)
         self._nodes = out
         return {name: r for name, (_, r) in out.items()}
 
-    def _service_entries(self, services: tuple[ir.ServiceInfo, ...]) -> tuple[Service, ...]:
+    def _update(self, services: tuple[ir.ServiceInfo, ...]) -> tuple[object, object]:
+        """Bring the shared parts up to `services`; returns their current segments."""
         infos: dict[str, tuple[ir.ServiceInfo, tuple[Service, ...], tuple[ServiceIPv6, ...]]]
         infos = {}
-        changed = len(services) != len(self._infos)
+        gone: list[Service] = []
+        gone6: list[ServiceIPv6] = []
+        new: list[Service] = []
+        new6: list[ServiceIPv6] = []
         for info in services:
             last = self._infos.get(info.name)
             if last is not None and (last[0] is info or last[0] == info):
                 infos[info.name] = last
-            else:
-                infos[info.name] = (info, _entries(info), _entries6(info))
-                changed = True
+                continue
+            entries, entries6 = _entries(info), _entries6(info)
+            infos[info.name] = (info, entries, entries6)
+            if last is not None:
+                gone += last[1]
+                gone6 += last[2]
+            new += entries
+            new6 += entries6
+        for name in self._infos.keys() - infos.keys():
+            gone += self._infos[name][1]
+            gone6 += self._infos[name][2]
         self._infos = infos
-        if changed:
-            self._entries = _dedupe(infos[name][1] for name in sorted(infos))
-            self._entries6 = _dedupe(infos[name][2] for name in sorted(infos))
-        return self._entries
+        if gone or new:
+            self._services.update(gone, new)
+        if gone6 or new6:
+            self._services6.update(gone6, new6)
+        return self._services.segments, self._services6.segments
