@@ -8,6 +8,7 @@ EndpointSlices that changed, and an unchanged node keeps its `NodeInfo` object.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -82,6 +83,9 @@ class NodeIndex:
     def __init__(self) -> None:
         self._placed: dict[ObjectKey, tuple[Mapping[str, Any], Placement]] = {}
         self._refs: dict[str, dict[str, int]] = {}  # node -> pod IP -> how many objects say so
+        # node -> its pod IPs, kept sorted as IPs come and go (a node of 2,000 pods is not
+        # sorted again on every change)
+        self._sorted: dict[str, list[str]] = {}
         self._infos: dict[str, ir.NodeInfo] = {}
         self._tuple: tuple[ir.NodeInfo, ...] = ()
         self._nodes: list[tuple[ObjectKey, Mapping[str, Any]]] = []
@@ -151,7 +155,7 @@ class NodeIndex:
             if was is not None and key.name not in dirty and was.envoy_address == address:
                 infos[key.name] = was
                 continue
-            ips = tuple(sorted(self._refs.get(key.name, {})))
+            ips = tuple(self._sorted.get(key.name, ()))
             infos[key.name] = ir.NodeInfo(key.name, address, ips)
         self._infos = infos
         self._tuple = tuple(infos.values())
@@ -163,11 +167,14 @@ class NodeIndex:
             refs[ip] -= 1
             if not refs[ip]:
                 del refs[ip]
+                ips = self._sorted[node]
+                del ips[bisect.bisect_left(ips, ip)]
                 dirty.add(node)
                 if not refs:
-                    del self._refs[node]
+                    del self._refs[node], self._sorted[node]
         for node, ip in new:
             refs = self._refs.setdefault(node, {})
             refs[ip] = refs.get(ip, 0) + 1
             if refs[ip] == 1:
+                bisect.insort(self._sorted.setdefault(node, []), ip)
                 dirty.add(node)

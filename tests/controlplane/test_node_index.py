@@ -1,0 +1,48 @@
+"""NodeIndex keeps each node's pod IPs as Pods come, move and go: whatever the order of
+changes, a node's `pod_ips` must be the sorted set of the IPs its objects place on it."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nodemesh.controlplane.builder.node import NodeIndex
+from nodemesh.controlplane.store import ObjectKey
+
+NODES = ("node-a", "node-b", "node-c")
+_NODE_OBJECTS = [
+    (ObjectKey("Node", "", n), {"status": {"addresses": [{"type": "InternalIP", "address": a}]}})
+    for n, a in zip(NODES, ("10.250.0.1", "10.250.0.2", "10.250.0.3"), strict=True)
+]
+# a state: pod name -> (node, IP); two pods may claim one IP (it stays while either does)
+_STATES = st.lists(
+    st.dictionaries(
+        st.sampled_from([f"p{i}" for i in range(8)]),
+        st.tuples(st.sampled_from(NODES), st.sampled_from([f"10.244.0.{i}" for i in range(1, 7)])),
+        max_size=8,
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def _pod(node: str, ip: str) -> dict[str, object]:
+    return {"spec": {"nodeName": node}, "status": {"podIP": ip, "phase": "Running"}}
+
+
+@settings(max_examples=200, deadline=None)
+@given(_STATES)
+def test_pod_ips_follow_every_change(states: list[dict[str, tuple[str, str]]]) -> None:
+    index = NodeIndex()
+    index.update(_NODE_OBJECTS, [], [])
+    last: dict[str, tuple[str, str]] = {}
+    for state in states:
+        changed = [
+            (ObjectKey("Pod", "ns", name), _pod(*place) if name in state else None)
+            for name, place in {**last, **state}.items()
+            if last.get(name) != state.get(name)
+        ]
+        infos = index.update_changed(changed, None)
+        want = {n: sorted({ip for node, ip in state.values() if node == n}) for n in NODES}
+        assert {i.name: list(i.pod_ips) for i in infos} == want
+        last = state
