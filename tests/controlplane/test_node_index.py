@@ -3,9 +3,11 @@ changes, a node's `pod_ips` must be the sorted set of the IPs its objects place 
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nodemesh.controlplane.builder import node as node_module
 from nodemesh.controlplane.builder.node import NodeIndex
 from nodemesh.controlplane.store import ObjectKey
 
@@ -30,9 +32,17 @@ def _pod(node: str, ip: str) -> dict[str, object]:
     return {"spec": {"nodeName": node}, "status": {"podIP": ip, "phase": "Running"}}
 
 
-@settings(max_examples=200, deadline=None)
-@given(_STATES)
-def test_pod_ips_follow_every_change(states: list[dict[str, tuple[str, str]]]) -> None:
+@pytest.mark.parametrize("few", [64, 0], ids=["in-place", "sorted-later"])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(states=_STATES)
+def test_pod_ips_follow_every_change(
+    states: list[dict[str, tuple[str, str]]], few: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of keeping the order: updated in place (a few changes) and sorted once
+    when needed (a big batch, as a cold build gives)."""
+    monkeypatch.setattr(node_module, "_FEW", few)
     index = NodeIndex()
     index.update(_NODE_OBJECTS, [], [])
     last: dict[str, tuple[str, str]] = {}

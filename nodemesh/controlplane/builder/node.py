@@ -20,6 +20,7 @@ from nodemesh.xds.translate import ir
 __all__ = ["NodeIndex", "node_address", "pod_placement", "slice_placement"]
 
 Placement = tuple[tuple[str, str], ...]  # (node name, pod IP) pairs
+_FEW = 64  # changed objects up to which a node's sorted pod IPs are updated in place
 Items = Iterable[tuple[ObjectKey, Mapping[str, Any]]]
 
 
@@ -83,9 +84,11 @@ class NodeIndex:
     def __init__(self) -> None:
         self._placed: dict[ObjectKey, tuple[Mapping[str, Any], Placement]] = {}
         self._refs: dict[str, dict[str, int]] = {}  # node -> pod IP -> how many objects say so
-        # node -> its pod IPs, kept sorted as IPs come and go (a node of 2,000 pods is not
-        # sorted again on every change)
+        # node -> its pod IPs, kept sorted as IPs come and go on a change (a node of 2,000
+        # pods is not sorted again for every change), and sorted once, when first needed,
+        # after a full update (`_stale`: inserting 100,000 IPs one by one costs more)
         self._sorted: dict[str, list[str]] = {}
+        self._stale: set[str] = set()
         self._infos: dict[str, ir.NodeInfo] = {}
         self._tuple: tuple[ir.NodeInfo, ...] = ()
         self._nodes: list[tuple[ObjectKey, Mapping[str, Any]]] = []
@@ -108,9 +111,9 @@ class NodeIndex:
                 old = last[1] if last is not None else ()
                 self._placed[key] = (obj, new)
                 if new != old:
-                    self._move(old, new, dirty)
+                    self._move(old, new, dirty, keep_sorted=False)
         for key in [k for k in self._placed if k not in seen]:
-            self._move(self._placed.pop(key)[1], (), dirty)
+            self._move(self._placed.pop(key)[1], (), dirty, keep_sorted=False)
 
         return self._node_infos(nodes, dirty)
 
@@ -130,6 +133,10 @@ class NodeIndex:
         if self._pending:
             self._pending.update(changed)
             changed, self._pending = self._pending.items(), {}
+        changed = list(changed)
+        # A few changes keep each node's sorted IPs up to date in place; a big batch (a cold
+        # build: every object) leaves the touched nodes to be sorted once in _node_infos.
+        keep_sorted = len(changed) <= _FEW
         dirty: set[str] = set()
         for key, obj in changed:
             last = self._placed.pop(key, None)
@@ -139,7 +146,7 @@ class NodeIndex:
                 new = (pod_placement if key.kind == "Pod" else slice_placement)(obj)
                 self._placed[key] = (obj, new)
             if new != old:
-                self._move(old, new, dirty)
+                self._move(old, new, dirty, keep_sorted)
         if nodes is None:
             if not dirty.intersection(self._infos):
                 return self._tuple
@@ -155,26 +162,37 @@ class NodeIndex:
             if was is not None and key.name not in dirty and was.envoy_address == address:
                 infos[key.name] = was
                 continue
+            if key.name in self._stale:
+                self._stale.discard(key.name)
+                self._sorted[key.name] = sorted(self._refs.get(key.name, ()))
             ips = tuple(self._sorted.get(key.name, ()))
             infos[key.name] = ir.NodeInfo(key.name, address, ips)
         self._infos = infos
         self._tuple = tuple(infos.values())
         return self._tuple
 
-    def _move(self, old: Placement, new: Placement, dirty: set[str]) -> None:
+    def _move(
+        self, old: Placement, new: Placement, dirty: set[str], keep_sorted: bool = True
+    ) -> None:
         for node, ip in old:
             refs = self._refs[node]
             refs[ip] -= 1
             if not refs[ip]:
                 del refs[ip]
-                ips = self._sorted[node]
-                del ips[bisect.bisect_left(ips, ip)]
                 dirty.add(node)
+                if not keep_sorted or node in self._stale:
+                    self._stale.add(node)
+                else:
+                    ips = self._sorted[node]
+                    del ips[bisect.bisect_left(ips, ip)]
                 if not refs:
-                    del self._refs[node], self._sorted[node]
+                    del self._refs[node]
         for node, ip in new:
             refs = self._refs.setdefault(node, {})
             refs[ip] = refs.get(ip, 0) + 1
             if refs[ip] == 1:
-                bisect.insort(self._sorted.setdefault(node, []), ip)
                 dirty.add(node)
+                if not keep_sorted or node in self._stale:
+                    self._stale.add(node)
+                else:
+                    bisect.insort(self._sorted.setdefault(node, []), ip)

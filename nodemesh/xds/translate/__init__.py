@@ -529,3 +529,8 @@ class Translator:
     def serialized(self) -> int:
         """How many cluster and endpoint resources were serialized so far (for tests, bench)."""
         return self._clusters.made + self._endpoints.made
+
+    @property
+    def service_maps_made(self) -> int:
+        """How many node service map resources were made so far (for tests, bench)."""
+        return self._service_maps.made
