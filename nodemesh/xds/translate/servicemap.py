@@ -153,29 +153,40 @@ def service6_entry_bytes(entry: ServiceIPv6) -> bytes:
     return msg.SerializeToString(deterministic=True)
 
 
-def _sort_key(entry: Service | ServiceIPv6) -> tuple[str, int, str]:
-    return (entry.address, entry.port, entry.name)
+_Key = tuple[str, int, str]  # (address, port, Service name)
+
+
+def _keyed(service: str, entries: tuple[E, ...]) -> tuple[tuple[_Key, E], ...]:
+    """A Service's entries by (address, port, Service name), the first of a repeated
+    address:port only (a Service listing a port twice), as `_dedupe` keeps it."""
+    out: dict[_Key, E] = {}
+    for e in entries:
+        out.setdefault((e.address, e.port, service), e)
+    return tuple(out.items())
+
+
+_Keyed = tuple[tuple[_Key, Service], ...]
+_Keyed6 = tuple[tuple[_Key, ServiceIPv6], ...]
 
 
 class _Blob:
-    """Every node's `services` (or `services_ipv6`) field, encoded once: the entries in the
-    order `to_proto` writes them (address, port, name), each entry's bytes made once and kept
-    while its Service's entries are unchanged. `segments` is bytes runs, with the entries a
-    node must window (more than MAX_BACKENDS backends) left as entries between them."""
+    """Every node's `services` (or `services_ipv6`) field, encoded once, each entry's bytes
+    made when its Service changes. Ordered by (address, port, Service name): after the first
+    Service by name keeps an address:port (as `_dedupe` decides), that is the order `to_proto`
+    writes, (address, port, entry name). `segments` is bytes runs, with the entries a node
+    must window (more than MAX_BACKENDS backends) left as entries between them."""
 
     def __init__(self, encode: Callable[[Any], bytes]) -> None:
         self._encode = encode
-        self._bytes: dict[tuple[str, int, str], tuple[Any, bytes]] = {}
-        self._order: list[tuple[str, int, str]] = []
+        self._bytes: dict[_Key, tuple[Any, bytes]] = {}
+        self._order: list[_Key] = []
         self.segments: tuple[bytes | Service, ...] = ()
 
-    def update(self, removed: Iterable[Any], added: Iterable[Any]) -> None:
-        for entry in removed:
-            key = _sort_key(entry)
+    def update(self, removed: Iterable[_Key], added: Iterable[tuple[_Key, Any]]) -> None:
+        for key in removed:
             del self._bytes[key]
             del self._order[bisect.bisect_left(self._order, key)]
-        for entry in added:
-            key = _sort_key(entry)
+        for key, entry in added:
             self._bytes[key] = (entry, self._encode(entry))
             bisect.insort(self._order, key)
         segments: list[bytes | Service] = []
@@ -215,9 +226,7 @@ class ServiceMaps:
     again when one Service changes (its map is one resource)."""
 
     def __init__(self) -> None:
-        self._infos: dict[
-            str, tuple[ir.ServiceInfo, tuple[Service, ...], tuple[ServiceIPv6, ...]]
-        ] = {}
+        self._infos: dict[str, tuple[ir.ServiceInfo, _Keyed, _Keyed6]] = {}
         self._services = _Blob(service_entry_bytes)
         self._services6 = _Blob(service6_entry_bytes)
         self._nodes: dict[str, tuple[tuple[object, ...], Resource]] = {}
@@ -254,27 +263,26 @@ class ServiceMaps:
 
     def _update(self, services: tuple[ir.ServiceInfo, ...]) -> tuple[object, object]:
         """Bring the shared parts up to `services`; returns their current segments."""
-        infos: dict[str, tuple[ir.ServiceInfo, tuple[Service, ...], tuple[ServiceIPv6, ...]]]
-        infos = {}
-        gone: list[Service] = []
-        gone6: list[ServiceIPv6] = []
-        new: list[Service] = []
-        new6: list[ServiceIPv6] = []
+        infos: dict[str, tuple[ir.ServiceInfo, _Keyed, _Keyed6]] = {}
+        gone: list[_Key] = []
+        gone6: list[_Key] = []
+        new: list[tuple[_Key, Service]] = []
+        new6: list[tuple[_Key, ServiceIPv6]] = []
         for info in services:
             last = self._infos.get(info.name)
             if last is not None and (last[0] is info or last[0] == info):
                 infos[info.name] = last
                 continue
-            entries, entries6 = _entries(info), _entries6(info)
-            infos[info.name] = (info, entries, entries6)
+            keyed, keyed6 = _keyed(info.name, _entries(info)), _keyed(info.name, _entries6(info))
+            infos[info.name] = (info, keyed, keyed6)
             if last is not None:
-                gone += last[1]
-                gone6 += last[2]
-            new += entries
-            new6 += entries6
+                gone += (k for k, _ in last[1])
+                gone6 += (k for k, _ in last[2])
+            new += keyed
+            new6 += keyed6
         for name in self._infos.keys() - infos.keys():
-            gone += self._infos[name][1]
-            gone6 += self._infos[name][2]
+            gone += (k for k, _ in self._infos[name][1])
+            gone6 += (k for k, _ in self._infos[name][2])
         self._infos = infos
         if gone or new:
             self._services.update(gone, new)
