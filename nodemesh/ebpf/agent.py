@@ -59,6 +59,7 @@ class Agent:
         log.info("node %s: data plane %s", self.node, result)
         backoff = 0.1
         with NodeMaps(self.dataplane.pin_root) as maps:
+            maps.set_socket_redirect(self.socket_redirect)
             while True:
                 try:
                     await self._stream(maps)

@@ -170,6 +170,21 @@ class NodeMaps:
         return {n: sum(getattr(v, n) for v in values) for n in names}
 
     # -- writing --------------------------------------------------------------------------
+    def set_socket_redirect(self, on: bool) -> bool:
+        """Set only the socket-redirect switch in nm_config (the agent does it at start, before
+        its first map arrives, so the switch of a previous run does not rule until then);
+        returns whether it changed. New connections follow; sockets already in nm_socks stay
+        until they close or leave."""
+        cfg = self.config()
+        flags = (
+            cfg.flags | m.NM_CFG_SOCKET_REDIRECT if on else cfg.flags & ~m.NM_CFG_SOCKET_REDIRECT
+        )
+        if flags == cfg.flags:
+            return False
+        cfg.flags = flags
+        bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
+        return True
+
     def apply(
         self, node_map: NodeMap, envoy_cgroup_id: int = 0, socket_redirect: bool = True
     ) -> ApplyResult:

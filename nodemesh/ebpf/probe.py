@@ -62,8 +62,14 @@ def blocking_recv_survives_a_signal(timeout: float = 30, sockmap: bool = True) -
 
 
 def _sleeping(thread: threading.Thread) -> bool:
-    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "S"
+    """Is `thread` asleep in the kernel, and not on a futex (waiting for the GIL, before or
+    after its recv())? Where wchan is hidden ("0"), the sleep alone has to do."""
+    task = f"/proc/self/task/{thread.native_id}"
+    with open(f"{task}/stat") as f:
+        if f.read().rsplit(")", 1)[1].split()[0] != "S":
+            return False
+    with open(f"{task}/wchan") as f:
+        return "futex" not in f.read()
 
 
 def _pending(thread: threading.Thread, signum: int) -> bool:

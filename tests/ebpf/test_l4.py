@@ -12,7 +12,7 @@ import pytest
 from nodemesh.api import ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
-from nodemesh.ebpf._maps import Tuple
+from nodemesh.ebpf._maps import NM_CFG_ENVOY_SET, NM_CFG_SOCKET_REDIRECT, Tuple
 from nodemesh.ebpf.probe import blocking_recv_survives_a_signal
 from nodemesh.ebpf.testing import NodeLab
 from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
@@ -418,3 +418,22 @@ def test_the_agents_kernel_probe_agrees_with_a_pod(node: NodeLab, sockmap: bool)
     assert probe.ok == (pod["ended"] == "second signal"), (probe, pod)
     if not sockmap:
         assert probe.ok, probe
+
+
+def test_the_socket_redirect_switch_applies_to_new_connections_at_once(node: NodeLab) -> None:
+    """The agent sets the switch at start, before its first map: only that bit of nm_config
+    changes, and the next connection follows it."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),), socket_redirect=True)
+    b.serve(7000)
+    with NodeMaps(node.pin_root) as maps:
+        before = maps.config()
+        assert maps.set_socket_redirect(False) is True
+        assert maps.set_socket_redirect(False) is False, "already off: nothing written"
+        after = maps.config()
+    assert after.flags == before.flags & ~NM_CFG_SOCKET_REDIRECT
+    assert after.flags & NM_CFG_ENVOY_SET and after.envoy_port == before.envoy_port
+    inserts = stats(node)["sockhash_inserts"]
+    result = a.tool("xfer", "--to", f"{VIP}:80", "--bytes", str(MB), "--window", str(MB))
+    _check_xfer(result, MB)
+    assert stats(node)["sockhash_inserts"] == inserts

@@ -121,7 +121,8 @@ static __always_inline void nm_closed(struct bpf_sock_ops *skops)
  * makes that atomic with the peer's sk_msg, which reserves (adds to this count) before it
  * redirects and falls back to TCP when it finds NM_DETACHED; a redirect that reached a
  * socket after its psock went would be dropped by the kernel. With data unread the socket
- * stays and the next packet it sends (HDR_OPT_LEN_CB, an ACK at least) tries again.
+ * stays; it tries again at each packet it sends (HDR_OPT_LEN_CB) and, after a half-close,
+ * when its FIN is acknowledged (FIN_WAIT2). A socket that sends nothing more is not retried.
  */
 static __always_inline void nm_detach(struct bpf_sock_ops *skops, const struct nm_tuple *self)
 {
@@ -135,8 +136,8 @@ static __always_inline void nm_detach(struct bpf_sock_ops *skops, const struct n
 						 ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 }
 
-/* A packet is about to be sent: leave nm_socks if this socket's sends went to TCP or its
- * peer already left.
+/* A packet is about to be sent: leave nm_socks if this socket's sends went to TCP, its peer
+ * already left, or it half-closed with data still unread then (a retry).
  */
 static __always_inline void nm_sending(struct bpf_sock_ops *skops)
 {
@@ -155,7 +156,8 @@ static __always_inline void nm_sending(struct bpf_sock_ops *skops)
 	peer.sport = self.dport;
 	peer.dport = self.sport;
 	peer_backlog = bpf_map_lookup_elem(&nm_backlog, &peer);
-	if (*fallback || (peer_backlog && *(volatile __s64 *)peer_backlog < 0))
+	if (*fallback || (peer_backlog && *(volatile __s64 *)peer_backlog < 0) ||
+	    skops->state == BPF_TCP_FIN_WAIT1 || skops->state == BPF_TCP_FIN_WAIT2)
 		nm_detach(skops, &self);
 }
 
@@ -180,8 +182,8 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB: /* only sockets nm_established() tracks ask for it */
 		if (skops->args[1] == BPF_TCP_CLOSE)
 			nm_closed(skops);
-		else if (skops->args[1] == BPF_TCP_FIN_WAIT1)
-			nm_half_closed(skops);
+		else if (skops->args[1] == BPF_TCP_FIN_WAIT1 || skops->args[1] == BPF_TCP_FIN_WAIT2)
+			nm_half_closed(skops); /* FIN_WAIT2: again, if data was unread at FIN_WAIT1 */
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB: /* the same sockets, until nm_detach() */
 		nm_sending(skops);
