@@ -229,10 +229,17 @@ def test_shared_bytes_equal_the_map_encoded_whole(meshes: list[tuple[ir.ServiceI
     (the first by Service name keeps it), a Service listing a port twice, and windows of more
     than MAX_BACKENDS backends."""
     maps = ServiceMaps()
+    seen: dict[tuple[str, str], bytes] = {}  # (node, version) -> payload
     for services in meshes:
         mesh = ir.Mesh(services=services, node_infos=_NODES)
         got = maps.resources(mesh)
+        fresh = ServiceMaps().resources(mesh)  # the same mesh without the history
         entries, entries6 = service_entries(services), service_entries_ipv6(services)
         for node in _NODES:
             whole = to_proto(node_map(node, entries, mesh.outbound_port, entries6))
             assert got[node.name].payload == whole.SerializeToString(deterministic=True)
+            # versions hash the parts, not the payload: equal content, equal version, and
+            # one version never stands for two contents
+            assert got[node.name].version == fresh[node.name].version
+            key = (node.name, got[node.name].version)
+            assert seen.setdefault(key, got[node.name].payload) == got[node.name].payload

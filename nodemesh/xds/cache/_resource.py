@@ -81,12 +81,16 @@ class Resource:
         payload: bytes,
         decode: Callable[[bytes], Message],
         references: tuple[str, ...] | None = None,
+        version: str | None = None,
     ) -> Resource:
         """A resource from bytes encoded elsewhere; `message` is `decode(payload)`, made on
         first read. The bytes must be what `SerializeToString(deterministic=True)` gives for
         that message, so that versions match those of `from_message`. `references`, when the
-        encoder knows them, spares `Snapshot.consistent()` the decoding."""
-        resource = _Encoded(type_url, name, payload, decode)
+        encoder knows them, spares `Snapshot.consistent()` the decoding. `version`, when the
+        encoder has a cheaper hash of the same content (a large payload made of parts whose
+        hashes it keeps), replaces the hash of the payload; equal content must still give
+        equal versions."""
+        resource = _Encoded(type_url, name, payload, decode, version)
         resource.references = references
         return resource
 
@@ -113,7 +117,12 @@ class _Encoded(Resource):
     _message: Message | None
 
     def __init__(
-        self, type_url: str, name: str, payload: bytes, decode: Callable[[bytes], Message]
+        self,
+        type_url: str,
+        name: str,
+        payload: bytes,
+        decode: Callable[[bytes], Message],
+        version: str | None = None,
     ) -> None:
         # Resource.__init__ spelled out: no super() call and no trip through the message
         # setter (made for every encoded resource of every build).
@@ -123,7 +132,9 @@ class _Encoded(Resource):
         self.type_url = type_url
         self.name = name
         self.payload = payload
-        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        if version is None:
+            version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self.version = version
         self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
 
     @property

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, ServiceIPv6
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.api.servicemap import MAX_BACKENDS
-from nodemesh.xds.cache import Resource
+from nodemesh.xds.cache import Resource, content_version
 from nodemesh.xds.translate import ir
 
 __all__ = ["TYPE_URL", "ServiceMaps", "node_map", "service_entries", "service_entries_ipv6"]
@@ -181,6 +181,8 @@ class _Blob:
         self._bytes: dict[_Key, tuple[Any, bytes]] = {}
         self._order: list[_Key] = []
         self.segments: tuple[bytes | Service, ...] = ()
+        self.digest = b""
+        self._join()  # an empty blob looks the same however it became empty
 
     def update(self, removed: Iterable[_Key], added: Iterable[tuple[_Key, Any]]) -> None:
         for key in removed:
@@ -189,6 +191,9 @@ class _Blob:
         for key, entry in added:
             self._bytes[key] = (entry, self._encode(entry))
             bisect.insort(self._order, key)
+        self._join()
+
+    def _join(self) -> None:
         segments: list[bytes | Service] = []
         run: list[bytes] = []
         last: tuple[str, int] | None = None
@@ -204,6 +209,15 @@ class _Blob:
                 run.append(data)
         segments.append(b"".join(run))
         self.segments = tuple(segments)
+        # one hash of the shared bytes per change, so a node's version need not hash them
+        # (each part framed by its kind and length: no two segmentations hash alike)
+        digest = hashlib.blake2b(digest_size=16)
+        for part in segments:
+            data = part if isinstance(part, bytes) else repr(part).encode()
+            digest.update(b"be"[isinstance(part, Service)].to_bytes(1, "big"))
+            digest.update(len(data).to_bytes(8, "big"))
+            digest.update(data)
+        self.digest = digest.digest()
 
     def for_node(self, node: str) -> bytes:
         if len(self.segments) == 1:
@@ -245,16 +259,23 @@ class ServiceMaps:
             if node.envoy_address:
                 head.envoy.address, head.envoy.port = node.envoy_address, mesh.outbound_port
             local = pb.NodeServiceMap(local_addresses=sorted(node.pod_ips))
+            head_bytes = head.SerializeToString(deterministic=True)
+            local_bytes = local.SerializeToString(deterministic=True)
             payload = b"".join(
                 (
-                    head.SerializeToString(deterministic=True),
+                    head_bytes,
                     self._services.for_node(node.name),
-                    local.SerializeToString(deterministic=True),
+                    local_bytes,
                     self._services6.for_node(node.name),
                 )
             )
+            # The version hashes the node's own bytes and the shared parts' digests (the
+            # node name picks the windows), not its 2.2 MB again: same content, same version.
+            version = content_version(
+                head_bytes, self._services.digest, local_bytes, self._services6.digest
+            )
             resource = Resource.from_payload(
-                TYPE_URL, node.name, payload, pb.NodeServiceMap.FromString
+                TYPE_URL, node.name, payload, pb.NodeServiceMap.FromString, version=version
             )
             self.made += 1
             out[node.name] = (key, resource)
