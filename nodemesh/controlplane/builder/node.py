@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from nodemesh._ip import is_dotted_quad
 from nodemesh.controlplane.builder._util import as_list, as_map
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds.translate import ir
@@ -27,13 +28,8 @@ Items = Iterable[tuple[ObjectKey, Mapping[str, Any]]]
 def _ipv4(value: Any) -> str | None:
     # Fast path for the common canonical dotted quad (ipaddress is slow at 100k endpoints);
     # anything else goes through ipaddress, which decides.
-    if type(value) is str:
-        parts = value.split(".")
-        if len(parts) == 4 and all(
-            p.isdigit() and p.isascii() and (p == "0" or p[0] != "0") and int(p) < 256
-            for p in parts
-        ):
-            return value
+    if type(value) is str and is_dotted_quad(value):
+        return value
     try:
         return str(ipaddress.IPv4Address(str(value)))
     except ValueError:

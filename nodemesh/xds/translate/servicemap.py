@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from nodemesh._ip import ip_version
 from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, ServiceIPv6
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.api.servicemap import MAX_BACKENDS
@@ -24,16 +24,8 @@ from nodemesh.xds.translate import ir
 __all__ = ["TYPE_URL", "ServiceMaps", "node_map", "service_entries", "service_entries_ipv6"]
 
 
-def _ip_version(text: str) -> int:
-    """4 or 6, or 0 for what is not an IP address."""
-    try:
-        return ipaddress.ip_address(text).version
-    except ValueError:
-        return 0
-
-
 def _is_ipv4(text: str) -> bool:
-    return _ip_version(text) == 4
+    return ip_version(text) == 4
 
 
 def _entries6(info: ir.ServiceInfo) -> tuple[ServiceIPv6, ...]:
@@ -44,7 +36,7 @@ def _entries6(info: ir.ServiceInfo) -> tuple[ServiceIPv6, ...]:
     return tuple(
         ServiceIPv6(f"{info.name}:{port}", ip, port, target, info.needs_l7)
         for ip in info.cluster_ips
-        if _ip_version(ip) == 6
+        if ip_version(ip) == 6
         for port in info.ports
     )
 
