@@ -30,8 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="carry same-node payloads socket to socket (sk_msg). auto: only if this kernel "
-        "keeps a blocking recv() waiting across a signal on a socket in a sockmap (a probe at "
-        "start; 6.18 does not, docs/ebpf.md); on: always; off: never",
+        "keeps a blocking recv() waiting across a signal and a half-close on a socket in a "
+        "sockmap (a probe at start; 6.18 does not, docs/ebpf.md); on: always; off: never",
     )
     parser.add_argument(
         "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"
@@ -68,9 +68,9 @@ def _socket_redirect(mode: str) -> bool:
     if mode != "auto":
         log.info("socket redirect %s (--socket-redirect=%s)", mode, mode)
         return mode == "on"
-    from nodemesh.ebpf.probe import blocking_recv_survives_a_signal
+    from nodemesh.ebpf.probe import blocking_recv_survives_wakeups
 
-    probe = blocking_recv_survives_a_signal()
+    probe = blocking_recv_survives_wakeups()
     if probe.ok:
         log.info("socket redirect on: %s", probe.detail)
     else:

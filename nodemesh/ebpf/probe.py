@@ -6,11 +6,12 @@ state change, freed send buffer (docs/ebpf.md, Known limitations). A program tha
 recv() would see EAGAIN where it expects to go on waiting, so the agent short-circuits
 payloads (`socket_redirect`) only on kernels that pass this probe, unless told otherwise.
 
-The probe reproduces the simplest trigger: a loopback connection whose client socket sits in a
-fresh sockmap (no programs), a thread blocked in recv() on it, and a signal to that thread with
-a handler that returns. A correct kernel restarts or interrupts the wait (Python retries after
-EINTR, PEP 475) and the thread goes on waiting until a byte comes; the buggy one returns
-EAGAIN. It runs in a child process (`python -m nodemesh.ebpf.probe`), so its signal handler
+The probe reproduces two triggers, each on a loopback connection whose client socket sits in a
+fresh sockmap (no programs), with a thread blocked in recv() on it: a signal to that thread with
+a handler that returns, and the ACK of the socket's own FIN after shutdown(SHUT_WR) (a state
+change). A correct kernel keeps the call waiting (or, for the signal, interrupts it: Python
+retries after EINTR, PEP 475) until a byte comes; the buggy one returns EAGAIN. Both must
+pass. It runs in a child process (`python -m nodemesh.ebpf.probe`), so its signal handler
 and threads never touch the agent, and it needs what the agent needs (CAP_BPF).
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 from nodemesh.ebpf import _libbpf as bpf
 
-__all__ = ["ProbeResult", "blocking_recv_survives_a_signal"]
+__all__ = ["ProbeResult", "blocking_recv_survives_wakeups"]
 
 BPF_MAP_TYPE_SOCKMAP = 15
 _DEADLINE_S = 5.0
@@ -42,7 +43,7 @@ class ProbeResult:
     detail: str
 
 
-def blocking_recv_survives_a_signal(timeout: float = 30, sockmap: bool = True) -> ProbeResult:
+def blocking_recv_survives_wakeups(timeout: float = 30, sockmap: bool = True) -> ProbeResult:
     """Run the probe in a child process and return its verdict (`sockmap=False`: the control
     run on a socket outside any sockmap, which every kernel passes)."""
     try:
@@ -93,8 +94,27 @@ def _until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.005)
 
 
-def _probe(sockmap_on: bool = True) -> ProbeResult:
-    signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler that returns
+def _switches(thread: threading.Thread) -> int:
+    """How many times `thread` went to sleep (voluntary context switches); -1 once it ended."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return -1
+
+
+def _fin_wait2(sock: socket.socket) -> bool:
+    """Has the peer acknowledged this socket's FIN (TCP_INFO tcpi_state is TCP_FIN_WAIT2)?"""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 5
+
+
+def _case(sockmap_on: bool, wake: str) -> ProbeResult:
+    """One wakeup without data (`wake`: "signal" or "half-close") to a reader blocked in
+    recv() on a socket in a fresh sockmap; it must go on waiting and get the byte sent
+    after."""
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     server, _ = listener.accept()
@@ -115,22 +135,43 @@ def _probe(sockmap_on: bool = True) -> ProbeResult:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         _until(lambda: _sleeping(reader), "the reader to block in recv()")
-        signal.pthread_kill(reader.ident or 0, signal.SIGUSR1)
-        # Delivered means the interrupted recv() has returned: EAGAIN on the buggy kernel,
-        # EINTR or a restart on a correct one (then Python calls recv() again). Only then
-        # send the byte that ends a correct wait.
-        _until(lambda: not _pending(reader, signal.SIGUSR1), "the signal's delivery")
+        if wake == "signal":
+            signal.pthread_kill(reader.ident or 0, signal.SIGUSR1)
+            # Delivered means the interrupted recv() has returned: EAGAIN on the buggy
+            # kernel, EINTR or a restart on a correct one (then Python calls recv() again).
+            _until(lambda: not _pending(reader, signal.SIGUSR1), "the signal's delivery")
+        else:
+            slept = _switches(reader)
+            client.shutdown(socket.SHUT_WR)  # the ACK of this FIN wakes the reader (FIN_WAIT2)
+            _until(lambda: _fin_wait2(client), "the ACK of the FIN")
+            # The reader has seen that wakeup once it ended (EAGAIN) or slept again.
+            _until(
+                lambda: (
+                    _switches(reader) == -1 or (_switches(reader) > slept and _sleeping(reader))
+                ),
+                "the reader after the FIN's ACK",
+            )
+        # Only now send the byte that ends a correct wait.
         server.sendall(b"x")
         reader.join(_DEADLINE_S)
         if "errno" in got:
-            return ProbeResult(False, f"recv() got errno {got['errno']} after a signal")
+            return ProbeResult(False, f"recv() got errno {got['errno']} after a {wake}")
         if got.get("data") != b"x":
             return ProbeResult(False, f"recv() ended with {got} instead of the byte sent")
-        return ProbeResult(True, "a blocking recv() kept waiting across a signal")
+        return ProbeResult(True, f"a blocking recv() kept waiting across a {wake}")
     finally:
         os.close(sockmap)
         for s in (client, server, listener):
             s.close()
+
+
+def _probe(sockmap_on: bool = True) -> ProbeResult:
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler that returns
+    results = [_case(sockmap_on, wake) for wake in ("signal", "half-close")]
+    failed = [r for r in results if not r.ok]
+    if failed:
+        return ProbeResult(False, "; ".join(r.detail for r in failed))
+    return ProbeResult(True, "; ".join(r.detail for r in results))
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from nodemesh.api import ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf._maps import NM_CFG_ENVOY_SET, NM_CFG_SOCKET_REDIRECT, Tuple
-from nodemesh.ebpf.probe import blocking_recv_survives_a_signal
+from nodemesh.ebpf.probe import blocking_recv_survives_wakeups
 from nodemesh.ebpf.testing import NodeLab
 from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
 
@@ -408,14 +408,22 @@ def test_a_blocking_reader_interrupted_by_a_signal_keeps_waiting(
 @pytest.mark.parametrize("sockmap", [True, False], ids=["sockmap", "control"])
 def test_the_agents_kernel_probe_agrees_with_a_pod(node: NodeLab, sockmap: bool) -> None:
     """The agent's --socket-redirect=auto trusts nodemesh.ebpf.probe: its verdict must be what
-    a real program in a pod sees (the test above, run here once), and its control (the same
-    steps on a socket outside any sockmap) must pass on every kernel."""
+    real programs in a pod see (a signal, and a half-close with a reader thread waiting, as in
+    the tests above, run here once), and its control (the same steps on a socket outside any
+    sockmap) must pass on every kernel."""
     a, b = node.pods["a"], node.pods["b"]
-    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),), socket_redirect=sockmap)
+    program(
+        node,
+        (l4("sink", VIP, 80, (b.ip, 7000, 1)), l4("late", VIP, 81, (b.ip, 7001, 1))),
+        socket_redirect=sockmap,
+    )
     b.serve(7000, sink_chunk=65536, sink_pause=30)
-    pod = a.tool("signalled", "--to", f"{VIP}:80")
-    probe = blocking_recv_survives_a_signal(sockmap=sockmap)
-    assert probe.ok == (pod["ended"] == "second signal"), (probe, pod)
+    b.serve(7001, sink_chunk=65536, sink_pause=0.5)
+    signalled = a.tool("signalled", "--to", f"{VIP}:80")
+    halfclosed = a.tool("halfclose", "--to", f"{VIP}:81")
+    pods_ok = signalled["ended"] == "second signal" and "trailer" in halfclosed["reader"]
+    probe = blocking_recv_survives_wakeups(sockmap=sockmap)
+    assert probe.ok == pods_ok, (probe, signalled, halfclosed)
     if not sockmap:
         assert probe.ok, probe
 
