@@ -267,7 +267,12 @@ class ServiceMaps:
                 head_bytes, self._services.digest, local_bytes, self._services6.digest
             )
             resource = Resource.from_payload(
-                TYPE_URL, node.name, payload, pb.NodeServiceMap.FromString, version=version
+                TYPE_URL,
+                node.name,
+                payload,
+                pb.NodeServiceMap.FromString,
+                version=version,
+                lazy_entries=True,
             )
             self.made += 1
             out[node.name] = (key, resource)
