@@ -64,25 +64,30 @@ def to_proto(model: NodeMap) -> pb.NodeServiceMap:
     if model.envoy is not None:
         msg.envoy.address, msg.envoy.port = model.envoy
     for svc in sorted(model.services, key=lambda s: (s.address, s.port, s.name)):
-        msg.services.append(
-            pb.Service(
-                name=svc.name,
-                address=svc.address,
-                port=svc.port,
-                mode=pb.Service.L7 if svc.l7 else pb.Service.L4,
-                backends=[
-                    pb.Backend(address=b.address, port=b.port, weight=b.weight)
-                    for b in svc.backends
-                ],
-            )
-        )
+        msg.services.append(service_message(svc))
     for v6 in sorted(model.services_ipv6, key=lambda s: (s.address, s.port, s.name)):
-        msg.services_ipv6.append(
-            pb.ServiceIPv6(
-                name=v6.name, address=v6.address, port=v6.port, target=v6.target, l7=v6.l7
-            )
-        )
+        msg.services_ipv6.append(service6_message(v6))
     return msg
+
+
+def service_message(svc: Service) -> pb.Service:
+    """One `services` entry of a NodeServiceMap."""
+    return pb.Service(
+        name=svc.name,
+        address=svc.address,
+        port=svc.port,
+        mode=pb.Service.L7 if svc.l7 else pb.Service.L4,
+        backends=[
+            pb.Backend(address=b.address, port=b.port, weight=b.weight) for b in svc.backends
+        ],
+    )
+
+
+def service6_message(v6: ServiceIPv6) -> pb.ServiceIPv6:
+    """One `services_ipv6` entry of a NodeServiceMap."""
+    return pb.ServiceIPv6(
+        name=v6.name, address=v6.address, port=v6.port, target=v6.target, l7=v6.l7
+    )
 
 
 def _ipv6(text: str, where: str, problems: list[str]) -> None:

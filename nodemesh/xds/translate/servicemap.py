@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from nodemesh._ip import ip_version
 from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, ServiceIPv6
 from nodemesh.api import servicemap_pb2 as pb
-from nodemesh.api.servicemap import MAX_BACKENDS
+from nodemesh.api.servicemap import MAX_BACKENDS, service6_message, service_message
 from nodemesh.xds.cache import Resource, content_version
 from nodemesh.xds.translate import ir
 
@@ -115,34 +115,16 @@ def node_map(
 def service_entry_bytes(entry: Service) -> bytes:
     """One `services` entry of a NodeServiceMap (field 3: tag, length, body) as `to_proto`
     encodes it: a message with just that entry serializes to exactly those bytes."""
-    msg = pb.NodeServiceMap()
-    msg.services.append(
-        pb.Service(
-            name=entry.name,
-            address=entry.address,
-            port=entry.port,
-            mode=pb.Service.L7 if entry.l7 else pb.Service.L4,
-            backends=[
-                pb.Backend(address=b.address, port=b.port, weight=b.weight) for b in entry.backends
-            ],
-        )
+    return pb.NodeServiceMap(services=[service_message(entry)]).SerializeToString(
+        deterministic=True
     )
-    return msg.SerializeToString(deterministic=True)
 
 
 def service6_entry_bytes(entry: ServiceIPv6) -> bytes:
     """One `services_ipv6` entry (field 5), as `to_proto` encodes it."""
-    msg = pb.NodeServiceMap()
-    msg.services_ipv6.append(
-        pb.ServiceIPv6(
-            name=entry.name,
-            address=entry.address,
-            port=entry.port,
-            target=entry.target,
-            l7=entry.l7,
-        )
+    return pb.NodeServiceMap(services_ipv6=[service6_message(entry)]).SerializeToString(
+        deterministic=True
     )
-    return msg.SerializeToString(deterministic=True)
 
 
 _Key = tuple[str, int, str]  # (address, port, Service name)
