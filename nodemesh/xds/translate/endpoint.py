@@ -104,6 +104,17 @@ def _heads(tail_size: int) -> list[bytes]:
     return heads
 
 
+def _locality_head(zone: str, size: int) -> tuple[bytes, ...]:
+    """The head of one `endpoints` entry (a LocalityLbEndpoints) whose lb_endpoints take
+    `size` bytes: its tag and length, and the locality when the zone is set."""
+    z = zone.encode()
+    if not z:
+        return (_CLA_ENDPOINTS, varint(size))
+    loc = _LOC_ZONE + varint(len(z)) + z
+    locality = _LLE_LOCALITY + varint(len(loc)) + loc
+    return (_CLA_ENDPOINTS, varint(size + len(locality)), locality)
+
+
 def _uniform_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes | None:
     """`load_assignment_bytes` when every endpoint has the same port, draining flag and zone
     (one locality, one tail) and a short address (one-byte lengths): most clusters. None when
@@ -128,13 +139,7 @@ def _uniform_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes | None:
     size = total + len(ce.endpoints) * (len(heads[1]) + len(tail))
     cla_name = name.encode()
     out = [_CLA_NAME, varint(len(cla_name)), cla_name] if cla_name else []
-    zone_bytes = zone.encode()
-    if zone_bytes:
-        loc = _LOC_ZONE + varint(len(zone_bytes)) + zone_bytes
-        locality = _LLE_LOCALITY + varint(len(loc)) + loc
-        out += (_CLA_ENDPOINTS, varint(size + len(locality)), locality)
-    else:
-        out += (_CLA_ENDPOINTS, varint(size))
+    out += _locality_head(zone, size)
     out += pieces
     return b"".join(out)
 
@@ -194,13 +199,6 @@ def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
     cla_name = name.encode()
     parts = [_CLA_NAME, varint(len(cla_name)), cla_name] if cla_name else []
     for zone_name in sorted(by_zone):
-        z = zone_name.encode()
-        size = sizes[zone_name]
-        if z:
-            loc = _LOC_ZONE + varint(len(z)) + z
-            locality = _LLE_LOCALITY + varint(len(loc)) + loc
-            parts += (_CLA_ENDPOINTS, varint(size + len(locality)), locality)
-        else:
-            parts += (_CLA_ENDPOINTS, varint(size))
+        parts += _locality_head(zone_name, sizes[zone_name])
         parts += by_zone[zone_name]
     return b"".join(parts)
