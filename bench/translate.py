@@ -272,7 +272,7 @@ def main() -> int:
         print(f"{s:<10} {med(full_nodes, s) * 1000:>17.1f} ms {med(inc_nodes, s) * 1000:>35.2f} ms")
     print(
         f"resources re-serialized per endpoint change: {serialized_nodes} for Envoy, "
-        f"{maps_made} node service maps (the last change)"
+        f"{maps_made} agent feed resources (MeshService, NodeServiceMap; the last change)"
     )
     full_ms, inc_ms = med(full, "total") * 1000, med(inc, "total") * 1000
     inc_translate_ms = med(inc, "translate") * 1000
@@ -313,7 +313,7 @@ def main() -> int:
                         s: round(med(inc_nodes, s) * 1000, 3) for s in stages
                     },
                     "reserialized_per_endpoint_change": serialized_nodes,
-                    "service_maps_per_endpoint_change": maps_made,
+                    "agent_feed_resources_per_endpoint_change": maps_made,
                 },
             },
             indent=2,

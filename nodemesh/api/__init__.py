@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 from nodemesh.api.servicemap import (
-    TYPE_URL,
+    NODE_TYPE_URL,
+    SERVICE_TYPE_URL,
     Backend,
+    MapView,
+    MeshService,
     NodeMap,
+    NodePart,
     Service,
     ServiceIPv6,
-    from_proto,
-    to_proto,
+    node_from_proto,
+    node_to_proto,
+    service_from_proto,
+    service_to_proto,
+    split,
+    window,
 )
 
-__all__ = ["TYPE_URL", "Backend", "NodeMap", "Service", "ServiceIPv6", "from_proto", "to_proto"]
+__all__ = [
+    "NODE_TYPE_URL",
+    "SERVICE_TYPE_URL",
+    "Backend",
+    "MapView",
+    "MeshService",
+    "NodeMap",
+    "NodePart",
+    "Service",
+    "ServiceIPv6",
+    "node_from_proto",
+    "node_to_proto",
+    "service_from_proto",
+    "service_to_proto",
+    "split",
+    "window",
+]

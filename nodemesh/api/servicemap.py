@@ -1,19 +1,42 @@
-"""The node service map: a small model, and its wire form (`NodeServiceMap` in servicemap.proto).
+"""The node service map: a small model, and its wire form (servicemap.proto).
 
-`to_proto()` is what the control plane calls (pure: same model, same bytes); `from_proto()` is
-what the agent calls, and it reports every problem of a map at once.
+On the wire a node's map is two resource types: its `NodeServiceMap` (node Envoy, pod IPs) and
+one `MeshService` per Service, shared by every node. `node_to_proto()`/`service_to_proto()` are
+what the control plane calls (pure: same model, same bytes); `node_from_proto()` and
+`service_from_proto()` are what the agent calls, and report every problem of a resource at
+once. `MapView` is the agent's join of them into one `NodeMap` (what the kernel maps hold).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nodemesh.api import servicemap_pb2 as pb
 
-__all__ = ["TYPE_URL", "Backend", "NodeMap", "Service", "ServiceIPv6", "from_proto", "to_proto"]
+__all__ = [
+    "NODE_TYPE_URL",
+    "SERVICE_TYPE_URL",
+    "Backend",
+    "MapView",
+    "MeshService",
+    "NodeMap",
+    "NodePart",
+    "Service",
+    "ServiceIPv6",
+    "node_from_proto",
+    "node_to_proto",
+    "service_from_proto",
+    "service_to_proto",
+    "split",
+    "window",
+]
 
-TYPE_URL = "type.googleapis.com/" + pb.NodeServiceMap.DESCRIPTOR.full_name
+NODE_TYPE_URL = "type.googleapis.com/" + pb.NodeServiceMap.DESCRIPTOR.full_name
+SERVICE_TYPE_URL = "type.googleapis.com/" + pb.MeshService.DESCRIPTOR.full_name
 MAX_BACKENDS = 32  # mirrors NM_MAX_BACKENDS in nodemesh/ebpf/bpf/nodemesh.h
 
 
@@ -56,18 +79,54 @@ class NodeMap:
     services_ipv6: tuple[ServiceIPv6, ...] = ()
 
 
-def to_proto(model: NodeMap) -> pb.NodeServiceMap:
-    """The resource for `model.node`. Services and addresses are sorted, so equal models give
-    equal bytes (and equal xDS versions).
-    """
-    msg = pb.NodeServiceMap(node=model.node, local_addresses=sorted(model.local_addresses))
-    if model.envoy is not None:
-        msg.envoy.address, msg.envoy.port = model.envoy
-    for svc in sorted(model.services, key=lambda s: (s.address, s.port, s.name)):
-        msg.services.append(service_message(svc))
-    for v6 in sorted(model.services_ipv6, key=lambda s: (s.address, s.port, s.name)):
-        msg.services_ipv6.append(service6_message(v6))
+@dataclass(frozen=True, slots=True)
+class NodePart:
+    """What only one node has: the `NodeServiceMap` resource."""
+
+    node: str
+    envoy: tuple[str, int] | None = None
+    local_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MeshService:
+    """One Service's entries ("namespace/name"): the `MeshService` resource, the same for every
+    node. Its backends are not windowed (`window()` does that per node)."""
+
+    name: str
+    services: tuple[Service, ...] = ()
+    services_ipv6: tuple[ServiceIPv6, ...] = ()
+
+
+def node_to_proto(part: NodePart) -> pb.NodeServiceMap:
+    """Addresses are sorted, so equal parts give equal bytes (and equal xDS versions)."""
+    msg = pb.NodeServiceMap(node=part.node, local_addresses=sorted(part.local_addresses))
+    if part.envoy is not None:
+        msg.envoy.address, msg.envoy.port = part.envoy
     return msg
+
+
+def service_to_proto(svc: MeshService) -> pb.MeshService:
+    """Entries in the order given (the control plane gives them in a stable order)."""
+    return pb.MeshService(
+        name=svc.name,
+        services=[service_message(e) for e in svc.services],
+        services_ipv6=[service6_message(e) for e in svc.services_ipv6],
+    )
+
+
+def split(model: NodeMap) -> tuple[NodePart, tuple[MeshService, ...]]:
+    """A whole node map as the resources that carry it: entries are grouped by the Service in
+    their name ("namespace/name:port"). For callers that hold a `NodeMap` (tests, tools)."""
+    groups: dict[str, tuple[list[Service], list[ServiceIPv6]]] = {}
+    for svc in model.services:
+        groups.setdefault(svc.name.rpartition(":")[0] or svc.name, ([], []))[0].append(svc)
+    for v6 in model.services_ipv6:
+        groups.setdefault(v6.name.rpartition(":")[0] or v6.name, ([], []))[1].append(v6)
+    part = NodePart(model.node, model.envoy, model.local_addresses)
+    return part, tuple(
+        MeshService(name, tuple(v4), tuple(v6)) for name, (v4, v6) in sorted(groups.items())
+    )
 
 
 def service_message(svc: Service) -> pb.Service:
@@ -112,7 +171,7 @@ def _port(port: int, where: str, problems: list[str]) -> None:
         problems.append(f"{where}: port {port} is outside 1-65535")
 
 
-def from_proto(msg: pb.NodeServiceMap) -> NodeMap:
+def node_from_proto(msg: pb.NodeServiceMap) -> NodePart:
     """Validate and convert. Raises ValueError naming every problem found."""
     problems: list[str] = []
     envoy: tuple[str, int] | None = None
@@ -122,6 +181,15 @@ def from_proto(msg: pb.NodeServiceMap) -> NodeMap:
         envoy = (msg.envoy.address, msg.envoy.port)
     for addr in msg.local_addresses:
         _ipv4(addr, "local_addresses", problems)
+    if problems:
+        raise ValueError(f"node {msg.node!r}: " + "; ".join(problems))
+    return NodePart(msg.node, envoy, tuple(msg.local_addresses))
+
+
+def service_from_proto(msg: pb.MeshService) -> MeshService:
+    """Validate and convert. Raises ValueError naming every problem found. One address and
+    port twice in one Service is a problem; in two Services it is not (`MapView` decides)."""
+    problems: list[str] = []
     services: list[Service] = []
     seen: dict[tuple[str, int], str] = {}
     for s in msg.services:
@@ -133,8 +201,6 @@ def from_proto(msg: pb.NodeServiceMap) -> NodeMap:
         seen[(s.address, s.port)] = s.name
         if s.mode == pb.Service.MODE_UNSPECIFIED:
             problems.append(f"{where}: mode is unset (L4 or L7)")
-        if len(s.backends) > MAX_BACKENDS:
-            problems.append(f"{where}: {len(s.backends)} backends, at most {MAX_BACKENDS}")
         backends: list[Backend] = []
         for b in s.backends:
             _ipv4(b.address, f"{where} backend", problems)
@@ -161,5 +227,91 @@ def from_proto(msg: pb.NodeServiceMap) -> NodeMap:
         seen6[key] = v6.name
         services6.append(ServiceIPv6(v6.name, v6.address, v6.port, v6.target, v6.l7))
     if problems:
-        raise ValueError("; ".join(problems))
-    return NodeMap(msg.node, tuple(services), envoy, tuple(msg.local_addresses), tuple(services6))
+        raise ValueError(f"MeshService {msg.name!r}: " + "; ".join(problems))
+    return MeshService(msg.name, tuple(services), tuple(services6))
+
+
+def window(entry: Service, node: str) -> Service:
+    """A kernel service value holds at most MAX_BACKENDS backends. Each node takes its own
+    window of a larger set (an offset from a hash of its name), so together the nodes still
+    spread over every backend."""
+    n = len(entry.backends)
+    if n <= MAX_BACKENDS:
+        return entry
+    start = int.from_bytes(hashlib.blake2b(node.encode(), digest_size=4).digest(), "big") % n
+    backends = tuple(entry.backends[(start + i) % n] for i in range(MAX_BACKENDS))
+    return Service(entry.name, entry.address, entry.port, False, backends)
+
+
+Key = tuple[str, int]  # (address, port)
+
+
+class MapView:
+    """The agent's join of its `NodePart` and every `MeshService` into the `NodeMap` its kernel
+    maps hold. Where Services claim one address and port, the first by name keeps it (so it
+    does not matter in which order they arrive). `update()` reports the keys whose entry may
+    have changed, so the agent writes only those."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.part = NodePart(node)
+        self._services: dict[str, MeshService] = {}
+        self._owners4: dict[Key, list[str]] = {}  # names, sorted
+        self._owners6: dict[Key, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._services)
+
+    def update(
+        self, upserts: Iterable[MeshService] = (), removed: Iterable[str] = ()
+    ) -> tuple[set[Key], set[Key]]:
+        """Apply one response's changes: (IPv4 keys, IPv6 keys) touched."""
+        keys4: set[Key] = set()
+        keys6: set[Key] = set()
+        for name in removed:
+            old = self._services.pop(name, None)
+            if old is not None:
+                self._index(old, keys4, keys6, add=False)
+        for svc in upserts:
+            old = self._services.get(svc.name)
+            if old is not None:
+                self._index(old, keys4, keys6, add=False)
+            self._services[svc.name] = svc
+            self._index(svc, keys4, keys6, add=True)
+        return keys4, keys6
+
+    def _index(self, svc: MeshService, keys4: set[Key], keys6: set[Key], add: bool) -> None:
+        for owners, keys, entries in (
+            (self._owners4, keys4, svc.services),
+            (self._owners6, keys6, svc.services_ipv6),
+        ):
+            for key in {(e.address, e.port) for e in entries}:
+                keys.add(key)
+                names = owners.setdefault(key, [])
+                if add:
+                    bisect.insort(names, svc.name)
+                else:
+                    names.remove(svc.name)
+                    if not names:
+                        del owners[key]
+
+    def service(self, key: Key) -> Service | None:
+        """The entry the kernel should hold for an IPv4 address and port (windowed)."""
+        names = self._owners4.get(key)
+        if not names:
+            return None
+        entry = next(e for e in self._services[names[0]].services if (e.address, e.port) == key)
+        return window(entry, self.node)
+
+    def service6(self, key: Key) -> ServiceIPv6 | None:
+        names = self._owners6.get(key)
+        if not names:
+            return None
+        svc = self._services[names[0]]
+        return next(e for e in svc.services_ipv6 if (e.address, e.port) == key)
+
+    def model(self) -> NodeMap:
+        services = tuple(e for k in sorted(self._owners4) if (e := self.service(k)) is not None)
+        services6 = tuple(e6 for k in sorted(self._owners6) if (e6 := self.service6(k)) is not None)
+        part = self.part
+        return NodeMap(part.node, services, part.envoy, part.local_addresses, services6)

@@ -11,23 +11,32 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeServiceMap(_message.Message):
-    __slots__ = ("node", "envoy", "services", "local_addresses", "services_ipv6")
+    __slots__ = ("node", "envoy", "local_addresses")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENVOY_FIELD_NUMBER: _ClassVar[int]
-    SERVICES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
-    SERVICES_IPV6_FIELD_NUMBER: _ClassVar[int]
     node: str
     envoy: SocketAddress
-    services: _containers.RepeatedCompositeFieldContainer[Service]
     local_addresses: _containers.RepeatedScalarFieldContainer[str]
-    services_ipv6: _containers.RepeatedCompositeFieldContainer[ServiceIPv6]
     def __init__(
         self,
         node: str | None = ...,
         envoy: SocketAddress | _Mapping | None = ...,
-        services: _Iterable[Service | _Mapping] | None = ...,
         local_addresses: _Iterable[str] | None = ...,
+    ) -> None: ...
+
+class MeshService(_message.Message):
+    __slots__ = ("name", "services", "services_ipv6")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_IPV6_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    services: _containers.RepeatedCompositeFieldContainer[Service]
+    services_ipv6: _containers.RepeatedCompositeFieldContainer[ServiceIPv6]
+    def __init__(
+        self,
+        name: str | None = ...,
+        services: _Iterable[Service | _Mapping] | None = ...,
         services_ipv6: _Iterable[ServiceIPv6 | _Mapping] | None = ...,
     ) -> None: ...
 

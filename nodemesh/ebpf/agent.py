@@ -1,9 +1,13 @@
-"""`Agent`: the node agent. Keeps the data plane enabled and the maps equal to the service map
-the control plane sends over ADS (custom type `nodemesh.api.v1.NodeServiceMap`).
+"""`Agent`: the node agent. Keeps the data plane enabled and the maps equal to what the control
+plane sends over one delta ADS stream: this node's `NodeServiceMap` (subscribed by name) and
+every `MeshService` (wildcard), joined by `MapView`.
 
-One SotW stream, one type, wildcard: every response carries the whole map of this node. A map
-that applies is ACKed; one that does not is NACKed with the reason, and the maps keep the last
-good map. The stream reconnects with backoff; the maps stay in force while it is down.
+A response that validates is applied and ACKed; one that does not is NACKed with the reason and
+changes nothing. Until both types have answered once the maps are left as they are (after a
+restart they still hold the last run's map); then they are converged once (`NodeMaps.apply`),
+and afterwards each response writes only the entries it touches (`NodeMaps.patch`). The stream
+reconnects with backoff, resuming with the versions the agent holds, and the maps stay in force
+while it is down.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
-from nodemesh.api import TYPE_URL, NodeMap, from_proto
+from nodemesh.api import (
+    NODE_TYPE_URL,
+    SERVICE_TYPE_URL,
+    MapView,
+    MeshService,
+    NodePart,
+    node_from_proto,
+    service_from_proto,
+)
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf.errors import NodemeshEbpfError
 from nodemesh.ebpf.loader import Dataplane
@@ -29,8 +41,9 @@ __all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
-_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 _INVALID_ARGUMENT = 3
+_TYPES = (NODE_TYPE_URL, SERVICE_TYPE_URL)
 
 
 class Agent:
@@ -51,7 +64,11 @@ class Agent:
         self.envoy_cgroup_id = os.stat(envoy_cgroup).st_ino if envoy_cgroup else 0
         self.max_backoff = max_backoff
         self.socket_redirect = socket_redirect
-        self.applied_version = ""
+        self.view = MapView(node)
+        # per type, the resources applied (name -> version): resumed on reconnect
+        self.versions: dict[str, dict[str, str]] = {t: {} for t in _TYPES}
+        self._answered: set[str] = set()  # types answered at least once since start
+        self._converged = False  # the maps were made equal to the view once
         self.last_error = ""
 
     async def run(self) -> None:
@@ -73,59 +90,110 @@ class Agent:
 
     async def _stream(self, maps: NodeMaps) -> None:
         node = base_pb2.Node(id=self.node, cluster="nodemesh-agent")
-        outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
 
-        async def requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
             while True:
                 yield await outbox.get()
 
-        await outbox.put(
-            discovery_pb2.DiscoveryRequest(
-                node=node, type_url=TYPE_URL, version_info=self.applied_version
+        for type_url, names in ((NODE_TYPE_URL, [self.node]), (SERVICE_TYPE_URL, ["*"])):
+            await outbox.put(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    node=node,
+                    type_url=type_url,
+                    resource_names_subscribe=names,
+                    initial_resource_versions=self.versions[type_url],
+                )
             )
-        )
         async with grpc.aio.insecure_channel(self.controlplane) as channel:
             call = channel.stream_stream(
                 _METHOD,
-                request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-                response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+                request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+                response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
             )(requests())
             log.info("ADS stream to %s open", self.controlplane)
             async for response in call:
-                if response.type_url != TYPE_URL:
-                    continue
-                await outbox.put(self._answer(maps, node, response))
+                if response.type_url in self.versions:
+                    await outbox.put(self._answer(maps, response))
 
     def _answer(
-        self, maps: NodeMaps, node: base_pb2.Node, response: discovery_pb2.DiscoveryResponse
-    ) -> discovery_pb2.DiscoveryRequest:
-        ack = discovery_pb2.DiscoveryRequest(
-            node=node, type_url=TYPE_URL, response_nonce=response.nonce
+        self, maps: NodeMaps, response: discovery_pb2.DeltaDiscoveryResponse
+    ) -> discovery_pb2.DeltaDiscoveryRequest:
+        ack = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=response.type_url, response_nonce=response.nonce
         )
         try:
             result = self.apply(maps, response)
         except (ValueError, NodemeshEbpfError) as exc:
             self.last_error = str(exc)
-            log.error("NACK %s version %s: %s", self.node, response.version_info, exc)
-            ack.version_info = self.applied_version
+            log.error("NACK %s version %s: %s", self.node, response.system_version_info, exc)
             ack.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=str(exc)))
             return ack
-        self.applied_version = response.version_info
         self.last_error = ""
-        log.info("ACK %s version %s: %s", self.node, response.version_info, result)
-        ack.version_info = response.version_info
+        log.info(
+            "ACK %s %s version %s: %s",
+            self.node,
+            response.type_url.rpartition(".")[2],
+            response.system_version_info,
+            result if result is not None else "held until both types have answered",
+        )
         return ack
 
-    def apply(self, maps: NodeMaps, response: discovery_pb2.DiscoveryResponse) -> ApplyResult:
-        if len(response.resources) > 1:
-            raise ValueError(f"{len(response.resources)} service maps for one node, expected 1")
-        if not response.resources:
-            model = NodeMap(self.node)  # the control plane withdrew this node's map
+    def apply(
+        self, maps: NodeMaps, response: discovery_pb2.DeltaDiscoveryResponse
+    ) -> ApplyResult | None:
+        """Validate the whole response first (a bad one changes nothing), then update the view
+        and the maps. Returns what was written; None while the first converge waits."""
+        removed = tuple(response.removed_resources)
+        keys4: set[tuple[str, int]] = set()
+        keys6: set[tuple[str, int]] = set()
+        if response.type_url == NODE_TYPE_URL:
+            part = self._node_part(response)
+            if self.node in removed:
+                part = NodePart(self.node)  # the control plane withdrew this node's map
+            self.view.part = part
         else:
+            upserts = [self._mesh_service(r) for r in response.resources]
+            keys4, keys6 = self.view.update(upserts, removed)
+        versions = self.versions[response.type_url]
+        for name in removed:
+            versions.pop(name, None)
+        versions.update((r.name, r.version) for r in response.resources)
+        self._answered.add(response.type_url)
+
+        if not self._converged:
+            if self._answered != set(_TYPES):
+                return None
+            result = maps.apply(self.view.model(), self.envoy_cgroup_id, self.socket_redirect)
+            self._converged = True
+            return result
+        try:
+            if response.type_url == NODE_TYPE_URL:
+                return maps.apply_node(self.view.part, self.envoy_cgroup_id, self.socket_redirect)
+            return maps.patch(self.view, keys4, keys6)
+        except NodemeshEbpfError:
+            self._converged = False  # the maps are partly written: converge whole next time
+            for name in {r.name for r in response.resources} | set(removed):
+                versions.pop(name, None)  # so a resumed stream sends them again
+            raise
+
+    def _node_part(self, response: discovery_pb2.DeltaDiscoveryResponse) -> NodePart:
+        part = self.view.part
+        for r in response.resources:
             msg = pb.NodeServiceMap()
-            if not response.resources[0].Unpack(msg):
-                raise ValueError(f"resource is {response.resources[0].type_url}, not {TYPE_URL}")
-            model = from_proto(msg)
-            if model.node != self.node:
-                raise ValueError(f"service map is for node {model.node!r}, not {self.node!r}")
-        return maps.apply(model, self.envoy_cgroup_id, self.socket_redirect)
+            if not r.resource.Unpack(msg):
+                raise ValueError(f"resource {r.name!r} is {r.resource.type_url}, not a node map")
+            if r.name != self.node or msg.node != self.node:
+                raise ValueError(f"service map is for node {msg.node!r}, not {self.node!r}")
+            part = node_from_proto(msg)
+        return part
+
+    @staticmethod
+    def _mesh_service(r: discovery_pb2.Resource) -> MeshService:
+        msg = pb.MeshService()
+        if not r.resource.Unpack(msg):
+            raise ValueError(f"resource {r.name!r} is {r.resource.type_url}, not a MeshService")
+        svc = service_from_proto(msg)
+        if svc.name != r.name:
+            raise ValueError(f"MeshService {svc.name!r} sent under the name {r.name!r}")
+        return svc

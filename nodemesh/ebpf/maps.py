@@ -9,11 +9,12 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodemesh.api.servicemap import NodeMap, Service, ServiceIPv6
+from nodemesh.api.servicemap import MapView, NodeMap, NodePart, Service, ServiceIPv6
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf.errors import ServiceMapError
@@ -190,34 +191,13 @@ class NodeMaps:
     ) -> ApplyResult:
         """Make the maps say exactly `node_map`, touching only entries that change.
         `socket_redirect`: let sockops put same-node connections into the sockhash (new
-        connections follow a change; docs/ebpf.md, Known limitations)."""
-        written = deleted = unchanged = 0
+        connections follow a change; docs/ebpf.md, Known limitations). Reads every map: the
+        agent calls it once per start; afterwards `apply_node` and `patch` keep them."""
         # config first: a new L7 service must find the Envoy address already in place
-        cfg = m.Config()
-        cfg.envoy_cgroup_id = envoy_cgroup_id
-        if node_map.envoy is not None:
-            cfg.envoy_addr = _addr(node_map.envoy[0])
-            cfg.envoy_port = _port(node_map.envoy[1])
-            cfg.flags = m.NM_CFG_ENVOY_SET
-        if socket_redirect:
-            cfg.flags |= m.NM_CFG_SOCKET_REDIRECT
-        if bytes(self.config()) != bytes(cfg):
-            bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
-            written += 1
-        else:
-            unchanged += 1
-
-        local_fd = self._fds["nm_local"]
-        want_local = {bytes(ctypes.c_uint32(_addr(a))) for a in node_map.local_addresses}
-        if node_map.envoy is not None:
-            want_local.add(bytes(ctypes.c_uint32(_addr(node_map.envoy[0]))))
-        have_local = set(self._read_hash("nm_local", ctypes.c_uint32, ctypes.c_uint32))
-        for kb in sorted(want_local - have_local):
-            bpf.map_update(
-                local_fd, ctypes.c_uint32.from_buffer_copy(kb), ctypes.c_uint32(1), "nm_local"
-            )
-            written += 1
-        unchanged += len(want_local & have_local)
+        written, unchanged = self._write_config(node_map.envoy, envoy_cgroup_id, socket_redirect)
+        want_local, have_local = self._local(node_map.local_addresses, node_map.envoy)
+        w, u = self._add_local(want_local, have_local)
+        written, unchanged = written + w, unchanged + u
 
         want4 = {
             bytes(m.SvcKey(_addr(svc.address), _port(svc.port), 0)): service_value(svc)
@@ -233,6 +213,7 @@ class NodeMaps:
         ):
             w, u = self._write_changed(name, key_type, have, want)
             written, unchanged = written + w, unchanged + u
+        deleted = 0
         for name, key_type, have, want in (
             ("nm_services6", m.Svc6Key, have6, want6),
             ("nm_services", m.SvcKey, have4, want4),
@@ -242,10 +223,98 @@ class NodeMaps:
                 deleted += 1
         # local addresses go last, so a pod leaving the node stops being short-circuited only
         # after no service points at it any more
-        for kb in sorted(have_local - want_local):
-            bpf.map_delete(local_fd, ctypes.c_uint32.from_buffer_copy(kb), "nm_local")
-            deleted += 1
+        deleted += self._remove_local(want_local, have_local)
         return ApplyResult(written, deleted, unchanged)
+
+    def apply_node(
+        self, part: NodePart, envoy_cgroup_id: int = 0, socket_redirect: bool = True
+    ) -> ApplyResult:
+        """Only the node's own part: the config (node Envoy) and the local addresses."""
+        written, unchanged = self._write_config(part.envoy, envoy_cgroup_id, socket_redirect)
+        want_local, have_local = self._local(part.local_addresses, part.envoy)
+        w, u = self._add_local(want_local, have_local)
+        deleted = self._remove_local(want_local, have_local)
+        return ApplyResult(written + w, deleted, unchanged + u)
+
+    def patch(
+        self, view: MapView, keys4: Iterable[tuple[str, int]], keys6: Iterable[tuple[str, int]]
+    ) -> ApplyResult:
+        """Make the service entries at `keys4`/`keys6` what `view` says (written, or deleted
+        where it has none), leaving every other entry alone: one Service's change costs its
+        own entries. Same order as `apply`: IPv4 writes, IPv6 writes, IPv6 deletes, IPv4
+        deletes."""
+        written = deleted = unchanged = 0
+        gone4: list[m.SvcKey] = []
+        gone6: list[m.Svc6Key] = []
+        for addr, port in sorted(keys4):
+            key = m.SvcKey(_addr(addr), _port(port), 0)
+            svc = view.service((addr, port))
+            if svc is None:
+                gone4.append(key)
+            elif self._write_if_changed("nm_services", key, service_value(svc), m.Service):
+                written += 1
+            else:
+                unchanged += 1
+        for addr, port in sorted(keys6):
+            v6 = view.service6((addr, port))
+            if v6 is None:
+                gone6.append(svc6_key(ServiceIPv6("", addr, port)))
+            elif self._write_if_changed("nm_services6", svc6_key(v6), svc6_value(v6), m.Svc6):
+                written += 1
+            else:
+                unchanged += 1
+        for key6 in gone6:
+            deleted += bpf.map_delete(self._fds["nm_services6"], key6, "nm_services6")
+        for key4 in gone4:
+            deleted += bpf.map_delete(self._fds["nm_services"], key4, "nm_services")
+        return ApplyResult(written, deleted, unchanged)
+
+    def _write_if_changed(self, name: str, key: Any, value: Any, value_type: type[Any]) -> bool:
+        current = value_type()
+        if bpf.map_lookup(self._fds[name], key, current, name) and bytes(current) == bytes(value):
+            return False
+        bpf.map_update(self._fds[name], key, value, name)
+        return True
+
+    def _write_config(
+        self, envoy: tuple[str, int] | None, envoy_cgroup_id: int, socket_redirect: bool
+    ) -> tuple[int, int]:
+        cfg = m.Config()
+        cfg.envoy_cgroup_id = envoy_cgroup_id
+        if envoy is not None:
+            cfg.envoy_addr = _addr(envoy[0])
+            cfg.envoy_port = _port(envoy[1])
+            cfg.flags = m.NM_CFG_ENVOY_SET
+        if socket_redirect:
+            cfg.flags |= m.NM_CFG_SOCKET_REDIRECT
+        if bytes(self.config()) == bytes(cfg):
+            return 0, 1
+        bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
+        return 1, 0
+
+    def _local(
+        self, addresses: Iterable[str], envoy: tuple[str, int] | None
+    ) -> tuple[set[bytes], set[bytes]]:
+        """(wanted, present) local addresses, as map key bytes. The node Envoy is local."""
+        want = {bytes(ctypes.c_uint32(_addr(a))) for a in addresses}
+        if envoy is not None:
+            want.add(bytes(ctypes.c_uint32(_addr(envoy[0]))))
+        return want, set(self._read_hash("nm_local", ctypes.c_uint32, ctypes.c_uint32))
+
+    def _add_local(self, want: set[bytes], have: set[bytes]) -> tuple[int, int]:
+        for kb in sorted(want - have):
+            bpf.map_update(
+                self._fds["nm_local"],
+                ctypes.c_uint32.from_buffer_copy(kb),
+                ctypes.c_uint32(1),
+                "nm_local",
+            )
+        return len(want - have), len(want & have)
+
+    def _remove_local(self, want: set[bytes], have: set[bytes]) -> int:
+        for kb in sorted(have - want):
+            bpf.map_delete(self._fds["nm_local"], ctypes.c_uint32.from_buffer_copy(kb), "nm_local")
+        return len(have - want)
 
     def _write_changed(
         self,

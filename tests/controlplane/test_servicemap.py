@@ -1,45 +1,68 @@
-"""The node agents' service maps: golden files for `servicemap-*` cases, and the translator's
-contract (memoized per node, always a map the agent accepts).
+"""The node agents' feed: golden files for `servicemap-*` cases, the translator's contract
+(one `MeshService` per Service shared by every node, one `NodeServiceMap` per node, each made
+only when it changes), and the agent's join of them (`MapView`).
 
-Golden output: tests/golden/<case>/out/servicemap/<node>.yaml (the `NodeServiceMap` as YAML),
-next to the Envoy resources `test_golden.py` writes. `--update-golden` regenerates both.
+Golden output: tests/golden/<case>/out/servicemap/<node>.yaml (each node's `NodeServiceMap`)
+and MeshService.yaml (every `MeshService`), next to the Envoy resources `test_golden.py`
+writes. `--update-golden` regenerates both.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import pytest
 import yaml
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodemesh.api import TYPE_URL, from_proto, to_proto
+from nodemesh.api import (
+    NODE_TYPE_URL,
+    SERVICE_TYPE_URL,
+    MapView,
+    MeshService,
+    NodeMap,
+    Service,
+    node_from_proto,
+    node_to_proto,
+    service_from_proto,
+    service_to_proto,
+    window,
+)
 from nodemesh.api import servicemap_pb2 as pb
+from nodemesh.api.servicemap import MAX_BACKENDS
 from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.store import ObjectKey, Store
+from nodemesh.xds.cache import Resource
 from nodemesh.xds.translate import Translator, ir
-from nodemesh.xds.translate.servicemap import (
-    ServiceMaps,
-    node_map,
-    service_entries,
-    service_entries_ipv6,
-)
+from nodemesh.xds.translate.servicemap import ServiceMaps, mesh_service, node_part
 from tests.controlplane.test_golden import GOLDEN, load_case
 
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("servicemap"))
+
+
+def _yaml(msg: Message) -> object:
+    return json.loads(json_format.MessageToJson(msg, preserving_proto_field_name=True))
 
 
 def render(case: str) -> dict[str, str]:
     translation = Translator().translate(build(load_case(case).view()).mesh)
     out = {}
     for node, extra in sorted(translation.per_node.items()):
-        (resource,) = extra[TYPE_URL]
+        (resource,) = extra[NODE_TYPE_URL]
         msg = pb.NodeServiceMap.FromString(resource.payload)
-        from_proto(msg)  # the agent would accept it
-        doc = json.loads(json_format.MessageToJson(msg, preserving_proto_field_name=True))
-        out[f"{node}.yaml"] = yaml.safe_dump(doc, sort_keys=True)
+        node_from_proto(msg)  # the agent would accept it
+        out[f"{node}.yaml"] = yaml.safe_dump(_yaml(msg), sort_keys=True)
+    services = []
+    for resource in translation.shared.get(SERVICE_TYPE_URL, ()):
+        svc = pb.MeshService.FromString(resource.payload)
+        service_from_proto(svc)
+        services.append(_yaml(svc))
+    if services:
+        out["MeshService.yaml"] = yaml.safe_dump(services, sort_keys=True)
     return out
 
 
@@ -101,35 +124,65 @@ def _objects(pod_ip: str = "10.244.1.5", route: bool = False) -> list[dict[str, 
     return objs
 
 
-def test_unchanged_node_map_keeps_its_resource() -> None:
+def _services(translation: object) -> dict[str, MeshService]:
+    resources: Iterable[Resource] = translation.shared[SERVICE_TYPE_URL]  # type: ignore[attr-defined]
+    return {r.name: service_from_proto(pb.MeshService.FromString(r.payload)) for r in resources}
+
+
+def test_a_moved_pod_changes_only_its_node_map() -> None:
     store, memo, translator = Store(), BuildMemo(), Translator()
     for obj in _objects():
         store.apply(obj)
-    first = translator.translate(build(store.view(), memo=memo).mesh).per_node
+    first = translator.translate(build(store.view(), memo=memo).mesh)
     store.apply(_objects(pod_ip="10.244.1.6")[3])  # only node-a's pod moves
-    second = translator.translate(build(store.view(), memo=memo).mesh).per_node
+    second = translator.translate(build(store.view(), memo=memo).mesh)
 
-    assert second["node-b"][TYPE_URL][0] is first["node-b"][TYPE_URL][0]
-    assert second["node-a"][TYPE_URL][0].version != first["node-a"][TYPE_URL][0].version
-    msg = pb.NodeServiceMap.FromString(second["node-a"][TYPE_URL][0].payload)
+    before, after = first.per_node, second.per_node
+    assert after["node-b"][NODE_TYPE_URL][0] is before["node-b"][NODE_TYPE_URL][0]
+    assert after["node-a"][NODE_TYPE_URL][0].version != before["node-a"][NODE_TYPE_URL][0].version
+    msg = pb.NodeServiceMap.FromString(after["node-a"][NODE_TYPE_URL][0].payload)
     assert list(msg.local_addresses) == ["10.244.1.6"]
+    assert second.shared[SERVICE_TYPE_URL] is first.shared[SERVICE_TYPE_URL]
 
 
-def test_adding_a_route_flips_the_service_to_l7_on_every_node() -> None:
+def test_one_changed_service_makes_one_resource_for_every_node() -> None:
     store, memo, translator = Store(), BuildMemo(), Translator()
     for obj in _objects():
         store.apply(obj)
-    before = translator.translate(build(store.view(), memo=memo).mesh).per_node
+    store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]},
+        }
+    )
+    first = translator.translate(build(store.view(), memo=memo).mesh)
+    made = translator.service_maps_made
     for obj in _objects(route=True):
         store.apply(obj)
-    after = translator.translate(build(store.view(), memo=memo).mesh).per_node
+    second = translator.translate(build(store.view(), memo=memo).mesh)
 
-    for node in ("node-a", "node-b"):
-        old = from_proto(pb.NodeServiceMap.FromString(before[node][TYPE_URL][0].payload))
-        new = from_proto(pb.NodeServiceMap.FromString(after[node][TYPE_URL][0].payload))
-        assert [s.l7 for s in old.services] == [False]
-        assert [s.l7 for s in new.services] == [True]
-        assert new.envoy is not None and new.envoy[1] == 15001
+    assert translator.service_maps_made - made == 1, "only shop/db's resource is made again"
+    old, new = first.shared[SERVICE_TYPE_URL], second.shared[SERVICE_TYPE_URL]
+    assert [r.name for r in new] == ["shop/db", "shop/web"]
+    assert new[1] is old[1]
+    assert [s.l7 for s in _services(first)["shop/db"].services] == [False]
+    assert [s.l7 for s in _services(second)["shop/db"].services] == [True]
+    for node in ("node-a", "node-b"):  # every node reads the same resource
+        assert second.snapshot(node).resources(SERVICE_TYPE_URL)["shop/db"] is new[0]
+        part = node_from_proto(
+            pb.NodeServiceMap.FromString(second.per_node[node][NODE_TYPE_URL][0].payload)
+        )
+        assert part.envoy is not None and part.envoy[1] == 15001
+
+
+def test_a_mesh_without_nodes_has_no_agent_feed() -> None:
+    store = Store()
+    for obj in _objects()[2:3]:  # the Service only
+        store.apply(obj)
+    translation = Translator().translate(build(store.view()).mesh)
+    assert translation.per_node == {} and SERVICE_TYPE_URL not in translation.shared
 
 
 def test_a_deleted_pod_leaves_the_node_map() -> None:
@@ -144,43 +197,58 @@ def test_a_deleted_pod_leaves_the_node_map() -> None:
 
 def test_more_backends_than_the_kernel_holds_are_windowed_per_node() -> None:
     eps = tuple(ir.Endpoint(f"10.244.0.{i}", 80) for i in range(1, 41))
-    info = ir.ServiceInfo("shop/big", ("10.96.0.1",), (80,), False, (eps,))
-    entries = service_entries([info])
-    windows = [
-        {b.address for b in node_map(ir.NodeInfo(f"node-{n}"), entries, 15001).services[0].backends}
-        for n in range(8)
-    ]
-    assert all(len(w) == 32 for w in windows)
+    svc = mesh_service(ir.ServiceInfo("shop/big", ("10.96.0.1",), (80,), False, (eps,)))
+    assert svc is not None and len(svc.services[0].backends) == 40, "all of them on the wire"
+    windows = []
+    for n in range(8):
+        view = MapView(f"node-{n}")
+        view.update([svc])
+        entry = view.service(("10.96.0.1", 80))
+        assert entry is not None
+        windows.append({b.address for b in entry.backends})
+    assert all(len(w) == MAX_BACKENDS for w in windows)
     assert set().union(*windows) == {e.address for e in eps}
 
 
-def test_duplicate_cluster_ip_keeps_the_first_service_by_name() -> None:
-    a = ir.ServiceInfo("shop/a", ("10.96.0.1",), (80,), True)
-    b = ir.ServiceInfo("shop/b", ("10.96.0.1",), (80,), False)
-    assert [s.name for s in service_entries([b, a])] == ["shop/a:80"]
+def test_duplicate_cluster_ip_keeps_the_first_service_by_name_in_any_order() -> None:
+    a = mesh_service(ir.ServiceInfo("shop/a", ("10.96.0.1",), (80,), True))
+    b = mesh_service(ir.ServiceInfo("shop/b", ("10.96.0.1",), (80,), False))
+    assert a is not None and b is not None
+    for order in ([a, b], [b, a]):
+        view = MapView("n")
+        for svc in order:
+            view.update([svc])
+        assert [s.name for s in view.model().services] == ["shop/a:80"]
+    assert view.update(removed=["shop/a"]) == ({("10.96.0.1", 80)}, set())
+    assert [s.name for s in view.model().services] == ["shop/b:80"], "the next one takes over"
 
 
 def test_ipv6_cluster_ips_stand_for_the_ipv4_one_or_are_refused_when_l7() -> None:
     dual = ir.ServiceInfo("shop/dual", ("10.96.0.1", "fd00::1"), (80, 81), False)
     l7_v6 = ir.ServiceInfo("shop/l7v6", ("fd00::2",), (80,), True)
     l4_v6 = ir.ServiceInfo("shop/l4v6", ("fd00::3",), (80,), False)
-    entries = service_entries_ipv6([l4_v6, l7_v6, dual])
-    assert [(e.name, e.address, e.target, e.l7) for e in entries] == [
+    assert mesh_service(l4_v6) is None, "nothing for the agent to do"
+    view = MapView("n")
+    for info in (dual, l7_v6):
+        svc = mesh_service(info)
+        assert svc is not None
+        wire = service_to_proto(svc).SerializeToString(deterministic=True)
+        assert service_from_proto(pb.MeshService.FromString(wire)) == svc
+        view.update([svc])
+    assert [(e.name, e.address, e.target, e.l7) for e in view.model().services_ipv6] == [
         ("shop/dual:80", "fd00::1", "10.96.0.1", False),
         ("shop/dual:81", "fd00::1", "10.96.0.1", False),
         ("shop/l7v6:80", "fd00::2", "", True),
     ]
-    model = node_map(ir.NodeInfo("n"), service_entries([dual]), 15001, entries)
-    assert from_proto(to_proto(model)) == model  # the agent accepts what is produced
 
 
 def test_the_agent_refuses_a_malformed_ipv6_entry_with_every_problem() -> None:
-    msg = pb.NodeServiceMap(node="n")
+    msg = pb.MeshService(name="shop/x")
     msg.services_ipv6.add(name="a", address="::ffff:10.0.0.1", port=80, target="10.0.0.1")
     msg.services_ipv6.add(name="b", address="fd00::1", port=0, target="not-ip")
     msg.services_ipv6.add(name="c", address="fd00::2", port=80)
     with pytest.raises(ValueError) as err:
-        from_proto(msg)
+        service_from_proto(msg)
     text = str(err.value)
     assert "is v4-mapped" in text and "port 0" in text and "'not-ip' is not an IPv4" in text
     assert "no target and not L7" in text
@@ -220,26 +288,72 @@ _NODES = (
 )
 
 
+def _reference(services: Iterable[ir.ServiceInfo], node: str) -> NodeMap:
+    """What a node's kernel maps must hold, stated directly: every Service's entries in name
+    order, the first Service (then the first entry) for an address and port keeps it, and
+    backends beyond the kernel's limit are windowed for the node."""
+    v4: dict[tuple[str, int], Service] = {}
+    v6: dict[tuple[str, int], object] = {}
+    for info in sorted(services, key=lambda i: i.name):
+        svc = mesh_service(info)
+        for e in svc.services if svc else ():
+            v4.setdefault((e.address, e.port), window(e, node))
+        for e6 in svc.services_ipv6 if svc else ():
+            v6.setdefault((e6.address, e6.port), e6)
+    return NodeMap(
+        node,
+        tuple(v4[k] for k in sorted(v4)),
+        None,
+        (),
+        tuple(v6[k] for k in sorted(v6)),  # type: ignore[misc]
+    )
+
+
 @settings(max_examples=100, deadline=None)
 @given(_MESHES)
-def test_shared_bytes_equal_the_map_encoded_whole(meshes: list[tuple[ir.ServiceInfo, ...]]) -> None:
-    """ServiceMaps encodes the Services once and adds each node's fields around them: across
-    a sequence of meshes (Services added, changed, removed), every node's bytes must be what
-    to_proto gives for that node's whole map, including two Services on one ClusterIP:port
-    (the first by Service name keeps it), a Service listing a port twice, and windows of more
-    than MAX_BACKENDS backends."""
+def test_the_agents_view_fed_by_deltas_is_the_mesh(
+    meshes: list[tuple[ir.ServiceInfo, ...]],
+) -> None:
+    """Across a sequence of meshes (Services added, changed, removed), an agent that gets only
+    the MeshService resources that changed (as delta ADS sends them) holds exactly the
+    reference map for its node, including two Services on one ClusterIP:port, a Service
+    listing a port twice, and more backends than the kernel holds; and the keys it is told
+    to rewrite cover every entry that changed."""
     maps = ServiceMaps()
-    seen: dict[tuple[str, str], bytes] = {}  # (node, version) -> payload
+    views = {n: MapView(n) for n in ("node-a", "node-b")}
+    held: dict[str, Resource] = {}
+    before = {n: v.model() for n, v in views.items()}
     for services in meshes:
-        mesh = ir.Mesh(services=services, node_infos=_NODES)
-        got = maps.resources(mesh)
-        fresh = ServiceMaps().resources(mesh)  # the same mesh without the history
-        entries, entries6 = service_entries(services), service_entries_ipv6(services)
-        for node in _NODES:
-            whole = to_proto(node_map(node, entries, mesh.outbound_port, entries6))
-            assert got[node.name].payload == whole.SerializeToString(deterministic=True)
-            # versions hash the parts, not the payload: equal content, equal version, and
-            # one version never stands for two contents
-            assert got[node.name].version == fresh[node.name].version
-            key = (node.name, got[node.name].version)
-            assert seen.setdefault(key, got[node.name].payload) == got[node.name].payload
+        current = {r.name: r for r in maps.service_resources(services)}
+        fresh = {r.name: r for r in ServiceMaps().service_resources(services)}
+        assert {n: r.version for n, r in current.items()} == {
+            n: r.version for n, r in fresh.items()
+        }, "a Service's version depends on its content only"
+        upserts = [
+            service_from_proto(pb.MeshService.FromString(r.payload))
+            for name, r in sorted(current.items())
+            if held.get(name) is None or held[name].version != r.version
+        ]
+        removed = sorted(held.keys() - current.keys())
+        held = current
+        for node, view in views.items():
+            keys4, keys6 = view.update(upserts, removed)
+            got = view.model()
+            assert got == _reference(services, node)
+            old = before[node]
+            old4 = {(e.address, e.port): e for e in old.services}
+            new4 = {(e.address, e.port): e for e in got.services}
+            assert {k for k in old4.keys() | new4.keys() if old4.get(k) != new4.get(k)} <= keys4
+            old6 = {(e.address, e.port): e for e in old.services_ipv6}
+            new6 = {(e.address, e.port): e for e in got.services_ipv6}
+            assert {k for k in old6.keys() | new6.keys() if old6.get(k) != new6.get(k)} <= keys6
+            before[node] = got
+
+
+@given(st.lists(_POD, unique=True), st.booleans())
+def test_a_node_map_is_what_node_to_proto_makes(pod_ips: list[str], envoy: bool) -> None:
+    """The translator skips sorting the pod IPs (NodeInfo keeps them sorted): same bytes."""
+    node = ir.NodeInfo("n", "10.250.0.1" if envoy else "", tuple(sorted(pod_ips)))
+    (resource,) = ServiceMaps().node_resources([node], 15001).values()
+    want = node_to_proto(node_part(node, 15001)).SerializeToString(deterministic=True)
+    assert resource.payload == want

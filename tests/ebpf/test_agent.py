@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from nodemesh.api import TYPE_URL, Backend, NodeMap, Service, to_proto
+from nodemesh.api import (
+    NODE_TYPE_URL,
+    SERVICE_TYPE_URL,
+    Backend,
+    NodeMap,
+    Service,
+    node_to_proto,
+    service_to_proto,
+    split,
+)
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf._maps import NM_CFG_SOCKET_REDIRECT
@@ -33,26 +42,43 @@ class ControlPlane:
     port: int
     lab: NodeLab
 
-    def publish(self, model: NodeMap | pb.NodeServiceMap) -> str:
-        msg = to_proto(model) if isinstance(model, NodeMap) else model
-        snap = Snapshot({TYPE_URL: [Resource.from_message(msg, name=NODE, type_url=TYPE_URL)]})
+    def publish(self, model: NodeMap, *extra: pb.MeshService) -> dict[str, str]:
+        """Serve `model` as the control plane does (its node part and one MeshService per
+        Service), plus `extra` MeshService messages as they are; returns the versions by
+        type."""
+        part, services = split(model)
+        messages = [service_to_proto(s) for s in services] + list(extra)
+        snap = Snapshot(
+            {
+                NODE_TYPE_URL: [
+                    Resource.from_message(node_to_proto(part), name=NODE, type_url=NODE_TYPE_URL)
+                ],
+                SERVICE_TYPE_URL: [
+                    Resource.from_message(m, name=m.name, type_url=SERVICE_TYPE_URL)
+                    for m in messages
+                ],
+            }
+        )
         self.cache.set_snapshot(NODE, snap)
-        version = snap.version(TYPE_URL)
-        assert version is not None
-        return version
+        versions = {t: snap.version(t) for t in (NODE_TYPE_URL, SERVICE_TYPE_URL)}
+        return {t: v for t, v in versions.items() if v is not None}
+
+    def acked(self, versions: dict[str, str]) -> bool:
+        return all(self.type_status(t).get("version_acked") == v for t, v in versions.items())
 
     def map_for(self, *backends: str) -> NodeMap:
         pods = self.lab.pods
+        ready = tuple(Backend(pods[b].ip, 7000) for b in backends)
         return NodeMap(
             NODE,
-            (Service("echo", VIP, 80, False, tuple(Backend(pods[b].ip, 7000) for b in backends)),),
+            (Service("shop/echo:80", VIP, 80, False, ready),),
             envoy=(self.lab.gateway, 15001),
             local_addresses=tuple(p.ip for p in pods.values()),
         )
 
-    def type_status(self) -> dict[str, object]:
+    def type_status(self, type_url: str = SERVICE_TYPE_URL) -> dict[str, object]:
         node = self.server.status.snapshot().get(NODE, {})
-        return dict(node.get("types", {}).get("NodeServiceMap", {}))
+        return dict(node.get("types", {}).get(type_url.rpartition(".")[2], {}))
 
     def start_agent(self) -> Proc:
         lab = self.lab
@@ -93,7 +119,7 @@ def _stop(proc: Proc) -> None:
 async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None:
     version = cp.publish(cp.map_for("b"))
     cp.start_agent()
-    await until(lambda: cp.type_status().get("version_acked") == version, "the agent's ACK")
+    await until(lambda: cp.acked(version), "the agent's ACK")
 
     a = cp.lab.pods["a"]
     result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
@@ -107,17 +133,20 @@ async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None
 async def test_agent_nacks_an_invalid_map_and_keeps_the_last_good_one(cp: ControlPlane) -> None:
     good = cp.publish(cp.map_for("b"))
     cp.start_agent()
-    await until(lambda: cp.type_status().get("version_acked") == good, "the first ACK")
+    await until(lambda: cp.acked(good), "the first ACK")
 
-    bad = to_proto(cp.map_for("c"))
-    bad.services[0].mode = pb.Service.MODE_UNSPECIFIED
-    bad_version = cp.publish(bad)
+    # one response carries a good change (echo to c) and a bad Service: none of it applies
+    bad = service_to_proto(split(cp.map_for("c"))[1][0])
+    bad.name = "shop/bad"
+    bad.services[0].address, bad.services[0].mode = "10.96.0.99", pb.Service.MODE_UNSPECIFIED
+    bad_version = cp.publish(cp.map_for("c"), bad)[SERVICE_TYPE_URL]
     await until(lambda: cp.type_status().get("last_nack") is not None, "the NACK")
 
     nack = cp.type_status()["last_nack"]
     assert isinstance(nack, dict)
     assert nack["version"] == bad_version and "mode is unset" in nack["message"]
-    assert cp.type_status()["version_acked"] == good
+    assert "shop/bad" in nack["message"]
+    assert cp.type_status()["version_acked"] == good[SERVICE_TYPE_URL]
     a = cp.lab.pods["a"]
     result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
     assert result["backends"] == {"b": 5}, "the last good map must stay in force"
@@ -127,7 +156,7 @@ async def test_agent_restart_keeps_flows_and_attachments(cp: ControlPlane) -> No
     lab = cp.lab
     version = cp.publish(cp.map_for("b"))
     agent = cp.start_agent()
-    await until(lambda: cp.type_status().get("version_acked") == version, "the first ACK")
+    await until(lambda: cp.acked(version), "the first ACK")
     assert lab.dataplane is not None
     links_before = lab.dataplane.links()
     held = lab.pods["a"].hold(f"{VIP}:80")
@@ -142,7 +171,7 @@ async def test_agent_restart_keeps_flows_and_attachments(cp: ControlPlane) -> No
 
     cp.start_agent()
     v2 = cp.publish(cp.map_for("c"))
-    await until(lambda: cp.type_status().get("version_acked") == v2, "the restarted agent's ACK")
+    await until(lambda: cp.acked(v2), "the restarted agent's ACK")
 
     assert lab.dataplane.links() == links_before, "restart must reuse links and programs"
     cgroup_progs = json.loads(
@@ -163,7 +192,7 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     lab = cp.lab
     version = cp.publish(cp.map_for("b"))
     agent = cp.start_agent()
-    await until(lambda: cp.type_status().get("version_acked") == version, "the ACK")
+    await until(lambda: cp.acked(version), "the ACK")
     assert lab.dataplane is not None
     links = lab.dataplane.links()
     map_ids = set(lab.dataplane.map_ids().values())

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from nodemesh.api import TYPE_URL, from_proto
+from nodemesh.api import (
+    NODE_TYPE_URL,
+    SERVICE_TYPE_URL,
+    MapView,
+    NodeMap,
+    node_from_proto,
+    service_from_proto,
+)
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
@@ -141,17 +148,30 @@ class Feed:
     def client(self) -> Pod:
         return self.lab.pods["a"]
 
-    def node_map(self) -> pb.NodeServiceMap | None:
+    def node_map(self) -> NodeMap | None:
+        """What the control plane publishes for this node, joined as the agent joins it."""
         t = self.pipeline.translation
         if t is None or NODE not in t.per_node:
             return None
-        return pb.NodeServiceMap.FromString(t.per_node[NODE][TYPE_URL][0].payload)
+        view = MapView(NODE)
+        view.part = node_from_proto(
+            pb.NodeServiceMap.FromString(t.per_node[NODE][NODE_TYPE_URL][0].payload)
+        )
+        view.update(
+            service_from_proto(pb.MeshService.FromString(r.payload))
+            for r in t.shared.get(SERVICE_TYPE_URL, ())
+        )
+        return view.model()
 
     def agent_acked_current_map(self) -> bool:
         t, node = self.pipeline.translation, self.server.status.node(NODE)
-        if t is None or node is None or TYPE_URL not in node.types:
+        if t is None or node is None:
             return False
-        return node.types[TYPE_URL].version_acked == t.snapshot(NODE).version(TYPE_URL)
+        snap = t.snapshot(NODE)
+        return all(
+            type_url in node.types and node.types[type_url].version_acked == snap.version(type_url)
+            for type_url in (NODE_TYPE_URL, SERVICE_TYPE_URL)
+        )
 
     def envoy_acked_current_routes(self) -> bool:
         snap, node = self.pipeline.snapshot, self.server.status.node(NODE)
@@ -229,9 +249,8 @@ async def feed(node: NodeLab, tmp_path: Path) -> AsyncIterator[Feed]:
 
 
 async def test_the_control_plane_feeds_the_node_map(feed: Feed) -> None:
-    msg = feed.node_map()
-    assert msg is not None
-    model = from_proto(msg)
+    model = feed.node_map()
+    assert model is not None
     lab = feed.lab
     assert model.envoy == (lab.gateway, OUTBOUND_PORT)
     assert set(model.local_addresses) == {p.ip for p in lab.pods.values()}
@@ -282,10 +301,8 @@ async def test_adding_an_httproute_flips_new_connections_to_the_node_envoy(feed:
     (feed.config_dir / "api-route.yaml").write_text(API_ROUTE)
 
     def flipped() -> bool:
-        msg = feed.node_map()
-        return msg is not None and any(
-            s.name == "shop/api:80" and s.mode == pb.Service.L7 for s in msg.services
-        )
+        model = feed.node_map()
+        return model is not None and any(s.name == "shop/api:80" and s.l7 for s in model.services)
 
     await feed.until(flipped, "the control plane to make api L7")
     await feed.until(feed.agent_acked_current_map, "the agent's ACK of the new map")

@@ -6,7 +6,7 @@ import ctypes
 import os
 import socket
 
-from nodemesh.api import Backend, NodeMap, Service
+from nodemesh.api import Backend, MapView, MeshService, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
@@ -41,6 +41,45 @@ def test_apply_writes_only_what_changed(node: NodeLab) -> None:
         result = maps.apply(changed)
         assert (result.written, result.deleted) == (0, 1)  # only the dropped service
         assert set(maps.services()) == {("10.244.255.2", 80)}
+
+
+def test_patch_writes_one_services_entries_and_ends_where_a_full_apply_would(
+    node: NodeLab,
+) -> None:
+    """The agent converges once, then patches per response: the kernel maps must end equal
+    to a full apply of the same view, having written only the touched entries."""
+    many = [
+        MeshService(f"shop/s{i}", (Service(f"shop/s{i}:80", f"10.244.254.{i}", 80, True),))
+        for i in range(1, 41)
+    ]
+    web = MeshService(
+        "shop/web",
+        (Service("shop/web:80", "10.244.255.1", 80, False, (Backend("10.244.1.2", 8080),)),),
+        (ServiceIPv6("shop/web:80", "fd00::1", 80, "10.244.255.1"),),
+    )
+    # a second Service on web's ClusterIP:port: "shop/zzz" sorts after "shop/web" and waits
+    shadow = MeshService("shop/zzz", (Service("shop/zzz:80", "10.244.255.1", 80, True),))
+    view = MapView("n")
+    view.update([*many, web, shadow])
+    with NodeMaps(node.pin_root) as maps:
+        maps.apply(view.model())
+        moved = MeshService(
+            "shop/web",
+            (Service("shop/web:80", "10.244.255.1", 80, False, (Backend("10.244.1.3", 8080),)),),
+            web.services_ipv6,
+        )
+        result = maps.patch(view, *view.update([moved]))
+        assert (result.written, result.deleted, result.unchanged) == (1, 0, 1)
+        assert maps.services()[("10.244.255.1", 80)].n_backends == 1
+
+        result = maps.patch(view, *view.update(removed=["shop/web", "shop/s1"]))
+        # shop/zzz takes web's ClusterIP:port over (L7), web's IPv6 entry and s1 go
+        assert (result.written, result.deleted) == (1, 2)
+        assert maps.services()[("10.244.255.1", 80)].flags & m.NM_SVC_L7
+        assert len(maps.services()) == 40 and maps.services_ipv6() == {}
+
+        full = maps.apply(view.model())
+        assert (full.written, full.deleted) == (0, 0), "a full apply finds nothing left to do"
 
 
 def _key(saddr: str, sport: int, daddr: str, dport: int) -> m.Tuple:

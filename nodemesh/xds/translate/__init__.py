@@ -44,8 +44,7 @@ from nodemesh.xds.translate.route import (
     virtual_host_entry,
     virtual_host_routes,
 )
-from nodemesh.xds.translate.servicemap import TYPE_URL as SERVICE_MAP_TYPE_URL
-from nodemesh.xds.translate.servicemap import ServiceMaps
+from nodemesh.xds.translate.servicemap import NODE_TYPE_URL, SERVICE_TYPE_URL, ServiceMaps
 
 __all__ = ["Translation", "Translator", "ir", "translate_messages"]
 
@@ -71,7 +70,9 @@ class _SharedSnapshot:
 @dataclass(frozen=True, slots=True)
 class Translation:
     """Envoy resources for the mesh. `shared` goes to every node; `per_node` adds to it (today:
-    each known node's agent service map under `SERVICE_MAP_TYPE_URL`, named after the node).
+    each known node's `NodeServiceMap` under `NODE_TYPE_URL`, named after the node). Once the
+    mesh has nodes, `shared` also holds the agents' `MeshService` resources (`SERVICE_TYPE_URL`,
+    one per Service; node Envoys never ask for that type).
 
     `origins` maps (type_url, resource name) to the user objects ("Kind/ns/name") it carries.
     """
@@ -376,18 +377,24 @@ class Translator:
         else:
             origins = self._origins(mesh, cluster_origins, eds_names, route, dest_vhosts)
 
+        # The node agents' feed, once the mesh has nodes: without, nobody would read it
+        # (ServiceMaps compares with what it saw last, whenever it runs next).
+        if mesh.node_infos:
+            if last is not None and last.mesh.services is mesh.services and last.mesh.node_infos:
+                shared[SERVICE_TYPE_URL] = last.translation.shared[SERVICE_TYPE_URL]
+            else:
+                shared[SERVICE_TYPE_URL] = self._service_maps.service_resources(mesh.services)
         if last is not None and (
-            last.mesh.services is mesh.services
-            and last.mesh.node_infos is mesh.node_infos
+            last.mesh.node_infos is mesh.node_infos
             and last.mesh.outbound_port == mesh.outbound_port
         ):
             per_node = last.translation.per_node
-        elif not mesh.node_infos:
-            per_node = {}  # ServiceMaps compares with what it saw last, whenever it runs next
         else:
             per_node = {
-                node: {SERVICE_MAP_TYPE_URL: (r,)}
-                for node, r in self._service_maps.resources(mesh).items()
+                node: {NODE_TYPE_URL: (r,)}
+                for node, r in self._service_maps.node_resources(
+                    mesh.node_infos, mesh.outbound_port
+                ).items()
             }
 
         lazy = _SharedSnapshot(None, None)
@@ -532,5 +539,5 @@ class Translator:
 
     @property
     def service_maps_made(self) -> int:
-        """How many node service map resources were made so far (for tests, bench)."""
+        """How many agent feed resources (MeshService, NodeServiceMap) were made so far."""
         return self._service_maps.made
