@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,7 +44,7 @@ from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
 from nodemesh.xds.cache import Snapshot, SnapshotCache
-from nodemesh.xds.server import AckEvent, StatusTracker
+from nodemesh.xds.server import AckEvent, NodeStatus, StatusTracker
 from nodemesh.xds.translate import Translation, Translator
 from nodemesh.xds.translate.cluster import cluster_of_eds_name
 
@@ -85,6 +86,16 @@ def build_collector(cold: bool, objects: int) -> Iterator[None]:
     finally:
         gc.freeze()
         gc.enable()
+
+
+@dataclass(frozen=True, slots=True)
+class _ProgrammedContext:
+    by_origin: Mapping[str, list[tuple[str, str]]]
+    expected: int  # nodes that should carry every object
+    # nodes that connected and do not hold everything yet: (node id, its status, the types
+    # it holds whole at the current version)
+    partial: list[tuple[str, NodeStatus, frozenset[str]]]
+    unseen: list[str]  # expected nodes that never connected: everything waits there
 
 
 class KubernetesStatus:
@@ -141,6 +152,8 @@ class Pipeline:
         self._built = asyncio.Condition()
         # (type, name, version) -> {origin: fingerprint of what that version holds of it}
         self._history: dict[tuple[str, str, str], dict[str, int]] = {}
+        self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
+        self._origin_types: frozenset[str] = frozenset()  # the types the origins name
         self.kubernetes_status = KubernetesStatus(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -356,28 +369,76 @@ class Pipeline:
             nodes |= {n.node_id for n in self.status.nodes() if n.connected}
         return sorted(nodes)
 
-    def _programmed(self, key: ObjectKey, gen: int, parent: str) -> Condition:
-        translation, snapshot = self.translation, self.snapshot
-        assert translation is not None and snapshot is not None
+    def _by_origin(self) -> dict[str, list[tuple[str, str]]]:
+        """Per object ("Kind/ns/name"), the resources (type, name) that carry a part of it, in
+        the order of `Translation.origins`. Made again only when the origins change (an
+        endpoint change keeps them)."""
+        translation = self.translation
+        assert translation is not None
+        cached = self._origin_index
+        if cached is not None and cached[0] is translation.origins:
+            return cached[1]
+        index: dict[str, list[tuple[str, str]]] = {}
+        for (t, name), origins in translation.origins.items():
+            for origin in origins:
+                index.setdefault(origin, []).append((t, name))
+        self._origin_index = (translation.origins, index)
+        self._origin_types = frozenset(t for t, _ in translation.origins)
+        return index
+
+    def _programmed_context(self) -> _ProgrammedContext:
+        """What every object's Programmed condition reads, gathered once per recompute: the
+        expected nodes, their status, and per node the types it holds whole at the current
+        version (then every object's part of that type is programmed there, unlooked at)."""
+        snapshot = self.snapshot
+        assert snapshot is not None
+        expected = self._expected_nodes()
+        partial, unseen = [], []
+        by_origin = self._by_origin()
+        everything = self._origin_types
+        for node_id in expected:
+            node = self.status.node(node_id) if self.status is not None else None
+            if node is None:
+                unseen.append(node_id)
+                continue
+            whole = frozenset(
+                t
+                for t, ts in node.types.items()
+                if ts.version_acked
+                and ts.version_acked == snapshot.version(t)
+                and len(ts.acked_resources) == len(snapshot.resources(t))
+            )
+            if not everything <= whole:
+                partial.append((node_id, node, whole))
+        return _ProgrammedContext(by_origin, len(expected), partial, unseen)
+
+    def _programmed(
+        self, key: ObjectKey, gen: int, parent: str, ctx: _ProgrammedContext
+    ) -> Condition:
+        snapshot = self.snapshot
+        assert snapshot is not None
         origin = f"{key.kind}/{key.namespace}/{key.name}"
         wanted = []
-        for (t, name), origins in translation.origins.items():
+        for t, name in ctx.by_origin.get(origin, ()):
             r = snapshot.resources(t).get(name)
-            if origin in origins and r is not None:
+            if r is not None:
                 fp = self._history.get((t, name, r.version), {}).get(origin)
-                wanted.append((t, name, fp))
-        nodes = self._expected_nodes()
-        if self.status is None or not nodes:
+                wanted.append((t, name, r.version, fp))
+        if self.status is None or not ctx.expected:
             return Condition(
                 "Programmed", "Unknown", "NoNodes", "no node Envoy is connected", gen, parent
             )
-        pending: list[str] = []
-        for node_id in nodes:
-            node = self.status.node(node_id)
-            for t, name, fp in wanted:
-                ts = node.types.get(t) if node is not None else None
+        waits = 0
+        shown: list[tuple[str, str, str]] = []  # the first three waits: (node, type, name)
+        for node_id, node, whole in ctx.partial:
+            for t, name, version, fp in wanted:
+                if t in whole:
+                    continue
+                ts = node.types.get(t)
                 acked = ts.acked_resources.get(name) if ts is not None else None
-                if acked is not None and self._history.get((t, name, acked), {}).get(origin) == fp:
+                if acked is not None and (
+                    acked == version or self._history.get((t, name, acked), {}).get(origin) == fp
+                ):
                     continue
                 nack = ts.last_nack if ts is not None else None
                 if nack is not None and name in nack.resource_names:
@@ -385,19 +446,30 @@ class Pipeline:
                         f"node {node_id} rejected {types.short_name(t)} {name!r}: {nack.message}"
                     )
                     return Condition("Programmed", "False", "Rejected", message, gen, parent)
-                pending.append(f"{node_id}: {types.short_name(t)} {name}")
-        if pending:
-            more = f" (+{len(pending) - 3} more)" if len(pending) > 3 else ""
-            message = "waiting for ACK from " + ", ".join(pending[:3]) + more
+                waits += 1
+                if len(shown) < 3:
+                    shown.append((node_id, t, name))
+        if ctx.unseen and wanted:
+            waits += len(wanted) * len(ctx.unseen)
+            for node_id in ctx.unseen[: 3 - len(shown)]:
+                shown += [(node_id, t, name) for t, name, _, _ in wanted[: 3 - len(shown)]]
+        if waits:
+            more = f" (+{waits - 3} more)" if waits > 3 else ""
+            message = (
+                "waiting for ACK from "
+                + ", ".join(f"{n}: {types.short_name(t)} {name}" for n, t, name in shown)
+                + more
+            )
             return Condition("Programmed", "False", "Pending", message, gen, parent)
         return Condition(
-            "Programmed", "True", "Programmed", f"ACKed by {len(nodes)} node(s)", gen, parent
+            "Programmed", "True", "Programmed", f"ACKed by {ctx.expected} node(s)", gen, parent
         )
 
     def _update_conditions(self) -> None:
         if self._result is None:
             return
         new: dict[ObjectKey, tuple[Condition, ...]] = {}
+        ctx = self._programmed_context() if self.snapshot is not None else None
         for key, built in self._result.conditions.items():
             if key.kind not in _STATUS_KINDS:
                 continue
@@ -407,7 +479,8 @@ class Pipeline:
             ]
             gen = self._generations.get(key, 0)
             for parent in accepted_parents:
-                out.append(self._programmed(key, gen, parent))
+                assert ctx is not None  # a result is only kept with its snapshot
+                out.append(self._programmed(key, gen, parent, ctx))
             new[key] = tuple(out)
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         changed = [k for k in new if new[k] != self._conditions.get(k)]

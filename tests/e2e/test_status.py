@@ -53,6 +53,31 @@ async def test_route_is_programmed_once_envoy_acks(mesh: Mesh, backends: Backend
     assert accepted is not None and accepted.status == "True"
 
 
+async def test_a_node_that_never_connected_keeps_routes_pending_and_says_so(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """A Node object is a node that should carry every object: until its Envoy connects and
+    ACKs, routes are Programmed=False/Pending naming it; without it they are True again."""
+    b = await backends.get("st-wait")
+    mesh.apply(
+        service("st-wait"),
+        endpoint_slice("st-wait", b.port),
+        http_route("st-wait", "st-wait", [{"backendRefs": [to("st-wait")]}]),
+    )
+    await mesh.converge()
+    await programmed(mesh, "HTTPRoute", "st-wait", "True")
+    ghost = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-ghost"}}
+    mesh.apply(ghost)
+    try:
+        c = await programmed(mesh, "HTTPRoute", "st-wait", "False")
+        assert c.reason == "Pending" and "waiting for ACK from node-ghost: " in c.message, c
+        assert "node-1" not in c.message, "node-1 ACKed everything"
+    finally:
+        mesh.delete("Node", "node-ghost", ns="")
+    c = await programmed(mesh, "HTTPRoute", "st-wait", "True")
+    assert c.message == "ACKed by 1 node(s)"
+
+
 async def test_nack_marks_only_the_culprit_not_programmed_with_envoys_message(
     mesh: Mesh, backends: Backends
 ) -> None:
