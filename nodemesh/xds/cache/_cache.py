@@ -136,8 +136,10 @@ class SnapshotCache:
                 continue
             del watches[watch_id]
             watch.respond(answer)  # type: ignore[arg-type]
-        if not watches:
-            self._watches.pop(node_id, None)
+        # An answer may have cancelled the node's last watch (dropping its dict) and parked a
+        # new one in a new dict: that one stays.
+        if not watches and self._watches.get(node_id) is watches:
+            del self._watches[node_id]
 
 
 def _noop() -> None:
