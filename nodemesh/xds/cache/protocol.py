@@ -57,6 +57,14 @@ class DeltaWatchRequest:
     the snapshot's type version equals `hold_version` (a version the client rejected).
     `answer_empty` asks for a response even with nothing to send, for a client's first request
     on a fresh stream, so that Envoy finishes initialising a type that is empty.
+
+    `basis` lets the watcher answer at a cost in the changes instead of the subscription's
+    size. It is the `basis` of an earlier response of this type, or None. The caller promises:
+    for every subscribed name not in `dirty`, `client_versions` has exactly the version that
+    response's set had (absent where the set had no such name). `dirty` names what may differ
+    since: a NACKed or out-of-order ACKed response, a new subscription, an unsubscribe, a
+    resource the client was made to forget. The answer is the same with or without a basis;
+    a watcher may ignore it. A false promise gives wrong answers, so when unsure, pass None.
     """
 
     node_id: str
@@ -66,14 +74,21 @@ class DeltaWatchRequest:
     client_versions: Mapping[str, str]
     hold_version: str | None = None
     answer_empty: bool = False
+    basis: object | None = None
+    dirty: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaWatchResponse:
+    """The changes for one delta watch. `basis`, when not None, stands for the set of resources
+    this answer was made from: a client that applies the answer holds exactly that set within
+    its subscription, and the next request can say so (`DeltaWatchRequest.basis`)."""
+
     type_url: str
     version: str
     updated: tuple[Resource, ...]
     removed: tuple[str, ...] = field(default=())
+    basis: object | None = None
 
 
 class ConfigWatcher(Protocol):

@@ -219,6 +219,17 @@ class _DeltaType:
     hold: str | None = None
     answer_empty: bool = False
     cancel: Cancel | None = None
+    # What the client view (`DeltaStream._view`) is known to equal: the `basis` of the last
+    # response, except for the `dirty` names, which changed in the view or the subscription
+    # since (see DeltaWatchRequest). None: unknown, the watcher compares every resource.
+    basis: object | None = None
+    dirty: set[str] = field(default_factory=set)
+
+
+def _touch(st: _DeltaType, pending: _Pending) -> None:
+    """The client view may have changed at the names of `pending`."""
+    st.dirty.update(pending.updated)
+    st.dirty.update(pending.removed)
 
 
 class DeltaStream(_Stream):
@@ -243,19 +254,24 @@ class DeltaStream(_Stream):
                 self.status.resumed(node_id, type_url, "", dict(req.initial_resource_versions))
         for name in req.resource_names_subscribe:
             if name == "*":
+                if not st.wildcard:
+                    st.basis = None  # every name joins the subscription
                 st.wildcard = True
             else:
                 st.subscribed.add(name)
+                st.dirty.add(name)
         for name in req.resource_names_unsubscribe:
             if name == "*":
                 st.wildcard = False
             else:
                 st.subscribed.discard(name)
                 st.client.pop(name, None)  # the client forgets what it unsubscribes from
+                st.dirty.add(name)  # still subscribed if wildcard, and no longer held
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
 
         nonce = req.response_nonce
         if nonce:
+            oldest = next(iter(st.pending), None)
             pending = st.pending.pop(nonce, None)
             if pending is None:
                 if not subscription_changed:
@@ -273,10 +289,13 @@ class DeltaStream(_Stream):
                     pending.updated,
                 )
                 st.hold = pending.version
+                _touch(st, pending)  # the view assumed it taken
             else:
                 st.client.update(pending.updated)
                 for name in pending.removed:
                     st.client.pop(name, None)
+                if nonce != oldest:
+                    _touch(st, pending)  # committed before older ones, which the view applied first
                 self.status.acked(
                     node_id, type_url, pending.version, pending.updated, replace=False
                 )
@@ -307,6 +326,8 @@ class DeltaStream(_Stream):
             client_versions=view,
             hold_version=st.hold,
             answer_empty=st.answer_empty,
+            basis=st.basis,
+            dirty=frozenset(st.dirty),
         )
         answered: list[bool] = []
 
@@ -323,6 +344,8 @@ class DeltaStream(_Stream):
         st.cancel = None
         st.answer_empty = False
         st.hold = None
+        # The answer brings the view to resp.basis within the subscription, dirty names included.
+        st.basis, st.dirty = resp.basis, set()
         held = self._view(st) if resp.type_url == types.CLUSTER else {}
         nonce = self._next_nonce()
         st.pending[nonce] = _Pending(
@@ -348,6 +371,7 @@ class DeltaStream(_Stream):
             eds.client.pop(name, None)
             for p in eds.pending.values():
                 p.updated.pop(name, None)
+        eds.dirty.update(names)
         if eds.cancel is not None:  # parked; otherwise the next EDS request sees the gap
             self._open(types.ENDPOINT, eds)
 
