@@ -4,7 +4,8 @@ A real `DeltaStream` is driven with random requests (ACKs, NACKs in any order, s
 subscribe and unsubscribe, wildcard on and off, reconnects with any initial versions) while its
 node's snapshot goes through random updates, rebuilds and returns to older snapshots. Every
 answer the cache gives is compared with the answer of the full comparison (the same request
-without a basis), and every parked watch must be one the full comparison would park too.
+without a basis), every parked watch must be one the full comparison would park too, and no
+watch's client_versions may change while it is open (the stream may pass a live view).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class Checking:
     def __init__(self, cache: SnapshotCache) -> None:
         self.cache = cache
         self.open: dict[int, DeltaWatchRequest] = {}
+        # what each open watch's client_versions held when it was made: a stream may hand over
+        # a live view, which must not change while the watch is open
+        self.held: dict[int, dict[str, str]] = {}
         self._ids = 0
         # to tell (in hypothesis' statistics) how many answers followed the changes
         self.followed = False
@@ -91,9 +95,11 @@ class Checking:
         self._ids += 1
         key = self._ids
         self.open[key] = request
+        self.held[key] = dict(request.client_versions)
 
         def checked(resp: DeltaWatchResponse) -> None:
             del self.open[key]
+            assert dict(request.client_versions) == self.held.pop(key)
             snapshot = self.cache.get_snapshot(request.node_id)
             assert snapshot is not None
             self._event("answered")
@@ -108,6 +114,7 @@ class Checking:
 
         def cancelled() -> None:
             self.open.pop(key, None)
+            self.held.pop(key, None)
             cancel()
 
         return cancelled
@@ -118,7 +125,8 @@ class Checking:
         self.followed = False
 
     def check_parked(self) -> None:
-        for request in self.open.values():
+        for key, request in self.open.items():
+            assert dict(request.client_versions) == self.held[key]
             snapshot = self.cache.get_snapshot(request.node_id)
             if snapshot is not None:
                 assert full_answer(snapshot, request) is None, request

@@ -103,6 +103,9 @@ class ConfigWatcher(Protocol):
     - The returned `Cancel` removes an unanswered watch; calling it after the answer is a no-op.
     - Everything runs on one event loop thread; `respond` must not block.
     - Responses carry shared `Resource` objects: the caller must not alter them.
+    - A delta request's `client_versions` may be a live view of the stream's state: it does not
+      change while the watch is open, but the watcher must not keep it after answering or
+      being cancelled.
 
     Usage, from a server's point of view::
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -213,7 +214,7 @@ class _Pending:
 @dataclass(slots=True)
 class _DeltaType:
     wildcard: bool = False
-    subscribed: set[str] = field(default_factory=set)
+    subscribed: frozenset[str] = frozenset()  # replaced, not mutated: watches share it
     client: dict[str, str] = field(default_factory=dict)  # what the client holds (ACKed)
     pending: dict[str, _Pending] = field(default_factory=dict)  # sent, not yet ACKed, by nonce
     hold: str | None = None
@@ -252,21 +253,21 @@ class DeltaStream(_Stream):
             st.answer_empty = not req.initial_resource_versions
             if req.initial_resource_versions:
                 self.status.resumed(node_id, type_url, "", dict(req.initial_resource_versions))
-        for name in req.resource_names_subscribe:
-            if name == "*":
-                if not st.wildcard:
-                    st.basis = None  # every name joins the subscription
-                st.wildcard = True
-            else:
-                st.subscribed.add(name)
-                st.dirty.add(name)
-        for name in req.resource_names_unsubscribe:
-            if name == "*":
-                st.wildcard = False
-            else:
-                st.subscribed.discard(name)
-                st.client.pop(name, None)  # the client forgets what it unsubscribes from
-                st.dirty.add(name)  # still subscribed if wildcard, and no longer held
+        subscribe = set(req.resource_names_subscribe)
+        unsubscribe = set(req.resource_names_unsubscribe)
+        if "*" in subscribe:
+            if not st.wildcard:
+                st.basis = None  # every name joins the subscription
+            st.wildcard = True
+        if "*" in unsubscribe:
+            st.wildcard = False
+        subscribe.discard("*")
+        unsubscribe.discard("*")
+        if subscribe or unsubscribe:
+            st.subscribed = st.subscribed.union(subscribe).difference(unsubscribe)
+            st.dirty |= subscribe | unsubscribe  # unsubscribed: still in a wildcard, not held
+        for name in unsubscribe:
+            st.client.pop(name, None)  # the client forgets what it unsubscribes from
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
 
         nonce = req.response_nonce
@@ -304,7 +305,14 @@ class DeltaStream(_Stream):
         self._open(type_url, st)
 
     @staticmethod
-    def _view(st: _DeltaType) -> dict[str, str]:
+    def _view(st: _DeltaType) -> Mapping[str, str]:
+        if not st.pending:
+            # The common case (all ACKed), without a copy of what may be 10,000 names. Safe:
+            # a watch given this view is answered before a response of its type is in flight,
+            # so no ACK changes `client` under it, and an unsubscribe or the endpoint resend
+            # changes `client` and then reopens the watch, cancelling this one, with no other
+            # code in between (tests/xds/test_delta_basis.py checks it).
+            return MappingProxyType(st.client)
         view = dict(st.client)
         for p in st.pending.values():  # optimistic: what is in flight will most likely be ACKed
             view.update(p.updated)
@@ -322,7 +330,7 @@ class DeltaStream(_Stream):
             node_id=self.node_id,
             type_url=type_url,
             wildcard=st.wildcard,
-            subscribed=frozenset(st.subscribed),
+            subscribed=st.subscribed,
             client_versions=view,
             hold_version=st.hold,
             answer_empty=st.answer_empty,
