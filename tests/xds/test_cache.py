@@ -216,3 +216,27 @@ def test_delta_answers_an_empty_type_when_asked() -> None:
     assert got == []
     cache.create_delta_watch(delta(answer_empty=True), got.append)
     assert got[0].updated == () and got[0].removed == ()
+
+
+def test_a_watch_reopened_while_answering_another_stays_open() -> None:
+    """A stream may replace a node's other parked watch from inside an answer (the delta
+    stream does, to resend endpoints after changed clusters). When that was the node's last
+    watch, the new one must still be parked afterwards, and answered on the next change."""
+    cache = SnapshotCache()
+    s1 = full()
+    cache.set_snapshot("n", s1)
+    held = {n: r.version for n, r in s1.resources(types.ENDPOINT).items()}
+    got: list[DeltaWatchResponse] = []
+    cancel_eds = [cache.create_delta_watch(delta(client=held), got.append)]
+
+    def reopen_eds(_: WatchResponse) -> None:
+        cancel_eds[0]()
+        cancel_eds[0] = cache.create_delta_watch(delta(client=held), got.append)
+
+    cache.create_watch(
+        WatchRequest("n", types.CLUSTER, s1.version(types.CLUSTER) or "", None), reopen_eds
+    )
+    cache.set_snapshot("n", full(extra_cluster="b").updated({types.ENDPOINT: ([], ["b"])}))
+    assert got == [] and cache.watch_count("n") == 1
+    cache.set_snapshot("n", full(port=9))
+    assert [r.name for r in got[0].updated] == ["a"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from nodemesh.xds import types
+from nodemesh.xds.cache._resource import Resource
 from nodemesh.xds.cache._snapshot import Snapshot
 from nodemesh.xds.cache.protocol import (
     Cancel,
@@ -136,8 +137,10 @@ class SnapshotCache:
                 continue
             del watches[watch_id]
             watch.respond(answer)  # type: ignore[arg-type]
-        if not watches:
-            self._watches.pop(node_id, None)
+        # An answer may have cancelled the node's last watch (dropping its dict) and parked a
+        # new one in a new dict: that one stays.
+        if not watches and self._watches.get(node_id) is watches:
+            del self._watches[node_id]
 
 
 def _noop() -> None:
@@ -159,10 +162,28 @@ def _sotw_answer(snapshot: Snapshot, req: WatchRequest) -> WatchResponse | None:
 
 
 def _delta_answer(snapshot: Snapshot, req: DeltaWatchRequest) -> DeltaWatchResponse | None:
-    version = snapshot.version(req.type_url)
-    if version is None or version == req.hold_version:
+    ts = snapshot.type_set(req.type_url)
+    if ts is None or ts.version == req.hold_version:
         return None
-    items = snapshot.resources(req.type_url)
+    items = ts.items
+    # Past half the set, comparing everything costs about the same as following the changes.
+    limit = len(items) // 2
+    changed = None
+    if req.basis is not None and len(req.dirty) <= limit:
+        changed = ts.changed_since(req.basis, limit)
+    if changed is None:
+        updated, removed = _compare_all(items, req)
+    else:
+        changed |= req.dirty
+        updated, removed = _compare_some(items, req, changed)
+    if not updated and not removed and not req.answer_empty:
+        return None
+    return DeltaWatchResponse(req.type_url, ts.version, updated, removed, ts.token)
+
+
+def _compare_all(
+    items: Mapping[str, Resource], req: DeltaWatchRequest
+) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
     known = req.client_versions
     candidates: Iterable[str] = (
         items.keys() if req.wildcard else req.subscribed.intersection(items.keys())
@@ -171,6 +192,19 @@ def _delta_answer(snapshot: Snapshot, req: DeltaWatchRequest) -> DeltaWatchRespo
     removed = tuple(
         sorted(n for n in known if n not in items and (req.wildcard or n in req.subscribed))
     )
-    if not updated and not removed and not req.answer_empty:
-        return None
-    return DeltaWatchResponse(req.type_url, version, updated, removed)
+    return updated, removed
+
+
+def _compare_some(
+    items: Mapping[str, Resource], req: DeltaWatchRequest, names: set[str]
+) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
+    """`_compare_all`, over `names` only: by the request's promise (see `DeltaWatchRequest`),
+    every other subscribed name is as the client holds it, so the answers are equal."""
+    known = req.client_versions
+    if not req.wildcard:
+        names = names.intersection(req.subscribed)  # iterates the smaller of the two
+    updated = tuple(
+        items[n] for n in sorted(names) if n in items and known.get(n) != items[n].version
+    )
+    removed = tuple(sorted(n for n in names if n not in items and n in known))
+    return updated, removed

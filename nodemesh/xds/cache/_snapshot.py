@@ -20,11 +20,32 @@ __all__ = ["Snapshot", "TypeSet"]
 
 _HCM_TYPE = types.TYPE_PREFIX + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 
+# How many `updated()` steps back a TypeSet can still say which names changed (`changed_since`).
+# A watch whose client is further behind is answered by comparing every resource instead.
+LINEAGE = 16
+
+
+class _Step:
+    """One `updated()` step: the names it added, replaced or removed, and the step before.
+
+    Steps hold names only, never resources, so remembering `LINEAGE` of them costs little."""
+
+    __slots__ = ("changed", "parent")
+
+    def __init__(self, parent: _Step | None, changed: frozenset[str]) -> None:
+        self.parent = parent
+        self.changed = changed
+
 
 class TypeSet:
-    """The resources of one type in a snapshot, by name, and the version of the whole set."""
+    """The resources of one type in a snapshot, by name, and the version of the whole set.
 
-    __slots__ = ("_checked", "_items", "_lines", "_order", "items", "version")
+    A TypeSet made by `updated()` remembers which names changed from its parent, for up to
+    `LINEAGE` steps back: `changed_since(token)` says what differs from an earlier set at a cost
+    in the changes, which is what lets a delta watch be answered without comparing every name.
+    """
+
+    __slots__ = ("_checked", "_items", "_lines", "_order", "_step", "items", "version")
 
     def __init__(self, resources: Iterable[Resource]) -> None:
         items: dict[str, Resource] = {}
@@ -42,6 +63,29 @@ class TypeSet:
         self.version = content_version(b"".join(self._lines))
         # Snapshot.consistent()'s answer for this set against another type's names (see there)
         self._checked: tuple[list[str], list[str]] | None = None
+        self._step = _Step(None, frozenset())
+
+    @property
+    def token(self) -> object:
+        """An opaque token for this set, to hand to `changed_since` of a later set. It keeps
+        no resources alive."""
+        return self._step
+
+    def changed_since(self, token: object, limit: int) -> set[str] | None:
+        """The names added, replaced or removed between the set `token` came from and this one
+        (a superset: a name changed and changed back is included). None when that set is not
+        this one or an ancestor within `LINEAGE` steps, or when more than `limit` names changed.
+        """
+        names: set[str] = set()
+        step: _Step | None = self._step
+        while step is not None:
+            if step is token:
+                return names
+            names |= step.changed
+            if len(names) > limit:
+                return None
+            step = step.parent
+        return None
 
     def updated(self, upserts: Iterable[Resource], removed: Iterable[str] = ()) -> TypeSet:
         """A new TypeSet: this one with `upserts` added or replaced (by name) and `removed`
@@ -72,13 +116,27 @@ class TypeSet:
                 del items[name]
                 i = bisect_left(order, name)
                 del order[i], lines[i]
+                seen.add(name)
         out = TypeSet.__new__(TypeSet)
         out._items = items
         out.items = MappingProxyType(items)
         out._order, out._lines = order, lines
         out.version = content_version(b"".join(lines))
         out._checked = None
+        out._step = _Step(self._step, frozenset(seen))
+        _forget_beyond_lineage(out._step)
         return out
+
+
+def _forget_beyond_lineage(step: _Step) -> None:
+    """Cut the chain `LINEAGE` steps above `step`, so that a long-lived chain of updates keeps
+    a bounded number of steps alive. A set on another branch of the cut step sees a shorter
+    lineage: its watches fall back to the full comparison, which gives the same answers."""
+    above: _Step | None = step
+    for _ in range(LINEAGE):
+        above = above.parent if above is not None else None
+    if above is not None:
+        above.parent = None
 
 
 def _line(r: Resource) -> bytes:

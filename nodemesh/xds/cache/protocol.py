@@ -57,6 +57,14 @@ class DeltaWatchRequest:
     the snapshot's type version equals `hold_version` (a version the client rejected).
     `answer_empty` asks for a response even with nothing to send, for a client's first request
     on a fresh stream, so that Envoy finishes initialising a type that is empty.
+
+    `basis` lets the watcher answer at a cost in the changes instead of the subscription's
+    size. It is the `basis` of an earlier response of this type, or None. The caller promises:
+    for every subscribed name not in `dirty`, `client_versions` has exactly the version that
+    response's set had (absent where the set had no such name). `dirty` names what may differ
+    since: a NACKed or out-of-order ACKed response, a new subscription, an unsubscribe, a
+    resource the client was made to forget. The answer is the same with or without a basis;
+    a watcher may ignore it. A false promise gives wrong answers, so when unsure, pass None.
     """
 
     node_id: str
@@ -66,14 +74,21 @@ class DeltaWatchRequest:
     client_versions: Mapping[str, str]
     hold_version: str | None = None
     answer_empty: bool = False
+    basis: object | None = None
+    dirty: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaWatchResponse:
+    """The changes for one delta watch. `basis`, when not None, stands for the set of resources
+    this answer was made from: a client that applies the answer holds exactly that set within
+    its subscription, and the next request can say so (`DeltaWatchRequest.basis`)."""
+
     type_url: str
     version: str
     updated: tuple[Resource, ...]
     removed: tuple[str, ...] = field(default=())
+    basis: object | None = None
 
 
 class ConfigWatcher(Protocol):
@@ -88,6 +103,9 @@ class ConfigWatcher(Protocol):
     - The returned `Cancel` removes an unanswered watch; calling it after the answer is a no-op.
     - Everything runs on one event loop thread; `respond` must not block.
     - Responses carry shared `Resource` objects: the caller must not alter them.
+    - A delta request's `client_versions` may be a live view of the stream's state: it does not
+      change while the watch is open, but the watcher must not keep it after answering or
+      being cancelled.
 
     Usage, from a server's point of view::
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -213,12 +214,23 @@ class _Pending:
 @dataclass(slots=True)
 class _DeltaType:
     wildcard: bool = False
-    subscribed: set[str] = field(default_factory=set)
+    subscribed: frozenset[str] = frozenset()  # replaced, not mutated: watches share it
     client: dict[str, str] = field(default_factory=dict)  # what the client holds (ACKed)
     pending: dict[str, _Pending] = field(default_factory=dict)  # sent, not yet ACKed, by nonce
     hold: str | None = None
     answer_empty: bool = False
     cancel: Cancel | None = None
+    # What the client view (`DeltaStream._view`) is known to equal: the `basis` of the last
+    # response, except for the `dirty` names, which changed in the view or the subscription
+    # since (see DeltaWatchRequest). None: unknown, the watcher compares every resource.
+    basis: object | None = None
+    dirty: set[str] = field(default_factory=set)
+
+
+def _touch(st: _DeltaType, pending: _Pending) -> None:
+    """The client view may have changed at the names of `pending`."""
+    st.dirty.update(pending.updated)
+    st.dirty.update(pending.removed)
 
 
 class DeltaStream(_Stream):
@@ -241,21 +253,26 @@ class DeltaStream(_Stream):
             st.answer_empty = not req.initial_resource_versions
             if req.initial_resource_versions:
                 self.status.resumed(node_id, type_url, "", dict(req.initial_resource_versions))
-        for name in req.resource_names_subscribe:
-            if name == "*":
-                st.wildcard = True
-            else:
-                st.subscribed.add(name)
-        for name in req.resource_names_unsubscribe:
-            if name == "*":
-                st.wildcard = False
-            else:
-                st.subscribed.discard(name)
-                st.client.pop(name, None)  # the client forgets what it unsubscribes from
+        subscribe = set(req.resource_names_subscribe)
+        unsubscribe = set(req.resource_names_unsubscribe)
+        if "*" in subscribe:
+            if not st.wildcard:
+                st.basis = None  # every name joins the subscription
+            st.wildcard = True
+        if "*" in unsubscribe:
+            st.wildcard = False
+        subscribe.discard("*")
+        unsubscribe.discard("*")
+        if subscribe or unsubscribe:
+            st.subscribed = st.subscribed.union(subscribe).difference(unsubscribe)
+            st.dirty |= subscribe | unsubscribe  # unsubscribed: still in a wildcard, not held
+        for name in unsubscribe:
+            st.client.pop(name, None)  # the client forgets what it unsubscribes from
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
 
         nonce = req.response_nonce
         if nonce:
+            oldest = next(iter(st.pending), None)
             pending = st.pending.pop(nonce, None)
             if pending is None:
                 if not subscription_changed:
@@ -273,10 +290,13 @@ class DeltaStream(_Stream):
                     pending.updated,
                 )
                 st.hold = pending.version
+                _touch(st, pending)  # the view assumed it taken
             else:
                 st.client.update(pending.updated)
                 for name in pending.removed:
                     st.client.pop(name, None)
+                if nonce != oldest:
+                    _touch(st, pending)  # committed before older ones, which the view applied first
                 self.status.acked(
                     node_id, type_url, pending.version, pending.updated, replace=False
                 )
@@ -285,7 +305,14 @@ class DeltaStream(_Stream):
         self._open(type_url, st)
 
     @staticmethod
-    def _view(st: _DeltaType) -> dict[str, str]:
+    def _view(st: _DeltaType) -> Mapping[str, str]:
+        if not st.pending:
+            # The common case (all ACKed), without a copy of what may be 10,000 names. Safe:
+            # a watch given this view is answered before a response of its type is in flight,
+            # so no ACK changes `client` under it, and an unsubscribe or the endpoint resend
+            # changes `client` and then reopens the watch, cancelling this one, with no other
+            # code in between (tests/xds/test_delta_basis.py checks it).
+            return MappingProxyType(st.client)
         view = dict(st.client)
         for p in st.pending.values():  # optimistic: what is in flight will most likely be ACKed
             view.update(p.updated)
@@ -303,10 +330,12 @@ class DeltaStream(_Stream):
             node_id=self.node_id,
             type_url=type_url,
             wildcard=st.wildcard,
-            subscribed=frozenset(st.subscribed),
+            subscribed=st.subscribed,
             client_versions=view,
             hold_version=st.hold,
             answer_empty=st.answer_empty,
+            basis=st.basis,
+            dirty=frozenset(st.dirty),
         )
         answered: list[bool] = []
 
@@ -323,6 +352,8 @@ class DeltaStream(_Stream):
         st.cancel = None
         st.answer_empty = False
         st.hold = None
+        # The answer brings the view to resp.basis within the subscription, dirty names included.
+        st.basis, st.dirty = resp.basis, set()
         held = self._view(st) if resp.type_url == types.CLUSTER else {}
         nonce = self._next_nonce()
         st.pending[nonce] = _Pending(
@@ -348,6 +379,7 @@ class DeltaStream(_Stream):
             eds.client.pop(name, None)
             for p in eds.pending.values():
                 p.updated.pop(name, None)
+        eds.dirty.update(names)
         if eds.cancel is not None:  # parked; otherwise the next EDS request sees the gap
             self._open(types.ENDPOINT, eds)
 
