@@ -58,7 +58,10 @@ class AckEvent:
     node_id: str
     type_url: str
     version: str
-    resource_versions: dict[str, str]  # what the node now holds of the type (ack), or was sent
+    # ack: the resources this ACK covered (SotW: the whole set; delta: the update), not all the
+    # node holds (that is `TypeStatus.acked_resources`; copying it per ACK cost ~6 ms at
+    # 10,000 resources); nack: what was sent
+    resource_versions: dict[str, str]
     nack: NackRecord | None = None
 
 
@@ -145,7 +148,7 @@ class StatusTracker:
             ts.acked_resources = dict(resource_versions)
         else:
             ts.acked_resources.update(resource_versions)
-        self._emit(AckEvent("ack", node_id, type_url, version, dict(ts.acked_resources)))
+        self._emit(AckEvent("ack", node_id, type_url, version, dict(resource_versions)))
 
     def resumed(
         self, node_id: str, type_url: str, version: str, resource_versions: dict[str, str]
