@@ -56,3 +56,33 @@ def test_pod_ips_follow_every_change(
         want = {n: sorted({ip for node, ip in state.values() if node == n}) for n in NODES}
         assert {i.name: list(i.pod_ips) for i in infos} == want
         last = state
+
+
+_ADDRESSES = st.one_of(
+    st.sampled_from(["10.0.0.1", "10.0.0.2", "010.0.0.1", "10.0.0.1\n10.0.0.2", "::1", ""]),
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "nodeName": st.sampled_from(["node-a", "node-b", "", None]),
+                "addresses": st.lists(_ADDRESSES, max_size=3),
+            }
+        ),
+        max_size=5,
+    )
+)
+def test_slice_placement_is_each_address_checked(endpoints: list[dict[str, object]]) -> None:
+    """The whole-slice check of the addresses places what checking each one places."""
+    want = {
+        (e["nodeName"], ip)
+        for e in endpoints
+        if isinstance(e["nodeName"], str) and e["nodeName"]
+        for a in e["addresses"]  # type: ignore[attr-defined]
+        if (ip := node_module._ipv4(a)) is not None
+    }
+    assert node_module.slice_placement({"endpoints": endpoints}) == tuple(sorted(want))

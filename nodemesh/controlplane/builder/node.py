@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nodemesh._ip import is_dotted_quad
+from nodemesh._ip import all_dotted_quads, is_dotted_quad
 from nodemesh.controlplane.builder._util import as_list, as_map
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds.translate import ir
@@ -61,15 +62,29 @@ def pod_placement(obj: Mapping[str, Any]) -> Placement:
 
 def slice_placement(obj: Mapping[str, Any]) -> Placement:
     """(nodeName, IPv4) of every endpoint of an EndpointSlice, ready or not."""
-    out: set[tuple[str, str]] = set()
-    for e in as_list(obj.get("endpoints")):
-        e = as_map(e)
+    nodes: list[str] = []
+    addresses: list[Any] = []
+    # Type checks before the helpers: a cold build places 100,000 endpoints.
+    endpoints = obj.get("endpoints")
+    for e in endpoints if type(endpoints) is list else as_list(endpoints):
+        if type(e) is not dict:
+            e = as_map(e)
         node = e.get("nodeName")
         if isinstance(node, str) and node:
-            for addr in as_list(e.get("addresses")):
-                ip = _ipv4(addr)
-                if ip is not None:
-                    out.add((node, ip))
+            addrs = e.get("addresses")
+            for addr in addrs if type(addrs) is list else as_list(addrs):
+                nodes.append(node)
+                addresses.append(addr)
+    # Nearly always every address is a canonical dotted quad (what _ipv4 gives unchanged):
+    # checked for the whole slice at once, else one by one through _ipv4.
+    if all_dotted_quads(addresses):
+        out = set(zip(nodes, addresses, strict=True))
+    else:
+        out = set()
+        for node, addr in zip(nodes, addresses, strict=True):
+            ip = _ipv4(addr)
+            if ip is not None:
+                out.add((node, ip))
     return tuple(sorted(out))
 
 
@@ -134,15 +149,24 @@ class NodeIndex:
         # build: every object) leaves the touched nodes to be sorted once in _node_infos.
         keep_sorted = len(changed) <= _FEW
         dirty: set[str] = set()
+        gone: list[tuple[str, str]] = []  # a big batch's placements, counted at once below
+        came: list[tuple[str, str]] = []
+        placed = self._placed
         for key, obj in changed:
-            last = self._placed.pop(key, None)
+            last = placed.pop(key, None)
             old = last[1] if last is not None else ()
             new: Placement = ()
             if obj is not None:
                 new = (pod_placement if key.kind == "Pod" else slice_placement)(obj)
-                self._placed[key] = (obj, new)
+                placed[key] = (obj, new)
             if new != old:
-                self._move(old, new, dirty, keep_sorted)
+                if keep_sorted:
+                    self._move(old, new, dirty)
+                else:
+                    gone += old
+                    came += new
+        if came or gone:
+            self._move_all(gone, came, dirty)
         if nodes is None:
             if not dirty.intersection(self._infos):
                 return self._tuple
@@ -166,6 +190,34 @@ class NodeIndex:
         self._infos = infos
         self._tuple = tuple(infos.values())
         return self._tuple
+
+    def _move_all(
+        self, old: list[tuple[str, str]], new: list[tuple[str, str]], dirty: set[str]
+    ) -> None:
+        """`_move` of a big batch (keep_sorted=False): each (node, IP) pair counted once, at C
+        speed, instead of one dictionary update per pair (100,000 in a cold build). A pair whose
+        count goes to 0 and back within the batch leaves its node as it was, not dirty."""
+        counts = Counter(new)
+        if old:
+            counts.subtract(Counter(old))
+        refs_of, stale = self._refs, self._stale
+        for (node, ip), change in counts.items():
+            if not change:
+                continue
+            refs = refs_of.get(node)
+            if refs is None:
+                refs_of[node] = refs = {}
+            before = refs.get(ip, 0)
+            after = before + change
+            if after:
+                refs[ip] = after
+            else:
+                del refs[ip]
+                if not refs:
+                    del refs_of[node]
+            if not before or not after:  # the IP came to or left the node
+                dirty.add(node)
+                stale.add(node)
 
     def _move(
         self, old: Placement, new: Placement, dirty: set[str], keep_sorted: bool = True
