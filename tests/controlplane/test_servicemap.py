@@ -38,7 +38,12 @@ from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds.cache import Resource
 from nodemesh.xds.translate import Translator, ir
-from nodemesh.xds.translate.servicemap import ServiceMaps, mesh_service, node_part
+from nodemesh.xds.translate.servicemap import (
+    ServiceMaps,
+    mesh_service,
+    mesh_service_bytes,
+    node_part,
+)
 from tests.controlplane.test_golden import GOLDEN, load_case
 
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("servicemap"))
@@ -357,3 +362,11 @@ def test_a_node_map_is_what_node_to_proto_makes(pod_ips: list[str], envoy: bool)
     (resource,) = ServiceMaps().node_resources([node], 15001).values()
     want = node_to_proto(node_part(node, 15001)).SerializeToString(deterministic=True)
     assert resource.payload == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(_INFO)
+def test_the_hand_encoded_mesh_service_is_what_protobuf_makes(info: ir.ServiceInfo) -> None:
+    svc = mesh_service(info)
+    want = service_to_proto(svc).SerializeToString(deterministic=True) if svc else None
+    assert mesh_service_bytes(info) == want

@@ -16,7 +16,7 @@ from itertools import compress
 from operator import is_not
 from typing import TypeVar
 
-from nodemesh._ip import ip_version
+from nodemesh._ip import all_dotted_quads, ip_version
 from nodemesh.api import (
     NODE_TYPE_URL,
     SERVICE_TYPE_URL,
@@ -25,9 +25,9 @@ from nodemesh.api import (
     NodePart,
     Service,
     ServiceIPv6,
-    service_to_proto,
 )
 from nodemesh.api import servicemap_pb2 as pb
+from nodemesh.xds._wire import varint
 from nodemesh.xds.cache import Resource
 from nodemesh.xds.translate import ir
 
@@ -105,9 +105,79 @@ def _node_message(node: ir.NodeInfo, envoy_port: int) -> pb.NodeServiceMap:
     return msg
 
 
-def _service_resource(svc: MeshService) -> Resource:
-    payload = service_to_proto(svc).SerializeToString(deterministic=True)
-    return Resource.from_payload(SERVICE_TYPE_URL, svc.name, payload, pb.MeshService.FromString)
+def _ld(tag_byte: bytes, payload: bytes) -> bytes:
+    """A length-delimited field."""
+    return tag_byte + varint(len(payload)) + payload
+
+
+_MS_NAME, _MS_SERVICES, _MS_V6 = b"\x0a", b"\x12", b"\x1a"  # MeshService fields 1, 2, 3
+_S_NAME, _S_ADDRESS, _S_PORT, _S_MODE, _S_BACKENDS = b"\x0a", b"\x12", b"\x18", b"\x20", b"\x2a"
+_B_ADDRESS, _B_PORT, _B_WEIGHT_1 = b"\x0a", b"\x10", b"\x18\x01"  # Backend; weight is always 1
+_V6_NAME, _V6_ADDRESS, _V6_PORT, _V6_TARGET, _V6_L7 = (
+    b"\x0a",
+    b"\x12",
+    b"\x18",
+    b"\x22",
+    b"\x28\x01",
+)
+_L4, _L7 = varint(pb.Service.L4), varint(pb.Service.L7)
+
+
+def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
+    """`service_to_proto(mesh_service(info))` serialized (deterministic), encoded by hand: a
+    cold start makes 10,000 of them (~4x faster than through the dataclasses and protobuf;
+    tests hold the two equal). None when `mesh_service` is None."""
+    name = info.name
+    out: list[bytes] = []
+    seen: set[tuple[str, int]] = set()
+    for ip in info.cluster_ips:
+        if not _is_ipv4(ip):
+            continue
+        for i, port in enumerate(info.ports):
+            if (ip, port) in seen:
+                continue  # a port listed twice: the first entry keeps it
+            seen.add((ip, port))
+            head = _S_NAME + _str(f"{name}:{port}") + _S_ADDRESS + _str(ip) + _port(_S_PORT, port)
+            if info.needs_l7:
+                out.append(_ld(_MS_SERVICES, head + _S_MODE + _L7))
+                continue
+            eps = info.backends[i] if i < len(info.backends) else ()
+            if all_dotted_quads([e.address for e in eps]):  # one regex pass, the usual case
+                ready = sorted({(e.address, e.port) for e in eps if not e.draining})
+            else:
+                ready = sorted(
+                    {(e.address, e.port) for e in eps if not e.draining and _is_ipv4(e.address)}
+                )
+            body = [head, _S_MODE, _L4]
+            for address, target in ready:
+                backend = _B_ADDRESS + _str(address) + _port(_B_PORT, target) + _B_WEIGHT_1
+                body += (_S_BACKENDS, varint(len(backend)), backend)
+            out.append(_ld(_MS_SERVICES, b"".join(body)))
+    v6 = _entries6(info)
+    if not out and not v6:
+        return None
+    for e in v6:
+        body6 = _V6_NAME + _str(e.name) + _V6_ADDRESS + _str(e.address) + _port(_V6_PORT, e.port)
+        if e.target:
+            body6 += _V6_TARGET + _str(e.target)
+        if e.l7:
+            body6 += _V6_L7
+        out.append(_ld(_MS_V6, body6))
+    return _MS_NAME + _str(name) + b"".join(out)
+
+
+def _str(text: str) -> bytes:
+    """A string's length and bytes (after its tag)."""
+    data = text.encode()
+    return varint(len(data)) + data
+
+
+def _port(tag_byte: bytes, port: int) -> bytes:
+    return tag_byte + varint(port) if port else b""  # proto3 leaves a zero out
+
+
+def _service_resource(payload: bytes, name: str) -> Resource:
+    return Resource.from_payload(SERVICE_TYPE_URL, name, payload, pb.MeshService.FromString)
 
 
 class ServiceMaps:
@@ -140,9 +210,9 @@ class ServiceMaps:
         for info in services:
             hit = last.get(info.name)
             if hit is None or not (hit[0] is info or hit[0] == info):
-                svc = mesh_service(info)
-                hit = (info, _service_resource(svc) if svc is not None else None)
-                self.made += svc is not None
+                data = mesh_service_bytes(info)
+                hit = (info, _service_resource(data, info.name) if data is not None else None)
+                self.made += data is not None
             memo[info.name] = hit
         self._services = memo
         made = [r for _, r in memo.values()]
@@ -152,9 +222,9 @@ class ServiceMaps:
     def _resource(self, info: ir.ServiceInfo) -> Resource | None:
         hit = self._services.get(info.name)
         if hit is None or not (hit[0] is info or hit[0] == info):
-            svc = mesh_service(info)
-            hit = (info, _service_resource(svc) if svc is not None else None)
-            self.made += svc is not None
+            data = mesh_service_bytes(info)
+            hit = (info, _service_resource(data, info.name) if data is not None else None)
+            self.made += data is not None
             self._services[info.name] = hit
         return hit[1]
 
