@@ -96,6 +96,8 @@ class _ProgrammedContext:
     # it holds whole at the current version)
     partial: list[tuple[str, NodeStatus, frozenset[str]]]
     unseen: list[str]  # expected nodes that never connected: everything waits there
+    # equal signatures and equal resource versions give an equal condition
+    signature: tuple[int, tuple[str, ...]]
 
 
 class KubernetesStatus:
@@ -140,7 +142,7 @@ class Pipeline:
         self.last_build_seconds = 0.0
         self._result: BuildResult | None = None
         self._conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
-        self._generations: dict[ObjectKey, int] = {}
+        self._view: Mapping[ObjectKey, Any] = {}  # the store view last built
         self._transitions: dict[tuple[ObjectKey, str, str], tuple[str, str]] = {}
         self._source_errors: dict[str, dict[str, str]] = {}
         self._subscribers: list[ConditionsCallback] = []
@@ -152,8 +154,13 @@ class Pipeline:
         self._built = asyncio.Condition()
         # (type, name, version) -> {origin: fingerprint of what that version holds of it}
         self._history: dict[tuple[str, str, str], dict[str, int]] = {}
+        self._history_tokens: dict[str, object] = {}  # per type, the set last recorded
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
+        # (object, parent) -> (what its Programmed condition was computed from, the condition)
+        _Memo = dict[tuple[ObjectKey, str], tuple[object, Condition]]
+        self._programmed_memo: _Memo = {}
+        self._programmed_next: _Memo = {}
         self.kubernetes_status = KubernetesStatus(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -215,7 +222,7 @@ class Pipeline:
                     "kind": key.kind,
                     "namespace": key.namespace,
                     "name": key.name,
-                    "generation": self._generations.get(key, 0),
+                    "generation": self._generation(key),
                     "conditions": [
                         {**c.as_dict(), "parent": c.parent} for c in self._conditions[key]
                     ],
@@ -293,9 +300,7 @@ class Pipeline:
         self._result = result
         self.translation = translation
         self.snapshot = snapshot
-        self._generations = {
-            k: int(view[k]["metadata"].get("generation", 0)) for k in result.conditions if k in view
-        }
+        self._view = view  # the objects' generations are read from it when needed
         self._record_history(result, snapshot)
         self.cache.set_fallback_snapshot(snapshot)
         for node in result.mesh.nodes:
@@ -317,12 +322,20 @@ class Pipeline:
         is programmed on a node when the version the node ACKed holds the object's current
         part, so a NACK caused by one route leaves the others Programmed."""
         mesh = result.mesh
-        new = [
-            (t, name, r.version)
-            for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE)
-            for name, r in snapshot.resources(t).items()
-            if (t, name, r.version) not in self._history
-        ]
+        new = []
+        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE):
+            ts = snapshot.type_set(t)
+            if ts is None:
+                continue
+            # only the names changed since the last recorded set, when its lineage says so
+            last = self._history_tokens.get(t)
+            names = ts.changed_since(last, len(ts.items) // 4) if last is not None else None
+            items = ts.items
+            for name in items if names is None else (n for n in names if n in items):
+                key = (t, name, items[name].version)
+                if key not in self._history:
+                    new.append(key)
+            self._history_tokens[t] = ts.token
         if not new:
             return
         clusters = {c.name: c for c in mesh.clusters}
@@ -369,6 +382,10 @@ class Pipeline:
             nodes |= {n.node_id for n in self.status.nodes() if n.connected}
         return sorted(nodes)
 
+    def _generation(self, key: ObjectKey) -> int:
+        obj = self._view.get(key)
+        return int(obj["metadata"].get("generation", 0)) if obj is not None else 0
+
     def _by_origin(self) -> dict[str, list[tuple[str, str]]]:
         """Per object ("Kind/ns/name"), the resources (type, name) that carry a part of it, in
         the order of `Translation.origins`. Made again only when the origins change (an
@@ -410,7 +427,10 @@ class Pipeline:
             )
             if not everything <= whole:
                 partial.append((node_id, node, whole))
-        return _ProgrammedContext(by_origin, len(expected), partial, unseen)
+        epoch = self.status.epoch if self.status is not None else -1
+        return _ProgrammedContext(
+            by_origin, len(expected), partial, unseen, (epoch, tuple(expected))
+        )
 
     def _programmed(
         self, key: ObjectKey, gen: int, parent: str, ctx: _ProgrammedContext
@@ -424,6 +444,24 @@ class Pipeline:
             if r is not None:
                 fp = self._history.get((t, name, r.version), {}).get(origin)
                 wanted.append((t, name, r.version, fp))
+        memo_key = (key, parent)
+        signature = (ctx.signature, gen, tuple(wanted))
+        hit = self._programmed_memo.get(memo_key)
+        if hit is not None and hit[0] == signature:
+            self._programmed_next[memo_key] = hit
+            return hit[1]
+        condition = self._programmed_condition(origin, gen, parent, ctx, wanted)
+        self._programmed_next[memo_key] = (signature, condition)
+        return condition
+
+    def _programmed_condition(
+        self,
+        origin: str,
+        gen: int,
+        parent: str,
+        ctx: _ProgrammedContext,
+        wanted: list[tuple[str, str, str, int | None]],
+    ) -> Condition:
         if self.status is None or not ctx.expected:
             return Condition(
                 "Programmed", "Unknown", "NoNodes", "no node Envoy is connected", gen, parent
@@ -470,6 +508,7 @@ class Pipeline:
             return
         new: dict[ObjectKey, tuple[Condition, ...]] = {}
         ctx = self._programmed_context() if self.snapshot is not None else None
+        self._programmed_next = {}
         for key, built in self._result.conditions.items():
             if key.kind not in _STATUS_KINDS:
                 continue
@@ -477,11 +516,12 @@ class Pipeline:
             accepted_parents = [
                 c.parent for c in built if c.type == "Accepted" and c.status == "True"
             ]
-            gen = self._generations.get(key, 0)
+            gen = self._generation(key)
             for parent in accepted_parents:
                 assert ctx is not None  # a result is only kept with its snapshot
                 out.append(self._programmed(key, gen, parent, ctx))
             new[key] = tuple(out)
+        self._programmed_memo, self._programmed_next = self._programmed_next, {}
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         changed = [k for k in new if new[k] != self._conditions.get(k)]
         gone = [k for k in self._conditions if k not in new]

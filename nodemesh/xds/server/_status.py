@@ -76,6 +76,9 @@ class StatusTracker:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeStatus] = {}
         self._listeners: list[Listener] = []
+        # bumped by every change to what a node holds, ACKed or NACKed, or to its streams (not
+        # by `sent`): equal epochs mean equal answers for whoever derives state from it
+        self.epoch = 0
 
     # -- read ------------------------------------------------------------------------------
     def node(self, node_id: str) -> NodeStatus | None:
@@ -114,11 +117,13 @@ class StatusTracker:
 
     # -- written by the server -------------------------------------------------------------
     def stream_opened(self, node_id: str) -> None:
+        self.epoch += 1
         node = self._node(node_id)
         node.streams += 1
         node.last_connected = time.time()
 
     def stream_closed(self, node_id: str) -> None:
+        self.epoch += 1
         node = self._node(node_id)
         node.streams = max(0, node.streams - 1)
         node.last_disconnected = time.time()
@@ -141,6 +146,7 @@ class StatusTracker:
     ) -> None:
         """Record an ACK. `replace`: the ACKed set is the whole state (SotW wildcard) rather
         than an update to merge (delta, or a named subscription)."""
+        self.epoch += 1
         ts = self.type_status(node_id, type_url)
         ts.version_acked = version
         ts.last_nack = None
@@ -155,17 +161,20 @@ class StatusTracker:
     ) -> None:
         """A reconnecting client said what it holds (SotW: a version; delta: resource versions).
         Recorded as ACKed state without an event: nothing new was delivered."""
+        self.epoch += 1
         ts = self.type_status(node_id, type_url)
         if version:
             ts.version_acked = version
         ts.acked_resources.update(resource_versions)
 
     def removed(self, node_id: str, type_url: str, names: tuple[str, ...]) -> None:
+        self.epoch += 1
         ts = self.type_status(node_id, type_url)
         for n in names:
             ts.acked_resources.pop(n, None)
 
     def nacked(self, record: NackRecord, sent_versions: dict[str, str]) -> None:
+        self.epoch += 1
         self.type_status(record.node_id, record.type_url).last_nack = record
         self._emit(
             AckEvent("nack", record.node_id, record.type_url, record.version, sent_versions, record)
