@@ -13,14 +13,15 @@ Real kernel maps (a `NodeLab` node, root, bpffs). Writes bench/results/agent_fee
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.translate import endpoint_slice, nodes, objects
 from nodemesh.api import (
     NODE_TYPE_URL,
     SERVICE_TYPE_URL,
@@ -36,11 +37,27 @@ from nodemesh.ebpf.testing import NodeLab
 from nodemesh.xds.translate import Translator
 
 RESULTS = Path(__file__).parent / "results" / "agent_feed.json"
+
+
+def _bench_mesh() -> Any:
+    """bench/translate.py as a module (its mesh: objects(), nodes(), endpoint_slice()), also
+    when this file runs as a script."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_translate", Path(__file__).parent / "translate.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 NODE = "node3"
 CHANGES = 5
 
 
 def main() -> int:
+    mesh = _bench_mesh()
+    objects, nodes, endpoint_slice = mesh.objects, mesh.nodes, mesh.endpoint_slice
     store, memo, translator = Store(), BuildMemo(), Translator()
     for o in (*objects(), *nodes()):
         store.apply(o)

@@ -98,7 +98,7 @@ def objects() -> list[dict[str, Any]]:
 
 
 def nodes() -> list[dict[str, Any]]:
-    """The Nodes the endpoints already name (`nodeName: node{j % 50}`)."""
+    """The Nodes the endpoints already name (`nodeName`, 2,000 endpoints each)."""
     return [
         {
             "apiVersion": "v1",
@@ -125,7 +125,9 @@ def endpoint_slice(ns: str, name: str, i: int, salt: int) -> dict[str, Any]:
             {
                 "addresses": [f"10.{(i >> 8) % 250}.{i % 250}.{j + 10 + salt}"],
                 "conditions": {"ready": True},
-                "nodeName": f"node{j % 50}",
+                # spread over every Node: 2,000 endpoints each (until 2026-11-22 `j % 50`
+                # put them all on node0-node9, 10,000 each, and left 40 Nodes empty)
+                "nodeName": f"node{(i * ENDPOINTS_PER_SERVICE + j) % NODES}",
             }
             for j in range(ENDPOINTS_PER_SERVICE)
         ],
