@@ -283,6 +283,29 @@ def test_changed_since_names_every_difference_or_nothing(
     assert sets[-1].changed_since(sets[-1].token, 0) == set()
 
 
+@settings(max_examples=300, deadline=None)
+@given(update_steps)
+def test_an_updated_set_has_the_version_and_order_of_one_made_whole(
+    steps: list[tuple[int, dict[str, int], list[str]]],
+) -> None:
+    """`updated()` hashes again only the buckets it touched: every set of a branching chain
+    must still carry the version (and sorted names) of a set made from its resources at once,
+    and its parents must keep theirs."""
+    sets = chain_of_updates(steps)
+    versions = [s.version for s in sets]
+    for ts in sets:
+        whole = TypeSet(ts.items.values())
+        assert ts.version == whole.version
+        assert ts._order == whole._order
+    assert [s.version for s in sets] == versions
+    # equal content, equal version; different content, different version
+    by_content: dict[frozenset[tuple[str, str]], str] = {}
+    for ts in sets:
+        content = frozenset((n, r.version) for n, r in ts.items.items())
+        assert by_content.setdefault(content, ts.version) == ts.version
+    assert len(set(by_content.values())) == len(by_content)
+
+
 def test_changed_since_follows_a_straight_chain_for_lineage_steps_and_no_further() -> None:
     sets = chain_of_updates([(0, {NAMES[i % 8]: i % VARIANTS}, []) for i in range(4 * LINEAGE)])
     last = sets[-1]
