@@ -287,6 +287,16 @@ def _changed_positions(old: tuple[object, ...], new: tuple[object, ...]) -> list
     return list(compress(range(len(new)), map(is_not, old, new)))
 
 
+def _same_l7(a: ir.ServiceInfo, b: ir.ServiceInfo) -> bool:
+    """The same facts for the L7 destinations: name, and for a Service that needs L7 its
+    ClusterIPs and ports."""
+    return (
+        a.name == b.name
+        and a.needs_l7 == b.needs_l7
+        and (not a.needs_l7 or (a.cluster_ips == b.cluster_ips and a.ports == b.ports))
+    )
+
+
 def _delta(
     old: tuple[Resource, ...], new: tuple[Resource, ...]
 ) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
@@ -329,6 +339,7 @@ class Translator:
             | None
         ) = None
         self._service_maps = ServiceMaps()
+        self._dest_services: tuple[ir.ServiceInfo, ...] = ()  # what _destinations was made from
         self._last: _Last | None = None
 
     def translate(self, mesh: ir.Mesh) -> Translation:
@@ -485,8 +496,17 @@ class Translator:
         hosts changed (identity) or the name, ClusterIPs or ports of a Service that needs L7
         did (an endpoint change replaces a ServiceInfo but changes none of these); each route
         configuration is memoized per virtual host."""
-        l7 = tuple((s.name, s.cluster_ips, s.ports) for s in mesh.services if s.needs_l7)
         last = self._destinations
+        services, self._dest_services = self._dest_services, mesh.services
+        if last is not None and last[0][1] is mesh.virtual_hosts:
+            # Services replaced at a few positions (an endpoint change): the same L7 facts
+            # there mean the same destinations, without looking at the 10,000 others
+            positions = _changed_positions(services, mesh.services)
+            if positions is not None and all(
+                _same_l7(services[i], mesh.services[i]) for i in positions
+            ):
+                return last[1], last[2]
+        l7 = tuple((s.name, s.cluster_ips, s.ports) for s in mesh.services if s.needs_l7)
         if last is not None and last[0][1] is mesh.virtual_hosts and last[0][0] == l7:
             return last[1], last[2]
         key = (l7, mesh.virtual_hosts)

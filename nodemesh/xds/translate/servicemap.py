@@ -187,8 +187,11 @@ class ServiceMaps:
 
     def __init__(self) -> None:
         self._services: dict[str, tuple[ir.ServiceInfo, Resource | None]] = {}
-        # the last `services` seen and their resources by position, for the identity fast path
-        self._last: tuple[tuple[ir.ServiceInfo, ...], list[Resource | None]] = ((), [])
+        # the last `services` seen, their resources by position, the resources returned and
+        # where each position's is in them: the identity fast path patches that in place
+        self._last: tuple[
+            tuple[ir.ServiceInfo, ...], list[Resource | None], tuple[Resource, ...], list[int]
+        ] = ((), [], (), [])
         self._nodes: dict[str, tuple[tuple[ir.NodeInfo, int], Resource]] = {}
         self.made = 0  # resources made, both types
 
@@ -196,15 +199,23 @@ class ServiceMaps:
         """One resource per Service that has entries, in the order of `services`. The build
         keeps unchanged ServiceInfos by identity, so when only some positions changed, only
         those are looked at."""
-        old, made = self._last
+        old, made, out, where = self._last
         if len(old) == len(services):
             changed = list(compress(range(len(services)), map(is_not, old, services)))
             if all(old[i].name == services[i].name for i in changed):
                 made = list(made)
                 for i in changed:
                     made[i] = self._resource(services[i])
-                self._last = (services, made)
-                return tuple(r for r in made if r is not None)
+                # unless a Service gained or lost its entries, patch the last answer in place
+                if all((made[i] is None) == (where[i] < 0) for i in changed):
+                    patched = list(out)
+                    for i in changed:
+                        r = made[i]
+                        if r is not None:
+                            patched[where[i]] = r
+                    self._last = (services, made, tuple(patched), where)
+                    return self._last[2]
+                return self._remember(services, made)
         memo: dict[str, tuple[ir.ServiceInfo, Resource | None]] = {}
         last = self._services
         for info in services:
@@ -215,9 +226,19 @@ class ServiceMaps:
                 self.made += data is not None
             memo[info.name] = hit
         self._services = memo
-        made = [r for _, r in memo.values()]
-        self._last = (services, made)
-        return tuple(r for r in made if r is not None)
+        return self._remember(services, [r for _, r in memo.values()])
+
+    def _remember(
+        self, services: tuple[ir.ServiceInfo, ...], made: list[Resource | None]
+    ) -> tuple[Resource, ...]:
+        out: list[Resource] = []
+        where: list[int] = []  # per position in `services`, its index in `out` (-1: none)
+        for r in made:
+            where.append(len(out) if r is not None else -1)
+            if r is not None:
+                out.append(r)
+        self._last = (services, made, tuple(out), where)
+        return self._last[2]
 
     def _resource(self, info: ir.ServiceInfo) -> Resource | None:
         hit = self._services.get(info.name)
