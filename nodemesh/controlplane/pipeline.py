@@ -155,6 +155,7 @@ class Pipeline:
         # (type, name, version) -> {origin: fingerprint of what that version holds of it}
         self._history: dict[tuple[str, str, str], dict[str, int]] = {}
         self._history_tokens: dict[str, object] = {}  # per type, the set last recorded
+        self.history_slack = 1000  # versions kept beyond 4 per current resource (tests lower it)
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
         # (object, parent) -> (what its Programmed condition was computed from, the condition)
@@ -361,9 +362,20 @@ class Pipeline:
                     route_fp = {o: hash(tuple(v)) for o, v in parts.items()}
                 fp = route_fp
             self._history[(t, name, version)] = fp
-        limit = 4 * (len(clusters) + len(endpoints)) + 1000
+        # Oldest first, but never a current version: an unchanged resource's entry is old, and
+        # only changed names are recorded, so a current entry dropped would not come back
+        # (a node still on an older version would then look programmed). It moves to the end.
+        current = sum(
+            len(snapshot.resources(t)) for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE)
+        )
+        limit = 4 * current + self.history_slack
         while len(self._history) > limit:
-            del self._history[next(iter(self._history))]
+            key = next(iter(self._history))
+            fp = self._history.pop(key)
+            t, name, version = key
+            now = snapshot.resources(t).get(name)
+            if now is not None and now.version == version:
+                self._history[key] = fp
 
     def _on_ack(self, event: AckEvent) -> None:
         # Many ACKs arrive together (one per type per node): recompute once per loop turn.
@@ -474,8 +486,13 @@ class Pipeline:
                     continue
                 ts = node.types.get(t)
                 acked = ts.acked_resources.get(name) if ts is not None else None
+                # an older version counts if it held the same part of this object (a route
+                # whose rule did not change while another did); unknown parts never match
                 if acked is not None and (
-                    acked == version or self._history.get((t, name, acked), {}).get(origin) == fp
+                    acked == version
+                    or (
+                        fp is not None and self._history.get((t, name, acked), {}).get(origin) == fp
+                    )
                 ):
                     continue
                 nack = ts.last_nack if ts is not None else None

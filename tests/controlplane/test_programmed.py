@@ -1,0 +1,65 @@
+"""`Programmed` from what nodes ACKed, driven through the status tracker as the ADS server
+drives it (the Envoy end is tested in tests/e2e/test_status.py; here the ACKs are scripted
+so that thousands of versions can go by)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from nodemesh.controlplane.files import FilesSource
+from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.store import ObjectKey, Store
+from nodemesh.xds import types
+from nodemesh.xds.cache import SnapshotCache
+from nodemesh.xds.server import StatusTracker
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROUTE = ObjectKey("HTTPRoute", "shop", "reviews")
+
+
+def _programmed(p: Pipeline) -> tuple[str, str]:
+    c = next(c for c in p.conditions()[ROUTE] if c.type == "Programmed")
+    return c.status, c.reason
+
+
+async def test_a_node_behind_on_a_route_stays_pending_however_many_versions_go_by() -> None:
+    """node-b ACKed the route's old version and went away; node-a ACKs everything since. After
+    many endpoint changes (more versions than the history keeps) the route must still say
+    node-b has not got it."""
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, SnapshotCache(), status)
+    p.history_slack = 10
+    await p.rebuild()
+
+    def ack(node: str) -> None:
+        assert p.snapshot is not None
+        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
+            held = {n: r.version for n, r in p.snapshot.resources(t).items()}
+            status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+
+    for node in ("node-a", "node-b"):
+        status.stream_opened(node)
+        ack(node)
+    p._update_conditions()
+    assert _programmed(p) == ("True", "Programmed")
+
+    status.stream_closed("node-b")
+    route = copy.deepcopy(dict(store.get(ROUTE)))
+    route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
+    store.apply(route)
+    await p.rebuild()
+    ack("node-a")
+    p._update_conditions()
+    assert _programmed(p) == ("False", "Pending")
+
+    (slice_key,) = [k for k in store.keys("EndpointSlice") if k.name.startswith("reviews")][:1]
+    for i in range(300):
+        obj = copy.deepcopy(dict(store.get(slice_key)))
+        obj["endpoints"][0]["addresses"] = [f"10.244.{1 + i // 250}.{i % 250 + 1}"]
+        store.apply(obj)
+        await p.rebuild()
+        ack("node-a")
+        p._update_conditions()
+        assert _programmed(p) == ("False", "Pending"), f"after {i + 1} endpoint changes"
