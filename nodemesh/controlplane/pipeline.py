@@ -155,6 +155,7 @@ class Pipeline:
         # (type, name, version) -> {origin: fingerprint of what that version holds of it}
         self._history: dict[tuple[str, str, str], dict[str, int]] = {}
         self._history_tokens: dict[str, object] = {}  # per type, the set last recorded
+        self._snapshot_nodes: set[str] = set()  # nodes given a snapshot of their own
         self.history_slack = 1000  # versions kept beyond 4 per current resource (tests lower it)
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
@@ -303,7 +304,14 @@ class Pipeline:
         self.snapshot = snapshot
         self._view = view  # the objects' generations are read from it when needed
         self._record_history(result, snapshot)
+        # A node that is gone (its Node deleted) falls back to the shared snapshot, whose
+        # empty NodeServiceMap set tells its agent that its map was withdrawn; left with its
+        # own, it would be served that snapshot frozen.
         self.cache.set_fallback_snapshot(snapshot)
+        nodes = set(result.mesh.nodes)
+        for node in sorted(self._snapshot_nodes - nodes):
+            self.cache.clear_snapshot(node)
+        self._snapshot_nodes = nodes
         for node in result.mesh.nodes:
             self.cache.set_snapshot(node, translation.snapshot(node))
         self.rebuilds += 1

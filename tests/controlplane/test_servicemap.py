@@ -370,3 +370,31 @@ def test_the_hand_encoded_mesh_service_is_what_protobuf_makes(info: ir.ServiceIn
     svc = mesh_service(info)
     want = service_to_proto(svc).SerializeToString(deterministic=True) if svc else None
     assert mesh_service_bytes(info) == want
+
+
+async def test_a_deleted_node_is_told_its_map_is_gone_and_still_follows_the_services() -> None:
+    """Its snapshot falls back to the shared one: no NodeServiceMap (so delta ADS sends the
+    removal to its agent), the same MeshService set as every node, and later changes."""
+    from nodemesh.controlplane.pipeline import Pipeline
+    from nodemesh.xds.cache import SnapshotCache
+
+    store, cache = Store(), SnapshotCache()
+    for obj in _objects():
+        store.apply(obj)
+    p = Pipeline(store, cache)
+    await p.rebuild()
+    before = cache.get_snapshot("node-b")
+    assert before is not None and list(before.resources(NODE_TYPE_URL)) == ["node-b"]
+
+    store.delete(ObjectKey("Node", "", "node-b"))
+    await p.rebuild()
+    gone = cache.get_snapshot("node-b")
+    assert gone is not None and gone.resources(NODE_TYPE_URL) == {}
+    assert gone.version(NODE_TYPE_URL) is not None, "an empty set, not a missing type"
+    for obj in _objects(route=True):
+        store.apply(obj)
+    await p.rebuild()
+    later = cache.get_snapshot("node-b")
+    assert later is not None and p.snapshot is not None
+    assert later.version(SERVICE_TYPE_URL) == p.snapshot.version(SERVICE_TYPE_URL)
+    assert later.version(SERVICE_TYPE_URL) != gone.version(SERVICE_TYPE_URL)

@@ -52,7 +52,10 @@ class SnapshotCache:
         self._notify(node_id)
 
     def clear_snapshot(self, node_id: str) -> None:
-        self._snapshots.pop(node_id, None)
+        """The node gets the fallback snapshot from now on (its open watches are answered from
+        it, if it differs from what they hold)."""
+        if self._snapshots.pop(node_id, None) is not None:
+            self._notify(node_id)
 
     def set_fallback_snapshot(self, snapshot: Snapshot | None) -> None:
         """The snapshot served to nodes that have none of their own."""

@@ -86,12 +86,14 @@ class Translation:
 
     def snapshot(self, node: str | None = None) -> Snapshot:
         """The snapshot for `node` (None: the shared one). Nodes without extra resources get
-        the same shared Snapshot object; the others share its TypeSets."""
+        the same shared Snapshot object; the others share its TypeSets, with their own for
+        the types they add (a type the shared snapshot holds empty, the NodeServiceMap, is
+        replaced by the node's)."""
         shared = self.shared_snapshot()
         extra = self.per_node.get(node, {}) if node is not None else {}
         if not extra:
             return shared
-        if any(t in self.shared for t in extra):
+        if any(self.shared.get(t) for t in extra):
             merged = {
                 t: (*self.shared.get(t, ()), *extra.get(t, ())) for t in {*self.shared, *extra}
             }
@@ -391,6 +393,9 @@ class Translator:
         # The node agents' feed, once the mesh has nodes: without, nobody would read it
         # (ServiceMaps compares with what it saw last, whenever it runs next).
         if mesh.node_infos:
+            # every node's own NodeServiceMap is in per_node; the shared set is empty, so a
+            # node without one (a Node deleted, or never known) is told it has none
+            shared[NODE_TYPE_URL] = ()
             if last is not None and last.mesh.services is mesh.services and last.mesh.node_infos:
                 shared[SERVICE_TYPE_URL] = last.translation.shared[SERVICE_TYPE_URL]
             else:
