@@ -13,6 +13,7 @@ from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
 from nodemesh.xds.cache import SnapshotCache
 from nodemesh.xds.server import StatusTracker
+from tests.support import eventually
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ROUTE = ObjectKey("HTTPRoute", "shop", "reviews")
@@ -63,3 +64,25 @@ async def test_a_node_behind_on_a_route_stays_pending_however_many_versions_go_b
         ack("node-a")
         p._update_conditions()
         assert _programmed(p) == ("False", "Pending"), f"after {i + 1} endpoint changes"
+
+
+async def test_a_lagging_node_that_disconnects_stops_holding_routes_back() -> None:
+    """A node without a Node object counts while it is connected: when it goes away without
+    ACKing, the route is Programmed again at once, not at the next ACK."""
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, SnapshotCache(), status)
+    await p.start()
+    try:
+        assert p.snapshot is not None
+        for node in ("node-a", "node-b"):
+            status.stream_opened(node)
+            for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
+                held = {n: r.version for n, r in p.snapshot.resources(t).items()}
+                status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+        status.stream_opened("laggard")
+        await eventually(lambda: _programmed(p) == ("False", "Pending"))
+        status.stream_closed("laggard")
+        await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+    finally:
+        await p.stop()

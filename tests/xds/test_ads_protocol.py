@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodemesh.xds import types
 from nodemesh.xds.cache import Snapshot
+from tests.support import eventually
 from tests.xds import resources as R
 from tests.xds.conftest import ControlPlane
 
@@ -202,6 +203,35 @@ async def test_delta_reconnect_with_current_versions_gets_nothing_resent(
     ts = control_plane.server.status.type_status("n", types.CLUSTER)
     assert ts.resources_sent == 0 and ts.acked_resources == held
     call.cancel()
+
+
+async def test_a_new_delta_stream_counts_only_what_its_client_says_it_holds(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """A restarted Envoy holds nothing: what its previous stream ACKed must not count (else
+    Programmed would stay True for a node that has no config), and a name it unsubscribes
+    from is no longer held."""
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    status = control_plane.server.status
+    call = delta_call(channel)
+    await call.write(dreq(types.CLUSTER))
+    first = await call.read()
+    await call.write(dreq(types.CLUSTER, node="", response_nonce=first.nonce))
+    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
+    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    call.cancel()
+
+    again = delta_call(channel)
+    await again.write(dreq(types.CLUSTER, initial_resource_versions={"a": held["a"]}))
+    await eventually(
+        lambda: status.type_status("n", types.CLUSTER).acked_resources == {"a": held["a"]}
+    )
+    assert status.type_status("n", types.CLUSTER).version_acked == ""
+    await again.read()  # b is sent again
+    await again.write(dreq(types.CLUSTER, node="", resource_names_unsubscribe=["a"]))
+    await eventually(lambda: "a" not in status.type_status("n", types.CLUSTER).acked_resources)
+    again.cancel()
 
 
 async def test_delta_nack_holds_until_a_new_version(

@@ -52,9 +52,10 @@ class NodeStatus:
 
 @dataclass(frozen=True, slots=True)
 class AckEvent:
-    """Delivered to listeners on every ACK and NACK."""
+    """Delivered to listeners on every ACK and NACK, and when a node's stream opens or closes
+    (`type_url` and `version` empty then)."""
 
-    kind: Literal["ack", "nack"]
+    kind: Literal["ack", "nack", "opened", "closed"]
     node_id: str
     type_url: str
     version: str
@@ -111,7 +112,8 @@ class StatusTracker:
         return out
 
     def add_listener(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener` on every ACK/NACK. Returns a function that removes it."""
+        """Call `listener` on every ACK/NACK and stream open/close. Returns a function that
+        removes it."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
@@ -121,12 +123,14 @@ class StatusTracker:
         node = self._node(node_id)
         node.streams += 1
         node.last_connected = time.time()
+        self._emit(AckEvent("opened", node_id, "", "", {}))
 
     def stream_closed(self, node_id: str) -> None:
         self.epoch += 1
         node = self._node(node_id)
         node.streams = max(0, node.streams - 1)
         node.last_disconnected = time.time()
+        self._emit(AckEvent("closed", node_id, "", "", {}))
 
     def sent(self, node_id: str, type_url: str, version: str, nonce: str, count: int) -> None:
         ts = self.type_status(node_id, type_url)
@@ -157,12 +161,24 @@ class StatusTracker:
         self._emit(AckEvent("ack", node_id, type_url, version, dict(resource_versions)))
 
     def resumed(
-        self, node_id: str, type_url: str, version: str, resource_versions: dict[str, str]
+        self,
+        node_id: str,
+        type_url: str,
+        version: str,
+        resource_versions: dict[str, str],
+        *,
+        replace: bool = False,
     ) -> None:
-        """A reconnecting client said what it holds (SotW: a version; delta: resource versions).
-        Recorded as ACKed state without an event: nothing new was delivered."""
+        """A (re)connecting client said what it holds (SotW: a version; delta: resource
+        versions). Recorded as ACKed state without an event: nothing new was delivered.
+        `replace`: that is all it holds (a delta stream's first request), so the versions and
+        resources ACKed on an earlier stream no longer count."""
         self.epoch += 1
         ts = self.type_status(node_id, type_url)
+        if replace:
+            ts.version_acked = version
+            ts.acked_resources = dict(resource_versions)
+            return
         if version:
             ts.version_acked = version
         ts.acked_resources.update(resource_versions)

@@ -251,8 +251,11 @@ class DeltaStream(_Stream):
             st.client = dict(req.initial_resource_versions)
             st.wildcard = not req.resource_names_subscribe  # legacy wildcard
             st.answer_empty = not req.initial_resource_versions
-            if req.initial_resource_versions:
-                self.status.resumed(node_id, type_url, "", dict(req.initial_resource_versions))
+            # A new stream's client holds what it says, nothing else (a restarted Envoy holds
+            # nothing): what an earlier stream ACKed must not count for it.
+            self.status.resumed(
+                node_id, type_url, "", dict(req.initial_resource_versions), replace=True
+            )
         subscribe = set(req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
         if "*" in subscribe:
@@ -268,6 +271,8 @@ class DeltaStream(_Stream):
             st.dirty |= subscribe | unsubscribe  # unsubscribed: still in a wildcard, not held
         for name in unsubscribe:
             st.client.pop(name, None)  # the client forgets what it unsubscribes from
+        if unsubscribe:
+            self.status.removed(node_id, type_url, tuple(sorted(unsubscribe)))
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
 
         nonce = req.response_nonce
