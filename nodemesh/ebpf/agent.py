@@ -4,10 +4,11 @@ every `MeshService` (wildcard), joined by `MapView`.
 
 A response that validates is applied and ACKed; one that does not is NACKed with the reason and
 changes nothing. Until both types have answered once the maps are left as they are (after a
-restart they still hold the last run's map); then they are converged once (`NodeMaps.apply`),
-and afterwards each response writes only the entries it touches (`NodeMaps.patch`). The stream
-reconnects with backoff, resuming with the versions the agent holds, and the maps stay in force
-while it is down.
+restart they still hold the last run's map; the first type's responses are ACKed meanwhile);
+then they are converged once (`NodeMaps.apply`), and afterwards each response writes only the
+entries it touches (`NodeMaps.patch`). A kernel write that fails NACKs, and the agent converges
+whole again with backoff until it succeeds. The stream reconnects with backoff, resuming with
+the versions the agent holds, and the maps stay in force while it is down.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Agent:
         self.versions: dict[str, dict[str, str]] = {t: {} for t in _TYPES}
         self._answered: set[str] = set()  # types answered at least once since start
         self._converged = False  # the maps were made equal to the view once
+        self._repair: asyncio.Task[None] | None = None
         self.last_error = ""
 
     async def run(self) -> None:
@@ -77,16 +79,20 @@ class Agent:
         backoff = 0.1
         with NodeMaps(self.dataplane.pin_root) as maps:
             maps.set_socket_redirect(self.socket_redirect)
-            while True:
-                try:
-                    await self._stream(maps)
-                    backoff = 0.1
-                except grpc.aio.AioRpcError as exc:
-                    log.warning(
-                        "ADS stream to %s: %s %s", self.controlplane, exc.code(), exc.details()
-                    )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+            try:
+                while True:
+                    try:
+                        await self._stream(maps)
+                        backoff = 0.1
+                    except grpc.aio.AioRpcError as exc:
+                        log.warning(
+                            "ADS stream to %s: %s %s", self.controlplane, exc.code(), exc.details()
+                        )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+            finally:
+                if self._repair is not None:
+                    self._repair.cancel()  # it writes through `maps`, closed next
 
     async def _stream(self, maps: NodeMaps) -> None:
         node = base_pb2.Node(id=self.node, cluster="nodemesh-agent")
@@ -161,21 +167,45 @@ class Agent:
         versions.update((r.name, r.version) for r in response.resources)
         self._answered.add(response.type_url)
 
-        if not self._converged:
-            if self._answered != set(_TYPES):
-                return None
-            result = maps.apply(self.view.model(), self.envoy_cgroup_id, self.socket_redirect)
-            self._converged = True
-            return result
+        if not self._converged and self._answered != set(_TYPES):
+            return None
         try:
+            if not self._converged:
+                result = maps.apply(self.view.model(), self.envoy_cgroup_id, self.socket_redirect)
+                self._converged = True
+                return result
             if response.type_url == NODE_TYPE_URL:
                 return maps.apply_node(self.view.part, self.envoy_cgroup_id, self.socket_redirect)
             return maps.patch(self.view, keys4, keys6)
         except NodemeshEbpfError:
-            self._converged = False  # the maps are partly written: converge whole next time
+            # The view holds what the control plane wants, the maps only part of it: converge
+            # whole again, now with backoff (a NACKed version is not sent again until the
+            # control plane changes something) and on the next response.
+            self._converged = False
             for name in {r.name for r in response.resources} | set(removed):
                 versions.pop(name, None)  # so a resumed stream sends them again
+            self._start_repair(maps)
             raise
+
+    def _start_repair(self, maps: NodeMaps) -> None:
+        if self._repair is None or self._repair.done():
+            self._repair = asyncio.get_running_loop().create_task(self._repair_maps(maps))
+
+    async def _repair_maps(self, maps: NodeMaps) -> None:
+        backoff = 0.5
+        while not self._converged:
+            await asyncio.sleep(backoff)
+            if self._converged:
+                return  # a response converged them meanwhile
+            try:
+                result = maps.apply(self.view.model(), self.envoy_cgroup_id, self.socket_redirect)
+            except NodemeshEbpfError as exc:
+                log.error("node %s: converging the maps again failed: %s", self.node, exc)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            self._converged = True
+            self.last_error = ""
+            log.info("node %s: maps converged again: %s", self.node, result)
 
     def _node_part(self, response: discovery_pb2.DeltaDiscoveryResponse) -> NodePart:
         part = self.view.part
