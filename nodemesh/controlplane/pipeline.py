@@ -41,7 +41,7 @@ from typing import Any
 
 from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
-from nodemesh.controlplane.store import ObjectKey, Store
+from nodemesh.controlplane.store import ObjectKey, Store, StoreView
 from nodemesh.xds import types
 from nodemesh.xds.cache import Snapshot, SnapshotCache
 from nodemesh.xds.server import AckEvent, NodeStatus, StatusTracker
@@ -156,6 +156,12 @@ class Pipeline:
         self._history: dict[tuple[str, str, str], dict[str, int]] = {}
         self._history_tokens: dict[str, object] = {}  # per type, the set last recorded
         self._snapshot_nodes: set[str] = set()  # nodes given a snapshot of their own
+        # what each object's conditions were made from, for _update_conditions to skip them
+        self._inputs: dict[ObjectKey, tuple[object, int]] = {}
+        self._inputs_signature: object = None
+        self._inputs_revision: int | None = None  # the store view they were made from
+        self._touched_tokens: dict[str, object] = {}
+        self._touched_origins: Mapping[tuple[str, str], Any] | None = None
         self.history_slack = 1000  # versions kept beyond 4 per current resource (tests lower it)
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
@@ -406,6 +412,32 @@ class Pipeline:
         obj = self._view.get(key)
         return int(obj["metadata"].get("generation", 0)) if obj is not None else 0
 
+    def _changed_origins(self) -> set[str] | None:
+        """The objects carried by a resource that changed since the last call (by the
+        snapshot's TypeSet lineage), or None when that is not known."""
+        snapshot, translation = self.snapshot, self.translation
+        if snapshot is None or translation is None:
+            return None
+        before = self._touched_origins
+        out: set[str] = set()
+        known = before is not None
+        tokens: dict[str, object] = {}
+        for t in self._origin_types or {t for t, _ in translation.origins}:
+            ts = snapshot.type_set(t)
+            if ts is None:
+                continue
+            tokens[t] = ts.token
+            last = self._touched_tokens.get(t)
+            names = ts.changed_since(last, len(ts.items) // 4) if last is not None else None
+            if names is None or before is None:
+                known = False
+                continue
+            for name in names:
+                out.update(translation.origins.get((t, name), ()))
+                out.update(before.get((t, name), ()))  # a resource gone: who it carried
+        self._touched_tokens, self._touched_origins = tokens, translation.origins
+        return out if known else None
+
     def _by_origin(self) -> dict[str, list[tuple[str, str]]]:
         """Per object ("Kind/ns/name"), the resources (type, name) that carry a part of it, in
         the order of `Translation.origins`. Made again only when the origins change (an
@@ -533,19 +565,54 @@ class Pipeline:
             return
         new: dict[ObjectKey, tuple[Condition, ...]] = {}
         ctx = self._programmed_context() if self.snapshot is not None else None
+        # An object whose build result, generation and resources did not change keeps its
+        # conditions when nothing about the nodes changed either (a rebuild for one endpoint
+        # looks at the objects that endpoint's resources carry, not at all 1,500 routes).
+        touched = self._changed_origins()
+        same_nodes = ctx is not None and ctx.signature == self._inputs_signature
+        self._inputs_signature = ctx.signature if ctx is not None else None
+        # objects written since the conditions were last made (their generation may differ)
+        view = self._view
+        written = (
+            view.changed_since(self._inputs_revision)
+            if isinstance(view, StoreView) and self._inputs_revision is not None
+            else None
+        )
+        self._inputs_revision = view.revision if isinstance(view, StoreView) else None
+        inputs: dict[ObjectKey, tuple[object, int]] = {}
         self._programmed_next = {}
         for key, built in self._result.conditions.items():
             if key.kind not in _STATUS_KINDS:
                 continue
-            out = list(built)
             accepted_parents = [
                 c.parent for c in built if c.type == "Accepted" and c.status == "True"
             ]
-            gen = self._generation(key)
+            made_from = self._inputs.get(key)
+            if written is not None and key not in written and made_from is not None:
+                gen = made_from[1]
+            else:
+                gen = self._generation(key)
+            inputs[key] = (built, gen)
+            if (
+                same_nodes
+                and touched is not None
+                and made_from is not None
+                and made_from[0] is built
+                and made_from[1] == gen
+                and f"{key.kind}/{key.namespace}/{key.name}" not in touched
+            ):
+                new[key] = self._conditions[key]
+                for parent in accepted_parents:
+                    memo = self._programmed_memo.get((key, parent))
+                    if memo is not None:
+                        self._programmed_next[(key, parent)] = memo
+                continue
+            out = list(built)
             for parent in accepted_parents:
                 assert ctx is not None  # a result is only kept with its snapshot
                 out.append(self._programmed(key, gen, parent, ctx))
             new[key] = tuple(out)
+        self._inputs = inputs
         self._programmed_memo, self._programmed_next = self._programmed_next, {}
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         changed = [k for k in new if new[k] != self._conditions.get(k)]

@@ -86,3 +86,34 @@ async def test_a_lagging_node_that_disconnects_stops_holding_routes_back() -> No
         await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
     finally:
         await p.stop()
+
+
+async def test_an_endpoint_change_makes_only_the_policies_that_carry_it_pending() -> None:
+    """Nothing about the nodes changes, so conditions are kept for objects whose resources
+    did not change: a policy whose cluster's endpoints changed must still be recomputed."""
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, SnapshotCache(), status)
+    await p.rebuild()
+    assert p.snapshot is not None
+    for node in ("node-a", "node-b"):
+        status.stream_opened(node)
+        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
+            held = {n: r.version for n, r in p.snapshot.resources(t).items()}
+            status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+    p._update_conditions()
+    ratings = ObjectKey("TrafficPolicy", "shop", "ratings-defaults")
+    other = ObjectKey("TrafficPolicy", "shop", "payments-resilience")
+
+    def programmed(key: ObjectKey) -> str:
+        return next(c.status for c in p.conditions()[key] if c.type == "Programmed")
+
+    assert (programmed(ratings), programmed(other)) == ("True", "True")
+    key = next(k for k in store.keys("EndpointSlice") if k.name.startswith("ratings"))
+    obj = copy.deepcopy(dict(store.get(key)))
+    obj["endpoints"][0]["addresses"] = ["10.244.9.9"]
+    store.apply(obj)
+    await p.rebuild()  # no ACK yet: the nodes hold the old endpoints
+
+    assert programmed(ratings) == "False"
+    assert programmed(other) == "True", "a policy over other endpoints is not held back"

@@ -180,7 +180,15 @@ def _bucket(name: str) -> int:
 
 def _digest(bucket: dict[str, bytes]) -> bytes:
     """A bucket's lines, in name order, hashed."""
+    if not bucket:
+        return _EMPTY  # most buckets of a small set (a node's one NodeServiceMap)
+    if len(bucket) == 1:
+        (line,) = bucket.values()
+        return hashlib.blake2b(line, digest_size=16).digest()
     return hashlib.blake2b(b"".join(bucket[n] for n in sorted(bucket)), digest_size=16).digest()
+
+
+_EMPTY = hashlib.blake2b(b"", digest_size=16).digest()
 
 
 class Snapshot:
