@@ -139,28 +139,3 @@ def delta_response(
     )
     gone = b"".join(_field(_DDR_REMOVED, name.encode()) for name in removed)
     return head + b"".join(entries) + gone
-
-
-def sotw_entry_of(type_url: str, payload: bytes) -> bytes:
-    """`entries(...)[0]` alone, in one join (for a large resource a stream sends in one form)."""
-    head = _field(_ANY_TYPE_URL, type_url.encode()) + _ANY_VALUE
-    size = varint(len(payload))
-    return b"".join(
-        (_DR_RESOURCES, varint(len(head) + len(size) + len(payload)), head, size, payload)
-    )
-
-
-def delta_entry_of(type_url: str, name: str, version: str, payload: bytes) -> bytes:
-    """`entries(...)[1]` alone, in one join."""
-    head = _field(_ANY_TYPE_URL, type_url.encode()) + _ANY_VALUE
-    size = varint(len(payload))
-    any_size = len(head) + len(size) + len(payload)
-    any_len = varint(any_size)
-    v, b = version.encode(), name.encode()
-    v_len, b_len = varint(len(v)), varint(len(b))
-    body_size = _RES_VERSION_LEN + len(v_len) + len(v) + _RES_RESOURCE_LEN + len(any_len)
-    body_size += any_size + _RES_NAME_LEN + len(b_len) + len(b)
-    return b"".join(
-        (_DDR_RESOURCES, varint(body_size), _RES_VERSION, v_len, v, _RES_RESOURCE, any_len, head)
-        + (size, payload, _RES_NAME, b_len, b)
-    )

@@ -64,32 +64,3 @@ def test_entries_equal_the_entries_made_one_by_one(
         _wire.sotw_entry(any_payload),
         _wire.delta_entry(name, version, any_payload),
     )
-    assert _wire.sotw_entry_of(type_url, payload) == _wire.sotw_entry(any_payload)
-    assert _wire.delta_entry_of(type_url, name, version, payload) == _wire.delta_entry(
-        name, version, any_payload
-    )
-
-
-def test_a_resource_with_lazy_entries_frames_only_what_is_read() -> None:
-    """`lazy_entries=True` leaves both wire forms unmade until a stream reads one; then they
-    are the bytes an eager resource has."""
-    payload = R.endpoints("a", 80).SerializeToString(deterministic=True)
-    decode = endpoint_pb2.ClusterLoadAssignment.FromString
-    eager = Resource.from_payload(types.ENDPOINT, "a", payload, decode)
-    lazy = Resource.from_payload(types.ENDPOINT, "a", payload, decode, lazy_entries=True)
-    assert _unmade(lazy) == ["sotw_entry", "delta_entry"]
-    assert lazy.delta_entry == eager.delta_entry
-    assert _unmade(lazy) == ["sotw_entry"]
-    assert lazy.sotw_entry == eager.sotw_entry
-    assert _unmade(lazy) == [] and lazy.version == eager.version
-
-
-def _unmade(resource: Resource) -> list[str]:
-    """The wire forms whose slot (on Resource) is still unset."""
-    out = []
-    for name in ("sotw_entry", "delta_entry"):
-        try:
-            getattr(Resource, name).__get__(resource)
-        except AttributeError:
-            out.append(name)
-    return out

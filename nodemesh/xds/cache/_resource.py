@@ -81,20 +81,12 @@ class Resource:
         payload: bytes,
         decode: Callable[[bytes], Message],
         references: tuple[str, ...] | None = None,
-        version: str | None = None,
-        lazy_entries: bool = False,
     ) -> Resource:
         """A resource from bytes encoded elsewhere; `message` is `decode(payload)`, made on
         first read. The bytes must be what `SerializeToString(deterministic=True)` gives for
         that message, so that versions match those of `from_message`. `references`, when the
-        encoder knows them, spares `Snapshot.consistent()` the decoding. `version`, when the
-        encoder has a cheaper hash of the same content (a large payload made of parts whose
-        hashes it keeps), replaces the hash of the payload; equal content must still give
-        equal versions. `lazy_entries`: frame the payload for the wire (SotW, delta) when a
-        stream first sends it, not now (for a large resource made per node, of which a
-        stream sends one form)."""
-        cls_ = _LazyEntries if lazy_entries else _Encoded
-        resource = cls_(type_url, name, payload, decode, version)
+        encoder knows them, spares `Snapshot.consistent()` the decoding."""
+        resource = _Encoded(type_url, name, payload, decode)
         resource.references = references
         return resource
 
@@ -126,7 +118,6 @@ class _Encoded(Resource):
         name: str,
         payload: bytes,
         decode: Callable[[bytes], Message],
-        version: str | None = None,
     ) -> None:
         # Resource.__init__ spelled out: no super() call and no trip through the message
         # setter (made for every encoded resource of every build).
@@ -136,11 +127,8 @@ class _Encoded(Resource):
         self.type_url = type_url
         self.name = name
         self.payload = payload
-        if version is None:
-            version = hashlib.blake2b(payload, digest_size=8).hexdigest()
-        self.version = version
-        if type(self) is _Encoded:
-            self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
+        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
 
     @property
     def message(self) -> Message:
@@ -153,21 +141,3 @@ class _Encoded(Resource):
     @message.setter
     def message(self, value: Message) -> None:
         self._message = value
-
-
-class _LazyEntries(_Encoded):
-    """An `_Encoded` resource whose wire entries are made on first read: the slots stay unset
-    until then, and a read of an unset slot falls through to `__getattr__`."""
-
-    __slots__ = ()
-
-    def __getattr__(self, attr: str) -> bytes:
-        if attr == "sotw_entry":
-            self.sotw_entry = entry = _wire.sotw_entry_of(self.type_url, self.payload)
-        elif attr == "delta_entry":
-            self.delta_entry = entry = _wire.delta_entry_of(
-                self.type_url, self.name, self.version, self.payload
-            )
-        else:
-            raise AttributeError(attr)
-        return entry
