@@ -329,3 +329,37 @@ async def test_a_redirected_connection_is_routed_by_its_original_destination(
             feed.client.tool, "get", "--to", f"{VIP_L7}:80", "--path", f"/{host}", "--host", host
         )
         assert r["status"] == 200 and "attempt" in r["body"], (host, r)
+
+
+async def test_a_deleted_node_withdraws_its_map_and_the_agent_fails_closed(feed: Feed) -> None:
+    """The lab's Node object goes (another Node stays, so the mesh still has nodes): the
+    agent is told its NodeServiceMap was removed. It no longer knows its node Envoy, so an L7
+    connection is refused, not let past Envoy; L4 Services are still balanced. When the Node
+    comes back, L7 goes through Envoy again."""
+    mesh = feed.config_dir / "mesh.yaml"
+    text = mesh.read_text()
+    mesh.write_text(text.replace(f"metadata: {{name: {NODE}}}", "metadata: {name: other-node}", 1))
+
+    def withdrawn() -> bool:
+        snap = feed.pipeline.cache.get_snapshot(NODE)
+        node = feed.server.status.node(NODE)
+        return (
+            snap is not None
+            and snap.resources(NODE_TYPE_URL) == {}
+            and node is not None
+            and NODE_TYPE_URL in node.types
+            and node.types[NODE_TYPE_URL].version_acked == snap.version(NODE_TYPE_URL)
+        )
+
+    await feed.until(withdrawn, "the agent's ACK of its withdrawn map")
+    before = stats(feed.lab)
+    refused = await asyncio.to_thread(feed.client.tool, "connect", "--to", f"{VIP_L7}:80")
+    assert refused == {"ok": False, "errno": "ECONNREFUSED"}
+    assert stats(feed.lab)["refused"] - before["refused"] == 1
+    status, _, body = await feed.get(f"{VIP}:80", "/still-l4")
+    assert status == 200 and json.loads(body)["pod"] == "c"
+
+    mesh.write_text(text)
+    await feed.until(feed.agent_acked_current_map, "the agent's ACK of its map again")
+    status, headers, _ = await feed.get(f"{VIP_L7}:80", "/once")
+    assert status == 200 and headers["server"] == "envoy"
