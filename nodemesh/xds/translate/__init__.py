@@ -342,6 +342,8 @@ class Translator:
         ) = None
         self._service_maps = ServiceMaps()
         self._dest_services: tuple[ir.ServiceInfo, ...] = ()  # what _destinations was made from
+        # (the Services before, where they changed): computed once per translation
+        self._services_changed: tuple[tuple[ir.ServiceInfo, ...], list[int] | None] = ((), None)
         self._last: _Last | None = None
 
     def translate(self, mesh: ir.Mesh) -> Translation:
@@ -390,6 +392,7 @@ class Translator:
         else:
             origins = self._origins(mesh, cluster_origins, eds_names, route, dest_vhosts)
 
+        service_upserts: tuple[Resource, ...] | None = None
         # The node agents' feed, once the mesh has nodes: without, nobody would read it
         # (ServiceMaps compares with what it saw last, whenever it runs next).
         if mesh.node_infos:
@@ -399,7 +402,10 @@ class Translator:
             if last is not None and last.mesh.services is mesh.services and last.mesh.node_infos:
                 shared[SERVICE_TYPE_URL] = last.translation.shared[SERVICE_TYPE_URL]
             else:
-                shared[SERVICE_TYPE_URL] = self._service_maps.service_resources(mesh.services)
+                shared[SERVICE_TYPE_URL] = self._service_maps.service_resources(
+                    mesh.services, *self._services_changed
+                )
+                service_upserts = self._service_maps.upserts
         if last is not None and (
             last.mesh.node_infos is mesh.node_infos
             and last.mesh.outbound_port == mesh.outbound_port
@@ -423,6 +429,8 @@ class Translator:
                 and (
                     d := (endpoint_upserts, ())
                     if t == types.ENDPOINT and endpoint_upserts is not None
+                    else (service_upserts, ())
+                    if t == SERVICE_TYPE_URL and service_upserts is not None
                     else _delta(old.get(t, ()), shared[t])
                 )
                 != ((), ())
@@ -503,10 +511,11 @@ class Translator:
         configuration is memoized per virtual host."""
         last = self._destinations
         services, self._dest_services = self._dest_services, mesh.services
+        positions = _changed_positions(services, mesh.services)
+        self._services_changed = (services, positions)  # for the agent feed, same question
         if last is not None and last[0][1] is mesh.virtual_hosts:
             # Services replaced at a few positions (an endpoint change): the same L7 facts
             # there mean the same destinations, without looking at the 10,000 others
-            positions = _changed_positions(services, mesh.services)
             if positions is not None and all(
                 _same_l7(services[i], mesh.services[i]) for i in positions
             ):

@@ -194,14 +194,25 @@ class ServiceMaps:
         ] = ((), [], (), [])
         self._nodes: dict[str, tuple[tuple[ir.NodeInfo, int], Resource]] = {}
         self.made = 0  # resources made, both types
+        self.upserts: tuple[Resource, ...] | None = None  # see service_resources
 
-    def service_resources(self, services: tuple[ir.ServiceInfo, ...]) -> tuple[Resource, ...]:
+    def service_resources(
+        self,
+        services: tuple[ir.ServiceInfo, ...],
+        previous: tuple[ir.ServiceInfo, ...] | None = None,
+        positions: list[int] | None = None,
+    ) -> tuple[Resource, ...]:
         """One resource per Service that has entries, in the order of `services`. The build
         keeps unchanged ServiceInfos by identity, so when only some positions changed, only
-        those are looked at."""
+        those are looked at (`positions`: where `services` differs from `previous`, if the
+        caller knows). Afterwards `upserts` holds the resources that replaced others, when
+        that is all that changed (None: compare the tuples)."""
+        self.upserts = None
         old, made, out, where = self._last
         if len(old) == len(services):
-            changed = list(compress(range(len(services)), map(is_not, old, services)))
+            if positions is None or old is not previous:
+                positions = list(compress(range(len(services)), map(is_not, old, services)))
+            changed = positions
             if all(old[i].name == services[i].name for i in changed):
                 made = list(made)
                 for i in changed:
@@ -209,11 +220,14 @@ class ServiceMaps:
                 # unless a Service gained or lost its entries, patch the last answer in place
                 if all((made[i] is None) == (where[i] < 0) for i in changed):
                     patched = list(out)
+                    upserts = []
                     for i in changed:
                         r = made[i]
-                        if r is not None:
+                        if r is not None and r is not out[where[i]]:
                             patched[where[i]] = r
+                            upserts.append(r)
                     self._last = (services, made, tuple(patched), where)
+                    self.upserts = tuple(upserts)
                     return self._last[2]
                 return self._remember(services, made)
         memo: dict[str, tuple[ir.ServiceInfo, Resource | None]] = {}
