@@ -2,10 +2,13 @@
 plane sends over one delta ADS stream: this node's `NodeServiceMap` (subscribed by name) and
 every `MeshService` (wildcard), joined by `MapView`.
 
-A response that validates is applied and ACKed; one that does not is NACKed with the reason and
-changes nothing. Until both types have answered once the maps are left as they are (after a
-restart they still hold the last run's map; the first type's responses are ACKed meanwhile);
-then they are converged once (`NodeMaps.apply`), and afterwards each response writes only the
+A response that validates is applied and ACKed. One that does not is NACKed with the reason: a
+bad node map changes nothing; a bad `MeshService` keeps that Service's last good entries while
+the rest of the response applies (one bad Service must not stop every other update).
+
+Until both types have answered once the maps are left as they are (after a restart they still
+hold the last run's map; the first type's responses are ACKed meanwhile); then they are
+converged once (`NodeMaps.apply`), and afterwards each response writes only the
 entries it touches (`NodeMaps.patch`). A kernel write that fails NACKs, and the agent converges
 whole again with backoff until it succeeds. The stream reconnects with backoff, resuming with
 the versions the agent holds, and the maps stay in force while it is down.
@@ -148,27 +151,51 @@ class Agent:
     def apply(
         self, maps: NodeMaps, response: discovery_pb2.DeltaDiscoveryResponse
     ) -> ApplyResult | None:
-        """Validate the whole response first (a bad one changes nothing), then update the view
-        and the maps. Returns what was written; None while the first converge waits."""
+        """Validate, then update the view and the maps. Returns what was written; None while
+        the first converge waits. A node map that does not validate changes nothing; a
+        `MeshService` that does not validate keeps that Service's last good entries while the
+        others in the response apply, and the response is NACKed naming it (ValueError)."""
         removed = tuple(response.removed_resources)
         keys4: set[tuple[str, int]] = set()
         keys6: set[tuple[str, int]] = set()
+        refused: dict[str, str] = {}  # MeshService name -> why
         if response.type_url == NODE_TYPE_URL:
             part = self._node_part(response)
             if self.node in removed:
                 part = NodePart(self.node)  # the control plane withdrew this node's map
             self.view.part = part
         else:
-            upserts = [self._mesh_service(r) for r in response.resources]
+            upserts = []
+            for r in response.resources:
+                try:
+                    upserts.append(self._mesh_service(r))
+                except ValueError as exc:
+                    refused[r.name] = str(exc)
             keys4, keys6 = self.view.update(upserts, removed)
         versions = self.versions[response.type_url]
-        for name in removed:
+        for name in (*removed, *refused):
             versions.pop(name, None)
-        versions.update((r.name, r.version) for r in response.resources)
+        versions.update((r.name, r.version) for r in response.resources if r.name not in refused)
         self._answered.add(response.type_url)
 
-        if not self._converged and self._answered != set(_TYPES):
-            return None
+        result: ApplyResult | None = None
+        if self._converged or self._answered == set(_TYPES):
+            result = self._write(maps, response, keys4, keys6)
+        if refused:
+            raise ValueError(
+                f"{len(refused)} of {len(response.resources)} MeshService resources refused "
+                "(they keep their last good entries; the others applied): "
+                + "; ".join(refused[n] for n in sorted(refused))
+            )
+        return result
+
+    def _write(
+        self,
+        maps: NodeMaps,
+        response: discovery_pb2.DeltaDiscoveryResponse,
+        keys4: set[tuple[str, int]],
+        keys6: set[tuple[str, int]],
+    ) -> ApplyResult:
         try:
             if not self._converged:
                 result = maps.apply(self.view.model(), self.envoy_cgroup_id, self.socket_redirect)
@@ -182,7 +209,8 @@ class Agent:
             # whole again, now with backoff (a NACKed version is not sent again until the
             # control plane changes something) and on the next response.
             self._converged = False
-            for name in {r.name for r in response.resources} | set(removed):
+            versions = self.versions[response.type_url]
+            for name in {r.name for r in response.resources} | set(response.removed_resources):
                 versions.pop(name, None)  # so a resumed stream sends them again
             self._start_repair(maps)
             raise

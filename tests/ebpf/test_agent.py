@@ -130,12 +130,14 @@ async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None
         assert bool(maps.config().flags & NM_CFG_SOCKET_REDIRECT) == probe.ok, probe
 
 
-async def test_agent_nacks_an_invalid_map_and_keeps_the_last_good_one(cp: ControlPlane) -> None:
+async def test_agent_nacks_a_bad_service_and_applies_the_rest(cp: ControlPlane) -> None:
+    """One response carries a good change (echo to c) and a Service that does not validate:
+    the agent NACKs naming the bad one, and the good change still applies (one bad Service
+    must not freeze every other on every node)."""
     good = cp.publish(cp.map_for("b"))
     cp.start_agent()
     await until(lambda: cp.acked(good), "the first ACK")
 
-    # one response carries a good change (echo to c) and a bad Service: none of it applies
     bad = service_to_proto(split(cp.map_for("c"))[1][0])
     bad.name = "shop/bad"
     bad.services[0].address, bad.services[0].mode = "10.96.0.99", pb.Service.MODE_UNSPECIFIED
@@ -145,11 +147,13 @@ async def test_agent_nacks_an_invalid_map_and_keeps_the_last_good_one(cp: Contro
     nack = cp.type_status()["last_nack"]
     assert isinstance(nack, dict)
     assert nack["version"] == bad_version and "mode is unset" in nack["message"]
+    assert "1 of 2 MeshService resources refused" in nack["message"]
     assert "shop/bad" in nack["message"]
-    assert cp.type_status()["version_acked"] == good[SERVICE_TYPE_URL]
     a = cp.lab.pods["a"]
     result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
-    assert result["backends"] == {"b": 5}, "the last good map must stay in force"
+    assert result["backends"] == {"c": 5}, "the good change must apply"
+    with NodeMaps(cp.lab.pin_root) as maps:
+        assert ("10.96.0.99", 80) not in maps.services(), "the bad Service is not written"
 
 
 async def test_agent_restart_keeps_flows_and_attachments(cp: ControlPlane) -> None:
