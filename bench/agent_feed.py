@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from nodemesh.api import (
     NODE_TYPE_URL,
     SERVICE_TYPE_URL,
     MapView,
+    NodePart,
     node_from_proto,
     service_from_proto,
 )
@@ -34,6 +36,7 @@ from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.store import Store
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf.testing import NodeLab
+from nodemesh.xds.cache import Resource
 from nodemesh.xds.translate import Translator
 
 RESULTS = Path(__file__).parent / "results" / "agent_feed.json"
@@ -55,6 +58,14 @@ NODE = "node3"
 CHANGES = 5
 
 
+def _view(part: NodePart, resources: Iterable[Resource]) -> MapView:
+    """What an agent holds after decoding and validating every resource."""
+    view = MapView(NODE)
+    view.part = part
+    view.update(service_from_proto(pb.MeshService.FromString(r.payload)) for r in resources)
+    return view
+
+
 def main() -> int:
     mesh = _bench_mesh()
     objects, nodes, endpoint_slice = mesh.objects, mesh.nodes, mesh.endpoint_slice
@@ -73,11 +84,7 @@ def main() -> int:
         lab.enable()
         with NodeMaps(lab.pin_root) as maps:
             t0 = time.perf_counter()
-            view = MapView(NODE)
-            view.part = part
-            view.update(
-                service_from_proto(pb.MeshService.FromString(r.payload)) for r in held.values()
-            )
+            view = _view(part, held.values())
             first = maps.apply(view.model())
             converge = time.perf_counter() - t0
             print(f"converge at start: {converge:.2f} s ({first.written} entries written)")
@@ -98,12 +105,7 @@ def main() -> int:
                 assert result.written >= 1, result
 
                 t0 = time.perf_counter()
-                again = MapView(NODE)
-                again.part = part
-                again.update(
-                    service_from_proto(pb.MeshService.FromString(r.payload)) for r in held.values()
-                )
-                full = maps.apply(again.model())
+                full = maps.apply(_view(part, held.values()).model())
                 whole.append(time.perf_counter() - t0)
                 assert (full.written, full.deleted) == (0, 0), "patch left something behind"
 

@@ -24,6 +24,16 @@ def _programmed(p: Pipeline) -> tuple[str, str]:
     return c.status, c.reason
 
 
+def _connect_and_ack(p: Pipeline, status: StatusTracker, *nodes: str) -> None:
+    """What the ADS server records when each node's stream opens and ACKs the snapshot."""
+    assert p.snapshot is not None
+    for node in nodes:
+        status.stream_opened(node)
+        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
+            held = {n: r.version for n, r in p.snapshot.resources(t).items()}
+            status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+
+
 async def test_a_node_behind_on_a_route_stays_pending_however_many_versions_go_by() -> None:
     """node-b ACKed the route's old version and went away; node-a ACKs everything since. After
     many endpoint changes (more versions than the history keeps) the route must still say
@@ -75,11 +85,7 @@ async def test_a_lagging_node_that_disconnects_stops_holding_routes_back() -> No
     await p.start()
     try:
         assert p.snapshot is not None
-        for node in ("node-a", "node-b"):
-            status.stream_opened(node)
-            for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
-                held = {n: r.version for n, r in p.snapshot.resources(t).items()}
-                status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+        _connect_and_ack(p, status, "node-a", "node-b")
         status.stream_opened("laggard")
         await eventually(lambda: _programmed(p) == ("False", "Pending"))
         status.stream_closed("laggard")
@@ -96,11 +102,7 @@ async def test_an_endpoint_change_makes_only_the_policies_that_carry_it_pending(
     p = Pipeline(store, SnapshotCache(), status)
     await p.rebuild()
     assert p.snapshot is not None
-    for node in ("node-a", "node-b"):
-        status.stream_opened(node)
-        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
-            held = {n: r.version for n, r in p.snapshot.resources(t).items()}
-            status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+    _connect_and_ack(p, status, "node-a", "node-b")
     p._update_conditions()
     ratings = ObjectKey("TrafficPolicy", "shop", "ratings-defaults")
     other = ObjectKey("TrafficPolicy", "shop", "payments-resilience")
