@@ -111,6 +111,8 @@ def nodes() -> list[dict[str, Any]]:
 
 
 def endpoint_slice(ns: str, name: str, i: int, salt: int) -> dict[str, Any]:
+    """Service i's slice; `salt` moves its first endpoint only (one pod to a new address; until
+    2026-11-22 it moved all ten, on ten nodes, while the docstrings said one)."""
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -123,7 +125,7 @@ def endpoint_slice(ns: str, name: str, i: int, salt: int) -> dict[str, Any]:
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [
             {
-                "addresses": [f"10.{(i >> 8) % 250}.{i % 250}.{j + 10 + salt}"],
+                "addresses": [f"10.{(i >> 8) % 250}.{i % 250}.{j + 10 + (salt if j == 0 else 0)}"],
                 "conditions": {"ready": True},
                 # spread over every Node: 2,000 endpoints each (until 2026-11-22 `j % 50`
                 # put them all on node0-node9, 10,000 each, and left 40 Nodes empty)
