@@ -210,9 +210,9 @@ class ServiceMaps:
         self.upserts = None
         old, made, out, where = self._last
         if len(old) == len(services):
-            if positions is None or old is not previous:
-                positions = list(compress(range(len(services)), map(is_not, old, services)))
             changed = positions
+            if changed is None or old is not previous:
+                changed = list(compress(range(len(services)), map(is_not, old, services)))
             if all(old[i].name == services[i].name for i in changed):
                 made = list(made)
                 for i in changed:
@@ -230,17 +230,10 @@ class ServiceMaps:
                     self.upserts = tuple(upserts)
                     return self._last[2]
                 return self._remember(services, made)
-        memo: dict[str, tuple[ir.ServiceInfo, Resource | None]] = {}
-        last = self._services
-        for info in services:
-            hit = last.get(info.name)
-            if hit is None or not (hit[0] is info or hit[0] == info):
-                data = mesh_service_bytes(info)
-                hit = (info, _service_resource(data, info.name) if data is not None else None)
-                self.made += data is not None
-            memo[info.name] = hit
-        self._services = memo
-        return self._remember(services, [r for _, r in memo.values()])
+        made = [self._resource(info) for info in services]
+        for name in self._services.keys() - {info.name for info in services}:
+            del self._services[name]
+        return self._remember(services, made)
 
     def _remember(
         self, services: tuple[ir.ServiceInfo, ...], made: list[Resource | None]
