@@ -96,7 +96,7 @@ class _ProgrammedContext:
     # it holds whole at the current version)
     partial: list[tuple[str, NodeStatus, frozenset[str]]]
     unseen: list[str]  # expected nodes that never connected: everything waits there
-    # equal signatures and equal resource versions give an equal condition
+    # equal signatures: nothing about the nodes changed (see _update_conditions)
     signature: tuple[int, tuple[str, ...]]
 
 
@@ -165,10 +165,6 @@ class Pipeline:
         self.history_slack = 1000  # versions kept beyond 4 per current resource (tests lower it)
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
-        # (object, parent) -> (what its Programmed condition was computed from, the condition)
-        _Memo = dict[tuple[ObjectKey, str], tuple[object, Condition]]
-        self._programmed_memo: _Memo = {}
-        self._programmed_next: _Memo = {}
         self.kubernetes_status = KubernetesStatus(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -496,24 +492,6 @@ class Pipeline:
             if r is not None:
                 fp = self._history.get((t, name, r.version), {}).get(origin)
                 wanted.append((t, name, r.version, fp))
-        memo_key = (key, parent)
-        signature = (ctx.signature, gen, tuple(wanted))
-        hit = self._programmed_memo.get(memo_key)
-        if hit is not None and hit[0] == signature:
-            self._programmed_next[memo_key] = hit
-            return hit[1]
-        condition = self._programmed_condition(origin, gen, parent, ctx, wanted)
-        self._programmed_next[memo_key] = (signature, condition)
-        return condition
-
-    def _programmed_condition(
-        self,
-        origin: str,
-        gen: int,
-        parent: str,
-        ctx: _ProgrammedContext,
-        wanted: list[tuple[str, str, str, int | None]],
-    ) -> Condition:
         if self.status is None or not ctx.expected:
             return Condition(
                 "Programmed", "Unknown", "NoNodes", "no node Envoy is connected", gen, parent
@@ -580,7 +558,6 @@ class Pipeline:
         )
         self._inputs_revision = view.revision if isinstance(view, StoreView) else None
         inputs: dict[ObjectKey, tuple[object, int]] = {}
-        self._programmed_next = {}
         for key, built in self._result.conditions.items():
             if key.kind not in _STATUS_KINDS:
                 continue
@@ -602,10 +579,6 @@ class Pipeline:
                 and f"{key.kind}/{key.namespace}/{key.name}" not in touched
             ):
                 new[key] = self._conditions[key]
-                for parent in accepted_parents:
-                    memo = self._programmed_memo.get((key, parent))
-                    if memo is not None:
-                        self._programmed_next[(key, parent)] = memo
                 continue
             out = list(built)
             for parent in accepted_parents:
@@ -613,7 +586,6 @@ class Pipeline:
                 out.append(self._programmed(key, gen, parent, ctx))
             new[key] = tuple(out)
         self._inputs = inputs
-        self._programmed_memo, self._programmed_next = self._programmed_next, {}
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         changed = [k for k in new if new[k] != self._conditions.get(k)]
         gone = [k for k in self._conditions if k not in new]
