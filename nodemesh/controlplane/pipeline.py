@@ -310,11 +310,13 @@ class Pipeline:
         # empty NodeServiceMap set tells its agent that its map was withdrawn; left with its
         # own, it would be served that snapshot frozen.
         self.cache.set_fallback_snapshot(snapshot)
-        nodes = set(result.mesh.nodes)
+        # Nodes with resources of their own: every Node object, and any node with clients of
+        # a consumer namespace (its own Listener), Node object or not.
+        nodes = {*result.mesh.nodes, *translation.per_node}
         for node in sorted(self._snapshot_nodes - nodes):
             self.cache.clear_snapshot(node)
         self._snapshot_nodes = nodes
-        for node in result.mesh.nodes:
+        for node in sorted(nodes):
             self.cache.set_snapshot(node, translation.snapshot(node))
         self.rebuilds += 1
         self.built_revision = view.revision

@@ -18,7 +18,7 @@ from nodemesh.controlplane.builder import build
 from nodemesh.controlplane.files import load_objects
 from nodemesh.controlplane.store import Store
 from nodemesh.xds import types
-from nodemesh.xds.translate import translate_messages
+from nodemesh.xds.translate import node_listeners, translate_messages
 from tests import gatewayapi
 from tests.controlplane import crd
 
@@ -51,6 +51,9 @@ def render(case: str) -> dict[str, str]:
             for m in messages
         ]
         out[_FILES[type_url]] = yaml.safe_dump_all(docs, sort_keys=True) if docs else ""
+    for node, listener in sorted(node_listeners(result.mesh).items()):
+        doc = json.loads(json_format.MessageToJson(listener, preserving_proto_field_name=True))
+        out[f"listeners.{node}.yaml"] = yaml.safe_dump(doc, sort_keys=True)
     conditions: dict[str, Any] = {
         str(key): [
             {**c.as_dict(), **({"parent": c.parent} if c.parent else {})}

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
 from nodemesh.controlplane.store import ObjectKey, Store, key_of
-from nodemesh.xds.translate import Translator
+from nodemesh.xds import types
+from nodemesh.xds.translate import Translator, node_listeners
 
 NAMESPACES = ("a", "b")
 SERVICES = ("s0", "s1", "s2")
@@ -226,6 +227,13 @@ def test_incremental_build_equals_a_build_from_scratch(
             for t in b.type_urls:
                 assert a.version(t) == b.version(t)
                 assert dict(a.resources(t)) == dict(b.resources(t))
+        # A node's own listener (consumer chains spliced into the shared bytes) is what
+        # protobuf makes of the plain translation.
+        plain = node_listeners(cold.mesh)
+        assert plain.keys() == {n for n, own in want.per_node.items() if types.LISTENER in own}
+        for node, listener in plain.items():
+            (resource,) = got.per_node[node][types.LISTENER]
+            assert resource.payload == listener.SerializeToString(deterministic=True)
 
 
 @settings(max_examples=100, deadline=None)

@@ -180,7 +180,7 @@ class Mesh:
         self.store.delete(ObjectKey(kind, ns, name))
 
     def acked(self) -> bool:
-        snap = self.pipeline.snapshot
+        snap = self.cache.get_snapshot(NODE)  # the node's own, else the shared one
         node = self.server.status.node(NODE)
         if snap is None or node is None:
             return False

@@ -11,6 +11,7 @@ from nodemesh.xds.cache import Resource
 from nodemesh.xds.cache._snapshot import _route_names
 from nodemesh.xds.translate import Translator, ir, translate_messages
 from nodemesh.xds.translate.listener import (
+    ConsumerChain,
     outbound_listener,
     outbound_listener_bytes,
     outbound_listener_routes,
@@ -22,17 +23,37 @@ _ports = st.integers(0, 65535) | st.integers(65536, 2**32 - 1)
 _destinations = st.lists(st.tuples(_ips, _ports, _text), max_size=6)
 
 
+_consumers = st.lists(
+    st.builds(
+        ConsumerChain,
+        _text,
+        st.lists(st.ip_addresses(v=4).map(str), min_size=1, max_size=3).map(tuple),
+        st.none() | st.integers(0, 5),  # which destination (always one of the listener's)
+    ),
+    max_size=3,
+)
+
+
 @settings(max_examples=300)
-@given(_text, _text | st.ip_addresses().map(str), _ports, _text, _destinations)
+@given(_text, _text | st.ip_addresses().map(str), _ports, _text, _destinations, _consumers)
 def test_outbound_listener_bytes_equal_protobuf(
     name: str,
     address: str,
     port: int,
     route_config: str,
     destinations: list[tuple[str, int, str]],
+    consumers: list[ConsumerChain],
 ) -> None:
-    message = outbound_listener(name, address, port, route_config, destinations)
-    encoded = outbound_listener_bytes(name, address, port, route_config, destinations)
+    if not 0 <= port <= 0xFFFF_FFFF:
+        consumers = []  # a consumer chain matches on the listener's port: uint32
+    consumers = [
+        c._replace(destination=destinations[c.destination % len(destinations)])
+        if c.destination is not None and destinations
+        else c._replace(destination=None)
+        for c in consumers
+    ]
+    message = outbound_listener(name, address, port, route_config, destinations, consumers)
+    encoded = outbound_listener_bytes(name, address, port, route_config, destinations, consumers)
     assert encoded == message.SerializeToString(deterministic=True)
     routes = outbound_listener_routes(route_config, destinations)
     assert routes == tuple(sorted(_route_names([Resource.from_message(message)])))

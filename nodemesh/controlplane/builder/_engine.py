@@ -13,6 +13,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any, Generic, TypeVar
 
 from nodemesh.controlplane.builder._routes import Grants, RouteEntry, RouteModel
@@ -24,7 +25,7 @@ from nodemesh.controlplane.builder.endpointslice import (
 )
 from nodemesh.controlplane.builder.grpcroute import read_grpcroute
 from nodemesh.controlplane.builder.httproute import read_httproute
-from nodemesh.controlplane.builder.node import NodeIndex
+from nodemesh.controlplane.builder.node import ConsumerIndex, NodeIndex
 from nodemesh.controlplane.builder.service import ServiceModel, read_service
 from nodemesh.controlplane.builder.trafficpolicy import (
     PolicySettings,
@@ -317,6 +318,9 @@ class Engine:
         self.cluster_keys: dict[str, PortKey] = {}  # cluster name -> (ns, name, port)
         self.lbs = _Lbs(self)
         self.defaults: dict[Ref, set[PortKey]] = {}
+        # consumer routes: namespace -> its routes with a parent in another namespace
+        self.consumer_routes: dict[str, set[ObjectKey]] = {}
+        self.consumer_index = ConsumerIndex()
         self.default_used: set[PortKey] = set()
         # Outputs
         self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
@@ -428,6 +432,11 @@ class Engine:
             ((k, current[k.kind].get(k)) for k in node_keys),
             current["Node"].items() if changed["Node"] or self.mesh is None else None,
         )
+        consumers = self.consumer_index.update(
+            frozenset(self.consumer_routes),
+            ((k, current[k.kind].get(k)) for k in node_keys),
+            lambda: chain(current["Pod"].items(), current["EndpointSlice"].items()),
+        )
         mesh = ir.Mesh(
             virtual_hosts=self.vhosts.result(),
             clusters=self.clusters.result(),
@@ -437,13 +446,21 @@ class Engine:
             if self.mesh is None or node_infos is not self.mesh.node_infos
             else self.mesh.nodes,
             node_infos=node_infos,
+            consumers=consumers,
             outbound_address=outbound_address,
             outbound_port=outbound_port,
         )
         last = self.mesh
         if last is not None and all(
             getattr(mesh, f) is getattr(last, f)
-            for f in ("virtual_hosts", "clusters", "endpoints", "services", "node_infos")
+            for f in (
+                "virtual_hosts",
+                "clusters",
+                "endpoints",
+                "services",
+                "node_infos",
+                "consumers",
+            )
         ):
             if (last.outbound_address, last.outbound_port) == (outbound_address, outbound_port):
                 mesh = last
@@ -634,6 +651,11 @@ class Engine:
                 users.discard(key)
                 if not users:
                     del self.cluster_users[pk]
+        if old is not None and key in self.consumer_routes.get(key.namespace, ()):
+            mine = self.consumer_routes[key.namespace]
+            mine.discard(key)
+            if not mine:
+                del self.consumer_routes[key.namespace]
         old_refs, old_grants = self.route_deps.pop(key, (set(), set()))
         for ref in old_refs:
             self.svc_dependents[ref].discard(key)
@@ -658,6 +680,8 @@ class Engine:
             ref = (e.parent[0], e.parent[1])
             parents.add(ref)
             self.attached.setdefault(ref, {}).setdefault(key, []).append(e)
+            if e.route.match.consumer:
+                self.consumer_routes.setdefault(key.namespace, set()).add(key)
         if parents:
             self.route_parents[key] = parents
         for pk in model.clusters:
@@ -708,6 +732,11 @@ class Engine:
                     else None
                 )
                 policy = settings.get(pk) if settings else None
+                consumer_routes: tuple[ir.Route, ...] = ()
+                if mine and any(e.route.match.consumer for e in mine):
+                    mine, consumer_routes = self._consumer_routes(
+                        mine, policy, f"{ns}/{name}{suffix}"
+                    )
                 if mine:
                     lbs = self.lbs
                     routes = tuple(_finish(e, policy, lbs) for e in mine)
@@ -738,7 +767,10 @@ class Engine:
                 vhosts.put(
                     vkey,
                     ir.VirtualHost(
-                        f"{ns}/{name}{suffix}", tuple(dict.fromkeys(domains)), routes, origins
+                        f"{ns}/{name}{suffix}",
+                        tuple(dict.fromkeys(domains)),
+                        consumer_routes + routes,
+                        origins,
                     ),
                 )
                 new_keys.append(vkey)
@@ -756,6 +788,33 @@ class Engine:
             for pk in defaults - old_defaults:
                 self.default_used.add(pk)
                 usage_changed.add(pk)
+
+    def _consumer_routes(
+        self, entries: list[RouteEntry], policy: PolicySettings | None, vhost: str
+    ) -> tuple[list[RouteEntry], tuple[ir.Route, ...]]:
+        """Split one Service port's sorted entries into the producer's and the consumers'
+        routes. Each consumer namespace gets its routes, in order, then one that answers 404
+        to the rest of its requests: for its clients, its routes replace the producer's."""
+        groups: dict[str, list[RouteEntry]] = {}
+        producer = []
+        for e in entries:
+            c = e.route.match.consumer
+            if c:
+                groups.setdefault(c, []).append(e)
+            else:
+                producer.append(e)
+        out: list[ir.Route] = []
+        for c in sorted(groups):
+            out += [_finish(e, policy, self.lbs) for e in groups[c]]
+            out.append(
+                ir.Route(
+                    f"Service/{vhost}/consumer/{c}/no-match",
+                    match=ir.RouteMatch(consumer=c),
+                    direct_status=404,
+                    origins=tuple(sorted({o for e in groups[c] for o in e.route.origins})),
+                )
+            )
+        return producer, tuple(out)
 
     def _cluster(self, pk: PortKey) -> None:
         ns, name, port = pk

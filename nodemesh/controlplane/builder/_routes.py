@@ -8,7 +8,7 @@ defaults, which route-level settings override.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nodemesh.controlplane.builder._util import (
@@ -258,16 +258,7 @@ def read_route(
         port = ref.get("port")
         label = f"Service/{pns}/{pname}" + (f":{port}" if isinstance(port, int) else "")
         svc = services.get((pns, pname))
-        if pns != ns:
-            rejected.append(
-                (
-                    label,
-                    "NotAllowedByParent",
-                    f"spec.parentRefs[{i}]: consumer routes (a Service in another "
-                    "namespace) are not supported yet",
-                )
-            )
-        elif svc is None:
+        if svc is None:
             rejected.append(
                 (
                     label,
@@ -400,9 +391,15 @@ def read_route(
                     "ResolvedRefs", "True", "ResolvedRefs", "All references resolved", gen, label
                 )
             )
+        # A Service in another namespace makes this a consumer route for it: its rules apply
+        # only to clients in the route's namespace (their match says so).
+        consumer = ns if parent[0] != ns else ""
         for e in entries:
+            route = e.route
+            if consumer:
+                route = replace(route, match=replace(route.match, consumer=consumer))
             model.entries.append(
-                RouteEntry(parent, e.sort_key, e.route, e.retry, e.timeout_ms, e.backend_timeout_ms)
+                RouteEntry(parent, e.sort_key, route, e.retry, e.timeout_ms, e.backend_timeout_ms)
             )
     if not parents:
         model.clusters.clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from nodemesh._ip import all_dotted_quads, is_dotted_quad
@@ -19,7 +19,7 @@ from nodemesh.controlplane.builder._util import as_list, as_map
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds.translate import ir
 
-__all__ = ["NodeIndex", "node_address", "pod_placement", "slice_placement"]
+__all__ = ["ConsumerIndex", "NodeIndex", "node_address", "pod_placement", "slice_placement"]
 
 Placement = tuple[tuple[str, str], ...]  # (node name, pod IP) pairs
 _FEW = 64  # changed objects up to which a node's sorted pod IPs are updated in place
@@ -244,3 +244,76 @@ class NodeIndex:
                     self._stale.add(node)
                 else:
                     bisect.insort(self._sorted.setdefault(node, []), ip)
+
+
+class ConsumerIndex:
+    """Per (node, namespace), the pod IPs of the namespaces that have consumer routes, placed
+    like `NodeIndex` places them (Pods and EndpointSlice endpoints). Only those namespaces are
+    indexed: a namespace that gains its first consumer route is read once, whole; after that
+    only its changed objects are. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self._namespaces: frozenset[str] = frozenset()
+        self._placed: dict[ObjectKey, Placement] = {}
+        self._refs: dict[tuple[str, str], Counter[str]] = {}  # (node, namespace) -> IP -> count
+        self._result: tuple[ir.ConsumerSources, ...] = ()
+        self._sources: dict[tuple[str, str], ir.ConsumerSources] = {}
+
+    def update(
+        self,
+        namespaces: frozenset[str],
+        changed: Iterable[tuple[ObjectKey, Mapping[str, Any] | None]],
+        every: Callable[[], Items],
+    ) -> tuple[ir.ConsumerSources, ...]:
+        """The sources for `namespaces`, given the Pods and EndpointSlices changed since the
+        last call (None: deleted) and, to read a namespace not indexed before, all of them."""
+        dirty: set[tuple[str, str]] = set()
+        if namespaces != self._namespaces:
+            for key in [k for k in self._placed if k.namespace not in namespaces]:
+                self._place(key, None, dirty)
+            added = namespaces - self._namespaces
+            self._namespaces = namespaces
+            if added:
+                for key, placed in every():
+                    if key.namespace in added:
+                        self._place(key, placed, dirty)
+        if namespaces:
+            for key, obj in changed:
+                if key.namespace in namespaces:
+                    self._place(key, obj, dirty)
+        if not dirty:
+            return self._result
+        for pair in dirty:
+            ips = self._refs.get(pair)
+            if ips:
+                self._sources[pair] = ir.ConsumerSources(pair[0], pair[1], tuple(sorted(ips)))
+            else:
+                self._sources.pop(pair, None)
+        self._result = tuple(self._sources[p] for p in sorted(self._sources))
+        return self._result
+
+    def _place(
+        self, key: ObjectKey, obj: Mapping[str, Any] | None, dirty: set[tuple[str, str]]
+    ) -> None:
+        new: Placement = ()
+        if obj is not None:
+            new = (pod_placement if key.kind == "Pod" else slice_placement)(obj)
+        old = self._placed.pop(key, ())
+        if new:
+            self._placed[key] = new
+        if new == old:
+            return
+        ns = key.namespace
+        for node, ip in old:
+            refs = self._refs[(node, ns)]
+            refs[ip] -= 1
+            if not refs[ip]:
+                del refs[ip]
+                dirty.add((node, ns))
+                if not refs:
+                    del self._refs[(node, ns)]
+        for node, ip in new:
+            refs = self._refs.setdefault((node, ns), Counter())
+            refs[ip] += 1
+            if refs[ip] == 1:
+                dirty.add((node, ns))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain, compress
 from operator import attrgetter, is_not
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -30,9 +30,11 @@ from nodemesh.xds.translate import ir
 from nodemesh.xds.translate.cluster import cluster, cluster_bytes
 from nodemesh.xds.translate.endpoint import load_assignment, load_assignment_bytes
 from nodemesh.xds.translate.listener import (
+    ConsumerChain,
     Destination,
+    consumer_chains_bytes,
     outbound_listener,
-    outbound_listener_bytes,
+    outbound_listener_parts,
     outbound_listener_routes,
 )
 from nodemesh.xds.translate.route import (
@@ -46,7 +48,7 @@ from nodemesh.xds.translate.route import (
 )
 from nodemesh.xds.translate.servicemap import NODE_TYPE_URL, SERVICE_TYPE_URL, ServiceMaps
 
-__all__ = ["Translation", "Translator", "ir", "translate_messages"]
+__all__ = ["Translation", "Translator", "ir", "node_listeners", "translate_messages"]
 
 LISTENER_NAME = "outbound"
 
@@ -69,10 +71,12 @@ class _SharedSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class Translation:
-    """Envoy resources for the mesh. `shared` goes to every node; `per_node` adds to it (today:
-    each known node's `NodeServiceMap` under `NODE_TYPE_URL`, named after the node). Once the
-    mesh has nodes, `shared` also holds the agents' `MeshService` resources (`SERVICE_TYPE_URL`,
-    one per Service; node Envoys never ask for that type).
+    """Envoy resources for the mesh. `shared` goes to every node; `per_node` replaces types of
+    it for one node: each known node's `NodeServiceMap` under `NODE_TYPE_URL` (named after the
+    node), and the outbound Listener of a node with clients of a consumer namespace (its
+    consumer filter chains). Once the mesh has nodes, `shared` also holds the agents'
+    `MeshService` resources (`SERVICE_TYPE_URL`, one per Service; node Envoys never ask for
+    that type).
 
     `origins` maps (type_url, resource name) to the user objects ("Kind/ns/name") it carries.
     """
@@ -85,19 +89,13 @@ class Translation:
     )
 
     def snapshot(self, node: str | None = None) -> Snapshot:
-        """The snapshot for `node` (None: the shared one). Nodes without extra resources get
-        the same shared Snapshot object; the others share its TypeSets, with their own for
-        the types they add (a type the shared snapshot holds empty, the NodeServiceMap, is
-        replaced by the node's)."""
+        """The snapshot for `node` (None: the shared one). Nodes without resources of their
+        own get the same shared Snapshot object; the others share its TypeSets, with their own
+        for the types they replace."""
         shared = self.shared_snapshot()
         extra = self.per_node.get(node, {}) if node is not None else {}
         if not extra:
             return shared
-        if any(self.shared.get(t) for t in extra):
-            merged = {
-                t: (*self.shared.get(t, ()), *extra.get(t, ())) for t in {*self.shared, *extra}
-            }
-            return Snapshot(merged)
         type_sets = {t: ts for t in shared.type_urls if (ts := shared.type_set(t)) is not None}
         type_sets.update({t: TypeSet(rs) for t, rs in extra.items()})
         return Snapshot.of_type_sets(type_sets)
@@ -121,7 +119,7 @@ def translate_messages(mesh: ir.Mesh) -> dict[str, list[Message]]:
     return {
         types.CLUSTER: list(clusters),
         types.ENDPOINT: [load_assignment(e, eds[e.cluster]) for e in mesh.endpoints],
-        types.LISTENER: [_listener(mesh, destinations)],
+        types.LISTENER: [_listener(mesh, destinations)],  # node_listeners: per node
         types.ROUTE: [
             route_configuration(
                 mesh.route_config_name, (virtual_host(v) for v in mesh.virtual_hosts)
@@ -129,6 +127,39 @@ def translate_messages(mesh: ir.Mesh) -> dict[str, list[Message]]:
             *(_destination_routes(v) for v in dest_vhosts),
         ],
     }
+
+
+def node_listeners(mesh: ir.Mesh) -> dict[str, Message]:
+    """The outbound Listener of each node that has one of its own (clients of a consumer
+    namespace there), by node name (no memoization)."""
+    destinations, dest_vhosts = l7_destinations(mesh)
+    return {
+        node: _listener(mesh, destinations, chains)
+        for node, chains in consumer_chains(mesh, destinations, dest_vhosts).items()
+    }
+
+
+def consumer_chains(
+    mesh: ir.Mesh, destinations: tuple[Destination, ...], dest_vhosts: tuple[ir.VirtualHost, ...]
+) -> dict[str, tuple[ConsumerChain, ...]]:
+    """Per node with clients of a consumer namespace: the filter chains that mark them, one for
+    connections to the listener itself and one per L7 destination with routes of theirs."""
+    if not mesh.consumers:
+        return {}
+    overridden: dict[str, list[Destination]] = {}  # namespace -> destinations with its routes
+    by_route = {destination_route_name(v.name): v for v in dest_vhosts}
+    for d in destinations:
+        for c in dict.fromkeys(r.match.consumer for r in by_route[d[2]].routes):
+            if c:
+                overridden.setdefault(c, []).append(d)
+    out: dict[str, list[ConsumerChain]] = {}
+    for cs in mesh.consumers:
+        chains = out.setdefault(cs.node, [])
+        chains.append(ConsumerChain(cs.namespace, cs.addresses))
+        chains += [
+            ConsumerChain(cs.namespace, cs.addresses, d) for d in overridden.get(cs.namespace, ())
+        ]
+    return {node: tuple(chains) for node, chains in out.items()}
 
 
 def destination_route_name(vhost: str) -> str:
@@ -173,31 +204,59 @@ def _destination_routes(vh: ir.VirtualHost) -> Message:
     return config
 
 
-def _listener(mesh: ir.Mesh, destinations: tuple[Destination, ...] = ()) -> Message:
+def _listener(
+    mesh: ir.Mesh,
+    destinations: tuple[Destination, ...] = (),
+    consumers: tuple[ConsumerChain, ...] = (),
+) -> Message:
     listener: Message = outbound_listener(
         LISTENER_NAME,
         mesh.outbound_address,
         mesh.outbound_port,
         mesh.route_config_name,
         destinations,
+        consumers,
     )
     return listener
 
 
-def _listener_resource(mesh: ir.Mesh, destinations: tuple[Destination, ...]) -> Resource:
+class _ListenerParts(NamedTuple):
+    """The shared outbound Listener, and its bytes in parts for the nodes' own listeners."""
+
+    resource: Resource
+    parts: tuple[bytes, bytes, bytes]
+    references: tuple[str, ...]
+
+
+def _listener_parts(mesh: ir.Mesh, destinations: tuple[Destination, ...]) -> _ListenerParts:
     """`Resource.from_message(_listener(mesh, destinations))`, encoded without the message."""
+    parts = outbound_listener_parts(
+        LISTENER_NAME,
+        mesh.outbound_address,
+        mesh.outbound_port,
+        mesh.route_config_name,
+        destinations,
+    )
+    references = outbound_listener_routes(mesh.route_config_name, destinations)
+    resource = Resource.from_payload(
+        types.LISTENER, LISTENER_NAME, b"".join(parts), _decode_listener, references=references
+    )
+    return _ListenerParts(resource, parts, references)
+
+
+def _node_listener(
+    mesh: ir.Mesh, shared: _ListenerParts, chains: tuple[ConsumerChain, ...]
+) -> Resource:
+    """`_listener(mesh, destinations, chains)` as a Resource: the shared listener's bytes with
+    the node's consumer chains spliced in after the destinations'."""
+    head, destination_chains, tail = shared.parts
+    mine = consumer_chains_bytes(LISTENER_NAME, mesh.outbound_port, mesh.route_config_name, chains)
     return Resource.from_payload(
         types.LISTENER,
         LISTENER_NAME,
-        outbound_listener_bytes(
-            LISTENER_NAME,
-            mesh.outbound_address,
-            mesh.outbound_port,
-            mesh.route_config_name,
-            destinations,
-        ),
+        head + destination_chains + mine + tail,
         _decode_listener,
-        references=outbound_listener_routes(mesh.route_config_name, destinations),
+        references=shared.references,
     )
 
 
@@ -276,6 +335,7 @@ class _Last:
     translation: Translation
     eds_names: dict[str, str]
     cluster_origins: dict[str, Origins]
+    node_listeners: dict[str, tuple[Resource, ...]]
 
 
 _routes_of = attrgetter("routes")
@@ -330,7 +390,14 @@ class Translator:
         # routes' bytes are shared with its destination route configuration, if it has one.
         self._vhosts: _Memo[str, ir.VirtualHost, tuple[bytes, bytes]] = _Memo(_vhost_bytes)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
-        self._listener: tuple[tuple[str, int, str, tuple[Destination, ...]], Resource] | None = None
+        self._listener: (
+            tuple[tuple[str, int, str, tuple[Destination, ...]], _ListenerParts] | None
+        ) = None
+        # the nodes' own listeners: (what they were made from, by node)
+        self._node_listeners: tuple[tuple[object, ...], dict[str, tuple[Resource, ...]]] = (
+            (),
+            {},
+        )
         self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(self._destination_route)
         self._destinations: (
             tuple[
@@ -340,6 +407,7 @@ class Translator:
             ]
             | None
         ) = None
+        self._node_chains: dict[str, tuple[tuple[ConsumerChain, ...], tuple[Resource, ...]]] = {}
         self._service_maps = ServiceMaps()
         self._dest_services: tuple[ir.ServiceInfo, ...] = ()  # what _destinations was made from
         # (the Services before, where they changed): computed once per translation
@@ -373,11 +441,13 @@ class Translator:
         same_destinations = prev is not None and prev[1][1] is dest_vhosts
         key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name, destinations)
         if self._listener is None or self._listener[0] != key:
-            self._listener = (key, _listener_resource(mesh, destinations))
+            self._listener = (key, _listener_parts(mesh, destinations))
+        listener = self._listener[1]
+        node_listeners = self._node_listener_resources(mesh, listener, destinations, dest_vhosts)
         shared = {
             types.CLUSTER: clusters,
             types.ENDPOINT: endpoints,
-            types.LISTENER: (self._listener[1],),
+            types.LISTENER: (listener.resource,),
             types.ROUTE: (route, *dest_routes),
         }
 
@@ -409,15 +479,19 @@ class Translator:
         if last is not None and (
             last.mesh.node_infos is mesh.node_infos
             and last.mesh.outbound_port == mesh.outbound_port
+            and last.node_listeners is node_listeners
         ):
             per_node = last.translation.per_node
         else:
-            per_node = {
+            mine: dict[str, dict[str, tuple[Resource, ...]]] = {
                 node: {NODE_TYPE_URL: (r,)}
                 for node, r in self._service_maps.node_resources(
                     mesh.node_infos, mesh.outbound_port
                 ).items()
             }
+            for node, resources in node_listeners.items():
+                mine.setdefault(node, {})[types.LISTENER] = resources
+            per_node = mine
 
         lazy = _SharedSnapshot(None, None)
         if last is not None and (base := last.translation._snapshot.value) is not None:
@@ -438,8 +512,33 @@ class Translator:
             if shared.keys() == old.keys():
                 lazy = _SharedSnapshot(base, changes)
         translation = Translation(shared=shared, per_node=per_node, origins=origins, _snapshot=lazy)
-        self._last = _Last(mesh, translation, eds_names, cluster_origins)
+        self._last = _Last(mesh, translation, eds_names, cluster_origins, node_listeners)
         return translation
+
+    def _node_listener_resources(
+        self,
+        mesh: ir.Mesh,
+        shared: _ListenerParts,
+        destinations: tuple[Destination, ...],
+        dest_vhosts: tuple[ir.VirtualHost, ...],
+    ) -> dict[str, tuple[Resource, ...]]:
+        """The listeners of nodes with consumer clients (the same dict object while what they
+        are made from is the same; each node's Resource kept while its chains are)."""
+        made_from, last = self._node_listeners
+        key = (mesh.consumers, shared, dest_vhosts)
+        if made_from and all(a is b for a, b in zip(made_from, key, strict=True)):
+            return last
+        chains = consumer_chains(mesh, destinations, dest_vhosts)
+        out: dict[str, tuple[Resource, ...]] = {}
+        for node, mine in chains.items():
+            was = self._node_chains.get(node)
+            if was is not None and was[0] == mine and made_from and made_from[1] is shared:
+                out[node] = was[1]
+            else:
+                out[node] = (_node_listener(mesh, shared, mine),)
+        self._node_chains = {node: (chains[node], out[node]) for node in out}
+        self._node_listeners = (key, out)
+        return out
 
     def _endpoint_resources(
         self, mesh: ir.Mesh, last: _Last | None, eds_names: Mapping[str, str]

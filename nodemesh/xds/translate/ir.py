@@ -21,6 +21,7 @@ __all__ = [
     "Backend",
     "CircuitBreaker",
     "Cluster",
+    "ConsumerSources",
     "ClusterEndpoints",
     "Endpoint",
     "Fault",
@@ -137,6 +138,9 @@ class RouteMatch:
     query: tuple[QueryMatch, ...] = ()
     method: str = ""
     grpc: bool = False  # only match gRPC requests (content-type application/grpc*)
+    # Only requests from clients in this namespace (a GAMMA consumer route); "" for all.
+    # Envoy knows them by source address: see `ConsumerSources`.
+    consumer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +264,18 @@ class NodeInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsumerSources:
+    """The clients of one consumer namespace (one with consumer routes) on one node: the pod
+    IPs (IPv4, sorted) of that namespace placed on that node, as for `NodeInfo.pod_ips`. The
+    node Envoy marks connections from these addresses so that the namespace's consumer routes
+    match them (`RouteMatch.consumer`)."""
+
+    node: str
+    namespace: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Mesh:
     virtual_hosts: tuple[VirtualHost, ...] = ()
     clusters: tuple[Cluster, ...] = ()
@@ -267,6 +283,9 @@ class Mesh:
     services: tuple[ServiceInfo, ...] = ()
     nodes: tuple[str, ...] = ()  # node names known from Node objects / endpoints
     node_infos: tuple[NodeInfo, ...] = ()  # per name in `nodes`, same order
+    # Per (node, consumer namespace) with clients there, sorted; any node name a pod names,
+    # with or without a Node object.
+    consumers: tuple[ConsumerSources, ...] = ()
     outbound_address: str = "0.0.0.0"
     outbound_port: int = 15001
     route_config_name: str = "outbound"

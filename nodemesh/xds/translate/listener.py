@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import NamedTuple
 
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+)
+from envoy.config.core.v3 import (
+    substitution_format_string_pb2 as substitution_format_pb2,
+)
 from envoy.config.listener.v3 import listener_components_pb2 as lc_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
 from google.protobuf import wrappers_pb2
 
 from nodemesh.xds._wire import any_bytes
@@ -27,16 +37,90 @@ from nodemesh.xds.translate._encode import LEN, VARINT, tag, varint
 from nodemesh.xds.translate._proto import any_of
 from nodemesh.xds.translate.fault import FILTER_NAME as FAULT_FILTER
 from nodemesh.xds.translate.fault import fault_filter
+from nodemesh.xds.translate.route import CONSUMER_STATE
 
 __all__ = [
+    "ConsumerChain",
     "Destination",
+    "consumer_chain",
+    "consumer_chains_bytes",
     "outbound_listener",
     "outbound_listener_bytes",
+    "outbound_listener_parts",
     "outbound_listener_routes",
 ]
 
 # (ClusterIP, port, name of that Service port's own route configuration)
 Destination = tuple[str, int, str]
+
+
+class ConsumerChain(NamedTuple):
+    """A filter chain for the clients of one consumer namespace on this node (`sources`, their
+    pod IPs): it marks their connections with the namespace (filter state `CONSUMER_STATE`),
+    which that namespace's consumer routes match. `destination` None: connections made to the
+    listener itself (routed by Host, `route_config`); else a redirected connection to that
+    destination, whose route configuration holds the namespace's routes for it."""
+
+    namespace: str
+    sources: tuple[str, ...]
+    destination: Destination | None = None
+
+
+def _cidr(ip: str) -> address_pb2.CidrRange:
+    addr = ipaddress.ip_address(ip)
+    return address_pb2.CidrRange(
+        address_prefix=str(addr), prefix_len=wrappers_pb2.UInt32Value(value=addr.max_prefixlen)
+    )
+
+
+def consumer_chain(
+    stat_prefix: str, port: int, route_config: str, chain: ConsumerChain
+) -> lc_pb2.FilterChain:
+    match = lc_pb2.FilterChainMatch(source_prefix_ranges=[_cidr(ip) for ip in chain.sources])
+    if chain.destination is None:
+        # the listener's own port, so that a Service port equal to it cannot take precedence
+        match.destination_port.value = port
+        name, rc_name = f"consumer/{chain.namespace}", route_config
+    else:
+        ip, dport, rc_name = chain.destination
+        match.destination_port.value = dport
+        match.prefix_ranges.append(_cidr(ip))
+        name = f"{ip}:{dport}/consumer/{chain.namespace}"
+    mark = set_filter_state_pb2.Config(
+        on_new_connection=[
+            value_pb2.FilterStateValue(
+                object_key=CONSUMER_STATE,
+                factory_key="envoy.string",
+                format_string=substitution_format_pb2.SubstitutionFormatString(
+                    text_format_source=base_pb2.DataSource(inline_string=chain.namespace)
+                ),
+            )
+        ]
+    )
+    return lc_pb2.FilterChain(
+        name=name,
+        filter_chain_match=match,
+        filters=[
+            lc_pb2.Filter(name="envoy.filters.network.set_filter_state", typed_config=any_of(mark)),
+            _hcm_filter(stat_prefix, rc_name),
+        ],
+    )
+
+
+def consumer_chains_bytes(
+    stat_prefix: str, port: int, route_config: str, chains: Sequence[ConsumerChain]
+) -> bytes:
+    """The `filter_chains` entries of `chains`, as they follow the destinations' in the
+    serialized listener (a few per node: made through protobuf)."""
+    return b"".join(
+        _field(
+            _L_FILTER_CHAINS,
+            consumer_chain(stat_prefix, port, route_config, c).SerializeToString(
+                deterministic=True
+            ),
+        )
+        for c in chains
+    )
 
 
 def outbound_listener(
@@ -45,6 +129,7 @@ def outbound_listener(
     port: int,
     route_config: str,
     destinations: Sequence[Destination] = (),
+    consumers: Sequence[ConsumerChain] = (),
 ) -> listener_pb2.Listener:
     chains = []
     for ip, dport, rc_name in destinations:
@@ -64,6 +149,7 @@ def outbound_listener(
                 filters=[_hcm_filter(name, rc_name)],
             )
         )
+    chains += [consumer_chain(name, port, route_config, c) for c in consumers]
     return listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(
@@ -184,14 +270,31 @@ def outbound_listener_bytes(
     port: int,
     route_config: str,
     destinations: Sequence[Destination] = (),
+    consumers: Sequence[ConsumerChain] = (),
 ) -> bytes:
     """`outbound_listener(...)` serialized deterministically; its filter chains encoded here."""
+    head, chains, tail = outbound_listener_parts(name, address, port, route_config, destinations)
+    if consumers:
+        chains += consumer_chains_bytes(name, port, route_config, consumers)
+    return head + chains + tail
+
+
+def outbound_listener_parts(
+    name: str,
+    address: str,
+    port: int,
+    route_config: str,
+    destinations: Sequence[Destination] = (),
+) -> tuple[bytes, bytes, bytes]:
+    """`outbound_listener_bytes(...)` without consumers, in three parts: what precedes the
+    filter chains, the destinations' chains, what follows (consumer chains go between the
+    last two)."""
     if not all(0 <= dport <= 0xFFFF_FFFF for _, dport, _ in destinations):
         # Out of range for uint32: let protobuf raise what it raises.
         out: bytes = outbound_listener(
             name, address, port, route_config, destinations
         ).SerializeToString(deterministic=True)
-        return out
+        return out, b"", b""
     full = outbound_listener(name, address, port, route_config)  # no filter chains
     head: bytes = _L(name=full.name, address=full.address).SerializeToString(deterministic=True)
     tail: bytes = _L(
@@ -210,12 +313,12 @@ def outbound_listener_bytes(
             + _field(_FC_NAME, f"{ip}:{dport}".encode())
         )
         chains.append(_field(_L_FILTER_CHAINS, chain))
-    return head + b"".join(chains) + tail
+    return head, b"".join(chains), tail
 
 
 def outbound_listener_routes(
     route_config: str, destinations: Sequence[Destination]
-) -> tuple[str, ...]:
+) -> tuple[str, ...]:  # consumer chains add none: theirs are among these
     """The route configuration names `outbound_listener(...)` refers to, sorted (what
     `Snapshot.consistent()` would read from the message)."""
     return tuple(sorted({route_config, *(rc_name for _, _, rc_name in destinations)}))

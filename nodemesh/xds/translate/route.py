@@ -23,6 +23,7 @@ from nodemesh.xds.translate.lb import hash_policies
 from nodemesh.xds.translate.retry import retry_policy
 
 __all__ = [
+    "CONSUMER_STATE",
     "destination_route_configuration",
     "destination_route_configuration_bytes",
     "route",
@@ -32,6 +33,11 @@ __all__ = [
     "virtual_host_entry",
     "virtual_host_routes",
 ]
+
+# The connection's filter state that names its client's namespace: set by the listener's
+# filter chain for that namespace's pod IPs on the node (listener.py), matched by the routes of
+# that namespace's consumer routes. A client cannot forge it: it is not a header.
+CONSUMER_STATE = "nodemesh.consumer_namespace"
 
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
@@ -197,6 +203,10 @@ def _match(m: ir.RouteMatch) -> rc.RouteMatch:
         out.query_parameters.add(name=q.name, string_match=_string_match(q.kind, q.value))
     if m.grpc:
         out.grpc.SetInParent()
+    if m.consumer:
+        out.filter_state.add(
+            key=CONSUMER_STATE, string_match=string_pb2.StringMatcher(exact=m.consumer)
+        )
     return out
 
 
