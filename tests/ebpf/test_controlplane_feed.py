@@ -363,3 +363,64 @@ async def test_a_deleted_node_withdraws_its_map_and_the_agent_fails_closed(feed:
     await feed.until(feed.agent_acked_current_map, "the agent's ACK of its map again")
     status, headers, _ = await feed.get(f"{VIP_L7}:80", "/once")
     assert status == 200 and headers["server"] == "envoy"
+
+
+CONSUMER_ROUTE = """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-for-clients, namespace: clients}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, namespace: shop}]
+  rules:
+    - backendRefs: [{name: api, namespace: shop, port: 80}]
+      filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {add: [{name: x-route, value: consumer}]}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: clients, namespace: shop}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: clients}]
+  to: [{group: "", kind: Service}]
+"""
+
+
+async def test_a_consumer_route_applies_to_redirected_connections_of_its_namespace_only(
+    feed: Feed,
+) -> None:
+    """Pod `a` moves to namespace `clients`, whose consumer route sends its requests for web
+    to api. Its connection to web's ClusterIP is redirected to the node Envoy by the kernel;
+    the node's own listener knows `a` by its source address and marks the connection, so the
+    consumer route applies. Pod `c` (namespace shop) still gets web's own route."""
+    mesh = feed.config_dir / "mesh.yaml"
+    text = mesh.read_text()
+    moved = text.replace("{name: a, namespace: shop}", "{name: a, namespace: clients}")
+    assert moved != text
+    mesh.write_text(moved)
+    (feed.config_dir / "consumer.yaml").write_text(CONSUMER_ROUTE)
+
+    def programmed() -> bool:
+        snap = feed.pipeline.cache.get_snapshot(NODE)
+        node = feed.server.status.node(NODE)
+        if snap is None or node is None or not snap.resources(types.LISTENER):
+            return False
+        listener = snap.resources(types.LISTENER)["outbound"].message
+        if not any(c.name.endswith("/consumer/clients") for c in listener.filter_chains):
+            return False
+        return all(
+            t in node.types and node.types[t].version_acked == snap.version(t)
+            for t in (types.LISTENER, types.ROUTE)
+        )
+
+    await feed.until(programmed, "the node Envoy's ACK of its consumer listener and routes")
+    before = stats(feed.lab)
+
+    status, headers, body = await feed.get(f"{VIP_L7}:80", "/from-clients")
+
+    assert status == 200, body
+    assert headers["x-route"] == "consumer" and json.loads(body)["pod"] == "c"
+    assert stats(feed.lab)["l7_redirects"] - before["l7_redirects"] == 1
+    other = await asyncio.to_thread(
+        feed.lab.pods["c"].tool, "get", "--to", f"{VIP_L7}:80", "--path", "/from-shop"
+    )
+    assert other["status"] == 200 and "attempt" in other["body"], other  # web's own route
