@@ -364,8 +364,28 @@ def test_a_node_map_is_what_node_to_proto_makes(pod_ips: list[str], envoy: bool)
     assert resource.payload == want
 
 
+# Endpoints as the encoder may meet them outside a build: unsorted, repeated, target ports
+# that differ (0 is left out on the wire), addresses that are no canonical IPv4 dotted quad.
+_ANY_ENDPOINT = st.builds(
+    ir.Endpoint,
+    st.one_of(_POD, _IPV6, st.sampled_from(["010.0.0.1", "", "10.0.0.256", "1.2.3.4 "])),
+    st.sampled_from([0, 80, 8080, 65535]),
+    st.booleans(),
+)
+_ODD_INFO = st.builds(
+    lambda name, ips, ports, l7, eps: ir.ServiceInfo(
+        f"ns/{name}", tuple(ips), tuple(ports), l7, tuple(tuple(eps) for _ in ports)
+    ),
+    st.sampled_from(["web", "a"]),
+    st.lists(st.one_of(_IPV4, _IPV6, st.just("None")), max_size=3),
+    st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    st.booleans(),
+    st.lists(_ANY_ENDPOINT, max_size=12),
+)
+
+
 @settings(max_examples=300, deadline=None)
-@given(_INFO)
+@given(_INFO | _ODD_INFO)
 def test_the_hand_encoded_mesh_service_is_what_protobuf_makes(info: ir.ServiceInfo) -> None:
     svc = mesh_service(info)
     want = service_to_proto(svc).SerializeToString(deterministic=True) if svc else None
