@@ -87,39 +87,6 @@ def delta_entry(name: str, version: str, any_payload: bytes) -> bytes:
     return _field(_DDR_RESOURCES, body)
 
 
-_ANY_HEADS: dict[str, bytes] = {}
-
-
-def entries(type_url: str, name: str, version: str, payload: bytes) -> tuple[bytes, bytes]:
-    """`(sotw_entry(any), delta_entry(name, version, any))` for `any = any_bytes(type_url,
-    payload)`, each joined once (made for every resource of every build)."""
-    head = _ANY_HEADS.get(type_url)
-    if head is None:
-        head = _field(_ANY_TYPE_URL, type_url.encode()) + _ANY_VALUE
-        _ANY_HEADS[type_url] = head
-    # varint() spelled out as table lookups: this runs for every resource of every build.
-    small, limit = SMALL_VARINTS, SMALL_LIMIT
-    n = len(payload)
-    size = small[n] if n < limit else varint(n)
-    any_size = len(head) + len(size) + n
-    any_len = small[any_size] if any_size < limit else varint(any_size)
-    sotw = b"".join((_DR_RESOURCES, any_len, head, size, payload))
-    # A Resource's fields in field-number order: version, resource, name.
-    v, b = version.encode(), name.encode()
-    n = len(v)
-    v_len = small[n] if n < limit else varint(n)
-    n = len(b)
-    b_len = small[n] if n < limit else varint(n)
-    body_size = _RES_VERSION_LEN + len(v_len) + len(v) + _RES_RESOURCE_LEN + len(any_len)
-    body_size += any_size + _RES_NAME_LEN + len(b_len) + n
-    body_len = small[body_size] if body_size < limit else varint(body_size)
-    delta = b"".join(
-        (_DDR_RESOURCES, body_len, _RES_VERSION, v_len, v, _RES_RESOURCE, any_len, head, size)
-        + (payload, _RES_NAME, b_len, b)
-    )
-    return sotw, delta
-
-
 def sotw_response(type_url: str, version: str, nonce: str, entries: Iterable[bytes]) -> bytes:
     head = (
         _field(_DR_VERSION, version.encode())

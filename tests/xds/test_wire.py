@@ -53,14 +53,15 @@ def test_any_length_and_text_round_trips(names: list[str], payload: bytes, versi
 @given(
     type_url=st.text(max_size=200),
     name=st.text(max_size=300),
-    version=st.text(max_size=40),
     payload=st.binary(max_size=20000),
 )
-def test_entries_equal_the_entries_made_one_by_one(
-    type_url: str, name: str, version: str, payload: bytes
+def test_a_resource_frames_itself_once_per_protocol(
+    type_url: str, name: str, payload: bytes
 ) -> None:
-    any_payload = _wire.any_bytes(type_url, payload)
-    assert _wire.entries(type_url, name, version, payload) == (
-        _wire.sotw_entry(any_payload),
-        _wire.delta_entry(name, version, any_payload),
+    r = Resource.from_payload(
+        type_url, name, payload, endpoint_pb2.ClusterLoadAssignment.FromString
     )
+    any_payload = _wire.any_bytes(type_url, payload)
+    assert r.sotw_entry == _wire.sotw_entry(any_payload)
+    assert r.delta_entry == _wire.delta_entry(name, r.version, any_payload)
+    assert r.sotw_entry is r.sotw_entry and r.delta_entry is r.delta_entry  # made once

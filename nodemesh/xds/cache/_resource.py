@@ -35,12 +35,12 @@ class Resource:
     """
 
     __slots__ = (
-        "delta_entry",
+        "_delta",
+        "_sotw",
         "message",
         "name",
         "payload",
         "references",
-        "sotw_entry",
         "type_url",
         "version",
     )
@@ -48,6 +48,8 @@ class Resource:
     # configurations), for `Snapshot.consistent()`; None until first computed there. A pure
     # function of the bytes, so a Resource shared between snapshots computes it once.
     references: tuple[str, ...] | None
+    _sotw: bytes | None
+    _delta: bytes | None
 
     def __init__(self, type_url: str, name: str, message: Message, payload: bytes) -> None:
         self.references = None
@@ -56,8 +58,28 @@ class Resource:
         self.message = message
         self.payload = payload
         # content_version(payload), one call shorter (made for every resource of every build)
-        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
-        self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
+        self.version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self._sotw = self._delta = None
+
+    # The resource framed for each protocol, made on first send and kept: a node speaks one
+    # of them, so the other is usually never made (a cold build makes 20,000 resources).
+    @property
+    def sotw_entry(self) -> bytes:
+        """This resource as one `DiscoveryResponse.resources` entry (an Any)."""
+        entry = self._sotw
+        if entry is None:
+            entry = self._sotw = _wire.sotw_entry(_wire.any_bytes(self.type_url, self.payload))
+        return entry
+
+    @property
+    def delta_entry(self) -> bytes:
+        """This resource as one `DeltaDiscoveryResponse.resources` entry (name, version, Any)."""
+        entry = self._delta
+        if entry is None:
+            entry = self._delta = _wire.delta_entry(
+                self.name, self.version, _wire.any_bytes(self.type_url, self.payload)
+            )
+        return entry
 
     @classmethod
     def from_message(
@@ -127,8 +149,8 @@ class _Encoded(Resource):
         self.type_url = type_url
         self.name = name
         self.payload = payload
-        self.version = version = hashlib.blake2b(payload, digest_size=8).hexdigest()
-        self.sotw_entry, self.delta_entry = _wire.entries(type_url, name, version, payload)
+        self.version = hashlib.blake2b(payload, digest_size=8).hexdigest()
+        self._sotw = self._delta = None
 
     @property
     def message(self) -> Message:
