@@ -85,6 +85,19 @@ def _slice(service: str, port: int) -> dict[str, Any]:
     }
 
 
+QA_POD = "127.0.0.2"  # the demo's pod of namespace qa: its requests leave from this address
+
+
+def _qa_pod() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "test-runner", "namespace": "qa"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "runner", "image": "qa/runner"}]},
+        "status": {"phase": "Running", "podIP": QA_POD},
+    }
+
+
 def _free_port() -> int:
     """A free port below the ephemeral range (which starts at 32768 by default), for Envoy's
     listener: an ephemeral port could be taken as some connection's source port before Envoy
@@ -130,6 +143,7 @@ class _Demo:
         (config / "endpointslices.yaml").write_text(
             yaml.safe_dump_all([_slice(n, b.port) for n, b in backends.items()])
         )
+        (config / "pods.yaml").write_text(yaml.safe_dump(_qa_pod()))
         store, cache = Store(), SnapshotCache()
         server = AdsServer(cache)
         listen = _free_port()
@@ -140,9 +154,17 @@ class _Demo:
         status = StatusServer(pipeline)
         envoy: EnvoyProcess | None = None
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        # requests from the qa pod: the connection leaves from its address
+        qa = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, local_addr=(QA_POD, 0))
+        )
 
-        async def get(host: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-            async with session.get(
+        async def get(
+            host: str,
+            headers: dict[str, str] | None = None,
+            client: aiohttp.ClientSession = session,
+        ) -> tuple[int, str]:
+            async with client.get(
                 f"http://127.0.0.1:{listen}/", headers={"Host": host, **(headers or {})}
             ) as resp:
                 return resp.status, (await resp.text()).strip()
@@ -178,6 +200,22 @@ class _Demo:
             # Binomial(300, 0.1): sd 1.7 points; 3%..17% is beyond 4 sd either way.
             self.check(0.03 <= share <= 0.17, "the v2 share is close to 10%")
 
+            self.step("Consumer route: namespace qa's own route for shop/reviews (always v2)")
+            qa_results = await asyncio.gather(*(get("reviews.shop", client=qa) for _ in range(20)))
+            qa_bodies = Counter(body for _, body in qa_results)
+            print(f"  20 requests from the qa pod ({QA_POD}): {dict(qa_bodies)}")
+            self.check(
+                set(qa_bodies) == {"hello from reviews-v2"}, "every request of qa reaches v2"
+            )
+            others = Counter(body for _, body in await asyncio.gather(
+                *(get("reviews.shop") for _ in range(20))
+            ))  # fmt: skip
+            # 90/10: all 20 on v2 by chance has probability 1e-20
+            self.check(
+                others["hello from reviews-v1"] > 0,
+                f"20 requests from elsewhere still follow shop's split: {dict(others)}",
+            )
+
             self.step("Retry: ratings answers 503 to every other request; the route retries 503")
             before = backends["ratings"].hits
             for _ in range(3):
@@ -199,6 +237,7 @@ class _Demo:
             print("\n".join("  " + line for line in render(pipeline.status_json()).splitlines()))
         finally:
             await session.close()
+            await qa.close()
             if envoy is not None:
                 await asyncio.to_thread(envoy.stop)
             await files.stop()
@@ -213,7 +252,8 @@ class _Demo:
 
     @staticmethod
     async def _acked(server: AdsServer, pipeline: Pipeline) -> bool:
-        snap, node = pipeline.snapshot, server.status.node(NODE)
+        # the node's own snapshot (its listener marks the qa pod's connections)
+        snap, node = pipeline.cache.get_snapshot(NODE), server.status.node(NODE)
         if snap is None or node is None:
             return False
         for t in (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE):

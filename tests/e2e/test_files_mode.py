@@ -155,5 +155,5 @@ def test_demo_runs_to_completion() -> None:
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    for line in ("Header canary", "Weighted split", "Retry", "demo passed"):
+    for line in ("Header canary", "Weighted split", "Consumer route", "Retry", "demo passed"):
         assert line in done.stdout
