@@ -43,7 +43,7 @@ from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.store import ObjectKey, Store, StoreView
 from nodemesh.xds import types
-from nodemesh.xds.cache import Snapshot, SnapshotCache
+from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
 from nodemesh.xds.server import AckEvent, NodeStatus, StatusTracker
 from nodemesh.xds.translate import Translation, Translator
 from nodemesh.xds.translate.cluster import cluster_of_eds_name
@@ -96,6 +96,9 @@ class _ProgrammedContext:
     # it holds whole at the current version)
     partial: list[tuple[str, NodeStatus, frozenset[str]]]
     unseen: list[str]  # expected nodes that never connected: everything waits there
+    # per object, the expected nodes whose own Listener carries it (consumer routes: they
+    # apply on a node once it holds its Listener's current version)
+    on_node_listeners: Mapping[str, list[str]]
     # equal signatures: nothing about the nodes changed (see _update_conditions)
     signature: tuple[int, tuple[str, ...]]
 
@@ -162,6 +165,8 @@ class Pipeline:
         self._inputs_revision: int | None = None  # the store view they were made from
         self._touched_tokens: dict[str, object] = {}
         self._touched_origins: Mapping[tuple[str, str], Any] | None = None
+        # node -> (its own Listener, the objects it carries), as last seen there
+        self._touched_listeners: dict[str, tuple[Resource, frozenset[str]]] = {}
         self.history_slack = 1000  # versions kept beyond 4 per current resource (tests lower it)
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
@@ -434,6 +439,18 @@ class Pipeline:
                 out.update(translation.origins.get((t, name), ()))
                 out.update(before.get((t, name), ()))  # a resource gone: who it carried
         self._touched_tokens, self._touched_origins = tokens, translation.origins
+        # nodes' own Listeners that changed, came or went: the objects they carry(carried)
+        listeners = {
+            node: (own[types.LISTENER][0], translation.node_origins.get(node, frozenset()))
+            for node, own in translation.per_node.items()
+            if types.LISTENER in own
+        }
+        before_listeners, self._touched_listeners = self._touched_listeners, listeners
+        for node in listeners.keys() | before_listeners.keys():
+            now, was = listeners.get(node), before_listeners.get(node)
+            if now is None or was is None or now[0] is not was[0] or now[1] != was[1]:
+                out.update(now[1] if now is not None else ())
+                out.update(was[1] if was is not None else ())
         return out if known else None
 
     def _by_origin(self) -> dict[str, list[tuple[str, str]]]:
@@ -478,8 +495,21 @@ class Pipeline:
             if not everything <= whole:
                 partial.append((node_id, node, whole))
         epoch = self.status.epoch if self.status is not None else -1
+        on_node_listeners: dict[str, list[str]] = {}
+        translation = self.translation
+        if translation is not None and translation.node_origins:
+            wanted = set(expected)
+            for node_id, origins in sorted(translation.node_origins.items()):
+                if node_id in wanted:
+                    for origin in origins:
+                        on_node_listeners.setdefault(origin, []).append(node_id)
         return _ProgrammedContext(
-            by_origin, len(expected), partial, unseen, (epoch, tuple(expected))
+            by_origin,
+            len(expected),
+            partial,
+            unseen,
+            on_node_listeners,
+            (epoch, tuple(expected)),
         )
 
     def _programmed(
@@ -528,6 +558,21 @@ class Pipeline:
             waits += len(wanted) * len(ctx.unseen)
             for node_id in ctx.unseen[: 3 - len(shown)]:
                 shown += [(node_id, t, name) for t, name, _, _ in wanted[: 3 - len(shown)]]
+        for node_id in ctx.on_node_listeners.get(origin, ()):
+            # the node's own Listener (its consumer chains): its current version, exactly
+            assert self.translation is not None
+            (own,) = self.translation.per_node[node_id][types.LISTENER]
+            status = self.status.node(node_id)
+            ts = status.types.get(types.LISTENER) if status is not None else None
+            if ts is not None and ts.acked_resources.get(own.name) == own.version:
+                continue
+            nack = ts.last_nack if ts is not None else None
+            if nack is not None and own.name in nack.resource_names:
+                message = f"node {node_id} rejected lds {own.name!r}: {nack.message}"
+                return Condition("Programmed", "False", "Rejected", message, gen, parent)
+            waits += 1
+            if len(shown) < 3:
+                shown.append((node_id, types.LISTENER, own.name))
         if waits:
             more = f" (+{waits - 3} more)" if waits > 3 else ""
             message = (

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodemesh.controlplane.builder import BuildMemo, build
-from nodemesh.controlplane.builder.node import pod_placement, slice_placement
+from nodemesh.controlplane.builder.node import pod_placement
 from nodemesh.controlplane.store import Store, key_of
 from nodemesh.xds import types
 from nodemesh.xds.translate import Translator, node_listeners
@@ -111,15 +111,31 @@ operations = st.tuples(st.sampled_from(["apply", "apply", "delete"]), objects)
 
 
 def expected_sources(store: Store, namespaces: set[str]) -> dict[tuple[str, str], tuple[str, ...]]:
-    """(node, namespace) -> pod IPs, read directly from the objects."""
-    out: dict[tuple[str, str], set[str]] = {}
+    """(node, namespace) -> pod IPs, read directly from the Pods (EndpointSlices never count:
+    a hostNetwork pod's endpoint is the node's address); an IP that two of `namespaces` claim
+    on one node belongs to neither."""
+    claims: dict[tuple[str, str], set[str]] = {}  # (node, IP) -> namespaces
     for key, obj in store.view().items():
-        if key.namespace not in namespaces or key.kind not in ("Pod", "EndpointSlice"):
-            continue
-        place = pod_placement if key.kind == "Pod" else slice_placement
-        for node, ip in place(obj):
-            out.setdefault((node, key.namespace), set()).add(ip)
+        if key.kind == "Pod" and key.namespace in namespaces:
+            for node, ip in pod_placement(obj):
+                claims.setdefault((node, ip), set()).add(key.namespace)
+    out: dict[tuple[str, str], set[str]] = {}
+    for (node, ip), owners in claims.items():
+        if len(owners) == 1:
+            out.setdefault((node, owners.pop()), set()).add(ip)
     return {k: tuple(sorted(v)) for k, v in out.items()}
+
+
+def chain_matches(listener: Any) -> list[tuple[Any, ...]]:
+    """Each filter chain's match, as Envoy compares them (two equal ones: Envoy refuses)."""
+    return [
+        (
+            m.destination_port.value,
+            tuple(r.address_prefix for r in m.prefix_ranges),
+            tuple(r.address_prefix for r in m.source_prefix_ranges),
+        )
+        for m in (c.filter_chain_match for c in listener.filter_chains)
+    ]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -159,6 +175,9 @@ def test_consumer_listeners_follow_routes_and_pods(
         got, want = translator.translate(warm.mesh), Translator().translate(mesh)
         plain = node_listeners(mesh)
         assert set(plain) == {c.node for c in mesh.consumers}
+        for listener in plain.values():
+            matches = chain_matches(listener)
+            assert len(set(matches)) == len(matches), matches
         for node in (None, *NODES):
             a, b = got.snapshot(node), want.snapshot(node)
             for t in b.type_urls:
@@ -214,14 +233,14 @@ def test_a_redirected_connection_from_a_consumer_pod_gets_its_own_chain() -> Non
     assert list(chains) == [
         "10.96.0.1:80",
         "10.96.0.2:80",
-        "consumer/a",
-        "10.96.0.1:80/consumer/a",
+        "consumer/a/10.244.0.7",
+        "10.96.0.1:80/consumer/a/10.244.0.7",
     ]
-    for name in ("consumer/a", "10.96.0.1:80/consumer/a"):
+    for name in ("consumer/a/10.244.0.7", "10.96.0.1:80/consumer/a/10.244.0.7"):
         match = chains[name].filter_chain_match
         assert [r.address_prefix for r in match.source_prefix_ranges] == ["10.244.0.7"]
         assert chains[name].filters[0].name == "envoy.filters.network.set_filter_state"
-    assert chains["consumer/a"].filter_chain_match.destination_port.value == 15001
+    assert chains["consumer/a/10.244.0.7"].filter_chain_match.destination_port.value == 15001
     # the route configuration of s0's destination holds a's routes, marked
     t = Translator().translate(mesh)
     (rc,) = [r for r in t.shared[types.ROUTE] if r.name == "outbound/faces/s0:80"]

@@ -119,3 +119,88 @@ async def test_an_endpoint_change_makes_only_the_policies_that_carry_it_pending(
 
     assert programmed(ratings) == "False"
     assert programmed(other) == "True", "a policy over other endpoints is not held back"
+
+
+async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_listener() -> None:
+    """examples/ has a consumer route in namespace qa. With a qa pod on node-a, node-a gets a
+    Listener of its own (the chain that marks the pod's connections): the route is Programmed
+    only once node-a ACKs that Listener, and a NACK of it is reported with Envoy's message;
+    shop's own route does not depend on it."""
+    from nodemesh.xds.server import NackRecord
+
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, SnapshotCache(), status)
+    await p.rebuild()
+    consumer = ObjectKey("HTTPRoute", "qa", "reviews-for-qa")
+
+    def programmed(key: ObjectKey) -> tuple[str, str, str]:
+        c = next(c for c in p.conditions()[key] if c.type == "Programmed")
+        return c.status, c.reason, c.message
+
+    def ack(node: str, listener: bool = True) -> None:
+        snapshot = p.cache.get_snapshot(node)
+        assert snapshot is not None
+        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
+            if t == types.LISTENER and not listener:
+                continue
+            held = {n: r.version for n, r in snapshot.resources(t).items()}
+            status.acked(node, t, snapshot.version(t) or "", held, replace=True)
+
+    for node in ("node-a", "node-b"):
+        status.stream_opened(node)
+        ack(node)
+    p._update_conditions()
+    assert programmed(consumer)[:2] == ("True", "Programmed")  # no qa client anywhere yet
+
+    store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "runner", "namespace": "qa"},
+            "spec": {"nodeName": "node-a"},
+            "status": {"phase": "Running", "podIP": "10.244.1.50"},
+        }
+    )
+    await p.rebuild()
+    own = p.cache.get_snapshot("node-a")
+    assert own is not None and own is not p.snapshot
+    ack("node-a", listener=False)  # everything but its new Listener
+    ack("node-b")
+    p._update_conditions()
+    assert programmed(consumer) == (
+        "False",
+        "Pending",
+        "waiting for ACK from node-a: lds outbound",
+    )
+    assert programmed(ROUTE)[:2] == ("True", "Programmed")
+
+    status.nacked(
+        NackRecord(
+            "node-a", types.LISTENER, own.version(types.LISTENER) or "", "n1", ("outbound",),
+            13, "multiple filter chains with overlapping matching rules", 0.0,
+        ),
+        {},
+    )  # fmt: skip
+    p._update_conditions()
+    assert programmed(consumer)[:2] == ("False", "Rejected")
+    assert "overlapping matching rules" in programmed(consumer)[2]
+
+    ack("node-a")
+    p._update_conditions()
+    assert programmed(consumer)[:2] == ("True", "Programmed")
+
+    # a second qa pod on node-a: only node-a's Listener changes (a chain for the new pod);
+    # the rebuild alone, with no ACK since, must take the route back to Pending
+    store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "runner-2", "namespace": "qa"},
+            "spec": {"nodeName": "node-a"},
+            "status": {"phase": "Running", "podIP": "10.244.1.51"},
+        }
+    )
+    await p.rebuild()
+    assert programmed(consumer)[:2] == ("False", "Pending")
+    assert programmed(ROUTE)[:2] == ("True", "Programmed")

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from nodemesh.controlplane.store import ObjectKey
+from nodemesh.xds import types
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import NODE, Mesh, Reply, endpoint_slice, service
 
@@ -151,3 +152,73 @@ async def test_a_pod_that_leaves_and_a_deleted_route_stop_the_consumer_routing(
     await mesh.converge()
     assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/api")).body == "smiley"
     assert mesh.cache.get_snapshot(NODE) is mesh.pipeline.snapshot  # no listener of its own
+
+
+def node_listener_nacked(mesh: Mesh) -> str:
+    node = mesh.server.status.node(NODE)
+    ts = node.types.get(types.LISTENER) if node is not None else None
+    return ts.last_nack.message if ts is not None and ts.last_nack is not None else ""
+
+
+async def test_a_host_network_endpoint_does_not_make_the_node_a_client(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """A hostNetwork pod of fast-clients behind a Service: its EndpointSlice endpoint is the
+    node's own address (here 127.0.0.1). Clients are Pods only, so everything else on the node
+    that talks from that address keeps the producer's routes."""
+    mesh.apply(
+        route("smiley-fast", "fast-clients", [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/fast"}}],
+             "backendRefs": [to("smiley2")]},
+        ]),
+        {**pod("exporter", "fast-clients", "127.0.0.1"),
+         "spec": {"nodeName": NODE, "hostNetwork": True, "containers": [{"name": "e"}]}},
+        service("exporter", ns="fast-clients"),
+        endpoint_slice("exporter", 9100, ns="fast-clients", address="127.0.0.1"),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/fast")).body == "smiley2"
+    assert (await get_from(mesh, "127.0.0.1", "smiley.faces", "/api")).body == "smiley"
+
+
+async def test_an_address_two_consumer_namespaces_claim_is_neither_s_and_envoy_accepts(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """A pod IP reused while the old Pod object lingers: 127.0.0.4 is claimed by pods of two
+    namespaces that both have consumer routes. Two chains for one source would make Envoy
+    refuse the node's Listener (and every later one); the address is nobody's client."""
+    mesh.apply(
+        route("smiley-b", "b-clients", [{"backendRefs": [to("face")]}]),
+        {**GRANT, "metadata": {"name": "b-clients", "namespace": "faces"},
+         "spec": {**GRANT["spec"], "from": [{"group": "gateway.networking.k8s.io",
+                                             "kind": "HTTPRoute", "namespace": "b-clients"}]}},
+        pod("b-pod", "b-clients", "127.0.0.5"),
+        pod("stale", "b-clients", "127.0.0.4"),  # 127.0.0.4 is fast-clients' client-2 too
+    )  # fmt: skip
+    await mesh.converge()
+    assert node_listener_nacked(mesh) == ""
+    assert (await get_from(mesh, "127.0.0.5", "smiley.faces", "/")).body == "face"
+    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/api")).body == "smiley"
+    mesh.store.delete(ObjectKey("Pod", "b-clients", "stale"))
+    await mesh.converge()
+    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/fast")).body == "smiley2"
+
+
+async def test_a_pod_coming_does_not_drain_its_namespace_s_connections(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Each client pod has chains of its own: a pod that comes adds its chains, and Envoy
+    drains no chain (one listing the namespace's pods would change, and be drained, with every
+    pod that comes or goes)."""
+    assert mesh.envoy is not None
+    before = mesh.envoy.stats("listener_manager")
+    mesh.apply(pod("client-3", "fast-clients", "127.0.0.6"))
+    await mesh.converge()
+    assert (await get_from(mesh, "127.0.0.6", "smiley.faces", "/fast")).body == "smiley2"
+    after = mesh.envoy.stats("listener_manager")
+    assert after["listener_manager.listener_in_place_updated"] > before.get(
+        "listener_manager.listener_in_place_updated", 0
+    )
+    # a gauge: chains drained by earlier tests (deleted pods and routes) may still be draining
+    draining = "listener_manager.total_filter_chains_draining"
+    assert after.get(draining, 0) == before.get(draining, 0), (before, after)

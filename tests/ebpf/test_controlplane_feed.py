@@ -405,7 +405,7 @@ async def test_a_consumer_route_applies_to_redirected_connections_of_its_namespa
         if snap is None or node is None or not snap.resources(types.LISTENER):
             return False
         listener = snap.resources(types.LISTENER)["outbound"].message
-        if not any(c.name.endswith("/consumer/clients") for c in listener.filter_chains):
+        if not any("/consumer/clients/" in c.name for c in listener.filter_chains):
             return False
         return all(
             t in node.types and node.types[t].version_acked == snap.version(t)

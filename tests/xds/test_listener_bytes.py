@@ -27,7 +27,7 @@ _consumers = st.lists(
     st.builds(
         ConsumerChain,
         _text,
-        st.lists(st.ip_addresses(v=4).map(str), min_size=1, max_size=3).map(tuple),
+        st.ip_addresses(v=4).map(str),
         st.none() | st.integers(0, 5),  # which destination (always one of the listener's)
     ),
     max_size=3,

@@ -13,7 +13,6 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from itertools import chain
 from typing import Any, Generic, TypeVar
 
 from nodemesh.controlplane.builder._routes import Grants, RouteEntry, RouteModel
@@ -434,8 +433,8 @@ class Engine:
         )
         consumers = self.consumer_index.update(
             frozenset(self.consumer_routes),
-            ((k, current[k.kind].get(k)) for k in node_keys),
-            lambda: chain(current["Pod"].items(), current["EndpointSlice"].items()),
+            ((k, current["Pod"].get(k)) for k in changed["Pod"]),
+            lambda: current["Pod"].items(),
         )
         mesh = ir.Mesh(
             virtual_hosts=self.vhosts.result(),

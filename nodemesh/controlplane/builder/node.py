@@ -247,17 +247,21 @@ class NodeIndex:
 
 
 class ConsumerIndex:
-    """Per (node, namespace), the pod IPs of the namespaces that have consumer routes, placed
-    like `NodeIndex` places them (Pods and EndpointSlice endpoints). Only those namespaces are
-    indexed: a namespace that gains its first consumer route is read once, whole; after that
-    only its changed objects are. Not thread-safe."""
+    """Per node, the pod IPs of each namespace that has consumer routes: its clients there.
+    Pods only (`pod_placement`: running, with their own network namespace), never EndpointSlice
+    endpoints (a hostNetwork pod's endpoint is the node's own address). An IP that two of these
+    namespaces claim on one node (a reused IP, briefly) is nobody's client: the node Envoy
+    cannot tell them apart, and two chains for one source would be refused.
+
+    Only those namespaces are indexed: one that gains its first consumer route is read once,
+    whole; after that only its changed Pods are. Not thread-safe."""
 
     def __init__(self) -> None:
         self._namespaces: frozenset[str] = frozenset()
         self._placed: dict[ObjectKey, Placement] = {}
-        self._refs: dict[tuple[str, str], Counter[str]] = {}  # (node, namespace) -> IP -> count
+        self._refs: dict[str, dict[str, Counter[str]]] = {}  # node -> namespace -> IP -> count
+        self._by_node: dict[str, tuple[ir.ConsumerSources, ...]] = {}
         self._result: tuple[ir.ConsumerSources, ...] = ()
-        self._sources: dict[tuple[str, str], ir.ConsumerSources] = {}
 
     def update(
         self,
@@ -265,9 +269,9 @@ class ConsumerIndex:
         changed: Iterable[tuple[ObjectKey, Mapping[str, Any] | None]],
         every: Callable[[], Items],
     ) -> tuple[ir.ConsumerSources, ...]:
-        """The sources for `namespaces`, given the Pods and EndpointSlices changed since the
-        last call (None: deleted) and, to read a namespace not indexed before, all of them."""
-        dirty: set[tuple[str, str]] = set()
+        """The sources for `namespaces`, given the objects changed since the last call (None:
+        deleted; only Pods are read) and, to read a namespace not indexed before, every Pod."""
+        dirty: set[str] = set()  # nodes
         if namespaces != self._namespaces:
             for key in [k for k in self._placed if k.namespace not in namespaces]:
                 self._place(key, None, dirty)
@@ -279,25 +283,27 @@ class ConsumerIndex:
                         self._place(key, placed, dirty)
         if namespaces:
             for key, obj in changed:
-                if key.namespace in namespaces:
+                if key.kind == "Pod" and key.namespace in namespaces:
                     self._place(key, obj, dirty)
         if not dirty:
             return self._result
-        for pair in dirty:
-            ips = self._refs.get(pair)
-            if ips:
-                self._sources[pair] = ir.ConsumerSources(pair[0], pair[1], tuple(sorted(ips)))
+        for node in dirty:
+            per_ns = self._refs.get(node, {})
+            claims = Counter(ip for ips in per_ns.values() for ip in ips)
+            sources = []
+            for ns in sorted(per_ns):
+                mine = tuple(sorted(ip for ip in per_ns[ns] if claims[ip] == 1))
+                if mine:
+                    sources.append(ir.ConsumerSources(node, ns, mine))
+            if sources:
+                self._by_node[node] = tuple(sources)
             else:
-                self._sources.pop(pair, None)
-        self._result = tuple(self._sources[p] for p in sorted(self._sources))
+                self._by_node.pop(node, None)
+        self._result = tuple(s for node in sorted(self._by_node) for s in self._by_node[node])
         return self._result
 
-    def _place(
-        self, key: ObjectKey, obj: Mapping[str, Any] | None, dirty: set[tuple[str, str]]
-    ) -> None:
-        new: Placement = ()
-        if obj is not None:
-            new = (pod_placement if key.kind == "Pod" else slice_placement)(obj)
+    def _place(self, key: ObjectKey, obj: Mapping[str, Any] | None, dirty: set[str]) -> None:
+        new = pod_placement(obj) if obj is not None else ()
         old = self._placed.pop(key, ())
         if new:
             self._placed[key] = new
@@ -305,15 +311,18 @@ class ConsumerIndex:
             return
         ns = key.namespace
         for node, ip in old:
-            refs = self._refs[(node, ns)]
+            per_ns = self._refs[node]
+            refs = per_ns[ns]
             refs[ip] -= 1
             if not refs[ip]:
                 del refs[ip]
-                dirty.add((node, ns))
+                dirty.add(node)
                 if not refs:
-                    del self._refs[(node, ns)]
+                    del per_ns[ns]
+                    if not per_ns:
+                        del self._refs[node]
         for node, ip in new:
-            refs = self._refs.setdefault((node, ns), Counter())
+            refs = self._refs.setdefault(node, {}).setdefault(ns, Counter())
             refs[ip] += 1
             if refs[ip] == 1:
-                dirty.add((node, ns))
+                dirty.add(node)

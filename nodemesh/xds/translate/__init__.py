@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain, compress
 from operator import attrgetter, is_not
+from types import MappingProxyType
 from typing import Generic, NamedTuple, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -79,11 +80,15 @@ class Translation:
     that type).
 
     `origins` maps (type_url, resource name) to the user objects ("Kind/ns/name") it carries.
+    `node_origins`: per node with a Listener of its own, the objects its consumer chains carry
+    (the consumer routes of the namespaces with clients there): they take effect on that node
+    only once it holds its own Listener.
     """
 
     shared: Mapping[str, tuple[Resource, ...]]
     per_node: Mapping[str, Mapping[str, tuple[Resource, ...]]]
     origins: Mapping[tuple[str, str], Origins]
+    node_origins: Mapping[str, Origins] = field(default_factory=dict)
     _snapshot: _SharedSnapshot = field(
         default_factory=lambda: _SharedSnapshot(None, None), compare=False, repr=False
     )
@@ -155,11 +160,22 @@ def consumer_chains(
     out: dict[str, list[ConsumerChain]] = {}
     for cs in mesh.consumers:
         chains = out.setdefault(cs.node, [])
-        chains.append(ConsumerChain(cs.namespace, cs.addresses))
-        chains += [
-            ConsumerChain(cs.namespace, cs.addresses, d) for d in overridden.get(cs.namespace, ())
-        ]
+        mine = overridden.get(cs.namespace, ())
+        for ip in cs.addresses:
+            chains.append(ConsumerChain(cs.namespace, ip))
+            chains += [ConsumerChain(cs.namespace, ip, d) for d in mine]
     return {node: tuple(chains) for node, chains in out.items()}
+
+
+def consumer_origins(mesh: ir.Mesh) -> dict[str, Origins]:
+    """Per consumer namespace, the objects whose routes match only its clients."""
+    out: dict[str, set[str]] = {}
+    for vh in mesh.virtual_hosts:
+        for r in vh.routes:
+            c = r.match.consumer
+            if c:
+                out.setdefault(c, set()).update(r.origins)
+    return {c: frozenset(o) for c, o in out.items()}
 
 
 def destination_route_name(vhost: str) -> str:
@@ -218,6 +234,12 @@ def _listener(
         consumers,
     )
     return listener
+
+
+_NodeListeners = Mapping[str, tuple[Resource, ...]]
+# what a mesh without consumer clients has: the same objects every time (identity fast paths)
+_NO_NODE_LISTENERS: _NodeListeners = MappingProxyType({})
+_NO_NODE_ORIGINS: Mapping[str, Origins] = MappingProxyType({})
 
 
 class _ListenerParts(NamedTuple):
@@ -335,7 +357,7 @@ class _Last:
     translation: Translation
     eds_names: dict[str, str]
     cluster_origins: dict[str, Origins]
-    node_listeners: dict[str, tuple[Resource, ...]]
+    node_listeners: _NodeListeners
 
 
 _routes_of = attrgetter("routes")
@@ -393,10 +415,11 @@ class Translator:
         self._listener: (
             tuple[tuple[str, int, str, tuple[Destination, ...]], _ListenerParts] | None
         ) = None
-        # the nodes' own listeners: (what they were made from, by node)
-        self._node_listeners: tuple[tuple[object, ...], dict[str, tuple[Resource, ...]]] = (
+        # the nodes' own listeners: (what they were made from, by node, their origins)
+        self._node_listeners: tuple[tuple[object, ...], _NodeListeners, Mapping[str, Origins]] = (
             (),
-            {},
+            _NO_NODE_LISTENERS,
+            _NO_NODE_ORIGINS,
         )
         self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(self._destination_route)
         self._destinations: (
@@ -443,7 +466,9 @@ class Translator:
         if self._listener is None or self._listener[0] != key:
             self._listener = (key, _listener_parts(mesh, destinations))
         listener = self._listener[1]
-        node_listeners = self._node_listener_resources(mesh, listener, destinations, dest_vhosts)
+        node_listeners, node_origins = self._node_listener_resources(
+            mesh, listener, destinations, dest_vhosts
+        )
         shared = {
             types.CLUSTER: clusters,
             types.ENDPOINT: endpoints,
@@ -511,7 +536,13 @@ class Translator:
             }
             if shared.keys() == old.keys():
                 lazy = _SharedSnapshot(base, changes)
-        translation = Translation(shared=shared, per_node=per_node, origins=origins, _snapshot=lazy)
+        translation = Translation(
+            shared=shared,
+            per_node=per_node,
+            origins=origins,
+            node_origins=node_origins,
+            _snapshot=lazy,
+        )
         self._last = _Last(mesh, translation, eds_names, cluster_origins, node_listeners)
         return translation
 
@@ -521,13 +552,18 @@ class Translator:
         shared: _ListenerParts,
         destinations: tuple[Destination, ...],
         dest_vhosts: tuple[ir.VirtualHost, ...],
-    ) -> dict[str, tuple[Resource, ...]]:
-        """The listeners of nodes with consumer clients (the same dict object while what they
-        are made from is the same; each node's Resource kept while its chains are)."""
-        made_from, last = self._node_listeners
-        key = (mesh.consumers, shared, dest_vhosts)
+    ) -> tuple[_NodeListeners, Mapping[str, Origins]]:
+        """The listeners of nodes with consumer clients, and the objects each carries (the
+        same objects while what they are made from is the same; each node's Resource kept
+        while its chains are)."""
+        made_from, last, last_origins = self._node_listeners
+        key = (mesh.consumers, shared, dest_vhosts, mesh.virtual_hosts)
         if made_from and all(a is b for a, b in zip(made_from, key, strict=True)):
-            return last
+            return last, last_origins
+        if not mesh.consumers:
+            self._node_chains = {}
+            self._node_listeners = (key, _NO_NODE_LISTENERS, _NO_NODE_ORIGINS)
+            return _NO_NODE_LISTENERS, _NO_NODE_ORIGINS
         chains = consumer_chains(mesh, destinations, dest_vhosts)
         out: dict[str, tuple[Resource, ...]] = {}
         for node, mine in chains.items():
@@ -537,8 +573,13 @@ class Translator:
             else:
                 out[node] = (_node_listener(mesh, shared, mine),)
         self._node_chains = {node: (chains[node], out[node]) for node in out}
-        self._node_listeners = (key, out)
-        return out
+        by_namespace = consumer_origins(mesh)
+        origins = {
+            node: frozenset().union(*(by_namespace.get(c.namespace, ()) for c in mine))
+            for node, mine in chains.items()
+        }
+        self._node_listeners = (key, out, origins)
+        return out, origins
 
     def _endpoint_resources(
         self, mesh: ir.Mesh, last: _Last | None, eds_names: Mapping[str, str]

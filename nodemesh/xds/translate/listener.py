@@ -55,14 +55,18 @@ Destination = tuple[str, int, str]
 
 
 class ConsumerChain(NamedTuple):
-    """A filter chain for the clients of one consumer namespace on this node (`sources`, their
-    pod IPs): it marks their connections with the namespace (filter state `CONSUMER_STATE`),
-    which that namespace's consumer routes match. `destination` None: connections made to the
-    listener itself (routed by Host, `route_config`); else a redirected connection to that
-    destination, whose route configuration holds the namespace's routes for it."""
+    """A filter chain for one client of a consumer namespace on this node (`source`, a pod
+    IP): it marks the connection with the namespace (filter state `CONSUMER_STATE`), which that
+    namespace's consumer routes match. `destination` None: connections made to the listener
+    itself (routed by Host, `route_config`); else a redirected connection to that destination,
+    whose route configuration holds the namespace's routes for it.
+
+    One chain per pod, not one per namespace listing its pods: a pod that comes or goes adds
+    or removes its own chains, and Envoy drains only those (a chain whose match changed would
+    be drained, closing the other pods' connections on it)."""
 
     namespace: str
-    sources: tuple[str, ...]
+    source: str
     destination: Destination | None = None
 
 
@@ -76,16 +80,16 @@ def _cidr(ip: str) -> address_pb2.CidrRange:
 def consumer_chain(
     stat_prefix: str, port: int, route_config: str, chain: ConsumerChain
 ) -> lc_pb2.FilterChain:
-    match = lc_pb2.FilterChainMatch(source_prefix_ranges=[_cidr(ip) for ip in chain.sources])
+    match = lc_pb2.FilterChainMatch(source_prefix_ranges=[_cidr(chain.source)])
     if chain.destination is None:
         # the listener's own port, so that a Service port equal to it cannot take precedence
         match.destination_port.value = port
-        name, rc_name = f"consumer/{chain.namespace}", route_config
+        name, rc_name = f"consumer/{chain.namespace}/{chain.source}", route_config
     else:
         ip, dport, rc_name = chain.destination
         match.destination_port.value = dport
         match.prefix_ranges.append(_cidr(ip))
-        name = f"{ip}:{dport}/consumer/{chain.namespace}"
+        name = f"{ip}:{dport}/consumer/{chain.namespace}/{chain.source}"
     mark = set_filter_state_pb2.Config(
         on_new_connection=[
             value_pb2.FilterStateValue(
