@@ -238,3 +238,62 @@ async def test_every_valid_route_is_acked_by_envoy(
     await assert_acked_without_nack(mesh)
     conds = mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "shop", "prop-route")]
     assert all(c.status == "True" for c in conds if c.type != "Programmed"), conds
+
+
+def _to_shop(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same rules written from another namespace: every backend named in shop."""
+    out = []
+    for rule in rules:
+        rule = {**rule, "backendRefs": [{**b, "namespace": "shop"} for b in rule["backendRefs"]]}
+        if "filters" in rule:
+            rule["filters"] = [
+                {**f, "requestMirror": {"backendRef": {**to("prop-b"), "namespace": "shop"}}}
+                if f["type"] == "RequestMirror"
+                else f
+                for f in rule["filters"]
+            ]
+        out.append(rule)
+    return out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(route_rules=rules)
+async def test_every_valid_consumer_route_is_acked_by_envoy(
+    mesh: Mesh, backends: Backends, route_rules: list[dict[str, Any]]
+) -> None:
+    """The same, as a consumer route with a client pod on the node: the node's own Listener
+    (its consumer chains) and the marked routes are ACKed too."""
+    await setup_services(mesh, backends)
+    mesh.delete("TrafficPolicy", "prop-policy")
+    route = http_route("prop-consumer", "prop", _to_shop(route_rules), ns="props")
+    route["spec"]["parentRefs"][0]["namespace"] = "shop"
+    assert gatewayapi.errors([route]) == [[]]
+    mesh.apply(
+        route,
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1beta1",
+            "kind": "ReferenceGrant",
+            "metadata": {"name": "props", "namespace": "shop"},
+            "spec": {
+                "from": [
+                    {
+                        "group": "gateway.networking.k8s.io",
+                        "kind": "HTTPRoute",
+                        "namespace": "props",
+                    }
+                ],
+                "to": [{"group": "", "kind": "Service"}],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "client", "namespace": "props"},
+            "spec": {"nodeName": NODE},
+            "status": {"phase": "Running", "podIP": "127.0.0.7"},
+        },
+    )
+    await assert_acked_without_nack(mesh)
+    assert mesh.cache.get_snapshot(NODE) is not mesh.pipeline.snapshot  # its own Listener
+    conds = mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "props", "prop-consumer")]
+    assert all(c.status == "True" for c in conds if c.type != "Programmed"), conds
