@@ -153,15 +153,16 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
     p._update_conditions()
     assert programmed(consumer)[:2] == ("True", "Programmed")  # no qa client anywhere yet
 
-    store.apply(
-        {
+    def qa_pod(name: str, ip: str) -> dict[str, object]:
+        return {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "runner", "namespace": "qa"},
+            "metadata": {"name": name, "namespace": "qa"},
             "spec": {"nodeName": "node-a"},
-            "status": {"phase": "Running", "podIP": "10.244.1.50"},
+            "status": {"phase": "Running", "podIP": ip},
         }
-    )
+
+    store.apply(qa_pod("runner", "10.244.1.50"))
     await p.rebuild()
     own = p.cache.get_snapshot("node-a")
     assert own is not None and own is not p.snapshot
@@ -192,15 +193,7 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
 
     # a second qa pod on node-a: only node-a's Listener changes (a chain for the new pod);
     # the rebuild alone, with no ACK since, must take the route back to Pending
-    store.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "runner-2", "namespace": "qa"},
-            "spec": {"nodeName": "node-a"},
-            "status": {"phase": "Running", "podIP": "10.244.1.51"},
-        }
-    )
+    store.apply(qa_pod("runner-2", "10.244.1.51"))
     await p.rebuild()
     assert programmed(consumer)[:2] == ("False", "Pending")
     assert programmed(ROUTE)[:2] == ("True", "Programmed")
