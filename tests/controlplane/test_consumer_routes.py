@@ -248,3 +248,42 @@ def test_a_redirected_connection_from_a_consumer_pod_gets_its_own_chain() -> Non
     assert [r.match.filter_state[0].key for r in routes[:2]] == [CONSUMER_STATE] * 2
     assert [r.match.filter_state[0].string_match.exact for r in routes[:2]] == ["a", "a"]
     assert routes[1].direct_response.status == 404 and not routes[2].match.filter_state
+
+
+def test_a_node_listener_follows_the_listener_port_and_route_configuration() -> None:
+    """The memoized chains are made again when what they name changes (the listener's port
+    goes into the chain for connections to the listener itself)."""
+    store = Store()
+    for obj in (
+        GRANT,
+        service("s0", "10.96.0.1"),
+        _route_a_to_s0(),
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "c", "namespace": "a"},
+            "spec": {"nodeName": "n1"},
+            "status": {"podIP": "10.244.0.7", "phase": "Running"},
+        },
+    ):
+        store.apply(obj)
+    translator = Translator()
+    for port in (15001, 15002, 15001):
+        mesh = build(store.view(), outbound_port=port).mesh
+        (own,) = translator.translate(mesh).per_node["n1"][types.LISTENER]
+        want = node_listeners(mesh)["n1"]
+        assert own.payload == want.SerializeToString(deterministic=True), port
+        chain = next(c for c in want.filter_chains if c.name == "consumer/a/10.244.0.7")
+        assert chain.filter_chain_match.destination_port.value == port
+
+
+def _route_a_to_s0() -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "a"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "s0", "namespace": "faces"}],
+            "rules": [{"backendRefs": [{"name": "s0", "namespace": "faces", "port": 80}]}],
+        },
+    }

@@ -151,14 +151,31 @@ def consumer_chains(
     connections to the listener itself and one per L7 destination with routes of theirs."""
     if not mesh.consumers:
         return {}
-    overridden: dict[str, list[Destination]] = {}  # namespace -> destinations with its routes
-    by_route = {destination_route_name(v.name): v for v in dest_vhosts}
-    for d in destinations:
-        for c in dict.fromkeys(r.match.consumer for r in by_route[d[2]].routes):
-            if c:
-                overridden.setdefault(c, []).append(d)
+    return _chains_per_node(mesh.consumers, consumer_destinations(destinations, dest_vhosts))
+
+
+def consumer_destinations(
+    destinations: tuple[Destination, ...], dest_vhosts: tuple[ir.VirtualHost, ...]
+) -> dict[str, list[Destination]]:
+    """Per consumer namespace, the L7 destinations it has routes for."""
+    mine = {
+        destination_route_name(v.name): cs
+        for v in dest_vhosts
+        if (cs := [c for c in dict.fromkeys(r.match.consumer for r in v.routes) if c])
+    }
+    out: dict[str, list[Destination]] = {}
+    if mine:
+        for d in destinations:
+            for c in mine.get(d[2], ()):
+                out.setdefault(c, []).append(d)
+    return out
+
+
+def _chains_per_node(
+    consumers: tuple[ir.ConsumerSources, ...], overridden: Mapping[str, list[Destination]]
+) -> dict[str, tuple[ConsumerChain, ...]]:
     out: dict[str, list[ConsumerChain]] = {}
-    for cs in mesh.consumers:
+    for cs in consumers:
         chains = out.setdefault(cs.node, [])
         mine = overridden.get(cs.namespace, ())
         for ip in cs.addresses:
@@ -267,12 +284,26 @@ def _listener_parts(mesh: ir.Mesh, destinations: tuple[Destination, ...]) -> _Li
 
 
 def _node_listener(
-    mesh: ir.Mesh, shared: _ListenerParts, chains: tuple[ConsumerChain, ...]
+    mesh: ir.Mesh,
+    shared: _ListenerParts,
+    chains: tuple[ConsumerChain, ...],
+    made: dict[ConsumerChain, bytes] | None = None,
 ) -> Resource:
     """`_listener(mesh, destinations, chains)` as a Resource: the shared listener's bytes with
-    the node's consumer chains spliced in after the destinations'."""
+    the node's consumer chains spliced in after the destinations'. `made`: each chain's bytes
+    from before (for this listener port and route configuration), and gets the new ones."""
     head, destination_chains, tail = shared.parts
-    mine = consumer_chains_bytes(LISTENER_NAME, mesh.outbound_port, mesh.route_config_name, chains)
+    if made is None:
+        made = {}
+    pieces = []
+    for c in chains:
+        b = made.get(c)
+        if b is None:
+            b = made[c] = consumer_chains_bytes(
+                LISTENER_NAME, mesh.outbound_port, mesh.route_config_name, (c,)
+            )
+        pieces.append(b)
+    mine = b"".join(pieces)
     return Resource.from_payload(
         types.LISTENER,
         LISTENER_NAME,
@@ -431,6 +462,12 @@ class Translator:
             | None
         ) = None
         self._node_chains: dict[str, tuple[tuple[ConsumerChain, ...], tuple[Resource, ...]]] = {}
+        self._chain_bytes: dict[ConsumerChain, bytes] = {}
+        self._chain_bytes_key: tuple[int, str] | None = None
+        # (what they were made from, consumer_destinations, consumer_origins)
+        self._consumer_routes: tuple[
+            tuple[object, ...], Mapping[str, list[Destination]], Mapping[str, Origins]
+        ] = ((), {}, {})
         self._service_maps = ServiceMaps()
         self._dest_services: tuple[ir.ServiceInfo, ...] = ()  # what _destinations was made from
         # (the Services before, where they changed): computed once per translation
@@ -555,25 +592,42 @@ class Translator:
     ) -> tuple[_NodeListeners, Mapping[str, Origins]]:
         """The listeners of nodes with consumer clients, and the objects each carries (the
         same objects while what they are made from is the same; each node's Resource kept
-        while its chains are)."""
+        while its chains are, each chain's bytes while it is made)."""
         made_from, last, last_origins = self._node_listeners
         key = (mesh.consumers, shared, dest_vhosts, mesh.virtual_hosts)
         if made_from and all(a is b for a, b in zip(made_from, key, strict=True)):
             return last, last_origins
         if not mesh.consumers:
-            self._node_chains = {}
+            self._node_chains, self._chain_bytes = {}, {}
             self._node_listeners = (key, _NO_NODE_LISTENERS, _NO_NODE_ORIGINS)
             return _NO_NODE_LISTENERS, _NO_NODE_ORIGINS
-        chains = consumer_chains(mesh, destinations, dest_vhosts)
+        # what depends on the routes only: made again when they change (not for a pod)
+        routes_key = (destinations, dest_vhosts, mesh.virtual_hosts)
+        was_made_from = self._consumer_routes[0]
+        if not was_made_from or not all(
+            a is b for a, b in zip(was_made_from, routes_key, strict=True)
+        ):
+            self._consumer_routes = (
+                routes_key,
+                consumer_destinations(destinations, dest_vhosts),
+                consumer_origins(mesh),
+            )
+        _, overridden, by_namespace = self._consumer_routes
+        chains = _chains_per_node(mesh.consumers, overridden)
+        # a chain's bytes depend on the listener port and route configuration name too
+        bytes_key = (mesh.outbound_port, mesh.route_config_name)
+        if self._chain_bytes_key != bytes_key:
+            self._chain_bytes, self._chain_bytes_key = {}, bytes_key
+        made = dict(self._chain_bytes)
         out: dict[str, tuple[Resource, ...]] = {}
         for node, mine in chains.items():
             was = self._node_chains.get(node)
             if was is not None and was[0] == mine and made_from and made_from[1] is shared:
                 out[node] = was[1]
             else:
-                out[node] = (_node_listener(mesh, shared, mine),)
+                out[node] = (_node_listener(mesh, shared, mine, made),)
         self._node_chains = {node: (chains[node], out[node]) for node in out}
-        by_namespace = consumer_origins(mesh)
+        self._chain_bytes = {c: made[c] for mine in chains.values() for c in mine if c in made}
         origins = {
             node: frozenset().union(*(by_namespace.get(c.namespace, ()) for c in mine))
             for node, mine in chains.items()
