@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from nodemesh.api import Backend, NodeMap, Service  # noqa: E402
 from nodemesh.ebpf import NodeMaps  # noqa: E402
-from nodemesh.ebpf.probe import blocking_recv_survives_wakeups  # noqa: E402
+from nodemesh.ebpf.probe import sockmap_reads_are_safe  # noqa: E402
 from nodemesh.ebpf.testing import NodeLab, Pod, prerequisites  # noqa: E402
 from nodemesh.envoy import EnvoyProcess, find_envoy  # noqa: E402
 
@@ -812,7 +812,7 @@ def main() -> int:
         "placement": "load generator CPU 0; servers and all Envoys CPU 1 (concurrency 1 each)",
         # The L4 column has the sockhash short cut on (maps.apply's default); the agent's
         # --socket-redirect=auto uses it only where this probe passes (docs/ebpf.md).
-        "socket_redirect_probe": asdict(blocking_recv_survives_wakeups()),
+        "socket_redirect_probe": asdict(sockmap_reads_are_safe()),
         "tcp_echo": {},
         "http_echo": {},
     }

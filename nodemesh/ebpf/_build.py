@@ -16,10 +16,11 @@ from pathlib import Path
 
 from nodemesh.ebpf.errors import BuildError
 
-__all__ = ["OBJECTS", "SOURCE_DIR", "build_objects"]
+__all__ = ["OBJECTS", "PROBE_OBJECT", "SOURCE_DIR", "build_objects"]
 
 SOURCE_DIR = Path(__file__).parent / "bpf"
-OBJECTS = ("connect", "sockops", "redir", "sockopt", "backlog")
+OBJECTS = ("connect", "sockops", "redir", "sockopt", "backlog")  # the data plane
+PROBE_OBJECT = "probe"  # the kernel probe's program (nodemesh.ebpf.probe)
 
 
 # -mcpu=v3: atomic fetch-and-add (backlog.bpf.c); kernels >= 5.12 run v3 code.
@@ -37,8 +38,9 @@ def _include_flags() -> list[str]:
     return [f"-I/usr/include/{multiarch}", f"-I{SOURCE_DIR}"]
 
 
-def build_objects(clang: str = "clang") -> dict[str, Path]:
-    """Return {object name: path of the compiled .o}, compiling only what is not cached."""
+def build_objects(clang: str = "clang", names: tuple[str, ...] = OBJECTS) -> dict[str, Path]:
+    """Return {object name: path of the compiled .o} for `names` (the data plane's by
+    default), compiling only what is not cached."""
     exe = shutil.which(clang)
     if exe is None:
         raise BuildError(f"{clang} not found: install clang (make setup) to build the BPF programs")
@@ -49,7 +51,7 @@ def build_objects(clang: str = "clang") -> dict[str, Path]:
     out_dir = _cache_dir() / h.hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Path] = {}
-    for name in OBJECTS:
+    for name in names:
         out = out_dir / f"{name}.bpf.o"
         if not out.exists():
             _compile(exe, SOURCE_DIR / f"{name}.bpf.c", out)

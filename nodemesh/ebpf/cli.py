@@ -68,16 +68,16 @@ def _socket_redirect(mode: str) -> bool:
     if mode != "auto":
         log.info("socket redirect %s (--socket-redirect=%s)", mode, mode)
         return mode == "on"
-    from nodemesh.ebpf.probe import blocking_recv_survives_wakeups
+    from nodemesh.ebpf.probe import sockmap_reads_are_safe
 
-    probe = blocking_recv_survives_wakeups()
+    probe = sockmap_reads_are_safe()
     if probe.ok:
         log.info("socket redirect on: %s", probe.detail)
     else:
         log.warning(
-            "socket redirect off: on this kernel %s on a socket in a sockmap, which programs "
-            "that block in recv() do not expect (docs/ebpf.md, Known limitations); same-node "
-            "payloads take the TCP path. --socket-redirect=on to use it anyway",
+            "socket redirect off: on this kernel, readers of a socket in a sockmap do not get "
+            "what they expect (%s; docs/ebpf.md, Known limitations); same-node payloads take "
+            "the TCP path. --socket-redirect=on to use it anyway",
             probe.detail,
         )
     return probe.ok

@@ -1,18 +1,30 @@
-"""Does this kernel keep a blocking recv() waiting on a socket in a sockmap?
+"""Do readers of a socket in a sockmap get what they expect from this kernel?
 
-On 6.18, `tcp_bpf_recvmsg()` (the receive path of every TCP socket in a sockmap or sockhash)
-waits once and returns -EAGAIN to a blocking reader woken by anything but data: a signal, a
-state change, freed send buffer (docs/ebpf.md, Known limitations). A program that blocks in
-recv() would see EAGAIN where it expects to go on waiting, so the agent short-circuits
-payloads (`socket_redirect`) only on kernels that pass this probe, unless told otherwise.
+Two ways they do not on 6.18 (docs/ebpf.md, Known limitations):
 
-The probe reproduces two triggers, each on a loopback connection whose client socket sits in a
-fresh sockmap (no programs), with a thread blocked in recv() on it: a signal to that thread with
-a handler that returns, and the ACK of the socket's own FIN after shutdown(SHUT_WR) (a state
-change). A correct kernel keeps the call waiting (or, for the signal, interrupts it: Python
-retries after EINTR, PEP 475) until a byte comes; the buggy one returns EAGAIN. Both must
-pass. It runs in a child process (`python -m nodemesh.ebpf.probe`), so its signal handler
-and threads never touch the agent, and it needs what the agent needs (CAP_BPF).
+- `tcp_bpf_recvmsg()` (the receive path of every TCP socket in a sockmap or sockhash) waits
+  once and returns -EAGAIN to a blocking reader woken by anything but data: a signal, a state
+  change, freed send buffer. A program that blocks in recv() sees EAGAIN where it expects to
+  go on waiting.
+- splice(2) from such a socket reads only its TCP receive queue, never the bytes an sk_msg
+  program redirected into it: a reader that splices (Go's io.Copy between two TCP
+  connections, proxies) waits for them forever, or, at the peer's FIN, gets EOF without them.
+
+So the agent short-circuits payloads (`socket_redirect`) only on kernels that pass this probe,
+unless told otherwise. Three cases, each on a loopback connection whose client socket sits in
+a fresh sockmap, must pass:
+
+- "signal" and "half-close": no programs on the sockmap; a thread blocked in recv() on the
+  client gets a signal whose handler returns, or the wakeup of the ACK of the socket's own
+  FIN after shutdown(SHUT_WR) (a state change). A correct kernel keeps the call waiting (or,
+  for the signal, interrupts it: Python retries after EINTR, PEP 475) until a byte comes; the
+  buggy one returns EAGAIN.
+- "splice": the probe's own sk_msg program (bpf/probe.bpf.c) redirects what the client sends
+  into the server socket's receive queue, as the data plane does between two local pods; a
+  splice(2) from the server socket must return that byte.
+
+It runs in a child process (`python -m nodemesh.ebpf.probe`), so its signal handler, threads
+and program never touch the agent, and it needs what the agent needs (CAP_BPF, clang).
 """
 
 from __future__ import annotations
@@ -30,11 +42,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodemesh.ebpf import _libbpf as bpf
+from nodemesh.ebpf._build import PROBE_OBJECT, build_objects
 
-__all__ = ["ProbeResult", "blocking_recv_survives_wakeups"]
+__all__ = ["ProbeResult", "sockmap_reads_are_safe"]
 
 BPF_MAP_TYPE_SOCKMAP = 15
 _DEADLINE_S = 5.0
+_SPLICE_WAIT_S = 1.0
+_PIN_ROOT = "/sys/fs/bpf"  # unused: the probe's map is not pinned
 
 
 @dataclass(frozen=True)
@@ -43,9 +58,9 @@ class ProbeResult:
     detail: str
 
 
-def blocking_recv_survives_wakeups(timeout: float = 30, sockmap: bool = True) -> ProbeResult:
-    """Run the probe in a child process and return its verdict (`sockmap=False`: the control
-    run on a socket outside any sockmap, which every kernel passes)."""
+def sockmap_reads_are_safe(timeout: float = 60, sockmap: bool = True) -> ProbeResult:
+    """Run the probe in a child process and return its verdict (`sockmap=False`: the control,
+    the same steps on sockets outside any sockmap, which every kernel passes)."""
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "nodemesh.ebpf.probe", *([] if sockmap else ["--control"])],
@@ -165,9 +180,64 @@ def _case(sockmap_on: bool, wake: str) -> ProbeResult:
             s.close()
 
 
+def _splice_case(sockmap_on: bool) -> ProbeResult:
+    """A byte the client sends, redirected into the server socket by the probe's program (off:
+    the control, sent over TCP), must come out of a splice(2) from the server socket."""
+    obj = bpf.BpfObject(str(build_objects(names=(PROBE_OBJECT,))[PROBE_OBJECT]), _PIN_ROOT)
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    read_end, write_end = os.pipe()
+    link = -1
+    try:
+        obj.load()
+        socks = obj.map_fd("nm_probe_socks")
+        if sockmap_on:
+            prog = obj.program_fd("nm_probe_redirect")
+            link = bpf.link_create(prog, socks, bpf.BPF_SK_MSG_VERDICT, "the probe's sk_msg")
+            for key, sock in ((0, server), (1, client)):
+                value = ctypes.c_uint32(sock.fileno())
+                bpf.map_update(socks, ctypes.c_uint32(key), value, "nm_probe_socks")
+        got: dict[str, object] = {}
+
+        def read() -> None:
+            try:
+                got["n"] = os.splice(server.fileno(), write_end, 1)
+            except OSError as exc:
+                got["errno"] = exc.errno
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        client.sendall(b"x")
+        # a redirected byte is in the queue when sendall() returns: a kernel that splices it
+        # does so at once; a wait this long says no (and errs on the safe side)
+        reader.join(_SPLICE_WAIT_S)
+        if reader.is_alive():
+            # unblock it: the FIN travels over TCP, so splice() sees the end of the stream
+            client.shutdown(socket.SHUT_WR)
+            reader.join(_DEADLINE_S)
+            return ProbeResult(
+                False,
+                f"splice() did not return a byte redirected to the socket in {_SPLICE_WAIT_S} s",
+            )
+        if got.get("n") != 1 or os.read(read_end, 1) != b"x":
+            return ProbeResult(False, f"splice() ended with {got} instead of the byte sent")
+        how = "redirected to the socket" if sockmap_on else "sent over TCP"
+        return ProbeResult(True, f"splice() read a byte {how}")
+    finally:
+        if link >= 0:
+            os.close(link)
+        obj.close()
+        for fd in (read_end, write_end):
+            os.close(fd)
+        for s in (client, server, listener):
+            s.close()
+
+
 def _probe(sockmap_on: bool = True) -> ProbeResult:
     signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler that returns
     results = [_case(sockmap_on, wake) for wake in ("signal", "half-close")]
+    results.append(_splice_case(sockmap_on))
     failed = [r for r in results if not r.ok]
     if failed:
         return ProbeResult(False, "; ".join(r.detail for r in failed))

@@ -153,13 +153,17 @@ class Pod:
         sink_pause: float = 0.0,
         sink_hold_until: str = "",
         sink_read_first: int = 0,
+        splice: bool = False,
     ) -> Proc:
-        """A server: byte echo, HTTP (`http`), or a sink that reads `sink_read_first` bytes
-        after its hello, waits (until the file `sink_hold_until` exists, at most `sink_pause`
-        seconds), then reads the rest `sink_chunk` bytes a call."""
+        """A server: byte echo (reading with splice(2) if `splice`), HTTP (`http`), or a sink
+        that reads `sink_read_first` bytes after its hello, waits (until the file
+        `sink_hold_until` exists, at most `sink_pause` seconds), then reads the rest
+        `sink_chunk` bytes a call."""
         argv = [sys.executable, str(PODTOOL), "serve", "--port", str(port), "--name", self.name]
         if http:
             argv.append("--http")
+        if splice:
+            argv.append("--splice")
         if sink_chunk:
             argv += ["--sink", "--chunk", str(sink_chunk), "--pause", str(sink_pause)]
             if sink_hold_until:

@@ -26,7 +26,7 @@ from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf._maps import NM_CFG_SOCKET_REDIRECT
 from nodemesh.ebpf.loader import MAP_NAMES
-from nodemesh.ebpf.probe import blocking_recv_survives_wakeups
+from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import NodeLab, Proc
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
 from nodemesh.xds.server import AdsServer
@@ -125,7 +125,7 @@ async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None
     result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
     assert result == {"backends": {"b": 5}, "errors": {}}
     # --socket-redirect=auto (the default): on exactly when the kernel passes the probe
-    probe = await asyncio.to_thread(blocking_recv_survives_wakeups)
+    probe = await asyncio.to_thread(sockmap_reads_are_safe)
     with NodeMaps(cp.lab.pin_root) as maps:
         assert bool(maps.config().flags & NM_CFG_SOCKET_REDIRECT) == probe.ok, probe
 

@@ -13,7 +13,7 @@ from nodemesh.api import ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf._maps import NM_CFG_ENVOY_SET, NM_CFG_SOCKET_REDIRECT, Tuple
-from nodemesh.ebpf.probe import blocking_recv_survives_wakeups
+from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import NodeLab
 from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
 
@@ -297,6 +297,34 @@ KERNEL_EAGAIN = pytest.mark.xfail(
 )
 
 
+# splice(2) from a socket reads its TCP receive queue only, never the psock queue that an
+# sk_msg redirect fills (kernel 6.18; docs/ebpf.md, Known limitations): the agent's probe
+# finds it, so --socket-redirect=auto leaves the short cut off.
+KERNEL_SPLICE = pytest.mark.xfail(
+    strict=True,
+    reason="kernel: splice() from a socket in a sockhash never sees redirected bytes; "
+    "if this passes, the kernel is fixed: update docs/ebpf.md and drop the mark",
+)
+
+
+@pytest.mark.parametrize(
+    "redirect", [pytest.param(True, marks=KERNEL_SPLICE), pytest.param(False, id="no-redirect")]
+)
+def test_a_server_that_reads_with_splice_gets_every_byte(node: NodeLab, redirect: bool) -> None:
+    """An echo server that reads with splice(2), as proxies and Go's io.Copy between two TCP
+    connections do. With the redirect on, what the client sends is redirected into the
+    server socket's psock queue, which splice() never reads: the server sees nothing until the
+    client's FIN (over TCP), then the end of the stream; the bytes are lost."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),), socket_redirect=redirect)
+    b.serve(7000, splice=True)
+    before = stats(node)
+    result = a.tool("xfer", "--to", f"{VIP}:80", "--bytes", str(MB), "--sizes", "65536")
+    after = stats(node)
+    assert (after["bytes_redirected"] > before["bytes_redirected"]) == redirect
+    _check_xfer(result, MB)
+
+
 def test_a_blocking_client_that_half_closes_reads_the_answer(node: NodeLab) -> None:
     """shutdown(SHUT_WR), then a blocking recv() for the answer (`nc -N` and many
     request/response clients). The server answers after 0.5 s, long after the ACK of the
@@ -414,16 +442,33 @@ def test_the_agents_kernel_probe_agrees_with_a_pod(node: NodeLab, sockmap: bool)
     a, b = node.pods["a"], node.pods["b"]
     program(
         node,
-        (l4("sink", VIP, 80, (b.ip, 7000, 1)), l4("late", VIP, 81, (b.ip, 7001, 1))),
+        (
+            l4("sink", VIP, 80, (b.ip, 7000, 1)),
+            l4("late", VIP, 81, (b.ip, 7001, 1)),
+            l4("splice", VIP, 82, (b.ip, 7002, 1)),
+        ),
         socket_redirect=sockmap,
     )
     b.serve(7000, sink_chunk=65536, sink_pause=30)
     b.serve(7001, sink_chunk=65536, sink_pause=0.5)
+    b.serve(7002, splice=True)
     signalled = a.tool("signalled", "--to", f"{VIP}:80")
     halfclosed = a.tool("halfclose", "--to", f"{VIP}:81")
-    pods_ok = signalled["ended"] == "second signal" and "trailer" in halfclosed["reader"]
-    probe = blocking_recv_survives_wakeups(sockmap=sockmap)
-    assert probe.ok == pods_ok, (probe, signalled, halfclosed)
+    spliced = a.tool("xfer", "--to", f"{VIP}:82", "--bytes", "4096")
+    pods_ok = {
+        "signal": signalled["ended"] == "second signal",
+        "half-close": "trailer" in halfclosed["reader"],
+        "splice": spliced["trailer"] == f"DONE 4096 {spliced['sent_sha']}",
+    }
+    probe = sockmap_reads_are_safe(sockmap=sockmap)
+    # case by case: the probe's detail says which of its cases failed
+    probe_ok = {
+        "signal": "after a signal" not in probe.detail,
+        "half-close": "after a half-close" not in probe.detail,
+        "splice": "splice() read" in probe.detail,
+    }
+    assert probe_ok == pods_ok, (probe, signalled, halfclosed, spliced)
+    assert probe.ok == all(pods_ok.values()), probe
     if not sockmap:
         assert probe.ok, probe
 
