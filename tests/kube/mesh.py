@@ -59,8 +59,9 @@ class Replica:
         return self.operator is not None and self.operator.operator.is_leader
 
     def acked(self, node: str = NODE) -> bool:
-        """The node Envoy holds exactly this replica's current snapshot."""
-        snap = self.pipeline.snapshot
+        """The node Envoy holds exactly this replica's current snapshot for it (its own, if it
+        has one: clients of a consumer namespace there)."""
+        snap = self.cache.get_snapshot(node)
         status = self.server.status.node(node)
         if snap is None or status is None:
             return False
@@ -107,10 +108,27 @@ class NodeEnvoy:
         assert self.envoy is not None
         return self.envoy.stats(regex)
 
-    async def get(self, host: str, path: str = "/", timeout: float = 10.0) -> Reply:
+    async def get(
+        self, host: str, path: str = "/", timeout: float = 10.0, source: str = ""
+    ) -> Reply:
+        """GET through the node Envoy (from the local address `source`, if given)."""
         assert self.session is not None
         started = time.monotonic()
-        async with self.session.get(
+        session = self.session
+        if source:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, local_addr=(source, 0))
+            )
+        try:
+            return await self._get(session, host, path, timeout, started)
+        finally:
+            if source:
+                await session.close()
+
+    async def _get(
+        self, session: aiohttp.ClientSession, host: str, path: str, timeout: float, started: float
+    ) -> Reply:
+        async with session.get(
             f"http://127.0.0.1:{self.outbound_port}{path}",
             headers={"Host": host},
             timeout=aiohttp.ClientTimeout(total=timeout),

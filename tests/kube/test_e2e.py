@@ -272,3 +272,58 @@ async def test_a_reference_grant_in_the_cluster_resolves_a_cross_namespace_backe
     await kube.delete("ReferenceGrant", "finance", "shop-to-billing")
     revoked = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "False"})
     assert revoked["ResolvedRefs"] == "False"
+
+
+async def test_a_consumer_route_in_the_cluster_applies_to_its_namespace_s_pods(
+    cluster: Cluster,
+) -> None:
+    """A route in namespace qa for shop's web (a GAMMA consumer route), a qa Pod on the node:
+    the route's status names its parent in shop, and requests from the pod's address follow
+    the route while others keep web's own routing."""
+    kube = cluster.kube
+    web, canary = await cluster.backend("web"), await cluster.backend("canary")
+    replica = await cluster.replica()
+    envoy = await cluster.envoy(replica)
+    await kube.create(service("web"))
+    await kube.create(service("canary"))
+    await kube.create(endpoint_slice("web", web.port))
+    await kube.create(endpoint_slice("canary", canary.port))
+    route = http_route(
+        "web-for-qa", "web", [{"backendRefs": [{**to("canary"), "namespace": "shop"}]}], ns="qa"
+    )
+    route["spec"]["parentRefs"][0]["namespace"] = "shop"
+    await kube.create(route)
+    await kube.create({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "qa", "namespace": "shop"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                           "namespace": "qa"}],
+                 "to": [{"group": "", "kind": "Service"}]},
+    })  # fmt: skip
+    await kube.create({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "runner", "namespace": "qa"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "runner", "image": "qa/runner"}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.2"},
+    })  # fmt: skip
+
+    async def routed() -> dict[str, Any] | None:
+        obj = await kube.get("HTTPRoute", "qa", "web-for-qa")
+        return obj if parent_conditions(obj).get("Programmed") == "True" else None
+
+    obj = await eventually(routed, "the consumer route Programmed")
+    (parent,) = obj["status"]["parents"]
+    assert parent["parentRef"] == {
+        "group": "",
+        "kind": "Service",
+        "namespace": "shop",
+        "name": "web",
+    }
+    assert parent_conditions(obj) == {
+        "Accepted": "True",
+        "ResolvedRefs": "True",
+        "Programmed": "True",
+    }
+    await replica.converge()
+    assert (await envoy.get("web.shop")).body == "web"
+    assert (await envoy.get("web.shop", source="127.0.0.2")).body == "canary"
