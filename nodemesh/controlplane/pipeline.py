@@ -59,6 +59,8 @@ _STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
 # A cold build of fewer objects than this leaves the collector alone (tests, demos, small meshes:
 # little to gain, and nothing of theirs is frozen).
 BULK_OBJECTS = 5_000
+# Versions of a node's own Listener remembered for Programmed (see _record_listener_history)
+_LISTENER_VERSIONS_KEPT = 32
 
 
 @contextmanager
@@ -167,6 +169,10 @@ class Pipeline:
         self._touched_origins: Mapping[tuple[str, str], Any] | None = None
         # node -> (its own Listener, the objects it carries), as last seen there
         self._touched_listeners: dict[str, tuple[Resource, frozenset[str]]] = {}
+        # node -> versions of its own Listener (oldest first) -> per consumer namespace, the
+        # fingerprint of its part: a node still on an older version holds a namespace's part
+        # if the fingerprints are equal
+        self._listener_history: dict[str, dict[str, Mapping[str, int]]] = {}
         self.history_slack = 1000  # versions kept beyond 4 per current resource (tests lower it)
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
@@ -311,6 +317,7 @@ class Pipeline:
         self.snapshot = snapshot
         self._view = view  # the objects' generations are read from it when needed
         self._record_history(result, snapshot)
+        self._record_listener_history(translation)
         # A node that is gone (its Node deleted) falls back to the shared snapshot, whose
         # empty NodeServiceMap set tells its agent that its map was withdrawn; left with its
         # own, it would be served that snapshot frozen.
@@ -393,6 +400,20 @@ class Pipeline:
             now = snapshot.resources(t).get(name)
             if now is not None and now.version == version:
                 self._history[key] = fp
+
+    def _record_listener_history(self, translation: Translation) -> None:
+        history = self._listener_history
+        for node in [n for n in history if types.LISTENER not in translation.per_node.get(n, {})]:
+            del history[node]
+        for node, own in translation.per_node.items():
+            if types.LISTENER not in own:
+                continue
+            versions = history.setdefault(node, {})
+            version = own[types.LISTENER][0].version
+            versions.pop(version, None)  # to the end: the current one is never the oldest
+            versions[version] = translation.node_parts.get(node, {})
+            while len(versions) > _LISTENER_VERSIONS_KEPT:
+                del versions[next(iter(versions))]
 
     def _on_ack(self, event: AckEvent) -> None:
         # Many ACKs arrive together (one per type per node): recompute once per loop turn.
@@ -564,7 +585,19 @@ class Pipeline:
             (own,) = self.translation.per_node[node_id][types.LISTENER]
             status = self.status.node(node_id)
             ts = status.types.get(types.LISTENER) if status is not None else None
-            if ts is not None and ts.acked_resources.get(own.name) == own.version:
+            acked = ts.acked_resources.get(own.name) if ts is not None else None
+            if acked == own.version:
+                continue
+            # an older version with the same part for this object's namespace (another
+            # namespace's pod, or a Service's destination chain, changed since) will do
+            versions = self._listener_history.get(node_id, {})
+            namespace = key.namespace
+            part = versions.get(own.version, {}).get(namespace)
+            if (
+                acked is not None
+                and part is not None
+                and versions.get(acked, {}).get(namespace) == part
+            ):
                 continue
             nack = ts.last_nack if ts is not None else None
             if nack is not None and own.name in nack.resource_names:

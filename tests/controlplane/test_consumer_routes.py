@@ -60,7 +60,7 @@ def pod(draw: st.DrawFn) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {
             "name": f"p{draw(st.integers(0, 3))}",
-            "namespace": draw(st.sampled_from(["a", "b"])),
+            "namespace": draw(st.sampled_from(["a", "b", "c"])),  # c: never a consumer
         },
         "spec": {"nodeName": draw(st.sampled_from(NODES))},
         "status": {
@@ -112,17 +112,17 @@ operations = st.tuples(st.sampled_from(["apply", "apply", "delete"]), objects)
 
 def expected_sources(store: Store, namespaces: set[str]) -> dict[tuple[str, str], tuple[str, ...]]:
     """(node, namespace) -> pod IPs, read directly from the Pods (EndpointSlices never count:
-    a hostNetwork pod's endpoint is the node's address); an IP that two of `namespaces` claim
-    on one node belongs to neither."""
+    a hostNetwork pod's endpoint is the node's address); an IP that Pods of two namespaces
+    (any two) claim on one node belongs to neither."""
     claims: dict[tuple[str, str], set[str]] = {}  # (node, IP) -> namespaces
     for key, obj in store.view().items():
-        if key.kind == "Pod" and key.namespace in namespaces:
+        if key.kind == "Pod":
             for node, ip in pod_placement(obj):
                 claims.setdefault((node, ip), set()).add(key.namespace)
     out: dict[tuple[str, str], set[str]] = {}
     for (node, ip), owners in claims.items():
-        if len(owners) == 1:
-            out.setdefault((node, owners.pop()), set()).add(ip)
+        if len(owners) == 1 and (ns := owners.pop()) in namespaces:
+            out.setdefault((node, ns), set()).add(ip)
     return {k: tuple(sorted(v)) for k, v in out.items()}
 
 

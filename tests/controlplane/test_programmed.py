@@ -191,8 +191,41 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
     p._update_conditions()
     assert programmed(consumer)[:2] == ("True", "Programmed")
 
-    # a second qa pod on node-a: only node-a's Listener changes (a chain for the new pod);
-    # the rebuild alone, with no ACK since, must take the route back to Pending
+    # node-a's Listener changes for others, with no ACK since: a new L7 Service (its chain),
+    # and a client pod of another consumer namespace. qa's part is the same: still True.
+    svc = copy.deepcopy(dict(store.get(ObjectKey("Service", "shop", "ratings"))))
+    svc["metadata"] = {"name": "extra", "namespace": "shop"}
+    svc["spec"] = {**svc["spec"], "clusterIP": "10.96.10.99"}
+    route = copy.deepcopy(dict(store.get(ROUTE)))
+    route["metadata"] = {"name": "extra", "namespace": "shop"}
+    route["spec"]["parentRefs"] = [{"group": "", "kind": "Service", "name": "extra"}]
+    other = copy.deepcopy(dict(store.get(consumer)))
+    other["metadata"] = {"name": "reviews-for-team-b", "namespace": "team-b"}
+    grant = copy.deepcopy(dict(store.get(ObjectKey("ReferenceGrant", "shop", "qa-routes"))))
+    grant["metadata"] = {"name": "team-b-routes", "namespace": "shop"}
+    grant["spec"]["from"][0]["namespace"] = "team-b"
+    for obj in (
+        svc,
+        route,
+        other,
+        grant,
+        {
+            **qa_pod("b-runner", "10.244.1.60"),
+            "metadata": {"name": "b-runner", "namespace": "team-b"},
+        },
+    ):
+        store.apply(obj)
+    await p.rebuild()
+    own_now = p.cache.get_snapshot("node-a")
+    assert own_now is not None and own_now.version(types.LISTENER) != own.version(types.LISTENER)
+    assert programmed(consumer)[:2] == ("True", "Programmed")
+    assert programmed(ObjectKey("HTTPRoute", "team-b", "reviews-for-team-b"))[:2] == (
+        "False",
+        "Pending",
+    )
+
+    # a second qa pod on node-a: qa's part of node-a's Listener changes (a chain for the new
+    # pod); the rebuild alone, with no ACK since, must take the route back to Pending
     store.apply(qa_pod("runner-2", "10.244.1.51"))
     await p.rebuild()
     assert programmed(consumer)[:2] == ("False", "Pending")

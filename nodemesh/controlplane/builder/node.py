@@ -249,17 +249,19 @@ class NodeIndex:
 class ConsumerIndex:
     """Per node, the pod IPs of each namespace that has consumer routes: its clients there.
     Pods only (`pod_placement`: running, with their own network namespace), never EndpointSlice
-    endpoints (a hostNetwork pod's endpoint is the node's own address). An IP that two of these
-    namespaces claim on one node (a reused IP, briefly) is nobody's client: the node Envoy
-    cannot tell them apart, and two chains for one source would be refused.
+    endpoints (a hostNetwork pod's endpoint is the node's own address). An IP that Pods of two
+    namespaces claim on one node (reused while the old Pod object lingers) is nobody's client:
+    the node Envoy cannot tell them apart (and two chains for one source would be refused).
 
-    Only those namespaces are indexed: one that gains its first consumer route is read once,
-    whole; after that only its changed Pods are. Not thread-safe."""
+    While some namespace has consumer routes, every Pod is indexed (a conflicting claim may
+    come from any namespace): all of them when the first consumer route appears, then only
+    the changed ones. Without consumer routes nothing is kept. Not thread-safe."""
 
     def __init__(self) -> None:
         self._namespaces: frozenset[str] = frozenset()
         self._placed: dict[ObjectKey, Placement] = {}
-        self._refs: dict[str, dict[str, Counter[str]]] = {}  # node -> namespace -> IP -> count
+        # node -> IP -> namespace -> how many Pods of it claim the IP there
+        self._owners: dict[str, dict[str, Counter[str]]] = {}
         self._by_node: dict[str, tuple[ir.ConsumerSources, ...]] = {}
         self._result: tuple[ir.ConsumerSources, ...] = ()
 
@@ -270,33 +272,37 @@ class ConsumerIndex:
         every: Callable[[], Items],
     ) -> tuple[ir.ConsumerSources, ...]:
         """The sources for `namespaces`, given the objects changed since the last call (None:
-        deleted; only Pods are read) and, to read a namespace not indexed before, every Pod."""
+        deleted; only Pods are read) and, to start indexing, every Pod."""
+        if not namespaces:
+            if self._namespaces:
+                self._namespaces, self._placed, self._owners = frozenset(), {}, {}
+                self._by_node, self._result = {}, ()
+            return self._result
         dirty: set[str] = set()  # nodes
-        if namespaces != self._namespaces:
-            for key in [k for k in self._placed if k.namespace not in namespaces]:
-                self._place(key, None, dirty)
-            added = namespaces - self._namespaces
-            self._namespaces = namespaces
-            if added:
-                for key, placed in every():
-                    if key.namespace in added:
-                        self._place(key, placed, dirty)
-        if namespaces:
+        if not self._namespaces:
+            for key, pod in every():
+                self._place(key, pod, dirty)
+        else:
             for key, obj in changed:
-                if key.kind == "Pod" and key.namespace in namespaces:
+                if key.kind == "Pod":
                     self._place(key, obj, dirty)
+        if namespaces != self._namespaces:
+            self._namespaces = namespaces
+            dirty = set(self._owners) | set(self._by_node)
         if not dirty:
             return self._result
         for node in dirty:
-            per_ns = self._refs.get(node, {})
-            claims = Counter(ip for ips in per_ns.values() for ip in ips)
-            sources = []
-            for ns in sorted(per_ns):
-                mine = tuple(sorted(ip for ip in per_ns[ns] if claims[ip] == 1))
-                if mine:
-                    sources.append(ir.ConsumerSources(node, ns, mine))
+            sources: dict[str, list[str]] = {}
+            for ip, owners in self._owners.get(node, {}).items():
+                if len(owners) == 1:
+                    (ns,) = owners
+                    if ns in namespaces:
+                        sources.setdefault(ns, []).append(ip)
             if sources:
-                self._by_node[node] = tuple(sources)
+                self._by_node[node] = tuple(
+                    ir.ConsumerSources(node, ns, tuple(sorted(ips)))
+                    for ns, ips in sorted(sources.items())
+                )
             else:
                 self._by_node.pop(node, None)
         self._result = tuple(s for node in sorted(self._by_node) for s in self._by_node[node])
@@ -311,18 +317,16 @@ class ConsumerIndex:
             return
         ns = key.namespace
         for node, ip in old:
-            per_ns = self._refs[node]
-            refs = per_ns[ns]
-            refs[ip] -= 1
-            if not refs[ip]:
-                del refs[ip]
-                dirty.add(node)
-                if not refs:
-                    del per_ns[ns]
-                    if not per_ns:
-                        del self._refs[node]
+            per_ip = self._owners[node]
+            owners = per_ip[ip]
+            owners[ns] -= 1
+            if not owners[ns]:
+                del owners[ns]
+                if not owners:
+                    del per_ip[ip]
+                    if not per_ip:
+                        del self._owners[node]
+            dirty.add(node)
         for node, ip in new:
-            refs = self._refs.setdefault(node, {}).setdefault(ns, Counter())
-            refs[ip] += 1
-            if refs[ip] == 1:
-                dirty.add(node)
+            self._owners.setdefault(node, {}).setdefault(ip, Counter())[ns] += 1
+            dirty.add(node)

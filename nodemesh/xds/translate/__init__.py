@@ -89,6 +89,9 @@ class Translation:
     per_node: Mapping[str, Mapping[str, tuple[Resource, ...]]]
     origins: Mapping[tuple[str, str], Origins]
     node_origins: Mapping[str, Origins] = field(default_factory=dict)
+    # per node with a Listener of its own: per consumer namespace with clients there, a
+    # fingerprint of its chains (equal: that namespace's part of the Listener did not change)
+    node_parts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     _snapshot: _SharedSnapshot = field(
         default_factory=lambda: _SharedSnapshot(None, None), compare=False, repr=False
     )
@@ -257,6 +260,15 @@ _NodeListeners = Mapping[str, tuple[Resource, ...]]
 # what a mesh without consumer clients has: the same objects every time (identity fast paths)
 _NO_NODE_LISTENERS: _NodeListeners = MappingProxyType({})
 _NO_NODE_ORIGINS: Mapping[str, Origins] = MappingProxyType({})
+_Parts = Mapping[str, int]  # consumer namespace -> fingerprint of its chains on a node
+_NO_NODE_PARTS: Mapping[str, _Parts] = MappingProxyType({})
+
+
+def _parts(chains: tuple[ConsumerChain, ...]) -> _Parts:
+    by_namespace: dict[str, list[ConsumerChain]] = {}
+    for c in chains:
+        by_namespace.setdefault(c.namespace, []).append(c)
+    return {ns: hash(tuple(mine)) for ns, mine in by_namespace.items()}
 
 
 class _ListenerParts(NamedTuple):
@@ -446,12 +458,11 @@ class Translator:
         self._listener: (
             tuple[tuple[str, int, str, tuple[Destination, ...]], _ListenerParts] | None
         ) = None
-        # the nodes' own listeners: (what they were made from, by node, their origins)
-        self._node_listeners: tuple[tuple[object, ...], _NodeListeners, Mapping[str, Origins]] = (
-            (),
-            _NO_NODE_LISTENERS,
-            _NO_NODE_ORIGINS,
-        )
+        # the nodes' own listeners: (what they were made from, by node, their origins, their
+        # parts per namespace)
+        self._node_listeners: tuple[
+            tuple[object, ...], _NodeListeners, Mapping[str, Origins], Mapping[str, _Parts]
+        ] = ((), _NO_NODE_LISTENERS, _NO_NODE_ORIGINS, _NO_NODE_PARTS)
         self._dest_routes: _Memo[str, ir.VirtualHost, Resource] = _Memo(self._destination_route)
         self._destinations: (
             tuple[
@@ -503,7 +514,7 @@ class Translator:
         if self._listener is None or self._listener[0] != key:
             self._listener = (key, _listener_parts(mesh, destinations))
         listener = self._listener[1]
-        node_listeners, node_origins = self._node_listener_resources(
+        node_listeners, node_origins, node_parts = self._node_listener_resources(
             mesh, listener, destinations, dest_vhosts
         )
         shared = {
@@ -578,6 +589,7 @@ class Translator:
             per_node=per_node,
             origins=origins,
             node_origins=node_origins,
+            node_parts=node_parts,
             _snapshot=lazy,
         )
         self._last = _Last(mesh, translation, eds_names, cluster_origins, node_listeners)
@@ -589,18 +601,18 @@ class Translator:
         shared: _ListenerParts,
         destinations: tuple[Destination, ...],
         dest_vhosts: tuple[ir.VirtualHost, ...],
-    ) -> tuple[_NodeListeners, Mapping[str, Origins]]:
-        """The listeners of nodes with consumer clients, and the objects each carries (the
-        same objects while what they are made from is the same; each node's Resource kept
-        while its chains are, each chain's bytes while it is made)."""
-        made_from, last, last_origins = self._node_listeners
+    ) -> tuple[_NodeListeners, Mapping[str, Origins], Mapping[str, _Parts]]:
+        """The listeners of nodes with consumer clients, the objects each carries and its
+        parts per namespace (the same objects while what they are made from is the same; each
+        node's Resource kept while its chains are, each chain's bytes while it is made)."""
+        made_from, last, last_origins, last_parts = self._node_listeners
         key = (mesh.consumers, shared, dest_vhosts, mesh.virtual_hosts)
         if made_from and all(a is b for a, b in zip(made_from, key, strict=True)):
-            return last, last_origins
+            return last, last_origins, last_parts
         if not mesh.consumers:
             self._node_chains, self._chain_bytes = {}, {}
-            self._node_listeners = (key, _NO_NODE_LISTENERS, _NO_NODE_ORIGINS)
-            return _NO_NODE_LISTENERS, _NO_NODE_ORIGINS
+            self._node_listeners = (key, _NO_NODE_LISTENERS, _NO_NODE_ORIGINS, _NO_NODE_PARTS)
+            return _NO_NODE_LISTENERS, _NO_NODE_ORIGINS, _NO_NODE_PARTS
         # what depends on the routes only: made again when they change (not for a pod)
         routes_key = (destinations, dest_vhosts, mesh.virtual_hosts)
         was_made_from = self._consumer_routes[0]
@@ -632,8 +644,9 @@ class Translator:
             node: frozenset().union(*(by_namespace.get(c.namespace, ()) for c in mine))
             for node, mine in chains.items()
         }
-        self._node_listeners = (key, out, origins)
-        return out, origins
+        parts = {node: _parts(mine) for node, mine in chains.items()}
+        self._node_listeners = (key, out, origins, parts)
+        return out, origins, parts
 
     def _endpoint_resources(
         self, mesh: ir.Mesh, last: _Last | None, eds_names: Mapping[str, str]
