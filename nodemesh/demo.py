@@ -98,6 +98,17 @@ def _qa_pod() -> dict[str, Any]:
     }
 
 
+def _can_send_from(address: str) -> bool:
+    """Can this host use `address` as a source? (Linux has all of 127/8 on lo; other systems
+    may have 127.0.0.1 only.)"""
+    with socket.socket() as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 def _free_port() -> int:
     """A free port below the ephemeral range (which starts at 32768 by default), for Envoy's
     listener: an ephemeral port could be taken as some connection's source port before Envoy
@@ -201,20 +212,10 @@ class _Demo:
             self.check(0.03 <= share <= 0.17, "the v2 share is close to 10%")
 
             self.step("Consumer route: namespace qa's own route for shop/reviews (always v2)")
-            qa_results = await asyncio.gather(*(get("reviews.shop", client=qa) for _ in range(20)))
-            qa_bodies = Counter(body for _, body in qa_results)
-            print(f"  20 requests from the qa pod ({QA_POD}): {dict(qa_bodies)}")
-            self.check(
-                set(qa_bodies) == {"hello from reviews-v2"}, "every request of qa reaches v2"
-            )
-            others = Counter(body for _, body in await asyncio.gather(
-                *(get("reviews.shop") for _ in range(20))
-            ))  # fmt: skip
-            # 90/10: all 20 on v2 by chance has probability 1e-20
-            self.check(
-                others["hello from reviews-v1"] > 0,
-                f"20 requests from elsewhere still follow shop's split: {dict(others)}",
-            )
+            if _can_send_from(QA_POD):
+                await self._consumer_step(get, qa)
+            else:
+                print(f"  skipped: this host cannot send from {QA_POD} (the qa pod's address)")
 
             self.step("Retry: ratings answers 503 to every other request; the route retries 503")
             before = backends["ratings"].hits
@@ -249,6 +250,22 @@ class _Demo:
             shutil.rmtree(config, ignore_errors=True)
         print("\ndemo " + ("passed" if self.ok else "FAILED"))
         return 0 if self.ok else 1
+
+    async def _consumer_step(
+        self, get: Callable[..., Awaitable[tuple[int, str]]], qa: aiohttp.ClientSession
+    ) -> None:
+        qa_results = await asyncio.gather(*(get("reviews.shop", client=qa) for _ in range(20)))
+        qa_bodies = Counter(body for _, body in qa_results)
+        print(f"  20 requests from the qa pod ({QA_POD}): {dict(qa_bodies)}")
+        self.check(set(qa_bodies) == {"hello from reviews-v2"}, "every request of qa reaches v2")
+        others = Counter(body for _, body in await asyncio.gather(
+            *(get("reviews.shop") for _ in range(20))
+        ))  # fmt: skip
+        # 90/10: all 20 on v2 by chance has probability 1e-20
+        self.check(
+            others["hello from reviews-v1"] > 0,
+            f"20 requests from elsewhere still follow shop's split: {dict(others)}",
+        )
 
     @staticmethod
     async def _acked(server: AdsServer, pipeline: Pipeline) -> bool:

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from nodemesh.ebpf import _libbpf as bpf
@@ -130,108 +131,108 @@ def _case(sockmap_on: bool, wake: str) -> ProbeResult:
     """One wakeup without data (`wake`: "signal" or "half-close") to a reader blocked in
     recv() on a socket in a fresh sockmap; it must go on waiting and get the byte sent
     after."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
+    with ExitStack() as stack:
+        return _signal_or_half_close(stack, sockmap_on, wake)
+
+
+def _signal_or_half_close(stack: ExitStack, sockmap_on: bool, wake: str) -> ProbeResult:
+    listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+    client = stack.enter_context(socket.create_connection(listener.getsockname()))
+    server = stack.enter_context(listener.accept()[0])
     sockmap = bpf.map_create(BPF_MAP_TYPE_SOCKMAP, "nm_probe", 4, 4, 1, "nm_probe")
-    try:
-        client.settimeout(None)
-        if sockmap_on:  # off: the control, the same steps on a plain socket
-            fd = ctypes.c_uint32(client.fileno())
-            bpf.map_update(sockmap, ctypes.c_uint32(0), fd, "nm_probe")
-        got: dict[str, object] = {}
+    stack.callback(os.close, sockmap)
+    client.settimeout(None)
+    if sockmap_on:  # off: the control, the same steps on a plain socket
+        fd = ctypes.c_uint32(client.fileno())
+        bpf.map_update(sockmap, ctypes.c_uint32(0), fd, "nm_probe")
+    got: dict[str, object] = {}
 
-        def read() -> None:
-            try:
-                got["data"] = client.recv(1)
-            except OSError as exc:
-                got["errno"] = exc.errno
+    def read() -> None:
+        try:
+            got["data"] = client.recv(1)
+        except OSError as exc:
+            got["errno"] = exc.errno
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        _until(lambda: _sleeping(reader), "the reader to block in recv()")
-        if wake == "signal":
-            signal.pthread_kill(reader.ident or 0, signal.SIGUSR1)
-            # Delivered means the interrupted recv() has returned: EAGAIN on the buggy
-            # kernel, EINTR or a restart on a correct one (then Python calls recv() again).
-            _until(lambda: not _pending(reader, signal.SIGUSR1), "the signal's delivery")
-        else:
-            slept = _switches(reader)
-            client.shutdown(socket.SHUT_WR)  # the ACK of this FIN wakes the reader (FIN_WAIT2)
-            _until(lambda: _fin_wait2(client), "the ACK of the FIN")
-            # The reader has seen that wakeup once it ended (EAGAIN) or slept again.
-            _until(
-                lambda: (
-                    _switches(reader) == -1 or (_switches(reader) > slept and _sleeping(reader))
-                ),
-                "the reader after the FIN's ACK",
-            )
-        # Only now send the byte that ends a correct wait.
-        server.sendall(b"x")
-        reader.join(_DEADLINE_S)
-        if "errno" in got:
-            return ProbeResult(False, f"recv() got errno {got['errno']} after a {wake}")
-        if got.get("data") != b"x":
-            return ProbeResult(False, f"recv() ended with {got} instead of the byte sent")
-        return ProbeResult(True, f"a blocking recv() kept waiting across a {wake}")
-    finally:
-        os.close(sockmap)
-        for s in (client, server, listener):
-            s.close()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    _until(lambda: _sleeping(reader), "the reader to block in recv()")
+    if wake == "signal":
+        signal.pthread_kill(reader.ident or 0, signal.SIGUSR1)
+        # Delivered means the interrupted recv() has returned: EAGAIN on the buggy
+        # kernel, EINTR or a restart on a correct one (then Python calls recv() again).
+        _until(lambda: not _pending(reader, signal.SIGUSR1), "the signal's delivery")
+    else:
+        slept = _switches(reader)
+        client.shutdown(socket.SHUT_WR)  # the ACK of this FIN wakes the reader (FIN_WAIT2)
+        _until(lambda: _fin_wait2(client), "the ACK of the FIN")
+        # The reader has seen that wakeup once it ended (EAGAIN) or slept again.
+        _until(
+            lambda: _switches(reader) == -1 or (_switches(reader) > slept and _sleeping(reader)),
+            "the reader after the FIN's ACK",
+        )
+    # Only now send the byte that ends a correct wait.
+    server.sendall(b"x")
+    reader.join(_DEADLINE_S)
+    if "errno" in got:
+        return ProbeResult(False, f"recv() got errno {got['errno']} after a {wake}")
+    if got.get("data") != b"x":
+        return ProbeResult(False, f"recv() ended with {got} instead of the byte sent")
+    return ProbeResult(True, f"a blocking recv() kept waiting across a {wake}")
 
 
 def _splice_case(sockmap_on: bool) -> ProbeResult:
     """A byte the client sends, redirected into the server socket by the probe's program (off:
     the control, sent over TCP), must come out of a splice(2) from the server socket."""
-    obj = bpf.BpfObject(str(build_objects(names=(PROBE_OBJECT,))[PROBE_OBJECT]), _PIN_ROOT)
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
+    with ExitStack() as stack:
+        return _splice(stack, sockmap_on)
+
+
+def _splice(stack: ExitStack, sockmap_on: bool) -> ProbeResult:
+    path = build_objects(names=(PROBE_OBJECT,))[PROBE_OBJECT]
+    obj = stack.enter_context(bpf.BpfObject(str(path), _PIN_ROOT))
+    listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+    client = stack.enter_context(socket.create_connection(listener.getsockname()))
+    server = stack.enter_context(listener.accept()[0])
     read_end, write_end = os.pipe()
-    link = -1
-    try:
-        obj.load()
-        socks = obj.map_fd("nm_probe_socks")
-        if sockmap_on:
-            prog = obj.program_fd("nm_probe_redirect")
-            link = bpf.link_create(prog, socks, bpf.BPF_SK_MSG_VERDICT, "the probe's sk_msg")
-            for key, sock in ((0, server), (1, client)):
-                value = ctypes.c_uint32(sock.fileno())
-                bpf.map_update(socks, ctypes.c_uint32(key), value, "nm_probe_socks")
-        got: dict[str, object] = {}
+    stack.callback(os.close, read_end)
+    stack.callback(os.close, write_end)
+    obj.load()
+    socks = obj.map_fd("nm_probe_socks")
+    if sockmap_on:
+        prog = obj.program_fd("nm_probe_redirect")
+        link = bpf.link_create(prog, socks, bpf.BPF_SK_MSG_VERDICT, "the probe's sk_msg")
+        stack.callback(os.close, link)
+        for key, sock in ((0, server), (1, client)):
+            value = ctypes.c_uint32(sock.fileno())
+            bpf.map_update(socks, ctypes.c_uint32(key), value, "nm_probe_socks")
+    got: dict[str, object] = {}
 
-        def read() -> None:
-            try:
-                got["n"] = os.splice(server.fileno(), write_end, 1)
-            except OSError as exc:
-                got["errno"] = exc.errno
+    def read() -> None:
+        try:
+            got["n"] = os.splice(server.fileno(), write_end, 1)
+        except OSError as exc:
+            got["errno"] = exc.errno
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        client.sendall(b"x")
-        # a redirected byte is in the queue when sendall() returns: a kernel that splices it
-        # does so at once; a wait this long says no (and errs on the safe side)
-        reader.join(_SPLICE_WAIT_S)
-        if reader.is_alive():
-            # unblock it: the FIN travels over TCP, so splice() sees the end of the stream
-            client.shutdown(socket.SHUT_WR)
-            reader.join(_DEADLINE_S)
-            return ProbeResult(
-                False,
-                f"splice() did not return a byte redirected to the socket in {_SPLICE_WAIT_S} s",
-            )
-        if got.get("n") != 1 or os.read(read_end, 1) != b"x":
-            return ProbeResult(False, f"splice() ended with {got} instead of the byte sent")
-        how = "redirected to the socket" if sockmap_on else "sent over TCP"
-        return ProbeResult(True, f"splice() read a byte {how}")
-    finally:
-        if link >= 0:
-            os.close(link)
-        obj.close()
-        for fd in (read_end, write_end):
-            os.close(fd)
-        for s in (client, server, listener):
-            s.close()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    # blocked in splice() first, as the recv() cases: a byte that comes later must wake it
+    _until(lambda: _sleeping(reader), "the reader to block in splice()")
+    client.sendall(b"x")
+    # a redirected byte is in the queue when sendall() returns: a kernel that splices it
+    # does so at once; a wait this long says no (and errs on the safe side)
+    reader.join(_SPLICE_WAIT_S)
+    if reader.is_alive():
+        # unblock it: the FIN travels over TCP, so splice() sees the end of the stream
+        client.shutdown(socket.SHUT_WR)
+        reader.join(_DEADLINE_S)
+        return ProbeResult(
+            False,
+            f"splice() did not return a byte redirected to the socket in {_SPLICE_WAIT_S} s",
+        )
+    if got.get("n") != 1 or os.read(read_end, 1) != b"x":
+        return ProbeResult(False, f"splice() ended with {got} instead of the byte sent")
+    how = "redirected to the socket" if sockmap_on else "sent over TCP"
+    return ProbeResult(True, f"splice() read a byte {how}")
 
 
 def _probe(sockmap_on: bool = True) -> ProbeResult:
