@@ -206,13 +206,10 @@ class NodeMaps:
         want6 = {bytes(svc6_key(s)): svc6_value(s) for s in node_map.services_ipv6}
         have4 = self._read_hash("nm_services", m.SvcKey, m.Service)
         have6 = self._read_hash("nm_services6", m.Svc6Key, m.Svc6)
-        # IPv6 ClusterIPs are written after the IPv4 entries they stand for, removed before them
-        for name, key_type, have, want in (
-            ("nm_services", m.SvcKey, have4, want4),
-            ("nm_services6", m.Svc6Key, have6, want6),
-        ):
-            w, u = self._write_changed(name, key_type, have, want)
-            written, unchanged = written + w, unchanged + u
+        # Entries that go, first: a map full of them (written by an agent of another map, or
+        # by anyone) must not keep the wanted ones out. A wanted key is written in place, so
+        # no Service that stays is ever missing. IPv6 ClusterIPs are removed before the IPv4
+        # entries they stand for, and written after them.
         deleted = 0
         for name, key_type, have, want in (
             ("nm_services6", m.Svc6Key, have6, want6),
@@ -221,6 +218,12 @@ class NodeMaps:
             for kb in sorted(have.keys() - want.keys()):
                 bpf.map_delete(self._fds[name], key_type.from_buffer_copy(kb), name)
                 deleted += 1
+        for name, key_type, have, want in (
+            ("nm_services", m.SvcKey, have4, want4),
+            ("nm_services6", m.Svc6Key, have6, want6),
+        ):
+            w, u = self._write_changed(name, key_type, have, want)
+            written, unchanged = written + w, unchanged + u
         # local addresses go last, so a pod leaving the node stops being short-circuited only
         # after no service points at it any more
         deleted += self._remove_local(want_local, have_local)
@@ -241,32 +244,34 @@ class NodeMaps:
     ) -> ApplyResult:
         """Make the service entries at `keys4`/`keys6` what `view` says (written, or deleted
         where it has none), leaving every other entry alone: one Service's change costs its
-        own entries. Same order as `apply`: IPv4 writes, IPv6 writes, IPv6 deletes, IPv4
-        deletes."""
+        own entries. Same order as `apply`: IPv6 deletes, IPv4 deletes, IPv4 writes, IPv6
+        writes."""
         written = deleted = unchanged = 0
-        gone4: list[m.SvcKey] = []
-        gone6: list[m.Svc6Key] = []
-        for addr, port in sorted(keys4):
-            key = m.SvcKey(_addr(addr), _port(port), 0)
-            svc = view.service((addr, port))
-            if svc is None:
-                gone4.append(key)
-            elif self._write_if_changed("nm_services", key, service_value(svc), m.Service):
-                written += 1
-            else:
-                unchanged += 1
-        for addr, port in sorted(keys6):
-            v6 = view.service6((addr, port))
+        found4 = [((addr, port), view.service((addr, port))) for addr, port in sorted(keys4)]
+        found6 = [((addr, port), view.service6((addr, port))) for addr, port in sorted(keys6)]
+        for (addr, port), v6 in found6:
             if v6 is None:
-                gone6.append(svc6_key(ServiceIPv6("", addr, port)))
-            elif self._write_if_changed("nm_services6", svc6_key(v6), svc6_value(v6), m.Svc6):
+                key6 = svc6_key(ServiceIPv6("", addr, port))
+                deleted += bpf.map_delete(self._fds["nm_services6"], key6, "nm_services6")
+        for (addr, port), svc in found4:
+            if svc is None:
+                key4 = m.SvcKey(_addr(addr), _port(port), 0)
+                deleted += bpf.map_delete(self._fds["nm_services"], key4, "nm_services")
+        for (addr, port), svc in found4:
+            if svc is None:
+                continue
+            key = m.SvcKey(_addr(addr), _port(port), 0)
+            if self._write_if_changed("nm_services", key, service_value(svc), m.Service):
                 written += 1
             else:
                 unchanged += 1
-        for key6 in gone6:
-            deleted += bpf.map_delete(self._fds["nm_services6"], key6, "nm_services6")
-        for key4 in gone4:
-            deleted += bpf.map_delete(self._fds["nm_services"], key4, "nm_services")
+        for _, v6 in found6:
+            if v6 is None:
+                continue
+            if self._write_if_changed("nm_services6", svc6_key(v6), svc6_value(v6), m.Svc6):
+                written += 1
+            else:
+                unchanged += 1
         return ApplyResult(written, deleted, unchanged)
 
     def _write_if_changed(self, name: str, key: Any, value: Any, value_type: type[Any]) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,8 @@ from nodemesh.api import (
 )
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf import _libbpf as bpf
+from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf._maps import NM_CFG_SOCKET_REDIRECT
 from nodemesh.ebpf.loader import MAP_NAMES
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
@@ -228,3 +232,47 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     assert direct["ok"] and direct["hello"] == "HELLO b"
     with pytest.raises(Exception, match="open pinned object"):
         NodeMaps(lab.pin_root)
+
+
+async def test_a_failed_map_write_is_nacked_and_repaired_without_a_new_response(
+    cp: ControlPlane,
+) -> None:
+    """nm_services full of entries the agent did not write (keys in 198.51.100.0/24,
+    TEST-NET-2): a new Service cannot be written (E2BIG). The agent NACKs, then its repair
+    loop converges the maps whole on its own, with no new response from the control plane:
+    the stale entries go first, so the new Service fits."""
+    first = cp.publish(cp.map_for("b"))
+    cp.start_agent()
+    await until(lambda: cp.acked(first), "the first ACK")
+
+    fd = bpf.obj_get(str(cp.lab.pin_root / "nm_services"))
+    try:
+        capacity = bpf.map_info(fd, "nm_services").max_entries
+        with NodeMaps(cp.lab.pin_root) as maps:
+            room = capacity - len(maps.services())
+        base = int.from_bytes(socket.inet_aton("198.51.100.0"), "little")
+        junk = m.Service()
+        for i in range(room):
+            key = m.SvcKey(base + ((i & 0xFF) << 24), socket.htons(1024 + (i >> 8)), 0)
+            bpf.map_update(fd, key, junk, "nm_services")
+    finally:
+        os.close(fd)
+
+    pods = cp.lab.pods
+    grown = cp.map_for("b")
+    new = Service("shop/new:80", "10.96.0.77", 80, False, (Backend(pods["c"].ip, 7000),))
+    grown = NodeMap(NODE, (*grown.services, new), grown.envoy, grown.local_addresses)
+    version = cp.publish(grown)[SERVICE_TYPE_URL]
+    await until(lambda: cp.type_status().get("last_nack") is not None, "the NACK")
+    nack = cp.type_status()["last_nack"]
+    assert isinstance(nack, dict) and nack["version"] == version, nack
+
+    def repaired() -> bool:
+        with NodeMaps(cp.lab.pin_root) as maps:
+            return set(maps.services()) == {(VIP, 80), ("10.96.0.77", 80)}
+
+    await until(repaired, "the repair loop to converge the maps", timeout=30)
+    result = await asyncio.to_thread(
+        pods["a"].tool, "conns", "--to", "10.96.0.77:80", "--count", "3"
+    )
+    assert result == {"backends": {"c": 3}, "errors": {}}
