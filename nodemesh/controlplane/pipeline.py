@@ -222,6 +222,24 @@ class Pipeline:
         }
         return kubernetes_status(key.kind, self._conditions.get(key, ()), transitions)
 
+    def _node_snapshot_versions(self) -> dict[str, dict[str, str | None]]:
+        shared, translation = self.snapshot, self.translation
+        if shared is None or translation is None:
+            return {}
+        out: dict[str, dict[str, str | None]] = {}
+        for node in sorted(translation.per_node):
+            own = self.cache.get_snapshot(node)
+            if own is None or own is shared:
+                continue
+            differ = {
+                types.short_name(t): own.version(t)
+                for t in own.type_urls
+                if own.version(t) != shared.version(t)
+            }
+            if differ:
+                out[node] = differ
+        return out
+
     async def wait_built(self, revision: int, timeout: float = 10.0) -> None:
         """Wait until the store revision `revision` (or a later one) has been built."""
         async with self._built:
@@ -252,6 +270,8 @@ class Pipeline:
             "snapshot": {types.short_name(t): snapshot.version(t) for t in snapshot.type_urls}
             if snapshot is not None
             else {},
+            # nodes with resources of their own: the versions that differ from "snapshot"
+            "node_snapshots": self._node_snapshot_versions(),
             "source_errors": [
                 {"source": source, "where": where, "message": message}
                 for source, errors in sorted(self._source_errors.items())

@@ -222,3 +222,13 @@ async def test_a_pod_coming_does_not_drain_its_namespace_s_connections(
     # a gauge: chains drained by earlier tests (deleted pods and routes) may still be draining
     draining = "listener_manager.total_filter_chains_draining"
     assert after.get(draining, 0) == before.get(draining, 0), (before, after)
+
+
+async def test_status_shows_the_node_s_own_listener_version(mesh: Mesh, backends: Backends) -> None:
+    """/status lists the shared snapshot's versions, and for a node with a Listener of its own
+    that Listener's version: the one the node ACKs."""
+    await mesh.converge()
+    status = mesh.pipeline.status_json()
+    own = status["node_snapshots"][NODE]
+    assert set(own) == {"lds"} and own["lds"] != status["snapshot"]["lds"]
+    assert status["nodes"][NODE]["types"]["lds"]["version_acked"] == own["lds"]
