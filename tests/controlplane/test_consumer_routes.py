@@ -101,6 +101,14 @@ GRANT = {
         "to": [{"group": "", "kind": "Service"}],
     },
 }
+# namespace a's one client, on node n1
+A_CLIENT = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "c", "namespace": "a"},
+    "spec": {"nodeName": "n1"},
+    "status": {"podIP": "10.244.0.7", "phase": "Running"},
+}
 objects = st.one_of(
     consumer_route(),
     pod(),
@@ -217,13 +225,7 @@ def test_a_redirected_connection_from_a_consumer_pod_gets_its_own_chain() -> Non
                 "rules": [{"backendRefs": [{"name": "s1", "port": 80}]}],
             },
         },
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "c", "namespace": "a"},
-            "spec": {"nodeName": "n1"},
-            "status": {"podIP": "10.244.0.7", "phase": "Running"},
-        },
+        A_CLIENT,
     ):
         store.apply(obj)
     mesh = build(store.view()).mesh
@@ -258,13 +260,7 @@ def test_a_node_listener_follows_the_listener_port_and_route_configuration() -> 
         GRANT,
         service("s0", "10.96.0.1"),
         _route_a_to_s0(),
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "c", "namespace": "a"},
-            "spec": {"nodeName": "n1"},
-            "status": {"podIP": "10.244.0.7", "phase": "Running"},
-        },
+        A_CLIENT,
     ):
         store.apply(obj)
     translator = Translator()
