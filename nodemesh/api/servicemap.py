@@ -77,6 +77,8 @@ class NodeMap:
     envoy: tuple[str, int] | None = None  # the node Envoy's outbound listener
     local_addresses: tuple[str, ...] = ()  # pod IPs on this node
     services_ipv6: tuple[ServiceIPv6, ...] = ()
+    redirect_on: tuple[str, ...] = ()  # of local_addresses: Pods that say socket-redirect "on"
+    redirect_off: tuple[str, ...] = ()  # ... and "off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,8 @@ class NodePart:
     node: str
     envoy: tuple[str, int] | None = None
     local_addresses: tuple[str, ...] = ()
+    redirect_on: tuple[str, ...] = ()  # as in NodeMap
+    redirect_off: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +104,12 @@ class MeshService:
 
 def node_to_proto(part: NodePart) -> pb.NodeServiceMap:
     """Addresses are sorted, so equal parts give equal bytes (and equal xDS versions)."""
-    msg = pb.NodeServiceMap(node=part.node, local_addresses=sorted(part.local_addresses))
+    msg = pb.NodeServiceMap(
+        node=part.node,
+        local_addresses=sorted(part.local_addresses),
+        socket_redirect_on=sorted(part.redirect_on),
+        socket_redirect_off=sorted(part.redirect_off),
+    )
     if part.envoy is not None:
         msg.envoy.address, msg.envoy.port = part.envoy
     return msg
@@ -123,7 +132,9 @@ def split(model: NodeMap) -> tuple[NodePart, tuple[MeshService, ...]]:
         groups.setdefault(svc.name.rpartition(":")[0] or svc.name, ([], []))[0].append(svc)
     for v6 in model.services_ipv6:
         groups.setdefault(v6.name.rpartition(":")[0] or v6.name, ([], []))[1].append(v6)
-    part = NodePart(model.node, model.envoy, model.local_addresses)
+    part = NodePart(
+        model.node, model.envoy, model.local_addresses, model.redirect_on, model.redirect_off
+    )
     return part, tuple(
         MeshService(name, tuple(v4), tuple(v6)) for name, (v4, v6) in sorted(groups.items())
     )
@@ -181,9 +192,18 @@ def node_from_proto(msg: pb.NodeServiceMap) -> NodePart:
         envoy = (msg.envoy.address, msg.envoy.port)
     for addr in msg.local_addresses:
         _ipv4(addr, "local_addresses", problems)
+    for field in ("socket_redirect_on", "socket_redirect_off"):
+        for addr in getattr(msg, field):
+            _ipv4(addr, field, problems)
     if problems:
         raise ValueError(f"node {msg.node!r}: " + "; ".join(problems))
-    return NodePart(msg.node, envoy, tuple(msg.local_addresses))
+    return NodePart(
+        msg.node,
+        envoy,
+        tuple(msg.local_addresses),
+        tuple(msg.socket_redirect_on),
+        tuple(msg.socket_redirect_off),
+    )
 
 
 def service_from_proto(msg: pb.MeshService) -> MeshService:
@@ -314,4 +334,12 @@ class MapView:
         services = tuple(e for k in sorted(self._owners4) if (e := self.service(k)) is not None)
         services6 = tuple(e6 for k in sorted(self._owners6) if (e6 := self.service6(k)) is not None)
         part = self.part
-        return NodeMap(part.node, services, part.envoy, part.local_addresses, services6)
+        return NodeMap(
+            part.node,
+            services,
+            part.envoy,
+            part.local_addresses,
+            services6,
+            part.redirect_on,
+            part.redirect_off,
+        )

@@ -11,18 +11,24 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeServiceMap(_message.Message):
-    __slots__ = ("node", "envoy", "local_addresses")
+    __slots__ = ("node", "envoy", "local_addresses", "socket_redirect_on", "socket_redirect_off")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENVOY_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_REDIRECT_ON_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_REDIRECT_OFF_FIELD_NUMBER: _ClassVar[int]
     node: str
     envoy: SocketAddress
     local_addresses: _containers.RepeatedScalarFieldContainer[str]
+    socket_redirect_on: _containers.RepeatedScalarFieldContainer[str]
+    socket_redirect_off: _containers.RepeatedScalarFieldContainer[str]
     def __init__(
         self,
         node: str | None = ...,
         envoy: SocketAddress | _Mapping | None = ...,
         local_addresses: _Iterable[str] | None = ...,
+        socket_redirect_on: _Iterable[str] | None = ...,
+        socket_redirect_off: _Iterable[str] | None = ...,
     ) -> None: ...
 
 class MeshService(_message.Message):

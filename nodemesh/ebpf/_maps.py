@@ -7,7 +7,11 @@ import ctypes
 __all__ = [
     "MAX_BACKENDS",
     "NM_CFG_ENVOY_SET",
+    "NM_CFG_REDIRECT_OPTED_IN",
     "NM_CFG_SOCKET_REDIRECT",
+    "NM_LOCAL",
+    "NM_LOCAL_REDIRECT_OFF",
+    "NM_LOCAL_REDIRECT_ON",
     "NM_SVC6_L7",
     "NM_SVC_L7",
     "Backend",
@@ -26,6 +30,10 @@ NM_SVC_L7 = 1 << 0
 NM_SVC6_L7 = 1 << 0
 NM_CFG_ENVOY_SET = 1 << 0
 NM_CFG_SOCKET_REDIRECT = 1 << 1
+NM_CFG_REDIRECT_OPTED_IN = 1 << 2
+NM_LOCAL = 1 << 0
+NM_LOCAL_REDIRECT_ON = 1 << 1
+NM_LOCAL_REDIRECT_OFF = 1 << 2
 
 # Addresses and ports are stored in network byte order: fill them from bytes
 # (socket.inet_aton, int.to_bytes(..., "big")), never from host integers.

@@ -39,7 +39,7 @@ from nodemesh.api import (
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf.errors import NodemeshEbpfError
 from nodemesh.ebpf.loader import Dataplane
-from nodemesh.ebpf.maps import ApplyResult, NodeMaps
+from nodemesh.ebpf.maps import ApplyResult, NodeMaps, SocketRedirect
 
 __all__ = ["Agent"]
 
@@ -60,7 +60,7 @@ class Agent:
         dataplane: Dataplane,
         envoy_cgroup: Path | None = None,
         max_backoff: float = 5.0,
-        socket_redirect: bool = True,
+        socket_redirect: SocketRedirect = SocketRedirect.ALL,
     ) -> None:
         self.node = node
         self.controlplane = controlplane

@@ -13,6 +13,7 @@ from typing import Any
 
 from nodemesh.ebpf.errors import NodemeshEbpfError
 from nodemesh.ebpf.loader import DEFAULT_PIN_ROOT, Dataplane
+from nodemesh.ebpf.maps import SocketRedirect
 
 __all__ = ["configure", "run"]
 
@@ -29,9 +30,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--socket-redirect",
         choices=("auto", "on", "off"),
         default="auto",
-        help="carry same-node payloads socket to socket (sk_msg). auto: only if this kernel "
-        "keeps a blocking recv() waiting across a signal and a half-close on a socket in a "
-        "sockmap (a probe at start; 6.18 does not, docs/ebpf.md); on: always; off: never",
+        help="carry same-node payloads socket to socket (sk_msg). auto: for every pod if this "
+        "kernel keeps a blocking recv() waiting across a signal and a half-close and lets "
+        "splice() read on a socket in a sockmap (a probe at start; 6.18 does not, "
+        "docs/ebpf.md), else only between pods annotated nodemesh.io/socket-redirect=on; "
+        "on: every pod; off: never. A pod annotated off is left out in every mode",
     )
     parser.add_argument(
         "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"
@@ -64,23 +67,24 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _socket_redirect(mode: str) -> bool:
+def _socket_redirect(mode: str) -> SocketRedirect:
     if mode != "auto":
         log.info("socket redirect %s (--socket-redirect=%s)", mode, mode)
-        return mode == "on"
+        return SocketRedirect.ALL if mode == "on" else SocketRedirect.NONE
     from nodemesh.ebpf.probe import sockmap_reads_are_safe
 
     probe = sockmap_reads_are_safe()
     if probe.ok:
         log.info("socket redirect on: %s", probe.detail)
-    else:
-        log.warning(
-            "socket redirect off: on this kernel, readers of a socket in a sockmap do not get "
-            "what they expect (%s; docs/ebpf.md, Known limitations); same-node payloads take "
-            "the TCP path. --socket-redirect=on to use it anyway",
-            probe.detail,
-        )
-    return probe.ok
+        return SocketRedirect.ALL
+    log.warning(
+        "socket redirect only between pods annotated nodemesh.io/socket-redirect=on: on this "
+        "kernel, readers of a socket in a sockmap do not get what they expect (%s; "
+        "docs/ebpf.md, Known limitations); other same-node payloads take the TCP path. "
+        "--socket-redirect=on to use it for every pod anyway",
+        probe.detail,
+    )
+    return SocketRedirect.OPTED_IN
 
 
 async def _until_signal(main: Coroutine[Any, Any, None]) -> None:

@@ -7,6 +7,7 @@ entries no longer wanted are deleted, so flows of unchanged services never notic
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import socket
 from collections.abc import Iterable
@@ -20,7 +21,30 @@ from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf.errors import ServiceMapError
 from nodemesh.ebpf.loader import DEFAULT_PIN_ROOT
 
-__all__ = ["ApplyResult", "NodeMaps"]
+__all__ = ["ApplyResult", "NodeMaps", "SocketRedirect"]
+
+
+class SocketRedirect(enum.Enum):
+    """Which same-node connections carry their payload socket to socket (sk_msg, the
+    sockhash): the agent's `--socket-redirect`. A Pod annotated `nodemesh.io/socket-redirect:
+    "off"` is left out in every mode; the node Envoy counts as a Pod that says "on"."""
+
+    ALL = "all"  # every pair of local pods
+    OPTED_IN = "opted-in"  # only pairs whose both Pods say "on" (a kernel that fails the probe)
+    NONE = "none"
+
+    @property
+    def flags(self) -> int:
+        """Its `nm_config.flags` bits."""
+        return _REDIRECT_FLAGS[self]
+
+
+_REDIRECT_FLAGS = {
+    SocketRedirect.ALL: m.NM_CFG_SOCKET_REDIRECT,
+    SocketRedirect.OPTED_IN: m.NM_CFG_REDIRECT_OPTED_IN,
+    SocketRedirect.NONE: 0,
+}
+_REDIRECT_MASK = m.NM_CFG_SOCKET_REDIRECT | m.NM_CFG_REDIRECT_OPTED_IN
 
 
 def _addr(text: str) -> int:
@@ -171,15 +195,13 @@ class NodeMaps:
         return {n: sum(getattr(v, n) for v in values) for n in names}
 
     # -- writing --------------------------------------------------------------------------
-    def set_socket_redirect(self, on: bool) -> bool:
+    def set_socket_redirect(self, mode: SocketRedirect) -> bool:
         """Set only the socket-redirect switch in nm_config (the agent does it at start, before
         its first map arrives, so the switch of a previous run does not rule until then);
         returns whether it changed. New connections follow; sockets already in nm_socks stay
         until they close or leave."""
         cfg = self.config()
-        flags = (
-            cfg.flags | m.NM_CFG_SOCKET_REDIRECT if on else cfg.flags & ~m.NM_CFG_SOCKET_REDIRECT
-        )
+        flags = cfg.flags & ~_REDIRECT_MASK | mode.flags
         if flags == cfg.flags:
             return False
         cfg.flags = flags
@@ -187,15 +209,18 @@ class NodeMaps:
         return True
 
     def apply(
-        self, node_map: NodeMap, envoy_cgroup_id: int = 0, socket_redirect: bool = True
+        self,
+        node_map: NodeMap,
+        envoy_cgroup_id: int = 0,
+        socket_redirect: SocketRedirect = SocketRedirect.ALL,
     ) -> ApplyResult:
         """Make the maps say exactly `node_map`, touching only entries that change.
-        `socket_redirect`: let sockops put same-node connections into the sockhash (new
+        `socket_redirect`: which same-node connections sockops puts into the sockhash (new
         connections follow a change; docs/ebpf.md, Known limitations). Reads every map: the
         agent calls it once per start; afterwards `apply_node` and `patch` keep them."""
         # config first: a new L7 service must find the Envoy address already in place
         written, unchanged = self._write_config(node_map.envoy, envoy_cgroup_id, socket_redirect)
-        want_local, have_local = self._local(node_map.local_addresses, node_map.envoy)
+        want_local, have_local = self._local(node_map, node_map.envoy)
         w, u = self._add_local(want_local, have_local)
         written, unchanged = written + w, unchanged + u
 
@@ -230,11 +255,14 @@ class NodeMaps:
         return ApplyResult(written, deleted, unchanged)
 
     def apply_node(
-        self, part: NodePart, envoy_cgroup_id: int = 0, socket_redirect: bool = True
+        self,
+        part: NodePart,
+        envoy_cgroup_id: int = 0,
+        socket_redirect: SocketRedirect = SocketRedirect.ALL,
     ) -> ApplyResult:
         """Only the node's own part: the config (node Envoy) and the local addresses."""
         written, unchanged = self._write_config(part.envoy, envoy_cgroup_id, socket_redirect)
-        want_local, have_local = self._local(part.local_addresses, part.envoy)
+        want_local, have_local = self._local(part, part.envoy)
         w, u = self._add_local(want_local, have_local)
         deleted = self._remove_local(want_local, have_local)
         return ApplyResult(written + w, deleted, unchanged + u)
@@ -282,7 +310,10 @@ class NodeMaps:
         return True
 
     def _write_config(
-        self, envoy: tuple[str, int] | None, envoy_cgroup_id: int, socket_redirect: bool
+        self,
+        envoy: tuple[str, int] | None,
+        envoy_cgroup_id: int,
+        socket_redirect: SocketRedirect,
     ) -> tuple[int, int]:
         cfg = m.Config()
         cfg.envoy_cgroup_id = envoy_cgroup_id
@@ -290,36 +321,57 @@ class NodeMaps:
             cfg.envoy_addr = _addr(envoy[0])
             cfg.envoy_port = _port(envoy[1])
             cfg.flags = m.NM_CFG_ENVOY_SET
-        if socket_redirect:
-            cfg.flags |= m.NM_CFG_SOCKET_REDIRECT
+        cfg.flags |= socket_redirect.flags
         if bytes(self.config()) == bytes(cfg):
             return 0, 1
         bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
         return 1, 0
 
+    def local(self) -> dict[str, int]:
+        """nm_local as {address: flags} (`NM_LOCAL` | `NM_LOCAL_REDIRECT_*`)."""
+        raw = self._read_hash("nm_local", ctypes.c_uint32, ctypes.c_uint32)
+        return {
+            addr_text(ctypes.c_uint32.from_buffer_copy(kb).value): v.value for kb, v in raw.items()
+        }
+
     def _local(
-        self, addresses: Iterable[str], envoy: tuple[str, int] | None
-    ) -> tuple[set[bytes], set[bytes]]:
-        """(wanted, present) local addresses, as map key bytes. The node Envoy is local."""
-        want = {bytes(ctypes.c_uint32(_addr(a))) for a in addresses}
+        self, part: NodeMap | NodePart, envoy: tuple[str, int] | None
+    ) -> tuple[dict[bytes, int], dict[bytes, int]]:
+        """(wanted, present) local addresses, as map key bytes -> flags. The node Envoy is
+        local, and its sockets may always be short-circuited (it reads without blocking and
+        never splices)."""
+        want = {bytes(ctypes.c_uint32(_addr(a))): m.NM_LOCAL for a in part.local_addresses}
+        for addresses, flag in (
+            (part.redirect_on, m.NM_LOCAL_REDIRECT_ON),
+            (part.redirect_off, m.NM_LOCAL_REDIRECT_OFF),
+        ):
+            for a in addresses:
+                kb = bytes(ctypes.c_uint32(_addr(a)))
+                if kb in want:  # only for the node's own pod IPs
+                    want[kb] |= flag
         if envoy is not None:
-            want.add(bytes(ctypes.c_uint32(_addr(envoy[0]))))
-        return want, set(self._read_hash("nm_local", ctypes.c_uint32, ctypes.c_uint32))
+            want[bytes(ctypes.c_uint32(_addr(envoy[0])))] = m.NM_LOCAL | m.NM_LOCAL_REDIRECT_ON
+        have = self._read_hash("nm_local", ctypes.c_uint32, ctypes.c_uint32)
+        return want, {kb: v.value for kb, v in have.items()}
 
-    def _add_local(self, want: set[bytes], have: set[bytes]) -> tuple[int, int]:
-        for kb in sorted(want - have):
-            bpf.map_update(
-                self._fds["nm_local"],
-                ctypes.c_uint32.from_buffer_copy(kb),
-                ctypes.c_uint32(1),
-                "nm_local",
-            )
-        return len(want - have), len(want & have)
+    def _add_local(self, want: dict[bytes, int], have: dict[bytes, int]) -> tuple[int, int]:
+        written = 0
+        for kb in sorted(want):
+            if have.get(kb) != want[kb]:
+                bpf.map_update(
+                    self._fds["nm_local"],
+                    ctypes.c_uint32.from_buffer_copy(kb),
+                    ctypes.c_uint32(want[kb]),
+                    "nm_local",
+                )
+                written += 1
+        return written, len(want) - written
 
-    def _remove_local(self, want: set[bytes], have: set[bytes]) -> int:
-        for kb in sorted(have - want):
+    def _remove_local(self, want: dict[bytes, int], have: dict[bytes, int]) -> int:
+        gone = sorted(have.keys() - want.keys())
+        for kb in gone:
             bpf.map_delete(self._fds["nm_local"], ctypes.c_uint32.from_buffer_copy(kb), "nm_local")
-        return len(have - want)
+        return len(gone)
 
     def _write_changed(
         self,

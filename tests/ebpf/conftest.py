@@ -14,6 +14,7 @@ import pytest
 
 from nodemesh.api import Backend, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf.maps import SocketRedirect
 from nodemesh.ebpf.testing import NodeLab, prerequisites
 from tests.support import need
 
@@ -45,15 +46,23 @@ def program(
     services: tuple[Service, ...],
     envoy: bool = True,
     services_ipv6: tuple[ServiceIPv6, ...] = (),
-    socket_redirect: bool = True,
+    socket_redirect: bool | SocketRedirect = True,
+    redirect_on: tuple[str, ...] = (),
+    redirect_off: tuple[str, ...] = (),
 ) -> None:
-    """Write a service map for `lab` straight into its maps (the agent does this in production)."""
+    """Write a service map for `lab` straight into its maps (the agent does this in production).
+    `socket_redirect`: True for every pod, False for none; `redirect_on`/`redirect_off`: pod
+    IPs whose Pod says nodemesh.io/socket-redirect on/off."""
+    if isinstance(socket_redirect, bool):
+        socket_redirect = SocketRedirect.ALL if socket_redirect else SocketRedirect.NONE
     model = NodeMap(
         node="test",
         services=services,
         envoy=(lab.gateway, 15001) if envoy else None,
         local_addresses=tuple(p.ip for p in lab.pods.values()),
         services_ipv6=services_ipv6,
+        redirect_on=redirect_on,
+        redirect_off=redirect_off,
     )
     with NodeMaps(lab.pin_root) as maps:
         maps.apply(model, os.stat(lab.envoy_cgroup).st_ino, socket_redirect)

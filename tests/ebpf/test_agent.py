@@ -28,7 +28,7 @@ from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
-from nodemesh.ebpf._maps import NM_CFG_SOCKET_REDIRECT
+from nodemesh.ebpf._maps import NM_CFG_REDIRECT_OPTED_IN, NM_CFG_SOCKET_REDIRECT
 from nodemesh.ebpf.loader import MAP_NAMES
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import NodeLab, Proc
@@ -128,10 +128,12 @@ async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None
     a = cp.lab.pods["a"]
     result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "5")
     assert result == {"backends": {"b": 5}, "errors": {}}
-    # --socket-redirect=auto (the default): on exactly when the kernel passes the probe
+    # --socket-redirect=auto (the default): for every pod exactly when the kernel passes the
+    # probe, else for the pods that opted in only
     probe = await asyncio.to_thread(sockmap_reads_are_safe)
     with NodeMaps(cp.lab.pin_root) as maps:
-        assert bool(maps.config().flags & NM_CFG_SOCKET_REDIRECT) == probe.ok, probe
+        flags = maps.config().flags & (NM_CFG_SOCKET_REDIRECT | NM_CFG_REDIRECT_OPTED_IN)
+    assert flags == (NM_CFG_SOCKET_REDIRECT if probe.ok else NM_CFG_REDIRECT_OPTED_IN), probe
 
 
 async def test_agent_nacks_a_bad_service_and_applies_the_rest(cp: ControlPlane) -> None:

@@ -12,9 +12,17 @@ import pytest
 from nodemesh.api import ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
-from nodemesh.ebpf._maps import NM_CFG_ENVOY_SET, NM_CFG_SOCKET_REDIRECT, Tuple
+from nodemesh.ebpf._maps import (
+    NM_CFG_ENVOY_SET,
+    NM_CFG_SOCKET_REDIRECT,
+    NM_LOCAL,
+    NM_LOCAL_REDIRECT_OFF,
+    NM_LOCAL_REDIRECT_ON,
+    Tuple,
+)
+from nodemesh.ebpf.maps import SocketRedirect
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
-from nodemesh.ebpf.testing import NodeLab
+from nodemesh.ebpf.testing import NodeLab, Pod
 from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
 
 MB = 1 << 20
@@ -481,8 +489,8 @@ def test_the_socket_redirect_switch_applies_to_new_connections_at_once(node: Nod
     b.serve(7000)
     with NodeMaps(node.pin_root) as maps:
         before = maps.config()
-        assert maps.set_socket_redirect(False) is True
-        assert maps.set_socket_redirect(False) is False, "already off: nothing written"
+        assert maps.set_socket_redirect(SocketRedirect.NONE) is True
+        assert maps.set_socket_redirect(SocketRedirect.NONE) is False, "already: nothing written"
         after = maps.config()
     assert after.flags == before.flags & ~NM_CFG_SOCKET_REDIRECT
     assert after.flags & NM_CFG_ENVOY_SET and after.envoy_port == before.envoy_port
@@ -490,3 +498,49 @@ def test_the_socket_redirect_switch_applies_to_new_connections_at_once(node: Nod
     result = a.tool("xfer", "--to", f"{VIP}:80", "--bytes", str(MB), "--window", str(MB))
     _check_xfer(result, MB)
     assert stats(node)["sockhash_inserts"] == inserts
+
+
+@pytest.mark.parametrize("mode", [SocketRedirect.OPTED_IN, SocketRedirect.ALL], ids=str)
+def test_pods_choose_whether_their_connections_skip_the_stack(
+    node: NodeLab, mode: SocketRedirect
+) -> None:
+    """Pods annotated nodemesh.io/socket-redirect: a says "on", b says nothing, c says "off".
+    Only opted in (the agent's `auto` on a kernel that fails its probe, 6.18): a connection is
+    short-circuited only when both Pods said on. All (`on`, or a kernel that passes): every
+    connection but those of c. Checked per connection by its sockhash inserts and redirected
+    bytes, with the payload intact either way."""
+    a, b, c = node.pods["a"], node.pods["b"], node.pods["c"]
+    a2 = node.add_pod("a2")  # says "on" too
+    program(node, (), socket_redirect=mode, redirect_on=(a.ip, a2.ip), redirect_off=(c.ip,))
+    with NodeMaps(node.pin_root) as maps:
+        local = maps.local()
+    assert local[a.ip] == local[a2.ip] == NM_LOCAL | NM_LOCAL_REDIRECT_ON
+    assert local[b.ip] == NM_LOCAL
+    assert local[c.ip] == NM_LOCAL | NM_LOCAL_REDIRECT_OFF
+    assert local[node.gateway] == NM_LOCAL | NM_LOCAL_REDIRECT_ON, "the node Envoy may always"
+    for server in (a2, b, c):
+        server.serve(7000)
+
+    def short_circuited(client: Pod, server: Pod) -> bool:
+        before = stats(node)
+        result = client.tool("xfer", "--to", f"{server.ip}:7000", "--bytes", str(MB))
+        _check_xfer(result, MB)
+        after = stats(node)
+        inserts = after["sockhash_inserts"] - before["sockhash_inserts"]
+        redirected = after["bytes_redirected"] - before["bytes_redirected"]
+        assert (inserts, redirected > 0) in ((0, False), (2, True)), (inserts, redirected)
+        return inserts == 2
+
+    got = {
+        (client.name, server.name): short_circuited(client, server)
+        for client, server in ((a, a2), (a, b), (b, a2), (a, c), (c, a2), (b, c))
+    }
+    all_ = mode is SocketRedirect.ALL
+    assert got == {
+        ("a", "a2"): True,
+        ("a", "b"): all_,
+        ("b", "a2"): all_,
+        ("a", "c"): False,
+        ("c", "a2"): False,
+        ("b", "c"): False,
+    }

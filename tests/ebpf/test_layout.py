@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -79,3 +80,13 @@ def test_committed_protobuf_code_is_current(tmp_path: Path) -> None:
         assert fresh.read_text() == (api / fresh.name).read_text(), (
             f"{fresh.name} is stale: run python -m nodemesh.api._generate"
         )
+
+
+def test_the_flag_constants_are_the_headers() -> None:
+    """Every flag `_maps` mirrors has the value of the #define of that name in nodemesh.h
+    (no compiler needed: the defines are plain `(1U << n)`)."""
+    header = (Path(m.__file__).parent / "bpf" / "nodemesh.h").read_text()
+    defines = dict(re.findall(r"^#define (NM_[A-Z0-9_]+) \(1U << (\d+)\)", header, re.M))
+    mirrored = {name: getattr(m, name) for name in m.__all__ if name.startswith("NM_")}
+    assert mirrored, "no flags in _maps.__all__"
+    assert {n: 1 << int(defines[n]) if n in defines else None for n in mirrored} == mirrored

@@ -28,7 +28,13 @@
 
 /* nm_config flags */
 #define NM_CFG_ENVOY_SET (1U << 0) /* envoy_addr/envoy_port are valid */
-#define NM_CFG_SOCKET_REDIRECT (1U << 1) /* sockops may put sockets into nm_socks */
+#define NM_CFG_SOCKET_REDIRECT (1U << 1) /* sockops may put any local pair into nm_socks */
+#define NM_CFG_REDIRECT_OPTED_IN (1U << 2) /* ... or only pairs whose both ends opted in */
+
+/* nm_local values: flags, never 0 */
+#define NM_LOCAL (1U << 0) /* a pod IP on this node, or the node Envoy */
+#define NM_LOCAL_REDIRECT_ON (1U << 1) /* its Pod says its sockets may be short-circuited */
+#define NM_LOCAL_REDIRECT_OFF (1U << 2) /* its Pod says never (wins over everything) */
 
 /* One destination a pod may connect to: a ClusterIP or a pod IP, and a TCP port. */
 struct nm_svc_key {
@@ -216,7 +222,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __be32); /* pod IPs on this node and the node Envoy address */
-	__type(value, __u32);
+	__type(value, __u32); /* NM_LOCAL | NM_LOCAL_REDIRECT_* */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_local SEC(".maps");
 

@@ -43,6 +43,7 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 {
 	struct nm_tuple t = {};
 	struct nm_config *cfg;
+	__u32 *local, *peer, flags;
 	__s64 zero64 = 0;
 	__u32 zero32 = 0;
 
@@ -63,10 +64,22 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	 * payload skips the stack; connect-time balancing and the L7 redirect stay.
 	 */
 	cfg = nm_get_config();
-	if (!cfg || !(cfg->flags & NM_CFG_SOCKET_REDIRECT))
+	if (!cfg || !(cfg->flags & (NM_CFG_SOCKET_REDIRECT | NM_CFG_REDIRECT_OPTED_IN)))
 		return;
-	if (!bpf_map_lookup_elem(&nm_local, &t.saddr) || !bpf_map_lookup_elem(&nm_local, &t.daddr))
+	local = bpf_map_lookup_elem(&nm_local, &t.saddr);
+	peer = bpf_map_lookup_elem(&nm_local, &t.daddr);
+	if (!local || !peer)
 		return; /* the peer is elsewhere: the normal TCP path is the only path */
+	/* Both ends decide alike: each sees the same two nm_local values. A Pod that says off
+	 * keeps its connections on TCP; with only NM_CFG_REDIRECT_OPTED_IN (a kernel whose
+	 * sockmap reads are broken, docs/ebpf.md) both ends must have said on.
+	 */
+	flags = *local | *peer;
+	if (flags & NM_LOCAL_REDIRECT_OFF)
+		return;
+	if (!(cfg->flags & NM_CFG_SOCKET_REDIRECT) &&
+	    !(*local & *peer & NM_LOCAL_REDIRECT_ON))
+		return;
 	/* Ask for BPF_SOCK_OPS_STATE_CB first, so whatever is created below goes at close, and
 	 * for BPF_SOCK_OPS_HDR_OPT_LEN_CB (every packet the socket sends) for nm_detach().
 	 */
