@@ -184,10 +184,14 @@ def node_or_pod(draw: st.DrawFn) -> dict[str, Any]:
             "metadata": {"name": draw(st.sampled_from(["n1", "n2"]))},
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]},
         }
+    metadata: dict[str, Any] = {"name": f"pod{draw(st.integers(0, 2))}", "namespace": draw(ns_)}
+    choice = draw(st.sampled_from([None, "on", "off", "On ", "maybe"]))
+    if choice is not None:  # the node agent's socket short cut (two Pods may claim one IP)
+        metadata["annotations"] = {"nodemesh.io/socket-redirect": choice}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": f"pod{draw(st.integers(0, 2))}", "namespace": draw(ns_)},
+        "metadata": metadata,
         "spec": {"nodeName": draw(st.sampled_from(["n1", "n2"]))},
         "status": {"podIP": f"10.0.0.{draw(st.integers(1, 4))}", "phase": "Running"},
     }

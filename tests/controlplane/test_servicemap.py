@@ -150,6 +150,29 @@ def test_a_moved_pod_changes_only_its_node_map() -> None:
     assert second.shared[SERVICE_TYPE_URL] is first.shared[SERVICE_TYPE_URL]
 
 
+def test_a_pods_socket_redirect_choice_changes_only_its_node_map() -> None:
+    """The annotation nodemesh.io/socket-redirect lists the Pod's IP for its node's agent:
+    "on", then "off", then gone; node-b's map is never made again."""
+    store, memo, translator = Store(), BuildMemo(), Translator()
+    objs = _objects()
+    for obj in objs:
+        store.apply(obj)
+    first = translator.translate(build(store.view(), memo=memo).mesh)
+    pod = objs[3]
+    seen = []
+    for value in ("on", "off", None):
+        metadata = dict(pod["metadata"])  # type: ignore[call-overload]
+        if value is not None:
+            metadata["annotations"] = {"nodemesh.io/socket-redirect": value}
+        store.apply({**pod, "metadata": metadata})
+        t = translator.translate(build(store.view(), memo=memo).mesh)
+        assert t.per_node["node-b"][NODE_TYPE_URL][0] is first.per_node["node-b"][NODE_TYPE_URL][0]
+        msg = pb.NodeServiceMap.FromString(t.per_node["node-a"][NODE_TYPE_URL][0].payload)
+        seen.append((list(msg.socket_redirect_on), list(msg.socket_redirect_off)))
+        assert list(msg.local_addresses) == ["10.244.1.5"]
+    assert seen == [(["10.244.1.5"], []), ([], ["10.244.1.5"]), ([], [])]
+
+
 def test_one_changed_service_makes_one_resource_for_every_node() -> None:
     store, memo, translator = Store(), BuildMemo(), Translator()
     for obj in _objects():
@@ -355,13 +378,25 @@ def test_the_agents_view_fed_by_deltas_is_the_mesh(
             before[node] = got
 
 
-@given(st.lists(_POD, unique=True), st.booleans())
-def test_a_node_map_is_what_node_to_proto_makes(pod_ips: list[str], envoy: bool) -> None:
-    """The translator skips sorting the pod IPs (NodeInfo keeps them sorted): same bytes."""
+@given(
+    st.lists(_POD, unique=True),
+    st.booleans(),
+    st.lists(_POD, unique=True),
+    st.lists(_POD, unique=True),
+)
+def test_a_node_map_is_what_node_to_proto_makes(
+    pod_ips: list[str], envoy: bool, on: list[str], off: list[str]
+) -> None:
+    """The translator skips sorting the pod IPs and the Pods' choices (build keeps them
+    sorted): same bytes. A choice for an IP that is not the node's pod IP is not listed."""
     node = ir.NodeInfo("n", "10.250.0.1" if envoy else "", tuple(sorted(pod_ips)))
-    (resource,) = ServiceMaps().node_resources([node], 15001).values()
-    want = node_to_proto(node_part(node, 15001)).SerializeToString(deterministic=True)
+    chose = ir.SocketRedirectPods("n", tuple(sorted(on)), tuple(sorted(off)))
+    (resource,) = ServiceMaps().node_resources([node], 15001, [chose]).values()
+    part = node_part(node, 15001, chose)
+    want = node_to_proto(part).SerializeToString(deterministic=True)
     assert resource.payload == want
+    assert set(part.redirect_on) == set(on) & set(pod_ips)
+    assert set(part.redirect_off) == set(off) & set(pod_ips)
 
 
 # Endpoints as the encoder may meet them outside a build: unsorted, repeated, target ports

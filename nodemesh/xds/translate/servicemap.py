@@ -90,16 +90,40 @@ def mesh_service(info: ir.ServiceInfo) -> MeshService | None:
     return MeshService(info.name, v4, v6) if v4 or v6 else None
 
 
-def node_part(node: ir.NodeInfo, envoy_port: int) -> NodePart:
-    """Without an Envoy address, L7 services are refused on that node."""
+def node_part(
+    node: ir.NodeInfo, envoy_port: int, redirect: ir.SocketRedirectPods | None = None
+) -> NodePart:
+    """Without an Envoy address, L7 services are refused on that node. `redirect`: the node's
+    Pods that chose about the socket short cut; only IPs in `pod_ips` are listed."""
     envoy = (node.envoy_address, envoy_port) if node.envoy_address else None
-    return NodePart(node.name, envoy, node.pod_ips)
+    on, off = _choices(node, redirect)
+    return NodePart(node.name, envoy, node.pod_ips, on, off)
 
 
-def _node_message(node: ir.NodeInfo, envoy_port: int) -> pb.NodeServiceMap:
-    """`node_to_proto(node_part(...))` without sorting again: `NodeInfo.pod_ips` is sorted
-    (a node may hold 10,000 of them; tests hold the two equal)."""
-    msg = pb.NodeServiceMap(node=node.name, local_addresses=node.pod_ips)
+def _choices(
+    node: ir.NodeInfo, redirect: ir.SocketRedirectPods | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if redirect is None:
+        return (), ()
+    local = set(node.pod_ips)
+    return (
+        tuple(ip for ip in redirect.on if ip in local),
+        tuple(ip for ip in redirect.off if ip in local),
+    )
+
+
+def _node_message(
+    node: ir.NodeInfo, envoy_port: int, redirect: ir.SocketRedirectPods | None = None
+) -> pb.NodeServiceMap:
+    """`node_to_proto(node_part(...))` without sorting again: `NodeInfo.pod_ips` and the
+    choices are sorted (a node may hold 10,000 pod IPs; tests hold the two equal)."""
+    on, off = _choices(node, redirect)
+    msg = pb.NodeServiceMap(
+        node=node.name,
+        local_addresses=node.pod_ips,
+        socket_redirect_on=on,
+        socket_redirect_off=off,
+    )
     if node.envoy_address:
         msg.envoy.address, msg.envoy.port = node.envoy_address, envoy_port
     return msg
@@ -219,6 +243,10 @@ def _service_resource(payload: bytes, name: str) -> Resource:
     return Resource.from_payload(SERVICE_TYPE_URL, name, payload, pb.MeshService.FromString)
 
 
+# what a node's resource is made from: its NodeInfo, the Envoy port, its Pods' choices
+_NodeKey = tuple[ir.NodeInfo, int, ir.SocketRedirectPods | None]
+
+
 class ServiceMaps:
     """Memoizes the feed: a Service's `MeshService` resource is made when its `ServiceInfo`
     changes, a node's `NodeServiceMap` when its `NodeInfo` (or the Envoy port) does; the rest
@@ -231,7 +259,7 @@ class ServiceMaps:
         self._last: tuple[
             tuple[ir.ServiceInfo, ...], list[Resource | None], tuple[Resource, ...], list[int]
         ] = ((), [], (), [])
-        self._nodes: dict[str, tuple[tuple[ir.NodeInfo, int], Resource]] = {}
+        self._nodes: dict[str, tuple[_NodeKey, Resource]] = {}
         self.made = 0  # resources made, both types
         self.upserts: tuple[Resource, ...] | None = None  # see service_resources
 
@@ -295,17 +323,26 @@ class ServiceMaps:
             self._services[info.name] = hit
         return hit[1]
 
-    def node_resources(self, nodes: Iterable[ir.NodeInfo], envoy_port: int) -> dict[str, Resource]:
-        out: dict[str, tuple[tuple[ir.NodeInfo, int], Resource]] = {}
+    def node_resources(
+        self,
+        nodes: Iterable[ir.NodeInfo],
+        envoy_port: int,
+        redirect: Iterable[ir.SocketRedirectPods] = (),
+    ) -> dict[str, Resource]:
+        choices = {r.node: r for r in redirect}
+        out: dict[str, tuple[_NodeKey, Resource]] = {}
         for node in nodes:
             hit = self._nodes.get(node.name)
+            chose = choices.get(node.name)
             if hit is None or not (
-                hit[0][1] == envoy_port and (hit[0][0] is node or hit[0][0] == node)
+                hit[0][1] == envoy_port
+                and (hit[0][0] is node or hit[0][0] == node)
+                and (hit[0][2] is chose or hit[0][2] == chose)
             ):
                 resource = Resource.from_message(
-                    _node_message(node, envoy_port), name=node.name, type_url=NODE_TYPE_URL
+                    _node_message(node, envoy_port, chose), name=node.name, type_url=NODE_TYPE_URL
                 )
-                hit = ((node, envoy_port), resource)
+                hit = ((node, envoy_port, chose), resource)
                 self.made += 1
             out[node.name] = hit
         self._nodes = out
