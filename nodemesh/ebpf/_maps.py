@@ -112,4 +112,5 @@ class Stats(ctypes.Structure):
         ("entries_freed", ctypes.c_uint64),
         ("sockhash_detached", ctypes.c_uint64),
         ("cas_exhausted", ctypes.c_uint64),
+        ("bytes_tcp_read", ctypes.c_uint64),
     ]

@@ -46,6 +46,7 @@ MAP_NAMES = (
     "nm_local",
     "nm_orig_cookie",
     "nm_orig_tuple",
+    "nm_rcv_seq",
     "nm_services",
     "nm_services6",
     "nm_socks",

@@ -115,6 +115,7 @@ class NodeMaps:
                 "nm_orig_tuple",
                 "nm_backlog",
                 "nm_fallback",
+                "nm_rcv_seq",
                 "nm_socks",
             ):
                 self._fds[name] = bpf.obj_get(str(self.pin_root / name))
@@ -166,8 +167,8 @@ class NodeMaps:
         return value
 
     def count(self, name: str) -> int:
-        """Entries in one of the tuple-keyed maps (nm_backlog, nm_fallback, nm_socks,
-        nm_orig_tuple): a snapshot."""
+        """Entries in one of the tuple-keyed maps (nm_backlog, nm_fallback, nm_rcv_seq,
+        nm_socks, nm_orig_tuple): a snapshot."""
         return len(bpf.map_keys(self._fds[name], m.Tuple, name))
 
     def sock_state(self, name: str) -> dict[tuple[str, int, str, int], int]:

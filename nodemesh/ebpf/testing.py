@@ -154,11 +154,14 @@ class Pod:
         sink_hold_until: str = "",
         sink_read_first: int = 0,
         splice: bool = False,
+        sink_greet: int = 0,
+        sink_read_done: str = "",
     ) -> Proc:
         """A server: byte echo (reading with splice(2) if `splice`), HTTP (`http`), or a sink
-        that reads `sink_read_first` bytes after its hello, waits (until the file
-        `sink_hold_until` exists, at most `sink_pause` seconds), then reads the rest
-        `sink_chunk` bytes a call."""
+        that sends its hello and `sink_greet` more bytes, reads `sink_read_first` bytes, waits
+        (until the file `sink_hold_until` exists, at most `sink_pause` seconds), then reads
+        the rest `sink_chunk` bytes a call, and creates the file `sink_read_done` once it has
+        read everything."""
         argv = [sys.executable, str(PODTOOL), "serve", "--port", str(port), "--name", self.name]
         if http:
             argv.append("--http")
@@ -170,6 +173,10 @@ class Pod:
                 argv += ["--hold-until", sink_hold_until]
             if sink_read_first:
                 argv += ["--read-first", str(sink_read_first)]
+            if sink_greet:
+                argv += ["--greet", str(sink_greet)]
+            if sink_read_done:
+                argv += ["--read-done", sink_read_done]
         proc = self.spawn(argv, f"{self.name}:serve")
         proc.json()  # {"ready": true}
         return proc

@@ -77,11 +77,11 @@ def stats(lab: NodeLab) -> dict[str, int]:
         return maps.stats()
 
 
-SOCK_STATE_MAPS = ("nm_socks", "nm_backlog", "nm_fallback")
+SOCK_STATE_MAPS = ("nm_socks", "nm_backlog", "nm_fallback", "nm_rcv_seq")
 
 
 def sock_state(lab: NodeLab) -> dict[str, int]:
-    """Entries in nm_socks and in the per-socket maps nm_backlog and nm_fallback."""
+    """Entries in nm_socks and in the per-socket maps nm_backlog, nm_fallback, nm_rcv_seq."""
     with NodeMaps(lab.pin_root) as maps:
         return {name: maps.count(name) for name in SOCK_STATE_MAPS}
 

@@ -103,6 +103,8 @@ def serve(args: argparse.Namespace) -> None:
         def handle(self) -> None:
             s: socket.socket = self.request
             s.sendall(f"HELLO {name}\n".encode())
+            if args.greet:  # more for the client to read only at the end (push --greeting)
+                s.sendall(b"g" * args.greet)
             h = hashlib.sha256()
             count = 0
             while count < args.read_first:  # keep up at first, then stall
@@ -127,6 +129,8 @@ def serve(args: argparse.Namespace) -> None:
                     break
                 h.update(data)
                 count += len(data)
+            if args.read_done:
+                open(args.read_done, "w").close()
             s.sendall(f"DONE {count} {h.hexdigest()}\n".encode())
             s.shutdown(socket.SHUT_WR)
 
@@ -247,6 +251,16 @@ def push(args: argparse.Namespace) -> None:
                 sent += k
                 chunk = chunk[k:]
         s.shutdown(socket.SHUT_WR)
+        greeting = b""
+        if args.greeting_after:  # until the sink has read everything (its --read-done)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(args.greeting_after) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        while len(greeting) < args.greeting:  # the sink's --greet, left unread until now
+            chunk = s.recv(args.greeting - len(greeting))
+            if not chunk:
+                break
+            greeting += chunk
         trailer = _read_line(s)
     except TimeoutError:
         _out({"ok": False, "blocked": True, "sent": sent})
@@ -265,6 +279,7 @@ def push(args: argparse.Namespace) -> None:
             "sent": sent,
             "sent_sha": sent_hash.hexdigest(),
             "blocked_at": blocked_at,
+            "greeting": len(greeting),
             "trailer": trailer,
             "seconds": time.monotonic() - start,
         }
@@ -537,6 +552,8 @@ def main() -> None:
     s.add_argument("--pause", type=float, default=0.0)
     s.add_argument("--hold-until", default="")
     s.add_argument("--read-first", type=int, default=0)
+    s.add_argument("--greet", type=int, default=0)
+    s.add_argument("--read-done", default="")
     s.add_argument("--splice", action="store_true")
     x = sub.add_parser("xfer")
     x.add_argument("--to", required=True)
@@ -550,6 +567,8 @@ def main() -> None:
     pu.add_argument("--bytes", type=int, required=True)
     pu.add_argument("--chunk", type=int, default=65536)
     pu.add_argument("--release", default="")
+    pu.add_argument("--greeting", type=int, default=0)
+    pu.add_argument("--greeting-after", default="")
     du = sub.add_parser("duplex")
     du.add_argument("--to", required=True)
     du.add_argument("--bytes", type=int, required=True)

@@ -85,20 +85,21 @@ def test_l4_payload_crosses_intact_and_skips_the_stack(node: NodeLab) -> None:
 
 
 def test_a_connection_has_its_entries_while_open_and_none_after_close(node: NodeLab) -> None:
-    """sockops gives each socket it puts into nm_socks one nm_backlog and one nm_fallback
-    entry (0: redirecting, nothing unread) and deletes both when the socket reaches CLOSE."""
+    """sockops gives each socket it puts into nm_socks one nm_backlog, one nm_fallback (0:
+    redirecting, nothing unread) and one nm_rcv_seq entry, and deletes them when the socket
+    reaches CLOSE."""
     a, b = node.pods["a"], node.pods["b"]
     program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),))
     b.serve(7000)
     empty = sock_state(node)
-    assert empty == {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0}
+    assert empty == {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0, "nm_rcv_seq": 0}
     before = stats(node)
     held = a.hold(f"{VIP}:80")
     assert held.json() == {"hello": "HELLO b"}
     held.send("ping")
     assert held.json() == {"ok": True}
 
-    assert sock_state(node) == {"nm_socks": 2, "nm_backlog": 2, "nm_fallback": 2}
+    assert sock_state(node) == {"nm_socks": 2, "nm_backlog": 2, "nm_fallback": 2, "nm_rcv_seq": 2}
     with NodeMaps(node.pin_root) as maps:
         fallback = maps.sock_state("nm_fallback")
         backlog = maps.sock_state("nm_backlog")
@@ -292,6 +293,45 @@ def test_a_reader_that_pauses_mid_stream_moves_the_connection_to_tcp_in_order(
     assert after["msg_passed"] > before["msg_passed"]
     assert settled_sock_state(node, entries_before) == entries_before
     assert stats(node)["entries_freed"] - before["entries_freed"] == 2
+
+
+def test_a_reader_takes_only_redirected_bytes_off_its_count(node: NodeLab, tmp_path: Path) -> None:
+    """The read counter tells TCP bytes from redirected ones (by how far the socket's
+    copied_seq moved), so the count of unread redirected bytes stays exact when a socket reads
+    TCP bytes while still in nm_socks. Here: the sink falls behind, the client moves to TCP
+    mid-stream, and the client keeps the sink's 64 KiB greeting unread until the sink has
+    read everything, so neither socket leaves nm_socks early (nm_detach needs nothing unread,
+    and the sink leaves only after its peer or at its own half-close): the sink reads the TCP
+    rest while counted. Every TCP byte is counted as TCP and none is clamped. (Before, every
+    byte read was taken off, clamped at 0: with two writer threads the count could reach 0
+    while a redirect was still on its way, and a detach then would drop it; docs/ebpf.md.)"""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    writer_blocked, read_done = tmp_path / "writer-blocked", tmp_path / "read-done"
+    greet = 65536
+    b.serve(
+        7000, sink_chunk=65536, sink_pause=60, sink_hold_until=str(writer_blocked),
+        sink_read_first=8 * MB, sink_greet=greet, sink_read_done=str(read_done),
+    )  # fmt: skip
+    before = stats(node)
+    total = 64 * MB
+    result = a.tool(
+        "push", "--to", f"{VIP}:80", "--bytes", str(total), "--chunk", "65536",
+        "--send-timeout", "2", "--release", str(writer_blocked), "--greeting", str(greet),
+        "--greeting-after", str(read_done),
+    )  # fmt: skip
+    assert result["ok"] and result["greeting"] == greet, result
+    assert result["trailer"] == f"DONE {total} {result['sent_sha']}", "bytes lost or reordered"
+    after = stats(node)
+    d = {k: after[k] - before[k] for k in after}
+    assert d["fallback_backlog"] == 1, d
+    # what the sink sent, all redirected: its hello line, the greeting, the trailer line
+    to_client = len("HELLO b\n") + greet + len(result["trailer"]) + 1
+    over_tcp = total - (d["bytes_redirected"] - to_client)
+    assert 0 < over_tcp < total, d
+    assert d["bytes_clamped"] == 0, d
+    assert d["bytes_tcp_read"] == over_tcp, d
+    assert d["bytes_consumed"] <= d["bytes_redirected"], d
 
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -154,6 +154,6 @@ def test_enable_replaces_an_older_fallback_map_and_old_connections_keep_their_ma
     for proc in (held, fresh):
         proc.send("bye")
         assert proc.popen.wait(10) == 0
-    empty = {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0}
+    empty = {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0, "nm_rcv_seq": 0}
     assert settled_sock_state(node, empty) == empty
     assert node.dataplane.enable() == dict.fromkeys(result, "kept")

@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* tp_btf/sock_recv_length: the application of a socket read `ret` bytes; take them off that
- * socket's nm_backlog (bytes redirected to it and not read yet).
+/* tp_btf/sock_recv_length: the application of a socket read `ret` bytes; take the redirected
+ * ones off that socket's nm_backlog (bytes redirected to it and not read yet).
  *
  * The tracepoint fires in sock_recvmsg_nosec() for every recvmsg/read/recv on a socket with
- * the total the call returned, whichever queue the bytes came from. That is exact for this
- * data plane: a connection direction first redirects, then (after a fallback) only uses TCP,
- * never back, and tcp_bpf_recvmsg() drains the psock ingress queue before the TCP receive
- * queue, so the first `redirected` bytes a socket reads are the redirected ones and the clamp
- * at 0 below discards the rest. fexit/sk_msg_recvmsg would count only the ingress queue, but
+ * the total the call returned, whichever queue the bytes came from: the psock's ingress queue
+ * (redirected) or the TCP receive queue. tcp_sock.copied_seq moves only for the second (6.18:
+ * 4 MiB redirected and read, copied_seq unchanged), so the TCP bytes of a read are how far
+ * copied_seq moved since the last read (nm_rcv_seq, set by sockops at insert), and the rest
+ * are redirected ones. Until 2026-11-22 every byte read was taken off, clamped at 0, on the
+ * grounds that a socket reads its redirected bytes before any TCP ones; two writer threads
+ * broke that (a message reserved but not queued yet while the other thread's went over TCP
+ * and was read first), and the count could reach 0 with a redirect still coming, so
+ * nm_detach() could drop it. fexit/sk_msg_recvmsg would count only the ingress queue, but
  * this kernel refuses to load fentry/fexit/fmod_ret/lsm programs (EPERM, docs/ebpf.md) and has
  * no kprobes (CONFIG_KPROBES unset).
  */
@@ -34,12 +38,43 @@ struct inet_sock {
 	__be16 inet_sport;
 } __attribute__((preserve_access_index));
 
+struct tcp_sock {
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
+
+/* Bytes of this read that came from the TCP receive queue: how far copied_seq moved since
+ * the last read, which moves nm_rcv_seq forward (a compare-and-swap, so two readers at once
+ * split the distance; a reader that sees an older copied_seq than the last one adds nothing).
+ * Without an entry (a socket inserted by an earlier version): 0, every byte counts as
+ * redirected, as that version did.
+ */
+static __always_inline __s64 nm_tcp_bytes(struct sock *sk, const struct nm_tuple *t)
+{
+	__u32 *last = bpf_map_lookup_elem(&nm_rcv_seq, t);
+	__u32 now;
+
+	if (!last)
+		return 0;
+	now = BPF_CORE_READ((struct tcp_sock *)sk, copied_seq);
+	for (int i = 0; i < NM_CAS_TRIES; i++) {
+		__u32 old = *(volatile __u32 *)last;
+		__s32 moved = (__s32)(now - old);
+
+		if (moved <= 0)
+			return 0;
+		if (__sync_val_compare_and_swap(last, old, now) == old)
+			return moved;
+	}
+	NM_COUNT(cas_exhausted, 1);
+	return 0;
+}
+
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(nm_msg_consumed, struct sock *sk, int ret, int flags)
 {
 	struct nm_tuple t = {};
 	unsigned short family;
-	__s64 *backlog;
+	__s64 *backlog, tcp;
 
 	if (ret <= 0 || (flags & MSG_PEEK))
 		return 0;
@@ -60,11 +95,21 @@ int BPF_PROG(nm_msg_consumed, struct sock *sk, int ret, int flags)
 	backlog = bpf_map_lookup_elem(&nm_backlog, &t);
 	if (!backlog)
 		return 0;
-	/* Clamp at 0: TCP bytes read after the redirected ones are gone, and bytes redirected
-	 * while the entry was missing (the socket closing) were never added. A compare-and-swap
-	 * so the count never dips below 0 even for an instant: nm_detach() in sockops takes a
-	 * socket out of nm_socks only by swapping an exact 0 for NM_DETACHED, and a detached
-	 * (negative) entry is left as it is. Retried while the writer adds at the same moment.
+	if (*(volatile __s64 *)backlog < 0)
+		return 0; /* detached: nothing is redirected to it any more, not counted */
+	tcp = nm_tcp_bytes(sk, &t);
+	if (tcp > 0) {
+		NM_COUNT(bytes_tcp_read, tcp < ret ? tcp : ret);
+		ret -= tcp;
+		if (ret <= 0)
+			return 0;
+	}
+	/* Clamp at 0 (bytes_clamped counts what the clamp discards, 0 in every test): bytes
+	 * redirected while the entry was missing (the socket closing) were never added. A
+	 * compare-and-swap so the count never dips below 0 even for an instant: nm_detach() in
+	 * sockops takes a socket out of nm_socks only by swapping an exact 0 for NM_DETACHED, and
+	 * a detached (negative) entry is left as it is. Retried while the writer adds at the same
+	 * moment.
 	 */
 	for (int i = 0; i < NM_CAS_TRIES; i++) {
 		__s64 old = *(volatile __s64 *)backlog;

@@ -106,13 +106,14 @@ struct nm_stats {
 	__u64 orig_dst_missing;
 	__u64 fallback_backlog; /* connections sent to TCP: the peer had too much unread */
 	__u64 fallback_nopeer;  /* connections sent to TCP: the peer was not in nm_socks */
-	__u64 bytes_consumed;   /* read by applications from sockets with a backlog entry */
-	__u64 bytes_clamped;    /* of those, read while the entry was already 0 */
+	__u64 bytes_consumed;   /* redirected bytes read by applications (sockets with an entry) */
+	__u64 bytes_clamped;    /* of those, read beyond the count: should stay 0 (see backlog) */
 	__u64 untracked_full;   /* sockets left on TCP: nm_backlog/nm_fallback were full */
 	__u64 fallback_unrecorded; /* a fallback with no nm_fallback entry to mark (see redir) */
 	__u64 entries_freed;    /* sockets whose nm_backlog/nm_fallback entries went at close */
 	__u64 sockhash_detached; /* sockets taken out of nm_socks before close (sockops) */
 	__u64 cas_exhausted;     /* nm_backlog updates given up after NM_CAS_TRIES races */
+	__u64 bytes_tcp_read;    /* bytes read from TCP by sockets with an entry (not counted) */
 };
 
 /* Compare-and-swap attempts on one nm_backlog entry before giving up (only the writer, the
@@ -204,6 +205,20 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_backlog SEC(".maps");
+
+/* The socket's tcp_sock.copied_seq as the read counter (backlog.bpf.c) last saw it: how far
+ * the application has read the TCP receive queue. copied_seq moves only for bytes read from
+ * that queue, never for bytes an sk_msg redirect queued on the psock, so the difference at
+ * each read is what came over TCP and is not taken off nm_backlog.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_SOCK_STATE_ENTRIES);
+	__type(key, struct nm_tuple);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_rcv_seq SEC(".maps");
 
 /* The socket's sending direction: 0 = redirecting, NM_FALLBACK_* = on plain TCP for good. */
 struct {

@@ -6,6 +6,11 @@
  */
 #include "nodemesh.h"
 
+/* Just the field used, relocated against the running kernel's BTF (CO-RE). */
+struct tcp_sock {
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
+
 static __always_inline int nm_tuple_of(const struct bpf_sock_ops *skops, struct nm_tuple *t)
 {
 	if (skops->family == AF_INET) {
@@ -36,6 +41,7 @@ static __always_inline int nm_forget(const struct nm_tuple *t)
 
 	n += bpf_map_delete_elem(&nm_backlog, t) == 0;
 	n += bpf_map_delete_elem(&nm_fallback, t) == 0;
+	bpf_map_delete_elem(&nm_rcv_seq, t);
 	return n;
 }
 
@@ -43,7 +49,9 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 {
 	struct nm_tuple t = {};
 	struct nm_config *cfg;
-	__u32 *local, *peer, flags;
+	__u32 *local, *peer, flags, seq;
+	struct bpf_sock *sk;
+	struct tcp_sock *tp;
 	__s64 zero64 = 0;
 	__u32 zero32 = 0;
 
@@ -93,8 +101,19 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	 * nm_socks, so no add is lost. If the maps are full the socket stays out of nm_socks:
 	 * plain TCP for its whole life, and its peer's sends fall back (no peer).
 	 */
+	/* Where the application's reads of the TCP queue start: the read counter takes only
+	 * redirected bytes off nm_backlog. Without it the socket cannot be counted: it stays out.
+	 */
+	sk = skops->sk;
+	if (!sk)
+		return;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	seq = tp->copied_seq;
 	if (bpf_map_update_elem(&nm_backlog, &t, &zero64, BPF_ANY) ||
-	    bpf_map_update_elem(&nm_fallback, &t, &zero32, BPF_ANY)) {
+	    bpf_map_update_elem(&nm_fallback, &t, &zero32, BPF_ANY) ||
+	    bpf_map_update_elem(&nm_rcv_seq, &t, &seq, BPF_ANY)) {
 		nm_forget(&t);
 		NM_COUNT(untracked_full, 1);
 		return;
