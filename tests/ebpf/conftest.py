@@ -7,6 +7,7 @@ connection the programs fail to rewrite can never leave the machine.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ import pytest
 
 from nodemesh.api import Backend, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf._maps import Tuple
 from nodemesh.ebpf.maps import SocketRedirect
 from nodemesh.ebpf.testing import NodeLab, prerequisites
 from tests.support import need
@@ -75,6 +77,18 @@ def l4(name: str, vip: str, port: int, *backends: tuple[str, int, int]) -> Servi
 def stats(lab: NodeLab) -> dict[str, int]:
     with NodeMaps(lab.pin_root) as maps:
         return maps.stats()
+
+
+def tuple_key(saddr: str, sport: int, daddr: str, dport: int) -> Tuple:
+    """The key of a socket's entries (nm_socks, nm_backlog, ...) from its side's 4-tuple."""
+
+    def addr(text: str) -> int:
+        return int.from_bytes(socket.inet_aton(text), "little")
+
+    def port(number: int) -> int:
+        return int.from_bytes(number.to_bytes(2, "big"), "little")
+
+    return Tuple(addr(saddr), addr(daddr), port(sport), port(dport))
 
 
 SOCK_STATE_MAPS = ("nm_socks", "nm_backlog", "nm_fallback", "nm_rcv_seq")

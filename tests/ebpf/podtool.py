@@ -222,6 +222,11 @@ def push(args: argparse.Namespace) -> None:
     writing until everything is sent."""
     s = _connect(args.to)
     hello = _read_line(s)
+    if args.start_after:  # connected; the test prepares the maps, then creates the file
+        _out({"connected": True})
+        deadline = time.monotonic() + 60
+        while not os.path.exists(args.start_after) and time.monotonic() < deadline:
+            time.sleep(0.01)
     sent_hash = hashlib.sha256()
     sent = 0
     offset = 0
@@ -250,6 +255,9 @@ def push(args: argparse.Namespace) -> None:
                 sent_hash.update(chunk[:k])
                 sent += k
                 chunk = chunk[k:]
+        if args.release and not os.path.exists(args.release):
+            open(args.release, "w").close()  # never blocked: the sink may read on now
+            s.settimeout(60)
         s.shutdown(socket.SHUT_WR)
         greeting = b""
         if args.greeting_after:  # until the sink has read everything (its --read-done)
@@ -569,6 +577,7 @@ def main() -> None:
     pu.add_argument("--release", default="")
     pu.add_argument("--greeting", type=int, default=0)
     pu.add_argument("--greeting-after", default="")
+    pu.add_argument("--start-after", default="")
     du = sub.add_parser("duplex")
     du.add_argument("--to", required=True)
     du.add_argument("--bytes", type=int, required=True)

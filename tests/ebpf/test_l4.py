@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,17 @@ from nodemesh.ebpf._maps import (
 )
 from nodemesh.ebpf.maps import SocketRedirect
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
-from nodemesh.ebpf.testing import NodeLab, Pod
-from tests.ebpf.conftest import VIP, VIP6, l4, program, settled_sock_state, sock_state, stats
+from nodemesh.ebpf.testing import PODTOOL, NodeLab, Pod
+from tests.ebpf.conftest import (
+    VIP,
+    VIP6,
+    l4,
+    program,
+    settled_sock_state,
+    sock_state,
+    stats,
+    tuple_key,
+)
 
 MB = 1 << 20
 SIZES = "1,2,3,100,1448,4096,65536,1048576,7,999999,16384"
@@ -463,6 +473,63 @@ def test_with_the_socket_maps_full_a_connection_stays_on_plain_tcp_intact(node: 
     assert after["untracked_full"] - before["untracked_full"] == 2  # both ends
     assert after["sockhash_inserts"] == before["sockhash_inserts"]
     assert after["bytes_redirected"] == before["bytes_redirected"]
+
+
+def test_a_fallback_that_cannot_be_recorded_keeps_redirecting_in_order(
+    node: NodeLab, tmp_path: Path
+) -> None:
+    """The fail safe of nm_msg_redirect, which no normal run reaches: the writer's nm_fallback
+    entry is gone (deleted here) and the map is full (filled with keys of 198.51.100.0/24,
+    TEST-NET-2), so its fallback cannot be marked. Sending over TCP unmarked would let the
+    next message redirect again and be read first; so it keeps redirecting, past the limit
+    (the limit is lost for this connection, the order is not): every byte redirected, the
+    writer never blocked, `fallback_unrecorded` counted, the sha256 of 64 MiB intact."""
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, (l4("sink", VIP, 80, (b.ip, 7000, 1)),))
+    release, start = tmp_path / "release", tmp_path / "start"
+    b.serve(
+        7000, sink_chunk=65536, sink_pause=60, sink_hold_until=str(release),
+        sink_read_first=MB,
+    )  # fmt: skip
+    total = 64 * MB
+    push = a.spawn(
+        [
+            sys.executable, str(PODTOOL), "push", "--to", f"{VIP}:80", "--bytes", str(total),
+            "--send-timeout", "5", "--release", str(release), "--start-after", str(start),
+        ],
+        "a:push",
+    )  # fmt: skip
+    assert push.json() == {"connected": True}
+    fd = bpf.obj_get(str(node.pin_root / "nm_fallback"))
+    try:
+        with NodeMaps(node.pin_root) as maps:
+            mine = [k for k in maps.sock_state("nm_fallback") if k[0] == a.ip]
+        assert len(mine) == 1, mine
+        saddr, sport, daddr, dport = mine[0]
+        bpf.map_delete(fd, tuple_key(saddr, sport, daddr, dport), "nm_fallback")
+        capacity = bpf.map_info(fd, "nm_fallback").max_entries
+        base = int.from_bytes(socket.inet_aton("198.51.100.0"), "little")
+        with NodeMaps(node.pin_root) as maps:
+            free = capacity - maps.count("nm_fallback")
+        for i in range(free):
+            key = Tuple(base + ((i & 0xFF) << 24), base, 1024 + (i >> 8), 80)
+            bpf.map_update(fd, key, ctypes.c_uint32(0), "nm_fallback")
+        with NodeMaps(node.pin_root) as maps:
+            assert maps.count("nm_fallback") == capacity
+        before = stats(node)
+        start.touch()
+        result = push.json(timeout=120)
+        after = stats(node)
+    finally:
+        os.close(fd)
+    assert result["ok"] and result["blocked_at"] is None, result
+    assert result["trailer"] == f"DONE {total} {result['sent_sha']}", "bytes lost or reordered"
+    d = {k: after[k] - before[k] for k in after}
+    assert d["fallback_unrecorded"] > 0, d
+    # the client's 64 MiB all redirected (its direction never went to TCP); the sink's
+    # trailer may go over TCP if the client left nm_socks at its half-close
+    assert d["fallback_backlog"] == 0, d
+    assert d["bytes_redirected"] >= total, d
 
 
 @pytest.mark.parametrize(

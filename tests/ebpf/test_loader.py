@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 
 from nodemesh.api import Backend, MapView, MeshService, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf.testing import NodeLab
-from tests.ebpf.conftest import program, settled_sock_state, stats
+from tests.ebpf.conftest import program, settled_sock_state, stats, tuple_key
 
 
 def test_enable_twice_keeps_every_link_and_program(node: NodeLab) -> None:
@@ -82,16 +81,6 @@ def test_patch_writes_one_services_entries_and_ends_where_a_full_apply_would(
         assert (full.written, full.deleted) == (0, 0), "a full apply finds nothing left to do"
 
 
-def _key(saddr: str, sport: int, daddr: str, dport: int) -> m.Tuple:
-    def addr(text: str) -> int:
-        return int.from_bytes(socket.inet_aton(text), "little")
-
-    def port(number: int) -> int:
-        return int.from_bytes(number.to_bytes(2, "big"), "little")
-
-    return m.Tuple(addr(saddr), addr(daddr), port(sport), port(dport))
-
-
 def test_enable_replaces_an_older_fallback_map_and_old_connections_keep_their_marks(
     node: NodeLab,
 ) -> None:
@@ -113,13 +102,13 @@ def test_enable_replaces_an_older_fallback_map_and_old_connections_keep_their_ma
     # The held client falls back (marked in the map its sk_msg program uses) ...
     fd = bpf.obj_get(str(pin))
     try:
-        bpf.map_update(fd, _key(*client), ctypes.c_uint32(1), "nm_fallback")  # BACKLOG
+        bpf.map_update(fd, tuple_key(*client), ctypes.c_uint32(1), "nm_fallback")  # BACKLOG
     finally:
         os.close(fd)
     # ... and the pin is what the previous version made: LRU, 65536 entries, no flags.
     old_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, "nm_fallback", 12, 4, 65536, "old")
     try:
-        bpf.map_update(old_fd, _key(*client), ctypes.c_uint32(1), "old")
+        bpf.map_update(old_fd, tuple_key(*client), ctypes.c_uint32(1), "old")
         pin.unlink()  # the running programs keep the map they were loaded with
         bpf.obj_pin(old_fd, str(pin), "old nm_fallback")
     finally:
