@@ -476,5 +476,13 @@ async def test_pods_choose_the_socket_short_cut_through_the_control_plane(feed: 
     assert await short_circuited(None) == probe.ok, probe
     mesh.write_text(annotated(a="on", c="on"))
     assert await short_circuited("on")
+    # L7 (web, through the node Envoy): the leg a -> Envoy is short-circuited (the Envoy
+    # counts as "on"), the leg Envoy -> b is too only where b may be (all pods: the probe
+    # passed; on 6.18 b said nothing)
+    before = stats(feed.lab)
+    status, headers, body = await feed.get(f"{VIP_L7}:80", "/l7-legs")
+    assert status == 200 and headers["server"] == "envoy", body
+    inserts = stats(feed.lab)["sockhash_inserts"] - before["sockhash_inserts"]
+    assert inserts >= 4 if probe.ok else inserts == 2, inserts
     mesh.write_text(annotated(a="on", c="off"))
     assert not await short_circuited("off")
