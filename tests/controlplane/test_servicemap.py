@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import yaml
@@ -158,6 +159,7 @@ def test_a_pods_socket_redirect_choice_changes_only_its_node_map() -> None:
     for obj in objs:
         store.apply(obj)
     first = translator.translate(build(store.view(), memo=memo).mesh)
+    made = translator.service_maps_made
     pod = objs[3]
     seen = []
     for value in ("on", "off", None):
@@ -167,10 +169,46 @@ def test_a_pods_socket_redirect_choice_changes_only_its_node_map() -> None:
         store.apply({**pod, "metadata": metadata})
         t = translator.translate(build(store.view(), memo=memo).mesh)
         assert t.per_node["node-b"][NODE_TYPE_URL][0] is first.per_node["node-b"][NODE_TYPE_URL][0]
+        assert translator.service_maps_made == made + 1, "only node-a's map is made again"
+        made = translator.service_maps_made
         msg = pb.NodeServiceMap.FromString(t.per_node["node-a"][NODE_TYPE_URL][0].payload)
         seen.append((list(msg.socket_redirect_on), list(msg.socket_redirect_off)))
         assert list(msg.local_addresses) == ["10.244.1.5"]
     assert seen == [(["10.244.1.5"], []), ([], ["10.244.1.5"]), ([], [])]
+
+
+def _choosing(pod: dict[str, Any], name: str, choice: str | None) -> dict[str, Any]:
+    """`pod` renamed, with the annotation nodemesh.io/socket-redirect (None: without)."""
+    metadata: dict[str, Any] = {"name": name, "namespace": pod["metadata"]["namespace"]}
+    if choice is not None:
+        metadata["annotations"] = {"nodemesh.io/socket-redirect": choice}
+    return {**pod, "metadata": metadata}
+
+
+def test_an_ip_is_on_only_if_every_pod_that_claims_it_said_on() -> None:
+    """IP reuse: a Pod that said "on" lingers while a new Pod that said nothing has its IP.
+    The IP is not "on" (the new pod never opted in); if the new Pod says "off" it is "off";
+    once the new Pod is gone, the old one's choice counts again."""
+    store, memo, translator = Store(), BuildMemo(), Translator()
+    objs = _objects()
+    for obj in objs:
+        store.apply(obj)
+    pod = objs[3]
+
+    def choices() -> tuple[list[str], list[str]]:
+        t = translator.translate(build(store.view(), memo=memo).mesh)
+        msg = pb.NodeServiceMap.FromString(t.per_node["node-a"][NODE_TYPE_URL][0].payload)
+        return list(msg.socket_redirect_on), list(msg.socket_redirect_off)
+
+    store.apply(_choosing(pod, "client", "on"))
+    assert choices() == (["10.244.1.5"], [])
+    store.apply(_choosing(pod, "client-2", None))
+    assert choices() == ([], [])
+    store.apply(_choosing(pod, "client-2", "off"))
+    assert choices() == ([], ["10.244.1.5"])
+    store.delete(ObjectKey("Pod", "shop", "client-2"))
+    assert choices() == (["10.244.1.5"], [])
+    assert build(store.view()).mesh == build(store.view(), memo=memo).mesh
 
 
 def test_one_changed_service_makes_one_resource_for_every_node() -> None:

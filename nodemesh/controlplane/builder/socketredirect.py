@@ -1,6 +1,6 @@
 """Pods -> `ir.SocketRedirectPods`: per node, the pods that chose about the node's socket short
 cut with the annotation `nodemesh.io/socket-redirect` ("on" or "off"; anything else counts as
-unset). The node agent short-circuits a same-node connection according to its mode and these
+no choice). The node agent short-circuits a same-node connection according to its mode and these
 choices (docs/ebpf.md, "Pods choose")."""
 
 from __future__ import annotations
@@ -30,13 +30,19 @@ def pod_choice(obj: Mapping[str, Any]) -> str | None:
     return value if value in _CHOICES else None
 
 
+_UNSET = ""  # a Pod without a (valid) choice
+
+
 class SocketRedirectIndex:
-    """Keeps only the Pods with a choice, updated from the Pods that changed (a cold build
-    gives every Pod as changed). Not thread-safe."""
+    """Per node and pod IP, the choices of the Pods that claim the IP. Every Pod is indexed
+    (a cold build gives every Pod as changed, later builds the changed ones): an IP is "on"
+    only if every Pod that claims it said "on", and "off" if any said "off". So a Pod that
+    said nothing and got the IP of one that said "on" and still lingers is not short-circuited
+    on a node where only opted-in pods are. Not thread-safe."""
 
     def __init__(self) -> None:
         self._placed: dict[ObjectKey, tuple[str, Placement]] = {}
-        # node -> IP -> choice -> how many Pods claim it
+        # node -> IP -> choice ("on", "off", or _UNSET) -> how many Pods claim it so
         self._claims: dict[str, dict[str, Counter[str]]] = {}
         self._by_node: dict[str, ir.SocketRedirectPods] = {}
         self._result: tuple[ir.SocketRedirectPods, ...] = ()
@@ -44,44 +50,50 @@ class SocketRedirectIndex:
     def update(
         self, changed: Iterable[tuple[ObjectKey, Mapping[str, Any] | None]]
     ) -> tuple[ir.SocketRedirectPods, ...]:
-        """The choices per node, sorted by node, given the Pods changed since the last call
-        (None: deleted). The same tuple when nothing about them changed."""
+        """The choices per node (only nodes with an IP that is "on" or "off"), sorted by node,
+        given the Pods changed since the last call (None: deleted). The same tuple when
+        nothing about them changed."""
         dirty: set[str] = set()
         for key, obj in changed:
-            choice = pod_choice(obj) if obj is not None else None
-            new = (choice, pod_placement(obj)) if obj is not None and choice else None
-            if new is not None and not new[1]:
-                new = None  # not running on a node (yet), or host network
+            new: tuple[str, Placement] | None = None
+            if obj is not None:
+                placement = pod_placement(obj)
+                if placement:  # running on a node, with its own network namespace
+                    new = (pod_choice(obj) or _UNSET, placement)
             old = self._placed.pop(key, None)
             if new is not None:
                 self._placed[key] = new
             if new == old:
                 continue
             if old is not None:
-                for node, ip in old[1]:
+                choice, placement = old
+                for node, ip in placement:
                     per_ip = self._claims[node]
                     claims = per_ip[ip]
-                    claims[old[0]] -= 1
-                    if not claims[old[0]]:
-                        del claims[old[0]]
+                    claims[choice] -= 1
+                    if not claims[choice]:
+                        del claims[choice]
                         if not claims:
                             del per_ip[ip]
                             if not per_ip:
                                 del self._claims[node]
                     dirty.add(node)
             if new is not None:
-                for node, ip in new[1]:
-                    self._claims.setdefault(node, {}).setdefault(ip, Counter())[new[0]] += 1
+                choice, placement = new
+                for node, ip in placement:
+                    self._claims.setdefault(node, {}).setdefault(ip, Counter())[choice] += 1
                     dirty.add(node)
         if not dirty:
             return self._result
         for node in dirty:
-            claimed = self._claims.get(node)
-            if not claimed:
-                self._by_node.pop(node, None)
-                continue
+            claimed = self._claims.get(node, {})
             off = sorted(ip for ip, claims in claimed.items() if "off" in claims)
-            on = sorted(ip for ip, claims in claimed.items() if "off" not in claims)
-            self._by_node[node] = ir.SocketRedirectPods(node, tuple(on), tuple(off))
-        self._result = tuple(self._by_node[n] for n in sorted(self._by_node))
+            on = sorted(ip for ip, claims in claimed.items() if claims.keys() == {"on"})
+            if on or off:
+                self._by_node[node] = ir.SocketRedirectPods(node, tuple(on), tuple(off))
+            else:
+                self._by_node.pop(node, None)
+        result = tuple(self._by_node[n] for n in sorted(self._by_node))
+        if result != self._result:
+            self._result = result
         return self._result
