@@ -60,7 +60,7 @@ MAP_NAMES = (
 # program keeps the maps it was loaded with, so an old connection's fallback marks stay where
 # its program looks; the old maps go when their last connection does. nm_stats restarts at 0.
 # Any other changed map still needs `disable()` first.
-REPLACEABLE = ("nm_backlog", "nm_fallback", "nm_stats")
+REPLACEABLE = ("nm_backlog", "nm_fallback", "nm_local", "nm_stats")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@
 #include <bpf/bpf_core_read.h>
 
 #define MSG_PEEK 2
+#define IPPROTO_TCP 6
 
 /* Just the fields used, relocated against the running kernel's BTF (CO-RE). */
 struct sock_common {
@@ -31,6 +32,7 @@ struct sock_common {
 
 struct sock {
 	struct sock_common __sk_common;
+	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
 struct inet_sock {
@@ -42,13 +44,17 @@ struct tcp_sock {
 	__u32 copied_seq;
 } __attribute__((preserve_access_index));
 
-/* Bytes of this read that came from the TCP receive queue: how far copied_seq moved since
- * the last read, which moves nm_rcv_seq forward (a compare-and-swap, so two readers at once
- * split the distance; a reader that sees an older copied_seq than the last one adds nothing).
- * Without an entry (a socket inserted by an earlier version): 0, every byte counts as
- * redirected, as that version did.
+/* Bytes of this read (`ret` of them) that came from the TCP receive queue: how far
+ * copied_seq moved since nm_rcv_seq, but at most `ret`, by which nm_rcv_seq moves forward
+ * (compare-and-swap). The tracepoint runs after the read released the socket lock, so with
+ * two readers at once one may see the other's TCP bytes too: taking at most its own `ret`
+ * leaves the rest in place for the other, so every TCP byte is claimed once. The first to
+ * report may claim TCP bytes that were the other's while its own were redirected: its
+ * decrement is then too small and the other's too big by the same amount, so the count is
+ * above the truth in between, never below. Without an entry (a socket inserted by an earlier
+ * version): 0, every byte counts as redirected, as that version did.
  */
-static __always_inline __s64 nm_tcp_bytes(struct sock *sk, const struct nm_tuple *t)
+static __always_inline __s64 nm_tcp_bytes(struct sock *sk, const struct nm_tuple *t, int ret)
 {
 	__u32 *last = bpf_map_lookup_elem(&nm_rcv_seq, t);
 	__u32 now;
@@ -62,7 +68,9 @@ static __always_inline __s64 nm_tcp_bytes(struct sock *sk, const struct nm_tuple
 
 		if (moved <= 0)
 			return 0;
-		if (__sync_val_compare_and_swap(last, old, now) == old)
+		if (moved > ret)
+			moved = ret;
+		if (__sync_val_compare_and_swap(last, old, old + (__u32)moved) == old)
 			return moved;
 	}
 	NM_COUNT(cas_exhausted, 1);
@@ -81,6 +89,9 @@ int BPF_PROG(nm_msg_consumed, struct sock *sk, int ret, int flags)
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
+	/* TCP only: a connected UDP socket could have the same 4-tuple as a counted one. */
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
 	/* The key sockops built for this socket: for a v4-mapped IPv6 socket the kernel keeps
 	 * the IPv4 addresses in skc_rcv_saddr/skc_daddr too.
 	 */
@@ -97,9 +108,9 @@ int BPF_PROG(nm_msg_consumed, struct sock *sk, int ret, int flags)
 		return 0;
 	if (*(volatile __s64 *)backlog < 0)
 		return 0; /* detached: nothing is redirected to it any more, not counted */
-	tcp = nm_tcp_bytes(sk, &t);
+	tcp = nm_tcp_bytes(sk, &t, ret);
 	if (tcp > 0) {
-		NM_COUNT(bytes_tcp_read, tcp < ret ? tcp : ret);
+		NM_COUNT(bytes_tcp_read, tcp);
 		ret -= tcp;
 		if (ret <= 0)
 			return 0;

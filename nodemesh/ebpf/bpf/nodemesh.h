@@ -183,9 +183,10 @@ struct {
 } nm_socks SEC(".maps");
 
 /* Per-socket state of the backpressure rule (redir.bpf.c), one entry per socket in nm_socks
- * in each map, keyed by that socket's own nm_socks key. sockops creates both entries before it
- * inserts the socket into nm_socks (a socket whose entries cannot be created stays out of
- * nm_socks, on TCP) and deletes them when the socket reaches TCP_CLOSE. Plain hashes, not LRU:
+ * in each map (nm_backlog, nm_rcv_seq, nm_fallback), keyed by that socket's own nm_socks key.
+ * sockops creates the three entries before it inserts the socket into nm_socks (a socket
+ * whose entries cannot be created stays out of nm_socks, on TCP) and deletes them when the
+ * socket reaches TCP_CLOSE. Plain hashes, not LRU:
  * a live entry must never be evicted (a lost nm_fallback mark would let a connection redirect
  * again while its peer holds unread TCP bytes). Entries exist only for sockets in nm_socks
  * (65536) and for the instant before an insert into it, so twice that never fills; the
@@ -238,6 +239,11 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, __be32); /* pod IPs on this node and the node Envoy address */
 	__type(value, __u32); /* NM_LOCAL | NM_LOCAL_REDIRECT_* */
+	/* A value changes in place (a Pod's choice): without preallocation the replaced element
+	 * is freed after an RCU grace period, so sockops never reads a recycled one (another
+	 * pod's flags), as with nm_services.
+	 */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_local SEC(".maps");
 

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* sockops: put established connections whose both ends live on this node into nm_socks, with
- * their nm_backlog/nm_fallback entries (deleted again at TCP_CLOSE), and hand the original
- * destination of a connection sent to the node Envoy from its socket cookie to its 4-tuple,
- * where cgroup/getsockopt finds it.
+ * their nm_backlog/nm_fallback/nm_rcv_seq entries (deleted again at TCP_CLOSE), and hand the
+ * original destination of a connection sent to the node Envoy from its socket cookie to its
+ * 4-tuple, where cgroup/getsockopt finds it.
  */
 #include "nodemesh.h"
 
@@ -34,7 +34,7 @@ static __always_inline int nm_tuple_of(const struct bpf_sock_ops *skops, struct 
 	return 0;
 }
 
-/* Returns how many of the socket's two entries were there. */
+/* Returns how many of the socket's nm_backlog and nm_fallback entries were there. */
 static __always_inline int nm_forget(const struct nm_tuple *t)
 {
 	int n = 0;
@@ -88,19 +88,6 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	if (!(cfg->flags & NM_CFG_SOCKET_REDIRECT) &&
 	    !(*local & *peer & NM_LOCAL_REDIRECT_ON))
 		return;
-	/* Ask for BPF_SOCK_OPS_STATE_CB first, so whatever is created below goes at close, and
-	 * for BPF_SOCK_OPS_HDR_OPT_LEN_CB (every packet the socket sends) for nm_detach().
-	 */
-	if (bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-						     BPF_SOCK_OPS_STATE_CB_FLAG |
-						     BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG))
-		return;
-	/* Both per-socket entries exist before the socket is in nm_socks, so sk_msg and the read
-	 * counter only ever change them in place, which cannot fail on a full map. BPF_ANY
-	 * resets them for a reused 4-tuple; nothing can redirect to this socket before it is in
-	 * nm_socks, so no add is lost. If the maps are full the socket stays out of nm_socks:
-	 * plain TCP for its whole life, and its peer's sends fall back (no peer).
-	 */
 	/* Where the application's reads of the TCP queue start: the read counter takes only
 	 * redirected bytes off nm_backlog. Without it the socket cannot be counted: it stays out.
 	 */
@@ -111,6 +98,19 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	if (!tp)
 		return;
 	seq = tp->copied_seq;
+	/* Ask for BPF_SOCK_OPS_STATE_CB first, so whatever is created below goes at close, and
+	 * for BPF_SOCK_OPS_HDR_OPT_LEN_CB (every packet the socket sends) for nm_detach().
+	 */
+	if (bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						     BPF_SOCK_OPS_STATE_CB_FLAG |
+						     BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG))
+		return;
+	/* The three per-socket entries exist before the socket is in nm_socks, so sk_msg and the
+	 * read counter only ever change them in place, which cannot fail on a full map. BPF_ANY
+	 * resets them for a reused 4-tuple; nothing can redirect to this socket before it is in
+	 * nm_socks, so no add is lost. If the maps are full the socket stays out of nm_socks:
+	 * plain TCP for its whole life, and its peer's sends fall back (no peer).
+	 */
 	if (bpf_map_update_elem(&nm_backlog, &t, &zero64, BPF_ANY) ||
 	    bpf_map_update_elem(&nm_fallback, &t, &zero32, BPF_ANY) ||
 	    bpf_map_update_elem(&nm_rcv_seq, &t, &seq, BPF_ANY)) {
