@@ -58,7 +58,8 @@ MAP_NAMES = (
 # copied: sockets already in nm_socks keep the sk_msg program they were inserted with (a psock
 # holds its own program reference; a link update reaches only sockets inserted later), and that
 # program keeps the maps it was loaded with, so an old connection's fallback marks stay where
-# its program looks; the old maps go when their last connection does. nm_stats restarts at 0.
+# its program looks; the old maps go when their last connection does. nm_stats restarts at 0;
+# nm_local starts empty (no new connection is short-circuited) until the agent's next map.
 # Any other changed map still needs `disable()` first.
 REPLACEABLE = ("nm_backlog", "nm_fallback", "nm_local", "nm_stats")
 
