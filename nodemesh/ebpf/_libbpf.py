@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import struct
@@ -35,6 +36,7 @@ __all__ = [
     "close_fd",
     "libbpf",
     "link_create",
+    "link_exists",
     "link_info",
     "link_update",
     "map_create",
@@ -115,6 +117,7 @@ class _Lib:
         self._sig("bpf_obj_get_info_by_fd", ci, [ci, vp, ctypes.POINTER(cu)])
         self._sig("bpf_prog_get_fd_by_id", ci, [cu])
         self._sig("bpf_map_get_fd_by_id", ci, [cu])
+        self._sig("bpf_link_get_fd_by_id", ci, [cu])
         self._sig("bpf_map_update_elem", ci, [ci, vp, vp, ctypes.c_uint64])
         self._sig("bpf_map_lookup_elem", ci, [ci, vp, vp])
         self._sig("bpf_map_delete_elem", ci, [ci, vp])
@@ -285,6 +288,18 @@ def prog_get_fd_by_id(prog_id: int) -> int:
 
 def map_get_fd_by_id(map_id: int) -> int:
     return _check(libbpf().so.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+
+
+def link_exists(link_id: int) -> bool:
+    """Whether the kernel still has the link `link_id` (attached or on its way out)."""
+    fd = libbpf().so.bpf_link_get_fd_by_id(link_id)
+    if fd >= 0:
+        close_fd(fd)
+        return True
+    if _errno_of(fd) == errno.ENOENT:
+        return False
+    _check(fd, f"open link id {link_id}")
+    return True
 
 
 def _info(fd: int, what: str) -> bytes:

@@ -113,4 +113,5 @@ class Stats(ctypes.Structure):
         ("sockhash_detached", ctypes.c_uint64),
         ("cas_exhausted", ctypes.c_uint64),
         ("bytes_tcp_read", ctypes.c_uint64),
+        ("lookup_races", ctypes.c_uint64),
     ]

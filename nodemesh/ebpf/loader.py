@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -58,10 +59,9 @@ MAP_NAMES = (
 # copied: sockets already in nm_socks keep the sk_msg program they were inserted with (a psock
 # holds its own program reference; a link update reaches only sockets inserted later), and that
 # program keeps the maps it was loaded with, so an old connection's fallback marks stay where
-# its program looks; the old maps go when their last connection does. nm_stats restarts at 0;
-# nm_local starts empty (no new connection is short-circuited) until the agent's next map.
+# its program looks; the old maps go when their last connection does. nm_stats restarts at 0.
 # Any other changed map still needs `disable()` first.
-REPLACEABLE = ("nm_backlog", "nm_fallback", "nm_local", "nm_stats")
+REPLACEABLE = ("nm_backlog", "nm_fallback", "nm_stats")
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,10 +233,12 @@ class Dataplane:
         self, want: Attachment, obj: bpf.BpfObject, prog_fd: int, force: bool = False
     ) -> str:
         """tp_btf links cannot be updated in place (no `bpf_link_update` for them): a changed
-        program gets a new link, pinned next to the old one and renamed over it, so reads are
-        never uncounted (for an instant both run: a read is subtracted twice, which only
-        lowers the backlog, clamped at 0)."""
+        program replaces the link, the old one detached first. For that instant no read is
+        counted, which leaves a count above the truth (safe: that socket only stays in
+        nm_socks, or falls back sooner); both at once would subtract a read twice, below the
+        truth, and a detach could then drop a redirect on its way."""
         pin = self.link_pin(want.program)
+        pin.with_name(pin.name + "_new").unlink(missing_ok=True)  # from an earlier version
         if pin.exists():
             with self._pinned(pin) as link_fd:
                 info = bpf.link_info(link_fd, str(pin))
@@ -246,13 +248,29 @@ class Dataplane:
                 and self._prog_tag(info.prog_id) == bpf.prog_info(prog_fd, want.program).tag
             ):
                 return "kept"
-            new = pin.with_name(pin.name + "_new")  # bpffs refuses dots in names (EPERM)
-            new.unlink(missing_ok=True)
-            obj.attach_pinned(want.program, str(new))
-            os.replace(new, pin)
+            pin.unlink()  # the pin held the last reference: the kernel detaches it
+            self._wait_gone(info.id, str(pin))
+            obj.attach_pinned(want.program, str(pin))
             return "updated"
         obj.attach_pinned(want.program, str(pin))
         return "created"
+
+    @staticmethod
+    def _wait_gone(link_id: int, what: str, timeout: float = 5.0) -> None:
+        """Until the kernel has released link `link_id` (it does that from a work queue,
+        right after its last reference goes)."""
+        deadline = time.monotonic() + timeout
+        while bpf.link_exists(link_id):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "link %d (%s) still exists after %.0f s (another holder?); attaching the "
+                    "new program anyway: for a moment both count reads",
+                    link_id,
+                    what,
+                    timeout,
+                )
+                return
+            time.sleep(0.01)
 
     @staticmethod
     def _prog_tag(prog_id: int) -> bytes:

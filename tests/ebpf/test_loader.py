@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 
 from nodemesh.api import Backend, MapView, MeshService, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
@@ -147,50 +146,3 @@ def test_enable_replaces_an_older_fallback_map_and_old_connections_keep_their_ma
     empty = {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0, "nm_rcv_seq": 0}
     assert settled_sock_state(node, empty) == empty
     assert node.dataplane.enable() == dict.fromkeys(result, "kept")
-
-
-def test_enable_replaces_a_preallocated_local_map_and_the_next_map_fills_it(
-    node: NodeLab,
-) -> None:
-    """Upgrade from the version whose nm_local was preallocated (its values did not change
-    then; now a Pod's choice changes one in place, so it must be RCU-freed): enable() swaps
-    in an empty BPF_F_NO_PREALLOC map, no new connection is short-circuited until the agent's
-    next map fills it, and then they are again."""
-    assert node.dataplane is not None
-    a, b = node.pods["a"], node.pods["b"]
-    program(node, ())
-    b.serve(7000)
-    pin = node.pin_root / "nm_local"
-    old_fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, "nm_local", 4, 4, 65536, "old")
-    try:
-        for ip in (a.ip, b.ip):
-            key = ctypes.c_uint32(int.from_bytes(socket.inet_aton(ip), "little"))
-            bpf.map_update(old_fd, key, ctypes.c_uint32(1), "old")
-        pin.unlink()
-        bpf.obj_pin(old_fd, str(pin), "old nm_local")
-    finally:
-        os.close(old_fd)
-
-    result = node.dataplane.enable()
-
-    assert set(result.values()) == {"updated"}, result
-    fd = bpf.obj_get(str(pin))
-    try:
-        info = bpf.map_info(fd, "nm_local")
-    finally:
-        os.close(fd)
-    assert (info.type, info.flags) == (bpf.BPF_MAP_TYPE_HASH, 1), info
-    with NodeMaps(node.pin_root) as maps:
-        assert maps.local() == {}, "nothing copied from the old map"
-
-    def inserts() -> int:
-        before = stats(node)["sockhash_inserts"]
-        held = a.hold(f"{b.ip}:7000")
-        assert held.json() == {"hello": "HELLO b"}
-        held.send("bye")
-        assert held.popen.wait(10) == 0
-        return stats(node)["sockhash_inserts"] - before
-
-    assert inserts() == 0, "no local pods known yet: plain TCP"
-    program(node, ())
-    assert inserts() == 2

@@ -57,13 +57,17 @@ struct tcp_sock {
 static __always_inline __s64 nm_tcp_bytes(struct sock *sk, const struct nm_tuple *t, int ret)
 {
 	__u32 *last = bpf_map_lookup_elem(&nm_rcv_seq, t);
-	__u32 now;
 
 	if (!last)
 		return 0;
-	now = BPF_CORE_READ((struct tcp_sock *)sk, copied_seq);
 	for (int i = 0; i < NM_CAS_TRIES; i++) {
+		/* nm_rcv_seq first, then copied_seq: nm_rcv_seq never passes what copied_seq was
+		 * when it was written, so `now` is never behind `old` (read the other way round, a
+		 * reader whose `now` went stale while another moved nm_rcv_seq past it would see
+		 * nothing moved and take its TCP bytes off the count).
+		 */
 		__u32 old = *(volatile __u32 *)last;
+		__u32 now = BPF_CORE_READ((struct tcp_sock *)sk, copied_seq);
 		__s32 moved = (__s32)(now - old);
 
 		if (moved <= 0)
@@ -73,8 +77,11 @@ static __always_inline __s64 nm_tcp_bytes(struct sock *sk, const struct nm_tuple
 		if (__sync_val_compare_and_swap(last, old, old + (__u32)moved) == old)
 			return moved;
 	}
+	/* Given up: the whole read counts as TCP bytes, so the count stays above the truth (a
+	 * later read claims those TCP bytes again, up to its own size): never below.
+	 */
 	NM_COUNT(cas_exhausted, 1);
-	return 0;
+	return ret;
 }
 
 SEC("tp_btf/sock_recv_length")

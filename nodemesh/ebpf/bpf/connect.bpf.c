@@ -40,19 +40,43 @@ static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16
 {
 	struct nm_config *cfg = nm_get_config();
 	struct nm_svc_key key = { .addr = addr, .port = port };
+	struct nm_orig_dst pick = {};
 	struct nm_service *svc;
+	int picked = -1, read = 0;
+	__u32 flags = 0;
 
 	if (!cfg)
 		return NM_PASS;
 	/* The node Envoy's own upstream connections go where Envoy says: no loops. */
 	if (cfg->envoy_cgroup_id && bpf_get_current_cgroup_id() == cfg->envoy_cgroup_id)
 		return NM_PASS;
-	svc = bpf_map_lookup_elem(&nm_services, &key);
-	if (!svc) {
-		NM_COUNT(misses, 1);
-		return NM_PASS;
+	/* The entry is read, then looked up again: the same element means nothing replaced it
+	 * meanwhile. An agent update or delete frees the old element, which the kernel may hand
+	 * out at once for another entry (hash maps since Linux 6.1, preallocated or not), so a
+	 * read racing it could see another Service's values: for an L7 Service those of an L4
+	 * one, which would bypass the node Envoy. Read again on a change; still changing after
+	 * NM_READ_TRIES: refused (fail closed).
+	 */
+	for (int i = 0; i < NM_READ_TRIES; i++) {
+		svc = bpf_map_lookup_elem(&nm_services, &key);
+		if (!svc) {
+			NM_COUNT(misses, 1);
+			return NM_PASS;
+		}
+		flags = svc->flags;
+		if (!(flags & NM_SVC_L7))
+			picked = nm_pick_backend(svc, &pick);
+		if (bpf_map_lookup_elem(&nm_services, &key) == svc) {
+			read = 1;
+			break;
+		}
+		NM_COUNT(lookup_races, 1);
 	}
-	if (svc->flags & NM_SVC_L7) {
+	if (!read) {
+		NM_COUNT(refused, 1);
+		return NM_REFUSE;
+	}
+	if (flags & NM_SVC_L7) {
 		if (!(cfg->flags & NM_CFG_ENVOY_SET)) {
 			NM_COUNT(refused, 1);
 			return NM_REFUSE; /* never bypass Envoy for a flow that needs L7 */
@@ -69,10 +93,11 @@ static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16
 		NM_COUNT(l7_redirects, 1);
 		return NM_REWRITE;
 	}
-	if (nm_pick_backend(svc, out)) {
+	if (picked) {
 		NM_COUNT(refused, 1);
 		return NM_REFUSE; /* a service without backends refuses, like kube-proxy */
 	}
+	*out = pick;
 	NM_COUNT(l4_picks, 1);
 	return NM_REWRITE;
 }
@@ -128,14 +153,26 @@ int nm_sock6_connect(struct bpf_sock_addr *ctx)
 		key6.addr[1] = ip6[1];
 		key6.addr[2] = ip6[2];
 		key6.addr[3] = ip6[3];
-		svc6 = bpf_map_lookup_elem(&nm_services6, &key6);
-		if (!svc6)
-			return 1; /* not a mesh Service: the cluster's own path */
-		addr = svc6->addr;
-		if (!addr || ((svc6->flags & NM_SVC6_L7) &&
-			      !bpf_map_lookup_elem(&nm_services,
-						   &(struct nm_svc_key){ .addr = addr,
-									 .port = key6.port }))) {
+		__u32 flags6 = 0;
+		int read = 0;
+
+		/* Read, then looked up again, as in nm_connect(). */
+		for (int i = 0; i < NM_READ_TRIES; i++) {
+			svc6 = bpf_map_lookup_elem(&nm_services6, &key6);
+			if (!svc6)
+				return 1; /* not a mesh Service: the cluster's own path */
+			addr = svc6->addr;
+			flags6 = svc6->flags;
+			if (bpf_map_lookup_elem(&nm_services6, &key6) == svc6) {
+				read = 1;
+				break;
+			}
+			NM_COUNT(lookup_races, 1);
+		}
+		if (!read || !addr ||
+		    ((flags6 & NM_SVC6_L7) &&
+		     !bpf_map_lookup_elem(&nm_services,
+					  &(struct nm_svc_key){ .addr = addr, .port = key6.port }))) {
 			NM_COUNT(refused, 1);
 			bpf_set_retval(-ECONNREFUSED);
 			return 0; /* an L7 Service with nothing to stand in for it: fail closed */

@@ -114,7 +114,13 @@ struct nm_stats {
 	__u64 sockhash_detached; /* sockets taken out of nm_socks before close (sockops) */
 	__u64 cas_exhausted;     /* nm_backlog updates given up after NM_CAS_TRIES races */
 	__u64 bytes_tcp_read;    /* bytes read from TCP by sockets with an entry (not counted) */
+	__u64 lookup_races;      /* entries read again: the agent replaced them meanwhile */
 };
+
+/* Reads of an nm_services/nm_services6/nm_local entry before giving up (fail closed): an
+ * entry is read, then looked up again, and read again if the element changed.
+ */
+#define NM_READ_TRIES 4
 
 /* Compare-and-swap attempts on one nm_backlog entry before giving up (only the writer, the
  * reader and nm_detach() ever race on an entry, so a retry almost always succeeds).
@@ -134,8 +140,10 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, struct nm_svc_key);
 	__type(value, struct nm_service);
-	/* No preallocation: an update swaps the element under RCU, so a reader never sees a
-	 * half-written service (with preallocation a freed element can be reused mid-read).
+	/* No preallocation: memory follows the Services. An update replaces the element, and
+	 * since Linux 6.1 the freed one can be reused at once, with or without preallocation,
+	 * so a reader racing the agent can in rare cases read another entry (docs/ebpf.md,
+	 * Known limits).
 	 */
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -239,11 +247,6 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, __be32); /* pod IPs on this node and the node Envoy address */
 	__type(value, __u32); /* NM_LOCAL | NM_LOCAL_REDIRECT_* */
-	/* A value changes in place (a Pod's choice): without preallocation the replaced element
-	 * is freed after an RCU grace period, so sockops never reads a recycled one (another
-	 * pod's flags), as with nm_services.
-	 */
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_local SEC(".maps");
 

@@ -49,7 +49,8 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 {
 	struct nm_tuple t = {};
 	struct nm_config *cfg;
-	__u32 *local, *peer, flags, seq;
+	__u32 *local, *peer, mine = 0, theirs = 0, flags, seq;
+	int read = 0;
 	struct bpf_sock *sk;
 	struct tcp_sock *tp;
 	__s64 zero64 = 0;
@@ -74,19 +75,33 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	cfg = nm_get_config();
 	if (!cfg || !(cfg->flags & (NM_CFG_SOCKET_REDIRECT | NM_CFG_REDIRECT_OPTED_IN)))
 		return;
-	local = bpf_map_lookup_elem(&nm_local, &t.saddr);
-	peer = bpf_map_lookup_elem(&nm_local, &t.daddr);
-	if (!local || !peer)
-		return; /* the peer is elsewhere: the normal TCP path is the only path */
+	/* Read, then looked up again (as connect.bpf.c does): the same elements mean the agent
+	 * replaced neither meanwhile, so neither value is a reused element's (another pod's).
+	 */
+	for (int i = 0; i < NM_READ_TRIES; i++) {
+		local = bpf_map_lookup_elem(&nm_local, &t.saddr);
+		peer = bpf_map_lookup_elem(&nm_local, &t.daddr);
+		if (!local || !peer)
+			return; /* the peer is elsewhere: the normal TCP path is the only path */
+		mine = *local;
+		theirs = *peer;
+		if (bpf_map_lookup_elem(&nm_local, &t.saddr) == local &&
+		    bpf_map_lookup_elem(&nm_local, &t.daddr) == peer) {
+			read = 1;
+			break;
+		}
+		NM_COUNT(lookup_races, 1);
+	}
+	if (!read)
+		return; /* still changing: plain TCP, the safe side */
 	/* Both ends decide alike: each sees the same two nm_local values. A Pod that says off
 	 * keeps its connections on TCP; with only NM_CFG_REDIRECT_OPTED_IN (a kernel whose
 	 * sockmap reads are broken, docs/ebpf.md) both ends must have said on.
 	 */
-	flags = *local | *peer;
+	flags = mine | theirs;
 	if (flags & NM_LOCAL_REDIRECT_OFF)
 		return;
-	if (!(cfg->flags & NM_CFG_SOCKET_REDIRECT) &&
-	    !(*local & *peer & NM_LOCAL_REDIRECT_ON))
+	if (!(cfg->flags & NM_CFG_SOCKET_REDIRECT) && !(mine & theirs & NM_LOCAL_REDIRECT_ON))
 		return;
 	/* Where the application's reads of the TCP queue start: the read counter takes only
 	 * redirected bytes off nm_backlog. Without it the socket cannot be counted: it stays out.
