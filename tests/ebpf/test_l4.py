@@ -6,6 +6,8 @@ import ctypes
 import os
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,10 @@ from nodemesh.ebpf._maps import (
     NM_LOCAL,
     NM_LOCAL_REDIRECT_OFF,
     NM_LOCAL_REDIRECT_ON,
+    SvcKey,
     Tuple,
 )
-from nodemesh.ebpf.maps import SocketRedirect
+from nodemesh.ebpf.maps import SocketRedirect, service_value
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import PODTOOL, NodeLab, Pod
 from tests.ebpf.conftest import (
@@ -188,6 +191,48 @@ def test_l4_spreads_by_weight_and_a_removed_backend_gets_no_new_connections(
     program(node, (l4("web", VIP, 80, (c.ip, 7001, 1)),))
     after = a.tool("conns", "--to", f"{VIP}:80", "--count", "100")
     assert after == {"backends": {"c": 100}, "errors": {}}
+
+
+def test_a_service_entry_replaced_during_connect_is_read_again(node: NodeLab) -> None:
+    """connect4 reads a Service's entry, then looks it up again: a different element means the
+    agent replaced it meanwhile (the freed one may already hold another entry), so it reads
+    again. Here a thread rewrites the entry as fast as it can (each write a new element)
+    while a pod connects over and over: the re-reads happen (`lookup_races`) and every
+    connection still lands on the backend, none refused."""
+    a, b = node.pods["a"], node.pods["b"]
+    svc = l4("echo", VIP, 80, (b.ip, 7000, 1))
+    program(node, (svc,))
+    b.serve(7000)
+    fd = bpf.obj_get(str(node.pin_root / "nm_services"))
+    key = SvcKey(
+        int.from_bytes(socket.inet_aton(VIP), "little"),
+        int.from_bytes((80).to_bytes(2, "big"), "little"),
+        0,
+    )
+    value = service_value(svc)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            bpf.map_update(fd, key, value, "nm_services")
+
+    writer = threading.Thread(target=rewrite)
+    before = stats(node)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 60
+        results = []
+        while stats(node)["lookup_races"] == before["lookup_races"]:
+            assert time.monotonic() < deadline, "no read raced a rewrite in 60 s"
+            results.append(a.tool("conns", "--to", f"{VIP}:80", "--count", "500"))
+    finally:
+        stop.set()
+        writer.join()
+        os.close(fd)
+    after = stats(node)
+    assert all(r == {"backends": {"b": 500}, "errors": {}} for r in results), results
+    assert after["refused"] == before["refused"]
+    assert after["l4_picks"] - before["l4_picks"] == 500 * len(results)
 
 
 def test_l4_service_without_backends_refuses(node: NodeLab) -> None:
