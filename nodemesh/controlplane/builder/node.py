@@ -19,7 +19,16 @@ from nodemesh.controlplane.builder._util import as_list, as_map
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds.translate import ir
 
-__all__ = ["ConsumerIndex", "NodeIndex", "node_address", "pod_placement", "slice_placement"]
+__all__ = [
+    "Claims",
+    "ConsumerIndex",
+    "NodeIndex",
+    "claim",
+    "node_address",
+    "pod_placement",
+    "slice_placement",
+    "unclaim",
+]
 
 Placement = tuple[tuple[str, str], ...]  # (node name, pod IP) pairs
 _FEW = 64  # changed objects up to which a node's sorted pod IPs are updated in place
@@ -96,6 +105,27 @@ def _by_node(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
             out[node] = ips = []
         ips.append(ip)
     return out
+
+
+# node -> pod IP -> who claims it (a namespace, a choice) -> how many Pods
+Claims = dict[str, dict[str, Counter[str]]]
+
+
+def claim(claims: Claims, node: str, ip: str, who: str) -> None:
+    claims.setdefault(node, {}).setdefault(ip, Counter())[who] += 1
+
+
+def unclaim(claims: Claims, node: str, ip: str, who: str) -> None:
+    """One claim less; an IP, then a node, without claims left goes."""
+    per_ip = claims[node]
+    counts = per_ip[ip]
+    counts[who] -= 1
+    if not counts[who]:
+        del counts[who]
+        if not counts:
+            del per_ip[ip]
+            if not per_ip:
+                del claims[node]
 
 
 class NodeIndex:
@@ -284,7 +314,7 @@ class ConsumerIndex:
         self._namespaces: frozenset[str] = frozenset()
         self._placed: dict[ObjectKey, Placement] = {}
         # node -> IP -> namespace -> how many Pods of it claim the IP there
-        self._owners: dict[str, dict[str, Counter[str]]] = {}
+        self._owners: Claims = {}
         self._by_node: dict[str, tuple[ir.ConsumerSources, ...]] = {}
         self._result: tuple[ir.ConsumerSources, ...] = ()
 
@@ -340,16 +370,8 @@ class ConsumerIndex:
             return
         ns = key.namespace
         for node, ip in old:
-            per_ip = self._owners[node]
-            owners = per_ip[ip]
-            owners[ns] -= 1
-            if not owners[ns]:
-                del owners[ns]
-                if not owners:
-                    del per_ip[ip]
-                    if not per_ip:
-                        del self._owners[node]
+            unclaim(self._owners, node, ip, ns)
             dirty.add(node)
         for node, ip in new:
-            self._owners.setdefault(node, {}).setdefault(ip, Counter())[ns] += 1
+            claim(self._owners, node, ip, ns)
             dirty.add(node)

@@ -5,12 +5,11 @@ choices (docs/ebpf.md, "Pods choose")."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nodemesh.controlplane.builder._util import as_map
-from nodemesh.controlplane.builder.node import Placement, pod_placement
+from nodemesh.controlplane.builder.node import Claims, Placement, claim, pod_placement, unclaim
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds.translate import ir
 
@@ -43,7 +42,7 @@ class SocketRedirectIndex:
     def __init__(self) -> None:
         self._placed: dict[ObjectKey, tuple[str, Placement]] = {}
         # node -> IP -> choice ("on", "off", or _UNSET) -> how many Pods claim it so
-        self._claims: dict[str, dict[str, Counter[str]]] = {}
+        self._claims: Claims = {}
         self._by_node: dict[str, ir.SocketRedirectPods] = {}
         self._result: tuple[ir.SocketRedirectPods, ...] = ()
 
@@ -68,20 +67,12 @@ class SocketRedirectIndex:
             if old is not None:
                 choice, placement = old
                 for node, ip in placement:
-                    per_ip = self._claims[node]
-                    claims = per_ip[ip]
-                    claims[choice] -= 1
-                    if not claims[choice]:
-                        del claims[choice]
-                        if not claims:
-                            del per_ip[ip]
-                            if not per_ip:
-                                del self._claims[node]
+                    unclaim(self._claims, node, ip, choice)
                     dirty.add(node)
             if new is not None:
                 choice, placement = new
                 for node, ip in placement:
-                    self._claims.setdefault(node, {}).setdefault(ip, Counter())[choice] += 1
+                    claim(self._claims, node, ip, choice)
                     dirty.add(node)
         if not dirty:
             return self._result
