@@ -777,26 +777,31 @@ def quiet(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def report(results: dict[str, Any]) -> None:
-    tcp, http = results["tcp_echo"], results["http_echo"]
-    print(f"TCP echo (tcp-rr/tcp-stream, median of {ROUNDS} alternating rounds)")
+def _echo_table(title: str, echo: dict[str, Any]) -> None:
+    """No mesh against L4: the round trips, and the stream when the echo measured one."""
+    print(title)
     print(f"{'metric':<24}{'no mesh':>12}{'nodemesh L4':>14}{'change':>9}")
     for size in SIZES:
         for q in ("p50_us", "p99_us"):
-            x, y = tcp["no_mesh"][f"rr_{size}"][q], tcp["nodemesh_l4"][f"rr_{size}"][q]
+            x, y = echo["no_mesh"][f"rr_{size}"][q], echo["nodemesh_l4"][f"rr_{size}"][q]
             print(f"rr {size:>6} B {q:<11}{x:>12.1f}{y:>14.1f}{(y - x) / x * 100:>8.1f}%")
-    x, y = (tcp[c]["stream_64k"].get("mb_per_s") for c in ("no_mesh", "nodemesh_l4"))
+    if "stream_64k" not in echo["no_mesh"]:
+        return
+    x, y = (echo[c]["stream_64k"].get("mb_per_s") for c in ("no_mesh", "nodemesh_l4"))
     change = f"{(y - x) / x * 100:>8.1f}%" if x and y else f"{'-':>9}"
-    print(
-        f"{'stream 64K MB/s':<24}{_mbps(tcp['no_mesh'], 12)}{_mbps(tcp['nodemesh_l4'], 14)}{change}"
+    rates = _mbps(echo["no_mesh"], 12) + _mbps(echo["nodemesh_l4"], 14)
+    print(f"{'stream 64K MB/s':<24}{rates}{change}")
+
+
+def report(results: dict[str, Any]) -> None:
+    http = results["http_echo"]
+    _echo_table(
+        f"TCP echo (tcp-rr/tcp-stream, median of {ROUNDS} alternating rounds)", results["tcp_echo"]
     )
-    tcp_c = results["tcp_echo_c"]
-    print(f"\nTCP echo, C client and server (bench/rr.c), median of {ROUNDS} alternating rounds")
-    print(f"{'metric':<24}{'no mesh':>12}{'nodemesh L4':>14}{'change':>9}")
-    for size in SIZES:
-        for q in ("p50_us", "p99_us"):
-            x, y = tcp_c["no_mesh"][f"rr_{size}"][q], tcp_c["nodemesh_l4"][f"rr_{size}"][q]
-            print(f"rr {size:>6} B {q:<11}{x:>12.1f}{y:>14.1f}{(y - x) / x * 100:>8.1f}%")
+    _echo_table(
+        f"\nTCP echo, C client and server (bench/rr.c), median of {ROUNDS} alternating rounds",
+        results["tcp_echo_c"],
+    )
     print("\nHTTP/1.1 echo (keep-alive POST)")
     print(f"{'metric':<24}" + "".join(f"{LABELS[c]:>14}" for c in COLUMNS))
     for size in SIZES:
