@@ -11,7 +11,9 @@ Public surface (used by the files source, the kopf operator and the HTTP status 
   `ResolvedRefs` (per parentRef for routes) from build, and `Programmed` from the data plane:
   True once every node Envoy that should carry the object ACKed a version containing it; False
   with reason `Rejected` and Envoy's own message after a NACK; False/`Pending` while in flight;
-  Unknown/`NoNodes` while no node Envoy is connected.
+  Unknown/`NoNodes` while no node Envoy is connected. Also, never written back: a Pod whose
+  `nodemesh.io/socket-redirect` annotation is neither "on" nor "off" gets `SocketRedirect=False`
+  (reason `UnknownValue`), logged once as a warning.
 - `pipeline.kubernetes_status(key)`: the `status` body to patch onto the object (Gateway API
   shapes, `lastTransitionTime` kept stable while a condition does not change), or None for
   objects without conditions. It fits `nodemesh.controlplane.kube.StatusSource`, and its
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 
 ConditionsCallback = Callable[[ObjectKey, tuple[Condition, ...]], None]
 _STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
+# Kinds whose objects may get conditions that nodemesh shows (in /status and the log) but does
+# not own, so never writes back: a Pod with an unusable socket-redirect annotation.
+_NOTICE_KINDS = ("Pod",)
 
 
 # A cold build of fewer objects than this leaves the collector alone (tests, demos, small meshes:
@@ -660,6 +665,8 @@ class Pipeline:
         inputs: dict[ObjectKey, tuple[object, int]] = {}
         for key, built in self._result.conditions.items():
             if key.kind not in _STATUS_KINDS:
+                if key.kind in _NOTICE_KINDS:
+                    new[key] = built  # shown in /status and logged, never written back
                 continue
             accepted_parents = [
                 c.parent for c in built if c.type == "Accepted" and c.status == "True"
@@ -700,6 +707,9 @@ class Pipeline:
                 del self._transitions[tkey]
         self._conditions = new
         for key in changed:
+            if key.kind in _NOTICE_KINDS:
+                for c in new[key]:
+                    log.warning("%s %s/%s: %s", key.kind, key.namespace, key.name, c.message)
             self._emit(key, new[key])
         for key in gone:
             self._emit(key, ())

@@ -10,7 +10,9 @@ writes. `--update-golden` regenerates both.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,8 +38,12 @@ from nodemesh.api import (
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.api.servicemap import MAX_BACKENDS
 from nodemesh.controlplane.builder import BuildMemo, build
+from nodemesh.controlplane.files import FilesSource
+from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.status_cli import render as render_status
 from nodemesh.controlplane.store import ObjectKey, Store
-from nodemesh.xds.cache import Resource
+from nodemesh.xds.cache import Resource, SnapshotCache
+from nodemesh.xds.server import StatusTracker
 from nodemesh.xds.translate import Translator, ir
 from nodemesh.xds.translate.servicemap import (
     ServiceMaps,
@@ -175,6 +181,64 @@ def test_a_pods_socket_redirect_choice_changes_only_its_node_map() -> None:
         seen.append((list(msg.socket_redirect_on), list(msg.socket_redirect_off)))
         assert list(msg.local_addresses) == ["10.244.1.5"]
     assert seen == [(["10.244.1.5"], []), ([], ["10.244.1.5"]), ([], [])]
+
+
+async def test_a_pod_whose_annotation_says_neither_on_nor_off_is_told_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files mode: `on` unquoted (YAML reads it as true) and "yes" count as no choice, and
+    `/status`, `nodemesh status` and the log (once) say why; quoting the value fixes it."""
+    pod = _objects()[3]
+
+    def write(values: dict[str, str]) -> None:
+        docs = []
+        for i, (name, value) in enumerate(values.items()):
+            metadata = {  # the value written as it is, quoted or not
+                **pod["metadata"],  # type: ignore[dict-item]
+                "name": name,
+                "annotations": {"nodemesh.io/socket-redirect": "VALUE"},
+            }
+            status = {"phase": "Running", "podIP": f"10.244.1.{5 + i}"}
+            doc = yaml.safe_dump({**pod, "status": status, "metadata": metadata})
+            docs.append(doc.replace("VALUE", value))
+        (tmp_path / "pods.yaml").write_text("---\n".join(docs))
+
+    write({"client": "on", "typo": '"yes"', "fine": '"off"'})
+    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump_all(_objects()[:3]))  # Nodes, a Service
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    p = Pipeline(store, SnapshotCache(), StatusTracker())
+    with caplog.at_level(logging.WARNING, logger="nodemesh.controlplane.pipeline"):
+        await p.rebuild()
+        await p.rebuild()  # nothing changed: not logged again
+    pods = {o["name"]: o["conditions"] for o in p.status_json()["objects"] if o["kind"] == "Pod"}
+    assert sorted(pods) == ["client", "typo"]
+    assert [(c["type"], c["status"], c["reason"]) for c in pods["client"]] == [
+        ("SocketRedirect", "False", "UnknownValue")
+    ]
+    assert "True is neither" in pods["client"][0]["message"]
+    assert "quote the value" in pods["client"][0]["message"]
+    assert "'yes' is neither" in pods["typo"][0]["message"]
+    assert "quote" not in pods["typo"][0]["message"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("is neither" in w for w in warnings), warnings
+    table = render_status(p.status_json())  # what `nodemesh status` prints
+    assert "Pod/shop/typo" in table and "UnknownValue" in table
+    assert p.kubernetes_status(ObjectKey("Pod", "shop", "fine")) is None
+
+    write({"client": '"on"', "typo": '"yes"', "fine": '"off"'})
+    source.scan()
+    await p.rebuild()
+    pods = {o["name"] for o in p.status_json()["objects"] if o["kind"] == "Pod"}
+    assert pods == {"typo"}
+    assert p.translation is not None
+    node_map = p.translation.per_node["node-a"][NODE_TYPE_URL][0]
+    msg = pb.NodeServiceMap.FromString(node_map.payload)
+    assert (list(msg.socket_redirect_on), list(msg.socket_redirect_off)) == (
+        ["10.244.1.5"],
+        ["10.244.1.7"],
+    )
 
 
 def _choosing(pod: dict[str, Any], name: str, choice: str | None) -> dict[str, Any]:

@@ -441,6 +441,15 @@ class Engine:
         socket_redirect = self.socket_redirect.update(
             (k, current["Pod"].get(k)) for k in changed["Pod"]
         )
+        for key in self.socket_redirect.unusable_changed:
+            message = self.socket_redirect.unusable.get(key)
+            if message is None:
+                self.conditions.pop(key, None)
+            else:
+                pod = current["Pod"][key]
+                self.conditions[key] = (
+                    Condition("SocketRedirect", "False", "UnknownValue", message, generation(pod)),
+                )
         mesh = ir.Mesh(
             virtual_hosts=self.vhosts.result(),
             clusters=self.clusters.result(),

@@ -1,7 +1,8 @@
 """Pods -> `ir.SocketRedirectPods`: per node, the pods that chose about the node's socket short
-cut with the annotation `nodemesh.io/socket-redirect` ("on" or "off"; anything else counts as
-no choice). The node agent short-circuits a same-node connection according to its mode and these
-choices (docs/ebpf.md, "Pods choose")."""
+cut with the annotation `nodemesh.io/socket-redirect` ("on" or "off"; any other value counts as
+no choice, and the Pod gets a `SocketRedirect=False` condition in `/status` saying so). The
+node agent short-circuits a same-node connection according to its mode and these choices
+(docs/ebpf.md, "Pods choose")."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from nodemesh.controlplane.builder.node import Claims, Placement, claim, pod_pla
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds.translate import ir
 
-__all__ = ["SOCKET_REDIRECT_ANNOTATION", "SocketRedirectIndex", "pod_choice"]
+__all__ = ["SOCKET_REDIRECT_ANNOTATION", "SocketRedirectIndex", "pod_choice", "unusable_choice"]
 
 SOCKET_REDIRECT_ANNOTATION = "nodemesh.io/socket-redirect"
 _CHOICES = ("on", "off")
@@ -27,6 +28,23 @@ def pod_choice(obj: Mapping[str, Any]) -> str | None:
         return None
     value = value.strip().lower()
     return value if value in _CHOICES else None
+
+
+def unusable_choice(obj: Mapping[str, Any]) -> str | None:
+    """Why the annotation counts as no choice when it is set but neither "on" nor "off" (a
+    typo such as "yes", or an unquoted on in a YAML file, which YAML reads as true); else
+    None."""
+    annotations = as_map(as_map(obj.get("metadata")).get("annotations"))
+    if SOCKET_REDIRECT_ANNOTATION not in annotations or pod_choice(obj) is not None:
+        return None
+    value = annotations[SOCKET_REDIRECT_ANNOTATION]
+    message = (
+        f'annotation {SOCKET_REDIRECT_ANNOTATION}: {value!r} is neither "on" nor "off", '
+        "so the pod makes no choice about the node's socket short cut"
+    )
+    if isinstance(value, bool):
+        message += " (YAML reads an unquoted on or off as a boolean: quote the value)"
+    return message
 
 
 _UNSET = ""  # a Pod without a (valid) choice
@@ -45,6 +63,10 @@ class SocketRedirectIndex:
         self._claims: Claims = {}
         self._by_node: dict[str, ir.SocketRedirectPods] = {}
         self._result: tuple[ir.SocketRedirectPods, ...] = ()
+        # Pods whose annotation is set to something unusable -> the value as written; and the
+        # keys whose entry came, went or changed in the last update (for their conditions)
+        self.unusable: dict[ObjectKey, str] = {}
+        self.unusable_changed: set[ObjectKey] = set()
 
     def update(
         self, changed: Iterable[tuple[ObjectKey, Mapping[str, Any] | None]]
@@ -53,7 +75,16 @@ class SocketRedirectIndex:
         given the Pods changed since the last call (None: deleted). The same tuple when
         nothing about them changed."""
         dirty: set[str] = set()
+        self.unusable_changed = set()
         for key, obj in changed:
+            # Any Pod, placed or not: the typo is worth telling before the Pod runs.
+            bad = unusable_choice(obj) if obj is not None else None
+            if bad != self.unusable.get(key):
+                self.unusable_changed.add(key)
+                if bad is None:
+                    del self.unusable[key]
+                else:
+                    self.unusable[key] = bad
             new: tuple[str, Placement] | None = None
             if obj is not None:
                 placement = pod_placement(obj)
