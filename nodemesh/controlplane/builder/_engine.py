@@ -441,7 +441,7 @@ class Engine:
         socket_redirect = self.socket_redirect.update(
             (k, current["Pod"].get(k)) for k in changed["Pod"]
         )
-        for key in self.socket_redirect.unusable_changed:
+        for key in changed["Pod"]:  # (the generation may change while the message does not)
             message = self.socket_redirect.unusable.get(key)
             if message is None:
                 self.conditions.pop(key, None)

@@ -63,10 +63,8 @@ class SocketRedirectIndex:
         self._claims: Claims = {}
         self._by_node: dict[str, ir.SocketRedirectPods] = {}
         self._result: tuple[ir.SocketRedirectPods, ...] = ()
-        # Pods whose annotation is set to something unusable -> the value as written; and the
-        # keys whose entry came, went or changed in the last update (for their conditions)
+        # Pods whose annotation is set to something unusable -> why (for their conditions)
         self.unusable: dict[ObjectKey, str] = {}
-        self.unusable_changed: set[ObjectKey] = set()
 
     def update(
         self, changed: Iterable[tuple[ObjectKey, Mapping[str, Any] | None]]
@@ -75,16 +73,13 @@ class SocketRedirectIndex:
         given the Pods changed since the last call (None: deleted). The same tuple when
         nothing about them changed."""
         dirty: set[str] = set()
-        self.unusable_changed = set()
         for key, obj in changed:
             # Any Pod, placed or not: the typo is worth telling before the Pod runs.
             bad = unusable_choice(obj) if obj is not None else None
-            if bad != self.unusable.get(key):
-                self.unusable_changed.add(key)
-                if bad is None:
-                    del self.unusable[key]
-                else:
-                    self.unusable[key] = bad
+            if bad is None:
+                self.unusable.pop(key, None)
+            else:
+                self.unusable[key] = bad
             new: tuple[str, Placement] | None = None
             if obj is not None:
                 placement = pod_placement(obj)
