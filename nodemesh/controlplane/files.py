@@ -1,14 +1,16 @@
 """Files mode: every YAML/JSON document under a directory is an input object.
 
-`FilesSource` polls mtimes (no new dependency) and resyncs the store on create, change and
-delete. A file that does not parse keeps the objects it had last time it parsed, and its error
-is reported (log and `/status`), so a typo never drops the last good config.
+`FilesSource` polls file stamps (no new dependency) and resyncs the store on create, change and
+delete. A file with a problem keeps the objects of its last clean version, whole, and the
+problem is reported (log and `/status`), so a typo never drops the last good config; nor does
+a file caught while it is being written (see `FilesSource`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
         if doc is None:
             continue
         items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+        if items is not None and not isinstance(items, list):
+            errors.append(f"{where}: document {i + 1}: a List's items must be a list")
+            continue
         for item in items or []:
             if not isinstance(item, dict):
                 errors.append(f"{where}: document {i + 1} is not a mapping")
@@ -60,7 +65,48 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
     return objs, errors
 
 
+Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode
+
+
+def _config_files(directory: Path) -> list[Path]:
+    """Every `*.yaml`/`*.yml`/`*.json` file under `directory`, following symlinked directories
+    (once each), skipping names that start with "." at any depth: the kubelet's `..data` and
+    `..<timestamp>` directories of a mounted ConfigMap (its files appear again as symlinks at
+    the top), editors' hidden files."""
+    found: list[Path] = []
+    visited: set[str] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a symlink loop, or the same directory linked twice
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(root, name)
+            if not name.startswith(".") and path.suffix in _SUFFIXES and path.is_file():
+                found.append(path)
+    return sorted(found)
+
+
 class FilesSource:
+    """Polls `directory` every `interval` seconds (`start()`), or when asked (`scan()`).
+
+    What a file contributes, so that no write in progress and no mistake drops config:
+    - a file that reads and parses without a problem: its objects;
+    - a file with a problem in any document (invalid YAML, a document without a name, an
+      unknown kind, bytes that are not UTF-8): the objects of its last clean version, whole,
+      and the problem in `/status` and the log (a file that never was clean: its good
+      documents);
+    - a file that is empty (or only `---`) but had objects: the same, until it has content
+      again or is deleted: a file being rewritten in place (`>` in a shell, some editors) is
+      empty for a moment, and deleting a file is how its objects go;
+    - the polling loop reads a changed file once it stayed the same for one interval (its
+      mtime, size, inode and ctime), not while it is being written. Writing to a temporary
+      name and renaming it in is still the way to change a file at once.
+    If the directory itself is missing, nothing changes and the error is reported.
+    """
+
     def __init__(
         self,
         directory: str | Path,
@@ -74,69 +120,91 @@ class FilesSource:
         self.pipeline = pipeline
         self.interval = interval
         self.errors: dict[str, str] = {}
-        self._stamps: dict[Path, tuple[int, int]] = {}
-        self._last_good: dict[Path, list[dict[str, Any]]] = {}
+        self._stamps: dict[Path, Stamp] = {}  # of the version each file's objects come from
+        self._last_good: dict[Path, list[dict[str, Any]]] = {}  # of each file's last clean version
+        self._contributes: dict[Path, list[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._file_errors: dict[Path, str] = {}
+        self._seen_at_last_poll: dict[Path, Stamp] = {}
 
-    def scan(self) -> bool:
-        """Read the directory if anything changed; returns whether the store changed."""
-        paths = sorted(
-            p for p in self.directory.rglob("*") if p.suffix in _SUFFIXES and p.is_file()
-        ) if self.directory.is_dir() else []  # fmt: skip
-        stamps: dict[Path, tuple[int, int]] = {}
-        for p in paths:
+    def scan(self, settled_only: bool = False) -> bool:
+        """Read the directory if anything changed; returns whether the store changed.
+        `settled_only` (the polling loop): read a changed file only if it has not changed since
+        the previous call; until then it keeps contributing what it did."""
+        if not self.directory.is_dir():
+            self._report(
+                {str(self.directory): "config directory does not exist; keeping its objects"}
+            )
+            return False
+        stamps: dict[Path, Stamp] = {}
+        for p in _config_files(self.directory):
             try:
                 st = p.stat()
             except OSError:
                 continue
-            stamps[p] = (st.st_mtime_ns, st.st_size)
-        if stamps == self._stamps and self._stamps:
+            stamps[p] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+        previous_poll, self._seen_at_last_poll = self._seen_at_last_poll, stamps
+        if stamps == self._stamps and self._stamps and not self._missing_reported:
             return False
+        for p in [p for p in self._stamps if p not in stamps]:  # deleted: its objects go
+            del self._stamps[p]
+            self._last_good.pop(p, None)
+            self._contributes.pop(p, None)
+            self._file_errors.pop(p, None)
         errors: dict[str, str] = {}
-        if not self.directory.is_dir():
-            errors[str(self.directory)] = "config directory does not exist"
         seen: dict[ObjectKey, Path] = {}
         objects: list[Mapping[str, Any]] = []
-        for p in stamps:
+        for p, stamp in stamps.items():
             rel = str(p.relative_to(self.directory))
-            if (
-                stamps.get(p) == self._stamps.get(p)
-                and p in self._last_good
-                and rel not in self.errors
-            ):
-                objs = self._last_good[p]
-            else:
-                try:
-                    text = p.read_text()
-                except OSError as exc:
-                    errors[rel] = f"cannot read: {exc}"
-                    objs = self._last_good.get(p, [])
-                else:
-                    objs, problems = load_objects(text, rel)
-                    if problems and not objs and p in self._last_good:
-                        objs = self._last_good[p]  # keep what the file said last time it parsed
-                        problems.append(f"{rel}: keeping the objects from its last good version")
-                    if problems:
-                        errors[rel] = "; ".join(problems)
-                    self._last_good[p] = objs
+            settling = settled_only and previous_poll.get(p) != stamp
+            if stamp != self._stamps.get(p) and not settling:
+                objs, problem = self._read(p, rel)
+                self._stamps[p], self._file_errors[p] = stamp, problem
+            else:  # this version was read already, or it may still be being written
+                objs = self._contributes.get(p, [])
+            if self._file_errors.get(p):
+                errors[rel] = self._file_errors[p]
             for obj in objs:
                 key = key_of(obj)
                 if key in seen:
-                    errors.setdefault(rel, f"{rel}: {key} is already defined in {seen[key].name}")
+                    other = seen[key].relative_to(self.directory)
+                    errors.setdefault(rel, f"{rel}: {key} is already defined in {other}")
                     continue
                 seen[key] = p
                 objects.append(obj)
-        for p in list(self._last_good):
-            if p not in stamps:
-                del self._last_good[p]
-        self._stamps = stamps
+        self._report(errors)
+        return self.store.replace_all(objects, kinds=KINDS.keys())
+
+    def _read(self, p: Path, rel: str) -> tuple[list[dict[str, Any]], str]:
+        """What file `p` contributes now, and its problem ("" if none); see the class doc."""
+        last = self._last_good.get(p)
+        try:
+            objs, problems = load_objects(p.read_text(encoding="utf-8"), rel)
+        except OSError as exc:
+            objs, problems = [], [f"{rel}: cannot read: {exc}"]
+        except UnicodeDecodeError as exc:
+            objs, problems = [], [f"{rel}: not UTF-8 text: {exc}"]
+        if not problems and not objs and last:
+            problems = [f"{rel}: the file is empty"]
+        if not problems:
+            self._last_good[p] = objs
+        elif last is not None:
+            problems.append(f"{rel}: keeping the objects from its last good version")
+            objs = last
+        self._contributes[p] = objs
+        return objs, "; ".join(problems)
+
+    @property
+    def _missing_reported(self) -> bool:
+        return str(self.directory) in self.errors
+
+    def _report(self, errors: dict[str, str]) -> None:
         if errors != self.errors:
             for message in errors.values():
                 log.error("%s", message)
         self.errors = errors
         if self.pipeline is not None:
             self.pipeline.set_source_errors("files", errors)
-        return self.store.replace_all(objects, kinds=KINDS.keys())
 
     async def start(self) -> None:
         self.scan()
@@ -155,6 +223,7 @@ class FilesSource:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                self.scan()
-            except Exception:
+                self.scan(settled_only=True)
+            except Exception as exc:  # a bug: report it where users look, keep polling
                 log.exception("scanning %s failed", self.directory)
+                self._report({str(self.directory): f"scanning failed: {exc!r}"})

@@ -1,0 +1,178 @@
+"""Files mode's reader (`FilesSource`) against what users do to a config directory: typos in one
+document, files caught while being written, bytes that are not text, a directory that goes
+away, a ConfigMap mounted by the kubelet, `cp -p`. None of it may drop the last good config or
+stop the reader. (The whole process with a real Envoy: tests/e2e/test_files_mode.py.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodemesh.controlplane.files import FilesSource
+from nodemesh.controlplane.store import Store
+
+
+def service(name: str, port: int = 80) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": port}]},
+    }
+
+
+def names(store: Store) -> list[str]:
+    return sorted(k.name for k in store.keys("Service"))
+
+
+def ports(store: Store, name: str) -> list[int]:
+    obj = next(store.get(k) for k in store.keys("Service") if k.name == name)
+    assert obj is not None
+    return [p["port"] for p in obj["spec"]["ports"]]
+
+
+def write(path: Path, *objs: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump_all(objs))
+
+
+def test_a_typo_in_one_document_keeps_the_whole_files_last_good_version(tmp_path: Path) -> None:
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    write(tmp_path / "shop.yaml", service("web"), service("db"))
+    source.scan()
+    assert names(store) == ["db", "web"]
+
+    broken = service("db", port=5432)
+    broken["metdata"] = broken.pop("metadata")  # the typo
+    write(tmp_path / "shop.yaml", service("web", port=8080), broken)
+    source.scan()
+    assert names(store) == ["db", "web"], "db must not be dropped"
+    assert ports(store, "web") == [80], "the file counts whole, its last good version"
+    assert "keeping the objects from its last good version" in source.errors["shop.yaml"]
+
+    write(tmp_path / "shop.yaml", service("web", port=8080), service("db", port=5432))
+    source.scan()
+    assert (ports(store, "web"), ports(store, "db"), source.errors) == ([8080], [5432], {})
+
+
+def test_files_that_are_not_text_or_not_objects_are_reported_and_the_rest_is_read(
+    tmp_path: Path,
+) -> None:
+    """Once made start-up crash (UnicodeDecodeError) or the poller fail on every pass."""
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe not utf-8\n")
+    (tmp_path / "list.yaml").write_text("apiVersion: v1\nkind: List\nitems: 5\n")
+    write(tmp_path / "good.yaml", service("web"))
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert names(store) == ["web"]
+    assert "not UTF-8" in source.errors["binary.yaml"]
+    assert "items must be a list" in source.errors["list.yaml"]
+
+    write(tmp_path / "more.yaml", service("db"))
+    source.scan()
+    assert names(store) == ["db", "web"]
+
+
+def test_the_poller_reads_a_file_once_it_stopped_changing(tmp_path: Path) -> None:
+    """`>` in a shell (or an editor writing in place) truncates first: the file is empty, then
+    half written. The polling loop (`settled_only`) waits until a file is the same at two
+    polls; an empty file keeps its objects until it is deleted."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    path = tmp_path / "shop.yaml"
+    write(path, service("web"), service("db"))
+    source.scan(settled_only=True)
+    source.scan(settled_only=True)
+    assert names(store) == ["db", "web"]
+
+    write(path, service("web"))  # caught half written: db not there yet
+    source.scan(settled_only=True)
+    assert names(store) == ["db", "web"], "not read while it may still be written"
+    write(path, service("web"), service("db", port=5432))  # the writer finished
+    source.scan(settled_only=True)
+    assert names(store) == ["db", "web"]
+    source.scan(settled_only=True)
+    assert ports(store, "db") == [5432], "read once it stayed the same for a poll"
+
+    path.write_text("")  # truncated, and the writer stalls
+    for _ in range(3):
+        source.scan(settled_only=True)
+    assert names(store) == ["db", "web"]
+    assert "the file is empty" in source.errors["shop.yaml"]
+    path.unlink()  # deleting the file is how its objects go
+    source.scan(settled_only=True)
+    assert (names(store), source.errors) == ([], {})
+
+
+def test_a_missing_directory_keeps_its_objects(tmp_path: Path) -> None:
+    """`mv cfg cfg.old && mv cfg.new cfg`, or a volume not mounted yet."""
+    config = tmp_path / "cfg"
+    config.mkdir()
+    write(config / "shop.yaml", service("web"))
+    store = Store()
+    source = FilesSource(config, store)
+    source.scan()
+    config.rename(tmp_path / "cfg.old")
+    assert source.scan() is False
+    assert names(store) == ["web"]
+    assert "does not exist" in source.errors[str(config)]
+
+    (tmp_path / "cfg.old").rename(config)
+    source.scan()
+    assert (names(store), source.errors) == (["web"], {})
+
+
+def test_a_mounted_configmap_is_read_once_and_its_updates_are_seen(tmp_path: Path) -> None:
+    """The kubelet's layout: the data in `..<timestamp>/`, `..data` linking to it, and each
+    key as a top-level symlink through `..data`; an update swaps `..data`. The hidden
+    directories once made every object a duplicate of itself."""
+    first = tmp_path / "..2026_11_22_09_00_00.1"
+    first.mkdir()
+    write(first / "shop.yaml", service("web"))
+    (tmp_path / "..data").symlink_to(first.name)
+    (tmp_path / "shop.yaml").symlink_to("..data/shop.yaml")
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert (names(store), source.errors) == (["web"], {})
+
+    second = tmp_path / "..2026_11_22_09_05_00.2"
+    second.mkdir()
+    write(second / "shop.yaml", service("web", port=8080))
+    (tmp_path / "..data_tmp").symlink_to(second.name)
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    source.scan()
+    assert (ports(store, "web"), source.errors) == ([8080], {})
+
+
+def test_a_symlinked_subdirectory_is_read(tmp_path: Path) -> None:
+    config, elsewhere = tmp_path / "cfg", tmp_path / "team-a"
+    config.mkdir()
+    elsewhere.mkdir()
+    write(elsewhere / "web.yaml", service("web"))
+    (config / "team-a").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(config)  # and a loop does not hang the reader
+    store = Store()
+    FilesSource(config, store).scan()
+    assert names(store) == ["web"]
+
+
+def test_a_replacement_with_the_same_mtime_and_size_is_seen(tmp_path: Path) -> None:
+    """`cp -p`, `rsync -t` or `tar x` keep the mtime; a port 80 -> 81 keeps the size."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    path = tmp_path / "shop.yaml"
+    write(path, service("web", port=80))
+    source.scan()
+    st = path.stat()
+    new = tmp_path / "shop.yaml.new"
+    write(new, service("web", port=81))
+    assert new.stat().st_size == st.st_size
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    new.rename(path)
+    source.scan()
+    assert ports(store, "web") == [81]
