@@ -126,11 +126,32 @@ def key_of(obj: Mapping[str, Any]) -> ObjectKey:
     return ObjectKey(kind, namespace, name)
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _copy_tree(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (what YAML, JSON and the API server give: dicts, lists,
+    scalars), about 5x faster than `copy.deepcopy`, which dominated loading a large mesh into
+    the store (3 of 3.3 s for 21,500 objects). Other mappings become dicts; any other type
+    goes through `copy.deepcopy`. Shared sub-objects (YAML anchors) are copied apart."""
+    t = type(value)
+    if t in _SCALARS:
+        return value
+    if t is dict:
+        return {k: v if type(v) in _SCALARS else _copy_tree(v) for k, v in value.items()}
+    if t is list:
+        return [v if type(v) in _SCALARS else _copy_tree(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _copy_tree(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
 def _normalize(obj: Mapping[str, Any], key: ObjectKey) -> dict[str, Any]:
-    out = copy.deepcopy(dict(obj))
-    status = out.pop("status", None)
+    # status is copied only for the kinds whose status is read
+    out = {k: _copy_tree(v) for k, v in obj.items() if k != "status"}
+    status = obj.get("status")
     if key.kind in _INPUT_STATUS and isinstance(status, Mapping):
-        kept = {f: status[f] for f in _INPUT_STATUS[key.kind] if f in status}
+        kept = {f: _copy_tree(status[f]) for f in _INPUT_STATUS[key.kind] if f in status}
         if kept:
             out["status"] = kept
     meta = dict(out.get("metadata") or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -94,3 +95,48 @@ def test_a_view_reports_the_keys_changed_since_an_earlier_revision() -> None:
     # Copy-on-write: the earlier view still sees its revision.
     assert set(first) == {ObjectKey("Service", "x", "a")}
     assert set(second) == {ObjectKey("Service", "x", "b")}
+
+
+def test_the_store_keeps_its_own_copy_of_what_it_is_given() -> None:
+    """A source may change or reuse an object after applying it (kopf's bodies are mappings
+    it updates in place): the store's copy must not move with it, however deep."""
+
+    class Body(Mapping[str, Any]):  # a read-only mapping over a dict that its owner changes
+        def __init__(self, data: dict[str, Any]) -> None:
+            self.data = data
+
+        def __getitem__(self, key: str) -> Any:
+            return self.data[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self.data)
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+    shared = {"port": 80, "appProtocol": "http"}  # a YAML anchor used twice gives one dict
+    raw = svc("web")
+    raw["spec"]["ports"] = [shared, shared]
+    raw["status"] = {"podIP": "10.244.0.5"}
+    store = Store()
+    store.apply(Body(raw))
+    shared["port"] = 81
+    raw["spec"]["ports"].append({"port": 82})
+    raw["metadata"]["labels"] = {"changed": "yes"}
+    stored = store.get(ObjectKey("Service", "shop", "web"))
+    assert stored is not None
+    assert stored["spec"]["ports"] == [
+        {"port": 80, "appProtocol": "http"},
+        {"port": 80, "appProtocol": "http"},
+    ]
+    assert "labels" not in stored["metadata"] and "status" not in stored
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "shop"},
+        "status": {"podIPs": [{"ip": "10.244.0.5"}], "phase": "Running"},
+    }
+    store.apply(pod)
+    pod["status"]["podIPs"][0]["ip"] = "10.244.0.6"
+    kept = store.get(ObjectKey("Pod", "shop", "p"))
+    assert kept is not None and kept["status"]["podIPs"] == [{"ip": "10.244.0.5"}]
