@@ -19,6 +19,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
 
 
+def _one_line(text: str, width: int) -> str:
+    """`text` on one line of at most `width` characters: Envoy's NACK messages can hold
+    newlines (one line per listener it refused), which would break the table's rows."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -36,7 +43,7 @@ def render(status: dict[str, Any]) -> str:
         name = f"{obj['kind']}/{obj['namespace']}/{obj['name']}"
         for c in obj["conditions"]:
             rows.append([name, c.get("parent", "") or "-", c["type"], c["status"], c["reason"],
-                         c["message"][:100]])  # fmt: skip
+                         _one_line(c["message"], 100)])  # fmt: skip
     out.append("")
     out.extend(_table(rows, ["OBJECT", "PARENT", "CONDITION", "STATUS", "REASON", "MESSAGE"]))
     nodes = []
@@ -45,14 +52,14 @@ def render(status: dict[str, Any]) -> str:
             nack = ts.get("last_nack")
             nodes.append([node_id, "yes" if node.get("connected") else "no", short,
                           ts.get("version_sent", ""), ts.get("version_acked", ""),
-                          (nack or {}).get("message", "")[:80]])  # fmt: skip
+                          _one_line((nack or {}).get("message", ""), 80)])  # fmt: skip
     out.append("")
     out.extend(_table(nodes, ["NODE", "CONNECTED", "TYPE", "SENT", "ACKED", "LAST NACK"]))
     errors = status.get("source_errors", [])
     if errors:
         out.append("")
         out.append("SOURCE ERRORS")
-        out.extend(f"  {e['message']}" for e in errors)
+        out.extend(f"  {_one_line(e['message'], 200)}" for e in errors)
     return "\n".join(out)
 
 

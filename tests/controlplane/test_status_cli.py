@@ -1,0 +1,52 @@
+"""`nodemesh status`'s tables (the command against a live control plane and Envoy:
+tests/e2e/test_status.py)."""
+
+from __future__ import annotations
+
+from nodemesh.controlplane.status_cli import render
+
+
+def test_a_multi_line_nack_stays_on_its_row() -> None:
+    """Envoy puts one line per refused listener in a NACK; each row of the table is still
+    one line, and a long message is cut with an ellipsis."""
+    nack = "Error adding/updating listener(s) outbound: bad\nconsumer-ns-a: also bad\n"
+    status = {
+        "store_revision": 3,
+        "built_revision": 3,
+        "objects": [
+            {
+                "kind": "HTTPRoute",
+                "namespace": "shop",
+                "name": "reviews",
+                "conditions": [
+                    {
+                        "type": "Programmed",
+                        "status": "False",
+                        "reason": "Rejected",
+                        "message": f"node node-a rejected lds 'outbound': {nack}" + "x" * 200,
+                        "parent": "Service/shop/reviews",
+                    }
+                ],
+            }
+        ],
+        "nodes": {
+            "node-a": {
+                "connected": True,
+                "types": {
+                    "lds": {
+                        "version_sent": "2",
+                        "version_acked": "1",
+                        "last_nack": {"message": nack},
+                    }
+                },
+            }
+        },  # fmt: skip
+        "source_errors": [{"source": "files", "where": "a.yaml", "message": "line 1\nline 2"}],
+    }
+    lines = render(status).splitlines()
+    (route,) = [line for line in lines if line.startswith("HTTPRoute/shop/reviews")]
+    assert "outbound: bad consumer-ns-" in route and route.endswith("...")
+    (node,) = [line for line in lines if line.startswith("node-a")]
+    assert node.split()[:3] == ["node-a", "yes", "lds"]
+    assert "outbound: bad consumer-ns-a" in node
+    assert "  line 1 line 2" in lines
