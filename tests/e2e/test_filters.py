@@ -53,12 +53,18 @@ async def test_url_rewrite_replaces_prefix_and_host(mesh: Mesh, backends: Backen
             "backendRefs": [to("rw")],
             "filters": [{"type": "URLRewrite", "urlRewrite": {
                 "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}],
+        }, {  # no matches: the prefix "/"
+            "backendRefs": [to("rw")],
+            "filters": [{"type": "URLRewrite", "urlRewrite": {
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/api"}}}],
         }]),
     )  # fmt: skip
     await mesh.converge()
     assert (await mesh.get("rw.shop", "/old/items?x=1")).headers["x-path"] == "/new/items?x=1"
     assert b.seen[-1].headers["Host"] == "internal.rw"
     assert (await mesh.get("rw.shop", "/strip/a/b")).headers["x-path"] == "/a/b"
+    # the match "/" replaced by "/api" keeps the separator (it once gave "/apiusers")
+    assert (await mesh.get("rw.shop", "/users?x=1")).headers["x-path"] == "/api/users?x=1"
 
 
 async def test_redirect_answers_with_location(mesh: Mesh, backends: Backends) -> None:

@@ -253,8 +253,13 @@ def _prefix_rewrite(
         # "/a" -> "/": Envoy's prefix_rewrite would leave "//b" for "/a/b"; a regex does not.
         out.regex_rewrite.pattern.regex = "^" + re.escape(old) + "/*"
         out.regex_rewrite.substitution = "/"
+    elif old:
+        out.prefix_rewrite = new.rstrip("/")  # the match is path-separated: "/a/b" -> "/new/b"
     else:
-        out.prefix_rewrite = new.rstrip("/") if old else new
+        # The match "/" (a rule without matches): Envoy swaps that "/" for the rewrite, so it
+        # must end in "/": "/users" -> "/api/users", not "/apiusers". The one request "/" gets
+        # "/api/".
+        out.prefix_rewrite = new.rstrip("/") + "/"
 
 
 def _action(r: ir.Route) -> rc.RouteAction:
