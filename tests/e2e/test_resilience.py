@@ -65,6 +65,31 @@ async def test_policy_retry_applies_when_the_route_sets_none(
     assert reply.status == 200 and flaky.hits == 4
 
 
+async def test_a_route_backoff_above_the_policys_maximum_is_programmed(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """The route's backoff (50ms) over the policy's maxInterval (10ms): Envoy refuses a
+    maximum below the base, and that NACK held back every Service's routes. The maximum is
+    raised to the route's base; the retry works."""
+    flaky = await backends.get("bretry")
+    mesh.apply(
+        service("bretry"),
+        endpoint_slice("bretry", flaky.port),
+        policy("bretry", "bretry", retry={
+            "retryOn": ["gateway-error"], "attempts": 3,
+            "backoff": {"baseInterval": "5ms", "maxInterval": "10ms"},
+        }),
+        http_route("bretry", "bretry", [
+            {"backendRefs": [to("bretry")],
+             "retry": {"codes": [503], "attempts": 2, "backoff": "50ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()  # ACKed, not NACKed
+    flaky.fail_next(1, 503)
+    reply = await mesh.get("bretry.shop")
+    assert reply.status == 200 and flaky.hits == 2
+
+
 async def test_request_timeout_answers_504(mesh: Mesh, backends: Backends) -> None:
     slow = await backends.get("slow")
     mesh.apply(

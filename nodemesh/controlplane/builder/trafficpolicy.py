@@ -71,10 +71,13 @@ class RetrySpec:
     skip_previous_hosts: bool | None = None
 
     def over(self, under: RetrySpec | None) -> RetrySpec:
-        """These settings, with unset fields taken from `under`."""
+        """These settings, with unset fields taken from `under`. A backoff base taken from here
+        above a maximum taken from `under` (a route's `backoff: 1s` over a policy's
+        `maxInterval: 250ms`) raises the maximum to the base: Envoy refuses a maximum below
+        the base, and that NACK would hold back the RouteConfiguration of every Service."""
         if under is None:
             return self
-        return RetrySpec(
+        merged = RetrySpec(
             **{
                 f.name: getattr(self, f.name)
                 if getattr(self, f.name) is not None
@@ -82,6 +85,10 @@ class RetrySpec:
                 for f in fields(self)
             }
         )
+        base, most = merged.backoff_base_ms, merged.backoff_max_ms
+        if base is not None and most is not None and most < base:
+            merged = replace(merged, backoff_max_ms=base)
+        return merged
 
     def to_ir(self) -> ir.Retry:
         retry_on = self.retry_on if self.retry_on is not None else DEFAULT_RETRY_ON
