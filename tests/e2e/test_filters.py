@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from nodemesh.controlplane.store import ObjectKey
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import Mesh, endpoint_slice, service
 from tests.e2e.objects import http_route, to
@@ -35,6 +36,44 @@ async def test_header_modifiers_change_request_and_response(mesh: Mesh, backends
     seen = {k.lower(): v for k, v in b.seen[-1].headers.items()}
     assert seen["x-env"] == "prod" and seen["x-added"] == "yes" and "x-secret" not in seen
     assert reply.headers.get("x-served-by") == "mesh" and "x-path" not in reply.headers
+
+
+async def test_a_request_header_modifier_may_set_host(mesh: Mesh, backends: Backends) -> None:
+    """Gateway API allows Host in a RequestHeaderModifier; Envoy refuses it in
+    request_headers_to_add, and that NACK held back every Service's routes. It is the route's
+    host rewrite instead. Removing Host, or changing it in a response, is refused with a
+    condition, and the other routes are served."""
+    b = await backends.get("hosted")
+    mesh.apply(
+        service("hosted"),
+        endpoint_slice("hosted", b.port),
+        http_route("hosted", "hosted", [{
+            "backendRefs": [to("hosted")],
+            "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                "set": [{"name": "Host", "value": "internal.hosted"},
+                        {"name": "x-env", "value": "prod"}]}}],
+        }]),
+        http_route("hostless", "hosted", [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/bad"}}],
+            "backendRefs": [to("hosted")],
+            "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                "remove": ["host"]}}],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()  # ACKed, not NACKed
+    reply = await mesh.get("hosted.shop", "/bad/x")
+    assert reply.status == 200
+    assert b.seen[-1].headers["Host"] == "internal.hosted"
+    assert b.seen[-1].headers["x-env"] == "prod"
+    (accepted,) = [
+        c
+        for c in mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "shop", "hostless")]
+        if c.type == "Accepted"
+    ]
+    assert accepted.status == "False"
+    assert accepted.message == (
+        "spec.rules[0].filters[0].responseHeaderModifier.remove: the Host header cannot be removed"
+    )
 
 
 async def test_url_rewrite_replaces_prefix_and_host(mesh: Mesh, backends: Backends) -> None:

@@ -100,22 +100,38 @@ def _backend(
     return (ns, name, port)
 
 
-def _mutation(spec: Mapping[str, Any], path: str, p: Problems) -> ir.HeaderMutation:
+def _mutation(
+    spec: Mapping[str, Any], path: str, p: Problems, request: bool
+) -> tuple[ir.HeaderMutation, str]:
+    """The header changes, and the Host a request modifier sets (or ""). Envoy refuses Host in
+    `request_headers_to_add` (its NACK would hold back every Service's routes), so a request's
+    Host set or added becomes the route's host rewrite, as `URLRewrite.hostname`; Host cannot
+    be removed, nor changed in a response."""
+    host = ""
+
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        nonlocal host
         out = []
         for i, h in enumerate(as_list(spec.get(key))):
             h = as_map(h)
             if not h.get("name") or "value" not in h:
                 p.add(f"{path}.{key}[{i}]", "name and value are required")
                 continue
-            out.append((str(h["name"]).lower(), str(h["value"])))
+            name, value = str(h["name"]).lower(), str(h["value"])
+            if name == "host":
+                if request:
+                    host = value  # Host has one value: add is set
+                else:
+                    p.add(f"{path}.{key}[{i}]", "the Host header cannot be changed in a response")
+                continue
+            out.append((name, value))
         return tuple(out)
 
-    return ir.HeaderMutation(
-        set=pairs("set"),
-        add=pairs("add"),
-        remove=tuple(str(n).lower() for n in as_list(spec.get("remove"))),
-    )
+    remove = tuple(str(n).lower() for n in as_list(spec.get("remove")))
+    if "host" in remove:
+        p.add(f"{path}.remove", "the Host header cannot be removed")
+        remove = tuple(n for n in remove if n != "host")
+    return ir.HeaderMutation(set=pairs("set"), add=pairs("add"), remove=remove), host
 
 
 def _path_modifier(
@@ -152,14 +168,25 @@ def _filters(
     prefix_match: bool,
 ) -> _Filters:
     out = _Filters()
+    host = ""  # set by a RequestHeaderModifier
     for i, f in enumerate(raw):
         f = as_map(f)
         fpath = f"{path}[{i}]"
         kind = f.get("type")
         if kind == "RequestHeaderModifier":
-            out.request_headers = _mutation(as_map(f.get("requestHeaderModifier")), fpath, p)
+            out.request_headers, host = _mutation(
+                as_map(f.get("requestHeaderModifier")),
+                f"{fpath}.requestHeaderModifier",
+                p,
+                request=True,
+            )
         elif kind == "ResponseHeaderModifier":
-            out.response_headers = _mutation(as_map(f.get("responseHeaderModifier")), fpath, p)
+            out.response_headers, _ = _mutation(
+                as_map(f.get("responseHeaderModifier")),
+                f"{fpath}.responseHeaderModifier",
+                p,
+                request=False,
+            )
         elif kind == "URLRewrite" and route_kind == "HTTPRoute":
             spec = as_map(f.get("urlRewrite"))
             full, prefix = None, None
@@ -218,6 +245,11 @@ def _filters(
             # Gateway API: a filter we cannot apply must not be skipped; the rule answers 500.
             refs.problems.append(("UnsupportedValue", f"{fpath}: filter {kind!r} is not supported"))
             out.unsupported = True
+    if host:  # a URLRewrite's hostname, if any, is the more specific and wins
+        if out.rewrite is None:
+            out.rewrite = ir.Rewrite(host, None, None)
+        elif not out.rewrite.hostname:
+            out.rewrite = replace(out.rewrite, hostname=host)
     return out
 
 
