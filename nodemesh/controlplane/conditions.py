@@ -1,6 +1,6 @@
 """Conditions on user objects (Gateway API conventions) and their status shapes.
 
-A route has conditions per parentRef (`Condition.parent`, "Service/ns/name[:port]"); a policy
+A route has conditions per parentRef (`Condition.parent`, see `parent_label`); a policy
 has them at the top level (`parent == ""`). `Accepted` and `ResolvedRefs` come from build;
 `Programmed` comes from the data plane (ACK/NACK), see `nodemesh.controlplane.pipeline`.
 """
@@ -15,6 +15,7 @@ __all__ = [
     "CONTROLLER_NAME",
     "Condition",
     "kubernetes_status",
+    "parent_label",
     "parse_parent",
 ]
 
@@ -42,11 +43,30 @@ class Condition:
         }
 
 
+def parent_label(namespace: str, name: str, port: int | None = None, section: str = "") -> str:
+    """A route's parentRef to a Service as one string, "Service/ns/name[:port][/sectionName]".
+
+    It keys the route's conditions and is what `nodemesh status` shows; `parse_parent` turns it
+    back into the parentRef of `status.parents[]`, which must echo the user's parentRef (its
+    port and sectionName as written, not the port a sectionName resolved to). Neither a name
+    nor a sectionName can hold "/" or ":", so the parts split back unambiguously.
+    """
+    label = f"Service/{namespace}/{name}"
+    if port is not None:
+        label += f":{port}"
+    if section:
+        label += f"/{section}"
+    return label
+
+
 def parse_parent(parent: str) -> dict[str, Any]:
-    """ "Service/ns/name[:port]" -> a Gateway API parentRef."""
+    """`parent_label`'s string -> a Gateway API parentRef."""
     kind, namespace, rest = parent.split("/", 2)
+    rest, _, section = rest.partition("/")
     name, _, port = rest.partition(":")
     ref: dict[str, Any] = {"group": "", "kind": kind, "namespace": namespace, "name": name}
+    if section:
+        ref["sectionName"] = section
     if port:
         ref["port"] = int(port)
     return ref

@@ -22,7 +22,7 @@ from nodemesh.controlplane.builder._util import (
 )
 from nodemesh.controlplane.builder.service import ServiceModel
 from nodemesh.controlplane.builder.trafficpolicy import RetrySpec
-from nodemesh.controlplane.conditions import Condition
+from nodemesh.controlplane.conditions import Condition, parent_label
 from nodemesh.xds.translate import ir
 
 __all__ = [
@@ -287,27 +287,25 @@ def read_route(
         if ref.get("kind") != "Service" or ref.get("group", "") not in ("", "core"):
             continue
         pns, pname = str(ref.get("namespace") or ns), str(ref.get("name", ""))
-        port = ref.get("port")
-        label = f"Service/{pns}/{pname}" + (f":{port}" if isinstance(port, int) else "")
+        port = ref.get("port") if isinstance(ref.get("port"), int) else None
+        # GAMMA: a Service parent's sectionName is the name of one of its ports.
+        section = str(ref.get("sectionName") or "")
+        label = parent_label(pns, pname, port, section)
+        where = f"spec.parentRefs[{i}]: Service {pns}/{pname}"
         svc = services.get((pns, pname))
+        named = svc.port_named(section) if svc is not None and section else None
         if svc is None:
-            rejected.append(
-                (
-                    label,
-                    "NoMatchingParent",
-                    f"spec.parentRefs[{i}]: Service {pns}/{pname} not found",
-                )
-            )
-        elif isinstance(port, int) and svc.port(port) is None:
-            rejected.append(
-                (
-                    label,
-                    "NoMatchingParent",
-                    f"spec.parentRefs[{i}]: Service {pns}/{pname} has no port {port}",
-                )
-            )
+            problem = f"{where} not found"
+        elif section and named is None:
+            problem = f"{where} has no port named {section!r}"
+        elif named is not None and port is not None and named.port != port:
+            problem = f"{where}: sectionName {section!r} is port {named.port}, not {port}"
+        elif port is not None and svc.port(port) is None:
+            problem = f"{where} has no port {port}"
         else:
-            parents.append((label, (pns, pname, port if isinstance(port, int) else None)))
+            parents.append((label, (pns, pname, named.port if named is not None else port)))
+            continue
+        rejected.append((label, "NoMatchingParent", problem))
 
     # Rules.
     order = (creation(obj), f"{ns}/{name}")
