@@ -115,3 +115,40 @@ def test_status_parent_ref_echoes_section_name_and_port() -> None:
     refs = [p["parentRef"] for p in body["parents"]]
     base = {"group": "", "kind": "Service", "namespace": "shop", "name": "web"}
     assert refs == [base, {**base, "sectionName": "grpc"}, {**base, "port": 80}]
+
+
+# -- rule order (precedence) ----------------------------------------------------------------
+
+
+def test_prefix_with_trailing_slash_does_not_outrank_the_same_prefix_with_a_method() -> None:
+    # "/api/" matches exactly what "/api" matches, so the GET rule is the more specific one.
+    res = run(
+        service("web"),
+        service("a"),
+        service("b"),
+        route(
+            "slash",
+            [parent("web")],
+            [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/api/"}}],
+                    "backendRefs": to("a"),
+                }
+            ],
+            created="2024-01-01T00:00:00Z",
+        ),
+        route(
+            "get",
+            [parent("web")],
+            [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "GET"}],
+                    "backendRefs": to("b"),
+                }
+            ],
+        ),
+    )
+    assert [r.name for r in routes(res, "shop/web:80")] == [
+        "HTTPRoute/shop/get/rule-0/0",
+        "HTTPRoute/shop/slash/rule-0/0",
+    ]

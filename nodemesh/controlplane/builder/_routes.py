@@ -258,7 +258,11 @@ MatchParser = Callable[[Mapping[str, Any], str, Problems], ir.RouteMatch]
 
 def _precedence(m: ir.RouteMatch) -> tuple[Any, ...]:
     rank = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2}[m.path.kind]
-    return (rank, -len(m.path.value), 0 if m.method else 1, -len(m.headers), -len(m.query))
+    path = m.path.value
+    if m.path.kind == "PathPrefix":
+        # As translate matches it: "/api/" is "/api", so it must not outrank "/api" + a method.
+        path = path.rstrip("/")
+    return (rank, -len(path), 0 if m.method else 1, -len(m.headers), -len(m.query))
 
 
 def read_route(
