@@ -152,3 +152,85 @@ def test_prefix_with_trailing_slash_does_not_outrank_the_same_prefix_with_a_meth
         "HTTPRoute/shop/get/rule-0/0",
         "HTTPRoute/shop/slash/rule-0/0",
     ]
+
+
+def grpc_rule(backend: str, **method: str) -> dict[str, Any]:
+    return {"matches": [{"method": method}], "backendRefs": to(backend, 9000)}
+
+
+GRPC_PORT = (("grpc", 9000, ""),)
+
+
+def test_grpc_rules_order_by_service_then_method_then_headers() -> None:
+    # /pkg.Svc/Get matches every rule here: the longest service wins, then the longest method;
+    # a method-only rule (a regular expression on the path) comes after any service match.
+    headers = {"headers": [{"name": "x-a", "value": "1"}, {"name": "x-b", "value": "1"}]}
+    res = run(
+        service("g", ports=GRPC_PORT),
+        *(service(n, ports=GRPC_PORT) for n in ("a", "b", "c", "d")),
+        route(
+            "gr",
+            [parent("g")],
+            [
+                grpc_rule("a", method="Get"),
+                grpc_rule("b", service="pkg.Svc"),
+                {
+                    **grpc_rule("c", service="pkg.Svc"),
+                    "matches": [{"method": {"service": "pkg.Svc"}, **headers}],
+                },
+                grpc_rule("d", service="pkg.Svc", method="Get"),
+            ],
+            kind="GRPCRoute",
+        ),
+    )
+    assert [r.name for r in routes(res, "shop/g:9000")] == [
+        "GRPCRoute/shop/gr/rule-3/0",  # service + method
+        "GRPCRoute/shop/gr/rule-2/0",  # service + 2 headers
+        "GRPCRoute/shop/gr/rule-1/0",  # service
+        "GRPCRoute/shop/gr/rule-0/0",  # method only
+    ]
+
+
+def test_grpc_regular_expression_service_counts_as_a_wildcard() -> None:
+    res = run(
+        service("g", ports=GRPC_PORT),
+        service("a", ports=GRPC_PORT),
+        service("b", ports=GRPC_PORT),
+        route(
+            "gr",
+            [parent("g")],
+            [
+                grpc_rule("a", type="RegularExpression", service="pkg\\.Svc.*"),
+                grpc_rule("b", service="pkg.Svc"),
+            ],
+            kind="GRPCRoute",
+        ),
+    )
+    assert [r.name for r in routes(res, "shop/g:9000")] == [
+        "GRPCRoute/shop/gr/rule-1/0",
+        "GRPCRoute/shop/gr/rule-0/0",
+    ]
+
+
+def test_grpc_rules_come_before_http_rules_on_the_same_port() -> None:
+    # The GRPCRoute rule matches only gRPC requests: other requests still reach the HTTPRoute.
+    res = run(
+        service("g", ports=GRPC_PORT),
+        service("a", ports=GRPC_PORT),
+        service("b", ports=GRPC_PORT),
+        route(
+            "http",
+            [parent("g")],
+            [
+                {
+                    "matches": [{"path": {"type": "Exact", "value": "/pkg.Svc/Get"}}],
+                    "backendRefs": to("a", 9000),
+                }
+            ],
+        ),
+        route("gr", [parent("g")], [grpc_rule("b", service="pkg.Svc")], kind="GRPCRoute"),
+    )
+    assert [r.name for r in routes(res, "shop/g:9000")] == [
+        "GRPCRoute/shop/gr/rule-0/0",
+        "HTTPRoute/shop/http/rule-0/0",
+    ]

@@ -253,16 +253,11 @@ def _filters(
     return out
 
 
-MatchParser = Callable[[Mapping[str, Any], str, Problems], ir.RouteMatch]
-
-
-def _precedence(m: ir.RouteMatch) -> tuple[Any, ...]:
-    rank = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2}[m.path.kind]
-    path = m.path.value
-    if m.path.kind == "PathPrefix":
-        # As translate matches it: "/api/" is "/api", so it must not outrank "/api" + a method.
-        path = path.rstrip("/")
-    return (rank, -len(path), 0 if m.method else 1, -len(m.headers), -len(m.query))
+# A match parser returns the match and its precedence (smaller first). Precedence is the
+# route kind's own (Gateway API orders HTTPRoute rules by path, GRPCRoute rules by service and
+# method, which a GRPCRoute's path match has lost), so each kind's file computes it; ties go
+# to the older route, then namespace/name, then rule and match order (`read_route`).
+MatchParser = Callable[[Mapping[str, Any], str, Problems], tuple[ir.RouteMatch, tuple[Any, ...]]]
 
 
 def read_route(
@@ -271,7 +266,6 @@ def read_route(
     services: Mapping[tuple[str, str], ServiceModel],
     grants: Grants,
     parse_match: MatchParser,
-    default_match: ir.RouteMatch,
     allows_retry: bool,
 ) -> RouteModel:
     meta = as_map(obj.get("metadata"))
@@ -318,10 +312,11 @@ def read_route(
         rule = as_map(rule)
         rpath = f"spec.rules[{ri}]"
         rule_name = str(rule.get("name") or f"rule-{ri}")
-        matches = [
+        parsed = [
             parse_match(as_map(m), f"{rpath}.matches[{mi}]", p)
             for mi, m in enumerate(as_list(rule.get("matches")))
-        ] or [default_match]
+        ] or [parse_match({}, f"{rpath}.matches", p)]  # no matches: the kind's match-all
+        matches = [m for m, _ in parsed]
         all_prefix = all(m.path.kind == "PathPrefix" for m in matches)
         filters = _filters(
             as_list(rule.get("filters")),
@@ -380,7 +375,7 @@ def read_route(
                 attempts=int_in(r.get("attempts"), f"{rpath}.retry.attempts", p, 0, 100),
                 backoff_base_ms=parse_duration(r.get("backoff"), f"{rpath}.retry.backoff", p),
             )
-        for mi, m in enumerate(matches):
+        for mi, (m, precedence) in enumerate(parsed):
             for mirror_target, _ in filters.mirrors:
                 model.clusters.add(mirror_target)
             route = ir.Route(
@@ -397,7 +392,9 @@ def read_route(
                 ),
                 origins=(key,),
             )
-            sort_key = (*_precedence(m), order, ri, mi)
+            # GRPCRoute rules first: they match only gRPC requests, so an HTTPRoute on the same
+            # port still gets every other request (and the two kinds' precedences differ).
+            sort_key = (kind != "GRPCRoute", *precedence, order, ri, mi)
             entries.append(
                 RouteEntry((ns, "", None), sort_key, route, retry, request_ms, backend_ms)
             )

@@ -18,10 +18,16 @@ __all__ = ["read_grpcroute"]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9.]*$")
 
 
-def parse_grpc_match(m: Mapping[str, Any], path: str, p: Problems) -> ir.RouteMatch:
+def parse_grpc_match(
+    m: Mapping[str, Any], path: str, p: Problems
+) -> tuple[ir.RouteMatch, tuple[Any, ...]]:
+    """The match and its precedence: Gateway API orders GRPCRoute rules by the characters of
+    a matching non-wildcard service, then of a non-wildcard method, then by more header
+    matches. A RegularExpression service or method is a wildcard: it counts 0 characters."""
     method = as_map(m.get("method"))
     kind = method.get("type", "Exact")
     svc, meth = str(method.get("service", "")), str(method.get("method", ""))
+    literal = kind == "Exact"
     if kind == "Exact":
         for field, value in (("service", svc), ("method", meth)):
             if value and not _NAME.match(value):
@@ -53,11 +59,15 @@ def parse_grpc_match(m: Mapping[str, Any], path: str, p: Problems) -> ir.RouteMa
         if hk == "RegularExpression":
             parse_regex(str(h.get("value", "")), f"{path}.headers[{i}].value", p)
         headers.append(ir.HeaderMatch(str(h.get("name", "")).lower(), str(h.get("value", "")), hk))
-    return ir.RouteMatch(path=pm, headers=tuple(headers), grpc=True)
+    precedence = (
+        -len(svc) if literal else 0,
+        -len(meth) if literal else 0,
+        -len(headers),
+    )
+    return ir.RouteMatch(path=pm, headers=tuple(headers), grpc=True), precedence
 
 
 def read_grpcroute(
     obj: Mapping[str, Any], services: Mapping[tuple[str, str], ServiceModel], grants: Grants
 ) -> RouteModel:
-    default = ir.RouteMatch(grpc=True)
-    return read_route(obj, "GRPCRoute", services, grants, parse_grpc_match, default, False)
+    return read_route(obj, "GRPCRoute", services, grants, parse_grpc_match, False)

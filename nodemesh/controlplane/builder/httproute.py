@@ -33,7 +33,20 @@ def _kind(value: Any, allowed: tuple[str, ...], path: str, p: Problems) -> str:
     return str(value)
 
 
-def parse_http_match(m: Mapping[str, Any], path: str, p: Problems) -> ir.RouteMatch:
+def _precedence(m: ir.RouteMatch) -> tuple[Any, ...]:
+    """Gateway API's HTTPRoute order: Exact, RegularExpression, then PathPrefix paths, longer
+    first; then a method match; then more header matches; then more query matches."""
+    rank = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2}[m.path.kind]
+    path = m.path.value
+    if m.path.kind == "PathPrefix":
+        # As translate matches it: "/api/" is "/api", so it must not outrank "/api" + a method.
+        path = path.rstrip("/")
+    return (rank, -len(path), 0 if m.method else 1, -len(m.headers), -len(m.query))
+
+
+def parse_http_match(
+    m: Mapping[str, Any], path: str, p: Problems
+) -> tuple[ir.RouteMatch, tuple[Any, ...]]:
     pm = as_map(m.get("path")) or {"type": "PathPrefix", "value": "/"}
     kind = _kind(
         pm.get("type", "PathPrefix"),
@@ -74,15 +87,16 @@ def parse_http_match(m: Mapping[str, Any], path: str, p: Problems) -> ir.RouteMa
     method = m.get("method", "")
     if method and method not in _METHODS:
         p.add(f"{path}.method", f"unsupported value {method!r}")
-    return ir.RouteMatch(
+    match = ir.RouteMatch(
         path=ir.PathMatch(kind, value),  # type: ignore[arg-type]
         headers=tuple(headers),
         query=tuple(query),
         method=str(method),
     )
+    return match, _precedence(match)
 
 
 def read_httproute(
     obj: Mapping[str, Any], services: Mapping[tuple[str, str], ServiceModel], grants: Grants
 ) -> RouteModel:
-    return read_route(obj, "HTTPRoute", services, grants, parse_http_match, ir.RouteMatch(), True)
+    return read_route(obj, "HTTPRoute", services, grants, parse_http_match, True)
