@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format
+
 from nodemesh.controlplane.builder import BuildResult, build
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.store import ObjectKey, Store
-from nodemesh.xds.translate import ir
+from nodemesh.xds import types
+from nodemesh.xds.translate import ir, translate_messages
 from tests.e2e.mesh import service
 
 WEB_PORTS = (("http", 80, ""), ("grpc", 9090, ""))
@@ -233,4 +236,76 @@ def test_grpc_rules_come_before_http_rules_on_the_same_port() -> None:
     assert [r.name for r in routes(res, "shop/g:9000")] == [
         "GRPCRoute/shop/gr/rule-0/0",
         "HTTPRoute/shop/http/rule-0/0",
+    ]
+
+
+# -- matches --------------------------------------------------------------------------------
+
+
+def envoy_match(res: BuildResult, vhost: str, route_name: str) -> dict[str, Any]:
+    for m in translate_messages(res.mesh)[types.ROUTE]:
+        for v in json_format.MessageToDict(m, preserving_proto_field_name=True).get(
+            "virtual_hosts", []
+        ):
+            if v["name"] == vhost:
+                return next(r["match"] for r in v["routes"] if r["name"] == route_name)
+    raise AssertionError(f"no route {route_name} in {vhost}")
+
+
+def test_only_the_first_header_and_query_param_of_a_name_count() -> None:
+    # Header names compare case-insensitively, query param names exactly.
+    match = {
+        "headers": [{"name": "X-Env", "value": "a"}, {"name": "x-env", "value": "b"}],
+        "queryParams": [
+            {"name": "v", "value": "1"},
+            {"name": "v", "value": "2"},
+            {"name": "V", "value": "3"},
+        ],
+    }
+    res = run(
+        service("web"),
+        service("v1"),
+        route("r", [parent("web")], [{"matches": [match], "backendRefs": to("v1")}]),
+    )
+    m = envoy_match(res, "shop/web:80", "HTTPRoute/shop/r/rule-0/0")
+    assert m["headers"] == [{"name": "x-env", "string_match": {"exact": "a"}}]
+    assert m["query_parameters"] == [
+        {"name": "v", "string_match": {"exact": "1"}},
+        {"name": "V", "string_match": {"exact": "3"}},
+    ]
+
+
+def test_only_the_first_grpc_header_of_a_name_counts() -> None:
+    match = {
+        "method": {"service": "pkg.Svc"},
+        "headers": [{"name": "X-Env", "value": "a"}, {"name": "x-env", "value": "b"}],
+    }
+    res = run(
+        service("g", ports=GRPC_PORT),
+        service("a", ports=GRPC_PORT),
+        route(
+            "gr",
+            [parent("g")],
+            [{"matches": [match], "backendRefs": to("a", 9000)}],
+            kind="GRPCRoute",
+        ),
+    )
+    m = envoy_match(res, "shop/g:9000", "GRPCRoute/shop/gr/rule-0/0")
+    assert m["headers"] == [{"name": "x-env", "string_match": {"exact": "a"}}]
+
+
+def test_header_precedence_counts_distinct_names() -> None:
+    def rule(backend: str, *names: str) -> dict[str, Any]:
+        headers = [{"name": n, "value": "1"} for n in names]
+        return {"matches": [{"headers": headers}], "backendRefs": to(backend)}
+
+    res = run(
+        service("web"),
+        service("a"),
+        service("b"),
+        route("r", [parent("web")], [rule("a", "X-A", "x-a", "x-A"), rule("b", "x-a", "x-b")]),
+    )
+    assert [r.name for r in routes(res, "shop/web:80")] == [
+        "HTTPRoute/shop/r/rule-1/0",
+        "HTTPRoute/shop/r/rule-0/0",
     ]

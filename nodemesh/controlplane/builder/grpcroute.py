@@ -9,7 +9,7 @@ from typing import Any
 
 from nodemesh.controlplane.builder._routes import Grants, RouteModel, read_route
 from nodemesh.controlplane.builder._util import Problems, as_list, as_map
-from nodemesh.controlplane.builder.httproute import parse_regex
+from nodemesh.controlplane.builder.httproute import first_of_each_name, parse_regex
 from nodemesh.controlplane.builder.service import ServiceModel
 from nodemesh.xds.translate import ir
 
@@ -59,6 +59,7 @@ def parse_grpc_match(
         if hk == "RegularExpression":
             parse_regex(str(h.get("value", "")), f"{path}.headers[{i}].value", p)
         headers.append(ir.HeaderMatch(str(h.get("name", "")).lower(), str(h.get("value", "")), hk))
+    headers = first_of_each_name(headers)
     precedence = (
         -len(svc) if literal else 0,
         -len(meth) if literal else 0,

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from nodemesh.controlplane.builder._routes import Grants, RouteModel, read_route
 from nodemesh.controlplane.builder._util import Problems, as_list, as_map
 from nodemesh.controlplane.builder.service import ServiceModel
 from nodemesh.xds.translate import ir
 
-__all__ = ["parse_regex", "read_httproute"]
+__all__ = ["first_of_each_name", "parse_regex", "read_httproute"]
+
+_Named = TypeVar("_Named", ir.HeaderMatch, ir.QueryMatch)
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
@@ -31,6 +33,19 @@ def _kind(value: Any, allowed: tuple[str, ...], path: str, p: Problems) -> str:
         p.add(path, f"unsupported value {value!r}; allowed: {', '.join(allowed)}")
         return allowed[0]
     return str(value)
+
+
+def first_of_each_name(matches: list[_Named]) -> list[_Named]:
+    """Gateway API: of entries with equivalent names only the first counts; later ones are
+    ignored (not ANDed: two values for one header would match no request). Names must
+    already be in the form they compare in (header names lower-cased)."""
+    seen: set[str] = set()
+    out = []
+    for m in matches:
+        if m.name not in seen:
+            seen.add(m.name)
+            out.append(m)
+    return out
 
 
 def _precedence(m: ir.RouteMatch) -> tuple[Any, ...]:
@@ -70,7 +85,7 @@ def parse_http_match(
         if hk == "RegularExpression":
             parse_regex(str(h.get("value", "")), f"{path}.headers[{i}].value", p)
         headers.append(ir.HeaderMatch(str(h.get("name", "")).lower(), str(h.get("value", "")), hk))  # type: ignore[arg-type]
-    query = []
+    query: list[ir.QueryMatch] = []
     for i, q in enumerate(as_list(m.get("queryParams"))):
         q = as_map(q)
         qk = _kind(
@@ -84,6 +99,8 @@ def parse_http_match(
         if qk == "RegularExpression":
             parse_regex(str(q.get("value", "")), f"{path}.queryParams[{i}].value", p)
         query.append(ir.QueryMatch(str(q.get("name", "")), str(q.get("value", "")), qk))  # type: ignore[arg-type]
+    # Query param names compare exactly (case-sensitive), header names were lower-cased above.
+    headers, query = first_of_each_name(headers), first_of_each_name(query)
     method = m.get("method", "")
     if method and method not in _METHODS:
         p.add(f"{path}.method", f"unsupported value {method!r}")
