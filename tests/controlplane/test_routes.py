@@ -309,3 +309,20 @@ def test_header_precedence_counts_distinct_names() -> None:
         "HTTPRoute/shop/r/rule-1/0",
         "HTTPRoute/shop/r/rule-0/0",
     ]
+
+
+# -- where a route lands --------------------------------------------------------------------
+
+
+def test_ipv6_cluster_ip_domains_are_bracketed_as_in_a_host_header() -> None:
+    web = service("web")
+    web["spec"]["clusterIPs"] = ["10.96.0.5", "fd00::5"]
+    res = run(web)
+    domains = next(
+        v["domains"]
+        for m in translate_messages(res.mesh)[types.ROUTE]
+        for v in json_format.MessageToDict(m).get("virtualHosts", [])
+        if v["name"] == "shop/web:80"
+    )
+    assert {"10.96.0.5:80", "10.96.0.5", "[fd00::5]:80", "[fd00::5]"} <= set(domains)
+    assert not [d for d in domains if d.startswith("fd00")]

@@ -730,7 +730,8 @@ class Engine:
             )
             short = len(self.name_ns.get(name, ())) == 1
             hosts = svc.hostnames(short_name=short)
-            ips = svc.cluster_ips
+            # As a Host header carries them: an IPv6 address is bracketed, with or without ":port".
+            ips = tuple(f"[{ip}]" if ":" in ip else ip for ip in svc.cluster_ips)
             default_port = svc.default_port
             origins = (f"Service/{ns}/{name}",)
             settings, vhosts, cluster_keys = self.settings, self.vhosts, self.cluster_keys
