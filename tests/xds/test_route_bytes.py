@@ -32,6 +32,8 @@ _routes = st.builds(
     backends=st.lists(
         st.builds(ir.Backend, cluster=_text, weight=st.integers(1, 1000)), max_size=3
     ).map(tuple),
+    invalid_weight=st.integers(0, 3),
+    direct_status=st.sampled_from([500, 503]),
     timeout_ms=st.none() | st.integers(0, 10**7),
     origins=st.lists(_text, max_size=2).map(tuple),
 )

@@ -253,6 +253,12 @@ def _filters(
     return out
 
 
+# What a request gets when the backendRef it would go to is invalid (or there is none, or a
+# filter cannot be applied). Gateway API says 500 for HTTPRoute and UNAVAILABLE for GRPCRoute:
+# Envoy's local reply to a gRPC request carries grpc-status UNAVAILABLE for HTTP 503 (500 would
+# give UNKNOWN).
+_NO_BACKEND_STATUS = {"HTTPRoute": 500, "GRPCRoute": 503}
+
 # A match parser returns the match and its precedence (smaller first). Precedence is the
 # route kind's own (Gateway API orders HTTPRoute rules by path, GRPCRoute rules by service and
 # method, which a GRPCRoute's path match has lost), so each kind's file computes it; ties go
@@ -331,6 +337,7 @@ def read_route(
         )
         backends: list[ir.Backend] = []
         weights_total = 0
+        invalid_weight = 0  # answered with the rule's status, not spread over the valid ones
         for bi, b in enumerate(as_list(rule.get("backendRefs"))):
             b = as_map(b)
             weight = int_in(
@@ -346,7 +353,10 @@ def read_route(
                 )
                 filters.unsupported = True
             weights_total += weight or 0
-            if target is None or not weight:
+            if not weight:
+                continue
+            if target is None:
+                invalid_weight += weight
                 continue
             model.clusters.add(target)
             backends.append(ir.Backend(services[target[:2]].cluster_name(target[2]), weight))
@@ -382,7 +392,8 @@ def read_route(
                 name=f"{key}/{rule_name}/{mi}",
                 match=m,
                 backends=() if filters.unsupported else tuple(backends),
-                direct_status=500,
+                invalid_weight=0 if filters.unsupported or not backends else invalid_weight,
+                direct_status=_NO_BACKEND_STATUS[kind],
                 redirect=filters.redirect,
                 request_headers=filters.request_headers,
                 response_headers=filters.response_headers,

@@ -204,11 +204,17 @@ class Fault:
 @dataclass(frozen=True, slots=True)
 class Route:
     """One match with its action. Exactly one of backends (possibly empty: answer
-    `direct_status`), or redirect."""
+    `direct_status`), or redirect.
+
+    `invalid_weight` is the share, weighed against the backends' weights, of the requests that
+    would have gone to backendRefs that do not resolve: Gateway API has them answered with
+    `direct_status` rather than spread over the valid backends. Only set when there are
+    backends (with none, every request gets `direct_status` anyway)."""
 
     name: str
     match: RouteMatch = RouteMatch()
     backends: tuple[Backend, ...] = ()
+    invalid_weight: int = 0
     direct_status: int = 500  # when there is no usable backend
     redirect: Redirect | None = None
     request_headers: HeaderMutation | None = None

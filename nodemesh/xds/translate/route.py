@@ -24,6 +24,7 @@ from nodemesh.xds.translate.retry import retry_policy
 
 __all__ = [
     "CONSUMER_STATE",
+    "INVALID_BACKEND",
     "destination_route_configuration",
     "destination_route_configuration_bytes",
     "route",
@@ -38,6 +39,19 @@ __all__ = [
 # filter chain for that namespace's pod IPs on the node (listener.py), matched by the routes of
 # that namespace's consumer routes. A client cannot forge it: it is not a header.
 CONSUMER_STATE = "nodemesh.consumer_namespace"
+
+# The cluster that the share of an invalid backendRef is weighted to. No cluster has this name
+# (theirs are "namespace/name:port"), so Envoy answers that share with the route's
+# `cluster_not_found_response_code`; routes come by RDS, whose `validate_clusters` is off by
+# default, so the name does not make Envoy refuse the route configuration.
+INVALID_BACKEND = "nodemesh.invalid-backend"
+
+# The statuses `cluster_not_found_response_code` can give; 503 is its default (the enum's 0).
+_NOT_FOUND_CODES = {
+    404: rc.RouteAction.NOT_FOUND,
+    500: rc.RouteAction.INTERNAL_SERVER_ERROR,
+    503: rc.RouteAction.SERVICE_UNAVAILABLE,
+}
 
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
@@ -74,6 +88,7 @@ def _plain(r: ir.Route) -> bool:
     return (
         len(r.backends) == 1
         and r.backends[0].cluster != ""  # a oneof member: even "" would be written
+        and not r.invalid_weight
         and (r.match is _ROUTE_DEFAULT_MATCH or r.match == _DEFAULT_MATCH)
         and r.redirect is None
         and r.request_headers is None
@@ -264,13 +279,20 @@ def _prefix_rewrite(
 
 def _action(r: ir.Route) -> rc.RouteAction:
     out = rc.RouteAction()
-    if len(r.backends) == 1:
+    if len(r.backends) == 1 and not r.invalid_weight:
         out.cluster = r.backends[0].cluster
     else:
         out.weighted_clusters.clusters.extend(
             rc.WeightedCluster.ClusterWeight(name=b.cluster, weight=uint32(b.weight))
             for b in r.backends
         )
+        if r.invalid_weight:
+            out.weighted_clusters.clusters.add(
+                name=INVALID_BACKEND, weight=uint32(r.invalid_weight)
+            )
+            out.cluster_not_found_response_code = _NOT_FOUND_CODES.get(
+                r.direct_status, rc.RouteAction.INTERNAL_SERVER_ERROR
+            )
     if r.rewrite is not None:
         if r.rewrite.hostname:
             out.host_rewrite_literal = r.rewrite.hostname

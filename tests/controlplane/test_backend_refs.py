@@ -1,0 +1,117 @@
+"""What a rule's invalid backendRefs do to its traffic: Gateway API has the share of requests
+that would have gone to an invalid backend answered with an error (500 for HTTPRoute,
+UNAVAILABLE for GRPCRoute), never spread over the valid backends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.route.v3 import route_components_pb2 as rc
+
+from nodemesh.controlplane.builder import build
+from nodemesh.controlplane.store import ObjectKey, Store
+from nodemesh.xds import types
+from nodemesh.xds.translate import Translator, translate_messages
+from nodemesh.xds.translate.route import INVALID_BACKEND
+from tests.e2e.mesh import service
+
+
+def route(kind: str, backend_refs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": kind,
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+            "rules": [{"backendRefs": backend_refs}],
+        },
+    }
+
+
+def envoy_route(*objs: dict[str, Any]) -> tuple[rc.Route, Any]:
+    """The Envoy route the rule of HTTPRoute/GRPCRoute shop/r became, and the build result."""
+    store = Store()
+    for obj in (service("web"), service("v1"), *objs):
+        store.apply(obj)
+    result = build(store.view())
+    (config,) = translate_messages(result.mesh)[types.ROUTE]
+    prefix = f"{objs[0]['kind']}/shop/r/"
+    (found,) = [r for vh in config.virtual_hosts for r in vh.routes if r.name.startswith(prefix)]
+    return found, result
+
+
+def split(r: rc.Route) -> list[tuple[str, int]]:
+    return [(c.name, c.weight.value) for c in r.route.weighted_clusters.clusters]
+
+
+def conditions(result: Any, kind: str) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in result.conditions[ObjectKey(kind, "shop", "r")]}
+
+
+def test_a_missing_service_keeps_its_share_and_that_share_gets_500() -> None:
+    r, result = envoy_route(
+        route(
+            "HTTPRoute",
+            [
+                {"name": "v1", "port": 80, "weight": 50},
+                {"name": "missing", "port": 80, "weight": 50},
+            ],
+        )
+    )
+    assert split(r) == [("shop/v1:80", 50), (INVALID_BACKEND, 50)]
+    assert r.route.cluster_not_found_response_code == rc.RouteAction.INTERNAL_SERVER_ERROR
+    assert conditions(result, "HTTPRoute") == {
+        "Accepted": ("True", "Accepted"),
+        "ResolvedRefs": ("False", "BackendNotFound"),
+    }
+    # No cluster is made for the invalid share, and the snapshot still checks out.
+    assert [c.name for c in result.mesh.clusters] == ["shop/v1:80"]
+    assert Translator().translate(result.mesh).snapshot().consistent() == []
+
+
+def test_a_reference_without_a_grant_keeps_its_share() -> None:
+    r, result = envoy_route(
+        route(
+            "HTTPRoute",
+            [
+                {"name": "v1", "port": 80, "weight": 1},
+                {"name": "x", "namespace": "other", "port": 80, "weight": 9},
+            ],
+        )
+    )
+    assert split(r) == [("shop/v1:80", 1), (INVALID_BACKEND, 9)]
+    assert conditions(result, "HTTPRoute")["ResolvedRefs"] == ("False", "RefNotPermitted")
+
+
+def test_grpcroute_answers_the_invalid_share_with_unavailable() -> None:
+    # Envoy's local reply to a gRPC request says grpc-status UNAVAILABLE for HTTP 503.
+    r, _ = envoy_route(
+        route(
+            "GRPCRoute",
+            [{"name": "v1", "port": 80, "weight": 1}, {"name": "missing", "port": 80, "weight": 1}],
+        )
+    )
+    assert split(r) == [("shop/v1:80", 1), (INVALID_BACKEND, 1)]
+    assert r.route.cluster_not_found_response_code == rc.RouteAction.SERVICE_UNAVAILABLE
+
+
+def test_grpcroute_with_only_an_invalid_backend_answers_unavailable() -> None:
+    r, _ = envoy_route(route("GRPCRoute", [{"name": "missing", "port": 80}]))
+    assert r.WhichOneof("action") == "direct_response" and r.direct_response.status == 503
+
+
+def test_only_invalid_or_zero_weight_backends_answer_500_directly() -> None:
+    for refs in (
+        [{"name": "missing", "port": 80}],
+        [{"name": "v1", "port": 80, "weight": 0}],
+        [{"name": "v1", "port": 80, "weight": 0}, {"name": "missing", "port": 80}],
+    ):
+        r, _ = envoy_route(route("HTTPRoute", refs))
+        assert r.WhichOneof("action") == "direct_response", refs
+        assert r.direct_response.status == 500, refs
+
+
+def test_valid_backends_alone_send_to_their_clusters() -> None:
+    r, _ = envoy_route(route("HTTPRoute", [{"name": "v1", "port": 80}]))
+    assert r.route.cluster == "shop/v1:80"
+    assert r.route.cluster_not_found_response_code == rc.RouteAction.SERVICE_UNAVAILABLE
