@@ -115,3 +115,31 @@ def test_valid_backends_alone_send_to_their_clusters() -> None:
     r, _ = envoy_route(route("HTTPRoute", [{"name": "v1", "port": 80}]))
     assert r.route.cluster == "shop/v1:80"
     assert r.route.cluster_not_found_response_code == rc.RouteAction.SERVICE_UNAVAILABLE
+
+
+def test_a_rule_without_backend_refs_answers_500_and_the_route_stays_accepted() -> None:
+    obj = route("HTTPRoute", [{"name": "v1", "port": 80}])
+    obj["spec"]["rules"] = [
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+            "backendRefs": [{"name": "v1", "port": 80}],
+        },
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/maintenance"}}]},
+    ]
+    store = Store()
+    for o in (service("web"), service("v1"), obj):
+        store.apply(o)
+    result = build(store.view())
+    (config,) = translate_messages(result.mesh)[types.ROUTE]
+    actions = {
+        r.match.path_separated_prefix: r
+        for vh in config.virtual_hosts
+        for r in vh.routes
+        if r.name.startswith("HTTPRoute/shop/r/")
+    }
+    assert actions["/api"].route.cluster == "shop/v1:80"
+    assert actions["/maintenance"].direct_response.status == 500
+    assert conditions(result, "HTTPRoute") == {
+        "Accepted": ("True", "Accepted"),
+        "ResolvedRefs": ("True", "ResolvedRefs"),
+    }

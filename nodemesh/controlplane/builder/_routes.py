@@ -253,8 +253,9 @@ def _filters(
     return out
 
 
-# What a request gets when the backendRef it would go to is invalid (or there is none, or a
-# filter cannot be applied). Gateway API says 500 for HTTPRoute and UNAVAILABLE for GRPCRoute:
+# What a request gets when the backendRef it would go to is invalid (or the rule has none and
+# no RequestRedirect, which Gateway API allows: backendRefs is optional; or a filter cannot be
+# applied). Gateway API says 500 for HTTPRoute and UNAVAILABLE for GRPCRoute:
 # Envoy's local reply to a gRPC request carries grpc-status UNAVAILABLE for HTTP 503 (500 would
 # give UNKNOWN).
 _NO_BACKEND_STATUS = {"HTTPRoute": 500, "GRPCRoute": 503}
@@ -360,8 +361,6 @@ def read_route(
                 continue
             model.clusters.add(target)
             backends.append(ir.Backend(services[target[:2]].cluster_name(target[2]), weight))
-        if filters.redirect is None and not as_list(rule.get("backendRefs")):
-            p.add(f"{rpath}.backendRefs", "a rule needs backendRefs or a RequestRedirect filter")
         timeouts = as_map(rule.get("timeouts"))
         request_ms = parse_duration(timeouts.get("request"), f"{rpath}.timeouts.request", p)
         backend_ms = parse_duration(
