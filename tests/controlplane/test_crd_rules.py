@@ -85,3 +85,60 @@ def test_valid_values_pass_the_rules() -> None:
         faultInjection={"abort": {"httpStatus": 503, "percent": 0.5}},
     )
     assert crd.errors(ok) == []
+
+
+# Refused by the schema itself (minProperties, required) or by a CEL rule on a value that is
+# present but empty: (spec, the builder's problem for it).
+REFUSED: list[tuple[dict[str, Any], str]] = [
+    ({"timeouts": {}}, "spec.timeouts: set at least one of connect, request, idle"),
+    (
+        {"circuitBreaker": {}},
+        "spec.circuitBreaker: set at least one of maxConnections, maxPendingRequests,"
+        " maxRequests, maxRetries",
+    ),
+    (
+        {"loadBalancer": {}},
+        "spec.loadBalancer.type: required: RoundRobin, LeastRequest, RingHash or Maglev",
+    ),
+    (
+        {"loadBalancer": {"type": "RoundRobin", "hashOn": {}}},
+        "spec.loadBalancer.hashOn: only RingHash and Maglev hash; RoundRobin does not",
+    ),
+    (
+        {"loadBalancer": {"type": "RingHash", "hashOn": {}}},
+        "spec.loadBalancer.hashOn: set exactly one of header or cookie",
+    ),
+    (
+        {"loadBalancer": {"type": "Maglev", "hashOn": {"header": ""}}},
+        "spec.loadBalancer.hashOn.header: must not be empty",
+    ),
+    (
+        {"loadBalancer": {"type": "RingHash", "hashOn": {"cookie": {}}}},
+        "spec.loadBalancer.hashOn.cookie.name: required",
+    ),
+]
+
+
+@pytest.mark.parametrize("spec,problem", REFUSED, ids=[str(s) for s, _ in REFUSED])
+def test_the_builder_refuses_what_the_schema_refuses(spec: dict[str, Any], problem: str) -> None:
+    obj = policy(**spec)
+    assert crd.errors(obj), "the API server would accept this: not a case"
+    store = Store()
+    store.apply(service("web"))
+    store.apply(obj)
+    conditions = build(store.view()).conditions[ObjectKey("TrafficPolicy", "shop", "p")]
+    accepted = next(c for c in conditions if c.type == "Accepted")
+    assert accepted.status == "False" and problem in accepted.message
+
+
+def test_an_empty_timeouts_section_does_not_wipe_a_newer_policys_timeout() -> None:
+    older = policy(timeouts={})
+    older["metadata"] |= {"name": "older", "creationTimestamp": "2026-01-01T00:00:00Z"}
+    newer = policy(timeouts={"request": "2s"})
+    newer["metadata"] |= {"name": "newer", "creationTimestamp": "2026-01-02T00:00:00Z"}
+    store = Store()
+    for obj in (service("web"), older, newer):
+        store.apply(obj)
+    result = build(store.view())
+    (vh,) = [v for v in result.mesh.virtual_hosts if v.name == "shop/web:80"]
+    assert [r.timeout_ms for r in vh.routes] == [2000]

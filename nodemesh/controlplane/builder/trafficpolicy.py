@@ -211,19 +211,28 @@ def _retry(spec: Mapping[str, Any], p: Problems) -> tuple[RetrySpec, float | Non
 
 
 def _lb(spec: Mapping[str, Any], p: Problems) -> ir.LoadBalancer | None:
-    kind = spec.get("type", "RoundRobin")
+    """The CRD's rules, by presence as CEL's `has()` tests it: an empty `hashOn: {}` is there
+    (so RoundRobin refuses it) and hashes on nothing (so RingHash refuses it too)."""
+    if "type" not in spec:
+        p.add("spec.loadBalancer.type", "required: RoundRobin, LeastRequest, RingHash or Maglev")
+        return None
+    kind = spec["type"]
     if kind not in ("RoundRobin", "LeastRequest", "RingHash", "Maglev"):
         p.add("spec.loadBalancer.type", f"unsupported value {kind!r}")
         return None
     hash_on = as_map(spec.get("hashOn"))
     header = hash_on.get("header", "")
     cookie = as_map(hash_on.get("cookie"))
-    if kind in ("RingHash", "Maglev") and not (header or cookie):
+    if kind in ("RingHash", "Maglev") and "hashOn" not in spec:
         p.add("spec.loadBalancer.hashOn", f"{kind} needs hashOn.header or hashOn.cookie")
-    if kind not in ("RingHash", "Maglev") and hash_on:
+    if kind not in ("RingHash", "Maglev") and "hashOn" in spec:
         p.add("spec.loadBalancer.hashOn", f"only RingHash and Maglev hash; {kind} does not")
-    if header and cookie:
-        p.add("spec.loadBalancer.hashOn", "set header or cookie, not both")
+    if "hashOn" in spec and ("header" in hash_on) == ("cookie" in hash_on):
+        p.add("spec.loadBalancer.hashOn", "set exactly one of header or cookie")
+    if "header" in hash_on and not header:
+        p.add("spec.loadBalancer.hashOn.header", "must not be empty")
+    if "cookie" in hash_on and not cookie.get("name"):
+        p.add("spec.loadBalancer.hashOn.cookie.name", "required")
     return ir.LoadBalancer(
         policy=kind,
         hash_header=str(header).lower(),
@@ -291,6 +300,10 @@ def read_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicyModel:
         )
     if "timeouts" in spec:
         t = as_map(spec["timeouts"])
+        if not t:
+            # The CRD's minProperties: an empty section would still win the whole section
+            # over a newer policy's timeouts and set none.
+            p.add("spec.timeouts", "set at least one of connect, request, idle")
         connect = parse_duration(t.get("connect"), "spec.timeouts.connect", p)
         if connect == 0:
             p.add("spec.timeouts.connect", "must be greater than 0")
@@ -302,6 +315,11 @@ def read_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicyModel:
         )
     if "circuitBreaker" in spec:
         cb = as_map(spec["circuitBreaker"])
+        if not cb:
+            p.add(
+                "spec.circuitBreaker",
+                "set at least one of maxConnections, maxPendingRequests, maxRequests, maxRetries",
+            )
         limits = {
             f: int_in(cb.get(k), f"spec.circuitBreaker.{k}", p, 1, (1 << 31) - 1)
             for k, f in (
