@@ -7,12 +7,15 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from envoy.service.discovery.v3 import discovery_pb2
+
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
 from nodemesh.xds.cache import SnapshotCache
 from nodemesh.xds.server import StatusTracker
+from nodemesh.xds.server._streams import SotwStream
 from tests.support import eventually
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -230,3 +233,50 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
     await p.rebuild()
     assert programmed(consumer)[:2] == ("False", "Pending")
     assert programmed(ROUTE)[:2] == ("True", "Programmed")
+
+
+class _SotwEnvoy:
+    """An Envoy on a SotW stream as the ADS server sees it (the real `SotwStream`): a new one
+    holds nothing (empty `version_info`), subscribes to every type and ACKs what `pump` reads."""
+
+    def __init__(self, cache: SnapshotCache, status: StatusTracker, node: str) -> None:
+        self.stream = SotwStream(cache, status)
+        for t in (types.CLUSTER, types.LISTENER, types.ENDPOINT, types.ROUTE):
+            first = discovery_pb2.DiscoveryRequest(type_url=t)
+            first.node.id = node
+            self.stream.handle(first)
+
+    def pump(self) -> None:
+        while not self.stream.queue.empty():
+            data = self.stream.queue.get_nowait()
+            assert data is not None
+            resp = discovery_pb2.DiscoveryResponse.FromString(data)
+            self.stream.handle(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=resp.type_url,
+                    version_info=resp.version_info,
+                    response_nonce=resp.nonce,
+                )
+            )
+
+
+async def test_a_restarted_envoy_is_pending_until_it_acks_again() -> None:
+    """node-a's Envoy restarts: the new one holds nothing until it ACKs, whatever the old one
+    ACKed, so the route goes Pending, and Programmed again with the new Envoy's ACKs."""
+    store, status, cache = Store(), StatusTracker(), SnapshotCache()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, cache, status)
+    await p.start()
+    try:
+        a, b = _SotwEnvoy(cache, status, "node-a"), _SotwEnvoy(cache, status, "node-b")
+        a.pump()
+        b.pump()
+        await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+
+        a.stream.close()
+        restarted = _SotwEnvoy(cache, status, "node-a")  # its answers are not read yet
+        await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        restarted.pump()
+        await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+    finally:
+        await p.stop()

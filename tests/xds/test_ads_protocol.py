@@ -234,6 +234,83 @@ async def test_a_new_delta_stream_counts_only_what_its_client_says_it_holds(
     again.cancel()
 
 
+async def test_a_restarted_sotw_client_holds_nothing_until_it_acks(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """A new stream's first request with no `version_info` (a restarted Envoy) holds nothing,
+    whatever the node's previous stream ACKed."""
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    status = control_plane.server.status
+    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER))
+    r1 = await call.read()
+    await call.write(req(types.CLUSTER, version_info=r1.version_info, response_nonce=r1.nonce))
+    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    call.cancel()
+
+    again = sotw_call(channel)
+    await again.write(req(types.CLUSTER))
+    r2 = await again.read()  # the first request was handled: this stream speaks for CDS
+    ts = status.type_status("n", types.CLUSTER)
+    assert (ts.version_acked, ts.acked_resources) == ("", {})
+    await again.write(req(types.CLUSTER, version_info=r2.version_info, response_nonce=r2.nonce))
+    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    again.cancel()
+
+
+async def test_a_reconnecting_sotw_client_holds_the_version_it_states(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """The same Envoy reconnecting states the version it ACKed: nothing is resent, and it
+    still holds those resources."""
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    status = control_plane.server.status
+    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER))
+    r1 = await call.read()
+    await call.write(req(types.CLUSTER, version_info=r1.version_info, response_nonce=r1.nonce))
+    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    call.cancel()
+    await eventually(lambda: not status.node("n").connected)  # type: ignore[union-attr]
+
+    again = sotw_call(channel)
+    await again.write(req(types.CLUSTER, version_info=r1.version_info))
+    await again.write(req(types.LISTENER, node=""))
+    assert (await again.read()).type_url == types.LISTENER  # CDS is not resent
+    ts = status.type_status("n", types.CLUSTER)
+    assert (ts.version_acked, ts.acked_resources) == (r1.version_info, held)
+    again.cancel()
+
+
+async def test_a_type_a_new_delta_stream_does_not_ask_for_is_no_longer_held(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """A restarted Envoy that never asks for a type (RDS, after it rejected its Listener) holds
+    none of it: the closed stream's ACKs stop counting when it closes."""
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    status = control_plane.server.status
+    call = delta_call(channel)
+    await call.write(dreq(types.CLUSTER))
+    await call.write(dreq(types.ROUTE, node="", resource_names_subscribe=["routes"]))
+    for _ in range(2):
+        r = await call.read()
+        await call.write(dreq(r.type_url, node="", response_nonce=r.nonce))
+    await eventually(lambda: status.type_status("n", types.ROUTE).acked_resources)
+    call.cancel()
+
+    again = delta_call(channel)
+    await again.write(dreq(types.CLUSTER))
+    await again.read()
+    await eventually(lambda: status.type_status("n", types.ROUTE).acked_resources == {})
+    assert status.type_status("n", types.ROUTE).version_acked == ""
+    again.cancel()
+
+
 async def test_delta_nack_holds_until_a_new_version(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

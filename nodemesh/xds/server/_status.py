@@ -35,6 +35,12 @@ class TypeStatus:
     resources_sent: int = 0
     acked_resources: dict[str, str] = field(default_factory=dict)  # name -> version, as ACKed
     last_nack: NackRecord | None = None
+    # The stream that speaks for this type: the last one to say what its client holds (its
+    # first request for the type). None: no open stream does, so the node holds nothing we know.
+    stream: object | None = None
+    # (version, resources) the node held when that stream closed: a SotW client that comes
+    # back stating that version (the same Envoy, reconnecting) holds those resources again
+    left: tuple[str, dict[str, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -125,11 +131,22 @@ class StatusTracker:
         node.last_connected = time.time()
         self._emit(AckEvent("opened", node_id, "", "", {}))
 
-    def stream_closed(self, node_id: str) -> None:
+    def stream_closed(self, node_id: str, stream: object | None = None) -> None:
+        """`stream` closed. What it ACKed of the types it spoke for no longer counts as held:
+        a restarted Envoy holds nothing, and its new stream may never ask for some of those
+        types (RDS after its Listener was rejected). Types another stream took over since are
+        left alone (a new stream can open before the old one is seen closing, and the node's
+        eBPF agent has a stream of its own). The last NACK stays, for `/status`."""
         self.epoch += 1
         node = self._node(node_id)
         node.streams = max(0, node.streams - 1)
         node.last_disconnected = time.time()
+        for ts in node.types.values():
+            if ts.stream is stream:
+                ts.left = (ts.version_acked, ts.acked_resources) if ts.version_acked else None
+                ts.version_acked = ""
+                ts.acked_resources = {}
+                ts.stream = None
         self._emit(AckEvent("closed", node_id, "", "", {}))
 
     def sent(self, node_id: str, type_url: str, version: str, nonce: str, count: int) -> None:
@@ -165,23 +182,29 @@ class StatusTracker:
         node_id: str,
         type_url: str,
         version: str,
-        resource_versions: dict[str, str],
+        resource_versions: dict[str, str] | None,
         *,
-        replace: bool = False,
+        stream: object,
     ) -> None:
-        """A (re)connecting client said what it holds (SotW: a version; delta: resource
-        versions). Recorded as ACKed state without an event: nothing new was delivered.
-        `replace`: that is all it holds (a delta stream's first request), so the versions and
-        resources ACKed on an earlier stream no longer count."""
+        """`stream`'s first request for a type said what its client holds; that is all the node
+        holds of it now, and `stream` speaks for the type from here on. Delta: the resources
+        (`initial_resource_versions`). SotW: only a version (`resource_versions` None), empty
+        for a restarted Envoy; a client stating the version the node held when its last
+        stream closed holds what it held then, any other version is taken to hold nothing we
+        know of. Recorded without an event: nothing new was delivered."""
         self.epoch += 1
         ts = self.type_status(node_id, type_url)
-        if replace:
-            ts.version_acked = version
-            ts.acked_resources = dict(resource_versions)
-            return
-        if version:
-            ts.version_acked = version
-        ts.acked_resources.update(resource_versions)
+        if resource_versions is None:
+            before = ts.left if ts.stream is None else (ts.version_acked, ts.acked_resources)
+            if before is not None and version and before[0] == version:
+                resource_versions = before[1]
+            else:
+                resource_versions = {}
+        ts.version_acked = version
+        ts.acked_resources = dict(resource_versions)
+        ts.last_nack = None  # that was another client, or the same one before it restarted
+        ts.stream = stream
+        ts.left = None
 
     def removed(self, node_id: str, type_url: str, names: tuple[str, ...]) -> None:
         self.epoch += 1

@@ -138,9 +138,10 @@ class SotwStream(_Stream):
             else:
                 self.status.acked(node_id, type_url, st.sent_version, st.sent, replace=True)
 
-        if not st.started and req.version_info:
-            # A reconnecting client states the version it holds: that is what it last ACKed.
-            self.status.resumed(node_id, type_url, req.version_info, {})
+        if not st.started:
+            # A client states the version it holds: a restarted Envoy none, a reconnecting one
+            # what it last ACKed. Only that counts, not what an earlier stream ACKed.
+            self.status.resumed(node_id, type_url, req.version_info, None, stream=self)
         requested = frozenset(req.resource_names)
         if not st.started:
             st.legacy_wildcard = not requested
@@ -201,7 +202,7 @@ class SotwStream(_Stream):
     def close(self) -> None:
         self._cancel_all([st.cancel for st in self.types.values()])
         if self.node_id is not None:
-            self.status.stream_closed(self.node_id)
+            self.status.stream_closed(self.node_id, self)
 
 
 @dataclass(slots=True)
@@ -254,7 +255,7 @@ class DeltaStream(_Stream):
             # A new stream's client holds what it says, nothing else (a restarted Envoy holds
             # nothing): what an earlier stream ACKed must not count for it.
             self.status.resumed(
-                node_id, type_url, "", dict(req.initial_resource_versions), replace=True
+                node_id, type_url, "", dict(req.initial_resource_versions), stream=self
             )
         subscribe = set(req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
@@ -391,4 +392,4 @@ class DeltaStream(_Stream):
     def close(self) -> None:
         self._cancel_all([st.cancel for st in self.types.values()])
         if self.node_id is not None:
-            self.status.stream_closed(self.node_id)
+            self.status.stream_closed(self.node_id, self)
