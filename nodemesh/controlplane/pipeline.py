@@ -10,7 +10,8 @@ Public surface (used by the files source, the kopf operator and the HTTP status 
 - `pipeline.conditions()`: `{ObjectKey: (Condition, ...)}` for routes and policies: `Accepted`,
   `ResolvedRefs` (per parentRef for routes) from build, and `Programmed` from the data plane:
   True once every node Envoy that should carry the object ACKed a version containing it; False
-  with reason `Rejected` and Envoy's own message after a NACK; False/`Pending` while in flight;
+  with reason `Rejected` and Envoy's own message after a NACK of a version holding its current
+  part; False/`Pending` while in flight (a fix sent after a NACK included);
   Unknown/`NoNodes` while no node Envoy is connected. Also, never written back: a Pod whose
   `nodemesh.io/socket-redirect` annotation is neither "on" nor "off" gets `SocketRedirect=False`
   (reason `UnknownValue`), logged once as a warning.
@@ -584,15 +585,13 @@ class Pipeline:
                 acked = ts.acked_resources.get(name) if ts is not None else None
                 # an older version counts if it held the same part of this object (a route
                 # whose rule did not change while another did); unknown parts never match
-                if acked is not None and (
-                    acked == version
-                    or (
-                        fp is not None and self._history.get((t, name, acked), {}).get(origin) == fp
-                    )
-                ):
+                if self._holds_part(t, name, acked, version, fp, origin):
                     continue
+                # rejected only if the rejected version held the current part: a fix the
+                # node has not answered yet is in flight, not rejected
                 nack = ts.last_nack if ts is not None else None
-                if nack is not None and name in nack.resource_names:
+                nacked = nack.resource_versions.get(name) if nack is not None else None
+                if nack is not None and self._holds_part(t, name, nacked, version, fp, origin):
                     message = (
                         f"node {node_id} rejected {types.short_name(t)} {name!r}: {nack.message}"
                     )
@@ -625,7 +624,15 @@ class Pipeline:
             ):
                 continue
             nack = ts.last_nack if ts is not None else None
-            if nack is not None and own.name in nack.resource_names:
+            nacked = nack.resource_versions.get(own.name) if nack is not None else None
+            if nack is not None and (
+                nacked == own.version
+                or (
+                    nacked is not None
+                    and part is not None
+                    and versions.get(nacked, {}).get(namespace) == part
+                )
+            ):
                 message = f"node {node_id} rejected lds {own.name!r}: {nack.message}"
                 return Condition("Programmed", "False", "Rejected", message, gen, parent)
             waits += 1
@@ -641,6 +648,18 @@ class Pipeline:
             return Condition("Programmed", "False", "Pending", message, gen, parent)
         return Condition(
             "Programmed", "True", "Programmed", f"ACKed by {ctx.expected} node(s)", gen, parent
+        )
+
+    def _holds_part(
+        self, t: str, name: str, held: str | None, version: str, fp: int | None, origin: str
+    ) -> bool:
+        """Whether version `held` of resource `name` holds `origin`'s part as it is in the
+        current `version` (fingerprint `fp`): the same version, or an older one with the same
+        part. Unknown parts never match."""
+        if held is None:
+            return False
+        return held == version or (
+            fp is not None and self._history.get((t, name, held), {}).get(origin) == fp
         )
 
     def _update_conditions(self) -> None:

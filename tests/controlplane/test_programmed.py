@@ -179,12 +179,13 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
     )
     assert programmed(ROUTE)[:2] == ("True", "Programmed")
 
+    sent = {n: r.version for n, r in own.resources(types.LISTENER).items()}
     status.nacked(
         NackRecord(
             "node-a", types.LISTENER, own.version(types.LISTENER) or "", "n1", ("outbound",),
-            13, "multiple filter chains with overlapping matching rules", 0.0,
+            13, "multiple filter chains with overlapping matching rules", 0.0, sent,
         ),
-        {},
+        sent,
     )  # fmt: skip
     p._update_conditions()
     assert programmed(consumer)[:2] == ("False", "Rejected")
@@ -233,6 +234,52 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
     await p.rebuild()
     assert programmed(consumer)[:2] == ("False", "Pending")
     assert programmed(ROUTE)[:2] == ("True", "Programmed")
+
+
+async def test_a_fix_the_node_has_not_answered_yet_is_pending_not_rejected() -> None:
+    """node-a rejects the routes with a change to reviews. A change elsewhere leaves reviews'
+    rejected part as it was: still Rejected. A fix of reviews that node-a has not answered
+    yet is not what it rejected: Pending, without the old message."""
+    from nodemesh.xds.server import NackRecord
+
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, SnapshotCache(), status)
+    await p.rebuild()
+    _connect_and_ack(p, status, "node-a", "node-b")
+    p._update_conditions()
+    assert _programmed(p) == ("True", "Programmed")
+
+    def message() -> str:
+        return next(c.message for c in p.conditions()[ROUTE] if c.type == "Programmed")
+
+    route = copy.deepcopy(dict(store.get(ROUTE)))
+    route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
+    store.apply(route)
+    await p.rebuild()
+    assert p.snapshot is not None
+    sent = {n: r.version for n, r in p.snapshot.resources(types.ROUTE).items()}
+    status.nacked(
+        NackRecord(
+            "node-a", types.ROUTE, p.snapshot.version(types.ROUTE) or "", "7", tuple(sorted(sent)),
+            3, "regex too big", 0.0, sent,
+        ),
+        sent,
+    )  # fmt: skip
+    p._update_conditions()
+    assert _programmed(p) == ("False", "Rejected") and "regex too big" in message()
+
+    ratings = copy.deepcopy(dict(store.get(ObjectKey("HTTPRoute", "shop", "ratings"))))
+    ratings["spec"]["rules"][0]["timeouts"]["request"] = "4s"
+    store.apply(ratings)
+    await p.rebuild()
+    assert _programmed(p) == ("False", "Rejected"), "reviews' part is the one node-a rejected"
+
+    route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
+    store.apply(route)
+    await p.rebuild()
+    assert _programmed(p) == ("False", "Pending")
+    assert "regex too big" not in message() and "node-a" in message()
 
 
 class _SotwEnvoy:

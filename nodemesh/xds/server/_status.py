@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from nodemesh.xds.types import short_name
@@ -24,6 +24,16 @@ class NackRecord:
     code: int
     message: str
     at: float
+    # name -> version of each resource in the rejected response (a removal has none): what
+    # was rejected is these versions, not the names, so a fix sent since is not. Left out of
+    # `/status`, where it could list 10,000 names.
+    resource_versions: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def public(self) -> dict[str, Any]:
+        """The record as `/status` shows it."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "resource_versions"
+        }
 
 
 @dataclass(slots=True)
@@ -108,7 +118,7 @@ class StatusTracker:
                     "version_acked": ts.version_acked,
                     "responses_sent": ts.responses_sent,
                     "resources_sent": ts.resources_sent,
-                    "last_nack": asdict(ts.last_nack) if ts.last_nack else None,
+                    "last_nack": ts.last_nack.public() if ts.last_nack else None,
                 }
             out[node.node_id] = {
                 "connected": node.connected,

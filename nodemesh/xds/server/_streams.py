@@ -91,6 +91,7 @@ class _Stream:
             code=int(getattr(error, "code", 0)),
             message=str(getattr(error, "message", "")),
             at=time.time(),
+            resource_versions=dict(sent),
         )
         self.status.nacked(record, sent)
 
