@@ -331,6 +331,42 @@ async def test_delta_nack_holds_until_a_new_version(
     call.cancel()
 
 
+async def test_a_delta_nack_is_cleared_once_the_client_acks_a_revert_to_what_it_holds(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """After a NACK the snapshot goes back to what the client holds: there is nothing to send,
+    but the new version is still answered (empty), and the client's ACK clears the NACK from
+    the node's status."""
+    s1 = snapshot()
+    control_plane.cache.set_snapshot("n", s1)
+    status = control_plane.server.status
+    call = delta_call(channel)
+    await call.write(dreq(types.CLUSTER))
+    r1 = await call.read()
+    await call.write(dreq(types.CLUSTER, node="", response_nonce=r1.nonce))
+    control_plane.cache.set_snapshot("n", snapshot(clusters=("a", "b", "c")))
+    r2 = await call.read()
+    nack = dreq(types.CLUSTER, node="", response_nonce=r2.nonce)
+    nack.error_detail.message = "cluster c: invalid"
+    await call.write(nack)
+    await eventually(lambda: status.snapshot()["n"]["types"]["cds"]["last_nack"])
+
+    control_plane.cache.set_snapshot("n", s1)  # the user reverts
+    await call.write(dreq(types.LISTENER, node=""))
+    r3 = await call.read()
+    assert r3.type_url == types.CLUSTER, "the revert must be answered before the probe"
+    assert r3.system_version_info == s1.version(types.CLUSTER)
+    assert not r3.resources and not r3.removed_resources
+    await call.write(dreq(types.CLUSTER, node="", response_nonce=r3.nonce))
+
+    def cds() -> Any:
+        return status.snapshot()["n"]["types"]["cds"]
+
+    await eventually(lambda: cds()["last_nack"] is None)
+    assert cds()["version_acked"] == s1.version(types.CLUSTER)
+    call.cancel()
+
+
 async def test_a_first_request_without_node_id_is_refused(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

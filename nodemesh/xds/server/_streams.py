@@ -236,7 +236,13 @@ def _touch(st: _DeltaType, pending: _Pending) -> None:
 
 
 class DeltaStream(_Stream):
-    """Incremental xDS: only changed and removed resources are sent."""
+    """Incremental xDS: only changed and removed resources are sent.
+
+    After a NACK, the next version of that type is answered even when it brings nothing
+    (the snapshot went back to what the client holds): the client's ACK of the empty response
+    is what says it holds the current version, and what clears the NACK from its status.
+    Otherwise nothing would be sent, and `/status` would show the NACK for good.
+    """
 
     def __init__(self, watcher: ConfigWatcher, status: StatusTracker) -> None:
         super().__init__(watcher, status)
@@ -297,6 +303,10 @@ class DeltaStream(_Stream):
                     pending.updated,
                 )
                 st.hold = pending.version
+                # The next version is answered even if it brings nothing (a revert to what the
+                # client holds): only the client's ACK of it can say it holds the current
+                # version, and clear the NACK from its status.
+                st.answer_empty = True
                 _touch(st, pending)  # the view assumed it taken
             else:
                 st.client.update(pending.updated)
