@@ -4,6 +4,7 @@ status say. Each test names one behaviour a user sees."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from google.protobuf import json_format
@@ -213,6 +214,37 @@ def test_grpc_regular_expression_service_counts_as_a_wildcard() -> None:
         "GRPCRoute/shop/gr/rule-1/0",
         "GRPCRoute/shop/gr/rule-0/0",
     ]
+
+
+def test_a_grpc_regular_expression_with_alternatives_matches_within_its_part() -> None:
+    """`pkg.Foo|pkg.Bar` is the service's alternatives, not two halves of the path (the path
+    regex once read `/pkg.Foo|pkg.Bar/[^/]+`, which matched neither service's methods)."""
+    res = run(
+        service("g", ports=GRPC_PORT),
+        service("a", ports=GRPC_PORT),
+        route(
+            "gr",
+            [parent("g")],
+            [grpc_rule("a", type="RegularExpression", service="pkg\\.(Foo|Bar)|other\\.Baz",
+                       method="Get|List")],
+            kind="GRPCRoute",
+        ),
+    )  # fmt: skip
+    ((rule,),) = [[r for r in routes(res, "shop/g:9000") if r.name.startswith("GRPCRoute")]]
+    assert rule.match.path.kind == "RegularExpression"
+    matched = {
+        path: re.fullmatch(rule.match.path.value, path) is not None
+        for path in ("/pkg.Foo/Get", "/pkg.Bar/List", "/other.Baz/Get", "/pkg.Foo/Put",
+                     "/pkg.Foo", "/x.Y/Get")
+    }  # fmt: skip
+    assert matched == {
+        "/pkg.Foo/Get": True,
+        "/pkg.Bar/List": True,
+        "/other.Baz/Get": True,
+        "/pkg.Foo/Put": False,
+        "/pkg.Foo": False,
+        "/x.Y/Get": False,
+    }
 
 
 def test_grpc_rules_come_before_http_rules_on_the_same_port() -> None:

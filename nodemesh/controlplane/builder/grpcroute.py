@@ -41,8 +41,9 @@ def parse_grpc_match(
         else:
             pm = ir.PathMatch("PathPrefix", "/")
     elif kind == "RegularExpression":
-        s = parse_regex(svc, f"{path}.method.service", p) if svc else "[^/]+"
-        mm = parse_regex(meth, f"{path}.method.method", p) if meth else "[^/]+"
+        # Grouped: the whole path is matched, so a bare "pkg.Foo|pkg.Bar" would split it.
+        s = f"(?:{parse_regex(svc, f'{path}.method.service', p)})" if svc else "[^/]+"
+        mm = f"(?:{parse_regex(meth, f'{path}.method.method', p)})" if meth else "[^/]+"
         pm = ir.PathMatch("RegularExpression", f"/{s}/{mm}")
     else:
         p.add(
