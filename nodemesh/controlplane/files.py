@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.shapes import shape_problems
 from nodemesh.controlplane.store import KINDS, ObjectKey, Store, key_of
 
 __all__ = ["FilesSource", "load_objects"]
@@ -60,6 +61,10 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
                 errors.append(
                     f"{where}: {key}: apiVersion {api!r} is not in group {want or 'core'!r}"
                 )
+                continue
+            shape = shape_problems(item)  # what the API server would check against the CRD
+            if shape:
+                errors.append(f"{where}: {key}: " + "; ".join(shape))
                 continue
             objs.append(item)
     return objs, errors

@@ -176,3 +176,44 @@ def test_a_replacement_with_the_same_mtime_and_size_is_seen(tmp_path: Path) -> N
     new.rename(path)
     source.scan()
     assert ports(store, "web") == [81]
+
+
+def test_a_route_of_the_wrong_shape_is_refused_like_invalid_yaml(tmp_path: Path) -> None:
+    """`matches:` indented as an object instead of a list: the builder read it as no matches,
+    so the header canary rule caught every request and sent it to the canary, Accepted. The
+    API server refuses such an object against the Gateway API CRD; files mode now does too,
+    and the file keeps its last good version."""
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [
+                {
+                    "matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
+                    "backendRefs": [{"name": "web-canary", "port": 80}],
+                },
+                {"backendRefs": [{"name": "web", "port": 80}]},
+            ],
+        },
+    }
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    write(tmp_path / "route.yaml", route)
+    source.scan()
+    assert source.errors == {}
+
+    slip = yaml.safe_load(yaml.safe_dump(route))
+    slip["spec"]["rules"][0]["matches"] = {"headers": [{"name": "x-canary", "value": "1"}]}
+    slip["spec"]["parentRefs"][0]["name"] = 5
+    write(tmp_path / "route.yaml", slip)
+    source.scan()
+    assert source.errors["route.yaml"] == (
+        "route.yaml: HTTPRoute/shop/web: spec.parentRefs[0].name: must be a string, not int 5; "
+        "spec.rules[0].matches: must be a list, not an object; "
+        "route.yaml: keeping the objects from its last good version"
+    )
+    (key,) = store.keys("HTTPRoute")
+    kept = store.get(key)
+    assert kept is not None and isinstance(kept["spec"]["rules"][0]["matches"], list)
