@@ -358,3 +358,18 @@ def test_ipv6_cluster_ip_domains_are_bracketed_as_in_a_host_header() -> None:
     )
     assert {"10.96.0.5:80", "10.96.0.5", "[fd00::5]:80", "[fd00::5]"} <= set(domains)
     assert not [d for d in domains if d.startswith("fd00")]
+
+
+def test_port_names_that_mean_http2_without_an_app_protocol() -> None:
+    """`<protocol>[-<suffix>]`: the docs once said "starts with grpc", which `grpcs` does;
+    grpc-web servers may speak HTTP/1.1 only."""
+    names = ("grpc", "grpc-api", "h2c", "http2-admin", "grpcs", "http2c", "grpc-web",
+             "grpc-web-ui", "http", "web")  # fmt: skip
+    res = run(service("p", ports=tuple((n, 8000 + i, "") for i, n in enumerate(names))))
+    model = {c.port: c.http2 for c in res.mesh.clusters if c.service == "shop/p"}
+    assert [n for i, n in enumerate(names) if model[8000 + i]] == [
+        "grpc",
+        "grpc-api",
+        "h2c",
+        "http2-admin",
+    ]

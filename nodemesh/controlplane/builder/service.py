@@ -26,7 +26,11 @@ class PortModel:
     def http2(self) -> bool:
         if self.app_protocol:
             return self.app_protocol.lower() in _H2_PROTOCOLS
-        # Without appProtocol, follow the common port-naming convention ("grpc", "grpc-web").
+        # Without appProtocol, follow the port-naming convention `<protocol>[-<suffix>]`
+        # ("grpc", "grpc-api", "http2-admin"). "grpc-web" is a protocol of its own, which
+        # browsers speak over HTTP/1.1, so its servers need not accept HTTP/2.
+        if self.name == "grpc-web" or self.name.startswith("grpc-web-"):
+            return False
         return self.name.split("-", 1)[0] in ("grpc", "h2c", "http2")
 
 
