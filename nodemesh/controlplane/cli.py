@@ -16,7 +16,7 @@ from nodemesh.controlplane.http import StatusServer
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import Store
 from nodemesh.xds.cache import SnapshotCache
-from nodemesh.xds.server import AdsServer
+from nodemesh.xds.server import AdsServer, ServerError
 
 __all__ = ["configure", "run", "split_hostport"]
 
@@ -100,8 +100,14 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
 
             kube_task.add_done_callback(operator_done)
         await pipeline.start()
-        port = await server.start(f"{xds_host}:{xds_port}")
-        hport = await status.start(http_host, http_port)
+        try:
+            port = await server.start(f"{xds_host}:{xds_port}")
+        except ServerError as exc:
+            raise _CannotListen(f"--xds-listen {args.xds_listen}: {exc}") from exc
+        try:
+            hport = await status.start(http_host, http_port)
+        except OSError as exc:
+            raise _CannotListen(f"--http-listen {args.http_listen}: {exc.strerror}") from exc
         if files is not None:
             await files.start()
         log.info("xDS on %s:%d, status on http://%s:%d/status", xds_host, port, http_host, hport)
@@ -142,3 +148,10 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
         return 0
+    except _CannotListen as exc:  # a port in use, an address not on this host: no traceback
+        print(f"nodemesh controlplane: cannot listen: {exc}", file=sys.stderr)
+        return 1
+
+
+class _CannotListen(Exception):
+    pass

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,3 +158,21 @@ def test_demo_runs_to_completion() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     for line in ("Header canary", "Weighted split", "Consumer route", "Retry", "demo passed"):
         assert line in done.stdout
+
+
+@pytest.mark.parametrize("flag", ["--xds-listen", "--http-listen"])
+def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        listen = {"--xds-listen": "127.0.0.1:0", "--http-listen": "127.0.0.1:0", flag: busy}
+        proc = subprocess.run(
+            [sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
+             "--config-dir", str(tmp_path), *(a for kv in listen.items() for a in kv)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"nodemesh controlplane: cannot listen: {flag} {busy}: "), last
