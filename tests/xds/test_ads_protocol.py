@@ -286,6 +286,27 @@ async def test_a_reconnecting_sotw_client_holds_the_version_it_states(
     again.cancel()
 
 
+async def test_an_envoy_that_kept_its_config_across_a_control_plane_restart_holds_it(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """A restarted control plane remembers no stream. An Envoy that kept its config states the
+    version it holds; versions hash the content, so it is the snapshot's version: nothing is
+    sent, and the node holds the snapshot's resources (it counted as holding nothing, so every
+    route stayed Programmed=Pending until the next change). Another version holds nothing."""
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    status = control_plane.server.status
+    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER, version_info=s.version(types.CLUSTER) or ""))
+    await call.write(req(types.LISTENER, node="", version_info="from-an-older-control-plane"))
+    assert (await call.read()).type_url == types.LISTENER  # CDS is not resent
+    ts = status.type_status("n", types.CLUSTER)
+    assert (ts.version_acked, ts.acked_resources) == (s.version(types.CLUSTER), held)
+    assert status.type_status("n", types.LISTENER).acked_resources == {}
+    call.cancel()
+
+
 async def test_a_type_a_new_delta_stream_does_not_ask_for_is_no_longer_held(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

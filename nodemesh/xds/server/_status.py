@@ -195,19 +195,25 @@ class StatusTracker:
         resource_versions: dict[str, str] | None,
         *,
         stream: object,
+        current: dict[str, str] | None = None,
     ) -> None:
         """`stream`'s first request for a type said what its client holds; that is all the node
         holds of it now, and `stream` speaks for the type from here on. Delta: the resources
         (`initial_resource_versions`). SotW: only a version (`resource_versions` None), empty
         for a restarted Envoy; a client stating the version the node held when its last
-        stream closed holds what it held then, any other version is taken to hold nothing we
-        know of. Recorded without an event: nothing new was delivered."""
+        stream closed holds what it held then; one stating the version of the node's snapshot
+        now holds `current`, its resources (an Envoy that kept its config while the control
+        plane restarted: nothing is sent to it, and without this it would count as holding
+        nothing until the next change). Any other version is taken to hold nothing we know
+        of. Recorded without an event: nothing new was delivered."""
         self.epoch += 1
         ts = self.type_status(node_id, type_url)
         if resource_versions is None:
             before = ts.left if ts.stream is None else (ts.version_acked, ts.acked_resources)
             if before is not None and version and before[0] == version:
                 resource_versions = before[1]
+            elif current is not None:
+                resource_versions = current
             else:
                 resource_versions = {}
         ts.version_acked = version

@@ -139,22 +139,45 @@ class SotwStream(_Stream):
             else:
                 self.status.acked(node_id, type_url, st.sent_version, st.sent, replace=True)
 
-        if not st.started:
-            # A client states the version it holds: a restarted Envoy none, a reconnecting one
-            # what it last ACKed. Only that counts, not what an earlier stream ACKed.
-            self.status.resumed(node_id, type_url, req.version_info, None, stream=self)
         requested = frozenset(req.resource_names)
         if not st.started:
             st.legacy_wildcard = not requested
         elif requested - {"*"}:
             st.legacy_wildcard = False
         names = None if ("*" in requested or (not requested and st.legacy_wildcard)) else requested
+        if not st.started:
+            # A client states the version it holds: a restarted Envoy none, a reconnecting one
+            # what it last ACKed. Only that counts, not what an earlier stream ACKed.
+            self.status.resumed(
+                node_id,
+                type_url,
+                req.version_info,
+                None,
+                stream=self,
+                current=self._current(node_id, type_url, req.version_info, names),
+            )
         if st.started and names != st.names:
             st.force = True
         st.names = names
         st.started = True
         known = st.sent_version if st.sent_version is not None else req.version_info
         self._open(type_url, st, known)
+
+    def _current(
+        self, node_id: str, type_url: str, version: str, names: frozenset[str] | None
+    ) -> dict[str, str] | None:
+        """What a client stating `version` holds, if that is the version of the type in the
+        node's snapshot now (versions hash the content, so they match across control plane
+        restarts): the snapshot's resources of the type, those it asks for. Else None."""
+        get_snapshot = getattr(self.watcher, "get_snapshot", None)
+        snapshot = get_snapshot(node_id) if version and get_snapshot is not None else None
+        if snapshot is None or snapshot.version(type_url) != version:
+            return None
+        return {
+            n: r.version
+            for n, r in snapshot.resources(type_url).items()
+            if names is None or n in names
+        }
 
     def _open(self, type_url: str, st: _SotwType, known: str) -> None:
         assert self.node_id is not None
