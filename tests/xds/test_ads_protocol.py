@@ -307,6 +307,31 @@ async def test_an_envoy_that_kept_its_config_across_a_control_plane_restart_hold
     call.cancel()
 
 
+async def test_only_the_newest_stream_of_a_node_says_what_it_holds(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """Two Envoys with one node id (a hot restart, or a copied bootstrap): the older stream's
+    late ACK must not say the node holds what the newer Envoy, which holds nothing, lacks."""
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    status = control_plane.server.status
+    old = sotw_call(channel)
+    await old.write(req(types.CLUSTER))
+    r_old = await old.read()
+    new = sotw_call(channel)
+    await new.write(req(types.CLUSTER))  # takes the type over: holds nothing yet
+    r_new = await new.read()
+    stale = status.stale_reports
+    await old.write(req(types.CLUSTER, version_info=r_old.version_info, response_nonce=r_old.nonce))
+    await eventually(lambda: status.stale_reports == stale + 1)
+    assert status.type_status("n", types.CLUSTER).acked_resources == {}
+    await new.write(req(types.CLUSTER, version_info=r_new.version_info, response_nonce=r_new.nonce))
+    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
+    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    old.cancel()
+    new.cancel()
+
+
 async def test_a_type_a_new_delta_stream_does_not_ask_for_is_no_longer_held(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

@@ -96,6 +96,8 @@ class StatusTracker:
         # bumped by every change to what a node holds, ACKed or NACKed, or to its streams (not
         # by `sent`): equal epochs mean equal answers for whoever derives state from it
         self.epoch = 0
+        # ACKs, NACKs and unsubscriptions from a stream that no longer speaks for their type
+        self.stale_reports = 0
 
     # -- read ------------------------------------------------------------------------------
     def node(self, node_id: str) -> NodeStatus | None:
@@ -174,11 +176,18 @@ class StatusTracker:
         resource_versions: dict[str, str],
         *,
         replace: bool,
+        stream: object | None = None,
     ) -> None:
         """Record an ACK. `replace`: the ACKed set is the whole state (SotW wildcard) rather
-        than an update to merge (delta, or a named subscription)."""
-        self.epoch += 1
+        than an update to merge (delta, or a named subscription). From a `stream` that no
+        longer speaks for the type (another stream of the node took it over: an Envoy hot
+        restart, or two Envoys with one node id), it is ignored: the newer stream's client is
+        the one whose config counts."""
         ts = self.type_status(node_id, type_url)
+        if not _speaks(ts, stream):
+            self.stale_reports += 1
+            return
+        self.epoch += 1
         ts.version_acked = version
         ts.last_nack = None
         if replace:
@@ -222,15 +231,26 @@ class StatusTracker:
         ts.stream = stream
         ts.left = None
 
-    def removed(self, node_id: str, type_url: str, names: tuple[str, ...]) -> None:
-        self.epoch += 1
+    def removed(
+        self, node_id: str, type_url: str, names: tuple[str, ...], stream: object | None = None
+    ) -> None:
         ts = self.type_status(node_id, type_url)
+        if not _speaks(ts, stream):
+            self.stale_reports += 1
+            return
+        self.epoch += 1
         for n in names:
             ts.acked_resources.pop(n, None)
 
-    def nacked(self, record: NackRecord, sent_versions: dict[str, str]) -> None:
+    def nacked(
+        self, record: NackRecord, sent_versions: dict[str, str], stream: object | None = None
+    ) -> None:
+        ts = self.type_status(record.node_id, record.type_url)
+        if not _speaks(ts, stream):
+            self.stale_reports += 1
+            return
         self.epoch += 1
-        self.type_status(record.node_id, record.type_url).last_nack = record
+        ts.last_nack = record
         self._emit(
             AckEvent("nack", record.node_id, record.type_url, record.version, sent_versions, record)
         )
@@ -244,3 +264,9 @@ class StatusTracker:
     def _emit(self, event: AckEvent) -> None:
         for listener in list(self._listeners):
             listener(event)
+
+
+def _speaks(ts: Any, stream: object | None) -> bool:
+    """Whether a report from `stream` counts for the type: None (a caller that does not say,
+    such as a test scripting ACKs) always does."""
+    return stream is None or ts.stream is None or ts.stream is stream

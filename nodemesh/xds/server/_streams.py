@@ -93,7 +93,7 @@ class _Stream:
             at=time.time(),
             resource_versions=dict(sent),
         )
-        self.status.nacked(record, sent)
+        self.status.nacked(record, sent, stream=self)
 
 
 @dataclass(slots=True)
@@ -137,7 +137,9 @@ class SotwStream(_Stream):
                     st.sent,
                 )
             else:
-                self.status.acked(node_id, type_url, st.sent_version, st.sent, replace=True)
+                self.status.acked(
+                    node_id, type_url, st.sent_version, st.sent, replace=True, stream=self
+                )
 
         requested = frozenset(req.resource_names)
         if not st.started:
@@ -303,7 +305,7 @@ class DeltaStream(_Stream):
         for name in unsubscribe:
             st.client.pop(name, None)  # the client forgets what it unsubscribes from
         if unsubscribe:
-            self.status.removed(node_id, type_url, tuple(sorted(unsubscribe)))
+            self.status.removed(node_id, type_url, tuple(sorted(unsubscribe)), stream=self)
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
 
         nonce = req.response_nonce
@@ -338,9 +340,9 @@ class DeltaStream(_Stream):
                 if nonce != oldest:
                     _touch(st, pending)  # committed before older ones, which the view applied first
                 self.status.acked(
-                    node_id, type_url, pending.version, pending.updated, replace=False
+                    node_id, type_url, pending.version, pending.updated, replace=False, stream=self
                 )
-                self.status.removed(node_id, type_url, pending.removed)
+                self.status.removed(node_id, type_url, pending.removed, stream=self)
 
         self._open(type_url, st)
 
