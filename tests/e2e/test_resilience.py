@@ -70,7 +70,7 @@ async def test_a_route_backoff_above_the_policys_maximum_is_programmed(
 ) -> None:
     """The route's backoff (50ms) over the policy's maxInterval (10ms): Envoy refuses a
     maximum below the base, and that NACK held back every Service's routes. The maximum is
-    raised to the route's base; the retry works."""
+    raised to the route's base; the retry works. Likewise a backoff of 0s (1 ms)."""
     flaky = await backends.get("bretry")
     mesh.apply(
         service("bretry"),
@@ -82,12 +82,18 @@ async def test_a_route_backoff_above_the_policys_maximum_is_programmed(
         http_route("bretry", "bretry", [
             {"backendRefs": [to("bretry")],
              "retry": {"codes": [503], "attempts": 2, "backoff": "50ms"}},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/now"}}],
+             "backendRefs": [to("bretry")],
+             "retry": {"codes": [503], "attempts": 2, "backoff": "0s"}},  # Envoy refuses 0
         ]),
     )  # fmt: skip
     await mesh.converge()  # ACKed, not NACKed
     flaky.fail_next(1, 503)
     reply = await mesh.get("bretry.shop")
     assert reply.status == 200 and flaky.hits == 2
+    flaky.fail_next(1, 503)
+    reply = await mesh.get("bretry.shop", "/now")
+    assert reply.status == 200 and flaky.hits == 4
 
 
 async def test_request_timeout_answers_504(mesh: Mesh, backends: Backends) -> None:

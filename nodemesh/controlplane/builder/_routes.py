@@ -260,6 +260,14 @@ def _filters(
 # give UNKNOWN).
 _NO_BACKEND_STATUS = {"HTTPRoute": 500, "GRPCRoute": 503}
 
+
+def _backoff(value: Any, path: str, p: Problems) -> int | None:
+    """`retry.backoff` in ms. Gateway API allows "0s" (retry at once); Envoy refuses a zero
+    `base_interval` (and the NACK would hold back every Service's routes), so 0 is 1 ms."""
+    ms = parse_duration(value, path, p)
+    return max(ms, 1) if ms is not None else None
+
+
 # A match parser returns the match and its precedence (smaller first). Precedence is the
 # route kind's own (Gateway API orders HTTPRoute rules by path, GRPCRoute rules by service and
 # method, which a GRPCRoute's path match has lost), so each kind's file computes it; ties go
@@ -382,7 +390,7 @@ def read_route(
                 )
                 or None,
                 attempts=int_in(r.get("attempts"), f"{rpath}.retry.attempts", p, 0, 100),
-                backoff_base_ms=parse_duration(r.get("backoff"), f"{rpath}.retry.backoff", p),
+                backoff_base_ms=_backoff(r.get("backoff"), f"{rpath}.retry.backoff", p),
             )
         for mi, (m, precedence) in enumerate(parsed):
             for mirror_target, _ in filters.mirrors:
