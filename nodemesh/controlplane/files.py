@@ -38,6 +38,10 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
     for i, doc in enumerate(docs):
         if doc is None:
             continue
+        if _refers_to_itself(doc):
+            # `a: &x {b: *x}` is valid YAML; no Kubernetes object is (JSON has no references)
+            errors.append(f"{where}: document {i + 1} refers to itself through a YAML alias")
+            continue
         items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
         if items is not None and not isinstance(items, list):
             errors.append(f"{where}: document {i + 1}: a List's items must be a list")
@@ -68,6 +72,27 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
                 continue
             objs.append(item)
     return objs, errors
+
+
+def _refers_to_itself(value: Any) -> bool:
+    """Whether a YAML alias makes `value` contain itself (copying or comparing it would not
+    end). Walks the containers depth first, with the ones on the current path."""
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        item, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(item))
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if id(item) in on_path:
+            return True
+        on_path.add(id(item))
+        stack.append((item, True))
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, False) for c in children if isinstance(c, dict | list))
+    return False
 
 
 Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode
@@ -107,8 +132,10 @@ class FilesSource:
       again or is deleted: a file being rewritten in place (`>` in a shell, some editors) is
       empty for a moment, and deleting a file is how its objects go;
     - the polling loop reads a changed file once it stayed the same for one interval (its
-      mtime, size, inode and ctime), not while it is being written. Writing to a temporary
-      name and renaming it in is still the way to change a file at once.
+      mtime, size, inode and ctime), not while it is being written, and drops a vanished
+      file's objects one interval later (it may have been moved, and its new path settles).
+      Writing to a temporary name and renaming it in is still the way to change a file at
+      once.
     If the directory itself is missing, nothing changes and the error is reported.
     """
 
@@ -151,7 +178,13 @@ class FilesSource:
         previous_poll, self._seen_at_last_poll = self._seen_at_last_poll, stamps
         if stamps == self._stamps and self._stamps and not self._missing_reported:
             return False
-        for p in [p for p in self._stamps if p not in stamps]:  # deleted: its objects go
+        gone = [p for p in self._stamps if p not in stamps]
+        if settled_only:
+            # A file that just vanished may have been moved or renamed, and its new path
+            # settles for a poll: it keeps contributing until then, so its objects never go
+            # missing for a poll. (A new path is not read at once: it may be half written.)
+            gone = [p for p in gone if p not in previous_poll]
+        for p in gone:  # deleted: its objects go
             del self._stamps[p]
             self._last_good.pop(p, None)
             self._contributes.pop(p, None)
@@ -159,10 +192,11 @@ class FilesSource:
         errors: dict[str, str] = {}
         seen: dict[ObjectKey, Path] = {}
         objects: list[Mapping[str, Any]] = []
-        for p, stamp in stamps.items():
+        vanished = [(p, None) for p in self._stamps if p not in stamps]
+        for p, stamp in [*stamps.items(), *vanished]:
             rel = str(p.relative_to(self.directory))
             settling = settled_only and previous_poll.get(p) != stamp
-            if stamp != self._stamps.get(p) and not settling:
+            if stamp is not None and stamp != self._stamps.get(p) and not settling:
                 objs, problem = self._read(p, rel)
                 self._stamps[p], self._file_errors[p] = stamp, problem
             else:  # this version was read already, or it may still be being written

@@ -103,7 +103,9 @@ def test_the_poller_reads_a_file_once_it_stopped_changing(tmp_path: Path) -> Non
         source.scan(settled_only=True)
     assert names(store) == ["db", "web"]
     assert "the file is empty" in source.errors["shop.yaml"]
-    path.unlink()  # deleting the file is how its objects go
+    path.unlink()  # deleting the file is how its objects go, a poll later (it may be a move)
+    source.scan(settled_only=True)
+    assert names(store) == ["db", "web"]
     source.scan(settled_only=True)
     assert (names(store), source.errors) == ([], {})
 
@@ -217,3 +219,42 @@ def test_a_route_of_the_wrong_shape_is_refused_like_invalid_yaml(tmp_path: Path)
     (key,) = store.keys("HTTPRoute")
     kept = store.get(key)
     assert kept is not None and isinstance(kept["spec"]["rules"][0]["matches"], list)
+
+
+def test_a_moved_file_keeps_its_objects_while_its_new_path_settles(tmp_path: Path) -> None:
+    """`mv web.yaml team/web.yaml`, a `git checkout`, vim's save (the old file renamed aside,
+    a new one written): the new path is read once it settled, a poll later, and until then the
+    vanished path keeps contributing, so no snapshot goes out without the objects."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    write(tmp_path / "web.yaml", service("web"))
+    source.scan(settled_only=True)
+    source.scan(settled_only=True)
+    assert names(store) == ["web"]
+    (tmp_path / "team").mkdir()
+    (tmp_path / "web.yaml").rename(tmp_path / "team" / "web.yaml")
+    for _ in range(3):
+        source.scan(settled_only=True)
+        assert names(store) == ["web"]
+        assert source.errors == {}
+    (tmp_path / "team" / "web.yaml").unlink()  # a deletion: gone after a poll
+    source.scan(settled_only=True)
+    source.scan(settled_only=True)
+    assert names(store) == []
+
+
+def test_a_document_that_refers_to_itself_is_reported(tmp_path: Path) -> None:
+    """`extra: &x {self: *x}` is valid YAML and once made the store's copy recurse until
+    start-up crashed."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    (tmp_path / "loop.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+        "spec:\n  ports: [{port: 80}]\n  extra: &x {self: *x}\n"
+        "---\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n"
+        "spec:\n  ports: &p [{port: 5432}]\n  again: *p\n"  # shared, not a loop: fine
+    )
+    source.scan()
+    assert "document 1 refers to itself" in source.errors["loop.yaml"]
+    assert names(store) == ["db"]
