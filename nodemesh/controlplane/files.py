@@ -27,12 +27,33 @@ log = logging.getLogger(__name__)
 _SUFFIXES = (".yaml", ".yml", ".json")
 
 
+class _KubeLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it: a date stays a string (`value: 2024-01-01` is a header value,
+    not a `datetime.date`)."""
+
+
+_KubeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _without_nulls(value: Any) -> Any:
+    """`value` without null fields, at any depth: the API server prunes them, so `timeouts: ~`
+    is no timeouts, not an empty section."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Objects from a YAML stream (and `kind: List` items), plus per-document errors."""
     objs: list[dict[str, Any]] = []
     errors: list[str] = []
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = list(yaml.load_all(text, Loader=_KubeLoader))  # a SafeLoader
     except yaml.YAMLError as exc:
         return [], [f"{where}: invalid YAML: {exc}".replace("\n", " ")]
     for i, doc in enumerate(docs):
@@ -42,6 +63,7 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
             # `a: &x {b: *x}` is valid YAML; no Kubernetes object is (JSON has no references)
             errors.append(f"{where}: document {i + 1} refers to itself through a YAML alias")
             continue
+        doc = _without_nulls(doc)
         items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
         if items is not None and not isinstance(items, list):
             errors.append(f"{where}: document {i + 1}: a List's items must be a list")

@@ -258,3 +258,30 @@ def test_a_document_that_refers_to_itself_is_reported(tmp_path: Path) -> None:
     source.scan()
     assert "document 1 refers to itself" in source.errors["loop.yaml"]
     assert names(store) == ["db"]
+
+
+def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
+    """A date is a string (an HTTPRoute header value `2024-01-01` was a `datetime.date`, which
+    the shape check refuses), and a null field is no field (`timeouts: ~` was an empty
+    section, which the TrafficPolicy check refuses); the API server accepts both."""
+    (tmp_path / "route.yaml").write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n"
+        "metadata: {name: web, namespace: shop}\n"
+        "spec:\n  parentRefs: [{kind: Service, name: web}]\n"
+        "  rules:\n  - matches: [{headers: [{name: x-release, value: 2024-01-01}]}]\n"
+        "    backendRefs: [{name: web, port: 80}]\n"
+        "---\n"
+        "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\n"
+        "metadata: {name: web, namespace: shop}\n"
+        "spec:\n  targetRefs: [{kind: Service, name: web}]\n  timeouts: ~\n"
+        "  circuitBreaker: {maxConnections: 10}\n"
+    )
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert source.errors == {}
+    (route,) = [store.get(k) for k in store.keys("HTTPRoute")]
+    assert route is not None
+    assert route["spec"]["rules"][0]["matches"][0]["headers"][0]["value"] == "2024-01-01"
+    (policy,) = [store.get(k) for k in store.keys("TrafficPolicy")]
+    assert policy is not None and "timeouts" not in policy["spec"]
