@@ -114,3 +114,25 @@ async def test_terminating_endpoints_drain_instead_of_taking_new_requests(
     replies = await mesh.get_many(40, "drain.shop")
     assert all(r.body == "drain-live" for r in replies)
     assert leaving.hits == 0
+
+
+async def test_terminating_endpoints_take_no_new_requests_while_one_is_ready(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """A rolling update of a small Deployment: two pods terminating, one ready. Fewer than
+    half the endpoints are ready: were the draining ones counted as unhealthy hosts, Envoy's
+    panic mode (50% by default) would spread requests over all three. It does not."""
+    live = await backends.get("roll-live")
+    leaving = [await backends.get(f"roll-leaving-{i}") for i in range(2)]
+    mesh.apply(
+        service("roll"),
+        endpoint_slice("roll", live.port, suffix="live"),
+        *(
+            endpoint_slice("roll", b.port, suffix=f"leaving-{i}", ready=False, terminating=True)
+            for i, b in enumerate(leaving)
+        ),
+    )
+    await mesh.converge()
+    replies = await mesh.get_many(60, "roll.shop")
+    assert [b.hits for b in leaving] == [0, 0]
+    assert all(r.body == "roll-live" for r in replies)
