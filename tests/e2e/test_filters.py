@@ -125,6 +125,37 @@ async def test_redirect_answers_with_location(mesh: Mesh, backends: Backends) ->
     assert b.hits == 0
 
 
+async def test_a_redirect_without_a_port_lands_where_gateway_api_says(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """No `port`: a scheme change goes to the scheme's well-known port (Envoy kept the
+    request's :8080 for https), a new hostname to the Service port (Envoy dropped it)."""
+    b = await backends.get("rdp")
+    mesh.apply(
+        service("rdp", ports=(("http", 80, ""), ("alt", 8080, ""))),
+        endpoint_slice("rdp", b.port),
+        http_route("rdp", "rdp", [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/secure"}}],
+             "filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
+             "filters": [{"type": "RequestRedirect",
+                          "requestRedirect": {"hostname": "new.example"}}]},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    locations = {
+        (host, path): (await mesh.get(host, path)).headers["Location"]
+        for host in ("rdp.shop", "rdp.shop:8080")
+        for path in ("/secure/x", "/moved/x")
+    }
+    assert locations == {
+        ("rdp.shop", "/secure/x"): "https://rdp.shop:443/secure/x",
+        ("rdp.shop", "/moved/x"): "http://new.example/moved/x",
+        ("rdp.shop:8080", "/secure/x"): "https://rdp.shop:443/secure/x",
+        ("rdp.shop:8080", "/moved/x"): "http://new.example:8080/moved/x",
+    }
+
+
 async def test_mirror_copies_requests_to_another_service(mesh: Mesh, backends: Backends) -> None:
     main, shadow = await backends.get("mirror-main"), await backends.get("mirror-shadow")
     mesh.apply(

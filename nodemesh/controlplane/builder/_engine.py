@@ -227,6 +227,22 @@ def _finish(
     )
 
 
+def _redirect_port(r: ir.Route, port: int) -> ir.Route:
+    """Gateway API's port for a redirect that sets none, on Service port `port`: the scheme's
+    well-known port when it sets a scheme, and when it sets only a hostname, the listener's
+    (for a Service, its port; left out for 80). Envoy kept the request's port for a scheme
+    change (https://web.shop:8080/) and dropped it for a new hostname."""
+    rd = r.redirect
+    if rd is None or rd.port is not None:
+        return r
+    if rd.scheme:
+        well_known = {"http": 80, "https": 443}.get(rd.scheme.lower())
+        return replace(r, redirect=replace(rd, port=well_known)) if well_known else r
+    if rd.hostname and port != 80:
+        return replace(r, redirect=replace(rd, port=port))
+    return r
+
+
 _NO_POLICY = PolicySettings()
 _NO_KEYS: frozenset[Any] = frozenset()
 
@@ -751,11 +767,11 @@ class Engine:
                 consumer_routes: tuple[ir.Route, ...] = ()
                 if mine and any(e.route.match.consumer for e in mine):
                     mine, consumer_routes = self._consumer_routes(
-                        mine, policy, f"{ns}/{name}{suffix}"
+                        mine, policy, f"{ns}/{name}{suffix}", port
                     )
                 if mine:
                     lbs = self.lbs
-                    routes = tuple(_finish(e, policy, lbs) for e in mine)
+                    routes = tuple(_redirect_port(_finish(e, policy, lbs), port) for e in mine)
                 else:
                     cname = svc.cluster_name(port)
                     defaults.add(pk)
@@ -806,7 +822,7 @@ class Engine:
                 usage_changed.add(pk)
 
     def _consumer_routes(
-        self, entries: list[RouteEntry], policy: PolicySettings | None, vhost: str
+        self, entries: list[RouteEntry], policy: PolicySettings | None, vhost: str, port: int
     ) -> tuple[list[RouteEntry], tuple[ir.Route, ...]]:
         """Split one Service port's sorted entries into the producer's and the consumers'
         routes. Each consumer namespace gets its routes, in order, then one that answers 404
@@ -821,7 +837,7 @@ class Engine:
                 producer.append(e)
         out: list[ir.Route] = []
         for c in sorted(groups):
-            out += [_finish(e, policy, self.lbs) for e in groups[c]]
+            out += [_redirect_port(_finish(e, policy, self.lbs), port) for e in groups[c]]
             out.append(
                 ir.Route(
                     f"Service/{vhost}/consumer/{c}/no-match",
