@@ -234,20 +234,30 @@ async def test_a_new_delta_stream_counts_only_what_its_client_says_it_holds(
     again.cancel()
 
 
-async def test_a_restarted_sotw_client_holds_nothing_until_it_acks(
+async def _clusters_acked(
     control_plane: ControlPlane, channel: grpc.aio.Channel
-) -> None:
-    """A new stream's first request with no `version_info` (a restarted Envoy) holds nothing,
-    whatever the node's previous stream ACKed."""
+) -> tuple[dict[str, str], Any, Any]:
+    """Node "n" on a SotW stream that got the snapshot's clusters and ACKed them: what it
+    holds, the stream, and the response."""
     s = snapshot()
     control_plane.cache.set_snapshot("n", s)
-    status = control_plane.server.status
     held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
     call = sotw_call(channel)
     await call.write(req(types.CLUSTER))
     r1 = await call.read()
     await call.write(req(types.CLUSTER, version_info=r1.version_info, response_nonce=r1.nonce))
+    status = control_plane.server.status
     await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    return held, call, r1
+
+
+async def test_a_restarted_sotw_client_holds_nothing_until_it_acks(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """A new stream's first request with no `version_info` (a restarted Envoy) holds nothing,
+    whatever the node's previous stream ACKed."""
+    status = control_plane.server.status
+    held, call, _ = await _clusters_acked(control_plane, channel)
     call.cancel()
 
     again = sotw_call(channel)
@@ -265,15 +275,8 @@ async def test_a_reconnecting_sotw_client_holds_the_version_it_states(
 ) -> None:
     """The same Envoy reconnecting states the version it ACKed: nothing is resent, and it
     still holds those resources."""
-    s = snapshot()
-    control_plane.cache.set_snapshot("n", s)
     status = control_plane.server.status
-    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
-    call = sotw_call(channel)
-    await call.write(req(types.CLUSTER))
-    r1 = await call.read()
-    await call.write(req(types.CLUSTER, version_info=r1.version_info, response_nonce=r1.nonce))
-    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    held, call, r1 = await _clusters_acked(control_plane, channel)
     call.cancel()
     await eventually(lambda: not status.node("n").connected)  # type: ignore[union-attr]
 
