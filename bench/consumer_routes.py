@@ -50,19 +50,6 @@ def consumer_objects() -> list[dict[str, Any]]:
         svc_ns, svc = f"ns{target % 100}", f"svc{target}"
         out.append(
             {
-                "apiVersion": "gateway.networking.k8s.io/v1beta1",
-                "kind": "ReferenceGrant",
-                "metadata": {"name": ns, "namespace": svc_ns},
-                "spec": {
-                    "from": [
-                        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": ns}
-                    ],
-                    "to": [{"group": "", "kind": "Service", "name": svc}],
-                },
-            }
-        )
-        out.append(
-            {
                 "apiVersion": "gateway.networking.k8s.io/v1",
                 "kind": "HTTPRoute",
                 "metadata": {"name": f"{svc}-for-{ns}", "namespace": ns},

@@ -55,8 +55,7 @@ def objects() -> list[dict[str, Any]]:
         )
         out.append(endpoint_slice(ns, name, i, 0))
         if i % (SERVICES // ROUTES) == 0:
-            # the canary: a Service of the same namespace (a backend in another one would
-            # need a ReferenceGrant, and without one build refuses it)
+            # the canary: a Service of the same namespace
             canary = f"svc{(i + 100) % SERVICES}"
             out.append(
                 {

@@ -56,6 +56,8 @@ KINDS: Mapping[str, str] = MappingProxyType(
         "EndpointSlice": "discovery.k8s.io",
         "HTTPRoute": "gateway.networking.k8s.io",
         "GRPCRoute": "gateway.networking.k8s.io",
+        # read and ignored: mesh routes need no grant (GEP-1294), but a file that also holds
+        # the grants of Gateway routes for another controller is not an error
         "ReferenceGrant": "gateway.networking.k8s.io",
         "TrafficPolicy": "nodemesh.io",
         "AccessPolicy": "nodemesh.io",

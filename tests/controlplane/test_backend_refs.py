@@ -69,7 +69,10 @@ def test_a_missing_service_keeps_its_share_and_that_share_gets_500() -> None:
     assert Translator().translate(result.mesh).snapshot().consistent() == []
 
 
-def test_a_reference_without_a_grant_keeps_its_share() -> None:
+def test_a_service_in_another_namespace_needs_no_reference_grant() -> None:
+    """GEP-1294: mesh routes reach backendRefs in any namespace without a ReferenceGrant (they
+    augment Services every client can reach). nodemesh once asked for one, so the usual
+    consumer route, to the producer's own Service, answered 500 until the producer granted."""
     r, result = envoy_route(
         route(
             "HTTPRoute",
@@ -77,10 +80,11 @@ def test_a_reference_without_a_grant_keeps_its_share() -> None:
                 {"name": "v1", "port": 80, "weight": 1},
                 {"name": "x", "namespace": "other", "port": 80, "weight": 9},
             ],
-        )
+        ),
+        service("x", ns="other"),
     )
-    assert split(r) == [("shop/v1:80", 1), (INVALID_BACKEND, 9)]
-    assert conditions(result, "HTTPRoute")["ResolvedRefs"] == ("False", "RefNotPermitted")
+    assert split(r) == [("shop/v1:80", 1), ("other/x:80", 9)]
+    assert conditions(result, "HTTPRoute")["ResolvedRefs"] == ("True", "ResolvedRefs")
 
 
 def test_grpcroute_answers_the_invalid_share_with_unavailable() -> None:

@@ -205,14 +205,10 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
     route["spec"]["parentRefs"] = [{"group": "", "kind": "Service", "name": "extra"}]
     other = copy.deepcopy(dict(store.get(consumer)))
     other["metadata"] = {"name": "reviews-for-team-b", "namespace": "team-b"}
-    grant = copy.deepcopy(dict(store.get(ObjectKey("ReferenceGrant", "shop", "qa-routes"))))
-    grant["metadata"] = {"name": "team-b-routes", "namespace": "shop"}
-    grant["spec"]["from"][0]["namespace"] = "team-b"
     for obj in (
         svc,
         route,
         other,
-        grant,
         {
             **qa_pod("b-runner", "10.244.1.60"),
             "metadata": {"name": "b-runner", "namespace": "team-b"},

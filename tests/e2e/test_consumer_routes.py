@@ -53,19 +53,6 @@ def to(name: str) -> dict[str, Any]:
     return {"name": name, "namespace": "faces", "port": 80}
 
 
-GRANT = {
-    "apiVersion": "gateway.networking.k8s.io/v1beta1",
-    "kind": "ReferenceGrant",
-    "metadata": {"name": "fast-clients", "namespace": "faces"},
-    "spec": {
-        "from": [
-            {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "fast-clients"}
-        ],
-        "to": [{"group": "", "kind": "Service"}],
-    },
-}
-
-
 async def get_from(mesh: Mesh, source: str, host: str, path: str = "/") -> Reply:
     """GET through the node Envoy from `source` (a local address the client binds to)."""
     connector = aiohttp.TCPConnector(force_close=True, local_addr=(source, 0))
@@ -90,7 +77,8 @@ async def test_consumer_route_applies_to_its_namespace_clients_only(
         endpoint_slice("smiley", smiley.port, ns="faces"),
         endpoint_slice("smiley2", smiley2.port, ns="faces"),
         endpoint_slice("face", face.port, ns="faces"),
-        pod("client", "fast-clients", CLIENT), pod("other", "shop", OTHER), GRANT,
+        # no ReferenceGrant: a consumer route reaches the producer's Services (GEP-1294)
+        pod("client", "fast-clients", CLIENT), pod("other", "shop", OTHER),
         # the producer's route: /api only; anything else is answered 404
         {**route("smiley", "faces", [
             {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
@@ -189,9 +177,6 @@ async def test_an_address_two_consumer_namespaces_claim_is_neither_s_and_envoy_a
     refuse the node's Listener (and every later one); the address is nobody's client."""
     mesh.apply(
         route("smiley-b", "b-clients", [{"backendRefs": [to("face")]}]),
-        {**GRANT, "metadata": {"name": "b-clients", "namespace": "faces"},
-         "spec": {**GRANT["spec"], "from": [{"group": "gateway.networking.k8s.io",
-                                             "kind": "HTTPRoute", "namespace": "b-clients"}]}},
         pod("b-pod", "b-clients", "127.0.0.5"),
         pod("stale", "b-clients", "127.0.0.4"),  # 127.0.0.4 is fast-clients' client-2 too
     )  # fmt: skip

@@ -248,9 +248,11 @@ async def test_unchanged_status_is_not_rewritten(cluster: Cluster) -> None:
     assert status_writes(kube, "quiet") == writes, "an unchanged status was written again"
 
 
-async def test_a_reference_grant_in_the_cluster_resolves_a_cross_namespace_backend(
+async def test_a_cross_namespace_backend_resolves_without_a_reference_grant(
     cluster: Cluster,
 ) -> None:
+    """GEP-1294: a mesh route reaches Services in any namespace without a ReferenceGrant (the
+    operator does not even watch them)."""
     kube = cluster.kube
     await cluster.replica()
     await kube.create(service("web"))
@@ -258,20 +260,8 @@ async def test_a_reference_grant_in_the_cluster_resolves_a_cross_namespace_backe
     await kube.create(
         http_route("web", "web", [{"backendRefs": [{**to("billing"), "namespace": "finance"}]}])
     )
-    before = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "False"})
-    assert before["Accepted"] == "True"  # refused reference, not a refused route
-    await kube.create({
-        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
-        "metadata": {"name": "shop-to-billing", "namespace": "finance"},
-        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
-                           "namespace": "shop"}],
-                 "to": [{"group": "", "kind": "Service", "name": "billing"}]},
-    })  # fmt: skip
-    granted = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "True"})
-    assert granted["Accepted"] == "True"
-    await kube.delete("ReferenceGrant", "finance", "shop-to-billing")
-    revoked = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "False"})
-    assert revoked["ResolvedRefs"] == "False"
+    shown = await status_shows(kube, "HTTPRoute", "web", {"ResolvedRefs": "True"})
+    assert shown["Accepted"] == "True"
 
 
 async def test_a_consumer_route_in_the_cluster_applies_to_its_namespace_s_pods(
@@ -293,13 +283,6 @@ async def test_a_consumer_route_in_the_cluster_applies_to_its_namespace_s_pods(
     )
     route["spec"]["parentRefs"][0]["namespace"] = "shop"
     await kube.create(route)
-    await kube.create({
-        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
-        "metadata": {"name": "qa", "namespace": "shop"},
-        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
-                           "namespace": "qa"}],
-                 "to": [{"group": "", "kind": "Service"}]},
-    })  # fmt: skip
     await kube.create({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "runner", "namespace": "qa"},

@@ -3,8 +3,8 @@ recomputes only what the changed objects affect and reuses every other IR object
 
 A cold engine treats every object as changed; a warm one takes the changed keys from the store
 view (`StoreView.changed_since`) or, for other inputs, from an identity diff per kind. What a
-route or a policy depends on is recorded while it is read (the Services and ReferenceGrants it
-looked up, found or not), so that a Service that appears, changes or goes away re-reads exactly
+route or a policy depends on is recorded while it is read (the Services it looked up, found
+or not), so that a Service that appears, changes or goes away re-reads exactly
 the routes and policies that asked for it.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
-from nodemesh.controlplane.builder._routes import Grants, RouteEntry, RouteModel
-from nodemesh.controlplane.builder._util import as_list, as_map, generation
+from nodemesh.controlplane.builder._routes import RouteEntry, RouteModel
+from nodemesh.controlplane.builder._util import generation
 from nodemesh.controlplane.builder.endpointslice import (
     merge_endpoints,
     slice_endpoints,
@@ -44,10 +44,9 @@ Objects = Mapping[ObjectKey, Mapping[str, Any]]
 Ref = tuple[str, str]  # (namespace, Service name)
 PortKey = tuple[str, str, int]  # (namespace, Service name, port)
 VhostKey = tuple[str, str, int]  # (namespace, Service name, index in the Service's ports)
-GrantKey = tuple[str, str]  # (namespace, to-kind)
 
 _ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-_READERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[Ref, ServiceModel], Grants], Any]] = {
+_READERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[Ref, ServiceModel]], Any]] = {
     "HTTPRoute": read_httproute,
     "GRPCRoute": read_grpcroute,
 }
@@ -58,7 +57,6 @@ _INPUT_KINDS = (
     "Node",
     "HTTPRoute",
     "GRPCRoute",
-    "ReferenceGrant",
     "TrafficPolicy",
 )
 _ANY: Any = ("*", "*")  # recorded when a reader iterates a whole mapping
@@ -159,22 +157,6 @@ class _Ordered(Generic[K, V]):
         pending.clear()
         self._tuple = tuple(values)
         return self._tuple
-
-
-def _grants(objs: Mapping[ObjectKey, Mapping[str, Any]]) -> dict[GrantKey, list[Any]]:
-    out: dict[GrantKey, list[tuple[str, str, str]]] = {}
-    for key, obj in sorted(objs.items(), key=lambda kv: kv[0]):
-        spec = as_map(obj.get("spec"))
-        froms = [as_map(f) for f in as_list(spec.get("from"))]
-        for to in (as_map(t) for t in as_list(spec.get("to"))):
-            if to.get("group", "") != "":
-                continue
-            for f in froms:
-                if f.get("group") == "gateway.networking.k8s.io":
-                    out.setdefault((key.namespace, str(to.get("kind"))), []).append(
-                        (str(f.get("namespace")), str(f.get("kind")), str(to.get("name", "")))
-                    )
-    return out
 
 
 def _finish(
@@ -309,7 +291,6 @@ class Engine:
         self.last: dict[str, Mapping[ObjectKey, Mapping[str, Any]]] = {}
         self.services: dict[Ref, ServiceModel] = {}
         self.name_ns: dict[str, set[str]] = {}
-        self.grants: dict[GrantKey, list[Any]] = {}
         # EndpointSlices
         self.slice_ref: dict[ObjectKey, Ref] = {}
         self.slices_of: dict[Ref, set[ObjectKey]] = {}
@@ -325,9 +306,8 @@ class Engine:
         # Routes
         self.routes: dict[ObjectKey, RouteModel] = {}
         self.route_parents: dict[ObjectKey, set[Ref]] = {}
-        self.route_deps: dict[ObjectKey, tuple[set[Ref], set[GrantKey]]] = {}
+        self.route_deps: dict[ObjectKey, set[Ref]] = {}
         self.svc_dependents: dict[Ref, set[ObjectKey]] = {}
-        self.grant_dependents: dict[GrantKey, set[ObjectKey]] = {}
         self.attached: dict[Ref, dict[ObjectKey, list[RouteEntry]]] = {}
         self.route_used: dict[PortKey, int] = {}
         self.cluster_users: dict[PortKey, set[ObjectKey]] = {}
@@ -397,8 +377,6 @@ class Engine:
 
         svc_changed, short_flips = self._services(changed["Service"], current["Service"])
         route_dirty: set[ObjectKey] = set()
-        if changed["ReferenceGrant"]:
-            route_dirty |= self._grants_changed(current["ReferenceGrant"])
         ep_changed = self._endpoints(
             changed["EndpointSlice"], current["EndpointSlice"], svc_changed
         )
@@ -540,15 +518,6 @@ class Engine:
                         flips.add((ns, name))
         return changed, flips
 
-    def _grants_changed(self, objs: Mapping[ObjectKey, Mapping[str, Any]]) -> set[ObjectKey]:
-        new = _grants(objs)
-        dirty: set[ObjectKey] = set()
-        for gk in self.grants.keys() | new.keys():
-            if self.grants.get(gk) != new.get(gk):
-                dirty |= self.grant_dependents.get(gk, set())
-        self.grants = new
-        return dirty
-
     # -- EndpointSlices --------------------------------------------------------------------
     def _endpoints(
         self,
@@ -687,25 +656,19 @@ class Engine:
             mine.discard(key)
             if not mine:
                 del self.consumer_routes[key.namespace]
-        old_refs, old_grants = self.route_deps.pop(key, (set(), set()))
-        for ref in old_refs:
+        for ref in self.route_deps.pop(key, set()):
             self.svc_dependents[ref].discard(key)
-        for gk in old_grants:
-            self.grant_dependents[gk].discard(key)
         if obj is None:
             self.conditions.pop(key, None)
             return touched
 
         services: _Lookups[Ref, ServiceModel] = _Lookups(self.services)
-        grants: _Lookups[GrantKey, list[Any]] = _Lookups(self.grants)
-        model: RouteModel = _READERS[key.kind](obj, services, grants)
+        model: RouteModel = _READERS[key.kind](obj, services)
         self.routes[key] = model
         self.conditions[key] = tuple(model.conditions)
-        self.route_deps[key] = (services.seen, grants.seen)
+        self.route_deps[key] = services.seen
         for ref in services.seen:
             self.svc_dependents.setdefault(ref, set()).add(key)
-        for gk in grants.seen:
-            self.grant_dependents.setdefault(gk, set()).add(key)
         parents: set[Ref] = set()
         for e in model.entries:
             ref = (e.parent[0], e.parent[1])

@@ -26,15 +26,12 @@ from nodemesh.controlplane.conditions import Condition, parent_label
 from nodemesh.xds.translate import ir
 
 __all__ = [
-    "Grants",
     "RouteEntry",
     "RouteModel",
     "read_route",
 ]
 
 PortKey = tuple[str, str, int]  # (namespace, service, port)
-# (namespace, to-kind) -> list of (from-namespace, from-kind, to-name or "")
-Grants = Mapping[tuple[str, str], Sequence[tuple[str, str, str]]]
 
 
 @dataclass(slots=True)
@@ -67,9 +64,7 @@ def _backend(
     ref: Mapping[str, Any],
     path: str,
     route_ns: str,
-    route_kind: str,
     services: Mapping[tuple[str, str], ServiceModel],
-    grants: Grants,
     refs: _Refs,
 ) -> PortKey | None:
     group, kind = ref.get("group", ""), ref.get("kind", "Service")
@@ -77,15 +72,9 @@ def _backend(
         refs.problems.append(("InvalidKind", f"{path}: {group or 'core'}/{kind} is not a Service"))
         return None
     name = str(ref.get("name", ""))
+    # A Service in any namespace, without a ReferenceGrant: mesh routes (GEP-1294, "Namespace
+    # boundaries") augment Services every client can already reach; they expose nothing.
     ns = str(ref.get("namespace") or route_ns)
-    if ns != route_ns and not any(
-        from_ns == route_ns and from_kind == route_kind and to_name in ("", name)
-        for from_ns, from_kind, to_name in grants.get((ns, "Service"), ())
-    ):
-        refs.problems.append(
-            ("RefNotPermitted", f"{path}: Service {ns}/{name} needs a ReferenceGrant in {ns}")
-        )
-        return None
     svc = services.get((ns, name))
     if svc is None:
         refs.problems.append(("BackendNotFound", f"{path}: Service {ns}/{name} not found"))
@@ -162,7 +151,6 @@ def _filters(
     route_ns: str,
     route_kind: str,
     services: Mapping[tuple[str, str], ServiceModel],
-    grants: Grants,
     p: Problems,
     refs: _Refs,
     prefix_match: bool,
@@ -223,9 +211,7 @@ def _filters(
                 as_map(spec.get("backendRef")),
                 f"{fpath}.requestMirror.backendRef",
                 route_ns,
-                route_kind,
                 services,
-                grants,
                 refs,
             )
             percent = 100.0
@@ -279,7 +265,6 @@ def read_route(
     obj: Mapping[str, Any],
     kind: str,
     services: Mapping[tuple[str, str], ServiceModel],
-    grants: Grants,
     parse_match: MatchParser,
     allows_retry: bool,
 ) -> RouteModel:
@@ -339,7 +324,6 @@ def read_route(
             ns,
             kind,
             services,
-            grants,
             p,
             refs,
             all_prefix,
@@ -352,7 +336,7 @@ def read_route(
             weight = int_in(
                 b.get("weight", 1), f"{rpath}.backendRefs[{bi}].weight", p, 0, 1_000_000
             )
-            target = _backend(b, f"{rpath}.backendRefs[{bi}]", ns, kind, services, grants, refs)
+            target = _backend(b, f"{rpath}.backendRefs[{bi}]", ns, services, refs)
             if b.get("filters"):
                 refs.problems.append(
                     (

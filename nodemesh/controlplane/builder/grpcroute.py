@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from nodemesh.controlplane.builder._routes import Grants, RouteModel, read_route
+from nodemesh.controlplane.builder._routes import RouteModel, read_route
 from nodemesh.controlplane.builder._util import Problems, as_list, as_map
 from nodemesh.controlplane.builder.httproute import first_of_each_name, parse_regex
 from nodemesh.controlplane.builder.service import ServiceModel
@@ -70,6 +70,6 @@ def parse_grpc_match(
 
 
 def read_grpcroute(
-    obj: Mapping[str, Any], services: Mapping[tuple[str, str], ServiceModel], grants: Grants
+    obj: Mapping[str, Any], services: Mapping[tuple[str, str], ServiceModel]
 ) -> RouteModel:
-    return read_route(obj, "GRPCRoute", services, grants, parse_grpc_match, False)
+    return read_route(obj, "GRPCRoute", services, parse_grpc_match, False)

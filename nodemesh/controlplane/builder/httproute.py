@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from nodemesh.controlplane.builder._routes import Grants, RouteModel, read_route
+from nodemesh.controlplane.builder._routes import RouteModel, read_route
 from nodemesh.controlplane.builder._util import Problems, as_list, as_map
 from nodemesh.controlplane.builder.service import ServiceModel
 from nodemesh.xds.translate import ir
@@ -114,6 +114,6 @@ def parse_http_match(
 
 
 def read_httproute(
-    obj: Mapping[str, Any], services: Mapping[tuple[str, str], ServiceModel], grants: Grants
+    obj: Mapping[str, Any], services: Mapping[tuple[str, str], ServiceModel]
 ) -> RouteModel:
-    return read_route(obj, "HTTPRoute", services, grants, parse_http_match, True)
+    return read_route(obj, "HTTPRoute", services, parse_http_match, True)

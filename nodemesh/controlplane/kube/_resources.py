@@ -52,10 +52,7 @@ RESOURCES: tuple[WatchedResource, ...] = (
     WatchedResource(
         "TrafficPolicy", "nodemesh.io", "v1alpha1", "trafficpolicies", status=True, config=True
     ),
-    # Cross-namespace backendRefs resolve only where a ReferenceGrant allows them.
-    WatchedResource(
-        "ReferenceGrant", "gateway.networking.k8s.io", "v1beta1", "referencegrants", config=True
-    ),
+    # No ReferenceGrant: mesh routes reach Services in any namespace without one (GEP-1294).
 )
 
 # Leader election: one Lease in the operator's namespace (see `_lease.py`).
