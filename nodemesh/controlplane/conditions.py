@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 __all__ = [
     "CONTROLLER_NAME",
+    "MESSAGE_LIMIT",
     "Condition",
     "kubernetes_status",
     "parent_label",
@@ -20,6 +21,9 @@ __all__ = [
 ]
 
 CONTROLLER_NAME = "nodemesh.io/mesh"
+# `conditions[].message` maxLength in the Gateway API and nodemesh CRDs: the API server refuses
+# a status with a longer one, and the object would keep its old status
+MESSAGE_LIMIT = 32768
 
 Status = Literal["True", "False", "Unknown"]
 
@@ -82,10 +86,13 @@ def kubernetes_status(
     """
 
     def render(cs: Iterable[Condition]) -> list[dict[str, Any]]:
-        return [
-            {**c.as_dict(), "lastTransitionTime": last_transition.get((c.parent, c.type), "")}
-            for c in cs
-        ]
+        out = []
+        for c in cs:
+            d = {**c.as_dict(), "lastTransitionTime": last_transition.get((c.parent, c.type), "")}
+            if len(c.message) > MESSAGE_LIMIT:  # the CRDs' maxLength: a longer one is refused
+                d["message"] = c.message[: MESSAGE_LIMIT - 3] + "..."
+            out.append(d)
+        return out
 
     conditions = list(conditions)
     if kind in ("HTTPRoute", "GRPCRoute"):

@@ -219,8 +219,8 @@ class Pipeline:
     def status_body(self, key: ObjectKey) -> dict[str, Any] | None:
         """The status body for `key`, or None if the pipeline has no conditions for it (what
         `kubernetes_status`, the `StatusSource` the kopf operator calls, returns)."""
-        if key not in self._conditions:
-            return None
+        if key not in self._conditions or key.kind in _NOTICE_KINDS:
+            return None  # (a Pod's notices are shown, never written back)
         transitions = {
             (parent, ctype): t
             for (k, parent, ctype), (_, t) in self._transitions.items()

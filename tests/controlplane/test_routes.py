@@ -373,3 +373,17 @@ def test_port_names_that_mean_http2_without_an_app_protocol() -> None:
         "h2c",
         "http2-admin",
     ]
+
+
+def test_a_condition_message_is_cut_to_what_the_crd_allows() -> None:
+    """Many invalid matches make a message longer than the CRDs' 32,768 characters; the API
+    server would refuse the whole status and the route would keep its old one."""
+    bad = [{"path": {"type": "RegularExpression", "value": "(" * 40}} for _ in range(8)]
+    rules = [{"matches": bad, "backendRefs": to("a")} for _ in range(100)]
+    res = run(service("web"), service("a"), route("r", [parent("web")], rules))
+    (accepted,) = [c for c in conditions(res, "r") if c.type == "Accepted"]
+    assert accepted.status == "False" and len(accepted.message) > 32768
+    body = kubernetes_status("HTTPRoute", conditions(res, "r"), {})
+    (entry,) = body["parents"]
+    message = next(c["message"] for c in entry["conditions"] if c["type"] == "Accepted")
+    assert len(message) == 32768 and message.endswith("...")

@@ -226,6 +226,8 @@ async def test_a_pod_whose_annotation_says_neither_on_nor_off_is_told_so(
     table = render_status(p.status_json())  # what `nodemesh status` prints
     assert "Pod/shop/typo" in table and "UnknownValue" in table
     assert p.kubernetes_status(ObjectKey("Pod", "shop", "fine")) is None
+    # shown, never written back: the operator gets no status body for a Pod
+    assert p.kubernetes_status(ObjectKey("Pod", "shop", "typo")) is None
 
     write({"client": '"on"', "typo": '"yes"', "fine": '"off"'})
     source.scan()

@@ -104,3 +104,56 @@ def test_every_verdict_change_is_logged_even_between_ticks(
         f"accepted {key(0)}",
     ]
     assert source.callbacks == [] and writer.writes == 0
+
+
+def _parent(controller: str, name: str, status: str, when: str) -> dict[str, Any]:
+    return {
+        "parentRef": {"group": "", "kind": "Service", "namespace": "shop", "name": name},
+        "controllerName": controller,
+        "conditions": [
+            {"type": "Accepted", "status": status, "reason": "Accepted", "lastTransitionTime": when}
+        ],
+    }
+
+
+def test_another_controllers_parents_are_kept() -> None:
+    """A route with a Gateway parentRef (another controller's) and a Service one (ours): a
+    merge patch replaces the whole list, so ours once wiped theirs on every tick. Theirs stays,
+    and once it is in, nothing is written again."""
+    gateway = {
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"},
+        "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}],
+    }
+    ours = _parent("nodemesh.io/mesh", "web", "True", "2026-11-22T09:00:00Z")
+    writer = StatusWriter(lambda k: {"parents": [ours]}, Leader())
+    patch: dict[str, Any] = {}
+    assert writer.reconcile(key(0), {"parents": [gateway]}, patch)
+    assert patch == {"parents": [gateway, ours]}
+    again: dict[str, Any] = {}
+    assert not writer.reconcile(key(0), patch, again) and again == {}
+    # a route only another controller's: nothing to write over its status
+    only = StatusWriter(lambda k: {"parents": []}, Leader())
+    assert not only.reconcile(key(1), {"parents": [gateway]}, again) and again == {}
+
+
+def test_a_restarted_control_plane_keeps_the_transition_times() -> None:
+    """A new process (a restart, a new leader) starts its transition times at its start; a
+    condition whose status did not change keeps the live time, so nothing is rewritten."""
+    live = {"parents": [_parent("nodemesh.io/mesh", "web", "True", "2026-11-22T08:00:00Z")]}
+    desired = {"parents": [_parent("nodemesh.io/mesh", "web", "True", "2026-11-22T09:30:00Z")]}
+    writer = StatusWriter(lambda k: desired, Leader())
+    patch: dict[str, Any] = {}
+    assert not writer.reconcile(key(0), live, patch) and patch == {}
+    changed = {"parents": [_parent("nodemesh.io/mesh", "web", "False", "2026-11-22T09:31:00Z")]}
+    writer = StatusWriter(lambda k: changed, Leader())
+    assert writer.reconcile(key(0), live, patch)
+    (parent,) = patch["parents"]
+    assert parent["conditions"][0]["lastTransitionTime"] == "2026-11-22T09:31:00Z"
+    policy_live = {"conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                                   "lastTransitionTime": "2026-11-22T08:00:00Z"}]}  # fmt: skip
+    policy = StatusWriter(
+        lambda k: {"conditions": [{**policy_live["conditions"][0], "lastTransitionTime": "now"}]},
+        Leader(),
+    )
+    assert not policy.reconcile(ObjectKey("TrafficPolicy", "shop", "p"), policy_live, {})

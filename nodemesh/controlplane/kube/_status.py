@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
+from nodemesh.controlplane.conditions import CONTROLLER_NAME
 from nodemesh.controlplane.store import ObjectKey
 
 __all__ = [
@@ -101,6 +102,7 @@ class StatusWriter:
         self._log_verdict(key, desired)
         if not self._leadership.is_leader:
             return False
+        desired = _against_live(desired, live_status)
         changed = {k: v for k, v in desired.items() if _plain(live_status.get(k)) != _plain(v)}
         if not changed:
             return False
@@ -172,6 +174,66 @@ def _verdict(desired: Mapping[str, Any]) -> str | None:
     if any(c.get("type") == "Accepted" and c.get("status") == "True" for c in conditions):
         return "accepted"
     return None
+
+
+def _against_live(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """`desired` made ready to compare with, and patch over, the live status:
+
+    - `parents[]`: the live entries of other controllers (another `controllerName`, a Gateway
+      controller for a parentRef to its Gateway) are kept, in front, as they are. A merge
+      patch replaces the whole list, and Gateway API lets each controller manage only its own
+      entries; ours replaced theirs, and the two then overwrote each other forever.
+    - a condition whose status is the live one's keeps the live `lastTransitionTime` (it
+      changes when the status does): the pipeline's times start with its process, so a
+      restarted or newly elected control plane rewrote every object's status with new times
+      though nothing had changed.
+    """
+    out = dict(desired)
+    if "parents" in desired:
+        live_parents = [p for p in _as_list(live.get("parents")) if isinstance(p, Mapping)]
+        ours = [_keep_times(dict(p), _live_parent(live_parents, p)) for p in desired["parents"]]
+        theirs = [p for p in live_parents if p.get("controllerName") != CONTROLLER_NAME]
+        out["parents"] = theirs + ours
+    if "conditions" in desired:
+        out["conditions"] = _conditions_keeping_times(
+            desired["conditions"], _as_list(live.get("conditions"))
+        )
+    return out
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _live_parent(live: list[Mapping[str, Any]], desired: Mapping[str, Any]) -> Mapping[str, Any]:
+    for p in live:
+        if p.get("controllerName") == CONTROLLER_NAME and _plain(p.get("parentRef")) == _plain(
+            desired.get("parentRef")
+        ):
+            return p
+    return {}
+
+
+def _keep_times(desired: dict[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    desired["conditions"] = _conditions_keeping_times(
+        desired.get("conditions", []), _as_list(live.get("conditions"))
+    )
+    return desired
+
+
+def _conditions_keeping_times(desired: Any, live: list[Any]) -> list[Any]:
+    by_type = {c.get("type"): c for c in live if isinstance(c, Mapping)}
+    out = []
+    for c in desired:
+        seen = by_type.get(c.get("type"))
+        if (
+            seen is not None
+            and seen.get("status") == c.get("status")
+            and seen.get("lastTransitionTime")
+        ):
+            c = {**c, "lastTransitionTime": seen["lastTransitionTime"]}
+        out.append(c)
+    return out
 
 
 def _plain(value: Any) -> Any:
