@@ -47,28 +47,37 @@ class Condition:
         }
 
 
-def parent_label(namespace: str, name: str, port: int | None = None, section: str = "") -> str:
-    """A route's parentRef to a Service as one string, "Service/ns/name[:port][/sectionName]".
+def parent_label(
+    namespace: str | None, name: str, port: int | None = None, section: str = ""
+) -> str:
+    """A route's parentRef to a Service as one string, as the user wrote it:
+    "Service/[namespace/]name[:port][#sectionName]", the namespace only if written.
 
     It keys the route's conditions and is what `nodemesh status` shows; `parse_parent` turns it
-    back into the parentRef of `status.parents[]`, which must echo the user's parentRef (its
-    port and sectionName as written, not the port a sectionName resolved to). Neither a name
-    nor a sectionName can hold "/" or ":", so the parts split back unambiguously.
+    back into the parentRef of `status.parents[]`, which must echo the user's parentRef: its
+    namespace, port and sectionName as written (not the namespace it defaulted to, nor the port
+    a sectionName resolved to). So `{name: web}` and `{name: web, namespace: shop}`, two
+    parentRefs to one Service that Gateway API tells apart, get an entry each. Neither a
+    namespace, a name nor a sectionName can hold "/", ":" or "#", so the parts split back.
     """
-    label = f"Service/{namespace}/{name}"
+    label = f"Service/{namespace}/{name}" if namespace else f"Service/{name}"
     if port is not None:
         label += f":{port}"
     if section:
-        label += f"/{section}"
+        label += f"#{section}"
     return label
 
 
 def parse_parent(parent: str) -> dict[str, Any]:
     """`parent_label`'s string -> a Gateway API parentRef."""
-    kind, namespace, rest = parent.split("/", 2)
-    rest, _, section = rest.partition("/")
+    kind, rest = parent.split("/", 1)
+    namespace, _, rest = rest.rpartition("/")
+    rest, _, section = rest.partition("#")
     name, _, port = rest.partition(":")
-    ref: dict[str, Any] = {"group": "", "kind": kind, "namespace": namespace, "name": name}
+    ref: dict[str, Any] = {"group": "", "kind": kind}
+    if namespace:
+        ref["namespace"] = namespace
+    ref["name"] = name
     if section:
         ref["sectionName"] = section
     if port:

@@ -69,7 +69,7 @@ def test_section_name_attaches_the_route_to_the_named_port_only() -> None:
     assert [r.name for r in routes(res, "shop/web:9090")] == ["HTTPRoute/shop/r/rule-0/0"]
     assert [r.name for r in routes(res, "shop/web:80")] == ["Service/shop/web:80/default"]
     accepted = [c for c in conditions(res, "r") if c.type == "Accepted"]
-    assert [(c.status, c.parent) for c in accepted] == [("True", "Service/shop/web/grpc")]
+    assert [(c.status, c.parent) for c in accepted] == [("True", "Service/web#grpc")]
 
 
 def test_section_name_that_names_no_port_is_no_matching_parent() -> None:
@@ -99,26 +99,42 @@ def test_port_and_section_name_must_name_the_same_port() -> None:
         ),
     )
     accepted = {c.parent: c for c in conditions(res, "r") if c.type == "Accepted"}
-    assert accepted["Service/shop/web:80/grpc"].reason == "NoMatchingParent"
-    assert accepted["Service/shop/web:9090/grpc"].status == "True"
+    assert accepted["Service/web:80#grpc"].reason == "NoMatchingParent"
+    assert accepted["Service/web:9090#grpc"].status == "True"
     assert [r.name for r in routes(res, "shop/web:80")] == ["Service/shop/web:80/default"]
     assert [r.name for r in routes(res, "shop/web:9090")] == ["HTTPRoute/shop/r/rule-0/0"]
 
 
-def test_status_parent_ref_echoes_section_name_and_port() -> None:
+def test_status_parent_ref_echoes_section_name_port_and_namespace_as_written() -> None:
+    """The namespace too: `{name: web}` and `{name: web, namespace: shop}` are two parentRefs
+    to Gateway API, and each gets its entry (they once made one entry whose conditions listed
+    each type twice, which the API server refuses: the list is keyed by type)."""
     res = run(
         service("web", ports=WEB_PORTS),
         service("v2"),
         route(
             "r",
-            [parent("web", sectionName="grpc"), parent("web", port=80), parent("web")],
+            [
+                parent("web", sectionName="grpc"),
+                parent("web", port=80),
+                parent("web"),
+                parent("web", namespace="shop"),
+            ],
             [{"backendRefs": to("v2")}],
         ),
     )
     body = kubernetes_status("HTTPRoute", conditions(res, "r"), {})
     refs = [p["parentRef"] for p in body["parents"]]
-    base = {"group": "", "kind": "Service", "namespace": "shop", "name": "web"}
-    assert refs == [base, {**base, "sectionName": "grpc"}, {**base, "port": 80}]
+    base = {"group": "", "kind": "Service", "name": "web"}
+    assert refs == [
+        {**base, "namespace": "shop"},
+        base,
+        {**base, "sectionName": "grpc"},
+        {**base, "port": 80},
+    ]
+    for entry in body["parents"]:
+        types_ = [c["type"] for c in entry["conditions"]]
+        assert sorted(types_) == sorted(set(types_)), entry
 
 
 # -- rule order (precedence) ----------------------------------------------------------------

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 durations = st.builds(lambda n, u: f"{n}{u}", st.integers(1, 5000), st.sampled_from(["ms", "s"]))
 header_names = st.from_regex(r"\Ax-[a-z]{1,8}\Z")
 values = st.from_regex(r"\A[a-zA-Z0-9._-]{1,12}\Z")
+# RFC 1123 subdomains, as the Gateway API schema wants a URLRewrite hostname (lower-cased
+# `values` were not: "0_0")
+hostnames = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,6}[a-z0-9])?(\.[a-z0-9]{1,6}){0,2}\Z")
 paths = st.from_regex(r"\A(/[a-z0-9]{1,6}){1,3}\Z")
 percent = st.one_of(
     st.integers(0, 100), st.floats(0, 100, allow_nan=False).map(lambda f: round(f, 2))
@@ -146,12 +149,7 @@ filters = st.lists(
     st.one_of(
         header_mod.map(lambda m: {"type": "RequestHeaderModifier", "requestHeaderModifier": m}),
         header_mod.map(lambda m: {"type": "ResponseHeaderModifier", "responseHeaderModifier": m}),
-        values.map(
-            lambda h: {
-                "type": "URLRewrite",
-                "urlRewrite": {"hostname": h.lower().strip(".-_") or "h"},
-            }
-        ),
+        hostnames.map(lambda h: {"type": "URLRewrite", "urlRewrite": {"hostname": h}}),
         st.just({"type": "RequestMirror", "requestMirror": {"backendRef": to("prop-b")}}),
     ),
     max_size=2,

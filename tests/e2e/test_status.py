@@ -48,7 +48,7 @@ async def test_route_is_programmed_once_envoy_acks(mesh: Mesh, backends: Backend
     )
     await mesh.converge()
     c = await programmed(mesh, "HTTPRoute", "st-ok", "True")
-    assert c.parent == "Service/shop/st-ok" and c.observed_generation == 1
+    assert c.parent == "Service/st-ok" and c.observed_generation == 1  # the parentRef as written
     accepted = cond(mesh, "HTTPRoute", "st-ok", "Accepted")
     assert accepted is not None and accepted.status == "True"
 

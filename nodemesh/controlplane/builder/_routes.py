@@ -288,7 +288,7 @@ def read_route(
         port = ref.get("port") if isinstance(ref.get("port"), int) else None
         # GAMMA: a Service parent's sectionName is the name of one of its ports.
         section = str(ref.get("sectionName") or "")
-        label = parent_label(pns, pname, port, section)
+        label = parent_label(ref.get("namespace") and pns, pname, port, section)
         where = f"spec.parentRefs[{i}]: Service {pns}/{pname}"
         svc = services.get((pns, pname))
         named = svc.port_named(section) if svc is not None and section else None
