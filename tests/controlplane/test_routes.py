@@ -403,3 +403,18 @@ def test_a_condition_message_is_cut_to_what_the_crd_allows() -> None:
     (entry,) = body["parents"]
     message = next(c["message"] for c in entry["conditions"] if c["type"] == "Accepted")
     assert len(message) == 32768 and message.endswith("...")
+
+
+def test_a_headless_service_is_no_parent() -> None:
+    """GEP-1294: headless Services SHOULD NOT be parents, having no frontend: their clients
+    look up the pods and connect to them, where no route applies. It was Accepted and did
+    nothing for them."""
+    headless = {**service("db"), "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}
+    res = run(headless, service("v2"), route("r", [parent("db")], [{"backendRefs": to("v2")}]))
+    (c,) = conditions(res, "r")
+    assert (c.type, c.status, c.reason) == ("Accepted", "False", "NoMatchingParent")
+    assert "headless" in c.message
+    # a Service that only leaves its ClusterIP out (files mode) still is one
+    plain = {**service("web"), "spec": {"ports": [{"port": 80}]}}
+    res = run(plain, service("v2"), route("r", [parent("web")], [{"backendRefs": to("v2")}]))
+    assert {c.type: c.status for c in conditions(res, "r")}["Accepted"] == "True"

@@ -294,6 +294,10 @@ def read_route(
         named = svc.port_named(section) if svc is not None and section else None
         if svc is None:
             problem = f"{where} not found"
+        elif svc.headless:
+            # GEP-1294: no frontend (no ClusterIP); its clients connect to its pods directly,
+            # where no route applies.
+            problem = f"{where} is headless (clusterIP: None) and cannot be a parent"
         elif section and named is None:
             problem = f"{where} has no port named {section!r}"
         elif named is not None and port is not None and named.port != port:

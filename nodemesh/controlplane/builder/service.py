@@ -41,6 +41,9 @@ class ServiceModel:
     name: str
     ports: tuple[PortModel, ...]
     cluster_ips: tuple[str, ...]
+    # clusterIP: None. (Not merely no ClusterIP: a files-mode Service may leave it out and be
+    # reached by name through the node Envoy.)
+    headless: bool = False
 
     @property
     def ref(self) -> str:
@@ -102,7 +105,9 @@ def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
         ns = str(ns)
     if type(name) is not str:
         name = str(name)
-    return ServiceModel(ns, name, tuple(ports), tuple(ips))
+    headless = single == "None" or (isinstance(spec.get("clusterIPs"), list) and not ips
+                                     and "None" in spec["clusterIPs"])  # fmt: skip
+    return ServiceModel(ns, name, tuple(ports), tuple(ips), headless)
 
 
 def read_services(objs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], ServiceModel]:
