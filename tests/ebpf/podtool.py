@@ -39,6 +39,22 @@ def _connect(to: str, family: int = socket.AF_INET) -> socket.socket:
     return s
 
 
+def _until_queued(s: socket.socket, size: int) -> None:
+    """Wait until `size` bytes are queued to read, without reading them (MSG_PEEK, which the
+    read counter ignores). push --greeting needs the sink's greeting redirected and counted
+    before it writes: a socket with nothing unread leaves nm_socks when its writes go to TCP,
+    and a greeting still on its way then went over TCP and took the sink out with it."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if len(s.recv(size, socket.MSG_PEEK)) >= size:
+                return
+        except BlockingIOError:  # the 6.18 sockmap read bug: a blocking recv says EAGAIN
+            pass
+        time.sleep(0.001)
+    raise SystemExit(f"the {size}-byte greeting did not arrive in 20 s")
+
+
 def _read_line(s: socket.socket) -> str:
     buf = b""
     while not buf.endswith(b"\n"):
@@ -102,9 +118,9 @@ def serve(args: argparse.Namespace) -> None:
 
         def handle(self) -> None:
             s: socket.socket = self.request
-            s.sendall(f"HELLO {name}\n".encode())
-            if args.greet:  # more for the client to read only at the end (push --greeting)
-                s.sendall(b"g" * args.greet)
+            # with the greeting, if any, in one write: more for the client to read only at the
+            # end (push --greeting), there before the client has its hello
+            s.sendall(f"HELLO {name}\n".encode() + b"g" * args.greet)
             h = hashlib.sha256()
             count = 0
             while count < args.read_first:  # keep up at first, then stall
@@ -222,6 +238,8 @@ def push(args: argparse.Namespace) -> None:
     writing until everything is sent."""
     s = _connect(args.to)
     hello = _read_line(s)
+    if args.greeting:
+        _until_queued(s, args.greeting)
     if args.start_after:  # connected; the test prepares the maps, then creates the file
         _out({"connected": True})
         deadline = time.monotonic() + 60
