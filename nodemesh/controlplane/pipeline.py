@@ -716,11 +716,18 @@ class Pipeline:
         changed = [k for k in new if new[k] != self._conditions.get(k)]
         gone = [k for k in self._conditions if k not in new]
         for key in changed:
+            kept = set()
             for c in new[key]:
                 tkey = (key, c.parent, c.type)
+                kept.add(tkey)
                 prev = self._transitions.get(tkey)
                 if prev is None or prev[0] != c.status:
                     self._transitions[tkey] = (c.status, now)
+            # a condition that went (ResolvedRefs while the route is not Accepted) starts a
+            # new time when it comes back, not its old one
+            for c in self._conditions.get(key, ()):
+                if (key, c.parent, c.type) not in kept:
+                    self._transitions.pop((key, c.parent, c.type), None)
         for key in gone:
             for tkey in [t for t in self._transitions if t[0] == key]:
                 del self._transitions[tkey]

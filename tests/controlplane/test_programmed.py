@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
+import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
+from nodemesh.controlplane import pipeline as pipeline_module
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import ObjectKey, Store
@@ -323,3 +326,49 @@ async def test_a_restarted_envoy_is_pending_until_it_acks_again() -> None:
         await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
     finally:
         await p.stop()
+
+
+async def test_a_condition_that_comes_back_gets_a_new_transition_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ResolvedRefs goes while the route is not Accepted, and comes back when it is fixed: its
+    lastTransitionTime is the time it came back, not the one it had before it went."""
+    clock = iter(["2026-11-22T01:00:00Z", "2026-11-22T02:00:00Z", "2026-11-22T03:00:00Z"])
+
+    class Clock:
+        @staticmethod
+        def now(tz: object) -> Any:
+            class Stamp:
+                def strftime(self, fmt: str) -> str:
+                    return current
+
+            return Stamp()
+
+    monkeypatch.setattr(pipeline_module, "datetime", Clock)
+    store = Store()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, SnapshotCache(), StatusTracker())
+
+    def resolved_refs_time() -> str | None:
+        body = p.kubernetes_status(ROUTE)
+        assert body is not None
+        for parent in body["parents"]:
+            for c in parent["conditions"]:
+                if c["type"] == "ResolvedRefs":
+                    return str(c["lastTransitionTime"])
+        return None
+
+    current = next(clock)
+    await p.rebuild()
+    assert resolved_refs_time() == "2026-11-22T01:00:00Z"
+    good = copy.deepcopy(dict(store.get(ROUTE)))
+    bad = copy.deepcopy(good)
+    bad["spec"]["rules"][0]["timeouts"] = {"request": "soon"}  # Accepted=False, no ResolvedRefs
+    current = next(clock)
+    store.apply(bad)
+    await p.rebuild()
+    assert resolved_refs_time() is None
+    current = next(clock)
+    store.apply(good)
+    await p.rebuild()
+    assert resolved_refs_time() == "2026-11-22T03:00:00Z"
