@@ -317,13 +317,16 @@ async def test_a_restarted_envoy_is_pending_until_it_acks_again() -> None:
         a, b = _SotwEnvoy(cache, status, "node-a"), _SotwEnvoy(cache, status, "node-b")
         a.pump()
         b.pump()
-        await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        # eventually() raises once its timeout passes; the asserts say what each step expects
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
 
         a.stream.close()
         restarted = _SotwEnvoy(cache, status, "node-a")  # its answers are not read yet
-        await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        assert await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        held = status.type_status("node-a", types.ROUTE).acked_resources
+        assert held == {}, "the restarted Envoy holds nothing it has not ACKed"
         restarted.pump()
-        await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
     finally:
         await p.stop()
 
