@@ -211,20 +211,18 @@ def test_grpc_rules_order_by_service_then_method_then_headers() -> None:
     ]
 
 
+def run_grpc(rules: list[dict[str, Any]]) -> BuildResult:
+    """GRPCRoute shop/gr with `rules` on Service g (gRPC port 9000), backends a and b."""
+    grpc = [service(n, ports=GRPC_PORT) for n in ("g", "a", "b")]
+    return run(*grpc, route("gr", [parent("g")], rules, kind="GRPCRoute"))
+
+
 def test_grpc_regular_expression_service_counts_as_a_wildcard() -> None:
-    res = run(
-        service("g", ports=GRPC_PORT),
-        service("a", ports=GRPC_PORT),
-        service("b", ports=GRPC_PORT),
-        route(
-            "gr",
-            [parent("g")],
-            [
-                grpc_rule("a", type="RegularExpression", service="pkg\\.Svc.*"),
-                grpc_rule("b", service="pkg.Svc"),
-            ],
-            kind="GRPCRoute",
-        ),
+    res = run_grpc(
+        [
+            grpc_rule("a", type="RegularExpression", service="pkg\\.Svc.*"),
+            grpc_rule("b", service="pkg.Svc"),
+        ]
     )
     assert [r.name for r in routes(res, "shop/g:9000")] == [
         "GRPCRoute/shop/gr/rule-1/0",
@@ -235,16 +233,9 @@ def test_grpc_regular_expression_service_counts_as_a_wildcard() -> None:
 def test_a_grpc_regular_expression_with_alternatives_matches_within_its_part() -> None:
     """`pkg.Foo|pkg.Bar` is the service's alternatives, not two halves of the path (the path
     regex once read `/pkg.Foo|pkg.Bar/[^/]+`, which matched neither service's methods)."""
-    res = run(
-        service("g", ports=GRPC_PORT),
-        service("a", ports=GRPC_PORT),
-        route(
-            "gr",
-            [parent("g")],
-            [grpc_rule("a", type="RegularExpression", service="pkg\\.(Foo|Bar)|other\\.Baz",
-                       method="Get|List")],
-            kind="GRPCRoute",
-        ),
+    res = run_grpc(
+        [grpc_rule("a", type="RegularExpression", service="pkg\\.(Foo|Bar)|other\\.Baz",
+                   method="Get|List")]
     )  # fmt: skip
     ((rule,),) = [[r for r in routes(res, "shop/g:9000") if r.name.startswith("GRPCRoute")]]
     assert rule.match.path.kind == "RegularExpression"
