@@ -154,7 +154,10 @@ class Pipeline:
         self._result: BuildResult | None = None
         self._conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self._view: Mapping[ObjectKey, Any] = {}  # the store view last built
-        self._transitions: dict[tuple[ObjectKey, str, str], tuple[str, str]] = {}
+        # per object, (parent, type) -> (status, when it took that status); by object, so that
+        # the status body of one (asked for by every route's timer, every second) and an
+        # object's removal touch only its own entries
+        self._transitions: dict[ObjectKey, dict[tuple[str, str], tuple[str, str]]] = {}
         self._source_errors: dict[str, dict[str, str]] = {}
         self._subscribers: list[ConditionsCallback] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -221,11 +224,7 @@ class Pipeline:
         `kubernetes_status`, the `StatusSource` the kopf operator calls, returns)."""
         if key not in self._conditions or key.kind in _NOTICE_KINDS:
             return None  # (a Pod's notices are shown, never written back)
-        transitions = {
-            (parent, ctype): t
-            for (k, parent, ctype), (_, t) in self._transitions.items()
-            if k == key
-        }
+        transitions = {pt: t for pt, (_, t) in self._transitions.get(key, {}).items()}
         return kubernetes_status(key.kind, self._conditions.get(key, ()), transitions)
 
     def _node_snapshot_versions(self) -> dict[str, dict[str, str | None]]:
@@ -716,21 +715,18 @@ class Pipeline:
         changed = [k for k in new if new[k] != self._conditions.get(k)]
         gone = [k for k in self._conditions if k not in new]
         for key in changed:
-            kept = set()
-            for c in new[key]:
-                tkey = (key, c.parent, c.type)
-                kept.add(tkey)
-                prev = self._transitions.get(tkey)
-                if prev is None or prev[0] != c.status:
-                    self._transitions[tkey] = (c.status, now)
             # a condition that went (ResolvedRefs while the route is not Accepted) starts a
-            # new time when it comes back, not its old one
-            for c in self._conditions.get(key, ()):
-                if (key, c.parent, c.type) not in kept:
-                    self._transitions.pop((key, c.parent, c.type), None)
+            # new time when it comes back, not its old one: only the current ones are kept
+            before = self._transitions.get(key, {})
+            times: dict[tuple[str, str], tuple[str, str]] = {}
+            for c in new[key]:
+                prev = before.get((c.parent, c.type))
+                if prev is None or prev[0] != c.status:
+                    prev = (c.status, now)
+                times[(c.parent, c.type)] = prev
+            self._transitions[key] = times
         for key in gone:
-            for tkey in [t for t in self._transitions if t[0] == key]:
-                del self._transitions[tkey]
+            self._transitions.pop(key, None)
         self._conditions = new
         for key in changed:
             if key.kind in _NOTICE_KINDS:
