@@ -216,3 +216,25 @@ async def test_fault_delay_holds_requests(mesh: Mesh, backends: Backends) -> Non
     await mesh.converge()
     reply = await mesh.get("delay.shop")
     assert reply.status == 200 and reply.seconds >= 0.38
+
+
+async def test_outlier_detection_without_max_ejection_percent_ejects_one_of_few(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Envoy's default max_ejection_percent is 10%, and Envoy 1.40 ejects no host that would
+    take the ejected share above it: a Service with fewer than 10 endpoints had none ejected
+    (the failing one of two got every other request). At least one is ejected now."""
+    good, bad = await backends.get("od1-good"), await backends.get("od1-bad")
+    bad.fail_always = 500
+    mesh.apply(
+        service("od1"),
+        endpoint_slice("od1", good.port, suffix="good"),
+        endpoint_slice("od1", bad.port, suffix="bad"),
+        policy("od1", "od1", outlierDetection={"consecutive5xx": 2, "interval": "100ms"}),
+    )  # fmt: skip
+    await mesh.converge()
+    for _ in range(20):
+        await mesh.get("od1.shop")
+    assert bad.hits <= 4, bad.hits
+    replies = [await mesh.get("od1.shop") for _ in range(20)]
+    assert all(r.status == 200 and r.body == "od1-good" for r in replies)

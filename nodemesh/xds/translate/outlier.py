@@ -27,6 +27,11 @@ def outlier_detection(od: ir.OutlierDetection) -> od_pb2.OutlierDetection:
         out.base_ejection_time.CopyFrom(duration(od.base_ejection_time_ms))
     if od.max_ejection_percent is not None:
         out.max_ejection_percent.CopyFrom(uint32(od.max_ejection_percent))
+    if od.max_ejection_percent != 0:
+        # Envoy ejects no host that would take the ejected share above max_ejection_percent
+        # (default 10%): without this, a Service with fewer than 10 endpoints (most) would
+        # never have one ejected. 0 stays "eject none".
+        out.always_eject_one_host.value = True
     # Success-rate ejection needs request volumes a mesh service rarely has per node.
     out.enforcing_success_rate.CopyFrom(uint32(0))
     return out
