@@ -43,6 +43,8 @@ BROKEN: dict[str, dict[str, Any]] = {
         "loadBalancer": {"type": "Maglev", "hashOn": {"header": "x-user", "cookie": {"name": "c"}}}
     },
     "spec.faultInjection": {"faultInjection": {}},
+    # Envoy refuses a zero fixed_delay (FaultDelay.fixed_delay: gt 0s), measured with 1.40
+    "spec.faultInjection.delay.fixedDelay": {"faultInjection": {"delay": {"fixedDelay": "0s"}}},
 }
 
 

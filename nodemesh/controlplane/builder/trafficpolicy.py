@@ -257,7 +257,10 @@ def _fault(spec: Mapping[str, Any], p: Problems) -> ir.Fault:
     abort = as_map(spec.get("abort"))
     if not delay and not abort:
         p.add("spec.faultInjection", "set delay, abort or both")
-    delay_ms = parse_duration(delay.get("fixedDelay"), "spec.faultInjection.delay.fixedDelay", p)
+    # Envoy refuses a zero fixed_delay, and that NACK would hold back every Service's routes.
+    delay_ms = _positive_duration(
+        delay.get("fixedDelay"), "spec.faultInjection.delay.fixedDelay", p
+    )
     if delay and delay_ms is None and "fixedDelay" not in delay:
         p.add("spec.faultInjection.delay.fixedDelay", "required")
     status = int_in(abort.get("httpStatus"), "spec.faultInjection.abort.httpStatus", p, 200, 599)
