@@ -237,9 +237,12 @@ def _policy_conditions(pol: TrafficPolicyModel, gen: int) -> tuple[Condition, ..
         )
     message = "Policy is accepted"
     if pol.overridden:
+        # Where, too: a section that lost on one port (to a policy naming that port) still
+        # applies on the others.
         message += "; overridden by older or more specific policies: " + ", ".join(
-            f"{section} by {', '.join(sorted(winners))}"
-            for section, winners in sorted(pol.overridden.items())
+            f"{section} on {', '.join(f'{ns}/{name}:{port}' for ns, name, port in sorted(where))}"
+            f" by {winner}"
+            for (section, winner), where in sorted(pol.overridden.items())
         )
     resolved = (
         Condition("ResolvedRefs", "False", "TargetNotFound", "; ".join(pol.unresolved), gen)

@@ -152,7 +152,8 @@ class TrafficPolicyModel:
     sections: dict[str, PolicySettings]  # section -> the settings it contributes
     problems: Problems = field(default_factory=Problems)
     unresolved: list[str] = field(default_factory=list)
-    overridden: dict[str, set[str]] = field(default_factory=dict)  # section -> winning policies
+    # (section, winning policy) -> the (namespace, Service, port)s where it won over this one
+    overridden: dict[tuple[str, str], set[tuple[str, str, int]]] = field(default_factory=dict)
 
 
 def _retry(spec: Mapping[str, Any], p: Problems) -> tuple[RetrySpec, float | None, int | None]:
@@ -433,7 +434,7 @@ def settings_for(
             for section, settings in pol.sections.items():
                 winner = winners.get(section)
                 if winner is not None and winner is not pol:
-                    pol.overridden.setdefault(section, set()).add(winner.key)
+                    pol.overridden.setdefault((section, winner.key), set()).add(port_key)
                     continue
                 winners[section] = pol
                 merged = _merge(merged, settings)
