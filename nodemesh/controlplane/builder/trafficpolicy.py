@@ -304,7 +304,12 @@ def read_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicyModel:
     if "retry" in spec:
         retry, percent, min_conc = _retry(as_map(spec["retry"]), p)
         sections["retry"] = PolicySettings(
-            retry=retry, budget_percent=percent, budget_min_concurrency=min_conc, origins=origins
+            # A section with only a budget (cluster-level) asks for no retries: without this,
+            # every route of the Service got a retry policy of Envoy's defaults.
+            retry=retry if retry != RetrySpec() else None,
+            budget_percent=percent,
+            budget_min_concurrency=min_conc,
+            origins=origins,
         )
     if "timeouts" in spec:
         t = as_map(spec["timeouts"])
