@@ -57,8 +57,18 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         log: list[tuple[str, str, str, bool]] = self.__dict__["_calls"]
         return log
 
+    @property
+    def refused(self) -> set[str]:
+        """Paths (list and watch URLs) answered 503, as an overloaded or restarting API server."""
+        if "_refused" not in self.__dict__:
+            self.__dict__["_refused"] = set()
+        refused: set[str] = self.__dict__["_refused"]
+        return refused
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         del self._requests[:-1]
+        if request.url.path in self.refused:
+            return aiohttp.web.json_response({"kind": "Status", "code": 503}, status=503)
         self.calls.append(
             (
                 request.headers.get("Authorization", ""),
@@ -273,10 +283,17 @@ async def eventually(
 
 
 class RunningOperator:
-    def __init__(self, operator: Operator, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        operator: Operator,
+        task: asyncio.Task[None],
+        stop: asyncio.Event,
+        ready: asyncio.Event,
+    ) -> None:
         self.operator = operator
         self.task = task
         self.stop_flag = stop
+        self.ready = ready
 
     async def stop(self) -> None:
         self.stop_flag.set()
@@ -311,7 +328,7 @@ async def start_operator(
         op = Operator(store, status, OperatorOptions(**defaults), connection=kube.connection(token))
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(op.run(stop=stop, ready=ready))
-        handle = RunningOperator(op, task, stop)
+        handle = RunningOperator(op, task, stop, ready)
         running.append(handle)
         if wait_ready:
             await eventually(lambda: ready.is_set() or task.done(), "initial listing in the store")

@@ -9,7 +9,22 @@ from typing import Any
 import kopf
 
 from nodemesh.controlplane.store import ObjectKey, Store
-from tests.kube.conftest import Kube, eventually
+from tests.kube.conftest import DEADLINE, Kube, eventually
+
+
+def endpoint_slice(service_name: str, ns: str = "shop") -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service_name}-1",
+            "namespace": ns,
+            "labels": {"kubernetes.io/service-name": service_name},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.0.0.1"]}],
+        "ports": [{"name": "http", "port": 8080}],
+    }
 
 
 def service(name: str, ns: str = "shop", port: int = 80) -> dict[str, Any]:
@@ -86,3 +101,39 @@ async def test_namespace_scoping_ignores_other_namespaces(kube: Kube, start_oper
     assert [k for k in store.keys() if k.namespace == "other"] == []
     # Nodes are cluster-scoped: still watched in namespaced mode (the mesh needs them).
     assert store.keys("Node") == [ObjectKey("Node", "", "node-1")]
+
+
+async def test_ready_means_the_store_holds_every_listed_object(
+    kube: Kube, start_operator: Any
+) -> None:
+    """The CLI builds the first snapshot as soon as `ready` is set: every object listed at
+    start must be in the store by then, not only those whose event handler ran first."""
+    count = 300
+    for i in range(count):
+        await kube.create(service(f"web-{i}"))
+    store = Store()
+    handle = await start_operator(store, wait_ready=False)
+    await asyncio.wait_for(handle.ready.wait(), 30)
+    assert len(store.keys("Service")) == count
+
+
+async def test_not_ready_while_a_kind_cannot_be_listed(kube: Kube, start_operator: Any) -> None:
+    """An API server that does not answer the list of one kind (overloaded, restarting, a slow
+    first page at scale) is no empty cluster: serving then would withdraw every route."""
+    await kube.create(service("web"))
+    await kube.create(endpoint_slice("web"))
+    slices = "/apis/discovery.k8s.io/v1/endpointslices"
+    kube.emulator.refused.add(slices)
+    store = Store()
+    handle = await start_operator(store, wait_ready=False, initial_sync_timeout=1.0)
+    done, _ = await asyncio.wait({asyncio.create_task(handle.ready.wait())}, timeout=4)
+    assert not done, f"ready without the EndpointSlices; the store held {store.keys()}"
+    kube.emulator.refused.discard(slices)
+    await asyncio.wait_for(handle.ready.wait(), DEADLINE)
+    assert store.keys("EndpointSlice") == [ObjectKey("EndpointSlice", "shop", "web-1")]
+    assert store.keys("Service") == [ObjectKey("Service", "shop", "web")]
+
+
+async def test_an_empty_cluster_is_ready(kube: Kube, start_operator: Any) -> None:
+    handle = await start_operator(Store(), wait_ready=False, initial_sync_timeout=0.5)
+    await asyncio.wait_for(handle.ready.wait(), DEADLINE)

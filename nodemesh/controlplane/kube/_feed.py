@@ -3,14 +3,16 @@
 kopf index handlers and event handlers only mark keys dirty; `Feed.flush` reads each dirty key's
 current value from the index (present -> `Store.apply`, absent -> `Store.delete`). Nothing is
 written before the first full listing of every kind is indexed, so a restarted operator
-publishes its first snapshot from complete data and Envoy sees no churn.
+publishes its first snapshot from complete data and Envoy sees no churn. Waiting has no time
+limit: a listing that takes long (an API server that is down, or slow at scale) is no empty
+cluster, and serving then would withdraw every route from the Envoys that connect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
@@ -29,11 +31,23 @@ class IndexLike(Protocol):
     def get(self, key: Any, default: Any = None) -> Any: ...
 
 
-class Feed:
-    """Dirty keys in, store writes out. Loop-confined (kopf handlers run on the same loop)."""
+# Asked while the first listing is not complete: None if the cluster holds nothing to list,
+# else why it may (see `_listing.unlisted`).
+Probe = Callable[[], Awaitable[str | None]]
 
-    def __init__(self, store: Store, *, initial_sync_timeout: float = 10.0) -> None:
+
+class Feed:
+    """Dirty keys in, store writes out. Loop-confined (kopf handlers run on the same loop).
+
+    `probe` tells an empty cluster (kopf calls no handler, so the listing never looks
+    complete) from one whose listing is not done; without one the feed waits for a handler.
+    """
+
+    def __init__(
+        self, store: Store, *, initial_sync_timeout: float = 10.0, probe: Probe | None = None
+    ) -> None:
         self._store = store
+        self._probe = probe
         self._indexes: dict[str, IndexLike] = {}
         self._dirty: set[ObjectKey] = set()
         self._wakeup = asyncio.Event()
@@ -66,12 +80,7 @@ class Feed:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Flush dirty keys into the store until cancelled. `ready` is set once the store holds
         the initial listing of every watched kind."""
-        try:
-            await asyncio.wait_for(self._synced.wait(), self._initial_sync_timeout)
-        except TimeoutError:
-            # An empty cluster never calls a non-index handler; its empty state is complete.
-            log.info("nothing indexed after %.1fs: empty cluster", self._initial_sync_timeout)
-            self._synced.set()
+        await self._initial_sync()
         self.flush()
         if ready is not None:
             ready.set()
@@ -79,6 +88,28 @@ class Feed:
             await self._wakeup.wait()
             self._wakeup.clear()
             self.flush()
+
+    async def _initial_sync(self) -> None:
+        waited = 0.0
+        while not self._synced.is_set():
+            try:
+                await asyncio.wait_for(self._synced.wait(), self._initial_sync_timeout)
+                return
+            except TimeoutError:
+                waited += self._initial_sync_timeout
+            why = "no way to ask" if self._probe is None else await self._probe()
+            if self._synced.is_set():
+                return
+            if why is None:
+                # An empty cluster never calls a non-index handler; its empty state is complete.
+                log.info("nothing to list after %.1fs: an empty cluster", waited)
+                self._synced.set()
+            else:
+                log.warning(
+                    "initial listing not complete after %.0fs (%s): not ready, xDS not served",
+                    waited,
+                    why,
+                )
 
     def flush(self) -> int:
         """Write every dirty key's current indexed value into the store. Returns writes done."""

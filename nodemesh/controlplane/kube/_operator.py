@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from nodemesh.controlplane.kube._errors import OperatorError
 from nodemesh.controlplane.kube._feed import Feed
 from nodemesh.controlplane.kube._handlers import CONTEXT_KEY, Context, build_registry
 from nodemesh.controlplane.kube._lease import LeaseElector
+from nodemesh.controlplane.kube._listing import unlisted
 from nodemesh.controlplane.kube._status import Leadership, StatusSource, StatusWriter, always_leader
 from nodemesh.controlplane.store import ObjectKey, Store
 
@@ -44,6 +46,8 @@ class OperatorOptions:
     retry_period: float = 2.0
     status_interval: float = 1.0  # per object: at most one status write per interval
     status_rate: float = 50.0  # all objects: at most this many status writes per second
+    # After this long without a complete listing, and every this long after, the operator asks
+    # the API server whether the cluster is empty (ready) or not listed yet (log, keep waiting).
     initial_sync_timeout: float = 10.0
 
 
@@ -116,7 +120,11 @@ class Operator:
     ) -> None:
         self.options = options or OperatorOptions()
         self.connection = connection or default_connection()
-        self.feed = Feed(store, initial_sync_timeout=self.options.initial_sync_timeout)
+        self.feed = Feed(
+            store,
+            initial_sync_timeout=self.options.initial_sync_timeout,
+            probe=functools.partial(unlisted, self.connection, self.options.namespaces),
+        )
         self.elector: LeaseElector | None = None
         leadership: Leadership = always_leader
         if self.options.leader_election:
