@@ -246,6 +246,20 @@ class Kube:
             body: dict[str, Any] = await resp.json()
             return body
 
+    async def delete_unseen(self, kind: str, namespace: str | None, name: str) -> None:
+        """Delete an object and expire every watch of its kind: as when an operator's watch was
+        down (an API server restart, a long network break) while the object went, and the
+        server had compacted the events it missed (410 Gone on reconnecting)."""
+        emulator = self.emulator
+        for (resource, ns, n), obj in list(emulator.objects.items()):
+            if resource.plural == _by_kind(kind).plural and ns == namespace and n == name:
+                async with emulator._lock:
+                    obj.delete()
+                    expired = {"kind": "Status", "code": 410, "reason": "Expired"}
+                    await emulator._buses[resource].put({"type": "ERROR", "object": expired})
+                return
+        raise KeyError((kind, namespace, name))
+
     def writes_by(self, token: str) -> list[tuple[str, str]]:
         """(method, path) of every write made with this bearer token."""
         return [

@@ -137,3 +137,26 @@ async def test_not_ready_while_a_kind_cannot_be_listed(kube: Kube, start_operato
 async def test_an_empty_cluster_is_ready(kube: Kube, start_operator: Any) -> None:
     handle = await start_operator(Store(), wait_ready=False, initial_sync_timeout=0.5)
     await asyncio.wait_for(handle.ready.wait(), DEADLINE)
+
+
+async def test_objects_deleted_while_the_watch_was_down_leave_the_store(
+    kube: Kube, start_operator: Any
+) -> None:
+    """After a 410 Gone kopf lists again, and that listing has no DELETED for the objects
+    that went meanwhile: they must not stay in the store (an EndpointSlice's endpoints served
+    forever, a deleted route still routing)."""
+    store = Store()
+    for name in ("web", "api"):
+        await kube.create(service(name))
+    await kube.create(endpoint_slice("api"))
+    await start_operator(store)
+    api = ObjectKey("Service", "shop", "api")
+    api_slice = ObjectKey("EndpointSlice", "shop", "api-1")
+    await eventually(lambda: store.get(api) and store.get(api_slice), "api in the store")
+    await kube.delete_unseen("Service", "shop", "api")
+    await kube.delete_unseen("EndpointSlice", "shop", "api-1")
+    await kube.create(service("new"))  # the watch works again
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in the store")
+    await eventually(lambda: store.get(api) is None, "api gone from the store")
+    await eventually(lambda: store.get(api_slice) is None, "api-1 gone from the store")
+    assert [k.name for k in store.keys("Service")] == ["new", "web"]

@@ -2,12 +2,13 @@
 
 KubeSourceError
 ├── LeaseError          the Lease could not be read or written (leadership is unknown)
+├── ListingError        a list of our own (outside kopf) failed
 └── OperatorError       kopf stopped for a reason other than a stop request
 """
 
 from __future__ import annotations
 
-__all__ = ["KubeSourceError", "LeaseError", "OperatorError"]
+__all__ = ["KubeSourceError", "LeaseError", "ListingError", "OperatorError"]
 
 
 class KubeSourceError(Exception):
@@ -15,6 +16,10 @@ class KubeSourceError(Exception):
 
 
 class LeaseError(KubeSourceError):
+    pass
+
+
+class ListingError(KubeSourceError):
     pass
 
 

@@ -6,6 +6,11 @@ written before the first full listing of every kind is indexed, so a restarted o
 publishes its first snapshot from complete data and Envoy sees no churn. Waiting has no time
 limit: a listing that takes long (an API server that is down, or slow at scale) is no empty
 cluster, and serving then would withdraw every route from the Envoys that connect.
+
+When kopf lists a kind again (after a 410 Gone: an API server restart, a watch down for long),
+the objects that went meanwhile get no DELETED event and would stay in kopf's index and here.
+A key listed twice tells the feed that a new listing happened; it then `sweep`s: lists each
+kind itself and deletes from the store what no longer exists and had no event since.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from nodemesh.controlplane.kube._errors import ListingError
 from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
 from nodemesh.controlplane.store import ObjectKey, Store
 
@@ -34,6 +40,9 @@ class IndexLike(Protocol):
 # Asked while the first listing is not complete: None if the cluster holds nothing to list,
 # else why it may (see `_listing.unlisted`).
 Probe = Callable[[], Awaitable[str | None]]
+# The keys of every object of a kind that exists now (in the watched namespaces); raises
+# `ListingError` (see `_listing.existing`).
+Lister = Callable[[WatchedResource], Awaitable[set[ObjectKey]]]
 
 
 class Feed:
@@ -41,13 +50,25 @@ class Feed:
 
     `probe` tells an empty cluster (kopf calls no handler, so the listing never looks
     complete) from one whose listing is not done; without one the feed waits for a handler.
+    `existing` lists a kind for `sweep`; without one nothing is swept.
     """
 
     def __init__(
-        self, store: Store, *, initial_sync_timeout: float = 10.0, probe: Probe | None = None
+        self,
+        store: Store,
+        *,
+        initial_sync_timeout: float = 10.0,
+        probe: Probe | None = None,
+        existing: Lister | None = None,
+        sweep_delay: float = 1.0,
     ) -> None:
         self._store = store
         self._probe = probe
+        self._existing = existing
+        self._sweep_delay = sweep_delay
+        self._listed: set[ObjectKey] = set()  # keys kopf listed since the last sweep began
+        self._relisted = asyncio.Event()
+        self._touched: set[ObjectKey] | None = None  # keys with an event during a sweep
         self._indexes: dict[str, IndexLike] = {}
         self._dirty: set[ObjectKey] = set()
         self._wakeup = asyncio.Event()
@@ -65,6 +86,19 @@ class Feed:
     def touch(self, key: ObjectKey) -> None:
         self._dirty.add(key)
         self._wakeup.set()
+        if self._touched is not None:
+            self._touched.add(key)
+
+    def listed(self, key: ObjectKey) -> None:
+        """kopf listed `key` (an event of type None). Listed twice: kopf lists again."""
+        if key not in self._listed:
+            self._listed.add(key)
+        elif self._synced.is_set() and not self._relisted.is_set():
+            log.info("kopf lists %s again: sweeping for objects that went meanwhile", key.kind)
+            self._relisted.set()
+
+    def deleted(self, key: ObjectKey) -> None:
+        self._listed.discard(key)
 
     def mark_synced(self) -> None:
         """kopf runs non-index handlers only once every watched kind is fully indexed."""
@@ -84,10 +118,46 @@ class Feed:
         self.flush()
         if ready is not None:
             ready.set()
+        sweeper = asyncio.create_task(self._sweep_on_relisting(), name="nodemesh-kube-sweep")
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                self.flush()
+        finally:
+            sweeper.cancel()
+
+    async def _sweep_on_relisting(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            self.flush()
+            await self._relisted.wait()
+            # Not needed for correctness: lets kopf's listing go on, so one sweep covers it.
+            await asyncio.sleep(self._sweep_delay)
+            self._relisted.clear()
+            self._listed.clear()
+            await self.sweep()
+
+    async def sweep(self) -> int:
+        """Delete from the store the objects that do not exist and had no event since the
+        sweep began (an object created after a kind's list has one). Returns how many."""
+        if self._existing is None:
+            return 0
+        self._touched = set()
+        removed = 0
+        try:
+            for r in RESOURCES:
+                try:
+                    now = await self._existing(r)
+                except ListingError as exc:
+                    log.warning("sweep: %s, its objects are not checked", exc)
+                    continue
+                for key in self._store.keys(r.kind):
+                    if key not in now and key not in self._touched and self._store.delete(key):
+                        removed += 1
+                        log.info("removed %s: it went while the watch was down", key)
+        finally:
+            self._touched = None
+        self.flushed += removed
+        return removed
 
     async def _initial_sync(self) -> None:
         waited = 0.0

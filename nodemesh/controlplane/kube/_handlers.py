@@ -101,7 +101,10 @@ def _watcher(r: WatchedResource) -> Callable[..., Awaitable[None]]:
         key = _key(r, namespace, name)
         ctx.feed.touch(key)
         ctx.feed.mark_synced()
-        if type == "DELETED":
+        if type is None:  # listed, not watched
+            ctx.feed.listed(key)
+        elif type == "DELETED":
+            ctx.feed.deleted(key)
             ctx.status.forget(key)
 
     return on_event

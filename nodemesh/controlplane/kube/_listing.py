@@ -1,20 +1,30 @@
-"""`unlisted`: asks the API server whether any watched kind has an object, to tell an empty
-cluster from a listing that is not done (kopf calls no handler in either case).
+"""Lists of our own, for what kopf does not tell: `unlisted` asks whether any watched kind has
+an object, to tell an empty cluster from a listing that is not done (kopf calls no handler in
+either case); `existing` lists the names of one kind, to find the objects that went while a
+watch was down (kopf lists again after a 410 Gone, and sends no DELETED for those).
 
-Used only while the first listing is not complete; the one other piece that talks to the API
-server outside kopf besides the Lease, with kopf's credentials and the `list` verb it has.
+Besides the Lease, the one piece that talks to the API server outside kopf, with kopf's
+credentials and the `list` verb it has anyway.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
 import kopf
 
+from nodemesh.controlplane.kube._errors import ListingError
 from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
+from nodemesh.controlplane.store import ObjectKey
 
-__all__ = ["unlisted"]
+__all__ = ["existing", "unlisted"]
+
+# Names only: a page of metadata, not of whole Pods (a real API server honours this; others
+# answer full objects, which parse the same).
+_METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+_PAGE = 500
 
 
 def _urls(r: WatchedResource, server: str, namespaces: Sequence[str]) -> list[str]:
@@ -25,17 +35,57 @@ def _urls(r: WatchedResource, server: str, namespaces: Sequence[str]) -> list[st
     return [f"{base}/namespaces/{ns}/{r.plural}" for ns in namespaces]
 
 
+def _session(connection: kopf.ConnectionInfo, timeout: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=connection.as_ssl_context()),
+        headers=connection.as_http_headers(),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    )
+
+
+async def existing(
+    connection: kopf.ConnectionInfo,
+    namespaces: Sequence[str],
+    r: WatchedResource,
+    *,
+    timeout: float = 30.0,
+) -> set[ObjectKey]:
+    """The keys of every `r` object now (in `namespaces`, or everywhere if none), page by page.
+    Raises `ListingError` when a page cannot be had."""
+    keys: set[ObjectKey] = set()
+    async with _session(connection, timeout) as session:
+        for url in _urls(r, connection.server, namespaces):
+            params = {"limit": str(_PAGE)}
+            while True:
+                try:
+                    async with session.get(
+                        url, params=params, headers={"Accept": _METADATA_ONLY}
+                    ) as resp:
+                        if resp.status == 404:
+                            break  # not served (a CRD not installed): nothing of it is stored
+                        if resp.status != 200:
+                            raise ListingError(f"list {r.plural}: HTTP {resp.status}")
+                        body: dict[str, Any] = await resp.json(content_type=None)
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    raise ListingError(f"list {r.plural}: {exc!r}") from exc
+                for item in body.get("items") or ():
+                    meta = item.get("metadata") or {}
+                    ns = (meta.get("namespace") or "") if r.namespaced else ""
+                    keys.add(ObjectKey(r.kind, ns, meta.get("name") or ""))
+                token = (body.get("metadata") or {}).get("continue")
+                if not token:
+                    break
+                params = {"limit": str(_PAGE), "continue": token}
+    return keys
+
+
 async def unlisted(
     connection: kopf.ConnectionInfo, namespaces: Sequence[str], *, timeout: float = 5.0
 ) -> str | None:
     """None when every watched kind lists empty (in `namespaces`, or everywhere if none);
     else why the cluster may hold objects that are not indexed yet: the first kind that has
     one, or whose list failed."""
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=connection.as_ssl_context()),
-        headers=connection.as_http_headers(),
-        timeout=aiohttp.ClientTimeout(total=timeout),
-    ) as session:
+    async with _session(connection, timeout) as session:
         for r in RESOURCES:
             for url in _urls(r, connection.server, namespaces):
                 try:

@@ -20,7 +20,7 @@ from nodemesh.controlplane.kube._errors import OperatorError
 from nodemesh.controlplane.kube._feed import Feed
 from nodemesh.controlplane.kube._handlers import CONTEXT_KEY, Context, build_registry
 from nodemesh.controlplane.kube._lease import LeaseElector
-from nodemesh.controlplane.kube._listing import unlisted
+from nodemesh.controlplane.kube._listing import existing, unlisted
 from nodemesh.controlplane.kube._status import Leadership, StatusSource, StatusWriter, always_leader
 from nodemesh.controlplane.store import ObjectKey, Store
 
@@ -124,6 +124,7 @@ class Operator:
             store,
             initial_sync_timeout=self.options.initial_sync_timeout,
             probe=functools.partial(unlisted, self.connection, self.options.namespaces),
+            existing=functools.partial(existing, self.connection, self.options.namespaces),
         )
         self.elector: LeaseElector | None = None
         leadership: Leadership = always_leader
