@@ -160,3 +160,37 @@ async def test_objects_deleted_while_the_watch_was_down_leave_the_store(
     await eventually(lambda: store.get(api) is None, "api gone from the store")
     await eventually(lambda: store.get(api_slice) is None, "api-1 gone from the store")
     assert [k.name for k in store.keys("Service")] == ["new", "web"]
+
+
+def route(name: str, parent: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"parentRefs": [parent], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]},
+    }
+
+
+async def test_routes_of_a_gateway_controller_get_no_finalizer(
+    kube: Kube, start_operator: Any
+) -> None:
+    """A route attached only to Gateways belongs to another controller: the status timer's
+    finalizer would block its deletion whenever nodemesh is not running (or uninstalled)."""
+    await kube.create(route("ours", {"group": "", "kind": "Service", "name": "web"}))
+    await kube.create(route("theirs", {"name": "public"}))  # kind defaults to Gateway
+
+    def status(key: ObjectKey) -> dict[str, Any]:
+        return {"conditions": []}
+
+    store = Store()
+    await start_operator(store, status)
+
+    async def finalizers(name: str) -> list[str]:
+        obj = await kube.get("HTTPRoute", "shop", name)
+        return list(((obj or {}).get("metadata") or {}).get("finalizers") or [])
+
+    await eventually(lambda: finalizers("ours"), "kopf's finalizer on the mesh route")
+    assert store.get(ObjectKey("HTTPRoute", "shop", "theirs")) is not None  # indexed, built
+    assert await finalizers("theirs") == []
+    await kube.delete("HTTPRoute", "shop", "theirs")
+    assert await kube.get("HTTPRoute", "shop", "theirs") is None

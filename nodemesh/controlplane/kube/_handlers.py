@@ -10,7 +10,7 @@ builds configuration: the feed moves indexed objects into the store, the pipelin
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,12 +54,16 @@ def build_registry(*, status_interval: float = 1.0) -> kopf.OperatorRegistry:
             _watcher(r)
         )
         if r.status:
+            # kopf puts a finalizer on every object a timer runs for (so that it can stop the
+            # timer), which blocks its deletion while no replica runs. Gateway API routes
+            # attached only to Gateways are another controller's: no timer, no finalizer.
             kopf.timer(
                 r.group,
                 r.version,
                 r.plural,
                 id=f"nm_status_{r.plural}",
                 interval=status_interval,
+                when=_has_service_parent if r.group == _GATEWAY_API else None,
                 registry=registry,
             )(_status_writer(r))
     return registry
@@ -77,6 +81,21 @@ async def _attach_indexes(memo: kopf.Memo, **kwargs: Any) -> None:
     # kopf passes every index to startup handlers as a kwarg named after the index;
     # these are live views that kopf keeps updating.
     _ctx(memo).feed.attach({k: v for k, v in kwargs.items() if k.startswith("nm_")})
+
+
+_GATEWAY_API = "gateway.networking.k8s.io"
+
+
+def _has_service_parent(spec: kopf.Spec, **_: Any) -> bool:
+    """A mesh route: a parentRef to a Service (GAMMA), the only parents we write status for
+    (the builder's rule in `builder/_routes.py`)."""
+    refs = spec.get("parentRefs")
+    return isinstance(refs, list) and any(
+        isinstance(ref, Mapping)
+        and ref.get("kind") == "Service"
+        and ref.get("group", "") in ("", "core")
+        for ref in refs
+    )
 
 
 def _key(r: WatchedResource, namespace: str | None, name: str) -> ObjectKey:
