@@ -194,3 +194,37 @@ async def test_routes_of_a_gateway_controller_get_no_finalizer(
     assert await finalizers("theirs") == []
     await kube.delete("HTTPRoute", "shop", "theirs")
     assert await kube.get("HTTPRoute", "shop", "theirs") is None
+
+
+async def test_pods_and_nodes_keep_only_what_the_build_reads(
+    kube: Kube, start_operator: Any
+) -> None:
+    containers = [{"name": "app", "image": "app:1", "env": [{"name": "A", "value": "x" * 500}]}]
+    await kube.create({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"},
+                     "annotations": {"nodemesh.io/socket-redirect": "on"}},
+        "spec": {"nodeName": "node-1", "containers": containers, "volumes": [{"name": "v"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}],
+                   "containerStatuses": [{"name": "app", "ready": True}]},
+    })  # fmt: skip
+    await kube.create({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
+        "spec": {"podCIDR": "10.0.0.0/24"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}],
+                   "images": [{"names": ["app:1"], "sizeBytes": 1}]},
+    })  # fmt: skip
+    store = Store()
+    await start_operator(store)
+    pod = await eventually(lambda: store.get(ObjectKey("Pod", "shop", "web-0")), "the Pod")
+    assert pod["spec"] == {"nodeName": "node-1"}
+    assert pod["status"] == {
+        "phase": "Running",
+        "podIP": "10.0.0.5",
+        "podIPs": [{"ip": "10.0.0.5"}],
+    }
+    assert pod["metadata"]["labels"] == {"app": "web"}
+    assert pod["metadata"]["annotations"] == {"nodemesh.io/socket-redirect": "on"}
+    node = await eventually(lambda: store.get(ObjectKey("Node", "", "node-1")), "the Node")
+    assert node["status"] == {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}
+    assert node.get("spec") in (None, {})

@@ -219,15 +219,35 @@ class Feed:
         return None
 
 
+# The spec and status fields of the largest inventory kinds that the build reads
+# (`builder/node.py`); the rest (a Pod's containers, volumes and container statuses, a Node's
+# images and conditions) is not copied into kopf's index and the store. At 100,000 Pods it
+# was most of the control plane's memory, and of each Pod event's copying and comparing.
+_READ: Mapping[str, Mapping[str, tuple[str, ...]]] = {
+    "Pod": {"spec": ("nodeName", "hostNetwork"), "status": ("phase", "podIP", "podIPs")},
+    "Node": {"spec": (), "status": ("addresses",)},
+}
+
+
 def plain_object(resource: WatchedResource, body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain dict of a kopf body, with apiVersion/kind set (list items may lack them)."""
-    obj: dict[str, Any] = {k: _plain(v) for k, v in body.items()}
+    read = _READ.get(resource.kind)
+    obj: dict[str, Any] = {
+        k: _plain(v) if read is None or k not in read else _only(v, read[k])
+        for k, v in body.items()
+    }
     obj["apiVersion"] = resource.api_version
     obj["kind"] = resource.kind
     meta = obj.get("metadata")
     if isinstance(meta, dict):
         meta.pop("managedFields", None)
     return obj
+
+
+def _only(value: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {f: _plain(value[f]) for f in fields if f in value}
 
 
 def _plain(value: Any) -> Any:
