@@ -16,6 +16,7 @@ from typing import Any
 import celpy
 import jsonschema
 import yaml
+from hypothesis import strategies as st
 
 CRD_DIR = Path(__file__).resolve().parents[2] / "charts" / "nodemesh" / "crds"
 
@@ -89,3 +90,58 @@ def rule_failures(
     elif isinstance(value, list) and isinstance(items := schema.get("items"), Mapping):
         for i, item in enumerate(value):
             yield from rule_failures(items, item, (*path, str(i)))
+
+
+def values(schema: Mapping[str, Any], max_items: int = 3) -> st.SearchStrategy[Any]:
+    """Every value the API server would take for `schema`: drawn from the structural schema
+    (types, enums, ranges, patterns, lengths, required fields), each object kept only where its
+    CEL rules pass, as they are checked at the node that carries them. Edges come naturally:
+    `0h` and `99999h` durations, the extremes of every range, the rarer enum values."""
+    rules_here = bool(schema.get("x-kubernetes-validations"))
+    for validation in schema.get("x-kubernetes-validations", ()):
+        program(validation["rule"])  # compiled now: cel-python's parser raises the recursion limit
+    kind = schema.get("type")
+    out: st.SearchStrategy[Any]
+    if "enum" in schema:
+        out = st.sampled_from(schema["enum"])
+    elif kind == "object":
+        props = schema.get("properties", {})
+        required = set(schema.get("required", ()))
+        out = st.fixed_dictionaries(
+            {k: values(v, max_items) for k, v in props.items() if k in required},
+            optional={k: values(v, max_items) for k, v in props.items() if k not in required},
+        )
+        if "minProperties" in schema:
+            out = out.filter(lambda d, n=schema["minProperties"]: len(d) >= n)
+    elif kind == "array":
+        lo = schema.get("minItems", 0)
+        out = st.lists(
+            values(schema["items"], max_items),
+            min_size=lo,
+            max_size=min(schema.get("maxItems", max_items), max(lo, max_items)),
+        )
+    elif kind == "string":
+        pattern = schema.get("pattern")
+        out = st.from_regex(pattern, fullmatch=True) if pattern else st.text(min_size=1)
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+        out = out.filter(lambda s: lo <= len(s) and (hi is None or len(s) <= hi))
+    elif kind == "integer":
+        out = st.integers(schema.get("minimum"), schema.get("maximum"))
+    elif kind == "number":
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        out = st.integers(lo, hi) | st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+    elif kind == "boolean":
+        out = st.booleans()
+    else:
+        raise ValueError(f"no strategy for schema type {kind!r}")
+    if rules_here:
+        out = out.filter(lambda v: next(rule_failures(schema, v), None) is None)
+    return out
+
+
+def policy_specs() -> st.SearchStrategy[dict[str, Any]]:
+    """TrafficPolicy specs the API server would take, without `targetRefs` (the test names
+    its Service)."""
+    spec = schemas()[("nodemesh.io/v1alpha1", "TrafficPolicy")]["properties"]["spec"]
+    rest = {k: v for k, v in spec["properties"].items() if k != "targetRefs"}
+    return values({**spec, "required": [], "properties": rest})

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from nodemesh.controlplane.builder import build
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds.translate import Translator
+from tests.controlplane import crd
 from tests.e2e.mesh import service
 
 junk = st.recursive(
@@ -66,3 +67,27 @@ def test_junk_input_gives_conditions_not_exceptions(
     key = ObjectKey(kind, "shop", "j")
     if kind == "TrafficPolicy" or result.conditions.get(key):
         assert result.conditions[key], "a policy always gets conditions"
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=crd.policy_specs())
+def test_every_policy_the_crd_accepts_is_accepted(spec: dict[str, Any]) -> None:
+    """What the API server takes, the builder takes too: Accepted and ResolvedRefs, and a
+    consistent translation (the real Envoy's ACK: tests/e2e/test_property.py)."""
+    store = Store()
+    store.apply(service("web"))
+    obj = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"targetRefs": [{"kind": "Service", "name": "web"}], **spec},
+    }
+    assert crd.errors(obj) == []
+    store.apply(obj)
+    result = build(store.view())
+    conds = result.conditions[ObjectKey("TrafficPolicy", "shop", "p")]
+    assert [(c.type, c.status) for c in conds] == [
+        ("Accepted", "True"),
+        ("ResolvedRefs", "True"),
+    ], conds
+    assert Translator().translate(result.mesh).snapshot().consistent() == []

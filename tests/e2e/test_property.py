@@ -26,9 +26,6 @@ values = st.from_regex(r"\A[a-zA-Z0-9._-]{1,12}\Z")
 # `values` were not: "0_0")
 hostnames = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,6}[a-z0-9])?(\.[a-z0-9]{1,6}){0,2}\Z")
 paths = st.from_regex(r"\A(/[a-z0-9]{1,6}){1,3}\Z")
-percent = st.one_of(
-    st.integers(0, 100), st.floats(0, 100, allow_nan=False).map(lambda f: round(f, 2))
-)
 
 
 def optional(d: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
@@ -36,79 +33,8 @@ def optional(d: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({}, optional=d)
 
 
-retry = optional(
-    {
-        "retryOn": st.lists(
-            st.sampled_from(
-                [
-                    "5xx",
-                    "gateway-error",
-                    "reset",
-                    "connect-failure",
-                    "retriable-4xx",
-                    "refused-stream",
-                ]
-            ),
-            min_size=1,
-            max_size=3,
-            unique=True,
-        ),
-        "retriableStatusCodes": st.lists(st.integers(400, 599), max_size=3, unique=True),
-        "attempts": st.integers(0, 5),
-        "perTryTimeout": durations,
-        "backoff": st.builds(
-            lambda a, b: {"baseInterval": f"{a}ms", "maxInterval": f"{a + b}ms"},
-            st.integers(1, 500),
-            st.integers(0, 500),
-        ),
-        "budget": optional({"percent": percent, "minConcurrency": st.integers(1, 100)}),
-        "skipPreviousHosts": st.booleans(),
-    }
-)
-lb = st.one_of(
-    st.builds(lambda t: {"type": t}, st.sampled_from(["RoundRobin", "LeastRequest"])),
-    st.builds(
-        lambda t, h: {"type": t, "hashOn": h},
-        st.sampled_from(["RingHash", "Maglev"]),
-        st.one_of(
-            header_names.map(lambda h: {"header": h}),
-            st.builds(
-                lambda n, ttl: {"cookie": {"name": n, **ttl}}, values, optional({"ttl": durations})
-            ),
-        ),
-    ),
-)
-fault = st.one_of(
-    st.builds(lambda d, p: {"delay": {"fixedDelay": d, "percent": p}}, durations, percent),
-    st.builds(
-        lambda s, p: {"abort": {"httpStatus": s, "percent": p}}, st.integers(200, 599), percent
-    ),
-)
-policy_specs = optional(
-    {
-        "retry": retry,
-        "timeouts": optional(
-            {"connect": durations, "request": durations, "idle": durations}
-        ).filter(bool),
-        "circuitBreaker": optional(
-            {
-                k: st.integers(1, 10_000)
-                for k in ("maxConnections", "maxPendingRequests", "maxRequests", "maxRetries")
-            }
-        ).filter(bool),
-        "outlierDetection": st.fixed_dictionaries(
-            {"consecutive5xx": st.integers(1, 20)},
-            optional={
-                "consecutiveGatewayErrors": st.integers(1, 20),
-                "interval": durations,
-                "baseEjectionTime": durations,
-                "maxEjectionPercent": st.integers(0, 100),
-            },
-        ),
-        "loadBalancer": lb,
-        "faultInjection": fault,
-    }
-).filter(bool)
+# What the API server takes, from the CRD itself (its ranges, patterns and CEL rules).
+policy_specs = crd.policy_specs()
 
 matches = optional(
     {
