@@ -238,11 +238,19 @@ class _Pending:
     removed: tuple[str, ...]
 
 
+# In `_DeltaType.client`: the client subscribed to the name and holds no version of it that we
+# know of. It differs from every resource's version, so the resource is sent, and from none
+# when there is no resource, so the name goes in removed_resources (the spec's answer to a
+# subscription to a resource that does not exist).
+_WANTED = ""
+
+
 @dataclass(slots=True)
 class _DeltaType:
     wildcard: bool = False
     subscribed: frozenset[str] = frozenset()  # replaced, not mutated: watches share it
-    client: dict[str, str] = field(default_factory=dict)  # what the client holds (ACKed)
+    # what the client holds (ACKed), and _WANTED for a name subscribed to and not answered yet
+    client: dict[str, str] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)  # sent, not yet ACKed, by nonce
     hold: str | None = None
     answer_empty: bool = False
@@ -279,6 +287,7 @@ class DeltaStream(_Stream):
         if not type_url:
             raise ProtocolError("ADS requests must carry type_url")
         st = self.types.get(type_url)
+        first = st is None
         if st is None:
             st = self.types[type_url] = _DeltaType()
             st.client = dict(req.initial_resource_versions)
@@ -304,6 +313,11 @@ class DeltaStream(_Stream):
             st.dirty |= subscribe | unsubscribe  # unsubscribed: still in a wildcard, not held
         for name in unsubscribe:
             st.client.pop(name, None)  # the client forgets what it unsubscribes from
+        for name in subscribe - unsubscribe:
+            # Answered even if the client held it: the spec says it may have forgotten it. Only
+            # a first request says what the client holds (initial_resource_versions).
+            if not (first and name in st.client):
+                st.client[name] = _WANTED
         if unsubscribe:
             self.status.removed(node_id, type_url, tuple(sorted(unsubscribe)), stream=self)
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
@@ -407,7 +421,7 @@ class DeltaStream(_Stream):
         self.status.sent(self.node_id, resp.type_url, resp.version, nonce, len(resp.updated))
         self.queue.put_nowait(data)
         if held:
-            names = _eds_names(r for r in resp.updated if r.name in held)
+            names = _eds_names(r for r in resp.updated if held.get(r.name, _WANTED) != _WANTED)
             if names:
                 self._resend_endpoints(names)
 
