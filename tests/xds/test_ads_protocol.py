@@ -422,6 +422,42 @@ async def test_delta_nack_holds_until_a_new_version(
     call.cancel()
 
 
+async def test_a_delta_subscription_made_after_a_nack_is_answered_at_the_rejected_version(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """A NACK holds the type's version, but not a name subscribed since: held too, it waited
+    for the type's next change (Envoy: a node Listener's new consumer chain whose routes
+    already existed warmed until initial_fetch_timeout, then served without them). It is sent
+    alone, the rejected resource is not, and the NACK stays in the status until the client
+    takes a new version."""
+    control_plane.cache.set_snapshot("n", snapshot())
+    status = control_plane.server.status
+    call = delta_call(channel)
+    await call.write(dreq(types.ENDPOINT, resource_names_subscribe=["a"]))
+    r1 = await call.read()
+    nack = dreq(types.ENDPOINT, node="", response_nonce=r1.nonce)
+    nack.error_detail.message = "endpoints a: invalid"
+    await call.write(nack)
+    await call.write(dreq(types.ENDPOINT, node="", resource_names_subscribe=["b"]))
+    await call.write(dreq(types.LISTENER, node=""))  # the probe
+    r2 = await call.read()
+    assert r2.type_url == types.ENDPOINT, "the subscription must be answered before the probe"
+    assert r2.system_version_info == r1.system_version_info
+    assert [x.name for x in r2.resources] == ["b"]
+    assert (await call.read()).type_url == types.LISTENER
+    await call.write(dreq(types.ENDPOINT, node="", response_nonce=r2.nonce))
+    await call.write(dreq(types.CLUSTER, node=""))  # the probe
+    assert (await call.read()).type_url == types.CLUSTER  # a is not resent
+    ts = status.type_status("n", types.ENDPOINT)
+    assert set(ts.acked_resources) == {"b"}
+    assert ts.last_nack is not None and ts.version_acked == ""
+
+    control_plane.cache.set_snapshot("n", snapshot(port=81))
+    r3 = await call.read()
+    assert sorted(x.name for x in r3.resources) == ["a", "b"]
+    call.cancel()
+
+
 async def test_a_delta_nack_is_cleared_once_the_client_acks_a_revert_to_what_it_holds(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

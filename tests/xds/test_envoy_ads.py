@@ -297,3 +297,35 @@ async def test_a_changed_cluster_warms_with_its_unchanged_endpoints(
     await eventually(warmed, timeout=20, what="the changed cluster leaves warming")
     await eventually(lambda: all_acked(control_plane, "n", changed), what="CDS ACK")
     await eventually(lambda: body_of(f"http://127.0.0.1:{listen}/a") == "a", what="serving")
+
+
+async def test_a_listener_added_after_a_nack_gets_routes_that_already_existed(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    """A NACK holds the rejected RDS version, not a route configuration Envoy asks for after
+    it (a node's Listener gains a consumer chain whose routes other nodes already use, so the
+    RDS version does not change): held too, the new Listener warmed until
+    initial_fetch_timeout (15 s) and then served without its routes."""
+    a = await backends("a")
+    listen, listen2 = free_port(), free_port()
+    other = R.routes("other-routes", ("/a", "a"))
+    good = snap(*base(listen, a.port), other)
+    control_plane.cache.set_snapshot("n", good)
+    start_envoy("n", control_plane.address, delta=mode == "delta")
+    await eventually(lambda: all_acked(control_plane, "n", good))
+
+    bad = snap(*base(listen, a.port, R.bad_regex_routes("web-routes", "a")), other)
+    control_plane.cache.set_snapshot("n", bad)
+    rds = control_plane.server.status.type_status("n", types.ROUTE)
+    await eventually(lambda: rds.last_nack is not None, what="a NACK for the bad route")
+
+    more = snap(
+        *base(listen, a.port, R.bad_regex_routes("web-routes", "a")),
+        other,
+        R.http_listener("web2", listen2, "other-routes"),
+    )
+    assert more.version(types.ROUTE) == bad.version(types.ROUTE)
+    control_plane.cache.set_snapshot("n", more)
+    url = f"http://127.0.0.1:{listen2}/a"
+    await eventually(lambda: body_of(url) == "a", timeout=10, what=f"{url} answers a")
+    assert rds.last_nack is not None  # web-routes is still rejected

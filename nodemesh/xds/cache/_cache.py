@@ -166,9 +166,17 @@ def _sotw_answer(snapshot: Snapshot, req: WatchRequest) -> WatchResponse | None:
 
 def _delta_answer(snapshot: Snapshot, req: DeltaWatchRequest) -> DeltaWatchResponse | None:
     ts = snapshot.type_set(req.type_url)
-    if ts is None or ts.version == req.hold_version:
+    if ts is None:
         return None
     items = ts.items
+    if ts.version == req.hold_version:
+        if not req.unheld:
+            return None
+        # What the client rejected stays held; a name subscribed to since is not part of it.
+        updated, removed = _compare_some(items, req, set(req.unheld))
+        if not updated and not removed:
+            return None
+        return DeltaWatchResponse(req.type_url, ts.version, updated, removed)
     # Past half the set, comparing everything costs about the same as following the changes.
     limit = len(items) // 2
     changed = None

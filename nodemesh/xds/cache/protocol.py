@@ -53,8 +53,10 @@ class DeltaWatchRequest:
     """An incremental watch on one type for one node.
 
     `client_versions` is what the client holds (name -> version). The watch is answered when the
-    snapshot differs from it within the subscription (`wildcard` or `subscribed`), but never while
-    the snapshot's type version equals `hold_version` (a version the client rejected).
+    snapshot differs from it within the subscription (`wildcard` or `subscribed`), but not while
+    the snapshot's type version equals `hold_version` (a version the client rejected): then only
+    the `unheld` names (subscribed to since the client rejected it) are compared, and answered
+    alone, with no `basis`.
     `answer_empty` asks for a response even with nothing to send, for a client's first request
     on a fresh stream, so that Envoy finishes initialising a type that is empty.
 
@@ -76,6 +78,7 @@ class DeltaWatchRequest:
     answer_empty: bool = False
     basis: object | None = None
     dirty: frozenset[str] = frozenset()
+    unheld: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,19 +177,23 @@ class StatusTracker:
         *,
         replace: bool,
         stream: object | None = None,
+        partial: bool = False,
     ) -> None:
         """Record an ACK. `replace`: the ACKed set is the whole state (SotW wildcard) rather
-        than an update to merge (delta, or a named subscription). From a `stream` that no
-        longer speaks for the type (another stream of the node took it over: an Envoy hot
-        restart, or two Envoys with one node id), it is ignored: the newer stream's client is
-        the one whose config counts."""
+        than an update to merge (delta, or a named subscription). `partial`: the ACK covers
+        only names subscribed to after the client rejected `version` (delta): the node holds
+        them, but not that version, and the NACK stands. From a `stream` that no longer speaks
+        for the type (another stream of the node took it over: an Envoy hot restart, or two
+        Envoys with one node id), it is ignored: the newer stream's client is the one whose
+        config counts."""
         ts = self.type_status(node_id, type_url)
         if not _speaks(ts, stream):
             self.stale_reports += 1
             return
         self.epoch += 1
-        ts.version_acked = version
-        ts.last_nack = None
+        if not partial:
+            ts.version_acked = version
+            ts.last_nack = None
         if replace:
             ts.acked_resources = dict(resource_versions)
         else:

@@ -236,6 +236,9 @@ class _Pending:
     version: str
     updated: dict[str, str]
     removed: tuple[str, ...]
+    # sent at a version the client rejected (names subscribed to since): its ACK takes these
+    # resources, not the version
+    partial: bool = False
 
 
 # In `_DeltaType.client`: the client subscribed to the name and holds no version of it that we
@@ -253,6 +256,7 @@ class _DeltaType:
     client: dict[str, str] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)  # sent, not yet ACKed, by nonce
     hold: str | None = None
+    unheld: set[str] = field(default_factory=set)  # subscribed to since `hold`: not held
     answer_empty: bool = False
     cancel: Cancel | None = None
     # What the client view (`DeltaStream._view`) is known to equal: the `basis` of the last
@@ -274,7 +278,8 @@ class DeltaStream(_Stream):
     After a NACK, the next version of that type is answered even when it brings nothing
     (the snapshot went back to what the client holds): the client's ACK of the empty response
     is what says it holds the current version, and what clears the NACK from its status.
-    Otherwise nothing would be sent, and `/status` would show the NACK for good.
+    Otherwise nothing would be sent, and `/status` would show the NACK for good. A name
+    subscribed to while the version is held was not rejected: it is answered alone.
     """
 
     def __init__(self, watcher: ConfigWatcher, status: StatusTracker) -> None:
@@ -318,6 +323,8 @@ class DeltaStream(_Stream):
             # a first request says what the client holds (initial_resource_versions).
             if not (first and name in st.client):
                 st.client[name] = _WANTED
+        if st.hold is not None:
+            st.unheld = (st.unheld | subscribe) - unsubscribe
         if unsubscribe:
             self.status.removed(node_id, type_url, tuple(sorted(unsubscribe)), stream=self)
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
@@ -342,6 +349,12 @@ class DeltaStream(_Stream):
                     pending.updated,
                 )
                 st.hold = pending.version
+                # Names subscribed to and not answered by the rejected response were not rejected.
+                st.unheld = {
+                    n
+                    for n, v in st.client.items()
+                    if v == _WANTED and n not in pending.updated and n not in pending.removed
+                }
                 # The next version is answered even if it brings nothing (a revert to what the
                 # client holds): only the client's ACK of it can say it holds the current
                 # version, and clear the NACK from its status.
@@ -354,7 +367,13 @@ class DeltaStream(_Stream):
                 if nonce != oldest:
                     _touch(st, pending)  # committed before older ones, which the view applied first
                 self.status.acked(
-                    node_id, type_url, pending.version, pending.updated, replace=False, stream=self
+                    node_id,
+                    type_url,
+                    pending.version,
+                    pending.updated,
+                    replace=False,
+                    stream=self,
+                    partial=pending.partial,
                 )
                 self.status.removed(node_id, type_url, pending.removed, stream=self)
 
@@ -389,6 +408,7 @@ class DeltaStream(_Stream):
             subscribed=st.subscribed,
             client_versions=view,
             hold_version=st.hold,
+            unheld=frozenset(st.unheld) if st.hold is not None else frozenset(),
             answer_empty=st.answer_empty,
             basis=st.basis,
             dirty=frozenset(st.dirty),
@@ -406,14 +426,19 @@ class DeltaStream(_Stream):
     def _respond(self, st: _DeltaType, resp: DeltaWatchResponse) -> None:
         assert self.node_id is not None
         st.cancel = None
-        st.answer_empty = False
-        st.hold = None
-        # The answer brings the view to resp.basis within the subscription, dirty names included.
+        # At the held version, only names subscribed to since were answered: the rest stays held.
+        partial = st.hold is not None and resp.version == st.hold
+        if not partial:
+            st.answer_empty = False
+            st.hold = None
+        st.unheld = set()
+        # The answer brings the view to resp.basis within the subscription, dirty names included
+        # (a partial answer has no basis).
         st.basis, st.dirty = resp.basis, set()
         held = self._view(st) if resp.type_url == types.CLUSTER else {}
         nonce = self._next_nonce()
         st.pending[nonce] = _Pending(
-            resp.version, {r.name: r.version for r in resp.updated}, resp.removed
+            resp.version, {r.name: r.version for r in resp.updated}, resp.removed, partial
         )
         data = _wire.delta_response(
             resp.type_url, resp.version, nonce, (r.delta_entry for r in resp.updated), resp.removed
