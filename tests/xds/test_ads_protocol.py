@@ -458,6 +458,53 @@ async def test_a_delta_subscription_made_after_a_nack_is_answered_at_the_rejecte
     call.cancel()
 
 
+@pytest.mark.parametrize("order", ["nack, then change", "change, then nack"])
+async def test_a_changed_clusters_endpoints_are_resent_while_another_nack_holds_eds(
+    control_plane: ControlPlane, channel: grpc.aio.Channel, order: str
+) -> None:
+    """Envoy re-warms a changed cluster and waits for its endpoints, which the server resends.
+    A NACK of other endpoints held them too: the cluster warmed until initial_fetch_timeout,
+    then came up with no endpoints, until the next endpoint change."""
+
+    def snap(b_port: int, a_timeout: int) -> Snapshot:
+        return Snapshot.from_messages(
+            [
+                R.eds_cluster("a", a_timeout),
+                R.endpoints("a", 80),
+                R.eds_cluster("b"),
+                R.endpoints("b", b_port),
+            ]
+        )
+
+    control_plane.cache.set_snapshot("n", snap(80, 1))
+    call = delta_call(channel)
+    await call.write(dreq(types.CLUSTER))
+    await call.write(dreq(types.ENDPOINT, node="", resource_names_subscribe=["a", "b"]))
+    for _ in range(2):
+        r = await call.read()
+        await call.write(dreq(r.type_url, node="", response_nonce=r.nonce))
+    control_plane.cache.set_snapshot("n", snap(81, 1))
+    r1 = await call.read()
+    assert r1.type_url == types.ENDPOINT and [x.name for x in r1.resources] == ["b"]
+    nack = dreq(types.ENDPOINT, node="", response_nonce=r1.nonce)
+    nack.error_detail.message = "endpoints b: invalid"
+    status = control_plane.server.status
+    if order == "nack, then change":
+        await call.write(nack)
+        await eventually(lambda: status.type_status("n", types.ENDPOINT).last_nack)
+    control_plane.cache.set_snapshot("n", snap(81, 2))  # cluster a changes, endpoints do not
+    if order == "change, then nack":
+        await call.write(nack)
+    r2 = await call.read()
+    assert r2.type_url == types.CLUSTER and [x.name for x in r2.resources] == ["a"]
+    await call.write(dreq(types.CLUSTER, node="", response_nonce=r2.nonce))
+    await call.write(dreq(types.LISTENER, node=""))  # the probe
+    r3 = await call.read()
+    assert r3.type_url == types.ENDPOINT, "a's endpoints must be resent before the probe"
+    assert [x.name for x in r3.resources] == ["a"]  # and not the rejected b
+    call.cancel()
+
+
 async def test_a_delta_nack_is_cleared_once_the_client_acks_a_revert_to_what_it_holds(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

@@ -452,15 +452,18 @@ class DeltaStream(_Stream):
 
     def _resend_endpoints(self, names: set[str]) -> None:
         """Envoy re-warms a changed cluster and waits for its endpoints, but does not ask again
-        for a name it already watches: forget that the client holds them, so they go again."""
+        for a name it already watches: forget that the client holds them, so they go again,
+        even while a NACK of other endpoints holds the type's version."""
         eds = self.types.get(types.ENDPOINT)
         if eds is None:
             return
         for name in names:
-            eds.client.pop(name, None)
+            eds.client[name] = _WANTED  # so a NACK of other endpoints does not hold them either
             for p in eds.pending.values():
                 p.updated.pop(name, None)
         eds.dirty.update(names)
+        if eds.hold is not None:
+            eds.unheld |= names
         if eds.cancel is not None:  # parked; otherwise the next EDS request sees the gap
             self._open(types.ENDPOINT, eds)
 
