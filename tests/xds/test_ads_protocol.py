@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodemesh.xds import types
 from nodemesh.xds.cache import Snapshot
+from nodemesh.xds.server import AdsServer
 from tests.support import eventually
 from tests.xds import resources as R
 from tests.xds.conftest import ControlPlane
@@ -550,6 +551,36 @@ async def test_a_first_request_without_node_id_is_refused(
         await call.read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "node.id" in (err.value.details() or "")
+
+
+class _BrokenWatcher:
+    """A `ConfigWatcher` with a bug."""
+
+    def create_watch(self, request: Any, respond: Any) -> Any:
+        raise RuntimeError("a bug in the watcher")
+
+    def create_delta_watch(self, request: Any, respond: Any) -> Any:
+        raise RuntimeError("a bug in the watcher")
+
+
+async def test_a_failure_in_the_server_ends_the_stream_with_internal_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It ended the stream with OK and was logged nowhere: to Envoy a normal close, to the
+    operator nothing at all."""
+    server = AdsServer(_BrokenWatcher())
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = sotw_call(ch)
+            await call.write(req(types.CLUSTER))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        await server.stop(grace=0)
+    logged = [r for r in caplog.records if r.exc_info and "bug" in str(r.exc_info[1])]
+    assert logged and "node n" in logged[0].getMessage()
 
 
 async def test_health_service_reports_serving(channel: grpc.aio.Channel) -> None:

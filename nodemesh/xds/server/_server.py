@@ -135,14 +135,19 @@ class AdsServer:
         self, stream: SotwStream | DeltaStream, requests: AsyncIterator[Any], context: Any
     ) -> None:
         self._streams.add(stream)
-        failure: list[str] = []
+        failure: list[tuple[grpc.StatusCode, str]] = []
 
         async def read() -> None:
             try:
                 async for req in requests:
                     stream.handle(req)
             except ProtocolError as exc:
-                failure.append(str(exc))
+                failure.append((grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+            except Exception:
+                # Our failure, not the client's: ending the stream quietly would look to it like
+                # a normal close, and to us like nothing at all.
+                log.exception("xDS stream of node %s failed", stream.node_id or "(unknown)")
+                failure.append((grpc.StatusCode.INTERNAL, "the xDS server failed; see its log"))
             finally:
                 stream.queue.put_nowait(None)
 
@@ -151,7 +156,7 @@ class AdsServer:
             while (data := await stream.queue.get()) is not None:
                 await context.write(data)
             if failure:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure[0])
+                await context.abort(*failure[0])
         finally:
             reader.cancel()
             stream.close()
