@@ -16,8 +16,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodemesh.xds import types
-from nodemesh.xds.cache import Snapshot
-from nodemesh.xds.server import AdsServer
+from nodemesh.xds.cache import Snapshot, SnapshotCache
+from nodemesh.xds.server import AdsServer, StatusTracker
 from tests.support import eventually
 from tests.xds import resources as R
 from tests.xds.conftest import ControlPlane
@@ -376,6 +376,44 @@ async def test_only_the_newest_stream_of_a_node_says_what_it_holds(
     await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
     old.cancel()
     new.cancel()
+
+
+async def test_a_node_gone_for_an_hour_is_forgotten() -> None:
+    """Nodes come and go (autoscaling): each departed node kept its status, with what it held
+    of every type (up to 10,000 names), for as long as the control plane ran."""
+    now = [1000.0]
+    cache = SnapshotCache()
+    cache.set_snapshot("gone", snapshot())
+    server = AdsServer(cache, status=StatusTracker(clock=lambda: now[0]))
+    port = await server.start()
+    status = server.status
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = sotw_call(ch)
+            await call.write(req(types.CLUSTER, node="gone"))
+            r1 = await call.read()
+            await call.write(
+                req(types.CLUSTER, version_info=r1.version_info, response_nonce=r1.nonce, node="")
+            )
+            await eventually(lambda: status.type_status("gone", types.CLUSTER).acked_resources)
+            call.cancel()
+            await eventually(lambda: not status.node("gone").connected)  # type: ignore[union-attr]
+
+            now[0] += 3599
+            other = sotw_call(ch)
+            await other.write(req(types.CLUSTER, node="other"))
+            await eventually(lambda: status.node("other") is not None)
+            assert status.node("gone") is not None  # back within the hour, it is still known
+            now[0] += 2
+            again = sotw_call(ch)
+            await again.write(req(types.CLUSTER, node="third"))
+            await eventually(lambda: status.node("third") is not None)
+            assert status.node("gone") is None
+            assert [n.node_id for n in status.nodes()] == ["other", "third"]
+            other.cancel()
+            again.cancel()
+    finally:
+        await server.stop(grace=0)
 
 
 async def test_a_type_a_new_delta_stream_does_not_ask_for_is_no_longer_held(

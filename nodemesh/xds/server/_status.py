@@ -88,11 +88,21 @@ Listener = Callable[[AckEvent], None]
 class StatusTracker:
     """Per-node xDS status, updated by the ADS server; read by status APIs and the `Programmed`
     condition. Loop-confined, like the cache. `snapshot()` returns plain JSON-able data.
+
+    A node with no stream for `forget_after` seconds is forgotten (its status, what it held
+    when it left, its last NACK): nodes come and go (autoscaling), and each kept what it held
+    of every type, up to 10,000 names, for as long as the control plane ran.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, forget_after: float = 3600.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self._nodes: dict[str, NodeStatus] = {}
         self._listeners: list[Listener] = []
+        self.forget_after = forget_after
+        self._clock = clock
+        # nodes with no open stream -> when their last one closed, oldest first
+        self._departed: dict[str, float] = {}
         # bumped by every change to what a node holds, ACKed or NACKed, or to its streams (not
         # by `sent`): equal epochs mean equal answers for whoever derives state from it
         self.epoch = 0
@@ -137,10 +147,12 @@ class StatusTracker:
 
     # -- written by the server -------------------------------------------------------------
     def stream_opened(self, node_id: str) -> None:
+        self._forget_departed()
         self.epoch += 1
+        self._departed.pop(node_id, None)
         node = self._node(node_id)
         node.streams += 1
-        node.last_connected = time.time()
+        node.last_connected = self._clock()
         self._emit(AckEvent("opened", node_id, "", "", {}))
 
     def stream_closed(self, node_id: str, stream: object | None = None) -> None:
@@ -152,7 +164,10 @@ class StatusTracker:
         self.epoch += 1
         node = self._node(node_id)
         node.streams = max(0, node.streams - 1)
-        node.last_disconnected = time.time()
+        node.last_disconnected = self._clock()
+        if node.streams == 0:
+            self._departed.pop(node_id, None)
+            self._departed[node_id] = node.last_disconnected
         for ts in node.types.values():
             if ts.stream is stream:
                 ts.left = (ts.version_acked, ts.acked_resources) if ts.version_acked else None
@@ -160,6 +175,7 @@ class StatusTracker:
                 ts.acked_resources = {}
                 ts.stream = None
         self._emit(AckEvent("closed", node_id, "", "", {}))
+        self._forget_departed()
 
     def sent(self, node_id: str, type_url: str, version: str, nonce: str, count: int) -> None:
         ts = self.type_status(node_id, type_url)
@@ -258,6 +274,17 @@ class StatusTracker:
         self._emit(
             AckEvent("nack", record.node_id, record.type_url, record.version, sent_versions, record)
         )
+
+    def _forget_departed(self) -> None:
+        horizon = self._clock() - self.forget_after
+        departed = self._departed
+        while departed:
+            node_id, left_at = next(iter(departed.items()))
+            if left_at > horizon:
+                return
+            del departed[node_id]
+            self._nodes.pop(node_id, None)
+            self.epoch += 1
 
     def _node(self, node_id: str) -> NodeStatus:
         node = self._nodes.get(node_id)
