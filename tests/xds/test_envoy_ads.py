@@ -329,3 +329,42 @@ async def test_a_listener_added_after_a_nack_gets_routes_that_already_existed(
     url = f"http://127.0.0.1:{listen2}/a"
     await eventually(lambda: body_of(url) == "a", timeout=10, what=f"{url} answers a")
     assert rds.last_nack is not None  # web-routes is still rejected
+
+
+async def test_a_cluster_changed_while_envoy_was_away_warms_with_its_unchanged_endpoints(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    """A control plane that comes back with a changed cluster (an upgrade that changes every
+    cluster's settings, say), its endpoints unchanged: Envoy re-warms the cluster and waits for
+    its endpoints, which the new stream must send, though Envoy states it holds them."""
+    a = await backends("a")
+    listen = free_port()
+    url = f"http://127.0.0.1:{listen}/a"
+    s1 = snap(*base(listen, a.port))
+    control_plane.cache.set_snapshot("n", s1)
+    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
+    await eventually(lambda: all_acked(control_plane, "n", s1))
+    port = control_plane.port
+    await control_plane.stop()
+
+    restarted = await ControlPlane().start(port)
+    try:
+        s2 = snap(R.eds_cluster("a", connect_timeout_s=2), *base(listen, a.port)[1:])
+        assert s2.version(types.ENDPOINT) == s1.version(types.ENDPOINT)
+        restarted.cache.set_snapshot("n", s2)
+
+        def warmed() -> bool:
+            dump = envoy.config_dump()["configs"]
+            clusters = next(c for c in dump if c["@type"].endswith("ClustersConfigDump"))
+            return not clusters.get("dynamic_warming_clusters") and any(
+                x["cluster"]["name"] == "a" and x["cluster"]["connect_timeout"] == "2s"
+                for x in clusters.get("dynamic_active_clusters", [])
+            )
+
+        # well within the clusters' initial_fetch_timeout (60 s), reconnecting included
+        await eventually(warmed, timeout=30, what="cluster a warmed with its new settings")
+        assert (await fetch(url)).body.strip() == "a"
+        cds = restarted.server.status.type_status("n", types.CLUSTER)
+        await eventually(lambda: cds.version_acked == s2.version(types.CLUSTER))
+    finally:
+        await restarted.stop()

@@ -104,6 +104,7 @@ class _SotwType:
     names: frozenset[str] | None = None  # None: wildcard
     legacy_wildcard: bool = False
     started: bool = False
+    stated: bool = False  # the client's first request stated a version: it held some
     force: bool = False  # answer the next watch even if the version is unchanged
     cancel: Cancel | None = None
 
@@ -160,6 +161,8 @@ class SotwStream(_Stream):
             )
         if st.started and names != st.names:
             st.force = True
+        if not st.started:
+            st.stated = bool(req.version_info)
         st.names = names
         st.started = True
         known = st.sent_version if st.sent_version is not None else req.version_info
@@ -203,6 +206,8 @@ class SotwStream(_Stream):
         st.force = False
         nonce = self._next_nonce()
         st.nonce = nonce
+        # A reconnecting client holds clusters this stream did not send: any may have changed.
+        unknown = st.sent_version is None and st.stated
         st.sent_version = resp.version
         before, st.sent = st.sent, {r.name: r.version for r in resp.resources}
         data = _wire.sotw_response(
@@ -211,7 +216,9 @@ class SotwStream(_Stream):
         self.status.sent(self.node_id, resp.type_url, resp.version, nonce, len(resp.resources))
         self.queue.put_nowait(data)
         if resp.type_url == types.CLUSTER:
-            changed = [r for r in resp.resources if before.get(r.name, r.version) != r.version]
+            changed = [
+                r for r in resp.resources if unknown or before.get(r.name, r.version) != r.version
+            ]
             if _eds_names(changed):
                 self._resend_endpoints()
 
@@ -219,7 +226,8 @@ class SotwStream(_Stream):
         """Envoy re-warms a changed cluster and waits for its endpoints, but does not ask again
         for a name it already watches. Answer the endpoints watch now, unchanged or not."""
         eds = self.types.get(types.ENDPOINT)
-        if eds is None:
+        if eds is None:  # not asked for yet on this stream (a reconnect asks for CDS first)
+            self.types[types.ENDPOINT] = _SotwType(force=True)
             return
         eds.force = True
         if eds.cancel is not None:  # parked; otherwise the next EDS request carries the force
@@ -285,6 +293,8 @@ class DeltaStream(_Stream):
     def __init__(self, watcher: ConfigWatcher, status: StatusTracker) -> None:
         super().__init__(watcher, status)
         self.types: dict[str, _DeltaType] = {}
+        # endpoints to resend that the client had not asked for on this stream yet
+        self._resend_first: set[str] = set()
 
     def handle(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
         node_id = self._node(req.node)
@@ -296,6 +306,10 @@ class DeltaStream(_Stream):
         if st is None:
             st = self.types[type_url] = _DeltaType()
             st.client = dict(req.initial_resource_versions)
+            if type_url == types.ENDPOINT:
+                for name in self._resend_first.intersection(st.client):
+                    st.client[name] = _WANTED
+                self._resend_first = set()
             st.wildcard = not req.resource_names_subscribe  # legacy wildcard
             st.answer_empty = not req.initial_resource_versions
             # A new stream's client holds what it says, nothing else (a restarted Envoy holds
@@ -455,7 +469,8 @@ class DeltaStream(_Stream):
         for a name it already watches: forget that the client holds them, so they go again,
         even while a NACK of other endpoints holds the type's version."""
         eds = self.types.get(types.ENDPOINT)
-        if eds is None:
+        if eds is None:  # not asked for yet on this stream (a reconnect asks for CDS first)
+            self._resend_first |= names
             return
         for name in names:
             eds.client[name] = _WANTED  # so a NACK of other endpoints does not hold them either
