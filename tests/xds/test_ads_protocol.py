@@ -131,6 +131,27 @@ async def test_nack_is_recorded_and_the_rejected_version_is_held(
     call.cancel()
 
 
+async def test_a_request_repeating_a_nacked_nonce_is_no_ack(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """SotW Envoy sends its last nonce in every request until the next response, and
+    error_detail only once: a subscription change after a NACK must not count as an ACK of
+    the rejected version."""
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = sotw_call(channel)
+    await call.write(req(types.ENDPOINT, ("a",)))
+    r1 = await call.read()
+    nack = req(types.ENDPOINT, ("a",), response_nonce=r1.nonce, node="")
+    nack.error_detail.message = "endpoints a: invalid"
+    await call.write(nack)
+    await call.write(req(types.ENDPOINT, ("a", "b"), response_nonce=r1.nonce, node=""))
+    r2 = await call.read()
+    assert len(r2.resources) == 2  # the grown subscription is answered
+    ts = control_plane.server.status.type_status("n", types.ENDPOINT)
+    assert ts.version_acked == "" and ts.last_nack is not None
+    call.cancel()
+
+
 async def test_named_subscription_is_answered_when_it_grows(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

@@ -99,6 +99,9 @@ class _Stream:
 @dataclass(slots=True)
 class _SotwType:
     nonce: str = ""
+    # the client ACKed or NACKed `nonce`: it repeats the nonce in later requests (a change of
+    # subscription) until the next response, without error_detail, and they are no ACK
+    replied: bool = False
     sent_version: str | None = None
     sent: dict[str, str] = field(default_factory=dict)  # name -> version in the last response
     names: frozenset[str] | None = None  # None: wildcard
@@ -126,7 +129,8 @@ class SotwStream(_Stream):
         if nonce and nonce != st.nonce:
             self.stale_requests += 1  # answers a response that a newer one superseded
             return
-        if nonce and st.sent_version is not None:
+        if nonce and st.sent_version is not None and not st.replied:
+            st.replied = True
             if req.HasField("error_detail"):
                 self._nack(
                     node_id,
@@ -205,7 +209,7 @@ class SotwStream(_Stream):
         st.cancel = None
         st.force = False
         nonce = self._next_nonce()
-        st.nonce = nonce
+        st.nonce, st.replied = nonce, False
         # A reconnecting client holds clusters this stream did not send: any may have changed.
         unknown = st.sent_version is None and st.stated
         st.sent_version = resp.version
