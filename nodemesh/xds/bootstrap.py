@@ -14,7 +14,7 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
-__all__ = ["RUNTIME", "XDS_CLUSTER", "bootstrap", "configure", "run"]
+__all__ = ["RE2_MAX_PROGRAM_SIZE", "RUNTIME", "XDS_CLUSTER", "bootstrap", "configure", "run"]
 
 XDS_CLUSTER = "nodemesh-xds"
 
@@ -22,8 +22,10 @@ XDS_CLUSTER = "nodemesh-xds"
 # Envoy refuses a regular expression whose compiled RE2 program is larger than 100 by default:
 # `/api/v[0-9]+/(users|orders)/[0-9a-f-]{36}` is 135. A refused expression NACKs the outbound
 # RouteConfiguration that every Service's routes share, so no route in the mesh could change
-# until it was fixed. 32768 (Istio's value) takes what users write; RE2 stays linear-time.
-RUNTIME: dict[str, int] = {"re2.max_program_size.error_level": 32768}
+# until it was fixed. 32768 (Istio's value) takes what users write; RE2 stays linear-time. The
+# builder refuses a larger one (`builder/httproute.py`), so Envoy never has to.
+RE2_MAX_PROGRAM_SIZE = 32768
+RUNTIME: dict[str, int] = {"re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE}
 
 
 def _split(hostport: str) -> tuple[str, int]:

@@ -409,3 +409,46 @@ def test_a_headless_service_is_no_parent() -> None:
     plain = {**service("web"), "spec": {"ports": [{"port": 80}]}}
     res = run(plain, service("v2"), route("r", [parent("web")], [{"backendRefs": to("v2")}]))
     assert {c.type: c.status for c in conditions(res, "r")}["Accepted"] == "True"
+
+
+# -- regular expressions: what Envoy's RE2 takes ----------------------------------------------
+BIG = "(alpha|bravo|charlie|delta|echo|foxtrot|golf|hotel)"  # RE2 program size 45 a repeat
+
+
+def path_regex_route(value: str) -> dict[str, Any]:
+    match = {"path": {"type": "RegularExpression", "value": value}}
+    return route("re", [parent("web")], [{"matches": [match], "backendRefs": to("web")}])
+
+
+def accepted(res: BuildResult, name: str, kind: str = "HTTPRoute") -> Condition:
+    return next(c for c in conditions(res, name, kind) if c.type == "Accepted")
+
+
+def test_regular_expressions_envoy_refuses_are_refused_with_re2s_reason() -> None:
+    """Python's re took these, Envoy's RE2 does not: the NACK of the RouteConfiguration that
+    every Service's routes share held back every route change in the mesh."""
+    for value, reason in [
+        ("/a(?=b)", "invalid perl operator: (?="),
+        ("/(a)\\1", "invalid escape sequence: \\1"),
+        ("/a\\Z", "invalid escape sequence: \\Z"),
+        ("/a{1001}", "invalid repetition size: {1001}"),
+        (f"/{BIG}{{1,800}}", "its RE2 program size is 36004, over the 32768"),
+    ]:
+        c = accepted(run(service("web"), path_regex_route(value)), "re")
+        assert c.status == "False" and reason in c.message, (value, c.message)
+
+
+def test_regular_expressions_re2_takes_are_accepted() -> None:
+    """Python's re refused these: inline flags after the leading `/`, Unicode classes, `\\z`,
+    `(?<name>...)`, and a program over Envoy's default limit of 100."""
+    for value in ["/(?i)api/.*", "/\\pL+", "/a\\z", "/(?<n>v[0-9]+)", f"/{BIG}{{1,8}}"]:
+        c = accepted(run(service("web"), path_regex_route(value)), "re")
+        assert c.status == "True", (value, c.message)
+
+
+def test_a_grpc_regular_expression_is_checked_whole() -> None:
+    """Service and method each fit; the path expression Envoy compiles from both does not."""
+    half = f"{BIG}{{1,400}}"  # 18,003 each
+    res = run_grpc([grpc_rule("a", type="RegularExpression", service=half, method=half)])
+    c = accepted(res, "gr", "GRPCRoute")
+    assert c.status == "False" and "spec.rules[0].matches[0].method: regular" in c.message, c

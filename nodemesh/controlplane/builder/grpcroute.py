@@ -42,9 +42,12 @@ def parse_grpc_match(
             pm = ir.PathMatch("PathPrefix", "/")
     elif kind == "RegularExpression":
         # Grouped: the whole path is matched, so a bare "pkg.Foo|pkg.Bar" would split it.
+        before = len(p)
         s = f"(?:{parse_regex(svc, f'{path}.method.service', p)})" if svc else "[^/]+"
         mm = f"(?:{parse_regex(meth, f'{path}.method.method', p)})" if meth else "[^/]+"
         pm = ir.PathMatch("RegularExpression", f"/{s}/{mm}")
+        if len(p) == before:  # Envoy compiles the two as one path expression: its size counts
+            parse_regex(pm.value, f"{path}.method", p)
     else:
         p.add(
             f"{path}.method.type", f"unsupported value {kind!r}; allowed: Exact, RegularExpression"
