@@ -101,6 +101,24 @@ async def test_path_match_precedence_prefers_exact_then_longest_prefix(
     assert (await mesh.get("paths.shop", "/apix")).status == 404  # prefixes match whole segments
 
 
+async def test_regular_expressions_in_re2_syntax_route(mesh: Mesh, backends: Backends) -> None:
+    """RE2's syntax, as Envoy reads it: an inline flag after the leading `/` and a Unicode
+    class (Python's re refused both, so the route was not Accepted)."""
+    a, b = [await backends.get(n) for n in ("re2-a", "re2-b")]
+    mesh.apply(
+        service("re2"), service("re2-a"), service("re2-b"),
+        endpoint_slice("re2-a", a.port), endpoint_slice("re2-b", b.port),
+        route("re2", "re2", [
+            on_path("RegularExpression", "/(?i)api/.*", "re2-a"),
+            on_path("RegularExpression", "/\\pL+", "re2-b"),
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await mesh.get("re2.shop", "/API/items")).body == "re2-a"
+    assert (await mesh.get("re2.shop", "/hello")).body == "re2-b"
+    assert (await mesh.get("re2.shop", "/42")).status == 404
+
+
 async def test_terminating_endpoints_drain_instead_of_taking_new_requests(
     mesh: Mesh, backends: Backends
 ) -> None:
