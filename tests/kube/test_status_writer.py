@@ -90,11 +90,18 @@ def test_every_verdict_change_is_logged_even_between_ticks(
             {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound", "message": "x"}
         ]
     }
+    def programmed(reason: str) -> dict[str, Any]:
+        cond = {"type": "Programmed", "status": "False", "reason": reason, "message": "y"}
+        return {"conditions": [*ACCEPTED["conditions"], cond]}
+
     with caplog.at_level(logging.INFO, logger="nodemesh.controlplane.kube"):
         source.set(key(0), ACCEPTED)
         source.set(key(0), ACCEPTED)  # unchanged: not logged again
         source.set(key(0), rejected)
         source.set(key(0), ACCEPTED)
+        # waiting for ACKs, as every change does: no verdict of its own
+        source.set(key(0), programmed("Pending"))
+        source.set(key(0), programmed("Rejected"))  # a node Envoy's NACK
         writer.stop()
         source.set(key(0), rejected)  # after stop: not watched any more
     lines = [r.getMessage() for r in caplog.records]
@@ -102,6 +109,7 @@ def test_every_verdict_change_is_logged_even_between_ticks(
         f"accepted {key(0)}",
         f"rejected (ResolvedRefs=BackendNotFound: x) {key(0)}",
         f"accepted {key(0)}",
+        f"rejected (Programmed=Rejected: y) {key(0)}",
     ]
     assert source.callbacks == [] and writer.writes == 0
 

@@ -164,10 +164,19 @@ def _conditions(desired: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _verdict(desired: Mapping[str, Any]) -> str | None:
-    """'accepted' or 'rejected (<reason>: <message>)' from the Accepted/ResolvedRefs conditions."""
+    """'accepted' or 'rejected (<reason>: <message>)' from the Accepted and ResolvedRefs
+    conditions, and Programmed when a node Envoy rejected the object (reason Rejected). A
+    Programmed that waits for ACKs (Pending) is no verdict: every change passes through it."""
     conditions = _conditions(desired)
-    verdict_types = ("Accepted", "ResolvedRefs", "Programmed")
-    bad = [c for c in conditions if c.get("type") in verdict_types and c.get("status") == "False"]
+    bad = [
+        c
+        for c in conditions
+        if c.get("status") == "False"
+        and (
+            c.get("type") in ("Accepted", "ResolvedRefs")
+            or (c.get("type") == "Programmed" and c.get("reason") == "Rejected")
+        )
+    ]
     if bad:
         c = bad[0]
         return f"rejected ({c.get('type')}={c.get('reason')}: {c.get('message', '')})"
