@@ -229,7 +229,9 @@ class FilesSource:
                 key = key_of(obj)
                 if key in seen:
                     other = seen[key].relative_to(self.directory)
-                    errors.setdefault(rel, f"{rel}: {key} is already defined in {other}")
+                    # added to the file's other problems, not dropped behind them
+                    problem = f"{rel}: {key} is already defined in {other}"
+                    errors[rel] = f"{errors[rel]}; {problem}" if rel in errors else problem
                     continue
                 seen[key] = p
                 objects.append(obj)

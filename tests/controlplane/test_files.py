@@ -285,3 +285,20 @@ def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
     assert route["spec"]["rules"][0]["matches"][0]["headers"][0]["value"] == "2024-01-01"
     (policy,) = [store.get(k) for k in store.keys("TrafficPolicy")]
     assert policy is not None and "timeouts" not in policy["spec"]
+
+
+def test_duplicates_are_reported_with_a_files_other_problems(tmp_path: Path) -> None:
+    """Every duplicate a file brings is reported, also when the file has a problem already
+    (here: emptied, so it keeps its objects); before, only the file's first problem was."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    write(tmp_path / "b.yaml", service("web"), service("db"))
+    source.scan()
+    (tmp_path / "b.yaml").write_text("")
+    write(tmp_path / "a.yaml", service("web"), service("db"))
+    source.scan()
+    assert names(store) == ["db", "web"]
+    problems = source.errors["b.yaml"]
+    assert "the file is empty" in problems, problems
+    for name in ("web", "db"):
+        assert f"Service/shop/{name} is already defined in a.yaml" in problems, problems

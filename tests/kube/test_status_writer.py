@@ -90,6 +90,7 @@ def test_every_verdict_change_is_logged_even_between_ticks(
             {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound", "message": "x"}
         ]
     }
+
     def programmed(reason: str) -> dict[str, Any]:
         cond = {"type": "Programmed", "status": "False", "reason": reason, "message": "y"}
         return {"conditions": [*ACCEPTED["conditions"], cond]}
