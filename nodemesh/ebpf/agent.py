@@ -11,7 +11,8 @@ hold the last run's map; the first type's responses are ACKed meanwhile); then t
 converged once (`NodeMaps.apply`), and afterwards each response writes only the
 entries it touches (`NodeMaps.patch`). A kernel write that fails NACKs, and the agent converges
 whole again with backoff until it succeeds. The stream reconnects with backoff, resuming with
-the versions the agent holds, and the maps stay in force while it is down.
+the versions the agent holds, and the maps stay in force while it is down; keepalive pings
+notice a stream whose path went dark without an error.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 _METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 _INVALID_ARGUMENT = 3
 _TYPES = (NODE_TYPE_URL, SERVICE_TYPE_URL)
+# (seconds between HTTP/2 pings, seconds to wait for the answer): what the node Envoy's own
+# xDS connection uses (xds/bootstrap.py), and what the ADS server allows. A stream whose path
+# went dark without a FIN or a RST (a partition, a control-plane node that lost power) gives
+# no error by itself: without pings the agent would wait on it for good.
+KEEPALIVE = (30.0, 10.0)
 
 
 class Agent:
@@ -61,6 +67,7 @@ class Agent:
         envoy_cgroup: Path | None = None,
         max_backoff: float = 5.0,
         socket_redirect: SocketRedirect = SocketRedirect.ALL,
+        keepalive: tuple[float, float] = KEEPALIVE,
     ) -> None:
         self.node = node
         self.controlplane = controlplane
@@ -68,6 +75,7 @@ class Agent:
         self.envoy_cgroup_id = os.stat(envoy_cgroup).st_ino if envoy_cgroup else 0
         self.max_backoff = max_backoff
         self.socket_redirect = socket_redirect
+        self.keepalive = keepalive
         self.view = MapView(node)
         # per type, the resources applied (name -> version): resumed on reconnect
         self.versions: dict[str, dict[str, str]] = {t: {} for t in _TYPES}
@@ -114,7 +122,16 @@ class Agent:
                     initial_resource_versions=self.versions[type_url],
                 )
             )
-        async with grpc.aio.insecure_channel(self.controlplane) as channel:
+        options = (
+            ("grpc.keepalive_time_ms", round(self.keepalive[0] * 1000)),
+            ("grpc.keepalive_timeout_ms", round(self.keepalive[1] * 1000)),
+            # gRPC 1.85 waits for a ping's answer the longer of these two (60 s by default)
+            ("grpc.http2.ping_timeout_ms", round(self.keepalive[1] * 1000)),
+            # by default it sends at most 2 pings while no data goes out, and an agent's
+            # stream is quiet between changes: keepalive would stop after two
+            ("grpc.http2.max_pings_without_data", 0),
+        )
+        async with grpc.aio.insecure_channel(self.controlplane, options=options) as channel:
             call = channel.stream_stream(
                 _METHOD,
                 request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,

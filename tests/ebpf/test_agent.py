@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -29,7 +30,9 @@ from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf._maps import NM_CFG_REDIRECT_OPTED_IN, NM_CFG_SOCKET_REDIRECT
+from nodemesh.ebpf.agent import Agent
 from nodemesh.ebpf.loader import MAP_NAMES
+from nodemesh.ebpf.maps import addr_text
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import NodeLab, Proc
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
@@ -113,6 +116,13 @@ async def cp(node: NodeLab) -> AsyncIterator[ControlPlane]:
         yield ControlPlane(cache, server, port, node)
     finally:
         await server.stop(0)
+
+
+def backends(lab: NodeLab, address: str, port: int) -> list[str]:
+    """The backend addresses the kernel map holds for a Service entry ([] without one)."""
+    with NodeMaps(lab.pin_root) as maps:
+        svc = maps.services().get((address, port))
+    return [] if svc is None else [addr_text(b.addr) for b in svc.backends[: svc.n_backends]]
 
 
 def _stop(proc: Proc) -> None:
@@ -278,3 +288,95 @@ async def test_a_failed_map_write_is_nacked_and_repaired_without_a_new_response(
         pods["a"].tool, "conns", "--to", "10.96.0.77:80", "--count", "3"
     )
     assert result == {"backends": {"c": 3}, "errors": {}}
+
+
+class Partition:
+    """A TCP relay to the control plane whose connections can be cut off silently, like a
+    network partition or a control-plane node that lost power: `cut()` drops every byte on
+    the connections open now, both ways, and closes nothing, so neither end gets a FIN or a
+    RST. Connections made afterwards are relayed again."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._live: list[list[bool]] = []  # per connection: [cut]
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def cut(self) -> None:
+        for state in self._live:
+            state[0] = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += [writer, up_writer]
+        state = [False]
+        self._live.append(state)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._relay(src, dst, state))
+            self._tasks.add(task)
+
+    @staticmethod
+    async def _relay(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, state: list[bool]
+    ) -> None:
+        while data := await src.read(65536):
+            if not state[0]:
+                dst.write(data)
+        if not state[0]:
+            dst.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for w in self._writers:
+            w.close()
+
+
+async def test_the_agent_leaves_a_silently_dead_stream_and_resyncs(cp: ControlPlane) -> None:
+    """The path to the control plane goes dark without a FIN or a RST (a partition, a
+    control-plane node that lost power): the agent's keepalive notices, it reconnects, and a
+    change made meanwhile reaches the kernel map. Without keepalive the agent waited on the
+    dead stream for good, and the node kept its old map until the agent restarted."""
+    lab = cp.lab
+    relay = Partition(cp.port)
+    await relay.start()
+    assert lab.dataplane is not None
+    agent = Agent(
+        NODE,
+        f"127.0.0.1:{relay.port}",
+        lab.dataplane,
+        lab.envoy_cgroup,
+        keepalive=(1.0, 1.0),
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        first = cp.publish(cp.map_for("b"))
+        await until(lambda: cp.acked(first), "the first ACK")
+        relay.cut()
+        cp.publish(cp.map_for("c"))
+
+        await until(
+            lambda: backends(lab, VIP, 80) == [lab.pods["c"].ip],
+            "the change made during the partition",
+            timeout=20,
+        )
+        assert relay.accepted == 2, "one reconnect"
+        result = await asyncio.to_thread(
+            lab.pods["a"].tool, "conns", "--to", f"{VIP}:80", "--count", "3"
+        )
+        assert result == {"backends": {"c": 3}, "errors": {}}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await relay.close()
