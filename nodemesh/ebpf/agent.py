@@ -54,6 +54,10 @@ _TYPES = (NODE_TYPE_URL, SERVICE_TYPE_URL)
 # went dark without a FIN or a RST (a partition, a control-plane node that lost power) gives
 # no error by itself: without pings the agent would wait on it for good.
 KEEPALIVE = (30.0, 10.0)
+# The largest response taken: what the ADS server sends at most (xds/server). A new stream's
+# first MeshService response holds every Service; gRPC's default (4 MiB) is reached by 2,000
+# Services of 100 endpoints, and a refused response came again on every reconnect.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 
 class Agent:
@@ -130,6 +134,7 @@ class Agent:
             # by default it sends at most 2 pings while no data goes out, and an agent's
             # stream is quiet between changes: keepalive would stop after two
             ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
         )
         async with grpc.aio.insecure_channel(self.controlplane, options=options) as channel:
             call = channel.stream_stream(

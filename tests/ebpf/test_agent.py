@@ -380,3 +380,40 @@ async def test_the_agent_leaves_a_silently_dead_stream_and_resyncs(cp: ControlPl
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await relay.close()
+
+
+async def test_the_agent_takes_a_response_larger_than_grpcs_default_limit(
+    cp: ControlPlane,
+) -> None:
+    """120 Services of 2,000 endpoints each: one MeshService response of about 5 MB, more than
+    gRPC's default limit for a received message (4 MiB). The server sends up to 256 MiB; the
+    agent refused the response (RESOURCE_EXHAUSTED), reconnected, got it again, and the node
+    never got its map. A mesh reaches 4 MiB with 2,000 Services of 100 endpoints, or about
+    20,000 small ones."""
+    base = cp.map_for("b")
+    big = tuple(
+        Service(
+            f"bulk/s{i}:{1000 + i}",
+            "10.244.255.99",
+            1000 + i,
+            False,
+            tuple(Backend(f"10.251.{j >> 8}.{j & 0xFF}", 8080) for j in range(2000)),
+        )
+        for i in range(120)
+    )
+    model = NodeMap(NODE, (*base.services, *big), base.envoy, base.local_addresses)
+    size = sum(len(service_to_proto(s).SerializeToString()) for s in split(model)[1])
+    assert size > 4 << 20, size
+    version = cp.publish(model)
+    agent = cp.start_agent()
+    await until(lambda: cp.acked(version), f"the ACK of {size} bytes", timeout=60)
+
+    assert agent.popen.poll() is None
+    with NodeMaps(cp.lab.pin_root) as maps:
+        services = maps.services()
+    assert len(services) == 121
+    assert services[("10.244.255.99", 1000)].n_backends == m.MAX_BACKENDS
+    result = await asyncio.to_thread(
+        cp.lab.pods["a"].tool, "conns", "--to", f"{VIP}:80", "--count", "3"
+    )
+    assert result == {"backends": {"b": 3}, "errors": {}}
