@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import os
 import socket
 from collections.abc import Iterable
@@ -18,7 +19,7 @@ from typing import Any
 from nodemesh.api.servicemap import MapView, NodeMap, NodePart, Service, ServiceIPv6
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
-from nodemesh.ebpf.errors import ServiceMapError
+from nodemesh.ebpf.errors import BpfError, ServiceMapError
 from nodemesh.ebpf.loader import DEFAULT_PIN_ROOT
 
 __all__ = ["ApplyResult", "NodeMaps", "SocketRedirect"]
@@ -307,8 +308,24 @@ class NodeMaps:
         current = value_type()
         if bpf.map_lookup(self._fds[name], key, current, name) and bytes(current) == bytes(value):
             return False
-        bpf.map_update(self._fds[name], key, value, name)
+        self._update(name, key, value)
         return True
+
+    def _update(self, name: str, key: Any, value: Any, wanted: int | None = None) -> None:
+        """Write one service or local entry. A full map says so, with its capacity (and how
+        many entries this node's map needs, when the caller knows): the kernel's E2BIG reads
+        "Argument list too long"."""
+        try:
+            bpf.map_update(self._fds[name], key, value, name)
+        except BpfError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+            capacity = bpf.map_info(self._fds[name], name).max_entries
+            need = f"; this node's map has {wanted}" if wanted is not None else ""
+            raise ServiceMapError(
+                f"{name} is full: it holds {capacity} entries{need}. Entries not written "
+                "keep their old values, new ones are missing"
+            ) from exc
 
     def _write_config(
         self,
@@ -359,11 +376,11 @@ class NodeMaps:
         written = 0
         for kb in sorted(want):
             if have.get(kb) != want[kb]:
-                bpf.map_update(
-                    self._fds["nm_local"],
+                self._update(
+                    "nm_local",
                     ctypes.c_uint32.from_buffer_copy(kb),
                     ctypes.c_uint32(want[kb]),
-                    "nm_local",
+                    len(want),
                 )
                 written += 1
         return written, len(want) - written
@@ -388,6 +405,6 @@ class NodeMaps:
             if current is not None and bytes(current) == bytes(value):
                 unchanged += 1
                 continue
-            bpf.map_update(self._fds[name], key_type.from_buffer_copy(kb), value, name)
+            self._update(name, key_type.from_buffer_copy(kb), value, len(want))
             written += 1
         return written, unchanged

@@ -278,6 +278,8 @@ async def test_a_failed_map_write_is_nacked_and_repaired_without_a_new_response(
     await until(lambda: cp.type_status().get("last_nack") is not None, "the NACK")
     nack = cp.type_status()["last_nack"]
     assert isinstance(nack, dict) and nack["version"] == version, nack
+    # says what is wrong, not the kernel's "E2BIG (Argument list too long)"
+    assert f"nm_services is full: it holds {capacity} entries" in nack["message"], nack
 
     def repaired() -> bool:
         with NodeMaps(cp.lab.pin_root) as maps:
