@@ -87,6 +87,7 @@ class Agent:
         self._converged = False  # the maps were made equal to the view once
         self._repair: asyncio.Task[None] | None = None
         self.last_error = ""
+        self.responses = 0  # received, over every stream
 
     async def run(self) -> None:
         result = self.dataplane.enable()
@@ -96,13 +97,16 @@ class Agent:
             maps.set_socket_redirect(self.socket_redirect)
             try:
                 while True:
+                    answered = self.responses
                     try:
                         await self._stream(maps)
-                        backoff = 0.1
+                        log.warning("ADS stream to %s: closed by the server", self.controlplane)
                     except grpc.aio.AioRpcError as exc:
                         log.warning(
                             "ADS stream to %s: %s %s", self.controlplane, exc.code(), exc.details()
                         )
+                    if self.responses != answered:
+                        backoff = 0.1  # the stream worked: this outage starts from the beginning
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
             finally:
@@ -144,6 +148,7 @@ class Agent:
             )(requests())
             log.info("ADS stream to %s open", self.controlplane)
             async for response in call:
+                self.responses += 1
                 if response.type_url in self.versions:
                     await outbox.put(self._answer(maps, response))
 

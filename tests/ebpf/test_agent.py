@@ -112,10 +112,11 @@ async def cp(node: NodeLab) -> AsyncIterator[ControlPlane]:
     cache = SnapshotCache()
     server = AdsServer(cache)
     port = await server.start("127.0.0.1:0")
+    plane = ControlPlane(cache, server, port, node)
     try:
-        yield ControlPlane(cache, server, port, node)
+        yield plane
     finally:
-        await server.stop(0)
+        await plane.server.stop(0)  # a test may have restarted it
 
 
 def backends(lab: NodeLab, address: str, port: int) -> list[str]:
@@ -419,3 +420,48 @@ async def test_the_agent_takes_a_response_larger_than_grpcs_default_limit(
         cp.lab.pods["a"].tool, "conns", "--to", f"{VIP}:80", "--count", "3"
     )
     assert result == {"backends": {"b": 3}, "errors": {}}
+
+
+async def test_a_control_plane_restart_after_a_long_outage_is_followed_at_once(
+    cp: ControlPlane, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent starts while the control plane is down, so its reconnect backoff climbs to
+    the maximum. Once a stream worked, the next outage starts from the shortest wait again: a
+    control-plane restart is followed within a second. Before, the backoff never went back
+    after a stream that ended in an error, so every later restart waited the maximum (5 s by
+    default) before the first try."""
+    lab = cp.lab
+    assert lab.dataplane is not None
+    await cp.server.stop(0)
+    agent = Agent(NODE, f"127.0.0.1:{cp.port}", lab.dataplane, lab.envoy_cgroup, max_backoff=3.2)
+    task = asyncio.create_task(agent.run())
+
+    def failures() -> int:
+        return sum("ADS stream to" in r.getMessage() for r in caplog.records)
+
+    async def restart() -> None:
+        cp.cache = SnapshotCache()
+        cp.server = AdsServer(cp.cache)
+        await cp.server.start(f"127.0.0.1:{cp.port}")
+
+    try:
+        with caplog.at_level("WARNING", logger="nodemesh.ebpf.agent"):
+            # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s: the next wait is the maximum, 3.2 s
+            await until(lambda: failures() >= 5, "five failed connects")
+            await restart()
+            first = cp.publish(cp.map_for("b"))
+            await until(lambda: cp.acked(first), "the first ACK", timeout=10)
+
+            await cp.server.stop(0)
+            await restart()
+            cp.publish(cp.map_for("c"))
+            start = time.monotonic()
+            await until(
+                lambda: backends(lab, VIP, 80) == [lab.pods["c"].ip], "the restart", timeout=10
+            )
+            took = time.monotonic() - start
+        assert took < 1.5, f"{took:.1f} s to follow a control-plane restart"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
