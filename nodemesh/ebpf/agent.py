@@ -40,7 +40,7 @@ from nodemesh.api import (
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.ebpf.errors import NodemeshEbpfError
 from nodemesh.ebpf.loader import Dataplane
-from nodemesh.ebpf.maps import ApplyResult, NodeMaps, SocketRedirect
+from nodemesh.ebpf.maps import ApplyResult, NodeMaps, SocketRedirect, svc6_key
 
 __all__ = ["Agent"]
 
@@ -281,4 +281,18 @@ class Agent:
         svc = service_from_proto(msg)
         if svc.name != r.name:
             raise ValueError(f"MeshService {svc.name!r} sent under the name {r.name!r}")
+        # `ipaddress` (the check above, and the control plane's) takes an IPv6 address with
+        # a zone ("fd00::1%eth0"), which no kernel key holds: refused here, so it is NACKed
+        # instead of raising from the map write (which ended the agent, after every restart).
+        bad = []
+        for e in svc.services_ipv6:
+            try:
+                svc6_key(e)
+            except OSError:
+                bad.append(
+                    f"service {e.name} ([{e.address}]:{e.port}): {e.address!r} cannot be a "
+                    "kernel map key (a ClusterIP has no zone)"
+                )
+        if bad:
+            raise ValueError(f"MeshService {svc.name!r}: " + "; ".join(bad))
         return svc

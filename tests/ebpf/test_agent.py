@@ -465,3 +465,30 @@ async def test_a_control_plane_restart_after_a_long_outage_is_followed_at_once(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_an_ipv6_cluster_ip_with_a_zone_is_refused_not_fatal(cp: ControlPlane) -> None:
+    """A MeshService whose IPv6 ClusterIP carries a zone ("fd00:96::11%eth0": Python's
+    ipaddress takes it, and so did the control plane in files mode) is NACKed naming it, and
+    the rest of the response applies. The agent died on it before (inet_pton raised OSError
+    out of the stream), and again after every restart, so no change reached the node."""
+    first = cp.publish(cp.map_for("b"))
+    agent = cp.start_agent()
+    await until(lambda: cp.acked(first), "the first ACK")
+
+    zoned = pb.MeshService(
+        name="shop/zoned",
+        services_ipv6=[
+            pb.ServiceIPv6(name="shop/zoned:80", address="fd00:96::11%eth0", port=80, target=VIP)
+        ],
+    )
+    cp.publish(cp.map_for("c"), zoned)
+    await until(lambda: cp.type_status().get("last_nack") is not None, "the NACK")
+
+    nack = cp.type_status()["last_nack"]
+    assert isinstance(nack, dict) and "shop/zoned" in nack["message"], nack
+    assert "fd00:96::11%eth0" in nack["message"], nack
+    assert agent.popen.poll() is None, agent.stderr()
+    assert backends(cp.lab, VIP, 80) == [cp.lab.pods["c"].ip], "the good change must apply"
+    with NodeMaps(cp.lab.pin_root) as maps:
+        assert maps.services_ipv6() == {}
