@@ -366,8 +366,18 @@ async def test_a_deleted_node_withdraws_its_map_and_the_agent_fails_closed(feed:
     status, _, body = await feed.get(f"{VIP}:80", "/still-l4")
     assert status == 200 and json.loads(body)["pod"] == "c"
 
+    def restored() -> bool:
+        # the map is back in the snapshot first: until the file source has read the change,
+        # the current map is still the withdrawn one, which the agent has ACKed already
+        snap = feed.pipeline.cache.get_snapshot(NODE)
+        return (
+            snap is not None
+            and NODE in snap.resources(NODE_TYPE_URL)
+            and feed.agent_acked_current_map()
+        )
+
     mesh.write_text(text)
-    await feed.until(feed.agent_acked_current_map, "the agent's ACK of its map again")
+    await feed.until(restored, "the agent's ACK of its map again")
     status, headers, _ = await feed.get(f"{VIP_L7}:80", "/once")
     assert status == 200 and headers["server"] == "envoy"
 
