@@ -260,7 +260,7 @@ def window(entry: Service, node: str) -> Service:
         return entry
     start = int.from_bytes(hashlib.blake2b(node.encode(), digest_size=4).digest(), "big") % n
     backends = tuple(entry.backends[(start + i) % n] for i in range(MAX_BACKENDS))
-    return Service(entry.name, entry.address, entry.port, False, backends)
+    return Service(entry.name, entry.address, entry.port, entry.l7, backends)
 
 
 Key = tuple[str, int]  # (address, port)

@@ -36,7 +36,7 @@ from nodemesh.api import (
     window,
 )
 from nodemesh.api import servicemap_pb2 as pb
-from nodemesh.api.servicemap import MAX_BACKENDS
+from nodemesh.api.servicemap import MAX_BACKENDS, Backend
 from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
@@ -557,3 +557,12 @@ async def test_a_deleted_node_is_told_its_map_is_gone_and_still_follows_the_serv
     assert later is not None and p.snapshot is not None
     assert later.version(SERVICE_TYPE_URL) == p.snapshot.version(SERVICE_TYPE_URL)
     assert later.version(SERVICE_TYPE_URL) != gone.version(SERVICE_TYPE_URL)
+
+
+def test_a_windowed_l7_entry_stays_l7() -> None:
+    """A node's window of more than MAX_BACKENDS backends keeps the entry's L7 flag: an L7
+    entry rebuilt as L4 would send its connections around the node Envoy."""
+    many = tuple(Backend(f"10.244.1.{i}", 8080) for i in range(MAX_BACKENDS + 5))
+    for l7 in (True, False):
+        entry = window(Service("shop/web", "10.96.0.10", 80, l7, many), "node-1")
+        assert len(entry.backends) == MAX_BACKENDS and entry.l7 is l7
