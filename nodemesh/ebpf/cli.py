@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.node or not args.controlplane:
             log.error("--node and --controlplane are required (unless --uninstall)")
             return 2
+        if args.envoy_cgroup is not None and not args.envoy_cgroup.is_dir():
+            log.error("--envoy-cgroup %s: no such cgroup directory", args.envoy_cgroup)
+            return 2
         from nodemesh.ebpf.agent import Agent
 
         agent = Agent(

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -492,3 +493,15 @@ async def test_an_ipv6_cluster_ip_with_a_zone_is_refused_not_fatal(cp: ControlPl
     assert backends(cp.lab, VIP, 80) == [cp.lab.pods["c"].ip], "the good change must apply"
     with NodeMaps(cp.lab.pin_root) as maps:
         assert maps.services_ipv6() == {}
+
+
+def test_a_missing_envoy_cgroup_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """It was a Python traceback from os.stat, after the argument parsing said nothing."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "agent", "--node", NODE, "--controlplane",
+         "127.0.0.1:1", "--cgroup", str(tmp_path), "--envoy-cgroup", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"--envoy-cgroup {tmp_path / 'nope'}: no such cgroup directory" in done.stderr
