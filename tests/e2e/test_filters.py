@@ -76,6 +76,35 @@ async def test_a_request_header_modifier_may_set_host(mesh: Mesh, backends: Back
     )
 
 
+async def test_a_header_value_with_a_percent_sign_is_set_as_written(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Envoy reads `%` in a header value as the start of a variable (`%REQ(x)%`): `50%`
+    was refused ("Couldn't find valid command"), and that NACK held back every Service's
+    routes; `%DOWNSTREAM_REMOTE_ADDRESS%` set the client's address. Gateway API's values are
+    literal."""
+    b = await backends.get("pct")
+    mesh.apply(
+        service("pct"),
+        endpoint_slice("pct", b.port),
+        http_route("pct", "pct", [{
+            "backendRefs": [to("pct")],
+            "filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "x-share", "value": "50%"}],
+                    "add": [{"name": "x-addr", "value": "%DOWNSTREAM_REMOTE_ADDRESS%"}]}},
+                {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                    "set": [{"name": "x-done", "value": "100%%"}]}},
+            ],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()
+    reply = await mesh.get("pct.shop")
+    assert b.seen[-1].headers["x-share"] == "50%"
+    assert b.seen[-1].headers["x-addr"] == "%DOWNSTREAM_REMOTE_ADDRESS%"
+    assert reply.headers["x-done"] == "100%%"
+
+
 async def test_url_rewrite_replaces_prefix_and_host(mesh: Mesh, backends: Backends) -> None:
     b = await backends.get("rw")
     mesh.apply(

@@ -225,17 +225,23 @@ def _match(m: ir.RouteMatch) -> rc.RouteMatch:
     return out
 
 
+def _literal(value: str) -> str:
+    """A header value as Envoy's `headers_to_add` takes a literal: there `%` starts a variable
+    (`%REQ(x)%`), and a lone one is refused ("Couldn't find valid command"); `%%` is one `%`."""
+    return value.replace("%", "%%")
+
+
 def _header_options(mutation: ir.HeaderMutation) -> list[base_pb2.HeaderValueOption]:
     out = [
         base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=k, value=v),
+            header=base_pb2.HeaderValue(key=k, value=_literal(v)),
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
         )
         for k, v in mutation.set
     ]
     out.extend(
         base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=k, value=v),
+            header=base_pb2.HeaderValue(key=k, value=_literal(v)),
             append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
         )
         for k, v in mutation.add
