@@ -76,6 +76,43 @@ async def test_a_request_header_modifier_may_set_host(mesh: Mesh, backends: Back
     )
 
 
+async def test_removing_a_pseudo_header_or_an_empty_name_is_refused(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Gateway API's schema takes any string in `remove`; Envoy refuses `:path` (":-prefixed
+    or host headers may not be removed") and "" in headers_to_remove, and that NACK held back
+    every Service's routes. Such a route is refused, and the others are served."""
+    b = await backends.get("unremoved")
+    mesh.apply(
+        service("unremoved"),
+        endpoint_slice("unremoved", b.port),
+        http_route("unremoved", "unremoved", [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/bad"}}],
+            "backendRefs": [to("unremoved")],
+            "filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "remove": [":path", "x-fine"]}},
+                {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                    "remove": [""], "set": [{"name": ":status", "value": "200"}]}},
+            ],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()  # ACKed, not NACKed
+    assert (await mesh.get("unremoved.shop", "/bad/x")).status == 200  # the default route
+    (accepted,) = [
+        c
+        for c in mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "shop", "unremoved")]
+        if c.type == "Accepted"
+    ]
+    assert accepted.status == "False"
+    assert accepted.message == (
+        "spec.rules[0].filters[0].requestHeaderModifier.remove[0]: the pseudo-header ':path'"
+        " cannot be removed; spec.rules[0].filters[1].responseHeaderModifier.set[0].name: the"
+        " pseudo-header ':status' cannot be changed; spec.rules[0].filters[1]"
+        ".responseHeaderModifier.remove[0]: a header name cannot be empty"
+    )
+
+
 async def test_a_header_value_with_a_percent_sign_is_set_as_written(
     mesh: Mesh, backends: Backends
 ) -> None:

@@ -95,7 +95,8 @@ def _mutation(
     """The header changes, and the Host a request modifier sets (or ""). Envoy refuses Host in
     `request_headers_to_add` (its NACK would hold back every Service's routes), so a request's
     Host set or added becomes the route's host rewrite, as `URLRewrite.hostname`; Host cannot
-    be removed, nor changed in a response."""
+    be removed, nor changed in a response. Envoy refuses pseudo-headers (`:path`) and empty
+    names as well."""
     host = ""
 
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
@@ -107,6 +108,9 @@ def _mutation(
                 p.add(f"{path}.{key}[{i}]", "name and value are required")
                 continue
             name, value = str(h["name"]).lower(), str(h["value"])
+            if name.startswith(":"):
+                p.add(f"{path}.{key}[{i}].name", f"the pseudo-header {name!r} cannot be changed")
+                continue
             if name == "host":
                 if request:
                     host = value  # Host has one value: add is set
@@ -116,11 +120,19 @@ def _mutation(
             out.append((name, value))
         return tuple(out)
 
-    remove = tuple(str(n).lower() for n in as_list(spec.get("remove")))
-    if "host" in remove:
-        p.add(f"{path}.remove", "the Host header cannot be removed")
-        remove = tuple(n for n in remove if n != "host")
-    return ir.HeaderMutation(set=pairs("set"), add=pairs("add"), remove=remove), host
+    set_, add, remove = pairs("set"), pairs("add"), []
+    for i, n in enumerate(as_list(spec.get("remove"))):
+        # Gateway API's schema takes any string here; Envoy refuses these three.
+        name = str(n).lower()
+        if name == "host":
+            p.add(f"{path}.remove", "the Host header cannot be removed")
+        elif not name:
+            p.add(f"{path}.remove[{i}]", "a header name cannot be empty")
+        elif name.startswith(":"):
+            p.add(f"{path}.remove[{i}]", f"the pseudo-header {name!r} cannot be removed")
+        else:
+            remove.append(name)
+    return ir.HeaderMutation(set=set_, add=add, remove=tuple(remove)), host
 
 
 def _path_modifier(
