@@ -113,6 +113,45 @@ async def test_removing_a_pseudo_header_or_an_empty_name_is_refused(
     )
 
 
+async def test_a_line_break_in_a_header_value_or_a_rewritten_path_is_refused(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Gateway API limits header values and rewritten paths only in length; Envoy refuses NUL,
+    CR and LF in them ('value does not match regex pattern "^[^\\x00\\n\\r]*$"'), and that
+    NACK held back every Service's routes. Such a route is refused, and the others are served."""
+    b = await backends.get("crlf")
+    mesh.apply(
+        service("crlf"),
+        endpoint_slice("crlf", b.port),
+        http_route("crlf", "crlf", [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/bad"}}],
+            "backendRefs": [to("crlf")],
+            "filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "x-a", "value": "a\r\nx-injected: 1"}],
+                    "add": [{"name": "Host", "value": "web\n"}]}},
+                {"type": "URLRewrite", "urlRewrite": {
+                    "path": {"type": "ReplaceFullPath", "replaceFullPath": "/a\x00"}}},
+            ],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()  # ACKed, not NACKed
+    assert (await mesh.get("crlf.shop", "/bad/x")).status == 200  # the default route
+    (accepted,) = [
+        c
+        for c in mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "shop", "crlf")]
+        if c.type == "Accepted"
+    ]
+    assert accepted.status == "False"
+    cannot = "(NUL, CR and LF cannot be in HTTP headers)"
+    assert accepted.message == (
+        f"spec.rules[0].filters[0].requestHeaderModifier.set[0].value: must not contain '\\r'"
+        f" {cannot}; spec.rules[0].filters[0].requestHeaderModifier.add[0].value: must not"
+        f" contain '\\n' {cannot}; spec.rules[0].filters[1].urlRewrite.path.replaceFullPath:"
+        f" must not contain '\\x00' {cannot}"
+    )
+
+
 async def test_a_header_value_with_a_percent_sign_is_set_as_written(
     mesh: Mesh, backends: Backends
 ) -> None:

@@ -7,6 +7,7 @@ defaults, which route-level settings override.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,6 +29,7 @@ from nodemesh.xds.translate import ir
 __all__ = [
     "RouteEntry",
     "RouteModel",
+    "header_text",
     "read_route",
 ]
 
@@ -58,6 +60,21 @@ class _Refs:
     """Unresolved references found while reading one route: (reason, message)."""
 
     problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+_LINE_BREAKING = re.compile("[\x00\r\n]")
+
+
+def header_text(value: str, path: str, p: Problems) -> str:
+    """`value`, which goes into a header name or value, a rewritten path or a hostname: Envoy
+    refuses NUL, CR and LF in all of them (its NACK would hold back every Service's routes),
+    and Gateway API's schema limits header values and rewritten paths only in length."""
+    found = _LINE_BREAKING.search(value)
+    if found is not None:
+        p.add(
+            path, f"must not contain {found.group()!r} (NUL, CR and LF cannot be in HTTP headers)"
+        )
+    return value
 
 
 def _backend(
@@ -107,7 +124,8 @@ def _mutation(
             if not h.get("name") or "value" not in h:
                 p.add(f"{path}.{key}[{i}]", "name and value are required")
                 continue
-            name, value = str(h["name"]).lower(), str(h["value"])
+            name = header_text(str(h["name"]).lower(), f"{path}.{key}[{i}].name", p)
+            value = header_text(str(h["value"]), f"{path}.{key}[{i}].value", p)
             if name.startswith(":"):
                 p.add(f"{path}.{key}[{i}].name", f"the pseudo-header {name!r} cannot be changed")
                 continue
@@ -123,7 +141,7 @@ def _mutation(
     set_, add, remove = pairs("set"), pairs("add"), []
     for i, n in enumerate(as_list(spec.get("remove"))):
         # Gateway API's schema takes any string here; Envoy refuses these three.
-        name = str(n).lower()
+        name = header_text(str(n).lower(), f"{path}.remove[{i}]", p)
         if name == "host":
             p.add(f"{path}.remove", "the Host header cannot be removed")
         elif not name:
@@ -140,9 +158,12 @@ def _path_modifier(
 ) -> tuple[str | None, str | None]:
     kind = spec.get("type")
     if kind == "ReplaceFullPath":
-        return str(spec.get("replaceFullPath", "/")), None
+        return header_text(
+            str(spec.get("replaceFullPath", "/")), f"{path}.replaceFullPath", p
+        ), None
     if kind == "ReplacePrefixMatch":
-        return None, str(spec.get("replacePrefixMatch", "/"))
+        prefix = str(spec.get("replacePrefixMatch", "/"))
+        return None, header_text(prefix, f"{path}.replacePrefixMatch", p)
     p.add(f"{path}.type", f"unsupported value {kind!r} (ReplaceFullPath or ReplacePrefixMatch)")
     return None, None
 
@@ -194,7 +215,8 @@ def _filters(
                 full, prefix = _path_modifier(as_map(spec["path"]), f"{fpath}.urlRewrite.path", p)
             if prefix is not None and not prefix_match:
                 p.add(f"{fpath}.urlRewrite.path", "ReplacePrefixMatch needs a PathPrefix match")
-            out.rewrite = ir.Rewrite(str(spec.get("hostname", "")), full, prefix)
+            hostname = header_text(str(spec.get("hostname", "")), f"{fpath}.urlRewrite.hostname", p)
+            out.rewrite = ir.Rewrite(hostname, full, prefix)
         elif kind == "RequestRedirect" and route_kind == "HTTPRoute":
             spec = as_map(f.get("requestRedirect"))
             full, prefix = None, None
@@ -211,7 +233,9 @@ def _filters(
                 p.add(f"{fpath}.requestRedirect.statusCode", f"unsupported value {code!r}")
             out.redirect = ir.Redirect(
                 scheme=str(spec.get("scheme", "")),
-                hostname=str(spec.get("hostname", "")),
+                hostname=header_text(
+                    str(spec.get("hostname", "")), f"{fpath}.requestRedirect.hostname", p
+                ),
                 port=int_in(spec.get("port"), f"{fpath}.requestRedirect.port", p, 1, 65535),
                 full_path=full,
                 prefix=prefix,

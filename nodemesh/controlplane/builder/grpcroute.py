@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from nodemesh.controlplane.builder._routes import RouteModel, read_route
+from nodemesh.controlplane.builder._routes import RouteModel, header_text, read_route
 from nodemesh.controlplane.builder._util import Problems, as_list, as_map
 from nodemesh.controlplane.builder.httproute import first_of_each_name, parse_regex
 from nodemesh.controlplane.builder.service import ServiceModel
@@ -62,6 +62,7 @@ def parse_grpc_match(
             hk = "Exact"
         if hk == "RegularExpression":
             parse_regex(str(h.get("value", "")), f"{path}.headers[{i}].value", p)
+        header_text(str(h.get("name", "")), f"{path}.headers[{i}].name", p)
         headers.append(ir.HeaderMatch(str(h.get("name", "")).lower(), str(h.get("value", "")), hk))
     headers = first_of_each_name(headers)
     precedence = (

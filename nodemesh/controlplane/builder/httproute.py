@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import re2
 
-from nodemesh.controlplane.builder._routes import RouteModel, read_route
+from nodemesh.controlplane.builder._routes import RouteModel, header_text, read_route
 from nodemesh.controlplane.builder._util import Problems, as_list, as_map
 from nodemesh.controlplane.builder.service import ServiceModel
 from nodemesh.xds.bootstrap import RE2_MAX_PROGRAM_SIZE
@@ -101,6 +101,7 @@ def parse_http_match(
         )
         if not h.get("name"):
             p.add(f"{path}.headers[{i}].name", "required")
+        header_text(str(h.get("name", "")), f"{path}.headers[{i}].name", p)
         if hk == "RegularExpression":
             parse_regex(str(h.get("value", "")), f"{path}.headers[{i}].value", p)
         headers.append(ir.HeaderMatch(str(h.get("name", "")).lower(), str(h.get("value", "")), hk))  # type: ignore[arg-type]
