@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from nodemesh.controlplane.store import ObjectKey
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import Mesh, endpoint_slice, service
 
@@ -117,6 +118,35 @@ async def test_regular_expressions_in_re2_syntax_route(mesh: Mesh, backends: Bac
     assert (await mesh.get("re2.shop", "/API/items")).body == "re2-a"
     assert (await mesh.get("re2.shop", "/hello")).body == "re2-b"
     assert (await mesh.get("re2.shop", "/42")).status == 404
+
+
+async def test_a_prefix_with_a_query_or_a_long_query_param_name_is_refused(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Routes that reach the builder without Gateway API's schema (files mode): Envoy refuses
+    a '?' or '#' in path_separated_prefix and a query parameter name over 1024 bytes, and
+    that NACK held back every Service's routes. Such a route is refused; others are served."""
+    a = await backends.get("odd-a")
+    mesh.apply(
+        service("odd"), service("odd-a"), endpoint_slice("odd-a", a.port),
+        route("odd", "odd", [
+            on_path("PathPrefix", "/a?b=1", "odd-a"),
+            {"matches": [{"queryParams": [{"name": "q" * 1025, "value": "1"}]}],
+             "backendRefs": [backend("odd-a")]},
+        ]),
+        route("odd-fine", "odd", [on_path("PathPrefix", "/fine", "odd-a")]),
+    )  # fmt: skip
+    await mesh.converge()  # ACKed, not NACKed
+    assert (await mesh.get("odd.shop", "/fine")).body == "odd-a"
+    (accepted,) = [
+        c
+        for c in mesh.pipeline.conditions()[ObjectKey("HTTPRoute", "shop", "odd")]
+        if c.type == "Accepted"
+    ]
+    assert accepted.message == (
+        "spec.rules[0].matches[0].path.value: a PathPrefix cannot contain '?' or '#', got"
+        " '/a?b=1'; spec.rules[1].matches[0].queryParams[0].name: longer than 256 characters"
+    )
 
 
 async def test_terminating_endpoints_drain_instead_of_taking_new_requests(

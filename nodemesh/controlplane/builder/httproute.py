@@ -93,6 +93,9 @@ def parse_http_match(
         parse_regex(value, f"{path}.path.value", p)
     elif not value.startswith("/"):
         p.add(f"{path}.path.value", f"must start with '/', got {value!r}")
+    elif kind == "PathPrefix" and ("?" in value or "#" in value):
+        # Envoy's path_separated_prefix refuses them (Gateway API's characters leave them out).
+        p.add(f"{path}.path.value", f"a PathPrefix cannot contain '?' or '#', got {value!r}")
     headers = []
     for i, h in enumerate(as_list(m.get("headers"))):
         h = as_map(h)
@@ -116,6 +119,8 @@ def parse_http_match(
         )
         if not q.get("name"):
             p.add(f"{path}.queryParams[{i}].name", "required")
+        elif len(str(q["name"])) > 256:  # Gateway API's limit; Envoy refuses above 1024 bytes
+            p.add(f"{path}.queryParams[{i}].name", "longer than 256 characters")
         if qk == "RegularExpression":
             parse_regex(str(q.get("value", "")), f"{path}.queryParams[{i}].value", p)
         query.append(ir.QueryMatch(str(q.get("name", "")), str(q.get("value", "")), qk))  # type: ignore[arg-type]
