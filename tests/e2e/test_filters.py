@@ -211,6 +211,25 @@ async def test_url_rewrite_replaces_prefix_and_host(mesh: Mesh, backends: Backen
     assert (await mesh.get("rw.shop", "/users?x=1")).headers["x-path"] == "/api/users?x=1"
 
 
+async def test_a_full_path_rewrite_with_a_backslash_is_sent_as_written(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """The full path goes into a regex substitution, where RE2 reads `\\1` as a capture group
+    (the pattern has none): with `/a\\1b` the backend got the request's own path."""
+    b = await backends.get("bs")
+    mesh.apply(
+        service("bs"),
+        endpoint_slice("bs", b.port),
+        http_route("bs", "bs", [{
+            "backendRefs": [to("bs")],
+            "filters": [{"type": "URLRewrite", "urlRewrite": {
+                "path": {"type": "ReplaceFullPath", "replaceFullPath": "/a\\1b"}}}],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()
+    assert (await mesh.get("bs.shop", "/old")).headers["x-path"] == "/a\\1b"
+
+
 async def test_redirect_answers_with_location(mesh: Mesh, backends: Backends) -> None:
     b = await backends.get("redir")
     mesh.apply(

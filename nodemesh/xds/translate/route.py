@@ -304,7 +304,8 @@ def _action(r: ir.Route) -> rc.RouteAction:
             out.host_rewrite_literal = r.rewrite.hostname
         if r.rewrite.full_path is not None:
             out.regex_rewrite.pattern.regex = "^/.*$"
-            out.regex_rewrite.substitution = r.rewrite.full_path
+            # RE2 reads `\1` in a substitution as a capture group: a backslash stays one
+            out.regex_rewrite.substitution = r.rewrite.full_path.replace("\\", "\\\\")
         elif r.rewrite.prefix is not None:
             _prefix_rewrite(out, r.match, r.rewrite.prefix)
     if r.timeout_ms is not None:
