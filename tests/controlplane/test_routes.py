@@ -452,3 +452,13 @@ def test_a_grpc_regular_expression_is_checked_whole() -> None:
     res = run_grpc([grpc_rule("a", type="RegularExpression", service=half, method=half)])
     c = accepted(res, "gr", "GRPCRoute")
     assert c.status == "False" and "spec.rules[0].matches[0].method: regular" in c.message, c
+
+
+def test_a_redirect_scheme_outside_gateway_apis_enum_is_refused() -> None:
+    """Files mode has no schema to keep it out: Envoy took any scheme, `a\\nb` too, and the
+    clients got a broken Location header."""
+    redirect = {"type": "RequestRedirect", "requestRedirect": {"scheme": "ftp"}}
+    res = run(service("web"), route("rd", [parent("web")], [{"filters": [redirect]}]))
+    c = accepted(res, "rd")
+    assert c.status == "False", c
+    assert "spec.rules[0].filters[0].requestRedirect.scheme: unsupported value 'ftp'" in c.message

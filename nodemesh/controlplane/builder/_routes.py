@@ -231,8 +231,11 @@ def _filters(
             code = spec.get("statusCode", 302)
             if code not in (301, 302, 303, 307, 308):
                 p.add(f"{fpath}.requestRedirect.statusCode", f"unsupported value {code!r}")
+            scheme = spec.get("scheme", "")
+            if scheme not in ("", "http", "https"):  # Gateway API's enum (files mode: unchecked)
+                p.add(f"{fpath}.requestRedirect.scheme", f"unsupported value {scheme!r}")
             out.redirect = ir.Redirect(
-                scheme=str(spec.get("scheme", "")),
+                scheme=str(scheme),
                 hostname=header_text(
                     str(spec.get("hostname", "")), f"{fpath}.requestRedirect.hostname", p
                 ),
