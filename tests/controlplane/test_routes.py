@@ -462,3 +462,16 @@ def test_a_redirect_scheme_outside_gateway_apis_enum_is_refused() -> None:
     c = accepted(res, "rd")
     assert c.status == "False", c
     assert "spec.rules[0].filters[0].requestRedirect.scheme: unsupported value 'ftp'" in c.message
+
+
+def test_exact_and_prefix_paths_follow_gateway_apis_rules() -> None:
+    """Files mode has no schema: `//` became the prefix `/`, which matches every request."""
+    for value in ("//", "/a//b", "/a/./b", "/a/../b", "/a%2fb", "/a/..", "/a/."):
+        for kind in ("PathPrefix", "Exact"):
+            match = {"path": {"type": kind, "value": value}}
+            res = run(
+                service("web"),
+                route("p", [parent("web")], [{"matches": [match], "backendRefs": to("web")}]),
+            )
+            c = accepted(res, "p")
+            assert c.status == "False" and "path.value: must not contain" in c.message, c

@@ -18,6 +18,7 @@ __all__ = ["first_of_each_name", "parse_regex", "read_httproute"]
 
 _Named = TypeVar("_Named", ir.HeaderMatch, ir.QueryMatch)
 
+_PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
 
@@ -96,6 +97,13 @@ def parse_http_match(
     elif kind == "PathPrefix" and ("?" in value or "#" in value):
         # Envoy's path_separated_prefix refuses them (Gateway API's characters leave them out).
         p.add(f"{path}.path.value", f"a PathPrefix cannot contain '?' or '#', got {value!r}")
+    else:
+        # Gateway API's rules (files mode has no schema to apply them): `//` became the
+        # prefix `/`, which matches every request.
+        bad = [part for part in _PATH_FORBIDDEN if part in value]
+        bad += [end for end in ("/..", "/.") if value.endswith(end)]
+        if bad:
+            p.add(f"{path}.path.value", f"must not contain {bad[0]!r}, got {value!r}")
     headers = []
     for i, h in enumerate(as_list(m.get("headers"))):
         h = as_map(h)
