@@ -475,3 +475,12 @@ def test_exact_and_prefix_paths_follow_gateway_apis_rules() -> None:
             )
             c = accepted(res, "p")
             assert c.status == "False" and "path.value: must not contain" in c.message, c
+
+
+def test_a_grpc_service_in_fully_qualified_form_matches_its_path() -> None:
+    """Gateway API takes `.pkg.Svc` (protobuf's fully-qualified name); it was refused as an
+    invalid gRPC name, and a request's path (`/pkg.Svc/Get`) has no dot to match anyway."""
+    res = run_grpc([grpc_rule("a", service=".pkg.Svc", method="Get")])
+    assert accepted(res, "gr", "GRPCRoute").status == "True"
+    (r,) = [r for r in routes(res, "shop/g:9000") if r.name.startswith("GRPCRoute/")]
+    assert r.match.path == ir.PathMatch("Exact", "/pkg.Svc/Get")

@@ -28,6 +28,10 @@ def parse_grpc_match(
     kind = method.get("type", "Exact")
     svc, meth = str(method.get("service", "")), str(method.get("method", ""))
     literal = kind == "Exact"
+    if kind == "Exact" and svc.startswith("."):
+        # Gateway API takes protobuf's fully-qualified form, `.pkg.Svc`; a request's path
+        # has no leading dot (`/pkg.Svc/Get`), so the route could never match with it.
+        svc = svc[1:]
     if kind == "Exact":
         for field, value in (("service", svc), ("method", meth)):
             if value and not _NAME.match(value):
