@@ -8,6 +8,7 @@ import asyncio
 import importlib
 import importlib.util
 import logging
+import os
 import signal
 import sys
 
@@ -137,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
         print(
             "nodemesh controlplane: --config-dir is required with --source files", file=sys.stderr
         )
+        return 2
+    if args.source == "files" and not os.path.isdir(args.config_dir):
+        # Served, the empty store would be an empty config: every Envoy that connected (all of
+        # them, after a restart with a mistyped path) would drop its listeners and routes.
+        problem = "no such directory" if not os.path.exists(args.config_dir) else "not a directory"
+        print(f"nodemesh controlplane: --config-dir {args.config_dir}: {problem}", file=sys.stderr)
         return 2
     if (
         args.source == "kubernetes"

@@ -176,3 +176,19 @@ def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path: Path, flag: s
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"nodemesh controlplane: cannot listen: {flag} {busy}: "), last
+
+
+@pytest.mark.parametrize("problem", ["no such directory", "not a directory"])
+def test_a_config_dir_that_is_no_directory_stops_the_start(tmp_path: Path, problem: str) -> None:
+    """Started, it would serve an empty config: the Envoys that connect would drop everything."""
+    config = tmp_path / "config"
+    if problem == "not a directory":
+        config.write_text("kind: Service\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
+         "--config-dir", str(config), "--xds-listen", "127.0.0.1:0",
+         "--http-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"nodemesh controlplane: --config-dir {config}: {problem}\n"
