@@ -33,7 +33,13 @@ def _available() -> dict[str, tuple[str, str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nodemesh", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default="INFO",
+        help="DEBUG, INFO, WARNING, ERROR",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = _available()
     chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in commands), None)
@@ -43,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             importlib.import_module(module_name).configure(p)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     module = importlib.import_module(commands[args.command][0])
     return int(module.run(args))

@@ -26,18 +26,28 @@ log = logging.getLogger(__name__)
 
 def split_hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _hostport(value: str) -> str:
+    split_hostport(value)  # checked while parsing: a usage error, not a traceback at start
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=("files", "kubernetes"), default="files")
     parser.add_argument("--config-dir", help="files mode: directory of YAML objects")
-    parser.add_argument("--xds-listen", default="127.0.0.1:18000", help="ADS gRPC HOST:PORT")
-    parser.add_argument("--http-listen", default="127.0.0.1:18080", help="status HTTP HOST:PORT")
+    parser.add_argument(
+        "--xds-listen", type=_hostport, default="127.0.0.1:18000", help="ADS gRPC HOST:PORT"
+    )
+    parser.add_argument(
+        "--http-listen", type=_hostport, default="127.0.0.1:18080", help="status HTTP HOST:PORT"
+    )
     parser.add_argument(
         "--outbound-listen",
+        type=_hostport,
         default="0.0.0.0:15001",
         help="address of the node Envoys' outbound HTTP listener (HOST:PORT)",
     )

@@ -192,3 +192,35 @@ def test_a_config_dir_that_is_no_directory_stops_the_start(tmp_path: Path, probl
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"nodemesh controlplane: --config-dir {config}: {problem}\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--xds-listen", "18000"],  # the host left out
+        ["--xds-listen", "127.0.0.1:180000"],  # a digit too many: gRPC took some other port
+        ["--http-listen", "127.0.0.1:99999"],
+        ["--outbound-listen", "15001"],
+    ],
+)
+def test_a_malformed_address_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
+         "--config-dir", str(tmp_path), "--xds-listen", "127.0.0.1:0",
+         "--http-listen", "127.0.0.1:0", *args],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"error: argument {args[0]}: expected HOST:PORT, got {args[1]!r}"), last
+
+
+def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "--log-level", "verbose", "controlplane",
+         "--config-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "argument --log-level: invalid choice: 'VERBOSE'" in proc.stderr
