@@ -82,30 +82,38 @@ class EnvoyProcess:
             "--log-path", str(self.log_path),
             *self.extra_args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise EnvoyError(f"envoy exited with {self.proc.returncode}: {self.log_tail()}")
-            if address_path.exists() and (text := address_path.read_text().strip()):
-                self.admin_url = f"http://{text}"
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise EnvoyError(f"envoy admin did not come up within {timeout}s: {self.log_tail()}")
+        try:
+            # Its own session: Ctrl-C in a terminal reaches only us, and we stop Envoy in order.
+            # So every way out of here that does not return a running Envoy must stop it.
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    code = self.proc.returncode
+                    raise EnvoyError(f"envoy exited with {code}: {self.log_tail()}")
+                if address_path.exists() and (text := address_path.read_text().strip()):
+                    self.admin_url = f"http://{text}"
+                    return self
+                time.sleep(0.02)
+            raise EnvoyError(f"envoy admin did not come up within {timeout}s: {self.log_tail()}")
+        except BaseException:  # KeyboardInterrupt included
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout)
+        finally:  # also when interrupted while waiting
+            if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
+            if self._dir is not None:
+                self._dir.cleanup()
+                self._dir = None
 
     def __enter__(self) -> EnvoyProcess:
         return self.start()
