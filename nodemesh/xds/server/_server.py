@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,6 +65,8 @@ class AdsServer:
         self._health = health.aio.HealthServicer()
         self._streams: set[SotwStream | DeltaStream] = set()
         self._stale_closed = 0
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
         self.port = 0
 
     @property
@@ -114,6 +117,11 @@ class AdsServer:
             return
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        # The cut cancels the open streams' handlers, and grpc is done before they are. If the
+        # caller's event loop then ends (the CLI's asyncio.run), it cancels them again and grpc
+        # logs each stream as an unhandled CancelledError, with two tracebacks.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_streams.wait(), 1)
         self._server = None
         log.info("xDS server stopped")
 
@@ -135,6 +143,7 @@ class AdsServer:
         self, stream: SotwStream | DeltaStream, requests: AsyncIterator[Any], context: Any
     ) -> None:
         self._streams.add(stream)
+        self._no_streams.clear()
         failure: list[tuple[grpc.StatusCode, str]] = []
 
         async def read() -> None:
@@ -162,3 +171,5 @@ class AdsServer:
             stream.close()
             self._streams.discard(stream)
             self._stale_closed += stream.stale_requests
+            if not self._streams:
+                self._no_streams.set()
