@@ -31,6 +31,10 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address
+
+
 def _hostport(value: str) -> str:
     split_hostport(value)  # checked while parsing: a usage error, not a traceback at start
     return value
@@ -112,7 +116,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             kube_task.add_done_callback(operator_done)
         await pipeline.start()
         try:
-            port = await server.start(f"{xds_host}:{xds_port}")
+            port = await server.start(_join(xds_host, xds_port))
         except ServerError as exc:
             raise _CannotListen(f"--xds-listen {args.xds_listen}: {exc}") from exc
         try:
@@ -121,7 +125,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             raise _CannotListen(f"--http-listen {args.http_listen}: {exc.strerror}") from exc
         if files is not None:
             await files.start()
-        log.info("xDS on %s:%d, status on http://%s:%d/status", xds_host, port, http_host, hport)
+        xds, http = _join(xds_host, port), _join(http_host, hport)
+        log.info("xDS on %s, status on http://%s/status", xds, http)
         if ready is not None:
             ready.set()
         await stop.wait()

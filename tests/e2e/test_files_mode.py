@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2
 
 from nodemesh.envoy import EnvoyProcess, find_envoy
 from nodemesh.xds.bootstrap import bootstrap
@@ -287,3 +289,42 @@ def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "argument --log-level: invalid choice: 'VERBOSE'" in proc.stderr
+
+
+def test_an_ipv6_xds_address_is_listened_on(tmp_path: Path) -> None:
+    """`[::]:18000` (all addresses, IPv6-only and dual-stack clusters), here its loopback."""
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this host")
+    xds = free_port()  # (free on 127.0.0.1; ::1 is another address but rarely busier)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
+         "--config-dir", str(tmp_path), "--xds-listen", f"[::1]:{xds}",
+         "--http-listen", "127.0.0.1:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+
+        def serving() -> bool:
+            if proc.poll() is not None:
+                assert proc.stderr is not None
+                pytest.fail(f"the control plane exited: {proc.stderr.read()}")
+            with grpc.insecure_channel(f"[::1]:{xds}") as channel:
+                check = channel.unary_unary(
+                    "/grpc.health.v1.Health/Check",
+                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                )
+                try:
+                    reply = check(health_pb2.HealthCheckRequest(), timeout=2)
+                except grpc.RpcError:
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        wait_for(serving, f"the xDS server on [::1]:{xds}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
