@@ -105,7 +105,11 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             await asyncio.wait({kube_task, waiting}, return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
             if kube_task.done():
-                kube_task.result()  # the operator's error, or it was stopped during start-up
+                failed, kube_task = kube_task, None  # nothing left to stop
+                try:
+                    failed.result()  # the operator's error, or it was stopped during start-up
+                except kube.KubeSourceError as exc:  # its own errors (no credentials): one line
+                    raise _CannotStart(f"kubernetes source: {exc}") from exc
                 return 0
 
             def operator_done(task: asyncio.Task[None]) -> None:
@@ -173,7 +177,14 @@ def run(args: argparse.Namespace) -> int:
     except _CannotListen as exc:  # a port in use, an address not on this host: no traceback
         print(f"nodemesh controlplane: cannot listen: {exc}", file=sys.stderr)
         return 1
+    except _CannotStart as exc:
+        print(f"nodemesh controlplane: {exc}", file=sys.stderr)
+        return 1
 
 
 class _CannotListen(Exception):
+    pass
+
+
+class _CannotStart(Exception):
     pass

@@ -5,6 +5,7 @@ Also `make demo`'s entry point, end to end."""
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -328,3 +329,24 @@ def test_an_ipv6_xds_address_is_listened_on(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_no_kubernetes_credentials_is_one_clear_line(tmp_path: Path) -> None:
+    need(
+        importlib.util.find_spec("nodemesh.controlplane.kube"),
+        "the kubernetes source is not installed",
+    )
+    if Path("/var/run/secrets/kubernetes.io/serviceaccount").exists():
+        pytest.skip("this host has a service account: the control plane would use it")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "HOME"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "kubernetes",
+         "--xds-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**env, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "nodemesh controlplane: kubernetes source: "
+        "no Kubernetes credentials: neither a service account nor a kubeconfig"
+    )
