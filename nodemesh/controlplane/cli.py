@@ -84,6 +84,12 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        # HTTP first: /livez answers while a cluster's first listing is still coming (which
+        # may take minutes), /readyz and /status say what is not ready yet.
+        try:
+            hport = await status.start(http_host, http_port)
+        except OSError as exc:
+            raise _CannotListen(f"--http-listen {args.http_listen}: {exc.strerror}") from exc
         if args.source == "files":
             files = FilesSource(args.config_dir, store, pipeline, interval=args.poll_interval)
             files.scan()
@@ -123,10 +129,6 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             port = await server.start(_join(xds_host, xds_port))
         except ServerError as exc:
             raise _CannotListen(f"--xds-listen {args.xds_listen}: {exc}") from exc
-        try:
-            hport = await status.start(http_host, http_port)
-        except OSError as exc:
-            raise _CannotListen(f"--http-listen {args.http_listen}: {exc.strerror}") from exc
         if files is not None:
             await files.start()
         xds, http = _join(xds_host, port), _join(http_host, hport)

@@ -1,5 +1,6 @@
-"""The control plane's HTTP listener: `/status` (JSON: objects, conditions, nodes, versions)
-and `/healthz`."""
+"""The control plane's HTTP listener: `/status` (JSON: objects, conditions, nodes, versions),
+`/livez` (the process answers: a liveness probe), `/readyz` and its older name `/healthz` (a
+snapshot is built and served: a readiness probe)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,21 @@ class StatusServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.pipeline.status_json())
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _readyz(self, request: web.Request) -> web.Response:
         ok = self.pipeline.snapshot is not None
         return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not built yet\n")
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        # Up before the first snapshot: a first listing of a large cluster may take minutes,
+        # and a liveness probe on readiness would restart the process before it is done.
+        return web.Response(text="ok\n")
 
     async def start(self, host: str, port: int) -> int:
         app = web.Application()
         app.router.add_get("/status", self._status)
-        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/healthz", self._readyz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Process:
     def __init__(self, proc: subprocess.Popen[bytes], log: Path, xds: int, outbound: int) -> None:
         self.proc, self.log, self.xds, self.outbound = proc, log, xds, outbound
+        self.http = 0
 
     async def terminate(self, timeout: float = 15.0) -> int | None:
         if self.proc.poll() is None:
@@ -43,8 +47,7 @@ class Process:
         return self.proc.returncode
 
 
-@pytest.fixture
-async def controlplane(kube: Kube, tmp_path: Path) -> AsyncIterator[Process]:
+def start(kube: Kube, tmp_path: Path) -> Process:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -65,11 +68,50 @@ async def controlplane(kube: Kube, tmp_path: Path) -> AsyncIterator[Process]:
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         )  # fmt: skip
     p = Process(proc, log, xds, outbound)
+    p.http = http
+    return p
+
+
+@pytest.fixture
+async def controlplane(kube: Kube, tmp_path: Path) -> AsyncIterator[Process]:
+    p = start(kube, tmp_path)
     try:
         yield p
     finally:
         await p.terminate()
-        print(log.read_text()[-3000:])
+        print(p.log.read_text()[-3000:])
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError:  # not listening (yet)
+        return 0, ""
+
+
+async def test_live_at_once_ready_once_the_cluster_is_listed(kube: Kube, tmp_path: Path) -> None:
+    """A first listing can take minutes (a large cluster, an API server under load): /livez
+    answers from the start, so a liveness probe does not restart the process meanwhile; the
+    HTTP listener opened only once the listing was complete. /readyz says 503 until then,
+    and xDS is not served."""
+    await kube.create(service("web"))
+    slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
+    kube.emulator.refused.add(slices)
+    p = start(kube, tmp_path)
+    try:
+        await eventually(lambda: http_get(p.http, "/livez") == (200, "ok\n"), "live")
+        assert http_get(p.http, "/readyz") == (503, "not built yet\n")
+        assert http_get(p.http, "/status")[0] == 200
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", p.xds), timeout=2).close()
+        kube.emulator.refused.discard(slices)
+        await eventually(lambda: http_get(p.http, "/readyz") == (200, "ok\n"), "ready", 90)
+    finally:
+        await p.terminate()
+        print(p.log.read_text()[-3000:])
 
 
 async def test_cli_serves_envoy_writes_status_and_releases_the_lease(
