@@ -153,3 +153,20 @@ async def test_cli_serves_envoy_writes_status_and_releases_the_lease(
     finally:
         await envoy.stop()
         await backend.stop()
+
+
+def test_a_kubeconfig_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    """A mistyped $KUBECONFIG was a FileNotFoundError traceback from kopf's reader."""
+    missing = tmp_path / "nope" / "kubeconfig"
+    done = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "kubernetes",
+         "--xds-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+        env={**os.environ, "KUBECONFIG": str(missing), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().endswith(
+        f"kubernetes source: cannot read Kubernetes credentials: [Errno 2] No such file or"
+        f" directory: '{missing}'"
+    ), done.stderr

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+import yaml
 
 from nodemesh.controlplane.kube._errors import OperatorError
 from nodemesh.controlplane.kube._feed import Feed
@@ -64,7 +65,10 @@ def default_connection() -> kopf.ConnectionInfo:
     """In-cluster service account credentials, else the kubeconfig (kopf's own readers)."""
     settings = kopf.OperatorSettings()
     for login in (kopf.login_with_service_account, kopf.login_with_kubeconfig):
-        info = login(settings=settings, logger=log)
+        try:
+            info = login(settings=settings, logger=log)
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # a $KUBECONFIG naming no file
+            raise OperatorError(f"cannot read Kubernetes credentials: {exc}") from exc
         if info is not None:
             assert isinstance(info, kopf.ConnectionInfo)
             return info
