@@ -80,6 +80,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     files: FilesSource | None = None
     kube_task: asyncio.Task[None] | None = None
     stop = asyncio.Event()
+    failures: list[str] = []  # why a source stopped on its own
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -119,9 +120,14 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                 return 0
 
             def operator_done(task: asyncio.Task[None]) -> None:
-                if not task.cancelled() and task.exception() is not None:
-                    log.error("the kubernetes source stopped: %s", task.exception())
-                    stop.set()
+                if task.cancelled() or stop.is_set():
+                    return  # asked to stop
+                # Stopped on its own: the store no longer follows the cluster. Exit (non-zero,
+                # so that it is restarted and seen) rather than serve a config going stale.
+                why = task.exception() or "it ended without an error"
+                log.error("the kubernetes source stopped: %s", why)
+                failures.append(str(why))
+                stop.set()
 
             kube_task.add_done_callback(operator_done)
         await pipeline.start()
@@ -151,7 +157,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         await status.stop()
         await pipeline.stop()
         await server.stop(grace=args.drain_seconds)
-    return 0
+    return 1 if failures else 0
 
 
 def run(args: argparse.Namespace) -> int:

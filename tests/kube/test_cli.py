@@ -4,6 +4,7 @@ writes status, and hands the Lease back on SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from nodemesh.controlplane import cli
+from nodemesh.controlplane import kube as kube_source
 from nodemesh.envoy import EnvoyProcess
 from nodemesh.xds.bootstrap import bootstrap
 from tests.e2e.mesh import HttpBackend, endpoint_slice, service
@@ -170,3 +173,25 @@ def test_a_kubeconfig_that_is_not_there_is_one_line(tmp_path: Path) -> None:
         f"kubernetes source: cannot read Kubernetes credentials: [Errno 2] No such file or"
         f" directory: '{missing}'"
     ), done.stderr
+
+
+async def test_a_kubernetes_source_that_stops_on_its_own_ends_the_process_with_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The operator ending by itself (kopf gives up on a LIST after its retries) left a
+    control plane that served a config no longer following the cluster, with exit code 0
+    when the operator ended with an error, and no exit at all when it ended without one.
+    (The operator here is a stand-in that is ready at once and then returns.)"""
+
+    async def stops_on_its_own(*_: Any, ready: asyncio.Event, **__: Any) -> None:
+        ready.set()
+        await asyncio.sleep(0.2)
+
+    monkeypatch.setattr(kube_source, "run_operator", stops_on_its_own)
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(
+        ["--source", "kubernetes", "--xds-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+         "--drain-seconds", "0"]
+    )  # fmt: skip
+    assert await asyncio.wait_for(cli.serve(args), 30) == 1
