@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from nodemesh.controlplane.builder import BuildResult, build
+from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
@@ -254,28 +254,84 @@ def test_a_grpc_regular_expression_with_alternatives_matches_within_its_part() -
     }
 
 
-def test_grpc_rules_come_before_http_rules_on_the_same_port() -> None:
-    # The GRPCRoute rule matches only gRPC requests: other requests still reach the HTTPRoute.
+def http_on_g(name: str = "http", **parent_fields: Any) -> dict[str, Any]:
+    rule = {"matches": [{"path": {"type": "PathPrefix", "value": "/web"}}], "backendRefs": to("a")}
+    return route(name, [parent("g", **parent_fields)], [rule])
+
+
+G_PORTS = (("http", 80, ""), ("grpc", 9000, ""))
+
+
+def test_a_grpcroute_takes_a_service_port_from_an_httproute() -> None:
+    """GEP-1294: where routes of two kinds attach to one Service port, only one kind applies,
+    GRPCRoute first, and the other is not Accepted (Conflicted). Before, both applied."""
     res = run(
         service("g", ports=GRPC_PORT),
-        service("a", ports=GRPC_PORT),
+        service("a"),
         service("b", ports=GRPC_PORT),
-        route(
-            "http",
-            [parent("g")],
-            [
-                {
-                    "matches": [{"path": {"type": "Exact", "value": "/pkg.Svc/Get"}}],
-                    "backendRefs": to("a", 9000),
-                }
-            ],
-        ),
+        http_on_g(),
         route("gr", [parent("g")], [grpc_rule("b", service="pkg.Svc")], kind="GRPCRoute"),
     )
-    assert [r.name for r in routes(res, "shop/g:9000")] == [
-        "GRPCRoute/shop/gr/rule-0/0",
-        "HTTPRoute/shop/http/rule-0/0",
-    ]
+    assert [r.name for r in routes(res, "shop/g:9000")] == ["GRPCRoute/shop/gr/rule-0/0"]
+    c = accepted(res, "http")
+    assert (c.status, c.reason, c.parent) == ("False", "Conflicted", "Service/g"), c
+    assert "GRPCRoute/shop/gr on port 9000" in c.message, c.message
+    assert accepted(res, "gr", "GRPCRoute").status == "True"
+
+
+def test_an_httproute_keeps_the_ports_no_grpcroute_takes() -> None:
+    res = run(
+        service("g", ports=G_PORTS),
+        service("a"),
+        service("b", ports=GRPC_PORT),
+        http_on_g(),  # every port of g
+        route("gr", [parent("g", port=9000)], [grpc_rule("b", service="pkg.Svc")],
+              kind="GRPCRoute"),
+    )  # fmt: skip
+    assert [r.name for r in routes(res, "shop/g:80")] == ["HTTPRoute/shop/http/rule-0/0"]
+    assert [r.name for r in routes(res, "shop/g:9000")] == ["GRPCRoute/shop/gr/rule-0/0"]
+    c = accepted(res, "http")
+    assert c.status == "True" and "not applied on port 9000: GRPCRoute/shop/gr" in c.message, c
+
+
+def test_an_httproute_gets_its_port_back_when_the_grpcroute_goes() -> None:
+    store, memo = Store(), BuildMemo()
+    for obj in (
+        service("g", ports=GRPC_PORT),
+        service("a"),
+        service("b", ports=GRPC_PORT),
+        http_on_g(),
+        route("gr", [parent("g")], [grpc_rule("b", service="pkg.Svc")], kind="GRPCRoute"),
+    ):
+        store.apply(obj)
+    assert accepted(build(store.view(), memo=memo), "http").reason == "Conflicted"
+    store.delete(ObjectKey("GRPCRoute", "shop", "gr"))
+    res = build(store.view(), memo=memo)
+    assert accepted(res, "http").status == "True"
+    assert [r.name for r in routes(res, "shop/g:9000")] == ["HTTPRoute/shop/http/rule-0/0"]
+    # and the other way: the GRPCRoute coming back takes the port again
+    store.apply(route("gr", [parent("g")], [grpc_rule("b", service="pkg.Svc")], kind="GRPCRoute"))
+    assert accepted(build(store.view(), memo=memo), "http").reason == "Conflicted"
+
+
+def test_a_consumer_httproute_does_not_conflict_with_the_producers_grpcroute() -> None:
+    """The kinds are compared within each group that routes are merged in (GEP-1294): the
+    producer's routes, and each consumer namespace's."""
+    consumer = http_on_g("mine", namespace="shop")
+    consumer["metadata"]["namespace"] = "props"
+    res = run(
+        service("g", ports=GRPC_PORT),
+        service("a"),
+        service("b", ports=GRPC_PORT),
+        consumer,
+        route("gr", [parent("g")], [grpc_rule("b", service="pkg.Svc")], kind="GRPCRoute"),
+    )
+    mine = next(
+        c for c in res.conditions[ObjectKey("HTTPRoute", "props", "mine")] if c.type == "Accepted"
+    )
+    assert mine.status == "True", mine
+    names = [r.name for r in routes(res, "shop/g:9000")]
+    assert "HTTPRoute/props/mine/rule-0/0" in names and "GRPCRoute/shop/gr/rule-0/0" in names
 
 
 # -- matches --------------------------------------------------------------------------------

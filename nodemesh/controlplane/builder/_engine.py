@@ -159,6 +159,46 @@ class _Ordered(Generic[K, V]):
         return self._tuple
 
 
+@dataclass(frozen=True, slots=True)
+class _Conflict:
+    """Where one parentRef of an HTTPRoute lost to GRPCRoutes on a Service: the ports, the
+    GRPCRoutes that took them, and whether it kept any port of that Service."""
+
+    ports: frozenset[int]
+    winners: frozenset[str]
+    kept: bool
+
+
+def _one_kind_each(
+    pairs: list[tuple[ObjectKey, RouteEntry]],
+    port: int,
+    conflicts: dict[ObjectKey, dict[str, _Conflict]],
+) -> list[RouteEntry]:
+    """One Service port's entries (sorted), but where GRPCRoutes and HTTPRoutes both attach
+    (among the producer's routes, or one consumer namespace's), the GRPCRoutes' only: GEP-1294
+    says a Service port takes one route kind, GRPCRoute first. Each HTTPRoute parentRef's
+    lost and kept ports are added to `conflicts`; the caller drops the routes that lost
+    nothing once every port is done."""
+    grpc: dict[str, set[str]] = {}  # consumer ("" for the producer) -> its GRPCRoutes
+    for k, e in pairs:
+        if k.kind == "GRPCRoute":
+            grpc.setdefault(e.route.match.consumer, set()).add(f"{k.kind}/{k.namespace}/{k.name}")
+    out = []
+    for k, e in pairs:
+        if k.kind != "HTTPRoute":
+            out.append(e)
+            continue
+        winners = grpc.get(e.route.match.consumer)
+        mine = conflicts.setdefault(k, {})
+        was = mine.get(e.label, _Conflict(frozenset(), frozenset(), False))
+        if winners:
+            mine[e.label] = replace(was, ports=was.ports | {port}, winners=was.winners | winners)
+        else:
+            mine[e.label] = replace(was, kept=True)
+            out.append(e)
+    return out
+
+
 def _finish(
     entry: RouteEntry, policy: PolicySettings | None, lbs: Mapping[str, ir.LoadBalancer]
 ) -> ir.Route:
@@ -312,6 +352,10 @@ class Engine:
         self.route_deps: dict[ObjectKey, set[Ref]] = {}
         self.svc_dependents: dict[Ref, set[ObjectKey]] = {}
         self.attached: dict[Ref, dict[ObjectKey, list[RouteEntry]]] = {}
+        # HTTPRoutes left out where a GRPCRoute takes the same Service port (GEP-1294), per
+        # Service: route -> parentRef label -> what `_Conflict` says
+        self.conflicts: dict[Ref, dict[ObjectKey, dict[str, _Conflict]]] = {}
+        self.conflicts_changed: set[ObjectKey] = set()
         self.route_used: dict[PortKey, int] = {}
         self.cluster_users: dict[PortKey, set[ObjectKey]] = {}
         self.cluster_keys: dict[str, PortKey] = {}  # cluster name -> (ns, name, port)
@@ -407,6 +451,11 @@ class Engine:
         vh_order = sorted(vh_dirty)
         for ref in vh_order:
             self._virtual_hosts(ref, usage_changed)
+        for key in self.conflicts_changed | route_dirty:
+            model = self.routes.get(key)
+            if model is not None:
+                self.conditions[key] = self._route_conditions(key, model)
+        self.conflicts_changed = set()
 
         cluster_dirty = usage_changed | settings_changed | ep_changed
         services = self.services
@@ -697,19 +746,22 @@ class Engine:
         old_defaults = self.defaults.pop(ref, _NO_KEYS)
         new_keys: list[VhostKey] = []
         defaults: set[PortKey] = set()
+        conflicts: dict[ObjectKey, dict[str, _Conflict]] = {}
         if svc is not None:
             ns, name = ref
             attached = self.attached.get(ref)
             # The order a full build would attach them in: HTTPRoutes, then GRPCRoutes, by key.
             entries = (
                 [
-                    e
+                    (rkey, e)
                     for rkey in sorted(attached, key=lambda k: (_ROUTE_KINDS.index(k.kind), k))
                     for e in attached[rkey]
                 ]
                 if attached
                 else None
             )
+            # Only a Service with GRPCRoutes can have conflicts (most have none: no bookkeeping)
+            mixed = entries is not None and any(k.kind == "GRPCRoute" for k, _ in entries)
             short = len(self.name_ns.get(name, ())) == 1
             hosts = svc.hostnames(short_name=short)
             # As a Host header carries them: an IPv6 address is bracketed, with or without ":port".
@@ -721,14 +773,17 @@ class Engine:
                 port = sp.port
                 pk = (ns, name, port)
                 suffix = f":{port}"
-                mine = (
+                here = (
                     sorted(
-                        (e for e in entries if e.parent[2] in (None, port)),
-                        key=lambda e: e.sort_key,
+                        ((k, e) for k, e in entries if e.parent[2] in (None, port)),
+                        key=lambda ke: ke[1].sort_key,
                     )
                     if entries
                     else None
                 )
+                mine: list[RouteEntry] | None = None
+                if here:
+                    mine = _one_kind_each(here, port, conflicts) if mixed else [e for _, e in here]
                 policy = settings.get(pk) if settings else None
                 consumer_routes: tuple[ir.Route, ...] = ()
                 if mine and any(e.route.match.consumer for e in mine):
@@ -772,6 +827,17 @@ class Engine:
                     ),
                 )
                 new_keys.append(vkey)
+        conflicts = {
+            k: by_label
+            for k, by_label in conflicts.items()
+            if any(c.ports for c in by_label.values())
+        }
+        old_conflicts = self.conflicts.pop(ref, {})
+        if conflicts:
+            self.conflicts[ref] = conflicts
+        for rkey in old_conflicts.keys() | conflicts.keys():
+            if old_conflicts.get(rkey) != conflicts.get(rkey):
+                self.conflicts_changed.add(rkey)
         for vkey in old_keys:
             if vkey not in new_keys:
                 self.vhosts.remove(vkey)
@@ -786,6 +852,35 @@ class Engine:
             for pk in defaults - old_defaults:
                 self.default_used.add(pk)
                 usage_changed.add(pk)
+
+    def _route_conditions(self, key: ObjectKey, model: RouteModel) -> tuple[Condition, ...]:
+        """The route's own conditions, with what GRPCRoutes on the same Service ports say: a
+        parentRef whose every port is taken by one is not Accepted (Conflicted); one that lost
+        some ports says which."""
+        found: dict[str, _Conflict] = {}
+        for ref in self.route_parents.get(key, ()):
+            found.update(self.conflicts.get(ref, {}).get(key, {}))
+        if not found:
+            return tuple(model.conditions)
+        out = []
+        for c in model.conditions:
+            lost = found.get(c.parent)
+            if c.type == "Accepted" and c.status == "True" and lost is not None:
+                ports = ", ".join(str(p) for p in sorted(lost.ports))
+                winners = ", ".join(sorted(lost.winners))
+                why = (
+                    f"{winners} on port {ports} of the same Service: where a GRPCRoute and an "
+                    "HTTPRoute attach to one Service port, only the GRPCRoute applies (GEP-1294)"
+                )
+                if lost.kept:
+                    c = replace(c, message=f"{c.message}; not applied on port {ports}: {why}")
+                else:
+                    c = Condition(
+                        "Accepted", "False", "Conflicted", f"not applied: {why}",
+                        c.observed_generation, c.parent,
+                    )  # fmt: skip
+            out.append(c)
+        return tuple(out)
 
     def _consumer_routes(
         self, entries: list[RouteEntry], policy: PolicySettings | None, vhost: str, port: int

@@ -44,6 +44,7 @@ class RouteEntry:
     retry: RetrySpec | None = None
     timeout_ms: int | None = None
     backend_timeout_ms: int | None = None
+    label: str = ""  # the parentRef it came from, as its status names it
 
 
 @dataclass(slots=True)
@@ -437,8 +438,8 @@ def read_route(
                 ),
                 origins=(key,),
             )
-            # GRPCRoute rules first: they match only gRPC requests, so an HTTPRoute on the same
-            # port still gets every other request (and the two kinds' precedences differ).
+            # The kinds apart (their precedences differ), GRPCRoute first; where both attach
+            # to one Service port only the GRPCRoutes stay (`_engine._one_kind_each`).
             sort_key = (kind != "GRPCRoute", *precedence, order, ri, mi)
             entries.append(
                 RouteEntry((ns, "", None), sort_key, route, retry, request_ms, backend_ms)
@@ -475,7 +476,9 @@ def read_route(
             if consumer:
                 route = replace(route, match=replace(route.match, consumer=consumer))
             model.entries.append(
-                RouteEntry(parent, e.sort_key, route, e.retry, e.timeout_ms, e.backend_timeout_ms)
+                RouteEntry(
+                    parent, e.sort_key, route, e.retry, e.timeout_ms, e.backend_timeout_ms, label
+                )
             )
     if not parents:
         model.clusters.clear()
