@@ -162,6 +162,21 @@ async def test_objects_deleted_while_the_watch_was_down_leave_the_store(
     assert [k.name for k in store.keys("Service")] == ["new", "web"]
 
 
+async def test_each_later_relisting_sweeps_too(kube: Kube, start_operator: Any) -> None:
+    """Not only the first 410 Gone after the start: every listing after one is told apart
+    from the listing before it."""
+    store = Store()
+    for name in ("web", "api", "old"):
+        await kube.create(service(name))
+    await start_operator(store)
+    await eventually(lambda: len(store.keys("Service")) == 3, "the Services in the store")
+    for name in ("api", "old"):
+        await kube.delete_unseen("Service", "shop", name)
+        key = ObjectKey("Service", "shop", name)
+        await eventually(lambda key=key: store.get(key) is None, f"{name} gone from the store")
+    assert [k.name for k in store.keys("Service")] == ["web"]
+
+
 def route(name: str, parent: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",

@@ -66,7 +66,9 @@ class Feed:
         self._probe = probe
         self._existing = existing
         self._sweep_delay = sweep_delay
-        self._listed: set[ObjectKey] = set()  # keys kopf listed since the last sweep began
+        # per kind, the keys of kopf's latest listing of it (so far): a key listed again
+        # begins the next listing
+        self._listed: dict[str, set[ObjectKey]] = {}
         self._relisted = asyncio.Event()
         self._touched: set[ObjectKey] | None = None  # keys with an event during a sweep
         self._indexes: dict[str, IndexLike] = {}
@@ -91,14 +93,16 @@ class Feed:
 
     def listed(self, key: ObjectKey) -> None:
         """kopf listed `key` (an event of type None). Listed twice: kopf lists again."""
-        if key not in self._listed:
-            self._listed.add(key)
-        elif self._synced.is_set() and not self._relisted.is_set():
-            log.info("kopf lists %s again: sweeping for objects that went meanwhile", key.kind)
-            self._relisted.set()
+        listing = self._listed.setdefault(key.kind, set())
+        if key in listing:
+            listing.clear()  # this listing, not the last one, tells when the next one begins
+            if self._synced.is_set() and not self._relisted.is_set():
+                log.info("kopf lists %s again: sweeping for objects that went meanwhile", key.kind)
+                self._relisted.set()
+        listing.add(key)
 
     def deleted(self, key: ObjectKey) -> None:
-        self._listed.discard(key)
+        self._listed.get(key.kind, set()).discard(key)
 
     def mark_synced(self) -> None:
         """kopf runs non-index handlers only once every watched kind is fully indexed."""
@@ -133,7 +137,6 @@ class Feed:
             # Not needed for correctness: lets kopf's listing go on, so one sweep covers it.
             await asyncio.sleep(self._sweep_delay)
             self._relisted.clear()
-            self._listed.clear()
             await self.sweep()
 
     async def sweep(self) -> int:
