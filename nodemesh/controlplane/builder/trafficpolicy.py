@@ -305,8 +305,9 @@ def read_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicyModel:
         retry, percent, min_conc = _retry(as_map(spec["retry"]), p)
         sections["retry"] = PolicySettings(
             # A section with only a budget (cluster-level) asks for no retries: without this,
-            # every route of the Service got a retry policy of Envoy's defaults.
-            retry=retry if retry != RetrySpec() else None,
+            # every route of the Service got a retry policy of Envoy's defaults. An empty
+            # `retry: {}` does ask for them.
+            retry=None if retry == RetrySpec() and "budget" in as_map(spec["retry"]) else retry,
             budget_percent=percent,
             budget_min_concurrency=min_conc,
             origins=origins,
