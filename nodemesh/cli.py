@@ -36,9 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--log-level",
         type=str.upper,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"),
         default="INFO",
-        help="DEBUG, INFO, WARNING, ERROR",
+        help="DEBUG, INFO, WARNING (WARN), ERROR, CRITICAL",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = _available()
