@@ -461,7 +461,8 @@ async def test_a_control_plane_restart_after_a_long_outage_is_followed_at_once(
                 lambda: backends(lab, VIP, 80) == [lab.pods["c"].ip], "the restart", timeout=10
             )
             took = time.monotonic() - start
-        assert took < 1.5, f"{took:.1f} s to follow a control-plane restart"
+        # the broken agent waits the maximum, 3.2 s, at least; a loaded CI machine gets slack
+        assert took < 2.5, f"{took:.1f} s to follow a control-plane restart"
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
