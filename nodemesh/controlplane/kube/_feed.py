@@ -137,7 +137,10 @@ class Feed:
             # Not needed for correctness: lets kopf's listing go on, so one sweep covers it.
             await asyncio.sleep(self._sweep_delay)
             self._relisted.clear()
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception:  # a bug: said, and the next relisting sweeps again
+                log.exception("sweep after relisting failed")
 
     async def sweep(self) -> int:
         """Delete from the store the objects that do not exist and had no event since the
