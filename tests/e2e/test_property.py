@@ -205,6 +205,18 @@ def _prefix_only(rule: dict[str, Any]) -> bool:
     )
 
 
+def header_filters(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A rule's request and response header modifiers, each maybe."""
+    filters = []
+    for kind, key in (
+        ("RequestHeaderModifier", "requestHeaderModifier"),
+        ("ResponseHeaderModifier", "responseHeaderModifier"),
+    ):
+        if draw(st.booleans()):
+            filters.append({"type": kind, key: draw(header_mod)})
+    return filters
+
+
 @st.composite
 def http_rules(draw: st.DrawFn, ns: str | None = None) -> list[dict[str, Any]]:
     out = []
@@ -212,13 +224,7 @@ def http_rules(draw: st.DrawFn, ns: str | None = None) -> list[dict[str, Any]]:
         rule: dict[str, Any] = {}
         if draw(st.booleans()):
             rule["matches"] = draw(st.lists(http_matches, max_size=3))
-        filters = []
-        for kind, key in (
-            ("RequestHeaderModifier", "requestHeaderModifier"),
-            ("ResponseHeaderModifier", "responseHeaderModifier"),
-        ):
-            if draw(st.booleans()):
-                filters.append({"type": kind, key: draw(header_mod)})
+        filters = header_filters(draw)
         # CEL: URLRewrite and RequestRedirect not together, and neither twice.
         which = draw(st.sampled_from(["", "URLRewrite", "RequestRedirect"]))
         if which == "URLRewrite":
@@ -297,13 +303,7 @@ def grpc_rules(draw: st.DrawFn) -> list[dict[str, Any]]:
         rule: dict[str, Any] = {}
         if draw(st.booleans()):
             rule["matches"] = draw(st.lists(grpc_matches, max_size=3))
-        filters = []
-        for kind, key in (
-            ("RequestHeaderModifier", "requestHeaderModifier"),
-            ("ResponseHeaderModifier", "responseHeaderModifier"),
-        ):
-            if draw(st.booleans()):
-                filters.append({"type": kind, key: draw(header_mod)})
+        filters = header_filters(draw)
         filters += draw(st.lists(mirror(mirror_ref(None)), max_size=2))
         if filters:
             rule["filters"] = draw(st.permutations(filters))
