@@ -175,17 +175,21 @@ def test_a_kubeconfig_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     ), done.stderr
 
 
+@pytest.mark.parametrize("error", [None, "the API server is gone"])
 async def test_a_kubernetes_source_that_stops_on_its_own_ends_the_process_with_1(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: str | None
 ) -> None:
     """The operator ending by itself (kopf gives up on a LIST after its retries) left a
     control plane that served a config no longer following the cluster, with exit code 0
-    when the operator ended with an error, and no exit at all when it ended without one.
-    (The operator here is a stand-in that is ready at once and then returns.)"""
+    when the operator ended with an error (logged twice, once with a traceback), and no exit
+    at all when it ended without one. (The operator here is a stand-in that is ready at once
+    and then ends.)"""
 
     async def stops_on_its_own(*_: Any, ready: asyncio.Event, **__: Any) -> None:
         ready.set()
         await asyncio.sleep(0.2)
+        if error is not None:
+            raise kube_source.KubeSourceError(error)
 
     monkeypatch.setattr(kube_source, "run_operator", stops_on_its_own)
     parser = argparse.ArgumentParser()
@@ -194,4 +198,7 @@ async def test_a_kubernetes_source_that_stops_on_its_own_ends_the_process_with_1
         ["--source", "kubernetes", "--xds-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
          "--drain-seconds", "0"]
     )  # fmt: skip
-    assert await asyncio.wait_for(cli.serve(args), 30) == 1
+    with caplog.at_level("ERROR", logger="nodemesh"):
+        assert await asyncio.wait_for(cli.serve(args), 30) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"the kubernetes source stopped: {error or 'it ended without an error'}"]
