@@ -149,7 +149,9 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             # The operator stops on `stop` and hands the Lease over; then the ADS server drains.
             stop.set()
             try:
-                await asyncio.wait_for(kube_task, 30)
+                # 20 s, then the drain (5 s by default): inside Kubernetes' default grace of
+                # 30 s, so that the drain is not cut by SIGKILL
+                await asyncio.wait_for(kube_task, 20)
             except Exception:
                 log.exception("the kubernetes source did not stop cleanly")
         if files is not None:
