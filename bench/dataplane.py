@@ -25,8 +25,8 @@ used CPU is repeated (`_run`).
 
 CPU placement (2 CPUs): the load generator alone on CPU 0; the server and every Envoy on CPU 1.
 After every throughput run the bench waits until the lab's sockets have drained what it left
-queued (`drain`): over the sockhash a failed upload leaves GBs behind, and reading them slowed
-the next column's round trips from ~0.2 ms to ~1 ms.
+queued (`drain`): a failed upload leaves up to nm_backlog_limit (4 MiB) per connection over the
+sockhash, and more over TCP, and reading it meanwhile slows the next column's round trips.
 Writes bench/results/dataplane.json; see docs/bench-dataplane.md. Internal worker modes
 (WORKERS: `http-serve`, `http-rr`, ..., `tcp-stream`) run inside the pods.
 """
@@ -71,8 +71,8 @@ SIZES = (1, 1024, 65536)
 COUNT = int(os.environ.get("NODEMESH_BENCH_RR", "5000"))
 WARMUP = 200  # round trips before the measured ones
 STREAM_SECONDS = 3.0
-# A throughput run over the sockhash can leave GBs queued on the reader (no backpressure, see
-# docs/ebpf.md); the next measurement waits until the lab's sockets hold less than this.
+# A throughput run can leave bytes queued on the reader; the next measurement waits until the
+# lab's sockets hold less than this.
 DRAINED_BYTES = 1 << 20
 DRAIN_TIMEOUT = 180.0
 # The machine is shared: a measurement during which other processes used more CPU than this

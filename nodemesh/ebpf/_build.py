@@ -23,7 +23,8 @@ OBJECTS = ("connect", "sockops", "redir", "sockopt", "backlog")  # the data plan
 PROBE_OBJECT = "probe"  # the kernel probe's program (nodemesh.ebpf.probe)
 
 
-# -mcpu=v3: atomic fetch-and-add (backlog.bpf.c); kernels >= 5.12 run v3 code.
+# -mcpu=v3: atomic fetch-and-add and compare-and-swap (redir.bpf.c, backlog.bpf.c, sockops.bpf.c);
+# kernels >= 5.12 run v3 code.
 _FLAGS = ("-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror")
 
 

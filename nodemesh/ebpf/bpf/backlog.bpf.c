@@ -7,11 +7,11 @@
  * (redirected) or the TCP receive queue. tcp_sock.copied_seq moves only for the second (6.18:
  * 4 MiB redirected and read, copied_seq unchanged), so the TCP bytes of a read are how far
  * copied_seq moved since the last read (nm_rcv_seq, set by sockops at insert), and the rest
- * are redirected ones. Until 2026-11-22 every byte read was taken off, clamped at 0, on the
- * grounds that a socket reads its redirected bytes before any TCP ones; two writer threads
- * broke that (a message reserved but not queued yet while the other thread's went over TCP
- * and was read first), and the count could reach 0 with a redirect still coming, so
- * nm_detach() could drop it. fexit/sk_msg_recvmsg would count only the ingress queue, but
+ * are redirected ones. Not every byte read: a socket does not always read its redirected
+ * bytes before its TCP ones (two writer threads: a message reserved but not queued yet while
+ * the other thread's went over TCP and was read first), and the count could reach 0 with a
+ * redirect still coming, so nm_detach() could drop it. fexit/sk_msg_recvmsg would count only
+ * the ingress queue, but
  * this kernel refuses to load fentry/fexit/fmod_ret/lsm programs (EPERM, docs/ebpf.md) and has
  * no kprobes (CONFIG_KPROBES unset).
  */

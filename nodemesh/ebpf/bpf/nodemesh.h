@@ -132,7 +132,7 @@ struct nm_stats {
  */
 #define NM_DETACHED (-((__s64)1 << 62))
 
-/* Maps shared by every object: pinned by name under the loader's pin root, so the four
+/* Maps shared by every object: pinned by name under the loader's pin root, so the five
  * objects see one set and the maps outlive the agent.
  */
 struct {
