@@ -1,7 +1,8 @@
 """Property tests: a real Envoy ACKs (no NACK) every policy that nodemesh's CRD accepts (its
 schema and CEL rules), and every HTTPRoute and GRPCRoute that Gateway API's schema accepts
 (and the CEL rules the strategies below follow) unless the builder refuses it, which it must
-do with Accepted=False naming the fields. Gateway API's schema limits header values, `remove`
+do with Accepted=False naming the fields; and the two together (policies on a route's
+parent and backends, merged into its rules). Gateway API's schema limits header values, `remove`
 entries and rewritten paths only in length, so they carry `%`, control characters, ""."""
 
 from __future__ import annotations
@@ -314,6 +315,16 @@ def grpc_rules(draw: st.DrawFn) -> list[dict[str, Any]]:
     return out
 
 
+# A client pod of the consumer namespace on the node (so its own Listener is built).
+CLIENT_POD = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "client", "namespace": "props"},
+    "spec": {"nodeName": NODE},
+    "status": {"phase": "Running", "podIP": "127.0.0.7"},
+}
+
+
 async def setup_services(mesh: Mesh, backends: Backends) -> None:
     a, b = await backends.get("prop-a"), await backends.get("prop-b")
     mesh.apply(
@@ -406,16 +417,82 @@ async def test_every_valid_consumer_route_is_acked_by_envoy(
     route = http_route("prop-consumer", "prop", route_rules, ns="props")
     route["spec"]["parentRefs"][0]["namespace"] = "shop"
     assert gatewayapi.errors([route]) == [[]]
-    mesh.apply(
-        route,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "client", "namespace": "props"},
-            "spec": {"nodeName": NODE},
-            "status": {"phase": "Running", "podIP": "127.0.0.7"},
-        },
-    )
+    mesh.apply(route, CLIENT_POD)
     await assert_acked_without_nack(mesh)
     if assert_accepted_or_refused_precisely(mesh, ObjectKey("HTTPRoute", "props", "prop-consumer")):
         assert mesh.cache.get_snapshot(NODE) is not mesh.pipeline.snapshot  # its own Listener
+
+
+# Routes and policies together: `_finish` merges a policy's retry, timeouts and fault into each
+# route, and the hashing of a backend's policy, under the route's own settings.
+combo_targets = st.lists(
+    st.builds(
+        lambda name, section: {
+            "group": "",
+            "kind": "Service",
+            "name": name,
+            **({"sectionName": "http"} if section else {}),
+        },
+        st.sampled_from(["prop", "prop-a", "prop-b"]),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda t: (t["name"], "sectionName" in t),
+)
+COMBO_ROUTES = (
+    ObjectKey("HTTPRoute", "shop", "prop-combo"),
+    ObjectKey("GRPCRoute", "shop", "prop-combo"),
+    ObjectKey("HTTPRoute", "props", "prop-combo"),
+)
+
+
+@st.composite
+def combo_routes(draw: st.DrawFn) -> tuple[ObjectKey, dict[str, Any]]:
+    key = draw(st.sampled_from(COMBO_ROUTES))
+    if key.kind == "GRPCRoute":
+        route = grpc_route(key.name, "prop", draw(grpc_rules()))
+    else:
+        consumer = key.namespace != "shop"
+        route = http_route(
+            key.name, "prop", draw(http_rules(ns="shop" if consumer else None)), ns=key.namespace
+        )
+        if consumer:
+            route["spec"]["parentRefs"][0]["namespace"] = "shop"
+    route["spec"]["parentRefs"][0].update(draw(parent_refs))
+    return key, route
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    drawn=combo_routes(),
+    specs=st.lists(st.tuples(combo_targets, policy_specs), min_size=1, max_size=3),
+)
+async def test_every_valid_route_with_policies_is_acked_by_envoy(
+    mesh: Mesh,
+    backends: Backends,
+    drawn: tuple[ObjectKey, dict[str, Any]],
+    specs: list[tuple[list[dict[str, Any]], dict[str, Any]]],
+) -> None:
+    """Routes and the policies of their parent and backends, drawn together: whatever the
+    builder accepts, Envoy ACKs (a policy's defaults merged into a route that redirects, splits
+    between hashing backends, or sets its own retry and timeouts)."""
+    await setup_services(mesh, backends)
+    others = (("HTTPRoute", "shop", "prop-route"), ("GRPCRoute", "shop", "prop-grpc"),
+              ("HTTPRoute", "props", "prop-consumer"))  # fmt: skip
+    for kind, ns, name in (*((k.kind, k.namespace, k.name) for k in COMBO_ROUTES), *others):
+        mesh.delete(kind, name, ns)
+    for i in range(4):
+        mesh.delete("TrafficPolicy", f"prop-combo-{i}")
+    mesh.delete("TrafficPolicy", "prop-policy")
+    key, route = drawn
+    assert gatewayapi.errors([route]) == [[]]
+    policies = []
+    for i, (targets, spec) in enumerate(specs):
+        obj = policy(f"prop-combo-{i}", "prop", **spec)
+        obj["spec"]["targetRefs"] = targets
+        assert crd.errors(obj) == []
+        policies.append(obj)
+    mesh.apply(route, *policies, CLIENT_POD)
+    await assert_acked_without_nack(mesh)
+    assert_accepted_or_refused_precisely(mesh, key)
