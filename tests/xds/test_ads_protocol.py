@@ -211,20 +211,30 @@ async def test_delta_sends_changes_and_removals_then_honours_unsubscribe(
     call.cancel()
 
 
-async def test_a_delta_subscription_to_a_name_the_client_holds_sends_it_again(
-    control_plane: ControlPlane, channel: grpc.aio.Channel
-) -> None:
-    """The spec: the server must send a subscribed resource even when it believes the client
-    has its current version, since the client may have forgotten it."""
+async def subscribed_after_an_ack(
+    control_plane: ControlPlane, channel: grpc.aio.Channel, name: str
+) -> tuple[Any, Any]:
+    """A delta stream that holds endpoints "a" (ACKed), then subscribes to `name`, then asks
+    for Listeners (the probe); returns the call and the answer to the subscription, which must
+    come before the probe's."""
     control_plane.cache.set_snapshot("n", snapshot())
     call = delta_call(channel)
     await call.write(dreq(types.ENDPOINT, resource_names_subscribe=["a"]))
     r1 = await call.read()
     await call.write(dreq(types.ENDPOINT, node="", response_nonce=r1.nonce))
-    await call.write(dreq(types.ENDPOINT, node="", resource_names_subscribe=["a"]))
+    await call.write(dreq(types.ENDPOINT, node="", resource_names_subscribe=[name]))
     await call.write(dreq(types.LISTENER, node=""))  # the probe
     r2 = await call.read()
     assert r2.type_url == types.ENDPOINT, "the subscription must be answered before the probe"
+    return call, r2
+
+
+async def test_a_delta_subscription_to_a_name_the_client_holds_sends_it_again(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """The spec: the server must send a subscribed resource even when it believes the client
+    has its current version, since the client may have forgotten it."""
+    call, r2 = await subscribed_after_an_ack(control_plane, channel, "a")
     assert [x.name for x in r2.resources] == ["a"]
     call.cancel()
 
@@ -235,15 +245,7 @@ async def test_a_delta_subscription_to_a_missing_name_is_answered_and_sent_when_
     """The spec: a subscribed resource that does not exist is named in removed_resources, so
     the client need not wait for its timeout (Envoy warms a cluster whose endpoints do not
     exist at once, instead of after initial_fetch_timeout); once it exists, it is sent."""
-    control_plane.cache.set_snapshot("n", snapshot())
-    call = delta_call(channel)
-    await call.write(dreq(types.ENDPOINT, resource_names_subscribe=["a"]))
-    r1 = await call.read()
-    await call.write(dreq(types.ENDPOINT, node="", response_nonce=r1.nonce))
-    await call.write(dreq(types.ENDPOINT, node="", resource_names_subscribe=["c"]))
-    await call.write(dreq(types.LISTENER, node=""))  # the probe
-    r2 = await call.read()
-    assert r2.type_url == types.ENDPOINT, "the subscription must be answered before the probe"
+    call, r2 = await subscribed_after_an_ack(control_plane, channel, "c")
     assert (list(r2.resources), list(r2.removed_resources)) == ([], ["c"])
     await call.write(dreq(types.ENDPOINT, node="", response_nonce=r2.nonce))
     assert (await call.read()).type_url == types.LISTENER

@@ -79,6 +79,14 @@ def body_of(url: str, expect: int = 200) -> str | None:
     return r.body.strip() if r.status == expect else None
 
 
+async def serving(control_plane: ControlPlane, start_envoy: Any, s: Snapshot, mode: str) -> Any:
+    """Node "n" on snapshot `s`: its Envoy started (delta or SotW) and every type ACKed."""
+    control_plane.cache.set_snapshot("n", s)
+    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
+    await eventually(lambda: all_acked(control_plane, "n", s))
+    return envoy
+
+
 async def test_envoy_acks_every_type_and_serves_requests(
     control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
 ) -> None:
@@ -152,9 +160,7 @@ async def test_nack_reports_envoys_message_and_is_not_resent(
     listen = free_port()
     url = f"http://127.0.0.1:{listen}/a"
     good = snap(*base(listen, a.port))
-    control_plane.cache.set_snapshot("n", good)
-    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
-    await eventually(lambda: all_acked(control_plane, "n", good))
+    envoy = await serving(control_plane, start_envoy, good, mode)
 
     bad_routes = R.bad_regex_routes("web-routes", "a")
     bad = snap(*base(listen, a.port, bad_routes))
@@ -198,9 +204,7 @@ async def test_restart_keeps_serving_and_ends_with_the_same_versions(
     listen = free_port()
     url = f"http://127.0.0.1:{listen}/a"
     s1 = snap(*base(listen, a.port))
-    control_plane.cache.set_snapshot("n", s1)
-    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
-    await eventually(lambda: all_acked(control_plane, "n", s1))
+    envoy = await serving(control_plane, start_envoy, s1, mode)
     before = dump_versions(envoy)
     port = control_plane.port
 
@@ -277,9 +281,7 @@ async def test_a_changed_cluster_warms_with_its_unchanged_endpoints(
     a = await backends("a")
     listen = free_port()
     s1 = snap(*base(listen, a.port))
-    control_plane.cache.set_snapshot("n", s1)
-    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
-    await eventually(lambda: all_acked(control_plane, "n", s1))
+    envoy = await serving(control_plane, start_envoy, s1, mode)
 
     changed = snap(R.eds_cluster("a", connect_timeout_s=2), *base(listen, a.port)[1:])
     assert changed.version(types.ENDPOINT) == s1.version(types.ENDPOINT)
@@ -314,9 +316,7 @@ async def test_a_listener_added_after_a_nack_gets_routes_that_already_existed(
     listen, listen2 = free_port(), free_port()
     other = R.routes("other-routes", ("/a", "a"))
     good = snap(*base(listen, a.port), other)
-    control_plane.cache.set_snapshot("n", good)
-    start_envoy("n", control_plane.address, delta=mode == "delta")
-    await eventually(lambda: all_acked(control_plane, "n", good))
+    await serving(control_plane, start_envoy, good, mode)
 
     bad = snap(*base(listen, a.port, R.bad_regex_routes("web-routes", "a")), other)
     control_plane.cache.set_snapshot("n", bad)
@@ -346,9 +346,7 @@ async def test_a_cluster_changed_while_envoy_was_away_warms_with_its_unchanged_e
     listen = free_port()
     url = f"http://127.0.0.1:{listen}/a"
     s1 = snap(*base(listen, a.port))
-    control_plane.cache.set_snapshot("n", s1)
-    envoy = start_envoy("n", control_plane.address, delta=mode == "delta")
-    await eventually(lambda: all_acked(control_plane, "n", s1))
+    envoy = await serving(control_plane, start_envoy, s1, mode)
     port = control_plane.port
     await control_plane.stop()
 
