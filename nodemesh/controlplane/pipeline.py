@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
+from nodemesh.controlplane.builder.node import node_ready
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.store import ObjectKey, Store, StoreView
 from nodemesh.xds import types
@@ -109,6 +110,8 @@ class _ProgrammedContext:
     on_node_listeners: Mapping[str, list[str]]
     # equal signatures: nothing about the nodes changed (see _update_conditions)
     signature: tuple[int, tuple[str, ...]]
+    # Node objects left out because they are not Ready (and not connected)
+    not_ready: tuple[str, ...] = ()
 
 
 class KubernetesStatus:
@@ -154,6 +157,9 @@ class Pipeline:
         self._result: BuildResult | None = None
         self._conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self._view: Mapping[ObjectKey, Any] = {}  # the store view last built
+        # Node objects whose Ready condition is not True, and the Node mapping it was read from
+        self._unready: tuple[str, ...] = ()
+        self._unready_of: Mapping[ObjectKey, Any] | None = None
         # per object, (parent, type) -> (status, when it took that status); by object, so that
         # the status body of one (asked for by every route's timer, every second) and an
         # object's removal touch only its own entries
@@ -452,10 +458,23 @@ class Pipeline:
         self._update_conditions()
 
     def _expected_nodes(self) -> list[str]:
+        """Every connected node, and every Node object but those not Ready: a node that is
+        down holds nothing, and gets the current version when its Envoy connects again."""
         nodes = set(self._result.mesh.nodes) if self._result is not None else set()
+        nodes.difference_update(self._unready_nodes())
         if self.status is not None:
             nodes |= {n.node_id for n in self.status.nodes() if n.connected}
         return sorted(nodes)
+
+    def _unready_nodes(self) -> tuple[str, ...]:
+        """Node objects whose `Ready` condition is not True, sorted (read again only after a
+        Node changed: the view keeps a kind's mapping object while none did)."""
+        view = self._view
+        objs = view.of_kind("Node") if isinstance(view, StoreView) else {}
+        if objs is not self._unready_of:
+            self._unready_of = objs
+            self._unready = tuple(sorted(k.name for k, o in objs.items() if not node_ready(o)))
+        return self._unready
 
     def _generation(self, key: ObjectKey) -> int:
         obj = self._view.get(key)
@@ -543,8 +562,8 @@ class Pipeline:
         epoch = self.status.epoch if self.status is not None else -1
         on_node_listeners: dict[str, list[str]] = {}
         translation = self.translation
+        wanted = set(expected)
         if translation is not None and translation.node_origins:
-            wanted = set(expected)
             for node_id, origins in sorted(translation.node_origins.items()):
                 if node_id in wanted:
                     for origin in origins:
@@ -556,6 +575,7 @@ class Pipeline:
             unseen,
             on_node_listeners,
             (epoch, tuple(expected)),
+            tuple(n for n in self._unready_nodes() if n not in wanted),
         )
 
     def _programmed(
@@ -645,9 +665,12 @@ class Pipeline:
                 + more
             )
             return Condition("Programmed", "False", "Pending", message, gen, parent)
-        return Condition(
-            "Programmed", "True", "Programmed", f"ACKed by {ctx.expected} node(s)", gen, parent
-        )
+        message = f"ACKed by {ctx.expected} node(s)"
+        if ctx.not_ready:
+            shown_names = ", ".join(ctx.not_ready[:3])
+            more = f" (+{len(ctx.not_ready) - 3} more)" if len(ctx.not_ready) > 3 else ""
+            message += f"; not counted, Node not Ready: {shown_names}{more}"
+        return Condition("Programmed", "True", "Programmed", message, gen, parent)
 
     def _holds_part(
         self, t: str, name: str, held: str | None, version: str, fp: int | None, origin: str

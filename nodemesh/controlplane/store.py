@@ -79,9 +79,10 @@ _METADATA_NOISE = frozenset(
     }
 )
 _ANNOTATION_NOISE = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
-# The status fields that are input (the node agents' service maps); every other status is dropped.
+# The status fields that are input (the node agents' service maps, and a Node's Ready
+# condition for Programmed); every other status is dropped.
 _INPUT_STATUS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {"Node": ("addresses",), "Pod": ("podIP", "podIPs", "phase")}
+    {"Node": ("addresses", "conditions"), "Pod": ("podIP", "podIPs", "phase")}
 )
 
 Subscriber = Callable[[int, frozenset["ObjectKey"]], None]
@@ -154,6 +155,8 @@ def _normalize(obj: Mapping[str, Any], key: ObjectKey) -> dict[str, Any]:
     status = obj.get("status")
     if key.kind in _INPUT_STATUS and isinstance(status, Mapping):
         kept = {f: _copy_tree(status[f]) for f in _INPUT_STATUS[key.kind] if f in status}
+        if "conditions" in kept:
+            kept["conditions"] = _ready_only(kept["conditions"])
         if kept:
             out["status"] = kept
     meta = dict(out.get("metadata") or {})
@@ -170,6 +173,16 @@ def _normalize(obj: Mapping[str, Any], key: ObjectKey) -> dict[str, Any]:
         meta["namespace"] = key.namespace
     out["metadata"] = meta
     return out
+
+
+def _ready_only(conditions: Any) -> list[dict[str, Any]]:
+    """A Node's `Ready` condition, type and status only: its heartbeat and transition times
+    change with every status report, which would otherwise be a change to build."""
+    return [
+        {"type": "Ready", "status": c.get("status")}
+        for c in (conditions if isinstance(conditions, list) else ())
+        if isinstance(c, dict) and c.get("type") == "Ready"
+    ]
 
 
 def _without_generation(obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -331,6 +331,45 @@ async def test_a_restarted_envoy_is_pending_until_it_acks_again() -> None:
         await p.stop()
 
 
+def _node_b(ready: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-b"},
+        "status": {"conditions": [{"type": "Ready", "status": ready}]},
+    }
+
+
+async def test_a_node_that_is_not_ready_holds_nothing_back_until_it_connects() -> None:
+    """node-b is down (its Node's Ready condition is Unknown) and its Envoy is not connected:
+    the route is Programmed with node-a's ACKs and says node-b was not counted. When node-b is
+    Ready again, or its Envoy connects while it is not, node-b counts again."""
+    store, status, cache = Store(), StatusTracker(), SnapshotCache()
+    FilesSource(EXAMPLES, store).scan()
+    store.apply(_node_b("Unknown"))
+    p = Pipeline(store, cache, status)
+    await p.start()
+    try:
+        _SotwEnvoy(cache, status, "node-a").pump()
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        (c,) = (c for c in p.conditions()[ROUTE] if c.type == "Programmed")
+        assert c.message == "ACKed by 1 node(s); not counted, Node not Ready: node-b"
+
+        store.apply(_node_b("True"))
+        assert await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        store.apply(_node_b("False"))
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        # connected, it counts whatever its Node says: its Envoy is there to ACK
+        b = _SotwEnvoy(cache, status, "node-b")
+        assert await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        b.pump()
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        (c,) = (c for c in p.conditions()[ROUTE] if c.type == "Programmed")
+        assert c.message == "ACKed by 2 node(s)"
+    finally:
+        await p.stop()
+
+
 async def test_a_condition_that_comes_back_gets_a_new_transition_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

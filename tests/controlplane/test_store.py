@@ -28,6 +28,32 @@ def test_apply_reports_only_real_changes() -> None:
     assert store.revision == 2
 
 
+def _node(ready: str, heartbeat: str) -> dict[str, Any]:
+    conditions = [
+        {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": heartbeat},
+        {"type": "Ready", "status": ready, "lastHeartbeatTime": heartbeat, "reason": "Kubelet"},
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-1"},
+        "status": {"addresses": [], "conditions": conditions, "images": [{"names": ["a"]}]},
+    }
+
+
+def test_a_node_status_report_is_a_change_only_when_readiness_changes() -> None:
+    store = Store()
+    assert store.apply(_node("True", "2026-11-22T10:00:00Z")) is True
+    assert store.apply(_node("True", "2026-11-22T10:05:00Z")) is False  # a heartbeat
+    assert store.apply(_node("Unknown", "2026-11-22T10:05:00Z")) is True
+    node = store.get(ObjectKey("Node", "", "node-1"))
+    assert node is not None
+    assert node["status"] == {
+        "addresses": [],
+        "conditions": [{"type": "Ready", "status": "Unknown"}],
+    }
+
+
 def test_files_mode_objects_get_a_generation_that_counts_changes() -> None:
     store = Store()
     key = ObjectKey("Service", "shop", "web")

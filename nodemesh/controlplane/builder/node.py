@@ -25,6 +25,7 @@ __all__ = [
     "NodeIndex",
     "claim",
     "node_address",
+    "node_ready",
     "pod_placement",
     "slice_placement",
     "unclaim",
@@ -55,6 +56,16 @@ def node_address(obj: Mapping[str, Any]) -> str:
             if ip is not None:
                 return ip
     return ""
+
+
+def node_ready(obj: Mapping[str, Any]) -> bool:
+    """False when the Node's `Ready` condition says anything but "True" (the kubelet stopped
+    reporting, or reports the node unhealthy); True without one (files mode)."""
+    for c in as_list(as_map(obj.get("status")).get("conditions")):
+        c = as_map(c)
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return True
 
 
 def pod_placement(obj: Mapping[str, Any]) -> Placement:

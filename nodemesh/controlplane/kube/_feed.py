@@ -226,12 +226,13 @@ class Feed:
 
 
 # The spec and status fields of the largest inventory kinds that the build reads
-# (`builder/node.py`); the rest (a Pod's containers, volumes and container statuses, a Node's
-# images and conditions) is not copied into kopf's index and the store. At 100,000 Pods it
-# was most of the control plane's memory, and of each Pod event's copying and comparing.
+# (`builder/node.py`; a Node's conditions for its Ready one, which the store keeps alone); the
+# rest (a Pod's containers, volumes and container statuses, a Node's images) is not copied
+# into kopf's index and the store. At 100,000 Pods it was most of the control plane's memory,
+# and of each Pod event's copying and comparing.
 _READ: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     "Pod": {"spec": ("nodeName", "hostNetwork"), "status": ("phase", "podIP", "podIPs")},
-    "Node": {"spec": (), "status": ("addresses",)},
+    "Node": {"spec": (), "status": ("addresses", "conditions")},
 }
 
 
