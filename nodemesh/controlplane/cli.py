@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from nodemesh.controlplane.builder import LabelSelector
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.http import StatusServer
 from nodemesh.controlplane.pipeline import Pipeline
@@ -40,6 +41,13 @@ def _hostport(value: str) -> str:
     return value
 
 
+def _label_selector(value: str) -> LabelSelector:
+    try:
+        return LabelSelector(value)
+    except ValueError as exc:  # a usage error, not a traceback at start
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=("files", "kubernetes"), default="files")
     parser.add_argument("--config-dir", help="files mode: directory of YAML objects")
@@ -54,6 +62,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_hostport,
         default="0.0.0.0:15001",
         help="address of the node Envoys' outbound HTTP listener (HOST:PORT)",
+    )
+    parser.add_argument(
+        "--node-selector",
+        type=_label_selector,
+        default=None,
+        help="label selector of the Nodes that run nodemesh (default: every Node); only they "
+        "get a service map and count for Programmed",
     )
     parser.add_argument("--poll-interval", type=float, default=0.2, help="files mode poll, s")
     parser.add_argument(
@@ -74,7 +89,12 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     cache = SnapshotCache()
     server = AdsServer(cache)
     pipeline = Pipeline(
-        store, cache, server.status, outbound_address=out_host, outbound_port=out_port
+        store,
+        cache,
+        server.status,
+        outbound_address=out_host,
+        outbound_port=out_port,
+        node_selector=args.node_selector,
     )
     status = StatusServer(pipeline)
     files: FilesSource | None = None

@@ -2,7 +2,8 @@
 
 Public surface (used by the files source, the kopf operator and the HTTP status listener):
 
-- `Pipeline(store, cache, status=None, *, debounce=0.05, outbound_address, outbound_port)`.
+- `Pipeline(store, cache, status=None, *, debounce=0.05, outbound_address, outbound_port,
+  node_selector)`.
   `await pipeline.start()` subscribes to the store (writes from any thread are fine) and to the
   ADS status tracker, then rebuilds once; `await pipeline.stop()` undoes it. Store changes are
   debounced: a burst of writes within `debounce` seconds gives one rebuild.
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
+from nodemesh.controlplane.builder import BuildMemo, BuildResult, LabelSelector, build
 from nodemesh.controlplane.builder.node import node_ready
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.store import ObjectKey, Store, StoreView
@@ -139,6 +140,7 @@ class Pipeline:
         debounce: float = 0.05,
         outbound_address: str = "0.0.0.0",
         outbound_port: int = 15001,
+        node_selector: LabelSelector | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -146,6 +148,7 @@ class Pipeline:
         self.debounce = debounce
         self.outbound_address = outbound_address
         self.outbound_port = outbound_port
+        self.node_selector = node_selector  # the Nodes that run nodemesh (None: every Node)
         self.translator = Translator()
         self._memo = BuildMemo()
         self.built_revision = -1
@@ -326,6 +329,7 @@ class Pipeline:
                     view,
                     outbound_address=self.outbound_address,
                     outbound_port=self.outbound_port,
+                    node_selector=self.node_selector,
                     memo=self._memo,
                 )
                 translation = self.translator.translate(result.mesh)
@@ -575,7 +579,11 @@ class Pipeline:
             unseen,
             on_node_listeners,
             (epoch, tuple(expected)),
-            tuple(n for n in self._unready_nodes() if n not in wanted),
+            tuple(
+                n
+                for n in self._unready_nodes()
+                if n not in wanted and self._result is not None and n in self._result.mesh.nodes
+            ),
         )
 
     def _programmed(

@@ -12,6 +12,7 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from nodemesh.controlplane import pipeline as pipeline_module
+from nodemesh.controlplane.builder import LabelSelector
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import ObjectKey, Store
@@ -366,6 +367,31 @@ async def test_a_node_that_is_not_ready_holds_nothing_back_until_it_connects() -
         assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
         (c,) = (c for c in p.conditions()[ROUTE] if c.type == "Programmed")
         assert c.message == "ACKed by 2 node(s)"
+    finally:
+        await p.stop()
+
+
+async def test_only_the_nodes_the_selector_chooses_get_a_map_and_count() -> None:
+    """With `--node-selector`, a Node it leaves out (one nodemesh does not run on) gets no
+    service map and holds nothing back; relabelled to match, it counts."""
+    store, status, cache = Store(), StatusTracker(), SnapshotCache()
+    FilesSource(EXAMPLES, store).scan()
+    zone_a = LabelSelector("topology.kubernetes.io/zone=zone-a")
+    p = Pipeline(store, cache, status, node_selector=zone_a)
+    await p.start()
+    try:
+        assert p.translation is not None and set(p.translation.per_node) == {"node-a"}
+        _SotwEnvoy(cache, status, "node-a").pump()
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        (c,) = (c for c in p.conditions()[ROUTE] if c.type == "Programmed")
+        assert c.message == "ACKed by 1 node(s)"
+
+        node_b = copy.deepcopy(store.get(ObjectKey("Node", "", "node-b")))
+        assert node_b is not None
+        node_b["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-a"
+        store.apply(node_b)
+        assert await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        assert set(p.translation.per_node) == {"node-a", "node-b"}
     finally:
         await p.stop()
 

@@ -281,6 +281,20 @@ def test_a_malformed_address_is_a_usage_error(tmp_path: Path, args: list[str]) -
     assert last.endswith(f"error: argument {args[0]}: expected HOST:PORT, got {args[1]!r}"), last
 
 
+def test_a_node_selector_that_cannot_be_read_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "controlplane", "--config-dir", str(tmp_path),
+         "--node-selector", "nodemesh.io/node=true,zone in a"],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith(
+        "error: argument --node-selector: label selector 'nodemesh.io/node=true,zone in a': "
+        "cannot read 'zone in a'"
+    ), last
+
+
 def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nodemesh", "--log-level", "verbose", "controlplane",

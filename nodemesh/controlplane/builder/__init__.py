@@ -13,8 +13,9 @@ programs.
 from __future__ import annotations
 
 from nodemesh.controlplane.builder._engine import BuildResult, Engine, Objects
+from nodemesh.controlplane.builder._selector import LabelSelector
 
-__all__ = ["BuildMemo", "BuildResult", "build"]
+__all__ = ["BuildMemo", "BuildResult", "LabelSelector", "build"]
 
 
 class BuildMemo:
@@ -42,11 +43,14 @@ def build(
     *,
     outbound_address: str = "0.0.0.0",
     outbound_port: int = 15001,
+    node_selector: LabelSelector | None = None,
     memo: BuildMemo | None = None,
 ) -> BuildResult:
+    """`node_selector`: the Node objects that run nodemesh (None: all). Only they get a
+    `NodeInfo` (their agents' service maps) and count for `Programmed`."""
     memo = memo if memo is not None else BuildMemo()
     try:
-        return memo.engine.build(objects, outbound_address, outbound_port)
+        return memo.engine.build(objects, outbound_address, outbound_port, node_selector)
     except BaseException:
         memo.reset()  # half-updated state must not leak into the next build
         raise

@@ -11,12 +11,13 @@ the routes and policies that asked for it.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from nodemesh.controlplane.builder._routes import RouteEntry, RouteModel
-from nodemesh.controlplane.builder._util import generation
+from nodemesh.controlplane.builder._selector import LabelSelector
+from nodemesh.controlplane.builder._util import as_map, generation
 from nodemesh.controlplane.builder.endpointslice import (
     merge_endpoints,
     slice_endpoints,
@@ -375,6 +376,7 @@ class Engine:
         self.nodes = NodeIndex()
         self.socket_redirect = SocketRedirectIndex()
         self.mesh: ir.Mesh | None = None
+        self.node_selector: LabelSelector | None = None
 
     # -- change detection ------------------------------------------------------------------
     def _current(self, objects: Objects) -> dict[str, Mapping[ObjectKey, Mapping[str, Any]]]:
@@ -415,7 +417,13 @@ class Engine:
         return by_kind
 
     # -- the build -------------------------------------------------------------------------
-    def build(self, objects: Objects, outbound_address: str, outbound_port: int) -> BuildResult:
+    def build(
+        self,
+        objects: Objects,
+        outbound_address: str,
+        outbound_port: int,
+        node_selector: LabelSelector | None = None,
+    ) -> BuildResult:
         current = self._current(objects)
         changed = self._changed(objects, current)
         self.source = getattr(objects, "source", None)
@@ -475,9 +483,16 @@ class Engine:
             self._info(ref)
 
         node_keys = changed["Pod"] | changed["EndpointSlice"]
+        node_objects: Iterable[tuple[ObjectKey, Mapping[str, Any]]] | None = None
+        if changed["Node"] or self.mesh is None or node_selector != self.node_selector:
+            node_objects = current["Node"].items()
+            if node_selector is not None:  # the Nodes that run nodemesh
+                node_objects = [
+                    (k, o) for k, o in node_objects if node_selector.matches(_labels(o))
+                ]
+        self.node_selector = node_selector
         node_infos = self.nodes.update_changed(
-            ((k, current[k.kind].get(k)) for k in node_keys),
-            current["Node"].items() if changed["Node"] or self.mesh is None else None,
+            ((k, current[k.kind].get(k)) for k in node_keys), node_objects
         )
         consumers = self.consumer_index.update(
             frozenset(self.consumer_routes),
@@ -972,3 +987,7 @@ class Engine:
             f"{ns}/{name}", svc.cluster_ips, tuple(ports), needs_l7, tuple(backends)
         )
         self.infos.put(ref, info)
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return as_map(as_map(obj.get("metadata")).get("labels"))
