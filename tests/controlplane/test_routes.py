@@ -137,6 +137,45 @@ def test_status_parent_ref_echoes_section_name_port_and_namespace_as_written() -
         assert sorted(types_) == sorted(set(types_)), entry
 
 
+def test_parent_refs_naming_one_port_twice_give_it_each_rule_once() -> None:
+    """`{name: web}` names every port, so `port: 80`, `sectionName: http` and
+    `namespace: shop` name port 80 again: each used to add the rules to it once more."""
+    res = run(
+        service("web", ports=WEB_PORTS),
+        service("v2"),
+        route(
+            "r",
+            [
+                parent("web", port=80),
+                parent("web"),
+                parent("web", sectionName="http"),
+                parent("web", namespace="shop"),
+            ],
+            [{"backendRefs": to("v2")}],
+        ),
+    )
+    for vhost in ("shop/web:80", "shop/web:9090"):
+        assert [r.name for r in routes(res, vhost)] == ["HTTPRoute/shop/r/rule-0/0"], vhost
+    accepted = [(c.parent, c.status) for c in conditions(res, "r") if c.type == "Accepted"]
+    assert sorted(accepted) == [
+        ("Service/shop/web", "True"),
+        ("Service/web", "True"),
+        ("Service/web#http", "True"),
+        ("Service/web:80", "True"),
+    ]
+
+
+def test_a_parent_ref_written_twice_gets_one_status_entry() -> None:
+    res = run(
+        service("web"),
+        service("v2"),
+        route("r", [parent("web", port=80), parent("web", port=80)], [{"backendRefs": to("v2")}]),
+    )
+    (entry,) = kubernetes_status("HTTPRoute", conditions(res, "r"), {})["parents"]
+    assert [c["type"] for c in entry["conditions"]] == ["Accepted", "ResolvedRefs"]
+    assert [r.name for r in routes(res, "shop/web:80")] == ["HTTPRoute/shop/r/rule-0/0"]
+
+
 # -- rule order (precedence) ----------------------------------------------------------------
 
 

@@ -178,8 +178,8 @@ def _one_kind_each(
     """One Service port's entries (sorted), but where GRPCRoutes and HTTPRoutes both attach
     (among the producer's routes, or one consumer namespace's), the GRPCRoutes' only: GEP-1294
     says a Service port takes one route kind, GRPCRoute first. Each HTTPRoute parentRef's
-    lost and kept ports are added to `conflicts`; the caller drops the routes that lost
-    nothing once every port is done."""
+    lost and kept ports are added to `conflicts` (its `repeat` entries too, which are not
+    returned); the caller drops the routes that lost nothing once every port is done."""
     grpc: dict[str, set[str]] = {}  # consumer ("" for the producer) -> its GRPCRoutes
     for k, e in pairs:
         if k.kind == "GRPCRoute":
@@ -187,7 +187,8 @@ def _one_kind_each(
     out = []
     for k, e in pairs:
         if k.kind != "HTTPRoute":
-            out.append(e)
+            if not e.repeat:
+                out.append(e)
             continue
         winners = grpc.get(e.route.match.consumer)
         mine = conflicts.setdefault(k, {})
@@ -196,7 +197,8 @@ def _one_kind_each(
             mine[e.label] = replace(was, ports=was.ports | {port}, winners=was.winners | winners)
         else:
             mine[e.label] = replace(was, kept=True)
-            out.append(e)
+            if not e.repeat:
+                out.append(e)
     return out
 
 
@@ -798,7 +800,11 @@ class Engine:
                 )
                 mine: list[RouteEntry] | None = None
                 if here:
-                    mine = _one_kind_each(here, port, conflicts) if mixed else [e for _, e in here]
+                    mine = (
+                        _one_kind_each(here, port, conflicts)
+                        if mixed
+                        else [e for _, e in here if not e.repeat]
+                    )
                 policy = settings.get(pk) if settings else None
                 consumer_routes: tuple[ir.Route, ...] = ()
                 if mine and any(e.route.match.consumer for e in mine):

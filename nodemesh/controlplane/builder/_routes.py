@@ -45,6 +45,10 @@ class RouteEntry:
     timeout_ms: int | None = None
     backend_timeout_ms: int | None = None
     label: str = ""  # the parentRef it came from, as its status names it
+    # Another parentRef of the route already attaches this entry to the same Service ports
+    # (`{name: web}` and `{name: web, port: 80}`): it counts for its parentRef's status (a
+    # GRPCRoute taking the port) but is not programmed twice.
+    repeat: bool = False
 
 
 @dataclass(slots=True)
@@ -320,6 +324,7 @@ def read_route(
     # Parents: only Services (GAMMA). Gateways belong to other controllers: no status from us.
     parents: list[tuple[str, tuple[str, str, int | None]]] = []
     rejected: list[tuple[str, str, str]] = []
+    labels: set[str] = set()
     for i, ref in enumerate(as_list(spec.get("parentRefs"))):
         ref = as_map(ref)
         if ref.get("kind") != "Service" or ref.get("group", "") not in ("", "core"):
@@ -329,6 +334,9 @@ def read_route(
         # GAMMA: a Service parent's sectionName is the name of one of its ports.
         section = str(ref.get("sectionName") or "")
         label = parent_label(ref.get("namespace") and pns, pname, port, section)
+        if label in labels:
+            continue  # the same parentRef written twice: one status entry, rules once
+        labels.add(label)
         where = f"spec.parentRefs[{i}]: Service {pns}/{pname}"
         svc = services.get((pns, pname))
         named = svc.port_named(section) if svc is not None and section else None
@@ -454,7 +462,14 @@ def read_route(
             )
         model.clusters.clear()
         return model
+    # A port gets each rule once, however many parentRefs name it: a parentRef without a port
+    # names them all, so one with a port (or a sectionName) then repeats it, as does a second
+    # one to the same port or to the whole Service (`{name: web, namespace: shop}`).
+    whole = {parent[:2] for _, parent in parents if parent[2] is None}
+    attached: set[tuple[str, str, int | None]] = set()
     for label, parent in parents:
+        repeat = parent in attached or (parent[2] is not None and parent[:2] in whole)
+        attached.add(parent)
         model.conditions.append(
             Condition("Accepted", "True", "Accepted", "Route is accepted", gen, label)
         )
@@ -477,7 +492,14 @@ def read_route(
                 route = replace(route, match=replace(route.match, consumer=consumer))
             model.entries.append(
                 RouteEntry(
-                    parent, e.sort_key, route, e.retry, e.timeout_ms, e.backend_timeout_ms, label
+                    parent,
+                    e.sort_key,
+                    route,
+                    e.retry,
+                    e.timeout_ms,
+                    e.backend_timeout_ms,
+                    label,
+                    repeat,
                 )
             )
     if not parents:
