@@ -579,3 +579,65 @@ def test_a_grpc_service_in_fully_qualified_form_matches_its_path() -> None:
     assert accepted(res, "gr", "GRPCRoute").status == "True"
     (r,) = [r for r in routes(res, "shop/g:9000") if r.name.startswith("GRPCRoute/")]
     assert r.match.path == ir.PathMatch("Exact", "/pkg.Svc/Get")
+
+
+# -- filters nodemesh does not implement ----------------------------------------------------
+
+
+def test_a_filter_type_nodemesh_does_not_implement_makes_the_route_not_accepted() -> None:
+    """Gateway API: an unknown filter type gives Accepted=False/UnsupportedValue. Such a rule
+    was Accepted and answered 500, with ResolvedRefs=False as if a reference were missing."""
+    cors = {"type": "CORS", "cors": {"allowOrigins": ["https://shop.example"]}}
+    auth = {"type": "ExternalAuth", "externalAuth": {"protocol": "HTTP", "backendRef": to("a")[0]}}
+    for f in (cors, auth, {"type": "Compress"}):
+        rules = [{"backendRefs": to("web")}, {"filters": [f], "backendRefs": to("web")}]
+        res = run(service("web"), service("a"), route("r", [parent("web")], rules))
+        c = accepted(res, "r")
+        assert (c.status, c.reason) == ("False", "UnsupportedValue"), c
+        assert f"spec.rules[1].filters[0].type: unsupported value {f['type']!r}" in c.message
+        assert [r.name for r in routes(res, "shop/web:80")] == ["Service/shop/web:80/default"]
+    rewrite = {"type": "URLRewrite", "urlRewrite": {"hostname": "b"}}  # not in GRPCRoute's enum
+    c = accepted(
+        run_grpc([{"filters": [rewrite], "backendRefs": to("a", 9000)}]), "gr", "GRPCRoute"
+    )
+    assert (c.status, c.reason) == ("False", "UnsupportedValue"), c
+    assert "spec.rules[0].filters[0].type: unsupported value 'URLRewrite'" in c.message
+
+
+def test_an_extension_ref_filter_fails_closed_with_invalid_kind() -> None:
+    """nodemesh has no custom filters. Gateway API: the filter MUST NOT be skipped, its requests
+    get an error; GEP-1364: Accepted, with ResolvedRefs=False/InvalidKind (the reason was
+    UnsupportedValue, which is not one of ResolvedRefs')."""
+    ext = {"group": "example.com", "kind": "Auth", "name": "a"}
+    rules = [
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/ext"}}],
+            "filters": [{"type": "ExtensionRef", "extensionRef": ext}],
+            "backendRefs": to("web"),
+        },
+        {"backendRefs": to("web")},
+    ]
+    res = run(service("web"), route("ext", [parent("web")], rules))
+    by_type = {c.type: c for c in conditions(res, "ext")}
+    assert by_type["Accepted"].status == "True"
+    resolved = by_type["ResolvedRefs"]
+    assert (resolved.status, resolved.reason) == ("False", "InvalidKind"), resolved
+    assert "spec.rules[0].filters[0].extensionRef: example.com/Auth 'a'" in resolved.message
+    ext_route, rest = routes(res, "shop/web:80")
+    assert ext_route.name == "HTTPRoute/shop/ext/rule-0/0"
+    assert (ext_route.backends, ext_route.direct_status) == ((), 500)
+    assert rest.backends == (ir.Backend("shop/web:80"),)
+
+
+def test_filters_on_a_backend_ref_make_the_route_not_accepted() -> None:
+    """Gateway API's support for them is implementation-specific, and nodemesh has none: the
+    route is not Accepted (it was, with ResolvedRefs=False and the rule answering 500)."""
+    header = {
+        "type": "RequestHeaderModifier",
+        "requestHeaderModifier": {"set": [{"name": "x-a", "value": "1"}]},
+    }
+    backend = {**to("web")[0], "filters": [header]}
+    res = run(service("web"), route("bf", [parent("web")], [{"backendRefs": [backend]}]))
+    c = accepted(res, "bf")
+    assert (c.status, c.reason) == ("False", "UnsupportedValue"), c
+    assert "spec.rules[0].backendRefs[0].filters: not supported" in c.message, c.message

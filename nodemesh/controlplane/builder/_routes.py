@@ -173,6 +173,18 @@ def _path_modifier(
     return None, None
 
 
+_FILTER_TYPES = {
+    "HTTPRoute": (
+        "RequestHeaderModifier",
+        "ResponseHeaderModifier",
+        "URLRewrite",
+        "RequestRedirect",
+        "RequestMirror",
+    ),
+    "GRPCRoute": ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror"),
+}
+
+
 @dataclass(slots=True)
 class _Filters:
     request_headers: ir.HeaderMutation | None = None
@@ -180,7 +192,7 @@ class _Filters:
     rewrite: ir.Rewrite | None = None
     redirect: ir.Redirect | None = None
     mirrors: list[tuple[PortKey, float]] = field(default_factory=list)
-    unsupported: bool = False
+    unresolved: bool = False  # an ExtensionRef: the rule answers with an error
 
 
 def _filters(
@@ -271,10 +283,31 @@ def _filters(
                     percent = 100.0 * num / den
             if target is not None:
                 out.mirrors.append((target, percent))
+        elif kind == "ExtensionRef":
+            # nodemesh has no custom filters. Gateway API: "If a reference to a custom filter
+            # type cannot be resolved, the filter MUST NOT be skipped", its requests get an
+            # HTTP error; GEP-1364 makes it a reference failure (Accepted stays True,
+            # ResolvedRefs=False with InvalidKind), like a backendRef of an unknown kind.
+            ext = as_map(f.get("extensionRef"))
+            refs.problems.append(
+                (
+                    "InvalidKind",
+                    f"{fpath}.extensionRef: {ext.get('group') or 'core'}/{ext.get('kind')} "
+                    f"{ext.get('name')!r} is not a filter nodemesh implements",
+                )
+            )
+            out.unresolved = True
         else:
-            # Gateway API: a filter we cannot apply must not be skipped; the rule answers 500.
-            refs.problems.append(("UnsupportedValue", f"{fpath}: filter {kind!r} is not supported"))
-            out.unsupported = True
+            # Gateway API: "Unknown values here must result in the implementation setting the
+            # Accepted Condition for the Route to `status: False`, with a Reason of
+            # `UnsupportedValue`". A core or extended type nodemesh does not implement (CORS,
+            # ExternalAuth; URLRewrite in a GRPCRoute) too: GEP-1364's Accepted means that
+            # "Features being used by the resource are supported".
+            p.add(
+                f"{fpath}.type",
+                f"unsupported value {kind!r}; nodemesh implements "
+                + ", ".join(_FILTER_TYPES[route_kind]),
+            )
     if host:  # a URLRewrite's hostname, if any, is the more specific and wins
         if out.rewrite is None:
             out.rewrite = ir.Rewrite(host, None, None)
@@ -284,8 +317,8 @@ def _filters(
 
 
 # What a request gets when the backendRef it would go to is invalid (or the rule has none and
-# no RequestRedirect, which Gateway API allows: backendRefs is optional; or a filter cannot be
-# applied). Gateway API says 500 for HTTPRoute and UNAVAILABLE for GRPCRoute:
+# no RequestRedirect, which Gateway API allows: backendRefs is optional; or an ExtensionRef
+# filter cannot be resolved). Gateway API says 500 for HTTPRoute and UNAVAILABLE for GRPCRoute:
 # Envoy's local reply to a gRPC request carries grpc-status UNAVAILABLE for HTTP 503 (500 would
 # give UNKNOWN).
 _NO_BACKEND_STATUS = {"HTTPRoute": 500, "GRPCRoute": 503}
@@ -389,14 +422,11 @@ def read_route(
                 b.get("weight", 1), f"{rpath}.backendRefs[{bi}].weight", p, 0, 1_000_000
             )
             target = _backend(b, f"{rpath}.backendRefs[{bi}]", ns, services, refs)
-            if b.get("filters"):
-                refs.problems.append(
-                    (
-                        "UnsupportedValue",
-                        f"{rpath}.backendRefs[{bi}].filters: per-backend filters are not supported",
-                    )
+            if b.get("filters"):  # Gateway API: "Support: Implementation-specific"
+                p.add(
+                    f"{rpath}.backendRefs[{bi}].filters",
+                    "not supported (the rule's filters are: they apply to each of its backends)",
                 )
-                filters.unsupported = True
             weights_total += weight or 0
             if not weight:
                 continue
@@ -434,8 +464,8 @@ def read_route(
             route = ir.Route(
                 name=f"{key}/{rule_name}/{mi}",
                 match=m,
-                backends=() if filters.unsupported else tuple(backends),
-                invalid_weight=0 if filters.unsupported or not backends else invalid_weight,
+                backends=() if filters.unresolved else tuple(backends),
+                invalid_weight=0 if filters.unresolved or not backends else invalid_weight,
                 direct_status=_NO_BACKEND_STATUS[kind],
                 redirect=filters.redirect,
                 request_headers=filters.request_headers,
