@@ -7,6 +7,7 @@ message read must be that probe's answer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -252,6 +253,56 @@ async def test_a_delta_subscription_to_a_missing_name_is_answered_and_sent_when_
     control_plane.cache.set_snapshot("n", snapshot(clusters=("a", "b", "c")))
     r3 = await call.read()
     assert [x.name for x in r3.resources] == ["c"] and not r3.removed_resources
+    call.cancel()
+
+
+async def read_until(call: Any, type_url: str) -> list[Any]:
+    """The responses read before the first one of `type_url` (the probe's answer)."""
+    before = []
+    while (r := await asyncio.wait_for(call.read(), 10)).type_url != type_url:
+        before.append(r)
+    return before
+
+
+async def test_a_delta_client_that_does_not_answer_gets_two_responses_then_the_latest(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """A client that keeps subscribing (spontaneous requests, without a nonce) while every
+    snapshot changes, and never ACKs or NACKs. Were each request answered, the stream would
+    keep one more unanswered response per change (each bringing every endpoint again). It
+    sends two (MAX_UNANSWERED), then none until the client answers; the answer brings one
+    response with the latest version of every resource that changed and every name
+    subscribed meanwhile."""
+    names = [f"e{i}" for i in range(12)]
+
+    def snap(port: int) -> Snapshot:
+        return Snapshot.from_messages([R.endpoints(n, port) for n in names])
+
+    latest = snap(1000)
+    control_plane.cache.set_snapshot("n", latest)
+    call = delta_call(channel)
+    await call.write(dreq(types.ENDPOINT, resource_names_subscribe=names[:1]))
+    for i, name in enumerate(names[1:], 1):
+        latest = snap(1000 + i)  # every endpoint changes
+        control_plane.cache.set_snapshot("n", latest)
+        await call.write(dreq(types.ENDPOINT, node="", resource_names_subscribe=[name]))
+    await call.write(dreq(types.LISTENER, node=""))  # the probe
+    unanswered = await read_until(call, types.LISTENER)
+    assert len(unanswered) == 2
+
+    for r in unanswered:
+        await call.write(dreq(types.ENDPOINT, node="", response_nonce=r.nonce))
+    await call.write(dreq(types.CLUSTER, node=""))  # the probe
+    after = await read_until(call, types.CLUSTER)
+    assert len(after) == 1
+    held: dict[str, str] = {}
+    for r in [*unanswered, *after]:
+        held.update((x.name, x.version) for x in r.resources)
+    wanted = {n: r.version for n, r in latest.resources(types.ENDPOINT).items()}
+    assert held == wanted
+    await call.write(dreq(types.ENDPOINT, node="", response_nonce=after[0].nonce))
+    status = control_plane.server.status
+    await eventually(lambda: status.type_status("n", types.ENDPOINT).acked_resources == wanted)
     call.cancel()
 
 

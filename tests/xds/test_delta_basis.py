@@ -4,8 +4,9 @@ A real `DeltaStream` is driven with random requests (ACKs, NACKs in any order, s
 subscribe and unsubscribe, wildcard on and off, reconnects with any initial versions) while its
 node's snapshot goes through random updates, rebuilds and returns to older snapshots. Every
 answer the cache gives is compared with the answer of the full comparison (the same request
-without a basis), every parked watch must be one the full comparison would park too, and no
-watch's client_versions may change while it is open (the stream may pass a live view).
+without a basis), every parked watch must be one the full comparison would park too, no
+watch's client_versions may change while it is open (the stream may pass a live view), and
+no more than two responses of a type are ever unanswered.
 """
 
 from __future__ import annotations
@@ -232,6 +233,11 @@ class DeltaAnswers(RuleBasedStateMachine):
     @invariant()
     def parked_watches_would_wait_anyway(self) -> None:
         self.watcher.check_parked()
+
+    @invariant()
+    def at_most_two_responses_of_a_type_are_unanswered(self) -> None:
+        for type_url in TYPES:
+            assert len(self.unanswered[type_url]) <= 2
 
 
 TestDeltaAnswers = DeltaAnswers.TestCase

@@ -2,7 +2,8 @@
 
 A stream turns requests into watches on a `ConfigWatcher` and watch answers into encoded
 responses on its queue. It never resends a version the client rejected: the watch is held
-until the snapshot's version for that type changes.
+until the snapshot's version for that type changes. A delta stream leaves at most
+`MAX_UNANSWERED` responses of a type unanswered.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from nodemesh.xds.cache.protocol import (
 )
 from nodemesh.xds.server._status import NackRecord, StatusTracker
 
-__all__ = ["DeltaStream", "ProtocolError", "SotwStream"]
+__all__ = ["MAX_UNANSWERED", "DeltaStream", "ProtocolError", "SotwStream"]
+
+# Per type, the delta responses a client may leave unanswered before its stream sends it no
+# more until it answers. Each is kept until then (what the client holds is committed on ACK),
+# so a client that keeps sending requests and never answers would make the stream keep one
+# more per snapshot change. Envoy ACKs each response at once, so two cover it: one in flight
+# and the answer to a subscription change it sent before that one arrived (endpoints of a new
+# cluster, while those of changed clusters are on their way).
+MAX_UNANSWERED = 2
 
 
 class ProtocolError(Exception):
@@ -287,6 +296,10 @@ def _touch(st: _DeltaType, pending: _Pending) -> None:
 class DeltaStream(_Stream):
     """Incremental xDS: only changed and removed resources are sent.
 
+    A request that finds `MAX_UNANSWERED` responses of its type unanswered opens no watch
+    (its subscription change is kept): the protocol lets a server answer only the latest
+    request of a type. The next answer opens it, and one response brings the client up to date.
+
     After a NACK, the next version of that type is answered even when it brings nothing
     (the snapshot went back to what the client holds): the client's ACK of the empty response
     is what says it holds the current version, and what clears the NACK from its status.
@@ -418,6 +431,10 @@ class DeltaStream(_Stream):
         if st.cancel is not None:
             st.cancel()
             st.cancel = None
+        if len(st.pending) >= MAX_UNANSWERED:
+            # The client's next answer opens the watch: its one response carries whatever
+            # changed until then (the view and the dirty names keep track), the latest version.
+            return
         view = self._view(st)
         request = DeltaWatchRequest(
             node_id=self.node_id,
