@@ -334,7 +334,18 @@ class Pipeline:
                 )
                 translation = self.translator.translate(result.mesh)
                 snapshot = translation.snapshot()
+                # Nodes with resources of their own: every Node object, and any node with
+                # clients of a consumer namespace (its own Listener), Node object or not.
+                node_snapshots = {
+                    node: translation.snapshot(node)
+                    for node in sorted({*result.mesh.nodes, *translation.per_node})
+                }
             problems = snapshot.consistent()
+            for node, node_snapshot in node_snapshots.items():
+                if node_snapshot is not snapshot and types.LISTENER in translation.per_node.get(
+                    node, ()
+                ):  # its own Listener's route configurations (the rest is the shared one's)
+                    problems += [f"node {node}: {p}" for p in node_snapshot.consistent()]
             if problems:
                 raise ValueError("inconsistent snapshot: " + "; ".join(problems))
         except Exception as exc:
@@ -357,14 +368,12 @@ class Pipeline:
         # empty NodeServiceMap set tells its agent that its map was withdrawn; left with its
         # own, it would be served that snapshot frozen.
         self.cache.set_fallback_snapshot(snapshot)
-        # Nodes with resources of their own: every Node object, and any node with clients of
-        # a consumer namespace (its own Listener), Node object or not.
-        nodes = {*result.mesh.nodes, *translation.per_node}
+        nodes = set(node_snapshots)
         for node in sorted(self._snapshot_nodes - nodes):
             self.cache.clear_snapshot(node)
         self._snapshot_nodes = nodes
-        for node in sorted(nodes):
-            self.cache.set_snapshot(node, translation.snapshot(node))
+        for node, node_snapshot in node_snapshots.items():
+            self.cache.set_snapshot(node, node_snapshot)
         self.rebuilds += 1
         self.built_revision = view.revision
         self._update_conditions()

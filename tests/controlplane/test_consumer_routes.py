@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.builder.node import pod_placement
+from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import Store, key_of
+from nodemesh.xds import translate as translate_module
 from nodemesh.xds import types
+from nodemesh.xds.cache import SnapshotCache
 from nodemesh.xds.translate import Translator, node_listeners
 from nodemesh.xds.translate.route import CONSUMER_STATE
 
@@ -283,3 +287,34 @@ def _route_a_to_s0() -> dict[str, Any]:
             "rules": [{"backendRefs": [{"name": "s0", "namespace": "faces", "port": 80}]}],
         },
     }
+
+
+async def test_a_node_listener_naming_a_missing_route_configuration_keeps_the_last_good_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pipeline checks every node's own Listener, not only the shared snapshot: one whose
+    consumer chain names a route configuration no snapshot has (a translator bug, simulated
+    here) would leave that node's Listener warming for good. The build is refused, and the
+    node keeps the config it had."""
+    store = Store()
+    for obj in (GRANT, service("s0", "10.96.0.1"), A_CLIENT):
+        store.apply(obj)
+    pipeline = Pipeline(store, SnapshotCache())
+    await pipeline.rebuild()
+    assert pipeline.last_error == ""
+    before = pipeline.cache.get_snapshot("n1")
+
+    real = translate_module.consumer_destinations
+
+    def misnamed(*args: Any) -> dict[str, list[Any]]:
+        return {
+            ns: [(*d[:2], "outbound/nowhere", *d[3:]) for d in ds] for ns, ds in real(*args).items()
+        }
+
+    monkeypatch.setattr(translate_module, "consumer_destinations", misnamed)
+    store.apply(_route_a_to_s0())
+    await pipeline.rebuild()
+    assert pipeline.last_error.endswith(
+        "inconsistent snapshot: node n1: a listener needs route configuration 'outbound/nowhere'"
+    ), pipeline.last_error
+    assert pipeline.cache.get_snapshot("n1") is before

@@ -316,12 +316,17 @@ def _node_listener(
             )
         pieces.append(b)
     mine = b"".join(pieces)
+    # The route configurations its chains were encoded with, as the snapshot check reads them:
+    # the shared listener's, and each consumer chain's own.
+    references = set(shared.references)
+    for c in chains:
+        references.add(mesh.route_config_name if c.destination is None else c.destination[2])
     return Resource.from_payload(
         types.LISTENER,
         LISTENER_NAME,
         head + destination_chains + mine + tail,
         _decode_listener,
-        references=shared.references,
+        references=tuple(sorted(references)),
     )
 
 
