@@ -137,7 +137,8 @@ class Dataplane:
 
     # -- converge -------------------------------------------------------------------------
     def enable(self) -> dict[str, str]:
-        """Attach every wanted program; returns {program: 'created' | 'updated' | 'kept'}."""
+        """Attach every wanted program and detach the links of programs it does not know;
+        returns {program: "created" | "updated" | "kept" | "removed"}."""
         if self.pin_root.is_relative_to(BPFFS):
             ensure_bpffs()
         if not self.cgroup.is_dir():
@@ -185,8 +186,23 @@ class Dataplane:
             # Only now: an `_old` pin left by an interrupted enable() forces the swap again.
             for name in replaced:
                 self.map_pin(name + "_old").unlink()
+        result.update(self._remove_unwanted_links())
         log.info("data plane on %s: %s", self.cgroup, result)
         return result
+
+    def _remove_unwanted_links(self) -> dict[str, str]:
+        """Unpin every link in `links_dir` this version does not attach: another version's
+        program (an upgrade that renamed one, a rollback from one that had more) would stay
+        attached next to ours. The pins there are all ours; unpinning detaches a link that
+        nothing else holds."""
+        wanted = {w.program for w in WANTED}
+        removed: dict[str, str] = {}
+        for pin in sorted(self.links_dir.iterdir()):
+            if pin.name not in wanted:
+                log.warning("detaching %s: this version does not attach it", pin)
+                pin.unlink()
+                removed[pin.name] = "removed"
+        return removed
 
     def _set_aside_changed_maps(self, objects: dict[str, bpf.BpfObject]) -> list[str]:
         """Move the pin of every REPLACEABLE map whose pinned attributes differ from the
@@ -317,9 +333,9 @@ class Dataplane:
         """Detach everything and drop every pin; safe to call when nothing is installed."""
         if not self.pin_root.exists():
             return
-        for want in WANTED:
-            self.link_pin(want.program).unlink(missing_ok=True)
-            self.link_pin(want.program + "_new").unlink(missing_ok=True)
+        if self.links_dir.exists():
+            for pin in self.links_dir.iterdir():  # ours and any other version's
+                pin.unlink()
         for name in MAP_NAMES:
             self.map_pin(name).unlink(missing_ok=True)
         for name in REPLACEABLE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 from nodemesh.api import Backend, MapView, MeshService, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
@@ -146,3 +147,52 @@ def test_enable_replaces_an_older_fallback_map_and_old_connections_keep_their_ma
     empty = {"nm_socks": 0, "nm_backlog": 0, "nm_fallback": 0, "nm_rcv_seq": 0}
     assert settled_sock_state(node, empty) == empty
     assert node.dataplane.enable() == dict.fromkeys(result, "kept")
+
+
+def _retired_link(node: NodeLab) -> tuple[str, int]:
+    """A second sockops link on the node cgroup, pinned under a name this version does not
+    attach: what an agent version with another program leaves behind. Returns its pin name
+    and link id."""
+    assert node.dataplane is not None
+    prog_id = node.dataplane.links()["nm_sockops"].prog_id
+    prog_fd = bpf.prog_get_fd_by_id(prog_id)
+    cg_fd = os.open(node.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link_fd = bpf.link_create(prog_fd, cg_fd, bpf.BPF_CGROUP_SOCK_OPS, "nm_retired")
+        try:
+            bpf.obj_pin(link_fd, str(node.dataplane.link_pin("nm_retired")), "nm_retired")
+            link_id = bpf.link_info(link_fd, "nm_retired").id
+        finally:
+            bpf.close_fd(link_fd)
+    finally:
+        os.close(cg_fd)
+        bpf.close_fd(prog_fd)
+    assert bpf.link_exists(link_id)
+    return "nm_retired", link_id
+
+
+def _gone(link_id: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while bpf.link_exists(link_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # polling the kernel for the link's release, with a deadline
+    return True
+
+
+def test_enable_detaches_a_link_this_version_does_not_attach(node: NodeLab) -> None:
+    assert node.dataplane is not None
+    name, link_id = _retired_link(node)
+    result = node.dataplane.enable()
+    assert result[name] == "removed"
+    assert sum(v == "kept" for v in result.values()) == len(result) - 1
+    assert not node.dataplane.link_pin(name).exists()
+    assert _gone(link_id), "the other version's program stays attached"
+
+
+def test_disable_removes_links_of_another_version_too(node: NodeLab) -> None:
+    assert node.dataplane is not None
+    _, link_id = _retired_link(node)
+    node.dataplane.disable()
+    assert not node.pin_root.exists()
+    assert _gone(link_id)
