@@ -58,6 +58,8 @@ class HttpBackend:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         self.seen.append(Seen(request.path_qs, dict(request.headers), time.monotonic()))
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request)
         if self.delay:
             await asyncio.sleep(self.delay)
         headers = {"x-backend": self.name, "x-path": request.path_qs}
@@ -70,6 +72,15 @@ class HttpBackend:
                 status=self.fail_always, text=f"{self.name} failing\n", headers=headers
             )
         return web.Response(text=f"{self.name}\n", headers=headers)
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """A WebSocket that answers each text message with "<name>: <message>"."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"{self.name}: {msg.data}")
+        return ws
 
     async def start(self) -> HttpBackend:
         app = web.Application()
@@ -217,6 +228,15 @@ class Mesh:
         ) as resp:  # fmt: skip
             body = await resp.text()
             return Reply(resp.status, body.strip(), dict(resp.headers), time.monotonic() - started)
+
+    def websocket(self, host: str, path: str = "/") -> Any:
+        """`async with mesh.websocket(host) as ws:` a WebSocket through the node Envoy."""
+        assert self.session is not None
+        return self.session.ws_connect(
+            f"http://127.0.0.1:{self.outbound_port}{path}",
+            headers={"Host": host},
+            timeout=aiohttp.ClientWSTimeout(ws_close=10),
+        )
 
     async def get_many(
         self, n: int, host: str, path: str = "/", headers: dict[str, str] | None = None

@@ -30,7 +30,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
-from google.protobuf import wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
 from nodemesh.xds._wire import any_bytes
 from nodemesh.xds.translate._encode import LEN, VARINT, tag, varint
@@ -183,12 +183,22 @@ _HTTP_FILTERS = (
 )
 
 
+# What the node Envoy changes about a connection, kept to what the mesh API asks for: a
+# WebSocket upgrade goes through (Envoy refuses upgrades it is not told about, with a 403), and
+# a stream is not reset for being idle (Envoy's default: 5 minutes), as without a mesh; a
+# TrafficPolicy's `timeouts.idle` sets one per route.
+_UPGRADES = (hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket"),)
+_NO_STREAM_IDLE_TIMEOUT = duration_pb2.Duration()
+
+
 def _hcm_filter(stat_prefix: str, route_config: str) -> lc_pb2.Filter:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(route_config_name=route_config, config_source=_ADS),
         http_filters=_HTTP_FILTERS,
+        upgrade_configs=_UPGRADES,
+        stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
     )
     return lc_pb2.Filter(
         name="envoy.filters.network.http_connection_manager", typed_config=any_of(hcm)
@@ -225,8 +235,12 @@ _RDS_CONFIG_SOURCE = _field(
 _RDS_NAME = tag(hcm_pb2.Rds, "route_config_name", LEN)
 _HCM_NAME = "envoy.filters.network.http_connection_manager"
 _HCM_TYPE_URL = any_of(_HCM()).type_url
-# The filters after `rds` in every connection manager (http_filters).
-_HCM_TAIL = _HCM(http_filters=_HTTP_FILTERS).SerializeToString(deterministic=True)
+# The fields after `rds` in every connection manager.
+_HCM_TAIL = _HCM(
+    http_filters=_HTTP_FILTERS,
+    upgrade_configs=_UPGRADES,
+    stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
+).SerializeToString(deterministic=True)
 
 
 def _numbers(message: type, *names: str) -> list[int]:
@@ -246,7 +260,9 @@ assert _numbers(lc_pb2.FilterChainMatch, "prefix_ranges") < _numbers(
     lc_pb2.FilterChainMatch, "destination_port"
 )
 assert max(_numbers(_HCM, "codec_type", "stat_prefix")) < _numbers(_HCM, "rds")[0]
-assert _numbers(_HCM, "rds") < _numbers(_HCM, "http_filters")
+assert _numbers(_HCM, "rds")[0] < min(
+    _numbers(_HCM, "http_filters", "upgrade_configs", "stream_idle_timeout")
+)
 assert _numbers(hcm_pb2.Rds, "config_source") < _numbers(hcm_pb2.Rds, "route_config_name")
 assert _HCM.AUTO == 0  # the enum default: not written
 

@@ -78,6 +78,12 @@ _VH_ROUTES = tag(rc.VirtualHost, "routes", LEN)
 _R_NAME = tag(rc.Route, "name", LEN)
 _R_ROUTE = tag(rc.Route, "route", LEN)
 _RA_CLUSTER = tag(rc.RouteAction, "cluster", LEN)
+# `timeout: 0s` (see `_action`): an empty Duration, present
+_RA_NO_TIMEOUT = tag(rc.RouteAction, "timeout", LEN) + varint(0)
+assert (
+    rc.RouteAction.DESCRIPTOR.fields_by_name["cluster"].number
+    < rc.RouteAction.DESCRIPTOR.fields_by_name["timeout"].number
+)
 _DEFAULT_MATCH = ir.RouteMatch()
 # The default of `ir.Route.match`: most routes hold this very object (no field-by-field ==).
 _ROUTE_DEFAULT_MATCH = ir.Route("").match
@@ -129,7 +135,7 @@ def virtual_host_routes(vh: ir.VirtualHost) -> bytes:
 def _plain_route(r: ir.Route) -> bytes:
     """One `VirtualHost.routes` entry for a plain route (see `_plain`)."""
     cluster = r.backends[0].cluster.encode()
-    action = _RA_CLUSTER + varint(len(cluster)) + cluster
+    action = _RA_CLUSTER + varint(len(cluster)) + cluster + _RA_NO_TIMEOUT
     body = _MATCH_ALL + _R_ROUTE + varint(len(action)) + action
     name = r.name.encode()
     if name:
@@ -308,8 +314,9 @@ def _action(r: ir.Route) -> rc.RouteAction:
             out.regex_rewrite.substitution = r.rewrite.full_path.replace("\\", "\\\\")
         elif r.rewrite.prefix is not None:
             _prefix_rewrite(out, r.match, r.rewrite.prefix)
-    if r.timeout_ms is not None:
-        out.timeout.CopyFrom(duration(r.timeout_ms))
+    # No timeout unless one is asked for (0s): Envoy's own default, 15 s, would cut every
+    # longer response, download or stream that has no limit without a mesh.
+    out.timeout.CopyFrom(duration(r.timeout_ms or 0))
     if r.idle_timeout_ms is not None:
         out.idle_timeout.CopyFrom(duration(r.idle_timeout_ms))
     if r.retry is not None:

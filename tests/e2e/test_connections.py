@@ -1,0 +1,50 @@
+"""What the node Envoy leaves to the application, as it is without a mesh: WebSocket upgrades,
+and responses and connections that take as long as they take (Envoy's own defaults would
+refuse the one and cut the others at 15 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import Backends
+from tests.e2e.mesh import Mesh, endpoint_slice, service
+from tests.e2e.objects import http_route, to
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+# Envoy's default route timeout, which nodemesh turns off unless a route or policy sets one
+ENVOY_DEFAULT_TIMEOUT = 15.0
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["default-route", "httproute"])
+async def test_a_websocket_goes_through_the_node_envoy(
+    mesh: Mesh, backends: Backends, routed: bool
+) -> None:
+    name = f"ws-{'r' if routed else 'd'}"
+    backend = await backends.get(name)
+    mesh.apply(service(name), endpoint_slice(name, backend.port))
+    if routed:
+        mesh.apply(http_route(name, name, [{"backendRefs": [to(name)]}]))
+    await mesh.converge()
+    async with mesh.websocket(f"{name}.shop") as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive_str(timeout=5)) == f"{name}: hello"
+
+
+async def test_a_slow_response_and_a_long_websocket_outlast_envoys_default_timeout(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """No route or policy sets a timeout: a response that takes longer than Envoy's default
+    15 s arrives, and a WebSocket open as long still carries messages."""
+    slow = await backends.get("slow")
+    mesh.apply(service("slow"), endpoint_slice("slow", slow.port))
+    await mesh.converge()
+    async with mesh.websocket("slow.shop") as ws:
+        await ws.send_str("first")
+        assert (await ws.receive_str(timeout=5)) == "slow: first"
+        slow.delay = ENVOY_DEFAULT_TIMEOUT + 1
+        reply = await mesh.get("slow.shop", "/report", timeout=ENVOY_DEFAULT_TIMEOUT + 15)
+        assert (reply.status, reply.body) == (200, "slow")
+        assert reply.seconds > ENVOY_DEFAULT_TIMEOUT
+        await ws.send_str("later")
+        assert (await ws.receive_str(timeout=5)) == "slow: later"
