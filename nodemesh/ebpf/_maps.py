@@ -6,6 +6,7 @@ import ctypes
 
 __all__ = [
     "MAX_BACKENDS",
+    "MAX_CGROUP_LEVEL",
     "NM_CFG_ENVOY_SET",
     "NM_CFG_REDIRECT_OPTED_IN",
     "NM_CFG_SOCKET_REDIRECT",
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 MAX_BACKENDS = 32
+MAX_CGROUP_LEVEL = 64  # NM_MAX_CGROUP_LEVEL: the deepest node Envoy cgroup connect4/6 find
 NM_SVC_L7 = 1 << 0
 NM_SVC6_L7 = 1 << 0
 NM_CFG_ENVOY_SET = 1 << 0

@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from nodemesh.ebpf._maps import MAX_CGROUP_LEVEL
 from nodemesh.ebpf.errors import NodemeshEbpfError
 from nodemesh.ebpf.loader import DEFAULT_PIN_ROOT, Dataplane
 from nodemesh.ebpf.maps import SocketRedirect
@@ -24,7 +26,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", help="this node's name (the xDS node id)")
     parser.add_argument("--controlplane", help="HOST:PORT of the control plane's ADS server")
     parser.add_argument("--cgroup", required=True, type=Path, help="cgroup v2 of the mesh's pods")
-    parser.add_argument("--envoy-cgroup", type=Path, help="cgroup v2 of the node Envoy")
+    parser.add_argument(
+        "--envoy-cgroup",
+        type=Path,
+        help="cgroup v2 of the node Envoy, below --cgroup: connections made in it or in any "
+        "cgroup below it are never rewritten. In Kubernetes the Envoy pod's cgroup, which "
+        "outlives its container's restarts",
+    )
     parser.add_argument("--pin-root", type=Path, default=DEFAULT_PIN_ROOT, help="bpffs dir")
     parser.add_argument(
         "--socket-redirect",
@@ -51,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.node or not args.controlplane:
             log.error("--node and --controlplane are required (unless --uninstall)")
             return 2
-        if args.envoy_cgroup is not None and not args.envoy_cgroup.is_dir():
-            log.error("--envoy-cgroup %s: no such cgroup directory", args.envoy_cgroup)
-            return 2
+        if args.envoy_cgroup is not None:
+            problem = _envoy_cgroup_problem(args.cgroup, args.envoy_cgroup)
+            if problem:
+                log.error("%s", problem)
+                return 2
         from nodemesh.ebpf.agent import Agent
 
         agent = Agent(
@@ -68,6 +78,41 @@ def run(args: argparse.Namespace) -> int:
     except NodemeshEbpfError as exc:
         log.error("%s", exc)
         return 1
+
+
+def _envoy_cgroup_problem(cgroup: Path, envoy: Path) -> str:
+    """Why `envoy` cannot be the node Envoy's cgroup ("" if it can). connect4/6 leave every
+    connection made in it or below it alone, and look for it down to a fixed level."""
+    if not envoy.is_dir():
+        return f"--envoy-cgroup {envoy}: no such cgroup directory"
+    if cgroup.is_dir() and _ancestry(envoy)[0] in _ancestry(cgroup):
+        return (
+            f"--envoy-cgroup {envoy} is --cgroup {cgroup} or holds it: every connection from "
+            "below it is left alone, so no pod would be in the mesh. Name the node Envoy's "
+            "own cgroup (in Kubernetes, its pod's)"
+        )
+    level = len(_ancestry(envoy)) - 1
+    if level > MAX_CGROUP_LEVEL:
+        return (
+            f"--envoy-cgroup {envoy} is at level {level} of the cgroup tree; the programs "
+            f"look for the node Envoy's cgroup down to level {MAX_CGROUP_LEVEL}"
+        )
+    return ""
+
+
+def _ancestry(path: Path) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of `path` and of each directory above it up to its mount's root: the
+    cgroup and its ancestors, the root cgroup last when the mount shows the whole tree."""
+    path = path.resolve()
+    st = os.stat(path)
+    out = [(st.st_dev, st.st_ino)]
+    while path.parent != path:
+        up = os.stat(path.parent)
+        if up.st_dev != st.st_dev:
+            break
+        out.append((up.st_dev, up.st_ino))
+        path = path.parent
+    return out
 
 
 def _socket_redirect(mode: str) -> SocketRedirect:

@@ -281,6 +281,13 @@ class NodeLab:
         self.pods[name] = pod
         return pod
 
+    def envoy_container(self, name: str) -> Pod:
+        """The node Envoy in a new cgroup below `envoy_cgroup` (host netns, its address), as a
+        restarted container gets a new cgroup below its pod's. Removed on close()."""
+        cg = self.envoy_cgroup / name
+        self._mkcg(cg)
+        return Pod(self, f"envoy-{name}", None, self.gateway, cg)
+
     def spawn(self, argv: Sequence[str], name: str) -> Proc:
         """A process in the host netns and this process's cgroup (outside the mesh)."""
         popen = subprocess.Popen(

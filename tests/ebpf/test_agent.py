@@ -506,3 +506,42 @@ def test_a_missing_envoy_cgroup_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert f"--envoy-cgroup {tmp_path / 'nope'}: no such cgroup directory" in done.stderr
+
+
+@pytest.mark.parametrize("envoy", ["the node cgroup", "its parent"])
+def test_an_envoy_cgroup_that_holds_the_pods_is_refused(tmp_path: Path, envoy: str) -> None:
+    """Every cgroup below --envoy-cgroup is the node Envoy's, whose connections are never
+    rewritten: one that is --cgroup or holds it would take every pod out of the mesh. (The
+    pin root is no bpffs, so an agent that started anyway could pin nothing.)"""
+    pods = tmp_path / "pods"
+    pods.mkdir()
+    named = pods if envoy == "the node cgroup" else tmp_path
+    done = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "agent", "--node", NODE, "--controlplane",
+         "127.0.0.1:1", "--cgroup", str(pods), "--envoy-cgroup", str(named),
+         "--pin-root", str(tmp_path / "pins")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        f"--envoy-cgroup {named} is --cgroup {pods} or holds it: every connection from below "
+        "it is left alone, so no pod would be in the mesh" in done.stderr
+    ), done.stderr
+
+
+def test_an_envoy_cgroup_deeper_than_the_programs_look_is_refused(tmp_path: Path) -> None:
+    """connect4/6 look for the node Envoy's cgroup among a caller's ancestors down to level
+    64: the Envoy in a deeper one would have its connections rewritten like a pod's."""
+    (tmp_path / "pods").mkdir()
+    deep = tmp_path.joinpath(*(f"l{i}" for i in range(64)))
+    deep.mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "agent", "--node", NODE, "--controlplane",
+         "127.0.0.1:1", "--cgroup", str(tmp_path / "pods"), "--envoy-cgroup", str(deep),
+         "--pin-root", str(tmp_path / "pins")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"--envoy-cgroup {deep} is at level " in done.stderr, done.stderr
+    assert "look for the node Envoy's cgroup down to level 64" in done.stderr, done.stderr

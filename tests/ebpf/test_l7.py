@@ -169,3 +169,29 @@ def test_an_l7_service_with_only_an_ipv6_cluster_ip_is_refused(node: NodeLab) ->
     other = a.tool("connect", "--v6", "--to", "[fd00:96::99]:80")
     assert other["ok"] is False and other["errno"] != "ECONNREFUSED", other
     assert stats(node)["refused"] - before["refused"] == 1
+
+
+def test_the_node_envoys_connections_are_not_rewritten_from_below_its_cgroup(
+    node: NodeLab,
+) -> None:
+    """The node Envoy connects to an address the maps send to the node Envoy, as an
+    ORIGINAL_DST cluster does (b's own address stands for a ClusterIP: no kube-proxy here). A
+    pod's connection goes to the Envoy address (nothing listens: refused); Envoy's goes where
+    Envoy said, from the cgroup `--envoy-cgroup` names and from a new cgroup below it, which
+    is what a container restart makes under the Envoy pod's cgroup. Only the named cgroup was
+    exempt, so after a restart Envoy's connections were sent to the node Envoy, itself."""
+    b = node.pods["b"]
+    b.serve(7000)
+    program(node, (Service("web", b.ip, 7000, True),))
+    hello_b = {"ok": True, "hello": "HELLO b", "peer": [b.ip, 7000]}
+    before = stats(node)
+
+    assert node.pods["a"].tool("connect", "--to", f"{b.ip}:7000") == {
+        "ok": False,
+        "errno": "ECONNREFUSED",
+    }
+    assert stats(node)["l7_redirects"] - before["l7_redirects"] == 1
+    assert node.host.tool("connect", "--to", f"{b.ip}:7000") == hello_b
+    restarted = node.envoy_container("container-2")
+    assert restarted.tool("connect", "--to", f"{b.ip}:7000") == hello_b
+    assert stats(node)["l7_redirects"] - before["l7_redirects"] == 1

@@ -90,3 +90,14 @@ def test_the_flag_constants_are_the_headers() -> None:
     mirrored = {name: getattr(m, name) for name in m.__all__ if name.startswith("NM_")}
     assert mirrored, "no flags in _maps.__all__"
     assert {n: 1 << int(defines[n]) if n in defines else None for n in mirrored} == mirrored
+
+
+def test_the_limits_are_the_headers() -> None:
+    """The sizes `_maps` mirrors are the header's: the backends a Service value holds, and the
+    deepest node Envoy cgroup connect4/6 look for (the agent refuses a deeper one)."""
+    header = (Path(m.__file__).parent / "bpf" / "nodemesh.h").read_text()
+    defines = dict(re.findall(r"^#define (NM_MAX_[A-Z_]+) (\d+)$", header, re.M))
+    assert defines == {
+        "NM_MAX_BACKENDS": str(m.MAX_BACKENDS),
+        "NM_MAX_CGROUP_LEVEL": str(m.MAX_CGROUP_LEVEL),
+    }

@@ -35,6 +35,31 @@ static __always_inline int nm_pick_backend(const struct nm_service *svc, struct 
 	return -1;
 }
 
+/* The node Envoy's own upstream connections go where Envoy says: no loops. Its cgroup is the
+ * one the agent wrote and every cgroup below it, so Envoy stays exempt when its container
+ * restarts into a new cgroup under the same pod cgroup. An ancestor's id is found by its
+ * level, which user space cannot know for certain (a cgroup namespace hides the levels
+ * above its root), so each level is tried, down to the caller's own.
+ */
+static __always_inline int nm_from_envoy(const struct nm_config *cfg)
+{
+	__u64 envoy = cfg->envoy_cgroup_id;
+
+	if (!envoy)
+		return 0;
+	/* From level 1: the root (0) holds every pod. A constant bound keeps the loop provable
+	 * for the verifier; a level deeper than the caller's cgroup returns 0 and ends it. */
+	for (int level = 1; level <= NM_MAX_CGROUP_LEVEL; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+
+		if (id == envoy)
+			return 1;
+		if (!id)
+			return 0;
+	}
+	return 0;
+}
+
 static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16 port,
 						  struct nm_orig_dst *out)
 {
@@ -47,8 +72,7 @@ static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16
 
 	if (!cfg)
 		return NM_PASS;
-	/* The node Envoy's own upstream connections go where Envoy says: no loops. */
-	if (cfg->envoy_cgroup_id && bpf_get_current_cgroup_id() == cfg->envoy_cgroup_id)
+	if (nm_from_envoy(cfg))
 		return NM_PASS;
 	/* The entry is read, then looked up again: the same element means nothing replaced it
 	 * meanwhile. An agent update or delete frees the old element, which the kernel may hand
@@ -146,8 +170,7 @@ int nm_sock6_connect(struct bpf_sock_addr *ctx)
 		struct nm_svc6_key key6 = { .port = (__be16)ctx->user_port };
 		struct nm_svc6 *svc6;
 
-		if (!cfg || (cfg->envoy_cgroup_id &&
-			     bpf_get_current_cgroup_id() == cfg->envoy_cgroup_id))
+		if (!cfg || nm_from_envoy(cfg))
 			return 1;
 		key6.addr[0] = ip6[0];
 		key6.addr[1] = ip6[1];

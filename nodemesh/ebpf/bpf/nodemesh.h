@@ -20,6 +20,10 @@
 
 #define NM_MAX_BACKENDS 32
 
+/* Deepest level of the cgroup tree (the root is 0) at which connect4/6 look for the node
+ * Envoy's cgroup among the caller's ancestors; the agent refuses a deeper --envoy-cgroup. */
+#define NM_MAX_CGROUP_LEVEL 64
+
 /* nm_services flags */
 #define NM_SVC_L7 (1U << 0) /* connections go to the node Envoy */
 
@@ -87,7 +91,7 @@ struct nm_orig_dst {
 };
 
 struct nm_config {
-	__u64 envoy_cgroup_id; /* connections made by the node Envoy are never rewritten */
+	__u64 envoy_cgroup_id; /* connections made in it or below it are never rewritten */
 	__be32 envoy_addr;
 	__be16 envoy_port;
 	__u16 flags;
