@@ -13,6 +13,9 @@ entries it touches (`NodeMaps.patch`). A kernel write that fails NACKs, and the 
 whole again with backoff until it succeeds. The stream reconnects with backoff, resuming with
 the versions the agent holds, and the maps stay in force while it is down; keepalive pings
 notice a stream whose path went dark without an error.
+
+The node Envoy's cgroup id is the agent's own setting, not the control plane's: written at
+start, and again whenever the directory `--envoy-cgroup` names is a new cgroup.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ KEEPALIVE = (30.0, 10.0)
 # first MeshService response holds every Service; gRPC's default (4 MiB) is reached by 2,000
 # Services of 100 endpoints, and a refused response came again on every reconnect.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# Seconds between two looks at the directory --envoy-cgroup names. When it is removed and made
+# again (systemd does so when it restarts a service) it is a new cgroup with a new id, and the
+# node Envoy's connections from it are rewritten like a pod's until the agent writes that id,
+# one poll after the new cgroup appears (longer while a large map write holds the loop). A
+# stat() and a map read each time.
+ENVOY_CGROUP_POLL = 0.2
 
 
 class Agent:
@@ -72,11 +81,14 @@ class Agent:
         max_backoff: float = 5.0,
         socket_redirect: SocketRedirect = SocketRedirect.ALL,
         keepalive: tuple[float, float] = KEEPALIVE,
+        envoy_cgroup_poll: float = ENVOY_CGROUP_POLL,
     ) -> None:
         self.node = node
         self.controlplane = controlplane
         self.dataplane = dataplane
+        self.envoy_cgroup = Path(envoy_cgroup) if envoy_cgroup else None
         self.envoy_cgroup_id = os.stat(envoy_cgroup).st_ino if envoy_cgroup else 0
+        self.envoy_cgroup_poll = envoy_cgroup_poll
         self.max_backoff = max_backoff
         self.socket_redirect = socket_redirect
         self.keepalive = keepalive
@@ -95,6 +107,9 @@ class Agent:
         backoff = 0.1
         with NodeMaps(self.dataplane.pin_root) as maps:
             maps.set_socket_redirect(self.socket_redirect)
+            follow = None
+            if self.envoy_cgroup is not None:
+                follow = asyncio.get_running_loop().create_task(self._follow_envoy_cgroup(maps))
             try:
                 while True:
                     answered = self.responses
@@ -110,8 +125,9 @@ class Agent:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
             finally:
-                if self._repair is not None:
-                    self._repair.cancel()  # it writes through `maps`, closed next
+                for task in (self._repair, follow):
+                    if task is not None:
+                        task.cancel()  # they write through `maps`, closed next
 
     async def _stream(self, maps: NodeMaps) -> None:
         node = base_pb2.Node(id=self.node, cluster="nodemesh-agent")
@@ -261,6 +277,42 @@ class Agent:
             self._converged = True
             self.last_error = ""
             log.info("node %s: maps converged again: %s", self.node, result)
+
+    async def _follow_envoy_cgroup(self, maps: NodeMaps) -> None:
+        """Keep nm_config's Envoy cgroup id that of the directory `--envoy-cgroup` names: at
+        start (the maps may still hold a last run's, and stay otherwise untouched until the
+        control plane answers), and whenever the directory is a new cgroup. While it is
+        missing, the last id stays (a removed cgroup holds no process, and its id is never
+        given to another)."""
+        assert self.envoy_cgroup is not None
+        problem = ""
+        while True:
+            try:
+                cgroup_id = os.stat(self.envoy_cgroup).st_ino
+                if cgroup_id != self.envoy_cgroup_id:
+                    log.warning(
+                        "node %s: --envoy-cgroup %s is a new cgroup (id %d, was %d): the node "
+                        "Envoy's connections from it are left alone from now on",
+                        self.node,
+                        self.envoy_cgroup,
+                        cgroup_id,
+                        self.envoy_cgroup_id,
+                    )
+                    self.envoy_cgroup_id = cgroup_id  # for every later nm_config write
+                maps.set_envoy_cgroup(cgroup_id)
+                problem = ""
+            except (OSError, NodemeshEbpfError) as exc:
+                if str(exc) != problem:  # once, not every poll
+                    problem = str(exc)
+                    log.warning(
+                        "node %s: --envoy-cgroup %s: %s (nm_config keeps the Envoy cgroup "
+                        "id %d until it can be read and written)",
+                        self.node,
+                        self.envoy_cgroup,
+                        exc,
+                        self.envoy_cgroup_id,
+                    )
+            await asyncio.sleep(self.envoy_cgroup_poll)
 
     def _node_part(self, response: discovery_pb2.DeltaDiscoveryResponse) -> NodePart:
         part = self.view.part

@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="cgroup v2 of the node Envoy, below --cgroup: connections made in it or in any "
         "cgroup below it are never rewritten. In Kubernetes the Envoy pod's cgroup, which "
-        "outlives its container's restarts",
+        "outlives its container's restarts; when the directory is made again (a new cgroup), "
+        "the agent follows",
     )
     parser.add_argument("--pin-root", type=Path, default=DEFAULT_PIN_ROOT, help="bpffs dir")
     parser.add_argument(

@@ -210,6 +210,17 @@ class NodeMaps:
         bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
         return True
 
+    def set_envoy_cgroup(self, cgroup_id: int) -> bool:
+        """Set only the node Envoy's cgroup id in nm_config (the agent does it at start and
+        whenever the directory it was given is a new cgroup); returns whether it changed.
+        connect4/6 leave alone every connection made in that cgroup or below it."""
+        cfg = self.config()
+        if cfg.envoy_cgroup_id == cgroup_id:
+            return False
+        cfg.envoy_cgroup_id = cgroup_id
+        bpf.map_update(self._fds["nm_config"], ctypes.c_uint32(0), cfg, "nm_config")
+        return True
+
     def apply(
         self,
         node_map: NodeMap,

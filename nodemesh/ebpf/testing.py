@@ -288,6 +288,12 @@ class NodeLab:
         self._mkcg(cg)
         return Pod(self, f"envoy-{name}", None, self.gateway, cg)
 
+    def replace_envoy_cgroup(self) -> None:
+        """Remove `envoy_cgroup` and make it again: the same path, a new cgroup with a new id,
+        as systemd does when it restarts a service. It must hold no process and no cgroup."""
+        _rmdir_cgroup(self.envoy_cgroup)
+        self.envoy_cgroup.mkdir()
+
     def spawn(self, argv: Sequence[str], name: str) -> Proc:
         """A process in the host netns and this process's cgroup (outside the mesh)."""
         popen = subprocess.Popen(

@@ -508,6 +508,72 @@ def test_a_missing_envoy_cgroup_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert f"--envoy-cgroup {tmp_path / 'nope'}: no such cgroup directory" in done.stderr
 
 
+def _l7_at(lab: NodeLab, pod: str) -> NodeMap:
+    """One L7 Service whose address is `pod`'s own (it stands for a ClusterIP: no kube-proxy
+    here), so a connection the programs leave alone reaches the pod."""
+    ip = lab.pods[pod].ip
+    return NodeMap(
+        NODE,
+        (Service("shop/web:7000", ip, 7000, True),),
+        envoy=(lab.gateway, 15001),
+        local_addresses=tuple(p.ip for p in lab.pods.values()),
+    )
+
+
+async def test_the_agent_follows_a_replaced_envoy_cgroup(cp: ControlPlane) -> None:
+    """The directory --envoy-cgroup names is removed and made again, as systemd does when it
+    restarts a service: a new cgroup with a new id. The running agent writes the new id, and
+    the node Envoy's connections from the new cgroup go where it said. The agent read the id
+    once at start, so until it restarted they were sent to the node Envoy, itself (here
+    nothing listens there: refused)."""
+    lab = cp.lab
+    b = lab.pods["b"]
+    version = cp.publish(_l7_at(lab, "b"))
+    agent = cp.start_agent()
+    await until(lambda: cp.acked(version), "the ACK")
+    hello_b = {"ok": True, "hello": "HELLO b", "peer": [b.ip, 7000]}
+    assert await asyncio.to_thread(lab.host.tool, "connect", "--to", f"{b.ip}:7000") == hello_b
+
+    lab.replace_envoy_cgroup()
+    new_id = os.stat(lab.envoy_cgroup).st_ino
+
+    def written() -> bool:
+        with NodeMaps(lab.pin_root) as maps:
+            return bool(maps.config().envoy_cgroup_id == new_id)
+
+    await until(written, "the agent to write the new cgroup's id", timeout=10)
+    assert await asyncio.to_thread(lab.host.tool, "connect", "--to", f"{b.ip}:7000") == hello_b
+    assert agent.popen.poll() is None, "the same agent"
+
+
+async def test_the_agent_writes_the_envoy_cgroup_before_its_first_map(cp: ControlPlane) -> None:
+    """With the control plane down, a restarted agent leaves the maps as the last run wrote
+    them, but not the node Envoy's cgroup id: that is the agent's own setting, and the last
+    run's may name a cgroup Envoy left (a restart of both while the control plane is down)."""
+    lab = cp.lab
+    assert lab.dataplane is not None
+    await cp.server.stop(0)
+    with NodeMaps(lab.pin_root) as maps:
+        maps.apply(_l7_at(lab, "b"), envoy_cgroup_id=1 << 40)  # a cgroup that is gone
+    agent = Agent(NODE, f"127.0.0.1:{cp.port}", lab.dataplane, lab.envoy_cgroup)
+    task = asyncio.create_task(agent.run())
+    try:
+
+        def written() -> bool:
+            with NodeMaps(lab.pin_root) as maps:
+                return bool(maps.config().envoy_cgroup_id == os.stat(lab.envoy_cgroup).st_ino)
+
+        await until(written, "the agent to write its envoy cgroup's id", timeout=10)
+        b = lab.pods["b"]
+        hello = await asyncio.to_thread(lab.host.tool, "connect", "--to", f"{b.ip}:7000")
+        assert hello == {"ok": True, "hello": "HELLO b", "peer": [b.ip, 7000]}
+        assert agent.responses == 0, "no map came"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @pytest.mark.parametrize("envoy", ["the node cgroup", "its parent"])
 def test_an_envoy_cgroup_that_holds_the_pods_is_refused(tmp_path: Path, envoy: str) -> None:
     """Every cgroup below --envoy-cgroup is the node Envoy's, whose connections are never
