@@ -28,8 +28,13 @@ ALL_TYPES = (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE)
 @dataclass
 class Seen:
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # one value per name (the last); `values` has them all
     at: float
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def values(self, name: str) -> list[str]:
+        """Every value the request carried for `name` (any case), in order."""
+        return [v for k, v in self.pairs if k.lower() == name.lower()]
 
 
 @dataclass
@@ -57,7 +62,10 @@ class HttpBackend:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
-        self.seen.append(Seen(request.path_qs, dict(request.headers), time.monotonic()))
+        self.seen.append(
+            Seen(request.path_qs, dict(request.headers), time.monotonic(),
+                 tuple(request.headers.items()))
+        )  # fmt: skip
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
         if self.delay:
@@ -218,10 +226,22 @@ class Mesh:
             await asyncio.sleep(0.02)
 
     async def get(self, host: str, path: str = "/", headers: dict[str, str] | None = None,
-                  method: str = "GET", timeout: float = 10.0) -> Reply:  # fmt: skip
+                  method: str = "GET", timeout: float = 10.0,
+                  source: str = "") -> Reply:  # fmt: skip
+        """A request through the node Envoy; from the local address `source` if given (a
+        "pod" of the node, for consumer routes), else from 127.0.0.1."""
+        if source:
+            connector = aiohttp.TCPConnector(force_close=True, local_addr=(source, 0))
+            async with aiohttp.ClientSession(connector=connector) as session:
+                return await self._get(session, host, path, headers, method, timeout)
         assert self.session is not None
+        return await self._get(self.session, host, path, headers, method, timeout)
+
+    async def _get(self, session: aiohttp.ClientSession, host: str, path: str,
+                   headers: dict[str, str] | None, method: str,
+                   timeout: float) -> Reply:  # fmt: skip
         started = time.monotonic()
-        async with self.session.request(
+        async with session.request(
             method, f"http://127.0.0.1:{self.outbound_port}{path}",
             headers={"Host": host, **(headers or {})},
             timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,

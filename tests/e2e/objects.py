@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.e2e.mesh import NODE
+
 
 def http_route(
     name: str, parent: str, rules: list[dict[str, Any]], ns: str = "shop", port: int | None = None
@@ -20,9 +22,9 @@ def http_route(
 
 
 def grpc_route(
-    name: str, parent: str, rules: list[dict[str, Any]], ns: str = "shop"
+    name: str, parent: str, rules: list[dict[str, Any]], ns: str = "shop", port: int | None = None
 ) -> dict[str, Any]:
-    obj = http_route(name, parent, rules, ns)
+    obj = http_route(name, parent, rules, ns, port)
     obj["kind"] = "GRPCRoute"
     return obj
 
@@ -40,4 +42,15 @@ def policy(name: str, target: str, ns: str = "shop", **spec: Any) -> dict[str, A
         "kind": "TrafficPolicy",
         "metadata": {"name": name, "namespace": ns},
         "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": target}], **spec},
+    }
+
+
+def pod(name: str, ns: str, ip: str, node: str = NODE) -> dict[str, Any]:
+    """A running Pod on `node` with address `ip`: a client of its namespace there."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "client"}]},
+        "status": {"phase": "Running", "podIP": ip},
     }

@@ -8,31 +8,20 @@ test's node."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import aiohttp
 import pytest
 
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds import types
 from tests.e2e.conftest import Backends
-from tests.e2e.mesh import NODE, Mesh, Reply, endpoint_slice, service
+from tests.e2e.mesh import NODE, Mesh, endpoint_slice, service
+from tests.e2e.objects import pod
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 CLIENT = "127.0.0.2"  # a pod of fast-clients
 OTHER = "127.0.0.3"  # a pod of another namespace
-
-
-def pod(name: str, ns: str, ip: str, node: str = NODE) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "client"}]},
-        "status": {"phase": "Running", "podIP": ip},
-    }
 
 
 def route(name: str, ns: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
@@ -51,20 +40,6 @@ def route(name: str, ns: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
 
 def to(name: str) -> dict[str, Any]:
     return {"name": name, "namespace": "faces", "port": 80}
-
-
-async def get_from(mesh: Mesh, source: str, host: str, path: str = "/") -> Reply:
-    """GET through the node Envoy from `source` (a local address the client binds to)."""
-    connector = aiohttp.TCPConnector(force_close=True, local_addr=(source, 0))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.monotonic()
-        async with session.get(
-            f"http://127.0.0.1:{mesh.outbound_port}{path}",
-            headers={"Host": host},
-            timeout=aiohttp.ClientTimeout(total=10),
-        ) as resp:
-            body = (await resp.text()).strip()
-            return Reply(resp.status, body, dict(resp.headers), time.monotonic() - started)
 
 
 async def test_consumer_route_applies_to_its_namespace_clients_only(
@@ -90,7 +65,7 @@ async def test_consumer_route_applies_to_its_namespace_clients_only(
     await mesh.converge()
 
     async def body(source: str, host: str, path: str = "/") -> tuple[int, str]:
-        reply = await get_from(mesh, source, host, path)
+        reply = await mesh.get(host, path, source=source)
         return reply.status, reply.body
 
     # fast-clients' pod: its own route, for every name of the Service
@@ -116,10 +91,10 @@ async def test_consumer_routes_replace_the_producers_and_404_the_rest(
          "backendRefs": [to("smiley2")]},
     ]))  # fmt: skip
     await mesh.converge()
-    assert (await get_from(mesh, CLIENT, "smiley.faces", "/fast")).body == "smiley2"
+    assert (await mesh.get("smiley.faces", "/fast", source=CLIENT)).body == "smiley2"
     # /api is the producer's; for fast-clients the consumer's routes replace them: no match
-    assert (await get_from(mesh, CLIENT, "smiley.faces", "/api")).status == 404
-    assert (await get_from(mesh, OTHER, "smiley.faces", "/api")).body == "smiley"
+    assert (await mesh.get("smiley.faces", "/api", source=CLIENT)).status == 404
+    assert (await mesh.get("smiley.faces", "/api", source=OTHER)).body == "smiley"
 
 
 async def test_a_pod_that_leaves_and_a_deleted_route_stop_the_consumer_routing(
@@ -127,18 +102,18 @@ async def test_a_pod_that_leaves_and_a_deleted_route_stop_the_consumer_routing(
 ) -> None:
     mesh.apply(pod("client-2", "fast-clients", "127.0.0.4"))
     await mesh.converge()
-    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/fast")).body == "smiley2"
+    assert (await mesh.get("smiley.faces", "/fast", source="127.0.0.4")).body == "smiley2"
 
     mesh.store.delete(ObjectKey("Pod", "fast-clients", "client"))
     await mesh.converge()
     # 127.0.0.2 is no pod of fast-clients any more: the producer's routes
-    assert (await get_from(mesh, CLIENT, "smiley.faces", "/api")).body == "smiley"
-    assert (await get_from(mesh, CLIENT, "smiley.faces", "/fast")).status == 404
-    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/fast")).body == "smiley2"
+    assert (await mesh.get("smiley.faces", "/api", source=CLIENT)).body == "smiley"
+    assert (await mesh.get("smiley.faces", "/fast", source=CLIENT)).status == 404
+    assert (await mesh.get("smiley.faces", "/fast", source="127.0.0.4")).body == "smiley2"
 
     mesh.store.delete(ObjectKey("HTTPRoute", "fast-clients", "smiley-fast"))
     await mesh.converge()
-    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/api")).body == "smiley"
+    assert (await mesh.get("smiley.faces", "/api", source="127.0.0.4")).body == "smiley"
     assert mesh.cache.get_snapshot(NODE) is mesh.pipeline.snapshot  # no listener of its own
 
 
@@ -165,8 +140,8 @@ async def test_a_host_network_endpoint_does_not_make_the_node_a_client(
         endpoint_slice("exporter", 9100, ns="fast-clients", address="127.0.0.1"),
     )  # fmt: skip
     await mesh.converge()
-    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/fast")).body == "smiley2"
-    assert (await get_from(mesh, "127.0.0.1", "smiley.faces", "/api")).body == "smiley"
+    assert (await mesh.get("smiley.faces", "/fast", source="127.0.0.4")).body == "smiley2"
+    assert (await mesh.get("smiley.faces", "/api", source="127.0.0.1")).body == "smiley"
 
 
 async def test_an_address_two_consumer_namespaces_claim_is_neither_s_and_envoy_accepts(
@@ -182,11 +157,11 @@ async def test_an_address_two_consumer_namespaces_claim_is_neither_s_and_envoy_a
     )  # fmt: skip
     await mesh.converge()
     assert node_listener_nacked(mesh) == ""
-    assert (await get_from(mesh, "127.0.0.5", "smiley.faces", "/")).body == "face"
-    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/api")).body == "smiley"
+    assert (await mesh.get("smiley.faces", "/", source="127.0.0.5")).body == "face"
+    assert (await mesh.get("smiley.faces", "/api", source="127.0.0.4")).body == "smiley"
     mesh.store.delete(ObjectKey("Pod", "b-clients", "stale"))
     await mesh.converge()
-    assert (await get_from(mesh, "127.0.0.4", "smiley.faces", "/fast")).body == "smiley2"
+    assert (await mesh.get("smiley.faces", "/fast", source="127.0.0.4")).body == "smiley2"
 
 
 async def test_a_pod_coming_does_not_drain_its_namespace_s_connections(
@@ -199,7 +174,7 @@ async def test_a_pod_coming_does_not_drain_its_namespace_s_connections(
     before = mesh.envoy.stats("listener_manager")
     mesh.apply(pod("client-3", "fast-clients", "127.0.0.6"))
     await mesh.converge()
-    assert (await get_from(mesh, "127.0.0.6", "smiley.faces", "/fast")).body == "smiley2"
+    assert (await mesh.get("smiley.faces", "/fast", source="127.0.0.6")).body == "smiley2"
     after = mesh.envoy.stats("listener_manager")
     assert after["listener_manager.listener_in_place_updated"] > before.get(
         "listener_manager.listener_in_place_updated", 0
