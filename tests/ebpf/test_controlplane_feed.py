@@ -304,6 +304,21 @@ async def test_service_without_route_goes_kernel_direct(feed: Feed) -> None:
     assert feed.envoy.stats("downstream_cx_total").get(listener, 0) == envoy_before
 
 
+async def test_a_connection_to_a_pod_of_a_routed_service_skips_its_routes(feed: Feed) -> None:
+    """Routes attach to a Service's frontend, its ClusterIP (GAMMA), not to its pods: a client
+    that connects to web's pod by its own address reaches it without the node Envoy, so web's
+    retry does not turn the pod's first 503 into a 200."""
+    before = stats(feed.lab)
+
+    status, headers, body = await feed.get(f"{feed.lab.pods['b'].ip}:8081", "/pod-ip")
+
+    assert status == 503 and json.loads(body)["attempt"] == 1, body
+    assert headers.get("server") != "envoy"
+    after = stats(feed.lab)
+    assert after["l7_redirects"] == before["l7_redirects"]
+    assert after["l4_picks"] == before["l4_picks"]
+
+
 async def test_adding_an_httproute_flips_new_connections_to_the_node_envoy(feed: Feed) -> None:
     (feed.config_dir / "api-route.yaml").write_text(API_ROUTE)
 
