@@ -329,7 +329,7 @@ def test_a_deleted_pod_leaves_the_node_map() -> None:
 
 def test_more_backends_than_the_kernel_holds_are_windowed_per_node() -> None:
     eps = tuple(ir.Endpoint(f"10.244.0.{i}", 80) for i in range(1, 41))
-    svc = mesh_service(ir.ServiceInfo("shop/big", ("10.96.0.1",), (80,), False, (eps,)))
+    svc = mesh_service(ir.ServiceInfo("shop/big", ("10.96.0.1",), (80,), (), (eps,)))
     assert svc is not None and len(svc.services[0].backends) == 40, "all of them on the wire"
     windows = []
     for n in range(8):
@@ -343,8 +343,8 @@ def test_more_backends_than_the_kernel_holds_are_windowed_per_node() -> None:
 
 
 def test_duplicate_cluster_ip_keeps_the_first_service_by_name_in_any_order() -> None:
-    a = mesh_service(ir.ServiceInfo("shop/a", ("10.96.0.1",), (80,), True))
-    b = mesh_service(ir.ServiceInfo("shop/b", ("10.96.0.1",), (80,), False))
+    a = mesh_service(ir.ServiceInfo("shop/a", ("10.96.0.1",), (80,), (80,)))
+    b = mesh_service(ir.ServiceInfo("shop/b", ("10.96.0.1",), (80,), ()))
     assert a is not None and b is not None
     for order in ([a, b], [b, a]):
         view = MapView("n")
@@ -356,9 +356,9 @@ def test_duplicate_cluster_ip_keeps_the_first_service_by_name_in_any_order() -> 
 
 
 def test_ipv6_cluster_ips_stand_for_the_ipv4_one_or_are_refused_when_l7() -> None:
-    dual = ir.ServiceInfo("shop/dual", ("10.96.0.1", "fd00::1"), (80, 81), False)
-    l7_v6 = ir.ServiceInfo("shop/l7v6", ("fd00::2",), (80,), True)
-    l4_v6 = ir.ServiceInfo("shop/l4v6", ("fd00::3",), (80,), False)
+    dual = ir.ServiceInfo("shop/dual", ("10.96.0.1", "fd00::1"), (80, 81), ())
+    l7_v6 = ir.ServiceInfo("shop/l7v6", ("fd00::2",), (80,), (80,))
+    l4_v6 = ir.ServiceInfo("shop/l4v6", ("fd00::3",), (80,), ())
     assert mesh_service(l4_v6) is None, "nothing for the agent to do"
     view = MapView("n")
     for info in (dual, l7_v6):
@@ -394,14 +394,14 @@ _INFO = st.builds(
         f"ns/{name}",
         tuple(ips),
         tuple(ports),
-        l7,
+        tuple(p for i, p in enumerate(ports) if l7 >> i & 1),  # some ports L7
         tuple(tuple(ir.Endpoint(a, 8080, i % 7 == 6) for i, a in enumerate(eps)) for _ in ports),
     ),
     # names that are prefixes of each other ("web2:80" sorts before "web:80")
     st.sampled_from(["web", "web2", "a", "b"]),
     st.lists(st.one_of(_IPV4, _IPV6), min_size=1, max_size=3, unique=True),
     st.lists(st.integers(1, 3), min_size=1, max_size=3),  # a port may repeat
-    st.booleans(),
+    st.integers(0, 7),  # which ports are L7 (a bit per port)
     # up to 45 endpoints (every seventh draining): often more than MAX_BACKENDS (32) ready,
     # so nodes take windows of the backends
     st.one_of(
@@ -513,12 +513,16 @@ _ANY_ENDPOINT = st.builds(
 )
 _ODD_INFO = st.builds(
     lambda name, ips, ports, l7, eps: ir.ServiceInfo(
-        f"ns/{name}", tuple(ips), tuple(ports), l7, tuple(tuple(eps) for _ in ports)
+        f"ns/{name}",
+        tuple(ips),
+        tuple(ports),
+        tuple(p for i, p in enumerate(ports) if l7 >> i & 1),
+        tuple(tuple(eps) for _ in ports),
     ),
     st.sampled_from(["web", "a"]),
     st.lists(st.one_of(_IPV4, _IPV6, st.just("None")), max_size=3),
     st.lists(st.integers(0, 3), min_size=1, max_size=3),
-    st.booleans(),
+    st.integers(0, 7),
     st.lists(_ANY_ENDPOINT, max_size=12),
 )
 

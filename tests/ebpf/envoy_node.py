@@ -115,7 +115,8 @@ def bootstrap(lab: NodeLab, services: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def start_node_envoy(lab: NodeLab, config: dict[str, Any], tmp: Path) -> EnvoyProcess:
-    """Start Envoy inside the node's envoy cgroup; the caller stops it."""
+    """Start Envoy inside the node's envoy cgroup; the caller stops it once it is returned
+    (one that does not get ready is stopped here: the caller never holds it)."""
     binary = find_envoy()
     assert binary is not None
     wrapper = tmp / "envoy-in-cgroup"
@@ -124,8 +125,12 @@ def start_node_envoy(lab: NodeLab, config: dict[str, Any], tmp: Path) -> EnvoyPr
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     envoy = EnvoyProcess(config, binary=str(wrapper))
-    envoy.start()
-    envoy.wait_ready()
-    assert envoy.pid is not None
-    assert str(envoy.pid) in (lab.envoy_cgroup / "cgroup.procs").read_text().split()
+    try:
+        envoy.start()
+        envoy.wait_ready()
+        assert envoy.pid is not None
+        assert str(envoy.pid) in (lab.envoy_cgroup / "cgroup.procs").read_text().split()
+    except BaseException:
+        envoy.stop()
+        raise
     return envoy

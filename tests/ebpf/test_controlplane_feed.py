@@ -90,13 +90,13 @@ kind: Service
 metadata: {{name: web, namespace: shop}}
 spec:
   clusterIP: {VIP_L7}
-  ports: [{{name: http, port: 80, targetPort: 8081}}]
+  ports: [{{name: http, port: 80, targetPort: 8081}}, {{name: tcp-hello, port: 7000}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
-ports: [{{name: http, port: 8081, protocol: TCP}}]
+ports: [{{name: http, port: 8081, protocol: TCP}}, {{name: tcp-hello, port: 7000}}]
 endpoints: [{{addresses: [{b.ip}], conditions: {{ready: true}}, nodeName: {NODE}}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -210,6 +210,7 @@ async def feed(
     socket_redirect = getattr(request, "param", "on")
     b, c = node.pods["b"], node.pods["c"]
     b.spawn([sys.executable, "-c", FAIL_ONCE, "8081"], "b:fail-once").json()
+    b.serve(7000)  # web's second port, not HTTP: a hello, then echo
     c.serve(8080, http=True)
     config_dir = tmp_path / "mesh"
     config_dir.mkdir()
@@ -283,6 +284,27 @@ async def test_routed_service_goes_through_the_node_envoy_and_its_retry_applies(
     assert after["orig_dst_answered"] - before["orig_dst_answered"] >= 1
     retries = feed.envoy.stats("upstream_rq_retry$")
     assert sum(v for k, v in retries.items() if "web" in k) == 1, retries
+
+
+async def test_a_port_that_is_not_http_stays_kernel_direct_next_to_a_routed_one(
+    feed: Feed,
+) -> None:
+    """web's HTTPRoute names no port, so it applies to every port; its second port's name
+    says it is not HTTP (`tcp-hello`). That port's connections stay L4: through the node
+    Envoy's HTTP connection manager its protocol would break (before, every port of a
+    Service with a route went there)."""
+    model = feed.node_map()
+    assert model is not None
+    by_name = {s.name: s for s in model.services}
+    assert by_name["shop/web:80"].l7 and not by_name["shop/web:7000"].l7
+    before = stats(feed.lab)
+
+    r = await asyncio.to_thread(feed.client.tool, "connect", "--to", f"{VIP_L7}:7000")
+
+    assert r["ok"] and r["hello"] == "HELLO b", r
+    after = stats(feed.lab)
+    assert after["l4_picks"] - before["l4_picks"] == 1
+    assert after["l7_redirects"] == before["l7_redirects"]
 
 
 async def test_service_without_route_goes_kernel_direct(feed: Feed) -> None:

@@ -20,10 +20,10 @@ def test_fast_init_keeps_parameters_defaults_and_values() -> None:
         "s", backends=(ir.Backend("c"),), origins=("HTTPRoute/ns/r",)
     )
     assert ir.Cluster("n", "ns/s", 80, True).http2 and ir.Cluster("n", "ns/s", 80).origins == ()
-    info = ir.ServiceInfo("ns/s", ("10.0.0.1",), (80,), False)
+    info = ir.ServiceInfo("ns/s", ("10.0.0.1",), (80,), ())
     assert (info.backends, hash(info)) == (
         (),
-        hash(ir.ServiceInfo("ns/s", ("10.0.0.1",), (80,), False)),
+        hash(ir.ServiceInfo("ns/s", ("10.0.0.1",), (80,), ())),
     )
     assert ir.ClusterEndpoints("c", ()) == ir.ClusterEndpoints(cluster="c", endpoints=())
     assert ir.VirtualHost("v", (), ()).origins == ()

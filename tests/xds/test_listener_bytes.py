@@ -62,7 +62,7 @@ def test_outbound_listener_bytes_equal_protobuf(
 def test_translator_listener_matches_translate_messages() -> None:
     mesh = ir.Mesh(
         virtual_hosts=(ir.VirtualHost("ns/web:80", ("web",), (ir.Route("r"),)),),
-        services=(ir.ServiceInfo("ns/web", ("10.96.0.9", "fd00::9"), (80,), True),),
+        services=(ir.ServiceInfo("ns/web", ("10.96.0.9", "fd00::9"), (80,), (80,)),),
     )
     resource = Translator().translate(mesh).shared[types.LISTENER][0]
     message = translate_messages(mesh)[types.LISTENER][0]

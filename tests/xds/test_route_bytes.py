@@ -86,7 +86,7 @@ def test_translator_destination_routes_match_translate_messages(
     vhosts: list[ir.VirtualHost],
 ) -> None:
     services = tuple(
-        ir.ServiceInfo(f"ns/s{i}", (f"10.0.0.{i + 1}",), (80,), True) for i in range(len(vhosts))
+        ir.ServiceInfo(f"ns/s{i}", (f"10.0.0.{i + 1}",), (80,), (80,)) for i in range(len(vhosts))
     )
     named = [
         ir.VirtualHost(f"{s.name}:80", v.domains, v.routes)

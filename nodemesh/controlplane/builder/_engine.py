@@ -790,14 +790,14 @@ class Engine:
                 port = sp.port
                 pk = (ns, name, port)
                 suffix = f":{port}"
-                here = (
-                    sorted(
-                        ((k, e) for k, e in entries if e.parent[2] in (None, port)),
+                here = None
+                if entries:
+                    # a route for every port applies to the HTTP ones (not a database port)
+                    for_all = port if sp.not_http else None
+                    here = sorted(
+                        ((k, e) for k, e in entries if e.parent[2] in (for_all, port)),
                         key=lambda ke: ke[1].sort_key,
                     )
-                    if entries
-                    else None
-                )
                 mine: list[RouteEntry] | None = None
                 if here:
                     mine = (
@@ -980,20 +980,28 @@ class Engine:
             return
         ns, name = ref
         settings, eps = self.settings, self.eps
-        needs_l7 = ref in self.attached
+        attached = self.attached.get(ref)
+        # the ports the Service's routes attach to (None: every port)
+        routed = {e.parent[2] for es in attached.values() for e in es} if attached else _NO_PORTS
         ports: list[int] = []
+        l7: list[int] = []
         backends: list[tuple[ir.Endpoint, ...]] = []
         for p in svc.ports:  # a loop, not comprehensions and any(): made for every Service
             pk = (ns, name, p.port)
             ports.append(p.port)
             backends.append(eps.get(pk, ()))
-            if not needs_l7 and pk in settings:
-                needs_l7 = True
+            # An L7 port: one a route or policy applies to, if Envoy speaks its protocol (a
+            # database port next to an HTTP one stays L4, its bytes not parsed as HTTP).
+            if (pk in settings or None in routed or p.port in routed) and not p.not_http:
+                l7.append(p.port)
         info = ir.ServiceInfo(
-            f"{ns}/{name}", svc.cluster_ips, tuple(ports), needs_l7, tuple(backends)
+            f"{ns}/{name}", svc.cluster_ips, tuple(ports), tuple(l7), tuple(backends)
         )
         self.infos.put(ref, info)
 
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return as_map(as_map(obj.get("metadata")).get("labels"))
+
+
+_NO_PORTS: frozenset[int | None] = frozenset()

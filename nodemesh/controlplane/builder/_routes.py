@@ -385,6 +385,15 @@ def read_route(
             problem = f"{where}: sectionName {section!r} is port {named.port}, not {port}"
         elif port is not None and svc.port(port) is None:
             problem = f"{where} has no port {port}"
+        elif (one := named or (svc.port(port) if port is not None else None)) and one.not_http:
+            # its connections never reach the node Envoy: a route there would do nothing
+            problem = f"{where}: port {one.port} is not HTTP ({one.not_http})"
+        elif one is None and svc.ports and all(sp.not_http for sp in svc.ports):
+            problem = (
+                f"{where} has no HTTP port ("
+                + ", ".join(f"{sp.port}: {sp.not_http}" for sp in svc.ports)
+                + ")"
+            )
         else:
             parents.append((label, (pns, pname, named.port if named is not None else port)))
             continue

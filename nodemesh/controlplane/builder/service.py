@@ -13,6 +13,12 @@ __all__ = ["CLUSTER_DOMAIN", "PortModel", "ServiceModel", "read_service", "read_
 
 CLUSTER_DOMAIN = "cluster.local"
 _H2_PROTOCOLS = frozenset({"grpc", "h2c", "http2", "kubernetes.io/h2c", "kubernetes.io/grpc"})
+# appProtocols the node Envoy's HTTP connection manager speaks (cleartext HTTP, h2c, gRPC,
+# WebSocket); any other appProtocol names a protocol it does not (tcp, tls, https,
+# postgresql, ...), and so do these port-name prefixes (the `<protocol>[-<suffix>]`
+# convention) when there is no appProtocol.
+_HTTP_PROTOCOLS = _H2_PROTOCOLS | {"http", "grpc-web", "kubernetes.io/ws"}
+_NOT_HTTP_NAMES = frozenset({"tcp", "tls", "https", "grpcs", "mongo", "mysql", "redis", "udp"})
 
 
 @fast_init
@@ -32,6 +38,19 @@ class PortModel:
         if self.name == "grpc-web" or self.name.startswith("grpc-web-"):
             return False
         return self.name.split("-", 1)[0] in ("grpc", "h2c", "http2")
+
+    @property
+    def not_http(self) -> str:
+        """Why routes cannot apply to this port (its appProtocol, or its name's protocol,
+        is not cleartext HTTP), or "" when they can: a port with neither says nothing, and
+        is taken for HTTP."""
+        if self.app_protocol:
+            if self.app_protocol.lower() in _HTTP_PROTOCOLS:
+                return ""
+            return f"appProtocol {self.app_protocol!r}"
+        if self.name.split("-", 1)[0] in _NOT_HTTP_NAMES:
+            return f"port name {self.name!r}"
+        return ""
 
 
 @fast_init

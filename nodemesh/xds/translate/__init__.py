@@ -211,8 +211,8 @@ def l7_destinations(mesh: ir.Mesh) -> tuple[tuple[Destination, ...], tuple[ir.Vi
     seen: set[tuple[str, int]] = set()
     destinations: list[Destination] = []
     used: dict[str, ir.VirtualHost] = {}
-    for svc in sorted([s for s in mesh.services if s.needs_l7], key=lambda s: s.name):
-        for port in svc.ports:
+    for svc in sorted([s for s in mesh.services if s.l7_ports], key=lambda s: s.name):
+        for port in svc.l7_ports:
             vh = vhosts.get(f"{svc.name}:{port}")
             if vh is None:
                 continue
@@ -420,12 +420,12 @@ def _changed_positions(old: tuple[object, ...], new: tuple[object, ...]) -> list
 
 
 def _same_l7(a: ir.ServiceInfo, b: ir.ServiceInfo) -> bool:
-    """The same facts for the L7 destinations: name, and for a Service that needs L7 its
-    ClusterIPs and ports."""
+    """The same facts for the L7 destinations: name, L7 ports, and for a Service with L7
+    ports its ClusterIPs."""
     return (
         a.name == b.name
-        and a.needs_l7 == b.needs_l7
-        and (not a.needs_l7 or (a.cluster_ips == b.cluster_ips and a.ports == b.ports))
+        and a.l7_ports == b.l7_ports
+        and (not a.l7_ports or a.cluster_ips == b.cluster_ips)
     )
 
 
@@ -733,7 +733,7 @@ class Translator:
                 _same_l7(services[i], mesh.services[i]) for i in positions
             ):
                 return last[1], last[2]
-        l7 = tuple((s.name, s.cluster_ips, s.ports) for s in mesh.services if s.needs_l7)
+        l7 = tuple((s.name, s.cluster_ips, s.l7_ports) for s in mesh.services if s.l7_ports)
         if last is not None and last[0][1] is mesh.virtual_hosts and last[0][0] == l7:
             return last[1], last[2]
         key = (l7, mesh.virtual_hosts)

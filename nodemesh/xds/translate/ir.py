@@ -251,7 +251,9 @@ class ServiceInfo:
     name: str  # "ns/name"
     cluster_ips: tuple[str, ...]
     ports: tuple[int, ...]
-    needs_l7: bool  # has an HTTPRoute/GRPCRoute or an L7 TrafficPolicy
+    # The ports whose connections go to the node Envoy: those an HTTPRoute/GRPCRoute or a
+    # TrafficPolicy applies to (HTTP ports only), in the order of `ports`. The others are L4.
+    l7_ports: tuple[int, ...]
     # Per entry of `ports`, same order: that port's endpoints (address, targetPort; ready and
     # draining, as in its ClusterEndpoints). The node map balances L4 over the ready ones.
     backends: tuple[tuple[Endpoint, ...], ...] = ()

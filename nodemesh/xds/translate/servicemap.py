@@ -1,11 +1,11 @@
 """IR -> the node agents' feed: one `MeshService` resource per Service, shared by every node,
 and one `NodeServiceMap` per node (its node Envoy and pod IPs). See servicemap.proto.
 
-A Service's entries: one per (IPv4 ClusterIP, port), L7 when `ServiceInfo.needs_l7` (the kernel
+A Service's entries: one per (IPv4 ClusterIP, port), L7 for `ServiceInfo.l7_ports` (the kernel
 sends the connection to the node Envoy at `NodeInfo.envoy_address`:`Mesh.outbound_port`), else
 L4 with the ready endpoints as backends (address, targetPort), all of them: each agent takes
 its own window when there are more than the kernel holds. An IPv6 ClusterIP stands for the
-Service's first IPv4 ClusterIP (same port); an L7 Service without one gets its IPv6 ClusterIPs
+Service's first IPv4 ClusterIP (same port); without one, an L7 port gets its IPv6 ClusterIPs
 refused, an L4 one leaves them to the cluster's own path. Pure; `ServiceMaps` memoizes.
 """
 
@@ -52,13 +52,16 @@ def _first_per_key(entries: Iterable[E]) -> tuple[E, ...]:
 def _entries6(info: ir.ServiceInfo) -> tuple[ServiceIPv6, ...]:
     """One entry per (IPv6 ClusterIP, port), where there is something to do."""
     target = next((ip for ip in info.cluster_ips if _is_ipv4(ip)), "")
-    if not target and not info.needs_l7:
+    if not target and not info.l7_ports:
         return ()
     return _first_per_key(
-        ServiceIPv6(f"{info.name}:{port}", ip, port, target, info.needs_l7)
+        ServiceIPv6(f"{info.name}:{port}", ip, port, target, port in info.l7_ports)
         for ip in info.cluster_ips
         if ip_version(ip) == 6
         for port in info.ports
+        # without an IPv4 stand-in, only an L7 port has something to do (refuse, fail closed);
+        # an L4 one is left to the cluster's own path
+        if target or port in info.l7_ports
     )
 
 
@@ -70,7 +73,7 @@ def _entries(info: ir.ServiceInfo) -> tuple[Service, ...]:
             continue
         for i, port in enumerate(info.ports):
             name = f"{info.name}:{port}"
-            if info.needs_l7:
+            if port in info.l7_ports:
                 out.append(Service(name, ip, port, True))
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
@@ -166,7 +169,7 @@ def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
                 continue  # a port listed twice: the first entry keeps it
             seen.add((ip, port))
             head = _S_NAME + _str(f"{name}:{port}") + ip_field + _port(_S_PORT, port)
-            if info.needs_l7:
+            if port in info.l7_ports:
                 out.append(_ld(_MS_SERVICES, head + _S_MODE + _L7))
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
