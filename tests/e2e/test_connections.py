@@ -1,6 +1,6 @@
 """What the node Envoy leaves to the application, as it is without a mesh: WebSocket upgrades,
-and responses and connections that take as long as they take (Envoy's own defaults would
-refuse the one and cut the others at 15 s)."""
+responses and connections that take as long as they take (Envoy's own defaults would refuse
+the one and cut the others at 15 s), and the backend's Server header."""
 
 from __future__ import annotations
 
@@ -48,3 +48,13 @@ async def test_a_slow_response_and_a_long_websocket_outlast_envoys_default_timeo
         assert reply.seconds > ENVOY_DEFAULT_TIMEOUT
         await ws.send_str("later")
         assert (await ws.receive_str(timeout=5)) == "slow: later"
+
+
+async def test_a_response_keeps_the_backends_server_header(mesh: Mesh, backends: Backends) -> None:
+    backend = await backends.get("srv")
+    mesh.apply(service("srv"), endpoint_slice("srv", backend.port))
+    await mesh.converge()
+    reply = await mesh.get("srv.shop")
+    assert reply.status == 200
+    assert reply.headers["Server"].startswith("Python/"), reply.headers  # aiohttp's, not "envoy"
+    assert "x-envoy-upstream-service-time" in reply.headers  # it did go through Envoy

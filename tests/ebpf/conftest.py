@@ -20,6 +20,9 @@ from nodemesh.ebpf.maps import SocketRedirect
 from nodemesh.ebpf.testing import NodeLab, prerequisites
 from tests.support import need
 
+# A response header Envoy adds to every response it proxied: a connection went through the
+# node Envoy (its Server header is the backend's: the node Envoy passes it through).
+VIA_ENVOY = "x-envoy-upstream-service-time"
 VIP = "10.244.255.10"
 VIP_L7 = "10.244.255.20"
 # An IPv6 ClusterIP (dual-stack tests); the pods have no IPv6 route, so nothing can leave.

@@ -184,11 +184,13 @@ _HTTP_FILTERS = (
 
 
 # What the node Envoy changes about a connection, kept to what the mesh API asks for: a
-# WebSocket upgrade goes through (Envoy refuses upgrades it is not told about, with a 403), and
-# a stream is not reset for being idle (Envoy's default: 5 minutes), as without a mesh; a
-# TrafficPolicy's `timeouts.idle` sets one per route.
+# WebSocket upgrade goes through (Envoy refuses upgrades it is not told about, with a 403), a
+# stream is not reset for being idle (Envoy's default: 5 minutes), as without a mesh (a
+# TrafficPolicy's `timeouts.idle` sets one per route), and a response keeps the backend's
+# Server header (Envoy's default writes `server: envoy` over it).
 _UPGRADES = (hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket"),)
 _NO_STREAM_IDLE_TIMEOUT = duration_pb2.Duration()
+_SERVER_HEADER = hcm_pb2.HttpConnectionManager.PASS_THROUGH
 
 
 def _hcm_filter(stat_prefix: str, route_config: str) -> lc_pb2.Filter:
@@ -199,6 +201,7 @@ def _hcm_filter(stat_prefix: str, route_config: str) -> lc_pb2.Filter:
         http_filters=_HTTP_FILTERS,
         upgrade_configs=_UPGRADES,
         stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
+        server_header_transformation=_SERVER_HEADER,
     )
     return lc_pb2.Filter(
         name="envoy.filters.network.http_connection_manager", typed_config=any_of(hcm)
@@ -240,6 +243,7 @@ _HCM_TAIL = _HCM(
     http_filters=_HTTP_FILTERS,
     upgrade_configs=_UPGRADES,
     stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
+    server_header_transformation=_SERVER_HEADER,
 ).SerializeToString(deterministic=True)
 
 
@@ -261,7 +265,13 @@ assert _numbers(lc_pb2.FilterChainMatch, "prefix_ranges") < _numbers(
 )
 assert max(_numbers(_HCM, "codec_type", "stat_prefix")) < _numbers(_HCM, "rds")[0]
 assert _numbers(_HCM, "rds")[0] < min(
-    _numbers(_HCM, "http_filters", "upgrade_configs", "stream_idle_timeout")
+    _numbers(
+        _HCM,
+        "http_filters",
+        "upgrade_configs",
+        "stream_idle_timeout",
+        "server_header_transformation",
+    )
 )
 assert _numbers(hcm_pb2.Rds, "config_source") < _numbers(hcm_pb2.Rds, "route_config_name")
 assert _HCM.AUTO == 0  # the enum default: not written
