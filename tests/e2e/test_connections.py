@@ -1,8 +1,10 @@
 """What the node Envoy leaves to the application, as it is without a mesh: WebSocket upgrades,
 responses and connections that take as long as they take (Envoy's own defaults would refuse
-the one and cut the others at 15 s), and the backend's Server header."""
+the one and cut the others at 15 s), the backend's Server header, and HTTP/1.0 requests."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -58,3 +60,21 @@ async def test_a_response_keeps_the_backends_server_header(mesh: Mesh, backends:
     assert reply.status == 200
     assert reply.headers["Server"].startswith("Python/"), reply.headers  # aiohttp's, not "envoy"
     assert "x-envoy-upstream-service-time" in reply.headers  # it did go through Envoy
+
+
+async def test_an_http_1_0_request_is_answered(mesh: Mesh, backends: Backends) -> None:
+    """nginx's proxy_pass sends HTTP/1.0 unless told otherwise; Envoy refuses it by default
+    (426 Upgrade Required)."""
+    backend = await backends.get("old")
+    mesh.apply(service("old"), endpoint_slice("old", backend.port))
+    await mesh.converge()
+    reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound_port)
+    try:
+        writer.write(b"GET /legacy HTTP/1.0\r\nHost: old.shop\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)  # HTTP/1.0: until close
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.") and status_line.split()[1] == b"200", answer
+    assert rest.endswith(b"old\n") and backend.seen[-1].path == "/legacy"

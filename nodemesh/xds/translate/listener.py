@@ -17,6 +17,7 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    protocol_pb2,
 )
 from envoy.config.core.v3 import (
     substitution_format_string_pb2 as substitution_format_pb2,
@@ -186,9 +187,12 @@ _HTTP_FILTERS = (
 # What the node Envoy changes about a connection, kept to what the mesh API asks for: a
 # WebSocket upgrade goes through (Envoy refuses upgrades it is not told about, with a 403), a
 # stream is not reset for being idle (Envoy's default: 5 minutes), as without a mesh (a
-# TrafficPolicy's `timeouts.idle` sets one per route), and a response keeps the backend's
-# Server header (Envoy's default writes `server: envoy` over it).
+# TrafficPolicy's `timeouts.idle` sets one per route), a response keeps the backend's
+# Server header (Envoy's default writes `server: envoy` over it), and an HTTP/1.0 request is
+# answered (Envoy's default refuses it with a 426; nginx's proxy_pass sends HTTP/1.0 unless
+# told otherwise).
 _UPGRADES = (hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket"),)
+_HTTP1 = protocol_pb2.Http1ProtocolOptions(accept_http_10=True)
 _NO_STREAM_IDLE_TIMEOUT = duration_pb2.Duration()
 _SERVER_HEADER = hcm_pb2.HttpConnectionManager.PASS_THROUGH
 
@@ -202,6 +206,7 @@ def _hcm_filter(stat_prefix: str, route_config: str) -> lc_pb2.Filter:
         upgrade_configs=_UPGRADES,
         stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
         server_header_transformation=_SERVER_HEADER,
+        http_protocol_options=_HTTP1,
     )
     return lc_pb2.Filter(
         name="envoy.filters.network.http_connection_manager", typed_config=any_of(hcm)
@@ -244,6 +249,7 @@ _HCM_TAIL = _HCM(
     upgrade_configs=_UPGRADES,
     stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
     server_header_transformation=_SERVER_HEADER,
+    http_protocol_options=_HTTP1,
 ).SerializeToString(deterministic=True)
 
 
@@ -271,6 +277,7 @@ assert _numbers(_HCM, "rds")[0] < min(
         "upgrade_configs",
         "stream_idle_timeout",
         "server_header_transformation",
+        "http_protocol_options",
     )
 )
 assert _numbers(hcm_pb2.Rds, "config_source") < _numbers(hcm_pb2.Rds, "route_config_name")
