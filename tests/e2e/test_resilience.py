@@ -31,6 +31,30 @@ async def test_route_retry_turns_503s_into_a_200(mesh: Mesh, backends: Backends)
     assert flaky.hits == 3  # two failures, then the retry that worked
 
 
+async def test_retries_of_many_concurrent_requests_all_happen(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Eight requests at once, each failing once: all eight are retried. Envoy's default lets
+    a cluster have 3 retries in flight per Envoy, and all the pods of a node share their node
+    Envoy; the other five were answered 503 (nodemesh sets no limit unless a TrafficPolicy
+    does)."""
+    slow = await backends.get("concurrent-retry")
+    mesh.apply(
+        service("cretry"),
+        endpoint_slice("cretry", slow.port),
+        http_route("cretry", "cretry", [
+            {"backendRefs": [to("cretry")],
+             "retry": {"codes": [503], "attempts": 1, "backoff": "10ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    slow.delay = 0.5  # every answer takes 0.5 s: the eight retries overlap
+    slow.fail_next(8, 503)
+    replies = await asyncio.gather(*(mesh.get("cretry.shop") for _ in range(8)))
+    assert [r.status for r in replies] == [200] * 8
+    assert slow.hits == 16
+
+
 async def test_retries_stop_after_attempts(mesh: Mesh, backends: Backends) -> None:
     flaky = await backends.get("retry2-flaky")
     mesh.apply(

@@ -11,7 +11,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_
 from nodemesh.xds.translate import ir
 from nodemesh.xds.translate._encode import LEN, VARINT, tag, varint
 from nodemesh.xds.translate._proto import any_of, duration
-from nodemesh.xds.translate.circuit import circuit_breakers
+from nodemesh.xds.translate.circuit import NO_LIMITS, circuit_breakers
 from nodemesh.xds.translate.lb import apply_lb_policy
 from nodemesh.xds.translate.outlier import outlier_detection
 
@@ -39,8 +39,9 @@ def cluster(c: ir.Cluster) -> cluster_pb2.Cluster:
         options = hpo_pb2.HttpProtocolOptions()
         options.explicit_http_config.http2_protocol_options.SetInParent()
         out.typed_extension_protocol_options[_HPO_KEY].CopyFrom(any_of(options))
-    if c.circuit_breaker is not None:
-        out.circuit_breakers.CopyFrom(circuit_breakers(c.circuit_breaker))
+    out.circuit_breakers.CopyFrom(
+        NO_LIMITS if c.circuit_breaker is None else circuit_breakers(c.circuit_breaker)
+    )
     if c.outlier is not None:
         out.outlier_detection.CopyFrom(outlier_detection(c.outlier))
     if c.lb is not None:
@@ -68,15 +69,15 @@ _CONNECT_TIMEOUT = _field(
     tag(cluster_pb2.Cluster, "connect_timeout", LEN),
     _DEFAULT_CONNECT_TIMEOUT.SerializeToString(deterministic=True),
 )
+_NO_LIMITS = _field(
+    tag(cluster_pb2.Cluster, "circuit_breakers", LEN),
+    NO_LIMITS.SerializeToString(deterministic=True),
+)
 _UNNAMED_EDS = _field(_EDS_CLUSTER_CONFIG, _EDS_CONFIG)  # what the digest covers
 # The fields cluster_bytes writes, in field-number order (as deterministic serialization does).
-assert [
-    f.number
-    for f in (
-        cluster_pb2.Cluster.DESCRIPTOR.fields_by_name[n]
-        for n in ("name", "type", "eds_cluster_config", "connect_timeout")
-    )
-] == [1, 2, 3, 4]
+_ORDER = ("name", "type", "eds_cluster_config", "connect_timeout", "circuit_breakers")
+_NUMBERS = [cluster_pb2.Cluster.DESCRIPTOR.fields_by_name[n].number for n in _ORDER]
+assert _NUMBERS == sorted(_NUMBERS)
 assert [_EDS.DESCRIPTOR.fields_by_name[n].number for n in ("eds_config", "service_name")] == [1, 2]
 
 
@@ -94,10 +95,11 @@ def cluster_bytes(c: ir.Cluster) -> tuple[bytes, str] | None:
         return None
     name = c.name.encode()
     head = (_field(_NAME, name) if name else b"") + _TYPE_EDS
-    digest = hashlib.blake2b(head + _UNNAMED_EDS + _CONNECT_TIMEOUT, digest_size=4).hexdigest()
+    tail = _CONNECT_TIMEOUT + _NO_LIMITS
+    digest = hashlib.blake2b(head + _UNNAMED_EDS + tail, digest_size=4).hexdigest()
     eds_name = f"{c.name}@{digest}"
     eds = _EDS_CONFIG + _field(_EDS_SERVICE_NAME, eds_name.encode())
-    return head + _field(_EDS_CLUSTER_CONFIG, eds) + _CONNECT_TIMEOUT, eds_name
+    return head + _field(_EDS_CLUSTER_CONFIG, eds) + tail, eds_name
 
 
 def cluster_of_eds_name(eds_name: str) -> str:
