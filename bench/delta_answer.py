@@ -129,6 +129,9 @@ class NoBasis:
         plain = dataclasses.replace(request, basis=None, dirty=frozenset())
         return self.cache.create_delta_watch(plain, respond)
 
+    def current_version(self, node_id: str, type_url: str) -> str | None:
+        return self.cache.current_version(node_id, type_url)
+
 
 def ack_all(streams: list[DeltaStream]) -> int:
     """Every stream ACKs what it was sent; returns the resources those responses carried."""

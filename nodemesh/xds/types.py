@@ -1,8 +1,9 @@
 """Type URLs of the xDS resources nodemesh serves, and the order Envoy needs them in.
 
 Responses go out Cluster -> ClusterLoadAssignment -> Secret -> Listener -> RouteConfiguration so
-that new clusters warm before the listeners and routes that point at them, and old ones are
-dropped only after nothing refers to them (make before break). Custom types go last.
+that new clusters come before the listeners and routes that point at them (make before break;
+the ADS streams also hold listeners and routes back until the client has answered new clusters,
+nodemesh/xds/server/_streams.py). Custom types go last.
 """
 
 from __future__ import annotations

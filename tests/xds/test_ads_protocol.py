@@ -73,6 +73,8 @@ async def test_nonces_increase_and_versions_are_the_snapshots(
     call = sotw_call(channel)
     await call.write(req(types.CLUSTER))
     first = await call.read()
+    # answered first, as Envoy does: Listeners wait for the answer to new Clusters
+    await call.write(req(types.CLUSTER, version_info=first.version_info, response_nonce="1"))
     await call.write(req(types.LISTENER, node=""))
     second = await call.read()
     assert (first.nonce, second.nonce) == ("1", "2")

@@ -240,3 +240,18 @@ def test_a_watch_reopened_while_answering_another_stays_open() -> None:
     assert got == [] and cache.watch_count("n") == 1
     cache.set_snapshot("n", full(port=9))
     assert [r.name for r in got[0].updated] == ["a"]
+
+
+def test_current_version_is_that_of_the_snapshot_a_nodes_watches_are_answered_from() -> None:
+    """The server orders a node's responses by it: a node with a snapshot of its own (its own
+    Listener) by that one, any other by the fallback."""
+    cache = SnapshotCache()
+    assert cache.current_version("n", types.CLUSTER) is None
+    shared, own = full(), full(extra_cluster="b")
+    cache.set_fallback_snapshot(shared)
+    cache.set_snapshot("n", own)
+    assert cache.current_version("n", types.CLUSTER) == own.version(types.CLUSTER)
+    assert cache.current_version("m", types.CLUSTER) == shared.version(types.CLUSTER)
+    assert cache.current_version("m", types.SECRET) is None  # a type no snapshot serves
+    cache.clear_snapshot("n")
+    assert cache.current_version("n", types.CLUSTER) == shared.version(types.CLUSTER)

@@ -90,6 +90,9 @@ class Checking:
     ) -> Cancel:
         return self.cache.create_watch(request, respond)
 
+    def current_version(self, node_id: str, type_url: str) -> str | None:
+        return self.cache.current_version(node_id, type_url)
+
     def create_delta_watch(
         self, request: DeltaWatchRequest, respond: Callable[[DeltaWatchResponse], None]
     ) -> Cancel:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections import Counter
 from typing import Any
 
+from aiohttp import web
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf.message import Message
 
 from nodemesh.envoy import EnvoyProcess
 from nodemesh.xds import types
 from nodemesh.xds.cache import Snapshot
-from tests.support import eventually, fetch, free_port, http_get
+from tests.support import Backend, eventually, fetch, free_port, http_get
 from tests.xds import resources as R
 from tests.xds.conftest import ControlPlane
 
@@ -371,3 +376,84 @@ async def test_a_cluster_changed_while_envoy_was_away_warms_with_its_unchanged_e
         await eventually(lambda: cds.version_acked == s2.version(types.CLUSTER))
     finally:
         await restarted.stop()
+
+
+class HeldHealthBackend(Backend):
+    """A backend that answers its health check (`/healthz`) only once `release()` is called, so
+    a cluster of it stays warming as long as the test wants: Envoy warms a cluster with active
+    health checking until each host's first check has passed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.health_checks = 0
+        self._released = asyncio.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.path != "/healthz":
+            return await super()._handle(request)
+        self.health_checks += 1
+        await self._released.wait()
+        return web.Response(text="ok")
+
+
+def health_checked(name: str) -> cluster_pb2.Cluster:
+    c = R.eds_cluster(name)
+    hc = c.health_checks.add()
+    hc.timeout.FromSeconds(60)
+    hc.interval.FromSeconds(60)
+    hc.unhealthy_threshold.value = 1
+    hc.healthy_threshold.value = 1
+    hc.http_health_check.path = "/healthz"
+    return c
+
+
+async def test_a_route_to_a_new_cluster_never_answers_503_while_it_is_applied(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    """A route moves to a new cluster b. Sent right after b's CDS response, the route reached
+    Envoy while b was still warming (waiting for its endpoints, here also for its first health
+    check), and Envoy answered 503 (no cluster) until b was warm. The route is sent once Envoy
+    has ACKed b, which it does when b is warm; requests meanwhile go to a."""
+    a = await backends("a")
+    b = await HeldHealthBackend("b").start()
+    listen = free_port()
+    url = f"http://127.0.0.1:{listen}/new"
+    s1 = snap(*base(listen, a.port, R.routes("web-routes", ("/", "a"))))
+    await serving(control_plane, start_envoy, s1, mode)
+    s2 = snap(
+        *base(listen, a.port, R.routes("web-routes", ("/", "b"))),
+        health_checked("b"),
+        R.endpoints("b", b.port),
+    )
+
+    seen: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            r = http_get(url)
+            seen.append((r.status, r.body.strip()))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        await eventually(lambda: seen, what="the first answer")
+        control_plane.cache.set_snapshot("n", s2)
+        await eventually(lambda: b.health_checks, what="Envoy health-checks b: b is warming")
+        rds = control_plane.server.status.type_status("n", types.ROUTE)
+        assert rds.version_sent == s1.version(types.ROUTE), "the route to b waits for b"
+        warming = len(seen)
+        await eventually(lambda: len(seen) > warming + 20, what="requests while b warms")
+        b.release()
+        await eventually(lambda: seen[-1] == (200, "b"), what="the route to b is applied")
+    finally:
+        stop.set()
+        b.release()
+        await asyncio.to_thread(poller.join)
+        await b.stop()
+    assert Counter(status for status, _ in seen) == {200: len(seen)}, Counter(seen)
+    assert {body for _, body in seen} == {"a", "b"}
+    await eventually(lambda: all_acked(control_plane, "n", s2), what="every type ACKed")

@@ -59,8 +59,8 @@ async def test_draining_refuses_new_streams_and_serves_open_ones_until_the_deadl
         await eventually(lambda: asyncio.run(refused()), what="a new stream is refused")
         assert not stopping.done()
         # The open stream still gets answers while the server drains.
-        await old.write(request(types.LISTENER))
-        assert (await old.read()).type_url == types.LISTENER
+        await old.write(request(types.ENDPOINT))
+        assert (await old.read()).type_url == types.ENDPOINT
 
         await stopping
         with pytest.raises(grpc.aio.AioRpcError) as err:

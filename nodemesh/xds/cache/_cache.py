@@ -68,6 +68,11 @@ class SnapshotCache:
     def get_snapshot(self, node_id: str) -> Snapshot | None:
         return self._snapshots.get(node_id, self._fallback)
 
+    def current_version(self, node_id: str, type_url: str) -> str | None:
+        """The version of `type_url` in the snapshot the node's watches are answered from."""
+        snapshot = self.get_snapshot(node_id)
+        return snapshot.version(type_url) if snapshot is not None else None
+
     def node_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._snapshots))
 

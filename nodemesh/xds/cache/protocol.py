@@ -103,6 +103,10 @@ class ConfigWatcher(Protocol):
     - When one change answers several watches of a node, they are answered in
       `nodemesh.xds.types.order_key` order (CDS, EDS, SDS, LDS, RDS, custom), so a server that
       forwards responses in call order sends them in the order Envoy needs.
+    - `current_version(node_id, type_url)` is the version of the type that a watch of that node
+      would be answered from now (None: nothing serves it yet). The server compares it with the
+      CDS version it last sent on a stream: endpoints, Listeners and routes do not overtake the
+      Clusters they may name.
     - The returned `Cancel` removes an unanswered watch; calling it after the answer is a no-op.
     - Everything runs on one event loop thread; `respond` must not block.
     - Responses carry shared `Resource` objects: the caller must not alter them.
@@ -124,3 +128,5 @@ class ConfigWatcher(Protocol):
     def create_delta_watch(
         self, request: DeltaWatchRequest, respond: Callable[[DeltaWatchResponse], None]
     ) -> Cancel: ...
+
+    def current_version(self, node_id: str, type_url: str) -> str | None: ...

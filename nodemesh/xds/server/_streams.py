@@ -3,7 +3,8 @@
 A stream turns requests into watches on a `ConfigWatcher` and watch answers into encoded
 responses on its queue. It never resends a version the client rejected: the watch is held
 until the snapshot's version for that type changes. A delta stream leaves at most
-`MAX_UNANSWERED` responses of a type unanswered.
+`MAX_UNANSWERED` responses of a type unanswered. Endpoints, Listeners and routes wait for the
+Clusters they may name (`_Stream._hold_back`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ __all__ = ["MAX_UNANSWERED", "DeltaStream", "ProtocolError", "SotwStream"]
 # cluster, while those of changed clusters are on their way).
 MAX_UNANSWERED = 2
 
+# Types whose resources may name Clusters (a ClusterLoadAssignment its cluster's; Listeners and
+# routes those they send to): on a stream that speaks CDS, none is sent while the node's
+# snapshot has Clusters the stream has not sent yet, since the client applies one stream's
+# messages in order. The xDS protocol's make-before-break sequence: CDS first, then EDS, LDS,
+# RDS ("Eventual consistency considerations").
+_AFTER_CLUSTERS = (types.ENDPOINT, types.LISTENER, types.ROUTE)
+# These also wait for the client's answer to a CDS response that added or changed Clusters.
+# Envoy keeps CDS paused, so sends that answer, only once no cluster is warming, as a signal to
+# ADS servers (ClusterManagerImpl::updateClusterCounts): a route sent before it finds its new
+# cluster still warming, waiting for its endpoints, and answers 503 (no cluster) until they
+# come. Endpoints must not wait for it: the clusters warm on them.
+_AFTER_CLUSTERS_ANSWERED = (types.LISTENER, types.ROUTE)
+# In `_Stream._waiting`: the type passed the wait for a CDS answer and waits only for Clusters
+# not sent yet (nonces start at 1).
+_PASSED = 0
+
 
 class ProtocolError(Exception):
     """The client broke the xDS protocol; the stream ends with INVALID_ARGUMENT."""
@@ -62,6 +79,10 @@ class _Stream:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.stale_requests = 0
         self._nonce = 0
+        # Types of _AFTER_CLUSTERS whose last watch answer was held back (their watch is closed,
+        # `_release` opens it again), each with the nonce of the CDS response whose answer lets
+        # it pass the wait for one (_PASSED: it did).
+        self._waiting: dict[str, int] = {}
 
     def _node(self, node: object) -> str:
         if self.node_id is None:
@@ -75,6 +96,84 @@ class _Stream:
     def _next_nonce(self) -> str:
         self._nonce += 1
         return str(self._nonce)
+
+    # -- make before break ------------------------------------------------------------------
+    def _hold_back(self, type_url: str) -> bool:
+        """Whether a watch answer of `type_url` must not be sent yet; if so, the type waits and
+        `_release` opens its watch again (the answer is computed again then, from the snapshot
+        of that moment).
+
+        A type of _AFTER_CLUSTERS waits while the node's snapshot has Clusters the stream has
+        not sent. Listeners and routes also wait while a CDS response that added or changed
+        Clusters is unanswered, but for one answer at most: the answer to the CDS response that
+        carried the Clusters of the snapshot they were held at lets them pass, even if newer
+        Clusters were sent since (they follow those, but do not wait for their answer), so
+        Clusters that keep changing cannot hold routes back for good. A NACK is an answer: the
+        client keeps its last good Clusters, and routes go on without the rejected ones."""
+        if type_url not in _AFTER_CLUSTERS or not self._speaks_clusters():
+            return False
+        behind = self._clusters_behind()
+        if not behind and (
+            type_url not in _AFTER_CLUSTERS_ANSWERED
+            or self._waiting.get(type_url) == _PASSED
+            or not self._clusters_unanswered()
+        ):
+            self._waiting.pop(type_url, None)
+            return False
+        if type_url not in self._waiting:
+            # behind: the next CDS response carries them; else the last one did
+            self._waiting[type_url] = self._nonce + 1 if behind else self._last_clusters_nonce()
+        return True
+
+    def _clusters_behind(self) -> bool:
+        """The node's snapshot has Clusters this stream has not sent. An open CDS watch has
+        none to send: the cache answers it before the other types of the same change."""
+        if self._watch_open(types.CLUSTER):
+            return False
+        assert self.node_id is not None
+        version = self.watcher.current_version(self.node_id, types.CLUSTER)
+        return version is not None and version not in self._clusters_sent()
+
+    def _clusters_answered(self, nonce: str) -> None:
+        """The client answered (ACK or NACK) the CDS response `nonce`."""
+        answered = int(nonce)
+        for type_url, needed in self._waiting.items():
+            if answered >= needed:
+                self._waiting[type_url] = _PASSED
+
+    def _release(self) -> None:
+        """Open again the watches of the types that wait, now that CDS moved: those that may go
+        now are answered at once. The open watches of types before them are opened again too,
+        so that answers keep the type order."""
+        for type_url in _AFTER_CLUSTERS:
+            if not self._waiting:
+                return
+            if type_url in self._waiting or self._watch_open(type_url):
+                self._reopen(type_url)
+
+    # What the make-before-break rule needs to know of a stream (SotW and delta keep it apart).
+    def _speaks_clusters(self) -> bool:
+        raise NotImplementedError
+
+    def _clusters_sent(self) -> tuple[str | None, ...]:
+        """The CDS versions the stream's client holds or was sent last."""
+        raise NotImplementedError
+
+    def _clusters_unanswered(self) -> bool:
+        """A CDS response that added or changed Clusters waits for the client's answer."""
+        raise NotImplementedError
+
+    def _last_clusters_nonce(self) -> int:
+        """The nonce of the last CDS response."""
+        raise NotImplementedError
+
+    def _watch_open(self, type_url: str) -> bool:
+        """A watch of the type is open (parked in the watcher)."""
+        raise NotImplementedError
+
+    def _reopen(self, type_url: str) -> None:
+        """Open the type's watch again, with the request its last one had."""
+        raise NotImplementedError
 
     def _cancel_all(self, cancels: list[Cancel | None]) -> None:
         for cancel in cancels:
@@ -118,6 +217,8 @@ class _SotwType:
     started: bool = False
     stated: bool = False  # the client's first request stated a version: it held some
     force: bool = False  # answer the next watch even if the version is unchanged
+    known: str = ""  # the version the last watch was opened with
+    updated: bool = False  # the last response added or changed a resource (not only removed)
     cancel: Cancel | None = None
 
 
@@ -154,6 +255,8 @@ class SotwStream(_Stream):
                 self.status.acked(
                     node_id, type_url, st.sent_version, st.sent, replace=True, stream=self
                 )
+            if type_url == types.CLUSTER:
+                self._clusters_answered(nonce)
 
         requested = frozenset(req.resource_names)
         if not st.started:
@@ -180,6 +283,8 @@ class SotwStream(_Stream):
         st.started = True
         known = st.sent_version if st.sent_version is not None else req.version_info
         self._open(type_url, st, known)
+        if type_url == types.CLUSTER:
+            self._release()
 
     def _current(
         self, node_id: str, type_url: str, version: str, names: frozenset[str] | None
@@ -202,16 +307,20 @@ class SotwStream(_Stream):
         if st.cancel is not None:
             st.cancel()
         st.cancel = None
+        st.known = known
         request = WatchRequest(self.node_id, type_url, known, st.names, st.force)
         answered: list[bool] = []
 
         def respond(resp: WatchResponse) -> None:
             answered.append(True)
-            self._respond(st, resp)
+            st.cancel = None
+            if not self._hold_back(type_url):
+                self._respond(st, resp)
 
         cancel = self.watcher.create_watch(request, respond)
         if not answered:
             st.cancel = cancel
+            self._waiting.pop(type_url, None)  # nothing to send: nothing waits
 
     def _respond(self, st: _SotwType, resp: WatchResponse) -> None:
         assert self.node_id is not None
@@ -229,11 +338,13 @@ class SotwStream(_Stream):
         self.status.sent(self.node_id, resp.type_url, resp.version, nonce, len(resp.resources))
         self.queue.put_nowait(data)
         if resp.type_url == types.CLUSTER:
+            st.updated = unknown or any(before.get(r.name) != r.version for r in resp.resources)
             changed = [
                 r for r in resp.resources if unknown or before.get(r.name, r.version) != r.version
             ]
             if _eds_names(changed):
                 self._resend_endpoints()
+            self._release()
 
     def _resend_endpoints(self) -> None:
         """Envoy re-warms a changed cluster and waits for its endpoints, but does not ask again
@@ -245,6 +356,30 @@ class SotwStream(_Stream):
         eds.force = True
         if eds.cancel is not None:  # parked; otherwise the next EDS request carries the force
             self._open(types.ENDPOINT, eds, eds.sent_version or "")
+
+    def _speaks_clusters(self) -> bool:
+        cds = self.types.get(types.CLUSTER)
+        return cds is not None and cds.started
+
+    def _clusters_sent(self) -> tuple[str | None, ...]:
+        cds = self.types[types.CLUSTER]
+        return (cds.sent_version if cds.sent_version is not None else cds.known,)
+
+    def _clusters_unanswered(self) -> bool:
+        cds = self.types[types.CLUSTER]
+        return cds.sent_version is not None and not cds.replied and cds.updated
+
+    def _last_clusters_nonce(self) -> int:
+        return int(self.types[types.CLUSTER].nonce or 0)
+
+    def _watch_open(self, type_url: str) -> bool:
+        st = self.types.get(type_url)
+        return st is not None and st.cancel is not None
+
+    def _reopen(self, type_url: str) -> None:
+        st = self.types.get(type_url)
+        if st is not None and st.started:
+            self._open(type_url, st, st.known)
 
     def close(self) -> None:
         self._cancel_all([st.cancel for st in self.types.values()])
@@ -276,6 +411,7 @@ class _DeltaType:
     # what the client holds (ACKed), and _WANTED for a name subscribed to and not answered yet
     client: dict[str, str] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)  # sent, not yet ACKed, by nonce
+    sent_version: str | None = None  # the version of the last response
     hold: str | None = None
     unheld: set[str] = field(default_factory=set)  # subscribed to since `hold`: not held
     answer_empty: bool = False
@@ -391,6 +527,8 @@ class DeltaStream(_Stream):
                 # version, and clear the NACK from its status.
                 st.answer_empty = True
                 _touch(st, pending)  # the view assumed it taken
+                if type_url == types.CLUSTER:
+                    self._clusters_answered(nonce)
             else:
                 st.client.update(pending.updated)
                 for name in pending.removed:
@@ -407,8 +545,12 @@ class DeltaStream(_Stream):
                     partial=pending.partial,
                 )
                 self.status.removed(node_id, type_url, pending.removed, stream=self)
+                if type_url == types.CLUSTER:
+                    self._clusters_answered(nonce)
 
         self._open(type_url, st)
+        if type_url == types.CLUSTER:
+            self._release()
 
     @staticmethod
     def _view(st: _DeltaType) -> Mapping[str, str]:
@@ -452,11 +594,14 @@ class DeltaStream(_Stream):
 
         def respond(resp: DeltaWatchResponse) -> None:
             answered.append(True)
-            self._respond(st, resp)
+            st.cancel = None
+            if not self._hold_back(type_url):
+                self._respond(st, resp)
 
         cancel = self.watcher.create_delta_watch(request, respond)
         if not answered:
             st.cancel = cancel
+            self._waiting.pop(type_url, None)  # nothing to send: nothing waits
 
     def _respond(self, st: _DeltaType, resp: DeltaWatchResponse) -> None:
         assert self.node_id is not None
@@ -478,12 +623,15 @@ class DeltaStream(_Stream):
         data = _wire.delta_response(
             resp.type_url, resp.version, nonce, (r.delta_entry for r in resp.updated), resp.removed
         )
+        st.sent_version = resp.version
         self.status.sent(self.node_id, resp.type_url, resp.version, nonce, len(resp.updated))
         self.queue.put_nowait(data)
         if held:
             names = _eds_names(r for r in resp.updated if held.get(r.name, _WANTED) != _WANTED)
             if names:
                 self._resend_endpoints(names)
+        if resp.type_url == types.CLUSTER:
+            self._release()
 
     def _resend_endpoints(self, names: set[str]) -> None:
         """Envoy re-warms a changed cluster and waits for its endpoints, but does not ask again
@@ -502,6 +650,29 @@ class DeltaStream(_Stream):
             eds.unheld |= names
         if eds.cancel is not None:  # parked; otherwise the next EDS request sees the gap
             self._open(types.ENDPOINT, eds)
+
+    def _speaks_clusters(self) -> bool:
+        return types.CLUSTER in self.types
+
+    def _clusters_sent(self) -> tuple[str | None, ...]:
+        cds = self.types[types.CLUSTER]
+        return (cds.sent_version, cds.hold)
+
+    def _clusters_unanswered(self) -> bool:
+        return any(p.updated for p in self.types[types.CLUSTER].pending.values())
+
+    def _last_clusters_nonce(self) -> int:
+        pending = self.types[types.CLUSTER].pending
+        return int(next(reversed(pending))) if pending else 0
+
+    def _watch_open(self, type_url: str) -> bool:
+        st = self.types.get(type_url)
+        return st is not None and st.cancel is not None
+
+    def _reopen(self, type_url: str) -> None:
+        st = self.types.get(type_url)
+        if st is not None:
+            self._open(type_url, st)
 
     def close(self) -> None:
         self._cancel_all([st.cancel for st in self.types.values()])
