@@ -110,7 +110,7 @@ class _ProgrammedContext:
     # apply on a node once it holds its Listener's current version)
     on_node_listeners: Mapping[str, list[str]]
     # equal signatures: nothing about the nodes changed (see _update_conditions)
-    signature: tuple[int, tuple[str, ...]]
+    signature: tuple[int, tuple[str, ...], tuple[str, ...]]
     # Node objects left out because they are not Ready (and not connected)
     not_ready: tuple[str, ...] = ()
 
@@ -581,18 +581,21 @@ class Pipeline:
                 if node_id in wanted:
                     for origin in origins:
                         on_node_listeners.setdefault(origin, []).append(node_id)
+        not_ready = tuple(
+            n
+            for n in self._unready_nodes()
+            if n not in wanted and self._result is not None and n in self._result.mesh.nodes
+        )
         return _ProgrammedContext(
             by_origin,
             len(expected),
             partial,
             unseen,
             on_node_listeners,
-            (epoch, tuple(expected)),
-            tuple(
-                n
-                for n in self._unready_nodes()
-                if n not in wanted and self._result is not None and n in self._result.mesh.nodes
-            ),
+            # the Nodes the message names too: one that joins or leaves while not Ready
+            # changes no expected node, but the message
+            (epoch, tuple(expected), not_ready),
+            not_ready,
         )
 
     def _programmed(

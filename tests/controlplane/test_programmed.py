@@ -371,6 +371,38 @@ async def test_a_node_that_is_not_ready_holds_nothing_back_until_it_connects() -
         await p.stop()
 
 
+async def test_the_nodes_not_counted_are_named_as_they_come_and_go() -> None:
+    """The message names the Nodes that are not Ready now: one deleted while down is no
+    longer named, and one that joins not Ready (as a new node does) is, although neither
+    changes which nodes count."""
+    store, status, cache = Store(), StatusTracker(), SnapshotCache()
+    FilesSource(EXAMPLES, store).scan()
+    store.apply(_node_b("Unknown"))
+    p = Pipeline(store, cache, status)
+    await p.start()
+
+    def message() -> str:
+        (c,) = (c for c in p.conditions()[ROUTE] if c.type == "Programmed")
+        return c.message
+
+    try:
+        _SotwEnvoy(cache, status, "node-a").pump()
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        assert message() == "ACKed by 1 node(s); not counted, Node not Ready: node-b"
+
+        store.delete(ObjectKey("Node", "", "node-b"))
+        assert await eventually(lambda: p.built_revision == store.revision, timeout=2)
+        assert message() == "ACKed by 1 node(s)"
+
+        node_c = _node_b("False")
+        node_c["metadata"]["name"] = "node-c"
+        store.apply(node_c)
+        assert await eventually(lambda: p.built_revision == store.revision, timeout=2)
+        assert message() == "ACKed by 1 node(s); not counted, Node not Ready: node-c"
+    finally:
+        await p.stop()
+
+
 async def test_only_the_nodes_the_selector_chooses_get_a_map_and_count() -> None:
     """With `--node-selector`, a Node it leaves out (one nodemesh does not run on) gets no
     service map and holds nothing back; relabelled to match, it counts."""
