@@ -570,3 +570,53 @@ def test_a_windowed_l7_entry_stays_l7() -> None:
     for l7 in (True, False):
         entry = window(Service("shop/web", "10.96.0.10", 80, l7, many), "node-1")
         assert len(entry.backends) == MAX_BACKENDS and entry.l7 is l7
+
+
+def test_a_policy_on_ports_that_are_not_http_says_it_applies_nowhere() -> None:
+    """A TrafficPolicy whose target has no HTTP port (a `sectionName` naming the Postgres
+    port, or a Service of TCP ports only) applies nowhere: those connections stay L4,
+    kernel-direct. Its status says so (ResolvedRefs=False naming the ports), as a route's
+    parentRef there is NoMatchingParent, instead of all targets resolved; the ports stay L4."""
+    store = Store()
+    store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "clusterIP": "10.96.0.10",
+                "ports": [
+                    {"name": "http", "port": 80},
+                    {"name": "db", "port": 5432, "appProtocol": "postgresql"},
+                ],
+            },
+        }
+    )
+    store.apply(
+        {
+            "apiVersion": "nodemesh.io/v1alpha1",
+            "kind": "TrafficPolicy",
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {
+                "targetRefs": [
+                    {"group": "", "kind": "Service", "name": "web", "sectionName": "db"}
+                ],
+                "circuitBreaker": {"maxConnections": 10},
+            },
+        }
+    )
+    result = build(store.view())
+    resolved = next(
+        c
+        for c in result.conditions[ObjectKey("TrafficPolicy", "shop", "db")]
+        if c.type == "ResolvedRefs"
+    )
+    assert (resolved.status, resolved.reason, resolved.message) == (
+        "False",
+        "TargetNotFound",
+        "Service shop/web has no HTTP port to apply to (5432: appProtocol 'postgresql')",
+    )
+    (info,) = result.mesh.services
+    assert info.l7_ports == ()
+    (cluster,) = (c for c in result.mesh.clusters if c.port == 5432)
+    assert cluster.circuit_breaker is None

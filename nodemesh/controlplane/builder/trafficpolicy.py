@@ -426,6 +426,15 @@ def settings_for(
                     f"Service {t.namespace}/{t.name} has no port named {t.section!r}"
                 )
                 continue
+            if all(p.not_http for p in ports):
+                # Its connections stay L4, kernel-direct: the policy would apply nowhere, as
+                # a route's parentRef there would (NoMatchingParent).
+                pol.unresolved.append(
+                    f"Service {t.namespace}/{t.name} has no HTTP port to apply to ("
+                    + ", ".join(f"{p.port}: {p.not_http}" for p in ports)
+                    + ")"
+                )
+                continue
             for port in ports:
                 specificity = 0 if t.section else 1
                 per_port.setdefault((t.namespace, t.name, port.port), []).append(
