@@ -170,6 +170,10 @@ class Dataplane:
             cg_id = os.stat(self.cgroup).st_ino
             socks_fd = loaded["redir"].map_fd("nm_socks")
             socks_id = bpf.map_info(socks_fd, "nm_socks").id
+            # Where one program at a time attaches (the sockhash's sk_msg verdict), another
+            # version's link must go first: ours would be refused (EBUSY). The rest go after
+            # ours are attached, so that no connection goes without one meanwhile.
+            result.update(self._remove_unwanted_links(exclusive_only=True))
             for want in WANTED:
                 prog_fd = loaded[want.obj].program_fd(want.program)
                 # A program loaded with a new map has the old tag (map fds are not part of
@@ -190,18 +194,34 @@ class Dataplane:
         log.info("data plane on %s: %s", self.cgroup, result)
         return result
 
-    def _remove_unwanted_links(self) -> dict[str, str]:
+    def _remove_unwanted_links(self, exclusive_only: bool = False) -> dict[str, str]:
         """Unpin every link in `links_dir` this version does not attach: another version's
         program (an upgrade that renamed one, a rollback from one that had more) would stay
         attached next to ours. The pins there are all ours; unpinning detaches a link that
-        nothing else holds."""
+        nothing else holds. `exclusive_only`: only the links of an attach type that takes one
+        program at a time (WANTED's on the sockhash), each waited for until the kernel has
+        released it, so that ours can attach."""
         wanted = {w.program for w in WANTED}
+        exclusive = {w.attach_type for w in WANTED if w.target == "sockhash"}
         removed: dict[str, str] = {}
         for pin in sorted(self.links_dir.iterdir()):
-            if pin.name not in wanted:
-                log.warning("detaching %s: this version does not attach it", pin)
-                pin.unlink()
-                removed[pin.name] = "removed"
+            if pin.name in wanted:
+                continue
+            link_id = 0
+            if exclusive_only:
+                try:
+                    with self._pinned(pin) as fd:
+                        info = bpf.link_info(fd, str(pin))
+                except BpfError:
+                    continue  # not a link we can read: unpinned with the rest, afterwards
+                if info.attach_type not in exclusive:
+                    continue
+                link_id = info.id
+            log.warning("detaching %s: this version does not attach it", pin)
+            pin.unlink()
+            if link_id:
+                self._wait_gone(link_id, str(pin))  # released from a work queue
+            removed[pin.name] = "removed"
         return removed
 
     def _set_aside_changed_maps(self, objects: dict[str, bpf.BpfObject]) -> list[str]:

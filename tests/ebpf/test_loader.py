@@ -196,3 +196,23 @@ def test_disable_removes_links_of_another_version_too(node: NodeLab) -> None:
     node.dataplane.disable()
     assert not node.pin_root.exists()
     assert _gone(link_id)
+
+
+def test_enable_replaces_another_versions_link_where_only_one_program_attaches(
+    node: NodeLab,
+) -> None:
+    """The sockhash takes one sk_msg program: a link another version left there under
+    another name (an upgrade that renamed the program) would make attaching ours fail
+    (EBUSY), and the agent would not start. It is detached first, and ours attached."""
+    assert node.dataplane is not None
+    dp = node.dataplane
+    old = dp.links()["nm_msg_redirect"]
+    dp.link_pin("nm_msg_redirect").rename(dp.link_pin("nm_msg_verdict"))  # the old name
+    result = dp.enable()
+    assert result["nm_msg_verdict"] == "removed"
+    assert result["nm_msg_redirect"] == "created"
+    assert not dp.link_pin("nm_msg_verdict").exists()
+    assert _gone(old.id)
+    now = dp.links()["nm_msg_redirect"]
+    assert (now.target_id, now.attach_type) == (old.target_id, old.attach_type)
+    assert dp.enable() == dict.fromkeys(dp.links(), "kept")
