@@ -305,12 +305,12 @@ class Agent:
                 if str(exc) != problem:  # once, not every poll
                     problem = str(exc)
                     log.warning(
-                        "node %s: --envoy-cgroup %s: %s (nm_config keeps the Envoy cgroup "
-                        "id %d until it can be read and written)",
+                        "node %s: --envoy-cgroup %s: %s (tried again every %.1f s; nm_config "
+                        "keeps the id it holds until then)",
                         self.node,
                         self.envoy_cgroup,
                         exc,
-                        self.envoy_cgroup_id,
+                        self.envoy_cgroup_poll,
                     )
             await asyncio.sleep(self.envoy_cgroup_poll)
 

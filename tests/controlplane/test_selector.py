@@ -44,6 +44,7 @@ def test_a_selector_matches_as_kubectl_does(text: str, matches: bool) -> None:
         ("zone==a==b", "'zone==a==b'"),
         ("zone in (a b)", "'zone in (a b)'"),
         ("-zone=a", "'-zone=a'"),
+        ("zone in ()", "'zone in ()'"),
     ],
 )
 def test_a_selector_that_cannot_be_read_is_refused_naming_the_requirement(

@@ -85,8 +85,8 @@ def _requirement(part: str) -> Test | None:
     if m is not None:
         key, op, listed = m.groups()
         values = frozenset(v.strip() for v in listed.split(","))
-        if not all(_VALUE_ONLY.fullmatch(v) for v in values):
-            return None
+        if not listed.strip() or not all(_VALUE_ONLY.fullmatch(v) for v in values):
+            return None  # (kubectl refuses an empty set too)
         if op == "notin":
             return lambda labels: labels.get(key) not in values
         return lambda labels: labels.get(key) in values
