@@ -79,6 +79,12 @@ def backend_ref(draw: st.DrawFn) -> dict[str, Any]:
         ref["namespace"] = draw(ns_)
     if draw(st.booleans()):
         ref["weight"] = draw(st.integers(0, 3))
+    if draw(st.integers(0, 3)) == 0:  # its own header changes (a weighted cluster of its own)
+        value = draw(st.sampled_from(["a", "b"]))
+        ref["filters"] = [
+            {"type": "RequestHeaderModifier",
+             "requestHeaderModifier": {"set": [{"name": "x-to", "value": value}]}}
+        ]  # fmt: skip
     return ref
 
 

@@ -1,5 +1,7 @@
-"""Property test for build: arbitrary junk in routes and policies yields conditions, never an
-exception, and the translation stays consistent."""
+"""Property tests for build: arbitrary junk in routes (their backendRefs' filters too) and
+policies yields conditions, never an exception, and the translation stays consistent; what the
+CRD or Envoy takes is accepted (policies; header modifiers on backendRefs, for their backend
+only)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from hypothesis import strategies as st
 
 from nodemesh.controlplane.builder import build
 from nodemesh.controlplane.store import ObjectKey, Store
-from nodemesh.xds.translate import Translator
+from nodemesh.xds import types
+from nodemesh.xds.translate import Translator, translate_messages
 from tests.controlplane import crd
 from tests.e2e.mesh import service
 
@@ -67,6 +70,148 @@ def test_junk_input_gives_conditions_not_exceptions(
     key = ObjectKey(kind, "shop", "j")
     if kind == "TrafficPolicy" or result.conditions.get(key):
         assert result.conditions[key], "a policy always gets conditions"
+
+
+filter_types = st.sampled_from(
+    ["RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "URLRewrite",
+     "RequestRedirect", "ExtensionRef", "CORS"]
+) | junk  # fmt: skip
+junk_filters = st.lists(
+    st.fixed_dictionaries(
+        {"type": filter_types},
+        optional={
+            "requestHeaderModifier": st.dictionaries(
+                st.sampled_from(["set", "add", "remove"]), junk, max_size=3
+            )
+            | junk,
+            "responseHeaderModifier": junk,
+            "extensionRef": junk,
+            "requestMirror": junk,
+        },
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["HTTPRoute", "GRPCRoute"]),
+    refs=st.lists(
+        st.fixed_dictionaries(
+            {"name": st.sampled_from(["web", "nope"]), "port": st.just(80) | junk},
+            optional={"filters": junk_filters | junk, "weight": junk},
+        ),
+        max_size=3,
+    ),
+)
+def test_junk_filters_on_backend_refs_give_conditions_not_exceptions(
+    kind: str, refs: list[dict[str, Any]]
+) -> None:
+    store = Store()
+    store.apply(service("web"))
+    store.apply(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": kind,
+            "metadata": {"name": "j", "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"backendRefs": refs}]},
+        }
+    )  # fmt: skip
+    result = build(store.view())
+    assert Translator().translate(result.mesh).snapshot().consistent() == []
+    assert result.conditions[ObjectKey(kind, "shop", "j")]
+
+
+# Header names and values Envoy takes (no pseudo-header, no Host, no NUL, CR or LF).
+header_names = st.from_regex(r"\A[a-zA-Z][a-zA-Z0-9-]{0,6}\Z").filter(lambda n: n.lower() != "host")
+header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=8)
+name_values = st.lists(
+    st.builds(lambda n, v: {"name": n, "value": v}, header_names, header_values),
+    max_size=2,
+    unique_by=lambda h: h["name"].lower(),
+)
+modifiers = st.fixed_dictionaries(
+    {},
+    optional={
+        "set": name_values,
+        "add": name_values,
+        "remove": st.lists(header_names, max_size=2, unique_by=str.lower),
+    },
+)
+
+
+@st.composite
+def header_filters(draw: st.DrawFn) -> list[dict[str, Any]]:
+    out = []
+    for kind in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+        if draw(st.booleans()):
+            out.append({"type": kind, kind[0].lower() + kind[1:]: draw(modifiers)})
+    return out
+
+
+def named(filters: list[dict[str, Any]]) -> set[str]:
+    """The header names some filter of `filters` changes, lower-cased."""
+    out = set()
+    for f in filters:
+        spec = f.get("requestHeaderModifier") or f.get("responseHeaderModifier") or {}
+        out |= {h["name"].lower() for op in ("set", "add") for h in spec.get(op, ())}
+        out |= {n.lower() for n in spec.get("remove", ())}
+    return out
+
+
+def changed(m: Any) -> set[str]:
+    """The header names an Envoy route or weighted cluster changes."""
+    return (
+        {o.header.key for o in (*m.request_headers_to_add, *m.response_headers_to_add)}
+        | set(m.request_headers_to_remove)
+        | set(m.response_headers_to_remove)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(["HTTPRoute", "GRPCRoute"]),
+    rule_filters=header_filters(),
+    own=st.tuples(header_filters(), header_filters()),
+)
+def test_backend_ref_header_modifiers_change_that_backends_requests_only(
+    kind: str, rule_filters: list[dict[str, Any]], own: tuple[list[dict[str, Any]], ...]
+) -> None:
+    """Header modifiers with names and values Envoy takes, on two backendRefs and maybe on the
+    rule: the route is Accepted, each backend's weighted cluster changes the headers its own
+    filters name, and no header that only the other backend's filters name."""
+    store = Store()
+    for name in ("web", "v1", "v2"):
+        store.apply(service(name))
+    rule: dict[str, Any] = {
+        "backendRefs": [
+            {"name": name, "port": 80, "filters": filters}
+            for name, filters in zip(("v1", "v2"), own, strict=True)
+        ]
+    }
+    if rule_filters:
+        rule["filters"] = rule_filters
+    store.apply(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": kind,
+            "metadata": {"name": "r", "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}], "rules": [rule]},
+        }
+    )
+    result = build(store.view())
+    accepted = [c for c in result.conditions[ObjectKey(kind, "shop", "r")] if c.type == "Accepted"]
+    assert [c.status for c in accepted] == ["True"], accepted
+    assert Translator().translate(result.mesh).snapshot().consistent() == []
+    (config,) = translate_messages(result.mesh)[types.ROUTE]
+    (route,) = [r for vh in config.virtual_hosts for r in vh.routes if r.name.startswith(kind)]
+    clusters = route.route.weighted_clusters.clusters
+    assert [c.name for c in clusters] == ["shop/v1:80", "shop/v2:80"]
+    for mine, other, cluster in ((own[0], own[1], clusters[0]), (own[1], own[0], clusters[1])):
+        assert named(mine) <= changed(cluster)
+        assert changed(cluster) <= named(rule_filters) | named(mine), (other, cluster)
+    assert changed(route) <= named(rule_filters)
 
 
 @settings(max_examples=300, deadline=None)

@@ -627,17 +627,3 @@ def test_an_extension_ref_filter_fails_closed_with_invalid_kind() -> None:
     assert ext_route.name == "HTTPRoute/shop/ext/rule-0/0"
     assert (ext_route.backends, ext_route.direct_status) == ((), 500)
     assert rest.backends == (ir.Backend("shop/web:80"),)
-
-
-def test_filters_on_a_backend_ref_make_the_route_not_accepted() -> None:
-    """Gateway API's support for them is implementation-specific, and nodemesh has none: the
-    route is not Accepted (it was, with ResolvedRefs=False and the rule answering 500)."""
-    header = {
-        "type": "RequestHeaderModifier",
-        "requestHeaderModifier": {"set": [{"name": "x-a", "value": "1"}]},
-    }
-    backend = {**to("web")[0], "filters": [header]}
-    res = run(service("web"), route("bf", [parent("web")], [{"backendRefs": [backend]}]))
-    c = accepted(res, "bf")
-    assert (c.status, c.reason) == ("False", "UnsupportedValue"), c
-    assert "spec.rules[0].backendRefs[0].filters: not supported" in c.message, c.message

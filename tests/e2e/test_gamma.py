@@ -1,7 +1,8 @@
 """What Gateway API's mesh conformance suite (the GAMMA profile) checks, through a real node
 Envoy, for what the other e2e modules leave out: a parentRef's port, match precedence with
-headers and query parameters, header modifiers that append or meet other cases, path
-rewrites, every redirect field, and GRPCRoute header modifiers, mirrors and weights.
+headers and query parameters, header modifiers that append or meet other cases, on a rule or
+on a backendRef, path rewrites, every redirect field, and GRPCRoute header modifiers, mirrors
+and weights.
 
 The world is the suite's, in nodemesh's own objects: two versions of a workload, each
 answering HTTP on the Service ports 80 and 8080 and gRPC on 7070; per scenario a Service of
@@ -367,21 +368,25 @@ async def test_query_parameter_matches_pick_the_backend_or_none(
         assert (reply.status, reply.body) == (200, backend)
 
 
-# --- RequestHeaderModifier (MeshHTTPRouteRequestHeaderModifier) ---
+# --- RequestHeaderModifier on the rule (MeshHTTPRouteRequestHeaderModifier) and on the
+# backendRef (MeshHTTPRouteBackendRequestHeaderModifier): the same cases ---
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def headers_scenario(mesh: Mesh, pods: Pods) -> None:
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["rule", "backendRef"])
+async def headers_scenario(mesh: Mesh, pods: Pods, request: pytest.FixtureRequest) -> str:
+    """The Service whose route has the modifiers in its rules' filters, or its backendRefs'."""
+    name = "headers" if request.param == "rule" else "backend-headers"
+
     def rule(path: str, **changes: Any) -> dict[str, Any]:
-        return {
-            "matches": [prefix(path)],
-            "filters": [modifier("RequestHeaderModifier", **changes)],
-            "backendRefs": [to("headers-v1", port=8080)],
-        }
+        filters = [modifier("RequestHeaderModifier", **changes)]
+        backend = to(f"{name}-v1", port=8080)
+        if request.param == "rule":
+            return {"matches": [prefix(path)], "filters": filters, "backendRefs": [backend]}
+        return {"matches": [prefix(path)], "backendRefs": [{**backend, "filters": filters}]}
 
     await scenario(
-        mesh, pods, "headers",
-        http_route("headers", "headers", port=80, rules=[
+        mesh, pods, name,
+        http_route(name, name, port=80, rules=[
             rule("/set", set={"X-Fixed": "fixed-value"}),
             rule("/add", add={"X-Extra": "extra-value"}),
             rule("/remove", remove=["X-Drop"]),
@@ -393,6 +398,7 @@ async def headers_scenario(mesh: Mesh, pods: Pods) -> None:
                  remove=["X-Drop"]),
         ]),
     )  # fmt: skip
+    return name
 
 
 @pytest.mark.parametrize(
@@ -423,17 +429,102 @@ async def headers_scenario(mesh: Mesh, pods: Pods) -> None:
 async def test_request_header_modifier_sets_adds_and_removes(
     mesh: Mesh,
     pods: Pods,
-    headers_scenario: None,
+    headers_scenario: str,
     path: str,
     sent: dict[str, str],
     arrived: dict[str, str],
     absent: list[str],
 ) -> None:
-    reply = await mesh.get("headers.shop", path, sent)
+    reply = await mesh.get(f"{headers_scenario}.shop", path, sent)
     assert (reply.status, reply.body) == (200, "v1-alt")
     seen = pods.http["v1-alt"].seen[-1]
     assert {name: joined(seen, name) for name in arrived} == arrived
     assert {name: joined(seen, name) for name in absent} == dict.fromkeys(absent)
+
+
+# --- Header modifiers on one backendRef of a split: its requests and responses only ---
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def backend_split_scenario(mesh: Mesh, pods: Pods) -> None:
+    canary = [
+        modifier("RequestHeaderModifier", set={"X-Canary": "yes"}),
+        modifier("ResponseHeaderModifier", set={"X-Served-By": "canary"}, remove=["X-Backend"]),
+    ]
+    await scenario(
+        mesh, pods, "bsplit",
+        http_route("bsplit", "bsplit", port=80, rules=[
+            {"backendRefs": [to("bsplit-v1", 1), {**to("bsplit-v2", 1), "filters": canary}]}]),
+    )  # fmt: skip
+
+
+async def test_a_backend_refs_header_modifiers_change_only_its_share_of_a_split(
+    mesh: Mesh, pods: Pods, backend_split_scenario: None
+) -> None:
+    """Gateway API: a backendRef's filters are "executed if and only if the request is being
+    forwarded to the backend defined here". nodemesh refused them (Accepted=False)."""
+    v1, v2 = pods.http["v1"], pods.http["v2"]
+    before = len(v1.seen), len(v2.seen)
+    replies = [await mesh.get("bsplit.shop", "/") for _ in range(40)]
+    # 1:1, 40 requests: one backend getting none has probability 2**-39
+    assert {r.body for r in replies} == {"v1", "v2"}, replies
+    for reply in replies:
+        headers = lower(reply.headers)
+        canary = reply.body == "v2"
+        assert headers.get("x-served-by") == ("canary" if canary else None), reply
+        assert headers.get("x-backend") == (None if canary else "v1"), reply
+    assert {joined(seen, "x-canary") for seen in v1.seen[before[0] :]} == {None}
+    assert {joined(seen, "x-canary") for seen in v2.seen[before[1] :]} == {"yes"}
+
+
+# --- The rule's header modifiers and a backendRef's, on the same headers ---
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def backend_order_scenario(mesh: Mesh, pods: Pods) -> None:
+    rule_filters = [
+        modifier(
+            "RequestHeaderModifier",
+            set={"X-Both": "rule", "X-Gone": "rule"},
+            add={"X-List": "rule"},
+        ),
+        modifier("ResponseHeaderModifier", set={"X-Both": "rule"}),
+        {"type": "URLRewrite", "urlRewrite": {"hostname": "rule.internal"}},
+    ]
+    backend_filters = [
+        modifier(
+            "RequestHeaderModifier",
+            set={"X-Both": "backend", "Host": "backend.internal"},
+            add={"X-List": "backend"},
+            remove=["X-Gone"],
+        ),
+        modifier("ResponseHeaderModifier", set={"X-Both": "backend"}),
+    ]
+    await scenario(
+        mesh, pods, "border",
+        http_route("border", "border", port=80, rules=[
+            {"filters": rule_filters,
+             "backendRefs": [{**to("border-v1"), "filters": backend_filters}]}]),
+    )  # fmt: skip
+
+
+async def test_a_backend_refs_header_modifiers_apply_after_the_rules(
+    mesh: Mesh, pods: Pods, backend_order_scenario: None
+) -> None:
+    """Gateway API applies a rule's filters, then the backend's: where both change a header,
+    the backend's change is the later one (its set wins, its remove takes out what the rule
+    set, its add appends after the rule's). Envoy by itself does the opposite: it applies a
+    weighted cluster's changes before the route's."""
+    reply = await mesh.get("border.shop", "/", {"X-List": "sent"})
+    assert (reply.status, reply.body) == (200, "v1")
+    seen = pods.http["v1"].seen[-1]
+    assert {h: joined(seen, h) for h in ("x-both", "x-gone", "x-list", "host")} == {
+        "x-both": "backend",
+        "x-gone": None,
+        "x-list": "sent,rule,backend",
+        "host": "backend.internal",
+    }
+    assert lower(reply.headers)["x-both"] == "backend"
 
 
 # --- URLRewrite of the path, alone and with a header modifier (MeshHTTPRouteRewritePath) ---
@@ -586,7 +677,8 @@ async def test_request_redirect_answers_with_status_and_location(
     assert (reply.status, reply.headers.get("Location")) == (status, location)
 
 
-# --- GRPCRoute: RequestHeaderModifier (MeshGRPCRouteRequestHeaderModifier) ---
+# --- GRPCRoute: RequestHeaderModifier on the rule (MeshGRPCRouteRequestHeaderModifier) and on
+# the backendRef: the same cases ---
 
 
 async def call(mesh: Mesh, authority: str, method: str = "Echo",
@@ -599,19 +691,25 @@ async def call(mesh: Mesh, authority: str, method: str = "Echo",
         return answer.decode()
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def grpc_headers_scenario(mesh: Mesh, pods: Pods) -> None:
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["rule", "backendRef"])
+async def grpc_headers_scenario(mesh: Mesh, pods: Pods, request: pytest.FixtureRequest) -> str:
+    """The Service whose GRPCRoute has the modifiers in its rules' filters, or its
+    backendRefs'."""
+    name = "rpc" if request.param == "rule" else "rpc-backend"
+
     def rule(method: str, case: str, version: str, **changes: Any) -> dict[str, Any]:
+        filters = [modifier("RequestHeaderModifier", **changes)]
+        backend = to(f"{name}-{version}", port=7070)
         return {
             "matches": [{"method": {"service": GRPC_SERVICE, "method": method},
                          "headers": [{"name": "x-case", "value": case}]}],
-            "filters": [modifier("RequestHeaderModifier", **changes)],
-            "backendRefs": [to(f"rpc-{version}", port=7070)],
+            **({"filters": filters, "backendRefs": [backend]} if request.param == "rule"
+               else {"backendRefs": [{**backend, "filters": filters}]}),
         }  # fmt: skip
 
     await scenario(
-        mesh, pods, "rpc",
-        grpc_route("rpc", "rpc", port=7070, rules=[
+        mesh, pods, name,
+        grpc_route(name, name, port=7070, rules=[
             rule("Echo", "set", "v1", set={"X-Fixed": "fixed-value"}),
             rule("Echo", "add", "v1", add={"X-Extra": "extra-value"}),
             rule("Echo", "remove", "v1", remove=["X-Drop"]),
@@ -621,6 +719,7 @@ async def grpc_headers_scenario(mesh: Mesh, pods: Pods) -> None:
                  remove=["X-Drop-1", "X-Drop-2"]),
         ]),
     )  # fmt: skip
+    return name
 
 
 @pytest.mark.parametrize(
@@ -638,7 +737,7 @@ async def grpc_headers_scenario(mesh: Mesh, pods: Pods) -> None:
 async def test_grpc_request_header_modifier_changes_the_metadata(
     mesh: Mesh,
     pods: Pods,
-    grpc_headers_scenario: None,
+    grpc_headers_scenario: str,
     method: str,
     case: str,
     sent: dict[str, str],
@@ -648,7 +747,8 @@ async def test_grpc_request_header_modifier_changes_the_metadata(
 ) -> None:
     served = pods.grpc[served_by]
     before = len(served.calls)
-    assert await call(mesh, "rpc.shop:7070", method, {"x-case": case, **sent}) == served_by
+    authority = f"{grpc_headers_scenario}.shop:7070"
+    assert await call(mesh, authority, method, {"x-case": case, **sent}) == served_by
     assert served.calls[before][0] == method
     got = {k: ",".join(served.values(before, k)) or None for k in (*arrived, *absent)}
     assert got == {**arrived, **dict.fromkeys(absent)}

@@ -162,11 +162,15 @@ def mirror(backend: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict
 
 
 def backend_refs(ns: str | None, max_size: int) -> st.SearchStrategy[list[dict[str, Any]]]:
-    """Up to `max_size` Services (prop-missing does not exist: its share answers 500)."""
+    """Up to `max_size` Services (prop-missing does not exist: its share answers 500), each
+    maybe with filters of its own."""
     ref = st.builds(
-        lambda n, w: {**to(n, w), **({"namespace": ns} if ns else {})},
+        lambda n, w, f: {**to(n, w), **({"namespace": ns} if ns else {}), **f},
         st.sampled_from(["prop-a", "prop-b", "prop-missing"]),
         st.one_of(st.none(), st.integers(0, 1_000_000), st.integers(0, 3)),
+        st.sampled_from([False, False, True]).flatmap(
+            lambda some: backend_filters(ns).map(lambda f: {"filters": f}) if some else st.just({})
+        ),
     )
     return st.lists(ref, max_size=max_size)
 
@@ -175,6 +179,36 @@ def mirror_ref(ns: str | None) -> st.SearchStrategy[dict[str, Any]]:
     return st.sampled_from(["prop-a", "prop-b"]).map(
         lambda n: {**to(n), **({"namespace": ns} if ns else {})}
     )
+
+
+# Header changes the builder takes, so that routes with them get to the Envoy more often.
+printable_header_mod = optional(
+    {
+        "set": name_values(st.from_regex(r"\A[ -~]{1,16}\Z")),
+        "add": name_values(st.from_regex(r"\A[ -~]{1,16}\Z")),
+        "remove": st.lists(
+            header_names.filter(lambda n: n.lower() != "host"), max_size=3, unique=True
+        ),
+    }
+)
+
+
+def backend_filters(ns: str | None) -> st.SearchStrategy[list[dict[str, Any]]]:
+    """A backendRef's filters (HTTPRoute's and GRPCRoute's schemas take the same types there
+    as in a rule; CEL: each type at most once): mostly header modifiers, which nodemesh
+    implements there; now and then a mirror, which it refuses there (and with it the route)."""
+    one = st.sampled_from(
+        ["RequestHeaderModifier", "ResponseHeaderModifier"] * 8 + ["RequestMirror"]
+    ).flatmap(
+        lambda kind: (
+            mirror(mirror_ref(ns))
+            if kind == "RequestMirror"
+            else (header_mod | printable_header_mod).map(
+                lambda m: {"type": kind, kind[0].lower() + kind[1:]: m}
+            )
+        )
+    )
+    return st.lists(one, min_size=1, max_size=2, unique_by=lambda f: f["type"])
 
 
 timeouts = st.builds(

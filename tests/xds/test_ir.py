@@ -36,4 +36,4 @@ def test_fast_init_instances_stay_frozen_and_check_arguments() -> None:
     with pytest.raises(TypeError):
         ir.Backend()  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        ir.Backend("c", 1, 2)  # type: ignore[call-arg]
+        ir.Backend("c", 1, None, None, "", 2)  # type: ignore[call-arg]

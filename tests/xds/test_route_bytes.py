@@ -22,6 +22,20 @@ from nodemesh.xds.translate.route import (
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 # Host names are ASCII: the text fast path of strings_bytes, on both sides of 128 characters.
 _ascii = st.text(st.characters(max_codepoint=127), max_size=200)
+_pairs = st.lists(st.tuples(_text, _text), max_size=2).map(tuple)
+_mutations = st.none() | st.builds(
+    ir.HeaderMutation, set=_pairs, add=_pairs, remove=st.lists(_text, max_size=2).map(tuple)
+)
+# A backend with header changes of its own (a backendRef's filters) is never plain: it needs a
+# weighted cluster, even alone.
+_filtered_backends = st.builds(
+    ir.Backend,
+    cluster=_text,
+    weight=st.integers(1, 1000),
+    request_headers=_mutations,
+    response_headers=_mutations,
+    hostname=_text,
+)
 _routes = st.builds(
     ir.Route,
     name=_text,
@@ -30,8 +44,12 @@ _routes = st.builds(
         headers=st.lists(st.builds(ir.HeaderMatch, name=_text, value=_text), max_size=2).map(tuple),
     ),
     backends=st.lists(
-        st.builds(ir.Backend, cluster=_text, weight=st.integers(1, 1000)), max_size=3
+        st.builds(ir.Backend, cluster=_text, weight=st.integers(1, 1000)) | _filtered_backends,
+        max_size=3,
     ).map(tuple),
+    request_headers=_mutations,
+    response_headers=_mutations,
+    rewrite=st.none() | st.builds(ir.Rewrite, hostname=_text),
     invalid_weight=st.integers(0, 3),
     direct_status=st.sampled_from([500, 503]),
     timeout_ms=st.none() | st.integers(0, 10**7),
@@ -43,12 +61,19 @@ _plain_routes = st.builds(
     backends=st.tuples(st.builds(ir.Backend, cluster=_text, weight=st.integers(1, 1000))),
     origins=st.lists(_text, max_size=2).map(tuple),
 )
+# All but one thing plain: one backend with header changes of its own.
+_almost_plain_routes = st.builds(
+    ir.Route,
+    name=_text,
+    backends=st.tuples(_filtered_backends),
+    origins=st.lists(_text, max_size=2).map(tuple),
+)
 _vhosts = st.builds(
     ir.VirtualHost,
     name=_text,
     domains=st.lists(_text | _ascii, max_size=12).map(tuple),
     routes=st.lists(_plain_routes, max_size=3).map(tuple)
-    | st.lists(_routes | _plain_routes, max_size=3).map(tuple),
+    | st.lists(_routes | _plain_routes | _almost_plain_routes, max_size=3).map(tuple),
 )
 
 

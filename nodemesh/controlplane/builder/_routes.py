@@ -183,6 +183,10 @@ _FILTER_TYPES = {
     ),
     "GRPCRoute": ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror"),
 }
+# On a backendRef (`rules[].backendRefs[].filters`), the types Envoy can apply to the requests
+# of one backend: a weighted cluster has header changes of its own, but no rewrite, redirect or
+# mirror (a redirect also answers before any backend is picked). ExtensionRef is as in a rule.
+_BACKEND_FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier")
 
 
 @dataclass(slots=True)
@@ -204,14 +208,31 @@ def _filters(
     p: Problems,
     refs: _Refs,
     prefix_match: bool,
+    backend: bool = False,
 ) -> _Filters:
+    """The filters of a rule, or of one of its backendRefs (`backend`)."""
     out = _Filters()
     host = ""  # set by a RequestHeaderModifier
+    implemented = _BACKEND_FILTER_TYPES if backend else _FILTER_TYPES[route_kind]
     for i, f in enumerate(raw):
         f = as_map(f)
         fpath = f"{path}[{i}]"
         kind = f.get("type")
-        if kind == "RequestHeaderModifier":
+        if kind != "ExtensionRef" and kind not in implemented:
+            # Gateway API: "Unknown values here must result in the implementation setting the
+            # Accepted Condition for the Route to `status: False`, with a Reason of
+            # `UnsupportedValue`". A core or extended type nodemesh does not implement (CORS,
+            # ExternalAuth; URLRewrite in a GRPCRoute; a RequestMirror on a backendRef) too:
+            # GEP-1364's Accepted means that "Features being used by the resource are
+            # supported".
+            where = "on a backendRef nodemesh implements" if backend else "nodemesh implements"
+            p.add(
+                f"{fpath}.type",
+                f"unsupported value {kind!r}; {where} "
+                + ", ".join(implemented)
+                + (" (per backend, Envoy changes headers only)" if backend else ""),
+            )
+        elif kind == "RequestHeaderModifier":
             out.request_headers, host = _mutation(
                 as_map(f.get("requestHeaderModifier")),
                 f"{fpath}.requestHeaderModifier",
@@ -225,7 +246,7 @@ def _filters(
                 p,
                 request=False,
             )
-        elif kind == "URLRewrite" and route_kind == "HTTPRoute":
+        elif kind == "URLRewrite":
             spec = as_map(f.get("urlRewrite"))
             full, prefix = None, None
             if "path" in spec:
@@ -234,7 +255,7 @@ def _filters(
                 p.add(f"{fpath}.urlRewrite.path", "ReplacePrefixMatch needs a PathPrefix match")
             hostname = header_text(str(spec.get("hostname", "")), f"{fpath}.urlRewrite.hostname", p)
             out.rewrite = ir.Rewrite(hostname, full, prefix)
-        elif kind == "RequestRedirect" and route_kind == "HTTPRoute":
+        elif kind == "RequestRedirect":
             spec = as_map(f.get("requestRedirect"))
             full, prefix = None, None
             if "path" in spec:
@@ -283,11 +304,11 @@ def _filters(
                     percent = 100.0 * num / den
             if target is not None:
                 out.mirrors.append((target, percent))
-        elif kind == "ExtensionRef":
-            # nodemesh has no custom filters. Gateway API: "If a reference to a custom filter
-            # type cannot be resolved, the filter MUST NOT be skipped", its requests get an
-            # HTTP error; GEP-1364 makes it a reference failure (Accepted stays True,
-            # ResolvedRefs=False with InvalidKind), like a backendRef of an unknown kind.
+        else:
+            # ExtensionRef. nodemesh has no custom filters. Gateway API: "If a reference to a
+            # custom filter type cannot be resolved, the filter MUST NOT be skipped", its
+            # requests get an HTTP error; GEP-1364 makes it a reference failure (Accepted stays
+            # True, ResolvedRefs=False with InvalidKind), like a backendRef of an unknown kind.
             ext = as_map(f.get("extensionRef"))
             refs.problems.append(
                 (
@@ -297,17 +318,6 @@ def _filters(
                 )
             )
             out.unresolved = True
-        else:
-            # Gateway API: "Unknown values here must result in the implementation setting the
-            # Accepted Condition for the Route to `status: False`, with a Reason of
-            # `UnsupportedValue`". A core or extended type nodemesh does not implement (CORS,
-            # ExternalAuth; URLRewrite in a GRPCRoute) too: GEP-1364's Accepted means that
-            # "Features being used by the resource are supported".
-            p.add(
-                f"{fpath}.type",
-                f"unsupported value {kind!r}; nodemesh implements "
-                + ", ".join(_FILTER_TYPES[route_kind]),
-            )
     if host:  # a URLRewrite's hostname, if any, is the more specific and wins
         if out.rewrite is None:
             out.rewrite = ir.Rewrite(host, None, None)
@@ -431,19 +441,35 @@ def read_route(
                 b.get("weight", 1), f"{rpath}.backendRefs[{bi}].weight", p, 0, 1_000_000
             )
             target = _backend(b, f"{rpath}.backendRefs[{bi}]", ns, services, refs)
-            if b.get("filters"):  # Gateway API: "Support: Implementation-specific"
-                p.add(
-                    f"{rpath}.backendRefs[{bi}].filters",
-                    "not supported (the rule's filters are: they apply to each of its backends)",
-                )
+            # Gateway API: "executed if and only if the request is being forwarded to the
+            # backend defined here", after the rule's (translate keeps that order).
+            own = _filters(
+                as_list(b.get("filters")),
+                f"{rpath}.backendRefs[{bi}].filters",
+                ns,
+                kind,
+                services,
+                p,
+                refs,
+                all_prefix,
+                backend=True,
+            )
             weights_total += weight or 0
             if not weight:
                 continue
-            if target is None:
+            if target is None or own.unresolved:  # an ExtensionRef fails its share closed
                 invalid_weight += weight
                 continue
             model.clusters.add(target)
-            backends.append(ir.Backend(services[target[:2]].cluster_name(target[2]), weight))
+            backends.append(
+                ir.Backend(
+                    services[target[:2]].cluster_name(target[2]),
+                    weight,
+                    own.request_headers,
+                    own.response_headers,
+                    own.rewrite.hostname if own.rewrite is not None else "",
+                )
+            )
         timeouts = as_map(rule.get("timeouts"))
         request_ms = parse_duration(timeouts.get("request"), f"{rpath}.timeouts.request", p)
         backend_ms = parse_duration(

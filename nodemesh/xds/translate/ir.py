@@ -154,8 +154,16 @@ class HeaderMutation:
 @fast_init
 @dataclass(frozen=True, slots=True)
 class Backend:
+    """One backend of a route, with the header changes of its own filters (Gateway API's
+    `backendRefs[].filters`): only the requests sent to it, and their responses, get them, after
+    the route's own (`Route.request_headers`, `Route.response_headers`, `Route.rewrite`'s
+    hostname), so that where both change a header the backend's change is the later one."""
+
     cluster: str
     weight: int = 1
+    request_headers: HeaderMutation | None = None
+    response_headers: HeaderMutation | None = None
+    hostname: str = ""  # the Host its request header changes set ("" for none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,10 @@ def _plain(r: ir.Route) -> bool:
     """A route that `route` turns into: match any path, send to one cluster, nothing else."""
     return (
         len(r.backends) == 1
-        and r.backends[0].cluster != ""  # a oneof member: even "" would be written
+        and (b := r.backends[0]).cluster != ""  # a oneof member: even "" would be written
+        and b.request_headers is None
+        and b.response_headers is None
+        and not b.hostname
         and not r.invalid_weight
         and (r.match is _ROUTE_DEFAULT_MATCH or r.match == _DEFAULT_MATCH)
         and r.redirect is None
@@ -289,24 +292,83 @@ def _prefix_rewrite(
         out.prefix_rewrite = new.rstrip("/") + "/"
 
 
-def _action(r: ir.Route) -> rc.RouteAction:
+def _then(
+    first: ir.HeaderMutation | None, then: ir.HeaderMutation | None
+) -> ir.HeaderMutation | None:
+    """`first`'s header changes and then `then`'s, as one list of changes, which Envoy applies
+    removals first and then the additions in order (`_header_options` writes sets before adds).
+    So a header that `then` sets or removes is left out of `first`'s additions (`then` would
+    overwrite or remove it), and `then`'s additions come after `first`'s, appending to them."""
+    if first is None or then is None:
+        return first if then is None else then
+    later = {name for name, _ in then.set}.union(then.remove)
+    return ir.HeaderMutation(
+        set=tuple(h for h in first.set if h[0] not in later) + then.set,
+        add=tuple(h for h in first.add if h[0] not in later) + then.add,
+        remove=first.remove + tuple(n for n in then.remove if n not in first.remove),
+    )
+
+
+def _per_backend(r: ir.Route) -> tuple[bool, bool]:
+    """Whether the route's request changes (headers and Host), and its response changes, go
+    into each of its weighted clusters, followed there by that backend's own, instead of onto
+    the route: they do where some backend has changes of its own. Gateway API applies a rule's
+    filters and then a backend's; Envoy applies a weighted cluster's changes before its
+    route's, whatever `most_specific_header_mutations_wins` says (that orders the route,
+    virtual host and route configuration levels only; so in Envoy 1.40). Left on the route,
+    the rule's `set` would overwrite the backend's and its `remove` take out what the backend
+    added."""
+    request = response = False
+    for b in r.backends:
+        request = request or b.request_headers is not None or bool(b.hostname)
+        response = response or b.response_headers is not None
+    return request, response
+
+
+def _cluster_weight(
+    out: rc.WeightedCluster.ClusterWeight,
+    r: ir.Route,
+    b: ir.Backend | None,
+    request: bool,
+    response: bool,
+) -> None:
+    """The header changes of one weighted cluster: the route's then backend `b`'s (None: the
+    share of invalid backends, answered by Envoy itself, which gets the route's only)."""
+    if request:
+        mutation = _then(r.request_headers, b.request_headers if b else None)
+        if mutation is not None:
+            out.request_headers_to_add.extend(_header_options(mutation))
+            out.request_headers_to_remove.extend(mutation.remove)
+        if b is not None:  # the invalid share reaches no backend: no Host to rewrite
+            host = b.hostname or (r.rewrite.hostname if r.rewrite is not None else "")
+            if host:
+                out.host_rewrite_literal = host
+    if response:
+        mutation = _then(r.response_headers, b.response_headers if b else None)
+        if mutation is not None:
+            out.response_headers_to_add.extend(_header_options(mutation))
+            out.response_headers_to_remove.extend(mutation.remove)
+
+
+def _action(r: ir.Route, request: bool = False, response: bool = False) -> rc.RouteAction:
+    """`request`, `response`: see `_per_backend`."""
     out = rc.RouteAction()
-    if len(r.backends) == 1 and not r.invalid_weight:
+    if len(r.backends) == 1 and not r.invalid_weight and not (request or response):
         out.cluster = r.backends[0].cluster
     else:
-        out.weighted_clusters.clusters.extend(
-            rc.WeightedCluster.ClusterWeight(name=b.cluster, weight=uint32(b.weight))
-            for b in r.backends
-        )
+        for b in r.backends:
+            cluster = out.weighted_clusters.clusters.add(name=b.cluster, weight=uint32(b.weight))
+            _cluster_weight(cluster, r, b, request, response)
         if r.invalid_weight:
-            out.weighted_clusters.clusters.add(
+            cluster = out.weighted_clusters.clusters.add(
                 name=INVALID_BACKEND, weight=uint32(r.invalid_weight)
             )
+            _cluster_weight(cluster, r, None, request, response)
             out.cluster_not_found_response_code = _NOT_FOUND_CODES.get(
                 r.direct_status, rc.RouteAction.INTERNAL_SERVER_ERROR
             )
     if r.rewrite is not None:
-        if r.rewrite.hostname:
+        if r.rewrite.hostname and not request:
             out.host_rewrite_literal = r.rewrite.hostname
         if r.rewrite.full_path is not None:
             out.regex_rewrite.pattern.regex = "^/.*$"
@@ -331,16 +393,18 @@ def _action(r: ir.Route) -> rc.RouteAction:
 
 def route(r: ir.Route) -> rc.Route:
     out = rc.Route(name=r.name, match=_match(r.match))
+    request = response = False  # the route's header changes are in its weighted clusters
     if r.redirect is not None:
         out.redirect.CopyFrom(_redirect(r.redirect, r.match))
     elif not r.backends:
         out.direct_response.status = r.direct_status
     else:
-        out.route.CopyFrom(_action(r))
-    if r.request_headers is not None:
+        request, response = _per_backend(r)
+        out.route.CopyFrom(_action(r, request, response))
+    if r.request_headers is not None and not request:
         out.request_headers_to_add.extend(_header_options(r.request_headers))
         out.request_headers_to_remove.extend(r.request_headers.remove)
-    if r.response_headers is not None:
+    if r.response_headers is not None and not response:
         out.response_headers_to_add.extend(_header_options(r.response_headers))
         out.response_headers_to_remove.extend(r.response_headers.remove)
     if r.fault is not None:
