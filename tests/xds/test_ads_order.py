@@ -457,3 +457,54 @@ async def test_routes_wait_for_one_cds_answer_at_most(
     assert cds.type_url == types.CLUSTER and "x" not in cds.names
     assert cds.removed == (("x",) if mode == "delta" else ())
     assert rds.type_url == types.ROUTE and rds.route_clusters() == ["y"]
+
+
+async def test_a_warming_cluster_gets_its_endpoints_while_newer_clusters_wait(
+    control_plane: ControlPlane, channel: grpc.aio.Channel, mode: str
+) -> None:
+    """Envoy answers a CDS response once its new clusters have warmed, and a cluster warms on
+    its endpoints, which Envoy asks for after the cluster came. Clusters that change before
+    that request must not hold the endpoints back: their CDS response waits for the answer,
+    the answer waited for the endpoints, and Envoy was left to give up after the cluster's
+    initial_fetch_timeout (15 s), routes waiting all that time."""
+    cache = control_plane.cache
+    cache.set_snapshot("n", snap({"a": 1}))
+    c = Client(channel, mode)
+    await c.settle(await c.start())
+
+    cache.set_snapshot("n", snap({"a": 1, "x": 1}, [("/", "a"), ("/x", "x")]))
+    (cds_x,) = await c.probe()  # left unanswered: x warms
+    cache.set_snapshot("n", snap({"a": 1, "x": 1, "y": 1}, [("/x", "x"), ("/y", "y")]))
+    await c.subscribe(types.ENDPOINT, "x")  # Envoy asks for x's endpoints as x warms
+    (eds_x,) = await c.probe()
+    assert eds_x.type_url == types.ENDPOINT and "x" in eds_x.names
+    await c.ack(eds_x)
+
+    await c.ack(cds_x)  # x warmed: Envoy answers
+    cds_y, rds = await c.probe()
+    assert cds_y.type_url == types.CLUSTER and "y" in cds_y.names
+    assert rds.type_url == types.ROUTE and rds.route_clusters() == ["x", "y"]
+
+
+async def test_a_changed_cluster_gets_its_endpoints_again_while_newer_clusters_wait(
+    control_plane: ControlPlane, channel: grpc.aio.Channel, mode: str
+) -> None:
+    """Cluster a changes while an EDS response is unanswered, so a's endpoints are resent with
+    the client's next EDS request (a re-warms on them). Clusters that changed since must not
+    hold that resend back: a would warm only at its initial_fetch_timeout, and only then
+    would Envoy answer a's CDS response."""
+    cache = control_plane.cache
+    cache.set_snapshot("n", snap({"a": 1}))
+    c = Client(channel, mode)
+    await c.settle(await c.start())
+
+    cache.set_snapshot("n", snap({"a": 1}, port=81))
+    (eds,) = await c.probe()  # left unanswered
+    cache.set_snapshot("n", snap({"a": 2}, port=81))
+    (cds_a,) = await c.probe()  # left unanswered: a re-warms
+    cache.set_snapshot("n", snap({"a": 2, "y": 1}, port=81))
+    assert await c.probe() == []
+    await c.ack(eds)
+    assert await c.probe() == []  # unchanged endpoints are ACKed and left out
+    resent = c.last[types.ENDPOINT]
+    assert resent.nonce != eds.nonce and resent.names == ["a"], "a's endpoints, for a to warm"

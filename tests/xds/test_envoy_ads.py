@@ -457,3 +457,28 @@ async def test_a_route_to_a_new_cluster_never_answers_503_while_it_is_applied(
     assert Counter(status for status, _ in seen) == {200: len(seen)}, Counter(seen)
     assert {body for _, body in seen} == {"a", "b"}
     await eventually(lambda: all_acked(control_plane, "n", s2), what="every type ACKed")
+
+
+async def test_a_new_cluster_warms_at_once_when_more_clusters_follow_it(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    """Cluster b and a route to it come, and cluster c before Envoy asks for b's endpoints (two
+    rebuilds within one CDS round trip, as a burst of new Services gives on a big mesh). b's
+    endpoints were held behind c, c behind Envoy's answer to b, which Envoy sends only once b
+    has warmed: b and the route waited for b's initial fetch timeout (60 s here, 15 s by
+    default)."""
+    a, b = await backends("a"), await backends("b")
+    listen = free_port()
+    s1 = snap(*base(listen, a.port, R.routes("web-routes", ("/", "a"))))
+    await serving(control_plane, start_envoy, s1, mode)
+    with_b = [
+        *base(listen, a.port, R.routes("web-routes", ("/", "b"))),
+        R.eds_cluster("b"),
+        R.endpoints("b", b.port),
+    ]
+    s3 = snap(*with_b, R.eds_cluster("c"), R.endpoints("c", a.port))
+    control_plane.cache.set_snapshot("n", snap(*with_b))
+    control_plane.cache.set_snapshot("n", s3)
+    url = f"http://127.0.0.1:{listen}/x"
+    await eventually(lambda: body_of(url) == "b", timeout=10, what="the route to b")
+    await eventually(lambda: all_acked(control_plane, "n", s3), what="every type ACKed")

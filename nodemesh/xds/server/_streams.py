@@ -98,8 +98,8 @@ class _Stream:
         return str(self._nonce)
 
     # -- make before break ------------------------------------------------------------------
-    def _hold_back(self, type_url: str) -> bool:
-        """Whether a watch answer of `type_url` must not be sent yet; if so, the type waits and
+    def _hold_back(self, resp: WatchResponse | DeltaWatchResponse) -> bool:
+        """Whether the watch answer `resp` must not be sent yet; if so, its type waits and
         `_release` opens its watch again (the answer is computed again then, from the snapshot
         of that moment).
 
@@ -109,10 +109,21 @@ class _Stream:
         carried the Clusters of the snapshot they were held at lets them pass, even if newer
         Clusters were sent since (they follow those, but do not wait for their answer), so
         Clusters that keep changing cannot hold routes back for good. A NACK is an answer: the
-        client keeps its last good Clusters, and routes go on without the rejected ones."""
+        client keeps its last good Clusters, and routes go on without the rejected ones.
+
+        Endpoints the client waits for (a new cluster's, a changed cluster's resent) are not
+        held behind newer Clusters: the cluster warms on them, and the client answers the CDS
+        response the newer Clusters wait for only once it has warmed."""
+        type_url = resp.type_url
         if type_url not in _AFTER_CLUSTERS or not self._speaks_clusters():
             return False
         behind = self._clusters_behind()
+        if behind and type_url == types.ENDPOINT and self._endpoints_awaited(resp):
+            # Held, they would wait for an answer that waits for them, until the cluster's
+            # initial_fetch_timeout (15 s) warms it without them. The endpoints of other
+            # clusters they carry may reach the Clusters of before: those are resent with
+            # their CDS response.
+            behind = False
         if not behind and (
             type_url not in _AFTER_CLUSTERS_ANSWERED
             or self._waiting.get(type_url) == _PASSED
@@ -165,6 +176,11 @@ class _Stream:
 
     def _last_clusters_nonce(self) -> int:
         """The nonce of the last CDS response."""
+        raise NotImplementedError
+
+    def _endpoints_awaited(self, resp: WatchResponse | DeltaWatchResponse) -> bool:
+        """The EDS answer `resp` carries endpoints the client asked for and does not hold (a
+        new cluster's), or that it was made to forget (a changed cluster's, resent)."""
         raise NotImplementedError
 
     def _watch_open(self, type_url: str) -> bool:
@@ -314,7 +330,7 @@ class SotwStream(_Stream):
         def respond(resp: WatchResponse) -> None:
             answered.append(True)
             st.cancel = None
-            if not self._hold_back(type_url):
+            if not self._hold_back(resp):
                 self._respond(st, resp)
 
         cancel = self.watcher.create_watch(request, respond)
@@ -371,6 +387,16 @@ class SotwStream(_Stream):
 
     def _last_clusters_nonce(self) -> int:
         return int(self.types[types.CLUSTER].nonce or 0)
+
+    def _endpoints_awaited(self, resp: WatchResponse | DeltaWatchResponse) -> bool:
+        # force: the subscription changed (a new cluster's name), or changed clusters' endpoints
+        # are resent
+        eds = self.types[types.ENDPOINT]
+        if eds.force:
+            return True
+        return isinstance(resp, WatchResponse) and any(
+            r.name not in eds.sent for r in resp.resources
+        )
 
     def _watch_open(self, type_url: str) -> bool:
         st = self.types.get(type_url)
@@ -595,7 +621,7 @@ class DeltaStream(_Stream):
         def respond(resp: DeltaWatchResponse) -> None:
             answered.append(True)
             st.cancel = None
-            if not self._hold_back(type_url):
+            if not self._hold_back(resp):
                 self._respond(st, resp)
 
         cancel = self.watcher.create_delta_watch(request, respond)
@@ -664,6 +690,14 @@ class DeltaStream(_Stream):
     def _last_clusters_nonce(self) -> int:
         pending = self.types[types.CLUSTER].pending
         return int(next(reversed(pending))) if pending else 0
+
+    def _endpoints_awaited(self, resp: WatchResponse | DeltaWatchResponse) -> bool:
+        if not isinstance(resp, DeltaWatchResponse):
+            return False
+        view = self._view(self.types[types.ENDPOINT])  # _WANTED: asked for, or to be resent
+        return any(view.get(r.name, _WANTED) == _WANTED for r in resp.updated) or any(
+            view.get(n) == _WANTED for n in resp.removed
+        )
 
     def _watch_open(self, type_url: str) -> bool:
         st = self.types.get(type_url)
