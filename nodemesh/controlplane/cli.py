@@ -70,6 +70,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="label selector of the Nodes that run nodemesh (default: every Node); only they "
         "get a service map and count for Programmed",
     )
+    parser.add_argument(
+        "--access-log",
+        default="",
+        metavar="PATH",
+        help="file each node Envoy writes a JSON line per request to, e.g. /dev/stdout "
+        "(default: none)",
+    )
     parser.add_argument("--poll-interval", type=float, default=0.2, help="files mode poll, s")
     parser.add_argument(
         "--drain-seconds",
@@ -95,6 +102,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         outbound_address=out_host,
         outbound_port=out_port,
         node_selector=args.node_selector,
+        access_log=args.access_log,
     )
     status = StatusServer(pipeline)
     files: FilesSource | None = None

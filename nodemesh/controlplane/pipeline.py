@@ -3,7 +3,7 @@
 Public surface (used by the files source, the kopf operator and the HTTP status listener):
 
 - `Pipeline(store, cache, status=None, *, debounce=0.05, outbound_address, outbound_port,
-  node_selector)`.
+  node_selector, access_log)`.
   `await pipeline.start()` subscribes to the store (writes from any thread are fine) and to the
   ADS status tracker, then rebuilds once; `await pipeline.stop()` undoes it. Store changes are
   debounced: a burst of writes within `debounce` seconds gives one rebuild.
@@ -141,6 +141,7 @@ class Pipeline:
         outbound_address: str = "0.0.0.0",
         outbound_port: int = 15001,
         node_selector: LabelSelector | None = None,
+        access_log: str = "",
     ) -> None:
         self.store = store
         self.cache = cache
@@ -149,6 +150,7 @@ class Pipeline:
         self.outbound_address = outbound_address
         self.outbound_port = outbound_port
         self.node_selector = node_selector  # the Nodes that run nodemesh (None: every Node)
+        self.access_log = access_log  # where node Envoys log each request ("": nowhere)
         self.translator = Translator()
         self._memo = BuildMemo()
         self.built_revision = -1
@@ -330,6 +332,7 @@ class Pipeline:
                     outbound_address=self.outbound_address,
                     outbound_port=self.outbound_port,
                     node_selector=self.node_selector,
+                    access_log=self.access_log,
                     memo=self._memo,
                 )
                 translation = self.translator.translate(result.mesh)

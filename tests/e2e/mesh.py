@@ -162,7 +162,7 @@ class Reply:
 class Mesh:
     """Control plane + one node Envoy. `apply()` objects, `await converge()`, then `get()`."""
 
-    def __init__(self, envoy_binary: str) -> None:
+    def __init__(self, envoy_binary: str, access_log: str = "") -> None:
         self.store = Store()
         self.cache = SnapshotCache()
         self.server = AdsServer(self.cache)
@@ -170,6 +170,7 @@ class Mesh:
         self.pipeline = Pipeline(
             self.store, self.cache, self.server.status, debounce=0.01,
             outbound_address="127.0.0.1", outbound_port=self.outbound_port,
+            access_log=access_log,
         )  # fmt: skip
         self.envoy_binary = envoy_binary
         self.envoy: EnvoyProcess | None = None

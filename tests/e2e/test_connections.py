@@ -1,13 +1,18 @@
 """What the node Envoy leaves to the application, as it is without a mesh: WebSocket upgrades,
 responses and connections that take as long as they take (Envoy's own defaults would refuse
-the one and cut the others at 15 s), the backend's Server header, and HTTP/1.0 requests."""
+the one and cut the others at 15 s), the backend's Server header, and HTTP/1.0 requests; and
+the access log an operator can turn on."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from pathlib import Path
 
 import pytest
 
+from nodemesh.envoy import find_envoy
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import Mesh, endpoint_slice, service
 from tests.e2e.objects import http_route, to
@@ -78,3 +83,43 @@ async def test_an_http_1_0_request_is_answered(mesh: Mesh, backends: Backends) -
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.") and status_line.split()[1] == b"200", answer
     assert rest.endswith(b"old\n") and backend.seen[-1].path == "/legacy"
+
+
+async def test_the_access_log_says_where_each_request_went(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """`--access-log PATH`: one JSON line per request, with its route, the cluster and host
+    that answered, its status and how many tries it took (here a retry that turned a 503 into
+    a 200)."""
+    binary = find_envoy()
+    assert binary is not None  # the module's `mesh` fixture needed it already
+    log = tmp_path / "access.log"
+    logged = Mesh(binary, access_log=str(log))
+    flaky = await backends.get("logged")
+    try:
+        await logged.start()
+        logged.apply(
+            service("logged"),
+            endpoint_slice("logged", flaky.port),
+            http_route("logged", "logged", [
+                {"backendRefs": [to("logged")], "retry": {"codes": [503], "attempts": 2}},
+            ]),
+        )  # fmt: skip
+        await logged.converge()
+        flaky.fail_next(1, 503)
+        reply = await logged.get("logged.shop", "/orders?id=7")
+        assert reply.status == 200
+        deadline = time.monotonic() + 10  # Envoy flushes its access log every second
+        while not (log.exists() and log.read_text().strip()):
+            assert time.monotonic() < deadline, "no access log line"
+            await asyncio.sleep(0.1)
+        (line,) = log.read_text().splitlines()
+        entry = json.loads(line)
+        assert entry["method"] == "GET" and entry["path"] == "/orders?id=7"
+        assert entry["authority"] == "logged.shop" and entry["response_code"] == 200
+        assert entry["route_name"] == "HTTPRoute/shop/logged/rule-0/0"
+        assert entry["upstream_cluster"] == "shop/logged:80"
+        assert entry["upstream_host"] == f"127.0.0.1:{flaky.port}"
+        assert entry["attempts"] == 2 and entry["request_id"]
+    finally:
+        await logged.stop()

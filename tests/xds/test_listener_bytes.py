@@ -35,7 +35,15 @@ _consumers = st.lists(
 
 
 @settings(max_examples=300)
-@given(_text, _text | st.ip_addresses().map(str), _ports, _text, _destinations, _consumers)
+@given(
+    _text,
+    _text | st.ip_addresses().map(str),
+    _ports,
+    _text,
+    _destinations,
+    _consumers,
+    st.sampled_from(["", "/dev/stdout"]) | _text,  # the access log's path
+)
 def test_outbound_listener_bytes_equal_protobuf(
     name: str,
     address: str,
@@ -43,6 +51,7 @@ def test_outbound_listener_bytes_equal_protobuf(
     route_config: str,
     destinations: list[tuple[str, int, str]],
     consumers: list[ConsumerChain],
+    access_log: str,
 ) -> None:
     if not 0 <= port <= 0xFFFF_FFFF:
         consumers = []  # a consumer chain matches on the listener's port: uint32
@@ -52,8 +61,12 @@ def test_outbound_listener_bytes_equal_protobuf(
         else c._replace(destination=None)
         for c in consumers
     ]
-    message = outbound_listener(name, address, port, route_config, destinations, consumers)
-    encoded = outbound_listener_bytes(name, address, port, route_config, destinations, consumers)
+    message = outbound_listener(
+        name, address, port, route_config, destinations, consumers, access_log
+    )
+    encoded = outbound_listener_bytes(
+        name, address, port, route_config, destinations, consumers, access_log
+    )
     assert encoded == message.SerializeToString(deterministic=True)
     routes = outbound_listener_routes(route_config, destinations)
     assert routes == tuple(sorted(_route_names([Resource.from_message(message)])))

@@ -44,13 +44,17 @@ def build(
     outbound_address: str = "0.0.0.0",
     outbound_port: int = 15001,
     node_selector: LabelSelector | None = None,
+    access_log: str = "",
     memo: BuildMemo | None = None,
 ) -> BuildResult:
     """`node_selector`: the Node objects that run nodemesh (None: all). Only they get a
-    `NodeInfo` (their agents' service maps) and count for `Programmed`."""
+    `NodeInfo` (their agents' service maps) and count for `Programmed`. `access_log`: the file
+    node Envoys write a JSON line per request to ("": none)."""
     memo = memo if memo is not None else BuildMemo()
     try:
-        return memo.engine.build(objects, outbound_address, outbound_port, node_selector)
+        return memo.engine.build(
+            objects, outbound_address, outbound_port, node_selector, access_log
+        )
     except BaseException:
         memo.reset()  # half-updated state must not leak into the next build
         raise

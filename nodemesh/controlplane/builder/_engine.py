@@ -425,6 +425,7 @@ class Engine:
         outbound_address: str,
         outbound_port: int,
         node_selector: LabelSelector | None = None,
+        access_log: str = "",
     ) -> BuildResult:
         current = self._current(objects)
         changed = self._changed(objects, current)
@@ -526,6 +527,7 @@ class Engine:
             socket_redirect=socket_redirect,
             outbound_address=outbound_address,
             outbound_port=outbound_port,
+            access_log=access_log,
         )
         last = self.mesh
         if last is not None and all(
@@ -540,7 +542,11 @@ class Engine:
                 "socket_redirect",
             )
         ):
-            if (last.outbound_address, last.outbound_port) == (outbound_address, outbound_port):
+            if (last.outbound_address, last.outbound_port, last.access_log) == (
+                outbound_address,
+                outbound_port,
+                access_log,
+            ):
                 mesh = last
         self.mesh = mesh
         return BuildResult(mesh, dict(self.conditions))

@@ -252,6 +252,7 @@ def _listener(
         mesh.route_config_name,
         destinations,
         consumers,
+        mesh.access_log,
     )
     return listener
 
@@ -287,6 +288,7 @@ def _listener_parts(mesh: ir.Mesh, destinations: tuple[Destination, ...]) -> _Li
         mesh.outbound_port,
         mesh.route_config_name,
         destinations,
+        mesh.access_log,
     )
     references = outbound_listener_routes(mesh.route_config_name, destinations)
     resource = Resource.from_payload(
@@ -312,7 +314,7 @@ def _node_listener(
         b = made.get(c)
         if b is None:
             b = made[c] = consumer_chains_bytes(
-                LISTENER_NAME, mesh.outbound_port, mesh.route_config_name, (c,)
+                LISTENER_NAME, mesh.outbound_port, mesh.route_config_name, (c,), mesh.access_log
             )
         pieces.append(b)
     mine = b"".join(pieces)
@@ -461,7 +463,7 @@ class Translator:
         self._vhosts: _Memo[str, ir.VirtualHost, tuple[bytes, bytes]] = _Memo(_vhost_bytes)
         self._route: tuple[str, tuple[ir.VirtualHost, ...], Resource] | None = None
         self._listener: (
-            tuple[tuple[str, int, str, tuple[Destination, ...]], _ListenerParts] | None
+            tuple[tuple[str, int, str, str, tuple[Destination, ...]], _ListenerParts] | None
         ) = None
         # the nodes' own listeners: (what they were made from, by node, their origins, their
         # parts per namespace)
@@ -479,7 +481,7 @@ class Translator:
         ) = None
         self._node_chains: dict[str, tuple[tuple[ConsumerChain, ...], tuple[Resource, ...]]] = {}
         self._chain_bytes: dict[ConsumerChain, bytes] = {}
-        self._chain_bytes_key: tuple[int, str] | None = None
+        self._chain_bytes_key: tuple[int, str, str] | None = None
         # (what they were made from, consumer_destinations, consumer_origins)
         self._consumer_routes: tuple[
             tuple[object, ...], Mapping[str, list[Destination]], Mapping[str, Origins]
@@ -515,7 +517,13 @@ class Translator:
         prev = self._destinations
         (destinations, dest_vhosts), dest_routes = self._destination_resources(mesh)
         same_destinations = prev is not None and prev[1][1] is dest_vhosts
-        key = (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name, destinations)
+        key = (
+            mesh.outbound_address,
+            mesh.outbound_port,
+            mesh.route_config_name,
+            mesh.access_log,
+            destinations,
+        )
         if self._listener is None or self._listener[0] != key:
             self._listener = (key, _listener_parts(mesh, destinations))
         listener = self._listener[1]
@@ -633,7 +641,7 @@ class Translator:
         _, overridden, by_namespace = self._consumer_routes
         chains = _chains_per_node(mesh.consumers, overridden)
         # a chain's bytes depend on the listener port and route configuration name too
-        bytes_key = (mesh.outbound_port, mesh.route_config_name)
+        bytes_key = (mesh.outbound_port, mesh.route_config_name, mesh.access_log)
         if self._chain_bytes_key != bytes_key:
             self._chain_bytes, self._chain_bytes_key = {}, bytes_key
         made = dict(self._chain_bytes)

@@ -318,4 +318,5 @@ class Mesh:
     socket_redirect: tuple[SocketRedirectPods, ...] = ()
     outbound_address: str = "0.0.0.0"
     outbound_port: int = 15001
+    access_log: str = ""  # the file node Envoys write a JSON line per request to ("": none)
     route_config_name: str = "outbound"

@@ -9,10 +9,12 @@ Connections made to the listener directly fall to the default chain, routed by H
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
@@ -24,6 +26,7 @@ from envoy.config.core.v3 import (
 )
 from envoy.config.listener.v3 import listener_components_pb2 as lc_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
@@ -31,7 +34,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
-from google.protobuf import duration_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 
 from nodemesh.xds._wire import any_bytes
 from nodemesh.xds.translate._encode import LEN, VARINT, tag, varint
@@ -79,7 +82,7 @@ def _cidr(ip: str) -> address_pb2.CidrRange:
 
 
 def consumer_chain(
-    stat_prefix: str, port: int, route_config: str, chain: ConsumerChain
+    stat_prefix: str, port: int, route_config: str, chain: ConsumerChain, access_log: str = ""
 ) -> lc_pb2.FilterChain:
     match = lc_pb2.FilterChainMatch(source_prefix_ranges=[_cidr(chain.source)])
     if chain.destination is None:
@@ -107,20 +110,24 @@ def consumer_chain(
         filter_chain_match=match,
         filters=[
             lc_pb2.Filter(name="envoy.filters.network.set_filter_state", typed_config=any_of(mark)),
-            _hcm_filter(stat_prefix, rc_name),
+            _hcm_filter(stat_prefix, rc_name, access_log),
         ],
     )
 
 
 def consumer_chains_bytes(
-    stat_prefix: str, port: int, route_config: str, chains: Sequence[ConsumerChain]
+    stat_prefix: str,
+    port: int,
+    route_config: str,
+    chains: Sequence[ConsumerChain],
+    access_log: str = "",
 ) -> bytes:
     """The `filter_chains` entries of `chains`, as they follow the destinations' in the
     serialized listener (a few per node: made through protobuf)."""
     return b"".join(
         _field(
             _L_FILTER_CHAINS,
-            consumer_chain(stat_prefix, port, route_config, c).SerializeToString(
+            consumer_chain(stat_prefix, port, route_config, c, access_log).SerializeToString(
                 deterministic=True
             ),
         )
@@ -135,7 +142,10 @@ def outbound_listener(
     route_config: str,
     destinations: Sequence[Destination] = (),
     consumers: Sequence[ConsumerChain] = (),
+    access_log: str = "",
 ) -> listener_pb2.Listener:
+    """`access_log`: the file every connection manager writes a JSON line per request to
+    ("": none)."""
     chains = []
     for ip, dport, rc_name in destinations:
         cidr = ipaddress.ip_address(ip)
@@ -151,10 +161,10 @@ def outbound_listener(
                         )
                     ],
                 ),
-                filters=[_hcm_filter(name, rc_name)],
+                filters=[_hcm_filter(name, rc_name, access_log)],
             )
         )
-    chains += [consumer_chain(name, port, route_config, c) for c in consumers]
+    chains += [consumer_chain(name, port, route_config, c, access_log) for c in consumers]
     return listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(
@@ -168,7 +178,7 @@ def outbound_listener(
         ],
         filter_chains=chains,
         default_filter_chain=lc_pb2.FilterChain(
-            name="by-host", filters=[_hcm_filter(name, route_config)]
+            name="by-host", filters=[_hcm_filter(name, route_config, access_log)]
         ),
     )
 
@@ -197,7 +207,42 @@ _NO_STREAM_IDLE_TIMEOUT = duration_pb2.Duration()
 _SERVER_HEADER = hcm_pb2.HttpConnectionManager.PASS_THROUGH
 
 
-def _hcm_filter(stat_prefix: str, route_config: str) -> lc_pb2.Filter:
+# One JSON line per request: what an operator asks of a request that went wrong (where it was
+# routed, what answered, Envoy's response flags such as UF, UH, NR or URX, how many tries).
+ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "response_code": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "route_name": "%ROUTE_NAME%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "duration_ms": "%DURATION%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _access_logs(path: str) -> tuple[accesslog_pb2.AccessLog, ...]:
+    if not path:
+        return ()
+    json_format = struct_pb2.Struct()
+    json_format.update(ACCESS_LOG_FORMAT)
+    config = file_pb2.FileAccessLog(
+        path=path,
+        log_format=substitution_format_pb2.SubstitutionFormatString(json_format=json_format),
+    )
+    return (accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=any_of(config)),)
+
+
+def _hcm_filter(stat_prefix: str, route_config: str, access_log: str = "") -> lc_pb2.Filter:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -207,6 +252,7 @@ def _hcm_filter(stat_prefix: str, route_config: str) -> lc_pb2.Filter:
         stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
         server_header_transformation=_SERVER_HEADER,
         http_protocol_options=_HTTP1,
+        access_log=_access_logs(access_log),
     )
     return lc_pb2.Filter(
         name="envoy.filters.network.http_connection_manager", typed_config=any_of(hcm)
@@ -243,14 +289,20 @@ _RDS_CONFIG_SOURCE = _field(
 _RDS_NAME = tag(hcm_pb2.Rds, "route_config_name", LEN)
 _HCM_NAME = "envoy.filters.network.http_connection_manager"
 _HCM_TYPE_URL = any_of(_HCM()).type_url
-# The fields after `rds` in every connection manager.
-_HCM_TAIL = _HCM(
-    http_filters=_HTTP_FILTERS,
-    upgrade_configs=_UPGRADES,
-    stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
-    server_header_transformation=_SERVER_HEADER,
-    http_protocol_options=_HTTP1,
-).SerializeToString(deterministic=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _hcm_tail(access_log: str) -> bytes:
+    """The fields after `rds` in every connection manager."""
+    tail: bytes = _HCM(
+        http_filters=_HTTP_FILTERS,
+        upgrade_configs=_UPGRADES,
+        stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
+        server_header_transformation=_SERVER_HEADER,
+        http_protocol_options=_HTTP1,
+        access_log=_access_logs(access_log),
+    ).SerializeToString(deterministic=True)
+    return tail
 
 
 def _numbers(message: type, *names: str) -> list[int]:
@@ -278,6 +330,7 @@ assert _numbers(_HCM, "rds")[0] < min(
         "stream_idle_timeout",
         "server_header_transformation",
         "http_protocol_options",
+        "access_log",
     )
 )
 assert _numbers(hcm_pb2.Rds, "config_source") < _numbers(hcm_pb2.Rds, "route_config_name")
@@ -290,12 +343,12 @@ def _uint32_value(tag_bytes: bytes, value: int) -> bytes:
     return tag_bytes + varint(len(inner)) + inner
 
 
-def _hcm_filter_bytes(hcm_head: bytes, route_config: str) -> bytes:
+def _hcm_filter_bytes(hcm_head: bytes, route_config: str, access_log: str = "") -> bytes:
     """`_hcm_filter(stat_prefix, route_config)` serialized, from the connection manager's fields
     before `rds` (`hcm_head`)."""
     name = route_config.encode()
     rds = _RDS_CONFIG_SOURCE + (_field(_RDS_NAME, name) if name else b"")
-    hcm = hcm_head + _field(_HCM_RDS, rds) + _HCM_TAIL
+    hcm = hcm_head + _field(_HCM_RDS, rds) + _hcm_tail(access_log)
     return _field(_F_NAME, _HCM_NAME.encode()) + _field(
         _F_TYPED_CONFIG, any_bytes(_HCM_TYPE_URL, hcm)
     )
@@ -308,11 +361,14 @@ def outbound_listener_bytes(
     route_config: str,
     destinations: Sequence[Destination] = (),
     consumers: Sequence[ConsumerChain] = (),
+    access_log: str = "",
 ) -> bytes:
     """`outbound_listener(...)` serialized deterministically; its filter chains encoded here."""
-    head, chains, tail = outbound_listener_parts(name, address, port, route_config, destinations)
+    head, chains, tail = outbound_listener_parts(
+        name, address, port, route_config, destinations, access_log
+    )
     if consumers:
-        chains += consumer_chains_bytes(name, port, route_config, consumers)
+        chains += consumer_chains_bytes(name, port, route_config, consumers, access_log)
     return head + chains + tail
 
 
@@ -322,6 +378,7 @@ def outbound_listener_parts(
     port: int,
     route_config: str,
     destinations: Sequence[Destination] = (),
+    access_log: str = "",
 ) -> tuple[bytes, bytes, bytes]:
     """`outbound_listener_bytes(...)` without consumers, in three parts: what precedes the
     filter chains, the destinations' chains, what follows (consumer chains go between the
@@ -329,10 +386,10 @@ def outbound_listener_parts(
     if not all(0 <= dport <= 0xFFFF_FFFF for _, dport, _ in destinations):
         # Out of range for uint32: let protobuf raise what it raises.
         out: bytes = outbound_listener(
-            name, address, port, route_config, destinations
+            name, address, port, route_config, destinations, access_log=access_log
         ).SerializeToString(deterministic=True)
         return out, b"", b""
-    full = outbound_listener(name, address, port, route_config)  # no filter chains
+    full = outbound_listener(name, address, port, route_config, access_log=access_log)
     head: bytes = _L(name=full.name, address=full.address).SerializeToString(deterministic=True)
     tail: bytes = _L(
         listener_filters=full.listener_filters, default_filter_chain=full.default_filter_chain
@@ -346,7 +403,7 @@ def outbound_listener_parts(
         match = _field(_FCM_PREFIX_RANGES, cidr_range) + _uint32_value(_FCM_DESTINATION_PORT, dport)
         chain = (
             _field(_FC_MATCH, match)
-            + _field(_FC_FILTERS, _hcm_filter_bytes(hcm_head, rc_name))
+            + _field(_FC_FILTERS, _hcm_filter_bytes(hcm_head, rc_name, access_log))
             + _field(_FC_NAME, f"{ip}:{dport}".encode())
         )
         chains.append(_field(_L_FILTER_CHAINS, chain))
