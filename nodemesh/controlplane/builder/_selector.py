@@ -84,9 +84,11 @@ def _requirement(part: str) -> Test | None:
     m = _SET.fullmatch(part)
     if m is not None:
         key, op, listed = m.groups()
+        # "()" is the set of the empty value, as kubectl reads it: `zone in ()` holds for a
+        # label `zone: ""` only (apimachinery's labels parser, "handles \"()\"")
         values = frozenset(v.strip() for v in listed.split(","))
-        if not listed.strip() or not all(_VALUE_ONLY.fullmatch(v) for v in values):
-            return None  # (kubectl refuses an empty set too)
+        if not all(_VALUE_ONLY.fullmatch(v) for v in values):
+            return None
         if op == "notin":
             return lambda labels: labels.get(key) not in values
         return lambda labels: labels.get(key) in values
