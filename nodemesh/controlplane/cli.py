@@ -74,8 +74,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--access-log",
         default="",
         metavar="PATH",
-        help="file each node Envoy writes a JSON line per request to, e.g. /dev/stdout "
-        "(default: none)",
+        help="'stdout' (each node Envoy's standard output) or a file on the node: where node "
+        "Envoys write a JSON line per request (default: none)",
     )
     parser.add_argument("--poll-interval", type=float, default=0.2, help="files mode poll, s")
     parser.add_argument(

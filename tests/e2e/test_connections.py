@@ -124,3 +124,19 @@ async def test_the_access_log_says_where_each_request_went(
         assert entry["attempts"] == 2 and entry["request_id"]
     finally:
         await logged.stop()
+
+
+async def test_an_access_log_to_envoys_standard_output_is_taken(backends: Backends) -> None:
+    """`--access-log stdout`: Envoy's own standard output, which a node Envoy always has (a
+    file path is opened on the node, and a Listener naming one it cannot open is refused)."""
+    binary = find_envoy()
+    assert binary is not None
+    logged = Mesh(binary, access_log="stdout")
+    backend = await backends.get("stdout-logged")
+    try:
+        await logged.start()
+        logged.apply(service("stdoutlog"), endpoint_slice("stdoutlog", backend.port))
+        await logged.converge()  # the node Envoy ACKed the Listener
+        assert (await logged.get("stdoutlog.shop")).status == 200
+    finally:
+        await logged.stop()

@@ -42,7 +42,7 @@ _consumers = st.lists(
     _text,
     _destinations,
     _consumers,
-    st.sampled_from(["", "/dev/stdout"]) | _text,  # the access log's path
+    st.sampled_from(["", "stdout", "/dev/stdout"]) | _text,  # the access log
 )
 def test_outbound_listener_bytes_equal_protobuf(
     name: str,

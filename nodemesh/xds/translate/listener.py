@@ -27,6 +27,7 @@ from envoy.config.core.v3 import (
 from envoy.config.listener.v3 import listener_components_pb2 as lc_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
@@ -44,6 +45,7 @@ from nodemesh.xds.translate.fault import fault_filter
 from nodemesh.xds.translate.route import CONSUMER_STATE
 
 __all__ = [
+    "ACCESS_LOG_FORMAT",
     "ConsumerChain",
     "Destination",
     "consumer_chain",
@@ -231,14 +233,19 @@ ACCESS_LOG_FORMAT = {
 
 @functools.lru_cache(maxsize=4)
 def _access_logs(path: str) -> tuple[accesslog_pb2.AccessLog, ...]:
+    """ "stdout": Envoy's standard output (nothing to open, so nothing to refuse); another
+    path: a file the node Envoy opens ("": no access log)."""
     if not path:
         return ()
     json_format = struct_pb2.Struct()
     json_format.update(ACCESS_LOG_FORMAT)
-    config = file_pb2.FileAccessLog(
-        path=path,
-        log_format=substitution_format_pb2.SubstitutionFormatString(json_format=json_format),
-    )
+    log_format = substitution_format_pb2.SubstitutionFormatString(json_format=json_format)
+    if path == "stdout":
+        out = stream_pb2.StdoutAccessLog(log_format=log_format)
+        return (
+            accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout", typed_config=any_of(out)),
+        )
+    config = file_pb2.FileAccessLog(path=path, log_format=log_format)
     return (accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=any_of(config)),)
 
 
