@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import (
@@ -249,17 +249,25 @@ def _access_logs(path: str) -> tuple[accesslog_pb2.AccessLog, ...]:
     return (accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=any_of(config)),)
 
 
+def _after_rds(access_log: str) -> dict[str, Any]:
+    """The connection manager's fields after `rds`: the same in every one (`_hcm_tail` has
+    them serialized)."""
+    return {
+        "http_filters": _HTTP_FILTERS,
+        "upgrade_configs": _UPGRADES,
+        "stream_idle_timeout": _NO_STREAM_IDLE_TIMEOUT,
+        "server_header_transformation": _SERVER_HEADER,
+        "http_protocol_options": _HTTP1,
+        "access_log": _access_logs(access_log),
+    }
+
+
 def _hcm_filter(stat_prefix: str, route_config: str, access_log: str = "") -> lc_pb2.Filter:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(route_config_name=route_config, config_source=_ADS),
-        http_filters=_HTTP_FILTERS,
-        upgrade_configs=_UPGRADES,
-        stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
-        server_header_transformation=_SERVER_HEADER,
-        http_protocol_options=_HTTP1,
-        access_log=_access_logs(access_log),
+        **_after_rds(access_log),
     )
     return lc_pb2.Filter(
         name="envoy.filters.network.http_connection_manager", typed_config=any_of(hcm)
@@ -300,15 +308,8 @@ _HCM_TYPE_URL = any_of(_HCM()).type_url
 
 @functools.lru_cache(maxsize=4)
 def _hcm_tail(access_log: str) -> bytes:
-    """The fields after `rds` in every connection manager."""
-    tail: bytes = _HCM(
-        http_filters=_HTTP_FILTERS,
-        upgrade_configs=_UPGRADES,
-        stream_idle_timeout=_NO_STREAM_IDLE_TIMEOUT,
-        server_header_transformation=_SERVER_HEADER,
-        http_protocol_options=_HTTP1,
-        access_log=_access_logs(access_log),
-    ).SerializeToString(deterministic=True)
+    """The fields after `rds` in every connection manager, serialized."""
+    tail: bytes = _HCM(**_after_rds(access_log)).SerializeToString(deterministic=True)
     return tail
 
 
@@ -329,19 +330,7 @@ assert _numbers(lc_pb2.FilterChainMatch, "prefix_ranges") < _numbers(
     lc_pb2.FilterChainMatch, "destination_port"
 )
 assert max(_numbers(_HCM, "codec_type", "stat_prefix")) < _numbers(_HCM, "rds")[0]
-assert _numbers(_HCM, "rds")[0] < min(
-    _numbers(
-        _HCM,
-        "http_filters",
-        "upgrade_configs",
-        "stream_idle_timeout",
-        "server_header_transformation",
-        "http_protocol_options",
-        "access_log",
-    )
-)
-assert _numbers(hcm_pb2.Rds, "config_source") < _numbers(hcm_pb2.Rds, "route_config_name")
-assert _HCM.AUTO == 0  # the enum default: not written
+assert _numbers(_HCM, "rds")[0] < min(_numbers(_HCM, *_after_rds("")))
 
 
 def _uint32_value(tag_bytes: bytes, value: int) -> bytes:
