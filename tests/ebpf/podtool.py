@@ -556,6 +556,19 @@ def hold(args: argparse.Namespace) -> None:
 
 def get(args: argparse.Namespace) -> None:
     host, port = _addr(args.to)
+    if args.http10:  # HTTP/1.0 without a Host header, as some health checkers send it
+        try:
+            with _connect(args.to) as s:
+                s.sendall(f"GET {args.path} HTTP/1.0\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            status = int(head.split(b"\r\n", 1)[0].split()[1])
+            _out({"status": status, "body": body.decode(errors="replace")})
+        except OSError as exc:
+            _out({"status": 0, "errno": errno.errorcode.get(exc.errno or 0, str(exc))})
+        return
     try:
         conn = http.client.HTTPConnection(host, port, timeout=20)
         conn.request("GET", args.path, headers={"host": args.host or host})
@@ -627,6 +640,7 @@ def main() -> None:
     g.add_argument("--to", required=True)
     g.add_argument("--path", default="/")
     g.add_argument("--host", default="")
+    g.add_argument("--http10", action="store_true", help="HTTP/1.0, no Host header")
     args = p.parse_args()
     {
         "serve": serve,

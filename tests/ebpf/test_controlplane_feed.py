@@ -307,6 +307,19 @@ async def test_a_port_that_is_not_http_stays_kernel_direct_next_to_a_routed_one(
     assert after["l7_redirects"] == before["l7_redirects"]
 
 
+async def test_an_http_1_0_request_without_a_host_is_routed_by_its_destination(
+    feed: Feed,
+) -> None:
+    """An HTTP/1.0 request may carry no Host (health checkers send them so): the node Envoy
+    gives it a placeholder, and a redirected connection's virtual host takes any Host, so it
+    reaches web through its route (Envoy answered 400 before)."""
+    r = await asyncio.to_thread(
+        feed.client.tool, "get", "--to", f"{VIP_L7}:80", "--path", "/old", "--http10"
+    )
+    assert r["status"] == 200, r
+    assert json.loads(r["body"])["attempt"] == 2, "web's retry (its route) did not apply"
+
+
 async def test_service_without_route_goes_kernel_direct(feed: Feed) -> None:
     listener = f"listener.{feed.lab.gateway}_{OUTBOUND_PORT}.downstream_cx_total"
     envoy_before = feed.envoy.stats("downstream_cx_total").get(listener, 0)

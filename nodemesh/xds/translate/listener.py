@@ -204,7 +204,12 @@ _HTTP_FILTERS = (
 # answered (Envoy's default refuses it with a 426; nginx's proxy_pass sends HTTP/1.0 unless
 # told otherwise).
 _UPGRADES = (hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket"),)
-_HTTP1 = protocol_pb2.Http1ProtocolOptions(accept_http_10=True)
+# An HTTP/1.0 request may carry no Host: it gets this one, which no Service has, so a direct
+# connection answers 404 (no route), and a redirected one goes to its destination's virtual
+# host, which takes any Host (Envoy refuses it with a 400 otherwise).
+_HTTP1 = protocol_pb2.Http1ProtocolOptions(
+    accept_http_10=True, default_host_for_http_10="no-host.nodemesh.invalid"
+)
 _NO_STREAM_IDLE_TIMEOUT = duration_pb2.Duration()
 _SERVER_HEADER = hcm_pb2.HttpConnectionManager.PASS_THROUGH
 
