@@ -69,6 +69,30 @@ def test_a_missing_service_keeps_its_share_and_that_share_gets_500() -> None:
     assert Translator().translate(result.mesh).snapshot().consistent() == []
 
 
+def test_a_backend_port_that_is_not_http_keeps_its_share_and_that_share_gets_500() -> None:
+    """Gateway API's UnsupportedProtocol: HTTP sent to a Postgres port would fail there, less
+    clearly (nodemesh sent it)."""
+    db = service("db", ports=[("http", 80, ""), ("sql", 5432, "postgresql")])
+    r, result = envoy_route(
+        route(
+            "HTTPRoute",
+            [{"name": "v1", "port": 80, "weight": 3}, {"name": "db", "port": 5432, "weight": 1}],
+        ),
+        db,
+    )
+    assert split(r) == [("shop/v1:80", 3), (INVALID_BACKEND, 1)]
+    assert conditions(result, "HTTPRoute") == {
+        "Accepted": ("True", "Accepted"),
+        "ResolvedRefs": ("False", "UnsupportedProtocol"),
+    }
+    (resolved,) = [
+        c
+        for c in result.conditions[ObjectKey("HTTPRoute", "shop", "r")]
+        if c.type == "ResolvedRefs"
+    ]
+    assert "Service shop/db port 5432 is not HTTP (appProtocol 'postgresql')" in resolved.message
+
+
 def test_a_service_in_another_namespace_needs_no_reference_grant() -> None:
     """GEP-1294: mesh routes reach backendRefs in any namespace without a ReferenceGrant (they
     augment Services every client can reach). nodemesh once asked for one, so the usual

@@ -105,8 +105,19 @@ def _backend(
     if not isinstance(port, int):
         refs.problems.append(("BackendNotFound", f"{path}: port is required for a Service"))
         return None
-    if svc.port(port) is None:
+    sp = svc.port(port)
+    if sp is None:
         refs.problems.append(("BackendNotFound", f"{path}: Service {ns}/{name} has no port {port}"))
+        return None
+    if sp.not_http:
+        # Gateway API's reason for a backend whose app protocol the implementation does not
+        # support: HTTP sent to a database port would only fail there, less clearly
+        refs.problems.append(
+            (
+                "UnsupportedProtocol",
+                f"{path}: Service {ns}/{name} port {port} is not HTTP ({sp.not_http})",
+            )
+        )
         return None
     return (ns, name, port)
 
