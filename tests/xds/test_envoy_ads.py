@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -478,7 +479,10 @@ async def test_a_new_cluster_warms_at_once_when_more_clusters_follow_it(
     ]
     s3 = snap(*with_b, R.eds_cluster("c"), R.endpoints("c", a.port))
     control_plane.cache.set_snapshot("n", snap(*with_b))
+    started = time.monotonic()
     control_plane.cache.set_snapshot("n", s3)
     url = f"http://127.0.0.1:{listen}/x"
-    await eventually(lambda: body_of(url) == "b", timeout=10, what="the route to b")
-    await eventually(lambda: all_acked(control_plane, "n", s3), what="every type ACKed")
+    assert await eventually(lambda: body_of(url) == "b", timeout=10, what="the route to b")
+    took = time.monotonic() - started
+    assert took < 10, f"b warmed after {took:.1f} s: its initial fetch timeout, not its endpoints"
+    assert await eventually(lambda: all_acked(control_plane, "n", s3), what="every type ACKed")
