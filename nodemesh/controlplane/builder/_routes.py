@@ -21,7 +21,7 @@ from nodemesh.controlplane.builder._util import (
     int_in,
     parse_duration,
 )
-from nodemesh.controlplane.builder.service import ServiceModel
+from nodemesh.controlplane.builder.service import ServiceModel, no_http_port
 from nodemesh.controlplane.builder.trafficpolicy import RetrySpec
 from nodemesh.controlplane.conditions import Condition, parent_label
 from nodemesh.xds.translate import ir
@@ -409,12 +409,8 @@ def read_route(
         elif (one := named or (svc.port(port) if port is not None else None)) and one.not_http:
             # its connections never reach the node Envoy: a route there would do nothing
             problem = f"{where}: port {one.port} is not HTTP ({one.not_http})"
-        elif one is None and svc.ports and all(sp.not_http for sp in svc.ports):
-            problem = (
-                f"{where} has no HTTP port ("
-                + ", ".join(f"{sp.port}: {sp.not_http}" for sp in svc.ports)
-                + ")"
-            )
+        elif one is None and (why := no_http_port(svc.ports)):
+            problem = f"{where} has no HTTP port ({why})"
         else:
             parents.append((label, (pns, pname, named.port if named is not None else port)))
             continue

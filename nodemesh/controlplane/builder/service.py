@@ -9,7 +9,14 @@ from typing import Any
 from nodemesh._dataclasses import fast_init
 from nodemesh.controlplane.builder._util import as_list, as_map
 
-__all__ = ["CLUSTER_DOMAIN", "PortModel", "ServiceModel", "read_service", "read_services"]
+__all__ = [
+    "CLUSTER_DOMAIN",
+    "PortModel",
+    "ServiceModel",
+    "no_http_port",
+    "read_service",
+    "read_services",
+]
 
 CLUSTER_DOMAIN = "cluster.local"
 _H2_PROTOCOLS = frozenset({"grpc", "h2c", "http2", "kubernetes.io/h2c", "kubernetes.io/grpc"})
@@ -89,6 +96,15 @@ class ServiceModel:
         fqdn = f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
         names = (f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc", fqdn)
         return ((self.name,) if short_name else ()) + names
+
+
+def no_http_port(ports: Iterable[PortModel]) -> str:
+    """Why none of `ports` takes routes or policies ("5432: appProtocol 'postgresql', ..."),
+    or "" when one is HTTP (or there are none)."""
+    ports = tuple(ports)
+    if not ports or not all(p.not_http for p in ports):
+        return ""
+    return ", ".join(f"{p.port}: {p.not_http}" for p in ports)
 
 
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:

@@ -20,7 +20,7 @@ from nodemesh.controlplane.builder._util import (
     int_in,
     parse_duration,
 )
-from nodemesh.controlplane.builder.service import ServiceModel
+from nodemesh.controlplane.builder.service import ServiceModel, no_http_port
 from nodemesh.xds.translate import ir
 
 __all__ = [
@@ -426,13 +426,12 @@ def settings_for(
                     f"Service {t.namespace}/{t.name} has no port named {t.section!r}"
                 )
                 continue
-            if all(p.not_http for p in ports):
+            why = no_http_port(ports)
+            if why:
                 # Its connections stay L4, kernel-direct: the policy would apply nowhere, as
                 # a route's parentRef there would (NoMatchingParent).
                 pol.unresolved.append(
-                    f"Service {t.namespace}/{t.name} has no HTTP port to apply to ("
-                    + ", ".join(f"{p.port}: {p.not_http}" for p in ports)
-                    + ")"
+                    f"Service {t.namespace}/{t.name} has no HTTP port to apply to ({why})"
                 )
                 continue
             for port in ports:
