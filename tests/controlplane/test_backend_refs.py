@@ -64,8 +64,9 @@ def test_a_missing_service_keeps_its_share_and_that_share_gets_500() -> None:
         "Accepted": ("True", "Accepted"),
         "ResolvedRefs": ("False", "BackendNotFound"),
     }
-    # No cluster is made for the invalid share, and the snapshot still checks out.
-    assert [c.name for c in result.mesh.clusters] == ["shop/v1:80"]
+    # No cluster is made for the invalid share (the parent Service keeps its own), and the
+    # snapshot still checks out.
+    assert [c.name for c in result.mesh.clusters] == ["shop/v1:80", "shop/web:80"]
     assert Translator().translate(result.mesh).snapshot().consistent() == []
 
 

@@ -363,11 +363,15 @@ class Engine:
         self.cluster_users: dict[PortKey, set[ObjectKey]] = {}
         self.cluster_keys: dict[str, PortKey] = {}  # cluster name -> (ns, name, port)
         self.lbs = _Lbs(self)
-        self.defaults: dict[Ref, set[PortKey]] = {}
+        # Every port of a Service keeps its own cluster, used by a route or not: a route that
+        # takes a port over from its default route would otherwise remove that cluster in the
+        # same update, and Envoy, which applies CDS before the new routes, would answer the
+        # requests of that moment 503 (no cluster). Clusters go only with their Service port.
+        self.own_ports: dict[Ref, set[PortKey]] = {}
         # consumer routes: namespace -> its routes with a parent in another namespace
         self.consumer_routes: dict[str, set[ObjectKey]] = {}
         self.consumer_index = ConsumerIndex()
-        self.default_used: set[PortKey] = set()
+        self.port_clusters: set[PortKey] = set()
         # Outputs
         self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self.vhosts: _Ordered[VhostKey, ir.VirtualHost] = _Ordered()
@@ -766,9 +770,9 @@ class Engine:
     def _virtual_hosts(self, ref: Ref, usage_changed: set[PortKey]) -> None:
         svc = self.services.get(ref)
         old_keys = self.vhost_keys.pop(ref, ())
-        old_defaults = self.defaults.pop(ref, _NO_KEYS)
+        old_own = self.own_ports.pop(ref, _NO_KEYS)
         new_keys: list[VhostKey] = []
-        defaults: set[PortKey] = set()
+        own: set[PortKey] = set()
         conflicts: dict[ObjectKey, dict[str, _Conflict]] = {}
         if svc is not None:
             ns, name = ref
@@ -796,6 +800,9 @@ class Engine:
                 port = sp.port
                 pk = (ns, name, port)
                 suffix = f":{port}"
+                cname = svc.cluster_name(port)
+                own.add(pk)
+                cluster_keys[cname] = pk
                 here = None
                 if entries:
                     # a route for every port applies to the HTTP ones (not a database port)
@@ -821,9 +828,6 @@ class Engine:
                     lbs = self.lbs
                     routes = tuple(_redirect_port(_finish(e, policy, lbs), port) for e in mine)
                 else:
-                    cname = svc.cluster_name(port)
-                    defaults.add(pk)
-                    cluster_keys[cname] = pk
                     default = ir.Route(
                         f"Service/{ns}/{name}{suffix}/default",
                         backends=(ir.Backend(cname),),
@@ -870,14 +874,14 @@ class Engine:
                 self.vhosts.remove(vkey)
         if new_keys:
             self.vhost_keys[ref] = tuple(new_keys)
-        if defaults:
-            self.defaults[ref] = defaults
-        if old_defaults != defaults:
-            for pk in old_defaults - defaults:
-                self.default_used.discard(pk)
+        if own:
+            self.own_ports[ref] = own
+        if old_own != own:
+            for pk in old_own - own:
+                self.port_clusters.discard(pk)
                 usage_changed.add(pk)
-            for pk in defaults - old_defaults:
-                self.default_used.add(pk)
+            for pk in own - old_own:
+                self.port_clusters.add(pk)
                 usage_changed.add(pk)
 
     def _route_conditions(self, key: ObjectKey, model: RouteModel) -> tuple[Condition, ...]:
@@ -939,7 +943,7 @@ class Engine:
     def _cluster(self, pk: PortKey) -> None:
         ns, name, port = pk
         svc = self.services.get((ns, name))
-        if svc is None or not (self.route_used.get(pk) or pk in self.default_used):
+        if svc is None or not (self.route_used.get(pk) or pk in self.port_clusters):
             self.clusters.remove(pk)
             self.cla.remove(pk)
             return

@@ -98,7 +98,7 @@ class LoadBalancer:
 @fast_init
 @dataclass(frozen=True, slots=True)
 class Cluster:
-    """One upstream cluster per (Service, port) that some route uses."""
+    """One upstream cluster per (Service, port), whether a route sends to it or not."""
 
     name: str
     service: str  # "ns/name"
