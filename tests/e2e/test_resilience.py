@@ -4,8 +4,11 @@ them through a real node Envoy."""
 from __future__ import annotations
 
 import asyncio
+from http.cookies import SimpleCookie
 
+import aiohttp
 import pytest
+from yarl import URL
 
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import Mesh, endpoint_slice, service
@@ -262,3 +265,31 @@ async def test_outlier_detection_without_max_ejection_percent_ejects_one_of_few(
     assert bad.hits <= 4, bad.hits
     replies = [await mesh.get("od1.shop") for _ in range(20)]
     assert all(r.status == 200 and r.body == "od1-good" for r in replies)
+
+
+async def test_the_affinity_cookie_envoy_sets_holds_for_every_path(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """A client keeping cookies as RFC 6265 says sends the cookie Envoy set on /api/users/7
+    with a request to /orders too, and that request goes to the same endpoint. The cookie had
+    no Path, so the client kept it for /api/users only: /orders got another cookie and, with
+    four endpoints, most often another endpoint."""
+    bs = [await backends.get(f"aff{i}") for i in range(4)]
+    mesh.apply(
+        service("aff"),
+        *(endpoint_slice("aff", b.port, suffix=b.name) for b in bs),
+        policy("aff", "aff", loadBalancer={
+            "type": "RingHash", "hashOn": {"cookie": {"name": "affinity", "ttl": "1h"}},
+        }),
+    )  # fmt: skip
+    await mesh.converge()
+    first = await mesh.get("aff.shop", "/api/users/7")
+    jar = aiohttp.CookieJar()
+    jar.update_cookies(
+        SimpleCookie(first.headers["Set-Cookie"]), URL("http://aff.shop/api/users/7")
+    )
+    sent = jar.filter_cookies(URL("http://aff.shop/orders"))
+    assert "affinity" in sent, first.headers["Set-Cookie"]
+    cookie = {"Cookie": f"affinity={sent['affinity'].value}"}
+    replies = [await mesh.get("aff.shop", "/orders", headers=cookie) for _ in range(8)]
+    assert {r.body for r in replies} == {first.body}

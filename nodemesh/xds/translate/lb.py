@@ -33,5 +33,10 @@ def hash_policies(
         c = rc.RouteAction.HashPolicy.Cookie(name=cookie)
         if cookie_ttl_ms is not None:
             c.ttl.CopyFrom(duration(cookie_ttl_ms))
+            # The cookie Envoy sets is for the whole Service: without a Path a client keeps
+            # it for the request's directory only (RFC 6265's default-path), so a request
+            # elsewhere (/orders after /api/users) had none, got another cookie, and often
+            # another endpoint.
+            c.path = "/"
         out.append(rc.RouteAction.HashPolicy(cookie=c))
     return out
