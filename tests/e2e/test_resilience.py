@@ -293,3 +293,51 @@ async def test_the_affinity_cookie_envoy_sets_holds_for_every_path(
     cookie = {"Cookie": f"affinity={sent['affinity'].value}"}
     replies = [await mesh.get("aff.shop", "/orders", headers=cookie) for _ in range(8)]
     assert {r.body for r in replies} == {first.body}
+
+
+async def test_retries_over_max_retries_are_not_made(mesh: Mesh, backends: Backends) -> None:
+    """Six requests fail at once, with maxRetries: 1: one is retried; the other five get the
+    backend's 503 as it gave it (no x-envoy-overloaded: that is for requests over the other
+    limits, which Envoy answers itself)."""
+    b = await backends.get("maxretries")
+    mesh.apply(
+        service("maxretries"),
+        endpoint_slice("maxretries", b.port),
+        policy("maxretries", "maxretries", circuitBreaker={"maxRetries": 1}),
+        http_route("maxretries", "maxretries", [
+            {"backendRefs": [to("maxretries")],
+             "retry": {"codes": [503], "attempts": 1, "backoff": "10ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    b.delay = 0.5  # the six first tries fail together, while the one retry runs
+    b.fail_next(6, 503)
+    replies = await asyncio.gather(*(mesh.get("maxretries.shop") for _ in range(6)))
+    assert sorted(r.status for r in replies) == [200] + [503] * 5
+    failed = [r for r in replies if r.status == 503]
+    assert all(r.body == "maxretries failing" for r in failed)
+    assert all("x-envoy-overloaded" not in r.headers for r in failed)
+    assert b.hits == 7
+
+
+async def test_a_retry_budget_allows_min_concurrency_retries(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """A budget of 0% with minConcurrency 2: of eight requests failing at once, two are
+    retried (0% of eight active requests is none; the minimum allows two)."""
+    b = await backends.get("budget")
+    mesh.apply(
+        service("budget"),
+        endpoint_slice("budget", b.port),
+        policy("budget", "budget", retry={"budget": {"percent": 0, "minConcurrency": 2}}),
+        http_route("budget", "budget", [
+            {"backendRefs": [to("budget")],
+             "retry": {"codes": [503], "attempts": 1, "backoff": "10ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    b.delay = 0.5
+    b.fail_next(8, 503)
+    replies = await asyncio.gather(*(mesh.get("budget.shop") for _ in range(8)))
+    assert sorted(r.status for r in replies) == [200] * 2 + [503] * 6
+    assert b.hits == 10
