@@ -341,3 +341,66 @@ async def test_a_retry_budget_allows_min_concurrency_retries(
     replies = await asyncio.gather(*(mesh.get("budget.shop") for _ in range(8)))
     assert sorted(r.status for r in replies) == [200] * 2 + [503] * 6
     assert b.hits == 10
+
+
+async def test_a_routes_backend_request_timeout_is_retried_without_a_policy(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Gateway API: with a retry stanza, a try that reaches timeouts.backendRequest is retried.
+    The route's own retry_on (connect-failure,refused-stream,reset) does: Envoy counts a
+    per-try timeout as a reset."""
+    slow = await backends.get("rtry")
+    mesh.apply(
+        service("rtry"),
+        endpoint_slice("rtry", slow.port),
+        http_route("rtry", "rtry", [
+            {"backendRefs": [to("rtry")], "retry": {"attempts": 2, "backoff": "10ms"},
+             "timeouts": {"request": "5s", "backendRequest": "200ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    slow.delay = 2.0
+    reply = await mesh.get("rtry.shop")
+    assert reply.status == 504
+    assert slow.hits == 3  # the first try and two retries, each cut after 200 ms
+    assert reply.seconds < 2.0
+
+
+async def test_the_request_timeout_bounds_the_retries(mesh: Mesh, backends: Backends) -> None:
+    """Ten retries of 200 ms tries would take over 2 s; timeouts.request (500ms) ends them
+    with a 504 at 500 ms, as Gateway API requires."""
+    slow = await backends.get("rbound")
+    mesh.apply(
+        service("rbound"),
+        endpoint_slice("rbound", slow.port),
+        http_route("rbound", "rbound", [
+            {"backendRefs": [to("rbound")], "retry": {"attempts": 10, "backoff": "10ms"},
+             "timeouts": {"request": "500ms", "backendRequest": "200ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    slow.delay = 2.0
+    reply = await mesh.get("rbound.shop")
+    assert reply.status == 504
+    assert 0.45 <= reply.seconds < 1.5
+    assert slow.hits <= 3  # tries began at about 0, 200 and 400 ms
+
+
+async def test_the_idle_timeout_answers_504_while_the_backend_is_silent(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """timeouts.idle (300ms) also bounds how long a backend may take to start answering: a
+    backend that takes 2 s has its request answered 504 (stream timeout) at 300 ms, with no
+    timeouts.request set."""
+    slow = await backends.get("idle")
+    mesh.apply(
+        service("idle"),
+        endpoint_slice("idle", slow.port),
+        policy("idle", "idle", timeouts={"idle": "300ms"}),
+    )
+    await mesh.converge()
+    slow.delay = 2.0
+    reply = await mesh.get("idle.shop")
+    assert (reply.status, reply.body) == (504, "stream timeout")
+    assert 0.25 <= reply.seconds < 1.5
+
