@@ -404,3 +404,41 @@ async def test_the_idle_timeout_answers_504_while_the_backend_is_silent(
     assert (reply.status, reply.body) == (504, "stream timeout")
     assert 0.25 <= reply.seconds < 1.5
 
+
+async def test_an_injected_abort_is_not_retried(mesh: Mesh, backends: Backends) -> None:
+    """The fault filter answers before a backend is picked: the route's retry on 503 does not
+    retry an injected 503, and the backend is never called."""
+    b = await backends.get("abortretry")
+    mesh.apply(
+        service("abortretry"),
+        endpoint_slice("abortretry", b.port),
+        policy("abortretry", "abortretry", faultInjection={"abort": {"httpStatus": 503}}),
+        http_route("abortretry", "abortretry", [
+            {"backendRefs": [to("abortretry")],
+             "retry": {"codes": [503], "attempts": 3, "backoff": "10ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    reply = await mesh.get("abortretry.shop")
+    assert reply.status == 503
+    assert b.hits == 0
+
+
+async def test_an_injected_delay_is_outside_the_request_timeout(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """The delay comes before the router starts timeouts.request: a 1 s delay with a 300 ms
+    request timeout is answered 200 after 1 s, not 504 at 300 ms."""
+    b = await backends.get("delaytimeout")
+    mesh.apply(
+        service("delaytimeout"),
+        endpoint_slice("delaytimeout", b.port),
+        policy("delaytimeout", "delaytimeout", faultInjection={"delay": {"fixedDelay": "1s"}}),
+        http_route("delaytimeout", "delaytimeout", [
+            {"backendRefs": [to("delaytimeout")], "timeouts": {"request": "300ms"}},
+        ]),
+    )  # fmt: skip
+    await mesh.converge()
+    reply = await mesh.get("delaytimeout.shop")
+    assert reply.status == 200
+    assert reply.seconds >= 0.95
