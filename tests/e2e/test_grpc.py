@@ -10,7 +10,7 @@ import pytest_asyncio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.e2e.mesh import Mesh, endpoint_slice, service
-from tests.e2e.objects import grpc_route, to
+from tests.e2e.objects import grpc_route, policy, to
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -68,3 +68,65 @@ async def test_grpc_method_match_routes_check_and_watch_apart(
 async def test_plain_http_does_not_match_a_grpc_route(mesh: Mesh, grpc_backends: None) -> None:
     reply = await mesh.get("catalog.shop:50051", "/grpc.health.v1.Health/Check")
     assert reply.status == 404
+
+
+async def flaky_server(
+    failures: int, after_headers: bool
+) -> tuple[grpc.aio.Server, int, list[int]]:
+    """A server of /t.Svc/Call answering UNAVAILABLE to its first `failures` calls: in a
+    trailers-only reply (grpc-status in the response headers), or after sending headers."""
+    calls: list[int] = []
+
+    async def call(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        calls.append(1)
+        if len(calls) <= failures:
+            if after_headers:
+                await context.send_initial_metadata((("x-sent", "headers"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
+        return b"ok"
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.Svc", {"Call": grpc.unary_unary_rpc_method_handler(call)}),))  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port, calls
+
+
+async def call_through_mesh(mesh: Mesh, name: str) -> grpc.StatusCode:
+    options = [("grpc.default_authority", f"{name}.shop:50051")]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.outbound_port}", options=options) as ch:
+        try:
+            await ch.unary_unary("/t.Svc/Call")(b"", timeout=5)
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    ("after_headers", "code", "tries"),
+    [(False, grpc.StatusCode.OK, 3), (True, grpc.StatusCode.UNAVAILABLE, 1)],
+    ids=["trailers-only-retried", "after-headers-not-retried"],
+)
+async def test_a_policy_retries_unavailable_only_in_a_trailers_only_reply(
+    mesh: Mesh, after_headers: bool, code: grpc.StatusCode, tries: int
+) -> None:
+    """retryOn: [unavailable] reads grpc-status in the response headers: a reply that is only
+    an error (trailers-only) is retried, one that sent headers first is not (its status comes
+    in trailers, after Envoy has started the response)."""
+    name = f"gretry{int(after_headers)}"
+    server, port, calls = await flaky_server(2, after_headers)
+    try:
+        mesh.apply(
+            service(name, ports=H2),
+            endpoint_slice(name, port, port_name="grpc"),
+            policy(name, name, retry={
+                "retryOn": ["unavailable"], "attempts": 3, "backoff": {"baseInterval": "5ms"},
+            }),
+            grpc_route(name, name, [{"backendRefs": [to(name, port=50051)]}]),
+        )  # fmt: skip
+        await mesh.converge()
+        assert await call_through_mesh(mesh, name) == code
+        assert len(calls) == tries
+    finally:
+        await server.stop(0)
