@@ -4,6 +4,8 @@ them through a real node Envoy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from http.cookies import SimpleCookie
 
 import aiohttp
@@ -442,3 +444,33 @@ async def test_an_injected_delay_is_outside_the_request_timeout(
     reply = await mesh.get("delaytimeout.shop")
     assert reply.status == 200
     assert reply.seconds >= 0.95
+
+
+async def test_the_connect_timeout_answers_503_when_the_backend_does_not_accept(
+    mesh: Mesh,
+) -> None:
+    """timeouts.connect (300ms): a backend whose listen queue is full (the kernel drops new
+    connections' SYNs) is given up at 300 ms with a 503, where Envoy's default is 5 s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = [socket.socket() for _ in range(3)]  # more than the queue holds
+    try:
+        for s in queued:
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+        mesh.apply(
+            service("connect"),
+            endpoint_slice("connect", port),
+            policy("connect", "connect", timeouts={"connect": "300ms"}),
+        )
+        await mesh.converge()
+        reply = await mesh.get("connect.shop")
+        assert reply.status == 503 and reply.body.endswith("reset reason: connection timeout")
+        assert 0.25 <= reply.seconds < 2.0
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()
