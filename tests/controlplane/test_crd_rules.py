@@ -89,8 +89,8 @@ def test_valid_values_pass_the_rules() -> None:
     assert crd.errors(ok) == []
 
 
-# Refused by the schema itself (minProperties, required) or by a CEL rule on a value that is
-# present but empty: (spec, the builder's problem for it).
+# Refused by the schema itself (minProperties, required, patterns and lengths) or by a CEL rule
+# on a value that is present but empty: (spec, the builder's problem for it).
 REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"timeouts": {}}, "spec.timeouts: set at least one of connect, request, idle"),
     (
@@ -117,6 +117,28 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     (
         {"loadBalancer": {"type": "RingHash", "hashOn": {"cookie": {}}}},
         "spec.loadBalancer.hashOn.cookie.name: required",
+    ),
+    # Envoy refuses a hash header name with CR, LF or NUL, and with it the outbound
+    # RouteConfiguration of every Service (`envoy --mode validate`, 1.40)
+    (
+        {"loadBalancer": {"type": "RingHash", "hashOn": {"header": "x-user\nid"}}},
+        "spec.loadBalancer.hashOn.header: must be a header name",
+    ),
+    (
+        {"loadBalancer": {"type": "RingHash", "hashOn": {"header": "x user"}}},
+        "spec.loadBalancer.hashOn.header: must be a header name",
+    ),
+    (
+        {"loadBalancer": {"type": "Maglev", "hashOn": {"header": "x" * 257}}},
+        "spec.loadBalancer.hashOn.header: must be a header name of at most 256",
+    ),
+    (
+        {"loadBalancer": {"type": "RingHash", "hashOn": {"cookie": {"name": "a=b"}}}},
+        "spec.loadBalancer.hashOn.cookie.name: must be a cookie name",
+    ),
+    (
+        {"loadBalancer": {"type": "RingHash", "hashOn": {"cookie": {"name": "s\r\nx: y"}}}},
+        "spec.loadBalancer.hashOn.cookie.name: must be a cookie name",
     ),
 ]
 

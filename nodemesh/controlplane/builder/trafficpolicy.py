@@ -8,6 +8,7 @@ override a policy's retry and request timeout field by field (see `_routes.py`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -215,6 +216,11 @@ def _retry(spec: Mapping[str, Any], p: Problems) -> tuple[RetrySpec, float | Non
     return retry, float(percent) if percent is not None else None, min_conc
 
 
+# The CRD's patterns and maxLength for `hashOn.header` (an RFC 9110 token) and `cookie.name`
+_HASH_HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,256}")
+_HASH_COOKIE = re.compile(r"[A-Za-z0-9_\-.]{1,256}")
+
+
 def _lb(spec: Mapping[str, Any], p: Problems) -> ir.LoadBalancer | None:
     """The CRD's rules, by presence as CEL's `has()` tests it: an empty `hashOn: {}` is there
     (so RoundRobin refuses it) and hashes on nothing (so RingHash refuses it too)."""
@@ -236,8 +242,22 @@ def _lb(spec: Mapping[str, Any], p: Problems) -> ir.LoadBalancer | None:
         p.add("spec.loadBalancer.hashOn", "set exactly one of header or cookie")
     if "header" in hash_on and not header:
         p.add("spec.loadBalancer.hashOn.header", "must not be empty")
+    elif header and not _HASH_HEADER.fullmatch(str(header)):
+        # The CRD's pattern, checked here for files mode: a CR, LF or NUL in the name makes
+        # Envoy refuse the outbound RouteConfiguration, which holds every Service's routes.
+        p.add(
+            "spec.loadBalancer.hashOn.header",
+            f"must be a header name of at most 256 letters, digits and !#$%&'*+-.^_`|~, "
+            f"got {header!r}",
+        )
     if "cookie" in hash_on and not cookie.get("name"):
         p.add("spec.loadBalancer.hashOn.cookie.name", "required")
+    elif "cookie" in hash_on and not _HASH_COOKIE.fullmatch(str(cookie["name"])):
+        # The CRD's pattern: Envoy writes the name into the Set-Cookie header it adds.
+        p.add(
+            "spec.loadBalancer.hashOn.cookie.name",
+            f"must be a cookie name of at most 256 letters, digits and _-., got {cookie['name']!r}",
+        )
     return ir.LoadBalancer(
         policy=kind,
         hash_header=str(header).lower(),
