@@ -118,6 +118,10 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
         {"loadBalancer": {"type": "RingHash", "hashOn": {"cookie": {}}}},
         "spec.loadBalancer.hashOn.cookie.name: required",
     ),
+    (
+        {"retry": {"budget": {"minConcurrency": 2**31}}},
+        "spec.retry.budget.minConcurrency: must be an integer in [1, 2147483647]",
+    ),
     # Envoy refuses a hash header name with CR, LF or NUL, and with it the outbound
     # RouteConfiguration of every Service (`envoy --mode validate`, 1.40)
     (

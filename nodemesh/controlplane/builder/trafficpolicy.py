@@ -192,7 +192,9 @@ def _retry(spec: Mapping[str, Any], p: Problems) -> tuple[RetrySpec, float | Non
     ):
         p.add(f"{path}.budget.percent", f"must be a number in [0, 100], got {percent!r}")
         percent = None
-    min_conc = int_in(budget.get("minConcurrency"), f"{path}.budget.minConcurrency", p, 1, 1 << 31)
+    min_conc = int_in(
+        budget.get("minConcurrency"), f"{path}.budget.minConcurrency", p, 1, (1 << 31) - 1
+    )
     if "budget" in spec and percent is None and min_conc is None:
         # `budget: {}` is a budget of Envoy's defaults (20%, at least 3); with neither field
         # set, no retry_budget would be written and maxRetries would still limit retries.
