@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import yaml
 
 from nodemesh.controlplane.builder import build
 from nodemesh.controlplane.files import FilesSource
-from nodemesh.controlplane.store import Store
+from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds.translate import Translator
 from tests import gatewayapi
 from tests.controlplane import crd
+from tests.e2e.mesh import service
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 
 
 def test_examples_follow_the_crd_schemas() -> None:
@@ -68,3 +73,21 @@ def test_example_routes_follow_gateway_api_schemas() -> None:
     results = gatewayapi.errors([o for o in objs if o is not None])
     assert len(results) == len(keys) >= 3
     assert dict(zip(map(str, keys), results, strict=True)) == {str(k): [] for k in keys}
+
+
+def test_the_policy_in_the_reference_follows_the_crd_and_programs() -> None:
+    """The example at the top of docs/reference/trafficpolicy.md, which users copy."""
+    text = (ROOT / "docs" / "reference" / "trafficpolicy.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    policy = yaml.safe_load(block)
+    assert crd.errors(policy) == []
+    store = Store()
+    store.apply(service(policy["spec"]["targetRefs"][0]["name"]))
+    store.apply(policy)
+    result = build(store.view())
+    key = ObjectKey("TrafficPolicy", policy["metadata"]["namespace"], policy["metadata"]["name"])
+    assert [(c.type, c.status) for c in result.conditions[key]] == [
+        ("Accepted", "True"),
+        ("ResolvedRefs", "True"),
+    ]
+    assert Translator().translate(result.mesh).snapshot().consistent() == []
