@@ -31,8 +31,28 @@ def _available() -> dict[str, tuple[str, str]]:
     }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default where there is one to name and the help does
+    not say it already: the docs quote the defaults, and `--help` is where one looks first."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        default = action.default
+        if (
+            text
+            and action.option_strings
+            and "default" not in text
+            and not isinstance(default, bool)  # a switch: its help says what it turns on
+            and default not in (None, "", [], argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nodemesh", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nodemesh", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter
+    )
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -44,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = _available()
     chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in commands), None)
     for name, (module_name, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=_HelpFormatter)
         if name == chosen:
             importlib.import_module(module_name).configure(p)
     args = parser.parse_args(argv)

@@ -49,7 +49,12 @@ def _label_selector(value: str) -> LabelSelector:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=("files", "kubernetes"), default="files")
+    parser.add_argument(
+        "--source",
+        choices=("files", "kubernetes"),
+        default="files",
+        help="where the objects come from: a directory (--config-dir) or the cluster",
+    )
     parser.add_argument("--config-dir", help="files mode: directory of YAML objects")
     parser.add_argument(
         "--xds-listen", type=_hostport, default="127.0.0.1:18000", help="ADS gRPC HOST:PORT"

@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write status without holding the Lease (a single replica)",
     )
     group.add_argument("--lease-namespace", help="default: the service account's namespace")
-    group.add_argument("--lease-name", default="nodemesh-controlplane")
+    group.add_argument(
+        "--lease-name", default="nodemesh-controlplane", help="the leader-election Lease"
+    )
     group.add_argument(
         "--status-interval", type=float, default=1.0, help="per-object status check period, s"
     )

@@ -1,0 +1,56 @@
+"""`nodemesh <command> --help` names the defaults that the docs quote."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from nodemesh.cli import main
+
+# The defaults as README.md and docs/ give them
+DEFAULTS = {
+    "bootstrap": {"--cluster": "nodemesh", "--admin-port": "15000"},
+    "controlplane": {
+        "--source": "files",
+        "--xds-listen": "127.0.0.1:18000",
+        "--http-listen": "127.0.0.1:18080",
+        "--outbound-listen": "0.0.0.0:15001",
+        "--poll-interval": "0.2",
+        "--drain-seconds": "5.0",
+        "--lease-name": "nodemesh-controlplane",
+        "--status-interval": "1.0",
+    },
+    "status": {"--controlplane": "http://127.0.0.1:18080"},
+    "agent": {"--pin-root": "/sys/fs/bpf/nodemesh", "--socket-redirect": "auto"},
+}
+
+
+def help_of(
+    command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """Each option's entry in the help, by option name, on one line."""
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens too
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    entries = re.split(r"\n(?=  -)", out.split("options:", 1)[1])
+    return {e.split()[0]: " ".join(e.split()) for e in entries if e.strip().startswith("-")}
+
+
+@pytest.mark.parametrize("command", sorted(DEFAULTS))
+def test_help_names_the_defaults(
+    command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = help_of(command, capsys, monkeypatch)
+    for option, default in DEFAULTS[command].items():
+        assert f"(default: {default})" in entries[option], entries[option]
+
+
+def test_a_switch_gets_no_default_in_its_help(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = help_of("controlplane", capsys, monkeypatch)
+    assert "default" not in entries["--no-leader-election"]
+    assert entries["--access-log"].count("default") == 1  # its own "(default: none)"
