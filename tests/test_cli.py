@@ -54,3 +54,13 @@ def test_a_switch_gets_no_default_in_its_help(
     entries = help_of("controlplane", capsys, monkeypatch)
     assert "default" not in entries["--no-leader-election"]
     assert entries["--access-log"].count("default") == 1  # its own "(default: none)"
+
+
+def test_the_lease_namespace_default_is_told_whole(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the operator picks it, and docs/operator.md says: outside a pod there is no service
+    account, and the kubeconfig context's namespace is taken."""
+    entries = help_of("controlplane", capsys, monkeypatch)
+    assert "kubeconfig context's" in entries["--lease-namespace"]
+    assert "else 'default'" in entries["--lease-namespace"]

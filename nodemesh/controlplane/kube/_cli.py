@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="write status without holding the Lease (a single replica)",
     )
-    group.add_argument("--lease-namespace", help="default: the service account's namespace")
+    group.add_argument(
+        "--lease-namespace",
+        help="default: the service account's namespace (the kubeconfig context's, outside a "
+        "pod), else 'default'",
+    )
     group.add_argument(
         "--lease-name", default="nodemesh-controlplane", help="the leader-election Lease"
     )
