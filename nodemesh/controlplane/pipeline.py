@@ -13,7 +13,9 @@ Public surface (used by the files source, the kopf operator and the HTTP status 
   True once every node Envoy that should carry the object ACKed a version containing it; False
   with reason `Rejected` and Envoy's own message after a NACK of a version holding its current
   part; False/`Pending` while in flight (a fix sent after a NACK included);
-  Unknown/`NoNodes` while no node Envoy is connected. Also, never written back: a Pod whose
+  False/`NothingToProgram` when no resource holds any of it (a policy whose targets did not
+  resolve, or whose every section another policy overrides); Unknown/`NoNodes` while no node
+  Envoy is connected. Also, never written back: a Pod whose
   `nodemesh.io/socket-redirect` annotation is neither "on" nor "off" gets `SocketRedirect=False`
   (reason `UnknownValue`), logged once as a warning.
 - `pipeline.kubernetes_status(key)`: the `status` body to patch onto the object (Gateway API
@@ -616,6 +618,18 @@ class Pipeline:
         if self.status is None or not ctx.expected:
             return Condition(
                 "Programmed", "Unknown", "NoNodes", "no node Envoy is connected", gen, parent
+            )
+        if not wanted and origin not in ctx.on_node_listeners:
+            # Nothing for a node to ACK: a policy whose targets did not resolve, or whose every
+            # section another policy overrides. "ACKed by N node(s)" would be said of nodes
+            # that never connected, and `kubectl get tp` would show it Programmed.
+            return Condition(
+                "Programmed",
+                "False",
+                "NothingToProgram",
+                "no node Envoy's configuration holds any of it (see ResolvedRefs and Accepted)",
+                gen,
+                parent,
             )
         waits = 0
         shown: list[tuple[str, str, str]] = []  # the first three waits: (node, type, name)

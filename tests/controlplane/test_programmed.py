@@ -128,6 +128,63 @@ async def test_an_endpoint_change_makes_only_the_policies_that_carry_it_pending(
     assert programmed(other) == "True", "a policy over other endpoints is not held back"
 
 
+async def test_a_policy_that_applies_nowhere_is_not_programmed() -> None:
+    """A policy with a misspelt target, and one whose only section an older policy sets: no
+    node's configuration holds either, so no node can have ACKed them (no Envoy is even
+    connected at first). They said "ACKed by 2 node(s)", and `kubectl get tp` showed them
+    Programmed. Fixed, the misspelt one is programmed like any other."""
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    typo: dict[str, Any] = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "typo", "namespace": "shop"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "ratngs"}],
+            "circuitBreaker": {"maxConnections": 100},
+        },
+    }
+    late: dict[str, Any] = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {
+            "name": "late",
+            "namespace": "shop",
+            "creationTimestamp": "2030-01-01T00:00:00Z",
+        },
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "frontend"}],
+            "faultInjection": {"abort": {"httpStatus": 500}},
+        },
+    }
+    store.apply(typo)
+    store.apply(late)
+    p = Pipeline(store, SnapshotCache(), status)
+    await p.rebuild()
+
+    def programmed(name: str) -> tuple[str, str]:
+        key = ObjectKey("TrafficPolicy", "shop", name)
+        c = next(c for c in p.conditions()[key] if c.type == "Programmed")
+        return c.status, c.reason
+
+    assert programmed("typo") == ("False", "NothingToProgram")  # the Nodes, none connected
+    assert programmed("late") == ("False", "NothingToProgram")
+    _connect_and_ack(p, status, "node-a", "node-b")
+    p._update_conditions()
+    assert programmed("typo") == ("False", "NothingToProgram")
+    assert programmed("late") == ("False", "NothingToProgram")
+    assert programmed("frontend-chaos") == ("True", "Programmed")
+
+    fixed = copy.deepcopy(typo)
+    fixed["spec"]["targetRefs"][0]["name"] = "ratings"
+    store.apply(fixed)
+    await p.rebuild()
+    assert programmed("typo") == ("False", "Pending")
+    _connect_and_ack(p, status, "node-a", "node-b")
+    p._update_conditions()
+    assert programmed("typo") == ("True", "Programmed")
+
+
 async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_listener() -> None:
     """examples/ has a consumer route in namespace qa. With a qa pod on node-a, node-a gets a
     Listener of its own (the chain that marks the pod's connections): the route is Programmed
