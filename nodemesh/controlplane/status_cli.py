@@ -14,7 +14,9 @@ __all__ = ["configure", "render", "run"]
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--controlplane", default="http://127.0.0.1:18080", help="control plane HTTP URL"
+        "--controlplane",
+        default="http://127.0.0.1:18080",
+        help="control plane HTTP URL, or the HOST:PORT of its --http-listen",
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
 
@@ -64,7 +66,10 @@ def render(status: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.controlplane.rstrip("/") + "/status"
+    base = args.controlplane
+    if "://" not in base:  # HOST:PORT, as `nodemesh controlplane --http-listen` takes it
+        base = f"http://{base}"
+    url = base.rstrip("/") + "/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             status = json.loads(resp.read())

@@ -3,7 +3,20 @@ tests/e2e/test_status.py)."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from nodemesh.cli import main
+from nodemesh.controlplane.files import FilesSource
+from nodemesh.controlplane.http import StatusServer
+from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.status_cli import render
+from nodemesh.controlplane.store import Store
+from nodemesh.xds.cache import SnapshotCache
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_a_multi_line_nack_stays_on_its_row() -> None:
@@ -50,3 +63,24 @@ def test_a_multi_line_nack_stays_on_its_row() -> None:
     assert node.split()[:3] == ["node-a", "yes", "lds"]
     assert "outbound: bad consumer-ns-a" in node
     assert "  line 1 line 2" in lines
+
+
+async def test_the_control_plane_is_reached_by_its_http_listen_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--controlplane 127.0.0.1:18080`, the form `--http-listen` takes, as well as the URL;
+    it answered "unknown url type: 127.0.0.1" and exit 1."""
+    store = Store()
+    FilesSource(EXAMPLES, store).scan()
+    pipeline = Pipeline(store, SnapshotCache())
+    await pipeline.rebuild()
+    server = StatusServer(pipeline)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        for address in (f"127.0.0.1:{port}", f"http://127.0.0.1:{port}/"):
+            code = await asyncio.to_thread(main, ["status", "--controlplane", address])
+            out = capsys.readouterr()
+            assert (code, out.err) == (0, ""), address
+            assert "HTTPRoute/shop/reviews" in out.out
+    finally:
+        await server.stop()
