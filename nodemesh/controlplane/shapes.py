@@ -6,8 +6,10 @@ object. In files mode nothing did, and the builder reads a field of the wrong ty
 rule a catch-all that sent every request to the canary, with `Accepted=True`. Files mode checks
 each route against these shapes (`shape_problems`) and treats a mismatch like invalid YAML.
 
-Only shapes are checked here (the CRD's types of containers and strings); values, patterns and
-cross-field rules are the builder's, which reports them as conditions.
+Only shapes are checked here (the CRD's types of containers and strings), and the two rule
+fields an HTTPRoute has and a GRPCRoute does not (`timeouts`, `retry`), which the builder, sharing
+its rule reader between the kinds, would apply; values, patterns and cross-field rules are the
+builder's, which reports them as conditions.
 """
 
 from __future__ import annotations
@@ -52,12 +54,27 @@ def _route(match: Shape, rule_extra: Mapping[str, Shape]) -> Shape:
     }
 
 
+class _NotInGrpcRoute:
+    """A field HTTPRoute rules have and GRPCRoute rules do not (Gateway API v1): the API server
+    refuses it (kubectl's strict field validation) or drops it, so the route would not do in
+    a cluster what files mode did with it."""
+
+    def __init__(self, instead: str) -> None:
+        self.instead = instead
+
+
 _SHAPES: Mapping[str, Shape] = {
     "HTTPRoute": _route(
         _HTTP_MATCH,
         {"timeouts": {"request": str, "backendRequest": str}, "retry": {"codes": [None]}},
     ),
-    "GRPCRoute": _route(_GRPC_MATCH, {}),
+    "GRPCRoute": _route(
+        _GRPC_MATCH,
+        {
+            "timeouts": _NotInGrpcRoute("a TrafficPolicy's timeouts on the Service"),
+            "retry": _NotInGrpcRoute("a TrafficPolicy's retry on the Service"),
+        },
+    ),
 }
 
 
@@ -74,6 +91,9 @@ def _describe(value: Any) -> str:
 def _check(value: Any, shape: Shape, path: str, out: list[str]) -> None:
     if value is None or shape is None:
         return  # absent (or null): the builder's defaults apply
+    if isinstance(shape, _NotInGrpcRoute):
+        out.append(f"{path}: GRPCRoute has no such field (HTTPRoute has); use {shape.instead}")
+        return
     if isinstance(shape, dict):
         if not isinstance(value, Mapping):
             out.append(f"{path}: must be an object, not {_describe(value)}")

@@ -5,12 +5,15 @@ status say. Each test names one behaviour a user sees."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
+import yaml
 from google.protobuf import json_format
 
 from nodemesh.controlplane.builder import BuildMemo, BuildResult, build
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
+from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
 from nodemesh.xds.translate import ir, translate_messages
@@ -627,3 +630,40 @@ def test_an_extension_ref_filter_fails_closed_with_invalid_kind() -> None:
     assert ext_route.name == "HTTPRoute/shop/ext/rule-0/0"
     assert (ext_route.backends, ext_route.direct_status) == ((), 500)
     assert rest.backends == (ir.Backend("shop/web:80"),)
+
+
+def test_a_grpcroute_with_timeouts_or_retry_is_refused_in_files_mode(tmp_path: Path) -> None:
+    """GRPCRoute rules have no `timeouts` or `retry` (HTTPRoute rules do): the API server
+    refuses them. Files mode applied them (the builder reads both kinds' rules alike), so a
+    route that worked from a directory failed `kubectl apply`, as examples/ did."""
+    rule: dict[str, Any] = {
+        "matches": [{"method": {"service": "shop.Catalog"}}],
+        "backendRefs": [{"name": "catalog", "port": 50051}],
+    }
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GRPCRoute",
+        "metadata": {"name": "catalog", "namespace": "shop"},
+        "spec": {"parentRefs": [{"kind": "Service", "name": "catalog"}], "rules": [rule]},
+    }
+    (tmp_path / "route.yaml").write_text(yaml.safe_dump(route))
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert source.errors == {}
+    assert store.get(ObjectKey("GRPCRoute", "shop", "catalog")) is not None
+
+    rule["timeouts"] = {"request": "5s"}
+    rule["retry"] = {"attempts": 2}
+    (tmp_path / "route.yaml").write_text(yaml.safe_dump(route))
+    source.scan()
+    assert source.errors["route.yaml"] == (
+        "route.yaml: GRPCRoute/shop/catalog: spec.rules[0].timeouts: GRPCRoute has no such "
+        "field (HTTPRoute has); use a TrafficPolicy's timeouts on the Service; "
+        "spec.rules[0].retry: GRPCRoute has no such field (HTTPRoute has); use a "
+        "TrafficPolicy's retry on the Service; route.yaml: keeping the objects from its last "
+        "good version"
+    )
+    # the last good version stays
+    kept = store.get(ObjectKey("GRPCRoute", "shop", "catalog"))
+    assert kept is not None and "timeouts" not in kept["spec"]["rules"][0]
