@@ -25,6 +25,9 @@ __all__ = ["FilesSource", "load_objects"]
 
 log = logging.getLogger(__name__)
 _SUFFIXES = (".yaml", ".yml", ".json")
+# values aliases may add to a document: far beyond what anchors save in real objects, and
+# quick to copy (the store copies every object)
+_MAX_ALIASED_VALUES = 100_000
 
 
 class _KubeLoader(yaml.SafeLoader):
@@ -59,9 +62,9 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
     for i, doc in enumerate(docs):
         if doc is None:
             continue
-        if _refers_to_itself(doc):
-            # `a: &x {b: *x}` is valid YAML; no Kubernetes object is (JSON has no references)
-            errors.append(f"{where}: document {i + 1} refers to itself through a YAML alias")
+        problem = _alias_problem(doc)
+        if problem:
+            errors.append(f"{where}: document {i + 1} {problem}")
             continue
         doc = _without_nulls(doc)
         items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
@@ -96,25 +99,39 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
     return objs, errors
 
 
-def _refers_to_itself(value: Any) -> bool:
-    """Whether a YAML alias makes `value` contain itself (copying or comparing it would not
-    end). Walks the containers depth first, with the ones on the current path."""
+def _alias_problem(value: Any) -> str:
+    """Why YAML aliases make `value` unusable, or "": it contains itself (copying or comparing
+    it would not end: `a: &x {b: *x}`, valid YAML that no Kubernetes object is), or repeating
+    anchors expands it beyond `_MAX_ALIASED_VALUES` (a "billion laughs": a few hundred bytes
+    of nested aliases are billions of values once copied). Counts each shared container once,
+    depth first with the ones on the current path, so the bomb itself is never expanded."""
+    sizes: dict[int, int] = {}  # container id -> values in it, expanded, itself included
+    own = 0  # values with every shared container counted once
     on_path: set[int] = set()
     stack: list[tuple[Any, bool]] = [(value, False)]
     while stack:
         item, leaving = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
         if leaving:
             on_path.discard(id(item))
+            size = 1
+            for c in children:
+                size += sizes[id(c)] if isinstance(c, dict | list) else 1
+                own += 0 if isinstance(c, dict | list) else 1
+            sizes[id(item)] = size
+            own += 1
             continue
-        if not isinstance(item, dict | list):
+        if not isinstance(item, dict | list) or id(item) in sizes:
             continue
         if id(item) in on_path:
-            return True
+            return "refers to itself through a YAML alias"
         on_path.add(id(item))
         stack.append((item, True))
-        children = item.values() if isinstance(item, dict) else item
         stack.extend((c, False) for c in children if isinstance(c, dict | list))
-    return False
+    total = sizes.get(id(value), 1)
+    if total - own > _MAX_ALIASED_VALUES:
+        return f"repeats {total - own} values through YAML aliases (at most {_MAX_ALIASED_VALUES})"
+    return ""
 
 
 Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode

@@ -302,3 +302,23 @@ def test_duplicates_are_reported_with_a_files_other_problems(tmp_path: Path) -> 
     assert "the file is empty" in problems, problems
     for name in ("web", "db"):
         assert f"Service/shop/{name} is already defined in a.yaml" in problems, problems
+
+
+def test_a_yaml_alias_bomb_is_refused_and_the_rest_is_read(tmp_path: Path) -> None:
+    """A "billion laughs": each anchor lists the previous one ten times. Six levels are 1.2
+    million values in 462 bytes, nine are 1.2 billion in 645, which the reader expanded (and
+    the store copied) on the control plane's only thread until it ran out of memory."""
+    lines = ["  l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha, ha]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 6)]
+    (tmp_path / "lol.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lol, namespace: shop}\n"
+        "spec:\n  ports: [{port: 80}]\n" + "\n".join(lines) + "\n"
+    )
+    write(tmp_path / "web.yaml", service("web"))
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert names(store) == ["web"]
+    assert source.errors["lol.yaml"] == (
+        "lol.yaml: document 1 repeats 1234550 values through YAML aliases (at most 100000)"
+    )
