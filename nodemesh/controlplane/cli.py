@@ -207,6 +207,16 @@ def run(args: argparse.Namespace) -> int:
         problem = "no such directory" if not os.path.exists(args.config_dir) else "not a directory"
         print(f"nodemesh controlplane: --config-dir {args.config_dir}: {problem}", file=sys.stderr)
         return 2
+    if args.source == "files":
+        try:
+            os.listdir(args.config_dir)
+        except OSError as exc:  # no read permission: the same empty config
+            print(
+                f"nodemesh controlplane: --config-dir {args.config_dir}: "
+                f"cannot list it: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
     if (
         args.source == "kubernetes"
         and importlib.util.find_spec("nodemesh.controlplane.kube") is None

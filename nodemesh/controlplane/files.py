@@ -137,14 +137,19 @@ def _alias_problem(value: Any) -> str:
 Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode
 
 
-def _config_files(directory: Path) -> list[Path]:
+def _config_files(directory: Path) -> tuple[list[Path], dict[Path, str]]:
     """Every `*.yaml`/`*.yml`/`*.json` file under `directory`, following symlinked directories
     (once each), skipping names that start with "." at any depth: the kubelet's `..data` and
     `..<timestamp>` directories of a mounted ConfigMap (its files appear again as symlinks at
-    the top), editors' hidden files."""
+    the top), editors' hidden files. Also the directories that could not be listed, and why."""
     found: list[Path] = []
     visited: set[str] = set()
-    for root, dirs, files in os.walk(directory, followlinks=True):
+    unlisted: dict[Path, str] = {}
+
+    def cannot_list(exc: OSError) -> None:
+        unlisted[Path(exc.filename)] = exc.strerror or str(exc)
+
+    for root, dirs, files in os.walk(directory, onerror=cannot_list, followlinks=True):
         real = os.path.realpath(root)
         if real in visited:  # a symlink loop, or the same directory linked twice
             dirs[:] = []
@@ -155,7 +160,7 @@ def _config_files(directory: Path) -> list[Path]:
             path = Path(root, name)
             if not name.startswith(".") and path.suffix in _SUFFIXES and path.is_file():
                 found.append(path)
-    return sorted(found)
+    return sorted(found), unlisted
 
 
 class FilesSource:
@@ -175,7 +180,9 @@ class FilesSource:
       file's objects one interval later (it may have been moved, and its new path settles).
       Writing to a temporary name and renaming it in is still the way to change a file at
       once.
-    If the directory itself is missing, nothing changes and the error is reported.
+    If the directory itself is missing, nothing changes and the error is reported; so for a
+    directory, the top one or below, that cannot be listed (permissions, an I/O error): the
+    files read from it before keep their objects.
     """
 
     def __init__(
@@ -197,6 +204,7 @@ class FilesSource:
         self._task: asyncio.Task[None] | None = None
         self._file_errors: dict[Path, str] = {}
         self._seen_at_last_poll: dict[Path, Stamp] = {}
+        self._unlisted: dict[Path, str] = {}  # directories the last scan could not list
 
     def scan(self, settled_only: bool = False) -> bool:
         """Read the directory if anything changed; returns whether the store changed.
@@ -208,14 +216,29 @@ class FilesSource:
             )
             return False
         stamps: dict[Path, Stamp] = {}
-        for p in _config_files(self.directory):
+        files, unlisted = _config_files(self.directory)
+        for p in files:
             try:
                 st = p.stat()
             except OSError:
                 continue
             stamps[p] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+        if unlisted:
+            # hidden from us, not deleted: what was read from there stays as it was
+            hidden = {
+                p: stamp
+                for p, stamp in self._stamps.items()
+                if p not in stamps and any(p.is_relative_to(d) for d in unlisted)
+            }
+            stamps = dict(sorted({**stamps, **hidden}.items()))
         previous_poll, self._seen_at_last_poll = self._seen_at_last_poll, stamps
-        if stamps == self._stamps and self._stamps and not self._missing_reported:
+        was_unlisted, self._unlisted = self._unlisted, unlisted
+        if (
+            stamps == self._stamps
+            and self._stamps
+            and not self._missing_reported
+            and unlisted == was_unlisted
+        ):
             return False
         gone = [p for p in self._stamps if p not in stamps]
         if settled_only:
@@ -229,6 +252,11 @@ class FilesSource:
             self._contributes.pop(p, None)
             self._file_errors.pop(p, None)
         errors: dict[str, str] = {}
+        for d, why in unlisted.items():
+            where = str(d.relative_to(self.directory)) if d != self.directory else str(d)
+            errors[where] = (
+                f"{where}: cannot list the directory: {why}; its files keep their objects"
+            )
         seen: dict[ObjectKey, Path] = {}
         objects: list[Mapping[str, Any]] = []
         vanished = [(p, None) for p in self._stamps if p not in stamps]

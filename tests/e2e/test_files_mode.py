@@ -8,10 +8,12 @@ import http.client
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -371,4 +373,83 @@ def test_no_kubernetes_credentials_is_one_clear_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1] == (
         "nodemesh controlplane: kubernetes source: "
         "no Kubernetes credentials: neither a service account nor a kubeconfig"
+    )
+
+
+@pytest.fixture
+def listable_by_others() -> Iterator[Path]:
+    """A directory another user can reach (pytest's tmp_path is in one only root reads)."""
+    top = Path(tempfile.mkdtemp(prefix="nodemesh-files-"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        for p in [top, *top.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+        shutil.rmtree(top)
+
+
+def test_a_config_dir_that_cannot_be_listed_keeps_its_objects(listable_by_others: Path) -> None:
+    """A volume's permissions changed under a control plane that does not run as root (a chmod,
+    an fsGroup): the directory walk skipped what it could not list without a word, so the
+    whole config went, or a subdirectory's. Now its files keep their objects and /status says
+    why; at start, when there is nothing to keep, it is one line and exit code 2."""
+    config = listable_by_others / "config"
+    (config / "team").mkdir(parents=True)
+    (config / "web.yaml").write_text(yaml.safe_dump_all([service("web"), service("api")]))
+    (config / "team" / "route.yaml").write_text(
+        yaml.safe_dump(http_route("web", "web", [{"backendRefs": [to("api")]}]))
+    )
+    for p in [config, *config.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    as_nobody: list[str] = []  # root lists a directory whatever its mode
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        need(setpriv, "setpriv (util-linux), to run the control plane as nobody")
+        # (not Popen's user=: it drops root's capabilities before the exec, and the Python of
+        # a venv may be under /root)
+        as_nobody = [str(setpriv), "--reuid=65534", "--regid=65534", "--clear-groups"]
+    http = free_port()
+    args = [*as_nobody, sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
+            "--config-dir", str(config), "--xds-listen", "127.0.0.1:0",
+            "--http-listen", f"127.0.0.1:{http}", "--poll-interval", "0.05"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+
+        def status() -> dict[str, Any]:
+            if proc.poll() is not None:
+                assert proc.stderr is not None
+                pytest.fail(f"the control plane exited: {proc.stderr.read()}")
+            url = f"http://127.0.0.1:{http}/status"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return dict(json.loads(resp.read()))
+
+        def route_and_errors() -> tuple[list[str], list[str]]:
+            s = status()
+            if s["built_revision"] < s["store_revision"]:
+                raise AssertionError("not built yet")
+            return [o["name"] for o in s["objects"]], [e["message"] for e in s["source_errors"]]
+
+        wait_for(lambda: route_and_errors() == (["web"], []), "the route in /status")
+        for unlisted, where in ((config / "team", "team"), (config, str(config))):
+            unlisted.chmod(0o311)  # searchable, not readable
+            errors = wait_for(lambda: route_and_errors()[1], f"{where} reported")
+            assert errors == [
+                f"{where}: cannot list the directory: Permission denied; its files keep their "
+                "objects"
+            ]
+            assert route_and_errors() == (["web"], errors)
+            unlisted.chmod(0o755)
+            wait_for(lambda: route_and_errors() == (["web"], []), f"{where} listed again")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    config.chmod(0o311)
+    start = subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert (start.returncode, start.stderr) == (
+        2,
+        f"nodemesh controlplane: --config-dir {config}: cannot list it: Permission denied\n",
     )
