@@ -126,7 +126,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             raise _CannotListen(f"--http-listen {args.http_listen}: {exc.strerror}") from exc
         if args.source == "files":
             files = FilesSource(args.config_dir, store, pipeline, interval=args.poll_interval)
-            files.scan()
+            await asyncio.to_thread(files.scan)  # /livez answers meanwhile
         else:
             kube = importlib.import_module("nodemesh.controlplane.kube")
             kube_ready = asyncio.Event()

@@ -26,7 +26,8 @@ Public surface (used by the files source, the kopf operator and the HTTP status 
 - `pipeline.subscribe(callback)`: `callback(key, conditions)` whenever an object's conditions
   change (also with `()` when the object went away). Called on the event loop thread.
 - `pipeline.set_source_errors(source, {where: message})`: sources report what they could not
-  read (invalid YAML, objects without a name); shown in `/status` next to the objects.
+  read (invalid YAML, objects without a name); shown in `/status` next to the objects. Safe
+  to call from another thread (the files source reads in one).
 - A snapshot is published only when translation succeeded and the snapshot is consistent;
   otherwise Envoy keeps the last good config and the error is shown in `status_json()`.
 
@@ -226,7 +227,9 @@ class Pipeline:
         return lambda: self._subscribers.remove(callback)
 
     def set_source_errors(self, source: str, errors: Mapping[str, str]) -> None:
-        self._source_errors[source] = dict(errors)
+        # a new mapping, not an update: the files source calls this from its thread while
+        # `status_json` may be iterating
+        self._source_errors = {**self._source_errors, source: dict(errors)}
 
     # -- reading ---------------------------------------------------------------------------
     def conditions(self) -> dict[ObjectKey, tuple[Condition, ...]]:

@@ -5,6 +5,7 @@ stop the reader. (The whole process with a real Envoy: tests/e2e/test_files_mode
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -322,3 +323,28 @@ def test_a_yaml_alias_bomb_is_refused_and_the_rest_is_read(tmp_path: Path) -> No
     assert source.errors["lol.yaml"] == (
         "lol.yaml: document 1 repeats 1234550 values through YAML aliases (at most 100000)"
     )
+
+
+async def test_reading_a_large_file_does_not_stall_the_control_plane(tmp_path: Path) -> None:
+    """The polling loop shares its event loop with the xDS server and /status, /livez: a 1 MB
+    file (a ConfigMap's limit) held them all for 7 s on every change, long enough for a
+    liveness probe to fail and restart the control plane."""
+    store = Store()
+    source = FilesSource(tmp_path, store, interval=0.02)
+    await source.start()
+    try:
+        big = [service(f"s{i}") for i in range(5000)]
+        for obj in big:
+            obj["metadata"]["labels"] = {"app": obj["metadata"]["name"], "team": "shop"}
+        write(tmp_path / "big.tmp", *big)
+        assert (tmp_path / "big.tmp").stat().st_size > 900_000
+        (tmp_path / "big.tmp").rename(tmp_path / "big.yaml")
+        loop = asyncio.get_running_loop()
+        longest, last, deadline = 0.0, loop.time(), loop.time() + 60
+        while len(store.keys("Service")) < 5000:
+            assert loop.time() < deadline, "the file was not read within 60 s"
+            await asyncio.sleep(0.01)
+            longest, last = max(longest, loop.time() - last), loop.time()
+        assert longest < 0.5, f"the event loop was held for {longest:.1f} s"
+    finally:
+        await source.stop()
