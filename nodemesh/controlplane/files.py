@@ -9,6 +9,7 @@ a file caught while it is being written (see `FilesSource`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -52,14 +53,45 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
+def _after_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":  # JSON's whitespace
+        i += 1
+    return i
+
+
+def _documents(text: str) -> tuple[list[Any], str]:
+    """The documents of a YAML stream, or of a JSON stream where `text` starts with `{` (as
+    kubectl tells them apart), and "" or why there are none."""
+    text = text.removeprefix("\ufeff")
+    json_problem = ""
+    if text.lstrip(" \t\r\n").startswith("{"):
+        # JSON's own parser: `\ud83d\ude00` (how json.dump writes an emoji) is one character,
+        # which YAML reads as two lone surrogates, and objects may follow one another, as
+        # `kubectl get -o json` of several names writes them
+        decoder, docs = json.JSONDecoder(), []
+        i = _after_space(text, 0)
+        try:
+            while i < len(text):
+                doc, i = decoder.raw_decode(text, i)
+                docs.append(doc)
+                i = _after_space(text, i)
+            return docs, ""
+        except json.JSONDecodeError as exc:
+            json_problem = f"invalid JSON: {exc}"
+    try:
+        # (a `{` that is not JSON may be YAML's flow style: `{kind: Service, ...}`)
+        return list(yaml.load_all(text, Loader=_KubeLoader)), ""  # a SafeLoader
+    except yaml.YAMLError as exc:
+        return [], json_problem or f"invalid YAML: {exc}".replace("\n", " ")
+
+
 def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Objects from a YAML stream (and `kind: List` items), plus per-document errors."""
+    """Objects from a YAML or JSON stream (and `kind: List` items), plus per-document errors."""
     objs: list[dict[str, Any]] = []
     errors: list[str] = []
-    try:
-        docs = list(yaml.load_all(text, Loader=_KubeLoader))  # a SafeLoader
-    except yaml.YAMLError as exc:
-        return [], [f"{where}: invalid YAML: {exc}".replace("\n", " ")]
+    docs, problem = _documents(text)
+    if problem:
+        return [], [f"{where}: {problem}"]
     for i, doc in enumerate(docs):
         if doc is None:
             continue

@@ -6,6 +6,7 @@ stop the reader. (The whole process with a real Envoy: tests/e2e/test_files_mode
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,50 @@ async def test_reading_a_large_file_does_not_stall_the_control_plane(tmp_path: P
         assert longest < 0.5, f"the event loop was held for {longest:.1f} s"
     finally:
         await source.stop()
+
+
+def test_json_is_read_as_json(tmp_path: Path) -> None:
+    """What JSON tools write: `json.dump` escapes an emoji as two UTF-16 halves, which YAML
+    read as two lone surrogates (libyaml refuses them); `jq --tab` indents with tabs, which
+    YAML refused; `kubectl get -o json` of two names writes one object after the other, which
+    YAML refused too. kubectl reads all three."""
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [
+                {
+                    "matches": [{"headers": [{"name": "x-mood", "value": "\N{GRINNING FACE}"}]}],
+                    "backendRefs": [{"name": "web", "port": 80}],
+                }
+            ],
+        },
+    }
+    (tmp_path / "shop.json").write_text(
+        json.dumps(service("web"), indent="\t") + "\n" + json.dumps(route, indent="\t") + "\n"
+    )
+    assert "\\ud83d\\ude00" in (tmp_path / "shop.json").read_text()
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert source.errors == {}
+    assert names(store) == ["web"]
+    (key,) = store.keys("HTTPRoute")
+    got = store.get(key)
+    assert got is not None
+    assert got["spec"]["rules"][0]["matches"][0]["headers"][0]["value"] == "\N{GRINNING FACE}"
+
+    (tmp_path / "shop.json").write_text('{"apiVersion": "v1",\n "kind": "Service"\n')
+    source.scan()
+    assert source.errors["shop.json"] == (
+        "shop.json: invalid JSON: Expecting ',' delimiter: line 3 column 1 (char 40); "
+        "shop.json: keeping the objects from its last good version"
+    )
+    (tmp_path / "shop.json").write_text(  # YAML's flow style starts with `{` too
+        "{apiVersion: v1, kind: Service, metadata: {name: db, namespace: shop},\n"
+        " spec: {ports: [{port: 5432}]}}\n"
+    )
+    source.scan()
+    assert (names(store), source.errors) == (["db"], {})
