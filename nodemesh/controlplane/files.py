@@ -34,7 +34,40 @@ _MAX_ALIASED_VALUES = 100_000
 class _KubeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """YAML as kubectl reads it: a date stays a string (`value: 2024-01-01` is a header value,
     not a `datetime.date`). libyaml's parser where PyYAML has it (its wheels do): it reads a
-    1 MB file (a ConfigMap's limit) seven times faster than PyYAML's own."""
+    1 MB file (a ConfigMap's limit) seven times faster than PyYAML's own. A key twice in one
+    mapping is an error, as the API server's strict decoding makes it ("already set in map"),
+    where YAML keeps the last: a `backendRefs:` pasted twice into a rule would drop the first."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # before the constructor flattens merge keys (`<<: *base`), whose keys may be repeated
+        _refuse_repeated_keys(node)
+        return super().construct_document(node)
+
+
+def _refuse_repeated_keys(root: yaml.Node) -> None:
+    seen: set[int] = set()  # nodes, once each: aliases share them
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or not isinstance(node, yaml.CollectionNode):
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+            continue
+        keys: set[tuple[str, str]] = set()
+        for key, value in node.value:
+            stack.extend((key, value))
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            if (key.tag, key.value) in keys:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found key {key.value!r} a second time",
+                    key.start_mark,
+                )
+            keys.add((key.tag, key.value))
 
 
 _KubeLoader.yaml_implicit_resolvers = {
@@ -59,6 +92,15 @@ def _after_space(text: str, i: int) -> int:
     return i
 
 
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each there once (the API server's strict decoding)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        twice = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise ValueError(f"found key {twice!r} a second time in an object")
+    return obj
+
+
 def _documents(text: str) -> tuple[list[Any], str]:
     """The documents of a YAML stream, or of a JSON stream where `text` starts with `{` (as
     kubectl tells them apart), and "" or why there are none."""
@@ -68,7 +110,7 @@ def _documents(text: str) -> tuple[list[Any], str]:
         # JSON's own parser: `\ud83d\ude00` (how json.dump writes an emoji) is one character,
         # which YAML reads as two lone surrogates, and objects may follow one another, as
         # `kubectl get -o json` of several names writes them
-        decoder, docs = json.JSONDecoder(), []
+        decoder, docs = json.JSONDecoder(object_pairs_hook=_object_once), []
         i = _after_space(text, 0)
         try:
             while i < len(text):
@@ -76,7 +118,7 @@ def _documents(text: str) -> tuple[list[Any], str]:
                 docs.append(doc)
                 i = _after_space(text, i)
             return docs, ""
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # (a JSONDecodeError, or _object_once's)
             json_problem = f"invalid JSON: {exc}"
     try:
         # (a `{` that is not JSON may be YAML's flow style: `{kind: Service, ...}`)

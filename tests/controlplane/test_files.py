@@ -396,3 +396,47 @@ def test_json_is_read_as_json(tmp_path: Path) -> None:
     )
     source.scan()
     assert (names(store), source.errors) == (["db"], {})
+
+
+def test_a_key_twice_in_a_mapping_is_refused(tmp_path: Path) -> None:
+    """A `backendRefs:` pasted a second time into a canary rule: YAML kept the second, so every
+    request went to the canary, Accepted. The API server's strict decoding refuses it ("key
+    already set in map"); so does files mode now, in YAML and in JSON. Merge keys may still
+    be overridden."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    route = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n"
+        "metadata: {name: web, namespace: shop}\n"
+        "spec:\n  parentRefs: [{kind: Service, name: web}]\n"
+        "  rules:\n  - backendRefs: [{name: web, port: 80}]\n"
+    )
+    (tmp_path / "route.yaml").write_text(route)
+    source.scan()
+    assert source.errors == {}
+    (tmp_path / "route.yaml").write_text(
+        route + "    backendRefs: [{name: web-canary, port: 80}]\n"
+    )
+    source.scan()
+    assert source.errors["route.yaml"] == (
+        'route.yaml: invalid YAML: while reading a mapping   in "<unicode string>", line 7, '
+        "column 5 found key 'backendRefs' a second time   in \"<unicode string>\", line 8, "
+        "column 5; route.yaml: keeping the objects from its last good version"
+    )
+    (key,) = store.keys("HTTPRoute")
+    kept = store.get(key)
+    assert kept is not None and kept["spec"]["rules"][0]["backendRefs"][0]["name"] == "web"
+
+    (tmp_path / "web.json").write_text(
+        '{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "name": "db"}}'
+    )
+    (tmp_path / "merged.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\n"
+        "spec:\n  ports: [{port: 80}]\n  x: &x {a: 1}\n  y: {<<: *x, a: 2}\n"
+    )
+    source.scan()
+    assert source.errors["web.json"] == (
+        "web.json: invalid JSON: found key 'name' a second time in an object"
+    )
+    assert "merged.yaml" not in source.errors
+    assert names(store) == ["api"]
