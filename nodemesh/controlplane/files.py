@@ -212,30 +212,48 @@ def _alias_problem(value: Any) -> str:
 Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode
 
 
-def _config_files(directory: Path) -> tuple[list[Path], dict[Path, str]]:
+def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
     """Every `*.yaml`/`*.yml`/`*.json` file under `directory`, following symlinked directories
-    (once each), skipping names that start with "." at any depth: the kubelet's `..data` and
-    `..<timestamp>` directories of a mounted ConfigMap (its files appear again as symlinks at
-    the top), editors' hidden files. Also the directories that could not be listed, and why."""
-    found: list[Path] = []
-    visited: set[str] = set()
+    (once each), skipping names that start with "." at any depth (editors' hidden files): its
+    path under `directory`, and the path to read it at. Also the directories that could not be
+    listed, and why.
+
+    A directory with a `..data` symlink is a volume the kubelet writes (a ConfigMap, a Secret,
+    a projected volume): its files are read in the directory `..data` links to, whose swap is
+    the kubelet's one atomic step. The links to them beside `..data` are made after that swap
+    and removed after it, so a poll in between would see an update half done: a key changed
+    but the new key an object moved to not there yet."""
+    found: dict[Path, Path] = {}
     unlisted: dict[Path, str] = {}
+    visited: set[str] = set()
 
-    def cannot_list(exc: OSError) -> None:
-        unlisted[Path(exc.filename)] = exc.strerror or str(exc)
-
-    for root, dirs, files in os.walk(directory, onerror=cannot_list, followlinks=True):
-        real = os.path.realpath(root)
+    def walk(shown: Path, at: Path) -> None:
+        data = at / "..data"
+        if data.is_symlink() and data.is_dir():
+            at = Path(os.path.realpath(data))
+        real = os.path.realpath(at)
         if real in visited:  # a symlink loop, or the same directory linked twice
-            dirs[:] = []
-            continue
+            return
         visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            path = Path(root, name)
-            if not name.startswith(".") and path.suffix in _SUFFIXES and path.is_file():
-                found.append(path)
-    return sorted(found), unlisted
+        try:
+            with os.scandir(at) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            unlisted[shown] = exc.strerror or str(exc)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # (through a symlink too)
+                    walk(shown / entry.name, at / entry.name)
+                elif Path(entry.name).suffix in _SUFFIXES and entry.is_file():
+                    found[shown / entry.name] = at / entry.name
+            except OSError:  # gone since the listing
+                continue
+
+    walk(directory, directory)
+    return dict(sorted(found.items())), unlisted
 
 
 class FilesSource:
@@ -292,9 +310,9 @@ class FilesSource:
             return False
         stamps: dict[Path, Stamp] = {}
         files, unlisted = _config_files(self.directory)
-        for p in files:
+        for p, at in files.items():
             try:
-                st = p.stat()
+                st = at.stat()
             except OSError:
                 continue
             stamps[p] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
@@ -339,7 +357,7 @@ class FilesSource:
             rel = str(p.relative_to(self.directory))
             settling = settled_only and previous_poll.get(p) != stamp
             if stamp is not None and stamp != self._stamps.get(p) and not settling:
-                objs, problem = self._read(p, rel)
+                objs, problem = self._read(p, files[p], rel)
                 self._stamps[p], self._file_errors[p] = stamp, problem
             else:  # this version was read already, or it may still be being written
                 objs = self._contributes.get(p, [])
@@ -358,13 +376,14 @@ class FilesSource:
         self._report(errors)
         return self.store.replace_all(objects, kinds=KINDS.keys())
 
-    def _read(self, p: Path, rel: str) -> tuple[list[dict[str, Any]], str]:
-        """What file `p` contributes now, and its problem ("" if none); see the class doc."""
+    def _read(self, p: Path, at: Path, rel: str) -> tuple[list[dict[str, Any]], str]:
+        """What file `p`, read at `at`, contributes now, and its problem ("" if none); see the
+        class doc."""
         last = self._last_good.get(p)
         try:
-            objs, problems = load_objects(p.read_text(encoding="utf-8"), rel)
+            objs, problems = load_objects(at.read_text(encoding="utf-8"), rel)
         except OSError as exc:
-            objs, problems = [], [f"{rel}: cannot read: {exc}"]
+            objs, problems = [], [f"{rel}: cannot read: {exc.strerror or exc}"]
         except UnicodeDecodeError as exc:
             objs, problems = [], [f"{rel}: not UTF-8 text: {exc}"]
         if not problems and not objs and last:

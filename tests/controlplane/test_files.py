@@ -440,3 +440,59 @@ def test_a_key_twice_in_a_mapping_is_refused(tmp_path: Path) -> None:
     )
     assert "merged.yaml" not in source.errors
     assert names(store) == ["api"]
+
+
+def kubelet_writes(volume: Path, version: str, payload: dict[str, list[dict[str, Any]]]) -> Any:
+    """The kubelet's AtomicWriter, a step per `next()`: the new data in a `..<timestamp>`
+    directory, `..data` swapped to it (its one atomic step), links for new keys made beside
+    it, links of removed keys removed, the old data removed."""
+    data = volume / f"..{version}"
+    data.mkdir()
+    for key, objs in payload.items():
+        write(data / key, *objs)
+    old = os.readlink(volume / "..data") if (volume / "..data").is_symlink() else None
+    (volume / "..data_tmp").symlink_to(data.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+    yield
+    for key in payload:
+        if not (volume / key).is_symlink():
+            (volume / key).symlink_to(f"..data/{key}")
+    yield
+    for link in volume.iterdir():
+        if not link.name.startswith(".") and link.name not in payload:
+            link.unlink()
+    yield
+    if old is not None:
+        for f in (volume / old).iterdir():
+            f.unlink()
+        (volume / old).rmdir()
+    yield
+
+
+def test_a_configmap_update_is_taken_whole_and_once(tmp_path: Path) -> None:
+    """An update that moves objects to a new key: the poller read the links beside `..data`,
+    which the kubelet makes after its atomic swap, so a poll between the two read the changed
+    key without the new one, and `db` and `api` were gone from the store for a poll (and from
+    every Envoy, if a snapshot went out)."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    changes: list[frozenset[Any]] = []
+    store.subscribe(lambda _revision, changed: changes.append(changed))
+    for _ in kubelet_writes(tmp_path, "2026_11_22_09_00_00.1", {
+        "a.yaml": [service("web"), service("db")], "b.yaml": [service("api")],
+    }):  # fmt: skip
+        pass
+    source.scan(settled_only=True)
+    source.scan(settled_only=True)
+    assert (names(store), len(changes)) == (["api", "db", "web"], 1)
+
+    update = kubelet_writes(tmp_path, "2026_11_22_09_05_00.2", {
+        "a.yaml": [service("web", port=8080)], "c.yaml": [service("db"), service("api")],
+    })  # fmt: skip
+    for _ in update:
+        source.scan(settled_only=True)  # a poll after each step
+        assert names(store) == ["api", "db", "web"]
+    for _ in range(2):
+        source.scan(settled_only=True)
+    assert (ports(store, "web"), source.errors) == ([8080], {})
+    assert [sorted(k.name for k in c) for c in changes[1:]] == [["web"]]
