@@ -353,7 +353,9 @@ class FilesSource:
         seen: dict[ObjectKey, Path] = {}
         objects: list[Mapping[str, Any]] = []
         vanished = [(p, None) for p in self._stamps if p not in stamps]
-        for p, stamp in [*stamps.items(), *vanished]:
+        # in path order, vanished files too: of two files defining an object the first path's
+        # counts, also while it is kept for a poll
+        for p, stamp in sorted([*stamps.items(), *vanished], key=lambda item: item[0]):
             rel = str(p.relative_to(self.directory))
             settling = settled_only and previous_poll.get(p) != stamp
             if stamp is not None and stamp != self._stamps.get(p) and not settling:

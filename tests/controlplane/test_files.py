@@ -496,3 +496,23 @@ def test_a_configmap_update_is_taken_whole_and_once(tmp_path: Path) -> None:
         source.scan(settled_only=True)
     assert (ports(store, "web"), source.errors) == ([8080], {})
     assert [sorted(k.name for k in c) for c in changes[1:]] == [["web"]]
+
+
+def test_an_object_defined_twice_keeps_its_definition_while_its_file_moves(
+    tmp_path: Path,
+) -> None:
+    """Of two files defining one object the first path's counts. `mv a.yaml 0.yaml` keeps it
+    first, but for the poll in which a.yaml is kept while 0.yaml settles, a.yaml counted after
+    every other file, and b.yaml's definition went out for that poll."""
+    write(tmp_path / "a.yaml", service("web", port=80))
+    write(tmp_path / "b.yaml", service("web", port=81))
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert ports(store, "web") == [80]
+    assert source.errors == {"b.yaml": "b.yaml: Service/shop/web is already defined in a.yaml"}
+    (tmp_path / "a.yaml").rename(tmp_path / "0.yaml")
+    for _ in range(3):
+        source.scan(settled_only=True)
+        assert ports(store, "web") == [80]
+    assert source.errors == {"b.yaml": "b.yaml: Service/shop/web is already defined in 0.yaml"}
