@@ -124,7 +124,18 @@ def _documents(text: str) -> tuple[list[Any], str]:
         # (a `{` that is not JSON may be YAML's flow style: `{kind: Service, ...}`)
         return list(yaml.load_all(text, Loader=_KubeLoader)), ""  # a SafeLoader
     except yaml.YAMLError as exc:
-        return [], json_problem or f"invalid YAML: {exc}".replace("\n", " ")
+        return [], json_problem or _yaml_problem(exc)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`exc` on one line, where it is (PyYAML's own text names the file `<unicode string>`)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        text = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context and exc.context_mark is not None:
+            text += f" ({exc.context}, line {exc.context_mark.line + 1})"
+        return text
+    return f"invalid YAML: {exc}".replace("\n", " ")
 
 
 def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]]:

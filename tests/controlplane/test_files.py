@@ -419,9 +419,9 @@ def test_a_key_twice_in_a_mapping_is_refused(tmp_path: Path) -> None:
     )
     source.scan()
     assert source.errors["route.yaml"] == (
-        'route.yaml: invalid YAML: while reading a mapping   in "<unicode string>", line 7, '
-        "column 5 found key 'backendRefs' a second time   in \"<unicode string>\", line 8, "
-        "column 5; route.yaml: keeping the objects from its last good version"
+        "route.yaml: invalid YAML at line 8, column 5: found key 'backendRefs' a second time "
+        "(while reading a mapping, line 7); "
+        "route.yaml: keeping the objects from its last good version"
     )
     (key,) = store.keys("HTTPRoute")
     kept = store.get(key)
@@ -516,3 +516,17 @@ def test_an_object_defined_twice_keeps_its_definition_while_its_file_moves(
         source.scan(settled_only=True)
         assert ports(store, "web") == [80]
     assert source.errors == {"b.yaml": "b.yaml: Service/shop/web is already defined in 0.yaml"}
+
+
+def test_invalid_yaml_is_reported_on_one_line_with_where(tmp_path: Path) -> None:
+    """PyYAML's text spread the place over its message, naming the file `<unicode string>`."""
+    (tmp_path / "web.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+        "spec:\n  ports: [{port: 80}\n"
+    )
+    source = FilesSource(tmp_path, Store())
+    source.scan()
+    assert source.errors == {
+        "web.yaml": "web.yaml: invalid YAML at line 6, column 1: did not find expected ',' or "
+        "']' (while parsing a flow sequence, line 5)"
+    }
