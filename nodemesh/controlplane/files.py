@@ -26,8 +26,8 @@ __all__ = ["FilesSource", "load_objects"]
 
 log = logging.getLogger(__name__)
 _SUFFIXES = (".yaml", ".yml", ".json")
-# values aliases may add to a document: far beyond what anchors save in real objects, and
-# quick to copy (the store copies every object)
+# values YAML aliases may repeat in a file: far beyond what anchors save in real objects,
+# and quick to copy (the store copies every object)
 _MAX_ALIASED_VALUES = 100_000
 
 
@@ -145,13 +145,23 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
     docs, problem = _documents(text)
     if problem:
         return [], [f"{where}: {problem}"]
+    repeated = 0  # values repeated through aliases in the documents taken so far
     for i, doc in enumerate(docs):
         if doc is None:
             continue
-        problem = _alias_problem(doc)
-        if problem:
-            errors.append(f"{where}: document {i + 1} {problem}")
+        more = _repeated_values(doc)
+        if more is None:
+            # `a: &x {b: *x}` is valid YAML; no Kubernetes object is (JSON has no references)
+            errors.append(f"{where}: document {i + 1} refers to itself through a YAML alias")
             continue
+        if repeated + more > _MAX_ALIASED_VALUES:
+            before = f", {repeated} more before it" if repeated else ""
+            errors.append(
+                f"{where}: document {i + 1} repeats {more} values through YAML aliases{before} "
+                f"(at most {_MAX_ALIASED_VALUES} in a file)"
+            )
+            continue
+        repeated += more
         doc = _without_nulls(doc)
         items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
         if items is not None and not isinstance(items, list):
@@ -185,12 +195,12 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
     return objs, errors
 
 
-def _alias_problem(value: Any) -> str:
-    """Why YAML aliases make `value` unusable, or "": it contains itself (copying or comparing
-    it would not end: `a: &x {b: *x}`, valid YAML that no Kubernetes object is), or repeating
-    anchors expands it beyond `_MAX_ALIASED_VALUES` (a "billion laughs": a few hundred bytes
-    of nested aliases are billions of values once copied). Counts each shared container once,
-    depth first with the ones on the current path, so the bomb itself is never expanded."""
+def _repeated_values(value: Any) -> int | None:
+    """How many values YAML aliases repeat in `value`: what expanding it (copying it, as the
+    store does) costs beyond the values written; None if it contains itself (copying or
+    comparing it would not end). A few hundred bytes of nested anchors repeat billions (a
+    "billion laughs"). Counts each shared container once, depth first with the ones on the
+    current path, so nothing is expanded."""
     sizes: dict[int, int] = {}  # container id -> values in it, expanded, itself included
     own = 0  # values with every shared container counted once
     on_path: set[int] = set()
@@ -210,14 +220,11 @@ def _alias_problem(value: Any) -> str:
         if not isinstance(item, dict | list) or id(item) in sizes:
             continue
         if id(item) in on_path:
-            return "refers to itself through a YAML alias"
+            return None
         on_path.add(id(item))
         stack.append((item, True))
         stack.extend((c, False) for c in children if isinstance(c, dict | list))
-    total = sizes.get(id(value), 1)
-    if total - own > _MAX_ALIASED_VALUES:
-        return f"repeats {total - own} values through YAML aliases (at most {_MAX_ALIASED_VALUES})"
-    return ""
+    return sizes.get(id(value), 1) - (own or 1)
 
 
 Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode
