@@ -421,9 +421,13 @@ class FilesSource:
         return str(self.directory) in self.errors
 
     def _report(self, errors: dict[str, str]) -> None:
-        if errors != self.errors:
-            for message in errors.values():
+        # each problem once, when it appears or changes, and when it is gone: an ERROR line is
+        # what alerts watch for, and one file's new problem is no news about the others
+        for where, message in errors.items():
+            if self.errors.get(where) != message:
                 log.error("%s", message)
+        for where in self.errors.keys() - errors.keys():
+            log.info("%s: no problem any more", where)
         self.errors = errors
         if self.pipeline is not None:
             self.pipeline.set_source_errors("files", errors)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from nodemesh.controlplane.files import FilesSource
@@ -543,3 +545,21 @@ def test_invalid_yaml_is_reported_on_one_line_with_where(tmp_path: Path) -> None
         "web.yaml": "web.yaml: invalid YAML at line 6, column 1: did not find expected ',' or "
         "']' (while parsing a flow sequence, line 5)"
     }
+
+
+def test_each_problem_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second broken file logged the first one's problem again (every problem was logged on
+    every change to any of them), and a fixed file was not mentioned."""
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.files")
+    source = FilesSource(tmp_path, Store())
+    (tmp_path / "a.yaml").write_text("kind: [\n")
+    source.scan()
+    (tmp_path / "b.yaml").write_text("kind: Service\n")
+    source.scan()
+    (tmp_path / "b.yaml").unlink()
+    source.scan()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", source.errors["a.yaml"]),
+        ("ERROR", "b.yaml: document 1: Service has no metadata"),
+        ("INFO", "b.yaml: no problem any more"),
+    ]
