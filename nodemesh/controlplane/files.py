@@ -9,6 +9,7 @@ a file caught while it is being written (see `FilesSource`).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import os
@@ -227,6 +228,14 @@ def _repeated_values(value: Any) -> int | None:
     return sizes.get(id(value), 1) - (own or 1)
 
 
+def _text(data: bytes) -> str:
+    """A file's text: UTF-8, or UTF-16 after its byte order mark (what Windows PowerShell's `>`
+    writes), as kubectl reads files."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8")
+
+
 Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode
 
 
@@ -401,11 +410,11 @@ class FilesSource:
         class doc."""
         last = self._last_good.get(p)
         try:
-            objs, problems = load_objects(at.read_text(encoding="utf-8"), rel)
+            objs, problems = load_objects(_text(at.read_bytes()), rel)
         except OSError as exc:
             objs, problems = [], [f"{rel}: cannot read: {exc.strerror or exc}"]
         except UnicodeDecodeError as exc:
-            objs, problems = [], [f"{rel}: not UTF-8 text: {exc}"]
+            objs, problems = [], [f"{rel}: not {exc.encoding.upper()} text: {exc}"]
         if not problems and not objs and last:
             problems = [f"{rel}: the file is empty"]
         if not problems:

@@ -66,7 +66,7 @@ def test_files_that_are_not_text_or_not_objects_are_reported_and_the_rest_is_rea
     tmp_path: Path,
 ) -> None:
     """Once made start-up crash (UnicodeDecodeError) or the poller fail on every pass."""
-    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe not utf-8\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n")  # (\xff\xfe is a BOM)
     (tmp_path / "list.yaml").write_text("apiVersion: v1\nkind: List\nitems: 5\n")
     write(tmp_path / "good.yaml", service("web"))
     store = Store()
@@ -563,3 +563,19 @@ def test_each_problem_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFi
         ("ERROR", "b.yaml: document 1: Service has no metadata"),
         ("INFO", "b.yaml: no problem any more"),
     ]
+
+
+def test_a_utf16_file_with_its_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """What Windows PowerShell 5's `>` and `Out-File` write, and kubectl reads: it was "not
+    UTF-8 text". UTF-8 with a byte order mark (Notepad's) was read already."""
+    (tmp_path / "web.yaml").write_bytes(yaml.safe_dump(service("web")).encode("utf-16"))
+    (tmp_path / "db.yaml").write_bytes(yaml.safe_dump(service("db")).encode("utf-8-sig"))
+    (tmp_path / "api.yaml").write_bytes(b"\xff\xfe" + b"\x00\xd8")  # a lone surrogate
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert names(store) == ["db", "web"]
+    assert source.errors == {
+        "api.yaml": "api.yaml: not UTF-16-LE text: 'utf-16-le' codec can't decode bytes in "
+        "position 2-3: unexpected end of data"
+    }
