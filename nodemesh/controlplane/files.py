@@ -243,7 +243,7 @@ def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
     """Every `*.yaml`/`*.yml`/`*.json` file under `directory`, following symlinked directories
     (once each), skipping names that start with "." at any depth (editors' hidden files): its
     path under `directory`, and the path to read it at. Also the directories that could not be
-    listed, and why.
+    listed and the `*.yaml` (...) links to nothing, with why.
 
     A directory with a `..data` symlink is a volume the kubelet writes (a ConfigMap, a Secret,
     a projected volume): its files are read in the directory `..data` links to, whose swap is
@@ -266,7 +266,8 @@ def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
             with os.scandir(at) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            unlisted[shown] = exc.strerror or str(exc)
+            why = exc.strerror or str(exc)
+            unlisted[shown] = f"cannot list the directory: {why}; its files keep their objects"
             return
         for entry in entries:
             if entry.name.startswith("."):
@@ -276,6 +277,13 @@ def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
                     walk(shown / entry.name, at / entry.name)
                 elif Path(entry.name).suffix in _SUFFIXES and entry.is_file():
                     found[shown / entry.name] = at / entry.name
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    # a mount missing, a target moved: hidden, like a directory not listed
+                    # (a link of another name, if it was a directory files were read in)
+                    unlisted[shown / entry.name] = (
+                        f"a symbolic link to {os.readlink(entry.path)}, which does not exist; "
+                        "keeping the objects read through it"
+                    )
             except OSError:  # gone since the listing
                 continue
 
@@ -324,7 +332,8 @@ class FilesSource:
         self._task: asyncio.Task[None] | None = None
         self._file_errors: dict[Path, str] = {}
         self._seen_at_last_poll: dict[Path, Stamp] = {}
-        self._unlisted: dict[Path, str] = {}  # directories the last scan could not list
+        # directories the last scan could not list, links to nothing: why
+        self._unlisted: dict[Path, str] = {}
 
     def scan(self, settled_only: bool = False) -> bool:
         """Read the directory if anything changed; returns whether the store changed.
@@ -337,6 +346,13 @@ class FilesSource:
             return False
         stamps: dict[Path, Stamp] = {}
         files, unlisted = _config_files(self.directory)
+        unlisted = {
+            d: why
+            for d, why in unlisted.items()
+            if d.suffix in _SUFFIXES
+            or not why.startswith("a symbolic link")
+            or any(p.is_relative_to(d) for p in self._stamps)
+        }
         for p, at in files.items():
             try:
                 st = at.stat()
@@ -374,9 +390,7 @@ class FilesSource:
         errors: dict[str, str] = {}
         for d, why in unlisted.items():
             where = str(d.relative_to(self.directory)) if d != self.directory else str(d)
-            errors[where] = (
-                f"{where}: cannot list the directory: {why}; its files keep their objects"
-            )
+            errors[where] = f"{where}: {why}"
         seen: dict[ObjectKey, Path] = {}
         objects: list[Mapping[str, Any]] = []
         vanished = [(p, None) for p in self._stamps if p not in stamps]
@@ -390,8 +404,9 @@ class FilesSource:
                 self._stamps[p], self._file_errors[p] = stamp, problem
             else:  # this version was read already, or it may still be being written
                 objs = self._contributes.get(p, [])
-            if self._file_errors.get(p):
-                errors[rel] = self._file_errors[p]
+            if self._file_errors.get(p):  # (after a link's problem, if it is one)
+                problem = self._file_errors[p]
+                errors[rel] = f"{errors[rel]}; {problem}" if rel in errors else problem
             for obj in objs:
                 key = key_of(obj)
                 if key in seen:

@@ -579,3 +579,35 @@ def test_a_utf16_file_with_its_byte_order_mark_is_read(tmp_path: Path) -> None:
         "api.yaml": "api.yaml: not UTF-16-LE text: 'utf-16-le' codec can't decode bytes in "
         "position 2-3: unexpected end of data"
     }
+
+
+def test_a_link_to_nothing_keeps_its_objects_and_is_reported(tmp_path: Path) -> None:
+    """`web.yaml -> /mnt/team/web.yaml`, or `team -> /mnt/team`, while that volume is not
+    mounted: the link was skipped without a word, and the objects read through it went."""
+    config, team = tmp_path / "config", tmp_path / "team"
+    (team / "api").mkdir(parents=True)
+    config.mkdir()
+    write(team / "web.yaml", service("web"))
+    write(team / "api" / "api.yaml", service("api"))
+    (config / "web.yaml").symlink_to(team / "web.yaml")
+    (config / "api").symlink_to(team / "api")
+    (config / "db.yaml").symlink_to(team / "db.yaml")  # never there
+    (config / "LICENSE").symlink_to(team / "LICENSE")  # never there, and no config
+    store = Store()
+    source = FilesSource(config, store)
+    source.scan()
+    assert names(store) == ["api", "web"]
+    missing = "which does not exist; keeping the objects read through it"
+    assert source.errors == {"db.yaml": f"db.yaml: a symbolic link to {team}/db.yaml, {missing}"}
+    team.rename(tmp_path / "unmounted")
+    for _ in range(3):
+        source.scan(settled_only=True)
+        assert names(store) == ["api", "web"]
+    assert source.errors == {
+        link: f"{link}: a symbolic link to {team}/{target}, {missing}"
+        for link, target in (("api", "api"), ("db.yaml", "db.yaml"), ("web.yaml", "web.yaml"))
+    }
+    (tmp_path / "unmounted").rename(team)
+    (config / "db.yaml").unlink()
+    source.scan(settled_only=True)
+    assert (names(store), source.errors) == (["api", "web"], {})
