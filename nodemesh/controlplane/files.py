@@ -309,8 +309,8 @@ class FilesSource:
       Writing to a temporary name and renaming it in is still the way to change a file at
       once.
     If the directory itself is missing, nothing changes and the error is reported; so for a
-    directory, the top one or below, that cannot be listed (permissions, an I/O error): the
-    files read from it before keep their objects.
+    directory, the top one or below, that cannot be listed (permissions, an I/O error), and a
+    symbolic link to nothing: the files read from it before keep their objects.
     """
 
     def __init__(
