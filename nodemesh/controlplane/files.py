@@ -239,11 +239,13 @@ def _text(data: bytes) -> str:
 Stamp = tuple[int, int, int, int]  # mtime, size, inode, ctime: a rename-in is a new inode
 
 
-def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
+def _config_files(
+    directory: Path,
+) -> tuple[dict[Path, Path], dict[Path, str], dict[Path, str]]:
     """Every `*.yaml`/`*.yml`/`*.json` file under `directory`, following symlinked directories
     (once each), skipping names that start with "." at any depth (editors' hidden files): its
     path under `directory`, and the path to read it at. Also the directories that could not be
-    listed and the `*.yaml` (...) links to nothing, with why.
+    listed, with why, and the symbolic links to nothing, with their targets.
 
     A directory with a `..data` symlink is a volume the kubelet writes (a ConfigMap, a Secret,
     a projected volume): its files are read in the directory `..data` links to, whose swap is
@@ -252,6 +254,7 @@ def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
     but the new key an object moved to not there yet."""
     found: dict[Path, Path] = {}
     unlisted: dict[Path, str] = {}
+    dangling: dict[Path, str] = {}
     visited: set[str] = set()
 
     def walk(shown: Path, at: Path) -> None:
@@ -266,8 +269,7 @@ def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
             with os.scandir(at) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            why = exc.strerror or str(exc)
-            unlisted[shown] = f"cannot list the directory: {why}; its files keep their objects"
+            unlisted[shown] = exc.strerror or str(exc)
             return
         for entry in entries:
             if entry.name.startswith("."):
@@ -278,17 +280,12 @@ def _config_files(directory: Path) -> tuple[dict[Path, Path], dict[Path, str]]:
                 elif Path(entry.name).suffix in _SUFFIXES and entry.is_file():
                     found[shown / entry.name] = at / entry.name
                 elif entry.is_symlink() and not os.path.exists(entry.path):
-                    # a mount missing, a target moved: hidden, like a directory not listed
-                    # (a link of another name, if it was a directory files were read in)
-                    unlisted[shown / entry.name] = (
-                        f"a symbolic link to {os.readlink(entry.path)}, which does not exist; "
-                        "keeping the objects read through it"
-                    )
+                    dangling[shown / entry.name] = os.readlink(entry.path)
             except OSError:  # gone since the listing
                 continue
 
     walk(directory, directory)
-    return dict(sorted(found.items())), unlisted
+    return dict(sorted(found.items())), unlisted, dangling
 
 
 class FilesSource:
@@ -345,14 +342,20 @@ class FilesSource:
             )
             return False
         stamps: dict[Path, Stamp] = {}
-        files, unlisted = _config_files(self.directory)
+        files, cannot_list, dangling = _config_files(self.directory)
+        # what is hidden from us, not deleted, and why: the files read there keep their objects
         unlisted = {
-            d: why
-            for d, why in unlisted.items()
-            if d.suffix in _SUFFIXES
-            or not why.startswith("a symbolic link")
-            or any(p.is_relative_to(d) for p in self._stamps)
+            d: f"cannot list the directory: {why}; its files keep their objects"
+            for d, why in cannot_list.items()
         }
+        for link, target in dangling.items():
+            # a volume not mounted, a target moved; a link of another name counts if it was a
+            # directory files were read in
+            if link.suffix in _SUFFIXES or any(p.is_relative_to(link) for p in self._stamps):
+                unlisted[link] = (
+                    f"a symbolic link to {target}, which does not exist; "
+                    "keeping the objects read through it"
+                )
         for p, at in files.items():
             try:
                 st = at.stat()
@@ -360,7 +363,6 @@ class FilesSource:
                 continue
             stamps[p] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
         if unlisted:
-            # hidden from us, not deleted: what was read from there stays as it was
             hidden = {
                 p: stamp
                 for p, stamp in self._stamps.items()
