@@ -181,8 +181,10 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
             api = str(item.get("apiVersion", ""))
             group = api.rsplit("/", 1)[0] if "/" in api else ""
             if want is None:
-                errors.append(f"{where}: {key}: kind {key.kind!r} is not read by nodemesh")
-                continue
+                mistaken = _mistaken_kind(key.kind, group)
+                if mistaken:
+                    errors.append(f"{where}: {key}: {mistaken}")
+                continue  # another controller's object (a Deployment, a Gateway): not ours
             if group != want:
                 errors.append(
                     f"{where}: {key}: apiVersion {api!r} is not in group {want or 'core'!r}"
@@ -194,6 +196,25 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
                 continue
             objs.append(item)
     return objs, errors
+
+
+_OWN_GROUP = "nodemesh.io"
+_KINDS_FOLDED = {k.lower(): k for k in KINDS}
+
+
+def _mistaken_kind(kind: str, group: str) -> str:
+    """Why a kind nodemesh does not read looks like a mistake for one it does ("" if it does
+    not): any kind of nodemesh's own API group, a kind that differs from one of nodemesh's only
+    in case or a plural `s`. Any other kind is another controller's (a Deployment, a Gateway,
+    a ConfigMap), which a directory of an application's manifests holds too: skipped."""
+    if group == _OWN_GROUP:
+        own = ", ".join(k for k, g in KINDS.items() if g == _OWN_GROUP)
+        return f"kind {kind!r} is not one of {_OWN_GROUP}'s ({own})"
+    folded = kind.lower()
+    meant = _KINDS_FOLDED.get(folded) or _KINDS_FOLDED.get(folded.removesuffix("s"))
+    if meant:
+        return f"kind {kind!r} is not read by nodemesh; did you mean {meant!r}?"
+    return ""
 
 
 def _repeated_values(value: Any) -> int | None:

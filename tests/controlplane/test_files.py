@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from nodemesh.controlplane.files import FilesSource
-from nodemesh.controlplane.store import Store
+from nodemesh.controlplane.store import ObjectKey, Store
 
 
 def service(name: str, port: int = 80) -> dict[str, Any]:
@@ -611,3 +611,51 @@ def test_a_link_to_nothing_keeps_its_objects_and_is_reported(tmp_path: Path) -> 
     (config / "db.yaml").unlink()
     source.scan(settled_only=True)
     assert (names(store), source.errors) == (["api", "web"], {})
+
+
+def test_other_controllers_objects_are_skipped_and_mistaken_kinds_reported(
+    tmp_path: Path,
+) -> None:
+    """A directory of an application's manifests: a Deployment and a ConfigMap beside the
+    Service and its route are skipped, and the file's changes are taken. They were problems,
+    which kept the whole file at its last clean version, so the route's change was ignored.
+    A kind that looks like a mistake for one of nodemesh's is still reported."""
+    deployment = (
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n"
+        "spec: {replicas: 2}\n---\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web, namespace: shop}\n---\n"
+    )
+    svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n---\n"
+    route = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n"
+        "metadata: {name: web, namespace: shop}\n"
+        "spec:\n  parentRefs: [{kind: Service, name: web}]\n"
+        "  rules: [{backendRefs: [{name: web, port: %d}]}]\n"
+    )
+    path = tmp_path / "app.yaml"
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    path.write_text(deployment + svc + route % 80)
+    source.scan()
+    assert source.errors == {}
+    assert sorted(k.kind for k in store.view()) == ["HTTPRoute", "Service"]
+
+    path.write_text(deployment + svc + route % 8080)
+    os.utime(path, ns=(1, 1))  # a new stamp whatever the clock's resolution
+    source.scan()
+    got = store.get(ObjectKey("HTTPRoute", "shop", "web"))
+    assert got is not None and got["spec"]["rules"][0]["backendRefs"][0]["port"] == 8080
+
+    path.write_text(
+        svc.replace("kind: Service", "kind: Services")
+        + "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolcy\n"
+        "metadata: {name: web, namespace: shop}\n"
+    )
+    os.utime(path, ns=(2, 2))
+    source.scan()
+    assert source.errors["app.yaml"] == (
+        "app.yaml: Services/shop/web: kind 'Services' is not read by nodemesh; did you mean "
+        "'Service'?; app.yaml: TrafficPolcy/shop/web: kind 'TrafficPolcy' is not one of "
+        "nodemesh.io's (TrafficPolicy, AccessPolicy); app.yaml: keeping the objects from its "
+        "last good version"
+    )
