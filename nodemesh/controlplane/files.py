@@ -104,28 +104,35 @@ def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _documents(text: str) -> tuple[list[Any], str]:
     """The documents of a YAML stream, or of a JSON stream where `text` starts with `{` (as
-    kubectl tells them apart), and "" or why there are none."""
+    kubectl tells them apart), and "" or why the stream is not read to its end: then the
+    documents are those before the error (kubectl applies those too)."""
     text = text.removeprefix("\ufeff")
     json_problem = ""
+    json_docs: list[Any] = []
     if text.lstrip(" \t\r\n").startswith("{"):
         # JSON's own parser: `\ud83d\ude00` (how json.dump writes an emoji) is one character,
         # which YAML reads as two lone surrogates, and objects may follow one another, as
         # `kubectl get -o json` of several names writes them
-        decoder, docs = json.JSONDecoder(object_pairs_hook=_object_once), []
+        decoder = json.JSONDecoder(object_pairs_hook=_object_once)
         i = _after_space(text, 0)
         try:
             while i < len(text):
                 doc, i = decoder.raw_decode(text, i)
-                docs.append(doc)
+                json_docs.append(doc)
                 i = _after_space(text, i)
-            return docs, ""
+            return json_docs, ""
         except ValueError as exc:  # (a JSONDecodeError, or _object_once's)
             json_problem = f"invalid JSON: {exc}"
+    docs: list[Any] = []
     try:
         # (a `{` that is not JSON may be YAML's flow style: `{kind: Service, ...}`)
-        return list(yaml.load_all(text, Loader=_KubeLoader)), ""  # a SafeLoader
+        for doc in yaml.load_all(text, Loader=_KubeLoader):  # a SafeLoader
+            docs.append(doc)
+        return docs, ""
     except yaml.YAMLError as exc:
-        return [], json_problem or _yaml_problem(exc)
+        if json_problem:
+            return json_docs, json_problem
+        return docs, _yaml_problem(exc)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -145,7 +152,7 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
     errors: list[str] = []
     docs, problem = _documents(text)
     if problem:
-        return [], [f"{where}: {problem}"]
+        errors.append(f"{where}: {problem}")
     repeated = 0  # values repeated through aliases in the documents taken so far
     for i, doc in enumerate(docs):
         if doc is None:

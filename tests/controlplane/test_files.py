@@ -659,3 +659,25 @@ def test_other_controllers_objects_are_skipped_and_mistaken_kinds_reported(
         "nodemesh.io's (TrafficPolicy, AccessPolicy); app.yaml: keeping the objects from its "
         "last good version"
     )
+
+
+def test_a_new_file_with_a_syntax_error_gives_the_documents_before_it(tmp_path: Path) -> None:
+    """As kubectl applies the documents before a syntax error: a new file whose third document
+    is broken gives the first two, and the error is reported. It gave none. A file that was
+    clean keeps its last clean version whole, as before."""
+    good = "apiVersion: v1\nkind: Service\nmetadata: {name: %s, namespace: shop}\n---\n"
+    path = tmp_path / "shop.yaml"
+    path.write_text(good % "web" + good % "db" + "kind: Service\nmetadata: {name: [api\n")
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert names(store) == ["db", "web"]
+    assert source.errors["shop.yaml"].startswith("shop.yaml: invalid YAML at line 11, column 1")
+
+    (tmp_path / "other.json").write_text(
+        '{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": "shop"}}'
+        '\n{"apiVersion": "v1", "kind":'
+    )
+    source.scan()
+    assert names(store) == ["api", "db", "web"]
+    assert source.errors["other.json"].startswith("other.json: invalid JSON: Expecting value")
