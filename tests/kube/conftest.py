@@ -260,6 +260,23 @@ class Kube:
                 return
         raise KeyError((kind, namespace, name))
 
+    async def fail_watches(
+        self, kind: str, code: int = 500, *, delete_unseen: tuple[str, str] | None = None
+    ) -> None:
+        """Send every watch of a kind an ERROR event that is not 410 Gone, as a real API server
+        does for an internal error (an etcd failure). `delete_unseen`: (namespace, name) of an
+        object of the kind deleted at that moment, with no event for it."""
+        emulator = self.emulator
+        plural = _by_kind(kind).plural
+        resource = next(r for r in emulator._buses if r.plural == plural)
+        async with emulator._lock:
+            if delete_unseen is not None:
+                for (r, ns, n), obj in list(emulator.objects.items()):
+                    if r.plural == plural and (ns, n) == delete_unseen:
+                        obj.delete()
+            error = {"kind": "Status", "code": code, "reason": "InternalError"}
+            await emulator._buses[resource].put({"type": "ERROR", "object": error})
+
     def writes_by(self, token: str) -> list[tuple[str, str]]:
         """(method, path) of every write made with this bearer token."""
         return [

@@ -182,6 +182,30 @@ async def test_each_later_relisting_sweeps_too(kube: Kube, start_operator: Any) 
     assert [k.name for k in store.keys("Service")] == ["web"]
 
 
+async def test_a_watch_stream_error_restarts_kopf_and_the_store_keeps_following(
+    kube: Kube, start_operator: Any
+) -> None:
+    """An API server's watch stream can end with an ERROR event that is not 410 Gone (a 500
+    when etcd fails). kopf stops on it, and with it the operator: the control plane exited,
+    every replica at once (they watch the same API server), and listed the cluster again.
+    kopf is started again instead, alone; it lists again, so what went meanwhile goes."""
+    store = Store()
+    for name in ("web", "api"):
+        await kube.create(service(name))
+    handle = await start_operator(store)
+    await eventually(lambda: len(store.keys("Service")) == 2, "the Services in the store")
+    await kube.fail_watches("Service", delete_unseen=("shop", "api"))
+    await kube.create(service("new"))
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in the store")
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "api")) is None, "api gone")
+    assert not handle.task.done(), "the operator stopped"
+    # the failed kopf's other watch streams were stopped: one watcher per kind
+    watchers = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("watcher")]
+    assert sorted(watchers) == sorted(set(watchers)), watchers
+    await kube.delete("Service", "shop", "web")
+    await eventually(lambda: store.keys("Service") == [ObjectKey("Service", "shop", "new")], "web")
+
+
 def route(name: str, parent: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",

@@ -3,7 +3,7 @@
 KubeSourceError
 ├── LeaseError          the Lease could not be read or written (leadership is unknown)
 ├── ListingError        a list of our own (outside kopf) failed
-└── OperatorError       kopf stopped for a reason other than a stop request
+└── OperatorError       kopf kept stopping without a stop request (restarted in between)
 """
 
 from __future__ import annotations

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
+import itertools
 import logging
 import os
 import signal
 import socket
 import threading
-from collections.abc import Collection, Iterator, Mapping
+import weakref
+from collections.abc import Collection, Coroutine, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 import yaml
@@ -50,6 +53,12 @@ class OperatorOptions:
     # After this long without a complete listing, and every this long after, the operator asks
     # the API server whether the cluster is empty (ready) or not listed yet (log, keep waiting).
     initial_sync_timeout: float = 10.0
+    # kopf stops on a watch stream's ERROR event that is not 410 Gone (an API server's 500):
+    # it is started again after `restart_delay` (doubling, at most 30 s), keeping the store and
+    # xDS. After `restart_limit` stops in a row, each within a minute of its start, the
+    # operator ends (OperatorError): the cluster cannot be followed.
+    restart_delay: float = 1.0
+    restart_limit: int = 5
 
 
 def default_identity() -> str:
@@ -91,6 +100,65 @@ class _NoSweep(Collection["asyncio.Task[Any]"]):
 
     def __len__(self) -> int:
         return 0
+
+
+# The tasks of the kopf run that is creating them, each with its place in the order of creation
+# (see `_TaskTracker`).
+_Owned = weakref.WeakKeyDictionary[asyncio.Future[Any], int]
+_KOPF_TASKS: contextvars.ContextVar[_Owned | None] = contextvars.ContextVar(
+    "nodemesh_kopf_tasks", default=None
+)
+_created = itertools.count()
+_T = TypeVar("_T")
+
+
+class _TaskTracker:
+    """A loop task factory that adds each task to the set in `_KOPF_TASKS` of its creator's
+    context. Tasks inherit their creator's context, so a kopf run's set ends up holding every
+    task that run created, directly or not, and no other: not the ADS server's, nor another
+    operator's on the same loop.
+
+    Why: kopf stops on a watch stream's error leaving the other watch streams and their workers
+    running (its own `run_tasks` would cancel every task born after it started, which `_NoSweep`
+    prevents); those are cancelled before kopf is started again."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, _T] | Generator[Any, None, _T],
+        /,
+        **kwargs: Any,
+    ) -> asyncio.Future[_T]:
+        task: asyncio.Future[_T]
+        if self.previous is not None:
+            task = self.previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        owned = _KOPF_TASKS.get()
+        if owned is not None:
+            owned[task] = next(_created)
+        return task
+
+
+def _track_tasks() -> None:
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    if not isinstance(factory, _TaskTracker):
+        loop.set_task_factory(_TaskTracker(factory))
+
+
+async def _cancel(owned: _Owned) -> None:
+    """Cancel the tasks in `owned` one at a time, oldest first: a task that started others
+    stops them in its own way (kopf's watch stream closes its connection before its pause
+    waiter ends; cancelled the other way round, kopf fails an assertion)."""
+    current = asyncio.current_task()
+    for task, _ in sorted(owned.items(), key=lambda item: item[1]):
+        if not task.done() and task is not current:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
 
 
 def _take_back_signals(stop: asyncio.Event) -> None:
@@ -186,18 +254,7 @@ class Operator:
             f"namespaces {', '.join(ns)}" if ns else "all namespaces",
         )
         try:
-            # Not kopf.operator(): see `_NoSweep`.
-            operator_tasks = await kopf.spawn_tasks(
-                registry=build_registry(status_interval=self.options.status_interval),
-                settings=self.settings(),
-                memo=memo,
-                clusterwide=not ns,
-                namespaces=list(ns),
-                standalone=True,
-                stop_flag=stop,
-            )
-            _take_back_signals(stop)
-            await kopf.run_tasks(operator_tasks, ignored=_NoSweep())
+            await self._run_kopf(stop, memo)
         finally:
             for t in tasks:
                 t.cancel()
@@ -208,8 +265,57 @@ class Operator:
             if self.elector is not None:
                 await self.elector.release()
             log.info("operator %s stopped", self.options.identity)
-        if not stop.is_set():
-            raise OperatorError("kopf exited without a stop request")
+
+    async def _run_kopf(self, stop: asyncio.Event, memo: kopf.Memo) -> None:
+        """Run kopf until `stop` is set, starting it again when it stops on its own (see
+        `OperatorOptions.restart_delay`); raises OperatorError once it keeps stopping."""
+        _track_tasks()
+        loop = asyncio.get_running_loop()
+        ns = self.options.namespaces
+        failures = 0
+        while True:
+            started = loop.time()
+            owned: _Owned = weakref.WeakKeyDictionary()
+            token = _KOPF_TASKS.set(owned)
+            why: BaseException | str = "it ended without an error"
+            try:
+                # Not kopf.operator(): see `_NoSweep`.
+                operator_tasks = await kopf.spawn_tasks(
+                    registry=build_registry(status_interval=self.options.status_interval),
+                    settings=self.settings(),
+                    memo=memo,
+                    clusterwide=not ns,
+                    namespaces=list(ns),
+                    standalone=True,
+                    stop_flag=stop,
+                )
+                _take_back_signals(stop)
+                await kopf.run_tasks(operator_tasks, ignored=_NoSweep())
+            except Exception as exc:
+                why = exc
+            finally:
+                _KOPF_TASKS.reset(token)
+                await _cancel(owned)
+            if stop.is_set():
+                return
+            failures = failures + 1 if loop.time() - started < _STEADY else 1
+            if failures >= self.options.restart_limit:
+                raise OperatorError(f"kopf stopped {failures} times in a row: {why}")
+            delay = min(_MAX_RESTART_DELAY, self.options.restart_delay * 2 ** (failures - 1))
+            log.error(
+                "kopf stopped (%s); starting it again in %.0fs, the store and xDS as they were",
+                why,
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+
+
+# A kopf run that lasted this long was no failure to start: the next stop counts from one.
+_STEADY = 60.0
+_MAX_RESTART_DELAY = 30.0
 
 
 async def run_operator(
