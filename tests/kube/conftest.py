@@ -235,6 +235,17 @@ class Kube:
             headers={"Content-Type": "application/merge-patch+json"},
         )
 
+    async def patch_status(
+        self, kind: str, namespace: str | None, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """What another controller does: a merge patch on the status subresource."""
+        return await self._call(
+            "PATCH",
+            object_url(_by_kind(kind), namespace, name) + "/status",
+            json={"status": dict(status)},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+
     async def delete(self, kind: str, namespace: str | None, name: str) -> None:
         await self._call("DELETE", object_url(_by_kind(kind), namespace, name))
 

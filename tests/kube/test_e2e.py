@@ -310,3 +310,47 @@ async def test_a_consumer_route_in_the_cluster_applies_to_its_namespace_s_pods(
     await replica.converge()
     assert (await envoy.get("web.shop")).body == "web"
     assert (await envoy.get("web.shop", source="127.0.0.2")).body == "canary"
+
+
+async def test_a_route_moved_off_its_service_loses_our_status_entry_and_keeps_theirs(
+    cluster: Cluster,
+) -> None:
+    """Gateway API: a controller removes its `status.parents` entry when the parentRef goes
+    from the spec, and leaves the other controllers' entries alone. A route whose last Service
+    parent was removed kept ours (Accepted=True, observedGeneration of the old spec) for good,
+    a Gateway controller's route saying it was part of the mesh."""
+    kube = cluster.kube
+    await cluster.replica()
+    await kube.create(service("web"))
+    gateway_ref = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"}
+    route = http_route("web", "web", [{"backendRefs": [to("web")]}])
+    route["spec"]["parentRefs"].append(gateway_ref)
+    await kube.create(route)
+    theirs = {
+        "parentRef": gateway_ref,
+        "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                        "message": "", "observedGeneration": 1,
+                        "lastTransitionTime": "2026-11-22T09:00:00Z"}],
+    }  # fmt: skip
+    await kube.patch_status("HTTPRoute", "shop", "web", {"parents": [theirs]})
+
+    async def parents() -> list[dict[str, Any]]:
+        obj = await kube.get("HTTPRoute", "shop", "web")
+        return list(((obj or {}).get("status") or {}).get("parents") or [])
+
+    async def both() -> bool:
+        return [p["controllerName"] for p in await parents()] == [
+            "example.com/gateway",
+            "nodemesh.io/mesh",
+        ]
+
+    await eventually(both, "the gateway's entry and ours")
+    await kube.patch("HTTPRoute", "shop", "web", {"spec": {"parentRefs": [gateway_ref]}})
+
+    async def only_theirs() -> bool:
+        return await parents() == [theirs]
+
+    await eventually(only_theirs, "our entry gone, theirs as it was")
+    obj = await kube.get("HTTPRoute", "shop", "web")
+    assert not (obj or {}).get("metadata", {}).get("finalizers"), "the finalizer stayed"

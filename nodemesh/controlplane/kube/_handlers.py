@@ -16,6 +16,7 @@ from typing import Any
 
 import kopf
 
+from nodemesh.controlplane.conditions import CONTROLLER_NAME
 from nodemesh.controlplane.kube._feed import Feed, plain_object
 from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
 from nodemesh.controlplane.kube._status import StatusWriter
@@ -56,14 +57,15 @@ def build_registry(*, status_interval: float = 1.0) -> kopf.OperatorRegistry:
         if r.status:
             # kopf puts a finalizer on every object a timer runs for (so that it can stop the
             # timer), which blocks its deletion while no replica runs. Gateway API routes
-            # attached only to Gateways are another controller's: no timer, no finalizer.
+            # attached only to Gateways are another controller's: no timer, no finalizer, once
+            # the status entries we wrote while it had a Service parent are removed.
             kopf.timer(
                 r.group,
                 r.version,
                 r.plural,
                 id=f"nm_status_{r.plural}",
                 interval=status_interval,
-                when=_has_service_parent if r.group == _GATEWAY_API else None,
+                when=_is_ours if r.group == _GATEWAY_API else None,
                 registry=registry,
             )(_status_writer(r))
     return registry
@@ -96,6 +98,19 @@ def _has_service_parent(spec: kopf.Spec, **_: Any) -> bool:
         and ref.get("group", "") in ("", "core")
         for ref in refs
     )
+
+
+def _has_our_entry(status: kopf.Status) -> bool:
+    parents = status.get("parents")
+    return isinstance(parents, list) and any(
+        isinstance(p, Mapping) and p.get("controllerName") == CONTROLLER_NAME for p in parents
+    )
+
+
+def _is_ours(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """A route we write status for: it has a Service parent, or had one and still carries the
+    `status.parents` entries we wrote for it (Gateway API: removed with the parentRef)."""
+    return _has_service_parent(spec) or _has_our_entry(status)
 
 
 def _key(r: WatchedResource, namespace: str | None, name: str) -> ObjectKey:
@@ -136,8 +151,13 @@ def _status_writer(r: WatchedResource) -> Callable[..., Awaitable[None]]:
         status: kopf.Status,
         patch: kopf.Patch,
         memo: kopf.Memo,
+        spec: kopf.Spec,
         **_: Any,
     ) -> None:
-        _ctx(memo).status.reconcile(_key(r, namespace, name), status, patch.status)
+        key = _key(r, namespace, name)
+        if r.group == _GATEWAY_API and not _has_service_parent(spec):
+            _ctx(memo).status.release(key, status, patch.status)
+        else:
+            _ctx(memo).status.reconcile(key, status, patch.status)
 
     return write_status

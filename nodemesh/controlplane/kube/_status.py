@@ -100,6 +100,27 @@ class StatusWriter:
             return False
         self.checks += 1
         self._log_verdict(key, desired)
+        return self._write(key, desired, live_status, patch_status)
+
+    def release(
+        self,
+        key: ObjectKey,
+        live_status: Mapping[str, Any],
+        patch_status: MutableMapping[str, Any],
+    ) -> bool:
+        """`key`, a route, has no parentRef of ours any more: fill `patch_status` to remove the
+        `parents[]` entries we wrote, keeping the other controllers' (leader only). Returns
+        True if it did."""
+        self.forget(key)
+        return self._write(key, {"parents": []}, live_status, patch_status)
+
+    def _write(
+        self,
+        key: ObjectKey,
+        desired: Mapping[str, Any],
+        live_status: Mapping[str, Any],
+        patch_status: MutableMapping[str, Any],
+    ) -> bool:
         if not self._leadership.is_leader:
             return False
         desired = _against_live(desired, live_status)
