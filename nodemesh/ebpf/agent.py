@@ -67,10 +67,14 @@ MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # one poll after the new cgroup appears (longer while a large map write holds the loop). A
 # stat() and a map read each time.
 ENVOY_CGROUP_POLL = 0.2
+# Seconds between two tries to take the pin root while another agent holds it (a DaemonSet
+# rollout with maxSurge starts the new pod before the old one stops).
+PIN_ROOT_POLL = 0.5
 
 
 class Agent:
-    """Run with `await agent.run()`; cancel the task to stop. The data plane stays installed."""
+    """Run with `await agent.run()`; cancel the task to stop. The data plane stays installed.
+    One agent at a time per pin root: a second one waits until the first has stopped."""
 
     def __init__(
         self,
@@ -102,6 +106,33 @@ class Agent:
         self.responses = 0  # received, over every stream
 
     async def run(self) -> None:
+        lock = await self._own_pin_root()
+        try:
+            await self._run()
+        finally:
+            os.close(lock)  # the next agent may take over
+
+    async def _own_pin_root(self) -> int:
+        """Wait until no other agent holds the pin root, and hold it. A second agent would
+        converge the maps to its own view (another --node, another control plane, another
+        --socket-redirect), and the two would overwrite each other at every change."""
+        waited = False
+        while (lock := self.dataplane.try_lock()) is None:
+            if not waited:
+                log.warning(
+                    "node %s: another agent (%s) runs on the pin root %s: waiting until it "
+                    "stops, touching nothing meanwhile (one agent per node)",
+                    self.node,
+                    self.dataplane.lock_holder(),
+                    self.dataplane.pin_root,
+                )
+                waited = True
+            await asyncio.sleep(PIN_ROOT_POLL)
+        if waited:
+            log.warning("node %s: the other agent stopped; taking over", self.node)
+        return lock
+
+    async def _run(self) -> None:
         result = self.dataplane.enable()
         log.info("node %s: data plane %s", self.node, result)
         backoff = 0.1

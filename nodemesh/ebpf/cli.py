@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
     dataplane = Dataplane(args.cgroup, args.pin_root)
     try:
         if args.uninstall:
-            dataplane.disable()
-            log.info("data plane removed from %s", args.pin_root)
-            return 0
+            return _uninstall(dataplane)
         if not args.node or not args.controlplane:
             log.error("--node and --controlplane are required (unless --uninstall)")
             return 2
@@ -79,6 +77,30 @@ def run(args: argparse.Namespace) -> int:
     except NodemeshEbpfError as exc:
         log.error("%s", exc)
         return 1
+
+
+def _uninstall(dataplane: Dataplane) -> int:
+    """Remove the data plane, unless an agent runs on it: that agent would go on ACKing the
+    control plane while its maps are no longer used by anything (exit 1)."""
+    if not dataplane.installed():
+        log.info("nothing installed at %s", dataplane.pin_root)
+        return 0
+    lock = dataplane.try_lock()
+    if lock is None:
+        log.error(
+            "an agent (%s) runs on the pin root %s: stop it first (delete the DaemonSet, or "
+            "stop its service); removing the data plane under it would leave it reporting "
+            "success for maps no program reads",
+            dataplane.lock_holder(),
+            dataplane.pin_root,
+        )
+        return 1
+    try:
+        dataplane.disable()
+    finally:
+        os.close(lock)
+    log.info("data plane removed from %s", dataplane.pin_root)
+    return 0
 
 
 def _envoy_cgroup_problem(cgroup: Path, envoy: Path) -> str:

@@ -8,6 +8,8 @@ established flows and the service map alive across agent restarts.
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import logging
 import os
 import struct
@@ -134,6 +136,40 @@ class Dataplane:
 
     def map_pin(self, name: str) -> Path:
         return self.pin_root / name
+
+    # -- one agent per pin root ------------------------------------------------------------
+    def try_lock(self) -> int | None:
+        """Take the pin root for this process: an exclusive flock(2) on its directory (made if
+        missing), which the kernel drops when the process ends, by SIGKILL too. Returns the
+        fd to keep open while the process owns the data plane, or None while another process
+        holds it. Two agents on one pin root would each converge the maps to their own view."""
+        if self.pin_root.is_relative_to(BPFFS):
+            ensure_bpffs()
+        self.pin_root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.pin_root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.EWOULDBLOCK:
+                return None
+            raise BpfError(f"lock {self.pin_root}", exc.errno or errno.EIO) from exc
+        return fd
+
+    def lock_holder(self) -> str:
+        """Who holds the pin root's lock, for a message: "pid N" from /proc/locks (a pid of
+        this PID namespace; 0 for one outside it), or "another process"."""
+        try:
+            st = os.stat(self.pin_root)
+            dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+            with open("/proc/locks") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == dev:
+                        return f"pid {fields[4]}"
+        except OSError:
+            pass
+        return "another process"
 
     # -- converge -------------------------------------------------------------------------
     def enable(self) -> dict[str, str]:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -50,16 +51,16 @@ class ControlPlane:
     port: int
     lab: NodeLab
 
-    def publish(self, model: NodeMap, *extra: pb.MeshService) -> dict[str, str]:
-        """Serve `model` as the control plane does (its node part and one MeshService per
-        Service), plus `extra` MeshService messages as they are; returns the versions by
-        type."""
+    def publish(self, model: NodeMap, *extra: pb.MeshService, node: str = NODE) -> dict[str, str]:
+        """Serve `model` to `node` as the control plane does (its node part and one
+        MeshService per Service), plus `extra` MeshService messages as they are; returns the
+        versions by type."""
         part, services = split(model)
         messages = [service_to_proto(s) for s in services] + list(extra)
         snap = Snapshot(
             {
                 NODE_TYPE_URL: [
-                    Resource.from_message(node_to_proto(part), name=NODE, type_url=NODE_TYPE_URL)
+                    Resource.from_message(node_to_proto(part), name=node, type_url=NODE_TYPE_URL)
                 ],
                 SERVICE_TYPE_URL: [
                     Resource.from_message(m, name=m.name, type_url=SERVICE_TYPE_URL)
@@ -67,31 +68,31 @@ class ControlPlane:
                 ],
             }
         )
-        self.cache.set_snapshot(NODE, snap)
+        self.cache.set_snapshot(node, snap)
         versions = {t: snap.version(t) for t in (NODE_TYPE_URL, SERVICE_TYPE_URL)}
         return {t: v for t, v in versions.items() if v is not None}
 
-    def acked(self, versions: dict[str, str]) -> bool:
-        return all(self.type_status(t).get("version_acked") == v for t, v in versions.items())
+    def acked(self, versions: dict[str, str], node: str = NODE) -> bool:
+        return all(self.type_status(t, node).get("version_acked") == v for t, v in versions.items())
 
-    def map_for(self, *backends: str) -> NodeMap:
+    def map_for(self, *backends: str, node: str = NODE) -> NodeMap:
         pods = self.lab.pods
         ready = tuple(Backend(pods[b].ip, 7000) for b in backends)
         return NodeMap(
-            NODE,
+            node,
             (Service("shop/echo:80", VIP, 80, False, ready),),
             envoy=(self.lab.gateway, 15001),
             local_addresses=tuple(p.ip for p in pods.values()),
         )
 
-    def type_status(self, type_url: str = SERVICE_TYPE_URL) -> dict[str, object]:
-        node = self.server.status.snapshot().get(NODE, {})
-        return dict(node.get("types", {}).get(type_url.rpartition(".")[2], {}))
+    def type_status(self, type_url: str = SERVICE_TYPE_URL, node: str = NODE) -> dict[str, object]:
+        status = self.server.status.snapshot().get(node, {})
+        return dict(status.get("types", {}).get(type_url.rpartition(".")[2], {}))
 
-    def start_agent(self) -> Proc:
+    def start_agent(self, node: str = NODE) -> Proc:
         lab = self.lab
         argv = [
-            sys.executable, "-m", "nodemesh", "agent", "--node", NODE,
+            sys.executable, "-m", "nodemesh", "agent", "--node", node,
             "--controlplane", f"127.0.0.1:{self.port}", "--cgroup", str(lab.cgroup),
             "--envoy-cgroup", str(lab.envoy_cgroup), "--pin-root", str(lab.pin_root),
         ]  # fmt: skip
@@ -246,6 +247,83 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     assert direct["ok"] and direct["hello"] == "HELLO b"
     with pytest.raises(Exception, match="open pinned object"):
         NodeMaps(lab.pin_root)
+
+
+class Log:
+    """The lines a process writes to stderr, read as they come (a thread)."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.lines: list[str] = []
+        assert proc.popen.stderr is not None
+        self._stream = proc.popen.stderr
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(ValueError, OSError):  # closed by Proc.stop()
+            for line in self._stream:
+                self.lines.append(line)
+
+    def find(self, text: str) -> str:
+        return next((line for line in self.lines if text in line), "")
+
+
+async def test_a_second_agent_on_the_node_waits_until_the_first_stops(cp: ControlPlane) -> None:
+    """Two agents on one pin root (the DaemonSet installed twice, a rollout with maxSurge, an
+    agent started by hand with a typo in --node): the second converged the maps to its own
+    node map, so pods on the node were balanced to another node's backends, and the two
+    would overwrite each other at every change. The second now waits, saying which process
+    holds the node, and takes over once the first has stopped."""
+    lab = cp.lab
+    mine = cp.publish(cp.map_for("b"))
+    first = cp.start_agent()
+    await until(lambda: cp.acked(mine), "the first agent's ACK")
+    typo = "node-under-tset"
+    theirs = cp.publish(cp.map_for("c", node=typo), node=typo)
+    second = cp.start_agent(node=typo)
+    log = Log(second)
+    waiting = "waiting until it stops"
+    await until(lambda: log.find(waiting) or cp.acked(theirs, typo), "the second agent")
+
+    assert not cp.acked(theirs, typo), "the second agent took the node over"
+    assert f"pid {first.popen.pid}" in log.find(waiting), log.lines
+    assert backends(lab, VIP, 80) == [lab.pods["b"].ip]
+    a = lab.pods["a"]
+    result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "3")
+    assert result == {"backends": {"b": 3}, "errors": {}}
+
+    _stop(first)
+    await until(lambda: cp.acked(theirs, typo), "the second agent, once the first stopped")
+    assert log.find("the other agent stopped; taking over"), log.lines
+    result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "3")
+    assert result == {"backends": {"c": 3}, "errors": {}}
+
+
+async def test_uninstall_refuses_while_an_agent_runs(cp: ControlPlane) -> None:
+    """`nodemesh agent --uninstall` on a node whose agent runs removed every pin: the
+    programs were detached, and the agent went on ACKing maps that no program read, so the
+    control plane showed a healthy node without a data plane. Uninstall now refuses (exit 1,
+    naming the agent's process) and changes nothing."""
+    lab = cp.lab
+    version = cp.publish(cp.map_for("b"))
+    agent = cp.start_agent()
+    await until(lambda: cp.acked(version), "the ACK")
+    assert lab.dataplane is not None
+    links = lab.dataplane.links()
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "agent", "--uninstall", "--cgroup", str(lab.cgroup),
+         "--pin-root", str(lab.pin_root)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert proc.returncode == 1, proc.stderr
+    assert f"an agent (pid {agent.popen.pid}) runs on the pin root" in proc.stderr
+    assert lab.dataplane.links() == links
+    moved = cp.publish(cp.map_for("c"))
+    await until(lambda: cp.acked(moved), "the ACK of a new map")
+    a = lab.pods["a"]
+    result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "3")
+    assert result == {"backends": {"c": 3}, "errors": {}}
 
 
 async def test_a_failed_map_write_is_nacked_and_repaired_without_a_new_response(
