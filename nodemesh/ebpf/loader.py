@@ -55,15 +55,22 @@ MAP_NAMES = (
     "nm_socks",
     "nm_stats",
 )
-# Maps that may change definition between versions. libbpf refuses to reuse a pinned map whose
-# type, sizes or flags differ, so `enable()` moves such a pin aside (`<name>_old`), lets libbpf
-# create and pin the new map, swaps every program in and then drops the old pin. Nothing is
-# copied: sockets already in nm_socks keep the sk_msg program they were inserted with (a psock
-# holds its own program reference; a link update reaches only sockets inserted later), and that
-# program keeps the maps it was loaded with, so an old connection's fallback marks stay where
-# its program looks; the old maps go when their last connection does. nm_stats restarts at 0.
-# Any other changed map still needs `disable()` first.
-REPLACEABLE = ("nm_backlog", "nm_fallback", "nm_stats")
+# Every map may change definition between versions (an upgrade, or a rollback, that changed a
+# type, a size, max_entries or flags). libbpf refuses to reuse a pinned map whose definition
+# differs, so `enable()` moves such a pin aside (`<name>_old`), lets libbpf create and pin the
+# new map, copies the entries of the maps in COPIED, swaps every program in and then drops the
+# old pin. Sockets already in nm_socks keep the sk_msg program they were inserted with (a psock
+# holds its own program reference; a link update reaches only sockets inserted later), and
+# that program keeps the maps it was loaded with, so an old connection's per-socket state
+# (nm_backlog, nm_fallback, its nm_socks peer) stays where its program looks; the old maps go
+# when their last connection does. nm_stats restarts at 0.
+REPLACEABLE = MAP_NAMES
+# Maps whose entries go over to the new map when key and value sizes are unchanged (a change
+# of capacity or flags): what the agent wrote (config, local addresses, services), so that no
+# connection misses them until the control plane answers, and the original destinations of
+# connections on their way to the node Envoy. With other sizes the agent writes its maps again
+# at its first converge; until then a connection to a Service is left as it was made.
+COPIED = ("nm_config", "nm_local", "nm_orig_cookie", "nm_orig_tuple", "nm_services", "nm_services6")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +203,15 @@ class Dataplane:
                     obj.load()
                 except BpfError as exc:
                     raise BpfError(
-                        f"load {name}.bpf.o with maps pinned under {self.pin_root} "
-                        "(a pinned map with an older layout needs `disable()` first)",
+                        f"load {name}.bpf.o with maps pinned under {self.pin_root} (libbpf's "
+                        "log before this line says why)",
                         exc.errno,
                     ) from exc
                 loaded[name] = obj
+            for name in replaced:
+                if name in COPIED:
+                    obj = next(o for o in loaded.values() if o.has_map(name))
+                    self._copy_entries(name, obj.map_fd(name))
             cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
             stack.callback(os.close, cg_fd)
             cg_id = os.stat(self.cgroup).st_ino
@@ -271,9 +282,54 @@ class Dataplane:
                 with self._pinned(pin) as fd:
                     have = bpf.map_info(fd, str(pin)).definition
                 if have != want:
-                    log.info("replacing pinned map %s: %s, now %s", name, have, want)
+                    log.warning(
+                        "replacing pinned map %s (another version made it): %s, now %s",
+                        name,
+                        have,
+                        want,
+                    )
                     os.replace(pin, self.map_pin(name + "_old"))
         return [n for n in REPLACEABLE if self.map_pin(n + "_old").exists()]
+
+    def _copy_entries(self, name: str, new_fd: int) -> None:
+        """Copy every entry of `<name>_old` into the new map `name` when their key and value
+        sizes are equal (BPF_ANY: the new map holds nothing of the agent's yet)."""
+        old = self.map_pin(name + "_old")
+        with self._pinned(old) as old_fd:
+            have = bpf.map_info(old_fd, str(old))
+            want = bpf.map_info(new_fd, name)
+            if (have.key_size, have.value_size) != (want.key_size, want.value_size):
+                log.warning(
+                    "%s: entries not copied (key and value of %d and %d bytes, now %d and %d); "
+                    "the agent writes its entries again when the control plane has answered",
+                    name,
+                    have.key_size,
+                    have.value_size,
+                    want.key_size,
+                    want.value_size,
+                )
+                return
+            key_type = ctypes.c_char * have.key_size
+            value = (ctypes.c_char * have.value_size)()
+            copied = 0
+            for key in bpf.map_keys(old_fd, key_type, str(old)):
+                if not bpf.map_lookup(old_fd, key, value, str(old)):
+                    continue  # deleted meanwhile
+                try:
+                    bpf.map_update(new_fd, key, value, name)
+                except BpfError as exc:
+                    if exc.errno != errno.E2BIG:
+                        raise
+                    log.warning(
+                        "%s: full after %d entries copied (it holds %d); the agent converges "
+                        "it when the control plane has answered",
+                        name,
+                        copied,
+                        want.max_entries,
+                    )
+                    return
+                copied += 1
+            log.info("%s: %d entries copied from the replaced map", name, copied)
 
     def _converge(
         self, want: Attachment, prog_fd: int, target_fd: int, target_id: int, force: bool = False

@@ -6,6 +6,7 @@ connection the programs fail to rewrite can never leave the machine.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from nodemesh.api import Backend, NodeMap, Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf._maps import Tuple
 from nodemesh.ebpf.maps import SocketRedirect
 from nodemesh.ebpf.testing import NodeLab, prerequisites
@@ -112,3 +114,27 @@ def settled_sock_state(lab: NodeLab, want: dict[str, int], timeout: float = 10) 
         if got == want or time.monotonic() > deadline:
             return got
         time.sleep(0.05)
+
+
+def pin_other_version(node: NodeLab, name: str, value_size: int, max_entries: int) -> None:
+    """Pin, in place of `name`, a map as another version of the agent made it: the same type
+    and key, `value_size` and `max_entries`, no flags, holding a copy of the entries the
+    current map holds where the value size is the same (not for a sockhash, whose entries
+    are sockets). The running programs keep theirs."""
+    pin = node.pin_root / name
+    fd = bpf.obj_get(str(pin))
+    try:
+        have = bpf.map_info(fd, name)
+        other = bpf.map_create(have.type, name, have.key_size, value_size, max_entries, name)
+        try:
+            if value_size == have.value_size and name != "nm_socks":
+                value = (ctypes.c_char * value_size)()
+                for key in bpf.map_keys(fd, ctypes.c_char * have.key_size, name):
+                    if bpf.map_lookup(fd, key, value, name):
+                        bpf.map_update(other, key, value, name)
+            pin.unlink()
+            bpf.obj_pin(other, str(pin), f"other version's {name}")
+        finally:
+            os.close(other)
+    finally:
+        os.close(fd)

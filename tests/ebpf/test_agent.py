@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import socket
@@ -39,7 +40,7 @@ from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import NodeLab, Proc
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
 from nodemesh.xds.server import AdsServer
-from tests.ebpf.conftest import VIP
+from tests.ebpf.conftest import VIP, pin_other_version
 
 NODE = "node-under-test"
 
@@ -584,6 +585,27 @@ def test_a_missing_envoy_cgroup_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert f"--envoy-cgroup {tmp_path / 'nope'}: no such cgroup directory" in done.stderr
+
+
+async def test_the_agent_starts_over_a_service_map_of_another_layout(cp: ControlPlane) -> None:
+    """A rollback from a version whose Services held more backends (a larger nm_services
+    value), or an upgrade to one: libbpf refused the pinned map, and the agent exited 1 on
+    every restart ("... needs `disable()` first"), leaving the other version's programs and
+    a map nobody kept. The agent replaces the map, says so, and converges it from the control
+    plane."""
+    lab = cp.lab
+    pin_other_version(lab, "nm_services", ctypes.sizeof(m.Service) + 256, 65536)
+    version = cp.publish(cp.map_for("b"))
+    agent = cp.start_agent()
+    log = Log(agent)
+    await until(lambda: cp.acked(version) or agent.popen.poll() is not None, "the ACK")
+
+    assert agent.popen.poll() is None, log.lines
+    assert log.find("replacing pinned map nm_services"), log.lines
+    assert log.find("nm_services: entries not copied"), log.lines
+    a = lab.pods["a"]
+    result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "3")
+    assert result == {"backends": {"b": 3}, "errors": {}}
 
 
 def _l7_at(lab: NodeLab, pod: str) -> NodeMap:

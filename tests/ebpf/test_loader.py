@@ -11,7 +11,15 @@ from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf.testing import NodeLab
-from tests.ebpf.conftest import program, settled_sock_state, stats, tuple_key
+from tests.ebpf.conftest import (
+    VIP,
+    l4,
+    pin_other_version,
+    program,
+    settled_sock_state,
+    stats,
+    tuple_key,
+)
 
 
 def test_enable_twice_keeps_every_link_and_program(node: NodeLab) -> None:
@@ -216,3 +224,60 @@ def test_enable_replaces_another_versions_link_where_only_one_program_attaches(
     now = dp.links()["nm_msg_redirect"]
     assert (now.target_id, now.attach_type) == (old.target_id, old.attach_type)
     assert dp.enable() == dict.fromkeys(dp.links(), "kept")
+
+
+def test_enable_replaces_a_service_map_of_another_capacity_and_keeps_its_entries(
+    node: NodeLab,
+) -> None:
+    """An upgrade (or a rollback) that changed nm_services' capacity: libbpf refused the
+    pinned map, enable() failed ("load connect.bpf.o ... EINVAL") and the agent exited 1 on
+    every restart, leaving the old programs unmanaged. The pin is replaced and its entries
+    copied: connections to the Services keep their backends before any agent writes."""
+    assert node.dataplane is not None
+    b = node.pods["b"]
+    b.serve(7000)
+    program(node, (l4("echo", VIP, 80, (b.ip, 7000, 1)),))
+    pin_other_version(node, "nm_services", ctypes.sizeof(m.Service), 1024)
+
+    result = node.dataplane.enable()
+
+    assert set(result.values()) == {"updated"}, result
+    assert not (node.pin_root / "nm_services_old").exists()
+    fd = bpf.obj_get(str(node.pin_root / "nm_services"))
+    try:
+        assert bpf.map_info(fd, "nm_services").max_entries == 65536
+    finally:
+        os.close(fd)
+    result = node.pods["a"].tool("conns", "--to", f"{VIP}:80", "--count", "3")
+    assert result == {"backends": {"b": 3}, "errors": {}}
+    assert node.dataplane.enable() == dict.fromkeys(node.dataplane.links(), "kept")
+
+
+def test_enable_replaces_a_sockhash_of_another_capacity_and_held_connections_go_on(
+    node: NodeLab,
+) -> None:
+    """nm_socks of another capacity: a new sockhash, with the sk_msg program attached to it.
+    A connection from before stays in the old one with its program and keeps working; a new
+    one is short-circuited through the new map."""
+    assert node.dataplane is not None
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, ())
+    b.serve(7000)
+    held = a.hold(f"{b.ip}:7000")
+    assert held.json() == {"hello": "HELLO b"}
+    pin_other_version(node, "nm_socks", 8, 131072)
+
+    result = node.dataplane.enable()
+
+    assert result["nm_msg_redirect"] == "created", result
+    held.send("ping")
+    assert held.json() == {"ok": True}
+    before = stats(node)
+    fresh = a.hold(f"{b.ip}:7000")
+    assert fresh.json() == {"hello": "HELLO b"}
+    with NodeMaps(node.pin_root) as maps:
+        assert maps.count("nm_socks") == 2, "the new connection's two sockets, in the new map"
+    assert stats(node)["msg_redirected"] > before["msg_redirected"]
+    for proc in (held, fresh):
+        proc.send("bye")
+        assert proc.popen.wait(10) == 0
