@@ -100,6 +100,25 @@ def _is_bpffs(path: Path) -> bool:
         )
 
 
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs begins with f_type (__fsword_t, a long on x86_64 and aarch64)
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
+
+
+def _on_bpffs(path: Path) -> bool:
+    """Is `path`, or the nearest directory above it that exists, on a bpf filesystem?"""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    buf = _Statfs()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
+        raise BpfError(f"statfs {path}", ctypes.get_errno())
+    return bool(buf.f_type & 0xFFFFFFFF == BPF_FS_MAGIC)
+
+
 def ensure_bpffs(root: Path = BPFFS) -> None:
     """Mount bpffs at /sys/fs/bpf if nothing is mounted there (needs CAP_SYS_ADMIN)."""
     if _is_bpffs(root):
@@ -150,9 +169,7 @@ class Dataplane:
         missing), which the kernel drops when the process ends, by SIGKILL too. Returns the
         fd to keep open while the process owns the data plane, or None while another process
         holds it. Two agents on one pin root would each converge the maps to their own view."""
-        if self.pin_root.is_relative_to(BPFFS):
-            ensure_bpffs()
-        self.pin_root.mkdir(parents=True, exist_ok=True)
+        self._prepare_root()
         fd = os.open(self.pin_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -162,6 +179,20 @@ class Dataplane:
                 return None
             raise BpfError(f"lock {self.pin_root}", exc.errno or errno.EIO) from exc
         return fd
+
+    def _prepare_root(self) -> None:
+        """Mount bpffs at /sys/fs/bpf if the pin root is below it and nothing is mounted
+        there, refuse a pin root on another filesystem (libbpf's EINVAL said nothing about
+        where), and make the directory."""
+        if self.pin_root.is_relative_to(BPFFS):
+            ensure_bpffs()
+        if not _on_bpffs(self.pin_root):
+            raise BpfError(
+                f"pin root {self.pin_root}: not on a bpf filesystem (name a directory under "
+                f"{BPFFS}, or mount one there: mount -t bpf bpf DIR)",
+                errno.EINVAL,
+            )
+        self.pin_root.mkdir(parents=True, exist_ok=True)
 
     def lock_holder(self) -> str:
         """Who holds the pin root's lock, for a message: "pid N" from /proc/locks (a pid of
@@ -182,11 +213,10 @@ class Dataplane:
     def enable(self) -> dict[str, str]:
         """Attach every wanted program and detach the links of programs it does not know;
         returns {program: "created" | "updated" | "kept" | "removed"}."""
-        if self.pin_root.is_relative_to(BPFFS):
-            ensure_bpffs()
+        self._prepare_root()
         if not self.cgroup.is_dir():
             raise BpfError(f"open cgroup {self.cgroup}", 2)
-        self.links_dir.mkdir(parents=True, exist_ok=True)
+        self.links_dir.mkdir(exist_ok=True)
         objects = build_objects()
         result: dict[str, str] = {}
         with ExitStack() as stack:

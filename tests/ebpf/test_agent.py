@@ -587,6 +587,22 @@ def test_a_missing_envoy_cgroup_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert f"--envoy-cgroup {tmp_path / 'nope'}: no such cgroup directory" in done.stderr
 
 
+def test_a_pin_root_off_bpffs_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A --pin-root on another filesystem (a hostPath that is not /sys/fs/bpf): libbpf
+    refused the first pin with EINVAL, and the agent's one line blamed "a pinned map with an
+    older layout" and asked for `disable()`."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "agent", "--node", NODE, "--controlplane",
+         "127.0.0.1:1", "--cgroup", str(tmp_path), "--pin-root", str(tmp_path / "pins"),
+         "--socket-redirect", "off"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"pin root {tmp_path / 'pins'}: not on a bpf filesystem" in done.stderr
+    assert not (tmp_path / "pins").exists()
+
+
 async def test_the_agent_starts_over_a_service_map_of_another_layout(cp: ControlPlane) -> None:
     """A rollback from a version whose Services held more backends (a larger nm_services
     value), or an upgrade to one: libbpf refused the pinned map, and the agent exited 1 on
