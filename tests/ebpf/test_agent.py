@@ -299,6 +299,35 @@ async def test_a_second_agent_on_the_node_waits_until_the_first_stops(cp: Contro
     assert result == {"backends": {"c": 3}, "errors": {}}
 
 
+async def test_an_agent_killed_while_it_writes_is_followed_by_the_next(cp: ControlPlane) -> None:
+    """SIGKILL while the agent writes a large change (a node OOM kill, a kubelet giving up on
+    a stop): the next agent is not kept waiting by the dead one's hold on the pin root, keeps
+    its links, and ends with the maps equal to the control plane's, no entry of the earlier
+    map left."""
+    lab = cp.lab
+    base = cp.map_for("b")
+    many = tuple(Service(f"bulk/s{i}:80", f"10.244.254.{i}", 80, True) for i in range(1, 201))
+    first = cp.publish(NodeMap(NODE, (*base.services, *many), base.envoy, base.local_addresses))
+    agent = cp.start_agent()
+    await until(lambda: cp.acked(first), "the first ACK")
+    assert lab.dataplane is not None
+    links = lab.dataplane.links()
+
+    moved = cp.publish(cp.map_for("c"))  # 200 deletes and one write
+    agent.popen.kill()
+    assert agent.popen.wait(10) == -9
+    cp.start_agent()
+    await until(lambda: cp.acked(moved), "the next agent's ACK")
+
+    assert lab.dataplane.links() == links
+    with NodeMaps(lab.pin_root) as maps:
+        assert set(maps.services()) == {(VIP, 80)}
+    result = await asyncio.to_thread(
+        lab.pods["a"].tool, "conns", "--to", f"{VIP}:80", "--count", "3"
+    )
+    assert result == {"backends": {"c": 3}, "errors": {}}
+
+
 async def test_uninstall_refuses_while_an_agent_runs(cp: ControlPlane) -> None:
     """`nodemesh agent --uninstall` on a node whose agent runs removed every pin: the
     programs were detached, and the agent went on ACKing maps that no program read, so the
