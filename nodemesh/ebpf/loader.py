@@ -120,14 +120,25 @@ def _on_bpffs(path: Path) -> bool:
 
 
 def ensure_bpffs(root: Path = BPFFS) -> None:
-    """Mount bpffs at /sys/fs/bpf if nothing is mounted there (needs CAP_SYS_ADMIN)."""
+    """Mount bpffs at /sys/fs/bpf if nothing is mounted there (needs CAP_SYS_ADMIN).
+
+    Each mount is a new bpffs, seen in this mount namespace only: in a container whose
+    /sys/fs/bpf is not the host's, the pins (and with them the links and maps) go when the
+    container does, so the warning says so."""
     if _is_bpffs(root):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     root.mkdir(parents=True, exist_ok=True)
     if libc.mount(b"bpf", str(root).encode(), b"bpf", 0, None) != 0:
         raise BpfError(f"mount bpffs at {root}", ctypes.get_errno())
-    log.info("mounted bpffs at %s", root)
+    log.warning(
+        "mounted bpffs at %s (nothing was mounted there): pins in it last as long as this "
+        "mount. In a container, mount the host's %s into it (a hostPath volume): otherwise "
+        "the data plane is removed whenever the agent's container ends, and every start "
+        "begins from nothing",
+        root,
+        root,
+    )
 
 
 class Dataplane:

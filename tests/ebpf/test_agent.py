@@ -632,6 +632,37 @@ def test_a_pin_root_off_bpffs_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert not (tmp_path / "pins").exists()
 
 
+def test_an_agent_that_mounts_its_own_bpffs_says_its_pins_go_with_it(lab: NodeLab) -> None:
+    """An agent in a container without the host's /sys/fs/bpf (a forgotten hostPath) mounts
+    a bpffs of its own, whose pins go with the container's mount namespace: the programs are
+    detached when the agent stops, where the docs promise a data plane that outlives it. The
+    only word was an INFO "mounted bpffs"; it is now a WARNING that says what follows."""
+    pin_root = lab.pin_root  # below /sys/fs/bpf, inside the private mount only
+    agent = [sys.executable, "-m", "nodemesh", "agent", "--node", NODE, "--controlplane",
+             "127.0.0.1:1", "--cgroup", str(lab.cgroup), "--pin-root", str(pin_root),
+             "--socket-redirect", "off"]  # fmt: skip
+    script = 'umount -l /sys/fs/bpf && exec "$@"'
+    proc = lab.spawn(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *agent],
+        "agent in its own mount namespace",
+    )
+    log = Log(proc)
+    deadline = time.monotonic() + 60
+    while not log.find("ADS stream to"):  # enabled, and trying its control plane
+        assert proc.popen.poll() is None, log.lines
+        assert time.monotonic() < deadline, log.lines
+        time.sleep(0.05)
+    proc.stop()
+
+    line = log.find("mounted bpffs at /sys/fs/bpf")
+    assert "WARNING" in line and "mount the host's /sys/fs/bpf" in line, log.lines
+    assert not pin_root.exists(), "pinned in the host's bpffs"
+    progs = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(lab.cgroup)], capture_output=True, text=True
+    ).stdout
+    assert json.loads(progs.strip() or "[]") == [], "the pins went with the mount"
+
+
 async def test_the_agent_starts_over_a_service_map_of_another_layout(cp: ControlPlane) -> None:
     """A rollback from a version whose Services held more backends (a larger nm_services
     value), or an upgrade to one: libbpf refused the pinned map, and the agent exited 1 on
