@@ -237,6 +237,7 @@ def test_a_redirected_connection_from_a_consumer_pod_gets_its_own_chain() -> Non
     assert set(listeners) == {"n1"}
     chains = {c.name: c for c in listeners["n1"].filter_chains}
     assert list(chains) == [
+        "by-host/direct",
         "10.96.0.1:80",
         "10.96.0.2:80",
         "consumer/a/10.244.0.7",

@@ -162,7 +162,9 @@ class Reply:
 class Mesh:
     """Control plane + one node Envoy. `apply()` objects, `await converge()`, then `get()`."""
 
-    def __init__(self, envoy_binary: str, access_log: str = "") -> None:
+    def __init__(
+        self, envoy_binary: str, access_log: str = "", envoy_args: tuple[str, ...] = ()
+    ) -> None:
         self.store = Store()
         self.cache = SnapshotCache()
         self.server = AdsServer(self.cache)
@@ -173,13 +175,18 @@ class Mesh:
             access_log=access_log,
         )  # fmt: skip
         self.envoy_binary = envoy_binary
+        self.envoy_args = envoy_args
         self.envoy: EnvoyProcess | None = None
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> Mesh:
         await self.pipeline.start()
         port = await self.server.start("127.0.0.1:0")
-        self.envoy = EnvoyProcess(bootstrap(NODE, f"127.0.0.1:{port}"), binary=self.envoy_binary)
+        self.envoy = EnvoyProcess(
+            bootstrap(NODE, f"127.0.0.1:{port}"),
+            binary=self.envoy_binary,
+            extra_args=self.envoy_args,
+        )
         await asyncio.to_thread(self.envoy.start)
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         return self

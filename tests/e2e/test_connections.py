@@ -140,3 +140,39 @@ async def test_an_access_log_to_envoys_standard_output_is_taken(backends: Backen
         assert (await logged.get("stdoutlog.shop")).status == 200
     finally:
         await logged.stop()
+
+
+async def test_removing_the_last_route_leaves_open_connections_alone(backends: Backends) -> None:
+    """The last HTTPRoute of the mesh goes: the outbound Listener loses its last filter chain,
+    and Envoy updates a Listener in place only if it keeps one. Before, it made a new Listener
+    and drained the old one, so every open connection on the node was closed after Envoy's
+    drain time (10 minutes by default, 1 s here): a WebSocket to another Service was cut."""
+    binary = find_envoy()
+    assert binary is not None
+    drained = Mesh(binary, envoy_args=("--drain-time-s", "1"))
+    own, other = await backends.get("last"), await backends.get("last-v2")
+    try:
+        await drained.start()
+        assert drained.envoy is not None
+        drained.apply(
+            service("last", cluster_ip="10.96.0.50"), service("last-v2"),
+            endpoint_slice("last", own.port), endpoint_slice("last-v2", other.port),
+            http_route("last", "last", [{"backendRefs": [to("last-v2")]}]),
+        )  # fmt: skip
+        await drained.converge()
+        async with drained.websocket("last-v2.shop") as ws:
+            await ws.send_str("before")
+            assert (await ws.receive_str(timeout=5)) == "last-v2: before"
+            drained.delete("HTTPRoute", "last")
+            await drained.converge()
+            assert (await drained.get("last.shop")).body == "last"
+            # a Listener drained whole counts here until its drain time is over
+            draining = "listener_manager.total_listeners_draining"
+            deadline = time.monotonic() + 10
+            while drained.envoy.stats("listener_manager")[draining]:
+                assert time.monotonic() < deadline, "the old Listener is still draining"
+                await asyncio.sleep(0.05)
+            await ws.send_str("after")
+            assert (await ws.receive_str(timeout=5)) == "last-v2: after"
+    finally:
+        await drained.stop()

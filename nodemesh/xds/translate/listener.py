@@ -4,7 +4,8 @@ A connection the node agent redirected keeps its original destination (`original
 it from SO_ORIGINAL_DST), and a filter chain per L7 destination (ClusterIP, port) sends it to
 that Service's own route configuration, whose virtual host matches any Host: the kernel chose
 the Service, so a `Host` header naming another one (or nothing known) cannot re-route it.
-Connections made to the listener directly fall to the default chain, routed by Host/:authority.
+Connections made to the listener directly take chain `by-host/direct`, routed by Host/:authority
+(as is anything no chain matches, by the default chain).
 """
 
 from __future__ import annotations
@@ -147,8 +148,22 @@ def outbound_listener(
     access_log: str = "",
 ) -> listener_pb2.Listener:
     """`access_log`: the file every connection manager writes a JSON line per request to
-    ("": none)."""
-    chains = []
+    ("": none).
+
+    The first filter chain takes the connections made to the listener itself, as the default
+    chain would: it is there so that the listener always has one. Envoy updates a Listener in
+    place, draining only the chains that changed, only if the new one has a filter chain; one
+    without is a new Listener, and the old one is drained whole, every connection on the node
+    closed after Envoy's drain time (the last HTTPRoute of the mesh removed, say)."""
+    chains = [
+        lc_pb2.FilterChain(
+            name="by-host/direct",
+            filter_chain_match=lc_pb2.FilterChainMatch(
+                destination_port=wrappers_pb2.UInt32Value(value=port)
+            ),
+            filters=[_hcm_filter(name, route_config, access_log)],
+        )
+    ]
     for ip, dport, rc_name in destinations:
         cidr = ipaddress.ip_address(ip)
         chains.append(
@@ -382,8 +397,8 @@ def outbound_listener_parts(
     access_log: str = "",
 ) -> tuple[bytes, bytes, bytes]:
     """`outbound_listener_bytes(...)` without consumers, in three parts: what precedes the
-    filter chains, the destinations' chains, what follows (consumer chains go between the
-    last two)."""
+    destinations' filter chains (the direct chain included), their chains, what follows
+    (consumer chains go between the last two)."""
     if not all(0 <= dport <= 0xFFFF_FFFF for _, dport, _ in destinations):
         # Out of range for uint32: let protobuf raise what it raises.
         out: bytes = outbound_listener(
@@ -391,7 +406,9 @@ def outbound_listener_parts(
         ).SerializeToString(deterministic=True)
         return out, b"", b""
     full = outbound_listener(name, address, port, route_config, access_log=access_log)
-    head: bytes = _L(name=full.name, address=full.address).SerializeToString(deterministic=True)
+    head: bytes = _L(
+        name=full.name, address=full.address, filter_chains=full.filter_chains
+    ).SerializeToString(deterministic=True)
     tail: bytes = _L(
         listener_filters=full.listener_filters, default_filter_chain=full.default_filter_chain
     ).SerializeToString(deterministic=True)
