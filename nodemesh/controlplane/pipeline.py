@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from nodemesh.controlplane._linger import Lingering
 from nodemesh.controlplane.builder import BuildMemo, BuildResult, LabelSelector, build
 from nodemesh.controlplane.builder.node import node_ready
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
@@ -184,6 +185,12 @@ class Pipeline:
         self._history: dict[tuple[str, str, str], dict[str, int]] = {}
         self._history_tokens: dict[str, object] = {}  # per type, the set last recorded
         self._snapshot_nodes: set[str] = set()  # nodes given a snapshot of their own
+        # Clusters a rebuild removed, served until the nodes hold the routes without them
+        # (`_linger`); what the cache serves: the shared snapshot, and the nodes' own as built
+        self.lingering = Lingering()
+        self._served: Snapshot | None = None
+        self._built_nodes: dict[str, Snapshot] = {}
+        self._linger_timer: asyncio.TimerHandle | None = None
         # what each object's conditions were made from, for _update_conditions to skip them
         self._inputs: dict[ObjectKey, tuple[object, int]] = {}
         self._inputs_signature: object = None
@@ -221,6 +228,9 @@ class Pipeline:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
 
     def subscribe(self, callback: ConditionsCallback) -> Callable[[], None]:
         self._subscribers.append(callback)
@@ -244,7 +254,7 @@ class Pipeline:
         return kubernetes_status(key.kind, self._conditions.get(key, ()), transitions)
 
     def _node_snapshot_versions(self) -> dict[str, dict[str, str | None]]:
-        shared, translation = self.snapshot, self.translation
+        shared, translation = self._served, self.translation  # (served: lingering clusters too)
         if shared is None or translation is None:
             return {}
         out: dict[str, dict[str, str | None]] = {}
@@ -372,22 +382,54 @@ class Pipeline:
         self._view = view  # the objects' generations are read from it when needed
         self._record_history(result, snapshot)
         self._record_listener_history(translation)
-        # A node that is gone (its Node deleted) falls back to the shared snapshot, whose
-        # empty NodeServiceMap set tells its agent that its map was withdrawn; left with its
-        # own, it would be served that snapshot frozen.
-        self.cache.set_fallback_snapshot(snapshot)
-        nodes = set(node_snapshots)
-        for node in sorted(self._snapshot_nodes - nodes):
-            self.cache.clear_snapshot(node)
-        self._snapshot_nodes = nodes
-        for node, node_snapshot in node_snapshots.items():
-            self.cache.set_snapshot(node, node_snapshot)
+        self._built_nodes = node_snapshots
+        served, node_served = self.lingering.carry(
+            self._served, snapshot, node_snapshots, time.monotonic(), self._anyone_connected()
+        )
+        self._serve(served, node_served)
         self.rebuilds += 1
         self.built_revision = view.revision
         self._update_conditions()
+        self._check_lingering()
         await self._notify_built()
         log.debug("built revision %d in %.1f ms", view.revision, self.last_build_seconds * 1000)
         return view.revision
+
+    def _serve(self, shared: Snapshot, nodes: Mapping[str, Snapshot]) -> None:
+        # A node that is gone (its Node deleted) falls back to the shared snapshot, whose
+        # empty NodeServiceMap set tells its agent that its map was withdrawn; left with its
+        # own, it would be served that snapshot frozen.
+        self._served = shared
+        self.cache.set_fallback_snapshot(shared)
+        names = set(nodes)
+        for node in sorted(self._snapshot_nodes - names):
+            self.cache.clear_snapshot(node)
+        self._snapshot_nodes = names
+        for node, node_snapshot in nodes.items():
+            self.cache.set_snapshot(node, node_snapshot)
+
+    def _anyone_connected(self) -> bool:
+        return self.status is not None and any(n.connected for n in self.status.nodes())
+
+    def _check_lingering(self) -> None:
+        """Serve the snapshots as built once the clusters they dropped may go (see
+        `_linger`); else look again when the oldest would expire."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        if not self.lingering.kept or self.snapshot is None:
+            return
+        now = time.monotonic()
+        if self.lingering.may_go(self.status, self.cache.get_snapshot, now):
+            log.debug("clusters removed after the routes: %s", sorted(self.lingering.kept))
+            self.lingering.release()
+            self._serve(self.snapshot, self._built_nodes)
+            return
+        expiry = self.lingering.next_expiry()
+        if self._loop is not None and expiry is not None:
+            self._linger_timer = self._loop.call_later(
+                max(0.0, expiry - now), self._check_lingering
+            )
 
     async def _notify_built(self) -> None:
         async with self._built:
@@ -477,6 +519,7 @@ class Pipeline:
     def _recompute_programmed(self) -> None:
         self._programmed_scheduled = False
         self._update_conditions()
+        self._check_lingering()
 
     def _expected_nodes(self) -> list[str]:
         """Every connected node, and every Node object but those not Ready: a node that is

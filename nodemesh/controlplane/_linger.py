@@ -1,0 +1,155 @@
+"""Clusters removed after the routes that named them: the xDS protocol's last step.
+
+A rebuild that removes a cluster (a route moved to another Service whose old one was deleted in
+the same change, a Service port renumbered) would send that removal in its CDS response, and
+Envoy applies CDS before the routes that follow it: a request in between reaches a route that
+still names the cluster and is answered 503 (no cluster). So a removed cluster, with its
+endpoints, stays in what the nodes are given ("lingers") until every connected node Envoy has
+ACKed the Listeners and routes of the snapshot that dropped it; then the snapshot without it
+goes out. The snapshot the build made is the one status and consistency are computed from;
+only what the cache serves carries the lingering clusters.
+
+A cluster lingers at most `LINGER_MAX` seconds (`Lingering.max_seconds`): a node that NACKs
+its routes, or does not answer, or changes that keep coming faster than the nodes answer, do not
+keep it for good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+
+from nodemesh.xds import types
+from nodemesh.xds.cache import Resource, Snapshot
+from nodemesh.xds.server import StatusTracker
+
+__all__ = ["LINGER_MAX", "Lingering"]
+
+LINGER_MAX = 60.0
+# The types whose resources name clusters, which a node must have ACKed before they go.
+_NAMING = (types.LISTENER, types.ROUTE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    cluster: Resource
+    endpoints: Resource | None  # its ClusterLoadAssignment, if the snapshot had one
+    since: float  # when it was first removed
+
+
+def _eds_name(r: Resource) -> str:
+    c = r.message
+    if isinstance(c, cluster_pb2.Cluster) and c.type == cluster_pb2.Cluster.EDS:
+        return str(c.eds_cluster_config.service_name or c.name)
+    return ""
+
+
+def _removed(before: Snapshot, after: Snapshot) -> list[str]:
+    """The clusters `before` has and `after` has not: none when they share the set (a change
+    that touched no cluster), from the names changed in between when `after`'s set descends
+    from `before`'s, else by looking at each."""
+    old, new = before.type_set(types.CLUSTER), after.type_set(types.CLUSTER)
+    if old is None or old is new:
+        return []
+    new_items = new.items if new is not None else {}
+    changed = new.changed_since(old.token, len(old.items)) if new is not None else None
+    names = changed if changed is not None else old.items.keys()
+    return sorted(n for n in names if n in old.items and n not in new_items)
+
+
+class Lingering:
+    """The clusters a rebuild removed, kept in the served snapshots until the nodes hold the
+    routes that no longer name them."""
+
+    def __init__(self, max_seconds: float = LINGER_MAX) -> None:
+        self.max_seconds = max_seconds
+        self.kept: dict[str, _Kept] = {}
+        self.released = 0  # times the lingering clusters were let go (for tests and /status)
+
+    def carry(
+        self,
+        served: Snapshot | None,
+        built: Snapshot,
+        node_built: Mapping[str, Snapshot],
+        now: float,
+        anyone_connected: bool,
+    ) -> tuple[Snapshot, dict[str, Snapshot]]:
+        """The snapshots to serve for the `built` shared one and the nodes' own: with the
+        clusters that `served` (the shared snapshot served until now, lingering ones included)
+        has and `built` has not, and those still lingering from before, less the expired."""
+        new_clusters = built.resources(types.CLUSTER)
+        kept = {
+            n: k
+            for n, k in self.kept.items()
+            if n not in new_clusters and now - k.since < self.max_seconds
+        }
+        if served is not None and anyone_connected:
+            old_clusters = served.resources(types.CLUSTER)
+            endpoints = served.resources(types.ENDPOINT)
+            for name in _removed(served, built):
+                r = old_clusters[name]
+                if name not in kept:
+                    kept[name] = _Kept(r, endpoints.get(_eds_name(r)), now)
+        self.kept = kept
+        if not kept:
+            return built, dict(node_built)
+        new_endpoints = built.resources(types.ENDPOINT)
+        clusters = [k.cluster for k in kept.values()]
+        cla = [
+            k.endpoints
+            for k in kept.values()
+            if k.endpoints is not None and k.endpoints.name not in new_endpoints
+        ]
+        shared = built.updated({types.CLUSTER: (clusters, ()), types.ENDPOINT: (cla, ())})
+        carried = {
+            t: ts for t in (types.CLUSTER, types.ENDPOINT) if (ts := shared.type_set(t)) is not None
+        }
+        nodes: dict[str, Snapshot] = {}
+        for node, snap in node_built.items():
+            if snap is built:
+                nodes[node] = shared
+                continue
+            type_sets = {t: ts for t in snap.type_urls if (ts := snap.type_set(t)) is not None}
+            type_sets.update(carried)
+            nodes[node] = Snapshot.of_type_sets(type_sets)
+        return shared, nodes
+
+    def may_go(
+        self,
+        status: StatusTracker | None,
+        served: Callable[[str], Snapshot | None],
+        now: float,
+    ) -> bool:
+        """Whether the lingering clusters may go now: every connected node Envoy ACKed the
+        Listeners and routes it is served (`served(node)`: its snapshot), or one lingered
+        too long."""
+        if not self.kept:
+            return False
+        if any(now - k.since >= self.max_seconds for k in self.kept.values()):
+            return True
+        if status is None:
+            return True
+        for node in status.nodes():
+            if not node.connected:
+                continue
+            snapshot = served(node.node_id)
+            if snapshot is None:
+                continue
+            for t in _NAMING:
+                ts = node.types.get(t)
+                if ts is None or not snapshot.has_type(t):
+                    continue  # not asked for (an agent's stream, an Envoy not that far yet)
+                if ts.version_acked != snapshot.version(t):
+                    return False
+        return True
+
+    def release(self) -> None:
+        self.kept = {}
+        self.released += 1
+
+    def next_expiry(self) -> float | None:
+        """When the oldest lingering cluster expires (in the clock `carry` was given)."""
+        oldest = min((k.since for k in self.kept.values()), default=None)
+        return None if oldest is None else oldest + self.max_seconds
