@@ -195,6 +195,38 @@ async def test_terminating_endpoints_take_no_new_requests_while_one_is_ready(
     assert all(r.body == "roll-live" for r in replies)
 
 
+class Load:
+    """Eight request loops to `host` through the node Envoy, for the `async with` block; the
+    replies as (status, body), in the order they came."""
+
+    def __init__(self, mesh: Mesh, host: str, loops: int = 8) -> None:
+        self.mesh, self.host, self.loops = mesh, host, loops
+        self.replies: list[tuple[int, str]] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            r = await self.mesh.get(self.host)
+            self.replies.append((r.status, r.body))
+
+    async def __aenter__(self) -> Load:
+        self._tasks = [asyncio.create_task(self._loop()) for _ in range(self.loops)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def answered_by(self, body: str, timeout: float = 10.0) -> None:
+        """Polls until a request made from now on is answered by `body`."""
+        start, deadline = len(self.replies), time.monotonic() + timeout
+        while not any(b == body for _, b in self.replies[start:]):
+            tail = self.replies[start:][-5:]
+            assert time.monotonic() < deadline, f"no reply from {body}: {tail}"
+            await asyncio.sleep(0.01)
+
+
 async def test_a_route_that_takes_over_a_busy_service_drops_no_request(
     mesh: Mesh, backends: Backends
 ) -> None:
@@ -208,34 +240,16 @@ async def test_a_route_that_takes_over_a_busy_service_drops_no_request(
         endpoint_slice("busy", own.port), endpoint_slice("busy-v2", other.port),
     )  # fmt: skip
     await mesh.converge()
-    replies: list[tuple[int, str]] = []
-    stop = asyncio.Event()
-
-    async def load() -> None:
-        while not stop.is_set():
-            r = await mesh.get("busy.shop")
-            replies.append((r.status, r.body))
-
-    async def answered_by(body: str, timeout: float = 10.0) -> None:
-        """Polls until a request made from now on is answered by `body`."""
-        start, deadline = len(replies), time.monotonic() + timeout
-        while not any(b == body for _, b in replies[start:]):
-            assert time.monotonic() < deadline, f"no reply from {body}: {replies[start:][-5:]}"
-            await asyncio.sleep(0.01)
-
-    tasks = [asyncio.create_task(load()) for _ in range(8)]
-    try:
-        await answered_by("busy")
+    async with Load(mesh, "busy.shop") as load:
+        await load.answered_by("busy")
         for _ in range(4):
             mesh.apply(route("busy", "busy", [{"backendRefs": [backend("busy-v2")]}]))
             await mesh.converge()
-            await answered_by("busy-v2")
+            await load.answered_by("busy-v2")
             mesh.delete("HTTPRoute", "busy")
             await mesh.converge()
-            await answered_by("busy")
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
+            await load.answered_by("busy")
+    replies = load.replies
     assert Counter(s for s, _ in replies) == {200: len(replies)}, Counter(replies)
 
 
@@ -253,23 +267,8 @@ async def test_a_switch_that_deletes_the_old_service_drops_no_request(
         route("sw", "sw", [{"backendRefs": [backend("sw-blue")]}]),
     )  # fmt: skip
     await mesh.converge()
-    replies: list[tuple[int, str]] = []
-    stop = asyncio.Event()
-
-    async def load() -> None:
-        while not stop.is_set():
-            r = await mesh.get("sw.shop")
-            replies.append((r.status, r.body))
-
-    async def answered_by(body: str, timeout: float = 10.0) -> None:
-        start, deadline = len(replies), time.monotonic() + timeout
-        while not any(b == body for _, b in replies[start:]):
-            assert time.monotonic() < deadline, f"no reply from {body}: {replies[start:][-5:]}"
-            await asyncio.sleep(0.01)
-
-    tasks = [asyncio.create_task(load()) for _ in range(8)]
-    try:
-        await answered_by("sw-blue")
+    async with Load(mesh, "sw.shop") as load:
+        await load.answered_by("sw-blue")
         old = "sw-blue"
         for new in ("sw-green", "sw-blue", "sw-green", "sw-blue"):
             port = (blue if new == "sw-blue" else green).port
@@ -279,11 +278,9 @@ async def test_a_switch_that_deletes_the_old_service_drops_no_request(
             mesh.delete("Service", old)
             mesh.delete("EndpointSlice", f"{old}-1")
             await mesh.converge()
-            await answered_by(new)
+            await load.answered_by(new)
             old = new
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
+    replies = load.replies
     assert Counter(s for s, _ in replies) == {200: len(replies)}, Counter(replies)
     assert mesh.envoy is not None
     clusters = json.dumps(mesh.envoy.config_dump("dynamic_active_clusters"))
