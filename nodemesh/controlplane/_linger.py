@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from envoy.config.cluster.v3 import cluster_pb2
 
 from nodemesh.xds import types
-from nodemesh.xds.cache import Resource, Snapshot
+from nodemesh.xds.cache import Resource, Snapshot, TypeSet
 from nodemesh.xds.server import StatusTracker
 
 __all__ = ["LINGER_MAX", "Lingering"]
@@ -59,6 +59,33 @@ def _removed(before: Snapshot, after: Snapshot) -> list[str]:
     return sorted(n for n in names if n in old.items and n not in new_items)
 
 
+def _follow(
+    served: TypeSet | None,
+    before: TypeSet | None,
+    built: TypeSet | None,
+    kept: frozenset[str],
+    gone: set[str],
+) -> TypeSet | None:
+    """`served` (which was `before` and the lingering resources) brought to `built` and the
+    `kept` names, by the changes from `before` to `built` and the `gone` names that stopped
+    lingering: a set that descends from `served`, so that a delta watch holding it is answered
+    from those changes, not by comparing every resource. None when the changes are unknown."""
+    if served is None or before is None or built is None:
+        return None
+    if built is before:
+        changed: set[str] | None = set()
+    else:
+        changed = built.changed_since(before.token, len(built.items) // 2)
+    if changed is None:
+        return None
+    items = built.items
+    upserts = [items[n] for n in sorted(changed) if n in items]
+    removed = [n for n in sorted(changed | gone) if n not in items and n not in kept]
+    if not upserts and not removed:
+        return served
+    return served.updated(upserts, removed)
+
+
 class Lingering:
     """The clusters a rebuild removed, kept in the served snapshots until the nodes hold the
     routes that no longer name them."""
@@ -71,24 +98,28 @@ class Lingering:
     def carry(
         self,
         served: Snapshot | None,
+        before: Snapshot | None,
         built: Snapshot,
         node_built: Mapping[str, Snapshot],
         now: float,
         anyone_connected: bool,
     ) -> tuple[Snapshot, dict[str, Snapshot]]:
         """The snapshots to serve for the `built` shared one and the nodes' own: with the
-        clusters that `served` (the shared snapshot served until now, lingering ones included)
-        has and `built` has not, and those still lingering from before, less the expired."""
+        clusters that `before` (the shared snapshot built before) has and `built` has not, and
+        those still lingering from before, less the expired. `served` is the shared snapshot
+        served until now (`before` and what lingered then): the sets served next follow from
+        its own, at a cost in the changes."""
         new_clusters = built.resources(types.CLUSTER)
+        lingered = self.kept
         kept = {
             n: k
-            for n, k in self.kept.items()
+            for n, k in lingered.items()
             if n not in new_clusters and now - k.since < self.max_seconds
         }
-        if served is not None and anyone_connected:
-            old_clusters = served.resources(types.CLUSTER)
-            endpoints = served.resources(types.ENDPOINT)
-            for name in _removed(served, built):
+        if before is not None and anyone_connected:
+            old_clusters = before.resources(types.CLUSTER)
+            endpoints = before.resources(types.ENDPOINT)
+            for name in _removed(before, built):
                 r = old_clusters[name]
                 if name not in kept:
                     kept[name] = _Kept(r, endpoints.get(_eds_name(r)), now)
@@ -102,17 +133,35 @@ class Lingering:
             for k in kept.values()
             if k.endpoints is not None and k.endpoints.name not in new_endpoints
         ]
-        shared = built.updated({types.CLUSTER: (clusters, ()), types.ENDPOINT: (cla, ())})
-        carried = {
-            t: ts for t in (types.CLUSTER, types.ENDPOINT) if (ts := shared.type_set(t)) is not None
-        }
+        gone = {n: k for n, k in lingered.items() if n not in kept}
+        carried: dict[str, TypeSet | None] = {types.CLUSTER: None, types.ENDPOINT: None}
+        if served is not None and before is not None:
+            lingering = {
+                types.CLUSTER: (frozenset(kept), set(gone)),
+                types.ENDPOINT: (
+                    frozenset(r.name for r in cla),
+                    {k.endpoints.name for k in gone.values() if k.endpoints is not None},
+                ),
+            }
+            for t, (names, went) in lingering.items():
+                carried[t] = _follow(
+                    served.type_set(t), before.type_set(t), built.type_set(t), names, went
+                )
+        if carried[types.CLUSTER] is None or carried[types.ENDPOINT] is None:
+            made = built.updated({types.CLUSTER: (clusters, ()), types.ENDPOINT: (cla, ())})
+            for t, ts in carried.items():
+                carried[t] = ts if ts is not None else made.type_set(t)
+        sets = {t: ts for t, ts in carried.items() if ts is not None}
+        shared = Snapshot.of_type_sets(
+            {**{t: ts for t in built.type_urls if (ts := built.type_set(t)) is not None}, **sets}
+        )
         nodes: dict[str, Snapshot] = {}
         for node, snap in node_built.items():
             if snap is built:
                 nodes[node] = shared
                 continue
             type_sets = {t: ts for t in snap.type_urls if (ts := snap.type_set(t)) is not None}
-            type_sets.update(carried)
+            type_sets.update(sets)
             nodes[node] = Snapshot.of_type_sets(type_sets)
         return shared, nodes
 

@@ -378,13 +378,18 @@ class Pipeline:
         self.last_error = ""
         self._result = result
         self.translation = translation
-        self.snapshot = snapshot
+        before, self.snapshot = self.snapshot, snapshot
         self._view = view  # the objects' generations are read from it when needed
         self._record_history(result, snapshot)
         self._record_listener_history(translation)
         self._built_nodes = node_snapshots
         served, node_served = self.lingering.carry(
-            self._served, snapshot, node_snapshots, time.monotonic(), self._anyone_connected()
+            self._served,
+            before,
+            snapshot,
+            node_snapshots,
+            time.monotonic(),
+            self._anyone_connected(),
         )
         self._serve(served, node_served)
         self.rebuilds += 1
