@@ -171,7 +171,7 @@ class Lingering:
         served: Callable[[str], Snapshot | None],
         now: float,
     ) -> bool:
-        """Whether the lingering clusters may go now: every connected node Envoy ACKed the
+        """Whether the lingering clusters may go now: every node Envoy on a stream ACKed the
         Listeners and routes it is served (`served(node)`: its snapshot), or one lingered
         too long."""
         if not self.kept:
@@ -184,7 +184,11 @@ class Lingering:
             if not node.connected:
                 continue
             snapshot = served(node.node_id)
-            if snapshot is None:
+            cds = node.types.get(types.CLUSTER)
+            if snapshot is None or cds is None or cds.stream is None:
+                # No Envoy of the node on a stream (its agent's may be open): as a node not
+                # connected, it waits for nothing. A reconnecting Envoy asks for Clusters first,
+                # so its old routes count from its first request on.
                 continue
             for t in _NAMING:
                 ts = node.types.get(t)

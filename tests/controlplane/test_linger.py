@@ -42,7 +42,9 @@ async def _lingering_mesh() -> tuple[Store, SnapshotCache, Pipeline]:
     p = Pipeline(store, cache, status)
     await p.rebuild()
     status.stream_opened(NODE)
-    status.resumed(NODE, types.ROUTE, "", {}, stream=object())  # holds no routes we know of
+    envoy = object()  # its stream: it asked for Clusters, and holds no routes we know of
+    for t in (types.CLUSTER, types.ROUTE):
+        status.resumed(NODE, t, "", {}, stream=envoy)
     store.delete(ObjectKey("Service", "ns0", "svc0"))
     await p.rebuild()
     assert "ns0/svc0:80" in p.lingering.kept

