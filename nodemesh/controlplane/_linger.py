@@ -172,12 +172,10 @@ class Lingering:
         now: float,
     ) -> bool:
         """Whether the lingering clusters may go now: every node Envoy on a stream ACKed the
-        Listeners and routes it is served (`served(node)`: its snapshot), or one lingered
-        too long."""
+        Listeners and routes it is served (`served(node)`: its snapshot). (One that lingered
+        too long goes alone: `expired`.)"""
         if not self.kept:
             return False
-        if any(now - k.since >= self.max_seconds for k in self.kept.values()):
-            return True
         if status is None:
             return True
         for node in status.nodes():
@@ -197,6 +195,10 @@ class Lingering:
                 if ts.version_acked != snapshot.version(t):
                     return False
         return True
+
+    def expired(self, now: float) -> bool:
+        """Some lingering cluster has lingered `max_seconds`: `carry` leaves it out."""
+        return any(now - k.since >= self.max_seconds for k in self.kept.values())
 
     def release(self) -> None:
         self.kept = {}

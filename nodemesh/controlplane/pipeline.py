@@ -425,6 +425,17 @@ class Pipeline:
         if not self.lingering.kept or self.snapshot is None:
             return
         now = time.monotonic()
+        if self.lingering.expired(now):
+            # Only those go: a cluster removed since may still be named by routes in flight.
+            served, nodes = self.lingering.carry(
+                self._served,
+                self.snapshot,
+                self.snapshot,
+                self._built_nodes,
+                now,
+                self._anyone_connected(),
+            )
+            self._serve(served, nodes)
         if self.lingering.may_go(self.status, self.cache.get_snapshot, now):
             log.debug("clusters removed after the routes: %s", sorted(self.lingering.kept))
             self.lingering.release()

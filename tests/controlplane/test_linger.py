@@ -111,3 +111,24 @@ async def test_a_cluster_that_lingered_its_time_is_not_kept_again() -> None:
     assert served is not None
     assert "ns0/svc0:80" not in served.resources(types.CLUSTER)
     assert not any(n.startswith("ns0/svc0:80@") for n in served.resources(types.ENDPOINT))
+
+
+async def test_a_cluster_that_lingered_its_time_goes_alone() -> None:
+    """svc0's cluster has lingered `LINGER_MAX` seconds, svc3's was removed a moment ago, and
+    the node has ACKed the routes of neither change: when the timer fires, only svc0's goes;
+    svc3's still waits for the routes that stopped naming it. Before, the first expiry let
+    every lingering cluster go at once."""
+    store, cache, p = await _lingering_mesh()  # (not started: the test fires the timer)
+    store.delete(ObjectKey("Service", "ns3", "svc3"))
+    await p.rebuild()
+    assert set(p.lingering.kept) == {"ns0/svc0:80", "ns3/svc3:80"}
+    p.lingering.kept["ns0/svc0:80"] = dataclasses.replace(
+        p.lingering.kept["ns0/svc0:80"], since=p.lingering.kept["ns0/svc0:80"].since - LINGER_MAX
+    )
+    p._check_lingering()  # what the timer calls at the oldest one's expiry
+    served = cache.get_snapshot(NODE)
+    assert served is not None
+    clusters = served.resources(types.CLUSTER)
+    assert "ns0/svc0:80" not in clusters
+    assert "ns3/svc3:80" in clusters
+    assert served.consistent() == []
