@@ -93,7 +93,7 @@ class Lingering:
     def __init__(self, max_seconds: float = LINGER_MAX) -> None:
         self.max_seconds = max_seconds
         self.kept: dict[str, _Kept] = {}
-        self.released = 0  # times the lingering clusters were let go (for tests and /status)
+        self.released = 0  # times the lingering clusters were let go (for tests)
 
     def carry(
         self,

@@ -292,7 +292,8 @@ class Pipeline:
                     ],
                 }
             )
-        snapshot = self.snapshot
+        snapshot = self._served or self.snapshot  # what the nodes are served
+        now = time.monotonic()
         return {
             "store_revision": self.store.revision,
             "built_revision": self.built_revision,
@@ -303,6 +304,11 @@ class Pipeline:
             else {},
             # nodes with resources of their own: the versions that differ from "snapshot"
             "node_snapshots": self._node_snapshot_versions(),
+            # removed clusters still served until the nodes ACK the routes without them
+            "lingering_clusters": [
+                {"name": name, "seconds": round(now - k.since, 1)}
+                for name, k in sorted(self.lingering.kept.items())
+            ],
             "source_errors": [
                 {"source": source, "where": where, "message": message}
                 for source, errors in sorted(self._source_errors.items())

@@ -132,3 +132,17 @@ async def test_a_cluster_that_lingered_its_time_goes_alone() -> None:
     assert "ns0/svc0:80" not in clusters
     assert "ns3/svc3:80" in clusters
     assert served.consistent() == []
+
+
+async def test_status_shows_the_lingering_cluster_and_the_versions_served() -> None:
+    """`/status` says which removed cluster is still served, and its `snapshot` versions are
+    those the nodes are served (with the lingering cluster), the ones their ACKs name."""
+    _, cache, p = await _lingering_mesh()
+    status = p.status_json()
+    assert [c["name"] for c in status["lingering_clusters"]] == ["ns0/svc0:80"]
+    served = cache.get_snapshot(NODE)
+    assert served is not None
+    assert status["snapshot"]["cds"] == served.version(types.CLUSTER)
+    assert p.snapshot is not None and p.snapshot.version(types.CLUSTER) != served.version(
+        types.CLUSTER
+    )
