@@ -129,6 +129,15 @@ def backends(lab: NodeLab, address: str, port: int) -> list[str]:
     return [] if svc is None else [addr_text(b.addr) for b in svc.backends[: svc.n_backends]]
 
 
+def _uninstall(lab: NodeLab) -> subprocess.CompletedProcess[str]:
+    """`nodemesh agent --uninstall` on the lab's cgroup and pin root, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "nodemesh", "agent", "--uninstall", "--cgroup", str(lab.cgroup),
+         "--pin-root", str(lab.pin_root)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def _stop(proc: Proc) -> None:
     proc.popen.terminate()
     assert proc.popen.wait(10) == 0, proc.stderr()
@@ -225,11 +234,7 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     assert len(links) == 6 and len(map_ids) == len(MAP_NAMES) == 11
     _stop(agent)
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "nodemesh", "agent", "--uninstall", "--cgroup", str(lab.cgroup),
-         "--pin-root", str(lab.pin_root)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    proc = _uninstall(lab)
     assert proc.returncode == 0, proc.stderr
 
     assert not lab.pin_root.exists()
@@ -340,11 +345,7 @@ async def test_uninstall_refuses_while_an_agent_runs(cp: ControlPlane) -> None:
     assert lab.dataplane is not None
     links = lab.dataplane.links()
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "nodemesh", "agent", "--uninstall", "--cgroup", str(lab.cgroup),
-         "--pin-root", str(lab.pin_root)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    proc = _uninstall(lab)
 
     assert proc.returncode == 1, proc.stderr
     assert f"an agent (pid {agent.popen.pid}) runs on the pin root" in proc.stderr
