@@ -22,7 +22,7 @@ Public surface (used by the files source, the kopf operator and the HTTP status 
   shapes, `lastTransitionTime` kept stable while a condition does not change), or None for
   objects without conditions. It fits `nodemesh.controlplane.kube.StatusSource`, and its
   `subscribe(callback)` calls `callback(key)` whenever that body may have changed, so the
-  operator sees every change rather than what its timer ticks happen to sample.
+  operator checks an object's status when it changes, and only then.
 - `pipeline.subscribe(callback)`: `callback(key, conditions)` whenever an object's conditions
   change (also with `()` when the object went away). Called on the event loop thread.
 - `pipeline.set_source_errors(source, {where: message})`: sources report what they could not
@@ -170,7 +170,7 @@ class Pipeline:
         self._unready: tuple[str, ...] = ()
         self._unready_of: Mapping[ObjectKey, Any] | None = None
         # per object, (parent, type) -> (status, when it took that status); by object, so that
-        # the status body of one (asked for by every route's timer, every second) and an
+        # the status body of one (asked for whenever it may have changed) and an
         # object's removal touch only its own entries
         self._transitions: dict[ObjectKey, dict[tuple[str, str], tuple[str, str]]] = {}
         self._source_errors: dict[str, dict[str, str]] = {}

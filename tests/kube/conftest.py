@@ -82,6 +82,15 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 return await self._json_patch(request)
             if isinstance(request.data, dict):
                 meta = request.data.setdefault("metadata", {})
+                key = (request.resource, request.namespace, request.name)
+                wanted = meta.get("resourceVersion")
+                if wanted and key in self.objects and not self.objects[key].deleted:
+                    # a resourceVersion in a patch is a precondition, as the API server's
+                    current = self.objects[key].raw.get("metadata", {}).get("resourceVersion")
+                    if str(wanted) != str(current):
+                        return aiohttp.web.json_response(
+                            {"kind": "Status", "code": 409, "reason": "Conflict"}, status=409
+                        )
                 meta["resourceVersion"] = str(next(self._versions))
                 if "spec" in request.data and request.subresource is None:
                     key = (request.resource, request.namespace, request.name)

@@ -8,6 +8,8 @@ from typing import Any
 
 import kopf
 
+from nodemesh.controlplane.conditions import CONTROLLER_NAME
+from nodemesh.controlplane.kube import FINALIZER
 from nodemesh.controlplane.store import ObjectKey, Store
 from tests.kube.conftest import DEADLINE, Kube, eventually
 
@@ -215,29 +217,45 @@ def route(name: str, parent: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def test_routes_of_a_gateway_controller_get_no_finalizer(
-    kube: Kube, start_operator: Any
-) -> None:
-    """A route attached only to Gateways belongs to another controller: the status timer's
-    finalizer would block its deletion whenever nodemesh is not running (or uninstalled)."""
-    await kube.create(route("ours", {"group": "", "kind": "Service", "name": "web"}))
+async def test_no_object_waits_for_nodemesh_to_be_deleted(kube: Kube, start_operator: Any) -> None:
+    """Deleting a route or policy never needs nodemesh running: no finalizer is put on any,
+    and the one an older nodemesh's status timers left is removed. Before, every mesh route
+    and policy carried one, so with nodemesh uninstalled or scaled to 0 their deletion (and
+    their namespace's) hung until someone removed it by hand."""
+    ours = route("ours", {"group": "", "kind": "Service", "name": "web"})
+    await kube.create(ours)
     await kube.create(route("theirs", {"name": "public"}))  # kind defaults to Gateway
+    old = route("old", {"group": "", "kind": "Service", "name": "web"})
+    old["metadata"]["finalizers"] = [FINALIZER]  # from an older nodemesh
+    await kube.create(old)
 
     def status(key: ObjectKey) -> dict[str, Any]:
-        return {"conditions": []}
+        return {"parents": [{"controllerName": CONTROLLER_NAME, "parentRef": {"name": "web"}}]}
 
-    store = Store()
-    await start_operator(store, status)
+    handle = await start_operator(Store(), status)
 
-    async def finalizers(name: str) -> list[str]:
+    async def meta(name: str) -> dict[str, Any]:
         obj = await kube.get("HTTPRoute", "shop", name)
-        return list(((obj or {}).get("metadata") or {}).get("finalizers") or [])
+        return dict((obj or {}).get("metadata") or {})
 
-    await eventually(lambda: finalizers("ours"), "kopf's finalizer on the mesh route")
-    assert store.get(ObjectKey("HTTPRoute", "shop", "theirs")) is not None  # indexed, built
-    assert await finalizers("theirs") == []
-    await kube.delete("HTTPRoute", "shop", "theirs")
-    assert await kube.get("HTTPRoute", "shop", "theirs") is None
+    async def written(name: str) -> bool:
+        obj = await kube.get("HTTPRoute", "shop", name)
+        return bool(((obj or {}).get("status") or {}).get("parents"))
+
+    await eventually(lambda: written("ours"), "status written for the mesh route")
+    await eventually(lambda: written("old"), "status written for the older route")
+    await eventually(lambda: _no_finalizers(kube, "old"), "the old finalizer removed")
+    for name in ("ours", "theirs"):
+        assert not (await meta(name)).get("finalizers")
+    await handle.stop()  # nodemesh not running
+    for name in ("ours", "theirs", "old"):
+        await kube.delete("HTTPRoute", "shop", name)
+        assert await kube.get("HTTPRoute", "shop", name) is None, name
+
+
+async def _no_finalizers(kube: Kube, name: str) -> bool:
+    obj = await kube.get("HTTPRoute", "shop", name)
+    return obj is not None and not (obj.get("metadata") or {}).get("finalizers")
 
 
 async def test_pods_and_nodes_keep_only_what_the_build_reads(

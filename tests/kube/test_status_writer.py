@@ -1,26 +1,21 @@
-"""The status writer's rules, with a fake clock: leader only, skip when unchanged, and a global
-rate limit whose throttled writes are retried on a later tick."""
+"""The status writer's rules: leader only, skip when unchanged, a global rate limit, retries,
+the other controllers' entries and the transition times kept. The writer runs its real loop;
+`send` records the patches instead of an API server (tests/kube/test_e2e.py has the server)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 
-from nodemesh.controlplane.kube._status import StatusWriter
+from nodemesh.controlplane.kube._status import StatusWriter, status_patch
 from nodemesh.controlplane.store import ObjectKey
+from tests.kube.conftest import eventually
 
 ACCEPTED = {"conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}]}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Leader:
@@ -28,34 +23,100 @@ class Leader:
 
 
 def key(i: int) -> ObjectKey:
-    return ObjectKey("HTTPRoute", "shop", f"r{i}")
+    return ObjectKey("TrafficPolicy", "shop", f"p{i}")
 
 
-def test_only_the_leader_fills_the_patch() -> None:
+class Api:
+    """Live objects by key, and the patches `send` got; answers `code` (then 200)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[ObjectKey, dict[str, Any]] = {}
+        self.sent: list[tuple[ObjectKey, Mapping[str, Any]]] = []
+        self.codes: list[int] = []
+
+    def lookup(self, k: ObjectKey) -> Mapping[str, Any] | None:
+        return self.objects.get(k)
+
+    async def send(self, k: ObjectKey, body: Mapping[str, Any]) -> int:
+        self.sent.append((k, body))
+        code = self.codes.pop(0) if self.codes else 200
+        if code == 200:
+            self.objects[k] = {**self.objects[k], "status": {**body["status"]}}
+        return code
+
+
+async def running(writer: StatusWriter, api: Api) -> asyncio.Task[None]:
+    return asyncio.create_task(writer.run(api.lookup, api.send))
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_only_the_leader_writes() -> None:
     leader = Leader()
-    writer = StatusWriter(lambda k: ACCEPTED, leader)
     leader.is_leader = False
-    patch: dict[str, Any] = {}
-    assert not writer.reconcile(key(0), {}, patch) and patch == {}
-    leader.is_leader = True
-    assert writer.reconcile(key(0), {}, patch) and patch == ACCEPTED
+    api = Api()
+    api.objects[key(0)] = {"metadata": {"resourceVersion": "7"}}
+    writer = StatusWriter(lambda k: ACCEPTED, leader, interval=0.01)
+    task = await running(writer, api)
+    writer.touch(key(0))
+    await asyncio.sleep(0.05)  # (nothing to wait for: a follower writes nothing)
+    assert api.sent == []
+    leader.is_leader = True  # the key touched before is checked once this replica leads
+    await eventually(lambda: api.sent, "a write by the new leader")
+    # the version read is a precondition: a newer object is not overwritten
+    assert api.sent == [(key(0), {"status": ACCEPTED, "metadata": {"resourceVersion": "7"}})]
+    await stop(task)
 
 
-def test_unchanged_status_is_skipped() -> None:
+async def test_unchanged_status_is_skipped() -> None:
+    api = Api()
+    api.objects[key(0)] = {"status": ACCEPTED}
     writer = StatusWriter(lambda k: ACCEPTED, Leader())
-    patch: dict[str, Any] = {}
-    assert not writer.reconcile(key(0), ACCEPTED, patch)
-    assert patch == {} and writer.writes == 0
+    task = await running(writer, api)
+    writer.touch(key(0))
+    await eventually(lambda: writer.checks == 1, "a check")
+    assert api.sent == [] and writer.writes == 0
+    await stop(task)
 
 
-def test_writes_are_rate_limited_and_retried_later() -> None:
-    clock = Clock()
-    writer = StatusWriter(lambda k: ACCEPTED, Leader(), rate=5.0, clock=clock)
-    done = {i for i in range(20) if writer.reconcile(key(i), {}, {})}
-    assert len(done) == 5  # the burst
-    clock.now = 1.0  # one second later: five more tokens
-    done |= {i for i in range(20) if i not in done and writer.reconcile(key(i), {}, {})}
-    assert len(done) == 10 and writer.throttled == 15 + 10
+async def test_writes_are_rate_limited() -> None:
+    api = Api()
+    for i in range(30):
+        api.objects[key(i)] = {}
+    writer = StatusWriter(lambda k: ACCEPTED, Leader(), rate=20.0)
+    task = await running(writer, api)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(30):
+        writer.touch(key(i))
+    await eventually(lambda: len(api.sent) == 30, "every object written")
+    # a burst of 20, then 20 per second: the last ten take about half a second
+    assert loop.time() - start >= 0.4
+    await stop(task)
+
+
+async def test_a_failed_write_is_tried_again_and_a_conflict_rereads() -> None:
+    api = Api()
+    api.objects[key(0)] = {"metadata": {"resourceVersion": "1"}}
+    api.codes = [503, 409]
+    writer = StatusWriter(lambda k: ACCEPTED, Leader(), interval=0.05)
+    task = await running(writer, api)
+    writer.touch(key(0))
+    await eventually(lambda: api.sent and api.sent[-1][0] == key(0) and writer.writes, "written")
+    assert len(api.sent) == 3 and writer.failed == 1
+    assert api.objects[key(0)]["status"] == ACCEPTED
+    await stop(task)
+
+
+def test_a_route_without_a_service_parent_loses_only_our_entries() -> None:
+    ours = _parent("nodemesh.io/mesh", "web", "True", "2026-11-22T09:00:00Z")
+    gateway = {**ours, "controllerName": "example.com/gateway"}
+    assert status_patch({"parents": []}, {"parents": [gateway, ours]}) == {"parents": [gateway]}
+    assert status_patch({"parents": []}, {"parents": [gateway]}) == {}
 
 
 class Observable:
@@ -78,10 +139,11 @@ class Observable:
             callback(k)
 
 
-def test_every_verdict_change_is_logged_even_between_ticks(
+def test_every_verdict_change_is_logged_even_between_checks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """No timer tick happens here at all: the verdicts come from the source's reports."""
+    """No check happens here at all (the writer does not run): the verdicts come from the
+    source's reports."""
     source = Observable()
     writer = StatusWriter(source, Leader())
     writer.start()
@@ -135,15 +197,9 @@ def test_another_controllers_parents_are_kept() -> None:
         "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}],
     }
     ours = _parent("nodemesh.io/mesh", "web", "True", "2026-11-22T09:00:00Z")
-    writer = StatusWriter(lambda k: {"parents": [ours]}, Leader())
-    patch: dict[str, Any] = {}
-    assert writer.reconcile(key(0), {"parents": [gateway]}, patch)
+    patch = status_patch({"parents": [ours]}, {"parents": [gateway]})
     assert patch == {"parents": [gateway, ours]}
-    again: dict[str, Any] = {}
-    assert not writer.reconcile(key(0), patch, again) and again == {}
-    # a route only another controller's: nothing to write over its status
-    only = StatusWriter(lambda k: {"parents": []}, Leader())
-    assert not only.reconcile(key(1), {"parents": [gateway]}, again) and again == {}
+    assert status_patch({"parents": [ours]}, patch) == {}
 
 
 def test_a_restarted_control_plane_keeps_the_transition_times() -> None:
@@ -151,18 +207,11 @@ def test_a_restarted_control_plane_keeps_the_transition_times() -> None:
     condition whose status did not change keeps the live time, so nothing is rewritten."""
     live = {"parents": [_parent("nodemesh.io/mesh", "web", "True", "2026-11-22T08:00:00Z")]}
     desired = {"parents": [_parent("nodemesh.io/mesh", "web", "True", "2026-11-22T09:30:00Z")]}
-    writer = StatusWriter(lambda k: desired, Leader())
-    patch: dict[str, Any] = {}
-    assert not writer.reconcile(key(0), live, patch) and patch == {}
+    assert status_patch(desired, live) == {}
     changed = {"parents": [_parent("nodemesh.io/mesh", "web", "False", "2026-11-22T09:31:00Z")]}
-    writer = StatusWriter(lambda k: changed, Leader())
-    assert writer.reconcile(key(0), live, patch)
-    (parent,) = patch["parents"]
+    (parent,) = status_patch(changed, live)["parents"]
     assert parent["conditions"][0]["lastTransitionTime"] == "2026-11-22T09:31:00Z"
     policy_live = {"conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
                                    "lastTransitionTime": "2026-11-22T08:00:00Z"}]}  # fmt: skip
-    policy = StatusWriter(
-        lambda k: {"conditions": [{**policy_live["conditions"][0], "lastTransitionTime": "now"}]},
-        Leader(),
-    )
-    assert not policy.reconcile(ObjectKey("TrafficPolicy", "shop", "p"), policy_live, {})
+    now = {"conditions": [{**policy_live["conditions"][0], "lastTransitionTime": "now"}]}
+    assert status_patch(now, policy_live) == {}

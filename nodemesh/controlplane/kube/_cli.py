@@ -38,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lease-name", default="nodemesh-controlplane", help="the leader-election Lease"
     )
     group.add_argument(
-        "--status-interval", type=float, default=1.0, help="per-object status check period, s"
+        "--status-interval",
+        type=float,
+        default=1.0,
+        help="at most one status write per object per this many seconds (default: 1.0)",
     )
 
 

@@ -192,7 +192,7 @@ class Feed:
         dirty, self._dirty = self._dirty, set()
         writes = 0
         for key in sorted(dirty):
-            obj = self._lookup(key)
+            obj = self.lookup(key)
             level = logging.INFO if key.kind in _CONFIG_KINDS else logging.DEBUG
             if obj is None:
                 if self._store.delete(key):
@@ -213,7 +213,8 @@ class Feed:
         self.flushed += writes
         return writes
 
-    def _lookup(self, key: ObjectKey) -> Mapping[str, Any] | None:
+    def lookup(self, key: ObjectKey) -> Mapping[str, Any] | None:
+        """`key`'s object in kopf's index (what the store gets), or None."""
         index = self._indexes.get(key.kind)
         if index is None:
             return None

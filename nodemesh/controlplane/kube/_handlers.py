@@ -3,20 +3,20 @@
 Per watched kind: an index (`@kopf.index`) that holds the objects; an event handler that marks
 the object's key dirty (kopf calls it after the index is updated, and only once every kind's
 initial listing is indexed, which is how the feed knows the listing is complete);
-for kinds with status, a timer that asks the `StatusWriter` for a status patch. No handler
-builds configuration: the feed moves indexed objects into the store, the pipeline does the rest.
+for kinds with status, the same event tells the `StatusWriter` to compare the live status with
+the desired one. No handler builds configuration or writes status: the feed moves indexed
+objects into the store, the pipeline does the rest.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from nodemesh.controlplane.conditions import CONTROLLER_NAME
 from nodemesh.controlplane.kube._feed import Feed, plain_object
 from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
 from nodemesh.controlplane.kube._status import StatusWriter
@@ -44,8 +44,12 @@ def _ctx(memo: kopf.Memo) -> Context:
     return ctx
 
 
-def build_registry(*, status_interval: float = 1.0) -> kopf.OperatorRegistry:
-    """A fresh registry (not kopf's global one), so that several operators can share a process."""
+def build_registry() -> kopf.OperatorRegistry:
+    """A fresh registry (not kopf's global one), so that several operators can share a process.
+
+    No timers, daemons or change handlers: kopf would put its finalizer on the objects. The
+    finalizer's name stays set (`FINALIZER`), so kopf removes it from objects that still carry
+    it from an older nodemesh, whose status timers needed it."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry, id="nm_login")(_login)
     kopf.on.startup(registry=registry, id="nm_attach_indexes")(_attach_indexes)
@@ -54,20 +58,6 @@ def build_registry(*, status_interval: float = 1.0) -> kopf.OperatorRegistry:
         kopf.on.event(r.group, r.version, r.plural, id=f"nm_event_{r.plural}", registry=registry)(
             _watcher(r)
         )
-        if r.status:
-            # kopf puts a finalizer on every object a timer runs for (so that it can stop the
-            # timer), which blocks its deletion while no replica runs. Gateway API routes
-            # attached only to Gateways are another controller's: no timer, no finalizer, once
-            # the status entries we wrote while it had a Service parent are removed.
-            kopf.timer(
-                r.group,
-                r.version,
-                r.plural,
-                id=f"nm_status_{r.plural}",
-                interval=status_interval,
-                when=_is_ours if r.group == _GATEWAY_API else None,
-                registry=registry,
-            )(_status_writer(r))
     return registry
 
 
@@ -83,34 +73,6 @@ async def _attach_indexes(memo: kopf.Memo, **kwargs: Any) -> None:
     # kopf passes every index to startup handlers as a kwarg named after the index;
     # these are live views that kopf keeps updating.
     _ctx(memo).feed.attach({k: v for k, v in kwargs.items() if k.startswith("nm_")})
-
-
-_GATEWAY_API = "gateway.networking.k8s.io"
-
-
-def _has_service_parent(spec: kopf.Spec, **_: Any) -> bool:
-    """A mesh route: a parentRef to a Service (GAMMA), the only parents we write status for
-    (the builder's rule in `builder/_routes.py`)."""
-    refs = spec.get("parentRefs")
-    return isinstance(refs, list) and any(
-        isinstance(ref, Mapping)
-        and ref.get("kind") == "Service"
-        and ref.get("group", "") in ("", "core")
-        for ref in refs
-    )
-
-
-def _has_our_entry(status: kopf.Status) -> bool:
-    parents = status.get("parents")
-    return isinstance(parents, list) and any(
-        isinstance(p, Mapping) and p.get("controllerName") == CONTROLLER_NAME for p in parents
-    )
-
-
-def _is_ours(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    """A route we write status for: it has a Service parent, or had one and still carries the
-    `status.parents` entries we wrote for it (Gateway API: removed with the parentRef)."""
-    return _has_service_parent(spec) or _has_our_entry(status)
 
 
 def _key(r: WatchedResource, namespace: str | None, name: str) -> ObjectKey:
@@ -137,27 +99,10 @@ def _watcher(r: WatchedResource) -> Callable[..., Awaitable[None]]:
         ctx.feed.mark_synced()
         if type is None:  # listed, not watched
             ctx.feed.listed(key)
-        elif type == "DELETED":
+        if type == "DELETED":
             ctx.feed.deleted(key)
             ctx.status.forget(key)
+        elif r.status:
+            ctx.status.touch(key)
 
     return on_event
-
-
-def _status_writer(r: WatchedResource) -> Callable[..., Awaitable[None]]:
-    async def write_status(
-        name: str,
-        namespace: str | None,
-        status: kopf.Status,
-        patch: kopf.Patch,
-        memo: kopf.Memo,
-        spec: kopf.Spec,
-        **_: Any,
-    ) -> None:
-        key = _key(r, namespace, name)
-        if r.group == _GATEWAY_API and not _has_service_parent(spec):
-            _ctx(memo).status.release(key, status, patch.status)
-        else:
-            _ctx(memo).status.reconcile(key, status, patch.status)
-
-    return write_status

@@ -17,6 +17,7 @@ from collections.abc import Collection, Coroutine, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
 import kopf
 import yaml
 
@@ -25,6 +26,7 @@ from nodemesh.controlplane.kube._feed import Feed
 from nodemesh.controlplane.kube._handlers import CONTEXT_KEY, Context, build_registry
 from nodemesh.controlplane.kube._lease import LeaseElector
 from nodemesh.controlplane.kube._listing import existing, unlisted
+from nodemesh.controlplane.kube._resources import by_kind
 from nodemesh.controlplane.kube._status import Leadership, StatusSource, StatusWriter, always_leader
 from nodemesh.controlplane.store import ObjectKey, Store
 
@@ -32,7 +34,8 @@ __all__ = ["FINALIZER", "Operator", "OperatorOptions", "default_connection", "ru
 
 log = logging.getLogger("nodemesh.controlplane.kube")
 
-# kopf puts this finalizer on objects that have a status timer, so that it can stop the timer.
+# The finalizer an older nodemesh had kopf put on routes and policies, for its status timers.
+# Named in kopf's settings, so that kopf removes it wherever it is left (see `build_registry`).
 FINALIZER = "nodemesh.io/status-writer"
 
 
@@ -211,7 +214,12 @@ class Operator:
                 retry_period=self.options.retry_period,
             )
             leadership = self.elector
-        self.status = StatusWriter(status or _no_status, leadership, rate=self.options.status_rate)
+        self.status = StatusWriter(
+            status or _no_status,
+            leadership,
+            rate=self.options.status_rate,
+            interval=self.options.status_interval,
+        )
 
     @property
     def is_leader(self) -> bool:
@@ -245,7 +253,16 @@ class Operator:
         memo[CONTEXT_KEY] = Context(self.feed, self.status, self.connection)
         ns = self.options.namespaces
         self.status.start()
-        tasks = [asyncio.create_task(self.feed.run(ready), name="nodemesh-kube-feed")]
+        api = _session(self.connection)
+        tasks = [
+            asyncio.create_task(self.feed.run(ready), name="nodemesh-kube-feed"),
+            asyncio.create_task(
+                self.status.run(
+                    self.feed.lookup, functools.partial(_patch_status, api, self.connection.server)
+                ),
+                name="nodemesh-kube-status",
+            ),
+        ]
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="nodemesh-kube-lease"))
         log.info(
@@ -262,6 +279,7 @@ class Operator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             self.status.stop()
+            await api.close()
             if self.elector is not None:
                 await self.elector.release()
             log.info("operator %s stopped", self.options.identity)
@@ -281,7 +299,7 @@ class Operator:
             try:
                 # Not kopf.operator(): see `_NoSweep`.
                 operator_tasks = await kopf.spawn_tasks(
-                    registry=build_registry(status_interval=self.options.status_interval),
+                    registry=build_registry(),
                     settings=self.settings(),
                     memo=memo,
                     clusterwide=not ns,
@@ -311,6 +329,30 @@ class Operator:
                 await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
                 return
+
+
+def _session(connection: kopf.ConnectionInfo) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=connection.as_ssl_context()),
+        headers=connection.as_http_headers(),
+        timeout=aiohttp.ClientTimeout(total=10.0),
+    )
+
+
+async def _patch_status(
+    session: aiohttp.ClientSession, server: str, key: ObjectKey, body: Any
+) -> int:
+    """A merge patch to `key`'s status subresource; the HTTP status code."""
+    r = by_kind(key.kind)
+    path = server.rstrip("/") + (f"/apis/{r.group}/{r.version}" if r.group else f"/api/{r.version}")
+    if r.namespaced:
+        path += f"/namespaces/{key.namespace}"
+    async with session.patch(
+        f"{path}/{r.plural}/{key.name}/status",
+        json=body,
+        headers={"Content-Type": "application/merge-patch+json"},
+    ) as resp:
+        return resp.status
 
 
 # A kopf run that lasted this long was no failure to start: the next stop counts from one.

@@ -2,7 +2,7 @@
 
 - Every watched kind (`RESOURCES`): `list` and `watch` (kopf lists, then watches; it never GETs).
 - Kinds with status: `patch` on `<plural>/status` (the conditions) and `patch` on `<plural>`
-  (kopf adds and removes its finalizer, `FINALIZER`, for the status timers).
+  (kopf removes `FINALIZER` where an older nodemesh, whose status timers needed it, left it).
 - The leader-election Lease, in the operator's namespace only: `create`, and `get`/`patch` on
   that one Lease by name.
 - Nothing else: kopf runs with event posting and CRD/namespace scanning disabled.

@@ -1,27 +1,35 @@
-"""`StatusWriter`: decides, per object and per timer tick, what status patch kopf should apply.
+"""`StatusWriter`: writes the pipeline's status to the routes' and policies' status subresource.
 
-The pipeline owns the conditions; this module compares them with the object's live status and
-fills kopf's `patch.status` only when the leader sees a difference, at most `rate` writes per
-second across all objects. Every replica logs each accept/reject transition when the source
-reports it (not when a tick happens to see it); only the leader writes.
+Event-driven: an object is checked when its desired status changes (the pipeline reports it) or
+its live one does (a watch event), and written only when the two differ, by the leader, at most
+once per object per `interval` and `rate` times per second in all. No kopf timer: kopf puts a
+finalizer on every object a timer runs for, which blocks deleting it while nodemesh is not
+running (uninstalled, scaled to 0), and its timers check every object every interval.
+Every replica logs each accept/reject transition when the source reports it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from nodemesh.controlplane.conditions import CONTROLLER_NAME
+from nodemesh.controlplane.kube._resources import RESOURCES
 from nodemesh.controlplane.store import ObjectKey
 
 __all__ = [
     "Leadership",
+    "Lookup",
     "ObservableStatusSource",
+    "Send",
     "StatusSource",
     "StatusWriter",
     "always_leader",
+    "status_patch",
 ]
 
 log = logging.getLogger("nodemesh.controlplane.kube")
@@ -44,9 +52,9 @@ class ObservableStatusSource(StatusSource, Protocol):
     pipeline's `kubernetes_status`). `subscribe` returns the unsubscribe function; callbacks
     come on the event loop.
 
-    The writer logs verdicts from these calls: its timer ticks only sample the status, and a
-    verdict that lasts less than a tick (a route accepted, then changed 50 ms later) would
-    never be logged.
+    The writer checks the object and logs its verdict on each call, so a verdict that lasts
+    a moment (a route accepted, then changed 50 ms later) is logged too. A source without
+    `subscribe` is checked on the objects' watch events only.
     """
 
     def subscribe(self, callback: Callable[[ObjectKey], None]) -> Callable[[], None]: ...
@@ -64,8 +72,22 @@ class _Always:
 always_leader: Leadership = _Always()
 
 
+# The live object of a key (kopf's index: metadata, spec and status), or None.
+Lookup = Callable[[ObjectKey], Mapping[str, Any] | None]
+# Send a merge patch to a key's status subresource; returns the HTTP status code (raises
+# aiohttp.ClientError or TimeoutError when there is no answer).
+Send = Callable[[ObjectKey, Mapping[str, Any]], Awaitable[int]]
+
+# After a failed write, the next try waits `interval` doubled per failure, at most this long.
+_MAX_BACKOFF = 30.0
+
+
 class StatusWriter:
-    """Compares desired and live status; fills kopf's patch when they differ (leader only)."""
+    """Compares desired and live status; patches the difference (leader only).
+
+    Usage: `touch(key)` on every watch event of a key, `forget(key)` on its deletion; `start()`
+    subscribes to the source's reports; `await run(lookup, send)` writes until cancelled.
+    """
 
     def __init__(
         self,
@@ -73,71 +95,49 @@ class StatusWriter:
         leadership: Leadership = always_leader,
         *,
         rate: float = 50.0,
+        interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._leadership = leadership
         self._rate = rate
+        self._interval = interval
         self._burst = max(1.0, rate)
         self._tokens = self._burst
         self._clock = clock
         self._last = clock()
         self._verdicts: dict[ObjectKey, str] = {}
         self._unsubscribe: Callable[[], None] | None = None
-        self.checks = 0  # reconcile calls (timer ticks with a built object)
+        # Keys to check. A replica that is not the leader keeps them: once it leads, it checks
+        # everything that changed since it started, which is everything that may differ.
+        self._dirty: set[ObjectKey] = set()
+        self._not_before: dict[ObjectKey, float] = {}  # the next write's earliest time
+        self._failures: dict[ObjectKey, int] = {}
+        self._wakeup: asyncio.Event | None = None
+        self.checks = 0  # comparisons of a built object's desired and live status
         self.writes = 0
         self.throttled = 0
+        self.failed = 0
 
-    def reconcile(
-        self,
-        key: ObjectKey,
-        live_status: Mapping[str, Any],
-        patch_status: MutableMapping[str, Any],
-    ) -> bool:
-        """Fill `patch_status` (kopf's `patch.status`) if needed. Returns True if it did."""
-        desired = self._source(key)
-        if desired is None:
-            return False
-        self.checks += 1
-        self._log_verdict(key, desired)
-        return self._write(key, desired, live_status, patch_status)
+    # -- what to check ---------------------------------------------------------------------
+    def touch(self, key: ObjectKey) -> None:
+        """`key`'s live or desired status may have changed."""
+        if key.kind not in _STATUS_KINDS:
+            return  # (the pipeline reports every kind's conditions; a Pod's are notices)
+        self._dirty.add(key)
+        if self._wakeup is not None:
+            self._wakeup.set()
 
-    def release(
-        self,
-        key: ObjectKey,
-        live_status: Mapping[str, Any],
-        patch_status: MutableMapping[str, Any],
-    ) -> bool:
-        """`key`, a route, has no parentRef of ours any more: fill `patch_status` to remove the
-        `parents[]` entries we wrote, keeping the other controllers' (leader only). Returns
-        True if it did."""
-        self.forget(key)
-        return self._write(key, {"parents": []}, live_status, patch_status)
-
-    def _write(
-        self,
-        key: ObjectKey,
-        desired: Mapping[str, Any],
-        live_status: Mapping[str, Any],
-        patch_status: MutableMapping[str, Any],
-    ) -> bool:
-        if not self._leadership.is_leader:
-            return False
-        desired = _against_live(desired, live_status)
-        changed = {k: v for k, v in desired.items() if _plain(live_status.get(k)) != _plain(v)}
-        if not changed:
-            return False
-        if not self._take_token():
-            self.throttled += 1
-            return False  # the next timer tick retries
-        for field, value in changed.items():
-            patch_status[field] = _plain(value)
-        self.writes += 1
-        log.debug("status of %s: writing %s", key, sorted(changed))
-        return True
+    def forget(self, key: ObjectKey) -> None:
+        """`key` is deleted."""
+        self._verdicts.pop(key, None)
+        self._dirty.discard(key)
+        self._not_before.pop(key, None)
+        self._failures.pop(key, None)
 
     def start(self) -> None:
-        """Log every verdict change as it happens, if the source can be watched."""
+        """Log every verdict change as it happens, and check the object then, if the source
+        can be watched."""
         if isinstance(self._source, ObservableStatusSource) and self._unsubscribe is None:
             self._unsubscribe = self._source.subscribe(self.observe)
 
@@ -150,18 +150,121 @@ class StatusWriter:
         """`key`'s desired status may have changed: log its verdict if that changed."""
         desired = self._source(key)
         if desired is None:
-            self.forget(key)
+            self._verdicts.pop(key, None)
         else:
             self._log_verdict(key, desired)
+        self.touch(key)
 
-    def forget(self, key: ObjectKey) -> None:
-        self._verdicts.pop(key, None)
+    # -- writing ---------------------------------------------------------------------------
+    async def run(self, lookup: Lookup, send: Send) -> None:
+        """Check dirty keys and write what differs, until cancelled."""
+        self._wakeup = asyncio.Event()
+        while True:
+            self._wakeup.clear()
+            wait = 1.0  # at the latest: whether this replica became the leader
+            if self._leadership.is_leader:
+                wait = min(wait, await self._pass(lookup, send))
+            if not self._wakeup.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), max(wait, 0.001))
 
-    def _take_token(self) -> bool:
+    async def _pass(self, lookup: Lookup, send: Send) -> float:
+        """Check every dirty key that is due; returns how long until the next one is."""
+        wait = 1.0
+        for key in list(self._dirty):
+            now = self._clock()
+            due = self._not_before.get(key, 0.0)
+            if due > now:
+                wait = min(wait, due - now)
+                continue
+            if self._refill(now) < 1.0:
+                return min(wait, (1.0 - self._tokens) / self._rate)  # out of tokens
+            if not self._leadership.is_leader:
+                break
+            self._dirty.discard(key)
+            try:
+                await self._check(key, lookup, send)
+            except Exception:  # a bug must not stop every other object's status
+                log.exception("status of %s: check failed", key)
+            if key in self._dirty:  # to be tried again
+                wait = min(wait, self._not_before.get(key, 0.0) - self._clock())
+        return wait
+
+    async def _check(self, key: ObjectKey, lookup: Lookup, send: Send) -> None:
+        obj = lookup(key)
+        if obj is None:
+            return  # deleted, or kopf not (yet) running: its listing touches it again
+        live = _as_map(obj.get("status"))
+        if key.kind in _ROUTE_KINDS and not _has_service_parent(_as_map(obj.get("spec"))):
+            # Not a mesh route (any more): remove the `parents[]` entries we wrote, if any,
+            # as Gateway API asks of a controller whose parentRef is gone.
+            if not _has_our_entry(live):
+                return
+            self._verdicts.pop(key, None)
+            desired: Mapping[str, Any] = {"parents": []}
+        else:
+            built = self._source(key)
+            if built is None:
+                return  # not built yet: the source reports it once it is
+            desired = built
+            self.checks += 1
+        patch = status_patch(desired, live)
+        if not patch:
+            self._failures.pop(key, None)
+            return
         now = self._clock()
+        if self._not_before.get(key, 0.0) > now:
+            self._dirty.add(key)
+            return
+        if not self._take_token():
+            self.throttled += 1
+            self._dirty.add(key)
+            self._not_before[key] = now + 1.0 / self._rate
+            return
+        body: dict[str, Any] = {"status": patch}
+        version = _as_map(obj.get("metadata")).get("resourceVersion")
+        if version:
+            # In a merge patch a resourceVersion is a precondition: the API server answers 409
+            # if the object changed since we read it (another controller's `parents[]` entry
+            # would otherwise be lost; the list is replaced whole).
+            body["metadata"] = {"resourceVersion": version}
+        try:
+            code = await send(key, body)
+        except Exception as exc:  # aiohttp.ClientError, TimeoutError: no answer
+            code, why = 0, repr(exc)
+        else:
+            why = f"HTTP {code}"
+        now = self._clock()
+        if code in (200, 201):
+            self.writes += 1
+            self._not_before[key] = now + self._interval
+            if self._failures.pop(key, None):
+                log.info("status of %s written again", key)
+            log.debug("status of %s: wrote %s", key, sorted(patch))
+        elif code == 404:
+            pass  # deleted meanwhile
+        elif code == 409:
+            # changed meanwhile: its watch event brings the new version and touches it; checked
+            # again after `interval` at the latest, not at once with the stale version
+            self._dirty.add(key)
+            self._not_before[key] = now + self._interval
+        else:
+            self.failed += 1
+            failures = self._failures.get(key, 0) + 1
+            self._failures[key] = failures
+            delay = min(_MAX_BACKOFF, self._interval * 2 ** (failures - 1))
+            if failures == 1:
+                log.warning("status of %s not written (%s); trying again", key, why)
+            self._dirty.add(key)
+            self._not_before[key] = now + delay
+
+    def _refill(self, now: float) -> float:
         self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
-        if self._tokens < 1.0:
+        return self._tokens
+
+    def _take_token(self) -> bool:
+        if self._refill(self._clock()) < 1.0:
             return False
         self._tokens -= 1.0
         return True
@@ -175,6 +278,41 @@ class StatusWriter:
             log.info("%s %s", verdict, key)
         else:
             log.warning("%s %s", verdict, key)
+
+
+_GATEWAY_API = "gateway.networking.k8s.io"
+_STATUS_KINDS = frozenset(r.kind for r in RESOURCES if r.status)
+_ROUTE_KINDS = frozenset(r.kind for r in RESOURCES if r.status and r.group == _GATEWAY_API)
+
+
+def _has_service_parent(spec: Mapping[str, Any]) -> bool:
+    """A mesh route: a parentRef to a Service (GAMMA), the only parents we write status for
+    (the builder's rule in `builder/_routes.py`)."""
+    refs = spec.get("parentRefs")
+    return isinstance(refs, list) and any(
+        isinstance(ref, Mapping)
+        and ref.get("kind") == "Service"
+        and ref.get("group", "") in ("", "core")
+        for ref in refs
+    )
+
+
+def _has_our_entry(status: Mapping[str, Any]) -> bool:
+    parents = status.get("parents")
+    return isinstance(parents, list) and any(
+        isinstance(p, Mapping) and p.get("controllerName") == CONTROLLER_NAME for p in parents
+    )
+
+
+def status_patch(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level status fields to write so that `live` holds `desired` (see
+    `_against_live`); empty when it already does."""
+    desired = _against_live(desired, live)
+    return {k: _plain(v) for k, v in desired.items() if _plain(live.get(k)) != _plain(v)}
+
+
+def _as_map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _conditions(desired: Mapping[str, Any]) -> list[Mapping[str, Any]]:
