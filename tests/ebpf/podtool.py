@@ -579,6 +579,32 @@ def get(args: argparse.Namespace) -> None:
         _out({"status": 0, "errno": errno.errorcode.get(exc.errno or 0, str(exc))})
 
 
+def keepalive(args: argparse.Namespace) -> None:
+    """GET `--path` on one HTTP/1.1 connection, again for each line on stdin: one JSON line per
+    answer, with the local port, which tells whether it was the same connection."""
+    host, port = _addr(args.to)
+    conn = http.client.HTTPConnection(host, port, timeout=20)
+    while True:
+        conn.request("GET", args.path, headers={"host": host})
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+        assert conn.sock is not None
+        local_port = conn.sock.getsockname()[1]
+        print(
+            json.dumps(
+                {
+                    "status": resp.status,
+                    "body": body,
+                    "headers": dict(resp.getheaders()),
+                    "local_port": local_port,
+                }
+            ),
+            flush=True,
+        )
+        if not sys.stdin.readline():
+            return
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -641,6 +667,9 @@ def main() -> None:
     g.add_argument("--path", default="/")
     g.add_argument("--host", default="")
     g.add_argument("--http10", action="store_true", help="HTTP/1.0, no Host header")
+    k = sub.add_parser("keepalive")
+    k.add_argument("--to", required=True)
+    k.add_argument("--path", default="/")
     args = p.parse_args()
     {
         "serve": serve,
@@ -655,6 +684,7 @@ def main() -> None:
         "connect": connect,
         "hold": hold,
         "get": get,
+        "keepalive": keepalive,
     }[args.cmd](args)
 
 

@@ -30,7 +30,7 @@ from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import Store
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
-from nodemesh.ebpf.testing import NodeLab, Pod
+from nodemesh.ebpf.testing import PODTOOL, NodeLab, Pod
 from nodemesh.envoy import EnvoyProcess, find_envoy
 from nodemesh.xds import types
 from nodemesh.xds.bootstrap import bootstrap
@@ -354,7 +354,8 @@ async def test_a_connection_to_a_pod_of_a_routed_service_skips_its_routes(feed: 
     assert after["l4_picks"] == before["l4_picks"]
 
 
-async def test_adding_an_httproute_flips_new_connections_to_the_node_envoy(feed: Feed) -> None:
+async def route_api(feed: Feed) -> None:
+    """Write api's HTTPRoute and wait until the agent and the node Envoy have it."""
     (feed.config_dir / "api-route.yaml").write_text(API_ROUTE)
 
     def flipped() -> bool:
@@ -364,6 +365,10 @@ async def test_adding_an_httproute_flips_new_connections_to_the_node_envoy(feed:
     await feed.until(flipped, "the control plane to make api L7")
     await feed.until(feed.agent_acked_current_map, "the agent's ACK of the new map")
     await feed.until(feed.envoy_acked_current_routes, "the node Envoy's ACK of the api route")
+
+
+async def test_adding_an_httproute_flips_new_connections_to_the_node_envoy(feed: Feed) -> None:
+    await route_api(feed)
     before = stats(feed.lab)
 
     status, headers, body = await feed.get(f"{VIP}:80", "/now-l7")
@@ -374,6 +379,33 @@ async def test_adding_an_httproute_flips_new_connections_to_the_node_envoy(feed:
     after = stats(feed.lab)
     assert after["l7_redirects"] - before["l7_redirects"] == 1
     assert after["l4_picks"] == before["l4_picks"]
+
+
+async def test_a_connection_opened_while_the_service_was_l4_stays_direct(feed: Feed) -> None:
+    """The node agent decides at connect(): a keep-alive connection to api made while api was
+    L4 keeps going to the backend it was given, past the node Envoy and the route that then
+    made api L7; a new connection gets the route (docs/reference/httproute.md, "When a change
+    reaches a connection")."""
+    keep = feed.client.spawn(
+        [sys.executable, str(PODTOOL), "keepalive", "--to", f"{VIP}:80", "--path", "/kept"],
+        "a:keepalive",
+    )
+    first = await asyncio.to_thread(keep.json)
+    assert first["status"] == 200 and VIA_ENVOY not in lower(first["headers"]), first
+    await route_api(feed)
+    status, headers, body = await feed.get(f"{VIP}:80", "/new")
+    assert status == 200 and headers.get("x-route") == "api", (status, headers, body)
+
+    keep.send("")
+    second = await asyncio.to_thread(keep.json)
+
+    assert second["local_port"] == first["local_port"], "not the same connection"
+    assert second["status"] == 200 and json.loads(second["body"])["pod"] == "c"
+    assert VIA_ENVOY not in lower(second["headers"]) and "x-route" not in lower(second["headers"])
+
+
+def lower(headers: dict[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
 
 
 async def test_a_redirected_connection_is_routed_by_its_original_destination(
