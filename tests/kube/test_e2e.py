@@ -4,6 +4,8 @@ status tells the truth."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -356,3 +358,74 @@ async def test_a_route_moved_off_its_service_loses_our_status_entry_and_keeps_th
     await eventually(only_theirs, "our entry gone, theirs as it was")
     obj = await kube.get("HTTPRoute", "shop", "web")
     assert not (obj or {}).get("metadata", {}).get("finalizers"), "the finalizer stayed"
+
+
+async def test_a_gateway_controller_that_keeps_its_entries_last_and_nodemesh_agree(
+    cluster: Cluster,
+) -> None:
+    """Istio's gateway controller writes a route's `status.parents` as the other controllers'
+    entries, in the order it found them, then its own. nodemesh put the others' entries in
+    front of its own, so each controller reordered the list the other had written: a status
+    write by each, every second, for as long as the route lived."""
+    kube = cluster.kube
+    await cluster.replica(token="mesh")
+    await kube.create(service("web"))
+    gateway_ref = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"}
+    route = http_route("web", "web", [{"backendRefs": [to("web")]}])
+    route["spec"]["parentRefs"].append(gateway_ref)
+    await kube.create(route)
+    istio = LastEntryController(kube, gateway_ref)
+    task = asyncio.create_task(istio.run())
+    try:
+
+        async def both() -> bool:
+            obj = await kube.get("HTTPRoute", "shop", "web")
+            names = {p["controllerName"] for p in (obj or {}).get("status", {}).get("parents", [])}
+            return names == {istio.name, "nodemesh.io/mesh"}
+
+        await eventually(both, "both controllers' entries")
+        ours, theirs = status_writes(kube, "mesh"), istio.writes
+        # ten of the writer's intervals (0.2 s): without the fix each wrote about ten times
+        await asyncio.sleep(2.0)
+        assert (status_writes(kube, "mesh") - ours, istio.writes - theirs) == (0, 0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class LastEntryController:
+    """Another Gateway controller with Istio's rule for `status.parents`: the entries that are
+    not its own, as it found them, then its own. It writes when that differs from the live
+    list, with the resourceVersion it read as a precondition."""
+
+    name = "istio.io/gateway-controller"
+
+    def __init__(self, kube: Kube, parent_ref: dict[str, Any]) -> None:
+        self.kube = kube
+        self.entry = {
+            "parentRef": parent_ref,
+            "controllerName": self.name,
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                            "message": "", "observedGeneration": 1,
+                            "lastTransitionTime": "2026-11-22T09:00:00Z"}],
+        }  # fmt: skip
+        self.writes = 0
+
+    async def run(self) -> None:
+        path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web/status"
+        while True:  # (a watch would do the same; the emulator's GET is simpler)
+            obj = await self.kube.get("HTTPRoute", "shop", "web")
+            assert obj is not None
+            live = (obj.get("status") or {}).get("parents") or []
+            want = [p for p in live if p["controllerName"] != self.name] + [self.entry]
+            if want != live:
+                version = obj["metadata"]["resourceVersion"]
+                body = {"status": {"parents": want}, "metadata": {"resourceVersion": version}}
+                async with self.kube.emulator.request(
+                    "PATCH", path, json=body,
+                    headers={"Content-Type": "application/merge-patch+json"},
+                ) as resp:  # fmt: skip
+                    if resp.status == 200:
+                        self.writes += 1
+            await asyncio.sleep(0.05)

@@ -348,9 +348,12 @@ def _against_live(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[s
     """`desired` made ready to compare with, and patch over, the live status:
 
     - `parents[]`: the live entries of other controllers (another `controllerName`, a Gateway
-      controller for a parentRef to its Gateway) are kept, in front, as they are. A merge
-      patch replaces the whole list, and Gateway API lets each controller manage only its own
-      entries; ours replaced theirs, and the two then overwrote each other forever.
+      controller for a parentRef to its Gateway) are kept as they are. A merge patch replaces
+      the whole list, and Gateway API lets each controller manage only its own entries; ours
+      replaced theirs, and the two then overwrote each other forever. The live order is kept
+      too: ours are updated where they stand (or dropped), new ones added at the end. Putting
+      theirs in front reordered a list that another controller keeps with its own entries
+      last (Istio does), and each then reordered it back, once a second, for good.
     - a condition whose status is the live one's keeps the live `lastTransitionTime` (it
       changes when the status does): the pipeline's times start with its process, so a
       restarted or newly elected control plane rewrote every object's status with new times
@@ -360,8 +363,7 @@ def _against_live(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[s
     if "parents" in desired:
         live_parents = [p for p in _as_list(live.get("parents")) if isinstance(p, Mapping)]
         ours = [_keep_times(dict(p), _live_parent(live_parents, p)) for p in desired["parents"]]
-        theirs = [p for p in live_parents if p.get("controllerName") != CONTROLLER_NAME]
-        out["parents"] = theirs + ours
+        out["parents"] = _in_live_order(ours, live_parents)
     if "conditions" in desired:
         out["conditions"] = _conditions_keeping_times(
             desired["conditions"], _as_list(live.get("conditions"))
@@ -371,6 +373,23 @@ def _against_live(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[s
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else []
+
+
+def _in_live_order(ours: list[dict[str, Any]], live: list[Mapping[str, Any]]) -> list[Any]:
+    """The live list with the other controllers' entries as they are, ours replaced by the
+    entry of `ours` for the same parentRef (or dropped), and the rest of `ours` at the end."""
+    pending = list(ours)
+    out: list[Any] = []
+    for p in live:
+        if p.get("controllerName") != CONTROLLER_NAME:
+            out.append(p)
+            continue
+        ref = _plain(p.get("parentRef"))
+        for i, d in enumerate(pending):
+            if _plain(d.get("parentRef")) == ref:
+                out.append(pending.pop(i))
+                break
+    return out + pending
 
 
 def _live_parent(live: list[Mapping[str, Any]], desired: Mapping[str, Any]) -> Mapping[str, Any]:
