@@ -12,6 +12,7 @@ from nodemesh.controlplane.conditions import CONTROLLER_NAME
 from nodemesh.controlplane.kube import FINALIZER
 from nodemesh.controlplane.store import ObjectKey, Store
 from tests.kube.conftest import DEADLINE, Kube, eventually
+from tests.kube.test_rbac import accepted, one_of_each
 
 
 def endpoint_slice(service_name: str, ns: str = "shop") -> dict[str, Any]:
@@ -251,6 +252,30 @@ async def test_no_object_waits_for_nodemesh_to_be_deleted(kube: Kube, start_oper
     for name in ("ours", "theirs", "old"):
         await kube.delete("HTTPRoute", "shop", name)
         assert await kube.get("HTTPRoute", "shop", name) is None, name
+
+
+async def test_an_object_deleted_while_nodemesh_was_away_goes_once_it_starts(
+    kube: Kube, start_operator: Any
+) -> None:
+    """Routes and policies an older nodemesh left its finalizer on, deleted while no replica
+    ran (deletionTimestamp set, waiting): the operator's start releases every kind of them.
+    Passes as it is (kopf removes the finalizer it is configured with from every object it
+    sees); it guards the finalizer's name in kopf's settings."""
+    kinds = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
+    for obj in one_of_each():
+        if obj["kind"] in kinds:
+            obj = {**obj, "metadata": {**obj["metadata"], "finalizers": [FINALIZER]}}
+        await kube.create(obj)
+    for kind in kinds:
+        await kube.delete(kind, "shop", "web")
+        assert ((await kube.get(kind, "shop", "web")) or {})["metadata"]["deletionTimestamp"]
+    await start_operator(Store(), accepted)
+    for kind in kinds:
+
+        async def gone(kind: str = kind) -> bool:
+            return await kube.get(kind, "shop", "web") is None
+
+        await eventually(gone, f"the {kind} deleted")
 
 
 async def _no_finalizers(kube: Kube, name: str) -> bool:
