@@ -112,6 +112,22 @@ async def test_a_failed_write_is_tried_again_and_a_conflict_rereads() -> None:
     await stop(task)
 
 
+async def test_a_refused_write_is_not_sent_again_at_once_with_no_interval() -> None:
+    """`--status-interval 0` (write as soon as the status changes) and an API server that
+    refuses the write (403): the retries wait at least a second, doubling. They waited the
+    interval doubled, 0, and the object was sent again at the full status rate, for good."""
+    api = Api()
+    api.objects[key(0)] = {"metadata": {"resourceVersion": "1"}}
+    api.codes = [403] * 1000
+    writer = StatusWriter(lambda k: ACCEPTED, Leader(), interval=0.0)
+    task = await running(writer, api)
+    writer.touch(key(0))
+    await eventually(lambda: api.sent, "a first write")
+    await asyncio.sleep(1.5)  # (a window to count in: the first retry is due after 1 s)
+    assert len(api.sent) == 2 and writer.failed == 2
+    await stop(task)
+
+
 def test_a_route_without_a_service_parent_loses_only_our_entries() -> None:
     ours = _parent("nodemesh.io/mesh", "web", "True", "2026-11-22T09:00:00Z")
     gateway = {**ours, "controllerName": "example.com/gateway"}

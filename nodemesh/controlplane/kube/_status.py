@@ -78,7 +78,11 @@ Lookup = Callable[[ObjectKey], Mapping[str, Any] | None]
 # aiohttp.ClientError or TimeoutError when there is no answer).
 Send = Callable[[ObjectKey, Mapping[str, Any]], Awaitable[int]]
 
-# After a failed write, the next try waits `interval` doubled per failure, at most this long.
+# After a failed write, the next try waits `interval`, at least `_MIN_BACKOFF`, doubled per
+# failure, at most `_MAX_BACKOFF`. The floor: with `--status-interval 0` the doubling stayed at
+# 0, and an object the API server refused (403: RBAC without `patch` on the status) was sent
+# again at the full status rate, for good.
+_MIN_BACKOFF = 1.0
 _MAX_BACKOFF = 30.0
 
 
@@ -252,7 +256,7 @@ class StatusWriter:
             self.failed += 1
             failures = self._failures.get(key, 0) + 1
             self._failures[key] = failures
-            delay = min(_MAX_BACKOFF, self._interval * 2 ** (failures - 1))
+            delay = min(_MAX_BACKOFF, max(self._interval, _MIN_BACKOFF) * 2 ** (failures - 1))
             if failures == 1:
                 log.warning("status of %s not written (%s); trying again", key, why)
             self._dirty.add(key)
