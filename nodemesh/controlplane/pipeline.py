@@ -133,6 +133,10 @@ class KubernetesStatus:
         """`callback(key)` on the event loop whenever `key`'s conditions change or go away."""
         return self._pipeline.subscribe(lambda key, _conditions: callback(key))
 
+    def built_from(self, key: ObjectKey) -> Mapping[str, Any] | None:
+        """The object `key`'s status was computed from (the last build's), or None."""
+        return self._pipeline.built_object(key)
+
 
 class Pipeline:
     def __init__(
@@ -244,6 +248,11 @@ class Pipeline:
     # -- reading ---------------------------------------------------------------------------
     def conditions(self) -> dict[ObjectKey, tuple[Condition, ...]]:
         return dict(self._conditions)
+
+    def built_object(self, key: ObjectKey) -> Mapping[str, Any] | None:
+        """`key`'s object as the last good build read it (its conditions are from it)."""
+        obj = self._view.get(key)
+        return obj if isinstance(obj, Mapping) else None
 
     def status_body(self, key: ObjectKey) -> dict[str, Any] | None:
         """The status body for `key`, or None if the pipeline has no conditions for it (what

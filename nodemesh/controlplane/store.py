@@ -79,6 +79,10 @@ _METADATA_NOISE = frozenset(
     }
 )
 _ANNOTATION_NOISE = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
+# ... except the uid of the kinds whose status is written: it tells an object deleted and
+# created again under its name from the one before (`Pipeline.built_object`), whose status
+# must not be written over the new one's.
+_KEEP_UID = frozenset({"HTTPRoute", "GRPCRoute", "TrafficPolicy"})
 # The status fields that are input (the node agents' service maps, and a Node's Ready
 # condition for Programmed); every other status is dropped.
 _INPUT_STATUS: Mapping[str, tuple[str, ...]] = MappingProxyType(
@@ -160,8 +164,11 @@ def _normalize(obj: Mapping[str, Any], key: ObjectKey) -> dict[str, Any]:
         if kept:
             out["status"] = kept
     meta = dict(out.get("metadata") or {})
+    uid = meta.get("uid") if key.kind in _KEEP_UID else None
     for field in _METADATA_NOISE:
         meta.pop(field, None)
+    if uid is not None:
+        meta["uid"] = uid
     annotations = meta.get("annotations")
     if isinstance(annotations, Mapping):
         kept = {k: v for k, v in annotations.items() if k not in _ANNOTATION_NOISE}

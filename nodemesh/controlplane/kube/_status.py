@@ -84,6 +84,8 @@ Send = Callable[[ObjectKey, Mapping[str, Any]], Awaitable[int]]
 # again at the full status rate, for good.
 _MIN_BACKOFF = 1.0
 _MAX_BACKOFF = 30.0
+# How often to look again whether an object created again under its name has been built.
+_REBUILD_POLL = 0.05
 
 
 class StatusWriter:
@@ -210,6 +212,13 @@ class StatusWriter:
             built = self._source(key)
             if built is None:
                 return  # not built yet: the source reports it once it is
+            if not self._built_from_live(key, obj):
+                # The status is of an object deleted under this name (`kubectl replace
+                # --force`): wait for the new one's build. Not only for its report: a build
+                # that gives the same conditions reports nothing.
+                self._dirty.add(key)
+                self._not_before[key] = self._clock() + _REBUILD_POLL
+                return
             desired = built
             self.checks += 1
         patch = status_patch(desired, live)
@@ -261,6 +270,16 @@ class StatusWriter:
                 log.warning("status of %s not written (%s); trying again", key, why)
             self._dirty.add(key)
             self._not_before[key] = now + delay
+
+    def _built_from_live(self, key: ObjectKey, live: Mapping[str, Any]) -> bool:
+        """Whether the source's status of `key` is of the live object, as far as the source
+        tells (`built_from`) and the objects have uids (always, from an API server)."""
+        built_from = getattr(self._source, "built_from", None)
+        uid = _as_map(live.get("metadata")).get("uid")
+        if built_from is None or not uid:
+            return True
+        built = built_from(key)
+        return built is not None and _as_map(built.get("metadata")).get("uid") == uid
 
     def _refill(self, now: float) -> float:
         self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
