@@ -16,9 +16,10 @@ bootstrap variant, one Envoy after the other on the same control plane:
   ACK of every resource the change touched (median of CHANGES each, alternating);
 - the control plane's own VmRSS (after imports, once built, after serving) and VmHWM.
 
-Variants (the product's default first; the others are bootstrap settings to compare, not
-defaults): `deferred_stats` (`deferred_stat_options.enable_deferred_creation_stats`: a
-cluster's traffic stats are made when it first carries traffic), `no_stats` (`stats_matcher:
+Variants (the product's default first, whose `deferred_stat_options.enable_deferred_creation_stats`
+makes a cluster's traffic stats when it first carries traffic; the others are bootstrap
+settings to compare, not defaults): `eager_stats` (every stat made with its cluster, Envoy's
+own default and nodemesh's until 2026-11-22), `no_stats` (`stats_matcher:
 reject_all`, a lower bound: what every stat costs together), `default` at concurrency 1 and
 4 (what a worker thread costs), and two that split the default's memory: `clusters_only`
 (Clusters and endpoints served, no Listener and routes) and `routes_only` (the reverse).
@@ -80,8 +81,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "envoy_scale.json"
 CHANGE_NUMBERS = itertools.count()  # at most 140: the endpoint's last octet is 10 + 100 + n
 
 
-def _deferred_stats(config: dict[str, Any]) -> None:
-    config["deferred_stat_options"] = {"enable_deferred_creation_stats": True}
+def _eager_stats(config: dict[str, Any]) -> None:
+    config["deferred_stat_options"] = {"enable_deferred_creation_stats": False}
 
 
 def _no_stats(config: dict[str, Any]) -> None:
@@ -94,7 +95,7 @@ CLUSTERS = (types.CLUSTER, types.ENDPOINT)
 ROUTES = (types.LISTENER, types.ROUTE)
 VARIANTS: dict[str, tuple[Callable[[dict[str, Any]], None] | None, int, tuple[str, ...]]] = {
     "default": (None, CONCURRENCY, CLUSTERS + ROUTES),
-    "deferred_stats": (_deferred_stats, CONCURRENCY, CLUSTERS + ROUTES),
+    "eager_stats": (_eager_stats, CONCURRENCY, CLUSTERS + ROUTES),
     "no_stats": (_no_stats, CONCURRENCY, CLUSTERS + ROUTES),
     "default_concurrency_1": (None, 1, CLUSTERS + ROUTES),
     "default_concurrency_4": (None, 4, CLUSTERS + ROUTES),
@@ -316,7 +317,7 @@ async def run_variant(
         result["stats"] = await asyncio.to_thread(count_stats, envoy)
         result["stats"]["fetch_ms"] = round((time.perf_counter() - t_stats) * 1000)
         result["memory"]["VmHWM_after_stats"] = proc_status(envoy.pid)["VmHWM"]
-        if name in ("default", "deferred_stats"):  # what a Prometheus scrape gets, costs
+        if name in ("default", "eager_stats"):  # what a Prometheus scrape gets, costs
             t_prom = time.perf_counter()
             size, series = await asyncio.to_thread(prometheus_scrape, envoy)
             result["prometheus"] = {
@@ -508,7 +509,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 f"{per[name]['VmRSS'] / d['VmRSS']:.2f}"
             )
     for r in runs:
-        for name in ("default", "deferred_stats"):
+        for name in ("default", "eager_stats"):
             v = r["variants"][name]
             p, m, after = v["prometheus"], v["memory"], v["memory_after_changes"]
             print(
