@@ -231,3 +231,33 @@ def test_a_restarted_control_plane_keeps_the_transition_times() -> None:
                                    "lastTransitionTime": "2026-11-22T08:00:00Z"}]}  # fmt: skip
     now = {"conditions": [{**policy_live["conditions"][0], "lastTransitionTime": "now"}]}
     assert status_patch(now, policy_live) == {}
+
+
+async def test_a_pass_over_many_objects_lets_the_event_loop_run() -> None:
+    """A new leader compares every object (50-60 us each): the ADS streams and the feed, on
+    the same loop, must run in between. Before, 2,000 objects held the loop for 114 ms."""
+    api = Api()
+    for i in range(2000):
+        api.objects[key(i)] = {"status": ACCEPTED}
+    writer = StatusWriter(lambda k: ACCEPTED, Leader())
+    seen: list[int] = []  # the writer's count of checks at each turn of another task
+
+    async def ticker() -> None:
+        while True:
+            seen.append(writer.checks)
+            await asyncio.sleep(0)
+
+    for i in range(2000):
+        writer.touch(key(i))
+    other = asyncio.create_task(ticker())
+    task = await running(writer, api)
+    await eventually(lambda: writer.checks == 2000, "every object compared")
+    await stop(task)
+    other.cancel()
+    most = max(b - a for a, b in zip(seen, seen[1:], strict=False))
+    assert most <= 100, f"{most} objects compared without letting another task run"
+
+
+def test_a_write_rate_of_zero_is_refused() -> None:
+    with pytest.raises(ValueError, match="rate"):
+        StatusWriter(lambda k: ACCEPTED, Leader(), rate=0)
