@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import importlib.util
 import logging
@@ -137,6 +138,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                     options=kube.options_from_args(args),
                     stop=stop,
                     ready=kube_ready,
+                    # while the store does not follow the cluster (the API server is down)
+                    report=functools.partial(pipeline.set_source_errors, "kubernetes"),
                 )
             )
             # Serve xDS only once the store holds the whole cluster: a partial first snapshot

@@ -217,8 +217,10 @@ class Kube:
     def server(self) -> str:
         return str(self.emulator.url).rstrip("/")
 
-    def connection(self, token: str = "nodemesh") -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=self.server, token=token, default_namespace="nodemesh")
+    def connection(self, token: str = "nodemesh", server: str = "") -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(
+            server=server or self.server, token=token, default_namespace="nodemesh"
+        )
 
     async def _call(self, method: str, url: str, **kw: Any) -> dict[str, Any]:
         async with self.emulator.request(method, url, **kw) as resp:
@@ -348,6 +350,8 @@ class RunningOperator:
 
     async def stop(self) -> None:
         self.stop_flag.set()
+        if self.task.done():
+            return  # it ended on its own, and the test looked at why
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(self.task, 30)
 
@@ -365,6 +369,8 @@ async def start_operator(
         *,
         token: str = "nodemesh",
         wait_ready: bool = True,
+        server: str = "",
+        report: Any = None,
         **options: Any,
     ) -> RunningOperator:
         defaults: dict[str, Any] = dict(
@@ -376,7 +382,10 @@ async def start_operator(
             retry_period=0.3,
         )
         defaults.update(options)
-        op = Operator(store, status, OperatorOptions(**defaults), connection=kube.connection(token))
+        connection = kube.connection(token, server)
+        op = Operator(
+            store, status, OperatorOptions(**defaults), connection=connection, report=report
+        )
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(op.run(stop=stop, ready=ready))
         handle = RunningOperator(op, task, stop, ready)
@@ -453,3 +462,159 @@ class Cluster:
             await r.stop()
         for b in self.backends:
             await b.stop()
+
+
+class ApiFront:
+    """A TCP front between the operators and the emulator, for API server outages: `refuse()`
+    closes the port (connection refused, as while an API server restarts), `answer(code)` keeps
+    it open and answers every request with that HTTP status (a load balancer's 503, an API
+    server whose etcd is down, 401/403), `restore()` forwards again. Both outages cut the
+    connections open at that moment (watch streams too), as a restarting server does.
+
+    After an outage, the first watch of each URL that resumes from a resourceVersion gets
+    410 Gone, as from a real API server whose watch cache begins after the outage (the
+    emulator does not replay the events a watch missed: without this, they would be lost).
+    Each connection carries one request (`Connection: close`), so that each is seen here."""
+
+    def __init__(self, backend: str) -> None:
+        from yarl import URL
+
+        url = URL(backend)
+        self._backend = (url.host or "127.0.0.1", url.port or 80)
+        self._server: asyncio.Server | None = None
+        self._port = 0
+        self._code: int | None = None
+        self._expired: set[str] | None = None  # watch paths answered 410 since the outage
+        self._open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def server(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    async def start(self) -> ApiFront:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self._port)
+        self._port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def refuse(self) -> None:
+        """Close the port, and every connection through it."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        self._expired = set()
+        self._cut()
+
+    async def answer(self, code: int) -> None:
+        """Answer every request `code`, from now on; open connections are cut."""
+        self._code = code
+        self._expired = set()
+        self._cut()
+        if self._server is None:
+            await self.start()
+
+    async def restore(self) -> None:
+        self._code = None
+        if self._server is None:
+            await self.start()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        self._cut()
+
+    def _cut(self) -> None:
+        for w in list(self._open):
+            w.transport.abort()
+        self._open.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if self._code is not None:
+                await _drain_body(reader, head)
+                await _respond(writer, self._code, _status_body(self._code))
+                return
+            target = head.split(b" ", 2)[1].decode()
+            path = target.partition("?")[0]
+            if (
+                self._expired is not None
+                and "watch=true" in target
+                and "resourceVersion=" in target
+                and path not in self._expired
+            ):
+                self._expired.add(path)
+                await _respond(writer, 200, _GONE)
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self._backend)
+            self._open.add(up_writer)
+            try:
+                up_writer.write(_close_after(head))
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            finally:
+                self._open.discard(up_writer)
+                up_writer.close()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._open.discard(writer)
+            writer.close()  # what is written still goes; `_cut` aborts
+
+
+_GONE = b'{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired"}}\n'
+
+
+def _status_body(code: int) -> bytes:
+    return (
+        b'{"kind":"Status","apiVersion":"v1","status":"Failure","code":%d,"message":"outage"}'
+        % code
+    )
+
+
+async def _drain_body(reader: asyncio.StreamReader, head: bytes) -> None:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            await reader.readexactly(int(value))
+
+
+async def _respond(writer: asyncio.StreamWriter, code: int, body: bytes) -> None:
+    reasons = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 500: "Internal Server Error"}
+    writer.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s"
+        % (code, reasons.get(code, "Service Unavailable").encode(), len(body), body)
+    )
+    await writer.drain()
+
+
+def _close_after(head: bytes) -> bytes:
+    lines = [
+        line
+        for line in head[:-4].split(b"\r\n")
+        if line.partition(b":")[0].strip().lower() != b"connection"
+    ]
+    return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def api_front(kube: Kube) -> AsyncIterator[ApiFront]:
+    """An `ApiFront` on the emulator; operators reach the API server through
+    `kube.connection(server=api_front.server)`."""
+    front = await ApiFront(kube.server).start()
+    try:
+        yield front
+    finally:
+        await front.stop()

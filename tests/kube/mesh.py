@@ -5,6 +5,7 @@ node Envoy connected to one of them."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -42,7 +43,11 @@ class Replica:
 
     async def start(self, xds_port: int = 0, **options: Any) -> Replica:
         self.operator = await self.start_operator(
-            self.store, self.pipeline.kubernetes_status, token=self.token, **options
+            self.store,
+            self.pipeline.kubernetes_status,
+            token=self.token,
+            report=functools.partial(self.pipeline.set_source_errors, "kubernetes"),
+            **options,
         )
         await self.pipeline.start()
         self.xds_port = await self.server.start(f"127.0.0.1:{xds_port}")

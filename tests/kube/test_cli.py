@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ from nodemesh.envoy import EnvoyProcess
 from nodemesh.xds.bootstrap import bootstrap
 from tests.e2e.mesh import HttpBackend, endpoint_slice, service
 from tests.e2e.objects import http_route, to
-from tests.kube.conftest import Kube, eventually
+from tests.kube.conftest import ApiFront, Kube, eventually
 from tests.kube.mesh import NodeEnvoy
 from tests.kube.test_e2e import status_shows
 from tests.support import free_port
@@ -50,11 +51,11 @@ class Process:
         return self.proc.returncode
 
 
-def start(kube: Kube, tmp_path: Path) -> Process:
+def start(kube: Kube, tmp_path: Path, server: str = "") -> Process:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": kube.server}}],
+        "clusters": [{"name": "kmock", "cluster": {"server": server or kube.server}}],
         "users": [{"name": "cli", "user": {"token": "cli"}}],
         "contexts": [{"name": "kmock",
                       "context": {"cluster": "kmock", "user": "cli", "namespace": "nodemesh"}}],
@@ -115,6 +116,42 @@ async def test_live_at_once_ready_once_the_cluster_is_listed(kube: Kube, tmp_pat
     finally:
         await p.terminate()
         print(p.log.read_text()[-3000:])
+
+
+async def test_an_api_server_outage_shows_in_status_and_keeps_the_process_live_and_ready(
+    kube: Kube, api_front: ApiFront, tmp_path: Path
+) -> None:
+    """The API server's port closed (its pod restarting): the control plane keeps serving the
+    config it has, so it stays live and ready (not ready would take it out of its Service,
+    and Envoys that reconnect would find no control plane), and /status says since when it
+    does not follow the cluster, until the API server answers again."""
+    await kube.create(service("web"))
+    p = start(kube, tmp_path, server=api_front.server)
+    try:
+        await eventually(lambda: http_get(p.http, "/readyz") == (200, "ok\n"), "ready", 60)
+
+        def source_errors() -> list[dict[str, str]]:
+            code, body = http_get(p.http, "/status")
+            assert code == 200, body
+            errors: list[dict[str, str]] = json.loads(body)["source_errors"]
+            return errors
+
+        assert source_errors() == []
+        await api_front.refuse()
+        errors = await eventually(source_errors, "the outage in /status", 30)
+        assert [(e["source"], e["where"]) for e in errors] == [("kubernetes", "api-server")]
+        assert errors[0]["message"].startswith("not following the cluster since "), errors
+        assert http_get(p.http, "/livez") == (200, "ok\n")
+        assert http_get(p.http, "/readyz") == (200, "ok\n")
+        await api_front.restore()
+        await eventually(lambda: source_errors() == [], "the outage off /status", 60)
+        assert p.proc.poll() is None
+    finally:
+        await p.terminate()
+        print(p.log.read_text()[-3000:])
+    log = p.log.read_text()
+    assert log.count("not following the cluster since ") == 1, log[-3000:]
+    assert log.count("following the cluster again after ") == 1, log[-3000:]
 
 
 async def test_cli_serves_envoy_writes_status_and_releases_the_lease(

@@ -15,8 +15,9 @@ from nodemesh.controlplane.store import ObjectKey
 from nodemesh.xds import types
 from tests.e2e.mesh import NODE, endpoint_slice, service
 from tests.e2e.objects import http_route, to
-from tests.kube.conftest import Cluster, Kube, eventually
+from tests.kube.conftest import ApiFront, Cluster, Kube, eventually
 from tests.kube.mesh import ALL_TYPES, NodeEnvoy
+from tests.kube.test_outage import FAST as OUTAGE_FAST
 from tests.support import free_port
 
 
@@ -473,3 +474,56 @@ async def test_a_re_created_object_never_shows_the_deleted_ones_status(cluster: 
 
 async def _is(value: Any, want: Any) -> bool:
     return bool(await value == want)
+
+
+async def test_an_api_server_outage_keeps_envoy_s_config_and_a_change_after_it_reaches_envoy(
+    cluster: Cluster, api_front: ApiFront
+) -> None:
+    """A managed cluster's API server upgrade: several minutes of 503s. Before 2026-11-22 the
+    control plane exited 1 at kopf's fifth stop in a row (4 min 46 s of 503s), its pod went into
+    CrashLoopBackOff, and rolling updates went on unseen for minutes after the API server was
+    back. Here (kopf's tries and restarts shortened) the outage outlasts that limit: the node
+    Envoy is served the same config throughout, /status says since when the cluster is not
+    followed, and a change made during the outage reaches Envoy once the API server answers."""
+    kube = cluster.kube
+    blue, green = await cluster.backend("blue"), await cluster.backend("green")
+    replica = await cluster.replica(server=api_front.server, **OUTAGE_FAST)
+    envoy = await cluster.envoy(replica)
+    for obj in (
+        service("app"), endpoint_slice("app", blue.port),
+        service("green"), endpoint_slice("green", green.port),
+        http_route("app", "app", [{"backendRefs": [to("app")]}]),
+    ):  # fmt: skip
+        await kube.create(obj)
+    await eventually(lambda: replica.store.revision >= 5, "five objects in the store")
+    await replica.converge()
+    assert replica.pipeline.snapshot is not None
+    versions = {t: replica.pipeline.snapshot.version(t) for t in ALL_TYPES}
+    changes = envoy_changes(envoy)
+
+    await api_front.answer(503)
+    await kube.patch(  # made during the outage, straight to the API server's storage
+        "HTTPRoute", "shop", "app", {"spec": {"rules": [{"backendRefs": [to("green")]}]}}
+    )
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 4.0
+    while loop.time() < end:
+        assert not replica.operator.task.done(), replica.operator.task.exception()  # type: ignore[union-attr]
+        assert (await envoy.get("app.shop", timeout=2)).body == "blue"
+        assert replica.pipeline.snapshot is not None
+        assert {t: replica.pipeline.snapshot.version(t) for t in ALL_TYPES} == versions
+        await asyncio.sleep(0.1)
+    errors = replica.pipeline.status_json()["source_errors"]
+    assert [(e["source"], e["where"]) for e in errors] == [("kubernetes", "api-server")], errors
+    assert errors[0]["message"].startswith("not following the cluster since "), errors
+    assert envoy_changes(envoy) == changes, "Envoy's config changed during the outage"
+
+    await api_front.restore()
+
+    async def serves_green() -> bool:
+        return (await envoy.get("app.shop", timeout=2)).body == "green"
+
+    await eventually(serves_green, "Envoy routes app to green after the outage")
+    await eventually(
+        lambda: replica.pipeline.status_json()["source_errors"] == [], "the outage off /status"
+    )

@@ -3,7 +3,7 @@
 KubeSourceError
 ├── LeaseError          the Lease could not be read or written (leadership is unknown)
 ├── ListingError        a list of our own (outside kopf) failed
-└── OperatorError       kopf kept stopping without a stop request (restarted in between)
+└── OperatorError       the API server refused the credentials before the cluster was listed
 """
 
 from __future__ import annotations

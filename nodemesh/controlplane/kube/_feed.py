@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -77,6 +78,9 @@ class Feed:
         self._synced = asyncio.Event()
         self._initial_sync_timeout = initial_sync_timeout
         self.flushed = 0  # store writes that changed something, for tests and status
+        # time.monotonic() of the last handler call: kopf calls them only once every kind is
+        # listed, so a kopf started after it has listed the cluster (see `Operator`)
+        self.heard = 0.0
 
     # -- called from kopf handlers ---------------------------------------------------------
     def attach(self, indexes: Mapping[str, IndexLike]) -> None:
@@ -106,6 +110,7 @@ class Feed:
 
     def mark_synced(self) -> None:
         """kopf runs non-index handlers only once every watched kind is fully indexed."""
+        self.heard = time.monotonic()
         if not self._synced.is_set():
             log.info("initial listing indexed: %d objects pending", len(self._dirty))
             self._synced.set()

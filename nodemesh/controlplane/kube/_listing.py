@@ -1,7 +1,9 @@
 """Lists of our own, for what kopf does not tell: `unlisted` asks whether any watched kind has
 an object, to tell an empty cluster from a listing that is not done (kopf calls no handler in
 either case); `existing` lists the names of one kind, to find the objects that went while a
-watch was down (kopf lists again after a 410 Gone, and sends no DELETED for those).
+watch was down (kopf lists again after a 410 Gone, and sends no DELETED for those); `answers`
+lists one Node, to tell whether the API server answers (kopf retries a refused connection
+for good without a word to its host).
 
 Besides the Lease, the one piece that talks to the API server outside kopf, with kopf's
 credentials and the `list` verb it has anyway.
@@ -19,7 +21,7 @@ from nodemesh.controlplane.kube._errors import ListingError
 from nodemesh.controlplane.kube._resources import RESOURCES, WatchedResource
 from nodemesh.controlplane.store import ObjectKey
 
-__all__ = ["existing", "unlisted"]
+__all__ = ["answers", "existing", "unlisted"]
 
 # Names only: a page of metadata, not of whole Pods (a real API server honours this; others
 # answer full objects, which parse the same).
@@ -41,6 +43,26 @@ def _session(connection: kopf.ConnectionInfo, timeout: float) -> aiohttp.ClientS
         headers=connection.as_http_headers(),
         timeout=aiohttp.ClientTimeout(total=timeout),
     )
+
+
+_NODES = next(r for r in RESOURCES if r.kind == "Node")  # cluster-scoped, listed in every mode
+
+
+async def answers(connection: kopf.ConnectionInfo, *, timeout: float = 5.0) -> str | None:
+    """None when the API server answers a list of one Node; else why not (`HTTP 503`, a
+    refused connection, a timeout), in a few words."""
+    async with _session(connection, timeout) as session:
+        try:
+            url = _urls(_NODES, connection.server, ())[0]
+            async with session.get(url, params={"limit": "1"}) as resp:
+                if resp.status != 200:
+                    return f"HTTP {resp.status}"
+                await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return repr(exc)
+    return None
 
 
 async def existing(

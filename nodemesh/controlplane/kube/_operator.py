@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import datetime
 import functools
 import itertools
 import logging
@@ -12,8 +13,9 @@ import os
 import signal
 import socket
 import threading
+import time
 import weakref
-from collections.abc import Collection, Coroutine, Generator, Iterator, Mapping
+from collections.abc import Callable, Collection, Coroutine, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,7 +27,7 @@ from nodemesh.controlplane.kube._errors import OperatorError
 from nodemesh.controlplane.kube._feed import Feed
 from nodemesh.controlplane.kube._handlers import CONTEXT_KEY, Context, build_registry
 from nodemesh.controlplane.kube._lease import LeaseElector
-from nodemesh.controlplane.kube._listing import existing, unlisted
+from nodemesh.controlplane.kube._listing import answers, existing, unlisted
 from nodemesh.controlplane.kube._resources import by_kind
 from nodemesh.controlplane.kube._status import Leadership, StatusSource, StatusWriter, always_leader
 from nodemesh.controlplane.store import ObjectKey, Store
@@ -56,12 +58,20 @@ class OperatorOptions:
     # After this long without a complete listing, and every this long after, the operator asks
     # the API server whether the cluster is empty (ready) or not listed yet (log, keep waiting).
     initial_sync_timeout: float = 10.0
-    # kopf stops on a watch stream's ERROR event that is not 410 Gone (an API server's 500):
-    # it is started again after `restart_delay` (doubling, at most 30 s), keeping the store and
-    # xDS. After `restart_limit` stops in a row, each within a minute of its start, the
-    # operator ends (OperatorError): the cluster cannot be followed.
+    # kopf stops on what it does not retry for good: a watch stream's ERROR event that is not
+    # 410 Gone, an API server answering 5xx or 403 to every try of a request (kopf's tries are
+    # `request_backoffs` apart, None: kopf's own 1, 1, 2, 3, 5, 8, 13, 21 s), its credentials
+    # refused (401). It is started again after `restart_delay`, doubling to `max_restart_delay`
+    # while it stops before it has listed the cluster, however long the API server takes, the
+    # store and xDS serving what they had; at once when the API server answers again. Only
+    # before the first complete listing do refused credentials (401, 403) end the operator
+    # (OperatorError): a wrong token or missing RBAC, which waiting does not heal.
     restart_delay: float = 1.0
-    restart_limit: int = 5
+    max_restart_delay: float = 30.0
+    request_backoffs: tuple[float, ...] | None = None
+    # How often the operator asks the API server (a list of one Node) whether it answers, once
+    # the cluster is listed: to tell an outage (logs, `report`) and when it ends.
+    api_check_interval: float = 5.0
 
 
 def default_identity() -> str:
@@ -176,6 +186,82 @@ def _take_back_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+# Where the operator reports whether it follows the cluster: {} when it does, else
+# {"api-server": why}. The CLI passes `pipeline.set_source_errors` for source "kubernetes",
+# which shows it in /status.
+Report = Callable[[Mapping[str, str]], None]
+
+
+def _no_report(errors: Mapping[str, str]) -> None:
+    pass
+
+
+class _Outage:
+    """Whether the store follows the cluster, said once per outage: an ERROR when it begins,
+    a WARNING with how long it lasted when it ends, and `report`ed while it lasts."""
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self.since: float | None = None  # time.monotonic()
+        self._wall = ""
+        self._why = ""
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def begin(self, why: str) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            self._wall = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            log.error(
+                "not following the cluster since %s (%s): serving the config of then, "
+                "and retrying until the API server answers",
+                self._wall,
+                why,
+            )
+        elif why == self._why:
+            return
+        self._why = why
+        self._report({"api-server": f"not following the cluster since {self._wall} ({why})"})
+
+    def end(self) -> None:
+        if self.since is None:
+            return
+        lasted = time.monotonic() - self.since
+        self.since = None
+        log.warning(
+            "following the cluster again after %s without it (since %s; last: %s)",
+            _duration(lasted),
+            self._wall,
+            self._why,
+        )
+        self._report({})
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _describe(why: BaseException | str) -> str:
+    """kopf's reason for stopping, in a few words (its API errors' str() is a tuple)."""
+    if isinstance(why, kopf.LoginError):
+        return "the API server refuses the credentials (HTTP 401)"
+    status = getattr(why, "status", None)  # kopf's APIError
+    if isinstance(status, int):
+        message = getattr(why, "message", None)
+        return f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    return str(why) or repr(why)
+
+
+def _credentials_refused(why: BaseException | str) -> bool:
+    return isinstance(why, kopf.LoginError) or getattr(why, "status", None) in (401, 403)
+
+
 class Operator:
     """One kopf operator instance writing into `store`; several may share a process.
 
@@ -192,9 +278,14 @@ class Operator:
         options: OperatorOptions | None = None,
         *,
         connection: kopf.ConnectionInfo | None = None,
+        report: Report | None = None,
     ) -> None:
         self.options = options or OperatorOptions()
         self.connection = connection or default_connection()
+        self._outage = _Outage(report or _no_report)
+        self._answers = functools.partial(answers, self.connection)
+        self._kopf_started: float | None = None  # time.monotonic() of the running kopf's start
+        self._api_back = asyncio.Event()  # the API server answers again after it did not
         self.feed = Feed(
             store,
             initial_sync_timeout=self.options.initial_sync_timeout,
@@ -234,6 +325,8 @@ class Operator:
         # kopf SIGKILLs its thread (here: the whole control plane, mid-drain) if it is still
         # exiting after this long when stopped by anything but the stop flag.
         settings.process.ultimate_exiting_timeout = None
+        if self.options.request_backoffs is not None:
+            settings.networking.error_backoffs = self.options.request_backoffs
         return settings
 
     async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -257,14 +350,17 @@ class Operator:
         tasks = [
             asyncio.create_task(self.feed.run(ready), name="nodemesh-kube-feed"),
             asyncio.create_task(
+                # with the credentials of the moment: they are read again after a 401
                 self.status.run(
-                    self.feed.lookup, functools.partial(_patch_status, api, self.connection.server)
+                    self.feed.lookup,
+                    lambda key, body: _patch_status(api, self.connection, key, body),
                 ),
                 name="nodemesh-kube-status",
             ),
         ]
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="nodemesh-kube-lease"))
+        tasks.append(asyncio.create_task(self._check_api(), name="nodemesh-kube-api-check"))
         log.info(
             "operator %s starting: %s",
             self.options.identity,
@@ -285,14 +381,14 @@ class Operator:
             log.info("operator %s stopped", self.options.identity)
 
     async def _run_kopf(self, stop: asyncio.Event, memo: kopf.Memo) -> None:
-        """Run kopf until `stop` is set, starting it again when it stops on its own (see
-        `OperatorOptions.restart_delay`); raises OperatorError once it keeps stopping."""
+        """Run kopf until `stop` is set, starting it again whenever it stops on its own (see
+        `OperatorOptions.restart_delay`); raises OperatorError if the API server refuses the
+        credentials before the cluster was ever listed."""
         _track_tasks()
-        loop = asyncio.get_running_loop()
         ns = self.options.namespaces
         failures = 0
         while True:
-            started = loop.time()
+            started = self._kopf_started = time.monotonic()
             owned: _Owned = weakref.WeakKeyDictionary()
             token = _KOPF_TASKS.set(owned)
             why: BaseException | str = "it ended without an error"
@@ -312,52 +408,100 @@ class Operator:
             except Exception as exc:
                 why = exc
             finally:
+                self._kopf_started = None
                 _KOPF_TASKS.reset(token)
                 await _cancel(owned)
             if stop.is_set():
                 return
-            failures = failures + 1 if loop.time() - started < _STEADY else 1
-            if failures >= self.options.restart_limit:
-                raise OperatorError(f"kopf stopped {failures} times in a row: {why}")
-            delay = min(_MAX_RESTART_DELAY, self.options.restart_delay * 2 ** (failures - 1))
-            log.error(
-                "kopf stopped (%s); starting it again in %.0fs, the store and xDS as they were",
-                why,
+            if not self.feed.synced and _credentials_refused(why):
+                raise OperatorError(
+                    f"{_describe(why)}: check the token or kubeconfig, and the RBAC "
+                    "(charts/nodemesh/templates/rbac.yaml)"
+                )
+            # A kopf that listed the cluster was no failure to start: back to the first delay.
+            failures = 1 if self.feed.heard > started else failures + 1
+            delay = min(
+                self.options.max_restart_delay,
+                self.options.restart_delay * 2 ** min(failures - 1, 16),
+            )
+            if self.feed.synced:
+                self._outage.begin(f"kopf stopped: {_describe(why)}")
+            log.log(
+                logging.INFO if self._outage.down else logging.ERROR,
+                "kopf stopped (%s); starting it again in %.1fs, the store and xDS as they were",
+                _describe(why),
                 delay,
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            self._api_back.clear()
+            waits = {
+                asyncio.create_task(stop.wait()),
+                asyncio.create_task(self._api_back.wait()),  # no need to wait longer
+            }
+            try:
+                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
             if stop.is_set():
                 return
+
+    async def _check_api(self) -> None:
+        """Ask the API server every `api_check_interval` whether it answers: kopf retries a
+        refused or timed-out connection for good without telling, and stops on 5xx only after
+        about a minute of its own retries. Begins and ends `_outage`; wakes a kopf waiting to
+        be started again when the API server answers after it did not."""
+        failing = False
+        while True:
+            await asyncio.sleep(self.options.api_check_interval)
+            if not self.feed.synced:
+                continue  # the feed says why the first listing is not complete
+            try:
+                why = await self._answers()
+            except Exception:  # a bug: said, and asked again next time
+                log.exception("checking whether the API server answers failed")
+                continue
+            if why is not None:
+                failing = True
+                self._outage.begin(f"the API server does not answer: {why}")
+                continue
+            if failing:
+                failing = False
+                self._api_back.set()
+            if self._outage.down and self._kopf_follows():
+                self._outage.end()
+
+    def _kopf_follows(self) -> bool:
+        """kopf runs and has listed the cluster: it ran through the outage (its watch streams
+        reconnect when the API server answers, within its own backoff), or a handler was
+        called since it started (kopf calls them only once every kind is listed)."""
+        started, since = self._kopf_started, self._outage.since
+        if started is None or since is None:
+            return False
+        return started < since or self.feed.heard > started
 
 
 def _session(connection: kopf.ConnectionInfo) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=connection.as_ssl_context()),
-        headers=connection.as_http_headers(),
         timeout=aiohttp.ClientTimeout(total=10.0),
     )
 
 
 async def _patch_status(
-    session: aiohttp.ClientSession, server: str, key: ObjectKey, body: Any
+    session: aiohttp.ClientSession, connection: kopf.ConnectionInfo, key: ObjectKey, body: Any
 ) -> int:
     """A merge patch to `key`'s status subresource; the HTTP status code."""
     r = by_kind(key.kind)
-    path = server.rstrip("/") + (f"/apis/{r.group}/{r.version}" if r.group else f"/api/{r.version}")
+    path = connection.server.rstrip("/")
+    path += f"/apis/{r.group}/{r.version}" if r.group else f"/api/{r.version}"
     if r.namespaced:
         path += f"/namespaces/{key.namespace}"
     async with session.patch(
         f"{path}/{r.plural}/{key.name}/status",
         json=body,
-        headers={"Content-Type": "application/merge-patch+json"},
+        headers={**connection.as_http_headers(), "Content-Type": "application/merge-patch+json"},
     ) as resp:
         return resp.status
-
-
-# A kopf run that lasted this long was no failure to start: the next stop counts from one.
-_STEADY = 60.0
-_MAX_RESTART_DELAY = 30.0
 
 
 async def run_operator(
@@ -368,6 +512,10 @@ async def run_operator(
     connection: kopf.ConnectionInfo | None = None,
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
+    report: Report | None = None,
 ) -> None:
-    """Watch the cluster into `store` and write `status(key)` back, until `stop` is set."""
-    await Operator(store, status, options, connection=connection).run(stop=stop, ready=ready)
+    """Watch the cluster into `store` and write `status(key)` back, until `stop` is set.
+    `report({"api-server": why})` while the store does not follow the cluster, `report({})`
+    once it does again."""
+    operator = Operator(store, status, options, connection=connection, report=report)
+    await operator.run(stop=stop, ready=ready)

@@ -1,0 +1,127 @@
+"""The API server goes away for longer than a restart or two (a managed cluster's upgrade, an
+etcd failure): the operator outlives it with the store as it was, says so once, and follows
+the cluster again as soon as the API server answers. Credentials the API server refuses from
+the start end it, since waiting does not heal them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from nodemesh.controlplane.kube import OperatorError
+from nodemesh.controlplane.store import ObjectKey, Store
+from tests.kube.conftest import DEADLINE, ApiFront, Kube, eventually
+from tests.kube.test_feed import service
+
+# kopf's own tries of a request 0.1 s apart, restarts from 0.05 s doubling to 0.4 s (before
+# 2026-11-22 the fifth stop in a row ended the operator: here within 2 s of an outage), and
+# the API server asked whether it answers every 0.2 s.
+FAST = dict(
+    request_backoffs=(0.1, 0.1), restart_delay=0.05, max_restart_delay=0.4, api_check_interval=0.2
+)
+OUTAGE = 4.0
+
+WEB = ObjectKey("Service", "shop", "web")
+API = ObjectKey("Service", "shop", "api")
+
+
+async def outage(front: ApiFront, how: str) -> None:
+    if how == "refused":
+        await front.refuse()
+    else:
+        await front.answer(int(how))
+
+
+@pytest.mark.parametrize("how", ["refused", "503", "500", "401", "403"])
+async def test_an_outage_longer_than_a_few_restarts_is_outlived_and_followed_after(
+    kube: Kube,
+    api_front: ApiFront,
+    start_operator: Any,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    """(401 and 403 too: an API server being upgraded answers them while its authenticator and
+    authorizer start.) Before 2026-11-22 the operator ended at kopf's fifth stop in a row (the
+    control plane exited 1, and its pod went into CrashLoopBackOff for minutes after the API
+    server was back): after 16 s of 401s, 4 min 46 s of 503s or 403s."""
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
+    for name in ("web", "api"):
+        await kube.create(service(name))
+    store, errors = Store(), []
+    handle = await start_operator(store, server=api_front.server, report=errors.append, **FAST)
+    await eventually(lambda: store.get(WEB) and store.get(API), "web and api in the store")
+    kept = {k: store.get(k) for k in store.keys()}
+
+    await outage(api_front, how)
+    began = time.monotonic()
+    while time.monotonic() - began < OUTAGE:
+        assert not handle.task.done(), f"the operator ended: {handle.task.exception()!r}"
+        assert {k: store.get(k) for k in store.keys()} == kept, "the store changed"
+        await asyncio.sleep(0.05)
+    assert errors, "the outage was not reported"
+    assert list(errors[-1]) == ["api-server"]
+    assert errors[-1]["api-server"].startswith("not following the cluster since "), errors[-1]
+    # meanwhile, in the cluster: api deleted, web changed (kopf's events for them are missed)
+    await kube.delete("Service", "shop", "api")
+    await kube.patch("Service", "shop", "web", {"spec": {"ports": [{"name": "http", "port": 81}]}})
+
+    await api_front.restore()
+    back = time.monotonic()
+    await eventually(lambda: store.get(API) is None, "api gone from the store")
+    port_81 = [{"name": "http", "port": 81}]
+    await eventually(
+        lambda: (store.get(WEB) or {}).get("spec", {}).get("ports") == port_81,
+        "web's change in the store",
+    )
+    await kube.create(service("new"))
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in the store")
+    await eventually(lambda: errors[-1] == {}, "the outage's end reported")
+    assert time.monotonic() - back < 5, "slow to follow the cluster again"
+    lines = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "nodemesh.controlplane.kube" and r.levelno >= logging.WARNING
+        and not r.getMessage().startswith("lease ")
+    ]  # fmt: skip
+    assert [level for level, _ in lines] == ["ERROR", "WARNING"], lines
+    assert lines[0][1].startswith("not following the cluster since "), lines
+    assert lines[1][1].startswith("following the cluster again after "), lines
+    assert not handle.task.done()
+
+
+@pytest.mark.parametrize("code", [401, 403])
+async def test_credentials_refused_from_the_start_end_the_operator(
+    kube: Kube, api_front: ApiFront, start_operator: Any, code: int
+) -> None:
+    """A wrong token or a missing ClusterRoleBinding: nothing was ever listed, waiting does not
+    heal it, and a control plane that stays up and not ready would hide it."""
+    await kube.create(service("web"))
+    await api_front.answer(code)
+    handle = await start_operator(Store(), server=api_front.server, wait_ready=False, **FAST)
+    done, _ = await asyncio.wait({handle.task}, timeout=DEADLINE)
+    assert done, "the operator kept waiting"
+    with pytest.raises(OperatorError, match=f"HTTP {code}") as raised:
+        handle.task.result()
+    assert "check the token or kubeconfig, and the RBAC" in str(raised.value)
+    assert not handle.ready.is_set()
+
+
+async def test_an_outage_before_the_first_listing_is_waited_out(
+    kube: Kube, api_front: ApiFront, start_operator: Any
+) -> None:
+    """The control plane started while the API server is down (a node reboot during the
+    upgrade): not ready, and it waits, however many times kopf stops."""
+    await kube.create(service("web"))
+    await api_front.answer(503)
+    store = Store()
+    handle = await start_operator(store, server=api_front.server, wait_ready=False, **FAST)
+    done, _ = await asyncio.wait({handle.task}, timeout=OUTAGE)
+    assert not done, f"the operator ended: {handle.task.exception()!r}"
+    assert not handle.ready.is_set() and store.keys() == []
+    await api_front.restore()
+    await asyncio.wait_for(handle.ready.wait(), DEADLINE)
+    assert store.keys("Service") == [WEB]
