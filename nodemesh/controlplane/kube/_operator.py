@@ -172,6 +172,12 @@ async def _cancel(owned: _Owned) -> None:
         if not task.done() and task is not current:
             task.cancel()
             await asyncio.wait({task}, timeout=5)
+        if task.done() and not task.cancelled():
+            # Said already, by kopf's stop. kopf leaves errors in tasks nobody awaits (the
+            # watchers that failed after the first one stopped it, one of its two discovery
+            # requests), which asyncio logs with a traceback each, at every restart of kopf
+            # while the API server is down.
+            task.exception()
 
 
 def _take_back_signals(stop: asyncio.Event) -> None:
