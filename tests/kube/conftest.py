@@ -486,6 +486,8 @@ class ApiFront:
         self._code: int | None = None
         self._expired: set[str] | None = None  # watch paths answered 410 since the outage
         self._open: set[asyncio.StreamWriter] = set()
+        # bearer tokens answered 401 (expired), as the API server does after a token rotation
+        self.expired_tokens: set[str] = set()
 
     @property
     def server(self) -> str:
@@ -534,9 +536,12 @@ class ApiFront:
         self._open.add(writer)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            if self._code is not None:
+            code = self._code
+            if code is None and self.expired_tokens & {_header(head, b"authorization")}:
+                code = 401
+            if code is not None:
                 await _drain_body(reader, head)
-                await _respond(writer, self._code, _status_body(self._code))
+                await _respond(writer, code, _status_body(code))
                 return
             target = head.split(b" ", 2)[1].decode()
             path = target.partition("?")[0]
@@ -574,11 +579,18 @@ def _status_body(code: int) -> bytes:
     )
 
 
+def _header(head: bytes, name: bytes) -> str:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().decode()
+    return ""
+
+
 async def _drain_body(reader: asyncio.StreamReader, head: bytes) -> None:
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
-            await reader.readexactly(int(value))
+    length = _header(head, b"content-length")
+    if length.isdigit():
+        await reader.readexactly(int(length))
 
 
 async def _respond(writer: asyncio.StreamWriter, code: int, body: bytes) -> None:

@@ -9,11 +9,13 @@ import asyncio
 import gc
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from nodemesh.controlplane.kube import OperatorError
+from nodemesh.controlplane.kube import Operator, OperatorError, OperatorOptions
 from nodemesh.controlplane.store import ObjectKey, Store
 from tests.kube.conftest import DEADLINE, ApiFront, Kube, eventually
 from tests.kube.test_feed import service
@@ -131,3 +133,57 @@ async def test_an_outage_before_the_first_listing_is_waited_out(
     await api_front.restore()
     await asyncio.wait_for(handle.ready.wait(), DEADLINE)
     assert store.keys("Service") == [WEB]
+
+
+async def test_a_token_rotated_during_the_run_is_read_again(
+    kube: Kube, api_front: ApiFront, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service account token expires (bound tokens last an hour where the API server does
+    not extend them) and the kubelet writes a new one into the pod. kopf asks our login
+    handler again on a 401, which gave it the token read at start: once 401s no longer ended
+    the operator, it would have stayed on the expired token for good, where a restarted
+    control plane reads the new one."""
+
+    def kubeconfig(token: str) -> None:
+        (tmp_path / "kubeconfig").write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": api_front.server}}],
+            "users": [{"name": "nm", "user": {"token": token}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "nm",
+                                                       "namespace": "nodemesh"}}],
+        }))  # fmt: skip
+
+    kubeconfig("first")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    await kube.create(service("web"))
+    store, errors = Store(), []
+    options = OperatorOptions(identity="rotating", initial_sync_timeout=2.0, **FAST)
+    operator = Operator(store, options=options, report=errors.append)  # its own credentials
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), DEADLINE)
+        api_front.expired_tokens.add("Bearer first")
+        await api_front.refuse()  # watch streams end (at the latest after their 5 minutes)
+        await api_front.restore()
+        await eventually(lambda: errors and errors[-1], "the outage reported")
+        kubeconfig("second")  # the kubelet's new token
+        await kube.create(service("new"))
+        await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in store")
+        await eventually(lambda: errors[-1] == {}, "the outage's end reported")
+        assert not task.done()
+        lease = await eventually(
+            lambda: kube.get("Lease", "nodemesh", "nodemesh-controlplane"), "the Lease"
+        )
+        renewed = lease["spec"]["renewTime"]
+        await eventually(
+            lambda: _renewed_since(kube, renewed), "the Lease renewed with the new token"
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _renewed_since(kube: Kube, renewed: str) -> bool:
+    lease = await kube.get("Lease", "nodemesh", "nodemesh-controlplane")
+    return bool(lease) and lease["spec"]["renewTime"] != renewed  # type: ignore[index]

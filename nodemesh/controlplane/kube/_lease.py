@@ -156,6 +156,11 @@ class LeaseElector:
         finally:
             await self._close()
 
+    async def use(self, connection: kopf.ConnectionInfo) -> None:
+        """Talk to the API server with these credentials from now on (a token read again)."""
+        self._conn = connection
+        await self._close()
+
     # -- HTTP ------------------------------------------------------------------------------
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

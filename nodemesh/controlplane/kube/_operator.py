@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import contextvars
 import datetime
-import functools
 import itertools
 import logging
 import os
@@ -287,16 +286,19 @@ class Operator:
         report: Report | None = None,
     ) -> None:
         self.options = options or OperatorOptions()
+        # Credentials of its own (not given) are read again when the API server refuses them:
+        # the kubelet replaces a service account token before it expires.
+        self._reads_credentials = connection is None
         self.connection = connection or default_connection()
         self._outage = _Outage(report or _no_report)
-        self._answers = functools.partial(answers, self.connection)
+        self._memo = kopf.Memo()  # what kopf passes the handlers (see `_handlers.Context`)
         self._kopf_started: float | None = None  # time.monotonic() of the running kopf's start
         self._api_back = asyncio.Event()  # the API server answers again after it did not
         self.feed = Feed(
             store,
             initial_sync_timeout=self.options.initial_sync_timeout,
-            probe=functools.partial(unlisted, self.connection, self.options.namespaces),
-            existing=functools.partial(existing, self.connection, self.options.namespaces),
+            probe=lambda: unlisted(self.connection, self.options.namespaces),
+            existing=lambda r: existing(self.connection, self.options.namespaces, r),
         )
         self.elector: LeaseElector | None = None
         leadership: Leadership = always_leader
@@ -348,7 +350,7 @@ class Operator:
         for name in ("kopf.objects", "kopf.activities"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
-        memo = kopf.Memo()
+        memo = self._memo
         memo[CONTEXT_KEY] = Context(self.feed, self.status, self.connection)
         ns = self.options.namespaces
         self.status.start()
@@ -424,6 +426,8 @@ class Operator:
                     f"{_describe(why)}: check the token or kubeconfig, and the RBAC "
                     "(charts/nodemesh/templates/rbac.yaml)"
                 )
+            if _credentials_refused(why):
+                await self._read_credentials()
             # A kopf that listed the cluster was no failure to start: back to the first delay.
             failures = 1 if self.feed.heard > started else failures + 1
             delay = min(
@@ -451,6 +455,24 @@ class Operator:
             if stop.is_set():
                 return
 
+    async def _read_credentials(self) -> None:
+        """Read the credentials again, if they are the operator's own: kopf's login handler,
+        the Lease and our own lists use them from now on."""
+        if not self._reads_credentials:
+            return
+        try:
+            connection = default_connection()
+        except OperatorError as exc:  # kept: the file may be back by the next restart
+            log.warning("%s; keeping the credentials read before", exc)
+            return
+        if connection == self.connection:
+            return
+        log.info("credentials read again: the API server refused those read before")
+        self.connection = connection
+        self._memo[CONTEXT_KEY] = Context(self.feed, self.status, connection)
+        if self.elector is not None:
+            await self.elector.use(connection)
+
     async def _check_api(self) -> None:
         """Ask the API server every `api_check_interval` whether it answers: kopf retries a
         refused or timed-out connection for good without telling, and stops on 5xx only after
@@ -462,13 +484,15 @@ class Operator:
             if not self.feed.synced:
                 continue  # the feed says why the first listing is not complete
             try:
-                why = await self._answers()
+                why = await answers(self.connection)
             except Exception:  # a bug: said, and asked again next time
                 log.exception("checking whether the API server answers failed")
                 continue
             if why is not None:
                 failing = True
                 self._outage.begin(f"the API server does not answer: {why}")
+                if why == "HTTP 401":  # kopf, at its next login, gets the new ones too
+                    await self._read_credentials()
                 continue
             if failing:
                 failing = False
