@@ -90,13 +90,32 @@ class LeaseElector:
 
     async def run(self) -> None:
         """Try to acquire or renew every `retry_period` until cancelled."""
+        failed = 0  # tries in a row: an API server outage is one WARNING, not one per try
         try:
             while True:
                 try:
                     await self.try_acquire_or_renew()
                 except LeaseError as exc:
-                    log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
+                    failed += 1
+                    if failed == 1:
+                        log.warning(
+                            "lease %s/%s: %s (said once until a try succeeds)",
+                            self.namespace,
+                            self.name,
+                            exc,
+                        )
+                    else:
+                        log.debug("lease %s/%s: %s", self.namespace, self.name, exc)
                     self._set_leader(self.is_leader)
+                else:
+                    if failed:
+                        log.info(
+                            "lease %s/%s: the API server answers again, after %d failed tries",
+                            self.namespace,
+                            self.name,
+                            failed,
+                        )
+                    failed = 0
                 await asyncio.sleep(self._retry)
         finally:
             await self._close()
