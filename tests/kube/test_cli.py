@@ -154,6 +154,26 @@ async def test_an_api_server_outage_shows_in_status_and_keeps_the_process_live_a
     assert log.count("following the cluster again after ") == 1, log[-3000:]
 
 
+async def test_credentials_refused_at_start_are_one_line_and_exit_1(
+    kube: Kube, api_front: ApiFront, tmp_path: Path
+) -> None:
+    """A wrong token: waiting does not heal it, so the process says so and exits 1 (before
+    2026-11-22, after 15 s of restarts, with kopf's "Ran out of valid credentials. Consider
+    installing an API client library or adding a login handler")."""
+    await api_front.answer(401)
+    p = start(kube, tmp_path, server=api_front.server)
+    try:
+        assert await asyncio.to_thread(p.proc.wait, 60) == 1
+    finally:
+        await p.terminate()
+    log = p.log.read_text()
+    assert log.rstrip().splitlines()[-1] == (
+        "nodemesh controlplane: kubernetes source: the API server refuses the credentials "
+        "(HTTP 401): check the token or kubeconfig, and the RBAC "
+        "(charts/nodemesh/templates/rbac.yaml)"
+    ), log[-3000:]
+
+
 async def test_cli_serves_envoy_writes_status_and_releases_the_lease(
     kube: Kube, controlplane: Process, envoy_binary: str
 ) -> None:
