@@ -65,10 +65,20 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         refused: set[str] = self.__dict__["_refused"]
         return refused
 
+    @property
+    def unserved(self) -> set[str]:
+        """Paths answered 404, as for a CRD that an API server starting up does not serve yet."""
+        if "_unserved" not in self.__dict__:
+            self.__dict__["_unserved"] = set()
+        unserved: set[str] = self.__dict__["_unserved"]
+        return unserved
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         del self._requests[:-1]
         if request.url.path in self.refused:
             return aiohttp.web.json_response({"kind": "Status", "code": 503}, status=503)
+        if request.url.path in self.unserved:
+            return aiohttp.web.json_response({"kind": "Status", "code": 404}, status=404)
         self.calls.append(
             (
                 request.headers.get("Authorization", ""),

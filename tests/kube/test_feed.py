@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
 import kopf
+import pytest
 
 from nodemesh.controlplane.conditions import CONTROLLER_NAME
 from nodemesh.controlplane.kube import FINALIZER
@@ -325,3 +327,29 @@ async def test_pods_and_nodes_keep_only_what_the_build_reads(
         "conditions": [{"type": "Ready", "status": "True"}],
     }
     assert node.get("spec") in (None, {})
+
+
+async def test_a_kind_the_api_server_does_not_serve_for_a_moment_is_not_swept(
+    kube: Kube, start_operator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An API server that is starting up (an upgrade) answers 404 for a CRD's objects until it
+    serves the CRD. The sweep after a relisting took that 404 for "nothing of this kind", and
+    removed every HTTPRoute from the store: every node Envoy lost its routes."""
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
+    store = Store()
+    for name in ("web", "old"):
+        await kube.create(service(name))
+    await kube.create(route("web", {"group": "", "kind": "Service", "name": "web"}))
+    await start_operator(store)
+    web_route = ObjectKey("HTTPRoute", "shop", "web")
+    await eventually(lambda: store.get(web_route), "the route in the store")
+    kube.emulator.unserved.add("/apis/gateway.networking.k8s.io/v1/httproutes")
+    await kube.delete_unseen("Service", "shop", "old")  # kopf lists Services again: a sweep
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "old")) is None, "old gone")
+
+    def swept_or_said() -> bool:
+        said = any("sweep: list httproutes: HTTP 404" in r.getMessage() for r in caplog.records)
+        return said or store.get(web_route) is None
+
+    await eventually(swept_or_said, "the sweep past HTTPRoutes")
+    assert store.get(web_route) is not None, "the route was swept"

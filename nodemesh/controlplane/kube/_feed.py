@@ -159,7 +159,11 @@ class Feed:
                 try:
                     now = await self._existing(r)
                 except ListingError as exc:
-                    log.warning("sweep: %s, its objects are not checked", exc)
+                    # Kept: a kind that cannot be listed now (a 404 from an API server that
+                    # does not serve its CRD yet) may well exist. Said only if something of
+                    # it is stored: a CRD not installed is a 404 at every sweep.
+                    if self._store.keys(r.kind):
+                        log.warning("sweep: %s, its objects are not checked", exc)
                     continue
                 for key in self._store.keys(r.kind):
                     if key not in now and key not in self._touched and self._store.delete(key):

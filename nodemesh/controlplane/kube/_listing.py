@@ -73,7 +73,8 @@ async def existing(
     timeout: float = 30.0,
 ) -> set[ObjectKey]:
     """The keys of every `r` object now (in `namespaces`, or everywhere if none), page by page.
-    Raises `ListingError` when a page cannot be had."""
+    Raises `ListingError` when a page cannot be had, 404 too: an API server starting up
+    answers it for a CRD it does not serve yet, which is no proof that nothing of it exists."""
     keys: set[ObjectKey] = set()
     async with _session(connection, timeout) as session:
         for url in _urls(r, connection.server, namespaces):
@@ -83,8 +84,6 @@ async def existing(
                     async with session.get(
                         url, params=params, headers={"Accept": _METADATA_ONLY}
                     ) as resp:
-                        if resp.status == 404:
-                            break  # not served (a CRD not installed): nothing of it is stored
                         if resp.status != 200:
                             raise ListingError(f"list {r.plural}: HTTP {resp.status}")
                         body: dict[str, Any] = await resp.json(content_type=None)
