@@ -128,6 +128,27 @@ async def test_a_refused_write_is_not_sent_again_at_once_with_no_interval() -> N
     await stop(task)
 
 
+async def test_writes_refused_alike_are_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A Role without `patch` on the status refuses every object's write: one WARNING for the
+    cause, and one INFO once writes succeed again. It was a WARNING per object (2,000 lines
+    at 2,000 objects) and an INFO per object after."""
+    api = Api()
+    for i in range(20):
+        api.objects[key(i)] = {}
+    api.codes = [403] * 20
+    writer = StatusWriter(lambda k: ACCEPTED, Leader(), interval=0.01)
+    with caplog.at_level(logging.DEBUG, logger="nodemesh.controlplane.kube"):
+        task = await running(writer, api)
+        for i in range(20):
+            writer.touch(key(i))
+        await eventually(lambda: writer.writes == 20, "every object written after the refusals")
+        await stop(task)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert [level for level, _ in said] == ["WARNING", "INFO"], said
+    assert said[0][1].endswith("not written (HTTP 403); trying again"), said
+    assert said[1][1] == "status writes succeed again (HTTP 403)", said
+
+
 def test_a_route_without_a_service_parent_loses_only_our_entries() -> None:
     ours = _parent("nodemesh.io/mesh", "web", "True", "2026-11-22T09:00:00Z")
     gateway = {**ours, "controllerName": "example.com/gateway"}

@@ -122,6 +122,7 @@ class StatusWriter:
         self._dirty: set[ObjectKey] = set()
         self._not_before: dict[ObjectKey, float] = {}  # the next write's earliest time
         self._failures: dict[ObjectKey, int] = {}
+        self._failing: set[str] = set()  # the causes of the failures, each said once
         self._wakeup: asyncio.Event | None = None
         self.checks = 0  # comparisons of a built object's desired and live status
         self.writes = 0
@@ -258,8 +259,9 @@ class StatusWriter:
         if code in (200, 201):
             self.writes += 1
             self._not_before[key] = now + self._interval
-            if self._failures.pop(key, None):
-                log.info("status of %s written again", key)
+            if self._failures.pop(key, None) and self._failing and not self._failures:
+                log.info("status writes succeed again (%s)", ", ".join(sorted(self._failing)))
+                self._failing.clear()
             log.debug("status of %s: wrote %s", key, sorted(patch))
         elif code == 404:
             pass  # deleted meanwhile
@@ -273,8 +275,11 @@ class StatusWriter:
             failures = self._failures.get(key, 0) + 1
             self._failures[key] = failures
             delay = min(_MAX_BACKOFF, max(self._interval, _MIN_BACKOFF) * 2 ** (failures - 1))
-            if failures == 1:
-                log.warning("status of %s not written (%s); trying again", key, why)
+            # Said once per cause, not once per object: a Role without `patch` on the status
+            # refuses every object's write alike.
+            level = logging.DEBUG if why in self._failing else logging.WARNING
+            self._failing.add(why)
+            log.log(level, "status of %s not written (%s); trying again", key, why)
             self._dirty.add(key)
             self._not_before[key] = now + delay
 
