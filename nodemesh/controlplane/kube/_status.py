@@ -143,7 +143,8 @@ class StatusWriter:
         self._verdicts.pop(key, None)
         self._dirty.discard(key)
         self._not_before.pop(key, None)
-        self._failures.pop(key, None)
+        if self._failures.pop(key, None) and not self._failures:
+            self._failing.clear()  # the next failure is a new one, said again
 
     def start(self) -> None:
         """Log every verdict change as it happens, and check the object then, if the source
