@@ -61,22 +61,29 @@ async def test_route_with_retries_serves_and_reports_programmed(cluster: Cluster
     )
 
 
-async def test_changes_and_deletions_follow_and_a_deleted_backend_unresolves(
-    cluster: Cluster, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
-    kube = cluster.kube
+async def app_on_blue(cluster: Cluster, **options: Any) -> tuple[Any, Any, Any, NodeEnvoy]:
+    """Backends blue and green, a replica (`options`) with its node Envoy, Services app (on
+    blue) and green, and a route for app; the Envoy holds it all."""
     blue, green = await cluster.backend("blue"), await cluster.backend("green")
-    replica = await cluster.replica()
+    replica = await cluster.replica(**options)
     envoy = await cluster.envoy(replica)
     for obj in (
         service("app"), endpoint_slice("app", blue.port),
         service("green"), endpoint_slice("green", green.port),
         http_route("app", "app", [{"backendRefs": [to("app")]}]),
     ):  # fmt: skip
-        await kube.create(obj)
+        await cluster.kube.create(obj)
     await eventually(lambda: replica.store.revision >= 5, "five objects in the store")
     await replica.converge()
+    return blue, green, replica, envoy
+
+
+async def test_changes_and_deletions_follow_and_a_deleted_backend_unresolves(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
+    kube = cluster.kube
+    blue, green, replica, envoy = await app_on_blue(cluster)
     assert (await envoy.get("app.shop")).body == "blue"
 
     # Change: point the route at the green Service.
@@ -486,17 +493,7 @@ async def test_an_api_server_outage_keeps_envoy_s_config_and_a_change_after_it_r
     Envoy is served the same config throughout, /status says since when the cluster is not
     followed, and a change made during the outage reaches Envoy once the API server answers."""
     kube = cluster.kube
-    blue, green = await cluster.backend("blue"), await cluster.backend("green")
-    replica = await cluster.replica(server=api_front.server, **OUTAGE_FAST)
-    envoy = await cluster.envoy(replica)
-    for obj in (
-        service("app"), endpoint_slice("app", blue.port),
-        service("green"), endpoint_slice("green", green.port),
-        http_route("app", "app", [{"backendRefs": [to("app")]}]),
-    ):  # fmt: skip
-        await kube.create(obj)
-    await eventually(lambda: replica.store.revision >= 5, "five objects in the store")
-    await replica.converge()
+    blue, green, replica, envoy = await app_on_blue(cluster, server=api_front.server, **OUTAGE_FAST)
     assert replica.pipeline.snapshot is not None
     versions = {t: replica.pipeline.snapshot.version(t) for t in ALL_TYPES}
     changes = envoy_changes(envoy)
