@@ -73,8 +73,24 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         unserved: set[str] = self.__dict__["_unserved"]
         return unserved
 
+    @property
+    def throttled(self) -> dict[str, int]:
+        """Path -> how many more lists of names (the operator's own, `PartialObjectMetadataList`)
+        to answer 429, as API Priority and Fairness does while every client lists again after
+        an API server restart."""
+        if "_throttled" not in self.__dict__:
+            self.__dict__["_throttled"] = {}
+        throttled: dict[str, int] = self.__dict__["_throttled"]
+        return throttled
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         del self._requests[:-1]
+        path = request.url.path
+        if self.throttled.get(path) and "PartialObjectMetadataList" in request.headers.get(
+            "Accept", ""
+        ):
+            self.throttled[path] -= 1
+            return aiohttp.web.json_response({"kind": "Status", "code": 429}, status=429)
         if request.url.path in self.refused:
             return aiohttp.web.json_response({"kind": "Status", "code": 503}, status=503)
         if request.url.path in self.unserved:

@@ -353,3 +353,24 @@ async def test_a_kind_the_api_server_does_not_serve_for_a_moment_is_not_swept(
 
     await eventually(swept_or_said, "the sweep past HTTPRoutes")
     assert store.get(web_route) is not None, "the route was swept"
+
+
+async def test_a_kind_whose_sweep_list_failed_is_swept_again(
+    kube: Kube, start_operator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sweep after a relisting lists each kind once; an API server that has just come back
+    answers many lists 429 (every client lists again). A kind whose list failed was checked
+    again only at the next relisting, maybe days later: a Service deleted while the watch was
+    down stayed in the store, and in every node Envoy, until then."""
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
+    store = Store()
+    for name in ("web", "api"):
+        await kube.create(service(name))
+    await start_operator(store)
+    api = ObjectKey("Service", "shop", "api")
+    await eventually(lambda: store.get(api), "api in the store")
+    kube.emulator.throttled["/api/v1/services"] = 2
+    await kube.delete_unseen("Service", "shop", "api")
+    await eventually(lambda: store.get(api) is None, "api gone from the store")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sweep: ")]
+    assert len([m for m in said if "HTTP 429" in m]) == 1, said

@@ -10,15 +10,17 @@ cluster, and serving then would withdraw every route from the Envoys that connec
 When kopf lists a kind again (after a 410 Gone: an API server restart, a watch down for long),
 the objects that went meanwhile get no DELETED event and would stay in kopf's index and here.
 A key listed twice tells the feed that a new listing happened; it then `sweep`s: lists each
-kind itself and deletes from the store what no longer exists and had no event since.
+kind itself and deletes from the store what no longer exists and had no event since; a kind
+whose list fails is listed again until it lists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from nodemesh.controlplane.kube._errors import ListingError
@@ -30,6 +32,9 @@ __all__ = ["Feed", "IndexLike"]
 log = logging.getLogger("nodemesh.controlplane.kube")
 
 _CONFIG_KINDS = frozenset(r.kind for r in RESOURCES if r.config)
+# A kind whose sweep list failed is listed again after this long, doubling up to the maximum.
+_SWEEP_RETRY = 1.0
+_MAX_SWEEP_RETRY = 30.0
 
 
 class IndexLike(Protocol):
@@ -72,6 +77,7 @@ class Feed:
         self._listed: dict[str, set[ObjectKey]] = {}
         self._relisted = asyncio.Event()
         self._touched: set[ObjectKey] | None = None  # keys with an event during a sweep
+        self._unswept: dict[str, int] = {}  # kinds whose sweep list failed: failures in a row
         self._indexes: dict[str, IndexLike] = {}
         self._dirty: set[ObjectKey] = set()
         self._wakeup = asyncio.Event()
@@ -137,34 +143,59 @@ class Feed:
             sweeper.cancel()
 
     async def _sweep_on_relisting(self) -> None:
+        retry = _SWEEP_RETRY
         while True:
-            await self._relisted.wait()
-            # Not needed for correctness: lets kopf's listing go on, so one sweep covers it.
-            await asyncio.sleep(self._sweep_delay)
-            self._relisted.clear()
+            kinds: set[str] | None = None  # every kind
+            if self._unswept:
+                # A kind whose list failed is listed again until it lists: else what went of
+                # it while the watch was down would stay until the next relisting, days away.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._relisted.wait(), retry)
+                if not self._relisted.is_set():
+                    kinds, retry = set(self._unswept), min(retry * 2, _MAX_SWEEP_RETRY)
+            else:
+                await self._relisted.wait()
+            if kinds is None:
+                # Not needed for correctness: lets kopf's listing go on, so one sweep covers it.
+                await asyncio.sleep(self._sweep_delay)
+                self._relisted.clear()
+                retry = _SWEEP_RETRY
             try:
-                await self.sweep()
+                await self.sweep(kinds)
             except Exception:  # a bug: said, and the next relisting sweeps again
                 log.exception("sweep after relisting failed")
 
-    async def sweep(self) -> int:
+    async def sweep(self, kinds: Collection[str] | None = None) -> int:
         """Delete from the store the objects that do not exist and had no event since the
-        sweep began (an object created after a kind's list has one). Returns how many."""
+        sweep began (an object created after a kind's list has one); of `kinds`, else of every
+        kind. A kind whose list fails is swept again later (see `_sweep_on_relisting`).
+        Returns how many went."""
         if self._existing is None:
             return 0
         self._touched = set()
         removed = 0
         try:
             for r in RESOURCES:
+                if kinds is not None and r.kind not in kinds:
+                    continue
+                if not self._store.keys(r.kind):
+                    self._unswept.pop(r.kind, None)  # nothing to remove (a CRD not installed)
+                    continue
                 try:
                     now = await self._existing(r)
                 except ListingError as exc:
                     # Kept: a kind that cannot be listed now (a 404 from an API server that
-                    # does not serve its CRD yet) may well exist. Said only if something of
-                    # it is stored: a CRD not installed is a 404 at every sweep.
-                    if self._store.keys(r.kind):
-                        log.warning("sweep: %s, its objects are not checked", exc)
+                    # does not serve its CRD yet, a 429 from one that every client lists
+                    # again) may well exist.
+                    failed = self._unswept[r.kind] = self._unswept.get(r.kind, 0) + 1
+                    log.log(
+                        logging.WARNING if failed == 1 else logging.DEBUG,
+                        "sweep: %s, its objects are kept until it lists (tried again, said once)",
+                        exc,
+                    )
                     continue
+                if self._unswept.pop(r.kind, None):
+                    log.info("sweep: %s listed again", r.plural)
                 for key in self._store.keys(r.kind):
                     if key not in now and key not in self._touched and self._store.delete(key):
                         removed += 1
