@@ -213,6 +213,13 @@ def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
 @pytest.fixture
 async def kube() -> AsyncIterator[Kube]:
     """A running emulator with every resource the operator watches declared in discovery."""
+    async with running_kube() as k:
+        yield k
+
+
+@contextlib.asynccontextmanager
+async def running_kube() -> AsyncIterator[Kube]:
+    """What the `kube` fixture gives, for a test that needs a second cluster."""
     async with Emulator() as emulator, kmock.Server(emulator):
         emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = (
             kmock.ResourceInfo(

@@ -17,7 +17,7 @@ import yaml
 
 from nodemesh.controlplane.kube import Operator, OperatorError, OperatorOptions
 from nodemesh.controlplane.store import ObjectKey, Store
-from tests.kube.conftest import DEADLINE, ApiFront, Kube, eventually
+from tests.kube.conftest import DEADLINE, ApiFront, Kube, eventually, running_kube
 from tests.kube.test_feed import service
 
 # kopf's own tries of a request 0.1 s apart, restarts from 0.05 s doubling to 0.4 s (before
@@ -145,13 +145,7 @@ async def test_a_token_rotated_during_the_run_is_read_again(
     control plane reads the new one."""
 
     def kubeconfig(token: str) -> None:
-        (tmp_path / "kubeconfig").write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": api_front.server}}],
-            "users": [{"name": "nm", "user": {"token": token}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "nm",
-                                                       "namespace": "nodemesh"}}],
-        }))  # fmt: skip
+        write_kubeconfig(tmp_path / "kubeconfig", api_front.server, token)
 
     kubeconfig("first")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
@@ -187,3 +181,59 @@ async def test_a_token_rotated_during_the_run_is_read_again(
 async def _renewed_since(kube: Kube, renewed: str) -> bool:
     lease = await kube.get("Lease", "nodemesh", "nodemesh-controlplane")
     return bool(lease) and lease["spec"]["renewTime"] != renewed  # type: ignore[index]
+
+
+def write_kubeconfig(path: Path, server: str, token: str) -> None:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": server}}],
+        "users": [{"name": "nm", "user": {"token": token}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "nm",
+                                                   "namespace": "nodemesh"}}],
+    }))  # fmt: skip
+
+
+async def test_credentials_read_again_for_another_cluster_are_not_used(
+    kube: Kube,
+    api_front: ApiFront,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Credentials are read again after a 401 (a rotated token). A kubeconfig that names
+    another API server by then (`kubectl config use-context` on the machine that runs the
+    control plane) is another cluster: its objects would replace this cluster's in the store,
+    and in every node Envoy, with no word of it."""
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
+    write_kubeconfig(tmp_path / "kubeconfig", api_front.server, "first")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    await kube.create(service("web"))
+    store = Store()
+    options = OperatorOptions(identity="switching", initial_sync_timeout=2.0, **FAST)
+    operator = Operator(store, options=options)  # its own credentials
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
+    async with running_kube() as other:
+        try:
+            await other.create(service("other"))
+            await asyncio.wait_for(ready.wait(), DEADLINE)
+            write_kubeconfig(tmp_path / "kubeconfig", other.server, "second")
+            api_front.expired_tokens.add("Bearer first")  # an API server restarting, say
+            await api_front.refuse()
+            await api_front.restore()
+            elsewhere = ObjectKey("Service", "shop", "other")
+
+            def said_or_switched() -> bool:
+                said = any("another API server" in r.getMessage() for r in caplog.records)
+                return said or store.get(elsewhere) is not None
+
+            await eventually(said_or_switched, "the kubeconfig's other server said")
+            assert store.get(elsewhere) is None, "the other cluster's Service is in the store"
+            api_front.expired_tokens.clear()
+            await kube.create(service("new"))
+            await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new")
+            assert [k.name for k in store.keys("Service")] == ["new", "web"]
+            assert operator.connection.server == api_front.server
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)

@@ -289,6 +289,7 @@ class Operator:
         # Credentials of its own (not given) are read again when the API server refuses them:
         # the kubelet replaces a service account token before it expires.
         self._reads_credentials = connection is None
+        self._other_server = ""  # another API server the credentials read again named, said once
         self.connection = connection or default_connection()
         self._outage = _Outage(report or _no_report)
         self._memo = kopf.Memo()  # what kopf passes the handlers (see `_handlers.Context`)
@@ -456,8 +457,9 @@ class Operator:
                 return
 
     async def _read_credentials(self) -> None:
-        """Read the credentials again, if they are the operator's own: kopf's login handler,
-        the Lease and our own lists use them from now on."""
+        """Read the credentials again, if they are the operator's own and name the same API
+        server: kopf's login handler, the Lease, the status writes and our own lists use them
+        from now on."""
         if not self._reads_credentials:
             return
         try:
@@ -466,6 +468,18 @@ class Operator:
             log.warning("%s; keeping the credentials read before", exc)
             return
         if connection == self.connection:
+            return
+        if connection.server.rstrip("/") != self.connection.server.rstrip("/"):
+            # Another cluster (a kubeconfig's context switched): its objects would replace
+            # this cluster's in the store, and in every node Envoy. Following it takes a restart.
+            if connection.server != self._other_server:
+                self._other_server = connection.server
+                log.warning(
+                    "credentials read again name another API server, %s: not used, this "
+                    "control plane follows %s until it is restarted",
+                    connection.server,
+                    self.connection.server,
+                )
             return
         log.info("credentials read again: the API server refused those read before")
         self.connection = connection
