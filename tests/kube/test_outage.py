@@ -237,3 +237,44 @@ async def test_credentials_read_again_for_another_cluster_are_not_used(
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
+
+
+async def test_credentials_that_cannot_be_read_again_are_said_once(
+    kube: Kube,
+    api_front: ApiFront,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API server refuses the token, and the kubeconfig to read a new one from is gone (or
+    not yet written): the operator keeps its credentials and tries again at each of kopf's
+    restarts and each check of the API server, every 5 s, with a WARNING each time."""
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
+    config = tmp_path / "kubeconfig"
+    write_kubeconfig(config, api_front.server, "first")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    await kube.create(service("web"))
+    store = Store()
+    options = OperatorOptions(identity="unread", initial_sync_timeout=2.0, **FAST)
+    operator = Operator(store, options=options)  # its own credentials
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
+
+    def said(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    try:
+        await asyncio.wait_for(ready.wait(), DEADLINE)
+        config.unlink()
+        api_front.expired_tokens.add("Bearer first")
+        await api_front.refuse()
+        await api_front.restore()
+        await eventually(lambda: len(said("kopf stopped (")) >= 5, "five restarts of kopf")
+        assert len(said("cannot read Kubernetes credentials")) == 1, said("cannot read")
+        write_kubeconfig(config, api_front.server, "second")
+        await kube.create(service("new"))
+        await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in store")
+        assert said("credentials read again")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

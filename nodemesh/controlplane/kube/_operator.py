@@ -290,6 +290,7 @@ class Operator:
         # the kubelet replaces a service account token before it expires.
         self._reads_credentials = connection is None
         self._other_server = ""  # another API server the credentials read again named, said once
+        self._unreadable = ""  # why the credentials could not be read again, said once
         self.connection = connection or default_connection()
         self._outage = _Outage(report or _no_report)
         self._memo = kopf.Memo()  # what kopf passes the handlers (see `_handlers.Context`)
@@ -464,9 +465,13 @@ class Operator:
             return
         try:
             connection = default_connection()
-        except OperatorError as exc:  # kept: the file may be back by the next restart
-            log.warning("%s; keeping the credentials read before", exc)
+        except OperatorError as exc:  # kept: the file may be back by the next try
+            # Said once: this is tried at each restart of kopf and each check of the API server.
+            if str(exc) != self._unreadable:
+                self._unreadable = str(exc)
+                log.warning("%s; keeping the credentials read before, and trying again", exc)
             return
+        self._unreadable = ""
         if connection == self.connection:
             return
         if connection.server.rstrip("/") != self.connection.server.rstrip("/"):
