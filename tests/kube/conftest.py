@@ -12,15 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime
+import ipaddress
 import itertools
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
 import kmock
 import kopf
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from nodemesh.controlplane.kube import RESOURCES, Operator, OperatorOptions
 from nodemesh.controlplane.kube._resources import LEASE, WatchedResource
@@ -509,11 +517,12 @@ class ApiFront:
     emulator does not replay the events a watch missed: without this, they would be lost).
     Each connection carries one request (`Connection: close`), so that each is seen here."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, tls: ssl.SSLContext | None = None) -> None:
         from yarl import URL
 
         url = URL(backend)
         self._backend = (url.host or "127.0.0.1", url.port or 80)
+        self._tls = tls  # HTTPS, asking for a client certificate (see `Pki.server_context`)
         self._server: asyncio.Server | None = None
         self._port = 0
         self._code: int | None = None
@@ -521,13 +530,17 @@ class ApiFront:
         self._open: set[asyncio.StreamWriter] = set()
         # bearer tokens answered 401 (expired), as the API server does after a token rotation
         self.expired_tokens: set[str] = set()
+        # client certificates' common names answered 401 (expired), with `tls`
+        self.expired_certificates: set[str] = set()
 
     @property
     def server(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self._port}"
 
     async def start(self) -> ApiFront:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self._port)
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self._port, ssl=self._tls
+        )
         self._port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -572,6 +585,8 @@ class ApiFront:
             code = self._code
             if code is None and self.expired_tokens & {_header(head, b"authorization")}:
                 code = 401
+            if code is None and self.expired_certificates & {_common_name(writer)}:
+                code = 401
             if code is not None:
                 await _drain_body(reader, head)
                 await _respond(writer, code, _status_body(code))
@@ -600,6 +615,75 @@ class ApiFront:
         finally:
             self._open.discard(writer)
             writer.close()  # what is written still goes; `_cut` aborts
+
+
+def _common_name(writer: asyncio.StreamWriter) -> str:
+    cert = writer.get_extra_info("peercert") or {}
+    for rdn in cert.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return ""
+
+
+class Pki:
+    """A CA, a server certificate for 127.0.0.1 and client certificates, as PEM."""
+
+    def __init__(self) -> None:
+        self._ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.ca = self._issue("test-ca", self._ca_key, ca=True)[0]
+        self.server_cert, self.server_key = self._issue("127.0.0.1", server=True)
+
+    def client(self, name: str) -> tuple[str, str]:
+        """A client certificate with common name `name`, and its key."""
+        return self._issue(name)
+
+    def server_context(self, directory: Path) -> ssl.SSLContext:
+        """For a server that asks for a client certificate, as kube-apiserver does (and
+        answers 401, not a handshake error, for one it does not take)."""
+        (directory / "server.crt").write_text(self.server_cert)
+        (directory / "server.key").write_text(self.server_key)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(directory / "server.crt", directory / "server.key")
+        ctx.load_verify_locations(cadata=self.ca)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
+
+    def _issue(
+        self,
+        name: str,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        *,
+        ca: bool = False,
+        server: bool = False,
+    ) -> tuple[str, str]:
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        issuer = subject if ca else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(name))]),
+                critical=False,
+            )
+        cert = builder.sign(key if ca else self._ca_key, hashes.SHA256())
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        return pem, key_pem
 
 
 _GONE = b'{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired"}}\n'

@@ -6,6 +6,7 @@ the start end it, since waiting does not heal them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import logging
 import time
@@ -17,7 +18,7 @@ import yaml
 
 from nodemesh.controlplane.kube import Operator, OperatorError, OperatorOptions
 from nodemesh.controlplane.store import ObjectKey, Store
-from tests.kube.conftest import DEADLINE, ApiFront, Kube, eventually, running_kube
+from tests.kube.conftest import DEADLINE, ApiFront, Kube, Pki, eventually, running_kube
 from tests.kube.test_feed import service
 
 # kopf's own tries of a request 0.1 s apart, restarts from 0.05 s doubling to 0.4 s (before
@@ -278,3 +279,79 @@ async def test_credentials_that_cannot_be_read_again_are_said_once(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.parametrize("where", ["data", "files"])
+async def test_status_is_written_with_a_client_certificate_read_again(
+    kube: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A kubeconfig with a client certificate (kubeadm's, kind's, minikube's): the certificate
+    is renewed and the old one refused (401). The credentials read again reached kopf, the
+    Lease and the lists, but the status writes kept the TLS session of the start, with the old
+    certificate: no status was written again until a restart, and `kubectl wait` on a route
+    hung. A certificate in a file (`client-certificate: <path>`) was no change at all."""
+    pki = Pki()
+    front = await ApiFront(kube.server, tls=pki.server_context(tmp_path)).start()
+    config = tmp_path / "kubeconfig"
+
+    def kubeconfig(name: str) -> None:
+        cert, key = pki.client(name)
+        b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+        user = {"client-certificate-data": b64(cert), "client-key-data": b64(key)}
+        if where == "files":
+            (tmp_path / "client.crt").write_text(cert)
+            (tmp_path / "client.key").write_text(key)
+            user = {
+                "client-certificate": str(tmp_path / "client.crt"),
+                "client-key": str(tmp_path / "client.key"),
+            }
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {
+                "server": front.server, "certificate-authority-data": b64(pki.ca)}}],
+            "users": [{"name": "nm", "user": user}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "nm",
+                                                       "namespace": "nodemesh"}}],
+        }))  # fmt: skip
+
+    kubeconfig("first")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    policy = ObjectKey("TrafficPolicy", "shop", "web")
+    await kube.create({
+        "apiVersion": "nodemesh.io/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": "web", "namespace": "shop"}, "spec": {},
+    })  # fmt: skip
+    verdict = {"reason": "First"}
+
+    def status(key: ObjectKey) -> dict[str, Any] | None:
+        if key != policy:
+            return None
+        return {"conditions": [{"type": "Accepted", "status": "True", **verdict}]}
+
+    async def live_reason() -> Any:
+        obj = await kube.get("TrafficPolicy", "shop", "web")
+        return ((obj or {}).get("status") or {}).get("conditions", [{}])[0].get("reason")
+
+    options = OperatorOptions(
+        identity="renewed", initial_sync_timeout=2.0, leader_election=False, **FAST
+    )
+    operator = Operator(Store(), status, options=options)  # its own credentials
+    stop = asyncio.Event()
+    task = asyncio.create_task(operator.run(stop=stop))
+    try:
+        await eventually(lambda: _is(live_reason(), "First"), "the first status written")
+        kubeconfig("second")
+        front.expired_certificates.add("first")
+        await front.refuse()
+        await front.restore()
+        verdict["reason"] = "Second"
+        await kube.patch("TrafficPolicy", "shop", "web", {"metadata": {"labels": {"a": "b"}}})
+        await eventually(lambda: _is(live_reason(), "Second"), "the status written again")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await front.stop()
+
+
+async def _is(value: Any, wanted: Any) -> bool:
+    return bool(await value == wanted)

@@ -244,6 +244,12 @@ class _Outage:
         self._report({})
 
 
+def _in_files(connection: kopf.ConnectionInfo) -> bool:
+    """Whether TLS material is read from files (a kubeconfig's `client-certificate: <path>`),
+    which are read when a session is made."""
+    return bool(connection.certificate_path or connection.private_key_path or connection.ca_path)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -356,15 +362,11 @@ class Operator:
         memo[CONTEXT_KEY] = Context(self.feed, self.status, self.connection)
         ns = self.options.namespaces
         self.status.start()
-        api = _session(self.connection)
+        api = _StatusApi(self)
         tasks = [
             asyncio.create_task(self.feed.run(ready), name="nodemesh-kube-feed"),
             asyncio.create_task(
-                # with the credentials of the moment: they are read again after a 401
-                self.status.run(
-                    self.feed.lookup,
-                    lambda key, body: _patch_status(api, self.connection, key, body),
-                ),
+                self.status.run(self.feed.lookup, api.patch_status),
                 name="nodemesh-kube-status",
             ),
         ]
@@ -472,7 +474,7 @@ class Operator:
                 log.warning("%s; keeping the credentials read before, and trying again", exc)
             return
         self._unreadable = ""
-        if connection == self.connection:
+        if connection == self.connection and not _in_files(connection):
             return
         if connection.server.rstrip("/") != self.connection.server.rstrip("/"):
             # Another cluster (a kubeconfig's context switched): its objects would replace
@@ -486,7 +488,10 @@ class Operator:
                     self.connection.server,
                 )
             return
-        log.info("credentials read again: the API server refused those read before")
+        if connection != self.connection:
+            log.info("credentials read again: the API server refused those read before")
+        # (else the same paths, whose files may hold a renewed certificate: the TLS sessions,
+        # which loaded them when made, are made again)
         self.connection = connection
         self._memo[CONTEXT_KEY] = Context(self.feed, self.status, connection)
         if self.elector is not None:
@@ -529,28 +534,45 @@ class Operator:
         return started < since or self.feed.heard > started
 
 
-def _session(connection: kopf.ConnectionInfo) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=connection.as_ssl_context()),
-        timeout=aiohttp.ClientTimeout(total=10.0),
-    )
+class _StatusApi:
+    """The status writes' HTTP session, with the operator's credentials of the moment (read
+    again after a 401): a client certificate and the CA are in the session's TLS context, so
+    the session is made again when they change."""
 
+    def __init__(self, operator: Operator) -> None:
+        self._operator = operator
+        self._session: aiohttp.ClientSession | None = None
+        self._connection: kopf.ConnectionInfo | None = None
 
-async def _patch_status(
-    session: aiohttp.ClientSession, connection: kopf.ConnectionInfo, key: ObjectKey, body: Any
-) -> int:
-    """A merge patch to `key`'s status subresource; the HTTP status code."""
-    r = by_kind(key.kind)
-    path = connection.server.rstrip("/")
-    path += f"/apis/{r.group}/{r.version}" if r.group else f"/api/{r.version}"
-    if r.namespaced:
-        path += f"/namespaces/{key.namespace}"
-    async with session.patch(
-        f"{path}/{r.plural}/{key.name}/status",
-        json=body,
-        headers={**connection.as_http_headers(), "Content-Type": "application/merge-patch+json"},
-    ) as resp:
-        return resp.status
+    async def patch_status(self, key: ObjectKey, body: Any) -> int:
+        """A merge patch to `key`'s status subresource; the HTTP status code."""
+        connection = self._operator.connection
+        if self._session is None or connection is not self._connection:
+            await self.close()
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=connection.as_ssl_context()),
+                timeout=aiohttp.ClientTimeout(total=10.0),
+            )
+            self._connection = connection
+        r = by_kind(key.kind)
+        path = connection.server.rstrip("/")
+        path += f"/apis/{r.group}/{r.version}" if r.group else f"/api/{r.version}"
+        if r.namespaced:
+            path += f"/namespaces/{key.namespace}"
+        async with self._session.patch(
+            f"{path}/{r.plural}/{key.name}/status",
+            json=body,
+            headers={
+                **connection.as_http_headers(),
+                "Content-Type": "application/merge-patch+json",
+            },
+        ) as resp:
+            return resp.status
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 async def run_operator(
