@@ -295,24 +295,7 @@ async def test_status_is_written_with_a_client_certificate_read_again(
     config = tmp_path / "kubeconfig"
 
     def kubeconfig(name: str) -> None:
-        cert, key = pki.client(name)
-        b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
-        user = {"client-certificate-data": b64(cert), "client-key-data": b64(key)}
-        if where == "files":
-            (tmp_path / "client.crt").write_text(cert)
-            (tmp_path / "client.key").write_text(key)
-            user = {
-                "client-certificate": str(tmp_path / "client.crt"),
-                "client-key": str(tmp_path / "client.key"),
-            }
-        config.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {
-                "server": front.server, "certificate-authority-data": b64(pki.ca)}}],
-            "users": [{"name": "nm", "user": user}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "nm",
-                                                       "namespace": "nodemesh"}}],
-        }))  # fmt: skip
+        tls_kubeconfig(config, pki, front.server, name, where)
 
     kubeconfig("first")
     monkeypatch.setenv("KUBECONFIG", str(config))
@@ -355,3 +338,60 @@ async def test_status_is_written_with_a_client_certificate_read_again(
 
 async def _is(value: Any, wanted: Any) -> bool:
     return bool(await value == wanted)
+
+
+def tls_kubeconfig(config: Path, pki: Pki, server: str, name: str, where: str) -> None:
+    """A kubeconfig with a client certificate named `name`, in it or in files next to it."""
+    cert, key = pki.client(name)
+    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    user = {"client-certificate-data": b64(cert), "client-key-data": b64(key)}
+    if where == "files":
+        (config.parent / "client.crt").write_text(cert)
+        (config.parent / "client.key").write_text(key)
+        user = {
+            "client-certificate": str(config.parent / "client.crt"),
+            "client-key": str(config.parent / "client.key"),
+        }
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {
+            "server": server, "certificate-authority-data": b64(pki.ca)}}],
+        "users": [{"name": "nm", "user": user}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "nm",
+                                                   "namespace": "nodemesh"}}],
+    }))  # fmt: skip
+
+
+async def test_the_lease_outlives_a_client_certificate_file_it_cannot_load(
+    kube: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate files a kubeconfig names are loaded again after a 401, and may be half
+    written then (or gone): the Lease client stopped for good on the TLS error, and this
+    replica never held the Lease again, nor wrote status."""
+    pki = Pki()
+    front = await ApiFront(kube.server, tls=pki.server_context(tmp_path)).start()
+    config = tmp_path / "kubeconfig"
+    tls_kubeconfig(config, pki, front.server, "first", "files")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    await kube.create(service("web"))
+    options = OperatorOptions(
+        identity="loading", initial_sync_timeout=2.0, lease_duration=3.0, renew_deadline=2.0,
+        retry_period=0.3, **FAST,
+    )  # fmt: skip
+    operator = Operator(Store(), options=options)  # its own credentials
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), DEADLINE)
+        await eventually(lambda: operator.is_leader, "the Lease held")
+        (tmp_path / "client.crt").write_text("half written")
+        front.expired_certificates.add("first")
+        await front.refuse()
+        await front.restore()
+        await eventually(lambda: not operator.is_leader, "the Lease lost")
+        tls_kubeconfig(config, pki, front.server, "second", "files")
+        await eventually(lambda: operator.is_leader, "the Lease held again")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await front.stop()

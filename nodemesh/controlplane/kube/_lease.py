@@ -183,8 +183,14 @@ class LeaseElector:
     # -- HTTP ------------------------------------------------------------------------------
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            try:
+                # Loads the files a kubeconfig names: they may be gone or half written (a
+                # certificate being renewed), and the next try may find them whole.
+                tls = self._conn.as_ssl_context()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise LeaseError(f"the TLS credentials cannot be loaded: {exc}") from exc
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._conn.as_ssl_context()),
+                connector=aiohttp.TCPConnector(ssl=tls),
                 headers=self._conn.as_http_headers(),
                 timeout=aiohttp.ClientTimeout(total=max(1.0, self._retry)),
             )

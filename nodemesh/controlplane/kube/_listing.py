@@ -38,8 +38,14 @@ def _urls(r: WatchedResource, server: str, namespaces: Sequence[str]) -> list[st
 
 
 def _session(connection: kopf.ConnectionInfo, timeout: float) -> aiohttp.ClientSession:
+    """Raises `ListingError` if the TLS files a kubeconfig names cannot be loaded (gone, or
+    half written while a certificate is renewed)."""
+    try:
+        tls = connection.as_ssl_context()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ListingError(f"the TLS credentials cannot be loaded: {exc}") from exc
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=connection.as_ssl_context()),
+        connector=aiohttp.TCPConnector(ssl=tls),
         headers=connection.as_http_headers(),
         timeout=aiohttp.ClientTimeout(total=timeout),
     )
@@ -51,7 +57,11 @@ _NODES = next(r for r in RESOURCES if r.kind == "Node")  # cluster-scoped, liste
 async def answers(connection: kopf.ConnectionInfo, *, timeout: float = 5.0) -> str | None:
     """None when the API server answers a list of one Node; else why not (`HTTP 503`, a
     refused connection, a timeout), in a few words."""
-    async with _session(connection, timeout) as session:
+    try:
+        session = _session(connection, timeout)
+    except ListingError as exc:
+        return str(exc)
+    async with session:
         try:
             url = _urls(_NODES, connection.server, ())[0]
             async with session.get(url, params={"limit": "1"}) as resp:
@@ -106,7 +116,11 @@ async def unlisted(
     """None when every watched kind lists empty (in `namespaces`, or everywhere if none);
     else why the cluster may hold objects that are not indexed yet: the first kind that has
     one, or whose list failed."""
-    async with _session(connection, timeout) as session:
+    try:
+        session = _session(connection, timeout)
+    except ListingError as exc:
+        return str(exc)
+    async with session:
         for r in RESOURCES:
             for url in _urls(r, connection.server, namespaces):
                 try:
