@@ -7,8 +7,8 @@ mode and only the status writes are gated on this Lease.
 Expiry is judged by the local clock since the record was last seen to change (client-go's
 approach), so replicas do not depend on synchronised clocks. Writes carry the observed
 `resourceVersion`, so a real API server refuses (409) a takeover that raced another one.
-Besides the empty-cluster check (`_listing.py`), the one place that talks to the API server
-outside kopf; it uses kopf's credentials.
+Besides the operator's own lists (`_listing.py`) and the status writes, the one place that
+talks to the API server outside kopf; it uses kopf's credentials.
 """
 
 from __future__ import annotations

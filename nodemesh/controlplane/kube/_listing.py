@@ -5,8 +5,8 @@ watch was down (kopf lists again after a 410 Gone, and sends no DELETED for thos
 lists one Node, to tell whether the API server answers (kopf retries a refused connection
 for good without a word to its host).
 
-Besides the Lease, the one piece that talks to the API server outside kopf, with kopf's
-credentials and the `list` verb it has anyway.
+Besides the Lease and the status writes, the one piece that talks to the API server outside
+kopf, with kopf's credentials and the `list` verb it has anyway.
 """
 
 from __future__ import annotations
