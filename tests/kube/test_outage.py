@@ -194,7 +194,7 @@ def write_kubeconfig(path: Path, server: str, token: str) -> None:
     }))  # fmt: skip
 
 
-async def test_credentials_read_again_for_another_cluster_are_not_used(
+async def test_a_kubeconfig_switched_to_another_cluster_is_not_followed(
     kube: Kube,
     api_front: ApiFront,
     tmp_path: Path,
@@ -204,7 +204,7 @@ async def test_credentials_read_again_for_another_cluster_are_not_used(
     """Credentials are read again after a 401 (a rotated token). A kubeconfig that names
     another API server by then (`kubectl config use-context` on the machine that runs the
     control plane) is another cluster: its objects would replace this cluster's in the store,
-    and in every node Envoy, with no word of it."""
+    and in every node Envoy, with no word of it. The API server of the start stays."""
     caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
     write_kubeconfig(tmp_path / "kubeconfig", api_front.server, "first")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
@@ -395,3 +395,32 @@ async def test_the_lease_outlives_a_client_certificate_file_it_cannot_load(
         stop.set()
         await asyncio.wait_for(task, 30)
         await front.stop()
+
+
+async def test_credentials_read_again_for_this_api_server_under_another_name_are_used(
+    kube: Kube, api_front: ApiFront, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kubeconfig written again with the token renewed names the API server by another name
+    (a DNS name for its address, a tool's rewrite): the new token is taken, to the API server
+    of the start, and the cluster is followed again."""
+    write_kubeconfig(tmp_path / "kubeconfig", api_front.server, "first")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    await kube.create(service("web"))
+    store = Store()
+    options = OperatorOptions(identity="renamed", initial_sync_timeout=2.0, **FAST)
+    operator = Operator(store, options=options)  # its own credentials
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), DEADLINE)
+        renamed = api_front.server.replace("127.0.0.1", "localhost")
+        write_kubeconfig(tmp_path / "kubeconfig", renamed, "second")
+        api_front.expired_tokens.add("Bearer first")
+        await api_front.refuse()
+        await api_front.restore()
+        await kube.create(service("new"))
+        await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in store")
+        assert operator.connection.server == api_front.server
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

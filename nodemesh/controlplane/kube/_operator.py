@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Coroutine, Generator, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -460,9 +460,9 @@ class Operator:
                 return
 
     async def _read_credentials(self) -> None:
-        """Read the credentials again, if they are the operator's own and name the same API
-        server: kopf's login handler, the Lease, the status writes and our own lists use them
-        from now on."""
+        """Read the credentials again, if they are the operator's own: kopf's login handler,
+        the Lease, the status writes and our own lists use them from now on, with the API
+        server of the start."""
         if not self._reads_credentials:
             return
         try:
@@ -477,17 +477,21 @@ class Operator:
         if connection == self.connection and not _in_files(connection):
             return
         if connection.server.rstrip("/") != self.connection.server.rstrip("/"):
-            # Another cluster (a kubeconfig's context switched): its objects would replace
-            # this cluster's in the store, and in every node Envoy. Following it takes a restart.
+            # Another cluster (a kubeconfig's context switched), whose objects would replace
+            # this cluster's in the store and in every node Envoy; or this one under another
+            # name. Either way the server stays: a restart follows another cluster, and this
+            # one takes the credentials if they are its own.
             if connection.server != self._other_server:
                 self._other_server = connection.server
                 log.warning(
-                    "credentials read again name another API server, %s: not used, this "
-                    "control plane follows %s until it is restarted",
+                    "credentials read again name another API server, %s: this control plane "
+                    "stays on %s (until it is restarted) and tries them there",
                     connection.server,
                     self.connection.server,
                 )
-            return
+            connection = replace(connection, server=self.connection.server)
+            if connection == self.connection and not _in_files(connection):
+                return
         if connection != self.connection:
             log.info("credentials read again: the API server refused those read before")
         # (else the same paths, whose files may hold a renewed certificate: the TLS sessions,
