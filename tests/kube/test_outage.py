@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,31 @@ OUTAGE = 4.0
 
 WEB = ObjectKey("Service", "shop", "web")
 API = ObjectKey("Service", "shop", "api")
+
+
+@contextlib.asynccontextmanager
+async def own_operator(
+    identity: str,
+    store: Store | None = None,
+    *,
+    status: Any = None,
+    report: Any = None,
+    **options: Any,
+) -> AsyncIterator[tuple[Operator, asyncio.Task[None]]]:
+    """An operator with credentials of its own ($KUBECONFIG's, read again after a 401), FAST,
+    once it has listed the cluster; stopped at the end."""
+    options = {"initial_sync_timeout": 2.0, **FAST, **options}
+    operator = Operator(
+        store or Store(), status, OperatorOptions(identity=identity, **options), report=report
+    )
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), DEADLINE)
+        yield operator, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 async def outage(front: ApiFront, how: str) -> None:
@@ -152,12 +179,7 @@ async def test_a_token_rotated_during_the_run_is_read_again(
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     await kube.create(service("web"))
     store, errors = Store(), []
-    options = OperatorOptions(identity="rotating", initial_sync_timeout=2.0, **FAST)
-    operator = Operator(store, options=options, report=errors.append)  # its own credentials
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
-    try:
-        await asyncio.wait_for(ready.wait(), DEADLINE)
+    async with own_operator("rotating", store, report=errors.append) as (_, task):
         api_front.expired_tokens.add("Bearer first")
         await api_front.refuse()  # watch streams end (at the latest after their 5 minutes)
         await api_front.restore()
@@ -174,9 +196,6 @@ async def test_a_token_rotated_during_the_run_is_read_again(
         await eventually(
             lambda: _renewed_since(kube, renewed), "the Lease renewed with the new token"
         )
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def _renewed_since(kube: Kube, renewed: str) -> bool:
@@ -210,34 +229,25 @@ async def test_a_kubeconfig_switched_to_another_cluster_is_not_followed(
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     await kube.create(service("web"))
     store = Store()
-    options = OperatorOptions(identity="switching", initial_sync_timeout=2.0, **FAST)
-    operator = Operator(store, options=options)  # its own credentials
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
-    async with running_kube() as other:
-        try:
-            await other.create(service("other"))
-            await asyncio.wait_for(ready.wait(), DEADLINE)
-            write_kubeconfig(tmp_path / "kubeconfig", other.server, "second")
-            api_front.expired_tokens.add("Bearer first")  # an API server restarting, say
-            await api_front.refuse()
-            await api_front.restore()
-            elsewhere = ObjectKey("Service", "shop", "other")
+    async with running_kube() as other, own_operator("switching", store) as (operator, _):
+        await other.create(service("other"))
+        write_kubeconfig(tmp_path / "kubeconfig", other.server, "second")
+        api_front.expired_tokens.add("Bearer first")  # an API server restarting, say
+        await api_front.refuse()
+        await api_front.restore()
+        elsewhere = ObjectKey("Service", "shop", "other")
 
-            def said_or_switched() -> bool:
-                said = any("another API server" in r.getMessage() for r in caplog.records)
-                return said or store.get(elsewhere) is not None
+        def said_or_switched() -> bool:
+            said = any("another API server" in r.getMessage() for r in caplog.records)
+            return said or store.get(elsewhere) is not None
 
-            await eventually(said_or_switched, "the kubeconfig's other server said")
-            assert store.get(elsewhere) is None, "the other cluster's Service is in the store"
-            api_front.expired_tokens.clear()
-            await kube.create(service("new"))
-            await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new")
-            assert [k.name for k in store.keys("Service")] == ["new", "web"]
-            assert operator.connection.server == api_front.server
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
+        await eventually(said_or_switched, "the kubeconfig's other server said")
+        assert store.get(elsewhere) is None, "the other cluster's Service is in the store"
+        api_front.expired_tokens.clear()
+        await kube.create(service("new"))
+        await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new")
+        assert [k.name for k in store.keys("Service")] == ["new", "web"]
+        assert operator.connection.server == api_front.server
 
 
 async def test_credentials_that_cannot_be_read_again_are_said_once(
@@ -256,16 +266,11 @@ async def test_credentials_that_cannot_be_read_again_are_said_once(
     monkeypatch.setenv("KUBECONFIG", str(config))
     await kube.create(service("web"))
     store = Store()
-    options = OperatorOptions(identity="unread", initial_sync_timeout=2.0, **FAST)
-    operator = Operator(store, options=options)  # its own credentials
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
 
     def said(text: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
-    try:
-        await asyncio.wait_for(ready.wait(), DEADLINE)
+    async with own_operator("unread", store):
         config.unlink()
         api_front.expired_tokens.add("Bearer first")
         await api_front.refuse()
@@ -276,9 +281,6 @@ async def test_credentials_that_cannot_be_read_again_are_said_once(
         await kube.create(service("new"))
         await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in store")
         assert said("credentials read again")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 @pytest.mark.parametrize("where", ["data", "files"])
@@ -315,24 +317,18 @@ async def test_status_is_written_with_a_client_certificate_read_again(
         obj = await kube.get("TrafficPolicy", "shop", "web")
         return ((obj or {}).get("status") or {}).get("conditions", [{}])[0].get("reason")
 
-    options = OperatorOptions(
-        identity="renewed", initial_sync_timeout=2.0, leader_election=False, **FAST
-    )
-    operator = Operator(Store(), status, options=options)  # its own credentials
-    stop = asyncio.Event()
-    task = asyncio.create_task(operator.run(stop=stop))
     try:
-        await eventually(lambda: _is(live_reason(), "First"), "the first status written")
-        kubeconfig("second")
-        front.expired_certificates.add("first")
-        await front.refuse()
-        await front.restore()
-        verdict["reason"] = "Second"
-        await kube.patch("TrafficPolicy", "shop", "web", {"metadata": {"labels": {"a": "b"}}})
-        await eventually(lambda: _is(live_reason(), "Second"), "the status written again")
+        async with own_operator("renewed", status=status, leader_election=False):
+            await eventually(lambda: _is(live_reason(), "First"), "the first status written")
+            kubeconfig("second")
+            front.expired_certificates.add("first")
+            await front.refuse()
+            await front.restore()
+            verdict["reason"] = "Second"
+            patch = {"metadata": {"labels": {"a": "b"}}}
+            await kube.patch("TrafficPolicy", "shop", "web", patch)
+            await eventually(lambda: _is(live_reason(), "Second"), "the status written again")
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
         await front.stop()
 
 
@@ -374,26 +370,18 @@ async def test_the_lease_outlives_a_client_certificate_file_it_cannot_load(
     tls_kubeconfig(config, pki, front.server, "first", "files")
     monkeypatch.setenv("KUBECONFIG", str(config))
     await kube.create(service("web"))
-    options = OperatorOptions(
-        identity="loading", initial_sync_timeout=2.0, lease_duration=3.0, renew_deadline=2.0,
-        retry_period=0.3, **FAST,
-    )  # fmt: skip
-    operator = Operator(Store(), options=options)  # its own credentials
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
+    lease = dict(lease_duration=3.0, renew_deadline=2.0, retry_period=0.3)
     try:
-        await asyncio.wait_for(ready.wait(), DEADLINE)
-        await eventually(lambda: operator.is_leader, "the Lease held")
-        (tmp_path / "client.crt").write_text("half written")
-        front.expired_certificates.add("first")
-        await front.refuse()
-        await front.restore()
-        await eventually(lambda: not operator.is_leader, "the Lease lost")
-        tls_kubeconfig(config, pki, front.server, "second", "files")
-        await eventually(lambda: operator.is_leader, "the Lease held again")
+        async with own_operator("loading", **lease) as (operator, _):
+            await eventually(lambda: operator.is_leader, "the Lease held")
+            (tmp_path / "client.crt").write_text("half written")
+            front.expired_certificates.add("first")
+            await front.refuse()
+            await front.restore()
+            await eventually(lambda: not operator.is_leader, "the Lease lost")
+            tls_kubeconfig(config, pki, front.server, "second", "files")
+            await eventually(lambda: operator.is_leader, "the Lease held again")
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
         await front.stop()
 
 
@@ -407,12 +395,7 @@ async def test_credentials_read_again_for_this_api_server_under_another_name_are
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     await kube.create(service("web"))
     store = Store()
-    options = OperatorOptions(identity="renamed", initial_sync_timeout=2.0, **FAST)
-    operator = Operator(store, options=options)  # its own credentials
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(operator.run(stop=stop, ready=ready))
-    try:
-        await asyncio.wait_for(ready.wait(), DEADLINE)
+    async with own_operator("renamed", store) as (operator, _):
         renamed = api_front.server.replace("127.0.0.1", "localhost")
         write_kubeconfig(tmp_path / "kubeconfig", renamed, "second")
         api_front.expired_tokens.add("Bearer first")
@@ -421,6 +404,3 @@ async def test_credentials_read_again_for_this_api_server_under_another_name_are
         await kube.create(service("new"))
         await eventually(lambda: store.get(ObjectKey("Service", "shop", "new")), "new in store")
         assert operator.connection.server == api_front.server
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
