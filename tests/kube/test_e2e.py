@@ -128,6 +128,8 @@ async def test_endpointslice_churn_coalesces_and_ends_exact(cluster: Cluster) ->
     eds_before = eds.responses_sent
 
     updates = 500
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     for i in range(updates):
         final = i == updates - 1
         addresses = ["127.0.0.1"] if final else ["127.0.0.1", f"127.0.1.{i % 250 + 1}"]
@@ -141,11 +143,17 @@ async def test_endpointslice_churn_coalesces_and_ends_exact(cluster: Cluster) ->
 
     await eventually(final_state, "the last EndpointSlice update in the store")
     await replica.converge()
+    elapsed = loop.time() - started
     rebuilds = replica.pipeline.rebuilds - rebuilds_before
     eds_versions = eds.responses_sent - eds_before
-    print(f"\n{updates} EndpointSlice updates -> {rebuilds} rebuilds, {eds_versions} EDS versions")
-    assert rebuilds <= updates // 10, f"{rebuilds} rebuilds for {updates} updates"
-    assert eds_versions <= updates // 10
+    print(f"\n{updates} EndpointSlice updates in {elapsed:.2f} s -> {rebuilds} rebuilds")
+    # At most one rebuild per debounce window (how many updates fall into one depends on the
+    # machine's speed: 23-29 rebuilds here when it is idle, 52 once under load), and far
+    # fewer than updates.
+    windows = elapsed / replica.pipeline.debounce
+    assert rebuilds <= windows + 2, f"{rebuilds} rebuilds in {elapsed:.2f} s"
+    assert rebuilds <= updates // 4, f"{rebuilds} rebuilds for {updates} updates"
+    assert eds_versions <= rebuilds + 1
 
     # Exact final state, as Envoy holds it and as a client sees it.
     assert envoy.envoy is not None
