@@ -328,6 +328,7 @@ async def test_status_is_written_with_a_client_certificate_read_again(
             patch = {"metadata": {"labels": {"a": "b"}}}
             await kube.patch("TrafficPolicy", "shop", "web", patch)
             await eventually(lambda: _is(live_reason(), "Second"), "the status written again")
+            assert await live_reason() == "Second"  # written with the renewed certificate
     finally:
         await front.stop()
 
@@ -381,6 +382,8 @@ async def test_the_lease_outlives_a_client_certificate_file_it_cannot_load(
             await eventually(lambda: not operator.is_leader, "the Lease lost")
             tls_kubeconfig(config, pki, front.server, "second", "files")
             await eventually(lambda: operator.is_leader, "the Lease held again")
+            held = await kube.get("Lease", "nodemesh", "nodemesh-controlplane")
+            assert held is not None and held["spec"]["holderIdentity"] == "loading", held
     finally:
         await front.stop()
 
