@@ -7,16 +7,26 @@ import asyncio
 import contextlib
 import socket
 from http.cookies import SimpleCookie
+from typing import Any
 
 import aiohttp
 import pytest
 from yarl import URL
 
 from tests.e2e.conftest import Backends
-from tests.e2e.mesh import Mesh, endpoint_slice, service
+from tests.e2e.mesh import HttpBackend, Mesh, endpoint_slice, service
 from tests.e2e.objects import http_route, policy, to
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def served(mesh: Mesh, backends: Backends, name: str, *objects: Any) -> HttpBackend:
+    """A backend, Service `name` and its EndpointSlice, with `objects` (routes, policies)
+    applied, as the node Envoy holds them."""
+    b = await backends.get(name)
+    mesh.apply(service(name), endpoint_slice(name, b.port), *objects)
+    await mesh.converge()
+    return b
 
 
 async def test_route_retry_turns_503s_into_a_200(mesh: Mesh, backends: Backends) -> None:
@@ -80,15 +90,12 @@ async def test_retries_stop_after_attempts(mesh: Mesh, backends: Backends) -> No
 async def test_policy_retry_applies_when_the_route_sets_none(
     mesh: Mesh, backends: Backends
 ) -> None:
-    flaky = await backends.get("pretry")
-    mesh.apply(
-        service("pretry"),
-        endpoint_slice("pretry", flaky.port),
+    flaky = await served(
+        mesh, backends, "pretry",
         policy("pretry", "pretry", retry={
             "retryOn": ["gateway-error"], "attempts": 3, "backoff": {"baseInterval": "5ms"},
         }),
     )  # fmt: skip
-    await mesh.converge()
     flaky.fail_next(3, 502)
     reply = await mesh.get("pretry.shop")
     assert reply.status == 200 and flaky.hits == 4
@@ -126,15 +133,12 @@ async def test_a_route_backoff_above_the_policys_maximum_is_programmed(
 
 
 async def test_request_timeout_answers_504(mesh: Mesh, backends: Backends) -> None:
-    slow = await backends.get("slow")
-    mesh.apply(
-        service("slow"),
-        endpoint_slice("slow", slow.port),
+    slow = await served(
+        mesh, backends, "slow",
         http_route("slow", "slow", [
             {"backendRefs": [to("slow")], "timeouts": {"request": "300ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     slow.delay = 3.0
     reply = await mesh.get("slow.shop")
     assert reply.status == 504
@@ -144,17 +148,14 @@ async def test_request_timeout_answers_504(mesh: Mesh, backends: Backends) -> No
 async def test_backend_request_timeout_is_per_try_and_retried(
     mesh: Mesh, backends: Backends
 ) -> None:
-    slow = await backends.get("pertry")
-    mesh.apply(
-        service("pertry"),
-        endpoint_slice("pertry", slow.port),
+    slow = await served(
+        mesh, backends, "pertry",
         policy("pertry", "pertry", retry={"retryOn": ["gateway-error"], "attempts": 2}),
         http_route("pertry", "pertry", [
             {"backendRefs": [to("pertry")],
              "timeouts": {"request": "5s", "backendRequest": "200ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     slow.delay = 2.0
     reply = await mesh.get("pertry.shop")
     assert reply.status == 504
@@ -165,15 +166,12 @@ async def test_backend_request_timeout_is_per_try_and_retried(
 async def test_circuit_breaker_sheds_excess_concurrent_requests(
     mesh: Mesh, backends: Backends
 ) -> None:
-    b = await backends.get("cb")
-    mesh.apply(
-        service("cb"),
-        endpoint_slice("cb", b.port),
+    b = await served(
+        mesh, backends, "cb",
         policy("cb", "cb", circuitBreaker={
             "maxConnections": 1, "maxPendingRequests": 1, "maxRequests": 1,
         }),
     )  # fmt: skip
-    await mesh.converge()
     b.delay = 0.5
     replies = await asyncio.gather(*(mesh.get("cb.shop") for _ in range(8)))
     statuses = sorted(r.status for r in replies)
@@ -208,26 +206,24 @@ async def test_outlier_detection_ejects_a_failing_endpoint(mesh: Mesh, backends:
 async def test_fault_abort_answers_without_calling_the_backend(
     mesh: Mesh, backends: Backends
 ) -> None:
-    b = await backends.get("abort")
-    mesh.apply(
-        service("abort"),
-        endpoint_slice("abort", b.port),
+    b = await served(
+        mesh,
+        backends,
+        "abort",
         policy("abort", "abort", faultInjection={"abort": {"httpStatus": 418, "percent": 100}}),
     )
-    await mesh.converge()
     replies = [await mesh.get("abort.shop") for _ in range(5)]
     assert [r.status for r in replies] == [418] * 5
     assert b.hits == 0
 
 
 async def test_fault_abort_percentage_is_statistical(mesh: Mesh, backends: Backends) -> None:
-    b = await backends.get("abort50")
-    mesh.apply(
-        service("abort50"),
-        endpoint_slice("abort50", b.port),
+    b = await served(
+        mesh,
+        backends,
+        "abort50",
         policy("abort50", "abort50", faultInjection={"abort": {"httpStatus": 503, "percent": 50}}),
     )
-    await mesh.converge()
     n = 300
     aborted = sum(r.status == 503 for r in await mesh.get_many(n, "abort50.shop"))
     # Binomial(300, 0.5): sd ~8.7; +-5 sd.
@@ -236,13 +232,12 @@ async def test_fault_abort_percentage_is_statistical(mesh: Mesh, backends: Backe
 
 
 async def test_fault_delay_holds_requests(mesh: Mesh, backends: Backends) -> None:
-    b = await backends.get("delay")
-    mesh.apply(
-        service("delay"),
-        endpoint_slice("delay", b.port),
+    await served(
+        mesh,
+        backends,
+        "delay",
         policy("delay", "delay", faultInjection={"delay": {"fixedDelay": "400ms", "percent": 100}}),
     )
-    await mesh.converge()
     reply = await mesh.get("delay.shop")
     assert reply.status == 200 and reply.seconds >= 0.38
 
@@ -301,17 +296,14 @@ async def test_retries_over_max_retries_are_not_made(mesh: Mesh, backends: Backe
     """Six requests fail at once, with maxRetries: 1: one is retried; the other five get the
     backend's 503 as it gave it (no x-envoy-overloaded: that is for requests over the other
     limits, which Envoy answers itself)."""
-    b = await backends.get("maxretries")
-    mesh.apply(
-        service("maxretries"),
-        endpoint_slice("maxretries", b.port),
+    b = await served(
+        mesh, backends, "maxretries",
         policy("maxretries", "maxretries", circuitBreaker={"maxRetries": 1}),
         http_route("maxretries", "maxretries", [
             {"backendRefs": [to("maxretries")],
              "retry": {"codes": [503], "attempts": 1, "backoff": "10ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     b.delay = 0.5  # the six first tries fail together, while the one retry runs
     b.fail_next(6, 503)
     replies = await asyncio.gather(*(mesh.get("maxretries.shop") for _ in range(6)))
@@ -327,17 +319,14 @@ async def test_a_retry_budget_allows_min_concurrency_retries(
 ) -> None:
     """A budget of 0% with minConcurrency 2: of eight requests failing at once, two are
     retried (0% of eight active requests is none; the minimum allows two)."""
-    b = await backends.get("budget")
-    mesh.apply(
-        service("budget"),
-        endpoint_slice("budget", b.port),
+    b = await served(
+        mesh, backends, "budget",
         policy("budget", "budget", retry={"budget": {"percent": 0, "minConcurrency": 2}}),
         http_route("budget", "budget", [
             {"backendRefs": [to("budget")],
              "retry": {"codes": [503], "attempts": 1, "backoff": "10ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     b.delay = 0.5
     b.fail_next(8, 503)
     replies = await asyncio.gather(*(mesh.get("budget.shop") for _ in range(8)))
@@ -351,16 +340,13 @@ async def test_a_routes_backend_request_timeout_is_retried_without_a_policy(
     """Gateway API: with a retry stanza, a try that reaches timeouts.backendRequest is retried.
     The route's own retry_on (connect-failure,refused-stream,reset) does: Envoy counts a
     per-try timeout as a reset."""
-    slow = await backends.get("rtry")
-    mesh.apply(
-        service("rtry"),
-        endpoint_slice("rtry", slow.port),
+    slow = await served(
+        mesh, backends, "rtry",
         http_route("rtry", "rtry", [
             {"backendRefs": [to("rtry")], "retry": {"attempts": 2, "backoff": "10ms"},
              "timeouts": {"request": "5s", "backendRequest": "200ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     slow.delay = 2.0
     reply = await mesh.get("rtry.shop")
     assert reply.status == 504
@@ -371,16 +357,13 @@ async def test_a_routes_backend_request_timeout_is_retried_without_a_policy(
 async def test_the_request_timeout_bounds_the_retries(mesh: Mesh, backends: Backends) -> None:
     """Ten retries of 200 ms tries would take over 2 s; timeouts.request (500ms) ends them
     with a 504 at 500 ms, as Gateway API requires."""
-    slow = await backends.get("rbound")
-    mesh.apply(
-        service("rbound"),
-        endpoint_slice("rbound", slow.port),
+    slow = await served(
+        mesh, backends, "rbound",
         http_route("rbound", "rbound", [
             {"backendRefs": [to("rbound")], "retry": {"attempts": 10, "backoff": "10ms"},
              "timeouts": {"request": "500ms", "backendRequest": "200ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     slow.delay = 2.0
     reply = await mesh.get("rbound.shop")
     assert reply.status == 504
@@ -394,13 +377,12 @@ async def test_the_idle_timeout_answers_504_while_the_backend_is_silent(
     """timeouts.idle (300ms) also bounds how long a backend may take to start answering: a
     backend that takes 2 s has its request answered 504 (stream timeout) at 300 ms, with no
     timeouts.request set."""
-    slow = await backends.get("idle")
-    mesh.apply(
-        service("idle"),
-        endpoint_slice("idle", slow.port),
+    slow = await served(
+        mesh,
+        backends,
+        "idle",
         policy("idle", "idle", timeouts={"idle": "300ms"}),
     )
-    await mesh.converge()
     slow.delay = 2.0
     reply = await mesh.get("idle.shop")
     assert (reply.status, reply.body) == (504, "stream timeout")
@@ -410,17 +392,14 @@ async def test_the_idle_timeout_answers_504_while_the_backend_is_silent(
 async def test_an_injected_abort_is_not_retried(mesh: Mesh, backends: Backends) -> None:
     """The fault filter answers before a backend is picked: the route's retry on 503 does not
     retry an injected 503, and the backend is never called."""
-    b = await backends.get("abortretry")
-    mesh.apply(
-        service("abortretry"),
-        endpoint_slice("abortretry", b.port),
+    b = await served(
+        mesh, backends, "abortretry",
         policy("abortretry", "abortretry", faultInjection={"abort": {"httpStatus": 503}}),
         http_route("abortretry", "abortretry", [
             {"backendRefs": [to("abortretry")],
              "retry": {"codes": [503], "attempts": 3, "backoff": "10ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     reply = await mesh.get("abortretry.shop")
     assert reply.status == 503
     assert b.hits == 0
@@ -431,16 +410,13 @@ async def test_an_injected_delay_is_outside_the_request_timeout(
 ) -> None:
     """The delay comes before the router starts timeouts.request: a 1 s delay with a 300 ms
     request timeout is answered 200 after 1 s, not 504 at 300 ms."""
-    b = await backends.get("delaytimeout")
-    mesh.apply(
-        service("delaytimeout"),
-        endpoint_slice("delaytimeout", b.port),
+    await served(
+        mesh, backends, "delaytimeout",
         policy("delaytimeout", "delaytimeout", faultInjection={"delay": {"fixedDelay": "1s"}}),
         http_route("delaytimeout", "delaytimeout", [
             {"backendRefs": [to("delaytimeout")], "timeouts": {"request": "300ms"}},
         ]),
     )  # fmt: skip
-    await mesh.converge()
     reply = await mesh.get("delaytimeout.shop")
     assert reply.status == 200
     assert reply.seconds >= 0.95
