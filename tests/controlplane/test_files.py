@@ -28,6 +28,16 @@ def service(name: str, port: int = 80) -> dict[str, Any]:
     }
 
 
+def web_route(*rules: dict[str, Any]) -> dict[str, Any]:
+    """HTTPRoute shop/web, attached to Service web, with `rules`."""
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"parentRefs": [{"kind": "Service", "name": "web"}], "rules": list(rules)},
+    }
+
+
 def names(store: Store) -> list[str]:
     return sorted(k.name for k in store.keys("Service"))
 
@@ -189,21 +199,13 @@ def test_a_route_of_the_wrong_shape_is_refused_like_invalid_yaml(tmp_path: Path)
     so the header canary rule caught every request and sent it to the canary, Accepted. The
     API server refuses such an object against the Gateway API CRD; files mode now does too,
     and the file keeps its last good version."""
-    route = {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {
-            "parentRefs": [{"kind": "Service", "name": "web"}],
-            "rules": [
-                {
-                    "matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
-                    "backendRefs": [{"name": "web-canary", "port": 80}],
-                },
-                {"backendRefs": [{"name": "web", "port": 80}]},
-            ],
+    route = web_route(
+        {
+            "matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
+            "backendRefs": [{"name": "web-canary", "port": 80}],
         },
-    }
+        {"backendRefs": [{"name": "web", "port": 80}]},
+    )
     store = Store()
     source = FilesSource(tmp_path, store)
     write(tmp_path / "route.yaml", route)
@@ -371,20 +373,12 @@ def test_json_is_read_as_json(tmp_path: Path) -> None:
     read as two lone surrogates (libyaml refuses them); `jq --tab` indents with tabs, which
     YAML refused; `kubectl get -o json` of two names writes one object after the other, which
     YAML refused too. kubectl reads all three."""
-    route = {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {
-            "parentRefs": [{"kind": "Service", "name": "web"}],
-            "rules": [
-                {
-                    "matches": [{"headers": [{"name": "x-mood", "value": "\N{GRINNING FACE}"}]}],
-                    "backendRefs": [{"name": "web", "port": 80}],
-                }
-            ],
-        },
-    }
+    route = web_route(
+        {
+            "matches": [{"headers": [{"name": "x-mood", "value": "\N{GRINNING FACE}"}]}],
+            "backendRefs": [{"name": "web", "port": 80}],
+        }
+    )
     (tmp_path / "shop.json").write_text(
         json.dumps(service("web"), indent="\t") + "\n" + json.dumps(route, indent="\t") + "\n"
     )
