@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,13 +186,19 @@ async def test_agent_nacks_a_bad_service_and_applies_the_rest(cp: ControlPlane) 
         assert ("10.96.0.99", 80) not in maps.services(), "the bad Service is not written"
 
 
-async def test_agent_restart_keeps_flows_and_attachments(cp: ControlPlane) -> None:
-    lab = cp.lab
+async def agent_serving_b(cp: ControlPlane) -> tuple[Proc, Any]:
+    """An agent that ACKed a map sending the VIP to pod b; the agent's process and the
+    data plane's links then."""
     version = cp.publish(cp.map_for("b"))
     agent = cp.start_agent()
-    await until(lambda: cp.acked(version), "the first ACK")
-    assert lab.dataplane is not None
-    links_before = lab.dataplane.links()
+    await until(lambda: cp.acked(version), "the agent's ACK")
+    assert cp.lab.dataplane is not None
+    return agent, cp.lab.dataplane.links()
+
+
+async def test_agent_restart_keeps_flows_and_attachments(cp: ControlPlane) -> None:
+    lab = cp.lab
+    agent, links_before = await agent_serving_b(cp)
     held = lab.pods["a"].hold(f"{VIP}:80")
     assert (await asyncio.to_thread(held.json)) == {"hello": "HELLO b"}
 
@@ -223,11 +230,7 @@ async def test_agent_restart_keeps_flows_and_attachments(cp: ControlPlane) -> No
 
 async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     lab = cp.lab
-    version = cp.publish(cp.map_for("b"))
-    agent = cp.start_agent()
-    await until(lambda: cp.acked(version), "the ACK")
-    assert lab.dataplane is not None
-    links = lab.dataplane.links()
+    agent, links = await agent_serving_b(cp)
     map_ids = set(lab.dataplane.map_ids().values())
     prog_ids = {info.prog_id for info in links.values()}
     link_ids = {info.id for info in links.values()}
@@ -339,11 +342,7 @@ async def test_uninstall_refuses_while_an_agent_runs(cp: ControlPlane) -> None:
     control plane showed a healthy node without a data plane. Uninstall now refuses (exit 1,
     naming the agent's process) and changes nothing."""
     lab = cp.lab
-    version = cp.publish(cp.map_for("b"))
-    agent = cp.start_agent()
-    await until(lambda: cp.acked(version), "the ACK")
-    assert lab.dataplane is not None
-    links = lab.dataplane.links()
+    agent, links = await agent_serving_b(cp)
 
     proc = _uninstall(lab)
 

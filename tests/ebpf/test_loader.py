@@ -10,7 +10,7 @@ from nodemesh.api import Backend, MapView, MeshService, NodeMap, Service, Servic
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
-from nodemesh.ebpf.testing import NodeLab
+from nodemesh.ebpf.testing import NodeLab, Pod, Proc
 from tests.ebpf.conftest import (
     VIP,
     l4,
@@ -20,6 +20,18 @@ from tests.ebpf.conftest import (
     stats,
     tuple_key,
 )
+
+
+def held_connection(node: NodeLab) -> tuple[Pod, Pod, Proc]:
+    """Pods a and b (b serving on 7000), nothing programmed, and a connection from a to b
+    that is open and answered."""
+    assert node.dataplane is not None
+    a, b = node.pods["a"], node.pods["b"]
+    program(node, ())
+    b.serve(7000)
+    held = a.hold(f"{b.ip}:7000")
+    assert held.json() == {"hello": "HELLO b"}
+    return a, b, held
 
 
 def test_enable_twice_keeps_every_link_and_program(node: NodeLab) -> None:
@@ -98,12 +110,7 @@ def test_enable_replaces_an_older_fallback_map_and_old_connections_keep_their_ma
     program in (same code, new map). A connection from before keeps the sk_msg program it was
     inserted with, and so the map that holds its fallback mark: it stays on TCP. New
     connections get their entries in the new map, and lose them at close."""
-    assert node.dataplane is not None
-    a, b = node.pods["a"], node.pods["b"]
-    program(node, ())
-    b.serve(7000)
-    held = a.hold(f"{b.ip}:7000")
-    assert held.json() == {"hello": "HELLO b"}
+    a, b, held = held_connection(node)
     pin = node.pin_root / "nm_fallback"
     with NodeMaps(node.pin_root) as maps:
         live = maps.sock_state("nm_fallback")
@@ -259,12 +266,7 @@ def test_enable_replaces_a_sockhash_of_another_capacity_and_held_connections_go_
     """nm_socks of another capacity: a new sockhash, with the sk_msg program attached to it.
     A connection from before stays in the old one with its program and keeps working; a new
     one is short-circuited through the new map."""
-    assert node.dataplane is not None
-    a, b = node.pods["a"], node.pods["b"]
-    program(node, ())
-    b.serve(7000)
-    held = a.hold(f"{b.ip}:7000")
-    assert held.json() == {"hello": "HELLO b"}
+    a, b, held = held_connection(node)
     pin_other_version(node, "nm_socks", 8, 131072)
 
     result = node.dataplane.enable()
