@@ -112,6 +112,7 @@ class _Lib:
         self._sig("bpf_map_create", ci, [ci, cc, cu, cu, cu, vp])
         self._sig("bpf_link_create", ci, [ci, ci, ci, vp])
         self._sig("bpf_link_update", ci, [ci, ci, vp])
+        self._sig("bpf_link_detach", ci, [ci])
         self._sig("bpf_obj_pin", ci, [ci, cc])
         self._sig("bpf_obj_get", ci, [cc])
         self._sig("bpf_obj_get_info_by_fd", ci, [ci, vp, ctypes.POINTER(cu)])
@@ -274,6 +275,16 @@ def link_update(link_fd: int, prog_fd: int, what: str) -> None:
     _check(libbpf().so.bpf_link_update(link_fd, prog_fd, None), f"update link {what}")
 
 
+def link_detach(link_fd: int, what: str) -> bool:
+    """Detach the link's program now, in this call (the link object stays until its last
+    reference goes); False where its type cannot be detached this way (EOPNOTSUPP)."""
+    ret = libbpf().so.bpf_link_detach(link_fd)
+    if ret < 0 and _errno_of(ret) == errno.EOPNOTSUPP:
+        return False
+    _check(ret, f"detach link {what}")
+    return True
+
+
 def obj_pin(fd: int, path: str, what: str) -> None:
     _check(libbpf().so.bpf_obj_pin(fd, path.encode()), f"pin {what} at {path}")
 
@@ -292,13 +303,21 @@ def map_get_fd_by_id(map_id: int) -> int:
 
 def link_exists(link_id: int) -> bool:
     """Whether the kernel still has the link `link_id` (attached or on its way out)."""
-    fd = libbpf().so.bpf_link_get_fd_by_id(link_id)
+    return _id_exists(libbpf().so.bpf_link_get_fd_by_id(link_id), f"link id {link_id}")
+
+
+def prog_exists(prog_id: int) -> bool:
+    """Whether the kernel still has the program `prog_id`."""
+    return _id_exists(libbpf().so.bpf_prog_get_fd_by_id(prog_id), f"program id {prog_id}")
+
+
+def _id_exists(fd: int, what: str) -> bool:
     if fd >= 0:
         close_fd(fd)
         return True
     if _errno_of(fd) == errno.ENOENT:
         return False
-    _check(fd, f"open link id {link_id}")
+    _check(fd, f"open {what}")
     return True
 
 

@@ -287,28 +287,33 @@ class Dataplane:
         program (an upgrade that renamed one, a rollback from one that had more) would stay
         attached next to ours. The pins there are all ours; unpinning detaches a link that
         nothing else holds. `exclusive_only`: only the links of an attach type that takes one
-        program at a time (WANTED's on the sockhash), each waited for until the kernel has
-        released it, so that ours can attach."""
+        program at a time (WANTED's on the sockhash), each detached before it is unpinned, so
+        that ours can attach right after."""
         wanted = {w.program for w in WANTED}
         exclusive = {w.attach_type for w in WANTED if w.target == "sockhash"}
         removed: dict[str, str] = {}
         for pin in sorted(self.links_dir.iterdir()):
             if pin.name in wanted:
                 continue
-            link_id = 0
             if exclusive_only:
                 try:
                     with self._pinned(pin) as fd:
                         info = bpf.link_info(fd, str(pin))
+                        if info.attach_type not in exclusive:
+                            continue
+                        log.warning("detaching %s: this version does not attach it", pin)
+                        # Not left to the unpin: the kernel frees a link's id before it
+                        # detaches the program, from a work queue, so no wait on the id
+                        # would tell when the sockhash takes another program (EBUSY).
+                        detached = bpf.link_detach(fd, str(pin))
                 except BpfError:
                     continue  # not a link we can read: unpinned with the rest, afterwards
-                if info.attach_type not in exclusive:
-                    continue
-                link_id = info.id
-            log.warning("detaching %s: this version does not attach it", pin)
-            pin.unlink()
-            if link_id:
-                self._wait_gone(link_id, str(pin))  # released from a work queue
+                pin.unlink()
+                if not detached:
+                    self._wait_released(info, str(pin))
+            else:
+                log.warning("detaching %s: this version does not attach it", pin)
+                pin.unlink()
             removed[pin.name] = "removed"
         return removed
 
@@ -418,24 +423,27 @@ class Dataplane:
             ):
                 return "kept"
             pin.unlink()  # the pin held the last reference: the kernel detaches it
-            self._wait_gone(info.id, str(pin))
+            self._wait_released(info, str(pin))  # no BPF_LINK_DETACH for tp_btf links
             obj.attach_pinned(want.program, str(pin))
             return "updated"
         obj.attach_pinned(want.program, str(pin))
         return "created"
 
     @staticmethod
-    def _wait_gone(link_id: int, what: str, timeout: float = 5.0) -> None:
-        """Until the kernel has released link `link_id` (it does that from a work queue,
-        right after its last reference goes)."""
+    def _wait_released(info: bpf.LinkInfo, what: str, timeout: float = 5.0) -> None:
+        """Until the kernel has released the unpinned link `info` and detached its program.
+        It does that from a work queue, right after the last reference goes, and frees the
+        link's id *before* it detaches the program: the program's id, which the link holds
+        until after the detach, is what tells (no one else holds another version's)."""
         deadline = time.monotonic() + timeout
-        while bpf.link_exists(link_id):
+        while bpf.link_exists(info.id) or bpf.prog_exists(info.prog_id):
             if time.monotonic() > deadline:
                 log.warning(
-                    "link %d (%s) still exists after %.0f s (another holder?); attaching the "
-                    "new program anyway: for a moment both count reads",
-                    link_id,
+                    "link %d (%s) or its program %d still exists after %.0f s (another "
+                    "holder?); attaching the new program anyway: for a moment both count reads",
+                    info.id,
                     what,
+                    info.prog_id,
                     timeout,
                 )
                 return

@@ -218,12 +218,19 @@ def test_enable_replaces_another_versions_link_where_only_one_program_attaches(
 ) -> None:
     """The sockhash takes one sk_msg program: a link another version left there under
     another name (an upgrade that renamed the program) would make attaching ours fail
-    (EBUSY), and the agent would not start. It is detached first, and ours attached."""
+    (EBUSY), and the agent would not start. It is detached first, and ours attached, also
+    while something else (bpftool, a monitoring agent) holds that link open: unpinning
+    alone would not release it then."""
     assert node.dataplane is not None
     dp = node.dataplane
     old = dp.links()["nm_msg_redirect"]
     dp.link_pin("nm_msg_redirect").rename(dp.link_pin("nm_msg_verdict"))  # the old name
-    result = dp.enable()
+    held = bpf.obj_get(str(dp.link_pin("nm_msg_verdict")))
+    try:
+        result = dp.enable()
+        assert bpf.link_info(held, "the old link").target_id == 0, "still attached"
+    finally:
+        bpf.close_fd(held)
     assert result["nm_msg_verdict"] == "removed"
     assert result["nm_msg_redirect"] == "created"
     assert not dp.link_pin("nm_msg_verdict").exists()
