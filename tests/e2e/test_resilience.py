@@ -354,6 +354,25 @@ async def test_a_routes_backend_request_timeout_is_retried_without_a_policy(
     assert reply.seconds < 2.0
 
 
+async def test_a_zero_backend_request_timeout_lifts_the_policys_per_try_timeout(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Gateway API: `backendRequest: 0s` SHOULD disable the timeout. The route's 0s wins over
+    the policy's perTryTimeout (field by field), so a try of 600 ms is not cut at 200 ms."""
+    slow = await served(
+        mesh, backends, "nopertry",
+        policy("nopertry", "nopertry", retry={"attempts": 2, "perTryTimeout": "200ms"}),
+        http_route("nopertry", "nopertry", [
+            {"backendRefs": [to("nopertry")], "timeouts": {"backendRequest": "0s"}},
+        ]),
+    )  # fmt: skip
+    slow.delay = 0.6
+    reply = await mesh.get("nopertry.shop")
+    assert (reply.status, reply.body) == (200, "nopertry")
+    assert slow.hits == 1
+    assert reply.seconds >= 0.55
+
+
 async def test_the_request_timeout_bounds_the_retries(mesh: Mesh, backends: Backends) -> None:
     """Ten retries of 200 ms tries would take over 2 s; timeouts.request (500ms) ends them
     with a 504 at 500 ms, as Gateway API requires."""
