@@ -232,19 +232,23 @@ class Feed:
         dirty, self._dirty = self._dirty, set()
         writes = 0
         for key in sorted(dirty):
-            obj = self.lookup(key)
             level = logging.INFO if key.kind in _CONFIG_KINDS else logging.DEBUG
-            if obj is None:
-                if self._store.delete(key):
-                    writes += 1
-                    log.log(level, "removed %s", key)
-                continue
+            # A bug downstream must not stop the feed for every other object: the rest of the
+            # batch, out of `_dirty`, would never be stored (the feed's task started again has
+            # none of it), and after the first flush `ready` would be set without them.
             try:
-                changed = self._store.apply(obj)
-            except ValueError as exc:
-                log.warning("rejected %s: %s", key, exc)
-                continue
-            except Exception:  # a bug downstream must not stop the feed for every other object
+                obj = self.lookup(key)
+                if obj is None:
+                    if self._store.delete(key):
+                        writes += 1
+                        log.log(level, "removed %s", key)
+                    continue
+                try:
+                    changed = self._store.apply(obj)
+                except ValueError as exc:
+                    log.warning("rejected %s: %s", key, exc)
+                    continue
+            except Exception:
                 log.exception("storing %s failed", key)
                 continue
             if changed:
