@@ -32,11 +32,14 @@ def _programmed(p: Pipeline) -> tuple[str, str]:
 
 
 def _connect_and_ack(p: Pipeline, status: StatusTracker, *nodes: str) -> None:
-    """What the ADS server records when each node's stream opens and ACKs the snapshot."""
+    """What the ADS server records when each node's stream opens, asks for each type (the
+    stream speaks for it from then on) and ACKs the snapshot."""
     assert p.snapshot is not None
     for node in nodes:
         status.stream_opened(node)
+        stream = object()
         for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
+            status.resumed(node, t, "", {}, stream=stream)
             held = {n: r.version for n, r in p.snapshot.resources(t).items()}
             status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
 

@@ -45,6 +45,9 @@ class TypeStatus:
     resources_sent: int = 0
     acked_resources: dict[str, str] = field(default_factory=dict)  # name -> version, as ACKed
     last_nack: NackRecord | None = None
+    # The nonce of the last response sent on the stream that speaks for the type, while its
+    # client has not answered it ("": answered, or nothing sent)
+    awaiting: str = ""
     # The stream that speaks for this type: the last one to say what its client holds (its
     # first request for the type). None: no open stream does, so the node holds nothing we know.
     stream: object | None = None
@@ -68,10 +71,11 @@ class NodeStatus:
 
 @dataclass(frozen=True, slots=True)
 class AckEvent:
-    """Delivered to listeners on every ACK and NACK, and when a node's stream opens or closes
-    (`type_url` and `version` empty then)."""
+    """Delivered to listeners on every ACK and NACK, when a node's stream opens or closes
+    (`type_url` and `version` empty then), and when a stream's first request for a type says
+    what its client holds (`resumed`: `resource_versions` empty)."""
 
-    kind: Literal["ack", "nack", "opened", "closed"]
+    kind: Literal["ack", "nack", "opened", "closed", "resumed"]
     node_id: str
     type_url: str
     version: str
@@ -173,6 +177,7 @@ class StatusTracker:
                 ts.left = (ts.version_acked, ts.acked_resources) if ts.version_acked else None
                 ts.version_acked = ""
                 ts.acked_resources = {}
+                ts.awaiting = ""
                 ts.stream = None
         self._emit(AckEvent("closed", node_id, "", "", {}))
         self._forget_departed()
@@ -181,6 +186,7 @@ class StatusTracker:
         ts = self.type_status(node_id, type_url)
         ts.version_sent = version
         ts.nonce_sent = nonce
+        ts.awaiting = nonce
         ts.responses_sent += 1
         ts.resources_sent += count
 
@@ -194,6 +200,7 @@ class StatusTracker:
         replace: bool,
         stream: object | None = None,
         partial: bool = False,
+        nonce: str = "",
     ) -> None:
         """Record an ACK. `replace`: the ACKed set is the whole state (SotW wildcard) rather
         than an update to merge (delta, or a named subscription). `partial`: the ACK covers
@@ -201,12 +208,14 @@ class StatusTracker:
         them, but not that version, and the NACK stands. From a `stream` that no longer speaks
         for the type (another stream of the node took it over: an Envoy hot restart, or two
         Envoys with one node id), it is ignored: the newer stream's client is the one whose
-        config counts."""
+        config counts. `nonce`: the response it answers."""
         ts = self.type_status(node_id, type_url)
         if not _speaks(ts, stream):
             self.stale_reports += 1
             return
         self.epoch += 1
+        if nonce and nonce == ts.awaiting:
+            ts.awaiting = ""
         if not partial:
             ts.version_acked = version
             ts.last_nack = None
@@ -234,7 +243,9 @@ class StatusTracker:
         now holds `current`, its resources (an Envoy that kept its config while the control
         plane restarted: nothing is sent to it, and without this it would count as holding
         nothing until the next change). Any other version is taken to hold nothing we know
-        of. Recorded without an event: nothing new was delivered."""
+        of. An event says so: nothing new was delivered, but what the node holds changed (an
+        Envoy that kept its config while the control plane restarted holds the current
+        version from here on, and may never ACK anything until the next change)."""
         self.epoch += 1
         ts = self.type_status(node_id, type_url)
         if resource_versions is None:
@@ -248,8 +259,10 @@ class StatusTracker:
         ts.version_acked = version
         ts.acked_resources = dict(resource_versions)
         ts.last_nack = None  # that was another client, or the same one before it restarted
+        ts.awaiting = ""  # (another stream's nonces)
         ts.stream = stream
         ts.left = None
+        self._emit(AckEvent("resumed", node_id, type_url, version, {}))
 
     def removed(
         self, node_id: str, type_url: str, names: tuple[str, ...], stream: object | None = None
@@ -270,6 +283,8 @@ class StatusTracker:
             self.stale_reports += 1
             return
         self.epoch += 1
+        if record.nonce == ts.awaiting:
+            ts.awaiting = ""
         ts.last_nack = record
         self._emit(
             AckEvent("nack", record.node_id, record.type_url, record.version, sent_versions, record)

@@ -269,7 +269,13 @@ class SotwStream(_Stream):
                 )
             else:
                 self.status.acked(
-                    node_id, type_url, st.sent_version, st.sent, replace=True, stream=self
+                    node_id,
+                    type_url,
+                    st.sent_version,
+                    st.sent,
+                    replace=True,
+                    stream=self,
+                    nonce=nonce,
                 )
             if type_url == types.CLUSTER:
                 self._clusters_answered(nonce)
@@ -569,6 +575,7 @@ class DeltaStream(_Stream):
                     replace=False,
                     stream=self,
                     partial=pending.partial,
+                    nonce=nonce,
                 )
                 self.status.removed(node_id, type_url, pending.removed, stream=self)
                 if type_url == types.CLUSTER:
