@@ -140,6 +140,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                     ready=kube_ready,
                     # while the store does not follow the cluster (the API server is down)
                     report=functools.partial(pipeline.set_source_errors, "kubernetes"),
+                    use_peers=pipeline.use_peers,
                 )
             )
             # Serve xDS only once the store holds the whole cluster: a partial first snapshot
@@ -192,9 +193,12 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                 log.exception("the kubernetes source did not stop cleanly")
         if files is not None:
             await files.stop()
-        await status.stop()
-        await pipeline.stop()
+        # The pipeline and HTTP after the drain: its node Envoys are still connected here
+        # meanwhile, and the other replicas count them from this one's /programmed
+        # (--peers-service), which follows their streams (the status writer is stopped)
         await server.stop(grace=args.drain_seconds)
+        await pipeline.stop()
+        await status.stop()
     return 1 if failures else 0
 
 
@@ -202,6 +206,18 @@ def run(args: argparse.Namespace) -> int:
     if args.source == "files" and not args.config_dir:
         print(
             "nodemesh controlplane: --config-dir is required with --source files", file=sys.stderr
+        )
+        return 2
+    stray = (
+        importlib.import_module("nodemesh.controlplane.kube").stray_flags(args)
+        if args.source == "files" and hasattr(args, "kube_flags")
+        else []
+    )
+    if stray:
+        # --peers-service, --namespace, ... would do nothing: say so rather than run without
+        print(
+            f"nodemesh controlplane: {', '.join(stray)}: only with --source kubernetes",
+            file=sys.stderr,
         )
         return 2
     if args.source == "files" and not os.path.isdir(args.config_dir):

@@ -1,6 +1,7 @@
 """The control plane's HTTP listener: `/status` (JSON: objects, conditions, nodes, versions),
 `/livez` (the process answers: a liveness probe), `/readyz` and its older name `/healthz` (a
-snapshot is built and served: a readiness probe)."""
+snapshot is built and served: a readiness probe), and `/programmed` (this replica's verdicts
+for the node Envoys connected to it, for its peers: `nodemesh.controlplane.peers`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ class StatusServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.pipeline.status_json())
 
+    async def _programmed(self, request: web.Request) -> web.Response:
+        etag, body = self.pipeline.programmed_report()
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
     async def _readyz(self, request: web.Request) -> web.Response:
         ok = self.pipeline.snapshot is not None
         return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not built yet\n")
@@ -32,6 +39,7 @@ class StatusServer:
     async def start(self, host: str, port: int) -> int:
         app = web.Application()
         app.router.add_get("/status", self._status)
+        app.router.add_get("/programmed", self._programmed)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/healthz", self._readyz)

@@ -22,9 +22,15 @@ Public surface (used by the files source, the kopf operator and the HTTP status 
   shapes, `lastTransitionTime` kept stable while a condition does not change), or None for
   objects without conditions. It fits `nodemesh.controlplane.kube.StatusSource`, and its
   `subscribe(callback)` calls `callback(key)` whenever that body may have changed, so the
-  operator checks an object's status when it changes, and only then.
+  operator checks an object's status when it changes, and only then; its
+  `subscribe_built(callback)` calls `callback()` after each rebuild (see `subscribe_built`).
 - `pipeline.subscribe(callback)`: `callback(key, conditions)` whenever an object's conditions
-  change (also with `()` when the object went away). Called on the event loop thread.
+  change (also with `()` when the object went away), and once for every route and policy,
+  changed or not, when the pipeline has settled after its start (see `settling`). Called on
+  the event loop thread.
+- `pipeline.use_peers(peers)`: with several control-plane replicas, count the node Envoys
+  connected to the others in `Programmed`, from their verdicts (`nodemesh.controlplane.peers`);
+  `pipeline.programmed_report()` is this replica's `(ETag, JSON)` for them (`GET /programmed`).
 - `pipeline.set_source_errors(source, {where: message})`: sources report what they could not
   read (invalid YAML, objects without a name); shown in `/status` next to the objects. Safe
   to call from another thread (the files source reads in one).
@@ -38,11 +44,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +58,7 @@ from nodemesh.controlplane._linger import Lingering
 from nodemesh.controlplane.builder import BuildMemo, BuildResult, LabelSelector, build
 from nodemesh.controlplane.builder.node import node_ready
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
+from nodemesh.controlplane.peers import PeerReport, Peers
 from nodemesh.controlplane.store import ObjectKey, Store, StoreView
 from nodemesh.xds import types
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
@@ -66,6 +75,8 @@ _STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
 # Kinds whose objects may get conditions that nodemesh shows (in /status and the log) but does
 # not own, so never writes back: a Pod with an unusable socket-redirect annotation.
 _NOTICE_KINDS = ("Pod",)
+# What a node Envoy asks for (its agent asks for the service map types only)
+_ENVOY_TYPES = (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE)
 
 
 # A cold build of fewer objects than this leaves the collector alone (tests, demos, small meshes:
@@ -114,9 +125,13 @@ class _ProgrammedContext:
     # apply on a node once it holds its Listener's current version)
     on_node_listeners: Mapping[str, list[str]]
     # equal signatures: nothing about the nodes changed (see _update_conditions)
-    signature: tuple[int, tuple[str, ...], tuple[str, ...]]
+    signature: tuple[int, tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]
     # Node objects left out because they are not Ready (and not connected)
     not_ready: tuple[str, ...] = ()
+    # expected nodes connected to a peer replica (not to this one), and the peers' reports
+    # that cover them (see `use_peers`)
+    remote: Mapping[str, str] = field(default_factory=dict)
+    peers: tuple[PeerReport, ...] = ()
 
 
 class KubernetesStatus:
@@ -129,6 +144,10 @@ class KubernetesStatus:
     def __call__(self, key: ObjectKey) -> dict[str, Any] | None:
         return self._pipeline.status_body(key)
 
+    def settling(self) -> bool:
+        """See `Pipeline.settling`."""
+        return self._pipeline.settling()
+
     def subscribe(self, callback: Callable[[ObjectKey], None]) -> Callable[[], None]:
         """`callback(key)` on the event loop whenever `key`'s conditions change or go away."""
         return self._pipeline.subscribe(lambda key, _conditions: callback(key))
@@ -136,6 +155,11 @@ class KubernetesStatus:
     def built_from(self, key: ObjectKey) -> Mapping[str, Any] | None:
         """The object `key`'s status was computed from (the last build's), or None."""
         return self._pipeline.built_object(key)
+
+    def subscribe_built(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """`callback()` on the event loop after each rebuild, good or failed: `built_from` may
+        have changed though no conditions did."""
+        return self._pipeline.subscribe_built(callback)
 
 
 class Pipeline:
@@ -179,6 +203,7 @@ class Pipeline:
         self._transitions: dict[ObjectKey, dict[tuple[str, str], tuple[str, str]]] = {}
         self._source_errors: dict[str, dict[str, str]] = {}
         self._subscribers: list[ConditionsCallback] = []
+        self._built_subscribers: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -211,6 +236,14 @@ class Pipeline:
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
         self.kubernetes_status = KubernetesStatus(self)
+        self.peers: Peers | None = None  # the other replicas' verdicts (see use_peers)
+        # after start, at most this long: the node Envoys reconnecting (see settling)
+        self.settle_seconds = 30.0
+        self._settle_until: float | None = None
+        self._settled = False
+        self._settle_timer: asyncio.TimerHandle | None = None
+        self._conditions_made = 0  # times _update_conditions ran: the peer report's freshness
+        self._peer_report: tuple[int, str, bytes] | None = None  # (made at, ETag, body)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -218,6 +251,8 @@ class Pipeline:
         self._unsubscribe.append(self.store.subscribe(self._on_store_change))
         if self.status is not None:
             self._unsubscribe.append(self.status.add_listener(self._on_ack))
+        self._settle_until = time.monotonic() + self.settle_seconds
+        self._settle_timer = self._loop.call_later(self.settle_seconds, self._recompute_programmed)
         await self.rebuild()
         self._task = asyncio.create_task(self._run(), name="nodemesh-pipeline")
 
@@ -235,10 +270,19 @@ class Pipeline:
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
 
     def subscribe(self, callback: ConditionsCallback) -> Callable[[], None]:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
+
+    def use_peers(self, peers: Peers) -> None:
+        """Count the node Envoys connected to the other replicas in `Programmed`, from their
+        reports (call before `start`)."""
+        self.peers = peers
+        self._unsubscribe.append(peers.subscribe(lambda: self._on_ack(None)))
 
     def set_source_errors(self, source: str, errors: Mapping[str, str]) -> None:
         # a new mapping, not an update: the files source calls this from its thread while
@@ -325,6 +369,8 @@ class Pipeline:
             ],
             "objects": objects,
             "nodes": self.status.snapshot() if self.status is not None else {},
+            # the other replicas whose node Envoys count in Programmed (see use_peers)
+            "peers": self.peers.describe() if self.peers is not None else {},
         }
 
     # -- rebuilding ------------------------------------------------------------------------
@@ -462,7 +508,18 @@ class Pipeline:
                 max(0.0, expiry - now), self._check_lingering
             )
 
+    def subscribe_built(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """`callback()` on the event loop after each rebuild (`built_revision` set), whether
+        it built or failed."""
+        self._built_subscribers.append(callback)
+        return lambda: self._built_subscribers.remove(callback)
+
     async def _notify_built(self) -> None:
+        for callback in list(self._built_subscribers):
+            try:
+                callback()
+            except Exception:
+                log.exception("build subscriber failed")
         async with self._built:
             self._built.notify_all()
 
@@ -540,7 +597,7 @@ class Pipeline:
             while len(versions) > _LISTENER_VERSIONS_KEPT:
                 del versions[next(iter(versions))]
 
-    def _on_ack(self, event: AckEvent) -> None:
+    def _on_ack(self, event: AckEvent | None) -> None:
         # Many ACKs arrive together (one per type per node): recompute once per loop turn.
         if self._programmed_scheduled or self._loop is None:
             return
@@ -552,14 +609,51 @@ class Pipeline:
         self._update_conditions()
         self._check_lingering()
 
-    def _expected_nodes(self) -> list[str]:
-        """Every connected node, and every Node object but those not Ready: a node that is
-        down holds nothing, and gets the current version when its Envoy connects again."""
+    def _expected_nodes(self, remote: Mapping[str, str]) -> list[str]:
+        """Every connected node (here or, `remote`, to a peer), and every Node object but those
+        not Ready: a node that is down holds nothing, and gets the current version when its
+        Envoy connects again."""
+        return sorted(self._ready_nodes() | self._connected_here() | remote.keys())
+
+    def _ready_nodes(self) -> set[str]:
+        """The Node objects (that run nodemesh) but those not Ready."""
         nodes = set(self._result.mesh.nodes) if self._result is not None else set()
         nodes.difference_update(self._unready_nodes())
-        if self.status is not None:
-            nodes |= {n.node_id for n in self.status.nodes() if n.connected}
-        return sorted(nodes)
+        return nodes
+
+    def _connected_here(self) -> set[str]:
+        return {n.node_id for n in self.status.nodes() if n.connected} if self.status else set()
+
+    def _envoys_here(self) -> set[str]:
+        """The nodes whose Envoy is connected here: one of the node's open streams speaks for
+        an Envoy type. A node's agent has a stream of its own, under the same node id, and
+        behind the control plane's Service it may reach another replica than its Envoy."""
+        if self.status is None:
+            return set()
+        out = set()
+        for node in self.status.nodes():
+            if node.connected:
+                for t in _ENVOY_TYPES:
+                    ts = node.types.get(t)
+                    if ts is not None and ts.stream is not None:
+                        out.add(node.node_id)
+                        break
+        return out
+
+    def _remote_nodes(self) -> tuple[dict[str, str], tuple[PeerReport, ...]]:
+        """The nodes connected to a peer replica and not to this one (node -> peer), and the
+        reports of the peers that have any."""
+        if self.peers is None:
+            return {}, ()
+        here = self._envoys_here()  # (a node whose agent only is here: its Envoy is there)
+        reports = self.peers.reports()
+        remote: dict[str, str] = {}
+        for name, report in reports.items():
+            for node in report.nodes:
+                if node not in here:
+                    remote.setdefault(node, name)
+        covering = tuple(r for n, r in reports.items() if n in remote.values())
+        return remote, covering
 
     def _unready_nodes(self) -> tuple[str, ...]:
         """Node objects whose `Ready` condition is not True, sorted (read again only after a
@@ -630,17 +724,21 @@ class Pipeline:
         self._origin_types = frozenset(t for t, _ in translation.origins)
         return index
 
-    def _programmed_context(self) -> _ProgrammedContext:
+    def _programmed_context(self, local_only: bool = False) -> _ProgrammedContext:
         """What every object's Programmed condition reads, gathered once per recompute: the
         expected nodes, their status, and per node the types it holds whole at the current
-        version (then every object's part of that type is programmed there, unlooked at)."""
+        version (then every object's part of that type is programmed there, unlooked at).
+        `local_only`: the nodes connected to this replica only (what its peers ask for)."""
         snapshot = self.snapshot
         assert snapshot is not None
-        expected = self._expected_nodes()
+        remote, peers = self._remote_nodes() if not local_only else ({}, ())
+        expected = sorted(self._envoys_here()) if local_only else self._expected_nodes(remote)
         partial, unseen = [], []
         by_origin = self._by_origin()
         everything = self._origin_types
         for node_id in expected:
+            if node_id in remote:
+                continue  # its peer's verdicts count for it
             node = self.status.node(node_id) if self.status is not None else None
             if node is None:
                 unseen.append(node_id)
@@ -666,7 +764,10 @@ class Pipeline:
         not_ready = tuple(
             n
             for n in self._unready_nodes()
-            if n not in wanted and self._result is not None and n in self._result.mesh.nodes
+            if n not in wanted
+            and not local_only
+            and self._result is not None
+            and n in self._result.mesh.nodes
         )
         return _ProgrammedContext(
             by_origin,
@@ -675,12 +776,133 @@ class Pipeline:
             unseen,
             on_node_listeners,
             # the Nodes the message names too: one that joins or leaves while not Ready
-            # changes no expected node, but the message
-            (epoch, tuple(expected), not_ready),
+            # changes no expected node, but the message; and what the peers said
+            (epoch, tuple(expected), not_ready, tuple((r.peer, r.etag) for r in peers)),
             not_ready,
+            remote,
+            peers,
         )
 
     def _programmed(
+        self, key: ObjectKey, gen: int, parent: str, ctx: _ProgrammedContext
+    ) -> Condition:
+        """Programmed on the nodes connected here and on those connected to the peers (their
+        verdicts, for the same generation of the object): a rejection anywhere, else any wait,
+        else True."""
+        here = self._programmed_here(key, gen, parent, ctx)
+        if not ctx.peers or here.reason in ("Rejected", "NoNodes", "NothingToProgram"):
+            return here
+        origin = f"{key.kind}/{key.namespace}/{key.name}"
+        uid = self._uid(key)
+        waits = [here.message] if here.reason == "Pending" else []
+        for report in ctx.peers:
+            entry = report.objects.get(origin)
+            verdict = entry[2].get(parent) if entry is not None else None
+            other = entry is not None and entry[0] and uid and entry[0] != uid
+            if verdict is None or entry is None or entry[1] != gen or other:
+                # it has not built this generation (or this object, re-created) yet
+                waits.append(f"waiting for replica {report.peer} to build generation {gen}")
+                continue
+            status, reason, message = verdict
+            if reason == "Rejected":
+                return Condition("Programmed", "False", "Rejected", message, gen, parent)
+            if status != "True":
+                waits.append(f"{message} (replica {report.peer})")
+        if waits:
+            return Condition("Programmed", "False", "Pending", "; ".join(waits), gen, parent)
+        return here
+
+    def settling(self) -> bool:
+        """Whether the node Envoys may still be reconnecting to this control plane, which just
+        started: for `settle_seconds` after `start` at most, until an Envoy is connected (here,
+        or to a peer) for every Ready Node, and for one at least, and those here have asked for
+        every type and answered what was sent to them. Meanwhile `Programmed` says what this
+        replica sees (nodes it has not heard of yet hold nothing), and the status writer does
+        not put that over the last leader's True (or Rejected): the Envoys kept their config.
+        Once settled, never again: a node that goes later is a node gone.
+
+        Cheap, and changes nothing: the pipeline decides that it settled when it makes the
+        conditions (`_check_settled`), from what it made them of. Decided when asked, it said
+        settled as soon as the last Envoy type was asked for, while the conditions the writer
+        was about to write were still those made before (the route Pending)."""
+        if self._settled or self._settle_until is None:
+            return False
+        return time.monotonic() < self._settle_until
+
+    def _check_settled(self) -> None:
+        """Called right after the conditions were made: settled if they were made with every
+        node's Envoy back (see `settling`), or `settle_seconds` are over."""
+        if self._settled or self._settle_until is None:
+            return
+        if self.settling():
+            remote, _ = self._remote_nodes()
+            here = self._envoys_here()
+            connected = here | remote.keys()
+            if not connected or self._ready_nodes() - connected or not self._restated(here):
+                return
+        self._settled = True
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
+        if self._loop is not None:
+            self._loop.call_soon(self._after_settling)
+
+    def _after_settling(self) -> None:
+        """Settled: the status writer looks again at what it held back (see `settling`)."""
+        for key, conditions in list(self._conditions.items()):
+            if key.kind in _STATUS_KINDS:
+                self._emit(key, conditions)
+
+    def _restated(self, nodes: set[str]) -> bool:
+        """Whether the Envoys of `nodes` have each asked for every type (CDS, EDS, LDS, RDS)
+        on their streams here, saying what they hold, and answered what was sent to them since:
+        an Envoy that reconnects asks for RDS after the others, and holds nothing of it as far
+        as Programmed knows until then; one that held an older version (a change while the
+        control plane was down, a route it rejected) is Pending until it answers the current
+        one, Programmed or Rejected."""
+        assert self.status is not None or not nodes
+        for node_id in nodes:
+            node = self.status.node(node_id) if self.status is not None else None
+            for t in _ENVOY_TYPES:
+                ts = node.types.get(t) if node is not None else None
+                if ts is None or ts.stream is None or ts.awaiting:
+                    return False
+        return True
+
+    def _uid(self, key: ObjectKey) -> str:
+        obj = self._view.get(key)
+        return str(obj["metadata"].get("uid") or "") if obj is not None else ""
+
+    def programmed_report(self) -> tuple[str, bytes]:
+        """(ETag, JSON body) of this replica's verdicts for the node Envoys connected to it
+        alone, for its peers (`GET /programmed`, see `nodemesh.controlplane.peers`)."""
+        cached = self._peer_report
+        if cached is not None and cached[0] == self._conditions_made:
+            return cached[1], cached[2]
+        objects: dict[str, Any] = {}
+        nodes = sorted(self._envoys_here())
+        if self._result is not None and self.snapshot is not None:
+            ctx = self._programmed_context(local_only=True)
+            for key, built in self._result.conditions.items():
+                if key.kind not in _STATUS_KINDS:
+                    continue
+                gen = self._generation(key)
+                verdicts = {}
+                for c in built:
+                    if c.type == "Accepted" and c.status == "True":
+                        p = self._programmed_here(key, gen, c.parent, ctx)
+                        verdicts[c.parent] = [p.status, p.reason, p.message]
+                objects[f"{key.kind}/{key.namespace}/{key.name}"] = {
+                    "uid": self._uid(key),
+                    "generation": gen,
+                    "parents": verdicts,
+                }
+        body = json.dumps({"nodes": nodes, "objects": objects}, sort_keys=True).encode()
+        etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+        self._peer_report = (self._conditions_made, etag, body)
+        return etag, body
+
+    def _programmed_here(
         self, key: ObjectKey, gen: int, parent: str, ctx: _ProgrammedContext
     ) -> Condition:
         snapshot = self.snapshot
@@ -737,6 +959,8 @@ class Pipeline:
             for node_id in ctx.unseen[: 3 - len(shown)]:
                 shown += [(node_id, t, name) for t, name, _, _ in wanted[: 3 - len(shown)]]
         for node_id in ctx.on_node_listeners.get(origin, ()):
+            if node_id in ctx.remote:
+                continue  # its peer's verdicts count for it
             # the node's own Listener (its consumer chains): its current version, exactly
             assert self.translation is not None
             (own,) = self.translation.per_node[node_id][types.LISTENER]
@@ -799,6 +1023,7 @@ class Pipeline:
         )
 
     def _update_conditions(self) -> None:
+        self._conditions_made += 1
         if self._result is None:
             return
         new: dict[ObjectKey, tuple[Condition, ...]] = {}
@@ -872,6 +1097,7 @@ class Pipeline:
             self._emit(key, new[key])
         for key in gone:
             self._emit(key, ())
+        self._check_settled()  # (once settled, the objects are reported again)
 
     def _emit(self, key: ObjectKey, conditions: tuple[Condition, ...]) -> None:
         for callback in list(self._subscribers):

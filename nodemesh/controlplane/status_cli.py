@@ -57,6 +57,23 @@ def render(status: dict[str, Any]) -> str:
                           _one_line((nack or {}).get("message", ""), 80)])  # fmt: skip
     out.append("")
     out.extend(_table(nodes, ["NODE", "CONNECTED", "TYPE", "SENT", "ACKED", "LAST NACK"]))
+    peers = status.get("peers") or {}
+    if peers:  # the other replicas, whose node Envoys count in Programmed (--peers-service)
+        rows = [
+            [
+                name,
+                "yes" if peer.get("counted") else "no",
+                ",".join(peer.get("nodes") or []) or "-",
+                "-"
+                if peer.get("answered_seconds_ago") is None
+                else f"{peer['answered_seconds_ago']}s ago",
+                peer.get("url", ""),
+                _one_line(peer.get("error") or "", 80),
+            ]
+            for name, peer in sorted(peers.items())
+        ]
+        out.append("")
+        out.extend(_table(rows, ["PEER", "COUNTED", "NODES", "ANSWERED", "URL", "ERROR"]))
     errors = status.get("source_errors", [])
     if errors:
         out.append("")

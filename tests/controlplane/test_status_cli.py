@@ -65,6 +65,46 @@ def test_a_multi_line_nack_stays_on_its_row() -> None:
     assert "  line 1 line 2" in lines
 
 
+def test_the_peer_replicas_are_a_table_of_their_own() -> None:
+    """With --peers-service, /status lists the other replicas: whether their node Envoys are
+    counted in Programmed, which, and why one is not."""
+    status = {
+        "store_revision": 1,
+        "built_revision": 1,
+        "peers": {
+            "nodemesh-1": {
+                "url": "http://10.244.0.7:18080",
+                "nodes": ["node-b", "node-c"],
+                "answered_seconds_ago": 0.4,
+                "counted": True,
+                "error": "",
+            },
+            "nodemesh-2": {
+                "url": "http://10.244.0.8:18080",
+                "nodes": [],
+                "answered_seconds_ago": None,
+                "counted": False,
+                "error": "ClientConnectorError: Cannot connect to host 10.244.0.8:18080",
+            },
+        },
+    }
+    lines = render(status).splitlines()
+    header = next(line for line in lines if line.startswith("PEER"))
+    assert header.split() == ["PEER", "COUNTED", "NODES", "ANSWERED", "URL", "ERROR"]
+    (one,) = [line for line in lines if line.startswith("nodemesh-1")]
+    assert one.split() == [
+        "nodemesh-1",
+        "yes",
+        "node-b,node-c",
+        "0.4s",
+        "ago",
+        "http://10.244.0.7:18080",
+    ]
+    (two,) = [line for line in lines if line.startswith("nodemesh-2")]
+    assert two.split()[:5] == ["nodemesh-2", "no", "-", "-", "http://10.244.0.8:18080"]
+    assert two.endswith("Cannot connect to host 10.244.0.8:18080")
+
+
 async def test_the_control_plane_is_reached_by_its_http_listen_address(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -246,18 +246,25 @@ def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path: Path, flag: s
     assert last.startswith(f"nodemesh controlplane: cannot listen: {flag} {busy}: "), last
 
 
+def refused_start(config_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`nodemesh controlplane --source files` on `config_dir` with `args`, expected to end at
+    once (a usage error): on loopback ports of its own, so that one that starts ends its test
+    only at the timeout."""
+    return subprocess.run(
+        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
+         "--config-dir", str(config_dir), "--xds-listen", "127.0.0.1:0",
+         "--http-listen", "127.0.0.1:0", *args],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("problem", ["no such directory", "not a directory"])
 def test_a_config_dir_that_is_no_directory_stops_the_start(tmp_path: Path, problem: str) -> None:
     """Started, it would serve an empty config: the Envoys that connect would drop everything."""
     config = tmp_path / "config"
     if problem == "not a directory":
         config.write_text("kind: Service\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
-         "--config-dir", str(config), "--xds-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0"],
-        capture_output=True, text=True, timeout=30, cwd=REPO,
-    )  # fmt: skip
+    proc = refused_start(config)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"nodemesh controlplane: --config-dir {config}: {problem}\n"
 
@@ -272,15 +279,22 @@ def test_a_config_dir_that_is_no_directory_stops_the_start(tmp_path: Path, probl
     ],
 )
 def test_a_malformed_address_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "nodemesh", "controlplane", "--source", "files",
-         "--config-dir", str(tmp_path), "--xds-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0", *args],
-        capture_output=True, text=True, timeout=30, cwd=REPO,
-    )  # fmt: skip
+    proc = refused_start(tmp_path, *args)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.endswith(f"error: argument {args[0]}: expected HOST:PORT, got {args[1]!r}"), last
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--peers-service", "nodemesh"], ["--namespace", "shop"], ["--no-leader-election"]],
+)
+def test_a_kubernetes_flag_in_files_mode_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    """Taken and ignored, --peers-service (say) would leave the user believing replicas count
+    each other's node Envoys."""
+    proc = refused_start(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"nodemesh controlplane: {args[0]}: only with --source kubernetes\n"
 
 
 def test_a_node_selector_that_cannot_be_read_is_a_usage_error(tmp_path: Path) -> None:

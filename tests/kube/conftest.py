@@ -482,10 +482,11 @@ class Cluster:
         self.replicas.append(r)
         return await r.start(xds_port, **options)
 
-    async def envoy(self, replica: Any) -> Any:
+    async def envoy(self, replica: Any, node: str = "") -> Any:
+        from tests.e2e.mesh import NODE
         from tests.kube.mesh import NodeEnvoy
 
-        e = NodeEnvoy(self.envoy_binary, self.outbound_port)
+        e = NodeEnvoy(self.envoy_binary, self.outbound_port, node or NODE)
         self.envoys.append(e)
         return await e.start(replica.xds_port)
 

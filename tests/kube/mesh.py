@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from nodemesh.controlplane.http import StatusServer
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import Store
 from nodemesh.envoy import EnvoyProcess
@@ -40,6 +41,8 @@ class Replica:
         )  # fmt: skip
         self.operator: RunningOperator | None = None
         self.xds_port = 0
+        self.http: StatusServer | None = None  # with peers_service: /programmed for its peers
+        self.http_port = 0
 
     async def start(self, xds_port: int = 0, **options: Any) -> Replica:
         self.operator = await self.start_operator(
@@ -49,6 +52,11 @@ class Replica:
             report=functools.partial(self.pipeline.set_source_errors, "kubernetes"),
             **options,
         )
+        peers = self.operator.operator.peers
+        if peers is not None:  # as `nodemesh controlplane` wires them (run_operator)
+            self.pipeline.use_peers(peers)
+            self.http = StatusServer(self.pipeline)
+            self.http_port = await self.http.start("127.0.0.1", 0)
         await self.pipeline.start()
         self.xds_port = await self.server.start(f"127.0.0.1:{xds_port}")
         return self
@@ -56,6 +64,8 @@ class Replica:
     async def stop(self) -> None:
         if self.operator is not None:
             await self.operator.stop()
+        if self.http is not None:
+            await self.http.stop()
         await self.pipeline.stop()
         await self.server.stop(grace=0)
 
@@ -86,14 +96,15 @@ class Replica:
 class NodeEnvoy:
     """A real node Envoy on a control-plane replica's ADS port, and a client through it."""
 
-    def __init__(self, binary: str, outbound_port: int) -> None:
+    def __init__(self, binary: str, outbound_port: int, node: str = NODE) -> None:
         self.binary = binary
         self.outbound_port = outbound_port
+        self.node = node
         self.envoy: EnvoyProcess | None = None
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self, xds_port: int) -> NodeEnvoy:
-        self.envoy = EnvoyProcess(bootstrap(NODE, f"127.0.0.1:{xds_port}"), binary=self.binary)
+        self.envoy = EnvoyProcess(bootstrap(self.node, f"127.0.0.1:{xds_port}"), binary=self.binary)
         await asyncio.to_thread(self.envoy.start)
         return await self.start_client()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -51,7 +52,9 @@ class Process:
         return self.proc.returncode
 
 
-def start(kube: Kube, tmp_path: Path, server: str = "") -> Process:
+def start(
+    kube: Kube, tmp_path: Path, server: str = "", identity: str = "cli-replica", *extra: str
+) -> Process:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -61,13 +64,13 @@ def start(kube: Kube, tmp_path: Path, server: str = "") -> Process:
                       "context": {"cluster": "kmock", "user": "cli", "namespace": "nodemesh"}}],
     }))  # fmt: skip
     xds, http, outbound = free_port(), free_port(), free_port()
-    log = tmp_path / "controlplane.log"
+    log = tmp_path / f"{identity}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nodemesh", "controlplane", "--source", "kubernetes",
              "--xds-listen", f"127.0.0.1:{xds}", "--http-listen", f"127.0.0.1:{http}",
              "--outbound-listen", f"127.0.0.1:{outbound}",
-             "--namespace", "shop", "--identity", "cli-replica"],
+             "--namespace", "shop", "--identity", identity, *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         )  # fmt: skip
@@ -215,20 +218,167 @@ async def test_cli_serves_envoy_writes_status_and_releases_the_lease(
         await backend.stop()
 
 
-def test_a_kubeconfig_that_is_not_there_is_one_line(tmp_path: Path) -> None:
-    """A mistyped $KUBECONFIG was a FileNotFoundError traceback from kopf's reader."""
-    missing = tmp_path / "nope" / "kubeconfig"
+def peer_slice(identity: str, http_port: int) -> dict[str, Any]:
+    """The control plane Service's EndpointSlice for one process (both listen on 127.0.0.1,
+    so each has a slice for its own port)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"nodemesh-{identity}", "namespace": "nodemesh",
+                     "labels": {"kubernetes.io/service-name": "nodemesh"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": http_port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True},
+                       "targetRef": {"kind": "Pod", "namespace": "nodemesh", "name": identity}}],
+    }  # fmt: skip
+
+
+def peers_of(p: Process) -> dict[str, Any]:
+    code, body = http_get(p.http, "/status")
+    return dict(json.loads(body)["peers"]) if code == 200 else {}
+
+
+@contextlib.asynccontextmanager
+async def peer_processes(
+    kube: Kube, tmp_path: Path, envoy_binary: str, *b_options: str
+) -> AsyncIterator[tuple[Process, Process, NodeEnvoy]]:
+    """Two `nodemesh controlplane --peers-service` processes, as a platform team runs them:
+    cli-a leads, each has an EndpointSlice of the Service and counts the other, and the only
+    node Envoy (node-1) is connected to cli-b; a route is written Programmed=True. Yields
+    both processes and that Envoy."""
+    peers = ("--namespace", "nodemesh", "--peers-service", "nodemesh")
+    a = start(kube, tmp_path, "", "cli-a", *peers)
+    b: Process | None = None
+    backend = await HttpBackend("peers").start()
+    envoy = NodeEnvoy(envoy_binary, a.outbound)
+    try:
+        await eventually(lambda: http_get(a.http, "/readyz") == (200, "ok\n"), "a ready", 90)
+
+        async def holder() -> Any:
+            lease = await kube.get("Lease", "nodemesh", "nodemesh-controlplane")
+            return (lease or {}).get("spec", {}).get("holderIdentity")
+
+        assert await eventually(holder, "a Lease holder", 30) == "cli-a"
+        b = start(kube, tmp_path, "", "cli-b", *peers, *b_options)
+        await eventually(lambda: http_get(b.http, "/readyz") == (200, "ok\n"), "b ready", 90)
+        for p, name in ((a, "cli-a"), (b, "cli-b")):
+            await kube.create(peer_slice(name, p.http))
+        for p, other in ((a, "cli-b"), (b, "cli-a")):
+            await eventually(
+                lambda p=p, other=other: peers_of(p).get(other, {}).get("counted"),
+                f"{other} counted by the other process",
+                30,
+            )
+        envoy.envoy = EnvoyProcess(bootstrap("node-1", f"127.0.0.1:{b.xds}"), binary=envoy_binary)
+        await asyncio.to_thread(envoy.envoy.start)
+        for obj in (
+            service("peers"), endpoint_slice("peers", backend.port),
+            http_route("peers", "peers", [{"backendRefs": [to("peers")]}]),
+        ):  # fmt: skip
+            await kube.create(obj)
+        got = await status_shows(kube, "HTTPRoute", "peers", {"Programmed": "True"})
+        assert got == {"Accepted": "True", "ResolvedRefs": "True", "Programmed": "True"}, got
+        yield a, b, envoy
+    finally:
+        await envoy.stop()
+        await backend.stop()
+        for p in (a, b):
+            if p is not None:
+                await p.terminate()
+                print(p.log.read_text()[-3000:])
+
+
+async def test_a_replica_that_drains_still_tells_its_peers_about_its_node_envoys(
+    kube: Kube, tmp_path: Path, envoy_binary: str
+) -> None:
+    """Two `nodemesh controlplane --peers-service` processes: each lists the other, counted,
+    under `peers` in /status, and the leader wrote Programmed for the node Envoy connected to
+    the other one only (`peer_processes`). SIGTERM to cli-b, the replica node-1's Envoy is
+    connected to: it serves that stream for its --drain-seconds, and answers /programmed
+    until then, so the leader's route stays Programmed for the whole drain. Before, its HTTP
+    listener closed before the drain: 5 s later the leader left it out, and node-1, still
+    connected to it, counted as connected nowhere (NoNodes here; Pending for a Ready Node)
+    until the drain ended."""
+    drain = ("--drain-seconds", "10")
+    async with peer_processes(kube, tmp_path, envoy_binary, *drain) as (a, b, _):
+        assert list(peers_of(a)) == ["cli-b"] and list(peers_of(b)) == ["cli-a"]
+        assert peers_of(a)["cli-b"]["nodes"] == ["node-1"]
+        os.killpg(b.proc.pid, signal.SIGTERM)
+        seen: list[tuple[str, str]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 40
+        while b.proc.poll() is None and loop.time() < deadline:
+            code, body = http_get(a.http, "/status")
+            assert code == 200, body
+            (route,) = (o for o in json.loads(body)["objects"] if o["name"] == "peers")
+            (c,) = (c for c in route["conditions"] if c["type"] == "Programmed")
+            seen.append((c["status"], c["message"]))
+            await asyncio.sleep(0.1)  # a sample of a's view, ten a second
+        assert b.proc.poll() == 0, "cli-b did not exit within 40 s"
+        assert len(seen) > 50, f"the drain lasted {len(seen)} samples only"
+        assert set(seen) == {("True", "ACKed by 1 node(s)")}, sorted(set(seen))
+
+
+async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_once(
+    kube: Kube, tmp_path: Path, envoy_binary: str
+) -> None:
+    """node-1's and node-2's Envoys are connected to cli-b; node-1's goes away while cli-b
+    drains: cli-b's /programmed stops listing it, and the leader counts node-2 only, while
+    cli-b still drains (for node-2). Before, cli-b's pipeline stopped before the drain, its
+    answer stayed what it was, and the leader counted node-1 until cli-b exited."""
+    drain = ("--drain-seconds", "15")
+    async with peer_processes(kube, tmp_path, envoy_binary, *drain) as (a, b, envoy):
+        node_2 = NodeEnvoy(envoy_binary, a.outbound)
+        try:
+            node_2.envoy = EnvoyProcess(
+                bootstrap("node-2", f"127.0.0.1:{b.xds}"), binary=envoy_binary
+            )
+            await asyncio.to_thread(node_2.envoy.start)
+
+            def route_programmed() -> tuple[str, str]:
+                code, body = http_get(a.http, "/status")
+                assert code == 200, body
+                (route,) = (o for o in json.loads(body)["objects"] if o["name"] == "peers")
+                (c,) = (c for c in route["conditions"] if c["type"] == "Programmed")
+                return c["status"], c["message"]
+
+            await eventually(
+                lambda: route_programmed() == ("True", "ACKed by 2 node(s)"), "both counted"
+            )
+            os.killpg(b.proc.pid, signal.SIGTERM)
+            await eventually(
+                lambda: "operator cli-b stopped" in b.log.read_text(), "cli-b drains", 20
+            )
+            await envoy.stop()
+            await eventually(
+                lambda: route_programmed() == ("True", "ACKed by 1 node(s)"),
+                "the leader no longer counts node-1",
+                10,
+            )
+            assert b.proc.poll() is None, "cli-b no longer drains: the check came too late"
+        finally:
+            await node_2.stop()
+
+
+@pytest.mark.parametrize("kubeconfig", ["not there", "empty"])
+def test_a_kubeconfig_that_cannot_be_read_is_one_line(tmp_path: Path, kubeconfig: str) -> None:
+    """A mistyped $KUBECONFIG was a FileNotFoundError traceback from kopf's reader, an empty
+    one (caught while kubectl writes it) a LoginError traceback."""
+    path = tmp_path / "nope" / "kubeconfig"
+    said = f"[Errno 2] No such file or directory: '{path}'"
+    if kubeconfig == "empty":
+        path = tmp_path / "kubeconfig"
+        path.write_text("")
+        said = "Current context is not set in kubeconfigs."
     done = subprocess.run(
         [sys.executable, "-m", "nodemesh", "controlplane", "--source", "kubernetes",
          "--xds-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
-        env={**os.environ, "KUBECONFIG": str(missing), "HOME": str(tmp_path)},
+        env={**os.environ, "KUBECONFIG": str(path), "HOME": str(tmp_path)},
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().endswith(
-        f"kubernetes source: cannot read Kubernetes credentials: [Errno 2] No such file or"
-        f" directory: '{missing}'"
+        f"kubernetes source: cannot read Kubernetes credentials: {said}"
     ), done.stderr
 
 

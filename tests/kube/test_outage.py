@@ -250,16 +250,22 @@ async def test_a_kubeconfig_switched_to_another_cluster_is_not_followed(
         assert operator.connection.server == api_front.server
 
 
+@pytest.mark.parametrize("kubeconfig", ["gone", "empty", "before-its-users"])
 async def test_credentials_that_cannot_be_read_again_are_said_once(
     kube: Kube,
     api_front: ApiFront,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    kubeconfig: str,
 ) -> None:
     """The API server refuses the token, and the kubeconfig to read a new one from is gone (or
-    not yet written): the operator keeps its credentials and tries again at each of kopf's
-    restarts and each check of the API server, every 5 s, with a WARNING each time."""
+    not yet written), or caught while kubectl writes it in place: empty, or ending before its
+    users. The operator keeps its credentials and tries again at each of kopf's restarts and
+    each check of the API server, with one WARNING, until it can read them. (A kubeconfig
+    caught mid-write gave errors the operator did not take for unreadable credentials,
+    `LoginError: Current context is not set`, `KeyError: 'nm'`: it ended, and the control
+    plane exited 1.)"""
     caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
     config = tmp_path / "kubeconfig"
     write_kubeconfig(config, api_front.server, "first")
@@ -270,12 +276,21 @@ async def test_credentials_that_cannot_be_read_again_are_said_once(
     def said(text: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
-    async with own_operator("unread", store):
-        config.unlink()
+    async with own_operator("unread", store) as (_, task):
+        if kubeconfig == "gone":
+            config.unlink()
+        else:
+            text = config.read_text()
+            config.write_text("" if kubeconfig == "empty" else text[: text.index("users:")])
         api_front.expired_tokens.add("Bearer first")
         await api_front.refuse()
         await api_front.restore()
-        await eventually(lambda: len(said("kopf stopped (")) >= 5, "five restarts of kopf")
+
+        def restarted_or_ended() -> bool:
+            return task.done() or len(said("kopf stopped (")) >= 5
+
+        await eventually(restarted_or_ended, "five restarts of kopf")
+        assert not task.done(), f"the operator ended: {task.exception()!r}"
         assert len(said("cannot read Kubernetes credentials")) == 1, said("cannot read")
         write_kubeconfig(config, api_front.server, "second")
         await kube.create(service("new"))

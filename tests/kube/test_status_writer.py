@@ -1,19 +1,24 @@
 """The status writer's rules: leader only, skip when unchanged, a global rate limit, retries,
 the other controllers' entries and the transition times kept. The writer runs its real loop;
-`send` records the patches instead of an API server (tests/kube/test_e2e.py has the server)."""
+`send` records the patches instead of an API server (tests/kube/test_e2e.py has the server),
+except in the last test, an operator and a pipeline against the emulator."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
 
 from nodemesh.controlplane.kube._status import StatusWriter, status_patch
-from nodemesh.controlplane.store import ObjectKey
-from tests.kube.conftest import eventually
+from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.store import ObjectKey, Store
+from nodemesh.xds.cache import SnapshotCache
+from tests.kube.conftest import Kube, eventually
+from tests.kube.test_e2e import policy
+from tests.kube.test_feed import service
 
 ACCEPTED = {"conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}]}
 
@@ -282,3 +287,95 @@ async def test_a_pass_over_many_objects_lets_the_event_loop_run() -> None:
 def test_a_write_rate_of_zero_is_refused() -> None:
     with pytest.raises(ValueError, match="rate"):
         StatusWriter(lambda k: ACCEPTED, Leader(), rate=0)
+
+
+class BuiltFrom:
+    """A status source that tells which object it built (`built_from`), but not when it builds
+    (no `subscribe_built`)."""
+
+    def __init__(self, uid: str) -> None:
+        self.uid = uid
+
+    def __call__(self, k: ObjectKey) -> dict[str, Any]:
+        return ACCEPTED
+
+    def built_from(self, k: ObjectKey) -> dict[str, Any]:
+        return {"metadata": {"uid": self.uid}}
+
+
+async def test_an_object_waiting_for_its_build_is_looked_at_less_and_less_often() -> None:
+    """A source that does not tell when it builds: the object created again under its name is
+    looked at again after 50 ms, doubling (to 5 s); it was every 50 ms for good (32 looks in
+    1.6 s)."""
+    api = Api()
+    api.objects[key(0)] = {"metadata": {"uid": "new", "resourceVersion": "1"}}
+    source = BuiltFrom("deleted")
+    writer = StatusWriter(source, Leader(), interval=0.01)
+    task = await running(writer, api)
+    writer.touch(key(0))
+    await eventually(lambda: writer.checks, "a first look")
+    await asyncio.sleep(1.6)  # (a window to count in: looks at 0.05, 0.15, 0.35, 0.75, 1.55 s)
+    assert writer.checks <= 7 and api.sent == [], writer.checks
+    source.uid = "new"  # built at last
+    await eventually(lambda: api.sent, "the new object's status", deadline=5.0)
+    await stop(task)
+
+
+async def _resolved_refs(kube: Kube, name: str) -> tuple[str, str | None]:
+    """The live policy's uid and its ResolvedRefs status."""
+    obj = await kube.get("TrafficPolicy", "shop", name) or {}
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    found = {c["type"]: c["status"] for c in conditions}.get("ResolvedRefs")
+    return obj.get("metadata", {}).get("uid", ""), found
+
+
+async def test_a_re_created_object_waits_for_its_build_without_polling(
+    kube: Kube, start_operator: Any
+) -> None:
+    """`kubectl replace --force` of a TrafficPolicy, and a pipeline that does not build the new
+    object (its build fails, or it does not rebuild: stopped here). The writer waits for the
+    new object's build; it looked every 50 ms for as long as that lasted (about 40 looks in
+    2 s, each a lookup and a compare, per such object). Once the pipeline builds it, its status
+    is written at once: the build gives the same conditions, so the pipeline reports no
+    change, and the build itself is what wakes the writer."""
+    store = Store()
+    pipeline = Pipeline(store, SnapshotCache(), debounce=0.01)
+    handle = await start_operator(store, pipeline.kubernetes_status, token="recreated")
+    await pipeline.start()
+    try:
+        await kube.create(service("web"))
+        await kube.create(policy("p", "web"))
+        first, _ = await eventually(
+            lambda: _has(_resolved_refs(kube, "p"), "True"), "the first policy's status"
+        )
+        await pipeline.stop()  # nothing is built from here on
+        await kube.delete("TrafficPolicy", "shop", "p")
+        created = await kube.create(policy("p", "web"))
+        uid = created["metadata"]["uid"]
+        assert uid != first
+        writer = handle.operator.status
+        key = ObjectKey("TrafficPolicy", "shop", "p")
+
+        def seen_and_checked() -> bool:
+            live = handle.operator.feed.lookup(key) or {}
+            return live.get("metadata", {}).get("uid") == uid and writer.checks > 0
+
+        await eventually(seen_and_checked, "the new policy seen by the writer")
+        before = writer.checks
+        await asyncio.sleep(2.0)  # (a window to count the writer's looks in)
+        looks = writer.checks - before
+        assert looks <= 2, f"{looks} looks at an object waiting for its build in 2 s"
+        assert (await _resolved_refs(kube, "p"))[1] is None  # no status of the deleted one
+
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await pipeline.start()
+        await eventually(lambda: _has(_resolved_refs(kube, "p"), "True"), "the new one's status")
+        assert loop.time() - began < 1.0, "the built object's status was slow to come"
+    finally:
+        await pipeline.stop()
+
+
+async def _has(pair: Awaitable[tuple[str, str | None]], want: str) -> tuple[str, str | None] | None:
+    uid, found = await pair
+    return (uid, found) if found == want else None

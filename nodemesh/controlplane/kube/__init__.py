@@ -7,7 +7,7 @@ embedding; `add_arguments(parser)` / `options_from_args(args)` for the CLI.
 
 from __future__ import annotations
 
-from nodemesh.controlplane.kube._cli import add_arguments, options_from_args
+from nodemesh.controlplane.kube._cli import add_arguments, options_from_args, stray_flags
 from nodemesh.controlplane.kube._errors import KubeSourceError, LeaseError, OperatorError
 from nodemesh.controlplane.kube._operator import (
     FINALIZER,
@@ -34,4 +34,5 @@ __all__ = [
     "default_connection",
     "options_from_args",
     "run_operator",
+    "stray_flags",
 ]

@@ -76,6 +76,8 @@ class LeaseElector:
         self._observed_at = 0.0
         self._session: aiohttp.ClientSession | None = None
         self._released = False
+        # The Lease's resourceVersion as this replica last wrote it: the release's precondition
+        self._written: str | None = None
         self.transitions = 0
 
     @property
@@ -167,9 +169,20 @@ class LeaseElector:
             return
         self._leader = False
         try:
+            # On the Lease as this replica last wrote it: an elector that failed and was not
+            # started again (see `Operator._supervise`) still takes it for its own, and
+            # another replica may have taken it since, whose hold an unconditional release
+            # cleared.
             spec = {"holderIdentity": None, "leaseDurationSeconds": 1, "renewTime": _microtime()}
-            await self._patch(spec, None)
-            log.info("lease %s/%s released by %s", self.namespace, self.name, self.identity)
+            if await self._patch(spec, self._written):
+                log.info("lease %s/%s released by %s", self.namespace, self.name, self.identity)
+            else:
+                log.info(
+                    "lease %s/%s: not released by %s, written by another since",
+                    self.namespace,
+                    self.name,
+                    self.identity,
+                )
         except LeaseError as exc:
             log.warning("lease %s/%s: release failed: %s", self.namespace, self.name, exc)
         finally:
@@ -233,6 +246,7 @@ class LeaseElector:
                     return False  # a peer created it first
                 if resp.status not in (200, 201):
                     raise LeaseError(f"POST {self.url}: HTTP {resp.status}")
+                self._written = await _resource_version(resp)
                 return True
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise LeaseError(f"POST {self.url}: {exc!r}") from exc
@@ -252,6 +266,7 @@ class LeaseElector:
                     return False
                 if resp.status != 200:
                     raise LeaseError(f"PATCH {self.url}/{self.name}: HTTP {resp.status}")
+                self._written = await _resource_version(resp)
                 return True
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise LeaseError(f"PATCH {self.url}/{self.name}: {exc!r}") from exc
@@ -267,3 +282,14 @@ class LeaseElector:
             log.info("lease %s/%s: %s is not the leader", self.namespace, self.name, self.identity)
         if self._on_change is not None:
             self._on_change(leader)
+
+
+async def _resource_version(resp: aiohttp.ClientResponse) -> str | None:
+    """The resourceVersion of the Lease an API server answered a write with, or None."""
+    try:
+        body = await resp.json(content_type=None)
+    except ValueError:  # (json.JSONDecodeError) not the Lease: no precondition then
+        return None
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    return str(version) if version else None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime
+import functools
 import itertools
 import logging
 import os
@@ -27,8 +28,10 @@ from nodemesh.controlplane.kube._feed import Feed
 from nodemesh.controlplane.kube._handlers import CONTEXT_KEY, Context, build_registry
 from nodemesh.controlplane.kube._lease import LeaseElector
 from nodemesh.controlplane.kube._listing import answers, existing, unlisted
+from nodemesh.controlplane.kube._peers import peer_targets
 from nodemesh.controlplane.kube._resources import by_kind
 from nodemesh.controlplane.kube._status import Leadership, StatusSource, StatusWriter, always_leader
+from nodemesh.controlplane.peers import Peers
 from nodemesh.controlplane.store import ObjectKey, Store
 
 __all__ = ["FINALIZER", "Operator", "OperatorOptions", "default_connection", "run_operator"]
@@ -65,12 +68,20 @@ class OperatorOptions:
     # store and xDS serving what they had; at once when the API server answers again. Only
     # before the first complete listing do refused credentials (401, 403) end the operator
     # (OperatorError): a wrong token or missing RBAC, which waiting does not heal.
+    # The operator's own tasks (the feed, the status writer, the Lease elector, the API server
+    # check) are started again after the same delays when they fail (see `Operator._supervise`).
     restart_delay: float = 1.0
     max_restart_delay: float = 30.0
     request_backoffs: tuple[float, ...] | None = None
     # How often the operator asks the API server (a list of one Node) whether it answers, once
     # the cluster is listed: to tell an outage (logs, `report`) and when it ends.
     api_check_interval: float = 5.0
+    # Programmed across replicas: the control plane's own Service (in the Lease's namespace)
+    # whose ready endpoints are the peers, and its port serving their `/programmed` (see
+    # `nodemesh.controlplane.peers`); None: this replica counts only its own node Envoys.
+    peers_service: str | None = None
+    peers_port: str = "http"
+    peers_interval: float = 1.0
 
 
 def default_identity() -> str:
@@ -90,6 +101,15 @@ def default_connection() -> kopf.ConnectionInfo:
             info = login(settings=settings, logger=log)
         except (OSError, ValueError, yaml.YAMLError) as exc:  # a $KUBECONFIG naming no file
             raise OperatorError(f"cannot read Kubernetes credentials: {exc}") from exc
+        except kopf.LoginError as exc:  # no current context: an empty kubeconfig, say
+            raise OperatorError(f"cannot read Kubernetes credentials: {exc}") from exc
+        except (KeyError, TypeError, AttributeError) as exc:
+            # kopf's reader does not check a kubeconfig's shape: one caught while it is
+            # written (kubectl writes it in place) may end before the user its context names
+            raise OperatorError(
+                "cannot read Kubernetes credentials: the kubeconfig is incomplete or not one "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
         if info is not None:
             assert isinstance(info, kopf.ConnectionInfo)
             return info
@@ -191,9 +211,10 @@ def _take_back_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-# Where the operator reports whether it follows the cluster: {} when it does, else
-# {"api-server": why}. The CLI passes `pipeline.set_source_errors` for source "kubernetes",
-# which shows it in /status.
+# Where the operator reports what is wrong, by where: {} when nothing is, else
+# {"api-server": why} while it does not follow the cluster, and {"<task>": why} while one of its
+# tasks fails (see `Operator._supervise`). The CLI passes `pipeline.set_source_errors` for
+# source "kubernetes", which shows it in /status.
 Report = Callable[[Mapping[str, str]], None]
 
 
@@ -201,12 +222,45 @@ def _no_report(errors: Mapping[str, str]) -> None:
     pass
 
 
+class _Problems:
+    """What is wrong now, by where; `report`ed whole at each change."""
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self._now: dict[str, str] = {}
+
+    def set(self, where: str, why: str | None) -> None:
+        """`why` is wrong at `where` (None: nothing is any more)."""
+        if self._now.get(where) == why:
+            return
+        if why is None:
+            del self._now[where]
+        else:
+            self._now[where] = why
+        self._report(dict(self._now))
+
+
+# The operator's own tasks: their names (the asyncio tasks'), where /status shows them failing,
+# and what the log calls them.
+_TASKS = {
+    "feed": "the feed (kopf's indexes to the store)",
+    "status-writer": "the status writer",
+    "lease-elector": "the Lease elector",
+    "api-check": "the API server check",
+    "peers": "the poll of the peer replicas' verdicts",
+}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class _Outage:
     """Whether the store follows the cluster, said once per outage: an ERROR when it begins,
     a WARNING with how long it lasted when it ends, and `report`ed while it lasts."""
 
-    def __init__(self, report: Report) -> None:
-        self._report = report
+    def __init__(self, problems: _Problems) -> None:
+        self._problems = problems
         self.since: float | None = None  # time.monotonic()
         self._wall = ""
         self._why = ""
@@ -218,7 +272,7 @@ class _Outage:
     def begin(self, why: str) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            self._wall = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self._wall = _now()
             log.error(
                 "not following the cluster since %s (%s): serving the config of then, "
                 "and retrying until the API server answers",
@@ -228,7 +282,7 @@ class _Outage:
         elif why == self._why:
             return
         self._why = why
-        self._report({"api-server": f"not following the cluster since {self._wall} ({why})"})
+        self._problems.set("api-server", f"not following the cluster since {self._wall} ({why})")
 
     def end(self) -> None:
         if self.since is None:
@@ -241,7 +295,7 @@ class _Outage:
             self._wall,
             self._why,
         )
-        self._report({})
+        self._problems.set("api-server", None)
 
 
 def _in_files(connection: kopf.ConnectionInfo) -> bool:
@@ -298,7 +352,8 @@ class Operator:
         self._other_server = ""  # another API server the credentials read again named, said once
         self._unreadable = ""  # why the credentials could not be read again, said once
         self.connection = connection or default_connection()
-        self._outage = _Outage(report or _no_report)
+        self._problems = _Problems(report or _no_report)
+        self._outage = _Outage(self._problems)
         self._memo = kopf.Memo()  # what kopf passes the handlers (see `_handlers.Context`)
         self._kopf_started: float | None = None  # time.monotonic() of the running kopf's start
         self._api_back = asyncio.Event()  # the API server answers again after it did not
@@ -321,6 +376,28 @@ class Operator:
                 retry_period=self.options.retry_period,
             )
             leadership = self.elector
+        self.peers: Peers | None = None
+        if self.options.peers_service:
+            namespace = (
+                self.options.lease_namespace or self.connection.default_namespace or "default"
+            )
+            watched = self.options.namespaces
+            if watched and namespace not in watched:
+                raise OperatorError(
+                    f"--peers-service {self.options.peers_service}: its namespace {namespace} "
+                    f"is not watched (add --namespace {namespace})"
+                )
+            self.peers = Peers(
+                functools.partial(
+                    peer_targets,
+                    store,
+                    namespace,
+                    self.options.peers_service,
+                    self.options.peers_port,
+                    self.options.identity,
+                ),
+                interval=self.options.peers_interval,
+            )
         self.status = StatusWriter(
             status or _no_status,
             leadership,
@@ -363,16 +440,21 @@ class Operator:
         ns = self.options.namespaces
         self.status.start()
         api = _StatusApi(self)
+        runs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+            "feed": lambda: self.feed.run(ready),
+            "status-writer": lambda: self.status.run(self.feed.lookup, api.patch_status),
+        }
+        elector = self.elector
+        if elector is not None:
+            runs["lease-elector"] = elector.run
+        runs["api-check"] = self._check_api
+        peers = self.peers
+        if peers is not None:
+            runs["peers"] = peers.run
         tasks = [
-            asyncio.create_task(self.feed.run(ready), name="nodemesh-kube-feed"),
-            asyncio.create_task(
-                self.status.run(self.feed.lookup, api.patch_status),
-                name="nodemesh-kube-status",
-            ),
+            asyncio.create_task(self._supervise(name, run), name=f"nodemesh-kube-{name}")
+            for name, run in runs.items()
         ]
-        if self.elector is not None:
-            tasks.append(asyncio.create_task(self.elector.run(), name="nodemesh-kube-lease"))
-        tasks.append(asyncio.create_task(self._check_api(), name="nodemesh-kube-api-check"))
         log.info(
             "operator %s starting: %s",
             self.options.identity,
@@ -391,6 +473,64 @@ class Operator:
             if self.elector is not None:
                 await self.elector.release()
             log.info("operator %s stopped", self.options.identity)
+
+    async def _supervise(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `run()` until cancelled, and again when it fails: a bug, or an answer nobody
+        foresaw (a Lease that cannot be read), would otherwise end the task without a word,
+        the rest running on: the store no longer following the cluster, or no status written,
+        or the Lease never renewed, with /readyz still 200. An ERROR (the traceback the first
+        time, and when the error changes), an entry in `report` until the task has run
+        `max_restart_delay` without failing, and `run()` again after `restart_delay`, doubling
+        to `max_restart_delay` while it fails within that of its start. Not an exit: every
+        replica reads the same cluster, and would fail alike, into CrashLoopBackOff; a
+        restarted one serves nothing until it has listed the whole cluster again."""
+        what = _TASKS[name]
+        longest = self.options.max_restart_delay
+        loop = asyncio.get_running_loop()
+        failures, last, since = 0, "", ""
+        healthy: asyncio.TimerHandle | None = None
+
+        def recovered() -> None:
+            nonlocal failures, last
+            log.info("%s runs again, after %d failure(s) since %s", what, failures, since)
+            failures, last = 0, ""
+            self._problems.set(name, None)
+
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    await run()
+                    raise RuntimeError("it ended")  # none of them ends unless cancelled
+                except Exception as exc:
+                    error = exc
+                if healthy is not None:
+                    healthy.cancel()
+                    healthy = None
+                if failures == 0 or time.monotonic() - started >= longest:
+                    failures, last, since = 0, "", _now()
+                failures += 1
+                delay = min(longest, self.options.restart_delay * 2 ** min(failures - 1, 16))
+                why = f"{type(error).__name__}: {error}"
+                log.error(
+                    "%s failed (%s); starting it again in %.1fs%s",
+                    what,
+                    why,
+                    delay,
+                    "" if why != last else f" (the same error, {failures} times in a row)",
+                    exc_info=error if why != last else None,
+                )
+                last = why
+                self._problems.set(
+                    name,
+                    f"{what} failed {failures} time(s) since {since}, last: {why}; "
+                    "started again after each (see the log)",
+                )
+                await asyncio.sleep(delay)
+                healthy = loop.call_later(longest, recovered)
+        finally:
+            if healthy is not None:
+                healthy.cancel()
 
     async def _run_kopf(self, stop: asyncio.Event, memo: kopf.Memo) -> None:
         """Run kopf until `stop` is set, starting it again whenever it stops on its own (see
@@ -588,9 +728,14 @@ async def run_operator(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
     report: Report | None = None,
+    use_peers: Callable[[Peers], None] | None = None,
 ) -> None:
     """Watch the cluster into `store` and write `status(key)` back, until `stop` is set.
-    `report({"api-server": why})` while the store does not follow the cluster, `report({})`
-    once it does again."""
+    `report(problems)` at each change of what is wrong: `{"api-server": why}` while the store
+    does not follow the cluster, `{"<task>": why}` while one of its tasks fails, `{}` once
+    nothing is. `use_peers(peers)` is called before it starts when `options.peers_service` is
+    set (`Pipeline.use_peers`)."""
     operator = Operator(store, status, options, connection=connection, report=report)
+    if operator.peers is not None and use_peers is not None:
+        use_peers(operator.peers)
     await operator.run(stop=stop, ready=ready)

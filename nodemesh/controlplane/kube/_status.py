@@ -1,10 +1,12 @@
 """`StatusWriter`: writes the pipeline's status to the routes' and policies' status subresource.
 
 Event-driven: an object is checked when its desired status changes (the pipeline reports it) or
-its live one does (a watch event), and written only when the two differ, by the leader, at most
-once per object per `interval` and `rate` times per second in all. No kopf timer: kopf puts a
-finalizer on every object a timer runs for, which blocks deleting it while nodemesh is not
-running (uninstalled, scaled to 0), and its timers check every object every interval.
+its live one does (a watch event), or when the pipeline has built again while it waited for its
+build (an object created again under its name), and written only when the two differ, by the
+leader, at most once per object per `interval` and `rate` times per second in all. No kopf
+timer: kopf puts a finalizer on every object a timer runs for, which blocks deleting it while
+nodemesh is not running (uninstalled, scaled to 0), and its timers check every object every
+interval.
 Every replica logs each accept/reject transition when the source reports it.
 """
 
@@ -41,6 +43,16 @@ class StatusSource(Protocol):
     Returns the top-level status fields to hold (e.g. `{"conditions": [...]}` or, for Gateway API
     routes, `{"parents": [...]}`), or None while the object has not been built yet.
     The returned mapping must not be altered.
+
+    Optional, looked up by name (the pipeline's `kubernetes_status` has both):
+    `built_from(key)`, the object the status was computed from, so that an object deleted and
+    created again under its name waits for its own build (its uid); and
+    `subscribe_built(callback) -> unsubscribe`, `callback()` on the event loop after each
+    build, when such an object is looked at again. Without the latter it is looked at again
+    after 50 ms, doubling to 5 s. `settling()`: True while the node Envoys may still be
+    reconnecting to a control plane that just started; a `Programmed` that waits for them
+    does not replace a live True (or Rejected) of the same generation meanwhile (the source
+    reports every object once it has settled, so that what was held back is written then).
     """
 
     def __call__(self, key: ObjectKey) -> Mapping[str, Any] | None: ...
@@ -85,8 +97,11 @@ Send = Callable[[ObjectKey, Mapping[str, Any]], Awaitable[int]]
 _MIN_BACKOFF = 1.0
 _MAX_BACKOFF = 30.0
 _YIELD_EVERY = 64  # keys checked between two yields to the event loop
-# How often to look again whether an object created again under its name has been built.
+# How soon to look again whether an object created again under its name has been built, from
+# a source that does not tell when it builds (`subscribe_built`); doubled per look, at most
+# `_MAX_REBUILD_POLL`.
 _REBUILD_POLL = 0.05
+_MAX_REBUILD_POLL = 5.0
 
 
 class StatusWriter:
@@ -117,15 +132,20 @@ class StatusWriter:
         self._last = clock()
         self._verdicts: dict[ObjectKey, str] = {}
         self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe_built: Callable[[], None] | None = None
         # Keys to check. A replica that is not the leader keeps them: once it leads, it checks
         # everything that changed since it started, which is everything that may differ.
         self._dirty: set[ObjectKey] = set()
         self._not_before: dict[ObjectKey, float] = {}  # the next write's earliest time
         self._failures: dict[ObjectKey, int] = {}
         self._failing: set[str] = set()  # the causes of the failures, each said once
+        # Keys whose live object is not the one the source built (created again under its
+        # name), and how often each was looked at so: looked at again after the next build.
+        self._unbuilt: dict[ObjectKey, int] = {}
         self._wakeup: asyncio.Event | None = None
-        self.checks = 0  # comparisons of a built object's desired and live status
+        self.checks = 0  # looks at a built object's desired status against the live object
         self.writes = 0
+        self.held = 0  # checks while the source settled (Programmed held back, see settling)
         self.throttled = 0
         self.failed = 0
 
@@ -143,6 +163,7 @@ class StatusWriter:
         self._verdicts.pop(key, None)
         self._dirty.discard(key)
         self._not_before.pop(key, None)
+        self._unbuilt.pop(key, None)
         if self._failures.pop(key, None) and not self._failures:
             self._failing.clear()  # the next failure is a new one, said again
 
@@ -151,11 +172,22 @@ class StatusWriter:
         can be watched."""
         if isinstance(self._source, ObservableStatusSource) and self._unsubscribe is None:
             self._unsubscribe = self._source.subscribe(self.observe)
+        subscribe_built = getattr(self._source, "subscribe_built", None)
+        if subscribe_built is not None and self._unsubscribe_built is None:
+            self._unsubscribe_built = subscribe_built(self.built)
 
     def stop(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unsubscribe_built is not None:
+            self._unsubscribe_built()
+            self._unsubscribe_built = None
+
+    def built(self) -> None:
+        """The source built again: check the objects that waited for their build."""
+        for key in self._unbuilt:
+            self.touch(key)
 
     def observe(self, key: ObjectKey) -> None:
         """`key`'s desired status may have changed: log its verdict if that changed."""
@@ -221,15 +253,24 @@ class StatusWriter:
             built = self._source(key)
             if built is None:
                 return  # not built yet: the source reports it once it is
+            self.checks += 1
             if not self._built_from_live(key, obj):
                 # The status is of an object deleted under this name (`kubectl replace
                 # --force`): wait for the new one's build. Not only for its report: a build
-                # that gives the same conditions reports nothing.
-                self._dirty.add(key)
-                self._not_before[key] = self._clock() + _REBUILD_POLL
+                # that gives the same conditions reports nothing. Not by looking every 50 ms:
+                # the build may never come (it fails, or the new object is refused).
+                looks = self._unbuilt[key] = self._unbuilt.get(key, 0) + 1
+                if self._unsubscribe_built is None:  # no word of builds: look less and less
+                    delay = min(_MAX_REBUILD_POLL, _REBUILD_POLL * 2 ** min(looks - 1, 16))
+                    self._dirty.add(key)
+                    self._not_before[key] = self._clock() + delay
                 return
+            self._unbuilt.pop(key, None)
             desired = built
-            self.checks += 1
+            settling = getattr(self._source, "settling", None)
+            if settling is not None and settling():
+                self.held += 1
+                desired = _hold_programmed(desired, live)
         patch = status_patch(desired, live)
         if not patch:
             self._failures.pop(key, None)
@@ -404,6 +445,49 @@ def _against_live(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[s
         out["conditions"] = _conditions_keeping_times(
             desired["conditions"], _as_list(live.get("conditions"))
         )
+    return out
+
+
+def _hold_programmed(desired: Mapping[str, Any], live: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`desired` with each `Programmed` that waits for node Envoys (`Pending`, `NoNodes`) put
+    back to the live one where that is True, or `Rejected`, for the same generation: while a
+    control plane that just started settles (its node Envoys reconnecting, with the config
+    they kept), the last leader's word stands. A rejection, or a generation the live status is
+    not of, is written as it is."""
+    out = dict(desired)
+    if "conditions" in desired:
+        out["conditions"] = _held(desired["conditions"], _as_list(live.get("conditions")))
+    if "parents" in desired:
+        live_parents = [p for p in _as_list(live.get("parents")) if isinstance(p, Mapping)]
+        out["parents"] = [
+            {
+                **p,
+                "conditions": _held(
+                    p.get("conditions", []),
+                    _as_list(_live_parent(live_parents, p).get("conditions")),
+                ),
+            }
+            for p in desired["parents"]
+        ]
+    return out
+
+
+def _held(desired: Any, live: list[Any]) -> list[Any]:
+    seen = next((c for c in live if isinstance(c, Mapping) and c.get("type") == "Programmed"), None)
+    out = []
+    for c in desired:
+        if (
+            seen is not None
+            and c.get("type") == "Programmed"
+            and c.get("status") != "True"
+            and c.get("reason") in ("Pending", "NoNodes")
+            # True, or a rejection: the Envoy that rejected it keeps its last good config, and
+            # rejects the route again once it is back (a Pending in between is two writes)
+            and (seen.get("status") == "True" or seen.get("reason") == "Rejected")
+            and seen.get("observedGeneration") == c.get("observedGeneration")
+        ):
+            c = dict(seen)
+        out.append(c)
     return out
 
 
