@@ -21,9 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import google.protobuf
 
 from nodemesh.controlplane.builder import BuildMemo, build
+from nodemesh.controlplane.http import StatusServer
+from nodemesh.controlplane.peers import Peers
 from nodemesh.controlplane.pipeline import Pipeline, build_collector
 from nodemesh.controlplane.store import Store
 from nodemesh.xds.cache import SnapshotCache
@@ -257,6 +260,79 @@ def pipeline_runs(store: Store, n: int, salt: int) -> tuple[float, list[dict[str
     return asyncio.run(run())
 
 
+def peer_runs(store: Store, n: int = 5) -> dict[str, float]:
+    """Programmed across two replicas (`--peers-service`): the Nodes' Envoys half on each,
+    every one holding its snapshot. Times the follower's `/programmed` answer (made once per
+    change of its conditions), the leader's poll of it over loopback (fetch and parse; then
+    an unchanged one, a 304), and the leader's recompute of every object's conditions with
+    the follower's verdicts in; medians of `n`."""
+
+    async def run() -> dict[str, float]:
+        statuses = StatusTracker(), StatusTracker()
+        leader, follower = (Pipeline(store, SnapshotCache(), s) for s in statuses)
+        names = sorted(o["metadata"]["name"] for o in nodes())
+        for pipeline, status, half in (
+            (leader, statuses[0], names[::2]),
+            (follower, statuses[1], names[1::2]),
+        ):
+            await pipeline.rebuild()
+            for node in half:  # what the ADS server records as each Envoy ACKs
+                status.stream_opened(node)
+                stream = object()  # (its stream, which speaks for every type it asks for)
+                snap = pipeline.cache.get_snapshot(node) or pipeline.snapshot
+                assert snap is not None
+                for t in snap.type_urls:
+                    status.resumed(node, t, "", {}, stream=stream)
+                    held = {name: r.version for name, r in snap.resources(t).items()}
+                    status.acked(node, t, snap.version(t) or "", held, replace=True)
+            pipeline._update_conditions()
+        report, size = [], 0
+        for _ in range(n):
+            follower._update_conditions()  # (a new answer is made after each)
+            t0 = time.perf_counter()
+            size = len(follower.programmed_report()[1])
+            report.append(time.perf_counter() - t0)
+        http = StatusServer(follower)
+        port = await http.start("127.0.0.1", 0)
+        polls, unchanged, merges, same = [], [], [], []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(n):
+                    peers = Peers(lambda: {"follower": f"http://127.0.0.1:{port}"})
+                    t0 = time.perf_counter()
+                    await peers.poll(session)
+                    polls.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    await peers.poll(session)
+                    unchanged.append(time.perf_counter() - t0)
+                    leader.peers = peers
+                    t0 = time.perf_counter()
+                    leader._update_conditions()
+                    merges.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    leader._update_conditions()
+                    same.append(time.perf_counter() - t0)
+                    leader.peers = None
+                    leader._update_conditions()
+        finally:
+            await http.stop()
+        leader.peers = peers
+        leader._update_conditions()
+        verdicts = [c for cs in leader.conditions().values() for c in cs if c.type == "Programmed"]
+        assert verdicts and all(c.status == "True" for c in verdicts), verdicts[:3]
+        assert all(c.message == f"ACKed by {len(names)} node(s)" for c in verdicts)
+        return {
+            "report_ms": statistics.median(report) * 1000,
+            "report_kb": size / 1000,
+            "poll_ms": statistics.median(polls) * 1000,
+            "poll_unchanged_ms": statistics.median(unchanged) * 1000,
+            "merge_ms": statistics.median(merges) * 1000,
+            "unchanged_ms": statistics.median(same) * 1000,
+        }
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     objs = objects()
     store = Store()
@@ -283,6 +359,8 @@ def main() -> int:
     inc_nodes, serialized_nodes, maps_made = incremental_runs(store, 10, salt=120)
     gc.collect()
     pipe_cold, pipe = pipeline_runs(store, 10, salt=140)
+    gc.collect()
+    peer = peer_runs(store)
 
     def med(runs: list[dict[str, float]], stage: str) -> float:
         return statistics.median(r[stage] for r in runs)
@@ -315,6 +393,13 @@ def main() -> int:
         f"shared and node snapshots {med(pipe, 'build') * 1000:.1f} ms, then history, the "
         f"snapshots into the cache and conditions "
         f"{med(pipe, 'after') * 1000:.1f} ms)"
+    )
+    print(
+        f"Programmed across 2 replicas, {NODES // 2} Nodes' Envoys on each: /programmed "
+        f"{peer['report_kb']:.0f} kB made in {peer['report_ms']:.1f} ms; the leader's poll "
+        f"{peer['poll_ms']:.1f} ms (unchanged, 304: {peer['poll_unchanged_ms']:.1f} ms); its "
+        f"recompute with the verdicts {peer['merge_ms']:.1f} ms "
+        f"(nothing changed: {peer['unchanged_ms']:.1f} ms)"
     )
     full_ms, inc_ms = med(full, "total") * 1000, med(inc, "total") * 1000
     inc_translate_ms = med(inc, "translate") * 1000
@@ -362,6 +447,7 @@ def main() -> int:
                             s: round(med(pipe, s) * 1000, 2) for s in ("build", "after", "total")
                         },
                     },
+                    "programmed_across_2_replicas": {k: round(v, 2) for k, v in peer.items()},
                 },
             },
             indent=2,
