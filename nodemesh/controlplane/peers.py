@@ -7,11 +7,18 @@ counts their nodes in `Programmed` (see `Pipeline.use_peers`). A peer that does 
 `stale_after` seconds is left out: its nodes then count as not connected (a Ready Node whose
 Envoy is connected nowhere keeps objects Pending), until it answers again.
 
+A node that a fresh report listed and none lists any more (its replica stops in a rolling
+update, or is left out) is `departed()` for `move_grace` seconds: its Envoy is on its way to
+another replica, and keeps the config it holds meanwhile (Envoy does not drop its config when
+its xDS stream ends). The pipeline counts it with its old replica's last verdicts, for the
+objects whose content did not change since.
+
 `Peers(targets, ...)`: `targets()` returns {peer name: base URL} (see
 `nodemesh.controlplane.kube.peer_targets`: the ready endpoints of the control plane's
 Service); `await peers.run()` polls them every `interval` seconds until cancelled;
-`peers.reports()` are the fresh reports; `peers.subscribe(callback)` calls `callback()` on the
-event loop whenever they change.
+`peers.reports()` are the fresh reports, `peers.departed()` the nodes on their way to another
+replica; `peers.subscribe(callback)` calls `callback()` on the event loop whenever either
+changes.
 """
 
 from __future__ import annotations
@@ -86,15 +93,20 @@ class Peers:
         interval: float = 1.0,
         timeout: float = 2.0,
         stale_after: float = 5.0,
+        move_grace: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.targets = targets
         self.interval = interval
         self.timeout = timeout
         self.stale_after = stale_after
+        self.move_grace = move_grace
         self._clock = clock
         self._peers: dict[str, _Peer] = {}
         self._fresh: dict[str, PeerReport] = {}
+        # node -> (the last fresh report that listed it, when none did any more)
+        self._departed: dict[str, tuple[PeerReport, float]] = {}
+        self._departed_view: Mapping[str, PeerReport] = {}
         self._subscribers: list[Callable[[], None]] = []
         self.polls = 0  # completed poll rounds
 
@@ -103,11 +115,21 @@ class Peers:
         The mapping is replaced, never altered, when they change."""
         return self._fresh
 
+    def departed(self) -> Mapping[str, PeerReport]:
+        """The nodes a fresh report listed and none does now, for `move_grace` seconds after
+        (less for a node that a report lists again): by node, the last report that listed it.
+        The mapping is replaced, never altered, when they change."""
+        return self._departed_view
+
     def describe(self) -> dict[str, Any]:
-        """Per peer, for `/status`: its URL, its nodes, seconds since it last answered, and why
-        its last poll failed ("" when it answered)."""
+        """Per peer, for `/status`: its URL, its nodes, seconds since it last answered, why
+        its last poll failed ("" when it answered), and the nodes that left it and are still
+        counted with its verdicts (see `departed`), also for a peer no longer found."""
         now = self._clock()
-        return {
+        moving: dict[str, list[str]] = {}
+        for node, report in self._departed_view.items():
+            moving.setdefault(report.peer, []).append(node)
+        out: dict[str, Any] = {
             name: {
                 "url": p.url,
                 "nodes": list(p.report.nodes) if p.report is not None else [],
@@ -116,9 +138,20 @@ class Peers:
                 else None,
                 "counted": name in self._fresh,
                 "error": p.failing,
+                "moving": moving.get(name, []),
             }
-            for name, p in sorted(self._peers.items())
+            for name, p in self._peers.items()
         }
+        for name in moving.keys() - out.keys():
+            out[name] = {
+                "url": "",
+                "nodes": [],
+                "answered_seconds_ago": None,
+                "counted": False,
+                "error": "no longer a peer (not serving, or gone)",
+                "moving": moving[name],
+            }
+        return dict(sorted(out.items()))
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         self._subscribers.append(callback)
@@ -169,16 +202,36 @@ class Peers:
                     "and that its --http-listen listens on the pod's address)",
                     p.failing,
                 )
+        departed = self._depart(fresh, now)
         # (a 304 renews a report's time only: no change for the subscribers)
-        if {n: r.etag for n, r in fresh.items()} != {n: r.etag for n, r in self._fresh.items()}:
-            self._fresh = fresh
+        changed = {n: r.etag for n, r in fresh.items()} != {
+            n: r.etag for n, r in self._fresh.items()
+        }
+        self._fresh = fresh
+        # (a departed node keeps its report until it goes: its name is what can change)
+        if departed.keys() != self._departed_view.keys():
+            self._departed_view = departed
+            changed = True
+        if changed:
             for callback in list(self._subscribers):
                 try:
                     callback()
                 except Exception:
                     log.exception("peers subscriber failed")
-        else:
-            self._fresh = fresh
+
+    def _depart(self, fresh: Mapping[str, PeerReport], now: float) -> dict[str, PeerReport]:
+        """The departed nodes once `fresh` replaces the fresh reports (see `departed`)."""
+        listed = {n for r in fresh.values() for n in r.nodes}
+        for report in self._fresh.values():
+            for node in report.nodes:
+                if node not in listed and node not in self._departed:
+                    self._departed[node] = (report, now)
+        self._departed = {
+            n: (r, since)
+            for n, (r, since) in self._departed.items()
+            if n not in listed and now - since < self.move_grace
+        }
+        return {n: r for n, (r, _) in sorted(self._departed.items())}
 
     async def _ask(self, session: aiohttp.ClientSession, name: str, peer: _Peer) -> None:
         headers = {"If-None-Match": peer.report.etag} if peer.report is not None else {}

@@ -125,13 +125,16 @@ class _ProgrammedContext:
     # apply on a node once it holds its Listener's current version)
     on_node_listeners: Mapping[str, list[str]]
     # equal signatures: nothing about the nodes changed (see _update_conditions)
-    signature: tuple[int, tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]
+    signature: tuple[object, ...]
     # Node objects left out because they are not Ready (and not connected)
     not_ready: tuple[str, ...] = ()
     # expected nodes connected to a peer replica (not to this one), and the peers' reports
     # that cover them (see `use_peers`)
     remote: Mapping[str, str] = field(default_factory=dict)
     peers: tuple[PeerReport, ...] = ()
+    # expected nodes on their way from a peer to another replica (also in `remote`): the
+    # report of the peer they left, and this replica's snapshot when it saw them leave
+    moving: Mapping[str, tuple[PeerReport, Snapshot]] = field(default_factory=dict)
 
 
 class KubernetesStatus:
@@ -244,6 +247,7 @@ class Pipeline:
         self._settle_timer: asyncio.TimerHandle | None = None
         self._conditions_made = 0  # times _update_conditions ran: the peer report's freshness
         self._peer_report: tuple[int, str, bytes] | None = None  # (made at, ETag, body)
+        self._moving: dict[str, tuple[PeerReport, Snapshot]] = {}  # see _moving_nodes
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -655,6 +659,28 @@ class Pipeline:
         covering = tuple(r for n, r in reports.items() if n in remote.values())
         return remote, covering
 
+    def _moving_nodes(self, remote: Mapping[str, str]) -> dict[str, tuple[PeerReport, Snapshot]]:
+        """The Ready Nodes whose Envoy left a peer and is connected nowhere yet (a rolling
+        update of the control plane moves every node Envoy of a replica it stops), within the
+        peers' `move_grace`: by node, the report of the peer it left and this replica's
+        snapshot when it first saw it gone. That Envoy keeps its config while it reconnects;
+        counted as not connected, every object it carries went Pending, and back, on every
+        replica a rolling update replaced."""
+        if self.peers is None or self.snapshot is None:
+            self._moving = {}
+            return self._moving
+        here, ready = self._envoys_here(), self._ready_nodes()
+        moving: dict[str, tuple[PeerReport, Snapshot]] = {}
+        for node, report in self.peers.departed().items():
+            if node in here or node in remote or node not in ready:
+                continue
+            seen = self._moving.get(node)
+            moving[node] = (
+                seen if seen is not None and seen[0] is report else (report, self.snapshot)
+            )
+        self._moving = moving
+        return moving
+
     def _unready_nodes(self) -> tuple[str, ...]:
         """Node objects whose `Ready` condition is not True, sorted (read again only after a
         Node changed: the view keeps a kind's mapping object while none did)."""
@@ -732,6 +758,9 @@ class Pipeline:
         snapshot = self.snapshot
         assert snapshot is not None
         remote, peers = self._remote_nodes() if not local_only else ({}, ())
+        moving = self._moving_nodes(remote) if not local_only else {}
+        if moving:
+            remote = {**remote, **{node: report.peer for node, (report, _) in moving.items()}}
         expected = sorted(self._envoys_here()) if local_only else self._expected_nodes(remote)
         partial, unseen = [], []
         by_origin = self._by_origin()
@@ -777,10 +806,17 @@ class Pipeline:
             on_node_listeners,
             # the Nodes the message names too: one that joins or leaves while not Ready
             # changes no expected node, but the message; and what the peers said
-            (epoch, tuple(expected), not_ready, tuple((r.peer, r.etag) for r in peers)),
+            (
+                epoch,
+                tuple(expected),
+                not_ready,
+                tuple((r.peer, r.etag) for r in peers),
+                tuple((node, r.peer, r.etag) for node, (r, _) in moving.items()),
+            ),
             not_ready,
             remote,
             peers,
+            moving,
         )
 
     def _programmed(
@@ -790,12 +826,23 @@ class Pipeline:
         verdicts, for the same generation of the object): a rejection anywhere, else any wait,
         else True."""
         here = self._programmed_here(key, gen, parent, ctx)
-        if not ctx.peers or here.reason in ("Rejected", "NoNodes", "NothingToProgram"):
+        if not (ctx.peers or ctx.moving) or here.reason in (
+            "Rejected",
+            "NoNodes",
+            "NothingToProgram",
+        ):
             return here
         origin = f"{key.kind}/{key.namespace}/{key.name}"
         uid = self._uid(key)
         waits = [here.message] if here.reason == "Pending" else []
-        for report in ctx.peers:
+        reports = list(ctx.peers)
+        for node, (report, then) in ctx.moving.items():
+            # its peer's last verdicts, for what did not change since it left
+            if not self._unchanged_since(origin, node, then, ctx):
+                waits.append(f"waiting for {node} to connect again (it left replica {report.peer})")
+            elif all(r is not report for r in reports):
+                reports.append(report)
+        for report in reports:
             entry = report.objects.get(origin)
             verdict = entry[2].get(parent) if entry is not None else None
             other = entry is not None and entry[0] and uid and entry[0] != uid
@@ -1009,6 +1056,27 @@ class Pipeline:
             more = f" (+{len(ctx.not_ready) - 3} more)" if len(ctx.not_ready) > 3 else ""
             message += f"; not counted, Node not Ready: {shown_names}{more}"
         return Condition("Programmed", "True", "Programmed", message, gen, parent)
+
+    def _unchanged_since(
+        self, origin: str, node: str, then: Snapshot, ctx: _ProgrammedContext
+    ) -> bool:
+        """Whether every resource that carries `origin` now held the same part of it in the
+        snapshot `then` (what `node`, which left a peer, held as far as the peer's verdicts
+        said). A consumer route on the node's own Listener is not known from here: never."""
+        snapshot = self.snapshot
+        assert snapshot is not None
+        if node in ctx.on_node_listeners.get(origin, ()):
+            return False
+        for t, name in ctx.by_origin.get(origin, ()):
+            now = snapshot.resources(t).get(name)
+            if now is None:
+                continue
+            was = then.resources(t).get(name)
+            fp = self._history.get((t, name, now.version), {}).get(origin)
+            held = was.version if was is not None else None
+            if not self._holds_part(t, name, held, now.version, fp, origin):
+                return False
+        return True
 
     def _holds_part(
         self, t: str, name: str, held: str | None, version: str, fp: int | None, origin: str

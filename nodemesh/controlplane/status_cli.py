@@ -64,6 +64,7 @@ def render(status: dict[str, Any]) -> str:
                 name,
                 "yes" if peer.get("counted") else "no",
                 ",".join(peer.get("nodes") or []) or "-",
+                ",".join(peer.get("moving") or []) or "-",
                 "-"
                 if peer.get("answered_seconds_ago") is None
                 else f"{peer['answered_seconds_ago']}s ago",
@@ -73,7 +74,7 @@ def render(status: dict[str, Any]) -> str:
             for name, peer in sorted(peers.items())
         ]
         out.append("")
-        out.extend(_table(rows, ["PEER", "COUNTED", "NODES", "ANSWERED", "URL", "ERROR"]))
+        out.extend(_table(rows, ["PEER", "COUNTED", "NODES", "MOVING", "ANSWERED", "URL", "ERROR"]))
     errors = status.get("source_errors", [])
     if errors:
         out.append("")

@@ -96,12 +96,120 @@ async def test_the_leader_waits_for_a_peer_to_build_the_generation_it_built() ->
             now[0] += peers.stale_after
             await peers.poll(session)
             a._update_conditions()
+            assert programmed(a).status == "True", "then node-b is moving, for move_grace"
+            now[0] += peers.move_grace
+            await peers.poll(session)
+            a._update_conditions()
             c = programmed(a)
             assert (c.status, c.reason) == ("False", "Pending"), c
             assert c.message.startswith("waiting for ACK from node-b: "), c
             assert "replica" not in c.message, c
             shown = a.status_json()["peers"]["replica-b"]  # and /status says why
             assert shown["counted"] is False and "ClientConnectorError" in shown["error"], shown
+    finally:
+        await http.stop()
+
+
+async def test_a_node_moving_between_replicas_keeps_verdicts_of_what_did_not_change() -> None:
+    """A rolling update of the control plane: node-b's Envoy leaves replica b (which stops) and
+    is connected nowhere until it reaches another replica. It keeps its config meanwhile, so
+    the leader counts it with b's last verdicts, for `move_grace`, as long as the route did
+    not change. Before, the route went Pending and back on every replica the update replaced
+    (twice the objects in status writes, and a Programmed=False for anyone alerting on it)."""
+    stores = Store(), Store()
+    for store in stores:
+        FilesSource(EXAMPLES, store).scan()
+    status_a, status_b = StatusTracker(), StatusTracker()
+    a = Pipeline(stores[0], SnapshotCache(), status_a)
+    b = Pipeline(stores[1], SnapshotCache(), status_b)
+    await a.rebuild()
+    await b.rebuild()
+    _connect_and_ack(a, status_a, "node-a")
+    streams = _connect_and_ack(b, status_b, "node-b")
+    b._update_conditions()
+    http = StatusServer(b)
+    port = await http.start("127.0.0.1", 0)
+    now = [0.0]
+    peers = Peers(lambda: {"replica-b": f"http://127.0.0.1:{port}"}, clock=lambda: now[0])
+    a.use_peers(peers)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await peers.poll(session)
+            a._update_conditions()
+            assert programmed(a).message == "ACKed by 2 node(s)"
+
+            status_b.stream_closed("node-b", streams["node-b"])  # b drains: node-b leaves
+            b._update_conditions()
+            now[0] += 1.0
+            await peers.poll(session)
+            assert set(peers.departed()) == {"node-b"}
+            assert a.status_json()["peers"]["replica-b"]["moving"] == ["node-b"]
+            a._update_conditions()
+            assert programmed(a) == Condition(
+                "Programmed", "True", "Programmed", "ACKed by 2 node(s)", 1, "Service/reviews:80"
+            )
+
+            route = copy.deepcopy(dict(stores[0].get(ROUTE) or {}))
+            route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
+            del route["metadata"]["generation"]
+            stores[0].apply(route)
+            await a.rebuild()
+            _connect_and_ack(a, status_a, "node-a")
+            a._update_conditions()
+            c = programmed(a)  # node-b cannot have it: it is connected nowhere
+            assert (c.status, c.reason, c.observed_generation) == ("False", "Pending", 2)
+            assert c.message == "waiting for node-b to connect again (it left replica replica-b)"
+
+            _connect_and_ack(a, status_a, "node-b")  # it reached the leader, and ACKed
+            a._update_conditions()
+            assert programmed(a).message == "ACKed by 2 node(s)"
+            assert programmed(a).observed_generation == 2
+    finally:
+        await http.stop()
+
+
+async def test_a_moving_node_that_connects_nowhere_holds_objects_back_after_the_grace() -> None:
+    """node-b left replica b and reaches no replica: counted with b's verdicts for
+    `move_grace` seconds, then as not connected (Pending, naming it)."""
+    stores = Store(), Store()
+    for store in stores:
+        FilesSource(EXAMPLES, store).scan()
+    status_a, status_b = StatusTracker(), StatusTracker()
+    a = Pipeline(stores[0], SnapshotCache(), status_a)
+    b = Pipeline(stores[1], SnapshotCache(), status_b)
+    await a.rebuild()
+    await b.rebuild()
+    _connect_and_ack(a, status_a, "node-a")
+    streams = _connect_and_ack(b, status_b, "node-b")
+    b._update_conditions()
+    http = StatusServer(b)
+    port = await http.start("127.0.0.1", 0)
+    now = [0.0]
+    peers = Peers(lambda: {"replica-b": f"http://127.0.0.1:{port}"}, clock=lambda: now[0])
+    a.use_peers(peers)
+    changes = []
+    peers.subscribe(lambda: changes.append(now[0]))
+    try:
+        async with aiohttp.ClientSession() as session:
+            await peers.poll(session)
+            status_b.stream_closed("node-b", streams["node-b"])
+            b._update_conditions()
+            await peers.poll(session)
+            a._update_conditions()
+            assert programmed(a).status == "True"
+            now[0] += peers.move_grace - 0.5
+            await peers.poll(session)
+            a._update_conditions()
+            assert programmed(a).status == "True"
+            now[0] += 1.0
+            changes.clear()
+            await peers.poll(session)
+            assert changes, "the subscribers are told: the pipeline recomputes"
+            assert peers.departed() == {}
+            a._update_conditions()
+            c = programmed(a)
+            assert (c.status, c.reason) == ("False", "Pending"), c
+            assert c.message.startswith("waiting for ACK from node-b: "), c
     finally:
         await http.stop()
 

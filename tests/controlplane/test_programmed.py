@@ -31,17 +31,20 @@ def _programmed(p: Pipeline) -> tuple[str, str]:
     return c.status, c.reason
 
 
-def _connect_and_ack(p: Pipeline, status: StatusTracker, *nodes: str) -> None:
+def _connect_and_ack(p: Pipeline, status: StatusTracker, *nodes: str) -> dict[str, object]:
     """What the ADS server records when each node's stream opens, asks for each type (the
-    stream speaks for it from then on) and ACKs the snapshot."""
+    stream speaks for it from then on) and ACKs the snapshot; by node, its stream (for
+    `status.stream_closed`)."""
     assert p.snapshot is not None
+    streams = {}
     for node in nodes:
         status.stream_opened(node)
-        stream = object()
+        streams[node] = stream = object()
         for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
             status.resumed(node, t, "", {}, stream=stream)
             held = {n: r.version for n, r in p.snapshot.resources(t).items()}
             status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+    return streams
 
 
 async def test_a_node_behind_on_a_route_stays_pending_however_many_versions_go_by() -> None:

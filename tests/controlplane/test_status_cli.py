@@ -67,7 +67,8 @@ def test_a_multi_line_nack_stays_on_its_row() -> None:
 
 def test_the_peer_replicas_are_a_table_of_their_own() -> None:
     """With --peers-service, /status lists the other replicas: whether their node Envoys are
-    counted in Programmed, which, and why one is not."""
+    counted in Programmed, which, why one is not, and the nodes on their way from one to
+    another replica (counted with its last verdicts meanwhile)."""
     status = {
         "store_revision": 1,
         "built_revision": 1,
@@ -78,6 +79,7 @@ def test_the_peer_replicas_are_a_table_of_their_own() -> None:
                 "answered_seconds_ago": 0.4,
                 "counted": True,
                 "error": "",
+                "moving": ["node-d"],
             },
             "nodemesh-2": {
                 "url": "http://10.244.0.8:18080",
@@ -85,23 +87,25 @@ def test_the_peer_replicas_are_a_table_of_their_own() -> None:
                 "answered_seconds_ago": None,
                 "counted": False,
                 "error": "ClientConnectorError: Cannot connect to host 10.244.0.8:18080",
+                "moving": [],
             },
         },
     }
     lines = render(status).splitlines()
     header = next(line for line in lines if line.startswith("PEER"))
-    assert header.split() == ["PEER", "COUNTED", "NODES", "ANSWERED", "URL", "ERROR"]
+    assert header.split() == ["PEER", "COUNTED", "NODES", "MOVING", "ANSWERED", "URL", "ERROR"]
     (one,) = [line for line in lines if line.startswith("nodemesh-1")]
     assert one.split() == [
         "nodemesh-1",
         "yes",
         "node-b,node-c",
+        "node-d",
         "0.4s",
         "ago",
         "http://10.244.0.7:18080",
     ]
     (two,) = [line for line in lines if line.startswith("nodemesh-2")]
-    assert two.split()[:5] == ["nodemesh-2", "no", "-", "-", "http://10.244.0.8:18080"]
+    assert two.split()[:6] == ["nodemesh-2", "no", "-", "-", "-", "http://10.244.0.8:18080"]
     assert two.endswith("Cannot connect to host 10.244.0.8:18080")
 
 

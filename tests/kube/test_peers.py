@@ -113,7 +113,7 @@ async def test_a_replica_shutting_down_counts_while_it_serves(cluster: Cluster) 
     (its endpoint not ready, still serving while it drains). Its node Envoys still count, with
     its verdicts: the route stays Programmed (before, replica-b was left out at once, node-b
     counted as connected nowhere and the route went Pending for the whole drain, on every
-    rolling update). Once it no longer serves, it is left out."""
+    rolling update). Once it no longer serves, it is left out, and its nodes are moving."""
     kube = cluster.kube
     backend = await cluster.backend("roll")
     a, b = await two_replicas(cluster)
@@ -151,8 +151,14 @@ async def test_a_replica_shutting_down_counts_while_it_serves(cluster: Cluster) 
     assert a.pipeline.status_json()["peers"]["replica-b"]["counted"] is True
 
     await b_is({"ready": False, "serving": False, "terminating": True})
+    # as far as replica-a knows, node-b's Envoy is on its way to another replica: counted
+    # with replica-b's last verdicts for the peers' move_grace, then as connected nowhere
+    assert route_programmed() == ("True", "Programmed", "ACKed by 2 node(s)")
+    shown = a.pipeline.status_json()["peers"]["replica-b"]
+    assert (shown["counted"], shown["moving"]) == (False, ["node-b"]), shown
+    peers.move_grace = 0.5
+    await eventually(lambda: route_programmed()[1] == "Pending", "node-b no longer counted")
     status, reason, message = route_programmed()
-    assert (status, reason) == ("False", "Pending"), message
     assert message.startswith("waiting for ACK from node-b: "), message
     assert "replica-b" not in a.pipeline.status_json()["peers"]
 
