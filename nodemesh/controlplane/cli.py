@@ -182,6 +182,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        pipeline.drain()  # the other replicas: its node Envoys are about to move
         if kube_task is not None and not kube_task.done():  # done: `operator_done` said why
             # The operator stops on `stop` and hands the Lease over; then the ADS server drains.
             stop.set()

@@ -7,11 +7,13 @@ counts their nodes in `Programmed` (see `Pipeline.use_peers`). A peer that does 
 `stale_after` seconds is left out: its nodes then count as not connected (a Ready Node whose
 Envoy is connected nowhere keeps objects Pending), until it answers again.
 
-A node that a fresh report listed and none lists any more (its replica stops in a rolling
-update, or is left out) is `departed()` for `move_grace` seconds: its Envoy is on its way to
-another replica, and keeps the config it holds meanwhile (Envoy does not drop its config when
-its xDS stream ends). The pipeline counts it with its old replica's last verdicts, for the
-objects whose content did not change since.
+A node that a fresh report listed and none lists any more is `departed()` for `move_grace`
+seconds when its replica went away or drains (a rolling update stops it: its report says
+`draining`), not when it left a replica that goes on (its Envoy stopped, or restarted and holds
+nothing): its Envoy is on its way to another replica, and keeps the config it holds meanwhile
+(Envoy does not drop its config when its xDS stream ends). The pipeline counts it with the
+last verdicts of the replica it left, for each object whose content that replica's verdicts
+were for (`PeerReport.objects`' content digest) is the content now.
 
 `Peers(targets, ...)`: `targets()` returns {peer name: base URL} (see
 `nodemesh.controlplane.kube.peer_targets`: the ready endpoints of the control plane's
@@ -43,18 +45,21 @@ Verdict = tuple[str, str, str]
 @dataclass(frozen=True, slots=True)
 class PeerReport:
     """What one peer said: the nodes connected to it, and per object ("Kind/ns/name") its uid
-    ("" when the source has none), the generation its verdicts are for, and per parent its
-    verdict for those nodes only."""
+    ("" when the source has none), the generation its verdicts are for, per parent its
+    verdict for those nodes only, and the digest of the content they are for (the versions
+    of the resources that carry the object: `Pipeline.content_digest`; "" from a version
+    that did not say). `draining`: the peer is shutting down."""
 
     peer: str
     nodes: tuple[str, ...]
-    objects: Mapping[str, tuple[str, int, Mapping[str, Verdict]]]
+    objects: Mapping[str, tuple[str, int, Mapping[str, Verdict], str]]
     etag: str = ""
     received: float = 0.0  # time.monotonic()
+    draining: bool = False
 
     @staticmethod
     def from_json(peer: str, body: Mapping[str, Any], etag: str, received: float) -> PeerReport:
-        objects: dict[str, tuple[str, int, Mapping[str, Verdict]]] = {}
+        objects: dict[str, tuple[str, int, Mapping[str, Verdict], str]] = {}
         raw = body.get("objects")
         for origin, entry in raw.items() if isinstance(raw, Mapping) else ():
             if not isinstance(entry, Mapping):
@@ -65,7 +70,12 @@ class PeerReport:
                 for parent, v in (parents.items() if isinstance(parents, Mapping) else ())
                 if isinstance(v, list) and len(v) == 3
             }
-            objects[str(origin)] = (str(entry.get("uid", "")), int(entry["generation"]), verdicts)
+            objects[str(origin)] = (
+                str(entry.get("uid", "")),
+                int(entry["generation"]),
+                verdicts,
+                str(entry.get("content", "")),
+            )
         nodes = body.get("nodes")
         return PeerReport(
             peer,
@@ -73,6 +83,7 @@ class PeerReport:
             objects,
             etag,
             received,
+            body.get("draining") is True,
         )
 
 
@@ -116,9 +127,10 @@ class Peers:
         return self._fresh
 
     def departed(self) -> Mapping[str, PeerReport]:
-        """The nodes a fresh report listed and none does now, for `move_grace` seconds after
-        (less for a node that a report lists again): by node, the last report that listed it.
-        The mapping is replaced, never altered, when they change."""
+        """The nodes a fresh report listed and none does now, having left a peer that went
+        away or drains, for `move_grace` seconds after (less for a node that a report lists
+        again): by node, the last report that listed it. The mapping is replaced, never
+        altered, when they change."""
         return self._departed_view
 
     def describe(self) -> dict[str, Any]:
@@ -222,7 +234,12 @@ class Peers:
     def _depart(self, fresh: Mapping[str, PeerReport], now: float) -> dict[str, PeerReport]:
         """The departed nodes once `fresh` replaces the fresh reports (see `departed`)."""
         listed = {n for r in fresh.values() for n in r.nodes}
-        for report in self._fresh.values():
+        # the latest report first: a node two peers listed (a stream not yet seen closed at
+        # one of them) keeps the later one's verdicts
+        for report in sorted(self._fresh.values(), key=lambda r: r.received, reverse=True):
+            still = fresh.get(report.peer)
+            if still is not None and not (still.draining or report.draining):
+                continue  # left a replica that goes on: not a move (see `departed`)
             for node in report.nodes:
                 if node not in listed and node not in self._departed:
                     self._departed[node] = (report, now)

@@ -133,8 +133,8 @@ class _ProgrammedContext:
     remote: Mapping[str, str] = field(default_factory=dict)
     peers: tuple[PeerReport, ...] = ()
     # expected nodes on their way from a peer to another replica (also in `remote`): the
-    # report of the peer they left, and this replica's snapshot when it saw them leave
-    moving: Mapping[str, tuple[PeerReport, Snapshot]] = field(default_factory=dict)
+    # last report of the peer they left
+    moving: Mapping[str, PeerReport] = field(default_factory=dict)
 
 
 class KubernetesStatus:
@@ -247,7 +247,10 @@ class Pipeline:
         self._settle_timer: asyncio.TimerHandle | None = None
         self._conditions_made = 0  # times _update_conditions ran: the peer report's freshness
         self._peer_report: tuple[int, str, bytes] | None = None  # (made at, ETag, body)
-        self._moving: dict[str, tuple[PeerReport, Snapshot]] = {}  # see _moving_nodes
+        # nodes that left a peer and whose Envoy then connected here, with that peer's report:
+        # not moving any more on that report (see _moving_nodes)
+        self._landed: dict[str, PeerReport] = {}
+        self.draining = False  # shutting down: said in /programmed (see drain)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -659,26 +662,25 @@ class Pipeline:
         covering = tuple(r for n, r in reports.items() if n in remote.values())
         return remote, covering
 
-    def _moving_nodes(self, remote: Mapping[str, str]) -> dict[str, tuple[PeerReport, Snapshot]]:
-        """The Ready Nodes whose Envoy left a peer and is connected nowhere yet (a rolling
-        update of the control plane moves every node Envoy of a replica it stops), within the
-        peers' `move_grace`: by node, the report of the peer it left and this replica's
-        snapshot when it first saw it gone. That Envoy keeps its config while it reconnects;
-        counted as not connected, every object it carries went Pending, and back, on every
-        replica a rolling update replaced."""
-        if self.peers is None or self.snapshot is None:
-            self._moving = {}
-            return self._moving
+    def _moving_nodes(self, remote: Mapping[str, str]) -> dict[str, PeerReport]:
+        """The Ready Nodes whose Envoy left a peer that went away or drains (a rolling update
+        of the control plane stops it) and is connected nowhere yet, within the peers'
+        `move_grace`: by node, the last report of the peer it left. That Envoy keeps its
+        config while it reconnects; counted as not connected, every object it carries went
+        Pending, and back, for every replica a rolling update replaced. A node whose Envoy
+        connected here since is not moving any more: it is here, or it left this replica."""
+        if self.peers is None:
+            return {}
         here, ready = self._envoys_here(), self._ready_nodes()
-        moving: dict[str, tuple[PeerReport, Snapshot]] = {}
-        for node, report in self.peers.departed().items():
-            if node in here or node in remote or node not in ready:
-                continue
-            seen = self._moving.get(node)
-            moving[node] = (
-                seen if seen is not None and seen[0] is report else (report, self.snapshot)
-            )
-        self._moving = moving
+        departed = self.peers.departed()
+        landed = {n: r for n, r in self._landed.items() if departed.get(n) is r}
+        moving: dict[str, PeerReport] = {}
+        for node, report in departed.items():
+            if node in here:
+                landed[node] = report
+            elif node not in remote and node in ready and landed.get(node) is not report:
+                moving[node] = report
+        self._landed = landed
         return moving
 
     def _unready_nodes(self) -> tuple[str, ...]:
@@ -760,7 +762,7 @@ class Pipeline:
         remote, peers = self._remote_nodes() if not local_only else ({}, ())
         moving = self._moving_nodes(remote) if not local_only else {}
         if moving:
-            remote = {**remote, **{node: report.peer for node, (report, _) in moving.items()}}
+            remote = {**remote, **{node: report.peer for node, report in moving.items()}}
         expected = sorted(self._envoys_here()) if local_only else self._expected_nodes(remote)
         partial, unseen = [], []
         by_origin = self._by_origin()
@@ -811,7 +813,7 @@ class Pipeline:
                 tuple(expected),
                 not_ready,
                 tuple((r.peer, r.etag) for r in peers),
-                tuple((node, r.peer, r.etag) for node, (r, _) in moving.items()),
+                tuple((node, r.peer, r.etag) for node, r in moving.items()),
             ),
             not_ready,
             remote,
@@ -836,9 +838,16 @@ class Pipeline:
         uid = self._uid(key)
         waits = [here.message] if here.reason == "Pending" else []
         reports = list(ctx.peers)
-        for node, (report, then) in ctx.moving.items():
-            # its peer's last verdicts, for what did not change since it left
-            if not self._unchanged_since(origin, node, then, ctx):
+        content = self._content_digest(origin, ctx.by_origin) if ctx.moving else ""
+        for node, report in ctx.moving.items():
+            # the last verdicts of the peer it left, if they were for the content now
+            entry = report.objects.get(origin)
+            if (
+                entry is None
+                or not entry[3]
+                or entry[3] != content
+                or node in ctx.on_node_listeners.get(origin, ())  # its own Listener's part
+            ):
                 waits.append(f"waiting for {node} to connect again (it left replica {report.peer})")
             elif all(r is not report for r in reports):
                 reports.append(report)
@@ -920,6 +929,13 @@ class Pipeline:
         obj = self._view.get(key)
         return str(obj["metadata"].get("uid") or "") if obj is not None else ""
 
+    def drain(self) -> None:
+        """This replica is shutting down: its `/programmed` says so from now on, and the node
+        Envoys that leave it count, at the other replicas, with its last verdicts while they
+        reconnect (see `Peers.departed`)."""
+        self.draining = True
+        self._peer_report = None
+
     def programmed_report(self) -> tuple[str, bytes]:
         """(ETag, JSON body) of this replica's verdicts for the node Envoys connected to it
         alone, for its peers (`GET /programmed`, see `nodemesh.controlplane.peers`)."""
@@ -939,12 +955,16 @@ class Pipeline:
                     if c.type == "Accepted" and c.status == "True":
                         p = self._programmed_here(key, gen, c.parent, ctx)
                         verdicts[c.parent] = [p.status, p.reason, p.message]
-                objects[f"{key.kind}/{key.namespace}/{key.name}"] = {
+                origin = f"{key.kind}/{key.namespace}/{key.name}"
+                objects[origin] = {
                     "uid": self._uid(key),
                     "generation": gen,
                     "parents": verdicts,
+                    "content": self._content_digest(origin, ctx.by_origin),
                 }
-        body = json.dumps({"nodes": nodes, "objects": objects}, sort_keys=True).encode()
+        body = json.dumps(
+            {"nodes": nodes, "objects": objects, "draining": self.draining}, sort_keys=True
+        ).encode()
         etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
         self._peer_report = (self._conditions_made, etag, body)
         return etag, body
@@ -1057,26 +1077,20 @@ class Pipeline:
             message += f"; not counted, Node not Ready: {shown_names}{more}"
         return Condition("Programmed", "True", "Programmed", message, gen, parent)
 
-    def _unchanged_since(
-        self, origin: str, node: str, then: Snapshot, ctx: _ProgrammedContext
-    ) -> bool:
-        """Whether every resource that carries `origin` now held the same part of it in the
-        snapshot `then` (what `node`, which left a peer, held as far as the peer's verdicts
-        said). A consumer route on the node's own Listener is not known from here: never."""
+    def _content_digest(self, origin: str, by_origin: Mapping[str, list[tuple[str, str]]]) -> str:
+        """A digest of the versions of the shared resources that carry `origin`: equal on two
+        replicas that built the same content of it (versions are digests of the bytes). Each
+        replica's `/programmed` says it per object: a node that left a peer counts with the
+        peer's verdicts only for the content it had (see `_moving_nodes`). Coarse (a shared
+        RDS carries every route): a mismatch only makes a moving node wait."""
         snapshot = self.snapshot
         assert snapshot is not None
-        if node in ctx.on_node_listeners.get(origin, ()):
-            return False
-        for t, name in ctx.by_origin.get(origin, ()):
-            now = snapshot.resources(t).get(name)
-            if now is None:
-                continue
-            was = then.resources(t).get(name)
-            fp = self._history.get((t, name, now.version), {}).get(origin)
-            held = was.version if was is not None else None
-            if not self._holds_part(t, name, held, now.version, fp, origin):
-                return False
-        return True
+        h = hashlib.blake2b(digest_size=8)
+        for t, name in sorted(by_origin.get(origin, ())):
+            r = snapshot.resources(t).get(name)
+            if r is not None:
+                h.update(f"{t}\0{name}\0{r.version}\n".encode())
+        return h.hexdigest()
 
     def _holds_part(
         self, t: str, name: str, held: str | None, version: str, fp: int | None, origin: str

@@ -6,8 +6,12 @@ directly, as the ADS server records them (tests/kube/test_peers.py does it with 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,7 +21,7 @@ from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.http import StatusServer
 from nodemesh.controlplane.peers import Peers
 from nodemesh.controlplane.pipeline import Pipeline
-from nodemesh.controlplane.store import Store
+from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds.cache import SnapshotCache
 from nodemesh.xds.server import StatusTracker
 from tests.controlplane.test_programmed import EXAMPLES, ROUTE, _connect_and_ack
@@ -110,12 +114,46 @@ async def test_the_leader_waits_for_a_peer_to_build_the_generation_it_built() ->
         await http.stop()
 
 
-async def test_a_node_moving_between_replicas_keeps_verdicts_of_what_did_not_change() -> None:
-    """A rolling update of the control plane: node-b's Envoy leaves replica b (which stops) and
-    is connected nowhere until it reaches another replica. It keeps its config meanwhile, so
-    the leader counts it with b's last verdicts, for `move_grace`, as long as the route did
-    not change. Before, the route went Pending and back on every replica the update replaced
-    (twice the objects in status writes, and a Programmed=False for anyone alerting on it)."""
+@dataclass
+class TwoReplicas:
+    """Replicas a (the leader, node-a's Envoy) and b (node-b's), both built from the
+    examples and ACKed; a polls b over HTTP on a clock of its own (`now`)."""
+
+    stores: tuple[Store, Store]
+    a: Pipeline
+    b: Pipeline
+    status_a: StatusTracker
+    status_b: StatusTracker
+    streams_b: dict[str, object]
+    peers: Peers
+    session: aiohttp.ClientSession
+    now: list[float]
+
+    async def poll(self, seconds: float = 1.0) -> None:
+        """Time goes by, a polls b, and recomputes (what the subscription schedules)."""
+        self.now[0] += seconds
+        await self.peers.poll(self.session)
+        self.a._update_conditions()
+
+    async def leaves_b(self, draining: bool = True) -> None:
+        """node-b's Envoy leaves b: b drains (a rolling update), or node-b's Envoy went."""
+        if draining:
+            self.b.drain()
+        self.status_b.stream_closed("node-b", self.streams_b["node-b"])
+        self.b._update_conditions()
+
+    async def changes(self, key: ObjectKey, change: Callable[[dict[str, Any]], None]) -> None:
+        """`change` to the object `key` in a's store, built, and ACKed by node-a."""
+        obj = copy.deepcopy(dict(self.stores[0].get(key) or {}))
+        change(obj)
+        obj["metadata"].pop("generation", None)  # (the store counts it, as in files mode)
+        self.stores[0].apply(obj)
+        await self.a.rebuild()
+        _connect_and_ack(self.a, self.status_a, "node-a")
+
+
+@contextlib.asynccontextmanager
+async def two_replicas() -> AsyncIterator[TwoReplicas]:
     stores = Store(), Store()
     for store in stores:
         FilesSource(EXAMPLES, store).scan()
@@ -134,84 +172,138 @@ async def test_a_node_moving_between_replicas_keeps_verdicts_of_what_did_not_cha
     a.use_peers(peers)
     try:
         async with aiohttp.ClientSession() as session:
-            await peers.poll(session)
-            a._update_conditions()
+            r = TwoReplicas(stores, a, b, status_a, status_b, streams, peers, session, now)
+            await r.poll()
             assert programmed(a).message == "ACKed by 2 node(s)"
-
-            status_b.stream_closed("node-b", streams["node-b"])  # b drains: node-b leaves
-            b._update_conditions()
-            now[0] += 1.0
-            await peers.poll(session)
-            assert set(peers.departed()) == {"node-b"}
-            assert a.status_json()["peers"]["replica-b"]["moving"] == ["node-b"]
-            a._update_conditions()
-            assert programmed(a) == Condition(
-                "Programmed", "True", "Programmed", "ACKed by 2 node(s)", 1, "Service/reviews:80"
-            )
-
-            route = copy.deepcopy(dict(stores[0].get(ROUTE) or {}))
-            route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
-            del route["metadata"]["generation"]
-            stores[0].apply(route)
-            await a.rebuild()
-            _connect_and_ack(a, status_a, "node-a")
-            a._update_conditions()
-            c = programmed(a)  # node-b cannot have it: it is connected nowhere
-            assert (c.status, c.reason, c.observed_generation) == ("False", "Pending", 2)
-            assert c.message == "waiting for node-b to connect again (it left replica replica-b)"
-
-            _connect_and_ack(a, status_a, "node-b")  # it reached the leader, and ACKed
-            a._update_conditions()
-            assert programmed(a).message == "ACKed by 2 node(s)"
-            assert programmed(a).observed_generation == 2
+            yield r
     finally:
         await http.stop()
+
+
+def condition(p: Pipeline, key: ObjectKey = ROUTE) -> Condition:
+    return next(c for c in p.conditions()[key] if c.type == "Programmed")
+
+
+def heavier(route: dict[str, Any]) -> None:
+    route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
+
+
+async def test_a_node_moving_between_replicas_keeps_verdicts_of_what_did_not_change() -> None:
+    """A rolling update of the control plane: b drains, node-b's Envoy leaves it and is
+    connected nowhere until it reaches another replica. It keeps its config meanwhile, so
+    the leader counts it with b's last verdicts, for `move_grace`, as long as the route's
+    content is what those verdicts were for. Before, the route went Pending and back on every
+    replica the update replaced (twice the objects in status writes, and a Programmed=False
+    for anyone alerting on it)."""
+    async with two_replicas() as r:
+        await r.leaves_b()
+        await r.poll()
+        assert set(r.peers.departed()) == {"node-b"}
+        assert r.a.status_json()["peers"]["replica-b"]["moving"] == ["node-b"]
+        assert condition(r.a) == Condition(
+            "Programmed", "True", "Programmed", "ACKed by 2 node(s)", 1, "Service/reviews:80"
+        )
+
+        await r.changes(ROUTE, heavier)
+        r.a._update_conditions()
+        c = condition(r.a)  # node-b cannot have it: it is connected nowhere
+        assert (c.status, c.reason, c.observed_generation) == ("False", "Pending", 2)
+        assert c.message == "waiting for node-b to connect again (it left replica replica-b)"
+
+        _connect_and_ack(r.a, r.status_a, "node-b")  # it reached the leader, and ACKed
+        r.a._update_conditions()
+        assert condition(r.a).message == "ACKed by 2 node(s)"
+        assert condition(r.a).observed_generation == 2
+
+
+async def test_a_node_whose_envoy_left_a_replica_that_goes_on_is_not_moving() -> None:
+    """node-b's Envoy went (it crashed, restarts, or its node went down) while b goes on: it
+    holds nothing it can be counted with, so the route waits for it at once."""
+    async with two_replicas() as r:
+        await r.leaves_b(draining=False)
+        await r.poll()
+        assert r.peers.departed() == {}
+        c = condition(r.a)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert c.message.startswith("waiting for ACK from node-b: "), c
+
+
+@pytest.mark.parametrize("noticed", ["before", "after"])
+async def test_a_change_while_a_node_moves_holds_what_it_changed_back(noticed: str) -> None:
+    """node-b left b; a Service the route sends to changes its port (the route's content
+    changes, not its generation), before or after the leader noticed that node-b left. It
+    cannot hold the change: Pending either way. Before review, a change that came before the
+    leader's next poll was taken for the content node-b held."""
+
+    def port_81(svc: dict[str, Any]) -> None:
+        svc["spec"]["ports"][0]["port"] = 81
+
+    async with two_replicas() as r:
+        await r.leaves_b()
+        if noticed == "after":
+            await r.poll()
+        await r.changes(ObjectKey("Service", "shop", "reviews-v2"), port_81)
+        await r.poll()
+        assert set(r.peers.departed()) == {"node-b"}
+        c = condition(r.a)
+        assert (c.status, c.reason, c.observed_generation) == ("False", "Pending", 1), c
+        assert c.message == "waiting for node-b to connect again (it left replica replica-b)"
+
+
+async def test_endpoints_that_change_while_a_node_moves_hold_the_policy_on_them_back() -> None:
+    """A TrafficPolicy's part is in its Service's endpoints resource: pod churn there while
+    node-b moves, before the leader noticed, holds the policy back, not the routes."""
+    policy = ObjectKey("TrafficPolicy", "shop", "ratings-defaults")
+
+    def one_endpoint_less(eps: dict[str, Any]) -> None:
+        eps["endpoints"] = eps["endpoints"][:-1]
+
+    async with two_replicas() as r:
+        assert condition(r.a, policy).status == "True"
+        await r.leaves_b()
+        await r.changes(ObjectKey("EndpointSlice", "shop", "ratings-abc12"), one_endpoint_less)
+        await r.poll()
+        c = condition(r.a, policy)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert "node-b to connect again" in c.message, c
+        assert condition(r.a).status == "True", "the route's content is unchanged"
+
+
+async def test_a_moving_node_that_came_here_and_left_again_is_not_moving_any_more() -> None:
+    """node-b left b, connected to the leader, and went again: what it holds now is what the
+    leader saw, not b's verdicts (a restarted Envoy holds nothing)."""
+    async with two_replicas() as r:
+        await r.leaves_b()
+        await r.poll()
+        here = _connect_and_ack(r.a, r.status_a, "node-b")
+        r.a._update_conditions()
+        assert condition(r.a).message == "ACKed by 2 node(s)"
+        r.status_a.stream_closed("node-b", here["node-b"])
+        await r.poll()
+        assert set(r.peers.departed()) == {"node-b"}, "b's departure is still in its grace"
+        c = condition(r.a)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert c.message.startswith("waiting for ACK from node-b: "), c
 
 
 async def test_a_moving_node_that_connects_nowhere_holds_objects_back_after_the_grace() -> None:
-    """node-b left replica b and reaches no replica: counted with b's verdicts for
-    `move_grace` seconds, then as not connected (Pending, naming it)."""
-    stores = Store(), Store()
-    for store in stores:
-        FilesSource(EXAMPLES, store).scan()
-    status_a, status_b = StatusTracker(), StatusTracker()
-    a = Pipeline(stores[0], SnapshotCache(), status_a)
-    b = Pipeline(stores[1], SnapshotCache(), status_b)
-    await a.rebuild()
-    await b.rebuild()
-    _connect_and_ack(a, status_a, "node-a")
-    streams = _connect_and_ack(b, status_b, "node-b")
-    b._update_conditions()
-    http = StatusServer(b)
-    port = await http.start("127.0.0.1", 0)
-    now = [0.0]
-    peers = Peers(lambda: {"replica-b": f"http://127.0.0.1:{port}"}, clock=lambda: now[0])
-    a.use_peers(peers)
-    changes = []
-    peers.subscribe(lambda: changes.append(now[0]))
-    try:
-        async with aiohttp.ClientSession() as session:
-            await peers.poll(session)
-            status_b.stream_closed("node-b", streams["node-b"])
-            b._update_conditions()
-            await peers.poll(session)
-            a._update_conditions()
-            assert programmed(a).status == "True"
-            now[0] += peers.move_grace - 0.5
-            await peers.poll(session)
-            a._update_conditions()
-            assert programmed(a).status == "True"
-            now[0] += 1.0
-            changes.clear()
-            await peers.poll(session)
-            assert changes, "the subscribers are told: the pipeline recomputes"
-            assert peers.departed() == {}
-            a._update_conditions()
-            c = programmed(a)
-            assert (c.status, c.reason) == ("False", "Pending"), c
-            assert c.message.startswith("waiting for ACK from node-b: "), c
-    finally:
-        await http.stop()
+    """node-b left b and reaches no replica: counted with b's verdicts for `move_grace`
+    seconds, then as not connected (Pending, naming it); the subscribers are told."""
+    async with two_replicas() as r:
+        changes: list[float] = []
+        r.peers.subscribe(lambda: changes.append(r.now[0]))
+        await r.leaves_b()
+        await r.poll()
+        assert condition(r.a).status == "True"
+        await r.poll(r.peers.move_grace - 0.5)  # 9.5 s after it left
+        assert condition(r.a).status == "True"
+        changes.clear()
+        await r.poll()
+        assert changes, "the subscribers are told: the pipeline recomputes"
+        assert r.peers.departed() == {}
+        c = condition(r.a)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert c.message.startswith("waiting for ACK from node-b: "), c
 
 
 async def test_a_peer_that_never_answers_is_one_warning_per_outage(

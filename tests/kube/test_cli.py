@@ -30,7 +30,7 @@ from tests.e2e.mesh import HttpBackend, endpoint_slice, service
 from tests.e2e.objects import http_route, to
 from tests.kube.conftest import ApiFront, Kube, eventually
 from tests.kube.mesh import NodeEnvoy
-from tests.kube.test_e2e import status_shows
+from tests.kube.test_e2e import ready_node, status_shows
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,6 +316,46 @@ async def test_a_replica_that_drains_still_tells_its_peers_about_its_node_envoys
         assert b.proc.poll() == 0, "cli-b did not exit within 40 s"
         assert len(seen) > 50, f"the drain lasted {len(seen)} samples only"
         assert set(seen) == {("True", "ACKed by 1 node(s)")}, sorted(set(seen))
+
+
+async def test_a_node_whose_replica_was_stopped_counts_with_its_verdicts_while_it_moves(
+    kube: Kube, tmp_path: Path, envoy_binary: str
+) -> None:
+    """A rolling update replaces cli-b, which node-1's Envoy (a Ready Node's) is connected
+    to: cli-b drains, says so in its /programmed, and exits. node-1's Envoy keeps its config
+    and is on its way to another replica (here it never gets there: its bootstrap names
+    cli-b only), so the leader counts node-1 with cli-b's last verdicts for the peers'
+    move_grace (10 s): the route stays Programmed, then waits for node-1. Before, it went
+    Pending once cli-b's last answer was stale (5 s), on every replica a rolling update
+    replaced, until the node Envoys reconnected."""
+    await kube.create(ready_node("node-1"))
+    drain = ("--drain-seconds", "1")
+    async with peer_processes(kube, tmp_path, envoy_binary, *drain) as (a, b, _):
+
+        def route_programmed() -> tuple[str, str]:
+            code, body = http_get(a.http, "/status")
+            assert code == 200, body
+            (route,) = (o for o in json.loads(body)["objects"] if o["name"] == "peers")
+            (c,) = (c for c in route["conditions"] if c["type"] == "Programmed")
+            return c["status"], c["message"]
+
+        await eventually(lambda: route_programmed()[0] == "True", "Programmed", 30)
+        os.killpg(b.proc.pid, signal.SIGTERM)
+        await eventually(lambda: b.proc.poll() is not None, "cli-b exits", 40)
+        assert b.proc.poll() == 0
+        loop = asyncio.get_running_loop()
+        seen: set[tuple[str, str]] = set()
+        until = loop.time() + 8  # past the 5 s after which cli-b's last answer is stale
+        while loop.time() < until:
+            seen.add(route_programmed())
+            await asyncio.sleep(0.2)  # a sample of a's view, five a second
+        assert seen == {("True", "ACKed by 1 node(s)")}, sorted(seen)
+        assert peers_of(a)["cli-b"]["moving"] == ["node-1"], peers_of(a)
+        await eventually(
+            lambda: route_programmed()[1].startswith("waiting for ACK from node-1"),
+            "node-1, connected nowhere, no longer counted after the grace",
+            20,
+        )
 
 
 async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_once(
