@@ -197,6 +197,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         # The pipeline and HTTP after the drain: its node Envoys are still connected here
         # meanwhile, and the other replicas count them from this one's /programmed
         # (--peers-service), which follows their streams (the status writer is stopped)
+        pipeline.drain(cut_in=args.drain_seconds)  # what goes before is not the drain's cut
         await server.stop(grace=args.drain_seconds)
         await pipeline.stop()
         await status.stop()

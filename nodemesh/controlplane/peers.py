@@ -8,11 +8,12 @@ counts their nodes in `Programmed` (see `Pipeline.use_peers`). A peer that does 
 Envoy is connected nowhere keeps objects Pending), until it answers again.
 
 A node that a fresh report listed and none lists any more is `departed()` for `move_grace`
-seconds when its replica went away or drains (a rolling update stops it: its report says
-`draining`), not when it left a replica that goes on (its Envoy stopped, or restarted and holds
-nothing): its Envoy is on its way to another replica, and keeps the config it holds meanwhile
-(Envoy does not drop its config when its xDS stream ends). The pipeline counts it with the
-last verdicts of the replica it left, for each object whose content that replica's verdicts
+seconds when its replica went away (it stopped answering, or serving) or drains (a rolling
+update stops it: its report says `draining`) and did not see that Envoy go on its own (its
+report's `left`), not when it left a replica that goes on (its Envoy stopped, or restarted
+and holds nothing): its Envoy is on its way to another replica, and keeps the config it holds
+meanwhile (Envoy does not drop its config when its xDS stream ends). The pipeline counts it
+with the last verdicts of the replica it left, for each object whose content those verdicts
 were for (`PeerReport.objects`' content digest) is the content now.
 
 `Peers(targets, ...)`: `targets()` returns {peer name: base URL} (see
@@ -48,7 +49,9 @@ class PeerReport:
     ("" when the source has none), the generation its verdicts are for, per parent its
     verdict for those nodes only, and the digest of the content they are for (the versions
     of the resources that carry the object: `Pipeline.content_digest`; "" from a version
-    that did not say). `draining`: the peer is shutting down."""
+    that did not say). `draining`: the peer is shutting down (its store no longer follows
+    the cluster); `left`: then, the nodes whose Envoy closed its stream before the peer cut
+    them at the end of its drain (it stopped, or restarted: not a move)."""
 
     peer: str
     nodes: tuple[str, ...]
@@ -56,6 +59,7 @@ class PeerReport:
     etag: str = ""
     received: float = 0.0  # time.monotonic()
     draining: bool = False
+    left: frozenset[str] = frozenset()
 
     @staticmethod
     def from_json(peer: str, body: Mapping[str, Any], etag: str, received: float) -> PeerReport:
@@ -84,6 +88,9 @@ class PeerReport:
             etag,
             received,
             body.get("draining") is True,
+            frozenset(str(n) for n in left)
+            if isinstance(left := body.get("left"), list)
+            else frozenset(),
         )
 
 
@@ -128,9 +135,10 @@ class Peers:
 
     def departed(self) -> Mapping[str, PeerReport]:
         """The nodes a fresh report listed and none does now, having left a peer that went
-        away or drains, for `move_grace` seconds after (less for a node that a report lists
-        again): by node, the last report that listed it. The mapping is replaced, never
-        altered, when they change."""
+        away or drains (see the module's doc), for `move_grace` seconds after (less for a
+        node that a report lists again, or whose peer answers again not draining, or says
+        the node left on its own): by node, the last report that listed it. The mapping is
+        replaced, never altered, when they change."""
         return self._departed_view
 
     def describe(self) -> dict[str, Any]:
@@ -237,18 +245,27 @@ class Peers:
         # the latest report first: a node two peers listed (a stream not yet seen closed at
         # one of them) keeps the later one's verdicts
         for report in sorted(self._fresh.values(), key=lambda r: r.received, reverse=True):
-            still = fresh.get(report.peer)
-            if still is not None and not (still.draining or report.draining):
-                continue  # left a replica that goes on: not a move (see `departed`)
             for node in report.nodes:
                 if node not in listed and node not in self._departed:
-                    self._departed[node] = (report, now)
+                    if not self._went(fresh, report.peer, node):
+                        self._departed[node] = (report, now)
         self._departed = {
             n: (r, since)
             for n, (r, since) in self._departed.items()
-            if n not in listed and now - since < self.move_grace
+            if n not in listed
+            and now - since < self.move_grace
+            # a peer that answers again, not draining: the node did not move, it went
+            and not self._went(fresh, r.peer, n)
         }
         return {n: r for n, (r, _) in sorted(self._departed.items())}
+
+    @staticmethod
+    def _went(fresh: Mapping[str, PeerReport], peer: str, node: str) -> bool:
+        """Whether `node`'s Envoy, no longer listed by `peer`, left it on its own (it stopped,
+        or restarted, and holds nothing): `peer` answers and does not drain, or drains and
+        saw that Envoy close its stream before the end of the drain."""
+        report = fresh.get(peer)
+        return report is not None and (not report.draining or node in report.left)
 
     async def _ask(self, session: aiohttp.ClientSession, name: str, peer: _Peer) -> None:
         headers = {"If-None-Match": peer.report.etag} if peer.report is not None else {}

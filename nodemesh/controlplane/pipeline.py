@@ -133,8 +133,23 @@ class _ProgrammedContext:
     remote: Mapping[str, str] = field(default_factory=dict)
     peers: tuple[PeerReport, ...] = ()
     # expected nodes on their way from a peer to another replica (also in `remote`): the
-    # last report of the peer they left
-    moving: Mapping[str, PeerReport] = field(default_factory=dict)
+    # last report of each peer they left, with them
+    moving_from: tuple[tuple[PeerReport, tuple[str, ...]], ...] = ()
+
+
+def _by_report(moving: Mapping[str, PeerReport]) -> tuple[tuple[PeerReport, tuple[str, ...]], ...]:
+    """Moving nodes grouped by the report of the peer they left."""
+    groups: dict[int, tuple[PeerReport, list[str]]] = {}
+    for node, report in moving.items():
+        groups.setdefault(id(report), (report, []))[1].append(node)
+    return tuple((report, tuple(nodes)) for report, nodes in groups.values())
+
+
+def _moving_wait(nodes: list[str], peer: str) -> str:
+    if len(nodes) == 1:
+        return f"waiting for {nodes[0]} to connect again (it left replica {peer})"
+    more = f" (+{len(nodes) - 3} more)" if len(nodes) > 3 else ""
+    return f"waiting for {', '.join(nodes[:3])}{more} to connect again (they left replica {peer})"
 
 
 class KubernetesStatus:
@@ -251,6 +266,8 @@ class Pipeline:
         # not moving any more on that report (see _moving_nodes)
         self._landed: dict[str, PeerReport] = {}
         self.draining = False  # shutting down: said in /programmed (see drain)
+        self._cut_at: float | None = None  # time.monotonic() the drain cuts the streams
+        self._left: set[str] = set()  # nodes whose Envoy went on its own while draining
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -605,6 +622,8 @@ class Pipeline:
                 del versions[next(iter(versions))]
 
     def _on_ack(self, event: AckEvent | None) -> None:
+        if self.draining and event is not None:
+            self._while_draining(event)
         # Many ACKs arrive together (one per type per node): recompute once per loop turn.
         if self._programmed_scheduled or self._loop is None:
             return
@@ -818,7 +837,7 @@ class Pipeline:
             not_ready,
             remote,
             peers,
-            moving,
+            _by_report(moving),
         )
 
     def _programmed(
@@ -828,7 +847,7 @@ class Pipeline:
         verdicts, for the same generation of the object): a rejection anywhere, else any wait,
         else True."""
         here = self._programmed_here(key, gen, parent, ctx)
-        if not (ctx.peers or ctx.moving) or here.reason in (
+        if not (ctx.peers or ctx.moving_from) or here.reason in (
             "Rejected",
             "NoNodes",
             "NothingToProgram",
@@ -838,21 +857,32 @@ class Pipeline:
         uid = self._uid(key)
         waits = [here.message] if here.reason == "Pending" else []
         reports = list(ctx.peers)
-        content = self._content_digest(origin, ctx.by_origin) if ctx.moving else ""
-        for node, report in ctx.moving.items():
-            # the last verdicts of the peer it left, if they were for the content now
+        content = (
+            self._content_digest(origin, ctx.by_origin)
+            if ctx.moving_from or any(r.draining for r in ctx.peers)
+            else ""
+        )
+        own = ctx.on_node_listeners.get(origin, ())
+        for report, nodes in ctx.moving_from:
+            # the last verdicts of the peer they left, if those were for the content now
             entry = report.objects.get(origin)
-            if (
-                entry is None
-                or not entry[3]
-                or entry[3] != content
-                or node in ctx.on_node_listeners.get(origin, ())  # its own Listener's part
-            ):
-                waits.append(f"waiting for {node} to connect again (it left replica {report.peer})")
-            elif all(r is not report for r in reports):
+            same = entry is not None and entry[3] != "" and entry[3] == content
+            # (a part on a node's own Listener is not in the digest: it waits)
+            stuck = [n for n in nodes if n in own] if same else list(nodes)
+            if stuck:
+                waits.append(_moving_wait(stuck, report.peer))
+            if len(stuck) < len(nodes) and all(r is not report for r in reports):
                 reports.append(report)
         for report in reports:
             entry = report.objects.get(origin)
+            if report.draining and entry is not None and entry[3] != content:
+                # its store stopped following the cluster: its nodes get this once they
+                # have moved to another replica
+                waits.append(
+                    f"waiting for the node Envoys of replica {report.peer}, which is shutting "
+                    "down, to connect to another replica"
+                )
+                continue
             verdict = entry[2].get(parent) if entry is not None else None
             other = entry is not None and entry[0] and uid and entry[0] != uid
             if verdict is None or entry is None or entry[1] != gen or other:
@@ -929,12 +959,24 @@ class Pipeline:
         obj = self._view.get(key)
         return str(obj["metadata"].get("uid") or "") if obj is not None else ""
 
-    def drain(self) -> None:
+    def drain(self, cut_in: float | None = None) -> None:
         """This replica is shutting down: its `/programmed` says so from now on, and the node
         Envoys that leave it count, at the other replicas, with its last verdicts while they
-        reconnect (see `Peers.departed`)."""
+        reconnect (see `Peers.departed`), but those that close their stream before the drain
+        cuts them (`cut_in` seconds from now, once known): they stopped, or restarted, and
+        hold nothing (`left` in its `/programmed`)."""
         self.draining = True
+        if cut_in is not None:
+            self._cut_at = time.monotonic() + cut_in
         self._peer_report = None
+
+    def _while_draining(self, event: AckEvent) -> None:
+        """Which node Envoys go on their own while this replica drains (see `drain`)."""
+        if event.kind == "closed" and event.node_id not in self._envoys_here():
+            if self._cut_at is None or time.monotonic() < self._cut_at:
+                self._left.add(event.node_id)
+        elif event.kind == "resumed" and event.type_url in _ENVOY_TYPES:
+            self._left.discard(event.node_id)  # back: if it goes again, that may be the cut
 
     def programmed_report(self) -> tuple[str, bytes]:
         """(ETag, JSON body) of this replica's verdicts for the node Envoys connected to it
@@ -962,9 +1004,10 @@ class Pipeline:
                     "parents": verdicts,
                     "content": self._content_digest(origin, ctx.by_origin),
                 }
-        body = json.dumps(
-            {"nodes": nodes, "objects": objects, "draining": self.draining}, sort_keys=True
-        ).encode()
+        report: dict[str, Any] = {"nodes": nodes, "objects": objects, "draining": self.draining}
+        if self.draining:
+            report["left"] = sorted(self._left)
+        body = json.dumps(report, sort_keys=True).encode()
         etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
         self._peer_report = (self._conditions_made, etag, body)
         return etag, body

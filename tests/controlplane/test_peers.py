@@ -135,10 +135,12 @@ class TwoReplicas:
         await self.peers.poll(self.session)
         self.a._update_conditions()
 
-    async def leaves_b(self, draining: bool = True) -> None:
-        """node-b's Envoy leaves b: b drains (a rolling update), or node-b's Envoy went."""
-        if draining:
-            self.b.drain()
+    async def leaves_b(self, how: str = "cut") -> None:
+        """node-b's Envoy leaves b: "cut" at the end of b's drain (a rolling update stops
+        b), or "went" on its own while b drains, or "gone" while b goes on (it stopped, or
+        restarted)."""
+        if how != "gone":
+            self.b.drain(cut_in=0.0 if how == "cut" else 30.0)
         self.status_b.stream_closed("node-b", self.streams_b["node-b"])
         self.b._update_conditions()
 
@@ -164,6 +166,7 @@ async def two_replicas() -> AsyncIterator[TwoReplicas]:
     await b.rebuild()
     _connect_and_ack(a, status_a, "node-a")
     streams = _connect_and_ack(b, status_b, "node-b")
+    status_b.add_listener(b._on_ack)  # (not started: what b sees while it drains)
     b._update_conditions()
     http = StatusServer(b)
     port = await http.start("127.0.0.1", 0)
@@ -216,12 +219,15 @@ async def test_a_node_moving_between_replicas_keeps_verdicts_of_what_did_not_cha
         assert condition(r.a).observed_generation == 2
 
 
-async def test_a_node_whose_envoy_left_a_replica_that_goes_on_is_not_moving() -> None:
-    """node-b's Envoy went (it crashed, restarts, or its node went down) while b goes on: it
+@pytest.mark.parametrize("how", ["gone", "went"])
+async def test_a_node_whose_envoy_left_a_replica_on_its_own_is_not_moving(how: str) -> None:
+    """node-b's Envoy went (it crashed, restarts, or its node went down) while b goes on, or
+    while b drains, before the drain cut its stream (b's /programmed says so: `left`): it
     holds nothing it can be counted with, so the route waits for it at once."""
     async with two_replicas() as r:
-        await r.leaves_b(draining=False)
+        await r.leaves_b(how)
         await r.poll()
+        assert r.peers.reports()["replica-b"].left == frozenset({"node-b"} if how == "went" else ())
         assert r.peers.departed() == {}
         c = condition(r.a)
         assert (c.status, c.reason) == ("False", "Pending"), c
@@ -284,6 +290,49 @@ async def test_a_moving_node_that_came_here_and_left_again_is_not_moving_any_mor
         c = condition(r.a)
         assert (c.status, c.reason) == ("False", "Pending"), c
         assert c.message.startswith("waiting for ACK from node-b: "), c
+
+
+async def test_a_node_that_left_a_peer_which_answers_again_not_draining_is_not_moving() -> None:
+    """b stopped answering (its loop blocked, its endpoint briefly not serving): node-b
+    departed. b answers again, not draining, without node-b: its Envoy went meanwhile (a
+    restart), it did not move, and the route waits for it."""
+    async with two_replicas() as r:
+        reachable = r.peers.targets
+        r.peers.targets = lambda: {"replica-b": f"http://127.0.0.1:{free_port()}"}
+        await r.poll(r.peers.stale_after + 1)
+        assert set(r.peers.departed()) == {"node-b"}
+        assert condition(r.a).status == "True", "moving"
+        await r.leaves_b("gone")
+        r.peers.targets = reachable
+        await r.poll()
+        assert r.peers.departed() == {}
+        c = condition(r.a)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert c.message.startswith("waiting for ACK from node-b: "), c
+
+
+async def test_a_draining_peer_holds_back_what_it_will_not_build_any_more() -> None:
+    """A draining replica's store no longer follows the cluster (its operator stopped
+    first): an endpoint change the leader built will not reach b's node Envoys until they
+    move. Before review, b's verdict for the policy's generation, unchanged, said True."""
+    policy = ObjectKey("TrafficPolicy", "shop", "ratings-defaults")
+
+    def one_endpoint_less(eps: dict[str, Any]) -> None:
+        eps["endpoints"] = eps["endpoints"][:-1]
+
+    async with two_replicas() as r:
+        r.b.drain()
+        await r.poll()
+        assert condition(r.a, policy).status == "True", "nothing changed yet"
+        await r.changes(ObjectKey("EndpointSlice", "shop", "ratings-abc12"), one_endpoint_less)
+        await r.poll()
+        c = condition(r.a, policy)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert c.message == (
+            "waiting for the node Envoys of replica replica-b, which is shutting down, to "
+            "connect to another replica"
+        )
+        assert condition(r.a).status == "True", "the route's content is unchanged"
 
 
 async def test_a_moving_node_that_connects_nowhere_holds_objects_back_after_the_grace() -> None:

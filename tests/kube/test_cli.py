@@ -364,13 +364,19 @@ async def test_a_node_whose_replica_was_stopped_counts_with_its_verdicts_while_i
         )
 
 
+@pytest.mark.parametrize("node_1", ["no Node", "a Ready Node"])
 async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_once(
-    kube: Kube, tmp_path: Path, envoy_binary: str
+    kube: Kube, tmp_path: Path, envoy_binary: str, node_1: str
 ) -> None:
     """node-1's and node-2's Envoys are connected to cli-b; node-1's goes away while cli-b
     drains: cli-b's /programmed stops listing it, and the leader counts node-2 only, while
     cli-b still drains (for node-2). Before, cli-b's pipeline stopped before the drain, its
-    answer stayed what it was, and the leader counted node-1 until cli-b exited."""
+    answer stayed what it was, and the leader counted node-1 until cli-b exited. Of a Ready
+    Node, that Envoy is not moving to another replica (cli-b says it left on its own, before
+    the drain's cut): the route waits for it, where it would otherwise count as moving,
+    holding no config, for 10 s."""
+    if node_1 == "a Ready Node":
+        await kube.create(ready_node("node-1"))
     drain = ("--drain-seconds", "15")
     async with peer_processes(kube, tmp_path, envoy_binary, *drain) as (a, b, envoy):
         node_2 = NodeEnvoy(envoy_binary, a.outbound)
@@ -395,11 +401,19 @@ async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_onc
                 lambda: "operator cli-b stopped" in b.log.read_text(), "cli-b drains", 20
             )
             await envoy.stop()
-            await eventually(
-                lambda: route_programmed() == ("True", "ACKed by 1 node(s)"),
-                "the leader no longer counts node-1",
-                10,
-            )
+            if node_1 == "no Node":
+                await eventually(
+                    lambda: route_programmed() == ("True", "ACKed by 1 node(s)"),
+                    "the leader no longer counts node-1",
+                    10,
+                )
+            else:
+                await eventually(
+                    lambda: route_programmed()[1].startswith("waiting for ACK from node-1"),
+                    "the leader waits for node-1",
+                    10,
+                )
+                assert peers_of(a)["cli-b"]["moving"] == [], peers_of(a)
             assert b.proc.poll() is None, "cli-b no longer drains: the check came too late"
         finally:
             await node_2.stop()
