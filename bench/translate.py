@@ -265,12 +265,14 @@ def peer_runs(store: Store, n: int = 5) -> dict[str, float]:
     every one holding its snapshot. Times the follower's `/programmed` answer (made once per
     change of its conditions), the leader's poll of it over loopback (fetch and parse; then
     an unchanged one, a 304), and the leader's recompute of every object's conditions with
-    the follower's verdicts in; medians of `n`."""
+    the follower's verdicts in; medians of `n`. Then the follower drains and cuts its
+    Envoys' streams (a rolling update): the leader's recompute with all of them moving."""
 
     async def run() -> dict[str, float]:
         statuses = StatusTracker(), StatusTracker()
         leader, follower = (Pipeline(store, SnapshotCache(), s) for s in statuses)
         names = sorted(o["metadata"]["name"] for o in nodes())
+        streams: dict[str, object] = {}
         for pipeline, status, half in (
             (leader, statuses[0], names[::2]),
             (follower, statuses[1], names[1::2]),
@@ -278,7 +280,8 @@ def peer_runs(store: Store, n: int = 5) -> dict[str, float]:
             await pipeline.rebuild()
             for node in half:  # what the ADS server records as each Envoy ACKs
                 status.stream_opened(node)
-                stream = object()  # (its stream, which speaks for every type it asks for)
+                # (its stream, which speaks for every type it asks for)
+                stream = streams[node] = object()
                 snap = pipeline.cache.get_snapshot(node) or pipeline.snapshot
                 assert snap is not None
                 for t in snap.type_urls:
@@ -321,6 +324,23 @@ def peer_runs(store: Store, n: int = 5) -> dict[str, float]:
         verdicts = [c for cs in leader.conditions().values() for c in cs if c.type == "Programmed"]
         assert verdicts and all(c.status == "True" for c in verdicts), verdicts[:3]
         assert all(c.message == f"ACKed by {len(names)} node(s)" for c in verdicts)
+
+        follower.drain(cut_in=0.0)  # and its drain cuts every stream
+        for node in names[1::2]:
+            statuses[1].stream_closed(node, streams[node])
+        follower._update_conditions()
+        port = await http.start("127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await peers.poll(session)
+        finally:
+            await http.stop()
+        assert len(peers.departed()) == len(names[1::2])
+        t0 = time.perf_counter()
+        leader._update_conditions()
+        moving = time.perf_counter() - t0
+        verdicts = [c for cs in leader.conditions().values() for c in cs if c.type == "Programmed"]
+        assert all(c.message == f"ACKed by {len(names)} node(s)" for c in verdicts), verdicts[:3]
         return {
             "report_ms": statistics.median(report) * 1000,
             "report_kb": size / 1000,
@@ -328,6 +348,8 @@ def peer_runs(store: Store, n: int = 5) -> dict[str, float]:
             "poll_unchanged_ms": statistics.median(unchanged) * 1000,
             "merge_ms": statistics.median(merges) * 1000,
             "unchanged_ms": statistics.median(same) * 1000,
+            "moving_merge_ms": moving * 1000,
+            "moving_nodes": len(peers.departed()),
         }
 
     return asyncio.run(run())
@@ -399,7 +421,9 @@ def main() -> int:
         f"{peer['report_kb']:.0f} kB made in {peer['report_ms']:.1f} ms; the leader's poll "
         f"{peer['poll_ms']:.1f} ms (unchanged, 304: {peer['poll_unchanged_ms']:.1f} ms); its "
         f"recompute with the verdicts {peer['merge_ms']:.1f} ms "
-        f"(nothing changed: {peer['unchanged_ms']:.1f} ms)"
+        f"(nothing changed: {peer['unchanged_ms']:.1f} ms); with the follower's "
+        f"{peer['moving_nodes']:.0f} node Envoys moving (a rolling update): "
+        f"{peer['moving_merge_ms']:.1f} ms"
     )
     full_ms, inc_ms = med(full, "total") * 1000, med(inc, "total") * 1000
     inc_translate_ms = med(inc, "translate") * 1000
