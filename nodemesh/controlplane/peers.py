@@ -50,8 +50,8 @@ class PeerReport:
     verdict for those nodes only, and the digest of the content they are for (the versions
     of the resources that carry the object: `Pipeline.content_digest`; "" from a version
     that did not say). `draining`: the peer is shutting down (its store no longer follows
-    the cluster); `left`: then, the nodes whose Envoy closed its stream before the peer cut
-    them at the end of its drain (it stopped, or restarted: not a move)."""
+    the cluster); `left`: the nodes whose Envoy closed its stream on its own in the last
+    minute, not cut by the peer's drain (it stopped, or restarted: not a move)."""
 
     peer: str
     nodes: tuple[str, ...]
@@ -242,13 +242,20 @@ class Peers:
     def _depart(self, fresh: Mapping[str, PeerReport], now: float) -> dict[str, PeerReport]:
         """The departed nodes once `fresh` replaces the fresh reports (see `departed`)."""
         listed = {n for r in fresh.values() for n in r.nodes}
+        # said to have left on its own by a peer that listed it: not a move, whichever other
+        # peer (an old stream not yet seen closed) listed it too
+        went = {
+            n
+            for r in self._fresh.values()
+            for n in r.nodes
+            if n not in listed and self._went(fresh, r.peer, n)
+        }
         # the latest report first: a node two peers listed (a stream not yet seen closed at
         # one of them) keeps the later one's verdicts
         for report in sorted(self._fresh.values(), key=lambda r: r.received, reverse=True):
             for node in report.nodes:
-                if node not in listed and node not in self._departed:
-                    if not self._went(fresh, report.peer, node):
-                        self._departed[node] = (report, now)
+                if node not in listed and node not in self._departed and node not in went:
+                    self._departed[node] = (report, now)
         self._departed = {
             n: (r, since)
             for n, (r, since) in self._departed.items()

@@ -137,6 +137,11 @@ class _ProgrammedContext:
     moving_from: tuple[tuple[PeerReport, tuple[str, ...]], ...] = ()
 
 
+# How long a replica says that a node's Envoy left it on its own (`left` in /programmed): past
+# the other replicas' `stale_after` and `move_grace`, the only times they ask
+_LEFT_KEPT = 60.0
+
+
 def _by_report(moving: Mapping[str, PeerReport]) -> tuple[tuple[PeerReport, tuple[str, ...]], ...]:
     """Moving nodes grouped by the report of the peer they left."""
     groups: dict[int, tuple[PeerReport, list[str]]] = {}
@@ -267,7 +272,9 @@ class Pipeline:
         self._landed: dict[str, PeerReport] = {}
         self.draining = False  # shutting down: said in /programmed (see drain)
         self._cut_at: float | None = None  # time.monotonic() the drain cuts the streams
-        self._left: set[str] = set()  # nodes whose Envoy went on its own while draining
+        # node -> when its Envoy closed its stream on its own (not cut by the drain), kept
+        # for _LEFT_KEPT seconds unless it comes back: `left` in /programmed (see drain)
+        self._left: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -622,8 +629,8 @@ class Pipeline:
                 del versions[next(iter(versions))]
 
     def _on_ack(self, event: AckEvent | None) -> None:
-        if self.draining and event is not None:
-            self._while_draining(event)
+        if event is not None and event.kind in ("closed", "resumed"):
+            self._note_envoy(event)
         # Many ACKs arrive together (one per type per node): recompute once per loop turn.
         if self._programmed_scheduled or self._loop is None:
             return
@@ -866,7 +873,13 @@ class Pipeline:
         for report, nodes in ctx.moving_from:
             # the last verdicts of the peer they left, if those were for the content now
             entry = report.objects.get(origin)
-            same = entry is not None and entry[3] != "" and entry[3] == content
+            same = (
+                entry is not None
+                and entry[3] != ""
+                and entry[3] == content
+                and entry[1] == gen
+                and not (entry[0] and uid and entry[0] != uid)
+            )
             # (a part on a node's own Listener is not in the digest: it waits)
             stuck = [n for n in nodes if n in own] if same else list(nodes)
             if stuck:
@@ -963,20 +976,25 @@ class Pipeline:
         """This replica is shutting down: its `/programmed` says so from now on, and the node
         Envoys that leave it count, at the other replicas, with its last verdicts while they
         reconnect (see `Peers.departed`), but those that close their stream before the drain
-        cuts them (`cut_in` seconds from now, once known): they stopped, or restarted, and
-        hold nothing (`left` in its `/programmed`)."""
+        cuts them (`cut_in` seconds from now, once known), or closed it within the last
+        minute before it drained: they stopped, or restarted, and hold nothing (`left` in its
+        `/programmed`)."""
         self.draining = True
         if cut_in is not None:
             self._cut_at = time.monotonic() + cut_in
         self._peer_report = None
 
-    def _while_draining(self, event: AckEvent) -> None:
-        """Which node Envoys go on their own while this replica drains (see `drain`)."""
+    def _note_envoy(self, event: AckEvent) -> None:
+        """Which node Envoys went on their own (see `drain`): also before this replica
+        drains, since the other replicas may hear of its draining before they hear that an
+        Envoy left it a moment earlier, or while they could not reach it."""
+        now = time.monotonic()
         if event.kind == "closed" and event.node_id not in self._envoys_here():
-            if self._cut_at is None or time.monotonic() < self._cut_at:
-                self._left.add(event.node_id)
+            if self._cut_at is None or now < self._cut_at:
+                self._left[event.node_id] = now
+                self._left = {n: t for n, t in self._left.items() if now - t < _LEFT_KEPT}
         elif event.kind == "resumed" and event.type_url in _ENVOY_TYPES:
-            self._left.discard(event.node_id)  # back: if it goes again, that may be the cut
+            self._left.pop(event.node_id, None)  # back: if it goes again, that may be the cut
 
     def programmed_report(self) -> tuple[str, bytes]:
         """(ETag, JSON body) of this replica's verdicts for the node Envoys connected to it
@@ -1004,9 +1022,9 @@ class Pipeline:
                     "parents": verdicts,
                     "content": self._content_digest(origin, ctx.by_origin),
                 }
-        report: dict[str, Any] = {"nodes": nodes, "objects": objects, "draining": self.draining}
-        if self.draining:
-            report["left"] = sorted(self._left)
+        now = time.monotonic()
+        left = sorted(n for n, t in self._left.items() if now - t < _LEFT_KEPT)
+        report = {"nodes": nodes, "objects": objects, "draining": self.draining, "left": left}
         body = json.dumps(report, sort_keys=True).encode()
         etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
         self._peer_report = (self._conditions_made, etag, body)

@@ -19,7 +19,7 @@ import pytest
 from nodemesh.controlplane.conditions import Condition
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.http import StatusServer
-from nodemesh.controlplane.peers import Peers
+from nodemesh.controlplane.peers import PeerReport, Peers
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds.cache import SnapshotCache
@@ -137,11 +137,17 @@ class TwoReplicas:
 
     async def leaves_b(self, how: str = "cut") -> None:
         """node-b's Envoy leaves b: "cut" at the end of b's drain (a rolling update stops
-        b), or "went" on its own while b drains, or "gone" while b goes on (it stopped, or
+        b; a has seen b draining before), or on its own: "went" while b drains, "before" b
+        drains (a hears of both at once), or "gone" while b goes on (it stopped, or
         restarted)."""
-        if how != "gone":
+        if how in ("cut", "went"):
+            self.b.drain()
+            self.b._update_conditions()
+            await self.poll()
             self.b.drain(cut_in=0.0 if how == "cut" else 30.0)
         self.status_b.stream_closed("node-b", self.streams_b["node-b"])
+        if how == "before":
+            self.b.drain()
         self.b._update_conditions()
 
     async def changes(self, key: ObjectKey, change: Callable[[dict[str, Any]], None]) -> None:
@@ -219,15 +225,16 @@ async def test_a_node_moving_between_replicas_keeps_verdicts_of_what_did_not_cha
         assert condition(r.a).observed_generation == 2
 
 
-@pytest.mark.parametrize("how", ["gone", "went"])
+@pytest.mark.parametrize("how", ["gone", "went", "before"])
 async def test_a_node_whose_envoy_left_a_replica_on_its_own_is_not_moving(how: str) -> None:
     """node-b's Envoy went (it crashed, restarts, or its node went down) while b goes on, or
-    while b drains, before the drain cut its stream (b's /programmed says so: `left`): it
-    holds nothing it can be counted with, so the route waits for it at once."""
+    while b drains, before the drain cut its stream, or a moment before b began to drain
+    (b's /programmed says so: `left`): it holds nothing it can be counted with, so the route
+    waits for it at once."""
     async with two_replicas() as r:
         await r.leaves_b(how)
         await r.poll()
-        assert r.peers.reports()["replica-b"].left == frozenset({"node-b"} if how == "went" else ())
+        assert r.peers.reports()["replica-b"].left == frozenset({"node-b"})
         assert r.peers.departed() == {}
         c = condition(r.a)
         assert (c.status, c.reason) == ("False", "Pending"), c
@@ -309,6 +316,39 @@ async def test_a_node_that_left_a_peer_which_answers_again_not_draining_is_not_m
         c = condition(r.a)
         assert (c.status, c.reason) == ("False", "Pending"), c
         assert c.message.startswith("waiting for ACK from node-b: "), c
+
+
+async def test_a_node_that_went_while_its_peer_was_away_is_not_moving_once_it_drains() -> None:
+    """b could not be reached (node-b departed); node-b's Envoy restarted meanwhile, and b
+    was then stopped: b answers again, draining, and says node-b left on its own."""
+    async with two_replicas() as r:
+        reachable = r.peers.targets
+        r.peers.targets = lambda: {"replica-b": f"http://127.0.0.1:{free_port()}"}
+        await r.poll(r.peers.stale_after + 1)
+        assert set(r.peers.departed()) == {"node-b"}
+        await r.leaves_b("before")
+        r.peers.targets = reachable
+        await r.poll()
+        assert r.peers.departed() == {}
+        c = condition(r.a)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert c.message.startswith("waiting for ACK from node-b: "), c
+
+
+def test_a_node_one_peer_says_went_does_not_move_with_another_peers_report() -> None:
+    """node-1 was listed by c, where its Envoy is, and by draining b (an old stream not yet
+    seen closed). In one poll c no longer lists it (its Envoy stopped) and b's drain cut the
+    old stream: node-1 did not move, whatever b's report says."""
+    now = [10.0]
+    peers = Peers(dict, clock=lambda: now[0])
+    b = PeerReport("b", ("node-1",), {}, '"b1"', 9.0, draining=True)
+    c = PeerReport("c", ("node-1",), {}, '"c1"', 9.5)
+    peers._fresh = {"b": b, "c": c}
+    fresh = {
+        "b": PeerReport("b", (), {}, '"b2"', 10.0, draining=True),
+        "c": PeerReport("c", (), {}, '"c2"', 10.0),
+    }
+    assert peers._depart(fresh, now[0]) == {}
 
 
 async def test_a_draining_peer_holds_back_what_it_will_not_build_any_more() -> None:

@@ -408,10 +408,18 @@ async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_onc
                     10,
                 )
             else:
+
+                def left() -> list[str]:
+                    code, body = http_get(b.http, "/programmed")
+                    assert code == 200, body
+                    return list(json.loads(body)["left"])
+
+                await eventually(lambda: left() == ["node-1"], "cli-b: node-1 left on its own", 4)
+                # well within the 10 s it would count as moving
                 await eventually(
                     lambda: route_programmed()[1].startswith("waiting for ACK from node-1"),
                     "the leader waits for node-1",
-                    10,
+                    4,
                 )
                 assert peers_of(a)["cli-b"]["moving"] == [], peers_of(a)
             assert b.proc.poll() is None, "cli-b no longer drains: the check came too late"
