@@ -142,6 +142,16 @@ class _ProgrammedContext:
 _LEFT_KEPT = 60.0
 
 
+def _envoy_connected(node: NodeStatus) -> bool:
+    """Whether one of the node's open streams speaks for an Envoy type (see `_envoys_here`)."""
+    if node.connected:
+        for t in _ENVOY_TYPES:
+            ts = node.types.get(t)
+            if ts is not None and ts.stream is not None:
+                return True
+    return False
+
+
 def _by_report(moving: Mapping[str, PeerReport]) -> tuple[tuple[PeerReport, tuple[str, ...]], ...]:
     """Moving nodes grouped by the report of the peer they left."""
     groups: dict[int, tuple[PeerReport, list[str]]] = {}
@@ -275,6 +285,7 @@ class Pipeline:
         # node -> when its Envoy closed its stream on its own (not cut by the drain), kept
         # for _LEFT_KEPT seconds unless it comes back: `left` in /programmed (see drain)
         self._left: dict[str, float] = {}
+        self._left_pruned = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -663,15 +674,7 @@ class Pipeline:
         behind the control plane's Service it may reach another replica than its Envoy."""
         if self.status is None:
             return set()
-        out = set()
-        for node in self.status.nodes():
-            if node.connected:
-                for t in _ENVOY_TYPES:
-                    ts = node.types.get(t)
-                    if ts is not None and ts.stream is not None:
-                        out.add(node.node_id)
-                        break
-        return out
+        return {n.node_id for n in self.status.nodes() if _envoy_connected(n)}
 
     def _remote_nodes(self) -> tuple[dict[str, str], tuple[PeerReport, ...]]:
         """The nodes connected to a peer replica and not to this one (node -> peer), and the
@@ -989,10 +992,14 @@ class Pipeline:
         drains, since the other replicas may hear of its draining before they hear that an
         Envoy left it a moment earlier, or while they could not reach it."""
         now = time.monotonic()
-        if event.kind == "closed" and event.node_id not in self._envoys_here():
-            if self._cut_at is None or now < self._cut_at:
+        if event.kind == "closed" and (self._cut_at is None or now < self._cut_at):
+            # (that node only: thousands of Envoys may leave at once)
+            node = self.status.node(event.node_id) if self.status is not None else None
+            if node is None or not _envoy_connected(node):
                 self._left[event.node_id] = now
-                self._left = {n: t for n, t in self._left.items() if now - t < _LEFT_KEPT}
+                if now - self._left_pruned > 1.0:  # (not per close: thousands may go at once)
+                    self._left_pruned = now
+                    self._left = {n: t for n, t in self._left.items() if now - t < _LEFT_KEPT}
         elif event.kind == "resumed" and event.type_url in _ENVOY_TYPES:
             self._left.pop(event.node_id, None)  # back: if it goes again, that may be the cut
 
