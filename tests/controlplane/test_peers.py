@@ -36,82 +36,49 @@ async def test_the_leader_waits_for_a_peer_to_build_the_generation_it_built() ->
     """The examples' Nodes: node-a's Envoy is connected to the leader a, node-b's to b. a's
     route changes before b's store has the change: Pending, naming b, until b built it and
     node-b ACKed. A peer that stops answering is left out once its report is stale: node-b is
-    then connected nowhere, and holds the route back."""
-    stores = Store(), Store()
-    for store in stores:
-        FilesSource(EXAMPLES, store).scan()
-    status_a, status_b = StatusTracker(), StatusTracker()
-    a = Pipeline(stores[0], SnapshotCache(), status_a)
-    b = Pipeline(stores[1], SnapshotCache(), status_b)
-    await a.rebuild()
-    await b.rebuild()
-    _connect_and_ack(a, status_a, "node-a")
-    _connect_and_ack(b, status_b, "node-b")
-    b._update_conditions()
-    http = StatusServer(b)
-    port = await http.start("127.0.0.1", 0)
-    now = [0.0]
-    peers = Peers(lambda: {"replica-b": f"http://127.0.0.1:{port}"}, clock=lambda: now[0])
-    a.use_peers(peers)
-    try:
-        async with aiohttp.ClientSession() as session:
-            await peers.poll(session)
-            a._update_conditions()  # what the peers' subscription schedules on the loop
-            assert programmed(a) == Condition(
-                "Programmed", "True", "Programmed", "ACKed by 2 node(s)", 1, "Service/reviews:80"
-            )
-            first = peers.reports()["replica-b"]
-            await peers.poll(session)
-            assert peers.reports()["replica-b"].objects is first.objects, "not a 304"
+    then moving for `move_grace`, then connected nowhere, and holds the route back."""
+    async with two_replicas() as r:
+        assert programmed(r.a) == Condition(
+            "Programmed", "True", "Programmed", "ACKed by 2 node(s)", 1, "Service/reviews:80"
+        )
+        first = r.peers.reports()["replica-b"]
+        await r.peers.poll(r.session)
+        assert r.peers.reports()["replica-b"].objects is first.objects, "not a 304"
 
-            route = copy.deepcopy(dict(stores[0].get(ROUTE) or {}))
-            route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
-            del route["metadata"]["generation"]  # (the store counts it, as in files mode)
-            stores[0].apply(route)
-            await a.rebuild()
-            _connect_and_ack(a, status_a, "node-a")
-            await peers.poll(session)
-            a._update_conditions()
-            c = programmed(a)
-            assert (c.status, c.reason, c.observed_generation) == ("False", "Pending", 2)
-            assert c.message == "waiting for replica replica-b to build generation 2"
+        await r.changes(ROUTE, heavier)
+        await r.poll()
+        c = programmed(r.a)
+        assert (c.status, c.reason, c.observed_generation) == ("False", "Pending", 2)
+        assert c.message == "waiting for replica replica-b to build generation 2"
 
-            stores[1].apply(route)
-            await b.rebuild()
-            await peers.poll(session)
-            a._update_conditions()
-            c = programmed(a)  # b's verdict for node-b, which has not ACKed it yet
-            assert (c.status, c.reason) == ("False", "Pending")
-            assert c.message == (
-                "waiting for ACK from node-b: rds outbound, node-b: rds outbound/shop/reviews:80"
-                " (replica replica-b)"
-            )
-            _connect_and_ack(b, status_b, "node-b")
-            b._update_conditions()
-            await peers.poll(session)
-            a._update_conditions()
-            assert programmed(a).status == "True" and programmed(a).observed_generation == 2
+        route = copy.deepcopy(dict(r.stores[0].get(ROUTE) or {}))
+        del route["metadata"]["generation"]  # (b's store counts it too)
+        r.stores[1].apply(route)
+        await r.b.rebuild()
+        await r.poll()
+        c = programmed(r.a)  # b's verdict for node-b, which has not ACKed it yet
+        assert (c.status, c.reason) == ("False", "Pending")
+        assert c.message == (
+            "waiting for ACK from node-b: rds outbound, node-b: rds outbound/shop/reviews:80"
+            " (replica replica-b)"
+        )
+        _connect_and_ack(r.b, r.status_b, "node-b")
+        r.b._update_conditions()
+        await r.poll()
+        assert programmed(r.a).status == "True" and programmed(r.a).observed_generation == 2
 
-            await http.stop()
-            now[0] += peers.stale_after / 2
-            await peers.poll(session)
-            a._update_conditions()
-            assert programmed(a).status == "True", "a report is used until it is stale"
-            now[0] += peers.stale_after
-            await peers.poll(session)
-            a._update_conditions()
-            assert programmed(a).status == "True", "then node-b is moving, for move_grace"
-            now[0] += peers.move_grace
-            await peers.poll(session)
-            a._update_conditions()
-            c = programmed(a)
-            assert (c.status, c.reason) == ("False", "Pending"), c
-            assert c.message.startswith("waiting for ACK from node-b: "), c
-            assert "replica" not in c.message, c
-            shown = a.status_json()["peers"]["replica-b"]  # and /status says why
-            assert shown["counted"] is False and "ClientConnectorError" in shown["error"], shown
-    finally:
-        await http.stop()
+        await r.http.stop()
+        await r.poll(r.peers.stale_after / 2)
+        assert programmed(r.a).status == "True", "a report is used until it is stale"
+        await r.poll(r.peers.stale_after / 2 + 1)
+        assert programmed(r.a).status == "True", "then node-b is moving, for move_grace"
+        await r.poll(r.peers.move_grace)
+        c = programmed(r.a)
+        assert (c.status, c.reason) == ("False", "Pending"), c
+        assert c.message.startswith("waiting for ACK from node-b: "), c
+        assert "replica" not in c.message, c
+        shown = r.a.status_json()["peers"]["replica-b"]  # and /status says why
+        assert shown["counted"] is False and "ClientConnectorError" in shown["error"], shown
 
 
 @dataclass
@@ -128,6 +95,7 @@ class TwoReplicas:
     peers: Peers
     session: aiohttp.ClientSession
     now: list[float]
+    http: StatusServer  # b's listener
 
     async def poll(self, seconds: float = 1.0) -> None:
         """Time goes by, a polls b, and recomputes (what the subscription schedules)."""
@@ -181,7 +149,7 @@ async def two_replicas() -> AsyncIterator[TwoReplicas]:
     a.use_peers(peers)
     try:
         async with aiohttp.ClientSession() as session:
-            r = TwoReplicas(stores, a, b, status_a, status_b, streams, peers, session, now)
+            r = TwoReplicas(stores, a, b, status_a, status_b, streams, peers, session, now, http)
             await r.poll()
             assert programmed(a).message == "ACKed by 2 node(s)"
             yield r

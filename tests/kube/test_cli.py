@@ -237,6 +237,15 @@ def peers_of(p: Process) -> dict[str, Any]:
     return dict(json.loads(body)["peers"]) if code == 200 else {}
 
 
+def route_programmed(p: Process) -> tuple[str, str]:
+    """(status, message) of the `peers` route's Programmed condition in `p`'s /status."""
+    code, body = http_get(p.http, "/status")
+    assert code == 200, body
+    (route,) = (o for o in json.loads(body)["objects"] if o["name"] == "peers")
+    (c,) = (c for c in route["conditions"] if c["type"] == "Programmed")
+    return c["status"], c["message"]
+
+
 @contextlib.asynccontextmanager
 async def peer_processes(
     kube: Kube, tmp_path: Path, envoy_binary: str, *b_options: str
@@ -307,11 +316,7 @@ async def test_a_replica_that_drains_still_tells_its_peers_about_its_node_envoys
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 40
         while b.proc.poll() is None and loop.time() < deadline:
-            code, body = http_get(a.http, "/status")
-            assert code == 200, body
-            (route,) = (o for o in json.loads(body)["objects"] if o["name"] == "peers")
-            (c,) = (c for c in route["conditions"] if c["type"] == "Programmed")
-            seen.append((c["status"], c["message"]))
+            seen.append(route_programmed(a))
             await asyncio.sleep(0.1)  # a sample of a's view, ten a second
         assert b.proc.poll() == 0, "cli-b did not exit within 40 s"
         assert len(seen) > 50, f"the drain lasted {len(seen)} samples only"
@@ -331,15 +336,7 @@ async def test_a_node_whose_replica_was_stopped_counts_with_its_verdicts_while_i
     await kube.create(ready_node("node-1"))
     drain = ("--drain-seconds", "1")
     async with peer_processes(kube, tmp_path, envoy_binary, *drain) as (a, b, _):
-
-        def route_programmed() -> tuple[str, str]:
-            code, body = http_get(a.http, "/status")
-            assert code == 200, body
-            (route,) = (o for o in json.loads(body)["objects"] if o["name"] == "peers")
-            (c,) = (c for c in route["conditions"] if c["type"] == "Programmed")
-            return c["status"], c["message"]
-
-        await eventually(lambda: route_programmed()[0] == "True", "Programmed", 30)
+        await eventually(lambda: route_programmed(a)[0] == "True", "Programmed", 30)
         os.killpg(b.proc.pid, signal.SIGTERM)
         loop = asyncio.get_running_loop()
         seen: set[tuple[str, str]] = set()
@@ -347,7 +344,7 @@ async def test_a_node_whose_replica_was_stopped_counts_with_its_verdicts_while_i
         # From the signal to 6 s after cli-b exited: past the 5 s after which its last
         # answer is stale, well within the 10 s of grace from when node-1 left it
         while exited is None or loop.time() < exited + 6:
-            seen.add(route_programmed())
+            seen.add(route_programmed(a))
             if exited is None and b.proc.poll() is not None:
                 exited = loop.time()
             assert loop.time() < deadline, "cli-b did not exit within 40 s"
@@ -358,7 +355,7 @@ async def test_a_node_whose_replica_was_stopped_counts_with_its_verdicts_while_i
             lambda: peers_of(a)["cli-b"]["moving"] == ["node-1"], "/status shows it moving", 5
         )
         await eventually(
-            lambda: route_programmed()[1].startswith("waiting for ACK from node-1"),
+            lambda: route_programmed(a)[1].startswith("waiting for ACK from node-1"),
             "node-1, connected nowhere, no longer counted after the grace",
             20,
         )
@@ -386,15 +383,8 @@ async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_onc
             )
             await asyncio.to_thread(node_2.envoy.start)
 
-            def route_programmed() -> tuple[str, str]:
-                code, body = http_get(a.http, "/status")
-                assert code == 200, body
-                (route,) = (o for o in json.loads(body)["objects"] if o["name"] == "peers")
-                (c,) = (c for c in route["conditions"] if c["type"] == "Programmed")
-                return c["status"], c["message"]
-
             await eventually(
-                lambda: route_programmed() == ("True", "ACKed by 2 node(s)"), "both counted"
+                lambda: route_programmed(a) == ("True", "ACKed by 2 node(s)"), "both counted"
             )
             os.killpg(b.proc.pid, signal.SIGTERM)
             await eventually(
@@ -403,7 +393,7 @@ async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_onc
             await envoy.stop()
             if node_1 == "no Node":
                 await eventually(
-                    lambda: route_programmed() == ("True", "ACKed by 1 node(s)"),
+                    lambda: route_programmed(a) == ("True", "ACKed by 1 node(s)"),
                     "the leader no longer counts node-1",
                     10,
                 )
@@ -417,7 +407,7 @@ async def test_a_node_envoy_that_leaves_a_draining_replica_stops_counting_at_onc
                 await eventually(lambda: left() == ["node-1"], "cli-b: node-1 left on its own", 4)
                 # well within the 10 s it would count as moving
                 await eventually(
-                    lambda: route_programmed()[1].startswith("waiting for ACK from node-1"),
+                    lambda: route_programmed(a)[1].startswith("waiting for ACK from node-1"),
                     "the leader waits for node-1",
                     4,
                 )
