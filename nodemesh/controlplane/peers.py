@@ -48,7 +48,7 @@ class PeerReport:
     """What one peer said: the nodes connected to it, and per object ("Kind/ns/name") its uid
     ("" when the source has none), the generation its verdicts are for, per parent its
     verdict for those nodes only, and the digest of the content they are for (the versions
-    of the resources that carry the object: `Pipeline.content_digest`; "" from a version
+    of the resources that carry the object: `Pipeline._content_digest`; "" from a version
     that did not say). `draining`: the peer is shutting down (its store no longer follows
     the cluster); `left`: the nodes whose Envoy closed its stream on its own in the last
     minute, not cut by the peer's drain (it stopped, or restarted: not a move)."""
