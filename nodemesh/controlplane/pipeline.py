@@ -698,10 +698,11 @@ class Pipeline:
         config while it reconnects; counted as not connected, every object it carries went
         Pending, and back, for every replica a rolling update replaced. A node whose Envoy
         connected here since is not moving any more: it is here, or it left this replica."""
-        if self.peers is None:
+        departed = self.peers.departed() if self.peers is not None else {}
+        if not departed:  # (nearly always: no walk over the nodes then)
+            self._landed = {}
             return {}
         here, ready = self._envoys_here(), self._ready_nodes()
-        departed = self.peers.departed()
         landed = {n: r for n, r in self._landed.items() if departed.get(n) is r}
         moving: dict[str, PeerReport] = {}
         for node, report in departed.items():
