@@ -123,6 +123,94 @@ def test_junk_filters_on_backend_refs_give_conditions_not_exceptions(
     assert result.conditions[ObjectKey(kind, "shop", "j")]
 
 
+# Each filter with the fields Gateway API gives it, every value junk: out-of-range numbers
+# (a negative mirror fraction failed the whole build), wrong types, missing fields.
+small = st.sampled_from([-1, 0, 1, 99, 100, 101, 65536]) | junk
+path_modifier = st.fixed_dictionaries(
+    {"type": st.sampled_from(["ReplaceFullPath", "ReplacePrefixMatch"]) | junk},
+    optional={"replaceFullPath": st.text(max_size=6) | junk,
+              "replacePrefixMatch": st.text(max_size=6) | junk},
+)  # fmt: skip
+WEB = {"name": "web", "port": 80}
+web_ref = st.fixed_dictionaries(
+    {"name": st.sampled_from(["web", "nope"]), "port": st.just(80) | small}
+)
+typed_filters = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({
+            "type": st.just("RequestMirror"),
+            "requestMirror": st.fixed_dictionaries({"backendRef": st.just(WEB)}, optional={
+                "percent": small,
+                "fraction": st.fixed_dictionaries({"numerator": small}, optional={
+                    "denominator": small}),
+            }),
+        }),
+        st.fixed_dictionaries({
+            "type": st.just("RequestRedirect"),
+            "requestRedirect": st.fixed_dictionaries({}, optional={
+                "scheme": st.sampled_from(["http", "https", ""]) | junk,
+                "hostname": st.text(max_size=6) | junk,
+                "port": small, "statusCode": small, "path": path_modifier,
+            }),
+        }),
+        st.fixed_dictionaries({
+            "type": st.just("URLRewrite"),
+            "urlRewrite": st.fixed_dictionaries({}, optional={
+                "hostname": st.text(max_size=6) | junk, "path": path_modifier}),
+        }),
+        st.fixed_dictionaries({
+            "type": st.sampled_from(["RequestHeaderModifier", "ResponseHeaderModifier"]),
+            "requestHeaderModifier": st.dictionaries(
+                st.sampled_from(["set", "add", "remove"]), junk, max_size=3),
+            "responseHeaderModifier": st.dictionaries(
+                st.sampled_from(["set", "add", "remove"]), junk, max_size=3),
+        }),
+    ),
+    max_size=3,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["HTTPRoute", "GRPCRoute"]),
+    filters=typed_filters,
+    matches=st.lists(
+        st.fixed_dictionaries(
+            {
+                "path": st.fixed_dictionaries(
+                    {
+                        "type": st.sampled_from(["PathPrefix", "Exact"]),
+                        "value": st.sampled_from(["/", "/a", "/a/"]),
+                    }
+                )
+            }
+        ),
+        max_size=2,
+    ),  # fmt: skip
+    backends=st.lists(web_ref, max_size=1).map(lambda refs: [WEB, *refs]),
+)
+def test_out_of_range_filter_fields_give_conditions_not_exceptions(
+    kind: str,
+    filters: list[dict[str, Any]],
+    matches: list[dict[str, Any]],
+    backends: list[dict[str, Any]],
+) -> None:
+    store = Store()
+    store.apply(service("web"))
+    rule = {"matches": matches, "filters": filters, "backendRefs": backends}
+    store.apply(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": kind,
+            "metadata": {"name": "j", "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}], "rules": [rule]},
+        }
+    )
+    result = build(store.view())
+    assert Translator().translate(result.mesh).snapshot().consistent() == []
+    assert result.conditions[ObjectKey(kind, "shop", "j")]
+
+
 # Header names and values Envoy takes (no pseudo-header, no Host, no NUL, CR or LF).
 header_names = st.from_regex(r"\A[a-zA-Z][a-zA-Z0-9-]{0,6}\Z").filter(lambda n: n.lower() != "host")
 header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=8)

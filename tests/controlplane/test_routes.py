@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+import re2
 import yaml
 from google.protobuf import json_format
 
@@ -16,7 +18,7 @@ from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
-from nodemesh.xds.translate import ir, translate_messages
+from nodemesh.xds.translate import Translator, ir, translate_messages
 from tests.e2e.mesh import service
 
 WEB_PORTS = (("http", 80, ""), ("grpc", 9090, ""))
@@ -293,6 +295,26 @@ def test_a_grpc_regular_expression_with_alternatives_matches_within_its_part() -
         "/pkg.Foo/Put": False,
         "/pkg.Foo": False,
         "/x.Y/Get": False,
+    }
+
+
+def test_an_anchored_grpc_regular_expression_matches_its_part() -> None:
+    """Each part is matched whole, so anchors are what a user writes for that; inside the path
+    expression `^pkg\\.Svc$` anchored to the path's ends and matched no request."""
+    res = run_grpc(
+        [grpc_rule("a", type="RegularExpression", service="^pkg\\.(Foo|Bar)$",
+                   method="\\AGet$|^List\\z")]
+    )  # fmt: skip
+    ((rule,),) = [[r for r in routes(res, "shop/g:9000") if r.name.startswith("GRPCRoute")]]
+    matched = {
+        path: re2.fullmatch(rule.match.path.value, path) is not None  # Envoy's engine
+        for path in ("/pkg.Foo/Get", "/pkg.Bar/List", "/pkg.Foo/Put", "/xpkg.Foo/Get")
+    }
+    assert matched == {
+        "/pkg.Foo/Get": True,
+        "/pkg.Bar/List": True,
+        "/pkg.Foo/Put": False,
+        "/xpkg.Foo/Get": False,
     }
 
 
@@ -630,6 +652,80 @@ def test_an_extension_ref_filter_fails_closed_with_invalid_kind() -> None:
     assert ext_route.name == "HTTPRoute/shop/ext/rule-0/0"
     assert (ext_route.backends, ext_route.direct_status) == ((), 500)
     assert rest.backends == (ir.Backend("shop/web:80"),)
+
+
+def test_an_extension_ref_filter_fails_a_redirect_closed_too() -> None:
+    """Gateway API: a filter that cannot be resolved is not skipped. The rule's redirect
+    still answered 301 beside it, where the reference says 500."""
+    redirect = {"type": "RequestRedirect", "requestRedirect": {"statusCode": 301}}
+    ext = {"type": "ExtensionRef", "extensionRef": {"group": "x.io", "kind": "F", "name": "f"}}
+    res = run(service("web"), route("rx", [parent("web")], [{"filters": [redirect, ext]}]))
+    (r,) = [r for r in routes(res, "shop/web:80") if r.name.startswith("HTTPRoute/")]
+    assert (r.redirect, r.backends, r.direct_status) == (None, (), 500)
+
+
+def mirror(**fields: Any) -> dict[str, Any]:
+    return {"type": "RequestMirror", "requestMirror": {"backendRef": to("web")[0], **fields}}
+
+
+HEADERS = {
+    "type": "RequestHeaderModifier",
+    "requestHeaderModifier": {"set": [{"name": "x-a", "value": "1"}]},
+}
+REWRITE = {"type": "URLRewrite", "urlRewrite": {"hostname": "b"}}
+REDIRECT = {"type": "RequestRedirect", "requestRedirect": {"hostname": "b"}}
+
+
+@pytest.mark.parametrize(
+    ("rule", "where", "message"),
+    [
+        ({"filters": [mirror(fraction={"numerator": -1, "denominator": 100})]},
+         "filters[0].requestMirror.fraction", "needs 0 <= numerator <= denominator"),
+        ({"filters": [mirror(percent=10, fraction={"numerator": 1})]},
+         "filters[0].requestMirror", "takes percent or fraction, not both"),
+        ({"filters": [HEADERS, HEADERS], "backendRefs": to("web")},
+         "filters[1].type", "a RequestHeaderModifier filter cannot be repeated"),
+        ({"filters": [REWRITE, REWRITE], "backendRefs": to("web")},
+         "filters[1].type", "a URLRewrite filter cannot be repeated"),
+        ({"filters": [REDIRECT, REWRITE]},
+         "filters[1].type", "either RequestRedirect or URLRewrite, not both"),
+        ({"filters": [REDIRECT], "backendRefs": to("web")},
+         "backendRefs", "a rule with a RequestRedirect filter takes no backendRefs"),
+        ({"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+            "type": "ReplaceFullPath", "replaceFullPath": "full"}}}], "backendRefs": to("web")},
+         "filters[0].urlRewrite.path.replaceFullPath", "must start with '/'"),
+        ({"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+            "type": "ReplacePrefixMatch", "replacePrefixMatch": "xyz"}}}],
+          "backendRefs": to("web")},
+         "filters[0].urlRewrite.path.replacePrefixMatch", "must be empty or start with '/'"),
+        ({"backendRefs": [{**to("web")[0], "filters": [HEADERS, HEADERS]}]},
+         "backendRefs[0].filters[1].type", "a RequestHeaderModifier filter cannot be repeated"),
+    ],
+    ids=["negative-fraction", "percent-and-fraction", "repeated-header-modifier",
+         "repeated-rewrite", "redirect-and-rewrite", "redirect-and-backends",
+         "relative-full-path", "relative-prefix", "repeated-on-a-backend"],
+)  # fmt: skip
+def test_filters_gateway_apis_validation_refuses_are_refused(
+    rule: dict[str, Any], where: str, message: str
+) -> None:
+    """Files mode has no API server to enforce Gateway API's rules. A negative mirror fraction
+    failed the whole build (no Service in the mesh got config); the others were Accepted and
+    lost part of the rule (the first of two header modifiers, a redirect's backendRefs) or
+    sent `GET xyz/bar` upstream, which backends answer with 400."""
+    res = run(service("web"), route("f", [parent("web")], [rule]))
+    c = accepted(res, "f")
+    assert (c.status, c.reason) == ("False", "UnsupportedValue"), c
+    assert f"spec.rules[0].{where}: " in c.message and message in c.message, c.message
+    assert Translator().translate(res.mesh).snapshot().consistent() == []
+
+
+def test_an_empty_prefix_replacement_is_accepted() -> None:
+    """Gateway API's way to drop the matched prefix ("/foo/bar" -> "/bar")."""
+    rewrite = {"type": "URLRewrite", "urlRewrite": {"path": {
+        "type": "ReplacePrefixMatch", "replacePrefixMatch": ""}}}  # fmt: skip
+    match = [{"path": {"type": "PathPrefix", "value": "/foo"}}]
+    rule = {"matches": match, "filters": [rewrite], "backendRefs": to("web")}
+    assert accepted(run(service("web"), route("e", [parent("web")], [rule])), "e").status == "True"
 
 
 def test_a_grpcroute_with_timeouts_or_retry_is_refused_in_files_mode(tmp_path: Path) -> None:

@@ -253,30 +253,44 @@ async def test_a_redirect_without_a_port_lands_where_gateway_api_says(
     mesh: Mesh, backends: Backends
 ) -> None:
     """No `port`: a scheme change goes to the scheme's well-known port (Envoy kept the
-    request's :8080 for https), a new hostname to the Service port (Envoy dropped it)."""
+    request's :8080 for https), anything else to the Service port: Envoy dropped it for a new
+    hostname, and for a new path kept the Host as written, so `rdq.shop` (its one port is
+    8080) was sent to port 80."""
     b = await backends.get("rdp")
+    rules = [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/secure"}}],
+         "filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}]},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
+         "filters": [{"type": "RequestRedirect",
+                      "requestRedirect": {"hostname": "new.example"}}]},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+         "filters": [{"type": "RequestRedirect", "requestRedirect": {"path": {
+             "type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}]},
+    ]  # fmt: skip
     mesh.apply(
         service("rdp", ports=(("http", 80, ""), ("alt", 8080, ""))),
         endpoint_slice("rdp", b.port),
-        http_route("rdp", "rdp", [
-            {"matches": [{"path": {"type": "PathPrefix", "value": "/secure"}}],
-             "filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}]},
-            {"matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
-             "filters": [{"type": "RequestRedirect",
-                          "requestRedirect": {"hostname": "new.example"}}]},
-        ]),
+        http_route("rdp", "rdp", rules),
+        service("rdq", ports=(("http", 8080, ""),)),
+        endpoint_slice("rdq", b.port),
+        http_route("rdq", "rdq", rules[2:]),
     )  # fmt: skip
     await mesh.converge()
     locations = {
         (host, path): (await mesh.get(host, path)).headers["Location"]
         for host in ("rdp.shop", "rdp.shop:8080")
-        for path in ("/secure/x", "/moved/x")
-    }
+        for path in ("/secure/x", "/moved/x", "/old/x")
+    } | {(host, "/old/x"): (await mesh.get(host, "/old/x")).headers["Location"]
+         for host in ("rdq.shop", "rdq.shop:8080")}  # fmt: skip
     assert locations == {
         ("rdp.shop", "/secure/x"): "https://rdp.shop:443/secure/x",
         ("rdp.shop", "/moved/x"): "http://new.example/moved/x",
+        ("rdp.shop", "/old/x"): "http://rdp.shop/new/x",
         ("rdp.shop:8080", "/secure/x"): "https://rdp.shop:443/secure/x",
         ("rdp.shop:8080", "/moved/x"): "http://new.example:8080/moved/x",
+        ("rdp.shop:8080", "/old/x"): "http://rdp.shop:8080/new/x",
+        ("rdq.shop", "/old/x"): "http://rdq.shop:8080/new/x",
+        ("rdq.shop:8080", "/old/x"): "http://rdq.shop:8080/new/x",
     }
 
 

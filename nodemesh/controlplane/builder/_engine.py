@@ -254,16 +254,18 @@ def _finish(
 
 def _redirect_port(r: ir.Route, port: int) -> ir.Route:
     """Gateway API's port for a redirect that sets none, on Service port `port`: the scheme's
-    well-known port when it sets a scheme, and when it sets only a hostname, the listener's
-    (for a Service, its port; left out for 80). Envoy kept the request's port for a scheme
-    change (https://web.shop:8080/) and dropped it for a new hostname."""
+    well-known port when it sets a scheme, and otherwise the listener's (for a Service, its
+    port; left out for 80). Envoy kept the request's port for a scheme change
+    (https://web.shop:8080/), dropped it for a new hostname, and for a new path or status
+    code alone kept the Host as the client wrote it: `web.shop`, which a client may write for
+    a Service whose one port is 8080, was sent to port 80."""
     rd = r.redirect
     if rd is None or rd.port is not None:
         return r
     if rd.scheme:
         well_known = {"http": 80, "https": 443}.get(rd.scheme.lower())
         return replace(r, redirect=replace(rd, port=well_known)) if well_known else r
-    if rd.hostname and port != 80:
+    if port != 80:
         return replace(r, redirect=replace(rd, port=port))
     return r
 

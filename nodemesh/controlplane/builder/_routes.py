@@ -173,12 +173,18 @@ def _path_modifier(
     spec: Mapping[str, Any], path: str, p: Problems
 ) -> tuple[str | None, str | None]:
     kind = spec.get("type")
+    # A path that does not start with "/" went upstream as it was: Envoy sent `GET xyz/bar`,
+    # which backends answer with 400 (Gateway API's schema limits the length only). An empty
+    # replacePrefixMatch is Gateway API's way to drop the prefix ("/foo/bar" -> "/bar").
     if kind == "ReplaceFullPath":
-        return header_text(
-            str(spec.get("replaceFullPath", "/")), f"{path}.replaceFullPath", p
-        ), None
+        full = str(spec.get("replaceFullPath", "/"))
+        if not full.startswith("/"):
+            p.add(f"{path}.replaceFullPath", f"must start with '/' (got {full!r})")
+        return header_text(full, f"{path}.replaceFullPath", p), None
     if kind == "ReplacePrefixMatch":
         prefix = str(spec.get("replacePrefixMatch", "/"))
+        if prefix and not prefix.startswith("/"):
+            p.add(f"{path}.replacePrefixMatch", f"must be empty or start with '/' (got {prefix!r})")
         return None, header_text(prefix, f"{path}.replacePrefixMatch", p)
     p.add(f"{path}.type", f"unsupported value {kind!r} (ReplaceFullPath or ReplacePrefixMatch)")
     return None, None
@@ -194,6 +200,12 @@ _FILTER_TYPES = {
     ),
     "GRPCRoute": ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror"),
 }
+# Filters a rule (or a backendRef) takes once, and the two of which it takes one (Gateway API's
+# CEL rules on HTTPRoute and GRPCRoute filters).
+_ONCE = frozenset(
+    {"RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite", "RequestRedirect"}
+)
+_EXCLUSIVE = frozenset({"URLRewrite", "RequestRedirect"})
 # On a backendRef (`rules[].backendRefs[].filters`), the types Envoy can apply to the requests
 # of one backend: a weighted cluster has header changes of its own, but no rewrite, redirect or
 # mirror (a redirect also answers before any backend is picked). ExtensionRef is as in a rule.
@@ -225,10 +237,19 @@ def _filters(
     out = _Filters()
     host = ""  # set by a RequestHeaderModifier
     implemented = _BACKEND_FILTER_TYPES if backend else _FILTER_TYPES[route_kind]
+    seen: set[str] = set()
     for i, f in enumerate(raw):
         f = as_map(f)
         fpath = f"{path}[{i}]"
         kind = f.get("type")
+        once = kind if isinstance(kind, str) else ""  # junk in files mode may be unhashable
+        if once in _ONCE and once in seen:
+            # Gateway API's validation rules, which files mode does not have: the second one
+            # replaced the first (two RequestHeaderModifiers set only the second's headers).
+            p.add(f"{fpath}.type", f"a {kind} filter cannot be repeated")
+        elif once in _EXCLUSIVE and seen & _EXCLUSIVE:
+            p.add(f"{fpath}.type", "a rule takes either RequestRedirect or URLRewrite, not both")
+        seen.add(once)
         if kind != "ExtensionRef" and kind not in implemented:
             # Gateway API: "Unknown values here must result in the implementation setting the
             # Accepted Condition for the Route to `status: False`, with a Reason of
@@ -303,13 +324,20 @@ def _filters(
                 refs,
             )
             percent = 100.0
-            if "percent" in spec:
+            if "percent" in spec and "fraction" in spec:
+                p.add(f"{fpath}.requestMirror", "takes percent or fraction, not both")
+            elif "percent" in spec:
                 value = int_in(spec.get("percent"), f"{fpath}.requestMirror.percent", p, 0, 100)
                 percent = float(value) if value is not None else 100.0
             elif "fraction" in spec:
                 frac = as_map(spec["fraction"])
                 num, den = frac.get("numerator"), frac.get("denominator", 100)
-                if not isinstance(num, int) or not isinstance(den, int) or den <= 0 or num > den:
+                if (
+                    not isinstance(num, int)
+                    or not isinstance(den, int)
+                    or not 0 <= num <= den
+                    or den <= 0
+                ):
                     p.add(f"{fpath}.requestMirror.fraction", "needs 0 <= numerator <= denominator")
                 else:
                     percent = 100.0 * num / den
@@ -439,6 +467,12 @@ def read_route(
             refs,
             all_prefix,
         )
+        if filters.redirect is not None and as_list(rule.get("backendRefs")):
+            # Gateway API's rule: a redirect answers before any backend is picked, so the
+            # backendRefs were silently unused.
+            p.add(
+                f"{rpath}.backendRefs", "a rule with a RequestRedirect filter takes no backendRefs"
+            )
         backends: list[ir.Backend] = []
         weights_total = 0
         invalid_weight = 0  # answered with the rule's status, not spread over the valid ones
@@ -509,7 +543,8 @@ def read_route(
                 backends=() if filters.unresolved else tuple(backends),
                 invalid_weight=0 if filters.unresolved or not backends else invalid_weight,
                 direct_status=_NO_BACKEND_STATUS[kind],
-                redirect=filters.redirect,
+                # an ExtensionRef fails the rule closed, its redirect too (it redirected)
+                redirect=None if filters.unresolved else filters.redirect,
                 request_headers=filters.request_headers,
                 response_headers=filters.response_headers,
                 rewrite=filters.rewrite,

@@ -18,6 +18,44 @@ __all__ = ["read_grpcroute"]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9.]*$")
 
 
+def _part(expr: str) -> str:
+    """`expr` as one part of the path expression (`/service/method`), which Envoy matches
+    whole, so each part is matched whole already. Its anchors (`^`, `$`, `\\A`, `\\z`) are
+    dropped: in the path they would anchor to the path's ends, and `^pkg\\.Svc$` never
+    matched `/pkg.Svc/Get`. Escapes and character classes (`[^/]`) are kept as written."""
+    out: list[str] = []
+    i, n = 0, len(expr)
+    while i < n:
+        c = expr[i]
+        if c == "\\":
+            pair = expr[i : i + 2]
+            if pair == "\\Q":  # literal text up to `\E`
+                end = expr.find("\\E", i + 2)
+                end = n if end < 0 else end + 2
+                out.append(expr[i:end])
+                i = end
+                continue
+            if pair not in ("\\A", "\\z"):
+                out.append(pair)
+            i += 2
+        elif c == "[":
+            # to the class's end: a `]` right after `[` or `[^` is a member, not the end
+            j = i + 1
+            if j < n and expr[j] == "^":
+                j += 1
+            if j < n and expr[j] == "]":
+                j += 1
+            while j < n and expr[j] != "]":
+                j += 2 if expr[j] == "\\" else 1
+            out.append(expr[i : j + 1])
+            i = j + 1
+        else:
+            if c not in "^$":
+                out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def parse_grpc_match(
     m: Mapping[str, Any], path: str, p: Problems
 ) -> tuple[ir.RouteMatch, tuple[Any, ...]]:
@@ -47,8 +85,8 @@ def parse_grpc_match(
     elif kind == "RegularExpression":
         # Grouped: the whole path is matched, so a bare "pkg.Foo|pkg.Bar" would split it.
         before = len(p)
-        s = f"(?:{parse_regex(svc, f'{path}.method.service', p)})" if svc else "[^/]+"
-        mm = f"(?:{parse_regex(meth, f'{path}.method.method', p)})" if meth else "[^/]+"
+        s = f"(?:{_part(parse_regex(svc, f'{path}.method.service', p))})" if svc else "[^/]+"
+        mm = f"(?:{_part(parse_regex(meth, f'{path}.method.method', p))})" if meth else "[^/]+"
         pm = ir.PathMatch("RegularExpression", f"/{s}/{mm}")
         if len(p) == before:  # Envoy compiles the two as one path expression: its size counts
             parse_regex(pm.value, f"{path}.method", p)
