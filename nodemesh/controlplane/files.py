@@ -13,6 +13,7 @@ import codecs
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,15 @@ _KubeLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+# A number with an exponent and no dot (`percent: 1e-3`) is a float to kubectl's YAML reader
+# (go-yaml's pattern, below); YAML 1.1's needs a dot, so PyYAML read a string, and the builder
+# refused a policy the API server takes. After the int resolver: `80` stays an int.
+for _first in "-+.0123456789":
+    _KubeLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+        [_first],
+    )
 
 
 def _without_nulls(value: Any) -> Any:

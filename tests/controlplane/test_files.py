@@ -227,6 +227,45 @@ def test_a_route_of_the_wrong_shape_is_refused_like_invalid_yaml(tmp_path: Path)
     assert kept is not None and isinstance(kept["spec"]["rules"][0]["matches"], list)
 
 
+def test_service_and_slice_values_the_api_server_refuses_are_refused(tmp_path: Path) -> None:
+    """A port out of range (or `true`) failed the translation of the whole mesh, a port twice
+    gave Envoy a domain twice (its NACK of the shared routes held every route back), and an
+    address of the wrong family is refused by Envoy. Kubernetes refuses these objects; files
+    mode now does too, naming the field, and the file keeps its last good version."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    good = service("web")
+    write(tmp_path / "web.yaml", good)
+    source.scan()
+    bad = yaml.safe_load(yaml.safe_dump(good))
+    bad["spec"]["ports"] += [{"name": "again", "port": 80}, {"name": "b", "port": True}]
+    bad["spec"]["clusterIP"] = "web"
+    write(tmp_path / "web.yaml", bad)
+    slice_ = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": -1}],
+        "endpoints": [{"addresses": ["10.244.0.5", "fd00::5"]}],
+    }  # fmt: skip
+    write(tmp_path / "slice.yaml", slice_)
+    source.scan()
+    assert source.errors == {
+        "web.yaml": "web.yaml: Service/shop/web: spec.ports[1].port: 80/TCP is spec.ports[0]'s "
+        "too; spec.ports[2].port: must be a number from 1 to 65535, not True; spec.clusterIP: "
+        "must be an IP address or None, not 'web'; "
+        "web.yaml: keeping the objects from its last good version",
+        "slice.yaml": "slice.yaml: EndpointSlice/shop/web-1: ports[0].port: must be a number "
+        "from 1 to 65535, not -1; endpoints[0].addresses[1]: must be an IPv4 address "
+        "(addressType IPv4), not 'fd00::5'",
+    }
+    kept = store.get(ObjectKey("Service", "shop", "web"))
+    assert kept is not None and kept["spec"] == good["spec"]
+    assert store.keys("EndpointSlice") == []
+
+
 def test_a_moved_file_keeps_its_objects_while_its_new_path_settles(tmp_path: Path) -> None:
     """`mv web.yaml team/web.yaml`, a `git checkout`, vim's save (the old file renamed aside,
     a new one written): the new path is read once it settled, a poll later, and until then the
@@ -268,8 +307,9 @@ def test_a_document_that_refers_to_itself_is_reported(tmp_path: Path) -> None:
 
 def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
     """A date is a string (an HTTPRoute header value `2024-01-01` was a `datetime.date`, which
-    the shape check refuses), and a null field is no field (`timeouts: ~` was an empty
-    section, which the TrafficPolicy check refuses); the API server accepts both."""
+    the shape check refuses), a null field is no field (`timeouts: ~` was an empty section,
+    which the TrafficPolicy check refuses), and `1e-3` is a number (a string to YAML 1.1, so
+    the policy was refused); the API server accepts all three."""
     (tmp_path / "route.yaml").write_text(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n"
         "metadata: {name: web, namespace: shop}\n"
@@ -281,6 +321,7 @@ def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
         "metadata: {name: web, namespace: shop}\n"
         "spec:\n  targetRefs: [{kind: Service, name: web}]\n  timeouts: ~\n"
         "  circuitBreaker: {maxConnections: 10}\n"
+        "  faultInjection: {abort: {httpStatus: 503, percent: 1e-3}}\n"
     )
     store = Store()
     source = FilesSource(tmp_path, store)
@@ -291,6 +332,7 @@ def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
     assert route["spec"]["rules"][0]["matches"][0]["headers"][0]["value"] == "2024-01-01"
     (policy,) = [store.get(k) for k in store.keys("TrafficPolicy")]
     assert policy is not None and "timeouts" not in policy["spec"]
+    assert policy["spec"]["faultInjection"]["abort"]["percent"] == 0.001
 
 
 def test_duplicates_are_reported_with_a_files_other_problems(tmp_path: Path) -> None:

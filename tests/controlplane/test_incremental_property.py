@@ -226,6 +226,10 @@ def test_incremental_build_equals_a_build_from_scratch(
         cold = build(view)
         assert warm.mesh == cold.mesh
         assert dict(warm.conditions) == dict(cold.conditions)
+        # Envoy refuses a RouteConfiguration with a domain twice (two Services of one
+        # ClusterIP and port, which files mode may hold)
+        domains = [d for v in warm.mesh.virtual_hosts for d in v.domains]
+        assert len(domains) == len(set(domains))
         # The memoizing Translator and the snapshot derived from the previous one agree with a
         # fresh translation, version for version.
         got, want = translator.translate(warm.mesh), Translator().translate(cold.mesh)

@@ -56,6 +56,36 @@ async def test_service_without_route_is_reachable_by_every_name(
     assert (await mesh.get("nothing.shop")).status == 404
 
 
+async def test_a_cluster_ip_two_services_give_routes_to_the_first_by_name(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Files mode may hold two Services with one ClusterIP and port (Kubernetes allocates each
+    once): both virtual hosts had the domain, Envoy refused the shared RouteConfiguration, and
+    that NACK held back every route change in the mesh. Now the first by name has it, as in
+    the node agents' maps; the other's names still route, and when the first goes the other
+    gets it. Another port of the same address is the other's own."""
+    a, b = await backends.get("dup-a"), await backends.get("dup-b")
+    mesh.apply(
+        service("dup-a", cluster_ip="10.96.7.7"),
+        endpoint_slice("dup-a", a.port),
+        service("dup-b", cluster_ip="10.96.7.7", ports=(("http", 80, ""), ("alt", 8080, ""))),
+        endpoint_slice("dup-b", b.port),
+        endpoint_slice("dup-b", b.port, port_name="alt", suffix="alt"),
+    )
+    await mesh.converge()  # fails on a NACK
+    replies = {h: (await mesh.get(h)).body for h in ("10.96.7.7", "10.96.7.7:80", "10.96.7.7:8080",
+                                                     "dup-b.shop")}  # fmt: skip
+    assert replies == {
+        "10.96.7.7": "dup-a",
+        "10.96.7.7:80": "dup-a",
+        "10.96.7.7:8080": "dup-b",
+        "dup-b.shop": "dup-b",
+    }
+    mesh.delete("Service", "dup-a")
+    await mesh.converge()
+    assert (await mesh.get("10.96.7.7")).body == "dup-b"
+
+
 async def test_header_match_sends_canary_traffic_to_v2(mesh: Mesh, backends: Backends) -> None:
     v1, v2 = await backends.get("reviews-v1"), await backends.get("reviews-v2")
     mesh.apply(

@@ -252,6 +252,12 @@ def _finish(
     )
 
 
+def _ip_ports(svc: ServiceModel | None) -> frozenset[tuple[str, int]]:
+    if svc is None:
+        return frozenset()
+    return frozenset((ip, p.port) for ip in svc.cluster_ips for p in svc.ports)
+
+
 def _redirect_port(r: ir.Route, port: int) -> ir.Route:
     """Gateway API's port for a redirect that sets none, on Service port `port`: the scheme's
     well-known port when it sets a scheme, and otherwise the listener's (for a Service, its
@@ -339,6 +345,8 @@ class Engine:
         self.last: dict[str, Mapping[ObjectKey, Mapping[str, Any]]] = {}
         self.services: dict[Ref, ServiceModel] = {}
         self.name_ns: dict[str, set[str]] = {}
+        # (ClusterIP, port) -> the Services that give it (more than one only in files mode)
+        self.ip_refs: dict[tuple[str, int], set[Ref]] = {}
         # EndpointSlices
         self.slice_ref: dict[ObjectKey, Ref] = {}
         self.slices_of: dict[Ref, set[ObjectKey]] = {}
@@ -563,7 +571,8 @@ class Engine:
     ) -> tuple[set[Ref], set[Ref]]:
         changed: set[Ref] = set()
         counts: dict[str, int] = {}
-        services, name_ns = self.services, self.name_ns
+        services, name_ns, ip_refs = self.services, self.name_ns, self.ip_refs
+        shared_ips: set[tuple[str, int]] = set()
         for key in keys:
             _, ns, name = key
             ref = (ns, name)
@@ -573,6 +582,21 @@ class Engine:
             if model is old or (old is not None and model == old):
                 continue
             changed.add(ref)
+            old_ips = _ip_ports(old)
+            new_ips = _ip_ports(model)
+            if old_ips != new_ips:
+                for ip in old_ips:
+                    claims = ip_refs[ip]
+                    claims.discard(ref)
+                    if claims:
+                        shared_ips.add(ip)
+                    else:
+                        del ip_refs[ip]
+                for ip in new_ips:
+                    claims = ip_refs.setdefault(ip, set())
+                    if claims:
+                        shared_ips.add(ip)
+                    claims.add(ref)
             namespaces = name_ns.get(name)
             if name not in counts:
                 counts[name] = len(namespaces) if namespaces is not None else 0
@@ -597,7 +621,18 @@ class Engine:
                 for ns in now:
                     if (ns, name) not in changed:
                         flips.add((ns, name))
+        # A ClusterIP and port two Services give (files mode; Kubernetes allocates each
+        # ClusterIP once) are domains of one of them, the first by name; Envoy refuses a
+        # RouteConfiguration with a domain twice, and that NACK held back every route. Who
+        # has them may have changed.
+        for ip in shared_ips:
+            flips.update(r for r in ip_refs.get(ip, ()) if r not in changed)
         return changed, flips
+
+    def _ip_owner(self, ip_port: tuple[str, int]) -> Ref:
+        """Of the Services that give a ClusterIP and port, the one that gets it: the first by
+        "namespace/name", as the node agents' service maps and `l7_destinations` choose."""
+        return min(self.ip_refs[ip_port], key=lambda r: f"{r[0]}/{r[1]}")
 
     # -- EndpointSlices --------------------------------------------------------------------
     def _endpoints(
@@ -794,6 +829,7 @@ class Engine:
             short = len(self.name_ns.get(name, ())) == 1
             hosts = svc.hostnames(short_name=short)
             # As a Host header carries them: an IPv6 address is bracketed, with or without ":port".
+            ip_refs = self.ip_refs
             ips = tuple(f"[{ip}]" if ":" in ip else ip for ip in svc.cluster_ips)
             default_port = svc.default_port
             origins = (f"Service/{ns}/{name}",)
@@ -843,12 +879,17 @@ class Engine:
                         else (_finish(RouteEntry(pk, (), default), policy, self.lbs),)
                     )
                 domains = [h + suffix for h in hosts]
-                for ip in ips:
+                mine_ips = [
+                    host
+                    for ip, host in zip(svc.cluster_ips, ips, strict=True)
+                    if len(ip_refs[ip, port]) == 1 or self._ip_owner((ip, port)) == ref
+                ]
+                for ip in mine_ips:
                     domains.append(ip + suffix)
                 if default_port is not None and default_port.port == port:
                     domains += hosts
                     if port == 80:
-                        domains += ips
+                        domains += mine_ips
                 vkey = (ns, name, index)
                 vhosts.put(
                     vkey,

@@ -40,8 +40,9 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
     slice_ports: dict[str, int] = {}
     for p in as_list(obj.get("ports")):
         p = as_map(p)
-        if isinstance(p.get("port"), int) and p.get("protocol", "TCP") == "TCP":
-            slice_ports[str(p.get("name") or "")] = p["port"]
+        number = p.get("port")  # (files mode may hold what the API server refuses)
+        if type(number) is int and 0 < number < 65536 and p.get("protocol", "TCP") == "TCP":
+            slice_ports[str(p.get("name") or "")] = number
     targets = [(sp.port, slice_ports[sp.name]) for sp in svc.ports if sp.name in slice_ports]
     if not targets:
         return found

@@ -118,12 +118,21 @@ def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
     if spec.get("type") == "ExternalName":
         return None
     ports = []
+    numbers = set()
     for p in as_list(spec.get("ports")):
         if type(p) is not dict:
             p = as_map(p)
         number = p.get("port")
-        if not isinstance(number, int) or p.get("protocol", "TCP") != "TCP":
+        # What the API server refuses, files mode may hold: a port out of range (or `true`)
+        # failed translation, and a port number twice gave Envoy a domain twice (a NACK).
+        if (
+            type(number) is not int
+            or not 0 < number < 65536
+            or number in numbers
+            or p.get("protocol", "TCP") != "TCP"
+        ):
             continue
+        numbers.add(number)
         port_name, app_protocol = p.get("name", ""), p.get("appProtocol", "")
         if type(port_name) is not str:
             port_name = str(port_name)
