@@ -132,8 +132,7 @@ async def test_a_regex_over_envoys_default_program_size_is_programmed(
         http_route("st-uuid", "st-uuid", [
             {"matches": [{"path": {"type": "RegularExpression", "value": regex}}],
              "backendRefs": [to("st-uuid")]},
-            {"backendRefs": [to("st-uuid")], "filters": [{
-                "type": "RequestRedirect", "requestRedirect": {"statusCode": 302}}]},
+            {"filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 302}}]},
         ]),
     )  # fmt: skip
     await mesh.converge()
