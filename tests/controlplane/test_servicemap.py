@@ -52,6 +52,7 @@ from nodemesh.xds.translate.servicemap import (
     node_part,
 )
 from tests.controlplane.test_golden import GOLDEN, load_case
+from tests.e2e.mesh import service
 
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("servicemap"))
 
@@ -620,3 +621,74 @@ def test_a_policy_on_ports_that_are_not_http_says_it_applies_nowhere() -> None:
     assert info.l7_ports == ()
     (cluster,) = (c for c in result.mesh.clusters if c.port == 5432)
     assert cluster.circuit_breaker is None
+
+
+def _policy(name: str, created: str, section: str = "", **spec: Any) -> dict[str, Any]:
+    target: dict[str, Any] = {"group": "", "kind": "Service", "name": "web"}
+    if section:
+        target["sectionName"] = section
+    return {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": name, "namespace": "shop", "creationTimestamp": created},
+        "spec": {"targetRefs": [target], **spec},
+    }
+
+
+def _conditions(result: Any, name: str) -> dict[str, Any]:
+    return {c.type: c for c in result.conditions[ObjectKey("TrafficPolicy", "shop", name)]}
+
+
+def test_a_policy_on_the_whole_service_leaves_its_port_that_is_not_http_alone() -> None:
+    """Without `sectionName`, a policy applies to the Service's HTTP ports only, as the
+    reference says. Its settings also went to the Postgres port's cluster, which no request
+    uses: a policy overridden on the HTTP port was said to be Programmed, and the loser's
+    message named the Postgres port as overridden."""
+    store = Store()
+    store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "clusterIP": "10.96.0.10",
+                "ports": [
+                    {"name": "http", "port": 80},
+                    {"name": "db", "port": 5432, "appProtocol": "postgresql"},
+                ],
+            },
+        }
+    )
+    store.apply(_policy("port", "2026-01-01T00:00:00Z", "http", circuitBreaker={"maxRequests": 9}))
+    store.apply(_policy("whole", "2026-01-02T00:00:00Z", circuitBreaker={"maxRequests": 1}))
+    result = build(store.view())
+    breakers = {c.name: c.circuit_breaker for c in result.mesh.clusters}
+    assert breakers["shop/web:5432"] is None
+    assert breakers["shop/web:80"] is not None and breakers["shop/web:80"].max_requests == 9
+    accepted = _conditions(result, "whole")["Accepted"]
+    assert accepted.message == (
+        "Policy is accepted; overridden by older or more specific policies: circuitBreaker on "
+        "shop/web:80 by TrafficPolicy/shop/port"
+    )
+    translation = Translator().translate(result.mesh)
+    origins = {o for (t, _), held in translation.origins.items() for o in held}
+    assert "TrafficPolicy/shop/whole" not in origins  # so Programmed says NothingToProgram
+
+
+def test_a_policy_on_a_headless_service_says_what_of_it_applies() -> None:
+    """Clients of a headless Service connect to its pods, so its route-level settings apply
+    nowhere (a route there is NoMatchingParent); its cluster settings apply where it is a
+    route's backend. The policy said nothing of it."""
+    store = Store()
+    headless = service("web")
+    headless["spec"]["clusterIP"] = "None"
+    store.apply(headless)
+    store.apply(_policy("t", "2026-01-01T00:00:00Z", timeouts={"request": "1s"}))
+    store.apply(_policy("cb", "2026-01-01T00:00:00Z", circuitBreaker={"maxRequests": 5}))
+    result = build(store.view())
+    assert _conditions(result, "t")["Accepted"].message == (
+        "Policy is accepted; headless (clusterIP: None): shop/web: its clients connect to its "
+        "pods directly, so retry, request and idle timeouts and fault injection do not apply "
+        "to them; the cluster settings apply where it is a route's backend"
+    )
+    assert _conditions(result, "cb")["Accepted"].message == "Policy is accepted"

@@ -295,6 +295,14 @@ def _policy_conditions(pol: TrafficPolicyModel, gen: int) -> tuple[Condition, ..
             f" by {winner}"
             for (section, winner), where in sorted(pol.overridden.items())
         )
+    if pol.headless and any(s.route_level for s in pol.sections.values()):
+        # as a route's parentRef there would be (NoMatchingParent): its clients connect to
+        # its pods, not through a ClusterIP the node agents send to Envoy
+        message += (
+            f"; headless (clusterIP: None): {', '.join(pol.headless)}: its clients connect to "
+            "its pods directly, so retry, request and idle timeouts and fault injection do not "
+            "apply to them; the cluster settings apply where it is a route's backend"
+        )
     resolved = (
         Condition("ResolvedRefs", "False", "TargetNotFound", "; ".join(pol.unresolved), gen)
         if pol.unresolved
@@ -726,7 +734,7 @@ class Engine:
         # Overrides and unresolved targets span policies: settle them all (policies are few;
         # settings_for records on the models, so it gets fresh copies).
         fresh = [
-            (key, replace(model, unresolved=[], overridden={}), gen)
+            (key, replace(model, unresolved=[], overridden={}, headless=[]), gen)
             for key, (model, gen) in sorted(self.policies.items())
         ]
         lookups: _Lookups[Ref, ServiceModel] = _Lookups(self.services)

@@ -155,6 +155,7 @@ class TrafficPolicyModel:
     unresolved: list[str] = field(default_factory=list)
     # (section, winning policy) -> the (namespace, Service, port)s where it won over this one
     overridden: dict[tuple[str, str], set[tuple[str, str, int]]] = field(default_factory=dict)
+    headless: list[str] = field(default_factory=list)  # targets with clusterIP: None
 
 
 def _retry(spec: Mapping[str, Any], p: Problems) -> tuple[RetrySpec, float | None, int | None]:
@@ -456,7 +457,14 @@ def settings_for(
                     f"Service {t.namespace}/{t.name} has no HTTP port to apply to ({why})"
                 )
                 continue
+            ref = f"{t.namespace}/{t.name}"
+            if svc.headless and ref not in pol.headless:
+                pol.headless.append(ref)
             for port in ports:
+                if port.not_http:
+                    # Its connections stay L4 (see `why`): the policy would apply nowhere
+                    # there, yet take its place (said Programmed, and overridden on it).
+                    continue
                 specificity = 0 if t.section else 1
                 per_port.setdefault((t.namespace, t.name, port.port), []).append(
                     (specificity, pol.order, pol)
