@@ -50,7 +50,10 @@ async def test_service_without_route_is_reachable_by_every_name(
     mesh.apply(service("web", cluster_ip="10.96.0.10"), endpoint_slice("web", web.port))
     await mesh.converge()
     names = ("web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local", "web:80")
-    for host in (*names, "web.shop.svc.cluster.local:80", "10.96.0.10:80", "10.96.0.10"):
+    # a trailing dot: an absolute name, as a resolver takes it without its search domains
+    absolute = ("web.shop.svc.cluster.local.", "web.shop.svc.cluster.local.:80")
+    for host in (*names, *absolute, "web.shop.svc.cluster.local:80", "10.96.0.10:80",
+                 "10.96.0.10"):  # fmt: skip
         reply = await mesh.get(host)
         assert (reply.status, reply.body) == (200, "web"), host
     assert (await mesh.get("nothing.shop")).status == 404

@@ -279,6 +279,9 @@ def _after_rds(access_log: str) -> dict[str, Any]:
         "server_header_transformation": _SERVER_HEADER,
         "http_protocol_options": _HTTP1,
         "access_log": _access_logs(access_log),
+        # `web.shop.svc.cluster.local.` (a resolver's absolute name, which skips the search
+        # domains) is the same Service: it got 404
+        "strip_trailing_host_dot": True,
     }
 
 
