@@ -156,6 +156,15 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML: {exc}".replace("\n", " ")
 
 
+def _blank(text: str) -> bool:
+    """Whether `text` is empty but for whitespace and document markers: a file being written
+    (a shell's `>` truncates it first) looks like that. A file of comments, of other kinds'
+    objects (a Deployment) or an empty `kind: List` is not blank: it holds none of nodemesh's
+    objects, and that is what it says (its objects once kept, the error said "the file is
+    empty" and held an object moved to another file back as a duplicate)."""
+    return all(line.strip() in ("", "---", "...") for line in text.splitlines())
+
+
 def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Objects from a YAML or JSON stream (and `kind: List` items), plus per-document errors."""
     objs: list[dict[str, Any]] = []
@@ -376,7 +385,10 @@ class FilesSource:
         the previous call; until then it keeps contributing what it did."""
         if not self.directory.is_dir():
             self._report(
-                {str(self.directory): "config directory does not exist; keeping its objects"}
+                {
+                    str(self.directory): f"config directory {self.directory} does not exist; "
+                    "keeping its objects"
+                }
             )
             return False
         stamps: dict[Path, Stamp] = {}
@@ -464,13 +476,15 @@ class FilesSource:
         """What file `p`, read at `at`, contributes now, and its problem ("" if none); see the
         class doc."""
         last = self._last_good.get(p)
+        text = ""
         try:
-            objs, problems = load_objects(_text(at.read_bytes()), rel)
+            text = _text(at.read_bytes())
+            objs, problems = load_objects(text, rel)
         except OSError as exc:
             objs, problems = [], [f"{rel}: cannot read: {exc.strerror or exc}"]
         except UnicodeDecodeError as exc:
             objs, problems = [], [f"{rel}: not {exc.encoding.upper()} text: {exc}"]
-        if not problems and not objs and last:
+        if not problems and not objs and last and _blank(text):
             problems = [f"{rel}: the file is empty"]
         if not problems:
             self._last_good[p] = objs
@@ -526,4 +540,4 @@ class FilesSource:
             self.scan(settled_only=True)
         except Exception as exc:  # a bug: report it where users look, keep polling
             log.exception("scanning %s failed", self.directory)
-            self._report({str(self.directory): f"scanning failed: {exc!r}"})
+            self._report({str(self.directory): f"scanning {self.directory} failed: {exc!r}"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import urllib.error
@@ -83,16 +84,27 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def status_url(controlplane: str) -> str:
+    """The /status URL from what an operator passes: `HOST:PORT` as `--http-listen` takes it,
+    `:PORT` (that flag's "every address"), or a URL, also the one the control plane logs
+    (`http://127.0.0.1:8080/status`; it once asked for /status/status)."""
+    base = controlplane
+    if "://" not in base:
+        base = f"http://{'127.0.0.1' if base.startswith(':') else ''}{base}"
+    return base.rstrip("/").removesuffix("/status") + "/status"
+
+
 def run(args: argparse.Namespace) -> int:
-    base = args.controlplane
-    if "://" not in base:  # HOST:PORT, as `nodemesh controlplane --http-listen` takes it
-        base = f"http://{base}"
-    url = base.rstrip("/") + "/status"
+    url = status_url(args.controlplane)
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             status = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"nodemesh status: cannot read {url}: {exc}", file=sys.stderr)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        # (HTTPException: a port that does not speak HTTP, such as the xDS one)
+        why = str(exc)
+        if not why.isprintable():  # what a port that is not HTTP answered: one line, escaped
+            why = repr(why)
+        print(f"nodemesh status: cannot read {url}: {why}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0

@@ -12,9 +12,9 @@ Contract for writers (files source, `nodemesh.controlplane.kube`):
   objects (Node) use namespace "".
 - `apply(obj)` inserts or replaces; returns True when the content changed. Metadata noise
   (resourceVersion, managedFields, uid, ...; not creationTimestamp, which orders routes and
-  policies) and `status` are dropped before comparing and storing, so a status patch echoed back by the API server is not a change;
-  only the status fields that are input are kept (Node `addresses`; Pod `podIP`, `podIPs`,
-  `phase`).
+  policies) and `status` are dropped before comparing and storing, so a status patch echoed
+  back by the API server is not a change; only the status fields that are input are kept
+  (Node `addresses`; Pod `podIP`, `podIPs`, `phase`).
   Objects without `metadata.generation` (files mode) get one: 1 on insert, +1 on each change.
 - `delete(key)` returns True when the key was present.
 - `replace_all(objs, kinds=None)`: a full resync of the given kinds (all kinds of the objects

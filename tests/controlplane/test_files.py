@@ -125,7 +125,9 @@ def test_the_poller_reads_a_file_once_it_stopped_changing(tmp_path: Path) -> Non
 
 
 def test_a_missing_directory_keeps_its_objects(tmp_path: Path) -> None:
-    """`mv cfg cfg.old && mv cfg.new cfg`, or a volume not mounted yet."""
+    """`mv cfg cfg.old && mv cfg.new cfg`, or a volume not mounted yet. The message names the
+    directory: the log line and `nodemesh status` showed only "config directory does not
+    exist"."""
     config = tmp_path / "cfg"
     config.mkdir()
     write(config / "shop.yaml", service("web"))
@@ -135,7 +137,9 @@ def test_a_missing_directory_keeps_its_objects(tmp_path: Path) -> None:
     config.rename(tmp_path / "cfg.old")
     assert source.scan() is False
     assert names(store) == ["web"]
-    assert "does not exist" in source.errors[str(config)]
+    assert source.errors[str(config)] == (
+        f"config directory {config} does not exist; keeping its objects"
+    )
 
     (tmp_path / "cfg.old").rename(config)
     source.scan()
@@ -333,6 +337,38 @@ def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
     (policy,) = [store.get(k) for k in store.keys("TrafficPolicy")]
     assert policy is not None and "timeouts" not in policy["spec"]
     assert policy["spec"]["faultInjection"]["abort"]["percent"] == 0.001
+
+
+def test_a_file_left_with_none_of_nodemeshs_objects_gives_none(tmp_path: Path) -> None:
+    """Only a blank file (or `---`) is one being written, which keeps its objects. A file of
+    comments, of another controller's objects or an empty List holds none of nodemesh's: its
+    objects went on being served, the error said "the file is empty", and the Service moved
+    to another file was refused there as a duplicate."""
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop"},
+    }
+    for rest in (
+        yaml.safe_dump(deployment),
+        "# apiVersion: v1\n# kind: Service\n",
+        "apiVersion: v1\nkind: List\nitems: []\n",
+    ):
+        store = Store()
+        source = FilesSource(tmp_path, store)
+        write(tmp_path / "app.yaml", deployment, service("web"))
+        source.scan()
+        assert names(store) == ["web"]
+        (tmp_path / "app.yaml").write_text(rest)
+        write(tmp_path / "web.yaml", service("web", port=8080))
+        source.scan()
+        assert (ports(store, "web"), source.errors) == ([8080], {}), rest
+        (tmp_path / "web.yaml").unlink()
+    write(tmp_path / "app.yaml", service("web"))
+    source.scan()
+    (tmp_path / "app.yaml").write_text("---\n\n---\n")  # blank: kept while it is written
+    source.scan()
+    assert names(store) == ["web"] and "the file is empty" in source.errors["app.yaml"]
 
 
 def test_duplicates_are_reported_with_a_files_other_problems(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ tests/e2e/test_status.py)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -113,7 +115,8 @@ async def test_the_control_plane_is_reached_by_its_http_listen_address(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`--controlplane 127.0.0.1:18080`, the form `--http-listen` takes, as well as the URL;
-    it answered "unknown url type: 127.0.0.1" and exit 1."""
+    it answered "unknown url type: 127.0.0.1" and exit 1. Also `:18080` (that flag's every
+    address) and the /status URL the control plane logs (which asked for /status/status)."""
     store = Store()
     FilesSource(EXAMPLES, store).scan()
     pipeline = Pipeline(store, SnapshotCache())
@@ -121,10 +124,40 @@ async def test_the_control_plane_is_reached_by_its_http_listen_address(
     server = StatusServer(pipeline)
     port = await server.start("127.0.0.1", 0)
     try:
-        for address in (f"127.0.0.1:{port}", f"http://127.0.0.1:{port}/"):
+        for address in (
+            f"127.0.0.1:{port}",
+            f"http://127.0.0.1:{port}/",
+            f":{port}",
+            f"http://127.0.0.1:{port}/status",
+        ):
             code = await asyncio.to_thread(main, ["status", "--controlplane", address])
             out = capsys.readouterr()
             assert (code, out.err) == (0, ""), address
             assert "HTTPRoute/shop/reviews" in out.out
     finally:
         await server.stop()
+
+
+def test_a_port_that_does_not_speak_http_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Pointed at the xDS port by mistake, the CLI printed http.client's traceback."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer_junk() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x00\x00\x12\x04not http\r\n\r\n")
+
+        junk = threading.Thread(target=answer_junk)
+        junk.start()
+        code = main(["status", "--controlplane", f"127.0.0.1:{port}"])
+        junk.join(timeout=5)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(f"nodemesh status: cannot read http://127.0.0.1:{port}/status: ")
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
