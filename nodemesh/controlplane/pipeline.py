@@ -62,8 +62,8 @@ from nodemesh.controlplane.peers import PeerReport, Peers
 from nodemesh.controlplane.store import ObjectKey, Store, StoreView
 from nodemesh.xds import types
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
-from nodemesh.xds.server import AckEvent, NodeStatus, StatusTracker
-from nodemesh.xds.translate import Translation, Translator
+from nodemesh.xds.server import AckEvent, NackRecord, NodeStatus, StatusTracker
+from nodemesh.xds.translate import LISTENER_NAME, Translation, Translator
 from nodemesh.xds.translate.cluster import cluster_of_eds_name
 
 __all__ = ["BULK_OBJECTS", "ConditionsCallback", "KubernetesStatus", "Pipeline", "build_collector"]
@@ -135,6 +135,9 @@ class _ProgrammedContext:
     # expected nodes on their way from a peer to another replica (also in `remote`): the
     # last report of each peer they left, with them
     moving_from: tuple[tuple[PeerReport, tuple[str, ...]], ...] = ()
+    # connected nodes (here) whose outbound Listener is not the current one: (node id, the
+    # current version, the version it holds, its last NACK of the Listener)
+    lds_behind: tuple[tuple[str, str, str | None, NackRecord | None], ...] = ()
 
 
 # How long a replica says that a node's Envoy left it on its own (`left` in /programmed): past
@@ -265,6 +268,9 @@ class Pipeline:
         # fingerprint of its part: a node still on an older version holds a namespace's part
         # if the fingerprints are equal
         self._listener_history: dict[str, dict[str, Mapping[str, int]]] = {}
+        # version of an outbound Listener (the shared one, a node's own) -> its parts that
+        # every node's has (`Translation.listener_chains`), oldest first
+        self._lds_parts: dict[str, Mapping[str, int]] = {}
         self.history_slack = 1000  # versions kept beyond 4 per current resource (tests lower it)
         self._origin_index: tuple[object, dict[str, list[tuple[str, str]]]] | None = None
         self._origin_types: frozenset[str] = frozenset()  # the types the origins name
@@ -626,6 +632,15 @@ class Pipeline:
                 self._history[key] = fp
 
     def _record_listener_history(self, translation: Translation) -> None:
+        now = [r.version for r in translation.shared.get(types.LISTENER, ())]
+        for own in translation.per_node.values():
+            now += [r.version for r in own.get(types.LISTENER, ())]
+        parts = self._lds_parts
+        for version in now:
+            parts.pop(version, None)  # to the end: a current one is never the oldest
+            parts[version] = translation.listener_chains
+        while len(parts) > _LISTENER_VERSIONS_KEPT + len(now):
+            del parts[next(iter(parts))]
         history = self._listener_history
         for node in [n for n in history if types.LISTENER not in translation.per_node.get(n, {})]:
             del history[node]
@@ -795,6 +810,10 @@ class Pipeline:
             remote = {**remote, **{node: report.peer for node, report in moving.items()}}
         expected = sorted(self._envoys_here()) if local_only else self._expected_nodes(remote)
         partial, unseen = [], []
+        lds_behind: list[tuple[str, str, str | None, NackRecord | None]] = []
+        translation_now = self.translation
+        assert translation_now is not None
+        shared_listener = next(iter(snapshot.resources(types.LISTENER).values()), None)
         by_origin = self._by_origin()
         everything = self._origin_types
         for node_id in expected:
@@ -813,6 +832,14 @@ class Pipeline:
             )
             if not everything <= whole:
                 partial.append((node_id, node, whole))
+            own = translation_now.per_node.get(node_id, {}).get(types.LISTENER)
+            listener = own[0] if own else shared_listener
+            if listener is not None:
+                ts = node.types.get(types.LISTENER)
+                held = ts.acked_resources.get(listener.name) if ts is not None else None
+                if held != listener.version:
+                    nack = ts.last_nack if ts is not None else None
+                    lds_behind.append((node_id, listener.version, held, nack))
         epoch = self.status.epoch if self.status is not None else -1
         on_node_listeners: dict[str, list[str]] = {}
         translation = self.translation
@@ -849,6 +876,7 @@ class Pipeline:
             remote,
             peers,
             _by_report(moving),
+            tuple(lds_behind),
         )
 
     def _programmed(
@@ -1131,6 +1159,33 @@ class Pipeline:
             waits += 1
             if len(shown) < 3:
                 shown.append((node_id, types.LISTENER, own.name))
+        if ctx.lds_behind:
+            # The outbound Listener every request goes through: its current version, or an
+            # older one whose parts this object's traffic takes are the same ("" and the
+            # chains of the destination routes that carry it). A node whose Listener Envoy
+            # refused (a port taken on the node) routed nothing, and this said True.
+            names = [""] + [n for t, n in ctx.by_origin.get(origin, ()) if t == types.ROUTE]
+            parts = self._lds_parts
+            for node_id, current, held, nack in ctx.lds_behind:
+                if node_id in ctx.on_node_listeners.get(origin, ()):
+                    continue  # its own Listener's check above
+                now = parts.get(current)
+                mine = tuple(now.get(n) for n in names) if now is not None else None
+                before = parts.get(held) if held is not None else None
+                if mine is not None and before is not None:
+                    if tuple(before.get(n) for n in names) == mine:
+                        continue
+                nacked = nack.resource_versions.get(LISTENER_NAME) if nack is not None else None
+                then = parts.get(nacked) if nacked is not None else None
+                if nack is not None and (
+                    nacked == current
+                    or (then is not None and tuple(then.get(n) for n in names) == mine)
+                ):
+                    message = f"node {node_id} rejected lds {LISTENER_NAME!r}: {nack.message}"
+                    return Condition("Programmed", "False", "Rejected", message, gen, parent)
+                waits += 1
+                if len(shown) < 3:
+                    shown.append((node_id, types.LISTENER, LISTENER_NAME))
         if waits:
             more = f" (+{waits - 3} more)" if waits > 3 else ""
             message = (

@@ -345,6 +345,90 @@ async def test_a_fix_the_node_has_not_answered_yet_is_pending_not_rejected() -> 
     assert "regex too big" not in message() and "node-a" in message()
 
 
+async def test_a_node_that_refused_the_outbound_listener_carries_nothing_new_through_it() -> None:
+    """Every request goes through the outbound Listener. A Service that becomes L7 (its first
+    route) adds a chain for its ClusterIP to it; node-a refuses that version (Envoy keeps the
+    one before): the new route is Rejected with Envoy's message, and reviews, whose chains did
+    not change, stays Programmed. A node that never held a Listener (its port taken, Envoy
+    refused the first) carries nothing: every route is Rejected there. Both said True."""
+    from nodemesh.xds.server import NackRecord
+
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    p = Pipeline(store, SnapshotCache(), status)
+    await p.rebuild()
+    _connect_and_ack(p, status, "node-a", "node-b")
+    p._update_conditions()
+    assert _programmed(p) == ("True", "Programmed")
+
+    extra = ObjectKey("HTTPRoute", "shop", "extra")
+    store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "extra", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.10.99", "ports": [{"name": "http", "port": 80}]},
+        }
+    )
+    store.apply(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "extra", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "extra"}],
+                "rules": [{"backendRefs": [{"name": "extra", "port": 80}]}],
+            },
+        }
+    )
+    await p.rebuild()
+    assert p.snapshot is not None
+
+    def nack_listener(node: str, message: str) -> None:
+        assert p.snapshot is not None
+        sent = {n: r.version for n, r in p.snapshot.resources(types.LISTENER).items()}
+        status.nacked(
+            NackRecord(node, types.LISTENER, p.snapshot.version(types.LISTENER) or "", "9",
+                       tuple(sent), 13, message, 0.0, sent),
+            sent,
+        )  # fmt: skip
+
+    for node in ("node-a", "node-b"):
+        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE):
+            held = {n: r.version for n, r in p.snapshot.resources(t).items()}
+            status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+    nack_listener("node-a", "duplicate filter chain match")
+    status.acked(
+        "node-b",
+        types.LISTENER,
+        p.snapshot.version(types.LISTENER) or "",
+        {n: r.version for n, r in p.snapshot.resources(types.LISTENER).items()},
+        replace=True,
+    )
+    p._update_conditions()
+
+    def programmed(key: ObjectKey) -> tuple[str, str, str]:
+        c = next(c for c in p.conditions()[key] if c.type == "Programmed")
+        return c.status, c.reason, c.message
+
+    assert programmed(extra) == (
+        "False",
+        "Rejected",
+        "node node-a rejected lds 'outbound': duplicate filter chain match",
+    )
+    assert _programmed(p) == ("True", "Programmed")
+
+    # node-c comes up with the outbound port taken: its first Listener is refused
+    status.stream_opened("node-c")
+    for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE):
+        held = {n: r.version for n, r in p.snapshot.resources(t).items()}
+        status.acked("node-c", t, p.snapshot.version(t) or "", held, replace=True)
+    nack_listener("node-c", "cannot bind '127.0.0.1:15001': Address already in use")
+    p._update_conditions()
+    assert programmed(ROUTE)[:2] == ("False", "Rejected")
+    assert "node node-c rejected lds 'outbound': cannot bind" in programmed(ROUTE)[2]
+
+
 class _SotwEnvoy:
     """An Envoy on a SotW stream as the ADS server sees it (the real `SotwStream`): a new one
     holds nothing (empty `version_info`), subscribes to every type and ACKs what `pump` reads."""

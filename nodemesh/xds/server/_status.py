@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -10,6 +11,8 @@ from typing import Any, Literal
 from nodemesh.xds.types import short_name
 
 __all__ = ["AckEvent", "NackRecord", "NodeStatus", "StatusTracker", "TypeStatus"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +288,20 @@ class StatusTracker:
         self.epoch += 1
         if record.nonce == ts.awaiting:
             ts.awaiting = ""
+        if ts.last_nack is None or (ts.last_nack.version, ts.last_nack.message) != (
+            record.version,
+            record.message,
+        ):
+            # once per rejected version: the server holds the type until the next one, but a
+            # reconnecting Envoy refuses it again. (Nothing was logged: an operator saw a
+            # NACK only in /status.)
+            log.warning(
+                "node %s rejected %s version %s: %s",
+                record.node_id,
+                short_name(record.type_url),
+                record.version,
+                record.message,
+            )
         ts.last_nack = record
         self._emit(
             AckEvent("nack", record.node_id, record.type_url, record.version, sent_versions, record)

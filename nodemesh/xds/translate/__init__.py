@@ -49,7 +49,14 @@ from nodemesh.xds.translate.route import (
 )
 from nodemesh.xds.translate.servicemap import NODE_TYPE_URL, SERVICE_TYPE_URL, ServiceMaps
 
-__all__ = ["Translation", "Translator", "ir", "node_listeners", "translate_messages"]
+__all__ = [
+    "LISTENER_NAME",
+    "Translation",
+    "Translator",
+    "ir",
+    "node_listeners",
+    "translate_messages",
+]
 
 LISTENER_NAME = "outbound"
 
@@ -92,6 +99,11 @@ class Translation:
     # per node with a Listener of its own: per consumer namespace with clients there, a
     # fingerprint of its chains (equal: that namespace's part of the Listener did not change)
     node_parts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # the parts of the outbound Listener every node has (a node's own adds consumer chains):
+    # per destination route configuration, a fingerprint of the chains that use it, and under
+    # "" one of the rest (address, port, the connection manager). What an object's traffic
+    # goes through is "" and the chains of the destination routes that carry it.
+    listener_chains: Mapping[str, int] = field(default_factory=dict)
     _snapshot: _SharedSnapshot = field(
         default_factory=lambda: _SharedSnapshot(None, None), compare=False, repr=False
     )
@@ -278,6 +290,7 @@ class _ListenerParts(NamedTuple):
     resource: Resource
     parts: tuple[bytes, bytes, bytes]
     references: tuple[str, ...]
+    chains: Mapping[str, int]  # see `Translation.listener_chains`
 
 
 def _listener_parts(mesh: ir.Mesh, destinations: tuple[Destination, ...]) -> _ListenerParts:
@@ -294,7 +307,14 @@ def _listener_parts(mesh: ir.Mesh, destinations: tuple[Destination, ...]) -> _Li
     resource = Resource.from_payload(
         types.LISTENER, LISTENER_NAME, b"".join(parts), _decode_listener, references=references
     )
-    return _ListenerParts(resource, parts, references)
+    by_route: dict[str, list[Destination]] = {}
+    for d in destinations:
+        by_route.setdefault(d[2], []).append(d)
+    chains = {name: hash(tuple(sorted(ds))) for name, ds in by_route.items()}
+    chains[""] = hash(
+        (mesh.outbound_address, mesh.outbound_port, mesh.route_config_name, mesh.access_log)
+    )
+    return _ListenerParts(resource, parts, references, chains)
 
 
 def _node_listener(
@@ -604,6 +624,7 @@ class Translator:
             origins=origins,
             node_origins=node_origins,
             node_parts=node_parts,
+            listener_chains=listener.chains,
             _snapshot=lazy,
         )
         self._last = _Last(mesh, translation, eds_names, cluster_origins, node_listeners)
