@@ -321,6 +321,9 @@ async def test_delta_reconnect_with_current_versions_gets_nothing_resent(
     assert first.type_url == types.LISTENER  # the CDS watch stays silent
     ts = control_plane.server.status.type_status("n", types.CLUSTER)
     assert ts.resources_sent == 0 and ts.acked_resources == held
+    # it holds the current version (it was "" until the type changed: /status said so, and
+    # a deleted Service's cluster lingered its full 60 s, waiting for that)
+    assert ts.version_acked == s.version(types.CLUSTER)
     call.cancel()
 
 

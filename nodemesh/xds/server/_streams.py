@@ -498,9 +498,21 @@ class DeltaStream(_Stream):
             st.wildcard = not req.resource_names_subscribe  # legacy wildcard
             st.answer_empty = not req.initial_resource_versions
             # A new stream's client holds what it says, nothing else (a restarted Envoy holds
-            # nothing): what an earlier stream ACKed must not count for it.
+            # nothing): what an earlier stream ACKed must not count for it. What it says may
+            # be the type's current version whole (a control plane restart): then that
+            # version is held, as for SotW, and not "" until the type changes (the gate that
+            # removes a deleted Service's cluster waited its full 60 s for that).
             self.status.resumed(
-                node_id, type_url, "", dict(req.initial_resource_versions), stream=self
+                node_id,
+                type_url,
+                self._current_version(
+                    node_id,
+                    type_url,
+                    req.initial_resource_versions,
+                    None if st.wildcard else frozenset(req.resource_names_subscribe),
+                ),
+                dict(req.initial_resource_versions),
+                stream=self,
             )
         subscribe = set(req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
@@ -584,6 +596,28 @@ class DeltaStream(_Stream):
         self._open(type_url, st)
         if type_url == types.CLUSTER:
             self._release()
+
+    def _current_version(
+        self,
+        node_id: str,
+        type_url: str,
+        held: Mapping[str, str],
+        names: frozenset[str] | None,
+    ) -> str:
+        """The version of the type in the node's snapshot if `held` is exactly its resources
+        (`names` of them; None: all), else "" (the client holds something else as well)."""
+        get_snapshot = getattr(self.watcher, "get_snapshot", None)
+        snapshot = get_snapshot(node_id) if held and get_snapshot is not None else None
+        version: str | None = snapshot.version(type_url) if snapshot is not None else None
+        if snapshot is None or version is None:
+            return ""
+        now = snapshot.resources(type_url)
+        wanted = now if names is None else {n: r for n, r in now.items() if n in names}
+        if len(wanted) != len(held) or any(
+            (r := wanted.get(n)) is None or r.version != v for n, v in held.items()
+        ):
+            return ""
+        return version
 
     @staticmethod
     def _view(st: _DeltaType) -> Mapping[str, str]:
