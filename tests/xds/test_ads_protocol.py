@@ -308,6 +308,39 @@ async def test_a_delta_client_that_does_not_answer_gets_two_responses_then_the_l
     call.cancel()
 
 
+async def test_a_sotw_first_request_with_an_earlier_streams_nonce_is_answered(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """Envoy clears the nonce on a new stream; a client that keeps it was never answered (the
+    nonce was taken for a stale one)."""
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = sotw_call(channel)
+    await call.write(req(types.CLUSTER, response_nonce="7"))
+    first = await asyncio.wait_for(call.read(), 5)
+    assert first.type_url == types.CLUSTER and len(first.resources) == 2
+    call.cancel()
+
+
+async def test_delta_wildcard_unsubscribed_and_subscribed_again_is_sent_again(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """The client forgets what it held through `*` when it unsubscribes from it, as it does a
+    name: a `*` again got nothing (what it dropped was taken as held)."""
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = delta_call(channel)
+    await call.write(dreq(types.CLUSTER, resource_names_subscribe=["*"]))
+    first = await call.read()
+    assert sorted(r.name for r in first.resources) == ["a", "b"]
+    await call.write(dreq(types.CLUSTER, node="", response_nonce=first.nonce))
+    await call.write(dreq(types.CLUSTER, node="", resource_names_unsubscribe=["*"]))
+    status = control_plane.server.status
+    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == {})
+    await call.write(dreq(types.CLUSTER, node="", resource_names_subscribe=["*"]))
+    again = await asyncio.wait_for(call.read(), 5)
+    assert sorted(r.name for r in again.resources) == ["a", "b"]
+    call.cancel()
+
+
 async def test_delta_reconnect_with_current_versions_gets_nothing_resent(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

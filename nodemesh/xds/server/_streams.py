@@ -252,7 +252,9 @@ class SotwStream(_Stream):
             raise ProtocolError("ADS requests must carry type_url")
         st = self.types.setdefault(type_url, _SotwType())
         nonce = req.response_nonce
-        if nonce and nonce != st.nonce:
+        # (a stream's first request for a type may carry a nonce of an earlier stream, which
+        # Envoy clears and other clients may not: it was never answered)
+        if nonce and st.started and nonce != st.nonce:
             self.stale_requests += 1  # answers a response that a newer one superseded
             return
         if nonce and st.sent_version is not None and not st.replied:
@@ -520,8 +522,15 @@ class DeltaStream(_Stream):
             if not st.wildcard:
                 st.basis = None  # every name joins the subscription
             st.wildcard = True
-        if "*" in unsubscribe:
+        dropped: tuple[str, ...] = ()
+        if "*" in unsubscribe and "*" not in subscribe:
             st.wildcard = False
+            # the client forgets what it held through the wildcard only, as it does a name
+            # it unsubscribes from (a `*` again then sent nothing: it was taken as held)
+            explicit = st.subscribed.union(subscribe).difference(unsubscribe)
+            dropped = tuple(sorted(n for n in st.client if n not in explicit))
+            for name in dropped:
+                del st.client[name]
         subscribe.discard("*")
         unsubscribe.discard("*")
         if subscribe or unsubscribe:
@@ -536,8 +545,10 @@ class DeltaStream(_Stream):
                 st.client[name] = _WANTED
         if st.hold is not None:
             st.unheld = (st.unheld | subscribe) - unsubscribe
-        if unsubscribe:
-            self.status.removed(node_id, type_url, tuple(sorted(unsubscribe)), stream=self)
+        if unsubscribe or dropped:
+            self.status.removed(
+                node_id, type_url, tuple(sorted(unsubscribe)) + dropped, stream=self
+            )
         subscription_changed = bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
 
         nonce = req.response_nonce
