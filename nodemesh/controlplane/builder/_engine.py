@@ -252,10 +252,13 @@ def _finish(
     )
 
 
-def _ip_ports(svc: ServiceModel | None) -> frozenset[tuple[str, int]]:
-    if svc is None:
-        return frozenset()
-    return frozenset((ip, p.port) for ip in svc.cluster_ips for p in svc.ports)
+def _ip_ports(svc: ServiceModel | None) -> tuple[tuple[str, int], ...]:
+    """A Service's (ClusterIP, port)s, in its order (so equal models give equal tuples)."""
+    if svc is None or not svc.cluster_ips:
+        return ()
+    if len(svc.cluster_ips) == 1 and len(svc.ports) == 1:  # most Services: no generator
+        return ((svc.cluster_ips[0], svc.ports[0].port),)
+    return tuple((ip, p.port) for ip in svc.cluster_ips for p in svc.ports)
 
 
 def _redirect_port(r: ir.Route, port: int) -> ir.Route:
@@ -887,11 +890,15 @@ class Engine:
                         else (_finish(RouteEntry(pk, (), default), policy, self.lbs),)
                     )
                 domains = [h + suffix for h in hosts]
-                mine_ips = [
-                    host
-                    for ip, host in zip(svc.cluster_ips, ips, strict=True)
-                    if len(ip_refs[ip, port]) == 1 or self._ip_owner((ip, port)) == ref
-                ]
+                mine_ips = (
+                    [
+                        host
+                        for ip, host in zip(svc.cluster_ips, ips, strict=True)
+                        if len(ip_refs[ip, port]) == 1 or self._ip_owner((ip, port)) == ref
+                    ]
+                    if ips
+                    else ips
+                )
                 for ip in mine_ips:
                     domains.append(ip + suffix)
                 if default_port is not None and default_port.port == port:
