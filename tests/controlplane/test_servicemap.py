@@ -573,26 +573,28 @@ def test_a_windowed_l7_entry_stays_l7() -> None:
         assert len(entry.backends) == MAX_BACKENDS and entry.l7 is l7
 
 
+# Service shop/web: an HTTP port and a Postgres one
+WEB_WITH_DB = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "web", "namespace": "shop"},
+    "spec": {
+        "clusterIP": "10.96.0.10",
+        "ports": [
+            {"name": "http", "port": 80},
+            {"name": "db", "port": 5432, "appProtocol": "postgresql"},
+        ],
+    },
+}
+
+
 def test_a_policy_on_ports_that_are_not_http_says_it_applies_nowhere() -> None:
     """A TrafficPolicy whose target has no HTTP port (a `sectionName` naming the Postgres
     port, or a Service of TCP ports only) applies nowhere: those connections stay L4,
     kernel-direct. Its status says so (ResolvedRefs=False naming the ports), as a route's
     parentRef there is NoMatchingParent, instead of all targets resolved; the ports stay L4."""
     store = Store()
-    store.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {
-                "clusterIP": "10.96.0.10",
-                "ports": [
-                    {"name": "http", "port": 80},
-                    {"name": "db", "port": 5432, "appProtocol": "postgresql"},
-                ],
-            },
-        }
-    )
+    store.apply(WEB_WITH_DB)
     store.apply(
         {
             "apiVersion": "nodemesh.io/v1alpha1",
@@ -645,20 +647,7 @@ def test_a_policy_on_the_whole_service_leaves_its_port_that_is_not_http_alone() 
     uses: a policy overridden on the HTTP port was said to be Programmed, and the loser's
     message named the Postgres port as overridden."""
     store = Store()
-    store.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {
-                "clusterIP": "10.96.0.10",
-                "ports": [
-                    {"name": "http", "port": 80},
-                    {"name": "db", "port": 5432, "appProtocol": "postgresql"},
-                ],
-            },
-        }
-    )
+    store.apply(WEB_WITH_DB)
     store.apply(_policy("port", "2026-01-01T00:00:00Z", "http", circuitBreaker={"maxRequests": 9}))
     store.apply(_policy("whole", "2026-01-02T00:00:00Z", circuitBreaker={"maxRequests": 1}))
     result = build(store.view())
