@@ -48,10 +48,12 @@ class Condition:
 
 
 def parent_label(
-    namespace: str | None, name: str, port: int | None = None, section: str = ""
+    namespace: str | None, name: str, port: int | None = None, section: str = "", group: str = ""
 ) -> str:
     """A route's parentRef to a Service as one string, as the user wrote it:
-    "Service/[namespace/]name[:port][#sectionName]", the namespace only if written.
+    "Service[.core]/[namespace/]name[:port][#sectionName]", the namespace only if written,
+    and the group `core` if written (Gateway API's core group is ""; nodemesh takes `core`
+    too, and the status echoed "" for it, so an entry matched no parentRef).
 
     It keys the route's conditions and is what `nodemesh status` shows; `parse_parent` turns it
     back into the parentRef of `status.parents[]`, which must echo the user's parentRef: its
@@ -60,7 +62,8 @@ def parent_label(
     parentRefs to one Service that Gateway API tells apart, get an entry each. Neither a
     namespace, a name nor a sectionName can hold "/", ":" or "#", so the parts split back.
     """
-    label = f"Service/{namespace}/{name}" if namespace else f"Service/{name}"
+    kind = f"Service.{group}" if group else "Service"
+    label = f"{kind}/{namespace}/{name}" if namespace else f"{kind}/{name}"
     if port is not None:
         label += f":{port}"
     if section:
@@ -71,10 +74,11 @@ def parent_label(
 def parse_parent(parent: str) -> dict[str, Any]:
     """`parent_label`'s string -> a Gateway API parentRef."""
     kind, rest = parent.split("/", 1)
+    kind, _, group = kind.partition(".")
     namespace, _, rest = rest.rpartition("/")
     rest, _, section = rest.partition("#")
     name, _, port = rest.partition(":")
-    ref: dict[str, Any] = {"group": "", "kind": kind}
+    ref: dict[str, Any] = {"group": group, "kind": kind}
     if namespace:
         ref["namespace"] = namespace
     ref["name"] = name

@@ -113,7 +113,8 @@ def test_port_and_section_name_must_name_the_same_port() -> None:
 def test_status_parent_ref_echoes_section_name_port_and_namespace_as_written() -> None:
     """The namespace too: `{name: web}` and `{name: web, namespace: shop}` are two parentRefs
     to Gateway API, and each gets its entry (they once made one entry whose conditions listed
-    each type twice, which the API server refuses: the list is keyed by type)."""
+    each type twice, which the API server refuses: the list is keyed by type). And the group:
+    `core`, which nodemesh takes for "", was echoed as "", so the entry matched no parentRef."""
     res = run(
         service("web", ports=WEB_PORTS),
         service("v2"),
@@ -124,6 +125,7 @@ def test_status_parent_ref_echoes_section_name_port_and_namespace_as_written() -
                 parent("web", port=80),
                 parent("web"),
                 parent("web", namespace="shop"),
+                parent("web", group="core", port=80),
             ],
             [{"backendRefs": to("v2")}],
         ),
@@ -132,6 +134,7 @@ def test_status_parent_ref_echoes_section_name_port_and_namespace_as_written() -
     refs = [p["parentRef"] for p in body["parents"]]
     base = {"group": "", "kind": "Service", "name": "web"}
     assert refs == [
+        {**base, "group": "core", "port": 80},
         {**base, "namespace": "shop"},
         base,
         {**base, "sectionName": "grpc"},

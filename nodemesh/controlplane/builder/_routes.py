@@ -415,7 +415,9 @@ def read_route(
         port = ref.get("port") if isinstance(ref.get("port"), int) else None
         # GAMMA: a Service parent's sectionName is the name of one of its ports.
         section = str(ref.get("sectionName") or "")
-        label = parent_label(ref.get("namespace") and pns, pname, port, section)
+        label = parent_label(
+            ref.get("namespace") and pns, pname, port, section, str(ref.get("group") or "")
+        )
         if label in labels:
             continue  # the same parentRef written twice: one status entry, rules once
         labels.add(label)
