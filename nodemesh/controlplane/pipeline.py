@@ -237,6 +237,7 @@ class Pipeline:
         # the status body of one (asked for whenever it may have changed) and an
         # object's removal touch only its own entries
         self._transitions: dict[ObjectKey, dict[tuple[str, str], tuple[str, str]]] = {}
+        self._transition_uids: dict[ObjectKey, str] = {}  # the object the times are of
         self._source_errors: dict[str, dict[str, str]] = {}
         self._subscribers: list[ConditionsCallback] = []
         self._built_subscribers: list[Callable[[], None]] = []
@@ -1282,6 +1283,21 @@ class Pipeline:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         changed = [k for k in new if new[k] != self._conditions.get(k)]
         gone = [k for k in self._conditions if k not in new]
+        # An object deleted and created again under its name within one build is a new
+        # object: its conditions start their times now (it showed the old one's, from before
+        # it existed), and are written to it even if they are equal.
+        uids = self._transition_uids
+        for key in written if written is not None else new.keys():
+            if key not in new:
+                continue
+            uid = self._uid(key)
+            if uids.get(key, uid) != uid:
+                self._transitions.pop(key, None)
+                if new[key] == self._conditions.get(key):
+                    changed.append(key)
+            uids[key] = uid
+        for key in gone:
+            uids.pop(key, None)
         for key in changed:
             # a condition that went (ResolvedRefs while the route is not Accepted) starts a
             # new time when it comes back, not its old one: only the current ones are kept

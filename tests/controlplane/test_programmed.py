@@ -619,3 +619,47 @@ async def test_a_condition_that_comes_back_gets_a_new_transition_time(
     store.apply(good)
     await p.rebuild()
     assert resolved_refs_time() == "2026-11-22T03:00:00Z"
+
+
+async def test_an_object_created_again_under_its_name_gets_new_transition_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kubectl replace --force`: the route is deleted and created again (a new uid) within
+    one build, with the same spec. Its conditions are equal, and it showed the deleted one's
+    lastTransitionTimes, from before it existed; they start now, and are written to it."""
+    current = "2026-11-22T01:00:00Z"
+
+    class Clock:
+        @staticmethod
+        def now(tz: object) -> Any:
+            class Stamp:
+                def strftime(self, fmt: str) -> str:
+                    return current
+
+            return Stamp()
+
+    monkeypatch.setattr(pipeline_module, "datetime", Clock)
+    store = Store()
+    FilesSource(EXAMPLES, store).scan()
+    route = copy.deepcopy(dict(store.get(ROUTE)))
+    route["metadata"]["uid"] = "uid-1"
+    store.apply(route)
+    p = Pipeline(store, SnapshotCache(), StatusTracker())
+    emitted: list[ObjectKey] = []
+    p.subscribe(lambda key, _: emitted.append(key))
+
+    def times() -> set[str]:
+        body = p.kubernetes_status(ROUTE)
+        assert body is not None
+        return {c["lastTransitionTime"] for e in body["parents"] for c in e["conditions"]}
+
+    await p.rebuild()
+    assert times() == {"2026-11-22T01:00:00Z"}
+    current = "2026-11-22T02:00:00Z"
+    emitted.clear()
+    store.delete(ROUTE)
+    route["metadata"]["uid"] = "uid-2"
+    store.apply(route)
+    await p.rebuild()
+    assert times() == {"2026-11-22T02:00:00Z"}
+    assert ROUTE in emitted

@@ -133,6 +133,22 @@ async def test_a_refused_write_is_not_sent_again_at_once_with_no_interval() -> N
     await stop(task)
 
 
+async def test_a_conflict_is_not_sent_again_at_once_with_no_interval() -> None:
+    """The same with 409s (the writer's copy of the object lags behind the API server's):
+    the write was sent again at the full status rate (148 times in 2 s) until the watch
+    caught up."""
+    api = Api()
+    api.objects[key(0)] = {"metadata": {"resourceVersion": "1"}}
+    api.codes = [409] * 1000
+    writer = StatusWriter(lambda k: ACCEPTED, Leader(), interval=0.0)
+    task = await running(writer, api)
+    writer.touch(key(0))
+    await eventually(lambda: api.sent, "a first write")
+    await asyncio.sleep(1.5)  # (a window to count in: the first retry is due after 1 s)
+    assert len(api.sent) == 2
+    await stop(task)
+
+
 async def test_writes_refused_alike_are_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     """A Role without `patch` on the status refuses every object's write: one WARNING for the
     cause, and one INFO once writes succeed again. It was a WARNING per object (2,000 lines

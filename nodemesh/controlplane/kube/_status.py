@@ -309,9 +309,11 @@ class StatusWriter:
             pass  # deleted meanwhile
         elif code == 409:
             # changed meanwhile: its watch event brings the new version and touches it; checked
-            # again after `interval` at the latest, not at once with the stale version
+            # again after `interval` (at least `_MIN_BACKOFF`: with `--status-interval 0` a
+            # lagging watch had it sent again at the full status rate, 148 times in 2 s), not
+            # at once with the stale version
             self._dirty.add(key)
-            self._not_before[key] = now + self._interval
+            self._not_before[key] = now + max(self._interval, _MIN_BACKOFF)
         else:
             self.failed += 1
             failures = self._failures.get(key, 0) + 1
