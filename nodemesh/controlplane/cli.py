@@ -8,10 +8,13 @@ import asyncio
 import functools
 import importlib
 import importlib.util
+import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from nodemesh.controlplane.builder import LabelSelector
 from nodemesh.controlplane.files import FilesSource
@@ -42,6 +45,33 @@ def _hostport(value: str) -> str:
     return value
 
 
+def _ip_hostport(value: str) -> str:
+    """HOST:PORT whose host is an IP address: an Envoy Listener's (a name, `localhost`, made
+    every node Envoy refuse the Listener)."""
+    host, _ = split_hostport(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected IP:PORT (a node Envoy listens on an address, not a name), got {value!r}"
+        ) from None
+    return value
+
+
+def _seconds(positive: bool) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+            least = "more than 0" if positive else "0 or more"
+            raise argparse.ArgumentTypeError(f"expected seconds, {least}, got {value!r}")
+        return seconds
+
+    return parse
+
+
 def _label_selector(value: str) -> LabelSelector:
     try:
         return LabelSelector(value)
@@ -65,7 +95,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--outbound-listen",
-        type=_hostport,
+        type=_ip_hostport,
         default="0.0.0.0:15001",
         help="address of the node Envoys' outbound HTTP listener (HOST:PORT)",
     )
@@ -83,10 +113,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="'stdout' (each node Envoy's standard output) or a file on the node: where node "
         "Envoys write a JSON line per request (default: none)",
     )
-    parser.add_argument("--poll-interval", type=float, default=0.2, help="files mode poll, s")
+    # (0 or less spun a core; nan never looked again)
+    parser.add_argument(
+        "--poll-interval", type=_seconds(positive=True), default=0.2, help="files mode poll, s"
+    )
     parser.add_argument(
         "--drain-seconds",
-        type=float,
+        type=_seconds(positive=False),
         default=5.0,
         help="on SIGTERM, refuse new xDS streams but keep serving open ones this long",
     )

@@ -86,9 +86,11 @@ def render(status: dict[str, Any]) -> str:
 
 def status_url(controlplane: str) -> str:
     """The /status URL from what an operator passes: `HOST:PORT` as `--http-listen` takes it,
-    `:PORT` (that flag's "every address"), or a URL, also the one the control plane logs
+    `:PORT` (that flag's "every address") or `PORT`, or a URL, also the one the control plane logs
     (`http://127.0.0.1:8080/status`; it once asked for /status/status)."""
     base = controlplane
+    if base.isdigit():  # a port alone: this host's (it was taken for a host name)
+        base = f":{base}"
     if "://" not in base:
         base = f"http://{'127.0.0.1' if base.startswith(':') else ''}{base}"
     return base.rstrip("/").removesuffix("/status") + "/status"

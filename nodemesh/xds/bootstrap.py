@@ -29,10 +29,16 @@ RUNTIME: dict[str, int] = {"re2.max_program_size.error_level": RE2_MAX_PROGRAM_S
 
 
 def _split(hostport: str) -> tuple[str, int]:
+    """The control plane's address as a node reaches it. What Envoy would refuse, or take
+    and never connect with (`http://host`: a DNS name with `//` in it), is a ValueError."""
     host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {hostport!r}")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host or "/" in host:
+        raise ValueError(
+            f"expected HOST:PORT (the control plane's address as the node reaches it, a port "
+            f"from 1 to 65535, no scheme), got {hostport!r}"
+        )
+    return host, int(port)
 
 
 def bootstrap(
@@ -150,11 +156,19 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value!r}")
+    return int(value)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", required=True, help="node id (the Kubernetes node name)")
     parser.add_argument("--xds", required=True, help="control plane xDS address, HOST:PORT")
     parser.add_argument("--cluster", default="nodemesh", help="Envoy node cluster")
-    parser.add_argument("--admin-port", type=int, default=15000, help="admin port on 127.0.0.1")
+    parser.add_argument(
+        "--admin-port", type=_port, default=15000, help="admin port on 127.0.0.1 (0: any free one)"
+    )
     parser.add_argument(
         "--sotw", action="store_true", help="state-of-the-world ADS instead of delta"
     )

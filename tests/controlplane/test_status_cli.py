@@ -128,6 +128,7 @@ async def test_the_control_plane_is_reached_by_its_http_listen_address(
             f"127.0.0.1:{port}",
             f"http://127.0.0.1:{port}/",
             f":{port}",
+            str(port),  # it was a host name: http://51712/status, off this host
             f"http://127.0.0.1:{port}/status",
         ):
             code = await asyncio.to_thread(main, ["status", "--controlplane", address])

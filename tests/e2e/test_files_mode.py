@@ -286,6 +286,48 @@ def test_a_malformed_address_is_a_usage_error(tmp_path: Path, args: list[str]) -
 
 
 @pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # a name: every node Envoy refused the Listener (malformed IP address: localhost)
+        (["--outbound-listen", "localhost:15001"], "expected IP:PORT"),
+        # 0 or less spun a core; nan never read the directory again
+        (["--poll-interval", "0"], "expected seconds, more than 0"),
+        (["--poll-interval", "nan"], "expected seconds, more than 0"),
+        (["--drain-seconds", "-1"], "expected seconds, 0 or more"),
+    ],
+)
+def test_a_value_the_control_plane_cannot_use_is_a_usage_error(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    proc = refused_start(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"error: argument {args[0]}: {expected}" in last, last
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--xds", ":18000"],  # Envoy refused an empty address
+        ["--xds", "127.0.0.1:99999"],  # and a port out of range
+        ["--xds", "http://127.0.0.1:18000"],  # took it for a DNS name, never connected
+        ["--xds", "127.0.0.1:18000", "--admin-port", "70000"],
+        ["--xds", "127.0.0.1:18000", "--admin-port", "-1"],  # a protobuf traceback
+    ],
+)
+def test_a_bootstrap_envoy_could_not_use_is_refused(args: list[str]) -> None:
+    """`nodemesh bootstrap` printed these and exited 0; Envoy refused them, or never
+    connected."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodemesh", "bootstrap", "--node", "n", *args],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert "expected" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
     "args",
     [["--peers-service", "nodemesh"], ["--namespace", "shop"], ["--no-leader-election"]],
 )
