@@ -341,6 +341,34 @@ async def test_delta_wildcard_unsubscribed_and_subscribed_again_is_sent_again(
     call.cancel()
 
 
+async def test_a_second_stream_of_the_node_that_closes_leaves_the_first_ones_state(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """Envoy A is connected; a second Envoy with its node id (a hot restart's child that
+    failed, a rollout rolled back) connects, takes the type over and goes. A still holds the
+    snapshot: the node said it held nothing (version_acked "", every route Pending) until
+    the type next changed."""
+    s = snapshot()
+    control_plane.cache.set_snapshot("n", s)
+    held = {n: r.version for n, r in s.resources(types.CLUSTER).items()}
+    status = control_plane.server.status
+    a = sotw_call(channel)
+    await a.write(req(types.CLUSTER))
+    ra = await a.read()
+    await a.write(req(types.CLUSTER, version_info=ra.version_info, response_nonce=ra.nonce))
+    await eventually(lambda: status.type_status("n", types.CLUSTER).acked_resources == held)
+    b = sotw_call(channel)
+    await b.write(req(types.CLUSTER))
+    rb = await b.read()
+    await b.write(req(types.CLUSTER, version_info=rb.version_info, response_nonce=rb.nonce))
+    await eventually(lambda: status.node("n") is not None and status.node("n").streams == 2)
+    b.cancel()
+    await eventually(lambda: status.node("n") is not None and status.node("n").streams == 1)
+    ts = status.type_status("n", types.CLUSTER)
+    assert (ts.version_acked, ts.acked_resources) == (s.version(types.CLUSTER), held)
+    a.cancel()
+
+
 async def test_delta_reconnect_with_current_versions_gets_nothing_resent(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

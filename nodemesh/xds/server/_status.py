@@ -57,6 +57,11 @@ class TypeStatus:
     # (version, resources) the node held when that stream closed: a SotW client that comes
     # back stating that version (the same Envoy, reconnecting) holds those resources again
     left: tuple[str, dict[str, str]] | None = None
+    # The other open streams that spoke for the type before a newer one did (an Envoy hot
+    # restart's parent, a second Envoy with the node's id): what each client holds, kept up
+    # by its ACKs, oldest first. When the speaking stream closes, the newest of them speaks
+    # again with what its client holds (it held nothing known until the type next changed).
+    others: dict[object, tuple[str, dict[str, str]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -176,12 +181,17 @@ class StatusTracker:
             self._departed.pop(node_id, None)
             self._departed[node_id] = node.last_disconnected
         for ts in node.types.values():
+            ts.others.pop(stream, None)
             if ts.stream is stream:
                 ts.left = (ts.version_acked, ts.acked_resources) if ts.version_acked else None
-                ts.version_acked = ""
-                ts.acked_resources = {}
                 ts.awaiting = ""
-                ts.stream = None
+                if ts.others:  # the newest other stream speaks again, with what it holds
+                    ts.stream = next(reversed(ts.others))
+                    ts.version_acked, ts.acked_resources = ts.others.pop(ts.stream)
+                else:
+                    ts.version_acked = ""
+                    ts.acked_resources = {}
+                    ts.stream = None
         self._emit(AckEvent("closed", node_id, "", "", {}))
         self._forget_departed()
 
@@ -215,6 +225,10 @@ class StatusTracker:
         ts = self.type_status(node_id, type_url)
         if not _speaks(ts, stream):
             self.stale_reports += 1
+            other = ts.others.get(stream)
+            if other is not None:  # what that client holds, should it speak again
+                held = dict(resource_versions) if replace else {**other[1], **resource_versions}
+                ts.others[stream] = (other[0] if partial else version, held)
             return
         self.epoch += 1
         if nonce and nonce == ts.awaiting:
@@ -251,6 +265,9 @@ class StatusTracker:
         version from here on, and may never ACK anything until the next change)."""
         self.epoch += 1
         ts = self.type_status(node_id, type_url)
+        if ts.stream is not None and ts.stream is not stream:
+            ts.others[ts.stream] = (ts.version_acked, ts.acked_resources)
+        ts.others.pop(stream, None)
         if resource_versions is None:
             before = ts.left if ts.stream is None else (ts.version_acked, ts.acked_resources)
             if before is not None and version and before[0] == version:
@@ -273,6 +290,10 @@ class StatusTracker:
         ts = self.type_status(node_id, type_url)
         if not _speaks(ts, stream):
             self.stale_reports += 1
+            other = ts.others.get(stream)
+            if other is not None:
+                gone = set(names)
+                ts.others[stream] = (other[0], {k: v for k, v in other[1].items() if k not in gone})
             return
         self.epoch += 1
         for n in names:
