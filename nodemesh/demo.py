@@ -30,7 +30,7 @@ from nodemesh.controlplane.http import StatusServer
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.status_cli import render
 from nodemesh.controlplane.store import Store
-from nodemesh.envoy import EnvoyProcess, find_envoy
+from nodemesh.envoy import EnvoyError, EnvoyProcess, find_envoy
 from nodemesh.xds import types
 from nodemesh.xds.bootstrap import bootstrap
 from nodemesh.xds.cache import SnapshotCache
@@ -320,4 +320,9 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(_Demo(binary).main())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("nodemesh demo: stopped", file=sys.stderr)
+        return 1
+    except (EnvoyError, TimeoutError) as exc:
+        # Envoy that does not start (its own error is on stderr above), or a step that does
+        # not happen in time: one line, not a traceback
+        print(f"nodemesh demo: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 1

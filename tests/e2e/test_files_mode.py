@@ -4,6 +4,7 @@ Also `make demo`'s entry point, end to end."""
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 
+from nodemesh import demo
 from nodemesh.envoy import EnvoyProcess, find_envoy
 from nodemesh.xds.bootstrap import bootstrap
 from tests.e2e.mesh import endpoint_slice, service
@@ -242,8 +244,11 @@ def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path: Path, flag: s
         )  # fmt: skip
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    # one line, with the reason: the xDS port's was two (gRPC's own log line first), and
+    # said "Failed to bind" without why
+    (last,) = proc.stderr.strip().splitlines()
     assert last.startswith(f"nodemesh controlplane: cannot listen: {flag} {busy}: "), last
+    assert last.endswith("address already in use"), last
 
 
 def refused_start(config_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -509,3 +514,19 @@ def test_a_config_dir_that_cannot_be_listed_keeps_its_objects(listable_by_others
         2,
         f"nodemesh controlplane: --config-dir {config}: cannot list it: Permission denied\n",
     )
+
+
+def test_a_demo_whose_envoy_cannot_start_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """It ended in a 25-line traceback (EnvoyError), as it did when a step timed out."""
+    fake = tmp_path / "envoy"
+    fake.write_text("#!/bin/sh\necho 'envoy: cannot run here (a test)' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(demo, "find_envoy", lambda: str(fake))
+    code = demo.run(argparse.Namespace())
+    err = capfd.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    assert "envoy: cannot run here (a test)" in err  # Envoy's own line, above ours
+    assert err.strip().splitlines()[-1].startswith("nodemesh demo: envoy exited with 1"), err

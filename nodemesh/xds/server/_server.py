@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -97,6 +98,7 @@ class AdsServer:
             (grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        _check_bind(address)
         try:
             port = int(server.add_insecure_port(address))
         except RuntimeError as exc:
@@ -173,3 +175,27 @@ class AdsServer:
             self._stale_closed += stream.stale_requests
             if not self._streams:
                 self._no_streams.set()
+
+
+def _check_bind(address: str) -> None:
+    """Bind `address` (HOST:PORT) with a plain socket and let it go, for the reason a port
+    cannot be had: gRPC says only "Failed to bind", and logs a line of its own to stderr
+    first."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise ServerError(f"bind xDS listener {address}: {exc.strerror or exc}") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise ServerError(
+                f"bind xDS listener {address}: {(exc.strerror or str(exc)).lower()}"
+            ) from exc
