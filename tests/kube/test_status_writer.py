@@ -133,6 +133,27 @@ async def test_a_refused_write_is_not_sent_again_at_once_with_no_interval() -> N
     await stop(task)
 
 
+async def test_a_404_for_an_object_that_is_still_there_is_tried_again() -> None:
+    """A 404 the API server gives for a moment (a CRD being upgraded): the status was dropped
+    until the object's next watch event. One for an object that is gone is not sent again."""
+    api = Api()
+    api.objects[key(0)] = {"metadata": {"resourceVersion": "1"}}
+    api.objects[key(1)] = {"metadata": {"resourceVersion": "1"}}
+    api.codes = [404]
+    writer = StatusWriter(lambda k: ACCEPTED, Leader(), interval=0.05)
+    task = await running(writer, api)
+    writer.touch(key(0))
+    await eventually(lambda: writer.writes == 1, "the write after the 404")
+    assert [k for k, _ in api.sent] == [key(0), key(0)]
+    api.codes = [404]
+    writer.touch(key(1))
+    await eventually(lambda: len(api.sent) == 3, "the write that gets a 404")
+    del api.objects[key(1)]  # it was deleted: the index no longer holds it
+    await asyncio.sleep(1.5)  # (a window to count in: a retry would be due after 1 s)
+    assert len(api.sent) == 3
+    await stop(task)
+
+
 async def test_a_conflict_is_not_sent_again_at_once_with_no_interval() -> None:
     """The same with 409s (the writer's copy of the object lags behind the API server's):
     the write was sent again at the full status rate (148 times in 2 s) until the watch

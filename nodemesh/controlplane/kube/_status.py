@@ -306,7 +306,12 @@ class StatusWriter:
                 self._failing.clear()
             log.debug("status of %s: wrote %s", key, sorted(patch))
         elif code == 404:
-            pass  # deleted meanwhile
+            # deleted meanwhile (its watch event forgets it, or the index no longer holds it
+            # when this looks again), or a 404 the API server gave for a moment (a CRD being
+            # upgraded): looked at again after the interval, at least a second. The write was
+            # dropped until the object's next event.
+            self._dirty.add(key)
+            self._not_before[key] = now + max(self._interval, _MIN_BACKOFF)
         elif code == 409:
             # changed meanwhile: its watch event brings the new version and touches it; checked
             # again after `interval` (at least `_MIN_BACKOFF`: with `--status-interval 0` a
