@@ -386,6 +386,17 @@ async def test_delta_reconnect_with_current_versions_gets_nothing_resent(
     # a deleted Service's cluster lingered its full 60 s, waiting for that)
     assert ts.version_acked == s.version(types.CLUSTER)
     call.cancel()
+    # the same with the wildcard written out (`*`, not the legacy empty list)
+    status = control_plane.server.status
+    star = delta_call(channel)
+    await star.write(
+        dreq(types.CLUSTER, initial_resource_versions=held, resource_names_subscribe=["*"])
+    )
+    await eventually(lambda: status.node("n") is not None and status.node("n").streams == 1)
+    await eventually(
+        lambda: status.type_status("n", types.CLUSTER).version_acked == s.version(types.CLUSTER)
+    )
+    star.cancel()
 
 
 async def test_a_new_delta_stream_counts_only_what_its_client_says_it_holds(

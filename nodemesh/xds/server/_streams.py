@@ -511,7 +511,9 @@ class DeltaStream(_Stream):
                     node_id,
                     type_url,
                     req.initial_resource_versions,
-                    None if st.wildcard else frozenset(req.resource_names_subscribe),
+                    None
+                    if st.wildcard or "*" in req.resource_names_subscribe
+                    else frozenset(req.resource_names_subscribe),
                 ),
                 dict(req.initial_resource_versions),
                 stream=self,
