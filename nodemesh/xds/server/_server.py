@@ -190,12 +190,16 @@ def _check_bind(address: str) -> None:
         )
     except OSError as exc:
         raise ServerError(f"bind xDS listener {address}: {exc.strerror or exc}") from exc
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(sockaddr)
-        except OSError as exc:
-            raise ServerError(
-                f"bind xDS listener {address}: {(exc.strerror or str(exc)).lower()}"
-            ) from exc
+    first: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:  # gRPC binds what it can of them
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                first = first or exc
+            else:
+                return
+    if first is not None:
+        why = (first.strerror or str(first)).lower()
+        raise ServerError(f"bind xDS listener {address}: {why}") from first
