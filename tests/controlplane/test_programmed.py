@@ -575,23 +575,30 @@ async def test_only_the_nodes_the_selector_chooses_get_a_map_and_count() -> None
         await p.stop()
 
 
-async def test_a_condition_that_comes_back_gets_a_new_transition_time(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """ResolvedRefs goes while the route is not Accepted, and comes back when it is fixed: its
-    lastTransitionTime is the time it came back, not the one it had before it went."""
-    clock = iter(["2026-11-22T01:00:00Z", "2026-11-22T02:00:00Z", "2026-11-22T03:00:00Z"])
+def _stopped_clock(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The pipeline's clock stopped at `now[0]` (an RFC 3339 time the test sets)."""
+    now = [""]
 
     class Clock:
         @staticmethod
         def now(tz: object) -> Any:
             class Stamp:
                 def strftime(self, fmt: str) -> str:
-                    return current
+                    return now[0]
 
             return Stamp()
 
     monkeypatch.setattr(pipeline_module, "datetime", Clock)
+    return now
+
+
+async def test_a_condition_that_comes_back_gets_a_new_transition_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ResolvedRefs goes while the route is not Accepted, and comes back when it is fixed: its
+    lastTransitionTime is the time it came back, not the one it had before it went."""
+    clock = iter(["2026-11-22T01:00:00Z", "2026-11-22T02:00:00Z", "2026-11-22T03:00:00Z"])
+    now = _stopped_clock(monkeypatch)
     store = Store()
     FilesSource(EXAMPLES, store).scan()
     p = Pipeline(store, SnapshotCache(), StatusTracker())
@@ -605,17 +612,17 @@ async def test_a_condition_that_comes_back_gets_a_new_transition_time(
                     return str(c["lastTransitionTime"])
         return None
 
-    current = next(clock)
+    now[0] = next(clock)
     await p.rebuild()
     assert resolved_refs_time() == "2026-11-22T01:00:00Z"
     good = copy.deepcopy(dict(store.get(ROUTE)))
     bad = copy.deepcopy(good)
     bad["spec"]["rules"][0]["timeouts"] = {"request": "soon"}  # Accepted=False, no ResolvedRefs
-    current = next(clock)
+    now[0] = next(clock)
     store.apply(bad)
     await p.rebuild()
     assert resolved_refs_time() is None
-    current = next(clock)
+    now[0] = next(clock)
     store.apply(good)
     await p.rebuild()
     assert resolved_refs_time() == "2026-11-22T03:00:00Z"
@@ -627,18 +634,8 @@ async def test_an_object_created_again_under_its_name_gets_new_transition_times(
     """`kubectl replace --force`: the route is deleted and created again (a new uid) within
     one build, with the same spec. Its conditions are equal, and it showed the deleted one's
     lastTransitionTimes, from before it existed; they start now, and are written to it."""
-    current = "2026-11-22T01:00:00Z"
-
-    class Clock:
-        @staticmethod
-        def now(tz: object) -> Any:
-            class Stamp:
-                def strftime(self, fmt: str) -> str:
-                    return current
-
-            return Stamp()
-
-    monkeypatch.setattr(pipeline_module, "datetime", Clock)
+    now = _stopped_clock(monkeypatch)
+    now[0] = "2026-11-22T01:00:00Z"
     store = Store()
     FilesSource(EXAMPLES, store).scan()
     route = copy.deepcopy(dict(store.get(ROUTE)))
@@ -655,7 +652,7 @@ async def test_an_object_created_again_under_its_name_gets_new_transition_times(
 
     await p.rebuild()
     assert times() == {"2026-11-22T01:00:00Z"}
-    current = "2026-11-22T02:00:00Z"
+    now[0] = "2026-11-22T02:00:00Z"
     emitted.clear()
     store.delete(ROUTE)
     route["metadata"]["uid"] = "uid-2"
