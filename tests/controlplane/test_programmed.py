@@ -47,6 +47,26 @@ def _connect_and_ack(p: Pipeline, status: StatusTracker, *nodes: str) -> dict[st
     return streams
 
 
+def _ack(p: Pipeline, status: StatusTracker, node: str, *type_urls: str) -> None:
+    """`node` ACKs the current snapshot's resources of `type_urls`."""
+    assert p.snapshot is not None
+    for t in type_urls:
+        held = {n: r.version for n, r in p.snapshot.resources(t).items()}
+        status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+
+
+def _nack(p: Pipeline, status: StatusTracker, node: str, type_url: str, message: str) -> None:
+    """`node` rejects the current snapshot's resources of `type_url` with Envoy's `message`."""
+    from nodemesh.xds.server import NackRecord
+
+    assert p.snapshot is not None
+    sent = {n: r.version for n, r in p.snapshot.resources(type_url).items()}
+    version = p.snapshot.version(type_url) or ""
+    status.nacked(
+        NackRecord(node, type_url, version, "7", tuple(sorted(sent)), 3, message, 0.0, sent), sent
+    )
+
+
 async def test_a_node_behind_on_a_route_stays_pending_however_many_versions_go_by() -> None:
     """node-b ACKed the route's old version and went away; node-a ACKs everything since. After
     many endpoint changes (more versions than the history keeps) the route must still say
@@ -58,10 +78,7 @@ async def test_a_node_behind_on_a_route_stays_pending_however_many_versions_go_b
     await p.rebuild()
 
     def ack(node: str) -> None:
-        assert p.snapshot is not None
-        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
-            held = {n: r.version for n, r in p.snapshot.resources(t).items()}
-            status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
+        _ack(p, status, node, types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER)
 
     for node in ("node-a", "node-b"):
         status.stream_opened(node)
@@ -303,8 +320,6 @@ async def test_a_fix_the_node_has_not_answered_yet_is_pending_not_rejected() -> 
     """node-a rejects the routes with a change to reviews. A change elsewhere leaves reviews'
     rejected part as it was: still Rejected. A fix of reviews that node-a has not answered
     yet is not what it rejected: Pending, without the old message."""
-    from nodemesh.xds.server import NackRecord
-
     store, status = Store(), StatusTracker()
     FilesSource(EXAMPLES, store).scan()
     p = Pipeline(store, SnapshotCache(), status)
@@ -320,15 +335,7 @@ async def test_a_fix_the_node_has_not_answered_yet_is_pending_not_rejected() -> 
     route["spec"]["rules"][-1]["backendRefs"][0]["weight"] += 1
     store.apply(route)
     await p.rebuild()
-    assert p.snapshot is not None
-    sent = {n: r.version for n, r in p.snapshot.resources(types.ROUTE).items()}
-    status.nacked(
-        NackRecord(
-            "node-a", types.ROUTE, p.snapshot.version(types.ROUTE) or "", "7", tuple(sorted(sent)),
-            3, "regex too big", 0.0, sent,
-        ),
-        sent,
-    )  # fmt: skip
+    _nack(p, status, "node-a", types.ROUTE, "regex too big")
     p._update_conditions()
     assert _programmed(p) == ("False", "Rejected") and "regex too big" in message()
 
@@ -351,8 +358,6 @@ async def test_a_node_that_refused_the_outbound_listener_carries_nothing_new_thr
     one before): the new route is Rejected with Envoy's message, and reviews, whose chains did
     not change, stays Programmed. A node that never held a Listener (its port taken, Envoy
     refused the first) carries nothing: every route is Rejected there. Both said True."""
-    from nodemesh.xds.server import NackRecord
-
     store, status = Store(), StatusTracker()
     FilesSource(EXAMPLES, store).scan()
     p = Pipeline(store, SnapshotCache(), status)
@@ -382,29 +387,10 @@ async def test_a_node_that_refused_the_outbound_listener_carries_nothing_new_thr
         }
     )
     await p.rebuild()
-    assert p.snapshot is not None
-
-    def nack_listener(node: str, message: str) -> None:
-        assert p.snapshot is not None
-        sent = {n: r.version for n, r in p.snapshot.resources(types.LISTENER).items()}
-        status.nacked(
-            NackRecord(node, types.LISTENER, p.snapshot.version(types.LISTENER) or "", "9",
-                       tuple(sent), 13, message, 0.0, sent),
-            sent,
-        )  # fmt: skip
-
-    for node in ("node-a", "node-b"):
-        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE):
-            held = {n: r.version for n, r in p.snapshot.resources(t).items()}
-            status.acked(node, t, p.snapshot.version(t) or "", held, replace=True)
-    nack_listener("node-a", "duplicate filter chain match")
-    status.acked(
-        "node-b",
-        types.LISTENER,
-        p.snapshot.version(types.LISTENER) or "",
-        {n: r.version for n, r in p.snapshot.resources(types.LISTENER).items()},
-        replace=True,
-    )
+    all_but_lds = (types.CLUSTER, types.ENDPOINT, types.ROUTE)
+    _ack(p, status, "node-a", *all_but_lds)
+    _nack(p, status, "node-a", types.LISTENER, "duplicate filter chain match")
+    _ack(p, status, "node-b", *all_but_lds, types.LISTENER)
     p._update_conditions()
 
     def programmed(key: ObjectKey) -> tuple[str, str, str]:
@@ -420,10 +406,8 @@ async def test_a_node_that_refused_the_outbound_listener_carries_nothing_new_thr
 
     # node-c comes up with the outbound port taken: its first Listener is refused
     status.stream_opened("node-c")
-    for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE):
-        held = {n: r.version for n, r in p.snapshot.resources(t).items()}
-        status.acked("node-c", t, p.snapshot.version(t) or "", held, replace=True)
-    nack_listener("node-c", "cannot bind '127.0.0.1:15001': Address already in use")
+    _ack(p, status, "node-c", *all_but_lds)
+    _nack(p, status, "node-c", types.LISTENER, "cannot bind '127.0.0.1:15001': Address in use")
     p._update_conditions()
     assert programmed(ROUTE)[:2] == ("False", "Rejected")
     assert "node node-c rejected lds 'outbound': cannot bind" in programmed(ROUTE)[2]
