@@ -97,6 +97,25 @@ class _Stream:
         self._nonce += 1
         return str(self._nonce)
 
+    def _now(
+        self, node_id: str, type_url: str, names: frozenset[str] | None
+    ) -> tuple[str, dict[str, str]] | None:
+        """The node's snapshot now: the type's version and its resources' (`names` of them;
+        None: all), or None without one. What a client that says what it holds, on a new
+        stream, is compared with (versions hash the content, so they match across control
+        plane restarts)."""
+        get_snapshot = getattr(self.watcher, "get_snapshot", None)
+        snapshot = get_snapshot(node_id) if get_snapshot is not None else None
+        version: str | None = snapshot.version(type_url) if snapshot is not None else None
+        if snapshot is None or version is None:
+            return None
+        held = {
+            n: r.version
+            for n, r in snapshot.resources(type_url).items()
+            if names is None or n in names
+        }
+        return version, held
+
     # -- make before break ------------------------------------------------------------------
     def _hold_back(self, resp: WatchResponse | DeltaWatchResponse) -> bool:
         """Whether the watch answer `resp` must not be sent yet; if so, its type waits and
@@ -314,17 +333,10 @@ class SotwStream(_Stream):
         self, node_id: str, type_url: str, version: str, names: frozenset[str] | None
     ) -> dict[str, str] | None:
         """What a client stating `version` holds, if that is the version of the type in the
-        node's snapshot now (versions hash the content, so they match across control plane
-        restarts): the snapshot's resources of the type, those it asks for. Else None."""
-        get_snapshot = getattr(self.watcher, "get_snapshot", None)
-        snapshot = get_snapshot(node_id) if version and get_snapshot is not None else None
-        if snapshot is None or snapshot.version(type_url) != version:
-            return None
-        return {
-            n: r.version
-            for n, r in snapshot.resources(type_url).items()
-            if names is None or n in names
-        }
+        node's snapshot now: the snapshot's resources of the type, those it asks for. Else
+        None."""
+        now = self._now(node_id, type_url, names) if version else None
+        return now[1] if now is not None and now[0] == version else None
 
     def _open(self, type_url: str, st: _SotwType, known: str) -> None:
         assert self.node_id is not None
@@ -611,26 +623,12 @@ class DeltaStream(_Stream):
             self._release()
 
     def _current_version(
-        self,
-        node_id: str,
-        type_url: str,
-        held: Mapping[str, str],
-        names: frozenset[str] | None,
+        self, node_id: str, type_url: str, held: Mapping[str, str], names: frozenset[str] | None
     ) -> str:
         """The version of the type in the node's snapshot if `held` is exactly its resources
         (`names` of them; None: all), else "" (the client holds something else as well)."""
-        get_snapshot = getattr(self.watcher, "get_snapshot", None)
-        snapshot = get_snapshot(node_id) if held and get_snapshot is not None else None
-        version: str | None = snapshot.version(type_url) if snapshot is not None else None
-        if snapshot is None or version is None:
-            return ""
-        now = snapshot.resources(type_url)
-        wanted = now if names is None else {n: r for n, r in now.items() if n in names}
-        if len(wanted) != len(held) or any(
-            (r := wanted.get(n)) is None or r.version != v for n, v in held.items()
-        ):
-            return ""
-        return version
+        now = self._now(node_id, type_url, names) if held else None
+        return now[0] if now is not None and now[1] == dict(held) else ""
 
     @staticmethod
     def _view(st: _DeltaType) -> Mapping[str, str]:
