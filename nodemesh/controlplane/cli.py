@@ -8,7 +8,6 @@ import asyncio
 import functools
 import importlib
 import importlib.util
-import ipaddress
 import logging
 import math
 import os
@@ -16,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from nodemesh._ip import ip_version
 from nodemesh.controlplane.builder import LabelSelector
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.http import StatusServer
@@ -49,12 +49,10 @@ def _ip_hostport(value: str) -> str:
     """HOST:PORT whose host is an IP address: an Envoy Listener's (a name, `localhost`, made
     every node Envoy refuse the Listener)."""
     host, _ = split_hostport(value)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
+    if not ip_version(host):
         raise argparse.ArgumentTypeError(
             f"expected IP:PORT (a node Envoy listens on an address, not a name), got {value!r}"
-        ) from None
+        )
     return value
 
 
