@@ -588,6 +588,19 @@ class Engine:
             _, ns, name = key
             ref = (ns, name)
             obj = objs.get(key)
+            # A short name is shared when Services of that name are in two namespaces, whatever
+            # they are: Kubernetes DNS answers `db` in namespace `other` for an ExternalName or
+            # UDP-only Service `other/db` too, which the mesh does not carry.
+            namespaces = name_ns.get(name)
+            if name not in counts:
+                counts[name] = len(namespaces) if namespaces is not None else 0
+            if obj is None:
+                if namespaces is not None:
+                    namespaces.discard(ns)
+            elif namespaces is None:
+                name_ns[name] = {ns}
+            else:
+                namespaces.add(ns)
             model = read_service(obj) if obj is not None else None
             old = services.get(ref)
             if model is old or (old is not None and model == old):
@@ -608,18 +621,10 @@ class Engine:
                     if claims:
                         shared_ips.add(ip)
                     claims.add(ref)
-            namespaces = name_ns.get(name)
-            if name not in counts:
-                counts[name] = len(namespaces) if namespaces is not None else 0
             if model is None:
                 del services[ref]
-                name_ns[name].discard(ns)
             else:
                 services[ref] = model
-                if namespaces is None:
-                    name_ns[name] = {ns}
-                else:
-                    namespaces.add(ns)
         # Short names ("web") are served only while unique across namespaces.
         # Only the Services that did not change themselves are returned (in a cold build, none).
         flips: set[Ref] = set()
