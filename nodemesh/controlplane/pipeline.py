@@ -692,19 +692,17 @@ class Pipeline:
         self._check_lingering()
 
     def _expected_nodes(self, remote: Mapping[str, str]) -> list[str]:
-        """Every connected node (here or, `remote`, to a peer), and every Node object but those
-        not Ready: a node that is down holds nothing, and gets the current version when its
-        Envoy connects again."""
-        return sorted(self._ready_nodes() | self._connected_here() | remote.keys())
+        """Every node whose Envoy is connected (here or, `remote`, to a peer), and every Node
+        object but those not Ready: a node that is down holds nothing, and gets the current
+        version when its Envoy connects again. A node whose agent alone is connected (its
+        Envoy down, on a Node not Ready or one `--node-selector` leaves out) is not counted."""
+        return sorted(self._ready_nodes() | self._envoys_here() | remote.keys())
 
     def _ready_nodes(self) -> set[str]:
         """The Node objects (that run nodemesh) but those not Ready."""
         nodes = set(self._result.mesh.nodes) if self._result is not None else set()
         nodes.difference_update(self._unready_nodes())
         return nodes
-
-    def _connected_here(self) -> set[str]:
-        return {n.node_id for n in self.status.nodes() if n.connected} if self.status else set()
 
     def _envoys_here(self) -> set[str]:
         """The nodes whose Envoy is connected here: one of the node's open streams speaks for

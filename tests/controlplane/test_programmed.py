@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
+from nodemesh.api import NODE_TYPE_URL, SERVICE_TYPE_URL
 from nodemesh.controlplane import pipeline as pipeline_module
 from nodemesh.controlplane.builder import LabelSelector
 from nodemesh.controlplane.files import FilesSource
@@ -406,6 +407,9 @@ async def test_a_node_that_refused_the_outbound_listener_carries_nothing_new_thr
 
     # node-c comes up with the outbound port taken: its first Listener is refused
     status.stream_opened("node-c")
+    node_c = object()
+    for t in (*all_but_lds, types.LISTENER):
+        status.resumed("node-c", t, "", {}, stream=node_c)
     _ack(p, status, "node-c", *all_but_lds)
     _nack(p, status, "node-c", types.LISTENER, "cannot bind '127.0.0.1:15001': Address in use")
     p._update_conditions()
@@ -486,6 +490,14 @@ async def test_a_node_that_is_not_ready_holds_nothing_back_until_it_connects() -
         assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
         (c,) = (c for c in p.conditions()[ROUTE] if c.type == "Programmed")
         assert c.message == "ACKed by 1 node(s); not counted, Node not Ready: node-b"
+        # node-b's eBPF agent (same node id) connects, its Envoy does not: still not counted
+        status.stream_opened("node-b")
+        agent = object()
+        for t in (NODE_TYPE_URL, SERVICE_TYPE_URL):
+            status.resumed("node-b", t, "", {}, stream=agent)
+        p._update_conditions()
+        assert _programmed(p) == ("True", "Programmed")
+        status.stream_closed("node-b", agent)
 
         store.apply(_node_b("True"))
         assert await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
