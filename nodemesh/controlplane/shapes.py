@@ -177,12 +177,43 @@ def _endpoint_slice(obj: Mapping[str, Any], out: list[str]) -> None:
                 )
 
 
-_VALUES = {"Service": _service, "EndpointSlice": _endpoint_slice}
+def _node(obj: Mapping[str, Any], out: list[str]) -> None:
+    """An InternalIP or ExternalIP that is an address: the first IPv4 InternalIP is where the
+    node's agent sends L7 connections, and a typo left the node with none (every L7
+    connection there refused) without a word."""
+    status = obj.get("status")
+    addresses = status.get("addresses") if isinstance(status, Mapping) else None
+    for i, a in enumerate(addresses if isinstance(addresses, list) else ()):
+        if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP"):
+            if not _ip(a.get("address")):
+                out.append(
+                    f"status.addresses[{i}].address: must be an IP address "
+                    f"(type {a.get('type')}), not {a.get('address')!r}"
+                )
+
+
+def _pod(obj: Mapping[str, Any], out: list[str]) -> None:
+    """Pod IPs that are addresses: a typo dropped the pod from its node's map and from the
+    clients of its namespace's consumer routes, without a word."""
+    status = obj.get("status")
+    if not isinstance(status, Mapping):
+        return
+    ip = status.get("podIP")
+    if ip not in (None, "") and not _ip(ip):
+        out.append(f"status.podIP: must be an IP address, not {ip!r}")
+    ips = status.get("podIPs")
+    for i, entry in enumerate(ips if isinstance(ips, list) else ()):
+        value = entry.get("ip") if isinstance(entry, Mapping) else entry
+        if not _ip(value):
+            out.append(f"status.podIPs[{i}].ip: must be an IP address, not {value!r}")
+
+
+_VALUES = {"Service": _service, "EndpointSlice": _endpoint_slice, "Node": _node, "Pod": _pod}
 
 
 def shape_problems(obj: Mapping[str, Any]) -> list[str]:
-    """Where `obj` does not have the shape (routes) or values (Services, EndpointSlices) the
-    API server would take; [] for other kinds."""
+    """Where `obj` does not have the shape (routes) or values (Services, EndpointSlices, Nodes,
+    Pods) the API server would take; [] for other kinds."""
     kind = str(obj.get("kind", ""))
     shape = _SHAPES.get(kind)
     out: list[str] = []

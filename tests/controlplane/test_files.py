@@ -270,6 +270,45 @@ def test_service_and_slice_values_the_api_server_refuses_are_refused(tmp_path: P
     assert store.keys("EndpointSlice") == []
 
 
+def test_node_and_pod_addresses_that_are_not_addresses_are_refused(tmp_path: Path) -> None:
+    """A typo in a Node's InternalIP left the node without an Envoy address (every L7
+    connection there refused), and one in a Pod's IP dropped the pod from its node's map,
+    both without a word. They are refused now, naming the field, as a Service's are."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-a"},
+        "status": {"addresses": [{"type": "Hostname", "address": "node-a"},
+                                 {"type": "InternalIP", "address": "10.250.0.300"}]},
+    }  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"nodeName": "node-a"},
+        "status": {"podIP": "10.244.1.5.6", "podIPs": [{"ip": "10.244.1.5.6"}]},
+    }
+    write(tmp_path / "node.yaml", node)
+    write(tmp_path / "pod.yaml", pod)
+    source.scan()
+    assert source.errors == {
+        "node.yaml": "node.yaml: Node/node-a: status.addresses[1].address: must be an IP "
+        "address (type InternalIP), not '10.250.0.300'",
+        "pod.yaml": "pod.yaml: Pod/shop/p: status.podIP: must be an IP address, not "
+        "'10.244.1.5.6'; status.podIPs[0].ip: must be an IP address, not '10.244.1.5.6'",
+    }
+    assert store.keys("Node") == [] and store.keys("Pod") == []
+    node["status"]["addresses"][1]["address"] = "10.250.0.3"
+    pod["status"] = {"podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}]}
+    write(tmp_path / "node.yaml", node)
+    write(tmp_path / "pod.yaml", pod)
+    source.scan()
+    assert source.errors == {}
+    assert len(store.keys("Node")) == 1 and len(store.keys("Pod")) == 1
+
+
 def test_a_moved_file_keeps_its_objects_while_its_new_path_settles(tmp_path: Path) -> None:
     """`mv web.yaml team/web.yaml`, a `git checkout`, vim's save (the old file renamed aside,
     a new one written): the new path is read once it settled, a poll later, and until then the
