@@ -60,7 +60,6 @@ KINDS: Mapping[str, str] = MappingProxyType(
         # the grants of Gateway routes for another controller is not an error
         "ReferenceGrant": "gateway.networking.k8s.io",
         "TrafficPolicy": "nodemesh.io",
-        "AccessPolicy": "nodemesh.io",
     }
 )
 _CLUSTER_SCOPED = frozenset({"Node", "Namespace"})

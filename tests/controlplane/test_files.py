@@ -760,15 +760,19 @@ def test_other_controllers_objects_are_skipped_and_mistaken_kinds_reported(
     path.write_text(
         svc.replace("kind: Service", "kind: Services")
         + "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolcy\n"
-        "metadata: {name: web, namespace: shop}\n"
+        "metadata: {name: web, namespace: shop}\n---\n"
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AccessPolicy\n"
+        "metadata: {name: deny-all, namespace: shop}\nspec: {action: Deny}\n"
     )
     os.utime(path, ns=(2, 2))
     source.scan()
+    # An AccessPolicy was taken without a word and enforced nowhere: a deny allowed all.
     assert source.errors["app.yaml"] == (
         "app.yaml: Services/shop/web: kind 'Services' is not read by nodemesh; did you mean "
         "'Service'?; app.yaml: TrafficPolcy/shop/web: kind 'TrafficPolcy' is not one of "
-        "nodemesh.io's (TrafficPolicy, AccessPolicy); app.yaml: keeping the objects from its "
-        "last good version"
+        "nodemesh.io's (TrafficPolicy); app.yaml: AccessPolicy/shop/deny-all: kind "
+        "'AccessPolicy' is not built yet (it comes with the mesh's identities): nothing would "
+        "enforce it, so it is refused; app.yaml: keeping the objects from its last good version"
     )
 
 
