@@ -188,6 +188,33 @@ async def test_each_later_relisting_sweeps_too(kube: Kube, start_operator: Any) 
     assert [k.name for k in store.keys("Service")] == ["web"]
 
 
+async def test_an_object_made_again_while_the_watch_was_down_is_followed(
+    kube: Kube, start_operator: Any
+) -> None:
+    """A Service deleted and created again under its name while the watch was down (a
+    StatefulSet's pod rescheduled during an API server outage is the same): kopf's index keeps
+    the deleted object's entry, under its old uid, next to the new one's. The store got the
+    deleted object's content back and kept it, every later change of the new one ignored,
+    until the control plane restarted."""
+    store = Store()
+    for name in ("web", "other"):
+        await kube.create(service(name, port=80))
+    await start_operator(store)
+    key = ObjectKey("Service", "shop", "web")
+    await eventually(lambda: store.get(key), "web in the store")
+
+    def port() -> Any:
+        got = store.get(key)
+        return got["spec"]["ports"][0]["port"] if got is not None else None
+
+    await kube.delete_unseen("Service", "shop", "web")
+    await kube.create(service("web", port=8080))  # same name, new uid
+    await eventually(lambda: port() == 8080, "the new web's port in the store")
+    patch = {"spec": {"ports": [{"name": "http", "port": 9090}]}}
+    await kube.patch("Service", "shop", "web", patch)
+    await eventually(lambda: port() == 9090, "the new web's change in the store")
+
+
 async def test_a_watch_stream_error_restarts_kopf_and_the_store_keeps_following(
     kube: Kube, start_operator: Any
 ) -> None:

@@ -258,16 +258,21 @@ class Feed:
         return writes
 
     def lookup(self, key: ObjectKey) -> Mapping[str, Any] | None:
-        """`key`'s object in kopf's index (what the store gets), or None."""
+        """`key`'s object in kopf's index (what the store gets), or None.
+
+        kopf keeps a value per (namespace, name, uid), in the order they came. An object that
+        went while the watch was down had no DELETED event, so its value stays: one made again
+        under its name (a StatefulSet's pod, a Service re-applied) is a second value, after
+        it. The last one is the object that exists; the first was the deleted one's, which the
+        store then kept, every change of the new object ignored."""
         index = self._indexes.get(key.kind)
         if index is None:
             return None
         values = index.get(key)
         if not values:
             return None
-        for value in values:
-            return value  # type: ignore[no-any-return]
-        return None
+        *_, last = values
+        return last  # type: ignore[no-any-return]
 
 
 # The spec and status fields of the largest inventory kinds that the build reads
