@@ -310,12 +310,41 @@ def test_one_changed_service_makes_one_resource_for_every_node() -> None:
         assert part.envoy is not None and part.envoy[1] == 15001
 
 
-def test_a_mesh_without_nodes_has_no_agent_feed() -> None:
-    store = Store()
-    for obj in _objects()[2:3]:  # the Service only
+def test_a_mesh_without_nodes_serves_the_agents_nothing() -> None:
+    """No Node (the last one went, or a --node-selector matches none): the agents' types are
+    served, empty, so an agent is told its map and every Service are gone. They were not
+    served at all, so agents kept what they had and heard nothing more (a new one was never
+    answered). When Nodes come back, every MeshService is sent again: the incremental
+    snapshot's versions are a cold one's."""
+    store, memo, translator = Store(), BuildMemo(), Translator()
+    for obj in _objects():
         store.apply(obj)
-    translation = Translator().translate(build(store.view()).mesh)
-    assert translation.per_node == {} and SERVICE_TYPE_URL not in translation.shared
+    nodes = [k for k in store.keys("Node")]
+    assert nodes
+
+    def translate() -> dict[str, str | None]:
+        t = translator.translate(build(store.view(), memo=memo).mesh)
+        cold = Translator().translate(build(store.view()).mesh)
+        snap, cold_snap = t.snapshot("node-a"), cold.snapshot("node-a")
+        versions = {u: snap.version(u) for u in (NODE_TYPE_URL, SERVICE_TYPE_URL)}
+        assert versions == {u: cold_snap.version(u) for u in versions}
+        assert {u: snap.resources(u).keys() for u in versions} == {
+            u: cold_snap.resources(u).keys() for u in versions
+        }
+        return versions
+
+    first = translate()
+    objects = {k: store.get(k) for k in nodes}
+    for k in nodes:
+        store.delete(k)
+    gone = translate()
+    snap = translator.translate(build(store.view(), memo=memo).mesh).snapshot("node-a")
+    assert snap.resources(NODE_TYPE_URL) == {} and snap.resources(SERVICE_TYPE_URL) == {}
+    assert None not in gone.values() and gone != first
+    for obj in objects.values():
+        assert obj is not None
+        store.apply(obj)
+    assert translate() == first
 
 
 def test_a_deleted_pod_leaves_the_node_map() -> None:

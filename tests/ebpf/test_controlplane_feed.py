@@ -420,33 +420,59 @@ async def test_a_redirected_connection_is_routed_by_its_original_destination(
         assert r["status"] == 200 and "attempt" in r["body"], (host, r)
 
 
-async def test_a_deleted_node_withdraws_its_map_and_the_agent_fails_closed(feed: Feed) -> None:
-    """The lab's Node object goes (another Node stays, so the mesh still has nodes): the
-    agent is told its NodeServiceMap was removed. It no longer knows its node Envoy, so an L7
-    connection is refused, not let past Envoy; L4 Services are still balanced. When the Node
-    comes back, L7 goes through Envoy again."""
+@pytest.mark.parametrize("others", [True, False], ids=["another-node-stays", "the-last-node"])
+async def test_a_deleted_node_withdraws_its_map_and_the_agent_fails_closed(
+    feed: Feed, others: bool
+) -> None:
+    """The lab's Node object goes: the agent is told its NodeServiceMap was removed. It no
+    longer knows its node Envoy, so an L7 connection is refused, not let past Envoy; L4
+    Services are still balanced. When the Node comes back, L7 goes through Envoy again. Where
+    it was the last Node, the agents' types were no longer served at all, so the agent kept
+    its map (and every Service as it was) and was told nothing."""
     mesh = feed.config_dir / "mesh.yaml"
     text = mesh.read_text()
-    mesh.write_text(text.replace(f"metadata: {{name: {NODE}}}", "metadata: {name: other-node}", 1))
+    node = f"kind: Node\nmetadata: {{name: {NODE}}}"
+    assert text.count(node) == 1
+    # renamed (another Node), or no longer a Node at all (a kind nodemesh does not read)
+    gone = "kind: Node\nmetadata: {name: other-node}" if others else f"kind: ConfigMap\n{node[11:]}"
+    mesh.write_text(text.replace(node, gone))
+
+    # With another Node, the Services stay (L7 refused here, L4 balanced); with none, no node
+    # is in the mesh: every Service is withdrawn too, and nothing here is intercepted.
+    withdrawn_types = (NODE_TYPE_URL,) if others else (NODE_TYPE_URL, SERVICE_TYPE_URL)
 
     def withdrawn() -> bool:
         snap = feed.pipeline.cache.get_snapshot(NODE)
         node = feed.server.status.node(NODE)
         return (
             snap is not None
-            and snap.resources(NODE_TYPE_URL) == {}
             and node is not None
-            and NODE_TYPE_URL in node.types
-            and node.types[NODE_TYPE_URL].version_acked == snap.version(NODE_TYPE_URL)
+            and all(
+                snap.resources(t) == {}
+                and t in node.types
+                and node.types[t].version_acked == snap.version(t)
+                for t in withdrawn_types
+            )
         )
 
-    await feed.until(withdrawn, "the agent's ACK of its withdrawn map")
+    await feed.until(withdrawn, "the agent's ACK of what was withdrawn")
     before = stats(feed.lab)
-    refused = await asyncio.to_thread(feed.client.tool, "connect", "--to", f"{VIP_L7}:80")
-    assert refused == {"ok": False, "errno": "ECONNREFUSED"}
-    assert stats(feed.lab)["refused"] - before["refused"] == 1
-    status, _, body = await feed.get(f"{VIP}:80", "/still-l4")
-    assert status == 200 and json.loads(body)["pod"] == "c"
+    got = await asyncio.to_thread(feed.client.tool, "connect", "--to", f"{VIP_L7}:80")
+    after = stats(feed.lab)
+    if others:
+        assert got == {"ok": False, "errno": "ECONNREFUSED"}
+        assert after["refused"] - before["refused"] == 1
+        status, _, body = await feed.get(f"{VIP}:80", "/still-l4")
+        assert status == 200 and json.loads(body)["pod"] == "c"
+    else:
+        # not refused, not sent to Envoy: the VIP went on as it was (the lab routes it
+        # nowhere; a cluster's own Service proxy would take it)
+        assert got["ok"] is False and got["errno"] != "ECONNREFUSED", got
+        assert (after["refused"], after["l7_redirects"]) == (
+            before["refused"],
+            before["l7_redirects"],
+        )
+        assert after["misses"] - before["misses"] == 1
 
     def restored() -> bool:
         # the map is back in the snapshot first: until the file source has read the change,

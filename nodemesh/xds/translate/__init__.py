@@ -569,19 +569,27 @@ class Translator:
             origins = self._origins(mesh, cluster_origins, eds_names, route, dest_vhosts)
 
         service_upserts: tuple[Resource, ...] | None = None
-        # The node agents' feed, once the mesh has nodes: without, nobody would read it
-        # (ServiceMaps compares with what it saw last, whenever it runs next).
-        if mesh.node_infos:
-            # every node's own NodeServiceMap is in per_node; the shared set is empty, so a
-            # node without one (a Node deleted, or never known) is told it has none
-            shared[NODE_TYPE_URL] = ()
+        # The node agents' feed. Every node's own NodeServiceMap is in per_node; the shared
+        # set is empty, so a node without one (a Node deleted, or never known) is told it has
+        # none, and its agent fails closed. Served with no Node at all too: the agents of a
+        # mesh whose last Node went (or that a --node-selector matches none of) kept their
+        # maps, and a new agent was never answered.
+        shared[NODE_TYPE_URL] = ()
+        if not mesh.node_infos:
+            # No agent has a map to read MeshServices with: none are made (ServiceMaps
+            # compares with what it saw last, whenever it runs next).
+            shared[SERVICE_TYPE_URL] = ()
+        else:
             if last is not None and last.mesh.services is mesh.services and last.mesh.node_infos:
                 shared[SERVICE_TYPE_URL] = last.translation.shared[SERVICE_TYPE_URL]
             else:
                 shared[SERVICE_TYPE_URL] = self._service_maps.service_resources(
                     mesh.services, *self._services_changed
                 )
-                service_upserts = self._service_maps.upserts
+                # what changed since ServiceMaps' last answer, which is the last translation's
+                # only if that one had nodes (else it served none)
+                if last is not None and last.mesh.node_infos:
+                    service_upserts = self._service_maps.upserts
         if last is not None and (
             last.mesh.node_infos is mesh.node_infos
             and last.mesh.socket_redirect is mesh.socket_redirect
