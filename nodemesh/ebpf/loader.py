@@ -22,7 +22,7 @@ from typing import Literal
 
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf._build import build_objects
-from nodemesh.ebpf.errors import BpfError
+from nodemesh.ebpf.errors import BpfError, NodemeshEbpfError
 
 __all__ = [
     "DEFAULT_BACKLOG_LIMIT",
@@ -108,15 +108,39 @@ class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
 
 
-def _on_bpffs(path: Path) -> bool:
-    """Is `path`, or the nearest directory above it that exists, on a bpf filesystem?"""
-    while not path.exists() and path.parent != path:
-        path = path.parent
+CGROUP2_SUPER_MAGIC = 0x63677270
+CGROUP_SUPER_MAGIC = 0x27E0EB  # cgroup v1
+
+
+def _fs_type(path: Path) -> int:
     buf = _Statfs()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
         raise BpfError(f"statfs {path}", ctypes.get_errno())
-    return bool(buf.f_type & 0xFFFFFFFF == BPF_FS_MAGIC)
+    return int(buf.f_type & 0xFFFFFFFF)
+
+
+def _on_bpffs(path: Path) -> bool:
+    """Is `path`, or the nearest directory above it that exists, on a bpf filesystem?"""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return _fs_type(path) == BPF_FS_MAGIC
+
+
+def _cgroup_problem(path: Path) -> str:
+    """Why the programs cannot attach to `path` ("" if they can): it must be a cgroup v2
+    directory. A cgroup v1 one (a hybrid host's /sys/fs/cgroup/memory/...) or a plain
+    directory failed at the first link with EBADF, which said nothing about the path."""
+    if not path.is_dir():
+        return f"cgroup {path}: no such directory"
+    fs = _fs_type(path)
+    if fs == CGROUP2_SUPER_MAGIC:
+        return ""
+    what = "a cgroup v1 hierarchy" if fs == CGROUP_SUPER_MAGIC else f"filesystem type {fs:#x}"
+    return (
+        f"cgroup {path}: not a cgroup v2 directory (it is on {what}); the programs attach to "
+        "cgroup v2 only, such as the pods' cgroup below /sys/fs/cgroup on a cgroup v2 host"
+    )
 
 
 def ensure_bpffs(root: Path = BPFFS) -> None:
@@ -225,8 +249,9 @@ class Dataplane:
         """Attach every wanted program and detach the links of programs it does not know;
         returns {program: "created" | "updated" | "kept" | "removed"}."""
         self._prepare_root()
-        if not self.cgroup.is_dir():
-            raise BpfError(f"open cgroup {self.cgroup}", 2)
+        problem = _cgroup_problem(self.cgroup)
+        if problem:  # before anything is pinned
+            raise NodemeshEbpfError(problem)
         self.links_dir.mkdir(exist_ok=True)
         objects = build_objects()
         result: dict[str, str] = {}

@@ -35,7 +35,7 @@ from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf import _maps as m
 from nodemesh.ebpf._maps import NM_CFG_REDIRECT_OPTED_IN, NM_CFG_SOCKET_REDIRECT
 from nodemesh.ebpf.agent import Agent
-from nodemesh.ebpf.loader import MAP_NAMES
+from nodemesh.ebpf.loader import MAP_NAMES, Dataplane
 from nodemesh.ebpf.maps import addr_text
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import NodeLab, Proc
@@ -630,6 +630,34 @@ def test_a_pin_root_off_bpffs_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert f"pin root {tmp_path / 'pins'}: not on a bpf filesystem" in done.stderr
     assert not (tmp_path / "pins").exists()
+
+
+def test_a_cgroup_that_is_not_cgroup_v2_is_one_line_and_pins_nothing(
+    lab: NodeLab, tmp_path: Path
+) -> None:
+    """A --cgroup that is a plain directory (or a cgroup v1 one, on a hybrid host) failed at
+    the first link with "create link nm_sock4_connect ...: EBADF", which said nothing about
+    the path, and left every map pinned under the pin root."""
+    plain = tmp_path / "not-a-cgroup"
+    plain.mkdir()
+    pin_root = lab.pin_root.with_name(lab.pin_root.name + "-v1")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "nodemesh", "agent", "--node", NODE, "--controlplane",
+             "127.0.0.1:1", "--cgroup", str(plain), "--pin-root", str(pin_root),
+             "--socket-redirect", "off"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        assert f"cgroup {plain}: not a cgroup v2 directory (it is on filesystem type " in (
+            done.stderr
+        ), done.stderr
+        pinned = [p for p in pin_root.rglob("*") if p.is_file()] if pin_root.exists() else []
+        assert pinned == [], pinned
+    finally:
+        if pin_root.exists():
+            Dataplane(lab.cgroup, pin_root).disable()  # (removes the pin root too)
 
 
 def test_an_agent_that_mounts_its_own_bpffs_says_its_pins_go_with_it(lab: NodeLab) -> None:
