@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -569,14 +570,19 @@ def get(args: argparse.Namespace) -> None:
         except OSError as exc:
             _out({"status": 0, "errno": errno.errorcode.get(exc.errno or 0, str(exc))})
         return
+    source = ("", args.source_port) if args.source_port else None
+    conn = http.client.HTTPConnection(host, port, timeout=20, source_address=source)
     try:
-        conn = http.client.HTTPConnection(host, port, timeout=20)
         conn.request("GET", args.path, headers={"host": args.host or host})
         resp = conn.getresponse()
         body = resp.read().decode(errors="replace")
         _out({"status": resp.status, "body": body, "headers": dict(resp.getheaders())})
     except OSError as exc:
         _out({"status": 0, "errno": errno.errorcode.get(exc.errno or 0, str(exc))})
+    finally:
+        if args.reset and conn.sock is not None:  # an RST: the 4-tuple is free at once
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
 
 
 def keepalive(args: argparse.Namespace) -> None:
@@ -667,6 +673,8 @@ def main() -> None:
     g.add_argument("--path", default="/")
     g.add_argument("--host", default="")
     g.add_argument("--http10", action="store_true", help="HTTP/1.0, no Host header")
+    g.add_argument("--source-port", type=int, default=0)
+    g.add_argument("--reset", action="store_true", help="close with an RST (no TIME_WAIT)")
     k = sub.add_parser("keepalive")
     k.add_argument("--to", required=True)
     k.add_argument("--path", default="/")

@@ -5,15 +5,20 @@ original destination; and nothing that needs L7 ever bypasses Envoy.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nodemesh.api import Service, ServiceIPv6
+from nodemesh.ebpf import NodeMaps
+from nodemesh.ebpf import _libbpf as bpf
+from nodemesh.ebpf._maps import OrigDst
 from nodemesh.ebpf.testing import NodeLab
 from nodemesh.envoy import EnvoyProcess
-from tests.ebpf.conftest import VIA_ENVOY, VIP, VIP6, VIP_L7, l4, program, stats
+from tests.ebpf.conftest import VIA_ENVOY, VIP, VIP6, VIP_L7, l4, program, stats, tuple_key
 from tests.ebpf.envoy_node import bootstrap, l7_service_config, start_node_envoy
 from tests.support import need
 
@@ -195,3 +200,47 @@ def test_the_node_envoys_connections_are_not_rewritten_from_below_its_cgroup(
     restarted = node.envoy_container("container-2")
     assert restarted.tool("connect", "--to", f"{b.ip}:7000") == hello_b
     assert stats(node)["l7_redirects"] - before["l7_redirects"] == 1
+
+
+@pytest.mark.parametrize("envoy_asked", [True, False], ids=["envoy-asked", "envoy-never-asked"])
+def test_a_later_connection_from_the_same_port_gets_no_earlier_original_destination(
+    l7_node: tuple[NodeLab, EnvoyProcess], envoy_asked: bool
+) -> None:
+    """A connection to the node Envoy's address itself (no ClusterIP: Envoy routes it by
+    Host, or refuses it) from a source port an earlier L7 connection used got that earlier
+    connection's original destination, and Envoy routed it as that Service: nothing ever
+    deleted the entry SO_ORIGINAL_DST is answered from. It is now taken when Envoy reads it,
+    and a connection that was not sent to Envoy clears what an earlier one on its 4-tuple
+    left (an Envoy that stopped before it accepted never reads it: written here by hand)."""
+    node, _ = l7_node
+    a = node.pods["a"]
+    port = 40000 + os.getpid() % 20000
+    envoy = f"{node.gateway}:15001"
+    if envoy_asked:
+        first = a.tool("get", "--to", f"{VIP_L7}:80", "--source-port", str(port), "--reset")
+        assert first["status"] == 200 and first["headers"]["x-nodemesh-route"] == "web", first
+    else:
+        orig = OrigDst(_le_addr(VIP_L7), _le_port(80), 0)
+        fd = bpf.obj_get(str(node.pin_root / "nm_orig_tuple"))
+        try:
+            bpf.map_update(fd, tuple_key(a.ip, port, node.gateway, 15001), orig, "nm_orig_tuple")
+        finally:
+            os.close(fd)
+    with NodeMaps(node.pin_root) as maps:
+        assert maps.count("nm_orig_tuple") == (0 if envoy_asked else 1)
+    before = stats(node)
+
+    direct = a.tool("get", "--to", envoy, "--source-port", str(port), "--reset", "--host", "web")
+
+    assert direct.get("headers", {}).get("x-nodemesh-route") != "web", direct
+    assert stats(node)["orig_dst_missing"] - before["orig_dst_missing"] == 1
+    with NodeMaps(node.pin_root) as maps:
+        assert maps.count("nm_orig_tuple") == 0
+
+
+def _le_addr(text: str) -> int:
+    return int.from_bytes(socket.inet_aton(text), "little")
+
+
+def _le_port(number: int) -> int:
+    return int.from_bytes(number.to_bytes(2, "big"), "little")

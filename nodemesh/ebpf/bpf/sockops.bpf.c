@@ -67,6 +67,11 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 
 			bpf_map_update_elem(&nm_orig_tuple, &t, &copy, BPF_ANY);
 			bpf_map_delete_elem(&nm_orig_cookie, &cookie);
+		} else {
+			/* Not sent to the node Envoy: what an earlier connection on this 4-tuple
+			 * left (an Envoy that never read it) must not answer for this one.
+			 */
+			bpf_map_delete_elem(&nm_orig_tuple, &t);
 		}
 	}
 	/* The agent's switch (--socket-redirect): without it no socket enters nm_socks, so no

@@ -47,6 +47,11 @@ int nm_getsockopt(struct bpf_sockopt *ctx)
 	 */
 	asm volatile("" ::: "memory");
 	ctx->retval = 0;
+	/* Asked once per connection (Envoy's original_dst filter, at accept): the entry goes, so
+	 * a later connection on the same 4-tuple that was not sent here (one to the Envoy
+	 * address itself, from a reused port) is not answered with this one's destination.
+	 */
+	bpf_map_delete_elem(&nm_orig_tuple, &key);
 	NM_COUNT(orig_dst_answered, 1);
 	return 1;
 }
