@@ -170,6 +170,15 @@ def _ipv6(text: str, where: str, problems: list[str]) -> None:
         problems.append(f"{where}: {text!r} is v4-mapped (list its IPv4 address instead)")
 
 
+def _canonical6(text: str) -> str:
+    """`text` as `ipaddress` writes it (`fd00:96::10` for `FD00:96:0::10`); as it is when it
+    is no IPv6 address (`_ipv6` says so)."""
+    try:
+        return str(ipaddress.IPv6Address(text))
+    except ValueError:
+        return text
+
+
 def _ipv4(text: str, where: str, problems: list[str]) -> None:
     try:
         ipaddress.IPv4Address(text)
@@ -241,11 +250,13 @@ def service_from_proto(msg: pb.MeshService) -> MeshService:
             _ipv4(v6.target, f"{where} target", problems)
         elif not v6.l7:
             problems.append(f"{where}: no target and not L7 (nothing to do)")
-        key = (str(v6.address), v6.port)
+        # One address has many spellings and one kernel key: the view keys by the canonical.
+        address = _canonical6(v6.address)
+        key = (address, v6.port)
         if key in seen6:
             problems.append(f"{where}: same address and port as {seen6[key]}")
         seen6[key] = v6.name
-        services6.append(ServiceIPv6(v6.name, v6.address, v6.port, v6.target, v6.l7))
+        services6.append(ServiceIPv6(v6.name, address, v6.port, v6.target, v6.l7))
     if problems:
         raise ValueError(f"MeshService {msg.name!r}: " + "; ".join(problems))
     return MeshService(msg.name, tuple(services), tuple(services6))

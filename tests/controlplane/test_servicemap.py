@@ -404,6 +404,31 @@ def test_ipv6_cluster_ips_stand_for_the_ipv4_one_or_are_refused_when_l7() -> Non
     ]
 
 
+def test_one_ipv6_cluster_ip_spelled_two_ways_is_one_address() -> None:
+    """`FD00:96::10` and `fd00:96::10` are one address, one kernel key: the agent keyed its
+    view by the text, so an L4 Service written one way overwrote an L7 one written the other
+    way (its IPv6 clients skipped the node Envoy), and removing it removed the L7 entry.
+    The control plane reads a ClusterIP in its canonical form, and so does the agent."""
+    store = Store()
+    store.apply(service("a", cluster_ip="fd00:96::10"))
+    store.apply(service("b", cluster_ip="FD00:96:0::10"))
+    infos = {i.name: i for i in build(store.view()).mesh.services}
+    assert infos["shop/b"].cluster_ips == ("fd00:96::10",)
+
+    view = MapView("n")
+    msg = pb.MeshService(name="shop/b")
+    msg.services_ipv6.add(name="shop/b:80", address="FD00:96::10", port=80, l7=True)
+    view.update([service_from_proto(msg)])
+    msg = pb.MeshService(name="shop/a")
+    msg.services_ipv6.add(name="shop/a:80", address="fd00:96::10", port=80, l7=True)
+    view.update([service_from_proto(msg)])
+    assert [(e.name, e.address) for e in view.model().services_ipv6] == [
+        ("shop/a:80", "fd00:96::10")
+    ]
+    assert view.update(removed=["shop/a"]) == (set(), {("fd00:96::10", 80)})
+    assert [e.name for e in view.model().services_ipv6] == ["shop/b:80"]
+
+
 def test_the_agent_refuses_a_malformed_ipv6_entry_with_every_problem() -> None:
     msg = pb.MeshService(name="shop/x")
     msg.services_ipv6.add(name="a", address="::ffff:10.0.0.1", port=80, target="10.0.0.1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +108,13 @@ def no_http_port(ports: Iterable[PortModel]) -> str:
     return ", ".join(f"{p.port}: {p.not_http}" for p in ports)
 
 
+def _canonical(ip: str) -> str:
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip  # (files mode refuses it; the API server does too)
+
+
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
     """A Service that can carry mesh traffic (TCP ports), or None (ExternalName)."""
     # type() checks before the helpers and str(): this runs for every Service of a cold build.
@@ -144,6 +152,9 @@ def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
     single = spec.get("clusterIP")
     if not ips and isinstance(single, str) and single and single != "None":
         ips = [single]
+    # One IPv6 address has many spellings (FD00:96:0::10, fd00:96::10) and one kernel key:
+    # the canonical one, so Hosts, the node agents' keys and claims of an address all agree.
+    ips = [_canonical(ip) if ":" in ip else ip for ip in ips]
     ns, name = meta.get("namespace", "default"), meta.get("name", "")
     if type(ns) is not str:
         ns = str(ns)
