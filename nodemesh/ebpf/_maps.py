@@ -81,7 +81,7 @@ class Tuple(ctypes.Structure):
 
 
 class OrigDst(ctypes.Structure):
-    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("flags", ctypes.c_uint16)]
 
 
 class Config(ctypes.Structure):

@@ -43,7 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "kernel keeps a blocking recv() waiting across a signal and a half-close and lets "
         "splice() read on a socket in a sockmap (a probe at start; 6.18 does not, "
         "docs/ebpf.md), else only between pods annotated nodemesh.io/socket-redirect=on; "
-        "on: every pod; off: never. A pod annotated off is left out in every mode",
+        "on: every pod; off: never. A pod annotated off, and any host-network pod, is left out "
+        "in every mode",
     )
     parser.add_argument(
         "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"

@@ -281,6 +281,13 @@ class NodeLab:
         self.pods[name] = pod
         return pod
 
+    def host_network_pod(self, name: str) -> Pod:
+        """A pod with `hostNetwork: true`: the host netns, so the node's address (`gateway`,
+        the node Envoy's too), in a cgroup of its own below the node cgroup."""
+        cg = self.cgroup / f"hostnet-{name}"
+        self._mkcg(cg)
+        return Pod(self, name, None, self.gateway, cg)
+
     def envoy_container(self, name: str) -> Pod:
         """The node Envoy in a new cgroup below `envoy_cgroup` (host netns, its address), as a
         restarted container gets a new cgroup below its pod's. Removed on close()."""

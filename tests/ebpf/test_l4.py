@@ -698,3 +698,39 @@ def test_pods_choose_whether_their_connections_skip_the_stack(
         ("c", "a2"): False,
         ("b", "c"): False,
     }
+
+
+@pytest.mark.parametrize("mode", [SocketRedirect.OPTED_IN, SocketRedirect.ALL], ids=str)
+def test_host_network_pods_are_never_short_circuited(node: NodeLab, mode: SocketRedirect) -> None:
+    """A host-network pod has the node's address, which is the node Envoy's too (the Node's
+    InternalIP; `gateway` here), and nm_local marks it "on" for the Envoy. Its connections
+    with a pod that said "on", and with another host-network pod, were short-circuited in
+    every mode, though it never chose and cannot (the control plane has no address of its own
+    to hang its choice on); a host-network reader that splices lost the bytes. Its sockets
+    now stay on TCP in every mode; the node Envoy's are still short-circuited (test_l7)."""
+    a = node.pods["a"]
+    program(node, (), socket_redirect=mode, redirect_on=(a.ip,))
+    with NodeMaps(node.pin_root) as maps:
+        assert maps.local()[node.gateway] == NM_LOCAL | NM_LOCAL_REDIRECT_ON
+    h1, h2 = node.host_network_pod("h1"), node.host_network_pod("h2")
+    a.serve(7000)
+    h1.serve(7100)
+    h2.serve(7200, splice=True)  # a proxy that splices (HAProxy, Go's io.Copy)
+
+    def run(client: Pod, to: str) -> tuple[int, int]:
+        before = stats(node)
+        result = client.tool("xfer", "--to", to, "--bytes", str(MB))
+        _check_xfer(result, MB)
+        after = stats(node)
+        return (
+            after["sockhash_inserts"] - before["sockhash_inserts"],
+            after["bytes_redirected"] - before["bytes_redirected"],
+        )
+
+    got = {
+        "h1 -> a": run(h1, f"{a.ip}:7000"),
+        "a -> h1": run(a, f"{node.gateway}:7100"),
+        "h1 -> h2 (splices)": run(h1, f"{node.gateway}:7200"),
+    }
+    # a said "on": its own end may enter nm_socks, but with no peer there nothing skips TCP
+    assert got == {"h1 -> a": (1, 0), "a -> h1": (0, 0), "h1 -> h2 (splices)": (0, 0)}, got

@@ -60,6 +60,20 @@ static __always_inline int nm_from_envoy(const struct nm_config *cfg)
 	return 0;
 }
 
+/* Mark a socket of the node Envoy's for sockops (see NM_ORIG_FROM_ENVOY), where sockets may be
+ * short-circuited at all: by its cookie, which sockops reads and deletes once it is connected.
+ */
+static __always_inline void nm_mark_envoy(void *ctx, const struct nm_config *cfg)
+{
+	struct nm_orig_dst mark = { .flags = NM_ORIG_FROM_ENVOY };
+	__u64 cookie;
+
+	if (!(cfg->flags & (NM_CFG_SOCKET_REDIRECT | NM_CFG_REDIRECT_OPTED_IN)))
+		return;
+	cookie = bpf_get_socket_cookie(ctx);
+	bpf_map_update_elem(&nm_orig_cookie, &cookie, &mark, BPF_ANY);
+}
+
 static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16 port,
 						  struct nm_orig_dst *out)
 {
@@ -72,8 +86,10 @@ static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16
 
 	if (!cfg)
 		return NM_PASS;
-	if (nm_from_envoy(cfg))
+	if (nm_from_envoy(cfg)) {
+		nm_mark_envoy(ctx, cfg);
 		return NM_PASS;
+	}
 	/* The entry is read, then looked up again: the same element means nothing replaced it
 	 * meanwhile. An agent update or delete frees the old element, which the kernel may hand
 	 * out at once for another entry (hash maps since Linux 6.1, preallocated or not), so a

@@ -87,8 +87,14 @@ struct nm_tuple {
 struct nm_orig_dst {
 	__be32 addr;
 	__be16 port;
-	__u16 pad;
+	__u16 flags; /* NM_ORIG_FROM_ENVOY; 0 in an original destination */
 };
+
+/* In nm_orig_cookie: not an original destination but a mark, that the socket is one the node
+ * Envoy made (connect4/6 knows by the caller's cgroup). sockops needs it: the Envoy address
+ * is the node's, which host-network pods share, so the address alone does not tell them apart.
+ */
+#define NM_ORIG_FROM_ENVOY (1U << 0)
 
 struct nm_config {
 	__u64 envoy_cgroup_id; /* connections made in it or below it are never rewritten */

@@ -50,7 +50,7 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	struct nm_tuple t = {};
 	struct nm_config *cfg;
 	__u32 *local, *peer, mine = 0, theirs = 0, flags, seq;
-	int read = 0;
+	int read = 0, from_envoy = 0;
 	struct bpf_sock *sk;
 	struct tcp_sock *tp;
 	__s64 zero64 = 0;
@@ -65,7 +65,10 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 		if (orig) {
 			struct nm_orig_dst copy = *orig;
 
-			bpf_map_update_elem(&nm_orig_tuple, &t, &copy, BPF_ANY);
+			if (copy.flags & NM_ORIG_FROM_ENVOY)
+				from_envoy = 1; /* a mark, not an original destination */
+			else
+				bpf_map_update_elem(&nm_orig_tuple, &t, &copy, BPF_ANY);
 			bpf_map_delete_elem(&nm_orig_cookie, &cookie);
 		} else {
 			/* Not sent to the node Envoy: what an earlier connection on this 4-tuple
@@ -80,6 +83,18 @@ static __always_inline void nm_established(struct bpf_sock_ops *skops, int activ
 	cfg = nm_get_config();
 	if (!cfg || !(cfg->flags & (NM_CFG_SOCKET_REDIRECT | NM_CFG_REDIRECT_OPTED_IN)))
 		return;
+	/* The node Envoy's address is the node's, and host-network pods have it too. An end there
+	 * is the Envoy's only as its listener's (a connection to the Envoy port) or as a
+	 * connection connect4/6 saw it make; any other socket with that address is a host-network
+	 * process's, which no Pod choice covers (and which may block on recv() or splice()): it
+	 * stays on TCP, in every mode. Its peer's sends then find no peer and go to TCP too.
+	 */
+	if ((cfg->flags & NM_CFG_ENVOY_SET) && t.saddr == cfg->envoy_addr &&
+	    !(active ? from_envoy : t.sport == cfg->envoy_port))
+		return;
+	if ((cfg->flags & NM_CFG_ENVOY_SET) && active && t.daddr == cfg->envoy_addr &&
+	    t.dport != cfg->envoy_port)
+		return; /* to a host-network server (above): it will not be in nm_socks */
 	/* Read, then looked up again (as connect.bpf.c does): the same elements mean the agent
 	 * replaced neither meanwhile, so neither value is a reused element's (another pod's).
 	 */
