@@ -50,6 +50,7 @@ class EnvoyProcess:
         concurrency: int = 1,
         log_level: str = "warning",
         extra_args: tuple[str, ...] = (),
+        stdout: Path | None = None,
     ) -> None:
         self.config = json.loads(json.dumps(config))  # private copy; we rewrite the admin port
         self.config.setdefault("admin", {})["address"] = {
@@ -59,6 +60,7 @@ class EnvoyProcess:
         self.concurrency = concurrency
         self.log_level = log_level
         self.extra_args = extra_args
+        self.stdout = stdout  # a file for Envoy's standard output (an access log to "stdout")
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin_url = ""
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -85,7 +87,17 @@ class EnvoyProcess:
         try:
             # Its own session: Ctrl-C in a terminal reaches only us, and we stop Envoy in order.
             # So every way out of here that does not return a running Envoy must stop it.
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+            if self.stdout is None:
+                out = None
+            else:
+                out = open(self.stdout, "ab")
+            try:
+                self.proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=out, start_new_session=True
+                )
+            finally:
+                if out is not None:
+                    out.close()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

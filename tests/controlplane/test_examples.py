@@ -63,6 +63,20 @@ def test_crd_rejects_what_the_builder_rejects() -> None:
     fields += ("retry.perTryTimeout", "loadBalancer.type", "faultInjection.abort.httpStatus")
     for field in fields:
         assert f"spec.{field}:" in problems, (field, problems)
+    # and the builder (files mode has no CRD in front of it) refuses each field too
+    store = Store()
+    store.apply(service("web"))
+    store.apply(bad)
+    accepted = next(
+        c
+        for c in build(store.view()).conditions[ObjectKey("TrafficPolicy", "shop", "bad")]
+        if c.type == "Accepted"
+    )
+    assert (accepted.status, accepted.reason) == ("False", "Invalid")
+    said = ("spec.targetRefs[0]", "spec.retry.retryOn", "spec.retry.attempts")
+    said += ("spec.retry.perTryTimeout", "spec.loadBalancer.type", "spec.faultInjection.abort")
+    for field in said:
+        assert f"{field}" in accepted.message, (field, accepted.message)
 
 
 def test_example_routes_follow_gateway_api_schemas() -> None:

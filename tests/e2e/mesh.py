@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -163,7 +164,11 @@ class Mesh:
     """Control plane + one node Envoy. `apply()` objects, `await converge()`, then `get()`."""
 
     def __init__(
-        self, envoy_binary: str, access_log: str = "", envoy_args: tuple[str, ...] = ()
+        self,
+        envoy_binary: str,
+        access_log: str = "",
+        envoy_args: tuple[str, ...] = (),
+        envoy_stdout: Path | None = None,
     ) -> None:
         self.store = Store()
         self.cache = SnapshotCache()
@@ -176,6 +181,7 @@ class Mesh:
         )  # fmt: skip
         self.envoy_binary = envoy_binary
         self.envoy_args = envoy_args
+        self.envoy_stdout = envoy_stdout
         self.envoy: EnvoyProcess | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -186,6 +192,7 @@ class Mesh:
             bootstrap(NODE, f"127.0.0.1:{port}"),
             binary=self.envoy_binary,
             extra_args=self.envoy_args,
+            stdout=self.envoy_stdout,
         )
         await asyncio.to_thread(self.envoy.start)
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))

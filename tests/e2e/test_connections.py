@@ -126,18 +126,29 @@ async def test_the_access_log_says_where_each_request_went(
         await logged.stop()
 
 
-async def test_an_access_log_to_envoys_standard_output_is_taken(backends: Backends) -> None:
+async def test_an_access_log_to_envoys_standard_output_is_taken(
+    backends: Backends, tmp_path: Path
+) -> None:
     """`--access-log stdout`: Envoy's own standard output, which a node Envoy always has (a
-    file path is opened on the node, and a Listener naming one it cannot open is refused)."""
+    file path is opened on the node, and a Listener naming one it cannot open is refused).
+    One JSON line per request, as with a file."""
     binary = find_envoy()
     assert binary is not None
-    logged = Mesh(binary, access_log="stdout")
+    stdout = tmp_path / "envoy.stdout"
+    logged = Mesh(binary, access_log="stdout", envoy_stdout=stdout)
     backend = await backends.get("stdout-logged")
     try:
         await logged.start()
         logged.apply(service("stdoutlog"), endpoint_slice("stdoutlog", backend.port))
         await logged.converge()  # the node Envoy ACKed the Listener
-        assert (await logged.get("stdoutlog.shop")).status == 200
+        assert (await logged.get("stdoutlog.shop", "/to-stdout")).status == 200
+        deadline = time.monotonic() + 10  # Envoy writes its access log asynchronously
+        while "/to-stdout" not in stdout.read_text():
+            assert time.monotonic() < deadline, "no access log line on Envoy's stdout"
+            await asyncio.sleep(0.1)
+        (line,) = [x for x in stdout.read_text().splitlines() if "/to-stdout" in x]
+        entry = json.loads(line)
+        assert (entry["authority"], entry["response_code"]) == ("stdoutlog.shop", 200)
     finally:
         await logged.stop()
 
