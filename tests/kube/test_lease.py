@@ -8,10 +8,12 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from nodemesh.controlplane.kube._lease import LeaseElector
+from nodemesh.controlplane.store import Store
 from tests.kube.conftest import ApiFront, Kube, eventually
 
 Running = list[tuple[LeaseElector, "asyncio.Task[None]"]]
@@ -94,3 +96,51 @@ async def test_an_api_server_outage_is_one_warning_not_one_per_retry(
         r"failed tries",
         again[0],
     ), again
+
+
+async def test_a_lease_that_cannot_be_taken_is_an_error_and_a_problem_in_status(
+    kube: Kube, electors: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A --lease-namespace with a typo (404), or a --lease-name the Role does not grant
+    (403): no replica ever leads, so none writes status. That was one WARNING, and nothing
+    in /status. It is now an ERROR that says what to check, and, once it has lasted a lease
+    duration, a problem the operator reports (/status `source_errors`), until a try works."""
+    caplog.set_level(logging.INFO, logger="nodemesh.controlplane.kube")
+    base = "/apis/coordination.k8s.io/v1/namespaces/nodemesh-sytem/leases"
+    kube.emulator.unserved.update({base, f"{base}/nodemesh-controlplane"})
+    problems: list[str | None] = []
+    e = LeaseElector(
+        kube.connection("a"), "nodemesh-sytem", "nodemesh-controlplane", "a",
+        lease_duration=1.0, renew_deadline=0.6, retry_period=0.1, on_problem=problems.append,
+    )  # fmt: skip
+    electors.append((e, asyncio.create_task(e.run())))
+    await eventually(lambda: problems, "the problem reported")
+    why = problems[0]
+    assert why is not None and why.startswith(
+        "cannot take or renew Lease nodemesh-sytem/nodemesh-controlplane since "
+    ), why
+    assert "HTTP 404" in why and why.endswith("this replica does not lead, so it writes no status")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].endswith(
+        "check --lease-namespace, --lease-name and the Role"
+    ), errors
+    assert not e.is_leader
+    kube.emulator.unserved.clear()
+    await eventually(lambda: e.is_leader, "it leads once the Lease can be made")
+    await eventually(lambda: problems[-1] is None, "the problem cleared")
+
+
+async def test_the_operator_reports_a_lease_it_cannot_take(kube: Kube, start_operator: Any) -> None:
+    """The same through the operator: its report (what /status shows as `source_errors` for
+    source "kubernetes") names the Lease while it cannot be taken."""
+    base = "/apis/coordination.k8s.io/v1/namespaces/nodemesh-sytem/leases"
+    kube.emulator.unserved.update({base, f"{base}/nodemesh-controlplane"})
+    reports: list[dict[str, str]] = []
+    await start_operator(
+        Store(), report=reports.append, lease_namespace="nodemesh-sytem",
+        lease_duration=1.0, renew_deadline=0.6, retry_period=0.1,
+    )  # fmt: skip
+    await eventually(lambda: reports and "lease" in reports[-1], "the Lease reported")
+    assert "HTTP 404" in reports[-1]["lease"]
+    kube.emulator.unserved.clear()
+    await eventually(lambda: "lease" not in reports[-1], "the report cleared")

@@ -16,7 +16,9 @@ class KubeSourceError(Exception):
 
 
 class LeaseError(KubeSourceError):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the API server's HTTP status, if it answered
 
 
 class ListingError(KubeSourceError):

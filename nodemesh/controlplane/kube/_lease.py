@@ -60,6 +60,7 @@ class LeaseElector:
         retry_period: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[bool], None] | None = None,
+        on_problem: Callable[[str | None], None] | None = None,
     ) -> None:
         self._conn = connection
         self.namespace = namespace
@@ -70,6 +71,9 @@ class LeaseElector:
         self._retry = retry_period
         self._clock = clock
         self._on_change = on_change
+        # told why this replica cannot take or renew the Lease, once that has lasted a lease
+        # duration, and None when it can again (the operator shows it in /status)
+        self._on_problem = on_problem
         self._leader = False
         self._last_renew = 0.0
         self._observed: tuple[Any, ...] | None = None
@@ -93,6 +97,7 @@ class LeaseElector:
     async def run(self) -> None:
         """Try to acquire or renew every `retry_period` until cancelled."""
         failed = 0  # tries in a row: an API server outage is one WARNING, not one per try
+        since, since_wall, reported = 0.0, "", False
         try:
             while True:
                 try:
@@ -100,15 +105,33 @@ class LeaseElector:
                 except LeaseError as exc:
                     failed += 1
                     if failed == 1:
-                        log.warning(
-                            "lease %s/%s: %s (said once until a try succeeds)",
+                        since = self._clock()
+                        since_wall = datetime.datetime.now(datetime.UTC).strftime(
+                            "%Y-%m-%dT%H:%M:%SZ"
+                        )
+                        # A Lease namespace that does not exist, or a name the Role does not
+                        # grant: waiting mends neither, and no replica writes status meanwhile.
+                        refused = exc.status in (401, 403, 404)
+                        log.log(
+                            logging.ERROR if refused else logging.WARNING,
+                            "lease %s/%s: %s (said once until a try succeeds)%s",
                             self.namespace,
                             self.name,
                             exc,
+                            "; check --lease-namespace, --lease-name and the Role"
+                            if refused
+                            else "",
                         )
                     else:
                         log.debug("lease %s/%s: %s", self.namespace, self.name, exc)
                     self._set_leader(self.is_leader)
+                    if self._on_problem is not None and self._clock() - since >= self._duration:
+                        self._on_problem(
+                            f"cannot take or renew Lease {self.namespace}/{self.name} since "
+                            f"{since_wall} ({exc}): this replica does not lead, so it writes "
+                            "no status"
+                        )
+                        reported = True
                 else:
                     if failed:
                         log.info(
@@ -118,6 +141,9 @@ class LeaseElector:
                             failed,
                         )
                     failed = 0
+                    if reported and self._on_problem is not None:
+                        self._on_problem(None)
+                        reported = False
                 await asyncio.sleep(self._retry)
         finally:
             await self._close()
@@ -220,7 +246,7 @@ class LeaseElector:
                 if resp.status == 404:
                     return None
                 if resp.status != 200:
-                    raise LeaseError(f"GET {self.url}/{self.name}: HTTP {resp.status}")
+                    raise LeaseError(f"GET {self.url}/{self.name}: HTTP {resp.status}", resp.status)
                 body: dict[str, Any] = await resp.json()
                 return body
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -245,7 +271,7 @@ class LeaseElector:
                 if resp.status == 409:
                     return False  # a peer created it first
                 if resp.status not in (200, 201):
-                    raise LeaseError(f"POST {self.url}: HTTP {resp.status}")
+                    raise LeaseError(f"POST {self.url}: HTTP {resp.status}", resp.status)
                 self._written = await _resource_version(resp)
                 return True
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -265,7 +291,9 @@ class LeaseElector:
                 if resp.status == 409:
                     return False
                 if resp.status != 200:
-                    raise LeaseError(f"PATCH {self.url}/{self.name}: HTTP {resp.status}")
+                    raise LeaseError(
+                        f"PATCH {self.url}/{self.name}: HTTP {resp.status}", resp.status
+                    )
                 self._written = await _resource_version(resp)
                 return True
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -374,6 +374,7 @@ class Operator:
                 lease_duration=self.options.lease_duration,
                 renew_deadline=self.options.renew_deadline,
                 retry_period=self.options.retry_period,
+                on_problem=lambda why: self._problems.set("lease", why),
             )
             leadership = self.elector
         self.peers: Peers | None = None
