@@ -18,6 +18,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from nodemesh.api.servicemap import NODE_TYPE_URL
 from nodemesh.controlplane.builder import httproute
 from nodemesh.controlplane.kube import Operator, OperatorError, OperatorOptions
+from nodemesh.controlplane.kube._peers import peer_targets
 from nodemesh.controlplane.store import ObjectKey, Store
 from tests.e2e.mesh import endpoint_slice, service
 from tests.e2e.objects import http_route, to
@@ -287,3 +288,34 @@ async def test_a_replica_that_just_started_settles_with_the_status_of_its_peers_
     await eventually(lambda: not b.pipeline.settling(), "node-b found at replica-a: settled")
     look()
     assert seen == ["True ACKed by 1 node(s)"], "settled with conditions made without the report"
+
+
+def test_a_dual_stack_peer_is_reached_at_its_ipv4_address_whatever_the_slice_order() -> None:
+    """A dual-stack Service has an EndpointSlice per address family: a peer got the URL of
+    whichever slice came last (their names end in random letters), and at its IPv6 address a
+    peer whose --http-listen is 0.0.0.0 never answered; its node Envoys were left out of
+    Programmed, and every object they carry stayed Pending."""
+
+    def slice_(name: str, family: str, address: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": NAMESPACE,
+                         "labels": {"kubernetes.io/service-name": "nodemesh"}},
+            "addressType": family,
+            "ports": [{"name": "http", "port": 18080}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": True},
+                           "targetRef": {"kind": "Pod", "name": "cp-b"}}],
+        }  # fmt: skip
+
+    for names in (("nodemesh-a", "nodemesh-b"), ("nodemesh-b", "nodemesh-a")):
+        store = Store()
+        store.apply(slice_(names[0], "IPv4", "10.0.0.7"))
+        store.apply(slice_(names[1], "IPv6", "fd00::7"))
+        got = peer_targets(store, NAMESPACE, "nodemesh", "http", "cp-a")
+        assert got == {"cp-b": "http://10.0.0.7:18080"}, names
+    store = Store()
+    store.apply(slice_("nodemesh-v6", "IPv6", "fd00::7"))  # single-stack IPv6: its address
+    assert peer_targets(store, NAMESPACE, "nodemesh", "http", "cp-a") == {
+        "cp-b": "http://[fd00::7]:18080"
+    }

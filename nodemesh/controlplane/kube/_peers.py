@@ -25,8 +25,11 @@ def peer_targets(
     true while its readiness probe passes) still has node Envoys connected while it drains;
     left out at once, their nodes would count as connected nowhere, and every object they
     carry would go Pending (and its status be written twice) on each rolling update."""
-    out: dict[str, str] = {}
-    for key, obj in store.view().of_kind("EndpointSlice").items():
+    # A dual-stack Service has a slice per address family, and so a peer an address of each:
+    # the IPv4 one is taken, whatever order the slices came in (an IPv6 one taken by chance
+    # was not listened on by a peer whose --http-listen is 0.0.0.0, which never answered).
+    found: dict[str, list[tuple[int, str, str]]] = {}  # peer -> (family, address, URL)
+    for key, obj in sorted(store.view().of_kind("EndpointSlice").items()):
         if key.namespace != namespace:
             continue
         labels = _map(_map(obj.get("metadata")).get("labels"))
@@ -52,15 +55,21 @@ def peer_targets(
             pod = str(_map(e.get("targetRef")).get("name") or "")
             if not addresses or pod == identity:
                 continue
-            out[pod or addresses[0]] = f"http://{_host(addresses[0])}:{port}"
-    return dict(sorted(out.items()))
+            version = _version(addresses[0])
+            host = f"[{addresses[0]}]" if version == 6 else addresses[0]
+            found.setdefault(pod or addresses[0], []).append(
+                (version, addresses[0], f"http://{host}:{port}")
+            )
+    # IPv4 before IPv6 (before what is no address), then the lowest address
+    return {peer: min(urls)[2] for peer, urls in sorted(found.items())}
 
 
-def _host(address: str) -> str:
+def _version(address: str) -> int:
+    """4 or 6, or 7 for what is not an address (sorted last)."""
     try:
-        return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+        return ipaddress.ip_address(address).version
     except ValueError:
-        return address
+        return 7
 
 
 def _map(value: Any) -> Mapping[str, Any]:
