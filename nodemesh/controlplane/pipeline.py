@@ -167,6 +167,12 @@ class _ProgrammedContext:
 _LEFT_KEPT = 60.0
 
 
+def _same_parts(then: Mapping[str, int] | None, parts: Mapping[str, int]) -> bool:
+    """Whether a version of a node's own Listener (its parts per consumer namespace, `then`)
+    has every one of `parts`: what an object's traffic takes there is the same."""
+    return then is not None and bool(parts) and all(then.get(ns) == p for ns, p in parts.items())
+
+
 def _envoy_connected(node: NodeStatus) -> bool:
     """Whether one of the node's open streams speaks for an Envoy type (see `_envoys_here`)."""
     if node.connected:
@@ -1172,26 +1178,23 @@ class Pipeline:
             acked = ts.acked_resources.get(own.name) if ts is not None else None
             if acked == own.version:
                 continue
-            # an older version with the same part for this object's namespace (another
-            # namespace's pod, or a Service's destination chain, changed since) will do
+            # an older version with the same parts for the consumer namespaces whose chains
+            # carry this object (another namespace's pod, or a Service's destination chain,
+            # changed since) will do. A policy's are those of the consumer routes it applies
+            # to, not its own namespace: checked under its own, it went Pending for any pod
+            # of a consumer namespace, Rejected with another namespace's NACK, or True with
+            # its own chains not ACKed.
             versions = self._listener_history.get(node_id, {})
-            namespace = key.namespace
-            part = versions.get(own.version, {}).get(namespace)
-            if (
-                acked is not None
-                and part is not None
-                and versions.get(acked, {}).get(namespace) == part
-            ):
+            now = versions.get(own.version, {})
+            carriers = self.translation.consumer_carriers.get(origin, (key.namespace,))
+            parts = {ns: now[ns] for ns in carriers if ns in now}
+            if _same_parts(versions.get(acked, {}) if acked is not None else None, parts):
                 continue
             nack = ts.last_nack if ts is not None else None
             nacked = nack.resource_versions.get(own.name) if nack is not None else None
             if nack is not None and (
                 nacked == own.version
-                or (
-                    nacked is not None
-                    and part is not None
-                    and versions.get(nacked, {}).get(namespace) == part
-                )
+                or _same_parts(versions.get(nacked, {}) if nacked is not None else None, parts)
             ):
                 message = f"node {node_id} rejected lds {own.name!r}: {nack.message}"
                 return Condition("Programmed", "False", "Rejected", message, gen, parent)

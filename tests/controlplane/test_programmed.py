@@ -19,7 +19,7 @@ from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
 from nodemesh.xds.cache import SnapshotCache
-from nodemesh.xds.server import StatusTracker
+from nodemesh.xds.server import NackRecord, StatusTracker
 from nodemesh.xds.server._streams import SotwStream
 from tests.support import eventually
 
@@ -58,8 +58,6 @@ def _ack(p: Pipeline, status: StatusTracker, node: str, *type_urls: str) -> None
 
 def _nack(p: Pipeline, status: StatusTracker, node: str, type_url: str, message: str) -> None:
     """`node` rejects the current snapshot's resources of `type_url` with Envoy's `message`."""
-    from nodemesh.xds.server import NackRecord
-
     assert p.snapshot is not None
     sent = {n: r.version for n, r in p.snapshot.resources(type_url).items()}
     version = p.snapshot.version(type_url) or ""
@@ -214,7 +212,6 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
     Listener of its own (the chain that marks the pod's connections): the route is Programmed
     only once node-a ACKs that Listener, and a NACK of it is reported with Envoy's message;
     shop's own route does not depend on it."""
-    from nodemesh.xds.server import NackRecord
 
     store, status = Store(), StatusTracker()
     FilesSource(EXAMPLES, store).scan()
@@ -656,3 +653,112 @@ async def test_an_object_created_again_under_its_name_gets_new_transition_times(
     await p.rebuild()
     assert times() == {"2026-11-22T02:00:00Z"}
     assert ROUTE in emitted
+
+
+def _pod(name: str, ns: str, node: str, ip: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Running", "podIP": ip},
+    }
+
+
+async def test_a_policy_on_consumer_routes_follows_the_chains_that_carry_it() -> None:
+    """A TrafficPolicy of shop's on shop/reviews rides on qa's consumer route, so on a node
+    with qa clients it takes effect through that node's own Listener, in qa's chains. It was
+    checked under its own namespace (shop): True while qa's chains were not ACKed where shop
+    also had consumer clients, and Pending (then Rejected, with another namespace's NACK)
+    whenever anything else in that Listener changed."""
+    store, status = Store(), StatusTracker()
+    FilesSource(EXAMPLES, store).scan()
+    policy_key = ObjectKey("TrafficPolicy", "shop", "reviews-policy")
+    qa_route = ObjectKey("HTTPRoute", "qa", "reviews-for-qa")
+    for obj in (
+        {
+            "apiVersion": "nodemesh.io/v1alpha1",
+            "kind": "TrafficPolicy",
+            "metadata": {"name": "reviews-policy", "namespace": "shop"},
+            "spec": {
+                "targetRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                "retry": {"retryOn": ["connect-failure"]},
+            },
+        },
+        # shop is a consumer namespace too (a route of its own for other/x), with a client
+        # on node-a: its chains there did not change below
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "x", "namespace": "other"},
+            "spec": {"clusterIP": "10.96.20.1", "ports": [{"name": "http", "port": 80}]},
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "x-for-shop", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "x", "namespace": "other"}],
+                "rules": [{"backendRefs": [{"name": "x", "namespace": "other", "port": 80}]}],
+            },
+        },
+        _pod("runner", "qa", "node-a", "10.244.1.50"),
+        _pod("front", "shop", "node-a", "10.244.1.70"),
+    ):
+        store.apply(obj)
+    cache = SnapshotCache()
+    p = Pipeline(store, cache, status)
+    await p.rebuild()
+
+    def ack(node: str, *type_urls: str) -> None:  # what the node's own snapshot holds
+        snap = cache.get_snapshot(node)
+        assert snap is not None
+        for t in type_urls:
+            held = {n: r.version for n, r in snap.resources(t).items()}
+            status.acked(node, t, snap.version(t) or "", held, replace=True)
+
+    every = (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER)
+    for node in ("node-a", "node-b"):
+        status.stream_opened(node)
+        stream = object()
+        for t in every:
+            status.resumed(node, t, "", {}, stream=stream)
+        ack(node, *every)
+    p._update_conditions()
+
+    def programmed(key: ObjectKey) -> tuple[str, str]:
+        c = next(c for c in p.conditions()[key] if c.type == "Programmed")
+        return c.status, c.reason
+
+    assert programmed(policy_key) == programmed(qa_route) == ("True", "Programmed")
+    all_but_lds = (types.CLUSTER, types.ENDPOINT, types.ROUTE)
+
+    # a second qa client on node-a: qa's chains there change, node-a has not ACKed them
+    store.apply(_pod("runner-2", "qa", "node-a", "10.244.1.51"))
+    await p.rebuild()
+    ack("node-b", *every)
+    ack("node-a", *all_but_lds)
+    p._update_conditions()
+    assert programmed(qa_route) == ("False", "Pending")
+    assert programmed(policy_key) == ("False", "Pending"), "its settings are in qa's chains"
+    ack("node-a", types.LISTENER)
+    p._update_conditions()
+    assert programmed(policy_key) == ("True", "Programmed")
+
+    # a shop client more on node-a (shop's chains change, qa's do not), refused by node-a
+    store.apply(_pod("front-2", "shop", "node-a", "10.244.1.71"))
+    await p.rebuild()
+    ack("node-b", *every)
+    ack("node-a", *all_but_lds)
+    p._update_conditions()
+    assert programmed(policy_key) == programmed(qa_route) == ("True", "Programmed")
+    snap = cache.get_snapshot("node-a")
+    assert snap is not None
+    sent = {n: r.version for n, r in snap.resources(types.LISTENER).items()}
+    version = snap.version(types.LISTENER) or ""
+    status.nacked(
+        NackRecord("node-a", types.LISTENER, version, "9", tuple(sent), 13, "refused", 0.0, sent),
+        sent,
+    )
+    p._update_conditions()
+    assert programmed(policy_key) == programmed(qa_route) == ("True", "Programmed")

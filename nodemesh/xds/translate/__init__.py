@@ -96,6 +96,10 @@ class Translation:
     per_node: Mapping[str, Mapping[str, tuple[Resource, ...]]]
     origins: Mapping[tuple[str, str], Origins]
     node_origins: Mapping[str, Origins] = field(default_factory=dict)
+    # per object on nodes' own Listeners, the consumer namespaces whose chains carry it: a
+    # consumer route's own, and for a policy (or a Service) that its routes carry, those of
+    # the routes (not the object's namespace)
+    consumer_carriers: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # per node with a Listener of its own: per consumer namespace with clients there, a
     # fingerprint of its chains (equal: that namespace's part of the Listener did not change)
     node_parts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
@@ -502,10 +506,14 @@ class Translator:
         self._node_chains: dict[str, tuple[tuple[ConsumerChain, ...], tuple[Resource, ...]]] = {}
         self._chain_bytes: dict[ConsumerChain, bytes] = {}
         self._chain_bytes_key: tuple[int, str, str] | None = None
-        # (what they were made from, consumer_destinations, consumer_origins)
+        # (what they were made from, consumer_destinations, consumer_origins, and those
+        # inverted: per object, the consumer namespaces that carry it)
         self._consumer_routes: tuple[
-            tuple[object, ...], Mapping[str, list[Destination]], Mapping[str, Origins]
-        ] = ((), {}, {})
+            tuple[object, ...],
+            Mapping[str, list[Destination]],
+            Mapping[str, Origins],
+            Mapping[str, frozenset[str]],
+        ] = ((), {}, {}, {})
         self._service_maps = ServiceMaps()
         self._dest_services: tuple[ir.ServiceInfo, ...] = ()  # what _destinations was made from
         # (the Services before, where they changed): computed once per translation
@@ -631,6 +639,7 @@ class Translator:
             per_node=per_node,
             origins=origins,
             node_origins=node_origins,
+            consumer_carriers=self._consumer_routes[3] if node_origins else {},
             node_parts=node_parts,
             listener_chains=listener.chains,
             _snapshot=lazy,
@@ -662,12 +671,18 @@ class Translator:
         if not was_made_from or not all(
             a is b for a, b in zip(was_made_from, routes_key, strict=True)
         ):
+            found = consumer_origins(mesh)
+            carriers: dict[str, set[str]] = {}
+            for namespace, carried in found.items():
+                for origin in carried:
+                    carriers.setdefault(origin, set()).add(namespace)
             self._consumer_routes = (
                 routes_key,
                 consumer_destinations(destinations, dest_vhosts),
-                consumer_origins(mesh),
+                found,
+                {o: frozenset(c) for o, c in carriers.items()},
             )
-        _, overridden, by_namespace = self._consumer_routes
+        _, overridden, by_namespace, _ = self._consumer_routes
         chains = _chains_per_node(mesh.consumers, overridden)
         # a chain's bytes depend on the listener port and route configuration name too
         bytes_key = (mesh.outbound_port, mesh.route_config_name, mesh.access_log)
