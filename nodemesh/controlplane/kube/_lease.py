@@ -125,7 +125,16 @@ class LeaseElector:
                     else:
                         log.debug("lease %s/%s: %s", self.namespace, self.name, exc)
                     self._set_leader(self.is_leader)
-                    if self._on_problem is not None and self._clock() - since >= self._duration:
+                    # An API server that answers and refuses (4xx): a setting to fix. One that
+                    # does not answer, or answers 5xx or 429, is an outage, which the operator
+                    # reports already (its `api-server` entry).
+                    refusal = exc.status is not None and 400 <= exc.status < 500
+                    if (
+                        self._on_problem is not None
+                        and refusal
+                        and exc.status != 429
+                        and self._clock() - since >= self._duration
+                    ):
                         self._on_problem(
                             f"cannot take or renew Lease {self.namespace}/{self.name} since "
                             f"{since_wall} ({exc}): this replica does not lead, so it writes "
