@@ -374,7 +374,7 @@ class Operator:
                 lease_duration=self.options.lease_duration,
                 renew_deadline=self.options.renew_deadline,
                 retry_period=self.options.retry_period,
-                on_problem=lambda why: self._problems.set("lease", why),
+                on_problem=self._lease_problem,
             )
             leadership = self.elector
         self.peers: Peers | None = None
@@ -405,6 +405,13 @@ class Operator:
             rate=self.options.status_rate,
             interval=self.options.status_interval,
         )
+
+    def _lease_problem(self, why: str | None) -> None:
+        """The elector's word on a Lease it cannot take (None: it can again). Not shown while
+        the operator does not follow the cluster: the same refusal (credentials revoked, the
+        Role gone) is that outage, reported as one (`api-server`). The elector says it again
+        at each failed try, so it shows once the outage alone is over."""
+        self._problems.set("lease", None if self._outage.down else why)
 
     @property
     def is_leader(self) -> bool:
