@@ -203,9 +203,10 @@ def _pod(obj: Mapping[str, Any], out: list[str]) -> None:
         out.append(f"status.podIP: must be an IP address, not {ip!r}")
     ips = status.get("podIPs")
     for i, entry in enumerate(ips if isinstance(ips, list) else ()):
-        value = entry.get("ip") if isinstance(entry, Mapping) else entry
-        if not _ip(value):
-            out.append(f"status.podIPs[{i}].ip: must be an IP address, not {value!r}")
+        if not isinstance(entry, Mapping):  # (the builder reads `ip` of each, as Kubernetes has)
+            out.append(f"status.podIPs[{i}]: must be an object {{ip: ...}}, not {entry!r}")
+        elif not _ip(entry.get("ip")):
+            out.append(f"status.podIPs[{i}].ip: must be an IP address, not {entry.get('ip')!r}")
 
 
 _VALUES = {"Service": _service, "EndpointSlice": _endpoint_slice, "Node": _node, "Pod": _pod}

@@ -300,6 +300,12 @@ def test_node_and_pod_addresses_that_are_not_addresses_are_refused(tmp_path: Pat
         "'10.244.1.5.6'; status.podIPs[0].ip: must be an IP address, not '10.244.1.5.6'",
     }
     assert store.keys("Node") == [] and store.keys("Pod") == []
+    pod["status"] = {"podIP": "10.244.1.5", "podIPs": ["10.244.1.5"]}  # not {ip: ...}
+    write(tmp_path / "pod.yaml", pod)
+    source.scan()
+    assert source.errors["pod.yaml"] == (
+        "pod.yaml: Pod/shop/p: status.podIPs[0]: must be an object {ip: ...}, not '10.244.1.5'"
+    )
     node["status"]["addresses"][1]["address"] = "10.250.0.3"
     pod["status"] = {"podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}]}
     write(tmp_path / "node.yaml", node)
