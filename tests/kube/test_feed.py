@@ -195,9 +195,10 @@ async def test_an_object_made_again_while_the_watch_was_down_is_followed(
     StatefulSet's pod rescheduled during an API server outage is the same): kopf's index keeps
     the deleted object's entry, under its old uid, next to the new one's. The store got the
     deleted object's content back and kept it, every later change of the new one ignored,
-    until the control plane restarted."""
+    until the control plane restarted; and when the new one was deleted, the deleted one came
+    back."""
     store = Store()
-    for name in ("web", "other"):
+    for name in ("web", "old", "other"):
         await kube.create(service(name, port=80))
     await start_operator(store)
     key = ObjectKey("Service", "shop", "web")
@@ -208,11 +209,19 @@ async def test_an_object_made_again_while_the_watch_was_down_is_followed(
         return got["spec"]["ports"][0]["port"] if got is not None else None
 
     await kube.delete_unseen("Service", "shop", "web")
+    await kube.delete_unseen("Service", "shop", "old")
     await kube.create(service("web", port=8080))  # same name, new uid
     await eventually(lambda: port() == 8080, "the new web's port in the store")
+    old = ObjectKey("Service", "shop", "old")
+    await eventually(lambda: store.get(old) is None, "the sweep after the relisting done")
     patch = {"spec": {"ports": [{"name": "http", "port": 9090}]}}
     await kube.patch("Service", "shop", "web", patch)
     await eventually(lambda: port() == 9090, "the new web's change in the store")
+    # deleted as usual now: gone, and the object deleted unseen does not come back with it
+    await kube.delete("Service", "shop", "web")
+    await eventually(lambda: store.get(key) is None, "web gone from the store")
+    await kube.create(service("web", port=7070))  # and made again: the newest is followed
+    await eventually(lambda: port() == 7070, "the third web in the store")
 
 
 async def test_a_watch_stream_error_restarts_kopf_and_the_store_keeps_following(

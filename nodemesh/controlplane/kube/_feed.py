@@ -80,6 +80,9 @@ class Feed:
         self._unswept: dict[str, int] = {}  # kinds whose sweep list failed: failures in a row
         self._indexes: dict[str, IndexLike] = {}
         self._dirty: set[ObjectKey] = set()
+        # per key, the uid of its last event's object; None: its last event deleted it (kept
+        # only while kopf's index still holds a value of an object deleted unseen, see lookup)
+        self._uids: dict[ObjectKey, str | None] = {}
         self._wakeup = asyncio.Event()
         self._synced = asyncio.Event()
         self._initial_sync_timeout = initial_sync_timeout
@@ -95,7 +98,10 @@ class Feed:
             if r.index_id in indexes:
                 self._indexes[r.kind] = indexes[r.index_id]
 
-    def touch(self, key: ObjectKey) -> None:
+    def touch(self, key: ObjectKey, uid: str | None = "") -> None:
+        """An event for `key`: of the object with `uid` (None: a deletion; "": not said)."""
+        if uid != "":
+            self._uids[key] = uid
         self._dirty.add(key)
         self._wakeup.set()
         if self._touched is not None:
@@ -199,6 +205,7 @@ class Feed:
                 for key in self._store.keys(r.kind):
                     if key not in now and key not in self._touched and self._store.delete(key):
                         removed += 1
+                        self._uids[key] = None  # (kopf's index keeps its value)
                         log.info("removed %s: it went while the watch was down", key)
         finally:
             self._touched = None
@@ -260,19 +267,29 @@ class Feed:
     def lookup(self, key: ObjectKey) -> Mapping[str, Any] | None:
         """`key`'s object in kopf's index (what the store gets), or None.
 
-        kopf keeps a value per (namespace, name, uid), in the order they came. An object that
-        went while the watch was down had no DELETED event, so its value stays: one made again
-        under its name (a StatefulSet's pod, a Service re-applied) is a second value, after
-        it. The last one is the object that exists; the first was the deleted one's, which the
-        store then kept, every change of the new object ignored."""
+        kopf keeps a value per (namespace, name, uid). An object that went while the watch was
+        down had no DELETED event, so its value stays: one made again under its name (a
+        StatefulSet's pod, a Service re-applied) is a second value. The one read is that of
+        the uid of the key's last event, and none once that event was a deletion (or the sweep
+        removed the key). The first value was read: the deleted object's, which the store then
+        kept, every change of the new object ignored; and the last one brought the deleted
+        object back when the new one was deleted."""
         index = self._indexes.get(key.kind)
         if index is None:
             return None
         values = index.get(key)
         if not values:
+            self._uids.pop(key, None)
             return None
-        *_, last = values
-        return last  # type: ignore[no-any-return]
+        uid = self._uids.get(key, "")
+        if uid is None:
+            return None  # deleted: what is left is an object deleted unseen before it
+        last: Mapping[str, Any] | None = None
+        for value in values:
+            if uid and _uid(value) == uid:
+                return value  # type: ignore[no-any-return]
+            last = value
+        return last
 
 
 # The spec and status fields of the largest inventory kinds that the build reads
@@ -284,6 +301,11 @@ _READ: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     "Pod": {"spec": ("nodeName", "hostNetwork"), "status": ("phase", "podIP", "podIPs")},
     "Node": {"spec": (), "status": ("addresses", "conditions")},
 }
+
+
+def _uid(obj: Mapping[str, Any]) -> Any:
+    meta = obj.get("metadata")
+    return meta.get("uid") if isinstance(meta, Mapping) else None
 
 
 def plain_object(resource: WatchedResource, body: Mapping[str, Any]) -> dict[str, Any]:

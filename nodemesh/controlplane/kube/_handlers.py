@@ -91,11 +91,16 @@ def _indexer(r: WatchedResource) -> Callable[..., Awaitable[dict[ObjectKey, dict
 
 def _watcher(r: WatchedResource) -> Callable[..., Awaitable[None]]:
     async def on_event(
-        type: str | None, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
+        type: str | None,
+        name: str,
+        namespace: str | None,
+        memo: kopf.Memo,
+        uid: str | None = None,
+        **_: Any,
     ) -> None:
         ctx = _ctx(memo)
         key = _key(r, namespace, name)
-        ctx.feed.touch(key)
+        ctx.feed.touch(key, None if type == "DELETED" else (uid or ""))
         ctx.feed.mark_synced()
         if type is None:  # listed, not watched
             ctx.feed.listed(key)
