@@ -310,16 +310,17 @@ def test_one_changed_service_makes_one_resource_for_every_node() -> None:
         assert part.envoy is not None and part.envoy[1] == 15001
 
 
-def test_a_mesh_without_nodes_serves_the_agents_nothing() -> None:
-    """No Node (the last one went, or a --node-selector matches none): the agents' types are
-    served, empty, so an agent is told its map and every Service are gone. They were not
-    served at all, so agents kept what they had and heard nothing more (a new one was never
-    answered). When Nodes come back, every MeshService is sent again: the incremental
-    snapshot's versions are a cold one's."""
+def test_a_mesh_without_nodes_serves_no_node_map_and_every_mesh_service() -> None:
+    """No Node (the last one went, or a --node-selector matches none): every agent is told it
+    has no map, and still gets every MeshService, as an agent on a Node the control plane does
+    not know: L4 balanced, L7 refused (no node Envoy), never past the mesh's routes. Neither
+    type was served, so agents kept what they had and heard nothing more (a new one was never
+    answered, and let L7 connections past the node Envoy). The incremental snapshot's versions
+    are a cold one's at each step."""
     store, memo, translator = Store(), BuildMemo(), Translator()
     for obj in _objects():
         store.apply(obj)
-    nodes = [k for k in store.keys("Node")]
+    nodes = list(store.keys("Node"))
     assert nodes
 
     def translate() -> dict[str, str | None]:
@@ -334,13 +335,18 @@ def test_a_mesh_without_nodes_serves_the_agents_nothing() -> None:
         return versions
 
     first = translate()
+    services = translator.translate(build(store.view(), memo=memo).mesh).shared[SERVICE_TYPE_URL]
+    assert services
     objects = {k: store.get(k) for k in nodes}
     for k in nodes:
         store.delete(k)
     gone = translate()
-    snap = translator.translate(build(store.view(), memo=memo).mesh).snapshot("node-a")
-    assert snap.resources(NODE_TYPE_URL) == {} and snap.resources(SERVICE_TYPE_URL) == {}
-    assert None not in gone.values() and gone != first
+    t = translator.translate(build(store.view(), memo=memo).mesh)
+    snap = t.snapshot("node-a")
+    assert snap.resources(NODE_TYPE_URL) == {}
+    assert t.shared[SERVICE_TYPE_URL] == services, "the same MeshServices, nodes or not"
+    assert gone[SERVICE_TYPE_URL] == first[SERVICE_TYPE_URL]
+    assert gone[NODE_TYPE_URL] is not None and gone[NODE_TYPE_URL] != first[NODE_TYPE_URL]
     for obj in objects.values():
         assert obj is not None
         store.apply(obj)

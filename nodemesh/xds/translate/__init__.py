@@ -82,9 +82,9 @@ class Translation:
     """Envoy resources for the mesh. `shared` goes to every node; `per_node` replaces types of
     it for one node: each known node's `NodeServiceMap` under `NODE_TYPE_URL` (named after the
     node), and the outbound Listener of a node with clients of a consumer namespace (its
-    consumer filter chains). Once the mesh has nodes, `shared` also holds the agents'
-    `MeshService` resources (`SERVICE_TYPE_URL`, one per Service; node Envoys never ask for
-    that type).
+    consumer filter chains). `shared` also holds the agents' `MeshService` resources
+    (`SERVICE_TYPE_URL`, one per Service; node Envoys never ask for that type) and an empty
+    `NodeServiceMap` set (a node without a map of its own is told it has none).
 
     `origins` maps (type_url, resource name) to the user objects ("Kind/ns/name") it carries.
     `node_origins`: per node with a Listener of its own, the objects its consumer chains carry
@@ -578,26 +578,19 @@ class Translator:
 
         service_upserts: tuple[Resource, ...] | None = None
         # The node agents' feed. Every node's own NodeServiceMap is in per_node; the shared
-        # set is empty, so a node without one (a Node deleted, or never known) is told it has
-        # none, and its agent fails closed. Served with no Node at all too: the agents of a
-        # mesh whose last Node went (or that a --node-selector matches none of) kept their
-        # maps, and a new agent was never answered.
+        # set is empty, so a node without one (a Node deleted, one --node-selector leaves out,
+        # or any node while the mesh has no Node at all) is told it has none. Its agent still
+        # follows the MeshServices, made whether or not the mesh has nodes: it balances L4
+        # Services and refuses connections to L7 ones, which need a node Envoy it does not
+        # know (fail closed, never past the mesh's routes and policies).
         shared[NODE_TYPE_URL] = ()
-        if not mesh.node_infos:
-            # No agent has a map to read MeshServices with: none are made (ServiceMaps
-            # compares with what it saw last, whenever it runs next).
-            shared[SERVICE_TYPE_URL] = ()
+        if last is not None and last.mesh.services is mesh.services:
+            shared[SERVICE_TYPE_URL] = last.translation.shared[SERVICE_TYPE_URL]
         else:
-            if last is not None and last.mesh.services is mesh.services and last.mesh.node_infos:
-                shared[SERVICE_TYPE_URL] = last.translation.shared[SERVICE_TYPE_URL]
-            else:
-                shared[SERVICE_TYPE_URL] = self._service_maps.service_resources(
-                    mesh.services, *self._services_changed
-                )
-                # what changed since ServiceMaps' last answer, which is the last translation's
-                # only if that one had nodes (else it served none)
-                if last is not None and last.mesh.node_infos:
-                    service_upserts = self._service_maps.upserts
+            shared[SERVICE_TYPE_URL] = self._service_maps.service_resources(
+                mesh.services, *self._services_changed
+            )
+            service_upserts = self._service_maps.upserts
         if last is not None and (
             last.mesh.node_infos is mesh.node_infos
             and last.mesh.socket_redirect is mesh.socket_redirect
