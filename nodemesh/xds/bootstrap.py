@@ -57,6 +57,12 @@ def bootstrap(
     name fails here rather than in Envoy.
     """
     host, port = _split(xds)
+    # Envoy refuses an empty node id or cluster ("node 'id' and 'cluster' are required"): a
+    # DaemonSet's --node "$NODE_NAME" with the variable unset printed a bootstrap Envoy
+    # crash-looped on.
+    for what, value in (("node id (the Node's name)", node), ("cluster", cluster)):
+        if not value.strip():
+            raise ValueError(f"expected a {what}, got {value!r}")
     config: dict[str, Any] = {
         "node": {"id": node, "cluster": cluster},
         "admin": {

@@ -318,6 +318,8 @@ def test_a_value_the_control_plane_cannot_use_is_a_usage_error(
         ["--xds", "http://127.0.0.1:18000"],  # took it for a DNS name, never connected
         ["--xds", "127.0.0.1:18000", "--admin-port", "70000"],
         ["--xds", "127.0.0.1:18000", "--admin-port", "-1"],  # a protobuf traceback
+        ["--xds", "127.0.0.1:18000", "--node", ""],  # --node "$NODE_NAME", the variable unset
+        ["--xds", "127.0.0.1:18000", "--cluster", " "],
     ],
 )
 def test_a_bootstrap_envoy_could_not_use_is_refused(args: list[str]) -> None:
