@@ -147,8 +147,14 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     stop = asyncio.Event()
     failures: list[str] = []  # why a source stopped on its own
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s: stopping (xDS drains for %ss)", sig.name, args.drain_seconds)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         # HTTP first: /livez answers while a cluster's first listing is still coming (which
         # may take minutes), /readyz and /status say what is not ready yet.
@@ -159,6 +165,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         if args.source == "files":
             files = FilesSource(args.config_dir, store, pipeline, interval=args.poll_interval)
             await asyncio.to_thread(files.scan)  # /livez answers meanwhile
+            if stop.is_set():  # stopped while it read (a big directory): xDS never served
+                return 0
         else:
             kube = importlib.import_module("nodemesh.controlplane.kube")
             kube_ready = asyncio.Event()
@@ -199,6 +207,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
 
             kube_task.add_done_callback(operator_done)
         await pipeline.start()
+        if stop.is_set():  # stopped during the first build
+            return 1 if failures else 0
         try:
             port = await server.start(_join(xds_host, xds_port))
         except ServerError as exc:

@@ -5,6 +5,7 @@ Also `make demo`'s entry point, end to end."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -532,3 +534,49 @@ def test_a_demo_whose_envoy_cannot_start_says_so_in_one_line(
     assert "Traceback" not in err
     assert "envoy: cannot run here (a test)" in err  # Envoy's own line, above ours
     assert err.strip().splitlines()[-1].startswith("nodemesh demo: envoy exited with 1"), err
+
+
+async def test_a_sigterm_while_the_directory_is_read_stops_without_serving_xds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM while a big directory is read (seconds) was taken only once the control plane
+    was fully up: it opened the xDS port, said "xDS on ...", and then drained. It now stops
+    once the read is done, serving nothing, and the log says the signal came. (The read is
+    held here until the signal has been sent.)"""
+    from nodemesh.controlplane import cli
+    from nodemesh.controlplane.files import FilesSource
+
+    (tmp_path / "web.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+        "spec: {ports: [{name: http, port: 80}]}\n"
+    )
+    reading, release = threading.Event(), threading.Event()
+    scan = FilesSource.scan
+
+    def slow_scan(self: FilesSource, *a: Any, **kw: Any) -> Any:
+        reading.set()
+        assert release.wait(30)
+        return scan(self, *a, **kw)
+
+    monkeypatch.setattr(FilesSource, "scan", slow_scan)
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    xds = free_port()
+    args = parser.parse_args(
+        ["--config-dir", str(tmp_path), "--xds-listen", f"127.0.0.1:{xds}",
+         "--http-listen", "127.0.0.1:0", "--drain-seconds", "5"]
+    )  # fmt: skip
+    caplog.set_level("INFO", logger="nodemesh")
+    task = asyncio.create_task(cli.serve(args))
+    assert await asyncio.to_thread(reading.wait, 30)
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler serve() installed takes it
+    deadline = time.monotonic() + 10
+    while not any(r.getMessage().startswith("SIGTERM: stopping") for r in caplog.records):
+        assert time.monotonic() < deadline, "the signal was not taken"
+        await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.wait_for(task, 30) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if m.startswith("xDS on ")], said
+    with socket.socket() as s:  # nothing ever listened there (the port is still free)
+        s.bind(("127.0.0.1", xds))
