@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import shutil
 import signal
@@ -148,9 +149,12 @@ class _Demo:
         # SIGTERM (the end of a CI job, `timeout`) and SIGHUP (a closed terminal) stop the demo
         # as Ctrl-C does, through the `finally` below: the Envoy runs in a session of its own, so
         # no signal sent to the demo reaches it, and the default action left it running.
+        # Ctrl-C too, rather than asyncio.run's handler, whose second Ctrl-C raises
+        # KeyboardInterrupt wherever the clean-up is (the temporary directory was left, and
+        # the gRPC server's destructor printed a traceback).
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in _SIGNALS:
             loop.add_signal_handler(sig, task.cancel)
         backends = {
             name: await _Backend(name, flaky=name == "ratings").start()
@@ -247,17 +251,31 @@ class _Demo:
             await _until(lambda: self._programmed(pipeline), "Programmed=True everywhere")
             print("\n".join("  " + line for line in render(pipeline.status_json()).splitlines()))
         finally:
-            await session.close()
-            await qa.close()
-            if envoy is not None:
-                await asyncio.to_thread(envoy.stop)
-            await files.stop()
-            await status.stop()
-            await pipeline.stop()
-            await server.stop(0)
-            for b in backends.values():
-                await b.stop()
-            shutil.rmtree(config, ignore_errors=True)
+            # The clean-up runs to its end, whatever signal comes meanwhile (each would cancel
+            # this task again at its next await).
+            for sig in _SIGNALS:
+                loop.add_signal_handler(sig, lambda: None)
+
+            async def clean_up() -> None:
+                await session.close()
+                await qa.close()
+                if envoy is not None:
+                    await asyncio.to_thread(envoy.stop)
+                await files.stop()
+                await status.stop()
+                await pipeline.stop()
+                await server.stop(0)
+                for b in backends.values():
+                    await b.stop()
+
+            try:
+                cleaning = asyncio.ensure_future(clean_up())
+                while not cleaning.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(cleaning)
+                cleaning.result()
+            finally:
+                shutil.rmtree(config, ignore_errors=True)
         print("\ndemo " + ("passed" if self.ok else "FAILED"))
         return 0 if self.ok else 1
 
@@ -305,6 +323,9 @@ class _Demo:
     async def _programmed(pipeline: Pipeline) -> bool:
         conds = [c for cs in pipeline.conditions().values() for c in cs if c.type == "Programmed"]
         return bool(conds) and all(c.status == "True" for c in conds)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

