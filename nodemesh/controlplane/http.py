@@ -5,18 +5,42 @@ for the node Envoys connected to it, for its peers: `nodemesh.controlplane.peers
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from nodemesh.controlplane.pipeline import Pipeline
 
 __all__ = ["StatusServer"]
 
+log = logging.getLogger("nodemesh.controlplane.http")
+
+# aiohttp keeps an idle connection an hour by default: a client that opens many (or a probe
+# that never closes) holds a file descriptor each, shared with the xDS server's streams.
+KEEPALIVE_SECONDS = 15.0
+
+
+class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger, but a request it could not parse (a header line over 8 KB, a
+    browser's big cookies, a scanner) is one DEBUG line, not an ERROR with a traceback: ERROR
+    lines are what alerts watch for, and any client could make them."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError) and 400 <= (exc_info.code or 0) < 500:
+            text = " ".join(str(exc_info).split())[:200]
+            self.debug("a request it could not parse: %s", text)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
 
 class StatusServer:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, *, keepalive: float = KEEPALIVE_SECONDS) -> None:
         self.pipeline = pipeline
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.keepalive = keepalive
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.pipeline.status_json())
@@ -43,7 +67,12 @@ class StatusServer:
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/healthz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            keepalive_timeout=self.keepalive,
+            logger=_ServerLog(log, {}),
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
