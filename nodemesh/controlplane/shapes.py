@@ -17,6 +17,7 @@ are checked here too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,13 +212,43 @@ def _pod(obj: Mapping[str, Any], out: list[str]) -> None:
 
 _VALUES = {"Service": _service, "EndpointSlice": _endpoint_slice, "Node": _node, "Pod": _pod}
 
+# The API server's rules for names: a DNS-1123 subdomain for most objects, a DNS-1123 label for
+# a namespace, a DNS-1035 label (a letter first) for a Service, whose name is a DNS label.
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_LABEL_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def _names(kind: str, obj: Mapping[str, Any], out: list[str]) -> None:
+    """A name (and namespace) the API server takes: one it refuses (`Web`, `two\nlines`) made
+    host names Envoy never sees and broke `nodemesh status`'s table."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return
+    name, namespace = meta.get("name"), meta.get("namespace")
+    if isinstance(name, str) and name:
+        if kind in ("Service", "Namespace"):
+            rule, limit = (_LABEL_1035, 63) if kind == "Service" else (_LABEL, 63)
+            what = "an RFC 1035 label" if kind == "Service" else "an RFC 1123 label"
+        else:
+            rule, limit, what = _SUBDOMAIN, 253, "an RFC 1123 subdomain"
+        if len(name) > limit or rule.fullmatch(name) is None:
+            out.append(f"metadata.name: {name!r} is not {what} (lower case, at most {limit})")
+    if isinstance(namespace, str) and namespace:
+        if len(namespace) > 63 or _LABEL.fullmatch(namespace) is None:
+            out.append(
+                f"metadata.namespace: {namespace!r} is not an RFC 1123 label (lower case, at "
+                "most 63)"
+            )
+
 
 def shape_problems(obj: Mapping[str, Any]) -> list[str]:
-    """Where `obj` does not have the shape (routes) or values (Services, EndpointSlices, Nodes,
-    Pods) the API server would take; [] for other kinds."""
+    """Where `obj` does not have the shape (routes) or values (names; Services, EndpointSlices,
+    Nodes, Pods) the API server would take."""
     kind = str(obj.get("kind", ""))
     shape = _SHAPES.get(kind)
     out: list[str] = []
+    _names(kind, obj, out)
     if shape is not None:
         _check(obj, shape, "", out)
     values = _VALUES.get(kind)

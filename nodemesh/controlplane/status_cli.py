@@ -43,10 +43,11 @@ def render(status: dict[str, Any]) -> str:
     )
     rows = []
     for obj in status.get("objects", []):
-        name = f"{obj['kind']}/{obj['namespace']}/{obj['name']}"
+        # (one line each: a name or parentRef from another source may hold a newline)
+        name = _one_line(f"{obj['kind']}/{obj['namespace']}/{obj['name']}", 120)
         for c in obj["conditions"]:
-            rows.append([name, c.get("parent", "") or "-", c["type"], c["status"], c["reason"],
-                         _one_line(c["message"], 100)])  # fmt: skip
+            rows.append([name, _one_line(c.get("parent", "") or "-", 80), c["type"], c["status"],
+                         c["reason"], _one_line(c["message"], 100)])  # fmt: skip
     out.append("")
     out.extend(_table(rows, ["OBJECT", "PARENT", "CONDITION", "STATUS", "REASON", "MESSAGE"]))
     nodes = []

@@ -315,6 +315,31 @@ def test_node_and_pod_addresses_that_are_not_addresses_are_refused(tmp_path: Pat
     assert len(store.keys("Node")) == 1 and len(store.keys("Pod")) == 1
 
 
+def test_names_the_api_server_refuses_are_refused(tmp_path: Path) -> None:
+    """`Web`, a name with a newline, a namespace with a dot: the API server refuses each, and
+    files mode took them (a newline in a name broke `nodemesh status`'s table into two rows,
+    and a capital made host names no client sends)."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    write(tmp_path / "a.yaml", service("Web"))
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "two\nlines", "namespace": "shop.prod"},
+        "spec": {"parentRefs": [{"kind": "Service", "name": "web"}]},
+    }
+    write(tmp_path / "b.yaml", route)
+    source.scan()
+    assert source.errors == {
+        "a.yaml": "a.yaml: Service/shop/Web: metadata.name: 'Web' is not an RFC 1035 label "
+        "(lower case, at most 63)",
+        "b.yaml": "b.yaml: HTTPRoute/shop.prod/two\nlines: metadata.name: 'two\\nlines' is "
+        "not an RFC 1123 subdomain (lower case, at most 253); metadata.namespace: 'shop.prod' "
+        "is not an RFC 1123 label (lower case, at most 63)",
+    }
+    assert store.keys("Service") == [] and store.keys("HTTPRoute") == []
+
+
 def test_a_moved_file_keeps_its_objects_while_its_new_path_settles(tmp_path: Path) -> None:
     """`mv web.yaml team/web.yaml`, a `git checkout`, vim's save (the old file renamed aside,
     a new one written): the new path is read once it settled, a poll later, and until then the

@@ -42,7 +42,21 @@ def test_a_multi_line_nack_stays_on_its_row() -> None:
                         "parent": "Service/shop/reviews",
                     }
                 ],
-            }
+            },
+            {  # a name or parentRef with a newline (another source's): still one row
+                "kind": "HTTPRoute",
+                "namespace": "shop",
+                "name": "two\nlines",
+                "conditions": [
+                    {
+                        "type": "Accepted",
+                        "status": "True",
+                        "reason": "Accepted",
+                        "message": "",
+                        "parent": "Service/shop/a\nb",
+                    }
+                ],
+            },
         ],
         "nodes": {
             "node-a": {
@@ -65,6 +79,9 @@ def test_a_multi_line_nack_stays_on_its_row() -> None:
     assert node.split()[:3] == ["node-a", "yes", "lds"]
     assert "outbound: bad consumer-ns-a" in node
     assert "  line 1 line 2" in lines
+    (two,) = [line for line in lines if line.startswith("HTTPRoute/shop/two")]
+    assert two.split()[:4] == ["HTTPRoute/shop/two", "lines", "Service/shop/a", "b"]
+    assert not [line for line in lines if line.startswith(("lines", "b "))]
 
 
 def test_the_peer_replicas_are_a_table_of_their_own() -> None:
