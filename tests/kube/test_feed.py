@@ -224,6 +224,39 @@ async def test_an_object_made_again_while_the_watch_was_down_is_followed(
     await eventually(lambda: port() == 7070, "the third web in the store")
 
 
+async def test_an_object_deleted_and_made_again_at_once_stays_in_the_store(
+    kube: Kube, start_operator: Any
+) -> None:
+    """kopf runs one worker per object (uid): the old object's last events (a burst of
+    changes, then its DELETED) can come after the new object's ADDED. The feed took the last
+    event's word for the name, so the DELETED of the old one took the new one out of the
+    store, until its next change."""
+    store = Store()
+    await kube.create(service("web", port=80))
+    handle = await start_operator(store)
+    key = ObjectKey("Service", "shop", "web")
+    await eventually(lambda: store.get(key), "web in the store")
+    await asyncio.gather(
+        *(
+            kube.patch("Service", "shop", "web", {"metadata": {"labels": {"n": str(i)}}})
+            for i in range(10)
+        )
+    )
+    await kube.delete("Service", "shop", "web")
+    new = await kube.create(service("web", port=8080))
+    index = handle.operator.feed._indexes["Service"]
+
+    def held() -> list[Any]:
+        return [v["metadata"]["uid"] for v in index.get(key) or ()]
+
+    # kopf is done with the old web (its DELETED handled), then a later event is flushed
+    await eventually(lambda: held() == [new["metadata"]["uid"]], "only the new web indexed")
+    await kube.create(service("marker"))
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "marker")), "the marker")
+    got = store.get(key)
+    assert got is not None and got["spec"]["ports"][0]["port"] == 8080, got
+
+
 async def test_a_watch_stream_error_restarts_kopf_and_the_store_keeps_following(
     kube: Kube, start_operator: Any
 ) -> None:

@@ -46,9 +46,9 @@ class IndexLike(Protocol):
 # Asked while the first listing is not complete: None if the cluster holds nothing to list,
 # else why it may (see `_listing.unlisted`).
 Probe = Callable[[], Awaitable[str | None]]
-# The keys of every object of a kind that exists now (in the watched namespaces); raises
-# `ListingError` (see `_listing.existing`).
-Lister = Callable[[WatchedResource], Awaitable[set[ObjectKey]]]
+# The keys of every object of a kind that exists now (in the watched namespaces), with their
+# uids; raises `ListingError` (see `_listing.existing`).
+Lister = Callable[[WatchedResource], Awaitable[Mapping[ObjectKey, str]]]
 
 
 class Feed:
@@ -80,9 +80,10 @@ class Feed:
         self._unswept: dict[str, int] = {}  # kinds whose sweep list failed: failures in a row
         self._indexes: dict[str, IndexLike] = {}
         self._dirty: set[ObjectKey] = set()
-        # per key, the uid of its last event's object; None: its last event deleted it (kept
-        # only while kopf's index still holds a value of an object deleted unseen, see lookup)
-        self._uids: dict[ObjectKey, str | None] = {}
+        # per key, the uids of objects that are gone while kopf's index still holds them (an
+        # object deleted while the watch was down, found by the sweep; or one whose DELETED
+        # is seen before kopf's per-object worker drops it): see `lookup`
+        self._dead: dict[ObjectKey, set[str]] = {}
         self._wakeup = asyncio.Event()
         self._synced = asyncio.Event()
         self._initial_sync_timeout = initial_sync_timeout
@@ -98,10 +99,10 @@ class Feed:
             if r.index_id in indexes:
                 self._indexes[r.kind] = indexes[r.index_id]
 
-    def touch(self, key: ObjectKey, uid: str | None = "") -> None:
-        """An event for `key`: of the object with `uid` (None: a deletion; "": not said)."""
-        if uid != "":
-            self._uids[key] = uid
+    def touch(self, key: ObjectKey, uid: str = "", deleted: bool = False) -> None:
+        """An event for `key` (of the object with `uid`, if said; `deleted`: its DELETED)."""
+        if deleted and uid:
+            self._dead.setdefault(key, set()).add(uid)
         self._dirty.add(key)
         self._wakeup.set()
         if self._touched is not None:
@@ -203,10 +204,18 @@ class Feed:
                 if self._unswept.pop(r.kind, None):
                     log.info("sweep: %s listed again", r.plural)
                 for key in self._store.keys(r.kind):
-                    if key not in now and key not in self._touched and self._store.delete(key):
-                        removed += 1
-                        self._uids[key] = None  # (kopf's index keeps its value)
-                        log.info("removed %s: it went while the watch was down", key)
+                    if key in self._touched:
+                        continue  # an event since the list began tells
+                    if key not in now:
+                        self._bury(key, "")
+                        if self._store.delete(key):
+                            removed += 1
+                            log.info("removed %s: it went while the watch was down", key)
+                    elif self._bury(key, now[key]):
+                        # made again under its name while the watch was down: the object
+                        # that exists is the one to store
+                        self._dirty.add(key)
+                        self._wakeup.set()
         finally:
             self._touched = None
         self.flushed += removed
@@ -267,29 +276,37 @@ class Feed:
     def lookup(self, key: ObjectKey) -> Mapping[str, Any] | None:
         """`key`'s object in kopf's index (what the store gets), or None.
 
-        kopf keeps a value per (namespace, name, uid). An object that went while the watch was
-        down had no DELETED event, so its value stays: one made again under its name (a
-        StatefulSet's pod, a Service re-applied) is a second value. The one read is that of
-        the uid of the key's last event, and none once that event was a deletion (or the sweep
-        removed the key). The first value was read: the deleted object's, which the store then
-        kept, every change of the new object ignored; and the last one brought the deleted
-        object back when the new one was deleted."""
+        kopf keeps a value per (namespace, name, uid), and runs one worker per uid: for one
+        name, an object's events may come after those of the next object of that name (a
+        DELETED after the new one's ADDED). An object that went while the watch was down had
+        no DELETED event, so its value stays: one made again under its name (a StatefulSet's
+        pod, a Service re-applied) is a second value, after it. The one read is the last that
+        is not known dead (a DELETED seen for it, or the sweep found another uid or none).
+        Until 2026-11-23 the first was read: the deleted object's, which the store then kept,
+        every change of the new object ignored."""
         index = self._indexes.get(key.kind)
-        if index is None:
-            return None
-        values = index.get(key)
-        if not values:
-            self._uids.pop(key, None)
-            return None
-        uid = self._uids.get(key, "")
-        if uid is None:
-            return None  # deleted: what is left is an object deleted unseen before it
-        last: Mapping[str, Any] | None = None
-        for value in values:
-            if uid and _uid(value) == uid:
-                return value  # type: ignore[no-any-return]
-            last = value
-        return last
+        values = list(index.get(key) or ()) if index is not None else []
+        dead = self._dead.get(key)
+        if dead is not None:
+            dead.intersection_update(_uid(v) for v in values)  # what kopf still holds
+            if not dead:
+                del self._dead[key]
+            values = [v for v in values if _uid(v) not in dead]
+        # the newest: a value kopf holds keeps its place, a new uid's comes last
+        return values[-1] if values else None
+
+    def _bury(self, key: ObjectKey, alive: str) -> bool:
+        """Mark dead every object kopf's index holds for `key` but the one with uid `alive`
+        (none: the key's object is gone). Whether any was."""
+        index = self._indexes.get(key.kind)
+        held = {_uid(v) for v in (index.get(key) or ())} if index is not None else set()
+        if alive and alive not in held:
+            return False  # its event is not handled yet: the next sweep, or that event, tells
+        gone = held - {alive, None}
+        if not gone:
+            return False
+        self._dead.setdefault(key, set()).update(gone)
+        return True
 
 
 # The spec and status fields of the largest inventory kinds that the build reads

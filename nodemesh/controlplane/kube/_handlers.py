@@ -100,7 +100,7 @@ def _watcher(r: WatchedResource) -> Callable[..., Awaitable[None]]:
     ) -> None:
         ctx = _ctx(memo)
         key = _key(r, namespace, name)
-        ctx.feed.touch(key, None if type == "DELETED" else (uid or ""))
+        ctx.feed.touch(key, uid or "", deleted=type == "DELETED")
         ctx.feed.mark_synced()
         if type is None:  # listed, not watched
             ctx.feed.listed(key)

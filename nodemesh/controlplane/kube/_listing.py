@@ -81,11 +81,12 @@ async def existing(
     r: WatchedResource,
     *,
     timeout: float = 30.0,
-) -> set[ObjectKey]:
-    """The keys of every `r` object now (in `namespaces`, or everywhere if none), page by page.
-    Raises `ListingError` when a page cannot be had, 404 too: an API server starting up
-    answers it for a CRD it does not serve yet, which is no proof that nothing of it exists."""
-    keys: set[ObjectKey] = set()
+) -> dict[ObjectKey, str]:
+    """The key of every `r` object now, with its uid (in `namespaces`, or everywhere if none),
+    page by page. Raises `ListingError` when a page cannot be had, 404 too: an API server
+    starting up answers it for a CRD it does not serve yet, which is no proof that nothing of
+    it exists."""
+    keys: dict[ObjectKey, str] = {}
     async with _session(connection, timeout) as session:
         for url in _urls(r, connection.server, namespaces):
             params = {"limit": str(_PAGE)}
@@ -102,7 +103,7 @@ async def existing(
                 for item in body.get("items") or ():
                     meta = item.get("metadata") or {}
                     ns = (meta.get("namespace") or "") if r.namespaced else ""
-                    keys.add(ObjectKey(r.kind, ns, meta.get("name") or ""))
+                    keys[ObjectKey(r.kind, ns, meta.get("name") or "")] = str(meta.get("uid") or "")
                 token = (body.get("metadata") or {}).get("continue")
                 if not token:
                     break
