@@ -257,6 +257,101 @@ async def test_an_object_deleted_and_made_again_at_once_stays_in_the_store(
     assert got is not None and got["spec"]["ports"][0]["port"] == 8080, got
 
 
+def _slow_sweep_list(kube: Kube, plural: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """The sweep's list of `plural` (the operator's own metadata list) is answered only once
+    `release` is set (a slow list, as of a big kind); `started` is set when it arrives."""
+    started, release = asyncio.Event(), asyncio.Event()
+    handle = kube.emulator._handle
+
+    async def slow(request: Any) -> Any:
+        sweep = "PartialObjectMetadataList" in request.headers.get("Accept", "")
+        if not (sweep and request.url.path.endswith("/" + plural)):
+            return await handle(request)
+        response = await handle(request)
+        started.set()
+        await release.wait()
+        return response
+
+    kube.emulator._handle = slow
+    return started, release
+
+
+@pytest.mark.parametrize("when", ["changed during the sweep", "made after the sweep's list"])
+async def test_an_object_deleted_unseen_stays_gone_when_the_next_of_its_name_goes(
+    kube: Kube, start_operator: Any, when: str
+) -> None:
+    """web deleted while the watch was down, and made again. An event of the new web while
+    the sweep ran (its change, or its creation after the sweep's list) made the sweep skip
+    the name, so nothing marked the deleted web gone: when the new web was deleted in turn,
+    the deleted one came back into the store."""
+    store = Store()
+    for name in ("web", "other"):
+        await kube.create(service(name, port=80))
+    handle = await start_operator(store)
+    feed = handle.operator.feed
+    key = ObjectKey("Service", "shop", "web")
+    await eventually(lambda: store.get(key), "web in the store")
+    started, release = _slow_sweep_list(kube, "services")
+    await kube.delete_unseen("Service", "shop", "web")
+    if when == "changed during the sweep":
+        await kube.create(service("web", port=8080))
+        await asyncio.wait_for(started.wait(), 20)
+        await kube.patch("Service", "shop", "web", {"metadata": {"labels": {"x": "1"}}})
+    else:
+        await asyncio.wait_for(started.wait(), 20)
+        await kube.create(service("web", port=8080))
+    await eventually(lambda: feed._touched is not None and key in feed._touched, "its event")
+    release.set()
+    await eventually(lambda: feed._touched is None, "the sweep done")
+    got = store.get(key)
+    assert got is not None and got["spec"]["ports"][0]["port"] == 8080, got
+    await kube.delete("Service", "shop", "web")
+    await eventually(lambda: store.get(key) is None, "web gone from the store")
+
+
+async def test_a_relisting_after_a_rollout_through_the_watch_is_swept(
+    kube: Kube, start_operator: Any
+) -> None:
+    """Every object of a kind replaced through the watch since kopf's last listing (a
+    rollout's pods): the next listing repeated no key of the last one, so the feed never knew
+    it was a new listing, and what went while the watch was down stayed in the store."""
+    store = Store()
+    for name in ("a", "b"):
+        await kube.create(service(name))
+    await start_operator(store)
+    await eventually(lambda: len(store.keys("Service")) == 2, "a and b in the store")
+    for name in ("a", "b"):
+        await kube.delete("Service", "shop", name)
+    for name in ("c", "d"):
+        await kube.create(service(name))
+    await eventually(lambda: [k.name for k in store.keys("Service")] == ["c", "d"], "c and d")
+    await kube.delete_unseen("Service", "shop", "c")  # kopf lists Services again
+    await eventually(lambda: store.get(ObjectKey("Service", "shop", "c")) is None, "c swept")
+
+
+async def test_a_new_kopf_starts_with_no_object_marked_gone(
+    kube: Kube, start_operator: Any
+) -> None:
+    """The sweep marks gone what kopf's index still holds of an object deleted while the
+    watch was down. A kopf started again (after a watch stream's error) has new indexes
+    without those objects, but the marks stayed, one per such object, for the process's
+    life."""
+    store = Store()
+    for name in ("keep", "gone"):
+        await kube.create(service(name))
+    handle = await start_operator(store)
+    feed = handle.operator.feed
+    gone = ObjectKey("Service", "shop", "gone")
+    await eventually(lambda: store.get(gone), "gone in the store")
+    await kube.delete_unseen("Service", "shop", "gone")
+    await eventually(lambda: store.get(gone) is None, "gone swept")
+    assert gone in feed._dead  # (kopf's index still holds it)
+    index = feed._indexes["Service"]
+    await kube.fail_watches("Service")
+    await eventually(lambda: feed._indexes["Service"] is not index, "a new kopf's indexes")
+    assert feed._dead == {}
+
+
 async def test_a_watch_stream_error_restarts_kopf_and_the_store_keeps_following(
     kube: Kube, start_operator: Any
 ) -> None:

@@ -76,7 +76,8 @@ class Feed:
         # begins the next listing
         self._listed: dict[str, set[ObjectKey]] = {}
         self._relisted = asyncio.Event()
-        self._touched: set[ObjectKey] | None = None  # keys with an event during a sweep
+        # during a sweep: the keys with an event since it began, and the uids those were of
+        self._touched: dict[ObjectKey, set[str]] | None = None
         self._unswept: dict[str, int] = {}  # kinds whose sweep list failed: failures in a row
         self._indexes: dict[str, IndexLike] = {}
         self._dirty: set[ObjectKey] = set()
@@ -98,15 +99,20 @@ class Feed:
         for r in RESOURCES:
             if r.index_id in indexes:
                 self._indexes[r.kind] = indexes[r.index_id]
+        self._dead.clear()  # a new kopf's indexes: they hold none of the dead uids
 
     def touch(self, key: ObjectKey, uid: str = "", deleted: bool = False) -> None:
         """An event for `key` (of the object with `uid`, if said; `deleted`: its DELETED)."""
         if deleted and uid:
             self._dead.setdefault(key, set()).add(uid)
+        elif uid and key in self._dead:
+            # an event of that object: it is there (kopf's worker for a uid ends with its
+            # DELETED), whatever a sweep that ran between its indexing and this concluded
+            self._dead[key].discard(uid)
         self._dirty.add(key)
         self._wakeup.set()
         if self._touched is not None:
-            self._touched.add(key)
+            self._touched.setdefault(key, set()).add(uid)
 
     def listed(self, key: ObjectKey) -> None:
         """kopf listed `key` (an event of type None). Listed twice: kopf lists again."""
@@ -117,6 +123,12 @@ class Feed:
                 log.info("kopf lists %s again: sweeping for objects that went meanwhile", key.kind)
                 self._relisted.set()
         listing.add(key)
+
+    def watched(self, key: ObjectKey) -> None:
+        """A watch event for `key` (added or modified): a key the next listing lists again.
+        Without it, once every key of a listing was replaced through the watch (a rollout),
+        the next listing repeated none, and what went meanwhile was never swept."""
+        self._listed.setdefault(key.kind, set()).add(key)
 
     def deleted(self, key: ObjectKey) -> None:
         self._listed.get(key.kind, set()).discard(key)
@@ -179,7 +191,7 @@ class Feed:
         Returns how many went."""
         if self._existing is None:
             return 0
-        self._touched = set()
+        self._touched = {}
         removed = 0
         try:
             for r in RESOURCES:
@@ -204,14 +216,17 @@ class Feed:
                 if self._unswept.pop(r.kind, None):
                     log.info("sweep: %s listed again", r.plural)
                 for key in self._store.keys(r.kind):
-                    if key in self._touched:
-                        continue  # an event since the list began tells
-                    if key not in now:
-                        self._bury(key, "")
+                    # Every object kopf holds for the name is gone but the one listed and
+                    # those with an event since the list began (made since, or changed).
+                    seen = self._touched.get(key)
+                    listed = now.get(key)
+                    alive = (seen or set()) | ({listed} if listed else set())
+                    buried = self._bury(key, alive)
+                    if listed is None and seen is None:
                         if self._store.delete(key):
                             removed += 1
                             log.info("removed %s: it went while the watch was down", key)
-                    elif self._bury(key, now[key]):
+                    elif buried:
                         # made again under its name while the watch was down: the object
                         # that exists is the one to store
                         self._dirty.add(key)
@@ -295,14 +310,12 @@ class Feed:
         # the newest: a value kopf holds keeps its place, a new uid's comes last
         return values[-1] if values else None
 
-    def _bury(self, key: ObjectKey, alive: str) -> bool:
-        """Mark dead every object kopf's index holds for `key` but the one with uid `alive`
-        (none: the key's object is gone). Whether any was."""
+    def _bury(self, key: ObjectKey, alive: set[str]) -> bool:
+        """Mark dead every object kopf's index holds for `key` but those with a uid in
+        `alive`. Whether any was."""
         index = self._indexes.get(key.kind)
         held = {_uid(v) for v in (index.get(key) or ())} if index is not None else set()
-        if alive and alive not in held:
-            return False  # its event is not handled yet: the next sweep, or that event, tells
-        gone = held - {alive, None}
+        gone = held - alive - {None}
         if not gone:
             return False
         self._dead.setdefault(key, set()).update(gone)

@@ -104,6 +104,8 @@ def _watcher(r: WatchedResource) -> Callable[..., Awaitable[None]]:
         ctx.feed.mark_synced()
         if type is None:  # listed, not watched
             ctx.feed.listed(key)
+        elif type != "DELETED":
+            ctx.feed.watched(key)
         if type == "DELETED":
             ctx.feed.deleted(key)
             ctx.status.forget(key)
