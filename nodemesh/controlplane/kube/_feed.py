@@ -296,7 +296,8 @@ class Feed:
         DELETED after the new one's ADDED). An object that went while the watch was down had
         no DELETED event, so its value stays: one made again under its name (a StatefulSet's
         pod, a Service re-applied) is a second value, after it. The one read is the last that
-        is not known dead (a DELETED seen for it, or the sweep found another uid or none).
+        is not known dead (a DELETED seen for it, or a sweep found it neither listed nor with
+        an event since its list began).
         Until 2026-11-23 the first was read: the deleted object's, which the store then kept,
         every change of the new object ignored."""
         index = self._indexes.get(key.kind)
