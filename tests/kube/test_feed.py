@@ -12,6 +12,7 @@ import pytest
 
 from nodemesh.controlplane.conditions import CONTROLLER_NAME
 from nodemesh.controlplane.kube import FINALIZER
+from nodemesh.controlplane.kube import _feed as feed_module
 from nodemesh.controlplane.kube._feed import Feed
 from nodemesh.controlplane.store import ObjectKey, Store
 from tests.kube.conftest import DEADLINE, Kube, eventually
@@ -327,6 +328,30 @@ async def test_a_relisting_after_a_rollout_through_the_watch_is_swept(
     await eventually(lambda: [k.name for k in store.keys("Service")] == ["c", "d"], "c and d")
     await kube.delete_unseen("Service", "shop", "c")  # kopf lists Services again
     await eventually(lambda: store.get(ObjectKey("Service", "shop", "c")) is None, "c swept")
+
+
+async def test_every_object_of_a_kind_gone_while_the_watch_was_down_is_swept_in_time(
+    kube: Kube, start_operator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Service kopf had listed went while the watch was down: its listing again repeats
+    no key, so nothing told the feed a new listing happened, and they stayed in the store for
+    good. Every kind is now swept at least every 15 minutes (1 s here)."""
+    monkeypatch.setattr(feed_module, "_SWEEP_EVERY", 1.0)
+    store = Store()
+    for name in ("a", "b"):
+        await kube.create(service(name))
+    await start_operator(store)
+    await eventually(lambda: len(store.keys("Service")) == 2, "a and b in the store")
+    emulator = kube.emulator
+    async with emulator._lock:  # both go, then one 410 Gone: kopf lists Services again
+        bus = None
+        for (resource, ns, name), obj in list(emulator.objects.items()):
+            if resource.plural == "services" and ns == "shop" and name in ("a", "b"):
+                obj.delete()
+                bus = emulator._buses[resource]
+        assert bus is not None
+        await bus.put({"type": "ERROR", "object": {"kind": "Status", "code": 410}})
+    await eventually(lambda: store.keys("Service") == [], "a and b swept")
 
 
 async def test_a_new_kopf_starts_with_no_object_marked_gone(

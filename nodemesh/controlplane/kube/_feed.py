@@ -35,6 +35,9 @@ _CONFIG_KINDS = frozenset(r.kind for r in RESOURCES if r.config)
 # A kind whose sweep list failed is listed again after this long, doubling up to the maximum.
 _SWEEP_RETRY = 1.0
 _MAX_SWEEP_RETRY = 30.0
+# Every kind is swept this often anyway: a relisting is told only by a key it repeats, and one
+# that repeats none (every object of a kind went while its watch was down) is not seen.
+_SWEEP_EVERY = 900.0
 
 
 class IndexLike(Protocol):
@@ -131,6 +134,9 @@ class Feed:
         self._listed.setdefault(key.kind, set()).add(key)
 
     def deleted(self, key: ObjectKey) -> None:
+        index = self._indexes.get(key.kind)
+        if index is not None and index.get(key):
+            return  # (an older object's late DELETED: the name is still listed)
         self._listed.get(key.kind, set()).discard(key)
 
     def mark_synced(self) -> None:
@@ -173,8 +179,9 @@ class Feed:
                 if not self._relisted.is_set():
                     kinds, retry = set(self._unswept), min(retry * 2, _MAX_SWEEP_RETRY)
             else:
-                await self._relisted.wait()
-            if kinds is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._relisted.wait(), _SWEEP_EVERY)
+            if kinds is None and self._relisted.is_set():
                 # Not needed for correctness: lets kopf's listing go on, so one sweep covers it.
                 await asyncio.sleep(self._sweep_delay)
                 self._relisted.clear()
@@ -226,7 +233,7 @@ class Feed:
                         if self._store.delete(key):
                             removed += 1
                             log.info("removed %s: it went while the watch was down", key)
-                    elif buried:
+                    elif buried and (listed is None or self._holds(key, listed)):
                         # made again under its name while the watch was down: the object
                         # that exists is the one to store
                         self._dirty.add(key)
@@ -310,6 +317,12 @@ class Feed:
             values = [v for v in values if _uid(v) not in dead]
         # the newest: a value kopf holds keeps its place, a new uid's comes last
         return values[-1] if values else None
+
+    def _holds(self, key: ObjectKey, uid: str) -> bool:
+        """Whether kopf's index holds the object of `key` with `uid` (not yet: the store keeps
+        what it has until that object's event)."""
+        index = self._indexes.get(key.kind)
+        return index is not None and any(_uid(v) == uid for v in index.get(key) or ())
 
     def _bury(self, key: ObjectKey, alive: set[str]) -> bool:
         """Mark dead every object kopf's index holds for `key` but those with a uid in
