@@ -223,6 +223,7 @@ async def test_an_object_made_again_while_the_watch_was_down_is_followed(
     await eventually(lambda: store.get(key) is None, "web gone from the store")
     await kube.create(service("web", port=7070))  # and made again: the newest is followed
     await eventually(lambda: port() == 7070, "the third web in the store")
+    assert [k.name for k in store.keys("Service")] == ["other", "web"]
 
 
 async def test_an_object_deleted_and_made_again_at_once_stays_in_the_store(
@@ -328,6 +329,7 @@ async def test_a_relisting_after_a_rollout_through_the_watch_is_swept(
     await eventually(lambda: [k.name for k in store.keys("Service")] == ["c", "d"], "c and d")
     await kube.delete_unseen("Service", "shop", "c")  # kopf lists Services again
     await eventually(lambda: store.get(ObjectKey("Service", "shop", "c")) is None, "c swept")
+    assert [k.name for k in store.keys("Service")] == ["d"]
 
 
 async def test_every_object_of_a_kind_gone_while_the_watch_was_down_is_swept_in_time(
