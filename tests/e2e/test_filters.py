@@ -38,6 +38,41 @@ async def test_header_modifiers_change_request_and_response(mesh: Mesh, backends
     assert reply.headers.get("x-served-by") == "mesh" and "x-path" not in reply.headers
 
 
+async def test_of_two_header_changes_with_one_name_the_first_counts(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """Gateway API: header names compare case-insensitively, and of entries with equivalent
+    names only the first counts (its schema's list key is case-sensitive, so the API server
+    takes `X-Env` and `x-env` in one list). Envoy applied every entry: the last `set` won, and
+    `add` sent both values."""
+    b = await backends.get("dup")
+    mesh.apply(
+        service("dup"),
+        endpoint_slice("dup", b.port),
+        http_route("dup", "dup", [{
+            "backendRefs": [{**to("dup"), "filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "X-Backend-Set", "value": "first"},
+                            {"name": "x-backend-set", "value": "second"}]}}]}],
+            "filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "X-Env", "value": "one"}, {"name": "x-env", "value": "two"}],
+                    "add": [{"name": "x-add", "value": "a1"}, {"name": "X-Add", "value": "a2"}]}},
+                {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                    "set": [{"name": "x-resp", "value": "first"},
+                            {"name": "X-Resp", "value": "second"}]}},
+            ],
+        }]),
+    )  # fmt: skip
+    await mesh.converge()
+    reply = await mesh.get("dup.shop")
+    seen = b.seen[-1]
+    assert seen.values("x-env") == ["one"]
+    assert seen.values("x-add") == ["a1"]
+    assert seen.values("x-backend-set") == ["first"]
+    assert reply.headers.get("x-resp") == "first"
+
+
 async def test_a_request_header_modifier_may_set_host(mesh: Mesh, backends: Backends) -> None:
     """Gateway API allows Host in a RequestHeaderModifier; Envoy refuses it in
     request_headers_to_add, and that NACK held back every Service's routes. It is the route's

@@ -135,6 +135,7 @@ def _mutation(
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
         nonlocal host
         out = []
+        seen: set[str] = set()
         for i, h in enumerate(as_list(spec.get(key))):
             h = as_map(h)
             if not h.get("name") or "value" not in h:
@@ -142,6 +143,12 @@ def _mutation(
                 continue
             name = header_text(str(h["name"]).lower(), f"{path}.{key}[{i}].name", p)
             value = header_text(str(h["value"]), f"{path}.{key}[{i}].value", p)
+            # Gateway API: of entries with equivalent names (`X-Env`, `x-env`: its schema's
+            # list key is case-sensitive) the first counts and later ones are ignored; Envoy
+            # would apply them all, so the last `set` won and `add` sent every value.
+            if name in seen:
+                continue
+            seen.add(name)
             if name.startswith(":"):
                 p.add(f"{path}.{key}[{i}].name", f"the pseudo-header {name!r} cannot be changed")
                 continue
