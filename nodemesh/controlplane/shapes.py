@@ -1,5 +1,6 @@
-"""The JSON shape of the Gateway API routes (which fields are objects, lists and strings), and
-the values of Services and EndpointSlices that the API server would refuse.
+"""The JSON shape of the Gateway API routes (which fields are objects, lists and strings) and of
+TrafficPolicy (every field and its type), and the values of Services, EndpointSlices, Nodes and
+Pods that the API server would refuse.
 
 In Kubernetes the API server checks this against the Gateway API CRDs before nodemesh sees an
 object. In files mode nothing did, and the builder reads a field of the wrong type as absent:
@@ -10,9 +11,11 @@ each route against these shapes (`shape_problems`) and treats a mismatch like in
 Only shapes are checked here (the CRD's types of containers and strings), and the two rule
 fields an HTTPRoute has and a GRPCRoute does not (`timeouts`, `retry`), which the builder, sharing
 its rule reader between the kinds, would apply; values, patterns and cross-field rules are the
-builder's, which reports them as conditions. Services and EndpointSlices get no conditions, so
-the values of theirs that the API server would refuse and the mesh builds on (ports, addresses)
-are checked here too.
+builder's, which reports them as conditions. TrafficPolicy's shape is its CRD's whole tree of
+fields and types, other fields refused (kubectl's strict field validation): nodemesh owns that
+schema, and a misspelled field did nothing without a word. Services and EndpointSlices get no
+conditions, so the values of theirs that the API server would refuse and the mesh builds on
+(ports, addresses) are checked here too.
 """
 
 from __future__ import annotations
@@ -25,9 +28,16 @@ from nodemesh._ip import ip_version
 
 __all__ = ["shape_problems"]
 
-# A shape: a dict (an object, with the shapes of the fields that matter), a one-element list
-# (a list, with the shape of its items), `str` (a string), or None (not checked).
+# A shape: a dict (an object, with the shapes of the fields that matter), a `_Closed` dict (an
+# object with every field it may have), a one-element list (a list, with the shape of its
+# items), `str`, `int`, `float` (a number), `bool`, or None (not checked).
 Shape = Any
+
+
+class _Closed(dict):  # type: ignore[type-arg]
+    """An object whose fields are all listed: another one is refused, as kubectl's strict field
+    validation does (the API server alone would drop it, for the CRD's structural schema)."""
+
 
 _MODIFIER = {"set": [{}], "add": [{}], "remove": [str]}
 _FILTER = {
@@ -69,7 +79,48 @@ class _NotInGrpcRoute:
         self.instead = instead
 
 
+# TrafficPolicy's spec, the chart's CRD in full (a test holds the two equal). A field misspelled
+# (`timeouts: {requestTimeout: 5s}`) or of the wrong type (`backoff: 2s`) was read as absent:
+# the policy did nothing there and still won the section over a newer policy that set it, with
+# Accepted=True; `targetRefs[].namespace` (a field it does not have) pointed at another
+# namespace's Service and got the policy's own namespace's. In a cluster kubectl refuses each.
+_DURATION, _PERCENT = str, float
+_TRAFFIC_POLICY = {
+    "metadata": {},
+    "spec": _Closed(
+        targetRefs=[_Closed(group=str, kind=str, name=str, sectionName=str)],
+        retry=_Closed(
+            retryOn=[str],
+            retriableStatusCodes=[int],
+            attempts=int,
+            perTryTimeout=_DURATION,
+            backoff=_Closed(baseInterval=_DURATION, maxInterval=_DURATION),
+            budget=_Closed(percent=_PERCENT, minConcurrency=int),
+            skipPreviousHosts=bool,
+        ),
+        timeouts=_Closed(connect=_DURATION, request=_DURATION, idle=_DURATION),
+        circuitBreaker=_Closed(
+            maxConnections=int, maxPendingRequests=int, maxRequests=int, maxRetries=int
+        ),
+        outlierDetection=_Closed(
+            consecutive5xx=int,
+            consecutiveGatewayErrors=int,
+            interval=_DURATION,
+            baseEjectionTime=_DURATION,
+            maxEjectionPercent=int,
+        ),
+        loadBalancer=_Closed(
+            type=str, hashOn=_Closed(header=str, cookie=_Closed(name=str, ttl=_DURATION))
+        ),
+        faultInjection=_Closed(
+            delay=_Closed(fixedDelay=_DURATION, percent=_PERCENT),
+            abort=_Closed(httpStatus=int, percent=_PERCENT),
+        ),
+    ),
+}
+
 _SHAPES: Mapping[str, Shape] = {
+    "TrafficPolicy": _TRAFFIC_POLICY,
     "HTTPRoute": _route(
         _HTTP_MATCH,
         {"timeouts": {"request": str, "backendRequest": str}, "retry": {"codes": [None]}},
@@ -106,6 +157,14 @@ def _check(value: Any, shape: Shape, path: str, out: list[str]) -> None:
             return
         for field, inner in shape.items():
             _check(value.get(field), inner, f"{path}.{field}" if path else field, out)
+        if isinstance(shape, _Closed):
+            for field in value:
+                if field not in shape:
+                    out.append(
+                        f"{path}.{field}: no such field (there are {', '.join(shape)})"
+                        if path
+                        else f"{field}: no such field"
+                    )
     elif isinstance(shape, list):
         if not isinstance(value, list):
             out.append(f"{path}: must be a list, not {_describe(value)}")
@@ -114,6 +173,12 @@ def _check(value: Any, shape: Shape, path: str, out: list[str]) -> None:
             _check(item, shape[0], f"{path}[{i}]", out)
     elif shape is str and not isinstance(value, str):
         out.append(f"{path}: must be a string, not {_describe(value)}")
+    elif shape is int and type(value) is not int:
+        out.append(f"{path}: must be an integer, not {_describe(value)}")
+    elif shape is float and type(value) not in (int, float):
+        out.append(f"{path}: must be a number, not {_describe(value)}")
+    elif shape is bool and type(value) is not bool:
+        out.append(f"{path}: must be true or false, not {_describe(value)}")
 
 
 def _port_number(value: Any) -> bool:

@@ -7,8 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
+from nodemesh.controlplane import shapes
 from nodemesh.controlplane.builder import build
+from nodemesh.controlplane.files import load_objects
 from nodemesh.controlplane.store import ObjectKey, Store
 from tests.controlplane import crd
 from tests.e2e.mesh import service
@@ -170,3 +173,58 @@ def test_an_empty_timeouts_section_does_not_wipe_a_newer_policys_timeout() -> No
     result = build(store.view())
     (vh,) = [v for v in result.mesh.virtual_hosts if v.name == "shop/web:80"]
     assert [r.timeout_ms for r in vh.routes] == [2000]
+
+
+def _canonical(schema: dict[str, Any]) -> Any:
+    """A CRD schema node as the field tree files mode checks: objects by field, lists by item."""
+    kind = schema["type"]
+    if kind == "object":
+        return {name: _canonical(sub) for name, sub in schema["properties"].items()}
+    if kind == "array":
+        return [_canonical(schema["items"])]
+    return {"string": "str", "integer": "int", "number": "float", "boolean": "bool"}[kind]
+
+
+def _shape_tree(shape: Any) -> Any:
+    if isinstance(shape, dict):
+        assert isinstance(shape, shapes._Closed), "every TrafficPolicy object refuses other fields"
+        return {name: _shape_tree(sub) for name, sub in shape.items()}
+    if isinstance(shape, list):
+        return [_shape_tree(shape[0])]
+    return shape.__name__
+
+
+def test_files_mode_knows_every_traffic_policy_field_of_the_crd_and_its_type() -> None:
+    """Files mode's TrafficPolicy shape is the chart's CRD, field for field and type for type:
+    a field the CRD gains is not refused in files mode, one it loses is."""
+    spec = crd.schemas()[POLICY]["properties"]["spec"]
+    assert _shape_tree(shapes._SHAPES["TrafficPolicy"]["spec"]) == _canonical(spec)
+
+
+def test_files_mode_refuses_a_policy_field_the_crd_has_not_or_of_another_type() -> None:
+    """Read as absent, a misspelled field did nothing and still won its section over a newer
+    policy, a string backoff left Envoy's 25 ms, and `targetRefs[].namespace` (no such field)
+    pointed at another namespace's Service and got the policy's own namespace's; all
+    `Accepted=True`. kubectl refuses each of these; files mode now does too."""
+    text = yaml.safe_dump(
+        policy(
+            targetRefs=[{"kind": "Service", "name": "api", "namespace": "other"}],
+            timeouts={"requestTimeout": "5s"},
+            retry={"attempts": 2, "backoff": "2s", "budget": {"percent": "20"}},
+            circuitBreaker={"maxConnections": 1.5},
+        )
+    )
+    assert crd.errors(yaml.safe_load(text)), "the API server would accept this: not a case"
+    objs, errors = load_objects(text, "p.yaml")
+    assert objs == []
+    assert errors == [
+        "p.yaml: TrafficPolicy/shop/p: "
+        "spec.targetRefs[0].namespace: no such field (there are group, kind, name, sectionName); "
+        "spec.retry.backoff: must be an object, not a string; "
+        "spec.retry.budget.percent: must be a number, not a string; "
+        "spec.timeouts.requestTimeout: no such field (there are connect, request, idle); "
+        "spec.circuitBreaker.maxConnections: must be an integer, not float 1.5"
+    ]
+    # what the API server takes, files mode takes
+    good = policy(retry={"attempts": 2, "budget": {"percent": 20}}, timeouts={"request": "2s"})
+    assert crd.errors(good) == [] and load_objects(yaml.safe_dump(good), "p.yaml") == ([good], [])
