@@ -181,6 +181,22 @@ async def test_circuit_breaker_sheds_excess_concurrent_requests(
     assert b.hits < 8
 
 
+async def test_max_connections_alone_queues_requests_on_its_connections(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """`maxConnections` caps connections, not requests: with no `maxPendingRequests`, a
+    request that finds its one connection busy waits for it (Envoy queues it as pending),
+    and none is shed. The docs said such a request was answered 503."""
+    b = await served(mesh, backends, "cbconn", policy("cbconn", "cbconn", circuitBreaker={
+        "maxConnections": 1}))  # fmt: skip
+    b.delay = 0.3
+    replies = await asyncio.gather(*(mesh.get("cbconn.shop") for _ in range(4)))
+    assert [r.status for r in replies] == [200] * 4
+    assert b.hits == 4
+    # one connection carries one HTTP/1.1 request at a time: the last waited for three
+    assert max(r.seconds for r in replies) >= 4 * 0.3 * 0.9
+
+
 async def test_outlier_detection_ejects_a_failing_endpoint(mesh: Mesh, backends: Backends) -> None:
     good, bad = await backends.get("od-good"), await backends.get("od-bad")
     bad.fail_always = 500
