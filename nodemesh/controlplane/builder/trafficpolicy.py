@@ -447,6 +447,9 @@ def settings_for(
             if not ports:
                 pol.unresolved.append(
                     f"Service {t.namespace}/{t.name} has no port named {t.section!r}"
+                    if t.section
+                    # (a UDP-only Service: the mesh carries TCP ports only)
+                    else f"Service {t.namespace}/{t.name} has no TCP port"
                 )
                 continue
             why = no_http_port(ports)
