@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from nodemesh.xds import types
 from nodemesh.xds.cache import Resource, Snapshot
+from nodemesh.xds.server import _streams
 from tests.xds import resources as R
 from tests.xds.conftest import ControlPlane
 from tests.xds.test_ads_protocol import DDR, DR, delta_call, sotw_call
@@ -429,12 +430,14 @@ async def test_a_subscription_made_while_routes_wait_is_answered_with_them(
     assert await c.probe() == []
 
 
-async def test_routes_wait_for_one_cds_answer_at_most(
+async def test_a_route_waits_for_the_answer_to_clusters_added_after_it_began_to_wait(
     control_plane: ControlPlane, channel: grpc.aio.Channel, mode: str
 ) -> None:
-    """Clusters that change again before the client answers do not hold routes back for good:
-    the routes wait for the answer to the CDS response that brought the clusters they were
-    held for, then follow the newer clusters without waiting for their answer. A CDS response
+    """Two builds within one CDS round trip: routes held for the answer to the CDS response
+    that added x were let go by it, with the newer build's content, a route to y, which the
+    CDS response still unanswered had just added. Envoy answered that route with 503 (no
+    cluster) for as long as y warmed (a real Envoy: 1,691 of them in a second). A route now
+    waits again for the answer to a newer CDS response that added clusters. A CDS response
     that only removes clusters holds nothing back."""
     cache = control_plane.cache
     cache.set_snapshot("n", snap({"a": 1}))
@@ -446,10 +449,11 @@ async def test_routes_wait_for_one_cds_answer_at_most(
     cache.set_snapshot("n", snap({"a": 1, "x": 1, "y": 1}, [("/x", "x"), ("/y", "y")]))
     assert await c.probe() == []
     await c.ack(cds_x)
-    cds_y, rds = await c.probe()
-    assert cds_y.type_url == types.CLUSTER and "y" in cds_y.names
+    (cds_y,) = await c.probe()
+    assert cds_y.type_url == types.CLUSTER and "y" in cds_y.names, "y, and not the route yet"
+    await c.ack(cds_y)  # y warmed
+    (rds,) = await c.probe()
     assert rds.type_url == types.ROUTE and rds.route_clusters() == ["x", "y"]
-    await c.ack(cds_y)
     await c.ack(rds)
 
     cache.set_snapshot("n", snap({"a": 1, "y": 1}, [("/y", "y")]))  # x goes
@@ -457,6 +461,28 @@ async def test_routes_wait_for_one_cds_answer_at_most(
     assert cds.type_url == types.CLUSTER and "x" not in cds.names
     assert cds.removed == (("x",) if mode == "delta" else ())
     assert rds.type_url == types.ROUTE and rds.route_clusters() == ["y"]
+
+
+async def test_clusters_added_without_pause_hold_routes_back_for_a_while_only(
+    control_plane: ControlPlane, channel: grpc.aio.Channel, mode: str, monkeypatch: Any
+) -> None:
+    """Clusters added faster than the client warms them do not hold routes back for good:
+    once a route has waited `ADDED_CLUSTERS_WAIT` seconds, the answer it waits for lets it
+    follow the newer clusters without waiting for their answer (here the wait is 0 s)."""
+    monkeypatch.setattr(_streams, "ADDED_CLUSTERS_WAIT", 0.0)
+    cache = control_plane.cache
+    cache.set_snapshot("n", snap({"a": 1}))
+    c = Client(channel, mode)
+    await c.settle(await c.start())
+
+    cache.set_snapshot("n", snap({"a": 1, "x": 1}, [("/", "a"), ("/x", "x")]))
+    (cds_x,) = await c.probe()
+    cache.set_snapshot("n", snap({"a": 1, "x": 1, "y": 1}, [("/x", "x"), ("/y", "y")]))
+    assert await c.probe() == [], "the answer that brings x is always waited for"
+    await c.ack(cds_x)
+    cds_y, rds = await c.probe()
+    assert cds_y.type_url == types.CLUSTER and "y" in cds_y.names
+    assert rds.type_url == types.ROUTE and rds.route_clusters() == ["x", "y"]
 
 
 async def test_a_warming_cluster_gets_its_endpoints_while_newer_clusters_wait(
@@ -481,8 +507,10 @@ async def test_a_warming_cluster_gets_its_endpoints_while_newer_clusters_wait(
     await c.ack(eds_x)
 
     await c.ack(cds_x)  # x warmed: Envoy answers
-    cds_y, rds = await c.probe()
+    (cds_y,) = await c.probe()
     assert cds_y.type_url == types.CLUSTER and "y" in cds_y.names
+    await c.ack(cds_y)
+    (rds,) = await c.probe()
     assert rds.type_url == types.ROUTE and rds.route_clusters() == ["x", "y"]
 
 

@@ -460,6 +460,61 @@ async def test_a_route_to_a_new_cluster_never_answers_503_while_it_is_applied(
     await eventually(lambda: all_acked(control_plane, "n", s2), what="every type ACKed")
 
 
+async def test_a_route_to_a_cluster_of_a_later_build_never_answers_503(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
+) -> None:
+    """Two builds within one CDS round trip: build 1 adds cluster b and moves the route to it;
+    build 2 comes while b warms, adds c and moves the route to c. Envoy's answer to b's
+    Clusters let the route go with build 2's content, right behind c's Clusters, and Envoy
+    answered 503 (no cluster) for as long as c warmed. The route to c now waits for Envoy's
+    answer to c's Clusters; requests meanwhile go to a, then b."""
+    a = await backends("a")
+    b = await HeldHealthBackend("b").start()
+    c = await HeldHealthBackend("c").start()
+    listen = free_port()
+    url = f"http://127.0.0.1:{listen}/x"
+    s1 = snap(*base(listen, a.port, R.routes("web-routes", ("/", "a"))))
+    await serving(control_plane, start_envoy, s1, mode)
+    with_b = [health_checked("b"), R.endpoints("b", b.port)]
+    s2 = snap(*base(listen, a.port, R.routes("web-routes", ("/", "b"))), *with_b)
+    s3 = snap(
+        *base(listen, a.port, R.routes("web-routes", ("/", "c"))),
+        *with_b,
+        health_checked("c"),
+        R.endpoints("c", c.port),
+    )
+    seen: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            r = http_get(url)
+            seen.append((r.status, r.body.strip()))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        await eventually(lambda: seen, what="the first answer")
+        control_plane.cache.set_snapshot("n", s2)
+        await eventually(lambda: b.health_checks, what="Envoy health-checks b: b is warming")
+        control_plane.cache.set_snapshot("n", s3)  # build 2, while b warms
+        b.release()
+        await eventually(lambda: c.health_checks, what="Envoy health-checks c: c is warming")
+        warming = len(seen)
+        await eventually(lambda: len(seen) > warming + 20, what="requests while c warms")
+        c.release()
+        await eventually(lambda: seen[-1] == (200, "c"), what="the route to c is applied")
+    finally:
+        stop.set()
+        b.release()
+        c.release()
+        await asyncio.to_thread(poller.join)
+        await b.stop()
+        await c.stop()
+    assert Counter(status for status, _ in seen) == {200: len(seen)}, Counter(seen)
+    await eventually(lambda: all_acked(control_plane, "n", s3), what="every type ACKed")
+
+
 async def test_a_new_cluster_warms_at_once_when_more_clusters_follow_it(
     control_plane: ControlPlane, start_envoy: Any, backends: Any, mode: str
 ) -> None:

@@ -55,6 +55,11 @@ _AFTER_CLUSTERS_ANSWERED = (types.LISTENER, types.ROUTE)
 # In `_Stream._waiting`: the type passed the wait for a CDS answer and waits only for Clusters
 # not sent yet (nonces start at 1).
 _PASSED = 0
+# Seconds a Listener or route change may keep waiting for the answers to CDS responses that
+# added clusters while newer ones keep adding more (the first answer is always waited for).
+# Past them, it follows the newer clusters without waiting for their answer: clusters added
+# faster than the client warms them must not hold every route change back for good.
+ADDED_CLUSTERS_WAIT = 5.0
 
 
 class ProtocolError(Exception):
@@ -83,6 +88,11 @@ class _Stream:
         # `_release` opens it again), each with the nonce of the CDS response whose answer lets
         # it pass the wait for one (_PASSED: it did).
         self._waiting: dict[str, int] = {}
+        # when each of them began to wait (monotonic seconds)
+        self._waiting_since: dict[str, float] = {}
+        # the nonce of the last CDS response that added clusters the client did not hold,
+        # until the client answers it (0: none waits for an answer)
+        self._adding = 0
 
     def _node(self, node: object) -> str:
         if self.node_id is None:
@@ -124,11 +134,15 @@ class _Stream:
 
         A type of _AFTER_CLUSTERS waits while the node's snapshot has Clusters the stream has
         not sent. Listeners and routes also wait while a CDS response that added or changed
-        Clusters is unanswered, but for one answer at most: the answer to the CDS response that
-        carried the Clusters of the snapshot they were held at lets them pass, even if newer
-        Clusters were sent since (they follow those, but do not wait for their answer), so
-        Clusters that keep changing cannot hold routes back for good. A NACK is an answer: the
-        client keeps its last good Clusters, and routes go on without the rejected ones.
+        Clusters is unanswered. For changed Clusters, one answer at most: the answer to the CDS
+        response that carried the Clusters of the snapshot they were held at lets them pass,
+        even if Clusters changed since (the client keeps using a changed cluster while it warms
+        again). For added clusters, every answer: a route sent while its new cluster warms
+        answers 503 (no cluster), so after that answer they wait again for the answer to a
+        newer CDS response that added clusters, for `ADDED_CLUSTERS_WAIT` seconds at most, so
+        that clusters added without pause cannot hold routes back for good. A NACK is an
+        answer: the client keeps its last good Clusters, and routes go on without the rejected
+        ones.
 
         Endpoints the client waits for (a new cluster's, a changed cluster's resent) are not
         held behind newer Clusters: the cluster warms on them, and the client answers the CDS
@@ -143,6 +157,17 @@ class _Stream:
             # clusters they carry may reach the Clusters of before: those are resent with
             # their CDS response.
             behind = False
+        now = time.monotonic()
+        if type_url not in self._waiting:
+            self._waiting_since[type_url] = now
+        if (
+            not behind
+            and self._adding
+            and type_url in _AFTER_CLUSTERS_ANSWERED
+            and now - self._waiting_since[type_url] < ADDED_CLUSTERS_WAIT
+        ):
+            self._waiting[type_url] = self._adding
+            return True
         if not behind and (
             type_url not in _AFTER_CLUSTERS_ANSWERED
             or self._waiting.get(type_url) == _PASSED
@@ -167,6 +192,8 @@ class _Stream:
     def _clusters_answered(self, nonce: str) -> None:
         """The client answered (ACK or NACK) the CDS response `nonce`."""
         answered = int(nonce)
+        if answered >= self._adding:
+            self._adding = 0
         for type_url, needed in self._waiting.items():
             if answered >= needed:
                 self._waiting[type_url] = _PASSED
@@ -375,6 +402,8 @@ class SotwStream(_Stream):
         self.queue.put_nowait(data)
         if resp.type_url == types.CLUSTER:
             st.updated = unknown or any(before.get(r.name) != r.version for r in resp.resources)
+            if unknown or any(r.name not in before for r in resp.resources):
+                self._adding = int(nonce)
             changed = [
                 r for r in resp.resources if unknown or before.get(r.name, r.version) != r.version
             ]
@@ -709,6 +738,8 @@ class DeltaStream(_Stream):
             if names:
                 self._resend_endpoints(names)
         if resp.type_url == types.CLUSTER:
+            if any(held.get(r.name, _WANTED) == _WANTED for r in resp.updated):
+                self._adding = int(nonce)
             self._release()
 
     def _resend_endpoints(self, names: set[str]) -> None:
