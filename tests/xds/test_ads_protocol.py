@@ -321,6 +321,23 @@ async def test_a_sotw_first_request_with_an_earlier_streams_nonce_is_answered(
     call.cancel()
 
 
+async def test_a_delta_first_request_with_an_earlier_streams_nonce_is_answered(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """The same on delta, for a first request that subscribes to nothing (a legacy wildcard):
+    it was taken for a stale answer, and the client got no Clusters, and so no Listeners (they
+    wait for the Clusters), ever."""
+    control_plane.cache.set_snapshot("n", snapshot())
+    call = delta_call(channel)
+    await call.write(dreq(types.CLUSTER, response_nonce="7"))
+    first = await asyncio.wait_for(call.read(), 5)
+    assert first.type_url == types.CLUSTER and sorted(r.name for r in first.resources) == [
+        "a",
+        "b",
+    ]
+    call.cancel()
+
+
 async def test_delta_wildcard_unsubscribed_and_subscribed_again_is_sent_again(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:

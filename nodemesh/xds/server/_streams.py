@@ -599,7 +599,9 @@ class DeltaStream(_Stream):
             oldest = next(iter(st.pending), None)
             pending = st.pending.pop(nonce, None)
             if pending is None:
-                if not subscription_changed:
+                # (a stream's first request for a type may carry a nonce of an earlier stream,
+                # which Envoy clears and other clients may not: it was never answered)
+                if not (subscription_changed or first):
                     self.stale_requests += 1
                     return
             elif req.HasField("error_detail"):
