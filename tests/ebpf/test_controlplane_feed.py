@@ -28,7 +28,7 @@ from nodemesh.api import (
 from nodemesh.api import servicemap_pb2 as pb
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
-from nodemesh.controlplane.store import Store
+from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.ebpf.probe import sockmap_reads_are_safe
 from nodemesh.ebpf.testing import PODTOOL, NodeLab, Pod
 from nodemesh.envoy import EnvoyProcess, find_envoy
@@ -337,6 +337,39 @@ async def test_service_without_route_goes_kernel_direct(feed: Feed) -> None:
     assert after["sockhash_inserts"] - before["sockhash_inserts"] >= 2
     assert after["msg_redirected"] - before["msg_redirected"] >= 2
     assert feed.envoy.stats("downstream_cx_total").get(listener, 0) == envoy_before
+
+
+async def test_a_service_whose_endpoints_all_terminate_still_takes_connections(
+    feed: Feed,
+) -> None:
+    """Every endpoint of api terminating but still serving (its one replica being restarted):
+    kube-proxy sends to them when none is ready (KEP-1669), and so did the node Envoy, but the
+    kernel path left them out and connect() was refused."""
+    mesh = feed.config_dir / "mesh.yaml"
+    text = mesh.read_text()
+    ready = f"endpoints: [{{addresses: [{feed.lab.pods['c'].ip}], conditions: {{ready: true}}"
+    assert text.count(ready) == 1
+    terminating = ready.replace("{ready: true}", "{ready: false, serving: true, terminating: true}")
+    mesh.write_text(text.replace(ready, terminating))
+
+    key = ObjectKey("EndpointSlice", "shop", "api-1")
+
+    def read() -> bool:
+        obj = feed.pipeline.store.get(key)
+        return obj is not None and obj["endpoints"][0]["conditions"].get("terminating") is True
+
+    await feed.until(read, "files mode to read the change")
+    await feed.pipeline.wait_built(feed.pipeline.store.revision)
+    model = feed.node_map()
+    assert model is not None
+    (api,) = [s for s in model.services if s.name == "shop/api:80"]
+    assert [b.address for b in api.backends] == [feed.lab.pods["c"].ip]
+    await feed.until(feed.agent_acked_current_map, "the agent's ACK of the new map")
+
+    status, headers, body = await feed.get(f"{VIP}:80", "/terminating")
+
+    assert status == 200, body
+    assert json.loads(body)["pod"] == "c" and VIA_ENVOY not in headers
 
 
 async def test_a_connection_to_a_pod_of_a_routed_service_skips_its_routes(feed: Feed) -> None:

@@ -77,11 +77,10 @@ def _entries(info: ir.ServiceInfo) -> tuple[Service, ...]:
                 out.append(Service(name, ip, port, True))
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
-            backends = {
-                (e.address, e.port): Backend(e.address, e.port)
-                for e in eps
-                if not e.draining and _is_ipv4(e.address)
-            }
+            v4 = [e for e in eps if _is_ipv4(e.address)]
+            # the ready ones; with none, the serving terminating ones (KEP-1669)
+            usable = [e for e in v4 if not e.draining] or v4
+            backends = {(e.address, e.port): Backend(e.address, e.port) for e in usable}
             out.append(Service(name, ip, port, False, tuple(backends[k] for k in sorted(backends))))
     return _first_per_key(out)
 
@@ -190,12 +189,16 @@ def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
 
 def _backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
     """The `backends` fields of an L4 entry: the ready IPv4 endpoints' (address, port), sorted,
-    each once. 100,000 of them in a cold start: endpoints come sorted from build (sorting
-    them again is one linear pass), and every length fits in one byte (heads made once)."""
-    if all_dotted_quads([e.address for e in eps]):  # one regex pass, the usual case
-        ready = [(a, p) for a, p, draining, _, _ in eps if not draining]
-    else:
-        ready = [(a, p) for a, p, draining, _, _ in eps if not draining and _is_ipv4(a)]
+    each once; if none is ready, the terminating ones that still serve (build leaves out the
+    others), as kube-proxy does (KEP-1669: a Deployment of one replica being restarted; they
+    were left out, and connect() was refused while the Envoy path served them). 100,000 of
+    them in a cold start: endpoints come sorted from build (sorting them again is one linear
+    pass), and every length fits in one byte (heads made once)."""
+    if not all_dotted_quads([e.address for e in eps]):  # one regex pass: the usual case is
+        eps = tuple(e for e in eps if _is_ipv4(e.address))
+    ready = [(a, p) for a, p, draining, _, _ in eps if not draining]
+    if not ready:
+        ready = [(a, p) for a, p, _, _, _ in eps]
     ready.sort()
     if any(map(eq, ready, islice(ready, 1, None))):
         ready = [pair for pair, _ in groupby(ready)]
