@@ -55,10 +55,11 @@ _AFTER_CLUSTERS_ANSWERED = (types.LISTENER, types.ROUTE)
 # In `_Stream._waiting`: the type passed the wait for a CDS answer and waits only for Clusters
 # not sent yet (nonces start at 1).
 _PASSED = 0
-# Seconds a Listener or route change may keep waiting for the answers to CDS responses that
-# added clusters while newer ones keep adding more (the first answer is always waited for).
-# Past them, it follows the newer clusters without waiting for their answer: clusters added
-# faster than the client warms them must not hold every route change back for good.
+# Seconds, from the first time an answer let it pass, within which a Listener or route change
+# waits again for the answer to a newer CDS response that added clusters (the first answer is
+# always waited for, however long it takes). After them, the next answer lets it follow the
+# newer clusters without waiting for theirs: clusters added faster than the client warms them
+# must not hold every route change back for good.
 ADDED_CLUSTERS_WAIT = 5.0
 
 
@@ -88,8 +89,9 @@ class _Stream:
         # `_release` opens it again), each with the nonce of the CDS response whose answer lets
         # it pass the wait for one (_PASSED: it did).
         self._waiting: dict[str, int] = {}
-        # when each of them began to wait (monotonic seconds)
-        self._waiting_since: dict[str, float] = {}
+        # when each of them, let pass by an answer, first waited again for newer added clusters
+        # (monotonic seconds)
+        self._waiting_again: dict[str, float] = {}
         # the nonce of the last CDS response that added clusters the client did not hold,
         # until the client answers it (0: none waits for an answer)
         self._adding = 0
@@ -139,10 +141,11 @@ class _Stream:
         even if Clusters changed since (the client keeps using a changed cluster while it warms
         again). For added clusters, every answer: a route sent while its new cluster warms
         answers 503 (no cluster), so after that answer they wait again for the answer to a
-        newer CDS response that added clusters, for `ADDED_CLUSTERS_WAIT` seconds at most, so
-        that clusters added without pause cannot hold routes back for good. A NACK is an
-        answer: the client keeps its last good Clusters, and routes go on without the rejected
-        ones.
+        newer CDS response that added clusters. So that clusters added without pause cannot
+        hold routes back for good, they wait again only within `ADDED_CLUSTERS_WAIT` seconds of
+        the first time they did: the next answer after that lets them pass (they wait for no
+        more than that one answer). A NACK is an answer: the client keeps its last good
+        Clusters, and routes go on without the rejected ones.
 
         Endpoints the client waits for (a new cluster's, a changed cluster's resent) are not
         held behind newer Clusters: the cluster warms on them, and the client answers the CDS
@@ -157,17 +160,20 @@ class _Stream:
             # clusters they carry may reach the Clusters of before: those are resent with
             # their CDS response.
             behind = False
-        now = time.monotonic()
         if type_url not in self._waiting:
-            self._waiting_since[type_url] = now
-        if (
-            not behind
-            and self._adding
-            and type_url in _AFTER_CLUSTERS_ANSWERED
-            and now - self._waiting_since[type_url] < ADDED_CLUSTERS_WAIT
-        ):
-            self._waiting[type_url] = self._adding
-            return True
+            self._waiting_again.pop(type_url, None)
+        if not behind and self._adding and type_url in _AFTER_CLUSTERS_ANSWERED:
+            now = time.monotonic()
+            # The first wait is always made; waiting again (an answer let it pass) only within
+            # ADDED_CLUSTERS_WAIT of the first time it did, however long the first wait took.
+            since = (
+                self._waiting_again.setdefault(type_url, now)
+                if self._waiting.get(type_url) == _PASSED
+                else self._waiting_again.get(type_url, now)
+            )
+            if now - since < ADDED_CLUSTERS_WAIT:
+                self._waiting[type_url] = self._adding
+                return True
         if not behind and (
             type_url not in _AFTER_CLUSTERS_ANSWERED
             or self._waiting.get(type_url) == _PASSED
