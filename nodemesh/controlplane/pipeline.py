@@ -74,7 +74,7 @@ ConditionsCallback = Callable[[ObjectKey, tuple[Condition, ...]], None]
 _STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
 # Kinds whose objects may get conditions that nodemesh shows (in /status and the log) but does
 # not own, so never writes back: a Pod with an unusable socket-redirect annotation.
-_NOTICE_KINDS = ("Pod",)
+_NOTICE_KINDS = ("Pod", "Service")
 # What a node Envoy asks for (its agent asks for the service map types only)
 _ENVOY_TYPES = (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE)
 

@@ -26,7 +26,7 @@ from nodemesh.controlplane.builder.endpointslice import (
 from nodemesh.controlplane.builder.grpcroute import read_grpcroute
 from nodemesh.controlplane.builder.httproute import read_httproute
 from nodemesh.controlplane.builder.node import ConsumerIndex, NodeIndex
-from nodemesh.controlplane.builder.service import ServiceModel, read_service
+from nodemesh.controlplane.builder.service import ServiceModel, read_service, unhonoured
 from nodemesh.controlplane.builder.socketredirect import SocketRedirectIndex
 from nodemesh.controlplane.builder.trafficpolicy import (
     PolicySettings,
@@ -601,6 +601,20 @@ class Engine:
                 name_ns[name] = {ns}
             else:
                 namespaces.add(ns)
+            # what kube-proxy would do with the Service and the mesh does not: a notice
+            unsupported = unhonoured(obj) if obj is not None else ""
+            if obj is not None and unsupported:
+                self.conditions[key] = (
+                    Condition(
+                        "Supported",
+                        "False",
+                        "UnsupportedValue",
+                        f"not honoured by the mesh: {unsupported}",
+                        generation(obj),
+                    ),
+                )
+            else:
+                self.conditions.pop(key, None)
             model = read_service(obj) if obj is not None else None
             old = services.get(ref)
             if model is old or (old is not None and model == old):

@@ -17,6 +17,7 @@ __all__ = [
     "no_http_port",
     "read_service",
     "read_services",
+    "unhonoured",
 ]
 
 CLUSTER_DOMAIN = "cluster.local"
@@ -113,6 +114,51 @@ def _canonical(ip: str) -> str:
         return str(ipaddress.ip_address(ip))
     except ValueError:
         return ip  # (files mode refuses it; the API server does too)
+
+
+# Annotations that ask the EndpointSlice controller for topology hints, which kube-proxy reads.
+_TOPOLOGY_ANNOTATIONS = (
+    "service.kubernetes.io/topology-mode",
+    "service.kubernetes.io/topology-aware-hints",
+)
+
+
+def unhonoured(obj: Mapping[str, Any]) -> str:
+    """The Service's settings that change where kube-proxy sends its traffic and that the mesh
+    does not honour, as one message ("" when there are none). Each was ignored without a word:
+    both the node agents and the node Envoy pick among all the Service's endpoints."""
+    spec = obj.get("spec")
+    if type(spec) is not dict:
+        return ""
+    out = []
+    if spec.get("internalTrafficPolicy") == "Local":
+        out.append(
+            "spec.internalTrafficPolicy: Local (endpoints on every node are used, and traffic "
+            "is not dropped when the client's node has none)"
+        )
+    if spec.get("sessionAffinity") == "ClientIP":
+        out.append(
+            "spec.sessionAffinity: ClientIP (each connection picks an endpoint, and each request "
+            "on a port with routes or policies; for requests a TrafficPolicy's loadBalancer "
+            "hashOn a header or cookie keeps a client on one)"
+        )
+    distribution = spec.get("trafficDistribution")
+    meta = obj.get("metadata")
+    annotations = meta.get("annotations") if type(meta) is dict else None
+    mode = (
+        next((annotations[a] for a in _TOPOLOGY_ANNOTATIONS if a in annotations), None)
+        if type(annotations) is dict
+        else None
+    )
+    if distribution:
+        out.append(
+            f"spec.trafficDistribution: {distribution} (endpoints are used whatever their zone)"
+        )
+    elif mode is not None and str(mode).lower() == "auto":
+        out.append(
+            "topology-aware routing (topology-mode: Auto): endpoints are used whatever their zone"
+        )
+    return "; ".join(out)
 
 
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:

@@ -1,0 +1,77 @@
+"""Service settings that change where kube-proxy sends traffic and that the mesh does not honour
+are said, in `/status`, `nodemesh status` and the log, not ignored without a word."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nodemesh.controlplane.files import FilesSource
+from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.status_cli import render as render_status
+from nodemesh.controlplane.store import ObjectKey, Store
+from nodemesh.xds.cache import SnapshotCache
+from nodemesh.xds.server import StatusTracker
+
+pytestmark = pytest.mark.asyncio
+
+
+def service(name: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "shop"}
+    if annotations:
+        meta["annotations"] = annotations
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}], **spec},
+    }
+
+
+async def test_unhonoured_service_settings_are_said_and_never_written_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def write(*services: dict[str, Any]) -> None:
+        (tmp_path / "svc.yaml").write_text(yaml.safe_dump_all(services))
+
+    write(
+        service("local", internalTrafficPolicy="Local", sessionAffinity="ClientIP"),
+        service("close", trafficDistribution="PreferClose"),
+        service("hints", {"service.kubernetes.io/topology-mode": "Auto"}),
+        # what the API server writes by default: nothing to say
+        service("plain", internalTrafficPolicy="Cluster", sessionAffinity="None"),
+    )
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    p = Pipeline(store, SnapshotCache(), StatusTracker())
+    with caplog.at_level(logging.WARNING, logger="nodemesh.controlplane.pipeline"):
+        await p.rebuild()
+    said = {
+        o["name"]: o["conditions"] for o in p.status_json()["objects"] if o["kind"] == "Service"
+    }
+    assert sorted(said) == ["close", "hints", "local"]
+    for conditions in said.values():
+        assert [(c["type"], c["status"], c["reason"]) for c in conditions] == [
+            ("Supported", "False", "UnsupportedValue")
+        ]
+    local = said["local"][0]["message"]
+    assert (
+        "spec.internalTrafficPolicy: Local" in local and "spec.sessionAffinity: ClientIP" in local
+    )
+    assert "spec.trafficDistribution: PreferClose" in said["close"][0]["message"]
+    assert "topology-mode: Auto" in said["hints"][0]["message"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3 and all("not honoured by the mesh" in w for w in warnings), warnings
+    assert "Service/shop/local" in render_status(p.status_json())  # what `nodemesh status` prints
+    # shown, never written back: the operator gets no status body for a Service
+    assert p.kubernetes_status(ObjectKey("Service", "shop", "local")) is None
+
+    write(service("local"), service("close"), service("hints"), service("plain"))
+    source.scan()
+    await p.rebuild()
+    assert [o for o in p.status_json()["objects"] if o["kind"] == "Service"] == []
