@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ _SUFFIXES = (".yaml", ".yml", ".json")
 # values YAML aliases may repeat in a file: far beyond what anchors save in real objects,
 # and quick to copy (the store copies every object)
 _MAX_ALIASED_VALUES = 100_000
+# Levels of nesting a document may have. Kubernetes objects have about ten, a CRD's schema a
+# few dozen. libyaml's composer recurses in C without a limit: a YAML file of 40,000 levels
+# (80 KB) crashed the process, at every restart while it was there; 500 levels (2 KB) raised
+# RecursionError, which stopped every scan of the directory.
+_MAX_DEPTH = 200
+# Seconds a file that keeps changing at every poll waits to be read: one rewritten faster than
+# the polling interval (an exporter) was never read while it did.
+_SETTLE_AT_MOST = 2.0
 
 
 class _KubeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -43,7 +52,31 @@ class _KubeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
     def construct_document(self, node: yaml.Node) -> Any:
         # before the constructor flattens merge keys (`<<: *base`), whose keys may be repeated
         _refuse_repeated_keys(node)
+        self._merged = 0
         return super().construct_document(node)
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Merge keys copy the merged mappings' pairs into each mapping before any value is
+        # made, so _MAX_ALIASED_VALUES would count them too late: ten merges of ten merges,
+        # eight deep, in 633 bytes, took 80 s and 0.9 GB (and each level ten times more).
+        # The pairs are counted here first; a merged mapping is flattened once, then has no
+        # merge key left.
+        for key, value in node.value:
+            if key.tag != "tag:yaml.org,2002:merge":
+                continue
+            merged = value.value if isinstance(value, yaml.SequenceNode) else [value]
+            for sub in merged:
+                if isinstance(sub, yaml.MappingNode):
+                    self.flatten_mapping(sub)
+                    self._merged += len(sub.value)
+            if self._merged > _MAX_ALIASED_VALUES:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"merge keys (<<) copy more than {_MAX_ALIASED_VALUES} values",
+                    key.start_mark,
+                )
+        super().flatten_mapping(node)
 
 
 def _refuse_repeated_keys(root: yaml.Node) -> None:
@@ -85,6 +118,68 @@ for _first in "-+.0123456789":
         re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
         [_first],
     )
+
+
+_INDENT = re.compile(r"^[ \t]*", re.M)
+_DASHES = re.compile(r"(?:-[ \t]+)+")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _nesting_bound(text: str) -> int:
+    """A bound on how deep the YAML `text` nests, from scans at C speed: a block collection
+    nests only in a deeper indentation (two levels per step: a mapping's value may be a
+    sequence at the key's indentation), in compact sequences (`- - x`) and one mapping per
+    entry line (`- a: b`); flow collections and complex keys at their indicators."""
+    indent = max(map(len, _INDENT.findall(text)), default=0)
+    dashes = max(map(len, _DASHES.findall(text)), default=0)
+    return 2 * indent + dashes + 4 + text.count("[") + text.count("{") + text.count("?")
+
+
+def _yaml_depth_problem(text: str) -> str:
+    """Why `text` must not be composed ("" if it may): deeper than _MAX_DEPTH, by the C
+    parser's events (a loop, no recursion), looked at only when `_nesting_bound` allows it."""
+    if _nesting_bound(text) <= _MAX_DEPTH:
+        return ""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_KubeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    line = event.start_mark.line + 1 if event.start_mark else 0
+                    return f"invalid YAML at line {line}: nested deeper than {_MAX_DEPTH} levels"
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return ""  # composing reports it, and the documents before it
+    return ""
+
+
+def _replace_lone_surrogates(docs: list[Any]) -> list[Any]:
+    """JSON documents with each lone UTF-16 surrogate in a string (`"\\ud83d"`, half an emoji,
+    which a cut JavaScript string leaves) replaced by U+FFFD, as the API server's decoder
+    does: kept, one made every build fail when it was encoded, holding back every change."""
+
+    def fix(value: Any) -> Any:
+        return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+    out = []
+    for doc in docs:
+        doc = fix(doc)
+        stack = [doc]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                fixed = {fix(k): fix(v) for k, v in item.items()}
+                item.clear()
+                item.update(fixed)
+                stack.extend(v for v in item.values() if isinstance(v, dict | list))
+            elif isinstance(item, list):
+                item[:] = [fix(v) for v in item]
+                stack.extend(v for v in item if isinstance(v, dict | list))
+        out.append(doc)
+    return out
 
 
 def _without_nulls(value: Any) -> Any:
@@ -130,10 +225,17 @@ def _documents(text: str) -> tuple[list[Any], str]:
                 doc, i = decoder.raw_decode(text, i)
                 json_docs.append(doc)
                 i = _after_space(text, i)
+            if _SURROGATE_ESCAPE.search(text):
+                json_docs = _replace_lone_surrogates(json_docs)
             return json_docs, ""
         except ValueError as exc:  # (a JSONDecodeError, or _object_once's)
             json_problem = f"invalid JSON: {exc}"
+        except RecursionError:
+            json_problem = f"invalid JSON: nested deeper than {_MAX_DEPTH} levels"
     docs: list[Any] = []
+    depth_problem = _yaml_depth_problem(text)
+    if depth_problem:
+        return json_docs, json_problem or depth_problem
     try:
         # (a `{` that is not JSON may be YAML's flow style: `{kind: Service, ...}`)
         for doc in yaml.load_all(text, Loader=_KubeLoader):  # a SafeLoader
@@ -180,6 +282,9 @@ def load_objects(text: str, where: str) -> tuple[list[dict[str, Any]], list[str]
         if more is None:
             # `a: &x {b: *x}` is valid YAML; no Kubernetes object is (JSON has no references)
             errors.append(f"{where}: document {i + 1} refers to itself through a YAML alias")
+            continue
+        if more < 0:
+            errors.append(f"{where}: document {i + 1} is nested deeper than {_MAX_DEPTH} levels")
             continue
         if repeated + more > _MAX_ALIASED_VALUES:
             before = f", {repeated} more before it" if repeated else ""
@@ -252,9 +357,11 @@ def _mistaken_kind(kind: str, group: str) -> str:
 def _repeated_values(value: Any) -> int | None:
     """How many values YAML aliases repeat in `value`: what expanding it (copying it, as the
     store does) costs beyond the values written; None if it contains itself (copying or
-    comparing it would not end). A few hundred bytes of nested anchors repeat billions (a
-    "billion laughs"). Counts each shared container once, depth first with the ones on the
-    current path, so nothing is expanded."""
+    comparing it would not end), -1 if it nests deeper than _MAX_DEPTH (aliases of aliases
+    nest deeper than the text does; so may JSON, whose parser stops at a thousand levels).
+    A few hundred bytes of nested anchors repeat billions (a "billion laughs"). Counts each
+    shared container once, depth first with the ones on the current path, so nothing is
+    expanded."""
     sizes: dict[int, int] = {}  # container id -> values in it, expanded, itself included
     own = 0  # values with every shared container counted once
     on_path: set[int] = set()
@@ -276,6 +383,8 @@ def _repeated_values(value: Any) -> int | None:
         if id(item) in on_path:
             return None
         on_path.add(id(item))
+        if len(on_path) > _MAX_DEPTH:
+            return -1
         stack.append((item, True))
         stack.extend((c, False) for c in children if isinstance(c, dict | list))
     return sizes.get(id(value), 1) - (own or 1)
@@ -354,7 +463,8 @@ class FilesSource:
       again or is deleted: a file being rewritten in place (`>` in a shell, some editors) is
       empty for a moment, and deleting a file is how its objects go;
     - the polling loop reads a changed file once it stayed the same for one interval (its
-      mtime, size, inode and ctime), not while it is being written, and drops a vanished
+      mtime, size, inode and ctime), not while it is being written (but one that changed at
+      every poll for `_SETTLE_AT_MOST` seconds is read as it is), and drops a vanished
       file's objects one interval later (it may have been moved, and its new path settles).
       Writing to a temporary name and renaming it in is still the way to change a file at
       once.
@@ -382,6 +492,8 @@ class FilesSource:
         self._task: asyncio.Task[None] | None = None
         self._file_errors: dict[Path, str] = {}
         self._seen_at_last_poll: dict[Path, Stamp] = {}
+        # files seen changing at each poll since (monotonic seconds), not read meanwhile
+        self._changing_since: dict[Path, float] = {}
         # directories the last scan could not list, links to nothing: why
         self._unlisted: dict[Path, str] = {}
 
@@ -435,6 +547,7 @@ class FilesSource:
         ):
             return False
         gone = [p for p in self._stamps if p not in stamps]
+        now = time.monotonic()
         if settled_only:
             # A file that just vanished may have been moved or renamed, and its new path
             # settles for a poll: it keeps contributing until then, so its objects never go
@@ -442,6 +555,7 @@ class FilesSource:
             gone = [p for p in gone if p not in previous_poll]
         for p in gone:  # deleted: its objects go
             del self._stamps[p]
+            self._changing_since.pop(p, None)
             self._last_good.pop(p, None)
             self._contributes.pop(p, None)
             self._file_errors.pop(p, None)
@@ -457,9 +571,14 @@ class FilesSource:
         for p, stamp in sorted([*stamps.items(), *vanished], key=lambda item: item[0]):
             rel = str(p.relative_to(self.directory))
             settling = settled_only and previous_poll.get(p) != stamp
+            if settling and stamp is not None and stamp != self._stamps.get(p):
+                # one that changes at every poll is read as it is after _SETTLE_AT_MOST
+                since = self._changing_since.setdefault(p, now)
+                settling = now - since < _SETTLE_AT_MOST
             if stamp is not None and stamp != self._stamps.get(p) and not settling:
                 objs, problem = self._read(p, files[p], rel)
                 self._stamps[p], self._file_errors[p] = stamp, problem
+                self._changing_since.pop(p, None)
             else:  # this version was read already, or it may still be being written
                 objs = self._contributes.get(p, [])
             if self._file_errors.get(p):  # (after a link's problem, if it is one)
@@ -490,6 +609,8 @@ class FilesSource:
             objs, problems = [], [f"{rel}: cannot read: {exc.strerror or exc}"]
         except UnicodeDecodeError as exc:
             objs, problems = [], [f"{rel}: not {exc.encoding.upper()} text: {exc}"]
+        except RecursionError:  # (load_objects refuses what nests deeper than _MAX_DEPTH)
+            objs, problems = [], [f"{rel}: nested too deeply to read"]
         if not problems and not objs and last and _blank(text):
             problems = [f"{rel}: the file is empty"]
         if not problems:

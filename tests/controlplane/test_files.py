@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from nodemesh.controlplane import files
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.store import ObjectKey, Store
 
@@ -489,6 +490,107 @@ def test_a_yaml_alias_bomb_is_refused_and_the_rest_is_read(tmp_path: Path) -> No
             for i in (9, 10)
         ),
     }
+
+
+def test_a_merge_key_bomb_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    """Merge keys copy the merged mappings' pairs before the alias limit could count them:
+    ten merges of ten merges, eight deep (633 bytes), took 80 s and 0.9 GB, each level ten
+    times more, while no other change was read."""
+    lines = ["  m0: &m0 {a: 1}"]
+    lines += [f"  m{i}: &m{i}\n    <<: [{', '.join([f'*m{i - 1}'] * 10)}]" for i in range(1, 12)]
+    (tmp_path / "bomb.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bomb, namespace: shop}\n"
+        "spec:\n  ports: [{port: 80}]\n" + "\n".join(lines) + "\n"
+    )
+    write(tmp_path / "web.yaml", service("web"))
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert names(store) == ["web"]
+    assert source.errors["bomb.yaml"].startswith("bomb.yaml: invalid YAML at line ")
+    assert source.errors["bomb.yaml"].endswith("merge keys (<<) copy more than 100000 values")
+
+
+@pytest.mark.parametrize(
+    "name,text,problem",
+    [
+        # libyaml's composer recursed in C: 40,000 levels crashed the process (SIGSEGV),
+        # again at every restart while the file was there
+        ("flow.yaml", "x: " + "[" * 40_000 + "]" * 40_000, "invalid YAML at line 6: nested deeper"),
+        (
+            "block.yaml",
+            "x:\n" + "".join("  " * i + f"  k{i}:\n" for i in range(300)) + "  " * 301 + "v",
+            "invalid YAML at line 206: nested deeper",
+        ),
+        ("dashes.yaml", "x:\n" + "- " * 40_000 + "v", "invalid YAML at line 7: nested deeper"),
+        # 500 levels raised RecursionError, which stopped every scan of the directory
+        ("json.json", None, "document 1 is nested deeper"),
+        # aliases of aliases nest deeper than the text
+        (
+            "aliases.yaml",
+            "".join(f"a{i}: &a{i} [*a{i - 1}]\n" if i else "a0: &a0 [x]\n" for i in range(300)),
+            "document 1 is nested deeper",
+        ),
+    ],
+)
+def test_a_document_nested_too_deep_is_refused_and_the_rest_is_read(
+    tmp_path: Path, name: str, text: str | None, problem: str
+) -> None:
+    head = "apiVersion: v1\nkind: Service\nmetadata: {name: deep, namespace: shop}\n"
+    head += "spec:\n  ports: [{port: 80}]\n"
+    if text is None:
+        doc = {**service("deep"), "x": "HOLE"}
+        text = json.dumps(doc).replace('"HOLE"', "[" * 500 + "]" * 500)
+    else:
+        text = head + text + "\n"
+    (tmp_path / name).write_text(text)
+    write(tmp_path / "web.yaml", service("web"))
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert names(store) == ["web"]
+    assert source.errors[name].startswith(f"{name}: {problem} than 200 levels"), source.errors
+    write(tmp_path / "db.yaml", service("db"))  # the directory is still read
+    source.scan()
+    assert names(store) == ["db", "web"]
+
+
+def test_a_lone_surrogate_in_json_is_replaced_as_the_api_server_does(tmp_path: Path) -> None:
+    """Half an emoji (`\\ud83d`, which a cut JavaScript string leaves) was kept, and every
+    build failed encoding it, holding back every change to the mesh until the file went."""
+    doc = service("web")
+    doc["metadata"]["annotations"] = {"note": "HALF", "whole": "WHOLE"}
+    text = json.dumps(doc).replace("HALF", "hi \\ud83d").replace("WHOLE", "\\ud83d\\ude00")
+    (tmp_path / "web.json").write_text(text)
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    assert source.errors == {}
+    obj = store.get(ObjectKey("Service", "shop", "web"))
+    assert obj is not None
+    assert obj["metadata"]["annotations"] == {"note": "hi \ufffd", "whole": "\U0001f600"}
+
+
+def test_a_file_that_keeps_changing_is_read_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The polling loop reads a file once it stayed the same for a poll. One rewritten faster
+    than that (an exporter under load) was never read while it was: 65 writes in 10 s, none
+    applied. After two seconds of changes it is read as it is."""
+    now = [1000.0]
+    monkeypatch.setattr(files, "time", type("Clock", (), {"monotonic": lambda: now[0]}))
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    write(tmp_path / "web.yaml", service("web", 80))
+    source.scan()
+    for port in range(81, 86):  # a change at each poll, every half second
+        write(tmp_path / "web.yaml", service("web", port))
+        os.utime(tmp_path / "web.yaml", ns=(port * 10**9, port * 10**9))  # a new stamp
+        source.scan(settled_only=True)
+        if port < 85:
+            assert ports(store, "web") == [80], "changing: read once it settles"
+        now[0] += 0.5
+    assert ports(store, "web") == [85], "read after 2 s of changes"
 
 
 async def test_reading_a_large_file_does_not_stall_the_control_plane(tmp_path: Path) -> None:
