@@ -120,26 +120,34 @@ for _first in "-+.0123456789":
     )
 
 
-_INDENT = re.compile(r"^[ \t]*", re.M)
-_DASHES = re.compile(r"(?:-[ \t]+)+")
+# For `_may_nest_too_deep`: a line indented by a quarter of _MAX_DEPTH (YAML indents with
+# spaces only), a run of an eighth of it of compact sequence entries (`- - - x`; the pattern
+# written out: a repeated group is 25 times slower on a 1.6 MB file)
+_DEEP_INDENT = " " * (_MAX_DEPTH // 4)
+_LONG_DASHES = re.compile(r"-[ \t]+" * (_MAX_DEPTH // 8))
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _nesting_bound(text: str) -> int:
-    """A bound on how deep the YAML `text` nests, from scans at C speed: a block collection
-    nests only in a deeper indentation (two levels per step: a mapping's value may be a
-    sequence at the key's indentation), in compact sequences (`- - x`) and one mapping per
-    entry line (`- a: b`); flow collections and complex keys at their indicators."""
-    indent = max(map(len, _INDENT.findall(text)), default=0)
-    dashes = max(map(len, _DASHES.findall(text)), default=0)
-    return 2 * indent + dashes + 4 + text.count("[") + text.count("{") + text.count("?")
+def _may_nest_too_deep(text: str) -> bool:
+    """Whether the YAML `text` may nest deeper than _MAX_DEPTH, from scans at C speed: a block
+    collection nests only at a deeper indentation (two levels a step: a mapping's value may be
+    a sequence at the key's indentation), in compact sequences (`- - x`) and one mapping per
+    entry line (`- a: b`); flow collections and complex keys at their indicators. Without a
+    deep line or a long run, that is at most 2 * _MAX_DEPTH / 4 + _MAX_DEPTH / 8 + 2 levels,
+    plus the indicators."""
+    if f"\n{_DEEP_INDENT}" in text or text.startswith(_DEEP_INDENT):
+        return True
+    if _LONG_DASHES.search(text):
+        return True
+    flow = text.count("[") + text.count("{") + text.count("?")
+    return _MAX_DEPTH // 2 + _MAX_DEPTH // 8 + 2 + flow > _MAX_DEPTH
 
 
 def _yaml_depth_problem(text: str) -> str:
     """Why `text` must not be composed ("" if it may): deeper than _MAX_DEPTH, by the C
-    parser's events (a loop, no recursion), looked at only when `_nesting_bound` allows it."""
-    if _nesting_bound(text) <= _MAX_DEPTH:
+    parser's events (a loop, no recursion), looked at only if `_may_nest_too_deep`."""
+    if not _may_nest_too_deep(text):
         return ""
     depth = 0
     try:
