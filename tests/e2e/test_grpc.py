@@ -130,3 +130,23 @@ async def test_a_policy_retries_unavailable_only_in_a_trailers_only_reply(
         assert len(calls) == tries
     finally:
         await server.stop(0)
+
+
+async def test_a_grpc_route_to_a_port_without_an_h2_app_protocol_speaks_http2(
+    mesh: Mesh,
+) -> None:
+    """A GRPCRoute to a Service port named `api`, without appProtocol: its cluster spoke
+    HTTP/1.1, and every call failed ("protocol error") while the route said Accepted,
+    ResolvedRefs and Programmed. gRPC has no HTTP/1.1 form: the port speaks HTTP/2."""
+    server, port, calls = await flaky_server(0, after_headers=False)
+    try:
+        mesh.apply(
+            service("plainapi", ports=(("api", 50051, ""),)),
+            endpoint_slice("plainapi", port, port_name="api"),
+            grpc_route("plainapi", "plainapi", [{"backendRefs": [to("plainapi", port=50051)]}]),
+        )
+        await mesh.converge()
+        assert await call_through_mesh(mesh, "plainapi") == grpc.StatusCode.OK
+        assert len(calls) == 1
+    finally:
+        await server.stop(0)
