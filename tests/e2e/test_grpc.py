@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -148,5 +150,62 @@ async def test_a_grpc_route_to_a_port_without_an_h2_app_protocol_speaks_http2(
         await mesh.converge()
         assert await call_through_mesh(mesh, "plainapi") == grpc.StatusCode.OK
         assert len(calls) == 1
+    finally:
+        await server.stop(0)
+
+
+async def test_a_policy_request_timeout_ends_calls_and_streams_with_deadline_exceeded(
+    mesh: Mesh,
+) -> None:
+    """`timeouts.request` on a gRPC Service: a bidi stream that kept sending ran past it
+    without end (Envoy's route timeout starts once the request has ended), and a unary call
+    it cut failed UNAVAILABLE, which clients retry, where a deadline is DEADLINE_EXCEEDED."""
+
+    async def slow(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await asyncio.sleep(3)
+        return b"late"
+
+    async def chat(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for r in requests:
+            yield r
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Svc", {
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+    }),))  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        mesh.apply(
+            service("deadline", ports=H2),
+            endpoint_slice("deadline", port, port_name="grpc"),
+            policy("deadline", "deadline", timeouts={"request": "500ms"}),
+            grpc_route("deadline", "deadline", [{"backendRefs": [to("deadline", port=50051)]}]),
+        )
+        await mesh.converge()
+        options = [("grpc.default_authority", "deadline.shop:50051")]
+        target = f"127.0.0.1:{mesh.outbound_port}"
+        async with grpc.aio.insecure_channel(target, options=options) as ch:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as unary:
+                await ch.unary_unary("/t.Svc/Slow")(b"", timeout=10)
+            assert unary.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 2.5
+
+            async def talk() -> AsyncIterator[bytes]:
+                for _ in range(50):  # 5 s of messages, never a half-close before
+                    yield b"hi"
+                    await asyncio.sleep(0.1)
+
+            started = time.monotonic()
+            echoed = 0
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in ch.stream_stream("/t.Svc/Chat")(talk(), timeout=10):
+                    echoed += 1
+            assert 0 < echoed < 50
+            assert time.monotonic() - started < 2.5
     finally:
         await server.stop(0)

@@ -378,7 +378,15 @@ def _action(r: ir.Route, request: bool = False, response: bool = False) -> rc.Ro
             _prefix_rewrite(out, r.match, r.rewrite.prefix)
     # No timeout unless one is asked for (0s): Envoy's own default, 15 s, would cut every
     # longer response, download or stream that has no limit without a mesh.
-    out.timeout.CopyFrom(duration(r.timeout_ms or 0))
+    if r.timeout_ms and r.match.grpc:
+        # A gRPC call's request timeout is the stream's: `timeout` starts once the request
+        # has ended, which a bidi or client stream does only when the client half-closes
+        # (such a stream ran past it without end), and its expiry reached clients as
+        # UNAVAILABLE, which they retry, where a deadline is DEADLINE_EXCEEDED.
+        out.timeout.CopyFrom(duration(0))
+        out.max_stream_duration.max_stream_duration.CopyFrom(duration(r.timeout_ms))
+    else:
+        out.timeout.CopyFrom(duration(r.timeout_ms or 0))
     if r.idle_timeout_ms is not None:
         out.idle_timeout.CopyFrom(duration(r.idle_timeout_ms))
     if r.retry is not None:
