@@ -429,18 +429,28 @@ def _config_files(
 
     def walk(shown: Path, at: Path) -> None:
         data = at / "..data"
-        if data.is_symlink() and data.is_dir():
-            at = Path(os.path.realpath(data))
+        volume = data.is_symlink() and data.is_dir()
+        # (the kubelet removes a volume's old directory right after the swap: one read
+        # between resolving `..data` and listing it found no directory, and said so)
+        for attempt in range(3 if volume else 1):
+            where = Path(os.path.realpath(data)) if volume else at
+            try:
+                with os.scandir(where) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+                break
+            except FileNotFoundError as exc:
+                if attempt < 2 and volume and Path(os.path.realpath(data)) != where:
+                    continue  # swapped meanwhile: list the new one
+                unlisted[shown] = exc.strerror or str(exc)
+                return
+            except OSError as exc:
+                unlisted[shown] = exc.strerror or str(exc)
+                return
+        at = where
         real = os.path.realpath(at)
         if real in visited:  # a symlink loop, or the same directory linked twice
             return
         visited.add(real)
-        try:
-            with os.scandir(at) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            unlisted[shown] = exc.strerror or str(exc)
-            return
         for entry in entries:
             if entry.name.startswith("."):
                 continue

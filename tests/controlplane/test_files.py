@@ -170,6 +170,37 @@ def test_a_mounted_configmap_is_read_once_and_its_updates_are_seen(tmp_path: Pat
     assert (ports(store, "web"), source.errors) == ([8080], {})
 
 
+def test_a_configmap_swapped_while_it_is_listed_is_read_without_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet removes the old `..<timestamp>/` right after it swaps `..data`: a read
+    that resolved `..data` just before found no directory to list, and reported "cannot list
+    the directory" (once in 1,498 back-to-back swaps). It lists the new one."""
+    first = tmp_path / "..2026_11_22_09_00_00.1"
+    first.mkdir()
+    write(first / "shop.yaml", service("web"))
+    (tmp_path / "..data").symlink_to(first.name)
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    source.scan()
+    second = tmp_path / "..2026_11_22_09_05_00.2"
+    second.mkdir()
+    write(second / "shop.yaml", service("web", port=8080))
+    real_scandir = os.scandir
+
+    def swapping_scandir(path: Any) -> Any:
+        if Path(path) == first:  # resolved before the swap: swap and remove it now
+            (tmp_path / "..data_tmp").symlink_to(second.name)
+            os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+            (first / "shop.yaml").unlink()
+            first.rmdir()
+        return real_scandir(path)
+
+    monkeypatch.setattr(files.os, "scandir", swapping_scandir)
+    source.scan()
+    assert (ports(store, "web"), source.errors) == ([8080], {})
+
+
 def test_a_symlinked_subdirectory_is_read(tmp_path: Path) -> None:
     config, elsewhere = tmp_path / "cfg", tmp_path / "team-a"
     config.mkdir()
