@@ -44,7 +44,12 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
         service("hints", {"service.kubernetes.io/topology-mode": "Auto"}),
         # what the API server writes by default: nothing to say
         service("plain", internalTrafficPolicy="Cluster", sessionAffinity="None"),
-    )
+        # Services the mesh does not carry, nor kube-proxy balance: nothing to say either
+        service("headless", clusterIP="None", sessionAffinity="ClientIP"),
+        service("ext", type="ExternalName", externalName="x.example", sessionAffinity="ClientIP"),
+        service("udp", ports=[{"name": "dns", "port": 53, "protocol": "UDP"}],
+                internalTrafficPolicy="Local"),
+    )  # fmt: skip
     store = Store()
     source = FilesSource(tmp_path, store)
     source.scan()
@@ -59,19 +64,23 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
         assert [(c["type"], c["status"], c["reason"]) for c in conditions] == [
             ("Supported", "False", "UnsupportedValue")
         ]
-    local = said["local"][0]["message"]
-    assert (
-        "spec.internalTrafficPolicy: Local" in local and "spec.sessionAffinity: ClientIP" in local
+    assert said["local"][0]["message"].startswith(
+        "not honoured by the mesh: spec.internalTrafficPolicy Local, spec.sessionAffinity "
+        "ClientIP (endpoints on every node are used"
     )
-    assert "spec.trafficDistribution: PreferClose" in said["close"][0]["message"]
-    assert "topology-mode: Auto" in said["hints"][0]["message"]
+    assert said["close"][0]["message"].startswith(
+        "not honoured by the mesh: spec.trafficDistribution PreferClose (endpoints are used "
+        "whatever their zone)"
+    )
+    assert said["hints"][0]["message"].startswith("not honoured by the mesh: topology-mode Auto")
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 3 and all("not honoured by the mesh" in w for w in warnings), warnings
-    assert "Service/shop/local" in render_status(p.status_json())  # what `nodemesh status` prints
+    table = render_status(p.status_json())  # what `nodemesh status` prints: each setting
+    assert "spec.internalTrafficPolicy Local, spec.sessionAffinity ClientIP" in table
     # shown, never written back: the operator gets no status body for a Service
     assert p.kubernetes_status(ObjectKey("Service", "shop", "local")) is None
 
-    write(service("local"), service("close"), service("hints"), service("plain"))
+    write(*(service(n) for n in ("local", "close", "hints", "plain", "headless", "ext", "udp")))
     source.scan()
     await p.rebuild()
     assert [o for o in p.status_json()["objects"] if o["kind"] == "Service"] == []

@@ -601,8 +601,13 @@ class Engine:
                 name_ns[name] = {ns}
             else:
                 namespaces.add(ns)
-            # what kube-proxy would do with the Service and the mesh does not: a notice
-            unsupported = unhonoured(obj) if obj is not None else ""
+            model = read_service(obj) if obj is not None else None
+            # what kube-proxy would do with a Service the mesh carries, and the mesh does not
+            unsupported = (
+                unhonoured(obj)
+                if obj is not None and model is not None and not model.headless and model.ports
+                else ""
+            )
             if obj is not None and unsupported:
                 self.conditions[key] = (
                     Condition(
@@ -615,7 +620,6 @@ class Engine:
                 )
             else:
                 self.conditions.pop(key, None)
-            model = read_service(obj) if obj is not None else None
             old = services.get(ref)
             if model is old or (old is not None and model == old):
                 continue

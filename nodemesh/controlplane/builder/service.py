@@ -125,22 +125,26 @@ _TOPOLOGY_ANNOTATIONS = (
 
 def unhonoured(obj: Mapping[str, Any]) -> str:
     """The Service's settings that change where kube-proxy sends its traffic and that the mesh
-    does not honour, as one message ("" when there are none). Each was ignored without a word:
-    both the node agents and the node Envoy pick among all the Service's endpoints."""
+    does not honour, as one message ("" when there are none): the settings first, then what
+    happens instead. Each was ignored without a word: both the node agents and the node Envoy
+    pick among all the Service's endpoints. (For Services the mesh carries: a ClusterIP and a
+    TCP port.)"""
     spec = obj.get("spec")
     if type(spec) is not dict:
         return ""
-    out = []
+    names, what = [], []
     if spec.get("internalTrafficPolicy") == "Local":
-        out.append(
-            "spec.internalTrafficPolicy: Local (endpoints on every node are used, and traffic "
-            "is not dropped when the client's node has none)"
+        names.append("spec.internalTrafficPolicy Local")
+        what.append(
+            "endpoints on every node are used, and traffic is not dropped when the client's "
+            "node has none"
         )
     if spec.get("sessionAffinity") == "ClientIP":
-        out.append(
-            "spec.sessionAffinity: ClientIP (each connection picks an endpoint, and each request "
-            "on a port with routes or policies; for requests a TrafficPolicy's loadBalancer "
-            "hashOn a header or cookie keeps a client on one)"
+        names.append("spec.sessionAffinity ClientIP")
+        what.append(
+            "each connection picks an endpoint, and each request on a port with routes or "
+            "policies; for requests a TrafficPolicy's loadBalancer hashOn a header or cookie "
+            "keeps a client on one"
         )
     distribution = spec.get("trafficDistribution")
     meta = obj.get("metadata")
@@ -151,14 +155,14 @@ def unhonoured(obj: Mapping[str, Any]) -> str:
         else None
     )
     if distribution:
-        out.append(
-            f"spec.trafficDistribution: {distribution} (endpoints are used whatever their zone)"
-        )
+        names.append(f"spec.trafficDistribution {distribution}")
     elif mode is not None and str(mode).lower() == "auto":
-        out.append(
-            "topology-aware routing (topology-mode: Auto): endpoints are used whatever their zone"
-        )
-    return "; ".join(out)
+        names.append("topology-mode Auto")
+    if distribution or names[-1:] == ["topology-mode Auto"]:
+        what.append("endpoints are used whatever their zone")
+    if not names:
+        return ""
+    return f"{', '.join(names)} ({'; '.join(what)})"
 
 
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:

@@ -263,7 +263,8 @@ class ServiceInfo:
     # TrafficPolicy applies to (HTTP ports only), in the order of `ports`. The others are L4.
     l7_ports: tuple[int, ...]
     # Per entry of `ports`, same order: that port's endpoints (address, targetPort; ready and
-    # draining, as in its ClusterEndpoints). The node map balances L4 over the ready ones.
+    # draining, as in its ClusterEndpoints). The node map balances L4 over the ready ones
+    # (with none ready, over the draining ones: serving terminating endpoints).
     backends: tuple[tuple[Endpoint, ...], ...] = ()
 
 

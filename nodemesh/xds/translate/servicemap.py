@@ -3,7 +3,8 @@ and one `NodeServiceMap` per node (its node Envoy and pod IPs). See servicemap.p
 
 A Service's entries: one per (IPv4 ClusterIP, port), L7 for `ServiceInfo.l7_ports` (the kernel
 sends the connection to the node Envoy at `NodeInfo.envoy_address`:`Mesh.outbound_port`), else
-L4 with the ready endpoints as backends (address, targetPort), all of them: each agent takes
+L4 with the ready endpoints as backends (address, targetPort; with none ready, the serving
+terminating ones, as kube-proxy), all of them: each agent takes
 its own window when there are more than the kernel holds. An IPv6 ClusterIP stands for the
 Service's first IPv4 ClusterIP (same port); without one, an L7 port gets its IPv6 ClusterIPs
 refused, an L4 one leaves them to the cluster's own path. Pure; `ServiceMaps` memoizes.
