@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,6 @@ _MAX_ALIASED_VALUES = 100_000
 # (80 KB) crashed the process, at every restart while it was there; 500 levels (2 KB) raised
 # RecursionError, which stopped every scan of the directory.
 _MAX_DEPTH = 200
-# Seconds a file that keeps changing at every poll waits to be read: one rewritten faster than
-# the polling interval (an exporter) was never read while it did.
-_SETTLE_AT_MOST = 2.0
 
 
 class _KubeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -52,8 +48,9 @@ class _KubeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
     def construct_document(self, node: yaml.Node) -> Any:
         # before the constructor flattens merge keys (`<<: *base`), whose keys may be repeated
         _refuse_repeated_keys(node)
-        self._merged = 0
         return super().construct_document(node)
+
+    _merged = 0  # pairs merge keys copied in the stream (a loader reads one file)
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         # Merge keys copy the merged mappings' pairs into each mapping before any value is
@@ -124,6 +121,7 @@ for _first in "-+.0123456789":
 # spaces only), a run of an eighth of it of compact sequence entries (`- - - x`; the pattern
 # written out: a repeated group is 25 times slower on a 1.6 MB file)
 _DEEP_INDENT = " " * (_MAX_DEPTH // 4)
+_BREAKS = ("\n", "\r", "\x85", "\u2028", "\u2029")  # YAML 1.1's line breaks, libyaml's too
 _LONG_DASHES = re.compile(r"-[ \t]+" * (_MAX_DEPTH // 8))
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -136,7 +134,7 @@ def _may_nest_too_deep(text: str) -> bool:
     entry line (`- a: b`); flow collections and complex keys at their indicators. Without a
     deep line or a long run, that is at most 2 * _MAX_DEPTH / 4 + _MAX_DEPTH / 8 + 2 levels,
     plus the indicators."""
-    if f"\n{_DEEP_INDENT}" in text or text.startswith(_DEEP_INDENT):
+    if text.startswith(_DEEP_INDENT) or any(f"{b}{_DEEP_INDENT}" in text for b in _BREAKS):
         return True
     if _LONG_DASHES.search(text):
         return True
@@ -233,13 +231,15 @@ def _documents(text: str) -> tuple[list[Any], str]:
                 doc, i = decoder.raw_decode(text, i)
                 json_docs.append(doc)
                 i = _after_space(text, i)
-            if _SURROGATE_ESCAPE.search(text):
-                json_docs = _replace_lone_surrogates(json_docs)
-            return json_docs, ""
         except ValueError as exc:  # (a JSONDecodeError, or _object_once's)
             json_problem = f"invalid JSON: {exc}"
         except RecursionError:
             json_problem = f"invalid JSON: nested deeper than {_MAX_DEPTH} levels"
+        # (those before an error are applied too)
+        if json_docs and _SURROGATE_ESCAPE.search(text):
+            json_docs = _replace_lone_surrogates(json_docs)
+        if not json_problem:
+            return json_docs, ""
     docs: list[Any] = []
     depth_problem = _yaml_depth_problem(text)
     if depth_problem:
@@ -481,8 +481,8 @@ class FilesSource:
       again or is deleted: a file being rewritten in place (`>` in a shell, some editors) is
       empty for a moment, and deleting a file is how its objects go;
     - the polling loop reads a changed file once it stayed the same for one interval (its
-      mtime, size, inode and ctime), not while it is being written (but one that changed at
-      every poll for `_SETTLE_AT_MOST` seconds is read as it is), and drops a vanished
+      mtime, size, inode and ctime), not while it is being written; one renamed in whole
+      since the previous poll (a new inode at its path) is read at once. It drops a vanished
       file's objects one interval later (it may have been moved, and its new path settles).
       Writing to a temporary name and renaming it in is still the way to change a file at
       once.
@@ -510,8 +510,6 @@ class FilesSource:
         self._task: asyncio.Task[None] | None = None
         self._file_errors: dict[Path, str] = {}
         self._seen_at_last_poll: dict[Path, Stamp] = {}
-        # files seen changing at each poll since (monotonic seconds), not read meanwhile
-        self._changing_since: dict[Path, float] = {}
         # directories the last scan could not list, links to nothing: why
         self._unlisted: dict[Path, str] = {}
 
@@ -565,7 +563,6 @@ class FilesSource:
         ):
             return False
         gone = [p for p in self._stamps if p not in stamps]
-        now = time.monotonic()
         if settled_only:
             # A file that just vanished may have been moved or renamed, and its new path
             # settles for a poll: it keeps contributing until then, so its objects never go
@@ -573,7 +570,6 @@ class FilesSource:
             gone = [p for p in gone if p not in previous_poll]
         for p in gone:  # deleted: its objects go
             del self._stamps[p]
-            self._changing_since.pop(p, None)
             self._last_good.pop(p, None)
             self._contributes.pop(p, None)
             self._file_errors.pop(p, None)
@@ -586,17 +582,28 @@ class FilesSource:
         vanished = [(p, None) for p in self._stamps if p not in stamps]
         # in path order, vanished files too: of two files defining an object the first path's
         # counts, also while it is kept for a poll
+        # A file renamed in whole since the previous poll (another inode at its path) is
+        # complete: one replaced so at every poll (an exporter) was never read while it was.
+        # It is read at once while no path comes or goes; else it settles with the others, so
+        # that an update that moves objects between files (a ConfigMap's) is taken whole. One
+        # written in place settles, however long its writer takes.
+        same_paths = stamps.keys() == previous_poll.keys()
         for p, stamp in sorted([*stamps.items(), *vanished], key=lambda item: item[0]):
             rel = str(p.relative_to(self.directory))
-            settling = settled_only and previous_poll.get(p) != stamp
-            if settling and stamp is not None and stamp != self._stamps.get(p):
-                # one that changes at every poll is read as it is after _SETTLE_AT_MOST
-                since = self._changing_since.setdefault(p, now)
-                settling = now - since < _SETTLE_AT_MOST
+            before = previous_poll.get(p)
+            settling = (
+                settled_only
+                and before != stamp
+                and not (
+                    same_paths
+                    and before is not None
+                    and stamp is not None
+                    and before[2] != stamp[2]
+                )
+            )
             if stamp is not None and stamp != self._stamps.get(p) and not settling:
                 objs, problem = self._read(p, files[p], rel)
                 self._stamps[p], self._file_errors[p] = stamp, problem
-                self._changing_since.pop(p, None)
             else:  # this version was read already, or it may still be being written
                 objs = self._contributes.get(p, [])
             if self._file_errors.get(p):  # (after a link's problem, if it is one)
