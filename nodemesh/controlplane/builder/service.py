@@ -127,28 +127,34 @@ def unhonoured(obj: Mapping[str, Any]) -> str:
     """The Service's settings that change where kube-proxy sends its traffic and that the mesh
     does not honour, as one message ("" when there are none): the settings first, then what
     happens instead. Each was ignored without a word: both the node agents and the node Envoy
-    pick among all the Service's endpoints. (For Services the mesh carries: a ClusterIP and a
-    TCP port.)"""
-    spec = obj.get("spec")
+    pick among all the Service's endpoints. (The builder asks for the Services the mesh
+    carries: not headless, with a TCP port.)"""
+    spec, meta = obj.get("spec"), obj.get("metadata")
     if type(spec) is not dict:
         return ""
+    # (the usual case at once: this runs for every Service of a cold build)
+    policy, affinity, distribution = (
+        spec.get("internalTrafficPolicy"),
+        spec.get("sessionAffinity"),
+        spec.get("trafficDistribution"),
+    )
+    annotations = meta.get("annotations") if type(meta) is dict else None
+    if policy != "Local" and affinity != "ClientIP" and not distribution and not annotations:
+        return ""
     names, what = [], []
-    if spec.get("internalTrafficPolicy") == "Local":
+    if policy == "Local":
         names.append("spec.internalTrafficPolicy Local")
         what.append(
             "endpoints on every node are used, and traffic is not dropped when the client's "
             "node has none"
         )
-    if spec.get("sessionAffinity") == "ClientIP":
+    if affinity == "ClientIP":
         names.append("spec.sessionAffinity ClientIP")
         what.append(
             "each connection picks an endpoint, and each request on a port with routes or "
             "policies; for requests a TrafficPolicy's loadBalancer hashOn a header or cookie "
             "keeps a client on one"
         )
-    distribution = spec.get("trafficDistribution")
-    meta = obj.get("metadata")
-    annotations = meta.get("annotations") if type(meta) is dict else None
     mode = (
         next((annotations[a] for a in _TOPOLOGY_ANNOTATIONS if a in annotations), None)
         if type(annotations) is dict
