@@ -481,8 +481,9 @@ class FilesSource:
       again or is deleted: a file being rewritten in place (`>` in a shell, some editors) is
       empty for a moment, and deleting a file is how its objects go;
     - the polling loop reads a changed file once it stayed the same for one interval (its
-      mtime, size, inode and ctime), not while it is being written; one renamed in whole
-      since the previous poll (a new inode at its path) is read at once. It drops a vanished
+      mtime, size, inode and ctime), not while it is being written (so a file replaced at
+      every poll is read only once it pauses for one: neither its stamps nor a new inode tell
+      a complete file from one being written), and drops a vanished
       file's objects one interval later (it may have been moved, and its new path settles).
       Writing to a temporary name and renaming it in is still the way to change a file at
       once.
@@ -582,25 +583,9 @@ class FilesSource:
         vanished = [(p, None) for p in self._stamps if p not in stamps]
         # in path order, vanished files too: of two files defining an object the first path's
         # counts, also while it is kept for a poll
-        # A file renamed in whole since the previous poll (another inode at its path) is
-        # complete: one replaced so at every poll (an exporter) was never read while it was.
-        # It is read at once while no path comes or goes; else it settles with the others, so
-        # that an update that moves objects between files (a ConfigMap's) is taken whole. One
-        # written in place settles, however long its writer takes.
-        same_paths = stamps.keys() == previous_poll.keys()
         for p, stamp in sorted([*stamps.items(), *vanished], key=lambda item: item[0]):
             rel = str(p.relative_to(self.directory))
-            before = previous_poll.get(p)
-            settling = (
-                settled_only
-                and before != stamp
-                and not (
-                    same_paths
-                    and before is not None
-                    and stamp is not None
-                    and before[2] != stamp[2]
-                )
-            )
+            settling = settled_only and previous_poll.get(p) != stamp
             if stamp is not None and stamp != self._stamps.get(p) and not settling:
                 objs, problem = self._read(p, files[p], rel)
                 self._stamps[p], self._file_errors[p] = stamp, problem
