@@ -400,6 +400,25 @@ class HeldHealthBackend(Backend):
         return web.Response(text="ok")
 
 
+class Poller:
+    """GETs `url` in a thread, one after another, until `stop()`: (status, body) of each."""
+
+    def __init__(self, url: str) -> None:
+        self.seen: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(url,))
+        self._thread.start()
+
+    def _poll(self, url: str) -> None:
+        while not self._stop.is_set():
+            r = http_get(url)
+            self.seen.append((r.status, r.body.strip()))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join)
+
+
 def health_checked(name: str) -> cluster_pb2.Cluster:
     c = R.eds_cluster(name)
     hc = c.health_checks.add()
@@ -430,16 +449,8 @@ async def test_a_route_to_a_new_cluster_never_answers_503_while_it_is_applied(
         R.endpoints("b", b.port),
     )
 
-    seen: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            r = http_get(url)
-            seen.append((r.status, r.body.strip()))
-
-    poller = threading.Thread(target=poll)
-    poller.start()
+    poller = Poller(url)
+    seen = poller.seen
     try:
         await eventually(lambda: seen, what="the first answer")
         control_plane.cache.set_snapshot("n", s2)
@@ -451,9 +462,8 @@ async def test_a_route_to_a_new_cluster_never_answers_503_while_it_is_applied(
         b.release()
         await eventually(lambda: seen[-1] == (200, "b"), what="the route to b is applied")
     finally:
-        stop.set()
+        await poller.stop()
         b.release()
-        await asyncio.to_thread(poller.join)
         await b.stop()
     assert Counter(status for status, _ in seen) == {200: len(seen)}, Counter(seen)
     assert {body for _, body in seen} == {"a", "b"}
@@ -483,16 +493,8 @@ async def test_a_route_to_a_cluster_of_a_later_build_never_answers_503(
         health_checked("c"),
         R.endpoints("c", c.port),
     )
-    seen: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            r = http_get(url)
-            seen.append((r.status, r.body.strip()))
-
-    poller = threading.Thread(target=poll)
-    poller.start()
+    poller = Poller(url)
+    seen = poller.seen
     try:
         await eventually(lambda: seen, what="the first answer")
         control_plane.cache.set_snapshot("n", s2)
@@ -505,10 +507,9 @@ async def test_a_route_to_a_cluster_of_a_later_build_never_answers_503(
         c.release()
         await eventually(lambda: seen[-1] == (200, "c"), what="the route to c is applied")
     finally:
-        stop.set()
+        await poller.stop()
         b.release()
         c.release()
-        await asyncio.to_thread(poller.join)
         await b.stop()
         await c.stop()
     assert Counter(status for status, _ in seen) == {200: len(seen)}, Counter(seen)
