@@ -31,7 +31,8 @@ def route(kind: str, backend_refs: list[dict[str, Any]]) -> dict[str, Any]:
 def envoy_route(*objs: dict[str, Any]) -> tuple[rc.Route, Any]:
     """The Envoy route the rule of HTTPRoute/GRPCRoute shop/r became, and the build result."""
     store = Store()
-    for obj in (service("web"), service("v1"), *objs):
+    # v1's port speaks HTTP/2, as a GRPCRoute's backends must
+    for obj in (service("web"), service("v1", ports=(("http", 80, "kubernetes.io/h2c"),)), *objs):
         store.apply(obj)
     result = build(store.view())
     (config,) = translate_messages(result.mesh)[types.ROUTE]

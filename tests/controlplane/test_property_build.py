@@ -270,8 +270,9 @@ def test_backend_ref_header_modifiers_change_that_backends_requests_only(
     rule: the route is Accepted, each backend's weighted cluster changes the headers its own
     filters name, and no header that only the other backend's filters name."""
     store = Store()
-    for name in ("web", "v1", "v2"):
-        store.apply(service(name))
+    store.apply(service("web"))
+    for name in ("v1", "v2"):  # HTTP/2, as a GRPCRoute's backends must speak
+        store.apply(service(name, ports=(("http", 80, "kubernetes.io/h2c"),)))
     rule: dict[str, Any] = {
         "backendRefs": [
             {"name": name, "port": 80, "filters": filters}

@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nodemesh.controlplane.store import ObjectKey
 from tests.e2e.mesh import Mesh, endpoint_slice, service
 from tests.e2e.objects import grpc_route, policy, to
 
@@ -134,12 +135,14 @@ async def test_a_policy_retries_unavailable_only_in_a_trailers_only_reply(
         await server.stop(0)
 
 
-async def test_a_grpc_route_to_a_port_without_an_h2_app_protocol_speaks_http2(
+async def test_a_grpc_route_to_a_port_that_does_not_say_http2_says_why_it_fails(
     mesh: Mesh,
 ) -> None:
     """A GRPCRoute to a Service port named `api`, without appProtocol: its cluster spoke
     HTTP/1.1, and every call failed ("protocol error") while the route said Accepted,
-    ResolvedRefs and Programmed. gRPC has no HTTP/1.1 form: the port speaks HTTP/2."""
+    ResolvedRefs and Programmed. The backend is now unresolved, UnsupportedProtocol, saying
+    what to set (making the port's one cluster HTTP/2 would break its HTTP/1.1 clients);
+    with appProtocol kubernetes.io/h2c the calls go through."""
     server, port, calls = await flaky_server(0, after_headers=False)
     try:
         mesh.apply(
@@ -147,6 +150,15 @@ async def test_a_grpc_route_to_a_port_without_an_h2_app_protocol_speaks_http2(
             endpoint_slice("plainapi", port, port_name="api"),
             grpc_route("plainapi", "plainapi", [{"backendRefs": [to("plainapi", port=50051)]}]),
         )
+        await mesh.converge()
+        assert await call_through_mesh(mesh, "plainapi") == grpc.StatusCode.UNAVAILABLE
+        assert calls == []
+        conditions = mesh.pipeline.conditions()[ObjectKey("GRPCRoute", "shop", "plainapi")]
+        (resolved,) = [c for c in conditions if c.type == "ResolvedRefs"]
+        assert (resolved.status, resolved.reason) == ("False", "UnsupportedProtocol")
+        assert "appProtocol kubernetes.io/h2c" in resolved.message
+
+        mesh.apply(service("plainapi", ports=(("api", 50051, "kubernetes.io/h2c"),)))
         await mesh.converge()
         assert await call_through_mesh(mesh, "plainapi") == grpc.StatusCode.OK
         assert len(calls) == 1

@@ -801,8 +801,6 @@ class Engine:
                 users.discard(key)
                 if not users:
                     del self.cluster_users[pk]
-            if key.kind == "GRPCRoute":  # its backends' clusters may speak HTTP/1.1 again
-                usage_changed.update(old.clusters)
         if old is not None and key in self.consumer_routes.get(key.namespace, ()):
             mine = self.consumer_routes[key.namespace]
             mine.discard(key)
@@ -837,8 +835,6 @@ class Engine:
                 usage_changed.add(pk)
             self.cluster_users.setdefault(pk, set()).add(key)
             self.cluster_keys[self.services[pk[:2]].cluster_name(pk[2])] = pk
-        if key.kind == "GRPCRoute":  # its backends' clusters speak HTTP/2 (_cluster)
-            usage_changed.update(model.clusters)
         return touched | parents
 
     # -- per Service: virtual hosts, clusters, ServiceInfo ---------------------------------
@@ -1034,12 +1030,7 @@ class Engine:
             return
         cname = svc.cluster_name(port)
         pm = svc.port(port)
-        # A port a GRPCRoute sends to speaks HTTP/2 whatever its appProtocol and name say:
-        # gRPC has no HTTP/1.1 form (it needs trailers), and over HTTP/1.1 every call failed
-        # ("protocol error") while the route said Accepted, ResolvedRefs and Programmed.
-        http2 = bool(pm and pm.http2) or any(
-            k.kind == "GRPCRoute" for k in self.cluster_users.get(pk, ())
-        )
+        http2 = bool(pm and pm.http2)
         s = self.settings.get(pk)
         if s is None:  # no policy: the defaults, without looking at them one by one
             cluster = ir.Cluster(

@@ -88,7 +88,9 @@ def _backend(
     route_ns: str,
     services: Mapping[tuple[str, str], ServiceModel],
     refs: _Refs,
+    grpc: bool = False,
 ) -> PortKey | None:
+    """The Service port a backendRef names, or None with why (`grpc`: for a GRPCRoute)."""
     group, kind = ref.get("group", ""), ref.get("kind", "Service")
     if group != "" or kind != "Service":
         refs.problems.append(("InvalidKind", f"{path}: {group or 'core'}/{kind} is not a Service"))
@@ -116,6 +118,19 @@ def _backend(
             (
                 "UnsupportedProtocol",
                 f"{path}: Service {ns}/{name} port {port} is not HTTP ({sp.not_http})",
+            )
+        )
+        return None
+    if grpc and not sp.http2:
+        # gRPC has no HTTP/1.1 form: over the port's HTTP/1.1 cluster every call failed
+        # ("protocol error") with the route all True. Making the port's one cluster HTTP/2
+        # would break its HTTP/1.1 clients, whoever they are: the port must say it.
+        refs.problems.append(
+            (
+                "UnsupportedProtocol",
+                f"{path}: Service {ns}/{name} port {port} does not speak HTTP/2, which gRPC "
+                "needs: give it appProtocol kubernetes.io/h2c (or grpc), or a name grpc, h2c "
+                "or http2",
             )
         )
         return None
@@ -329,6 +344,7 @@ def _filters(
                 route_ns,
                 services,
                 refs,
+                grpc=route_kind == "GRPCRoute",
             )
             percent = 100.0
             if "percent" in spec and "fraction" in spec:
@@ -490,7 +506,9 @@ def read_route(
             weight = int_in(
                 b.get("weight", 1), f"{rpath}.backendRefs[{bi}].weight", p, 0, 1_000_000
             )
-            target = _backend(b, f"{rpath}.backendRefs[{bi}]", ns, services, refs)
+            target = _backend(
+                b, f"{rpath}.backendRefs[{bi}]", ns, services, refs, grpc=kind == "GRPCRoute"
+            )
             # Gateway API: "executed if and only if the request is being forwarded to the
             # backend defined here", after the rule's (translate keeps that order).
             own = _filters(
