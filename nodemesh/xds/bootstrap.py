@@ -96,6 +96,10 @@ def bootstrap(
                 {
                     "name": XDS_CLUSTER,
                     "type": "STRICT_DNS" if not _is_ip(host) else "STATIC",
+                    # A name's IPv4 address first (its IPv6 one if it has none): Envoy's
+                    # resolver answers `localhost` with ::1, and an Envoy told
+                    # `localhost:18000` never reached a control plane on 127.0.0.1.
+                    **({} if _is_ip(host) else {"dns_lookup_family": "V4_PREFERRED"}),
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

@@ -542,3 +542,17 @@ async def test_a_new_cluster_warms_at_once_when_more_clusters_follow_it(
     took = time.monotonic() - started
     assert took < 10, f"b warmed after {took:.1f} s: its initial fetch timeout, not its endpoints"
     assert await eventually(lambda: all_acked(control_plane, "n", s3), what="every type ACKed")
+
+
+async def test_an_envoy_told_localhost_reaches_a_control_plane_on_ipv4(
+    control_plane: ControlPlane, start_envoy: Any, backends: Any
+) -> None:
+    """`nodemesh bootstrap --xds localhost:18000`, the control plane on its default
+    127.0.0.1:18000: Envoy's resolver answers `localhost` with ::1 first, and the Envoy never
+    connected, with no word but its own log's. The bootstrap prefers IPv4 addresses."""
+    a = await backends("a")
+    s = snap(*base(free_port(), a.port))
+    control_plane.cache.set_snapshot("n", s)
+    port = control_plane.address.rsplit(":", 1)[1]
+    start_envoy("n", f"localhost:{port}")
+    assert await eventually(lambda: all_acked(control_plane, "n", s), what="every type ACKed")
