@@ -166,12 +166,14 @@ async def test_a_grpc_route_to_a_port_that_does_not_say_http2_says_why_it_fails(
         await server.stop(0)
 
 
+@pytest.mark.parametrize("with_route", [True, False], ids=["grpcroute", "grpc-port-alone"])
 async def test_a_policy_request_timeout_ends_calls_and_streams_with_deadline_exceeded(
-    mesh: Mesh,
+    mesh: Mesh, with_route: bool
 ) -> None:
     """`timeouts.request` on a gRPC Service: a bidi stream that kept sending ran past it
     without end (Envoy's route timeout starts once the request has ended), and a unary call
-    it cut failed UNAVAILABLE, which clients retry, where a deadline is DEADLINE_EXCEEDED."""
+    it cut failed UNAVAILABLE, which clients retry, where a deadline is DEADLINE_EXCEEDED.
+    The same with a GRPCRoute, or without one on a port whose appProtocol says gRPC."""
 
     async def slow(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await asyncio.sleep(3)
@@ -191,14 +193,16 @@ async def test_a_policy_request_timeout_ends_calls_and_streams_with_deadline_exc
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
+        name = f"deadline{int(with_route)}"
         mesh.apply(
-            service("deadline", ports=H2),
-            endpoint_slice("deadline", port, port_name="grpc"),
-            policy("deadline", "deadline", timeouts={"request": "500ms"}),
-            grpc_route("deadline", "deadline", [{"backendRefs": [to("deadline", port=50051)]}]),
+            service(name, ports=H2 if with_route else (("rpc", 50051, "kubernetes.io/grpc"),)),
+            endpoint_slice(name, port, port_name="grpc" if with_route else "rpc"),
+            policy(name, name, timeouts={"request": "500ms"}),
         )
+        if with_route:
+            mesh.apply(grpc_route(name, name, [{"backendRefs": [to(name, port=50051)]}]))
         await mesh.converge()
-        options = [("grpc.default_authority", "deadline.shop:50051")]
+        options = [("grpc.default_authority", f"{name}.shop:50051")]
         target = f"127.0.0.1:{mesh.outbound_port}"
         async with grpc.aio.insecure_channel(target, options=options) as ch:
             started = time.monotonic()

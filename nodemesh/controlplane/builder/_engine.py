@@ -903,6 +903,7 @@ class Engine:
                     default = ir.Route(
                         f"Service/{ns}/{name}{suffix}/default",
                         backends=(ir.Backend(cname),),
+                        grpc_calls=sp.grpc,
                         origins=origins,
                     )
                     # Without a policy, _finish would give the route as it is (its one cluster

@@ -49,6 +49,14 @@ class PortModel:
         return self.name.split("-", 1)[0] in ("grpc", "h2c", "http2")
 
     @property
+    def grpc(self) -> bool:
+        """The port says it carries gRPC calls: appProtocol `grpc` or `kubernetes.io/grpc`,
+        or without one a name `grpc` or `grpc-<suffix>` (not `grpc-web`)."""
+        if self.app_protocol:
+            return self.app_protocol.lower() in ("grpc", "kubernetes.io/grpc")
+        return self.http2 and self.name.split("-", 1)[0] == "grpc"
+
+    @property
     def not_http(self) -> str:
         """Why routes cannot apply to this port (its appProtocol, or its name's protocol,
         is not cleartext HTTP), or "" when they can: a port with neither says nothing, and

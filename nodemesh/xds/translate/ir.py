@@ -230,6 +230,9 @@ class Route:
     rewrite: Rewrite | None = None
     mirrors: tuple[Mirror, ...] = ()
     timeout_ms: int | None = None  # None: Envoy's default (15 s); 0: no timeout
+    # gRPC calls (a GRPCRoute's, or a gRPC port's default route): `timeout_ms` bounds each
+    # call from its start, a stream too (route.max_stream_duration)
+    grpc_calls: bool = False
     idle_timeout_ms: int | None = None
     retry: Retry | None = None
     fault: Fault | None = None
