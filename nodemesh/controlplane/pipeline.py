@@ -73,7 +73,8 @@ log = logging.getLogger(__name__)
 ConditionsCallback = Callable[[ObjectKey, tuple[Condition, ...]], None]
 _STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
 # Kinds whose objects may get conditions that nodemesh shows (in /status and the log) but does
-# not own, so never writes back: a Pod with an unusable socket-redirect annotation.
+# not own, so never writes back: a Pod with an unusable socket-redirect annotation, a Service
+# with settings the mesh does not honour.
 _NOTICE_KINDS = ("Pod", "Service")
 # What a node Envoy asks for (its agent asks for the service map types only)
 _ENVOY_TYPES = (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE)
@@ -379,7 +380,7 @@ class Pipeline:
         """The status body for `key`, or None if the pipeline has no conditions for it (what
         `kubernetes_status`, the `StatusSource` the kopf operator calls, returns)."""
         if key not in self._conditions or key.kind in _NOTICE_KINDS:
-            return None  # (a Pod's notices are shown, never written back)
+            return None  # (a Pod's or Service's notices are shown, never written back)
         transitions = {pt: t for pt, (_, t) in self._transitions.get(key, {}).items()}
         return kubernetes_status(key.kind, self._conditions.get(key, ()), transitions)
 

@@ -39,7 +39,12 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
         (tmp_path / "svc.yaml").write_text(yaml.safe_dump_all(services))
 
     write(
-        service("local", internalTrafficPolicy="Local", sessionAffinity="ClientIP"),
+        service(
+            "local",
+            internalTrafficPolicy="Local",
+            sessionAffinity="ClientIP",
+            trafficDistribution="PreferSameNode",
+        ),
         service("close", trafficDistribution="PreferClose"),
         service("hints", {"service.kubernetes.io/topology-mode": "Auto"}),
         # what the API server writes by default: nothing to say
@@ -65,18 +70,18 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
             ("Supported", "False", "UnsupportedValue")
         ]
     assert said["local"][0]["message"].startswith(
-        "not honoured by the mesh: spec.internalTrafficPolicy Local, spec.sessionAffinity "
-        "ClientIP (endpoints on every node are used"
+        "internalTrafficPolicy Local, sessionAffinity ClientIP, trafficDistribution "
+        "PreferSameNode: not honoured by the mesh (endpoints on every node are used"
     )
-    assert said["close"][0]["message"].startswith(
-        "not honoured by the mesh: spec.trafficDistribution PreferClose (endpoints are used "
+    assert said["close"][0]["message"] == (
+        "trafficDistribution PreferClose: not honoured by the mesh (endpoints are used "
         "whatever their zone)"
     )
-    assert said["hints"][0]["message"].startswith("not honoured by the mesh: topology-mode Auto")
+    assert said["hints"][0]["message"].startswith("topology-mode Auto: not honoured by the mesh")
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 3 and all("not honoured by the mesh" in w for w in warnings), warnings
     table = render_status(p.status_json())  # what `nodemesh status` prints: each setting
-    assert "spec.internalTrafficPolicy Local, spec.sessionAffinity ClientIP" in table
+    assert "internalTrafficPolicy Local, sessionAffinity ClientIP, trafficDistribution" in table
     # shown, never written back: the operator gets no status body for a Service
     assert p.kubernetes_status(ObjectKey("Service", "shop", "local")) is None
 

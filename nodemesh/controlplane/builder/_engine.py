@@ -614,7 +614,7 @@ class Engine:
                         "Supported",
                         "False",
                         "UnsupportedValue",
-                        f"not honoured by the mesh: {unsupported}",
+                        unsupported,
                         generation(obj),
                     ),
                 )

@@ -133,10 +133,11 @@ _TOPOLOGY_ANNOTATIONS = (
 
 def unhonoured(obj: Mapping[str, Any]) -> str:
     """The Service's settings that change where kube-proxy sends its traffic and that the mesh
-    does not honour, as one message ("" when there are none): the settings first, then what
-    happens instead. Each was ignored without a word: both the node agents and the node Envoy
-    pick among all the Service's endpoints. (The builder asks for the Services the mesh
-    carries: not headless, with a TCP port.)"""
+    does not honour, as one message ("" when there are none): the settings first (so that the
+    cut `nodemesh status` makes of a message keeps each), then what happens instead. Each was
+    ignored without a word: both the node agents and the node Envoy pick among all the
+    Service's endpoints. (The builder asks for the Services the mesh carries: not headless,
+    with a TCP port.)"""
     spec, meta = obj.get("spec"), obj.get("metadata")
     if type(spec) is not dict:
         return ""
@@ -151,13 +152,13 @@ def unhonoured(obj: Mapping[str, Any]) -> str:
         return ""
     names, what = [], []
     if policy == "Local":
-        names.append("spec.internalTrafficPolicy Local")
+        names.append("internalTrafficPolicy Local")
         what.append(
             "endpoints on every node are used, and traffic is not dropped when the client's "
             "node has none"
         )
     if affinity == "ClientIP":
-        names.append("spec.sessionAffinity ClientIP")
+        names.append("sessionAffinity ClientIP")
         what.append(
             "each connection picks an endpoint, and each request on a port with routes or "
             "policies; for requests a TrafficPolicy's loadBalancer hashOn a header or cookie "
@@ -169,14 +170,14 @@ def unhonoured(obj: Mapping[str, Any]) -> str:
         else None
     )
     if distribution:
-        names.append(f"spec.trafficDistribution {distribution}")
+        names.append(f"trafficDistribution {distribution}")
     elif mode is not None and str(mode).lower() == "auto":
         names.append("topology-mode Auto")
     if distribution or names[-1:] == ["topology-mode Auto"]:
         what.append("endpoints are used whatever their zone")
     if not names:
         return ""
-    return f"{', '.join(names)} ({'; '.join(what)})"
+    return f"{', '.join(names)}: not honoured by the mesh ({'; '.join(what)})"
 
 
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
