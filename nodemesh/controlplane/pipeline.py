@@ -446,10 +446,22 @@ class Pipeline:
                 for where, message in sorted(errors.items())
             ],
             "objects": objects,
-            "nodes": self.status.snapshot() if self.status is not None else {},
+            "nodes": self._nodes_json(),
             # the other replicas whose node Envoys count in Programmed (see use_peers)
             "peers": self.peers.describe() if self.peers is not None else {},
         }
+
+    def _nodes_json(self) -> dict[str, Any]:
+        """Per node its streams and versions; a Ready Node whose Envoy never connected (here
+        or to a peer) too, `connected: false`: before, it was missing, and objects waiting
+        for it read like a slow ACK."""
+        out = self.status.snapshot() if self.status is not None else {}
+        if self._result is None:
+            return out
+        remote = self._remote_nodes()[0] if self.peers is not None else {}
+        for node in sorted(self._ready_nodes() - out.keys() - remote.keys()):
+            out[node] = {"connected": False, "streams": 0, "types": {}}
+        return dict(sorted(out.items()))
 
     # -- rebuilding ------------------------------------------------------------------------
     def _on_store_change(self, revision: int, changed: frozenset[ObjectKey]) -> None:
@@ -1229,6 +1241,10 @@ class Pipeline:
                 + ", ".join(f"{n}: {types.short_name(t)} {name}" for n, t, name in shown)
                 + more
             )
+            if ctx.unseen and wanted:
+                # a slow ACK reads the same: say whose Envoy has never connected
+                extra = f" (+{len(ctx.unseen) - 3} more)" if len(ctx.unseen) > 3 else ""
+                message += f"; never connected: {', '.join(ctx.unseen[:3])}{extra}"
             return Condition("Programmed", "False", "Pending", message, gen, parent)
         message = f"ACKed by {ctx.expected} node(s)"
         if ctx.not_ready:

@@ -52,6 +52,8 @@ def render(status: dict[str, Any]) -> str:
     out.extend(_table(rows, ["OBJECT", "PARENT", "CONDITION", "STATUS", "REASON", "MESSAGE"]))
     nodes = []
     for node_id, node in sorted(status.get("nodes", {}).items()):
+        if not node.get("types"):  # a Node whose Envoy has not connected, or asked for nothing
+            nodes.append([node_id, "yes" if node.get("connected") else "no", "-", "", "", ""])
         for short, ts in sorted(node.get("types", {}).items()):
             nack = ts.get("last_nack")
             nodes.append([node_id, "yes" if node.get("connected") else "no", short,

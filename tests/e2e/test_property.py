@@ -18,7 +18,7 @@ from nodemesh.controlplane.store import ObjectKey
 from tests import gatewayapi
 from tests.controlplane import crd
 from tests.e2e.conftest import Backends
-from tests.e2e.mesh import NODE, Mesh, endpoint_slice, service
+from tests.e2e.mesh import HTTP_PORT, NODE, Mesh, endpoint_slice, service
 from tests.e2e.objects import grpc_route, http_route, policy, to
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -359,12 +359,15 @@ CLIENT_POD = {
 }
 
 
-async def setup_services(mesh: Mesh, backends: Backends) -> None:
+async def setup_services(mesh: Mesh, backends: Backends, h2: bool = False) -> None:
+    """Services prop (the parent), prop-a and prop-b (backends; `h2`: their ports say HTTP/2,
+    as a GRPCRoute's backends must)."""
     a, b = await backends.get("prop-a"), await backends.get("prop-b")
+    ports = (("http", 80, "kubernetes.io/h2c"),) if h2 else HTTP_PORT
     mesh.apply(
         service("prop"),
-        service("prop-a"),
-        service("prop-b"),
+        service("prop-a", ports=ports),
+        service("prop-b", ports=ports),
         endpoint_slice("prop-a", a.port),
         endpoint_slice("prop-b", b.port),
     )
@@ -429,7 +432,7 @@ async def test_every_valid_route_is_acked_by_envoy(
 async def test_every_valid_grpc_route_is_acked_by_envoy(
     mesh: Mesh, backends: Backends, route_rules: list[dict[str, Any]], parent: dict[str, Any]
 ) -> None:
-    await setup_services(mesh, backends)
+    await setup_services(mesh, backends, h2=True)
     mesh.delete("TrafficPolicy", "prop-policy")
     route = grpc_route("prop-grpc", "prop", route_rules)
     route["spec"]["parentRefs"][0].update(parent)
@@ -511,7 +514,7 @@ async def test_every_valid_route_with_policies_is_acked_by_envoy(
     """Routes and the policies of their parent and backends, drawn together: whatever the
     builder accepts, Envoy ACKs (a policy's defaults merged into a route that redirects, splits
     between hashing backends, or sets its own retry and timeouts)."""
-    await setup_services(mesh, backends)
+    await setup_services(mesh, backends, h2=drawn[0].kind == "GRPCRoute")
     others = (("HTTPRoute", "shop", "prop-route"), ("GRPCRoute", "shop", "prop-grpc"),
               ("HTTPRoute", "props", "prop-consumer"))  # fmt: skip
     for kind, ns, name in (*((k.kind, k.namespace, k.name) for k in COMBO_ROUTES), *others):
