@@ -109,7 +109,16 @@ def run(args: argparse.Namespace) -> int:
         why = str(exc)
         if not why.isprintable():  # what a port that is not HTTP answered: one line, escaped
             why = repr(why)
-        print(f"nodemesh status: cannot read {url}: {why}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, http.client.HTTPException) and not isinstance(
+            exc, http.client.IncompleteRead
+        ):
+            # the xDS port (gRPC, HTTP/2) is the usual mistake; it printed its frame's bytes
+            hint = (
+                " (it does not answer HTTP/1.1: the xDS port? /status is on the control "
+                "plane's --http-listen address, 127.0.0.1:18080 by default)"
+            )
+        print(f"nodemesh status: cannot read {url}: {why}{hint}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0

@@ -179,3 +179,5 @@ def test_a_port_that_does_not_speak_http_is_one_line_not_a_traceback(
     assert code == 1
     assert err.startswith(f"nodemesh status: cannot read http://127.0.0.1:{port}/status: ")
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.rstrip().endswith("the xDS port? /status is on the control plane's --http-listen "
+                                 "address, 127.0.0.1:18080 by default)"), err  # fmt: skip
