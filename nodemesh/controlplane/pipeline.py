@@ -76,6 +76,10 @@ _STATUS_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")
 # not own, so never writes back: a Pod with an unusable socket-redirect annotation, a Service
 # with settings the mesh does not honour.
 _NOTICE_KINDS = ("Pod", "Service")
+# The conditions whose False the log says (Programmed=False is a wait, or an Envoy's NACK,
+# which the ADS server logs)
+_REFUSALS = ("Accepted", "ResolvedRefs")
+_REFUSALS_LOGGED = 20
 # What a node Envoy asks for (its agent asks for the service map types only)
 _ENVOY_TYPES = (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE)
 
@@ -161,6 +165,9 @@ class _ProgrammedContext:
     # connected nodes (here) whose outbound Listener is not the current one, grouped by what
     # they hold (see `_ListenerLag`)
     lds_behind: tuple[_ListenerLag, ...] = ()
+    # expected nodes (not a peer's) whose Envoy is not connected here: never, not since it left,
+    # or only their agent is
+    absent: tuple[str, ...] = ()
 
 
 # How long a replica says that a node's Envoy left it on its own (`left` in /programmed): past
@@ -452,15 +459,22 @@ class Pipeline:
         }
 
     def _nodes_json(self) -> dict[str, Any]:
-        """Per node its streams and versions; a Ready Node whose Envoy never connected (here
-        or to a peer) too, `connected: false`: before, it was missing, and objects waiting
-        for it read like a slow ACK."""
+        """Per node its streams and versions, and whether its Envoy is connected (`connected`:
+        any stream, its agent's too); and a Ready Node whose Envoy never connected here, nor
+        to a peer (nor is on its way from one), `connected: false`: before, it was missing,
+        and objects waiting for it read like a slow ACK."""
         out = self.status.snapshot() if self.status is not None else {}
+        if self.status is not None:
+            envoys = self._envoys_here()
+            for node_id, entry in out.items():
+                entry["envoy_connected"] = node_id in envoys
         if self._result is None:
             return out
-        remote = self._remote_nodes()[0] if self.peers is not None else {}
-        for node in sorted(self._ready_nodes() - out.keys() - remote.keys()):
-            out[node] = {"connected": False, "streams": 0, "types": {}}
+        elsewhere: set[str] = set()
+        if self.peers is not None:
+            elsewhere.update(self._remote_nodes()[0], self.peers.departed())
+        for node in sorted(self._ready_nodes() - out.keys() - elsewhere):
+            out[node] = {"connected": False, "streams": 0, "types": {}, "envoy_connected": False}
         return dict(sorted(out.items()))
 
     # -- rebuilding ------------------------------------------------------------------------
@@ -848,7 +862,8 @@ class Pipeline:
         moving = self._moving_nodes(remote) if not local_only else {}
         if moving:
             remote = {**remote, **{node: report.peer for node, report in moving.items()}}
-        expected = sorted(self._envoys_here()) if local_only else self._expected_nodes(remote)
+        envoys = self._envoys_here()
+        expected = sorted(envoys) if local_only else self._expected_nodes(remote)
         partial, unseen = [], []
         lds_behind: dict[tuple[str, str | None, str | None, int], list[str]] = {}
         nacks: dict[int, NackRecord | None] = {}
@@ -935,6 +950,7 @@ class Pipeline:
                 )
                 for (now, held, nacked, nack_id), nodes in lds_behind.items()
             ),
+            absent=tuple(n for n in expected if n not in remote and n not in envoys),
         )
 
     def _programmed(
@@ -1241,10 +1257,12 @@ class Pipeline:
                 + ", ".join(f"{n}: {types.short_name(t)} {name}" for n, t, name in shown)
                 + more
             )
-            if ctx.unseen and wanted:
-                # a slow ACK reads the same: say whose Envoy has never connected
-                extra = f" (+{len(ctx.unseen) - 3} more)" if len(ctx.unseen) > 3 else ""
-                message += f"; never connected: {', '.join(ctx.unseen[:3])}{extra}"
+            if ctx.absent:
+                # a slow ACK reads the same: say which of the nodes waited for have no Envoy
+                waited = {n for n, _, _ in shown}.union(ctx.unseen if wanted else ())
+                absent = [n for n in ctx.absent if n in waited]
+                if absent:
+                    message += f"; Envoy not connected: {', '.join(absent)}"
             return Condition("Programmed", "False", "Pending", message, gen, parent)
         message = f"ACKed by {ctx.expected} node(s)"
         if ctx.not_ready:
@@ -1362,12 +1380,39 @@ class Pipeline:
             self._transitions[key] = times
         for key in gone:
             self._transitions.pop(key, None)
-        self._conditions = new
+        previous, self._conditions = self._conditions, new
+        refusals = 0
         for key in changed:
             if key.kind in _NOTICE_KINDS:
                 for c in new[key]:
                     log.warning("%s %s/%s: %s", key.kind, key.namespace, key.name, c.message)
+            else:
+                # A route or policy refused, or with a reference that does not resolve: said
+                # in the log too, once per new verdict (it was in /status only); the first
+                # _REFUSALS_LOGGED of a build (a restart finds them all new)
+                old = set(previous.get(key, ()))
+                for c in new[key]:
+                    if c.type not in _REFUSALS or c.status != "False" or c in old:
+                        continue
+                    refusals += 1
+                    if refusals <= _REFUSALS_LOGGED:
+                        where = f" ({c.parent})" if c.parent else ""
+                        log.warning(
+                            "%s %s/%s%s: %s=False %s: %s",
+                            key.kind,
+                            key.namespace,
+                            key.name,
+                            where,
+                            c.type,
+                            c.reason,
+                            c.message,
+                        )
             self._emit(key, new[key])
+        if refusals > _REFUSALS_LOGGED:
+            log.warning(
+                "%d more routes and policies refused or unresolved: see /status",
+                refusals - _REFUSALS_LOGGED,
+            )
         for key in gone:
             self._emit(key, ())
         self._check_settled()  # (once settled, the objects are reported again)

@@ -52,11 +52,14 @@ def render(status: dict[str, Any]) -> str:
     out.extend(_table(rows, ["OBJECT", "PARENT", "CONDITION", "STATUS", "REASON", "MESSAGE"]))
     nodes = []
     for node_id, node in sorted(status.get("nodes", {}).items()):
+        connected = "yes" if node.get("connected") else "no"
+        if connected == "yes" and node.get("envoy_connected") is False:
+            connected = "agent only"  # its Envoy is not connected: it holds nothing new
         if not node.get("types"):  # a Node whose Envoy has not connected, or asked for nothing
-            nodes.append([node_id, "yes" if node.get("connected") else "no", "-", "", "", ""])
+            nodes.append([node_id, connected, "-", "", "", ""])
         for short, ts in sorted(node.get("types", {}).items()):
             nack = ts.get("last_nack")
-            nodes.append([node_id, "yes" if node.get("connected") else "no", short,
+            nodes.append([node_id, connected, short,
                           ts.get("version_sent", ""), ts.get("version_acked", ""),
                           _one_line((nack or {}).get("message", ""), 80)])  # fmt: skip
     out.append("")

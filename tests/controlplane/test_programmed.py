@@ -16,6 +16,7 @@ from nodemesh.controlplane import pipeline as pipeline_module
 from nodemesh.controlplane.builder import LabelSelector
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.status_cli import render as render_status
 from nodemesh.controlplane.store import ObjectKey, Store
 from nodemesh.xds import types
 from nodemesh.xds.cache import SnapshotCache
@@ -232,8 +233,11 @@ async def test_a_consumer_route_is_programmed_once_its_nodes_hold_their_own_list
             held = {n: r.version for n, r in snapshot.resources(t).items()}
             status.acked(node, t, snapshot.version(t) or "", held, replace=True)
 
-    for node in ("node-a", "node-b"):
+    for node in ("node-a", "node-b"):  # each node's Envoy on a stream of its own
         status.stream_opened(node)
+        stream = object()
+        for t in (types.CLUSTER, types.ENDPOINT, types.ROUTE, types.LISTENER):
+            status.resumed(node, t, "", {}, stream=stream)
         ack(node)
     p._update_conditions()
     assert programmed(consumer)[:2] == ("True", "Programmed")  # no qa client anywhere yet
@@ -507,6 +511,54 @@ async def test_a_node_that_is_not_ready_holds_nothing_back_until_it_connects() -
         assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
         (c,) = (c for c in p.conditions()[ROUTE] if c.type == "Programmed")
         assert c.message == "ACKed by 2 node(s)"
+    finally:
+        await p.stop()
+
+
+def _message(p: Pipeline) -> str:
+    return next(c.message for c in p.conditions()[ROUTE] if c.type == "Programmed")
+
+
+async def test_a_pending_message_says_which_nodes_have_no_envoy() -> None:
+    """A Ready Node whose Envoy is not connected (never; only its eBPF agent is, as while its
+    Envoy crash-loops; or it left and was forgotten) holds every object Pending, and the
+    message read like a slow ACK. It says so, and /status and `nodemesh status` show it."""
+    store, status, cache = Store(), StatusTracker(forget_after=0.0), SnapshotCache()
+    FilesSource(EXAMPLES, store).scan()
+    store.apply(_node_b("True"))
+    p = Pipeline(store, cache, status)
+    await p.start()
+    try:
+        _SotwEnvoy(cache, status, "node-a").pump()
+        assert await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        assert _message(p).endswith("; Envoy not connected: node-b"), _message(p)
+        nodes = p.status_json()["nodes"]
+        assert nodes["node-b"] == {
+            "connected": False, "streams": 0, "types": {}, "envoy_connected": False,
+        }  # fmt: skip
+        assert nodes["node-a"]["envoy_connected"] is True
+
+        # its agent alone connects (same node id)
+        status.stream_opened("node-b")
+        agent = object()
+        for t in (NODE_TYPE_URL, SERVICE_TYPE_URL):
+            status.resumed("node-b", t, "", {}, stream=agent)
+        p._update_conditions()
+        assert _message(p).endswith("; Envoy not connected: node-b"), _message(p)
+        nodes = p.status_json()["nodes"]
+        assert (nodes["node-b"]["connected"], nodes["node-b"]["envoy_connected"]) == (True, False)
+        table = render_status(p.status_json())
+        assert any(line.split()[:3] == ["node-b", "agent", "only"] for line in table.splitlines())
+        status.stream_closed("node-b", agent)
+
+        # its Envoy comes, ACKs, and leaves; the tracker forgets it (forget_after 0 s)
+        b = _SotwEnvoy(cache, status, "node-b")
+        b.pump()
+        assert await eventually(lambda: _programmed(p) == ("True", "Programmed"), timeout=2)
+        b.stream.close()
+        store.apply(_node_b("True") | {"metadata": {"name": "node-b", "labels": {"x": "y"}}})
+        assert await eventually(lambda: _programmed(p) == ("False", "Pending"), timeout=2)
+        assert _message(p).endswith("; Envoy not connected: node-b"), _message(p)
     finally:
         await p.stop()
 

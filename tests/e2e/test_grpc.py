@@ -142,7 +142,7 @@ async def test_a_grpc_route_to_a_port_that_does_not_say_http2_says_why_it_fails(
     HTTP/1.1, and every call failed ("protocol error") while the route said Accepted,
     ResolvedRefs and Programmed. The backend is now unresolved, UnsupportedProtocol, saying
     what to set (making the port's one cluster HTTP/2 would break its HTTP/1.1 clients);
-    with appProtocol kubernetes.io/h2c the calls go through."""
+    with appProtocol kubernetes.io/grpc the calls go through."""
     server, port, calls = await flaky_server(0, after_headers=False)
     try:
         mesh.apply(
@@ -156,9 +156,9 @@ async def test_a_grpc_route_to_a_port_that_does_not_say_http2_says_why_it_fails(
         conditions = mesh.pipeline.conditions()[ObjectKey("GRPCRoute", "shop", "plainapi")]
         (resolved,) = [c for c in conditions if c.type == "ResolvedRefs"]
         assert (resolved.status, resolved.reason) == ("False", "UnsupportedProtocol")
-        assert "appProtocol kubernetes.io/h2c" in resolved.message
+        assert resolved.message.endswith("give it appProtocol kubernetes.io/grpc (or a name grpc)")
 
-        mesh.apply(service("plainapi", ports=(("api", 50051, "kubernetes.io/h2c"),)))
+        mesh.apply(service("plainapi", ports=(("api", 50051, "kubernetes.io/grpc"),)))
         await mesh.converge()
         assert await call_through_mesh(mesh, "plainapi") == grpc.StatusCode.OK
         assert len(calls) == 1

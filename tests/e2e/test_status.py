@@ -78,10 +78,12 @@ async def test_a_node_that_never_connected_keeps_routes_pending_and_says_so(
         assert c.reason == "Pending" and "waiting for ACK from node-ghost: " in c.message, c
         assert "node-1" not in c.message, "node-1 ACKed everything"
         # not like a slow ACK: the node's Envoy has never connected, and /status lists it
-        assert c.message.endswith("; never connected: node-ghost"), c.message
+        assert c.message.endswith("; Envoy not connected: node-ghost"), c.message
         nodes = mesh.pipeline.status_json()["nodes"]
-        assert nodes["node-ghost"] == {"connected": False, "streams": 0, "types": {}}
-        assert nodes["node-1"]["connected"] is True
+        assert nodes["node-ghost"] == {
+            "connected": False, "streams": 0, "types": {}, "envoy_connected": False,
+        }  # fmt: skip
+        assert nodes["node-1"]["envoy_connected"] is True
         table = status_cli.render(mesh.pipeline.status_json())  # `nodemesh status`
         assert any(line.split()[:2] == ["node-ghost", "no"] for line in table.splitlines())
     finally:

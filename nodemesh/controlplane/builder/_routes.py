@@ -129,8 +129,7 @@ def _backend(
             (
                 "UnsupportedProtocol",
                 f"{path}: Service {ns}/{name} port {port} does not speak HTTP/2, which gRPC "
-                "needs: give it appProtocol kubernetes.io/h2c (or grpc), or a name grpc, h2c "
-                "or http2",
+                "needs: give it appProtocol kubernetes.io/grpc (or a name grpc)",
             )
         )
         return None
