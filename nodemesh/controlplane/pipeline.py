@@ -1410,7 +1410,8 @@ class Pipeline:
             self._emit(key, new[key])
         if refusals > _REFUSALS_LOGGED:
             log.warning(
-                "%d more routes and policies refused or unresolved: see /status",
+                "%d more conditions Accepted or ResolvedRefs False on routes and policies: "
+                "see /status",
                 refusals - _REFUSALS_LOGGED,
             )
         for key in gone:

@@ -61,4 +61,6 @@ async def test_many_new_refusals_are_said_in_twenty_lines_and_a_count(
         await p.rebuild()
     lines = said(caplog)
     assert len(lines) == 21 and all("ResolvedRefs=False" in line for line in lines[:20])
-    assert lines[20] == "5 more routes and policies refused or unresolved: see /status"
+    assert lines[20] == (
+        "5 more conditions Accepted or ResolvedRefs False on routes and policies: see /status"
+    )
