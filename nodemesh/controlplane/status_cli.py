@@ -20,6 +20,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="control plane HTTP URL, or the HOST:PORT of its --http-listen",
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="print messages whole (the table cuts them at 100 characters)",
+    )
 
 
 def _one_line(text: str, width: int) -> str:
@@ -35,7 +40,12 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     return [fmt.format(*header).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]
 
 
-def render(status: dict[str, Any]) -> str:
+def render(status: dict[str, Any], wide: bool = False) -> str:
+    """The table `nodemesh status` prints; `wide`: messages whole (on one line each)."""
+
+    def limit(width: int) -> int:
+        return sys.maxsize if wide else width
+
     out: list[str] = []
     out.append(
         f"store revision {status.get('store_revision')}, built {status.get('built_revision')}"
@@ -47,7 +57,7 @@ def render(status: dict[str, Any]) -> str:
         name = _one_line(f"{obj['kind']}/{obj['namespace']}/{obj['name']}", 120)
         for c in obj["conditions"]:
             rows.append([name, _one_line(c.get("parent", "") or "-", 80), c["type"], c["status"],
-                         c["reason"], _one_line(c["message"], 100)])  # fmt: skip
+                         c["reason"], _one_line(c["message"], limit(100))])  # fmt: skip
     out.append("")
     out.extend(_table(rows, ["OBJECT", "PARENT", "CONDITION", "STATUS", "REASON", "MESSAGE"]))
     nodes = []
@@ -61,7 +71,7 @@ def render(status: dict[str, Any]) -> str:
             nack = ts.get("last_nack")
             nodes.append([node_id, connected, short,
                           ts.get("version_sent", ""), ts.get("version_acked", ""),
-                          _one_line((nack or {}).get("message", ""), 80)])  # fmt: skip
+                          _one_line((nack or {}).get("message", ""), limit(80))])  # fmt: skip
     out.append("")
     out.extend(_table(nodes, ["NODE", "CONNECTED", "TYPE", "SENT", "ACKED", "LAST NACK"]))
     peers = status.get("peers") or {}
@@ -76,7 +86,7 @@ def render(status: dict[str, Any]) -> str:
                 if peer.get("answered_seconds_ago") is None
                 else f"{peer['answered_seconds_ago']}s ago",
                 peer.get("url", ""),
-                _one_line(peer.get("error") or "", 80),
+                _one_line(peer.get("error") or "", limit(80)),
             ]
             for name, peer in sorted(peers.items())
         ]
@@ -86,7 +96,7 @@ def render(status: dict[str, Any]) -> str:
     if errors:
         out.append("")
         out.append("SOURCE ERRORS")
-        out.extend(f"  {_one_line(e['message'], 200)}" for e in errors)
+        out.extend(f"  {_one_line(e['message'], limit(200))}" for e in errors)
     return "\n".join(out)
 
 
@@ -123,5 +133,5 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"nodemesh status: cannot read {url}: {why}{hint}", file=sys.stderr)
         return 1
-    print(json.dumps(status, indent=2) if args.json else render(status))
+    print(json.dumps(status, indent=2) if args.json else render(status, wide=args.wide))
     return 0

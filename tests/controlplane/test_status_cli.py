@@ -82,6 +82,10 @@ def test_a_multi_line_nack_stays_on_its_row() -> None:
     (two,) = [line for line in lines if line.startswith("HTTPRoute/shop/two")]
     assert two.split()[:4] == ["HTTPRoute/shop/two", "lines", "Service/shop/a", "b"]
     assert not [line for line in lines if line.startswith(("lines", "b "))]
+    # --wide: the message whole, still on its one row
+    wide = render(status, wide=True).splitlines()
+    (route,) = [line for line in wide if line.startswith("HTTPRoute/shop/reviews")]
+    assert route.endswith("also bad " + "x" * 200)
 
 
 def test_the_peer_replicas_are_a_table_of_their_own() -> None:
