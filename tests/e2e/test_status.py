@@ -213,7 +213,9 @@ async def test_status_endpoint_and_cli_show_objects_and_nodes(
         assert ("HTTPRoute", "st-ok") in names
         node = data["nodes"]["node-1"]
         assert node["connected"] and node["types"]["rds"]["version_acked"]
-        args = argparse.Namespace(controlplane=url, json=False)
+        parser = argparse.ArgumentParser()
+        status_cli.configure(parser)  # the CLI's own flags and defaults
+        args = parser.parse_args(["--controlplane", url])
         assert await asyncio.to_thread(status_cli.run, args) == 0
         out = capsys.readouterr().out
         assert "HTTPRoute/shop/st-ok" in out and "Programmed" in out and "node-1" in out
