@@ -569,6 +569,7 @@ def read_route(
                 backends=() if filters.unresolved else tuple(backends),
                 invalid_weight=0 if filters.unresolved or not backends else invalid_weight,
                 direct_status=_NO_BACKEND_STATUS[kind],
+                grpc_calls=kind == "GRPCRoute",
                 # an ExtensionRef fails the rule closed, its redirect too (it redirected)
                 redirect=None if filters.unresolved else filters.redirect,
                 request_headers=filters.request_headers,

@@ -378,7 +378,7 @@ def _action(r: ir.Route, request: bool = False, response: bool = False) -> rc.Ro
             _prefix_rewrite(out, r.match, r.rewrite.prefix)
     # No timeout unless one is asked for (0s): Envoy's own default, 15 s, would cut every
     # longer response, download or stream that has no limit without a mesh.
-    if r.timeout_ms and (r.match.grpc or r.grpc_calls):
+    if r.timeout_ms and r.grpc_calls:
         # A gRPC call's request timeout is the stream's: `timeout` starts once the request
         # has ended, which a bidi or client stream does only when the client half-closes
         # (such a stream ran past it without end), and its expiry reached clients as
