@@ -45,17 +45,35 @@ class Backend:
     address: str
     port: int
     weight: int = 1
+    # Set in `node_local` Services only: the endpoint's node, and whether it is terminating.
+    node: str = ""
+    terminating: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Service:
-    """A destination (ClusterIP or pod IP, port). `l7=True` sends it through the node Envoy."""
+    """A destination (ClusterIP or pod IP, port). `l7=True` sends it through the node Envoy.
+    `node_local` (L4; `internalTrafficPolicy: Local`): `backends` lists every endpoint that
+    serves, and each node uses its own (`for_node()`)."""
 
     name: str
     address: str
     port: int
     l7: bool
     backends: tuple[Backend, ...] = ()
+    node_local: bool = False
+
+    def for_node(self, node: str) -> Service:
+        """The entry as `node`'s kernel map holds it, before windowing: for a `node_local`
+        Service, the backends on that node, the ready ones, or with none ready the terminating
+        ones (kube-proxy's fallback, KEP-1669); none there leaves it without backends, so its
+        connections are refused. Other entries as they are."""
+        if not self.node_local:
+            return self
+        mine = [b for b in self.backends if b.node == node]
+        ready = [b for b in mine if not b.terminating]
+        backends = tuple(Backend(b.address, b.port, b.weight) for b in (ready or mine))
+        return Service(self.name, self.address, self.port, self.l7, backends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +166,16 @@ def service_message(svc: Service) -> pb.Service:
         port=svc.port,
         mode=pb.Service.L7 if svc.l7 else pb.Service.L4,
         backends=[
-            pb.Backend(address=b.address, port=b.port, weight=b.weight) for b in svc.backends
+            pb.Backend(
+                address=b.address,
+                port=b.port,
+                weight=b.weight,
+                node=b.node,
+                terminating=b.terminating,
+            )
+            for b in svc.backends
         ],
+        node_local=svc.node_local,
     )
 
 
@@ -236,9 +262,23 @@ def service_from_proto(msg: pb.MeshService) -> MeshService:
             _port(b.port, f"{where} backend", problems)
             if b.weight > 65535:
                 problems.append(f"{where} backend {b.address}: weight {b.weight} > 65535")
-            backends.append(Backend(b.address, b.port, b.weight or 1))
+            if (b.node or b.terminating) and not s.node_local:
+                problems.append(
+                    f"{where} backend {b.address}: a node or terminating in a Service that "
+                    "is not node_local"
+                )
+            backends.append(Backend(b.address, b.port, b.weight or 1, b.node, b.terminating))
+        if s.node_local and s.mode != pb.Service.L4:
+            problems.append(f"{where}: node_local in an entry that is not L4")
         services.append(
-            Service(s.name, s.address, s.port, s.mode == pb.Service.L7, tuple(backends))
+            Service(
+                s.name,
+                s.address,
+                s.port,
+                s.mode == pb.Service.L7,
+                tuple(backends),
+                s.node_local,
+            )
         )
     services6: list[ServiceIPv6] = []
     seen6: dict[tuple[str, int], str] = {}
@@ -332,7 +372,7 @@ class MapView:
         if not names:
             return None
         entry = next(e for e in self._services[names[0]].services if (e.address, e.port) == key)
-        return window(entry, self.node)
+        return window(entry.for_node(self.node), self.node)
 
     def service6(self, key: Key) -> ServiceIPv6 | None:
         names = self._owners6.get(key)

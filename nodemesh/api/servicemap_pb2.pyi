@@ -55,7 +55,7 @@ class SocketAddress(_message.Message):
     def __init__(self, address: str | None = ..., port: int | None = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "address", "port", "mode", "backends")
+    __slots__ = ("name", "address", "port", "mode", "backends", "node_local")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[Service.Mode]
@@ -70,11 +70,13 @@ class Service(_message.Message):
     PORT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    NODE_LOCAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     port: int
     mode: Service.Mode
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    node_local: bool
     def __init__(
         self,
         name: str | None = ...,
@@ -82,6 +84,7 @@ class Service(_message.Message):
         port: int | None = ...,
         mode: Service.Mode | str | None = ...,
         backends: _Iterable[Backend | _Mapping] | None = ...,
+        node_local: bool | None = ...,
     ) -> None: ...
 
 class ServiceIPv6(_message.Message):
@@ -106,16 +109,22 @@ class ServiceIPv6(_message.Message):
     ) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "port", "weight")
+    __slots__ = ("address", "port", "weight", "node", "terminating")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TERMINATING_FIELD_NUMBER: _ClassVar[int]
     address: str
     port: int
     weight: int
+    node: str
+    terminating: bool
     def __init__(
         self,
         address: str | None = ...,
         port: int | None = ...,
         weight: int | None = ...,
+        node: str | None = ...,
+        terminating: bool | None = ...,
     ) -> None: ...

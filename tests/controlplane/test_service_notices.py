@@ -69,9 +69,10 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
         assert [(c["type"], c["status"], c["reason"]) for c in conditions] == [
             ("Supported", "False", "UnsupportedValue")
         ]
+    # (Local is honoured: no route or policy sends its port to the node Envoy)
     assert said["local"][0]["message"].startswith(
-        "internalTrafficPolicy Local, sessionAffinity ClientIP, trafficDistribution "
-        "PreferSameNode: not honoured by the mesh (endpoints on every node are used"
+        "sessionAffinity ClientIP, trafficDistribution PreferSameNode: not honoured by the mesh "
+        "(each connection picks an endpoint"
     )
     assert said["close"][0]["message"] == (
         "trafficDistribution PreferClose: not honoured by the mesh (endpoints are used "
@@ -81,7 +82,7 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 3 and all("not honoured by the mesh" in w for w in warnings), warnings
     table = render_status(p.status_json())  # what `nodemesh status` prints: each setting
-    assert "internalTrafficPolicy Local, sessionAffinity ClientIP, trafficDistribution" in table
+    assert "sessionAffinity ClientIP, trafficDistribution PreferSameNode" in table
     # shown, never written back: the operator gets no status body for a Service
     assert p.kubernetes_status(ObjectKey("Service", "shop", "local")) is None
 
@@ -89,3 +90,55 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
     source.scan()
     await p.rebuild()
     assert [o for o in p.status_json()["objects"] if o["kind"] == "Service"] == []
+
+
+async def test_internal_traffic_policy_local_is_said_only_for_ports_the_node_envoy_takes(
+    tmp_path: Path,
+) -> None:
+    """The node agents keep a Local Service's connections on the client's node; the node
+    Envoy, which takes the ports that routes or policies apply to, does not."""
+    ports = [{"name": "http", "port": 80}, {"name": "grpc", "port": 9090}]
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "agent", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "agent", "port": 80}]}],
+        },
+    }
+
+    def write(*objs: dict[str, Any]) -> None:
+        (tmp_path / "objs.yaml").write_text(yaml.safe_dump_all(objs))
+
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    p = Pipeline(store, SnapshotCache(), StatusTracker())
+
+    async def notices() -> dict[str, str]:
+        source.scan()
+        await p.rebuild()
+        return {
+            o["name"]: o["conditions"][0]["message"]
+            for o in p.status_json()["objects"]
+            if o["kind"] == "Service"
+        }
+
+    write(service("agent", internalTrafficPolicy="Local", ports=ports))
+    assert await notices() == {}
+    write(service("agent", internalTrafficPolicy="Local", ports=ports), route)
+    assert await notices() == {
+        "agent": "internalTrafficPolicy Local on port 80: not honoured by the mesh (the node "
+        "Envoy, which takes the requests of ports with routes or policies, sends them to "
+        "endpoints on every node and does not refuse them when the client's node has none)"
+    }
+    # with another setting: both said, Local first
+    write(
+        service("agent", internalTrafficPolicy="Local", sessionAffinity="ClientIP", ports=ports),
+        route,
+    )
+    assert (await notices())["agent"].startswith(
+        "internalTrafficPolicy Local on port 80, sessionAffinity ClientIP: not honoured"
+    )
+    write(service("agent", internalTrafficPolicy="Local", ports=ports))  # the route gone
+    assert await notices() == {}

@@ -450,13 +450,18 @@ def test_the_agent_refuses_a_malformed_ipv6_entry_with_every_problem() -> None:
 _IPV4 = st.builds(lambda a, b: f"10.{a}.0.{b}", st.integers(0, 3), st.integers(1, 4))
 _IPV6 = st.builds(lambda a: f"fd00::{a:x}", st.integers(1, 4))
 _POD = st.builds(lambda a: f"10.244.0.{a}", st.integers(1, 60))
+_EP_NODES = ("node-a", "node-b", "")  # endpoint i is on _EP_NODES[i % 3] ("": no nodeName)
 _INFO = st.builds(
-    lambda name, ips, ports, l7, eps: ir.ServiceInfo(
+    lambda name, ips, ports, l7, eps, local: ir.ServiceInfo(
         f"ns/{name}",
         tuple(ips),
         tuple(ports),
         tuple(p for i, p in enumerate(ports) if l7 >> i & 1),  # some ports L7
-        tuple(tuple(ir.Endpoint(a, 8080, i % 7 == 6) for i, a in enumerate(eps)) for _ in ports),
+        tuple(
+            tuple(ir.Endpoint(a, 8080, i % 7 == 6, _EP_NODES[i % 3]) for i, a in enumerate(eps))
+            for _ in ports
+        ),
+        local,
     ),
     # names that are prefixes of each other ("web2:80" sorts before "web:80")
     st.sampled_from(["web", "web2", "a", "b"]),
@@ -469,6 +474,7 @@ _INFO = st.builds(
         st.lists(_POD, max_size=4, unique=True),
         st.lists(_POD, min_size=38, max_size=45, unique=True),
     ),
+    st.booleans(),  # internalTrafficPolicy: Local
 )
 _MESHES = st.lists(
     st.lists(_INFO, max_size=5).map(lambda infos: tuple({i.name: i for i in infos}.values())),
@@ -484,12 +490,22 @@ _NODES = (
 def _reference(services: Iterable[ir.ServiceInfo], node: str) -> NodeMap:
     """What a node's kernel maps must hold, stated directly: every Service's entries in name
     order, the first Service (then the first entry) for an address and port keeps it, and
-    backends beyond the kernel's limit are windowed for the node."""
+    backends beyond the kernel's limit are windowed for the node. A Local Service's L4 entry
+    holds the endpoints on the node: the ready ones, or with none ready the draining ones."""
     v4: dict[tuple[str, int], Service] = {}
     v6: dict[tuple[str, int], object] = {}
     for info in sorted(services, key=lambda i: i.name):
         svc = mesh_service(info)
         for e in svc.services if svc else ():
+            if info.node_local and not e.l7:
+                eps = info.backends[info.ports.index(e.port)]
+                mine = [x for x in eps if x.node == node]
+                usable = {(x.address, x.port) for x in mine if not x.draining} or {
+                    (x.address, x.port) for x in mine
+                }
+                e = Service(
+                    e.name, e.address, e.port, False, tuple(Backend(*k) for k in sorted(usable))
+                )
             v4.setdefault((e.address, e.port), window(e, node))
         for e6 in svc.services_ipv6 if svc else ():
             v6.setdefault((e6.address, e6.port), e6)
@@ -571,20 +587,23 @@ _ANY_ENDPOINT = st.builds(
     st.one_of(_POD, _IPV6, st.sampled_from(["010.0.0.1", "", "10.0.0.256", "1.2.3.4 "])),
     st.sampled_from([0, 80, 8080, 65535]),
     st.booleans(),
+    st.sampled_from(["", "node-a", "nœud-\u00e9" * 30]),  # (a long one: a 2-byte length)
 )
 _ODD_INFO = st.builds(
-    lambda name, ips, ports, l7, eps: ir.ServiceInfo(
+    lambda name, ips, ports, l7, eps, local: ir.ServiceInfo(
         f"ns/{name}",
         tuple(ips),
         tuple(ports),
         tuple(p for i, p in enumerate(ports) if l7 >> i & 1),
         tuple(tuple(eps) for _ in ports),
+        local,
     ),
     st.sampled_from(["web", "a"]),
     st.lists(st.one_of(_IPV4, _IPV6, st.just("None")), max_size=3),
     st.lists(st.integers(0, 3), min_size=1, max_size=3),
     st.integers(0, 7),
     st.lists(_ANY_ENDPOINT, max_size=12),
+    st.booleans(),
 )
 
 

@@ -372,6 +372,79 @@ async def test_a_service_whose_endpoints_all_terminate_still_takes_connections(
     assert json.loads(body)["pod"] == "c" and VIA_ENVOY not in headers
 
 
+async def test_internal_traffic_policy_local_keeps_connections_on_the_clients_node(
+    feed: Feed,
+) -> None:
+    """api says `internalTrafficPolicy: Local` and gets a second endpoint on another node (pod
+    b's address, where nothing listens on 8080): every connection goes to c, the endpoint on
+    this node (the mesh picked among both before, so about half were refused by b). With
+    only its terminating endpoint here, that one (kube-proxy's fallback); with none here,
+    connect() is refused at once (kube-proxy drops the packets)."""
+    mesh = feed.config_dir / "mesh.yaml"
+    text = mesh.read_text()
+    c_ip, b_ip = feed.lab.pods["c"].ip, feed.lab.pods["b"].ip
+    api = f"  clusterIP: {VIP}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+    c_ready = f"endpoints: [{{addresses: [{c_ip}], conditions: {{ready: true}}, nodeName: {NODE}}}]"
+    assert text.count(api) == 1 and text.count(c_ready) == 1
+
+    async def write(*endpoints: tuple[str, str, bool]) -> None:
+        """Endpoints (address, nodeName, ready; not ready: serving and terminating)."""
+        listed = ", ".join(
+            f"{{addresses: [{ip}], nodeName: {node}, conditions: "
+            + ("{ready: true}}" if ready else "{ready: false, serving: true, terminating: true}}")
+            for ip, node, ready in endpoints
+        )
+        local = api + "  internalTrafficPolicy: Local\n"
+        mesh.write_text(text.replace(api, local).replace(c_ready, f"endpoints: [{listed}]"))
+
+        def read() -> bool:
+            svc = feed.pipeline.store.get(ObjectKey("Service", "shop", "api"))
+            eps = feed.pipeline.store.get(ObjectKey("EndpointSlice", "shop", "api-1"))
+            return (
+                svc is not None
+                and svc["spec"].get("internalTrafficPolicy") == "Local"
+                and eps is not None
+                and [
+                    (e["addresses"][0], e["nodeName"], e["conditions"]["ready"])
+                    for e in eps["endpoints"]
+                ]
+                == list(endpoints)
+            )
+
+        await feed.until(read, "files mode to read the change")
+        await feed.pipeline.wait_built(feed.pipeline.store.revision)
+        await feed.until(feed.agent_acked_current_map, "the agent's ACK of the new map")
+
+    def backends() -> list[str]:
+        model = feed.node_map()
+        assert model is not None
+        (entry,) = [s for s in model.services if s.name == "shop/api:80"]
+        return [b.address for b in entry.backends]
+
+    elsewhere = (b_ip, "other-node", True)
+    await write((c_ip, NODE, True), elsewhere)
+    assert backends() == [c_ip]
+    before = stats(feed.lab)
+    for i in range(20):
+        status, _, body = await feed.get(f"{VIP}:80", f"/local-{i}")
+        assert status == 200 and json.loads(body)["pod"] == "c", body
+    assert stats(feed.lab)["l4_picks"] - before["l4_picks"] == 20
+
+    # only a terminating endpoint here, a ready one elsewhere: the one here
+    await write((c_ip, NODE, False), elsewhere)
+    assert backends() == [c_ip]
+    status, _, body = await feed.get(f"{VIP}:80", "/local-terminating")
+    assert status == 200 and json.loads(body)["pod"] == "c", body
+
+    # nothing here: refused, never sent to the other node
+    await write(elsewhere)
+    assert backends() == []
+    before = stats(feed.lab)
+    refused = await asyncio.to_thread(feed.client.tool, "connect", "--to", f"{VIP}:80")
+    assert refused == {"ok": False, "errno": "ECONNREFUSED"}
+    assert stats(feed.lab)["refused"] - before["refused"] == 1
+
+
 async def test_a_connection_to_a_pod_of_a_routed_service_skips_its_routes(feed: Feed) -> None:
     """Routes attach to a Service's frontend, its ClusterIP (GAMMA), not to its pods: a client
     that connects to web's pod by its own address reaches it without the node Envoy, so web's

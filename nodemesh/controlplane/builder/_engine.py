@@ -26,7 +26,14 @@ from nodemesh.controlplane.builder.endpointslice import (
 from nodemesh.controlplane.builder.grpcroute import read_grpcroute
 from nodemesh.controlplane.builder.httproute import read_httproute
 from nodemesh.controlplane.builder.node import ConsumerIndex, NodeIndex
-from nodemesh.controlplane.builder.service import ServiceModel, read_service, unhonoured
+from nodemesh.controlplane.builder.service import (
+    ServiceModel,
+    Unhonoured,
+    local_unhonoured,
+    read_service,
+    unhonoured,
+    unhonoured_message,
+)
 from nodemesh.controlplane.builder.socketredirect import SocketRedirectIndex
 from nodemesh.controlplane.builder.trafficpolicy import (
     PolicySettings,
@@ -393,6 +400,9 @@ class Engine:
         self.consumer_routes: dict[str, set[ObjectKey]] = {}
         self.consumer_index = ConsumerIndex()
         self.port_clusters: set[PortKey] = set()
+        # Services the mesh carries that set what the mesh does not honour (or Local, which
+        # it does only on ports the node Envoy does not take): what a notice is made from
+        self.service_notes: dict[Ref, tuple[ObjectKey, Unhonoured, int, bool]] = {}
         # Outputs
         self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self.vhosts: _Ordered[VhostKey, ir.VirtualHost] = _Ordered()
@@ -603,22 +613,15 @@ class Engine:
                 namespaces.add(ns)
             model = read_service(obj) if obj is not None else None
             # what kube-proxy would do with a Service the mesh carries, and the mesh does not
-            unsupported = (
-                unhonoured(obj)
-                if obj is not None and model is not None and not model.headless and model.ports
-                else ""
-            )
-            if obj is not None and unsupported:
-                self.conditions[key] = (
-                    Condition(
-                        "Supported",
-                        "False",
-                        "UnsupportedValue",
-                        unsupported,
-                        generation(obj),
-                    ),
-                )
+            parts: Unhonoured = ()
+            local = False
+            if obj is not None and model is not None and not model.headless and model.ports:
+                parts, local = unhonoured(obj), model.node_local
+            if obj is not None and (parts or local):
+                self.service_notes[ref] = (key, parts, generation(obj), local)
+                self._service_notice(ref)
             else:
+                self.service_notes.pop(ref, None)
                 self.conditions.pop(key, None)
             old = services.get(ref)
             if model is old or (old is not None and model == old):
@@ -1087,9 +1090,32 @@ class Engine:
             if (pk in settings or None in routed or p.port in routed) and not p.not_http:
                 l7.append(p.port)
         info = ir.ServiceInfo(
-            f"{ns}/{name}", svc.cluster_ips, tuple(ports), tuple(l7), tuple(backends)
+            f"{ns}/{name}",
+            svc.cluster_ips,
+            tuple(ports),
+            tuple(l7),
+            tuple(backends),
+            svc.node_local,
         )
         self.infos.put(ref, info)
+        if svc.node_local and ref in self.service_notes:  # the node Envoy's ports may change
+            self._service_notice(ref)
+
+    def _service_notice(self, ref: Ref) -> None:
+        """The Service's `Supported=False` notice from `service_notes` and, for Local, the
+        ports its last ServiceInfo sends to the node Envoy (none: Local is honoured)."""
+        key, parts, gen, local = self.service_notes[ref]
+        if local:
+            info = self.infos.get(ref)
+            if info is not None and info.l7_ports:
+                parts = (local_unhonoured(info.l7_ports), *parts)
+        if parts:
+            message = unhonoured_message(parts)
+            self.conditions[key] = (
+                Condition("Supported", "False", "UnsupportedValue", message, gen),
+            )
+        else:
+            self.conditions.pop(key, None)
 
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -80,6 +80,8 @@ class ServiceModel:
     # clusterIP: None. (Not merely no ClusterIP: a files-mode Service may leave it out and be
     # reached by name through the node Envoy.)
     headless: bool = False
+    # internalTrafficPolicy: Local (the node agents keep L4 connections on the client's node)
+    node_local: bool = False
 
     @property
     def ref(self) -> str:
@@ -131,32 +133,45 @@ _TOPOLOGY_ANNOTATIONS = (
 )
 
 
-def unhonoured(obj: Mapping[str, Any]) -> str:
+Unhonoured = tuple[tuple[str, str], ...]  # (the setting, what happens instead)
+_NONE: Unhonoured = ()
+
+
+def local_unhonoured(l7_ports: Iterable[int]) -> tuple[str, str]:
+    """`internalTrafficPolicy: Local` on a Service with ports that routes or policies apply
+    to: the node agents honour it on the other ports, the node Envoy not on these."""
+    ports = ", ".join(str(p) for p in l7_ports)
+    return (
+        f"internalTrafficPolicy Local on port {ports}",
+        "the node Envoy, which takes the requests of ports with routes or policies, sends "
+        "them to endpoints on every node and does not refuse them when the client's node has "
+        "none",
+    )
+
+
+def unhonoured_message(parts: Unhonoured) -> str:
+    """One message: the settings first (so that the cut `nodemesh status` makes of a message
+    keeps each), then what happens instead."""
+    names = ", ".join(name for name, _ in parts)
+    return f"{names}: not honoured by the mesh ({'; '.join(what for _, what in parts)})"
+
+
+def unhonoured(obj: Mapping[str, Any]) -> Unhonoured:
     """The Service's settings that change where kube-proxy sends its traffic and that the mesh
-    does not honour, as one message ("" when there are none): the settings first (so that the
-    cut `nodemesh status` makes of a message keeps each), then what happens instead. Each was
-    ignored without a word: both the node agents and the node Envoy pick among all the
-    Service's endpoints. (The builder asks for the Services the mesh carries: not headless,
-    with a TCP port.)"""
+    does not honour, with what happens instead (none: empty). Each was ignored without a word:
+    both the node agents and the node Envoy pick among all the Service's endpoints.
+    `internalTrafficPolicy: Local` is not among them: the node agents honour it, and the
+    builder adds `local_unhonoured()` for the ports the node Envoy takes. (The builder asks for
+    the Services the mesh carries: not headless, with a TCP port.)"""
     spec, meta = obj.get("spec"), obj.get("metadata")
     if type(spec) is not dict:
-        return ""
+        return _NONE
     # (the usual case at once: this runs for every Service of a cold build)
-    policy, affinity, distribution = (
-        spec.get("internalTrafficPolicy"),
-        spec.get("sessionAffinity"),
-        spec.get("trafficDistribution"),
-    )
+    affinity, distribution = spec.get("sessionAffinity"), spec.get("trafficDistribution")
     annotations = meta.get("annotations") if type(meta) is dict else None
-    if policy != "Local" and affinity != "ClientIP" and not distribution and not annotations:
-        return ""
+    if affinity != "ClientIP" and not distribution and not annotations:
+        return _NONE
     names, what = [], []
-    if policy == "Local":
-        names.append("internalTrafficPolicy Local")
-        what.append(
-            "endpoints on every node are used, and traffic is not dropped when the client's "
-            "node has none"
-        )
     if affinity == "ClientIP":
         names.append("sessionAffinity ClientIP")
         what.append(
@@ -175,9 +190,7 @@ def unhonoured(obj: Mapping[str, Any]) -> str:
         names.append("topology-mode Auto")
     if distribution or names[-1:] == ["topology-mode Auto"]:
         what.append("endpoints are used whatever their zone")
-    if not names:
-        return ""
-    return f"{', '.join(names)}: not honoured by the mesh ({'; '.join(what)})"
+    return tuple(zip(names, what, strict=True))
 
 
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
@@ -227,7 +240,8 @@ def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
         name = str(name)
     headless = single == "None" or (isinstance(spec.get("clusterIPs"), list) and not ips
                                      and "None" in spec["clusterIPs"])  # fmt: skip
-    return ServiceModel(ns, name, tuple(ports), tuple(ips), headless)
+    local = spec.get("internalTrafficPolicy") == "Local"
+    return ServiceModel(ns, name, tuple(ports), tuple(ips), headless, local)
 
 
 def read_services(objs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], ServiceModel]:

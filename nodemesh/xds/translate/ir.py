@@ -269,6 +269,9 @@ class ServiceInfo:
     # draining, as in its ClusterEndpoints). The node map balances L4 over the ready ones
     # (with none ready, over the draining ones: serving terminating endpoints).
     backends: tuple[tuple[Endpoint, ...], ...] = ()
+    # `internalTrafficPolicy: Local`: on its L4 ports each node's agent uses only the
+    # endpoints on its node (its L7 ports go through the node Envoy, which does not).
+    node_local: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,18 @@ def _entries(info: ir.ServiceInfo) -> tuple[Service, ...]:
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
             v4 = [e for e in eps if _is_ipv4(e.address)]
+            if info.node_local:
+                # every node's agent picks its own: all of them, with node and terminating
+                # (the first of an address and port, in build's order: a ready one first)
+                local: dict[tuple[str, int], Backend] = {}
+                for e in v4:
+                    local.setdefault(
+                        (e.address, e.port), Backend(e.address, e.port, 1, e.node, e.draining)
+                    )
+                out.append(
+                    Service(name, ip, port, False, tuple(local[k] for k in sorted(local)), True)
+                )
+                continue
             # the ready ones; with none, the serving terminating ones (KEP-1669)
             usable = [e for e in v4 if not e.draining] or v4
             backends = {(e.address, e.port): Backend(e.address, e.port) for e in usable}
@@ -148,6 +160,7 @@ _V6_NAME, _V6_ADDRESS, _V6_PORT, _V6_TARGET, _V6_L7 = (
     b"\x28\x01",
 )
 _L4, _L7 = varint(pb.Service.L4), varint(pb.Service.L7)
+_S_NODE_LOCAL, _B_NODE, _B_TERMINATING = b"\x30\x01", b"\x22", b"\x28\x01"
 
 
 def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
@@ -173,6 +186,10 @@ def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
                 out.append(_ld(_MS_SERVICES, head + _S_MODE + _L7))
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
+            if info.node_local:
+                body = b"".join([head, _S_MODE, _L4, *_local_backends(eps), _S_NODE_LOCAL])
+                out.append(_ld(_MS_SERVICES, body))
+                continue
             out.append(_ld(_MS_SERVICES, b"".join([head, _S_MODE, _L4, *_backends(eps)])))
     # IPv6 entries: only where a ClusterIP is not an IPv4 one (most Services have none)
     v6 = _entries6(info) if len(v4) != len(ips) else ()
@@ -216,6 +233,26 @@ def _backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
         else:
             backend = _B_ADDRESS + varint(n) + a + tail
             pieces += (_S_BACKENDS, varint(len(backend)), backend)
+    return pieces
+
+
+def _local_backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
+    """The `backends` fields of a `node_local` entry (`internalTrafficPolicy: Local`, rare):
+    every IPv4 endpoint build kept (ready or serving terminating), each address and port once
+    (its first in build's order, which puts a ready one first), with its node and whether it
+    is terminating: each node's agent uses its own."""
+    pieces: list[bytes] = []
+    seen: set[tuple[str, int]] = set()
+    for e in sorted(e for e in eps if _is_ipv4(e.address)):
+        if (e.address, e.port) in seen:
+            continue
+        seen.add((e.address, e.port))
+        backend = _B_ADDRESS + _str(e.address) + _port(_B_PORT, e.port) + _B_WEIGHT_1
+        if e.node:
+            backend += _B_NODE + _str(e.node)
+        if e.draining:
+            backend += _B_TERMINATING
+        pieces.append(_ld(_S_BACKENDS, backend))
     return pieces
 
 
