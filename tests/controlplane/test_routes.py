@@ -632,6 +632,27 @@ def test_a_filter_type_nodemesh_does_not_implement_makes_the_route_not_accepted(
     assert "spec.rules[0].filters[0].type: unsupported value 'URLRewrite'" in c.message
 
 
+def test_session_persistence_makes_the_route_not_accepted() -> None:
+    """Gateway API's sessionPersistence (a rule's, extended): nodemesh does not implement it.
+    It was ignored, the route Accepted while no request kept to an endpoint."""
+    persistence = {"sessionName": "s", "type": "Cookie"}
+    rules = [{"backendRefs": to("web"), "sessionPersistence": persistence}]
+    res = run(service("web"), route("r", [parent("web")], rules))
+    c = accepted(res, "r")
+    assert (c.status, c.reason) == ("False", "UnsupportedValue"), c
+    assert c.message.startswith("spec.rules[0].sessionPersistence: not implemented"), c
+    assert [r.name for r in routes(res, "shop/web:80")] == ["Service/shop/web:80/default"]
+    c = accepted(
+        run_grpc([{"backendRefs": to("a", 9000), "sessionPersistence": persistence}]),
+        "gr",
+        "GRPCRoute",
+    )
+    assert (c.status, c.reason) == ("False", "UnsupportedValue"), c
+    # written as null: absent
+    rules = [{"backendRefs": to("web"), "sessionPersistence": None}]
+    assert accepted(run(service("web"), route("r", [parent("web")], rules)), "r").status == "True"
+
+
 def test_an_extension_ref_filter_fails_closed_with_invalid_kind() -> None:
     """nodemesh has no custom filters. Gateway API: the filter MUST NOT be skipped, its requests
     get an error; GEP-1364: Accepted, with ResolvedRefs=False/InvalidKind (the reason was

@@ -560,6 +560,14 @@ def read_route(
                 attempts=int_in(r.get("attempts"), f"{rpath}.retry.attempts", p, 0, 100),
                 backoff_base_ms=_backoff(r.get("backoff"), f"{rpath}.retry.backoff", p),
             )
+        if rule.get("sessionPersistence") is not None:
+            # Gateway API's extended feature (experimental channel): ignored, its route said
+            # Accepted while no request kept to an endpoint
+            p.add(
+                f"{rpath}.sessionPersistence",
+                "not implemented by nodemesh (a TrafficPolicy's loadBalancer hashOn a cookie "
+                "or header keeps a client on one endpoint)",
+            )
         for mi, (m, precedence) in enumerate(parsed):
             for mirror_target, _ in filters.mirrors:
                 model.clusters.add(mirror_target)
