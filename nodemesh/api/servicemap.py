@@ -13,7 +13,7 @@ import bisect
 import hashlib
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nodemesh.api import servicemap_pb2 as pb
 
@@ -45,7 +45,7 @@ class Backend:
     address: str
     port: int
     weight: int = 1
-    # Set in `node_local` Services only: the endpoint's node, and whether it is terminating.
+    # In `node_local_backends` only: the endpoint's node, and whether it is terminating.
     node: str = ""
     terminating: bool = False
 
@@ -53,8 +53,8 @@ class Backend:
 @dataclass(frozen=True, slots=True)
 class Service:
     """A destination (ClusterIP or pod IP, port). `l7=True` sends it through the node Envoy.
-    `node_local` (L4; `internalTrafficPolicy: Local`): `backends` lists every endpoint that
-    serves, and each node uses its own (`for_node()`)."""
+    `node_local` (L4; `internalTrafficPolicy: Local`): `node_local_backends` lists every
+    endpoint that serves, and each node uses its own (`for_node()`) instead of `backends`."""
 
     name: str
     address: str
@@ -62,6 +62,8 @@ class Service:
     l7: bool
     backends: tuple[Backend, ...] = ()
     node_local: bool = False
+    client_ip_affinity: bool = False  # L4: a client pod's connections go to one backend
+    node_local_backends: tuple[Backend, ...] = ()
 
     def for_node(self, node: str) -> Service:
         """The entry as `node`'s kernel map holds it, before windowing: for a `node_local`
@@ -70,10 +72,10 @@ class Service:
         connections are refused. Other entries as they are."""
         if not self.node_local:
             return self
-        mine = [b for b in self.backends if b.node == node]
+        mine = [b for b in self.node_local_backends if b.node == node]
         ready = [b for b in mine if not b.terminating]
         backends = tuple(Backend(b.address, b.port, b.weight) for b in (ready or mine))
-        return Service(self.name, self.address, self.port, self.l7, backends)
+        return replace(self, backends=backends, node_local=False, node_local_backends=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,17 +167,16 @@ def service_message(svc: Service) -> pb.Service:
         address=svc.address,
         port=svc.port,
         mode=pb.Service.L7 if svc.l7 else pb.Service.L4,
-        backends=[
-            pb.Backend(
-                address=b.address,
-                port=b.port,
-                weight=b.weight,
-                node=b.node,
-                terminating=b.terminating,
-            )
-            for b in svc.backends
-        ],
+        backends=[_backend_message(b) for b in svc.backends],
         node_local=svc.node_local,
+        client_ip_affinity=svc.client_ip_affinity,
+        node_local_backends=[_backend_message(b) for b in svc.node_local_backends],
+    )
+
+
+def _backend_message(b: Backend) -> pb.Backend:
+    return pb.Backend(
+        address=b.address, port=b.port, weight=b.weight, node=b.node, terminating=b.terminating
     )
 
 
@@ -257,19 +258,19 @@ def service_from_proto(msg: pb.MeshService) -> MeshService:
         if s.mode == pb.Service.MODE_UNSPECIFIED:
             problems.append(f"{where}: mode is unset (L4 or L7)")
         backends: list[Backend] = []
-        for b in s.backends:
-            _ipv4(b.address, f"{where} backend", problems)
-            _port(b.port, f"{where} backend", problems)
-            if b.weight > 65535:
-                problems.append(f"{where} backend {b.address}: weight {b.weight} > 65535")
-            if (b.node or b.terminating) and not s.node_local:
-                problems.append(
-                    f"{where} backend {b.address}: a node or terminating in a Service that "
-                    "is not node_local"
-                )
-            backends.append(Backend(b.address, b.port, b.weight or 1, b.node, b.terminating))
-        if s.node_local and s.mode != pb.Service.L4:
-            problems.append(f"{where}: node_local in an entry that is not L4")
+        local: list[Backend] = []
+        for listed, into in ((s.backends, backends), (s.node_local_backends, local)):
+            for b in listed:
+                _ipv4(b.address, f"{where} backend", problems)
+                _port(b.port, f"{where} backend", problems)
+                if b.weight > 65535:
+                    problems.append(f"{where} backend {b.address}: weight {b.weight} > 65535")
+                into.append(Backend(b.address, b.port, b.weight or 1, b.node, b.terminating))
+        if local and not s.node_local:
+            problems.append(f"{where}: node_local_backends in an entry that is not node_local")
+        for flag in ("node_local", "client_ip_affinity"):
+            if getattr(s, flag) and s.mode != pb.Service.L4:
+                problems.append(f"{where}: {flag} in an entry that is not L4")
         services.append(
             Service(
                 s.name,
@@ -278,6 +279,8 @@ def service_from_proto(msg: pb.MeshService) -> MeshService:
                 s.mode == pb.Service.L7,
                 tuple(backends),
                 s.node_local,
+                s.client_ip_affinity,
+                tuple(local),
             )
         )
     services6: list[ServiceIPv6] = []
@@ -311,7 +314,7 @@ def window(entry: Service, node: str) -> Service:
         return entry
     start = int.from_bytes(hashlib.blake2b(node.encode(), digest_size=4).digest(), "big") % n
     backends = tuple(entry.backends[(start + i) % n] for i in range(MAX_BACKENDS))
-    return Service(entry.name, entry.address, entry.port, entry.l7, backends)
+    return replace(entry, backends=backends)
 
 
 Key = tuple[str, int]  # (address, port)

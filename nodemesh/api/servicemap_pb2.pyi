@@ -55,7 +55,16 @@ class SocketAddress(_message.Message):
     def __init__(self, address: str | None = ..., port: int | None = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "address", "port", "mode", "backends", "node_local")
+    __slots__ = (
+        "name",
+        "address",
+        "port",
+        "mode",
+        "backends",
+        "node_local",
+        "client_ip_affinity",
+        "node_local_backends",
+    )
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[Service.Mode]
@@ -71,12 +80,16 @@ class Service(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     NODE_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_IP_AFFINITY_FIELD_NUMBER: _ClassVar[int]
+    NODE_LOCAL_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     port: int
     mode: Service.Mode
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     node_local: bool
+    client_ip_affinity: bool
+    node_local_backends: _containers.RepeatedCompositeFieldContainer[Backend]
     def __init__(
         self,
         name: str | None = ...,
@@ -85,6 +98,8 @@ class Service(_message.Message):
         mode: Service.Mode | str | None = ...,
         backends: _Iterable[Backend | _Mapping] | None = ...,
         node_local: bool | None = ...,
+        client_ip_affinity: bool | None = ...,
+        node_local_backends: _Iterable[Backend | _Mapping] | None = ...,
     ) -> None: ...
 
 class ServiceIPv6(_message.Message):

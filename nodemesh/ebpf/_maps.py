@@ -14,6 +14,7 @@ __all__ = [
     "NM_LOCAL_REDIRECT_OFF",
     "NM_LOCAL_REDIRECT_ON",
     "NM_SVC6_L7",
+    "NM_SVC_AFFINITY",
     "NM_SVC_L7",
     "Backend",
     "Config",
@@ -29,6 +30,7 @@ __all__ = [
 MAX_BACKENDS = 32
 MAX_CGROUP_LEVEL = 64  # NM_MAX_CGROUP_LEVEL: the deepest node Envoy cgroup connect4/6 find
 NM_SVC_L7 = 1 << 0
+NM_SVC_AFFINITY = 1 << 1
 NM_SVC6_L7 = 1 << 0
 NM_CFG_ENVOY_SET = 1 << 0
 NM_CFG_SOCKET_REDIRECT = 1 << 1

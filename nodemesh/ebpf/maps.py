@@ -92,7 +92,9 @@ def service_value(svc: Service) -> m.Service:
             f"{m.MAX_BACKENDS}"
         )
     value = m.Service()
-    value.flags = m.NM_SVC_L7 if svc.l7 else 0
+    value.flags = (m.NM_SVC_L7 if svc.l7 else 0) | (
+        m.NM_SVC_AFFINITY if svc.client_ip_affinity else 0
+    )
     value.n_backends = len(svc.backends)
     value.total_weight = sum(b.weight for b in svc.backends)
     for i, b in enumerate(svc.backends):

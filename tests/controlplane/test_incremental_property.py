@@ -35,6 +35,11 @@ def service(draw: st.DrawFn) -> dict[str, Any]:
             for p, n in ports
         ],
     }
+    # settings whose effect (and notice) depends on routes and policies
+    if draw(st.booleans()):
+        spec["sessionAffinity"] = "ClientIP"
+    if draw(st.booleans()):
+        spec["internalTrafficPolicy"] = "Local"
     if draw(st.integers(0, 9)) == 0:
         spec = {"type": "ExternalName", "externalName": "example.com"}
     return {

@@ -64,27 +64,25 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
     said = {
         o["name"]: o["conditions"] for o in p.status_json()["objects"] if o["kind"] == "Service"
     }
-    assert sorted(said) == ["close", "hints", "local"]
+    assert sorted(said) == ["close", "hints"]
     for conditions in said.values():
         assert [(c["type"], c["status"], c["reason"]) for c in conditions] == [
             ("Supported", "False", "UnsupportedValue")
         ]
-    # (Local is honoured: no route or policy sends its port to the node Envoy)
-    assert said["local"][0]["message"].startswith(
-        "sessionAffinity ClientIP, trafficDistribution PreferSameNode: not honoured by the mesh "
-        "(each connection picks an endpoint"
-    )
+    # Local and ClientIP are honoured (no route sends the port to the node Envoy, no
+    # policy's loadBalancer applies), and with Local kube-proxy does not look at zones either
+    assert "local" not in said
     assert said["close"][0]["message"] == (
         "trafficDistribution PreferClose: not honoured by the mesh (endpoints are used "
         "whatever their zone)"
     )
     assert said["hints"][0]["message"].startswith("topology-mode Auto: not honoured by the mesh")
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 3 and all("not honoured by the mesh" in w for w in warnings), warnings
+    assert len(warnings) == 2 and all("not honoured by the mesh" in w for w in warnings), warnings
     table = render_status(p.status_json())  # what `nodemesh status` prints: each setting
-    assert "sessionAffinity ClientIP, trafficDistribution PreferSameNode" in table
+    assert "trafficDistribution PreferClose: not honoured" in table
     # shown, never written back: the operator gets no status body for a Service
-    assert p.kubernetes_status(ObjectKey("Service", "shop", "local")) is None
+    assert p.kubernetes_status(ObjectKey("Service", "shop", "close")) is None
 
     write(*(service(n) for n in ("local", "close", "hints", "plain", "headless", "ext", "udp")))
     source.scan()
@@ -132,13 +130,68 @@ async def test_internal_traffic_policy_local_is_said_only_for_ports_the_node_env
         "Envoy, which takes the requests of ports with routes or policies, sends them to "
         "endpoints on every node and does not refuse them when the client's node has none)"
     }
-    # with another setting: both said, Local first
+    # with zones asked for: kube-proxy does not look at them for Local either
     write(
-        service("agent", internalTrafficPolicy="Local", sessionAffinity="ClientIP", ports=ports),
+        service(
+            "agent", internalTrafficPolicy="Local", trafficDistribution="PreferClose", ports=ports
+        ),
         route,
     )
-    assert (await notices())["agent"].startswith(
-        "internalTrafficPolicy Local on port 80, sessionAffinity ClientIP: not honoured"
-    )
+    assert (await notices())["agent"].startswith("internalTrafficPolicy Local on port 80: not")
+    # a route for every port: both said
+    every = {
+        **route,
+        "spec": {**route["spec"], "parentRefs": [{"kind": "Service", "name": "agent"}]},
+    }
+    write(service("agent", internalTrafficPolicy="Local", ports=ports), every)
+    assert (await notices())["agent"].startswith("internalTrafficPolicy Local on ports 80, 9090:")
     write(service("agent", internalTrafficPolicy="Local", ports=ports))  # the route gone
+    assert await notices() == {}
+
+
+async def test_client_ip_affinity_is_said_only_where_a_policys_load_balancer_applies(
+    tmp_path: Path,
+) -> None:
+    """sessionAffinity ClientIP is honoured (the kernel and the node Envoy keep a client pod on
+    one endpoint), but a TrafficPolicy's loadBalancer wins on the ports it targets."""
+    ports = [{"name": "http", "port": 80}, {"name": "admin", "port": 8080}]
+    policy = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "lb", "namespace": "shop"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "web", "sectionName": "http"}],
+            "loadBalancer": {"type": "LeastRequest"},
+        },
+    }
+    timeouts = {**policy, "spec": {**policy["spec"], "timeouts": {"request": "5s"}}}
+    del timeouts["spec"]["loadBalancer"]
+
+    def write(*objs: dict[str, Any]) -> None:
+        (tmp_path / "objs.yaml").write_text(yaml.safe_dump_all(objs))
+
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    p = Pipeline(store, SnapshotCache(), StatusTracker())
+
+    async def notices() -> dict[str, str]:
+        source.scan()
+        await p.rebuild()
+        return {
+            o["name"]: o["conditions"][0]["message"]
+            for o in p.status_json()["objects"]
+            if o["kind"] == "Service"
+        }
+
+    web = service("web", sessionAffinity="ClientIP", ports=ports)
+    write(web)
+    assert await notices() == {}
+    write(web, timeouts)  # a policy without a loadBalancer: affinity stays
+    assert await notices() == {}
+    write(web, policy)
+    assert await notices() == {
+        "web": "sessionAffinity ClientIP on port 80: not honoured by the mesh (a "
+        "TrafficPolicy's loadBalancer applies there instead)"
+    }
+    write(web)
     assert await notices() == {}

@@ -452,7 +452,7 @@ _IPV6 = st.builds(lambda a: f"fd00::{a:x}", st.integers(1, 4))
 _POD = st.builds(lambda a: f"10.244.0.{a}", st.integers(1, 60))
 _EP_NODES = ("node-a", "node-b", "")  # endpoint i is on _EP_NODES[i % 3] ("": no nodeName)
 _INFO = st.builds(
-    lambda name, ips, ports, l7, eps, local: ir.ServiceInfo(
+    lambda name, ips, ports, l7, eps, local, affinity: ir.ServiceInfo(
         f"ns/{name}",
         tuple(ips),
         tuple(ports),
@@ -462,6 +462,7 @@ _INFO = st.builds(
             for _ in ports
         ),
         local,
+        affinity,
     ),
     # names that are prefixes of each other ("web2:80" sorts before "web:80")
     st.sampled_from(["web", "web2", "a", "b"]),
@@ -475,6 +476,7 @@ _INFO = st.builds(
         st.lists(_POD, min_size=38, max_size=45, unique=True),
     ),
     st.booleans(),  # internalTrafficPolicy: Local
+    st.booleans(),  # sessionAffinity: ClientIP
 )
 _MESHES = st.lists(
     st.lists(_INFO, max_size=5).map(lambda infos: tuple({i.name: i for i in infos}.values())),
@@ -503,9 +505,8 @@ def _reference(services: Iterable[ir.ServiceInfo], node: str) -> NodeMap:
                 usable = {(x.address, x.port) for x in mine if not x.draining} or {
                     (x.address, x.port) for x in mine
                 }
-                e = Service(
-                    e.name, e.address, e.port, False, tuple(Backend(*k) for k in sorted(usable))
-                )
+                kept = tuple(Backend(*k) for k in sorted(usable))
+                e = Service(e.name, e.address, e.port, False, kept, False, e.client_ip_affinity)
             v4.setdefault((e.address, e.port), window(e, node))
         for e6 in svc.services_ipv6 if svc else ():
             v6.setdefault((e6.address, e6.port), e6)
@@ -590,19 +591,21 @@ _ANY_ENDPOINT = st.builds(
     st.sampled_from(["", "node-a", "nœud-\u00e9" * 30]),  # (a long one: a 2-byte length)
 )
 _ODD_INFO = st.builds(
-    lambda name, ips, ports, l7, eps, local: ir.ServiceInfo(
+    lambda name, ips, ports, l7, eps, local, affinity: ir.ServiceInfo(
         f"ns/{name}",
         tuple(ips),
         tuple(ports),
         tuple(p for i, p in enumerate(ports) if l7 >> i & 1),
         tuple(tuple(eps) for _ in ports),
         local,
+        affinity,
     ),
     st.sampled_from(["web", "a"]),
     st.lists(st.one_of(_IPV4, _IPV6, st.just("None")), max_size=3),
     st.lists(st.integers(0, 3), min_size=1, max_size=3),
     st.integers(0, 7),
     st.lists(_ANY_ENDPOINT, max_size=12),
+    st.booleans(),
     st.booleans(),
 )
 
@@ -641,6 +644,27 @@ async def test_a_deleted_node_is_told_its_map_is_gone_and_still_follows_the_serv
     assert later is not None and p.snapshot is not None
     assert later.version(SERVICE_TYPE_URL) == p.snapshot.version(SERVICE_TYPE_URL)
     assert later.version(SERVICE_TYPE_URL) != gone.version(SERVICE_TYPE_URL)
+
+
+def test_an_agent_that_knows_no_local_reads_a_local_service_as_before() -> None:
+    """Agents older than `node_local` read `backends` only: for a Local Service it holds what it
+    held before (the ready endpoints of every node), not every endpoint with terminating
+    ones among them, which such an agent would have balanced over while ready ones exist."""
+    eps = (
+        ir.Endpoint("10.244.1.5", 8080, True, "node-a"),
+        ir.Endpoint("10.244.2.5", 8080, False, "node-b"),
+    )
+    local = ir.ServiceInfo("shop/web", ("10.96.0.10",), (80,), (), (eps,), node_local=True)
+    old = pb.MeshService.FromString(mesh_service_bytes(local) or b"")
+    old.services[0].ClearField("node_local")  # what an older agent's protobuf keeps
+    old.services[0].ClearField("node_local_backends")
+    (entry,) = service_from_proto(old).services
+    assert [b.address for b in entry.backends] == ["10.244.2.5"]
+    (entry,) = service_from_proto(
+        pb.MeshService.FromString(mesh_service_bytes(local) or b"")
+    ).services
+    assert [b.address for b in entry.for_node("node-a").backends] == ["10.244.1.5"]
+    assert [b.address for b in entry.for_node("node-b").backends] == ["10.244.2.5"]
 
 
 def test_a_windowed_l7_entry_stays_l7() -> None:

@@ -308,6 +308,27 @@ async def test_the_affinity_cookie_envoy_sets_holds_for_every_path(
     assert {r.body for r in replies} == {first.body}
 
 
+async def test_session_affinity_client_ip_keeps_a_client_on_one_endpoint(
+    mesh: Mesh, backends: Backends
+) -> None:
+    """A Service with sessionAffinity ClientIP and three endpoints: the requests of each client
+    address (twelve of them, each request on a new connection) all go to one endpoint, and
+    the clients do not all share one. Before, each request picked an endpoint."""
+    bs = [await backends.get(f"sticky{i}") for i in range(3)]
+    svc = service("sticky")
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    mesh.apply(svc, *(endpoint_slice("sticky", b.port, suffix=b.name) for b in bs))
+    await mesh.converge()
+    chosen: dict[str, set[str]] = {}
+    for i in range(12):
+        source = f"127.0.0.{10 + i}"
+        replies = [await mesh.get("sticky.shop", source=source) for _ in range(6)]
+        assert all(r.status == 200 for r in replies), replies
+        chosen[source] = {r.body for r in replies}
+    assert all(len(bodies) == 1 for bodies in chosen.values()), chosen
+    assert len(set().union(*chosen.values())) > 1, chosen
+
+
 async def test_retries_over_max_retries_are_not_made(mesh: Mesh, backends: Backends) -> None:
     """Six requests fail at once, with maxRetries: 1: one is retried; the other five get the
     backend's 503 as it gave it (no x-envoy-overloaded: that is for requests over the other

@@ -445,6 +445,65 @@ async def test_internal_traffic_policy_local_keeps_connections_on_the_clients_no
     assert stats(feed.lab)["refused"] - before["refused"] == 1
 
 
+async def test_session_affinity_client_ip_keeps_a_client_pod_on_one_backend(feed: Feed) -> None:
+    """`sticky` (sessionAffinity ClientIP) has two endpoints, b and c: each client pod's
+    connections all go to one of them (the mesh picked at random for each before, as it still
+    does without the setting)."""
+    lab = feed.lab
+    lab.pods["c"].serve(7000)  # (b serves 7000 already: a hello naming the pod, then echo)
+    vip = "10.244.255.30"
+    sticky = feed.config_dir / "sticky.yaml"
+
+    def write(affinity: bool) -> None:
+        sticky.write_text(f"""apiVersion: v1
+kind: Service
+metadata: {{name: sticky, namespace: shop}}
+spec:
+  clusterIP: {vip}
+  ports: [{{name: tcp-hello, port: 7000}}]
+  sessionAffinity: {"ClientIP" if affinity else "None"}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: sticky-1, namespace: shop, labels: {{kubernetes.io/service-name: sticky}}}}
+addressType: IPv4
+ports: [{{name: tcp-hello, port: 7000}}]
+endpoints:
+  - {{addresses: [{lab.pods["b"].ip}], conditions: {{ready: true}}, nodeName: {NODE}}}
+  - {{addresses: [{lab.pods["c"].ip}], conditions: {{ready: true}}, nodeName: {NODE}}}
+""")
+
+    async def published(affinity: bool) -> None:
+        def entry() -> bool:
+            model = feed.node_map()
+            return model is not None and any(
+                s.name == "shop/sticky:7000"
+                and len(s.backends) == 2
+                and s.client_ip_affinity is affinity
+                for s in model.services
+            )
+
+        await feed.until(entry, "the control plane to publish sticky")
+        await feed.until(feed.agent_acked_current_map, "the agent's ACK of the new map")
+
+    async def backends_seen(pod: str) -> dict[str, int]:
+        r = await asyncio.to_thread(
+            lab.pods[pod].tool, "conns", "--to", f"{vip}:7000", "--count", "30"
+        )
+        assert r["errors"] == {}, r
+        return r["backends"]  # type: ignore[no-any-return]
+
+    write(affinity=True)
+    await published(True)
+    for pod in ("a", "b"):
+        seen = await backends_seen(pod)
+        assert len(seen) == 1 and sum(seen.values()) == 30, (pod, seen)
+
+    write(affinity=False)
+    await published(False)
+    assert set(await backends_seen("a")) == {"b", "c"}
+
+
 async def test_a_connection_to_a_pod_of_a_routed_service_skips_its_routes(feed: Feed) -> None:
     """Routes attach to a Service's frontend, its ClusterIP (GAMMA), not to its pods: a client
     that connects to web's pod by its own address reaches it without the node Envoy, so web's

@@ -29,6 +29,7 @@ from nodemesh.controlplane.builder.node import ConsumerIndex, NodeIndex
 from nodemesh.controlplane.builder.service import (
     ServiceModel,
     Unhonoured,
+    affinity_overridden,
     local_unhonoured,
     read_service,
     unhonoured,
@@ -230,6 +231,7 @@ def _finish(
                 and not r.hash_header
                 and not r.hash_cookie
                 and r.hash_cookie_ttl_ms is None
+                and not r.hash_source_ip
                 and not any(b.cluster in lbs for b in r.backends)
             )
         )
@@ -255,6 +257,7 @@ def _finish(
         hash_header=hash_lb.hash_header if hash_lb else "",
         hash_cookie=hash_lb.hash_cookie if hash_lb else "",
         hash_cookie_ttl_ms=hash_lb.hash_cookie_ttl_ms if hash_lb else None,
+        hash_source_ip=hash_lb.hash_source_ip if hash_lb else False,
         origins=origins,
     )
 
@@ -326,6 +329,19 @@ def _hash_lb(s: PolicySettings | None) -> ir.LoadBalancer | None:
     return lb if lb is not None and (lb.hash_header or lb.hash_cookie) else None
 
 
+# A Service's sessionAffinity ClientIP, on the ports the node Envoy takes (unless a
+# TrafficPolicy's loadBalancer applies there): a ring hash on the client's address, so that a
+# client pod's requests go to one endpoint while the endpoints stay.
+AFFINITY_LB = ir.LoadBalancer("RingHash", hash_source_ip=True)
+
+
+def _lb(svc: ServiceModel, s: PolicySettings | None) -> ir.LoadBalancer | None:
+    """A port's load balancer: its policy's, else the Service's affinity's, else none."""
+    if s is not None and s.lb is not None:
+        return s.lb
+    return AFFINITY_LB if svc.client_ip_affinity else None
+
+
 class _Lbs(Mapping[str, ir.LoadBalancer]):
     """Cluster name -> its hashing load balancer (what `_finish` reads)."""
 
@@ -335,8 +351,15 @@ class _Lbs(Mapping[str, ir.LoadBalancer]):
         self._engine = engine
 
     def _lb(self, name: object) -> ir.LoadBalancer | None:
-        pk = self._engine.cluster_keys.get(name)  # type: ignore[call-overload]
-        return _hash_lb(self._engine.settings.get(pk)) if pk is not None else None
+        engine = self._engine
+        pk = engine.cluster_keys.get(name)  # type: ignore[call-overload]
+        if pk is None:
+            return None
+        s = engine.settings.get(pk)
+        if s is not None and s.lb is not None:
+            return _hash_lb(s)
+        svc = engine.services.get(pk[:2])
+        return AFFINITY_LB if svc is not None and svc.client_ip_affinity else None
 
     def __getitem__(self, name: str) -> ir.LoadBalancer:
         lb = self._lb(name)
@@ -402,7 +425,7 @@ class Engine:
         self.port_clusters: set[PortKey] = set()
         # Services the mesh carries that set what the mesh does not honour (or Local, which
         # it does only on ports the node Envoy does not take): what a notice is made from
-        self.service_notes: dict[Ref, tuple[ObjectKey, Unhonoured, int, bool]] = {}
+        self.service_notes: dict[Ref, tuple[ObjectKey, Unhonoured, int]] = {}
         # Outputs
         self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self.vhosts: _Ordered[VhostKey, ir.VirtualHost] = _Ordered()
@@ -614,12 +637,13 @@ class Engine:
             model = read_service(obj) if obj is not None else None
             # what kube-proxy would do with a Service the mesh carries, and the mesh does not
             parts: Unhonoured = ()
-            local = False
+            depends = False  # on the ports the node Envoy takes, or policies' load balancers
             if obj is not None and model is not None and not model.headless and model.ports:
-                parts, local = unhonoured(obj), model.node_local
-            if obj is not None and (parts or local):
-                self.service_notes[ref] = (key, parts, generation(obj), local)
-                self._service_notice(ref)
+                parts = unhonoured(obj)
+                depends = model.node_local or model.client_ip_affinity
+            if obj is not None and (parts or depends):
+                self.service_notes[ref] = (key, parts, generation(obj))
+                self._service_notice(ref, model)
             else:
                 self.service_notes.pop(ref, None)
                 self.conditions.pop(key, None)
@@ -911,9 +935,10 @@ class Engine:
                     )
                     # Without a policy, _finish would give the route as it is (its one cluster
                     # is this port's, which then has no hashing load balancer either).
+                    # (nor, without affinity, a hashing load balancer: its own port's)
                     routes = (
                         (default,)
-                        if policy is None
+                        if policy is None and not svc.client_ip_affinity
                         else (_finish(RouteEntry(pk, (), default), policy, self.lbs),)
                     )
                 domains = [h + suffix for h in hosts]
@@ -1038,7 +1063,12 @@ class Engine:
         s = self.settings.get(pk)
         if s is None:  # no policy: the defaults, without looking at them one by one
             cluster = ir.Cluster(
-                cname, f"{ns}/{name}", port, http2, origins=(f"Service/{ns}/{name}",)
+                cname,
+                f"{ns}/{name}",
+                port,
+                http2,
+                lb=AFFINITY_LB if svc.client_ip_affinity else None,
+                origins=(f"Service/{ns}/{name}",),
             )
         else:
             origins = (f"Service/{ns}/{name}",) + tuple(
@@ -1059,7 +1089,7 @@ class Engine:
                 connect_timeout_ms=s.connect_timeout_ms,
                 circuit_breaker=s.cluster_breaker(),
                 outlier=s.outlier,
-                lb=s.lb,
+                lb=_lb(svc, s),
                 origins=origins,
             )
         self.clusters.put(pk, cluster)
@@ -1096,19 +1126,31 @@ class Engine:
             tuple(l7),
             tuple(backends),
             svc.node_local,
+            svc.client_ip_affinity,
         )
         self.infos.put(ref, info)
-        if svc.node_local and ref in self.service_notes:  # the node Envoy's ports may change
-            self._service_notice(ref)
+        if (svc.node_local or svc.client_ip_affinity) and ref in self.service_notes:
+            self._service_notice(ref, svc)  # the node Envoy's ports, the policies may change
 
-    def _service_notice(self, ref: Ref) -> None:
-        """The Service's `Supported=False` notice from `service_notes` and, for Local, the
-        ports its last ServiceInfo sends to the node Envoy (none: Local is honoured)."""
-        key, parts, gen, local = self.service_notes[ref]
-        if local:
+    def _service_notice(self, ref: Ref, svc: ServiceModel | None) -> None:
+        """The Service's `Supported=False` notice from `service_notes`, and from the Service
+        itself: Local, on the ports its last ServiceInfo sends to the node Envoy (none: Local
+        is honoured); ClientIP affinity, on the ports where a TrafficPolicy's loadBalancer
+        applies instead."""
+        key, parts, gen = self.service_notes[ref]
+        if svc is not None and svc.node_local:
             info = self.infos.get(ref)
             if info is not None and info.l7_ports:
                 parts = (local_unhonoured(info.l7_ports), *parts)
+        if svc is not None and svc.client_ip_affinity and self.settings:
+            ns, name = ref
+            overridden = [
+                p.port
+                for p in svc.ports
+                if (s := self.settings.get((ns, name, p.port))) is not None and s.lb is not None
+            ]
+            if overridden:
+                parts = (*parts, affinity_overridden(overridden))
         if parts:
             message = unhonoured_message(parts)
             self.conditions[key] = (

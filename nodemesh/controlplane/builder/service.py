@@ -82,6 +82,8 @@ class ServiceModel:
     headless: bool = False
     # internalTrafficPolicy: Local (the node agents keep L4 connections on the client's node)
     node_local: bool = False
+    # sessionAffinity: ClientIP (a client pod's connections and requests go to one endpoint)
+    client_ip_affinity: bool = False
 
     @property
     def ref(self) -> str:
@@ -137,15 +139,27 @@ Unhonoured = tuple[tuple[str, str], ...]  # (the setting, what happens instead)
 _NONE: Unhonoured = ()
 
 
+def _ports(ports: list[int]) -> str:
+    return f"port{'s' if len(ports) > 1 else ''} {', '.join(str(p) for p in ports)}"
+
+
 def local_unhonoured(l7_ports: Iterable[int]) -> tuple[str, str]:
     """`internalTrafficPolicy: Local` on a Service with ports that routes or policies apply
     to: the node agents honour it on the other ports, the node Envoy not on these."""
-    ports = ", ".join(str(p) for p in l7_ports)
+    ports = list(l7_ports)
     return (
-        f"internalTrafficPolicy Local on port {ports}",
+        f"internalTrafficPolicy Local on {_ports(ports)}",
         "the node Envoy, which takes the requests of ports with routes or policies, sends "
         "them to endpoints on every node and does not refuse them when the client's node has "
         "none",
+    )
+
+
+def affinity_overridden(ports: Iterable[int]) -> tuple[str, str]:
+    """`sessionAffinity: ClientIP` on ports where a TrafficPolicy's loadBalancer applies."""
+    return (
+        f"sessionAffinity ClientIP on {_ports(list(ports))}",
+        "a TrafficPolicy's loadBalancer applies there instead",
     )
 
 
@@ -160,25 +174,22 @@ def unhonoured(obj: Mapping[str, Any]) -> Unhonoured:
     """The Service's settings that change where kube-proxy sends its traffic and that the mesh
     does not honour, with what happens instead (none: empty). Each was ignored without a word:
     both the node agents and the node Envoy pick among all the Service's endpoints.
-    `internalTrafficPolicy: Local` is not among them: the node agents honour it, and the
-    builder adds `local_unhonoured()` for the ports the node Envoy takes. (The builder asks for
-    the Services the mesh carries: not headless, with a TCP port.)"""
+    `internalTrafficPolicy: Local` and `sessionAffinity: ClientIP` are not among them: the
+    mesh honours them, and the builder adds `local_unhonoured()` for the ports the node Envoy
+    takes, `affinity_overridden()` for those a TrafficPolicy's loadBalancer applies to. (The
+    builder asks for the Services the mesh carries: not headless, with a TCP port.)"""
     spec, meta = obj.get("spec"), obj.get("metadata")
     if type(spec) is not dict:
         return _NONE
     # (the usual case at once: this runs for every Service of a cold build)
-    affinity, distribution = spec.get("sessionAffinity"), spec.get("trafficDistribution")
+    distribution = spec.get("trafficDistribution")
     annotations = meta.get("annotations") if type(meta) is dict else None
-    if affinity != "ClientIP" and not distribution and not annotations:
+    # kube-proxy looks at zones only where it uses the endpoints of every node: not for
+    # `internalTrafficPolicy: Local` (the node agents do the same; the ports the node Envoy
+    # takes get the Local notice)
+    if (not distribution and not annotations) or spec.get("internalTrafficPolicy") == "Local":
         return _NONE
     names, what = [], []
-    if affinity == "ClientIP":
-        names.append("sessionAffinity ClientIP")
-        what.append(
-            "each connection picks an endpoint, and each request on a port with routes or "
-            "policies; for requests a TrafficPolicy's loadBalancer hashOn a header or cookie "
-            "keeps a client on one"
-        )
     mode = (
         next((annotations[a] for a in _TOPOLOGY_ANNOTATIONS if a in annotations), None)
         if type(annotations) is dict
@@ -241,7 +252,8 @@ def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:
     headless = single == "None" or (isinstance(spec.get("clusterIPs"), list) and not ips
                                      and "None" in spec["clusterIPs"])  # fmt: skip
     local = spec.get("internalTrafficPolicy") == "Local"
-    return ServiceModel(ns, name, tuple(ports), tuple(ips), headless, local)
+    affinity = spec.get("sessionAffinity") == "ClientIP"
+    return ServiceModel(ns, name, tuple(ports), tuple(ips), headless, local, affinity)
 
 
 def read_services(objs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], ServiceModel]:

@@ -12,13 +12,56 @@ enum nm_verdict {
 	NM_REFUSE,  /* fail closed: ECONNREFUSED */
 };
 
-static __always_inline int nm_pick_backend(const struct nm_service *svc, struct nm_orig_dst *out)
+/* A 64-bit finalizer (MurmurHash3's fmix64): every input bit moves every output bit. */
+static __always_inline __u64 nm_mix64(__u64 x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return x;
+}
+
+/* sessionAffinity ClientIP: the backend that scores highest for this client (rendezvous
+ * hashing), the client being the caller's network namespace: a pod, whose one IP kube-proxy
+ * keys its affinity by (host-network pods share the node's, as they share its IP). No state:
+ * a client keeps its backend while that backend stays, and a backend added takes over about
+ * 1/n of the clients (kube-proxy keeps each for timeoutSeconds instead). Weights are not
+ * looked at (the control plane sends 1 for every backend). */
+static __always_inline int nm_pick_affine(void *ctx, const struct nm_service *svc,
+					  struct nm_orig_dst *out)
+{
+	__u64 client = nm_mix64(bpf_get_netns_cookie(ctx));
+	__u64 best = 0;
+	int found = -1;
+
+	for (__u32 i = 0; i < NM_MAX_BACKENDS; i++) {
+		if (i >= svc->n_backends)
+			break;
+		__u64 b = ((__u64)svc->backends[i].addr << 16) | svc->backends[i].port;
+		__u64 score = nm_mix64(client ^ nm_mix64(b));
+
+		if (found < 0 || score > best) {
+			best = score;
+			out->addr = svc->backends[i].addr;
+			out->port = svc->backends[i].port;
+			found = 0;
+		}
+	}
+	return found;
+}
+
+static __always_inline int nm_pick_backend(void *ctx, const struct nm_service *svc,
+					   struct nm_orig_dst *out)
 {
 	__u32 n = svc->n_backends;
 	__u32 total = svc->total_weight;
 
 	if (n == 0 || total == 0)
 		return -1;
+	if (svc->flags & NM_SVC_AFFINITY)
+		return nm_pick_affine(ctx, svc, out);
 	__u32 r = bpf_get_prandom_u32() % total;
 	/* A constant bound keeps the loop provable for the verifier; n ends it early. */
 	for (__u32 i = 0; i < NM_MAX_BACKENDS; i++) {
@@ -105,7 +148,7 @@ static __always_inline enum nm_verdict nm_connect(void *ctx, __be32 addr, __be16
 		}
 		flags = svc->flags;
 		if (!(flags & NM_SVC_L7))
-			picked = nm_pick_backend(svc, &pick);
+			picked = nm_pick_backend(ctx, svc, &pick);
 		if (bpf_map_lookup_elem(&nm_services, &key) == svc) {
 			read = 1;
 			break;

@@ -26,6 +26,8 @@
 
 /* nm_services flags */
 #define NM_SVC_L7 (1U << 0) /* connections go to the node Envoy */
+/* sessionAffinity ClientIP (L4): a client pod's connections all go to one backend */
+#define NM_SVC_AFFINITY (1U << 1)
 
 /* nm_services6 flags */
 #define NM_SVC6_L7 (1U << 0) /* the Service needs L7: refuse when the target is unset */

@@ -93,6 +93,8 @@ class LoadBalancer:
     hash_header: str = ""
     hash_cookie: str = ""
     hash_cookie_ttl_ms: int | None = None
+    # the connection's source address (a Service's sessionAffinity ClientIP)
+    hash_source_ip: bool = False
 
 
 @fast_init
@@ -239,6 +241,7 @@ class Route:
     hash_header: str = ""
     hash_cookie: str = ""
     hash_cookie_ttl_ms: int | None = None
+    hash_source_ip: bool = False
     origins: Origins = ()
 
 
@@ -272,6 +275,9 @@ class ServiceInfo:
     # `internalTrafficPolicy: Local`: on its L4 ports each node's agent uses only the
     # endpoints on its node (its L7 ports go through the node Envoy, which does not).
     node_local: bool = False
+    # `sessionAffinity: ClientIP`: on its L4 ports the kernel sends a client pod's connections
+    # to one endpoint (its L7 ports hash on the source address in the node Envoy)
+    client_ip_affinity: bool = False
 
 
 @dataclass(frozen=True, slots=True)

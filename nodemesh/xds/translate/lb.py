@@ -22,9 +22,15 @@ def apply_lb_policy(cluster: cluster_pb2.Cluster, policy: str) -> None:
 
 
 def hash_policies(
-    header: str, cookie: str, cookie_ttl_ms: int | None
+    header: str, cookie: str, cookie_ttl_ms: int | None, source_ip: bool = False
 ) -> list[rc.RouteAction.HashPolicy]:
     out: list[rc.RouteAction.HashPolicy] = []
+    if source_ip:  # a Service's sessionAffinity ClientIP: the client pod's address
+        out.append(
+            rc.RouteAction.HashPolicy(
+                connection_properties=rc.RouteAction.HashPolicy.ConnectionProperties(source_ip=True)
+            )
+        )
     if header:
         out.append(
             rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=header))

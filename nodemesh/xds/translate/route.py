@@ -111,6 +111,7 @@ def _plain(r: ir.Route) -> bool:
         and not r.hash_header
         and not r.hash_cookie
         and r.hash_cookie_ttl_ms is None
+        and not r.hash_source_ip
     )
 
 
@@ -395,7 +396,9 @@ def _action(r: ir.Route, request: bool = False, response: bool = False) -> rc.Ro
         mirror = out.request_mirror_policies.add(cluster=m.cluster)
         if m.percent < 100:
             mirror.runtime_fraction.default_value.CopyFrom(fraction(m.percent))
-    out.hash_policy.extend(hash_policies(r.hash_header, r.hash_cookie, r.hash_cookie_ttl_ms))
+    out.hash_policy.extend(
+        hash_policies(r.hash_header, r.hash_cookie, r.hash_cookie_ttl_ms, r.hash_source_ip)
+    )
     return out
 
 

@@ -79,22 +79,30 @@ def _entries(info: ir.ServiceInfo) -> tuple[Service, ...]:
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
             v4 = [e for e in eps if _is_ipv4(e.address)]
-            if info.node_local:
-                # every node's agent picks its own: all of them, with node and terminating
-                # (the first of an address and port, in build's order: a ready one first)
-                local: dict[tuple[str, int], Backend] = {}
-                for e in v4:
-                    local.setdefault(
-                        (e.address, e.port), Backend(e.address, e.port, 1, e.node, e.draining)
-                    )
-                out.append(
-                    Service(name, ip, port, False, tuple(local[k] for k in sorted(local)), True)
-                )
-                continue
             # the ready ones; with none, the serving terminating ones (KEP-1669)
             usable = [e for e in v4 if not e.draining] or v4
             backends = {(e.address, e.port): Backend(e.address, e.port) for e in usable}
-            out.append(Service(name, ip, port, False, tuple(backends[k] for k in sorted(backends))))
+            listed = tuple(backends[k] for k in sorted(backends))
+            local: dict[tuple[str, int], Backend] = {}
+            if info.node_local:
+                # every node's agent picks its own: all of them, with node and terminating
+                # (the first of an address and port in sorted order: a ready one first)
+                for e in sorted(v4):
+                    local.setdefault(
+                        (e.address, e.port), Backend(e.address, e.port, 1, e.node, e.draining)
+                    )
+            out.append(
+                Service(
+                    name,
+                    ip,
+                    port,
+                    False,
+                    listed,
+                    info.node_local,
+                    info.client_ip_affinity,
+                    tuple(local[k] for k in sorted(local)),
+                )
+            )
     return _first_per_key(out)
 
 
@@ -160,7 +168,9 @@ _V6_NAME, _V6_ADDRESS, _V6_PORT, _V6_TARGET, _V6_L7 = (
     b"\x28\x01",
 )
 _L4, _L7 = varint(pb.Service.L4), varint(pb.Service.L7)
-_S_NODE_LOCAL, _B_NODE, _B_TERMINATING = b"\x30\x01", b"\x22", b"\x28\x01"
+_S_NODE_LOCAL, _S_AFFINITY = b"\x30\x01", b"\x38\x01"  # Service fields 6, 7 (true)
+_S_NODE_LOCAL_BACKENDS = b"\x42"  # Service field 8
+_B_NODE, _B_TERMINATING = b"\x22", b"\x28\x01"  # Backend fields 4, 5
 
 
 def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
@@ -186,8 +196,18 @@ def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
                 out.append(_ld(_MS_SERVICES, head + _S_MODE + _L7))
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
-            if info.node_local:
-                body = b"".join([head, _S_MODE, _L4, *_local_backends(eps), _S_NODE_LOCAL])
+            if info.node_local or info.client_ip_affinity:  # (rare)
+                body = b"".join(
+                    [
+                        head,
+                        _S_MODE,
+                        _L4,
+                        *_backends(eps),
+                        _S_NODE_LOCAL if info.node_local else b"",
+                        _S_AFFINITY if info.client_ip_affinity else b"",
+                        *(_local_backends(eps) if info.node_local else ()),
+                    ]
+                )
                 out.append(_ld(_MS_SERVICES, body))
                 continue
             out.append(_ld(_MS_SERVICES, b"".join([head, _S_MODE, _L4, *_backends(eps)])))
@@ -237,10 +257,10 @@ def _backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
 
 
 def _local_backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
-    """The `backends` fields of a `node_local` entry (`internalTrafficPolicy: Local`, rare):
-    every IPv4 endpoint build kept (ready or serving terminating), each address and port once
-    (its first in build's order, which puts a ready one first), with its node and whether it
-    is terminating: each node's agent uses its own."""
+    """The `node_local_backends` fields of a `node_local` entry (`internalTrafficPolicy:
+    Local`, rare): every IPv4 endpoint build kept (ready or serving terminating), each address
+    and port once (its first in sorted order, which puts a ready one first), with its node and
+    whether it is terminating: each node's agent uses its own."""
     pieces: list[bytes] = []
     seen: set[tuple[str, int]] = set()
     for e in sorted(e for e in eps if _is_ipv4(e.address)):
@@ -252,7 +272,7 @@ def _local_backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
             backend += _B_NODE + _str(e.node)
         if e.draining:
             backend += _B_TERMINATING
-        pieces.append(_ld(_S_BACKENDS, backend))
+        pieces.append(_ld(_S_NODE_LOCAL_BACKENDS, backend))
     return pieces
 
 
