@@ -45,16 +45,19 @@ class Backend:
     address: str
     port: int
     weight: int = 1
-    # In `node_local_backends` only: the endpoint's node, and whether it is terminating.
+    # In `per_node_backends` only: the endpoint's node, whether it is terminating, and its
+    # topology hints (zone and node names).
     node: str = ""
     terminating: bool = False
+    for_zones: tuple[str, ...] = ()
+    for_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Service:
     """A destination (ClusterIP or pod IP, port). `l7=True` sends it through the node Envoy.
-    `node_local` (L4; `internalTrafficPolicy: Local`): `node_local_backends` lists every
-    endpoint that serves, and each node uses its own (`for_node()`) instead of `backends`."""
+    With `per_node_backends` (L4: `internalTrafficPolicy: Local`, or topology hints), each
+    node picks its own from them (`for_node()`) instead of `backends`."""
 
     name: str
     address: str
@@ -63,19 +66,41 @@ class Service:
     backends: tuple[Backend, ...] = ()
     node_local: bool = False
     client_ip_affinity: bool = False  # L4: a client pod's connections go to one backend
-    node_local_backends: tuple[Backend, ...] = ()
+    per_node_backends: tuple[Backend, ...] = ()
 
-    def for_node(self, node: str) -> Service:
-        """The entry as `node`'s kernel map holds it, before windowing: for a `node_local`
-        Service, the backends on that node, the ready ones, or with none ready the terminating
-        ones (kube-proxy's fallback, KEP-1669); none there leaves it without backends, so its
-        connections are refused. Other entries as they are."""
-        if not self.node_local:
+    def for_node(self, node: str, zone: str = "") -> Service:
+        """The entry as the kernel map of `node` (in `zone`) holds it, before windowing, as
+        kube-proxy chooses (pkg/proxy/topology.go). For a `node_local` Service: the backends
+        on that node, the ready ones, or with none ready the serving terminating ones; none
+        there leaves it without backends, so its connections are refused. Otherwise the ready
+        ones, narrowed by topology hints when every ready one has some: to those hinted for
+        this node, if any is (PreferSameNode), else to those for this zone, if any is; with
+        none ready, the serving terminating ones, whatever their hints. Entries without
+        `per_node_backends` as they are."""
+        listed = self.per_node_backends
+        if not listed and not self.node_local:
             return self
-        mine = [b for b in self.node_local_backends if b.node == node]
-        ready = [b for b in mine if not b.terminating]
-        backends = tuple(Backend(b.address, b.port, b.weight) for b in (ready or mine))
-        return replace(self, backends=backends, node_local=False, node_local_backends=())
+        if self.node_local:
+            mine = [b for b in listed if b.node == node]
+            ready = [b for b in mine if not b.terminating]
+            chosen = ready or mine
+        else:
+            ready = [b for b in listed if not b.terminating]
+            if (
+                ready
+                and all(b.for_nodes for b in ready)
+                and any(node in b.for_nodes for b in ready)
+            ):
+                ready = [b for b in ready if node in b.for_nodes]
+            elif (
+                ready
+                and all(b.for_zones for b in ready)
+                and any(zone in b.for_zones for b in ready)
+            ):
+                ready = [b for b in ready if zone in b.for_zones]
+            chosen = ready or [b for b in listed if b.terminating]
+        backends = tuple(Backend(b.address, b.port, b.weight) for b in chosen)
+        return replace(self, backends=backends, node_local=False, per_node_backends=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +135,7 @@ class NodePart:
     local_addresses: tuple[str, ...] = ()
     redirect_on: tuple[str, ...] = ()  # as in NodeMap
     redirect_off: tuple[str, ...] = ()
+    zone: str = ""  # the Node's topology.kubernetes.io/zone label: which hints to follow
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +155,7 @@ def node_to_proto(part: NodePart) -> pb.NodeServiceMap:
         local_addresses=sorted(part.local_addresses),
         socket_redirect_on=sorted(part.redirect_on),
         socket_redirect_off=sorted(part.redirect_off),
+        zone=part.zone,
     )
     if part.envoy is not None:
         msg.envoy.address, msg.envoy.port = part.envoy
@@ -170,13 +197,19 @@ def service_message(svc: Service) -> pb.Service:
         backends=[_backend_message(b) for b in svc.backends],
         node_local=svc.node_local,
         client_ip_affinity=svc.client_ip_affinity,
-        node_local_backends=[_backend_message(b) for b in svc.node_local_backends],
+        per_node_backends=[_backend_message(b) for b in svc.per_node_backends],
     )
 
 
 def _backend_message(b: Backend) -> pb.Backend:
     return pb.Backend(
-        address=b.address, port=b.port, weight=b.weight, node=b.node, terminating=b.terminating
+        address=b.address,
+        port=b.port,
+        weight=b.weight,
+        node=b.node,
+        terminating=b.terminating,
+        for_zones=b.for_zones,
+        for_nodes=b.for_nodes,
     )
 
 
@@ -239,6 +272,7 @@ def node_from_proto(msg: pb.NodeServiceMap) -> NodePart:
         tuple(msg.local_addresses),
         tuple(msg.socket_redirect_on),
         tuple(msg.socket_redirect_off),
+        msg.zone,
     )
 
 
@@ -259,16 +293,24 @@ def service_from_proto(msg: pb.MeshService) -> MeshService:
             problems.append(f"{where}: mode is unset (L4 or L7)")
         backends: list[Backend] = []
         local: list[Backend] = []
-        for listed, into in ((s.backends, backends), (s.node_local_backends, local)):
+        for listed, into in ((s.backends, backends), (s.per_node_backends, local)):
             for b in listed:
                 _ipv4(b.address, f"{where} backend", problems)
                 _port(b.port, f"{where} backend", problems)
                 if b.weight > 65535:
                     problems.append(f"{where} backend {b.address}: weight {b.weight} > 65535")
-                into.append(Backend(b.address, b.port, b.weight or 1, b.node, b.terminating))
-        if local and not s.node_local:
-            problems.append(f"{where}: node_local_backends in an entry that is not node_local")
-        for flag in ("node_local", "client_ip_affinity"):
+                into.append(
+                    Backend(
+                        b.address,
+                        b.port,
+                        b.weight or 1,
+                        b.node,
+                        b.terminating,
+                        tuple(b.for_zones),
+                        tuple(b.for_nodes),
+                    )
+                )
+        for flag in ("node_local", "client_ip_affinity", "per_node_backends"):
             if getattr(s, flag) and s.mode != pb.Service.L4:
                 problems.append(f"{where}: {flag} in an entry that is not L4")
         services.append(
@@ -308,10 +350,24 @@ def service_from_proto(msg: pb.MeshService) -> MeshService:
 def window(entry: Service, node: str) -> Service:
     """A kernel service value holds at most MAX_BACKENDS backends. Each node takes its own
     window of a larger set (an offset from a hash of its name), so together the nodes still
-    spread over every backend."""
+    spread over every backend. With client IP affinity, the MAX_BACKENDS that score highest
+    for the node (rendezvous hashing) instead: a backend added or removed changes the window
+    by that backend alone, where the offset moves it whole (and the clients whose backend
+    left it with it)."""
     n = len(entry.backends)
     if n <= MAX_BACKENDS:
         return entry
+    if entry.client_ip_affinity:
+        scored = sorted(
+            range(n),
+            key=lambda i: hashlib.blake2b(
+                f"{node}|{entry.backends[i].address}|{entry.backends[i].port}".encode(),
+                digest_size=8,
+            ).digest(),
+        )
+        return replace(
+            entry, backends=tuple(entry.backends[i] for i in sorted(scored[:MAX_BACKENDS]))
+        )
     start = int.from_bytes(hashlib.blake2b(node.encode(), digest_size=4).digest(), "big") % n
     backends = tuple(entry.backends[(start + i) % n] for i in range(MAX_BACKENDS))
     return replace(entry, backends=backends)
@@ -375,7 +431,7 @@ class MapView:
         if not names:
             return None
         entry = next(e for e in self._services[names[0]].services if (e.address, e.port) == key)
-        return window(entry.for_node(self.node), self.node)
+        return window(entry.for_node(self.node, self.part.zone), self.node)
 
     def service6(self, key: Key) -> ServiceIPv6 | None:
         names = self._owners6.get(key)

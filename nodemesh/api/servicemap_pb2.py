@@ -20,7 +20,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x1dnodemesh/api/servicemap.proto\x12\x0fnodemesh.api.v1"\xc4\x01\n\x0eNodeServiceMap\x12\x0c\n\x04node\x18\x01 \x01(\t\x12-\n\x05\x65nvoy\x18\x02 \x01(\x0b\x32\x1e.nodemesh.api.v1.SocketAddress\x12\x17\n\x0flocal_addresses\x18\x04 \x03(\t\x12\x1a\n\x12socket_redirect_on\x18\x06 \x03(\t\x12\x1b\n\x13socket_redirect_off\x18\x07 \x03(\tJ\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06R\x08servicesR\rservices_ipv6"|\n\x0bMeshService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08services\x18\x02 \x03(\x0b\x32\x18.nodemesh.api.v1.Service\x12\x33\n\rservices_ipv6\x18\x03 \x03(\x0b\x32\x1c.nodemesh.api.v1.ServiceIPv6".\n\rSocketAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r"\xa4\x02\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12+\n\x04mode\x18\x04 \x01(\x0e\x32\x1d.nodemesh.api.v1.Service.Mode\x12*\n\x08\x62\x61\x63kends\x18\x05 \x03(\x0b\x32\x18.nodemesh.api.v1.Backend\x12\x12\n\nnode_local\x18\x06 \x01(\x08\x12\x1a\n\x12\x63lient_ip_affinity\x18\x07 \x01(\x08\x12\x35\n\x13node_local_backends\x18\x08 \x03(\x0b\x32\x18.nodemesh.api.v1.Backend",\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x06\n\x02L4\x10\x01\x12\x06\n\x02L7\x10\x02"V\n\x0bServiceIPv6\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\n\n\x02l7\x18\x05 \x01(\x08"[\n\x07\x42\x61\x63kend\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x13\n\x0bterminating\x18\x05 \x01(\x08\x62\x06proto3'
+    b'\n\x1dnodemesh/api/servicemap.proto\x12\x0fnodemesh.api.v1"\xd2\x01\n\x0eNodeServiceMap\x12\x0c\n\x04node\x18\x01 \x01(\t\x12-\n\x05\x65nvoy\x18\x02 \x01(\x0b\x32\x1e.nodemesh.api.v1.SocketAddress\x12\x17\n\x0flocal_addresses\x18\x04 \x03(\t\x12\x1a\n\x12socket_redirect_on\x18\x06 \x03(\t\x12\x1b\n\x13socket_redirect_off\x18\x07 \x03(\t\x12\x0c\n\x04zone\x18\x08 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06R\x08servicesR\rservices_ipv6"|\n\x0bMeshService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08services\x18\x02 \x03(\x0b\x32\x18.nodemesh.api.v1.Service\x12\x33\n\rservices_ipv6\x18\x03 \x03(\x0b\x32\x1c.nodemesh.api.v1.ServiceIPv6".\n\rSocketAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r"\xa2\x02\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12+\n\x04mode\x18\x04 \x01(\x0e\x32\x1d.nodemesh.api.v1.Service.Mode\x12*\n\x08\x62\x61\x63kends\x18\x05 \x03(\x0b\x32\x18.nodemesh.api.v1.Backend\x12\x12\n\nnode_local\x18\x06 \x01(\x08\x12\x1a\n\x12\x63lient_ip_affinity\x18\x07 \x01(\x08\x12\x33\n\x11per_node_backends\x18\x08 \x03(\x0b\x32\x18.nodemesh.api.v1.Backend",\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x06\n\x02L4\x10\x01\x12\x06\n\x02L7\x10\x02"V\n\x0bServiceIPv6\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\n\n\x02l7\x18\x05 \x01(\x08"\x81\x01\n\x07\x42\x61\x63kend\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x13\n\x0bterminating\x18\x05 \x01(\x08\x12\x11\n\tfor_zones\x18\x06 \x03(\t\x12\x11\n\tfor_nodes\x18\x07 \x03(\tb\x06proto3'
 )
 
 _globals = globals()
@@ -29,17 +29,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "nodemesh.api.servicemap_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
     _globals["_NODESERVICEMAP"]._serialized_start = 51
-    _globals["_NODESERVICEMAP"]._serialized_end = 247
-    _globals["_MESHSERVICE"]._serialized_start = 249
-    _globals["_MESHSERVICE"]._serialized_end = 373
-    _globals["_SOCKETADDRESS"]._serialized_start = 375
-    _globals["_SOCKETADDRESS"]._serialized_end = 421
-    _globals["_SERVICE"]._serialized_start = 424
-    _globals["_SERVICE"]._serialized_end = 716
-    _globals["_SERVICE_MODE"]._serialized_start = 672
-    _globals["_SERVICE_MODE"]._serialized_end = 716
-    _globals["_SERVICEIPV6"]._serialized_start = 718
-    _globals["_SERVICEIPV6"]._serialized_end = 804
-    _globals["_BACKEND"]._serialized_start = 806
-    _globals["_BACKEND"]._serialized_end = 897
+    _globals["_NODESERVICEMAP"]._serialized_end = 261
+    _globals["_MESHSERVICE"]._serialized_start = 263
+    _globals["_MESHSERVICE"]._serialized_end = 387
+    _globals["_SOCKETADDRESS"]._serialized_start = 389
+    _globals["_SOCKETADDRESS"]._serialized_end = 435
+    _globals["_SERVICE"]._serialized_start = 438
+    _globals["_SERVICE"]._serialized_end = 728
+    _globals["_SERVICE_MODE"]._serialized_start = 684
+    _globals["_SERVICE_MODE"]._serialized_end = 728
+    _globals["_SERVICEIPV6"]._serialized_start = 730
+    _globals["_SERVICEIPV6"]._serialized_end = 816
+    _globals["_BACKEND"]._serialized_start = 819
+    _globals["_BACKEND"]._serialized_end = 948
 # @@protoc_insertion_point(module_scope)

@@ -11,17 +11,26 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeServiceMap(_message.Message):
-    __slots__ = ("node", "envoy", "local_addresses", "socket_redirect_on", "socket_redirect_off")
+    __slots__ = (
+        "node",
+        "envoy",
+        "local_addresses",
+        "socket_redirect_on",
+        "socket_redirect_off",
+        "zone",
+    )
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENVOY_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     SOCKET_REDIRECT_ON_FIELD_NUMBER: _ClassVar[int]
     SOCKET_REDIRECT_OFF_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
     node: str
     envoy: SocketAddress
     local_addresses: _containers.RepeatedScalarFieldContainer[str]
     socket_redirect_on: _containers.RepeatedScalarFieldContainer[str]
     socket_redirect_off: _containers.RepeatedScalarFieldContainer[str]
+    zone: str
     def __init__(
         self,
         node: str | None = ...,
@@ -29,6 +38,7 @@ class NodeServiceMap(_message.Message):
         local_addresses: _Iterable[str] | None = ...,
         socket_redirect_on: _Iterable[str] | None = ...,
         socket_redirect_off: _Iterable[str] | None = ...,
+        zone: str | None = ...,
     ) -> None: ...
 
 class MeshService(_message.Message):
@@ -63,7 +73,7 @@ class Service(_message.Message):
         "backends",
         "node_local",
         "client_ip_affinity",
-        "node_local_backends",
+        "per_node_backends",
     )
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
@@ -81,7 +91,7 @@ class Service(_message.Message):
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     NODE_LOCAL_FIELD_NUMBER: _ClassVar[int]
     CLIENT_IP_AFFINITY_FIELD_NUMBER: _ClassVar[int]
-    NODE_LOCAL_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    PER_NODE_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     port: int
@@ -89,7 +99,7 @@ class Service(_message.Message):
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     node_local: bool
     client_ip_affinity: bool
-    node_local_backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    per_node_backends: _containers.RepeatedCompositeFieldContainer[Backend]
     def __init__(
         self,
         name: str | None = ...,
@@ -99,7 +109,7 @@ class Service(_message.Message):
         backends: _Iterable[Backend | _Mapping] | None = ...,
         node_local: bool | None = ...,
         client_ip_affinity: bool | None = ...,
-        node_local_backends: _Iterable[Backend | _Mapping] | None = ...,
+        per_node_backends: _Iterable[Backend | _Mapping] | None = ...,
     ) -> None: ...
 
 class ServiceIPv6(_message.Message):
@@ -124,17 +134,21 @@ class ServiceIPv6(_message.Message):
     ) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "port", "weight", "node", "terminating")
+    __slots__ = ("address", "port", "weight", "node", "terminating", "for_zones", "for_nodes")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TERMINATING_FIELD_NUMBER: _ClassVar[int]
+    FOR_ZONES_FIELD_NUMBER: _ClassVar[int]
+    FOR_NODES_FIELD_NUMBER: _ClassVar[int]
     address: str
     port: int
     weight: int
     node: str
     terminating: bool
+    for_zones: _containers.RepeatedScalarFieldContainer[str]
+    for_nodes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(
         self,
         address: str | None = ...,
@@ -142,4 +156,6 @@ class Backend(_message.Message):
         weight: int | None = ...,
         node: str | None = ...,
         terminating: bool | None = ...,
+        for_zones: _Iterable[str] | None = ...,
+        for_nodes: _Iterable[str] | None = ...,
     ) -> None: ...

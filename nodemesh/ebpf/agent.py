@@ -233,10 +233,13 @@ class Agent:
         keys4: set[tuple[str, int]] = set()
         keys6: set[tuple[str, int]] = set()
         refused: dict[str, str] = {}  # MeshService name -> why
+        rezoned = False
         if response.type_url == NODE_TYPE_URL:
             part = self._node_part(response)
             if self.node in removed:
                 part = NodePart(self.node)  # the control plane withdrew this node's map
+            # another zone: entries that follow topology hints may pick other backends
+            rezoned = part.zone != self.view.part.zone
             self.view.part = part
         else:
             upserts = []
@@ -253,6 +256,8 @@ class Agent:
         self._answered.add(response.type_url)
 
         result: ApplyResult | None = None
+        if self._converged and rezoned:
+            self._converged = False  # written whole (only the entries that differ)
         if self._converged or self._answered == set(_TYPES):
             result = self._write(maps, response, keys4, keys6)
         if refused:

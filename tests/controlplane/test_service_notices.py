@@ -32,13 +32,29 @@ def service(name: str, annotations: dict[str, str] | None = None, **spec: Any) -
     }
 
 
+def routed(*names: str) -> dict[str, Any]:
+    """An HTTPRoute on each of `names` (every port): their ports go through the node Envoy."""
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "routes", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": n} for n in names],
+            "rules": [{}],  # (no backendRefs: a 500 for every request; only the ports count)
+        },
+    }
+
+
 async def test_unhonoured_service_settings_are_said_and_never_written_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def write(*services: dict[str, Any]) -> None:
-        (tmp_path / "svc.yaml").write_text(yaml.safe_dump_all(services))
+    """Local, ClientIP and topology-aware routing are honoured by the node agents (no route or
+    policy: no notice); the ports the node Envoy takes get one naming them."""
 
-    write(
+    def write(*objs: dict[str, Any]) -> None:
+        (tmp_path / "svc.yaml").write_text(yaml.safe_dump_all(objs))
+
+    services = (
         service(
             "local",
             internalTrafficPolicy="Local",
@@ -55,32 +71,40 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
         service("udp", ports=[{"name": "dns", "port": 53, "protocol": "UDP"}],
                 internalTrafficPolicy="Local"),
     )  # fmt: skip
+    write(*services)
     store = Store()
     source = FilesSource(tmp_path, store)
     source.scan()
     p = Pipeline(store, SnapshotCache(), StatusTracker())
+    await p.rebuild()
+    assert [o for o in p.status_json()["objects"] if o["kind"] == "Service"] == []
+
+    write(*services, routed("local", "close", "hints", "plain"))
+    source.scan()
     with caplog.at_level(logging.WARNING, logger="nodemesh.controlplane.pipeline"):
         await p.rebuild()
     said = {
         o["name"]: o["conditions"] for o in p.status_json()["objects"] if o["kind"] == "Service"
     }
-    assert sorted(said) == ["close", "hints"]
+    assert sorted(said) == ["close", "hints", "local"]
     for conditions in said.values():
         assert [(c["type"], c["status"], c["reason"]) for c in conditions] == [
             ("Supported", "False", "UnsupportedValue")
         ]
-    # Local and ClientIP are honoured (no route sends the port to the node Envoy, no
-    # policy's loadBalancer applies), and with Local kube-proxy does not look at zones either
-    assert "local" not in said
-    assert said["close"][0]["message"] == (
-        "trafficDistribution PreferClose: not honoured by the mesh (endpoints are used "
-        "whatever their zone)"
+    # (with Local, kube-proxy does not look at zones either)
+    assert said["local"][0]["message"].startswith(
+        "internalTrafficPolicy Local on port 80: not honoured by the mesh (the node Envoy"
     )
-    assert said["hints"][0]["message"].startswith("topology-mode Auto: not honoured by the mesh")
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 2 and all("not honoured by the mesh" in w for w in warnings), warnings
+    assert said["close"][0]["message"] == (
+        "trafficDistribution PreferClose on port 80: not honoured by the mesh (the node Envoy, "
+        "which takes the requests of ports with routes or policies, uses endpoints whatever "
+        "their zone)"
+    )
+    assert said["hints"][0]["message"].startswith("topology-mode Auto on port 80: not honoured")
+    warnings = [r.getMessage() for r in caplog.records if "not honoured" in r.getMessage()]
+    assert len(warnings) == 3, warnings
     table = render_status(p.status_json())  # what `nodemesh status` prints: each setting
-    assert "trafficDistribution PreferClose: not honoured" in table
+    assert "trafficDistribution PreferClose on port 80: not honoured" in table
     # shown, never written back: the operator gets no status body for a Service
     assert p.kubernetes_status(ObjectKey("Service", "shop", "close")) is None
 
@@ -138,6 +162,7 @@ async def test_internal_traffic_policy_local_is_said_only_for_ports_the_node_env
         route,
     )
     assert (await notices())["agent"].startswith("internalTrafficPolicy Local on port 80: not")
+    assert "trafficDistribution" not in (await notices())["agent"]
     # a route for every port: both said
     every = {
         **route,

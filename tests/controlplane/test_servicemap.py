@@ -36,7 +36,7 @@ from nodemesh.api import (
     window,
 )
 from nodemesh.api import servicemap_pb2 as pb
-from nodemesh.api.servicemap import MAX_BACKENDS, Backend
+from nodemesh.api.servicemap import MAX_BACKENDS, Backend, NodePart
 from nodemesh.controlplane.builder import BuildMemo, build
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.pipeline import Pipeline
@@ -378,6 +378,32 @@ def test_more_backends_than_the_kernel_holds_are_windowed_per_node() -> None:
     assert set().union(*windows) == {e.address for e in eps}
 
 
+def test_with_client_ip_affinity_a_backend_added_changes_a_window_by_itself_alone() -> None:
+    """A client keeps its backend while that backend stays: over 32 backends a node's window
+    must not shift with every backend added (the offset window moved whole, and with it
+    about a third of the clients from backends that stayed)."""
+
+    def windows(count: int) -> list[set[str]]:
+        eps = tuple(ir.Endpoint(f"10.244.0.{i}", 80) for i in range(1, count + 1))
+        info = ir.ServiceInfo("shop/big", ("10.96.0.1",), (80,), (), (eps,), False, True)
+        svc = mesh_service(info)
+        assert svc is not None
+        out = []
+        for n in range(8):
+            view = MapView(f"node-{n}")
+            view.update([svc])
+            entry = view.service(("10.96.0.1", 80))
+            assert entry is not None and entry.client_ip_affinity
+            out.append({b.address for b in entry.backends})
+        return out
+
+    before, after = windows(40), windows(41)
+    assert all(len(w) == MAX_BACKENDS for w in before + after)
+    assert set().union(*before) == {f"10.244.0.{i}" for i in range(1, 41)}
+    for old, new in zip(before, after, strict=True):
+        assert len(old - new) <= 1 and new - old <= {"10.244.0.41"}, (old - new, new - old)
+
+
 def test_duplicate_cluster_ip_keeps_the_first_service_by_name_in_any_order() -> None:
     a = mesh_service(ir.ServiceInfo("shop/a", ("10.96.0.1",), (80,), (80,)))
     b = mesh_service(ir.ServiceInfo("shop/b", ("10.96.0.1",), (80,), ()))
@@ -451,14 +477,35 @@ _IPV4 = st.builds(lambda a, b: f"10.{a}.0.{b}", st.integers(0, 3), st.integers(1
 _IPV6 = st.builds(lambda a: f"fd00::{a:x}", st.integers(1, 4))
 _POD = st.builds(lambda a: f"10.244.0.{a}", st.integers(1, 60))
 _EP_NODES = ("node-a", "node-b", "")  # endpoint i is on _EP_NODES[i % 3] ("": no nodeName)
+_ZONES = {"node-a": "zone-a"}  # node-b has no zone label
+
+
+def _hints(i: int, mode: int) -> tuple[tuple[str, ...], ...]:
+    """Endpoint i's topology hints: none, for zones (node-a's zone for some), for nodes, for
+    zones on some endpoints only (which makes kube-proxy ignore them), or for nodes on some
+    only."""
+    if mode == 1:
+        return ((("zone-a", "zone-b", "zone-c")[i % 3],), ())
+    if mode == 2:
+        return (("zone-b",), (("node-a", "node-b", "node-c")[i % 4 % 3],))
+    if mode == 3 and i % 2:
+        return (("zone-a",), ())
+    if mode == 4:  # node hints on some: kube-proxy follows the zone hints
+        return ((("zone-a", "zone-b")[i % 2],), ("node-a",) if i % 2 else ())
+    return ()
+
+
 _INFO = st.builds(
-    lambda name, ips, ports, l7, eps, local, affinity: ir.ServiceInfo(
+    lambda name, ips, ports, l7, eps, local, affinity, hinting: ir.ServiceInfo(
         f"ns/{name}",
         tuple(ips),
         tuple(ports),
         tuple(p for i, p in enumerate(ports) if l7 >> i & 1),  # some ports L7
         tuple(
-            tuple(ir.Endpoint(a, 8080, i % 7 == 6, _EP_NODES[i % 3]) for i, a in enumerate(eps))
+            tuple(
+                ir.Endpoint(a, 8080, i % 7 == 6, _EP_NODES[i % 3], "", _hints(i, hinting))
+                for i, a in enumerate(eps)
+            )
             for _ in ports
         ),
         local,
@@ -477,6 +524,7 @@ _INFO = st.builds(
     ),
     st.booleans(),  # internalTrafficPolicy: Local
     st.booleans(),  # sessionAffinity: ClientIP
+    st.integers(0, 5),  # topology hints (see _hints; 0 and 5: none)
 )
 _MESHES = st.lists(
     st.lists(_INFO, max_size=5).map(lambda infos: tuple({i.name: i for i in infos}.values())),
@@ -493,7 +541,10 @@ def _reference(services: Iterable[ir.ServiceInfo], node: str) -> NodeMap:
     """What a node's kernel maps must hold, stated directly: every Service's entries in name
     order, the first Service (then the first entry) for an address and port keeps it, and
     backends beyond the kernel's limit are windowed for the node. A Local Service's L4 entry
-    holds the endpoints on the node: the ready ones, or with none ready the draining ones."""
+    holds the endpoints on the node: the ready ones, or with none ready the draining ones;
+    another's with topology hints, the ready ones hinted for the node if every ready one has
+    node hints and one names it, else those for its zone if every ready one has zone hints
+    and one names it, else every ready one; with none ready, the draining ones."""
     v4: dict[tuple[str, int], Service] = {}
     v6: dict[tuple[str, int], object] = {}
     for info in sorted(services, key=lambda i: i.name):
@@ -506,6 +557,22 @@ def _reference(services: Iterable[ir.ServiceInfo], node: str) -> NodeMap:
                     (x.address, x.port) for x in mine
                 }
                 kept = tuple(Backend(*k) for k in sorted(usable))
+                e = Service(e.name, e.address, e.port, False, kept, False, e.client_ip_affinity)
+            elif not e.l7 and any(x.hints for x in info.backends[info.ports.index(e.port)]):
+                first: dict[tuple[str, int], ir.Endpoint] = {}
+                for x in sorted(info.backends[info.ports.index(e.port)]):
+                    first.setdefault((x.address, x.port), x)
+                ready = [x for x in first.values() if not x.draining]
+                zone = _ZONES.get(node, "")
+                if ready and all(x.hints and x.hints[1] for x in ready):
+                    if any(node in x.hints[1] for x in ready):
+                        ready = [x for x in ready if node in x.hints[1]]
+                        zone = "(decided)"
+                if zone != "(decided)" and ready and all(x.hints and x.hints[0] for x in ready):
+                    if any(zone in x.hints[0] for x in ready):
+                        ready = [x for x in ready if zone in x.hints[0]]
+                chosen = ready or [x for x in first.values() if x.draining]
+                kept = tuple(Backend(x.address, x.port) for x in sorted(chosen))
                 e = Service(e.name, e.address, e.port, False, kept, False, e.client_ip_affinity)
             v4.setdefault((e.address, e.port), window(e, node))
         for e6 in svc.services_ipv6 if svc else ():
@@ -531,6 +598,8 @@ def test_the_agents_view_fed_by_deltas_is_the_mesh(
     to rewrite cover every entry that changed."""
     maps = ServiceMaps()
     views = {n: MapView(n) for n in ("node-a", "node-b")}
+    for n, view in views.items():
+        view.part = NodePart(n, zone=_ZONES.get(n, ""))
     held: dict[str, Resource] = {}
     before = {n: v.model() for n, v in views.items()}
     for services in meshes:
@@ -589,6 +658,8 @@ _ANY_ENDPOINT = st.builds(
     st.sampled_from([0, 80, 8080, 65535]),
     st.booleans(),
     st.sampled_from(["", "node-a", "nœud-\u00e9" * 30]),  # (a long one: a 2-byte length)
+    st.just(""),
+    st.sampled_from([(), (("zone-a",), ()), ((), ("node-a", "n\u00e9")), (("z",) * 70, ())]),
 )
 _ODD_INFO = st.builds(
     lambda name, ips, ports, l7, eps, local, affinity: ir.ServiceInfo(
@@ -657,7 +728,7 @@ def test_an_agent_that_knows_no_local_reads_a_local_service_as_before() -> None:
     local = ir.ServiceInfo("shop/web", ("10.96.0.10",), (80,), (), (eps,), node_local=True)
     old = pb.MeshService.FromString(mesh_service_bytes(local) or b"")
     old.services[0].ClearField("node_local")  # what an older agent's protobuf keeps
-    old.services[0].ClearField("node_local_backends")
+    old.services[0].ClearField("per_node_backends")
     (entry,) = service_from_proto(old).services
     assert [b.address for b in entry.backends] == ["10.244.2.5"]
     (entry,) = service_from_proto(

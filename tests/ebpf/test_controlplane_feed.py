@@ -504,6 +504,78 @@ endpoints:
     assert set(await backends_seen("a")) == {"b", "c"}
 
 
+async def test_topology_hints_keep_connections_in_the_clients_zone(feed: Feed) -> None:
+    """The lab node is in zone-a; `zoned` asks for PreferClose, and its slice's hints (what
+    the EndpointSlice controller writes) give b to zone-a and c to zone-b: every connection
+    goes to b, as kube-proxy sends it (before, half went to c), once the node has its zone
+    label. With one endpoint without hints, kube-proxy ignores them all, and so does the
+    node agent."""
+    lab = feed.lab
+    lab.pods["c"].serve(7000)  # (b serves 7000 already: a hello naming the pod, then echo)
+    vip = "10.244.255.40"
+    mesh = feed.config_dir / "mesh.yaml"
+    text = mesh.read_text()
+    node = f"kind: Node\nmetadata: {{name: {NODE}}}\n"
+    assert text.count(node) == 1
+    zoned = (
+        f"kind: Node\nmetadata: {{name: {NODE}, labels: {{topology.kubernetes.io/zone: zone-a}}}}\n"
+    )
+
+    def write(c_hint: str) -> None:
+        (feed.config_dir / "zoned.yaml").write_text(f"""apiVersion: v1
+kind: Service
+metadata: {{name: zoned, namespace: shop}}
+spec:
+  clusterIP: {vip}
+  ports: [{{name: tcp-hello, port: 7000}}]
+  trafficDistribution: PreferClose
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: zoned-1, namespace: shop, labels: {{kubernetes.io/service-name: zoned}}}}
+addressType: IPv4
+ports: [{{name: tcp-hello, port: 7000}}]
+endpoints:
+  - addresses: [{lab.pods["b"].ip}]
+    conditions: {{ready: true}}
+    nodeName: {NODE}
+    hints: {{forZones: [{{name: zone-a}}]}}
+  - addresses: [{lab.pods["c"].ip}]
+    conditions: {{ready: true}}
+    nodeName: {NODE}
+    {c_hint}
+""")
+
+    async def published(backends: set[str]) -> None:
+        def entry() -> bool:
+            model = feed.node_map()
+            return model is not None and any(
+                s.name == "shop/zoned:7000" and {b.address for b in s.backends} == backends
+                for s in model.services
+            )
+
+        await feed.until(entry, f"the control plane to publish zoned with {backends}")
+        await feed.until(feed.agent_acked_current_map, "the agent's ACK of the new map")
+
+    async def backends_seen() -> dict[str, int]:
+        r = await asyncio.to_thread(
+            lab.pods["a"].tool, "conns", "--to", f"{vip}:7000", "--count", "20"
+        )
+        assert r["errors"] == {}, r
+        return r["backends"]  # type: ignore[no-any-return]
+
+    write("hints: {forZones: [{name: zone-b}]}")
+    # the node in no zone yet: no endpoint is for its zone, so every one (as kube-proxy)
+    await published({lab.pods["b"].ip, lab.pods["c"].ip})
+    mesh.write_text(text.replace(node, zoned))  # now in zone-a: the agent picks again
+    await published({lab.pods["b"].ip})
+    assert await backends_seen() == {"b": 20}
+
+    write("")  # c without hints: every ready endpoint
+    await published({lab.pods["b"].ip, lab.pods["c"].ip})
+    assert set(await backends_seen()) == {"b", "c"}
+
+
 async def test_a_connection_to_a_pod_of_a_routed_service_skips_its_routes(feed: Feed) -> None:
     """Routes attach to a Service's frontend, its ClusterIP (GAMMA), not to its pods: a client
     that connects to web's pod by its own address reaches it without the node Envoy, so web's

@@ -32,8 +32,9 @@ from nodemesh.controlplane.builder.service import (
     affinity_overridden,
     local_unhonoured,
     read_service,
-    unhonoured,
     unhonoured_message,
+    zone_setting,
+    zones_unhonoured,
 )
 from nodemesh.controlplane.builder.socketredirect import SocketRedirectIndex
 from nodemesh.controlplane.builder.trafficpolicy import (
@@ -425,7 +426,7 @@ class Engine:
         self.port_clusters: set[PortKey] = set()
         # Services the mesh carries that set what the mesh does not honour (or Local, which
         # it does only on ports the node Envoy does not take): what a notice is made from
-        self.service_notes: dict[Ref, tuple[ObjectKey, Unhonoured, int]] = {}
+        self.service_notes: dict[Ref, tuple[ObjectKey, str, int]] = {}
         # Outputs
         self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self.vhosts: _Ordered[VhostKey, ir.VirtualHost] = _Ordered()
@@ -636,13 +637,14 @@ class Engine:
                 namespaces.add(ns)
             model = read_service(obj) if obj is not None else None
             # what kube-proxy would do with a Service the mesh carries, and the mesh does not
-            parts: Unhonoured = ()
-            depends = False  # on the ports the node Envoy takes, or policies' load balancers
+            # (said on the ports the node Envoy takes, or policies' load balancers apply to)
+            zones = ""
+            notable = False
             if obj is not None and model is not None and not model.headless and model.ports:
-                parts = unhonoured(obj)
-                depends = model.node_local or model.client_ip_affinity
-            if obj is not None and (parts or depends):
-                self.service_notes[ref] = (key, parts, generation(obj))
+                zones = zone_setting(obj)
+                notable = bool(zones) or model.node_local or model.client_ip_affinity
+            if obj is not None and notable:
+                self.service_notes[ref] = (key, zones, generation(obj))
                 self._service_notice(ref, model)
             else:
                 self.service_notes.pop(ref, None)
@@ -1129,19 +1131,21 @@ class Engine:
             svc.client_ip_affinity,
         )
         self.infos.put(ref, info)
-        if (svc.node_local or svc.client_ip_affinity) and ref in self.service_notes:
+        if ref in self.service_notes:
             self._service_notice(ref, svc)  # the node Envoy's ports, the policies may change
 
     def _service_notice(self, ref: Ref, svc: ServiceModel | None) -> None:
-        """The Service's `Supported=False` notice from `service_notes`, and from the Service
-        itself: Local, on the ports its last ServiceInfo sends to the node Envoy (none: Local
-        is honoured); ClientIP affinity, on the ports where a TrafficPolicy's loadBalancer
-        applies instead."""
-        key, parts, gen = self.service_notes[ref]
-        if svc is not None and svc.node_local:
-            info = self.infos.get(ref)
-            if info is not None and info.l7_ports:
-                parts = (local_unhonoured(info.l7_ports), *parts)
+        """The Service's `Supported=False` notice: Local and topology-aware routing, on the
+        ports its last ServiceInfo sends to the node Envoy (the node agents honour them);
+        ClientIP affinity, on the ports where a TrafficPolicy's loadBalancer applies instead."""
+        key, zones, gen = self.service_notes[ref]
+        parts: Unhonoured = ()
+        info = self.infos.get(ref)
+        l7 = info.l7_ports if info is not None else ()
+        if svc is not None and svc.node_local and l7:
+            parts = (local_unhonoured(l7),)
+        if zones and l7:
+            parts = (*parts, zones_unhonoured(zones, l7))
         if svc is not None and svc.client_ip_affinity and self.settings:
             ns, name = ref
             overridden = [

@@ -74,16 +74,32 @@ def slice_endpoints(obj: Mapping[str, Any], svc: ServiceModel) -> dict[PortKey, 
         if type(addresses) is not list:
             addresses = as_list(addresses)
         draining = not ready
+        hints = e.get("hints")
+        hinted = _NO_HINTS if hints is None else _hints(hints)
         for a in addresses:
             # tuple.__new__: the NamedTuple's own __new__ without its Python frame.
-            append(new(endpoint, (str(a), first_target, draining, node, zone)))
+            append(new(endpoint, (str(a), first_target, draining, node, zone, hinted)))
     if passed:
         ns, name = svc.namespace, svc.name
         found[(ns, name, targets[0][0])] = made
         for port, target in targets[1:]:
-            copies = [new(endpoint, (a, target, d, n, z)) for a, _, d, n, z in made]
+            copies = [new(endpoint, (a, target, d, n, z, h)) for a, _, d, n, z, h in made]
             found.setdefault((ns, name, port), []).extend(copies)
     return found
+
+
+_NO_HINTS: tuple[tuple[str, ...], ...] = ()
+
+
+def _hints(hints: Any) -> tuple[tuple[str, ...], ...]:
+    """An endpoint's `hints` as `ir.Endpoint.hints`: (forZones, forNodes) names, each sorted
+    and once; () when it names none."""
+    hints = as_map(hints)
+    zones, nodes = (
+        tuple(sorted({str(as_map(h).get("name", "")) for h in as_list(hints.get(k))} - {""}))
+        for k in ("forZones", "forNodes")
+    )
+    return (zones, nodes) if zones or nodes else _NO_HINTS
 
 
 def merge_endpoints(parts: Iterable[list[ir.Endpoint]]) -> tuple[ir.Endpoint, ...]:

@@ -58,6 +58,15 @@ def node_address(obj: Mapping[str, Any]) -> str:
     return ""
 
 
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def node_zone(obj: Mapping[str, Any]) -> str:
+    """The Node's zone label, or ""."""
+    zone = as_map(as_map(obj.get("metadata")).get("labels")).get(ZONE_LABEL, "")
+    return zone if type(zone) is str else str(zone)
+
+
 def node_ready(obj: Mapping[str, Any]) -> bool:
     """False when the Node's `Ready` condition says anything but "True" (the kubelet stopped
     reporting, or reports the node unhealthy); True without one (files mode)."""
@@ -228,16 +237,21 @@ class NodeIndex:
         self._nodes = nodes = list(nodes)
         infos: dict[str, ir.NodeInfo] = {}
         for key, obj in sorted(nodes, key=lambda kv: kv[0]):
-            address = node_address(obj)
+            address, zone = node_address(obj), node_zone(obj)
             was = self._infos.get(key.name)
-            if was is not None and key.name not in dirty and was.envoy_address == address:
+            if (
+                was is not None
+                and key.name not in dirty
+                and was.envoy_address == address
+                and was.zone == zone
+            ):
                 infos[key.name] = was
                 continue
             if key.name in self._stale:
                 self._stale.discard(key.name)
                 self._sorted[key.name] = sorted(self._refs.get(key.name, ()))
             ips = tuple(self._sorted.get(key.name, ()))
-            infos[key.name] = ir.NodeInfo(key.name, address, ips)
+            infos[key.name] = ir.NodeInfo(key.name, address, ips, zone)
         self._infos = infos
         self._tuple = tuple(infos.values())
         return self._tuple

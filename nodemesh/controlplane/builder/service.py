@@ -17,7 +17,7 @@ __all__ = [
     "no_http_port",
     "read_service",
     "read_services",
-    "unhonoured",
+    "zone_setting",
 ]
 
 CLUSTER_DOMAIN = "cluster.local"
@@ -136,7 +136,6 @@ _TOPOLOGY_ANNOTATIONS = (
 
 
 Unhonoured = tuple[tuple[str, str], ...]  # (the setting, what happens instead)
-_NONE: Unhonoured = ()
 
 
 def _ports(ports: list[int]) -> str:
@@ -170,38 +169,38 @@ def unhonoured_message(parts: Unhonoured) -> str:
     return f"{names}: not honoured by the mesh ({'; '.join(what for _, what in parts)})"
 
 
-def unhonoured(obj: Mapping[str, Any]) -> Unhonoured:
-    """The Service's settings that change where kube-proxy sends its traffic and that the mesh
-    does not honour, with what happens instead (none: empty). Each was ignored without a word:
-    both the node agents and the node Envoy pick among all the Service's endpoints.
-    `internalTrafficPolicy: Local` and `sessionAffinity: ClientIP` are not among them: the
-    mesh honours them, and the builder adds `local_unhonoured()` for the ports the node Envoy
-    takes, `affinity_overridden()` for those a TrafficPolicy's loadBalancer applies to. (The
-    builder asks for the Services the mesh carries: not headless, with a TCP port.)"""
+def zone_setting(obj: Mapping[str, Any]) -> str:
+    """The Service's request for topology-aware routing, named as the notice names it
+    (`trafficDistribution PreferClose`, `topology-mode Auto`), or "". The node agents honour
+    it, as kube-proxy does, through the hints the EndpointSlice controller writes for it
+    (`Service.for_node`); the node Envoy does not, so the builder adds `zones_unhonoured()`
+    for the ports it takes. "" for `internalTrafficPolicy: Local` too: kube-proxy looks at
+    zones only where it uses the endpoints of every node."""
     spec, meta = obj.get("spec"), obj.get("metadata")
     if type(spec) is not dict:
-        return _NONE
+        return ""
     # (the usual case at once: this runs for every Service of a cold build)
     distribution = spec.get("trafficDistribution")
     annotations = meta.get("annotations") if type(meta) is dict else None
-    # kube-proxy looks at zones only where it uses the endpoints of every node: not for
-    # `internalTrafficPolicy: Local` (the node agents do the same; the ports the node Envoy
-    # takes get the Local notice)
     if (not distribution and not annotations) or spec.get("internalTrafficPolicy") == "Local":
-        return _NONE
-    names, what = [], []
+        return ""
+    if distribution:
+        return f"trafficDistribution {distribution}"
     mode = (
         next((annotations[a] for a in _TOPOLOGY_ANNOTATIONS if a in annotations), None)
         if type(annotations) is dict
         else None
     )
-    if distribution:
-        names.append(f"trafficDistribution {distribution}")
-    elif mode is not None and str(mode).lower() == "auto":
-        names.append("topology-mode Auto")
-    if distribution or names[-1:] == ["topology-mode Auto"]:
-        what.append("endpoints are used whatever their zone")
-    return tuple(zip(names, what, strict=True))
+    return "topology-mode Auto" if mode is not None and str(mode).lower() == "auto" else ""
+
+
+def zones_unhonoured(setting: str, l7_ports: Iterable[int]) -> tuple[str, str]:
+    """A request for topology-aware routing on a Service with ports the node Envoy takes."""
+    return (
+        f"{setting} on {_ports(list(l7_ports))}",
+        "the node Envoy, which takes the requests of ports with routes or policies, uses "
+        "endpoints whatever their zone",
+    )
 
 
 def read_service(obj: Mapping[str, Any]) -> ServiceModel | None:

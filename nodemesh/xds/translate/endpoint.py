@@ -119,7 +119,7 @@ def _uniform_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes | None:
     """`load_assignment_bytes` when every endpoint has the same port, draining flag and zone
     (one locality, one tail) and a short address (one-byte lengths): most clusters. None when
     that is not so."""
-    _, port, draining, _, zone = ce.endpoints[0]
+    _, port, draining, _, zone, _ = ce.endpoints[0]
     if not _ONE_BYTE_TAGS or type(port) is not int or not 0 <= port <= 0xFFFF_FFFF:
         return None
     tail = _SA_PORT + varint(port) + (_DRAINING if draining else _HEALTHY)
@@ -127,7 +127,7 @@ def _uniform_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes | None:
     limit = len(heads)
     pieces: list[bytes] = []
     total = 0
-    for address, p, d, _, z in ce.endpoints:
+    for address, p, d, _, z, _ in ce.endpoints:
         if p != port or d != draining or z != zone:
             return None
         a = address.encode()
@@ -156,7 +156,7 @@ def load_assignment_bytes(ce: ir.ClusterEndpoints, name: str) -> bytes:
     tails: dict[tuple[int, bool], bytes] = {}
     # (SocketAddress size, address size) -> the tags and lengths before the address.
     heads: dict[tuple[int, int], bytes] = {}
-    for address, port, draining, _node, zone_name in ce.endpoints:
+    for address, port, draining, _node, zone_name, _ in ce.endpoints:
         tail = tails.get((port, draining))
         if tail is None:
             if type(port) is not int or not 0 <= port <= 0xFFFF_FFFF:

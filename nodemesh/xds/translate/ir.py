@@ -59,6 +59,10 @@ class Endpoint(NamedTuple):
     draining: bool = False
     node: str = ""
     zone: str = ""
+    # Topology hints (EndpointSlice `hints`, from the EndpointSlice controller when a Service
+    # asks for topology-aware routing): () without any, else (forZones, forNodes) names. The
+    # node agents use them as kube-proxy does; the node Envoy does not.
+    hints: tuple[tuple[str, ...], ...] = ()
 
 
 @fast_init
@@ -291,6 +295,7 @@ class NodeInfo:
     # Pod IPs on this node (IPv4, sorted): Pods' status.podIP(s) with spec.nodeName (host
     # network and finished pods left out), and EndpointSlice endpoints with this nodeName.
     pod_ips: tuple[str, ...] = ()
+    zone: str = ""  # its topology.kubernetes.io/zone label
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,12 +84,14 @@ def _entries(info: ir.ServiceInfo) -> tuple[Service, ...]:
             backends = {(e.address, e.port): Backend(e.address, e.port) for e in usable}
             listed = tuple(backends[k] for k in sorted(backends))
             local: dict[tuple[str, int], Backend] = {}
-            if info.node_local:
-                # every node's agent picks its own: all of them, with node and terminating
-                # (the first of an address and port in sorted order: a ready one first)
+            if info.node_local or any(e.hints for e in v4):
+                # every node's agent picks its own: all of them, with node, terminating and
+                # hints (the first of an address and port in sorted order: a ready one first)
                 for e in sorted(v4):
+                    zones, nodes = e.hints or ((), ())
                     local.setdefault(
-                        (e.address, e.port), Backend(e.address, e.port, 1, e.node, e.draining)
+                        (e.address, e.port),
+                        Backend(e.address, e.port, 1, e.node, e.draining, zones, nodes),
                     )
             out.append(
                 Service(
@@ -120,7 +122,7 @@ def node_part(
     Pods that chose about the socket short cut; only IPs in `pod_ips` are listed."""
     envoy = (node.envoy_address, envoy_port) if node.envoy_address else None
     on, off = _choices(node, redirect)
-    return NodePart(node.name, envoy, node.pod_ips, on, off)
+    return NodePart(node.name, envoy, node.pod_ips, on, off, node.zone)
 
 
 def _choices(
@@ -146,6 +148,7 @@ def _node_message(
         local_addresses=node.pod_ips,
         socket_redirect_on=on,
         socket_redirect_off=off,
+        zone=node.zone,
     )
     if node.envoy_address:
         msg.envoy.address, msg.envoy.port = node.envoy_address, envoy_port
@@ -169,8 +172,9 @@ _V6_NAME, _V6_ADDRESS, _V6_PORT, _V6_TARGET, _V6_L7 = (
 )
 _L4, _L7 = varint(pb.Service.L4), varint(pb.Service.L7)
 _S_NODE_LOCAL, _S_AFFINITY = b"\x30\x01", b"\x38\x01"  # Service fields 6, 7 (true)
-_S_NODE_LOCAL_BACKENDS = b"\x42"  # Service field 8
+_S_PER_NODE_BACKENDS = b"\x42"  # Service field 8
 _B_NODE, _B_TERMINATING = b"\x22", b"\x28\x01"  # Backend fields 4, 5
+_B_FOR_ZONES, _B_FOR_NODES = b"\x32", b"\x3a"  # Backend fields 6, 7
 
 
 def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
@@ -196,7 +200,8 @@ def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
                 out.append(_ld(_MS_SERVICES, head + _S_MODE + _L7))
                 continue
             eps = info.backends[i] if i < len(info.backends) else ()
-            if info.node_local or info.client_ip_affinity:  # (rare)
+            per_node = info.node_local or _hinted(eps)
+            if per_node or info.client_ip_affinity:  # (rare)
                 body = b"".join(
                     [
                         head,
@@ -205,7 +210,7 @@ def mesh_service_bytes(info: ir.ServiceInfo) -> bytes | None:
                         *_backends(eps),
                         _S_NODE_LOCAL if info.node_local else b"",
                         _S_AFFINITY if info.client_ip_affinity else b"",
-                        *(_local_backends(eps) if info.node_local else ()),
+                        *(_per_node_backends(eps) if per_node else ()),
                     ]
                 )
                 out.append(_ld(_MS_SERVICES, body))
@@ -234,9 +239,9 @@ def _backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
     pass), and every length fits in one byte (heads made once)."""
     if not all_dotted_quads([e.address for e in eps]):  # one regex pass: the usual case is
         eps = tuple(e for e in eps if _is_ipv4(e.address))
-    ready = [(a, p) for a, p, draining, _, _ in eps if not draining]
+    ready = [(a, p) for a, p, draining, _, _, _ in eps if not draining]
     if not ready:
-        ready = [(a, p) for a, p, _, _, _ in eps]
+        ready = [(a, p) for a, p, _, _, _, _ in eps]
     ready.sort()
     if any(map(eq, ready, islice(ready, 1, None))):
         ready = [pair for pair, _ in groupby(ready)]
@@ -256,11 +261,19 @@ def _backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
     return pieces
 
 
-def _local_backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
-    """The `node_local_backends` fields of a `node_local` entry (`internalTrafficPolicy:
-    Local`, rare): every IPv4 endpoint build kept (ready or serving terminating), each address
-    and port once (its first in sorted order, which puts a ready one first), with its node and
-    whether it is terminating: each node's agent uses its own."""
+def _hinted(eps: tuple[ir.Endpoint, ...]) -> bool:
+    """Whether an IPv4 endpoint carries topology hints (their Service asked for them: rare)."""
+    for e in eps:  # (a loop: this runs for every L4 port of a cold build)
+        if e[5] and _is_ipv4(e[0]):
+            return True
+    return False
+
+
+def _per_node_backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
+    """The `per_node_backends` fields of an entry whose nodes choose differently (Local, or
+    endpoints with topology hints; rare): every IPv4 endpoint build kept (ready or serving
+    terminating), each address and port once (its first in sorted order, which puts a ready
+    one first), with its node, whether it is terminating and its hints."""
     pieces: list[bytes] = []
     seen: set[tuple[str, int]] = set()
     for e in sorted(e for e in eps if _is_ipv4(e.address)):
@@ -272,7 +285,10 @@ def _local_backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
             backend += _B_NODE + _str(e.node)
         if e.draining:
             backend += _B_TERMINATING
-        pieces.append(_ld(_S_NODE_LOCAL_BACKENDS, backend))
+        if e.hints:
+            for tag, names in zip((_B_FOR_ZONES, _B_FOR_NODES), e.hints, strict=True):
+                backend += b"".join(tag + _str(n) for n in names)
+        pieces.append(_ld(_S_PER_NODE_BACKENDS, backend))
     return pieces
 
 
