@@ -55,13 +55,17 @@ def endpoint_slice(draw: st.DrawFn) -> dict[str, Any]:
     endpoints = []
     for _ in range(draw(st.integers(0, 3))):
         ready = draw(st.booleans())
-        endpoints.append(
-            {
-                "addresses": [f"10.0.0.{draw(st.integers(1, 4))}"],
-                "conditions": {"ready": ready, "serving": True, "terminating": not ready},
-                "nodeName": draw(st.sampled_from(["n1", "n2"])),
+        endpoint: dict[str, Any] = {
+            "addresses": [f"10.0.0.{draw(st.integers(1, 4))}"],
+            "conditions": {"ready": ready, "serving": True, "terminating": not ready},
+            "nodeName": draw(st.sampled_from(["n1", "n2"])),
+        }
+        if draw(st.booleans()):  # topology hints, as the EndpointSlice controller writes them
+            endpoint["hints"] = {
+                "forZones": [{"name": draw(st.sampled_from(["z1", "z2"]))}],
+                **({"forNodes": [{"name": "n1"}]} if draw(st.booleans()) else {}),
             }
-        )
+        endpoints.append(endpoint)
     names = draw(st.lists(st.sampled_from([n for _, n in PORTS]), unique=True, max_size=2))
     return {
         "apiVersion": "discovery.k8s.io/v1",
@@ -192,7 +196,15 @@ def node_or_pod(draw: st.DrawFn) -> dict[str, Any]:
         return {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {"name": draw(st.sampled_from(["n1", "n2"]))},
+            "metadata": {
+                "name": draw(st.sampled_from(["n1", "n2"])),
+                # its zone (the node agents follow the hints for it) may change
+                **(
+                    {"labels": {"topology.kubernetes.io/zone": draw(st.sampled_from(["z1", "z2"]))}}
+                    if draw(st.booleans())
+                    else {}
+                ),
+            },
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]},
         }
     metadata: dict[str, Any] = {"name": f"pod{draw(st.integers(0, 2))}", "namespace": draw(ns_)}
