@@ -234,6 +234,9 @@ def _endpoint_slice(obj: Mapping[str, Any], out: list[str]) -> None:
     if version is None or not isinstance(endpoints, list):
         return
     for i, endpoint in enumerate(endpoints):
+        hints = endpoint.get("hints") if isinstance(endpoint, Mapping) else None
+        if hints is not None:
+            _hints(hints, f"endpoints[{i}].hints", out)
         addresses = endpoint.get("addresses") if isinstance(endpoint, Mapping) else None
         for j, address in enumerate(addresses if isinstance(addresses, list) else ()):
             if not _ip(address, version):
@@ -241,6 +244,27 @@ def _endpoint_slice(obj: Mapping[str, Any], out: list[str]) -> None:
                     f"endpoints[{i}].addresses[{j}]: must be an IPv{version} address "
                     f"(addressType {obj.get('addressType', 'IPv4')}), not {address!r}"
                 )
+
+
+def _hints(hints: Any, where: str, out: list[str]) -> None:
+    """Topology hints as the API server takes them (`forZones`/`forNodes`: lists of
+    `{name: ...}`): the node agents follow them, and a hint read as absent makes every node
+    ignore the hints of the whole Service."""
+    if not isinstance(hints, Mapping):
+        out.append(f"{where}: must be a mapping with forZones and forNodes, not {hints!r}")
+        return
+    for field in hints.keys() - {"forZones", "forNodes"}:
+        out.append(f"{where}.{field}: unknown field (forZones or forNodes)")
+    for field in ("forZones", "forNodes"):
+        listed = hints.get(field)
+        if listed is None:
+            continue
+        if not isinstance(listed, list):
+            out.append(f"{where}.{field}: must be a list of {{name: ...}}, not {listed!r}")
+            continue
+        for j, h in enumerate(listed):
+            if not (isinstance(h, Mapping) and isinstance(h.get("name"), str) and h["name"]):
+                out.append(f"{where}.{field}[{j}]: must be {{name: <a name>}}, not {h!r}")
 
 
 def _node(obj: Mapping[str, Any], out: list[str]) -> None:

@@ -984,3 +984,30 @@ def test_a_new_file_with_a_syntax_error_gives_the_documents_before_it(tmp_path: 
     source.scan()
     assert names(store) == ["api", "db", "web"]
     assert source.errors["other.json"].startswith("other.json: invalid JSON: Expecting value")
+
+
+def test_topology_hints_of_the_wrong_shape_are_refused() -> None:
+    """The node agents follow hints, and one endpoint whose hints were read as absent (the
+    builder skips what it cannot read) made every node ignore the Service's hints."""
+    from nodemesh.controlplane.shapes import shape_problems
+
+    def problems(hints: Any) -> list[str]:
+        return shape_problems(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": "s", "namespace": "shop"},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.244.0.1"], "hints": hints}],
+            }
+        )
+
+    assert problems({"forZones": [{"name": "za"}], "forNodes": [{"name": "n1"}]}) == []
+    for wrong, said in (
+        ({"forZones": ["za"]}, "endpoints[0].hints.forZones[0]: must be {name: <a name>}"),
+        ({"forZones": {"name": "za"}}, "endpoints[0].hints.forZones: must be a list"),
+        ({"forZone": [{"name": "za"}]}, "endpoints[0].hints.forZone: unknown field"),
+        (["za"], "endpoints[0].hints: must be a mapping"),
+    ):
+        got = problems(wrong)
+        assert len(got) == 1 and got[0].startswith(said), (wrong, got)

@@ -855,3 +855,31 @@ def test_a_policy_on_a_headless_service_says_what_of_it_applies() -> None:
         "to them; the cluster settings apply where it is a route's backend"
     )
     assert _conditions(result, "cb")["Accepted"].message == "Policy is accepted"
+
+
+def test_an_address_in_two_slices_reaches_envoy_once() -> None:
+    """While the EndpointSlice controller moves an endpoint between slices, the two copies may
+    differ in their hints (or conditions): Envoy must get the address once (its ready copy),
+    not twice at double weight."""
+    store = Store()
+    store.apply(service("web"))
+    for name, hints in (("web-1", {"forZones": [{"name": "za"}]}), ("web-2", None)):
+        endpoint: dict[str, Any] = {"addresses": ["10.244.1.1"], "conditions": {"ready": True}}
+        if hints:
+            endpoint["hints"] = hints
+        store.apply(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": name,
+                    "namespace": "shop",
+                    "labels": {"kubernetes.io/service-name": "web"},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [endpoint],
+            }
+        )
+    (cla,) = [c for c in build(store.view()).mesh.endpoints if c.cluster == "shop/web:80"]
+    assert [(e.address, e.port) for e in cla.endpoints] == [("10.244.1.1", 8080)]

@@ -106,11 +106,24 @@ def merge_endpoints(parts: Iterable[list[ir.Endpoint]]) -> tuple[ir.Endpoint, ..
     """Endpoints of one (Service, port) from all its slices: deduplicated, sorted (by address,
     port, draining, node, zone: the order of `ir.Endpoint`'s fields)."""
     merged: list[ir.Endpoint] = []
+    n = 0
     for part in parts:
         merged += part
+        n += 1
     merged.sort()
+    if n > 1:
+        # An address and port in two slices (the EndpointSlice controller moving it, with
+        # other hints or conditions): once, its first (a ready one first), or Envoy would
+        # get it twice, at double weight.
+        once: list[ir.Endpoint] = []
+        last: tuple[str, int] | None = None
+        for e in merged:  # (sorted: an address and port's entries are neighbours)
+            if (e[0], e[1]) != last:
+                once.append(e)
+                last = (e[0], e[1])
+        merged = once
     # Equal endpoints are neighbours once sorted; usually there are none (no set to hash into).
-    if any(map(eq, merged, islice(merged, 1, None))):
+    elif any(map(eq, merged, islice(merged, 1, None))):
         merged = [e for e, _ in groupby(merged)]
     return tuple(merged)
 
