@@ -787,3 +787,54 @@ def test_a_grpcroute_with_timeouts_or_retry_is_refused_in_files_mode(tmp_path: P
     # the last good version stays
     kept = store.get(ObjectKey("GRPCRoute", "shop", "catalog"))
     assert kept is not None and "timeouts" not in kept["spec"]["rules"][0]
+
+
+# Boundaries a mutation review found unguarded by the fast tests.
+
+
+def test_a_backend_request_timeout_equal_to_the_request_timeout_is_accepted() -> None:
+    """Gateway API forbids backendRequest longer than request, not equal to it."""
+    rules = [{"backendRefs": to("web"), "timeouts": {"request": "1s", "backendRequest": "1s"}}]
+    res = run(service("web"), route("r", [parent("web")], rules))
+    assert accepted(res, "r").status == "True"
+    (r,) = routes(res, "shop/web:80")
+    assert r.retry is not None and r.retry.per_try_timeout_ms == 1000
+
+
+def test_a_backend_request_timeout_alone_asks_for_no_retry() -> None:
+    """Without retry (route or policy), a per-try timeout must not bring Envoy's default
+    retry (1, on connect-failure, refused-stream and reset): num_retries 0."""
+    rules = [{"backendRefs": to("web"), "timeouts": {"backendRequest": "2s"}}]
+    (r,) = routes(run(service("web"), route("r", [parent("web")], rules)), "shop/web:80")
+    assert r.retry is not None and r.retry.num_retries == 0 and r.retry.per_try_timeout_ms == 2000
+
+
+def test_mirror_fractions_at_their_bounds() -> None:
+    """A fraction without a denominator is out of 100 (Gateway API's default); numerator equal
+    to denominator mirrors everything."""
+    for fraction, percent in (({"numerator": 5}, 5.0), ({"numerator": 3, "denominator": 3}, 100.0)):
+        mirror = {"type": "RequestMirror",
+                  "requestMirror": {"backendRef": to("a")[0], "fraction": fraction}}  # fmt: skip
+        rules = [{"backendRefs": to("web"), "filters": [mirror]}]
+        res = run(service("web"), service("a"), route("r", [parent("web")], rules))
+        assert accepted(res, "r").status == "True", fraction
+        (r,) = routes(res, "shop/web:80")
+        assert [m.percent for m in r.mirrors] == [percent], fraction
+
+
+def test_resolved_refs_gives_the_first_problems_reason() -> None:
+    refs = [{"group": "x.example", "kind": "Thing", "name": "t"}, {"name": "nope", "port": 80}]
+    res = run(service("web"), route("r", [parent("web")], [{"backendRefs": refs}]))
+    c = next(c for c in conditions(res, "r") if c.type == "ResolvedRefs")
+    assert (c.status, c.reason) == ("False", "InvalidKind"), c
+    assert "not a Service" in c.message and "nope" in c.message
+
+
+def test_a_query_param_name_of_256_characters_is_the_longest_taken() -> None:
+    for length, status in ((256, "True"), (257, "False")):
+        match = {"queryParams": [{"name": "q" * length, "value": "1"}]}
+        rules = [{"matches": [match], "backendRefs": to("web")}]
+        c = accepted(run(service("web"), route("r", [parent("web")], rules)), "r")
+        assert c.status == status, (length, c)
+        if status == "False":
+            assert "longer than 256 characters" in c.message, c
