@@ -4,6 +4,7 @@ are said, in `/status`, `nodemesh status` and the log, not ignored without a wor
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,30 @@ async def test_unhonoured_service_settings_are_said_and_never_written_back(
     assert [o for o in p.status_json()["objects"] if o["kind"] == "Service"] == []
 
 
+def mesh(
+    tmp_path: Path,
+) -> tuple[Callable[..., None], Callable[[], Awaitable[dict[str, str]]]]:
+    """In files mode: write(*objects) replaces the mesh's objects; notices() rebuilds and
+    returns each Service's notice message by name."""
+    store = Store()
+    source = FilesSource(tmp_path, store)
+    p = Pipeline(store, SnapshotCache(), StatusTracker())
+
+    def write(*objs: dict[str, Any]) -> None:
+        (tmp_path / "objs.yaml").write_text(yaml.safe_dump_all(objs))
+
+    async def notices() -> dict[str, str]:
+        source.scan()
+        await p.rebuild()
+        return {
+            o["name"]: o["conditions"][0]["message"]
+            for o in p.status_json()["objects"]
+            if o["kind"] == "Service"
+        }
+
+    return write, notices
+
+
 async def test_internal_traffic_policy_local_is_said_only_for_ports_the_node_envoy_takes(
     tmp_path: Path,
 ) -> None:
@@ -130,21 +155,7 @@ async def test_internal_traffic_policy_local_is_said_only_for_ports_the_node_env
         },
     }
 
-    def write(*objs: dict[str, Any]) -> None:
-        (tmp_path / "objs.yaml").write_text(yaml.safe_dump_all(objs))
-
-    store = Store()
-    source = FilesSource(tmp_path, store)
-    p = Pipeline(store, SnapshotCache(), StatusTracker())
-
-    async def notices() -> dict[str, str]:
-        source.scan()
-        await p.rebuild()
-        return {
-            o["name"]: o["conditions"][0]["message"]
-            for o in p.status_json()["objects"]
-            if o["kind"] == "Service"
-        }
+    write, notices = mesh(tmp_path)
 
     write(service("agent", internalTrafficPolicy="Local", ports=ports))
     assert await notices() == {}
@@ -192,21 +203,7 @@ async def test_client_ip_affinity_is_said_only_where_a_policys_load_balancer_app
     timeouts = {**policy, "spec": {**policy["spec"], "timeouts": {"request": "5s"}}}
     del timeouts["spec"]["loadBalancer"]
 
-    def write(*objs: dict[str, Any]) -> None:
-        (tmp_path / "objs.yaml").write_text(yaml.safe_dump_all(objs))
-
-    store = Store()
-    source = FilesSource(tmp_path, store)
-    p = Pipeline(store, SnapshotCache(), StatusTracker())
-
-    async def notices() -> dict[str, str]:
-        source.scan()
-        await p.rebuild()
-        return {
-            o["name"]: o["conditions"][0]["message"]
-            for o in p.status_json()["objects"]
-            if o["kind"] == "Service"
-        }
+    write, notices = mesh(tmp_path)
 
     web = service("web", sessionAffinity="ClientIP", ports=ports)
     write(web)
