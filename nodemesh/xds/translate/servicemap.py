@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import compress, groupby, islice
-from operator import eq, is_not
+from operator import eq, is_not, itemgetter
 from typing import TypeVar
 
 from nodemesh._ip import all_dotted_quads, ip_version, is_dotted_quad
@@ -262,11 +262,15 @@ def _backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
 
 
 def _hinted(eps: tuple[ir.Endpoint, ...]) -> bool:
-    """Whether an IPv4 endpoint carries topology hints (their Service asked for them: rare)."""
-    for e in eps:  # (a loop: this runs for every L4 port of a cold build)
-        if e[5] and _is_ipv4(e[0]):
-            return True
-    return False
+    """Whether an IPv4 endpoint carries topology hints (their Service asked for them: rare).
+    Runs for every L4 port of a cold build: the usual answer at C speed, without a Python
+    step per endpoint."""
+    if not any(map(_HINTS, eps)):
+        return False
+    return any(e.hints and _is_ipv4(e.address) for e in eps)
+
+
+_HINTS = itemgetter(5)  # ir.Endpoint.hints
 
 
 def _per_node_backends(eps: tuple[ir.Endpoint, ...]) -> list[bytes]:
