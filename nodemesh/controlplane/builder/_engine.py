@@ -325,11 +325,6 @@ def _policy_conditions(pol: TrafficPolicyModel, gen: int) -> tuple[Condition, ..
     return (Condition("Accepted", "True", "Accepted", message, gen), resolved)
 
 
-def _hash_lb(s: PolicySettings | None) -> ir.LoadBalancer | None:
-    lb = s.lb if s is not None else None
-    return lb if lb is not None and (lb.hash_header or lb.hash_cookie) else None
-
-
 # A Service's sessionAffinity ClientIP, on the ports the node Envoy takes (unless a
 # TrafficPolicy's loadBalancer applies there): a ring hash on the client's address, so that a
 # client pod's requests go to one endpoint while the endpoints stay.
@@ -354,13 +349,12 @@ class _Lbs(Mapping[str, ir.LoadBalancer]):
     def _lb(self, name: object) -> ir.LoadBalancer | None:
         engine = self._engine
         pk = engine.cluster_keys.get(name)  # type: ignore[call-overload]
-        if pk is None:
+        svc = engine.services.get(pk[:2]) if pk is not None else None
+        if svc is None:
             return None
-        s = engine.settings.get(pk)
-        if s is not None and s.lb is not None:
-            return _hash_lb(s)
-        svc = engine.services.get(pk[:2])
-        return AFFINITY_LB if svc is not None and svc.client_ip_affinity else None
+        lb = _lb(svc, engine.settings.get(pk))
+        hashing = lb is not None and (lb.hash_header or lb.hash_cookie or lb.hash_source_ip)
+        return lb if hashing else None
 
     def __getitem__(self, name: str) -> ir.LoadBalancer:
         lb = self._lb(name)
@@ -424,8 +418,9 @@ class Engine:
         self.consumer_routes: dict[str, set[ObjectKey]] = {}
         self.consumer_index = ConsumerIndex()
         self.port_clusters: set[PortKey] = set()
-        # Services the mesh carries that set what the mesh does not honour (or Local, which
-        # it does only on ports the node Envoy does not take): what a notice is made from
+        # Services the mesh carries with Local, ClientIP or a request for topology-aware
+        # routing (the node agents honour them, the node Envoy not all): what their notice is
+        # made from (their key, the zone setting's name, their generation)
         self.service_notes: dict[Ref, tuple[ObjectKey, str, int]] = {}
         # Outputs
         self.conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
@@ -935,9 +930,8 @@ class Engine:
                         grpc_calls=sp.grpc,
                         origins=origins,
                     )
-                    # Without a policy, _finish would give the route as it is (its one cluster
-                    # is this port's, which then has no hashing load balancer either).
-                    # (nor, without affinity, a hashing load balancer: its own port's)
+                    # Without a policy or affinity, _finish would give the route as it is (its
+                    # one cluster is this port's, which then has no hashing load balancer).
                     routes = (
                         (default,)
                         if policy is None and not svc.client_ip_affinity
@@ -1069,7 +1063,7 @@ class Engine:
                 f"{ns}/{name}",
                 port,
                 http2,
-                lb=AFFINITY_LB if svc.client_ip_affinity else None,
+                lb=_lb(svc, None),
                 origins=(f"Service/{ns}/{name}",),
             )
         else:
