@@ -18,6 +18,7 @@ DEFAULTS = {
         "--outbound-listen": "0.0.0.0:15001",
         "--poll-interval": "0.2",
         "--drain-seconds": "5.0",
+        "--cluster-domain": "cluster.local",
         "--lease-name": "nodemesh-controlplane",
         "--status-interval": "1.0",
     },

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from nodemesh._ip import ip_version
-from nodemesh.controlplane.builder import LabelSelector
+from nodemesh.controlplane.builder import CLUSTER_DOMAIN, LabelSelector, cluster_domain
 from nodemesh.controlplane.files import FilesSource
 from nodemesh.controlplane.http import StatusServer
 from nodemesh.controlplane.pipeline import Pipeline
@@ -77,6 +77,13 @@ def _label_selector(value: str) -> LabelSelector:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _cluster_domain(value: str) -> str:
+    try:
+        return cluster_domain(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
@@ -103,6 +110,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="label selector of the Nodes that run nodemesh (default: every Node); only they "
         "get a service map and count for Programmed",
+    )
+    parser.add_argument(
+        "--cluster-domain",
+        type=_cluster_domain,
+        default=CLUSTER_DOMAIN,
+        help="the cluster's DNS domain, as kubelet's --cluster-domain: node Envoys route "
+        f"name.namespace.svc.DOMAIN to each Service (default: {CLUSTER_DOMAIN})",
     )
     parser.add_argument(
         "--access-log",
@@ -140,6 +154,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         outbound_port=out_port,
         node_selector=args.node_selector,
         access_log=args.access_log,
+        cluster_domain=args.cluster_domain,
     )
     status = StatusServer(pipeline)
     files: FilesSource | None = None

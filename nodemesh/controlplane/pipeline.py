@@ -3,7 +3,7 @@
 Public surface (used by the files source, the kopf operator and the HTTP status listener):
 
 - `Pipeline(store, cache, status=None, *, debounce=0.05, outbound_address, outbound_port,
-  node_selector, access_log)`.
+  node_selector, access_log, cluster_domain)`.
   `await pipeline.start()` subscribes to the store (writes from any thread are fine) and to the
   ADS status tracker, then rebuilds once; `await pipeline.stop()` undoes it. Store changes are
   debounced: a burst of writes within `debounce` seconds gives one rebuild.
@@ -55,7 +55,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nodemesh.controlplane._linger import Lingering
-from nodemesh.controlplane.builder import BuildMemo, BuildResult, LabelSelector, build
+from nodemesh.controlplane.builder import (
+    CLUSTER_DOMAIN,
+    BuildMemo,
+    BuildResult,
+    LabelSelector,
+    build,
+)
+from nodemesh.controlplane.builder import cluster_domain as check_cluster_domain
 from nodemesh.controlplane.builder.node import node_ready
 from nodemesh.controlplane.conditions import Condition, kubernetes_status
 from nodemesh.controlplane.peers import PeerReport, Peers
@@ -246,6 +253,7 @@ class Pipeline:
         outbound_port: int = 15001,
         node_selector: LabelSelector | None = None,
         access_log: str = "",
+        cluster_domain: str = CLUSTER_DOMAIN,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -255,6 +263,7 @@ class Pipeline:
         self.outbound_port = outbound_port
         self.node_selector = node_selector  # the Nodes that run nodemesh (None: every Node)
         self.access_log = access_log  # where node Envoys log each request ("": nowhere)
+        self.cluster_domain = check_cluster_domain(cluster_domain)  # Services' FQDNs end in it
         self.translator = Translator()
         self._memo = BuildMemo()
         self.built_revision = -1
@@ -513,6 +522,7 @@ class Pipeline:
                     outbound_port=self.outbound_port,
                     node_selector=self.node_selector,
                     access_log=self.access_log,
+                    domain=self.cluster_domain,
                     memo=self._memo,
                 )
                 translation = self.translator.translate(result.mesh)

@@ -490,6 +490,27 @@ def test_ipv6_cluster_ip_domains_are_bracketed_as_in_a_host_header() -> None:
     assert not [d for d in domains if d.startswith("fd00")]
 
 
+def test_the_cluster_domain_ends_every_services_fqdn() -> None:
+    """A cluster whose kubelets run with `--cluster-domain corp.example`: its Services' FQDNs
+    end in it (given as `Corp.Example.`, as a user may write it), a memo built for another
+    domain starts again, and a name that is no DNS domain is refused."""
+    store = Store()
+    store.apply(service("web"))
+
+    def domains(res: BuildResult) -> set[str]:
+        return set(next(v for v in res.mesh.virtual_hosts if v.name == "shop/web:80").domains)
+
+    memo = BuildMemo()
+    assert "web.shop.svc.cluster.local" in domains(build(store.view(), memo=memo))
+    res = build(store.view(), domain="Corp.Example.", memo=memo)
+    assert {"web.shop.svc.corp.example", "web.shop.svc.corp.example:80"} <= domains(res)
+    assert not [d for d in domains(res) if "cluster.local" in d]
+    assert res.mesh == build(store.view(), domain="corp.example").mesh
+    for bad in ("", ".", "corp..example", "-corp.example", "corp_example", "a" * 64 + ".x"):
+        with pytest.raises(ValueError, match="is not a DNS domain"):
+            build(store.view(), domain=bad)
+
+
 def test_port_names_that_mean_http2_without_an_app_protocol() -> None:
     """`<protocol>[-<suffix>]`: the docs once said "starts with grpc", which `grpcs` does;
     grpc-web servers may speak HTTP/1.1 only."""

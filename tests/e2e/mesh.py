@@ -169,6 +169,7 @@ class Mesh:
         access_log: str = "",
         envoy_args: tuple[str, ...] = (),
         envoy_stdout: Path | None = None,
+        cluster_domain: str = "cluster.local",
     ) -> None:
         self.store = Store()
         self.cache = SnapshotCache()
@@ -177,7 +178,7 @@ class Mesh:
         self.pipeline = Pipeline(
             self.store, self.cache, self.server.status, debounce=0.01,
             outbound_address="127.0.0.1", outbound_port=self.outbound_port,
-            access_log=access_log,
+            access_log=access_log, cluster_domain=cluster_domain,
         )  # fmt: skip
         self.envoy_binary = envoy_binary
         self.envoy_args = envoy_args

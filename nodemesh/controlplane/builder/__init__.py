@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from nodemesh.controlplane.builder._engine import BuildResult, Engine, Objects
 from nodemesh.controlplane.builder._selector import LabelSelector
+from nodemesh.controlplane.builder.service import CLUSTER_DOMAIN, cluster_domain
 
-__all__ = ["BuildMemo", "BuildResult", "LabelSelector", "build"]
+__all__ = ["CLUSTER_DOMAIN", "BuildMemo", "BuildResult", "LabelSelector", "build", "cluster_domain"]
 
 
 class BuildMemo:
@@ -35,7 +36,7 @@ class BuildMemo:
         return self.engine.mesh is None
 
     def reset(self) -> None:
-        self.engine = Engine()
+        self.engine = Engine(self.engine.cluster_domain)
 
 
 def build(
@@ -45,12 +46,18 @@ def build(
     outbound_port: int = 15001,
     node_selector: LabelSelector | None = None,
     access_log: str = "",
+    domain: str = CLUSTER_DOMAIN,
     memo: BuildMemo | None = None,
 ) -> BuildResult:
     """`node_selector`: the Node objects that run nodemesh (None: all). Only they get a
     `NodeInfo` (their agents' service maps) and count for `Programmed`. `access_log`: the file
-    node Envoys write a JSON line per request to ("": none)."""
+    node Envoys write a JSON line per request to ("": none). `domain`: the cluster's DNS domain
+    (as `cluster_domain` gives it), which Services' FQDNs end in."""
     memo = memo if memo is not None else BuildMemo()
+    if domain != memo.engine.cluster_domain:
+        domain = cluster_domain(domain)  # (ValueError if it is none)
+        if domain != memo.engine.cluster_domain:  # every Service's FQDN changes: start again
+            memo.engine = Engine(domain)
     try:
         return memo.engine.build(
             objects, outbound_address, outbound_port, node_selector, access_log

@@ -27,6 +27,7 @@ from nodemesh.controlplane.builder.grpcroute import read_grpcroute
 from nodemesh.controlplane.builder.httproute import read_httproute
 from nodemesh.controlplane.builder.node import ConsumerIndex, NodeIndex
 from nodemesh.controlplane.builder.service import (
+    CLUSTER_DOMAIN,
     ServiceModel,
     Unhonoured,
     affinity_overridden,
@@ -375,7 +376,10 @@ class _Lbs(Mapping[str, ir.LoadBalancer]):
 class Engine:
     """The state one `BuildMemo` carries from build to build. Not thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster_domain: str = CLUSTER_DOMAIN) -> None:
+        # the cluster's DNS domain (kubelet's --cluster-domain): in every Service's FQDN, so a
+        # memo is for one domain (`build` starts again from scratch for another)
+        self.cluster_domain = cluster_domain
         self.source: object = None
         self.revision = -1
         self.last: dict[str, Mapping[ObjectKey, Mapping[str, Any]]] = {}
@@ -885,7 +889,7 @@ class Engine:
             # Only a Service with GRPCRoutes can have conflicts (most have none: no bookkeeping)
             mixed = entries is not None and any(k.kind == "GRPCRoute" for k, _ in entries)
             short = len(self.name_ns.get(name, ())) == 1
-            hosts = svc.hostnames(short_name=short)
+            hosts = svc.hostnames(short_name=short, domain=self.cluster_domain)
             # As a Host header carries them: an IPv6 address is bracketed, with or without ":port".
             ip_refs = self.ip_refs
             ips = tuple(f"[{ip}]" if ":" in ip else ip for ip in svc.cluster_ips)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from nodemesh.controlplane.builder._util import as_list, as_map
 __all__ = [
     "CLUSTER_DOMAIN",
     "PortModel",
+    "cluster_domain",
     "ServiceModel",
     "no_http_port",
     "read_service",
@@ -21,6 +23,7 @@ __all__ = [
 ]
 
 CLUSTER_DOMAIN = "cluster.local"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _H2_PROTOCOLS = frozenset({"grpc", "h2c", "http2", "kubernetes.io/h2c", "kubernetes.io/grpc"})
 # appProtocols the node Envoy's HTTP connection manager speaks (cleartext HTTP, h2c, gRPC,
 # WebSocket); any other appProtocol names a protocol it does not (tcp, tls, https,
@@ -106,10 +109,24 @@ class ServiceModel:
     def cluster_name(self, port: int) -> str:
         return f"{self.namespace}/{self.name}:{port}"
 
-    def hostnames(self, short_name: bool) -> tuple[str, ...]:
-        fqdn = f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+    def hostnames(self, short_name: bool, domain: str = CLUSTER_DOMAIN) -> tuple[str, ...]:
+        fqdn = f"{self.name}.{self.namespace}.svc.{domain}"
         names = (f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc", fqdn)
         return ((self.name,) if short_name else ()) + names
+
+
+def cluster_domain(value: str) -> str:
+    """A cluster DNS domain (kubelet's `--cluster-domain`, e.g. `cluster.local`) as Services'
+    FQDNs end in it: lower case, without a trailing dot. ValueError if it is not a DNS name
+    (labels of 1-63 letters, digits and inner hyphens; 253 characters in all)."""
+    domain = value.lower()
+    domain = domain[:-1] if domain.endswith(".") else domain
+    if not domain or len(domain) > 253 or not all(map(_DNS_LABEL.fullmatch, domain.split("."))):
+        raise ValueError(
+            f"{value!r} is not a DNS domain (labels of letters, digits and inner '-', "
+            "joined by dots, such as cluster.local)"
+        )
+    return domain
 
 
 def no_http_port(ports: Iterable[PortModel]) -> str:
