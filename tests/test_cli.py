@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
 
 from nodemesh.cli import main
+from nodemesh.controlplane import cli as controlplane
+from nodemesh.controlplane.pipeline import Pipeline
+from nodemesh.controlplane.store import Store
+from nodemesh.xds.cache import SnapshotCache
 
 # The defaults as README.md and docs/ give them
 DEFAULTS = {
@@ -65,3 +70,21 @@ def test_the_lease_namespace_default_is_told_whole(
     entries = help_of("controlplane", capsys, monkeypatch)
     assert "kubeconfig context's" in entries["--lease-namespace"]
     assert "else 'default'" in entries["--lease-namespace"]
+
+
+def test_the_command_line_reaches_the_pipeline() -> None:
+    """What `nodemesh controlplane` gives its Pipeline: the outbound listener, the Nodes,
+    the access log and the cluster domain (as written by a user: normalized)."""
+    parser = argparse.ArgumentParser()
+    controlplane.configure(parser)
+    args = parser.parse_args(
+        ["--outbound-listen", "127.0.0.1:15009", "--node-selector", "mesh=on",
+         "--access-log", "stdout", "--cluster-domain", "Corp.Example."]
+    )  # fmt: skip
+    options = controlplane.pipeline_options(args)
+    pipeline = Pipeline(Store(), SnapshotCache(), **options)
+    assert (pipeline.outbound_address, pipeline.outbound_port) == ("127.0.0.1", 15009)
+    assert pipeline.access_log == "stdout" and pipeline.cluster_domain == "corp.example"
+    assert pipeline.node_selector is not None
+    assert pipeline.node_selector.matches({"mesh": "on"})
+    assert not pipeline.node_selector.matches({"mesh": "off"})

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from nodemesh._ip import ip_version
 from nodemesh.controlplane.builder import CLUSTER_DOMAIN, LabelSelector, cluster_domain
@@ -139,23 +140,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         importlib.import_module("nodemesh.controlplane.kube").add_arguments(parser)
 
 
-async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
+def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `Pipeline` settings the command line gives."""
     out_host, out_port = split_hostport(args.outbound_listen)
+    return {
+        "outbound_address": out_host,
+        "outbound_port": out_port,
+        "node_selector": args.node_selector,
+        "access_log": args.access_log,
+        "cluster_domain": args.cluster_domain,
+    }
+
+
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
     xds_host, xds_port = split_hostport(args.xds_listen)
     http_host, http_port = split_hostport(args.http_listen)
     store = Store()
     cache = SnapshotCache()
     server = AdsServer(cache)
-    pipeline = Pipeline(
-        store,
-        cache,
-        server.status,
-        outbound_address=out_host,
-        outbound_port=out_port,
-        node_selector=args.node_selector,
-        access_log=args.access_log,
-        cluster_domain=args.cluster_domain,
-    )
+    pipeline = Pipeline(store, cache, server.status, **pipeline_options(args))
     status = StatusServer(pipeline)
     files: FilesSource | None = None
     kube_task: asyncio.Task[None] | None = None

@@ -503,10 +503,15 @@ def test_the_cluster_domain_ends_every_services_fqdn() -> None:
     memo = BuildMemo()
     assert "web.shop.svc.cluster.local" in domains(build(store.view(), memo=memo))
     res = build(store.view(), domain="Corp.Example.", memo=memo)
+    engine = memo.engine
+    assert build(store.view(), domain="Corp.Example.", memo=memo).mesh is res.mesh
+    assert memo.engine is engine  # the same domain, written alike: no build from scratch
     assert {"web.shop.svc.corp.example", "web.shop.svc.corp.example:80"} <= domains(res)
     assert not [d for d in domains(res) if "cluster.local" in d]
     assert res.mesh == build(store.view(), domain="corp.example").mesh
-    for bad in ("", ".", "corp..example", "-corp.example", "corp_example", "a" * 64 + ".x"):
+    bad_ones = ("", ".", "corp..example", "-corp.example", "corp_example", "a" * 64 + ".x",
+                "\u212a8s.local")  # (a Kelvin sign, which lower() makes a k)  # fmt: skip
+    for bad in bad_ones:
         with pytest.raises(ValueError, match="is not a DNS domain"):
             build(store.view(), domain=bad)
 

@@ -121,7 +121,12 @@ def cluster_domain(value: str) -> str:
     (labels of 1-63 letters, digits and inner hyphens; 253 characters in all)."""
     domain = value.lower()
     domain = domain[:-1] if domain.endswith(".") else domain
-    if not domain or len(domain) > 253 or not all(map(_DNS_LABEL.fullmatch, domain.split("."))):
+    if (
+        not value.isascii()
+        or not domain
+        or len(domain) > 253
+        or not all(map(_DNS_LABEL.fullmatch, domain.split(".")))
+    ):
         raise ValueError(
             f"{value!r} is not a DNS domain (labels of letters, digits and inner '-', "
             "joined by dots, such as cluster.local)"
