@@ -11,6 +11,7 @@ from nodemesh.cli import main
 from nodemesh.controlplane import cli as controlplane
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import Store
+from nodemesh.ebpf import cli as agent
 from nodemesh.xds.cache import SnapshotCache
 
 # The defaults as README.md and docs/ give them
@@ -28,7 +29,11 @@ DEFAULTS = {
         "--status-interval": "1.0",
     },
     "status": {"--controlplane": "http://127.0.0.1:18080"},
-    "agent": {"--pin-root": "/sys/fs/bpf/nodemesh", "--socket-redirect": "auto"},
+    "agent": {
+        "--pin-root": "/sys/fs/bpf/nodemesh",
+        "--socket-redirect": "auto",
+        "--envoy-guard": "on",
+    },
 }
 
 
@@ -88,3 +93,13 @@ def test_the_command_line_reaches_the_pipeline() -> None:
     assert pipeline.node_selector is not None
     assert pipeline.node_selector.matches({"mesh": "on"})
     assert not pipeline.node_selector.matches({"mesh": "off"})
+
+
+@pytest.mark.parametrize("guard", ["on", "off"])
+def test_the_agents_envoy_guard_switch_reaches_its_data_plane(guard: str) -> None:
+    parser = argparse.ArgumentParser()
+    agent.configure(parser)
+    args = parser.parse_args(["--cgroup", "/sys/fs/cgroup/mesh", "--envoy-guard", guard])
+    programs = {w.program for w in agent.dataplane_of(args).wanted}
+    assert ("nm_envoy_guard" in programs) == (guard == "on")
+    assert "nm_sock4_connect" in programs

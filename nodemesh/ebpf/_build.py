@@ -19,7 +19,7 @@ from nodemesh.ebpf.errors import BuildError
 __all__ = ["OBJECTS", "PROBE_OBJECT", "SOURCE_DIR", "build_objects"]
 
 SOURCE_DIR = Path(__file__).parent / "bpf"
-OBJECTS = ("connect", "sockops", "redir", "sockopt", "backlog")  # the data plane
+OBJECTS = ("connect", "sockops", "redir", "sockopt", "backlog", "guard")  # the data plane
 PROBE_OBJECT = "probe"  # the kernel probe's program (nodemesh.ebpf.probe)
 
 

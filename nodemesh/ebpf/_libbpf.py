@@ -26,6 +26,7 @@ __all__ = [
     "BPF_MAP_TYPE_HASH",
     "BPF_MAP_TYPE_LRU_HASH",
     "BPF_NOEXIST",
+    "BPF_SK_LOOKUP",
     "BPF_SK_MSG_VERDICT",
     "BPF_TRACE_RAW_TP",
     "BpfObject",
@@ -60,6 +61,7 @@ BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_GETSOCKOPT = 21
 BPF_TRACE_RAW_TP = 23
+BPF_SK_LOOKUP = 36
 
 # enum bpf_map_type
 BPF_MAP_TYPE_HASH = 1
@@ -334,7 +336,7 @@ class LinkInfo:
     id: int
     prog_id: int
     # cgroup id for cgroup links, map id for sockmap links, BTF id of the traced function for
-    # tracing links; 0 once detached
+    # tracing links, the network namespace's inode for netns links; 0 once detached
     target_id: int
     attach_type: int
 
@@ -343,6 +345,7 @@ class LinkInfo:
 _LINK_RAW_TRACEPOINT = 1
 _LINK_TRACING = 2
 _LINK_CGROUP = 3
+_LINK_NETNS = 5
 _LINK_SOCKMAP = 14
 
 
@@ -351,7 +354,7 @@ def link_info(fd: int, what: str) -> LinkInfo:
     ltype, lid, prog_id = struct.unpack_from("=III", raw, 0)
     if ltype == _LINK_CGROUP:
         target, attach = struct.unpack_from("=QI", raw, 16)
-    elif ltype == _LINK_SOCKMAP:
+    elif ltype in (_LINK_SOCKMAP, _LINK_NETNS):  # (map_id | netns_ino, attach_type)
         target, attach = struct.unpack_from("=II", raw, 16)
     elif ltype == _LINK_RAW_TRACEPOINT:
         target, attach = 0, BPF_TRACE_RAW_TP  # tp_btf links; info holds only the name

@@ -118,4 +118,5 @@ class Stats(ctypes.Structure):
         ("cas_exhausted", ctypes.c_uint64),
         ("bytes_tcp_read", ctypes.c_uint64),
         ("lookup_races", ctypes.c_uint64),
+        ("envoy_refused", ctypes.c_uint64),
     ]

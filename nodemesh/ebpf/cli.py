@@ -47,12 +47,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "in every mode",
     )
     parser.add_argument(
+        "--envoy-guard",
+        choices=("on", "off"),
+        default="on",
+        help="on: the node Envoy's port takes only the connections the agent sends there and "
+        "the node's own, and refuses other machines' (docs/ebpf.md, \"The node Envoy's "
+        'port"); off: anything that reaches it is served',
+    )
+    parser.add_argument(
         "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"
     )
 
 
+def dataplane_of(args: argparse.Namespace) -> Dataplane:
+    """The data plane the command line describes (nothing attached yet)."""
+    return Dataplane(args.cgroup, args.pin_root, envoy_guard=args.envoy_guard == "on")
+
+
 def run(args: argparse.Namespace) -> int:
-    dataplane = Dataplane(args.cgroup, args.pin_root)
+    dataplane = dataplane_of(args)
     try:
         if args.uninstall:
             return _uninstall(dataplane)

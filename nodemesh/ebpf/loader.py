@@ -80,7 +80,8 @@ class Attachment:
     obj: str
     program: str
     attach_type: int
-    target: Literal["cgroup", "sockhash", "kernel"]  # kernel: tp_btf, the program names it
+    # kernel: tp_btf, the program names it; netns: the agent's network namespace (the node's)
+    target: Literal["cgroup", "sockhash", "kernel", "netns"]
 
 
 WANTED = (
@@ -90,6 +91,9 @@ WANTED = (
     Attachment("sockopt", "nm_getsockopt", bpf.BPF_CGROUP_GETSOCKOPT, "cgroup"),
     Attachment("redir", "nm_msg_redirect", bpf.BPF_SK_MSG_VERDICT, "sockhash"),
     Attachment("backlog", "nm_msg_consumed", bpf.BPF_TRACE_RAW_TP, "kernel"),
+    # Last: the guard admits the connections sockops (above, swapped in first on an upgrade)
+    # records before their SYN.
+    Attachment("guard", "nm_envoy_guard", bpf.BPF_SK_LOOKUP, "netns"),
 )
 
 
@@ -183,10 +187,14 @@ class Dataplane:
         cgroup: str | os.PathLike[str],
         pin_root: Path = DEFAULT_PIN_ROOT,
         backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+        envoy_guard: bool = True,
     ) -> None:
         self.cgroup = Path(cgroup)
         self.pin_root = Path(pin_root)
         self.backlog_limit = backlog_limit
+        # `envoy_guard` False (`nodemesh agent --envoy-guard off`): the node Envoy's port is
+        # not guarded (guard.bpf.c); enable() removes a guard an earlier run attached
+        self.wanted = WANTED if envoy_guard else tuple(w for w in WANTED if w.target != "netns")
 
     @property
     def links_dir(self) -> Path:
@@ -281,13 +289,16 @@ class Dataplane:
             cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
             stack.callback(os.close, cg_fd)
             cg_id = os.stat(self.cgroup).st_ino
+            netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+            stack.callback(os.close, netns_fd)
+            netns_id = os.fstat(netns_fd).st_ino
             socks_fd = loaded["redir"].map_fd("nm_socks")
             socks_id = bpf.map_info(socks_fd, "nm_socks").id
             # Where one program at a time attaches (the sockhash's sk_msg verdict), another
             # version's link must go first: ours would be refused (EBUSY). The rest go after
             # ours are attached, so that no connection goes without one meanwhile.
             result.update(self._remove_unwanted_links(exclusive_only=True))
-            for want in WANTED:
+            for want in self.wanted:
                 prog_fd = loaded[want.obj].program_fd(want.program)
                 # A program loaded with a new map has the old tag (map fds are not part of
                 # it) but must be swapped in all the same.
@@ -298,6 +309,8 @@ class Dataplane:
                     result[want.program] = self._converge_trace(
                         want, loaded[want.obj], prog_fd, force
                     )
+                elif want.target == "netns":
+                    result[want.program] = self._converge(want, prog_fd, netns_fd, netns_id, force)
                 else:
                     result[want.program] = self._converge(want, prog_fd, socks_fd, socks_id, force)
             # Only now: an `_old` pin left by an interrupted enable() forces the swap again.
@@ -314,8 +327,8 @@ class Dataplane:
         nothing else holds. `exclusive_only`: only the links of an attach type that takes one
         program at a time (WANTED's on the sockhash), each detached before it is unpinned, so
         that ours can attach right after."""
-        wanted = {w.program for w in WANTED}
-        exclusive = {w.attach_type for w in WANTED if w.target == "sockhash"}
+        wanted = {w.program for w in self.wanted}
+        exclusive = {w.attach_type for w in self.wanted if w.target == "sockhash"}
         removed: dict[str, str] = {}
         for pin in sorted(self.links_dir.iterdir()):
             if pin.name in wanted:
@@ -489,7 +502,7 @@ class Dataplane:
     def links(self) -> dict[str, bpf.LinkInfo]:
         """The pinned links by program name."""
         out: dict[str, bpf.LinkInfo] = {}
-        for want in WANTED:
+        for want in self.wanted:
             pin = self.link_pin(want.program)
             if pin.exists():
                 with self._pinned(pin) as fd:

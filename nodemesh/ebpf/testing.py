@@ -195,6 +195,7 @@ class NodeLab:
     _procs: list[Proc] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
     dataplane: Dataplane | None = None
+    _netns_hosts: int = 0  # pods and outside hosts made
 
     def __post_init__(self) -> None:
         try:
@@ -259,7 +260,19 @@ class NodeLab:
         self._undo.append((f"cgroup {path}", lambda: _rmdir_cgroup(path)))
 
     def add_pod(self, name: str) -> Pod:
-        index = len(self.pods) + 10
+        pod = self._netns_host(name, self.cgroup / f"pod-{name}")
+        self.pods[name] = pod
+        return pod
+
+    def outside_host(self, name: str) -> Pod:
+        """Another machine on the node's network: a network namespace on the bridge, like a
+        pod's, whose processes run in a cgroup outside the node's (the data plane does not
+        see its sockets). Not in `pods`."""
+        return self._netns_host(name, CGROUP2 / f"nodemesh-test-{self.suffix}-{name}")
+
+    def _netns_host(self, name: str, cg: Path) -> Pod:
+        index = self._netns_hosts + 10  # pods a, b, c made first: .10, .11, .12
+        self._netns_hosts += 1
         ns = f"nm-{self.suffix}-{name}"
         _ip("netns", "add", ns)
         self._undo.append((f"netns {ns}", lambda: _ip("netns", "del", ns, check=False)))
@@ -275,11 +288,8 @@ class NodeLab:
             ("route", "add", "default", "via", self.gateway),
         ):
             _ip("-n", ns, *args)
-        cg = self.cgroup / f"pod-{name}"
         self._mkcg(cg)
-        pod = Pod(self, name, ns, ip, cg)
-        self.pods[name] = pod
-        return pod
+        return Pod(self, name, ns, ip, cg)
 
     def host_network_pod(self, name: str) -> Pod:
         """A pod with `hostNetwork: true`: the host netns, so the node's address (`gateway`,

@@ -234,7 +234,7 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     map_ids = set(lab.dataplane.map_ids().values())
     prog_ids = {info.prog_id for info in links.values()}
     link_ids = {info.id for info in links.values()}
-    assert len(links) == 6 and len(map_ids) == len(MAP_NAMES) == 11
+    assert len(links) == 7 and len(map_ids) == len(MAP_NAMES) == 11
     _stop(agent)
 
     proc = _uninstall(lab)

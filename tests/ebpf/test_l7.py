@@ -206,12 +206,14 @@ def test_the_node_envoys_connections_are_not_rewritten_from_below_its_cgroup(
 def test_a_later_connection_from_the_same_port_gets_no_earlier_original_destination(
     l7_node: tuple[NodeLab, EnvoyProcess], envoy_asked: bool
 ) -> None:
-    """A connection to the node Envoy's address itself (no ClusterIP: Envoy routes it by
-    Host, or refuses it) from a source port an earlier L7 connection used got that earlier
-    connection's original destination, and Envoy routed it as that Service: nothing ever
-    deleted the entry SO_ORIGINAL_DST is answered from. It is now taken when Envoy reads it,
-    and a connection that was not sent to Envoy clears what an earlier one on its 4-tuple
-    left (an Envoy that stopped before it accepted never reads it: written here by hand)."""
+    """A connection to the node Envoy's address itself (no ClusterIP) from a source port an
+    earlier L7 connection used got that earlier connection's original destination, and Envoy
+    routed it as that Service: nothing ever deleted the entry SO_ORIGINAL_DST is answered
+    from. It is now taken when Envoy reads it, and a connection that was not sent to Envoy
+    clears what an earlier one on its 4-tuple left (an Envoy that stopped before it accepted
+    never reads it: written here by hand) before its SYN leaves. So the Envoy port's guard,
+    which admits the connections with an entry, refuses it (a pod that dials the Envoy port
+    itself is refused: test_the_node_envoy_port_takes_only_the_connections_sent_to_it)."""
     node, _ = l7_node
     a = node.pods["a"]
     port = 40000 + os.getpid() % 20000
@@ -232,8 +234,8 @@ def test_a_later_connection_from_the_same_port_gets_no_earlier_original_destinat
 
     direct = a.tool("get", "--to", envoy, "--source-port", str(port), "--reset", "--host", "web")
 
-    assert direct.get("headers", {}).get("x-nodemesh-route") != "web", direct
-    assert stats(node)["orig_dst_missing"] - before["orig_dst_missing"] == 1
+    assert direct == {"status": 0, "errno": "ECONNREFUSED"}, direct
+    assert stats(node)["envoy_refused"] - before["envoy_refused"] == 1
     with NodeMaps(node.pin_root) as maps:
         assert maps.count("nm_orig_tuple") == 0
 
@@ -244,3 +246,37 @@ def _le_addr(text: str) -> int:
 
 def _le_port(number: int) -> int:
     return int.from_bytes(number.to_bytes(2, "big"), "little")
+
+
+def test_the_node_envoy_port_takes_only_the_connections_sent_to_it(
+    l7_node: tuple[NodeLab, EnvoyProcess],
+) -> None:
+    """The outbound listener routes by Host to every Service: it must not serve any host that
+    reaches the node's address. The guard (sk_lookup) refuses a connection to the Envoy port
+    from another machine and from a pod that dials it itself; a pod's redirected connection
+    and the node's own processes get through. Without the guard's link, the other
+    machine gets through (the agent's `--envoy-guard off`)."""
+    node, _ = l7_node
+    a = node.pods["a"]
+    other = node.outside_host("other")
+    envoy = f"{node.gateway}:15001"
+    before = stats(node)
+
+    redirected = a.tool("get", "--to", f"{VIP_L7}:80", "--path", "/hello")
+    from_other = other.tool("get", "--to", envoy, "--host", VIP_L7)
+    dialled = a.tool("get", "--to", envoy, "--host", VIP_L7)
+    own = node.host.tool("get", "--to", envoy, "--host", VIP_L7)
+
+    assert redirected["status"] == 200 and redirected["headers"]["x-nodemesh-route"] == "web"
+    assert from_other == {"status": 0, "errno": "ECONNREFUSED"}, from_other
+    assert dialled == {"status": 0, "errno": "ECONNREFUSED"}, dialled
+    # accepted: Envoy (this test's, with original-destination chains only) then closes it
+    assert own.get("errno") != "ECONNREFUSED", own
+    assert stats(node)["envoy_refused"] - before["envoy_refused"] == 2
+
+    node.enable(envoy_guard=False)  # `nodemesh agent --envoy-guard off`: its link goes
+    assert "nm_envoy_guard" not in node.dataplane.links()
+    unguarded = other.tool("get", "--to", envoy, "--host", VIP_L7)
+    assert unguarded.get("errno") != "ECONNREFUSED", unguarded
+    node.enable()  # and back
+    assert other.tool("get", "--to", envoy, "--host", VIP_L7)["errno"] == "ECONNREFUSED"

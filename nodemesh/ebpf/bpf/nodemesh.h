@@ -127,6 +127,7 @@ struct nm_stats {
 	__u64 cas_exhausted;     /* nm_backlog updates given up after NM_CAS_TRIES races */
 	__u64 bytes_tcp_read;    /* bytes read from TCP by sockets with an entry (not counted) */
 	__u64 lookup_races;      /* entries read again: the agent replaced them meanwhile */
+	__u64 envoy_refused;     /* connections to the node Envoy's port refused (guard.bpf.c) */
 };
 
 /* Reads of an nm_services/nm_services6/nm_local entry before giving up (fail closed): an

@@ -236,10 +236,39 @@ static __always_inline void nm_half_closed(struct bpf_sock_ops *skops)
 		nm_detach(skops, &self);
 }
 
+/* A connection is about to send its SYN (source address and port are chosen): one connect4/6
+ * sent to the node Envoy gets its nm_orig_tuple entry now, before the SYN reaches the node's
+ * network namespace, where the Envoy port's guard (guard.bpf.c) admits only connections that
+ * have one. Established, it is written again (nm_established), as by a version without this.
+ */
+static __always_inline void nm_connecting(struct bpf_sock_ops *skops)
+{
+	struct nm_tuple t = {};
+	__u64 cookie;
+	struct nm_orig_dst *orig;
+
+	if (nm_tuple_of(skops, &t))
+		return;
+	cookie = bpf_get_socket_cookie(skops);
+	orig = bpf_map_lookup_elem(&nm_orig_cookie, &cookie);
+	if (!orig) {
+		bpf_map_delete_elem(&nm_orig_tuple, &t); /* an earlier connection's, never read */
+		return;
+	}
+	if (!(orig->flags & NM_ORIG_FROM_ENVOY)) {
+		struct nm_orig_dst copy = *orig;
+
+		bpf_map_update_elem(&nm_orig_tuple, &t, &copy, BPF_ANY);
+	}
+}
+
 SEC("sockops")
 int nm_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		nm_connecting(skops);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		nm_established(skops, 1);
 		break;
