@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -147,3 +148,49 @@ async def fetch(
 ) -> HttpResult:
     """`http_get` off the event loop: the backends and the control plane live on that loop."""
     return await asyncio.to_thread(http_get, url, headers, timeout)
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.e+-]+|NaN|[+-]Inf)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of a Prometheus text exposition (version 0.0.4), by (name, labels), checked
+    as a scraper reads them: every sample after its family's HELP and TYPE, counters named
+    `_total`, each series once."""
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    typed: dict[str, str] = {}
+    helped: set[str] = set()
+    assert text.endswith("\n"), "the exposition ends with a newline"
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert name in helped and name not in typed, line
+            assert kind in ("gauge", "counter"), line
+            assert (kind == "counter") == name.endswith("_total"), line
+            typed[name] = kind
+            continue
+        match = _SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels_text, value = match.groups()
+        assert name in typed, f"{name}: a sample before its TYPE"
+        labels: list[tuple[str, str]] = []
+        rest = labels_text or ""
+        while rest:
+            label = _LABEL.match(rest)
+            assert label, f"bad labels in {line!r}"
+            labels.append((label.group(1), label.group(2)))
+            rest = rest[label.end() :]
+        key = (name, frozenset(labels))
+        assert key not in out, f"a series twice: {line!r}"
+        out[key] = float(value)
+    return out
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> float | None:  # fmt: skip
+    """One sample's value (None when the series is not there)."""
+    return samples.get((name, frozenset(labels.items())))

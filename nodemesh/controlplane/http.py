@@ -1,7 +1,8 @@
 """The control plane's HTTP listener: `/status` (JSON: objects, conditions, nodes, versions),
-`/livez` (the process answers: a liveness probe), `/readyz` and its older name `/healthz` (a
-snapshot is built and served: a readiness probe), and `/programmed` (this replica's verdicts
-for the node Envoys connected to it, for its peers: `nodemesh.controlplane.peers`)."""
+`/metrics` (Prometheus text: `nodemesh.controlplane.metrics`), `/livez` (the process answers:
+a liveness probe), `/readyz` and its older name `/healthz` (a snapshot is built and served: a
+readiness probe), and `/programmed` (this replica's verdicts for the node Envoys connected to
+it, for its peers: `nodemesh.controlplane.peers`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from nodemesh.controlplane import metrics
 from nodemesh.controlplane.pipeline import Pipeline
 
 __all__ = ["StatusServer"]
@@ -45,6 +47,10 @@ class StatusServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.pipeline.status_json())
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = metrics.render(self.pipeline).encode()
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
     async def _programmed(self, request: web.Request) -> web.Response:
         etag, body = self.pipeline.programmed_report()
         if request.headers.get("If-None-Match") == etag:
@@ -63,6 +69,7 @@ class StatusServer:
     async def start(self, host: str, port: int) -> int:
         app = web.Application()
         app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/programmed", self._programmed)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)

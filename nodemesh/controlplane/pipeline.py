@@ -270,8 +270,10 @@ class Pipeline:
         self.snapshot: Snapshot | None = None
         self.translation: Translation | None = None
         self.last_error = ""
-        self.rebuilds = 0
+        self.rebuilds = 0  # builds that succeeded
+        self.failed_builds = 0
         self.last_build_seconds = 0.0
+        self.build_seconds_total = 0.0  # of the builds that succeeded
         self._result: BuildResult | None = None
         self._conditions: dict[ObjectKey, tuple[Condition, ...]] = {}
         self._view: Mapping[ObjectKey, Any] = {}  # the store view last built
@@ -384,6 +386,18 @@ class Pipeline:
         self._source_errors = {**self._source_errors, source: dict(errors)}
 
     # -- reading ---------------------------------------------------------------------------
+    def source_errors(self) -> int:
+        """How many problems the sources report (files or objects they could not read)."""
+        return sum(len(errors) for errors in self._source_errors.values())
+
+    def built_view(self) -> Mapping[ObjectKey, Any]:
+        """The store view the last good build read."""
+        return self._view
+
+    def served_snapshot(self) -> Snapshot | None:
+        """The shared snapshot the nodes are served (with lingering clusters)."""
+        return self._served or self.snapshot
+
     def conditions(self) -> dict[ObjectKey, tuple[Condition, ...]]:
         return dict(self._conditions)
 
@@ -542,6 +556,7 @@ class Pipeline:
             if problems:
                 raise ValueError("inconsistent snapshot: " + "; ".join(problems))
         except Exception as exc:
+            self.failed_builds += 1
             self.last_error = f"revision {view.revision}: {exc}"
             log.exception(
                 "build of revision %d failed; keeping the last good config", view.revision
@@ -550,6 +565,7 @@ class Pipeline:
             await self._notify_built()
             return view.revision
         self.last_build_seconds = time.perf_counter() - started
+        self.build_seconds_total += self.last_build_seconds
         self.last_error = ""
         self._result = result
         self.translation = translation

@@ -233,6 +233,10 @@ class StoreView(Mapping[ObjectKey, Mapping[str, Any]]):
     def __len__(self) -> int:
         return sum(len(objs) for objs in self._by_kind.values())
 
+    def counts(self) -> dict[str, int]:
+        """How many objects of each kind (kinds with none left out)."""
+        return {kind: len(objs) for kind, objs in self._by_kind.items() if objs}
+
     def of_kind(self, kind: str) -> Mapping[ObjectKey, Mapping[str, Any]]:
         """Objects of one kind, by key. The same mapping object as in an earlier view while
         nothing of that kind changed."""

@@ -17,12 +17,13 @@ from nodemesh.controlplane import status_cli
 from nodemesh.controlplane.builder import httproute
 from nodemesh.controlplane.conditions import Condition
 from nodemesh.controlplane.http import StatusServer
+from nodemesh.controlplane.metrics import render
 from nodemesh.controlplane.store import ObjectKey
 from nodemesh.envoy import find_envoy
 from tests.e2e.conftest import Backends
 from tests.e2e.mesh import Mesh, endpoint_slice, service
 from tests.e2e.objects import http_route, policy, to
-from tests.support import eventually, need
+from tests.support import eventually, metric, need, parse_metrics
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -98,6 +99,10 @@ async def test_nack_marks_only_the_culprit_not_programmed_with_envoys_message(
     """No validated input is known to make Envoy NACK (the builder checks regular expressions
     with RE2 itself), so the builder's size check is lifted here: the one way in for a NACK."""
     monkeypatch.setattr(httproute, "RE2_MAX_PROGRAM_SIZE", 1 << 30)
+    before = parse_metrics(render(mesh.pipeline))
+    nacks_before = metric(before, "nodemesh_xds_nacks_total", type="rds") or 0
+    unprogrammed = metric(before, "nodemesh_object_conditions", kind="HTTPRoute",
+                          type="Programmed", status="False") or 0  # fmt: skip
     b = await backends.get("st-bad")
     mesh.apply(
         service("st-bad"),
@@ -115,6 +120,12 @@ async def test_nack_marks_only_the_culprit_not_programmed_with_envoys_message(
         what="the NACK to reach the condition",
     )
     assert "program size" in c.message, c.message
+    # /metrics: the NACK counted, and the node said to be rejecting route configurations
+    m = parse_metrics(render(mesh.pipeline))
+    assert (metric(m, "nodemesh_xds_nacks_total", type="rds") or 0) > nacks_before
+    assert metric(m, "nodemesh_xds_nodes_rejecting", type="rds") == 1
+    assert metric(m, "nodemesh_object_conditions", kind="HTTPRoute", type="Programmed",
+                  status="False") == unprogrammed + 1  # fmt: skip
     # Envoy kept its last good config: the other route is still programmed and serving.
     assert (await programmed(mesh, "HTTPRoute", "st-ok", "True")).status == "True"
     assert (await mesh.get("st-ok.shop")).body == "st-ok"
@@ -129,6 +140,9 @@ async def test_nack_marks_only_the_culprit_not_programmed_with_envoys_message(
     c = await programmed(mesh, "HTTPRoute", "st-bad", "True")
     assert c.observed_generation == 2
     assert (await mesh.get("st-bad.shop", "/alpha")).body == "st-bad"
+    m = parse_metrics(render(mesh.pipeline))
+    assert metric(m, "nodemesh_xds_nodes_rejecting", type="rds") is None
+    assert metric(m, "nodemesh_xds_nodes", connected="true") == 1
 
 
 async def test_a_regex_over_envoys_default_program_size_is_programmed(

@@ -120,6 +120,10 @@ class StatusTracker:
         self.epoch = 0
         # ACKs, NACKs and unsubscriptions from a stream that no longer speaks for their type
         self.stale_reports = 0
+        # since start, per type URL (for /metrics): responses sent, and NACKs of them (each
+        # NACK, a reconnecting Envoy's refusal of the same version too)
+        self.responses_total: dict[str, int] = {}
+        self.nacks_total: dict[str, int] = {}
 
     # -- read ------------------------------------------------------------------------------
     def node(self, node_id: str) -> NodeStatus | None:
@@ -202,6 +206,7 @@ class StatusTracker:
         ts.awaiting = nonce
         ts.responses_sent += 1
         ts.resources_sent += count
+        self.responses_total[type_url] = self.responses_total.get(type_url, 0) + 1
 
     def acked(
         self,
@@ -307,6 +312,7 @@ class StatusTracker:
             self.stale_reports += 1
             return
         self.epoch += 1
+        self.nacks_total[record.type_url] = self.nacks_total.get(record.type_url, 0) + 1
         if record.nonce == ts.awaiting:
             ts.awaiting = ""
         if ts.last_nack is None or (ts.last_nack.version, ts.last_nack.message) != (
