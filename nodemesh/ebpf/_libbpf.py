@@ -51,6 +51,7 @@ __all__ = [
     "obj_get",
     "obj_pin",
     "prog_get_fd_by_id",
+    "prog_query",
     "prog_info",
 ]
 
@@ -119,6 +120,7 @@ class _Lib:
         self._sig("bpf_obj_get", ci, [cc])
         self._sig("bpf_obj_get_info_by_fd", ci, [ci, vp, ctypes.POINTER(cu)])
         self._sig("bpf_prog_get_fd_by_id", ci, [cu])
+        self._sig("bpf_prog_query", ci, [ci, ci, cu, ctypes.POINTER(cu), vp, ctypes.POINTER(cu)])
         self._sig("bpf_map_get_fd_by_id", ci, [cu])
         self._sig("bpf_link_get_fd_by_id", ci, [cu])
         self._sig("bpf_map_update_elem", ci, [ci, vp, vp, ctypes.c_uint64])
@@ -297,6 +299,19 @@ def obj_get(path: str) -> int:
 
 def prog_get_fd_by_id(prog_id: int) -> int:
     return _check(libbpf().so.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def prog_query(target_fd: int, attach_type: int, what: str) -> list[int]:
+    """The ids of the programs attached to `target_fd` (a cgroup, a network namespace) for
+    `attach_type`."""
+    ids = (ctypes.c_uint32 * 64)()
+    count = ctypes.c_uint32(len(ids))
+    flags = ctypes.c_uint32(0)
+    ret = libbpf().so.bpf_prog_query(
+        target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)
+    )
+    _check(ret, f"query the programs of {what}")
+    return list(ids[: min(count.value, len(ids))])
 
 
 def map_get_fd_by_id(map_id: int) -> int:

@@ -95,6 +95,7 @@ WANTED = (
     # records before their SYN.
     Attachment("guard", "nm_envoy_guard", bpf.BPF_SK_LOOKUP, "netns"),
 )
+GUARD = "nm_envoy_guard"
 
 
 def _is_bpffs(path: Path) -> bool:
@@ -298,6 +299,12 @@ class Dataplane:
             # version's link must go first: ours would be refused (EBUSY). The rest go after
             # ours are attached, so that no connection goes without one meanwhile.
             result.update(self._remove_unwanted_links(exclusive_only=True))
+            if "nm_orig_tuple" in replaced:
+                # The guard admits what sockops records in nm_orig_tuple. While the links
+                # swap, the old guard would read the old map and the new sockops write the new
+                # one: pods' L7 connections refused. Detached for the swap (the port is open
+                # meanwhile, as without a guard), attached again last, with the new map.
+                self.link_pin(GUARD).unlink(missing_ok=True)
             for want in self.wanted:
                 prog_fd = loaded[want.obj].program_fd(want.program)
                 # A program loaded with a new map has the old tag (map fds are not part of
@@ -313,12 +320,45 @@ class Dataplane:
                     result[want.program] = self._converge(want, prog_fd, netns_fd, netns_id, force)
                 else:
                     result[want.program] = self._converge(want, prog_fd, socks_fd, socks_id, force)
+            if any(w.program == GUARD for w in self.wanted):
+                self._warn_other_guards(netns_fd)
             # Only now: an `_old` pin left by an interrupted enable() forces the swap again.
             for name in replaced:
                 self.map_pin(name + "_old").unlink()
         result.update(self._remove_unwanted_links())
         log.info("data plane on %s: %s", self.cgroup, result)
         return result
+
+    def _warn_other_guards(self, netns_fd: int) -> None:
+        """Another data plane's guard in this network namespace (another pin root: an agent
+        started with another --pin-root, never uninstalled) refuses the connections ours
+        sends to the node Envoy, and ours refuses its: say so (one data plane per node)."""
+        try:
+            mine = self._prog_id_of_link(self.link_pin(GUARD))
+            for prog_id in bpf.prog_query(netns_fd, bpf.BPF_SK_LOOKUP, "the network namespace"):
+                if prog_id == mine:
+                    continue
+                fd = bpf.prog_get_fd_by_id(prog_id)
+                try:
+                    name = bpf.prog_info(fd, f"program id {prog_id}").name
+                finally:
+                    bpf.close_fd(fd)
+                if name == GUARD:
+                    log.warning(
+                        "another nodemesh data plane guards the node Envoy's port in this "
+                        "network namespace (program id %d, not this pin root's %s): each "
+                        "guard refuses the connections the other's programs send to the node "
+                        "Envoy. One data plane per node: remove the other with `nodemesh agent "
+                        "--uninstall --cgroup ... --pin-root <its pin root>`",
+                        prog_id,
+                        self.pin_root,
+                    )
+        except BpfError as exc:  # a look only: never in the way of enable()
+            log.debug("could not look for other guards: %s", exc)
+
+    def _prog_id_of_link(self, pin: Path) -> int:
+        with self._pinned(pin) as fd:
+            return bpf.link_info(fd, str(pin)).prog_id
 
     def _remove_unwanted_links(self, exclusive_only: bool = False) -> dict[str, str]:
         """Unpin every link in `links_dir` this version does not attach: another version's

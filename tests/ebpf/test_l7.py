@@ -5,8 +5,12 @@ original destination; and nothing that needs L7 ever bypasses Envoy.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +20,20 @@ from nodemesh.api import Service, ServiceIPv6
 from nodemesh.ebpf import NodeMaps
 from nodemesh.ebpf import _libbpf as bpf
 from nodemesh.ebpf._maps import OrigDst
+from nodemesh.ebpf.loader import BPFFS, Dataplane
 from nodemesh.ebpf.testing import NodeLab
 from nodemesh.envoy import EnvoyProcess
-from tests.ebpf.conftest import VIA_ENVOY, VIP, VIP6, VIP_L7, l4, program, stats, tuple_key
+from tests.ebpf.conftest import (
+    VIA_ENVOY,
+    VIP,
+    VIP6,
+    VIP_L7,
+    l4,
+    pin_other_version,
+    program,
+    stats,
+    tuple_key,
+)
 from tests.ebpf.envoy_node import bootstrap, l7_service_config, start_node_envoy
 from tests.support import need
 
@@ -275,8 +290,92 @@ def test_the_node_envoy_port_takes_only_the_connections_sent_to_it(
     assert stats(node)["envoy_refused"] - before["envoy_refused"] == 2
 
     node.enable(envoy_guard=False)  # `nodemesh agent --envoy-guard off`: its link goes
-    assert "nm_envoy_guard" not in node.dataplane.links()
+    assert not (node.pin_root / "links" / "nm_envoy_guard").exists()
     unguarded = other.tool("get", "--to", envoy, "--host", VIP_L7)
     assert unguarded.get("errno") != "ECONNREFUSED", unguarded
     node.enable()  # and back
     assert other.tool("get", "--to", envoy, "--host", VIP_L7)["errno"] == "ECONNREFUSED"
+
+
+# Connects to argv[1]:argv[2] in a loop until the file argv[3] exists; prints the counts.
+DIAL_UNTIL = r"""
+import json, os, socket, sys
+ok, refused = 0, {}
+while not os.path.exists(sys.argv[3]) or ok + sum(refused.values()) == 0:
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+        ok += 1
+    except OSError as exc:
+        refused[str(exc)] = refused.get(str(exc), 0) + 1
+    s.close()
+print(json.dumps({"ok": ok, "refused": refused}))
+"""
+
+
+def test_an_upgrade_that_replaces_the_original_destinations_refuses_no_pod(
+    node: NodeLab, tmp_path: Path
+) -> None:
+    """When an upgrade replaces nm_orig_tuple (another definition), the new sockops records
+    in the new map while the links swap one by one: the old guard, reading the old map,
+    refused pods' L7 connections meanwhile (5-46 per swap in three runs). The guard is now
+    detached for the swap and attached again last."""
+    listener = socket.create_server((node.gateway, 15001), backlog=4096)
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                listener.accept()[0].close()
+            except TimeoutError:
+                continue
+
+    acceptor = threading.Thread(target=accept)
+    acceptor.start()
+    try:
+        program(node, (Service("web", VIP_L7, 80, True),))
+        for i in range(2):
+            pin_other_version(node, "nm_orig_tuple", 8, 4096 + i)  # another version's map
+            done = tmp_path / f"done-{i}"
+            a = node.pods["a"]
+            dialer = subprocess.Popen(
+                a._argv([sys.executable, "-c", DIAL_UNTIL, VIP_L7, "80", str(done)]),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert node.dataplane is not None
+            node.dataplane.enable()  # the swap, while the pod connects
+            done.touch()
+            out, _ = dialer.communicate(timeout=60)
+            result = json.loads(out.strip().splitlines()[-1])
+            assert result["ok"] > 0 and not result["refused"], result
+        # and the guard is back: another machine is refused
+        other = node.outside_host("other")
+        refused = other.tool("get", "--to", f"{node.gateway}:15001")
+        assert refused == {"status": 0, "errno": "ECONNREFUSED"}, refused
+    finally:
+        stop.set()
+        acceptor.join()
+        listener.close()
+
+
+def test_a_second_data_plane_in_the_network_namespace_is_told(
+    node: NodeLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two data planes on one node (an agent started again with another --pin-root, the old
+    one never uninstalled) refuse each other's connections at the Envoy port: the second
+    one's enable() says so, naming the way out."""
+    other = Dataplane(node.cgroup, BPFFS / f"nodemesh-test-{node.suffix}-other")
+    try:
+        with caplog.at_level(logging.WARNING, logger="nodemesh.ebpf.loader"):
+            other.enable()
+        assert "another nodemesh data plane guards the node Envoy's port" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nodemesh.ebpf.loader"):
+            other.disable()
+            node.enable()  # alone again: nothing to say
+        assert "another nodemesh data plane" not in caplog.text
+    finally:
+        other.disable()
