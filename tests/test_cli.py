@@ -33,6 +33,7 @@ DEFAULTS = {
         "--pin-root": "/sys/fs/bpf/nodemesh",
         "--socket-redirect": "auto",
         "--envoy-guard": "on",
+        "--metrics-listen": "none",
     },
 }
 

@@ -10,40 +10,18 @@ for it). The names, their labels and what each means: docs/mesh-api.md, "Metrics
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
 
+from nodemesh._prometheus import CONTENT_TYPE, Exposition
 from nodemesh.controlplane.pipeline import Pipeline
 from nodemesh.controlplane.store import StoreView
 from nodemesh.xds.types import short_name
 
 __all__ = ["CONTENT_TYPE", "render"]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-Sample = tuple[Mapping[str, str], float]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        lines.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
-    return lines
-
 
 def render(pipeline: Pipeline) -> str:
-    out: list[str] = []
-
-    def add(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
-        out.extend(_family(name, kind, help_text, samples))
+    exposition = Exposition()
+    add = exposition.add
 
     # -- the pipeline: store, builds, sources ---------------------------------------------
     add(
@@ -168,4 +146,4 @@ def render(pipeline: Pipeline) -> str:
             "Nodes whose last answer of this xDS type was a NACK (Envoy's message: /status).",
             [({"type": short_name(t)}, n) for t, n in sorted(rejecting.items())],
         )
-    return "\n".join(out) + "\n"
+    return exposition.text()

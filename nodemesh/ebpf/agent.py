@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class Agent:
         self._repair: asyncio.Task[None] | None = None
         self.last_error = ""
         self.responses = 0  # received, over every stream
+        self.nacks = 0  # responses NACKed
+        self.last_response_at = 0.0  # time.time() of the last response (0: none yet)
 
     async def run(self) -> None:
         lock = await self._own_pin_root()
@@ -196,6 +199,7 @@ class Agent:
             log.info("ADS stream to %s open", self.controlplane)
             async for response in call:
                 self.responses += 1
+                self.last_response_at = time.time()
                 if response.type_url in self.versions:
                     await outbox.put(self._answer(maps, response))
 
@@ -208,6 +212,7 @@ class Agent:
         try:
             result = self.apply(maps, response)
         except (ValueError, NodemeshEbpfError) as exc:
+            self.nacks += 1
             self.last_error = str(exc)
             log.error("NACK %s version %s: %s", self.node, response.system_version_info, exc)
             ack.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=str(exc)))

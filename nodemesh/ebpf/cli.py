@@ -10,12 +10,15 @@ import os
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodemesh.ebpf._maps import MAX_CGROUP_LEVEL
 from nodemesh.ebpf.errors import NodemeshEbpfError
 from nodemesh.ebpf.loader import DEFAULT_PIN_ROOT, Dataplane
 from nodemesh.ebpf.maps import SocketRedirect
+
+if TYPE_CHECKING:
+    from nodemesh.ebpf.agent import Agent
 
 __all__ = ["configure", "run"]
 
@@ -55,6 +58,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         'port"); off: anything that reaches it is served',
     )
     parser.add_argument(
+        "--metrics-listen",
+        type=_hostport,
+        default="",
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus text: the kernel counters, the stream to the control "
+        "plane) and /livez there (default: none)",
+    )
+    parser.add_argument(
         "--uninstall", action="store_true", help="detach everything, remove all pins, and exit"
     )
 
@@ -86,11 +97,40 @@ def run(args: argparse.Namespace) -> int:
             args.envoy_cgroup,
             socket_redirect=_socket_redirect(args.socket_redirect),
         )
-        asyncio.run(_until_signal(agent.run()))
+        asyncio.run(_until_signal(_serve(agent, args.metrics_listen)))
         return 0
     except NodemeshEbpfError as exc:
         log.error("%s", exc)
         return 1
+
+
+def _hostport(value: str) -> str:
+    if not value:
+        return ""  # (the default: none)
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host.strip("[]"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT")
+    return value
+
+
+async def _serve(agent: Agent, metrics_listen: str) -> None:
+    """The agent, and its /metrics listener when asked for one."""
+    from nodemesh.ebpf.metrics import AgentMetrics
+
+    metrics = None
+    if metrics_listen:
+        host, _, port = metrics_listen.rpartition(":")
+        metrics = AgentMetrics(agent)
+        try:
+            await metrics.start(host.strip("[]"), int(port))
+        except OSError as exc:
+            raise NodemeshEbpfError(f"--metrics-listen {metrics_listen}: {exc.strerror}") from exc
+        log.info("metrics on http://%s/metrics", metrics_listen)
+    try:
+        await agent.run()
+    finally:
+        if metrics is not None:
+            await metrics.stop()
 
 
 def _uninstall(dataplane: Dataplane) -> int:

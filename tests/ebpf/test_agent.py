@@ -42,6 +42,7 @@ from nodemesh.ebpf.testing import NodeLab, Proc
 from nodemesh.xds.cache import Resource, Snapshot, SnapshotCache
 from nodemesh.xds.server import AdsServer
 from tests.ebpf.conftest import VIP, pin_other_version
+from tests.support import free_port, http_get, metric, parse_metrics
 
 NODE = "node-under-test"
 
@@ -91,12 +92,12 @@ class ControlPlane:
         status = self.server.status.snapshot().get(node, {})
         return dict(status.get("types", {}).get(type_url.rpartition(".")[2], {}))
 
-    def start_agent(self, node: str = NODE) -> Proc:
+    def start_agent(self, node: str = NODE, *extra: str) -> Proc:
         lab = self.lab
         argv = [
             sys.executable, "-m", "nodemesh", "agent", "--node", node,
             "--controlplane", f"127.0.0.1:{self.port}", "--cgroup", str(lab.cgroup),
-            "--envoy-cgroup", str(lab.envoy_cgroup), "--pin-root", str(lab.pin_root),
+            "--envoy-cgroup", str(lab.envoy_cgroup), "--pin-root", str(lab.pin_root), *extra,
         ]  # fmt: skip
         return lab.spawn(argv, "agent")
 
@@ -163,9 +164,11 @@ async def test_agent_acks_and_programs_the_service_map(cp: ControlPlane) -> None
 async def test_agent_nacks_a_bad_service_and_applies_the_rest(cp: ControlPlane) -> None:
     """One response carries a good change (echo to c) and a Service that does not validate:
     the agent NACKs naming the bad one, and the good change still applies (one bad Service
-    must not freeze every other on every node)."""
+    must not freeze every other on every node). Its /metrics count the NACK and say it is
+    rejecting."""
     good = cp.publish(cp.map_for("b"))
-    cp.start_agent()
+    port = free_port()
+    cp.start_agent(NODE, "--metrics-listen", f"127.0.0.1:{port}")
     await until(lambda: cp.acked(good), "the first ACK")
 
     bad = service_to_proto(split(cp.map_for("c"))[1][0])
@@ -184,6 +187,10 @@ async def test_agent_nacks_a_bad_service_and_applies_the_rest(cp: ControlPlane) 
     assert result["backends"] == {"c": 5}, "the good change must apply"
     with NodeMaps(cp.lab.pin_root) as maps:
         assert ("10.96.0.99", 80) not in maps.services(), "the bad Service is not written"
+    reply = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
+    m = parse_metrics(reply.body)
+    assert metric(m, "nodemesh_agent_nacks_total") == 1
+    assert metric(m, "nodemesh_agent_rejecting") == 1
 
 
 async def agent_serving_b(cp: ControlPlane) -> tuple[Proc, Any]:
@@ -256,6 +263,46 @@ async def test_uninstall_leaves_nothing_behind(cp: ControlPlane) -> None:
     assert direct["ok"] and direct["hello"] == "HELLO b"
     with pytest.raises(Exception, match="open pinned object"):
         NodeMaps(lab.pin_root)
+
+
+async def test_the_agents_metrics_count_what_the_kernel_did(cp: ControlPlane) -> None:
+    """`--metrics-listen`: /metrics as a scraper reads it; the kernel's counters follow the
+    pods' connections (L4 picks, the Envoy port's refusals) and the stream's answers."""
+    lab = cp.lab
+    port = free_port()
+    version = cp.publish(cp.map_for("b"))
+    cp.start_agent(NODE, "--metrics-listen", f"127.0.0.1:{port}")
+    await until(lambda: cp.acked(version), "the agent's ACK")
+
+    async def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        reply = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
+        assert reply.status == 200, reply
+        assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return parse_metrics(reply.body)
+
+    before = await scrape()
+    assert (metric(before, "nodemesh_agent_responses_total") or 0) >= 2  # both types
+    assert metric(before, "nodemesh_agent_services") == 1
+    assert metric(before, "nodemesh_agent_nacks_total") == 0
+    assert metric(before, "nodemesh_agent_rejecting") == 0
+    assert metric(before, "nodemesh_agent_kernel_counters") == 1
+    assert (metric(before, "nodemesh_agent_last_response_timestamp_seconds") or 0) > 0
+
+    conns = await asyncio.to_thread(
+        lab.pods["a"].tool, "conns", "--to", f"{VIP}:80", "--count", "3"
+    )
+    assert conns["backends"] == {"b": 3}
+    other = lab.outside_host("other")
+    refused = await asyncio.to_thread(other.tool, "get", "--to", f"{lab.gateway}:15001")
+    assert refused == {"status": 0, "errno": "ECONNREFUSED"}, refused
+
+    after = await scrape()
+
+    def grew(name: str) -> float:
+        return (metric(after, name) or 0) - (metric(before, name) or 0)
+
+    assert grew("nodemesh_agent_l4_picks_total") == 3
+    assert grew("nodemesh_agent_envoy_refused_total") == 1
 
 
 class Log:
