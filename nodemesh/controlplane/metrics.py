@@ -45,7 +45,7 @@ def render(pipeline: Pipeline) -> str:
     add(
         "nodemesh_build_seconds_total",
         "counter",
-        "Time the good builds took (objects to the snapshots served), summed.",
+        "Time the good builds took (objects to checked snapshots), summed.",
         [({}, pipeline.build_seconds_total)],
     )
     add(
@@ -114,7 +114,8 @@ def render(pipeline: Pipeline) -> str:
             "nodemesh_xds_nodes",
             "gauge",
             "Node ids the ADS server knows (an Envoy's or an agent's), by whether a stream is "
-            "open (a node without one is forgotten after an hour).",
+            "open (one without is forgotten at a stream's opening or closing an hour after it "
+            "left).",
             [({"connected": "true"}, connected), ({"connected": "false"}, len(nodes) - connected)],
         )
         add(
@@ -137,13 +138,16 @@ def render(pipeline: Pipeline) -> str:
         )
         rejecting: Counter[str] = Counter()
         for node in nodes:
+            if not node.connected:  # (its last NACK stays in /status; it holds nothing now)
+                continue
             for type_url, ts in node.types.items():
                 if ts.last_nack is not None:
                     rejecting[type_url] += 1
         add(
             "nodemesh_xds_nodes_rejecting",
             "gauge",
-            "Nodes whose last answer of this xDS type was a NACK (Envoy's message: /status).",
+            "Connected nodes whose last answer of this xDS type was a NACK (Envoy's message: "
+            "/status).",
             [({"type": short_name(t)}, n) for t, n in sorted(rejecting.items())],
         )
     return exposition.text()

@@ -564,29 +564,35 @@ class Pipeline:
             self.built_revision = view.revision
             await self._notify_built()
             return view.revision
-        self.last_build_seconds = time.perf_counter() - started
-        self.build_seconds_total += self.last_build_seconds
+        seconds = time.perf_counter() - started  # objects to checked snapshots
         self.last_error = ""
-        self._result = result
-        self.translation = translation
-        before, self.snapshot = self.snapshot, snapshot
-        self._view = view  # the objects' generations are read from it when needed
-        self._record_history(result, snapshot)
-        self._record_listener_history(translation)
-        self._built_nodes = node_snapshots
-        served, node_served = self.lingering.carry(
-            self._served,
-            before,
-            snapshot,
-            node_snapshots,
-            time.monotonic(),
-            self._anyone_connected(),
-        )
-        self._serve(served, node_served)
+        try:
+            self._result = result
+            self.translation = translation
+            before, self.snapshot = self.snapshot, snapshot
+            self._view = view  # the objects' generations are read from it when needed
+            self._record_history(result, snapshot)
+            self._record_listener_history(translation)
+            self._built_nodes = node_snapshots
+            served, node_served = self.lingering.carry(
+                self._served,
+                before,
+                snapshot,
+                node_snapshots,
+                time.monotonic(),
+                self._anyone_connected(),
+            )
+            self._serve(served, node_served)
+            self.built_revision = view.revision
+            self._update_conditions()
+            self._check_lingering()
+        except Exception as exc:  # (a bug): counted as a failed build, raised to the caller
+            self.failed_builds += 1
+            self.last_error = f"revision {view.revision}: {exc}"
+            raise
+        self.last_build_seconds = seconds
+        self.build_seconds_total += seconds
         self.rebuilds += 1
-        self.built_revision = view.revision
-        self._update_conditions()
-        self._check_lingering()
         await self._notify_built()
         log.debug("built revision %d in %.1f ms", view.revision, self.last_build_seconds * 1000)
         return view.revision

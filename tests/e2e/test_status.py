@@ -143,6 +143,10 @@ async def test_nack_marks_only_the_culprit_not_programmed_with_envoys_message(
     m = parse_metrics(render(mesh.pipeline))
     assert metric(m, "nodemesh_xds_nodes_rejecting", type="rds") is None
     assert metric(m, "nodemesh_xds_nodes", connected="true") == 1
+    assert metric(m, "nodemesh_xds_streams") == 1  # the node Envoy's one ADS stream
+    assert (metric(m, "nodemesh_xds_responses_total", type="rds") or 0) > (
+        metric(before, "nodemesh_xds_responses_total", type="rds") or 0
+    ) + 1  # the rejected one and the fix
 
 
 async def test_a_regex_over_envoys_default_program_size_is_programmed(
