@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from nodemesh._http import listen
 from nodemesh.controlplane import metrics
 from nodemesh.controlplane.pipeline import Pipeline
 
@@ -74,18 +75,9 @@ class StatusServer:
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/healthz", self._readyz)
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            keepalive_timeout=self.keepalive,
-            logger=_ServerLog(log, {}),
+        self._runner, self.port = await listen(
+            app, host, port, keepalive=self.keepalive, logger=_ServerLog(log, {})
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         return self.port
 
     async def stop(self) -> None:

@@ -8,6 +8,7 @@ import logging
 
 from aiohttp import web
 
+from nodemesh._http import listen
 from nodemesh._prometheus import CONTENT_TYPE, Exposition
 from nodemesh.api import SERVICE_TYPE_URL
 from nodemesh.ebpf.agent import Agent
@@ -118,13 +119,7 @@ class AgentMetrics:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/livez", self._livez)
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=15.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        self._runner, self.port = await listen(app, host, port, keepalive=15.0)
         return self.port
 
     async def stop(self) -> None:
