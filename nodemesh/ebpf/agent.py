@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -108,9 +108,13 @@ class Agent:
         self.nacks = 0  # responses NACKed
         self.last_response_at = 0.0  # time.time() of the last response (0: none yet)
 
-    async def run(self) -> None:
+    async def run(self, owned: Callable[[], Awaitable[object]] | None = None) -> None:
+        """`owned`: awaited once the pin root is this agent's, before anything is installed
+        (what must not start while another agent runs: the metrics listener on its port)."""
         lock = await self._own_pin_root()
         try:
+            if owned is not None:
+                await owned()
             await self._run()
         finally:
             os.close(lock)  # the next agent may take over

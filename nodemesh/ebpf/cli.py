@@ -108,26 +108,39 @@ def _hostport(value: str) -> str:
     if not value:
         return ""  # (the default: none)
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host.strip("[]"):
-        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT")
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
+    if (
+        not sep
+        or not port.isdigit()
+        or not 0 <= int(port) <= 65535
+        or not bare
+        or any(c in bare for c in "[] \t")
+        or (":" in bare and not bracketed)
+    ):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT ([IPv6]:PORT)")
     return value
 
 
 async def _serve(agent: Agent, metrics_listen: str) -> None:
-    """The agent, and its /metrics listener when asked for one."""
+    """The agent, and its /metrics listener when asked for one: opened once the pin root is
+    the agent's (in a DaemonSet rollout the next agent waits for it, on the same host port)."""
     from nodemesh.ebpf.metrics import AgentMetrics
 
-    metrics = None
-    if metrics_listen:
+    metrics = AgentMetrics(agent) if metrics_listen else None
+
+    async def owned() -> None:
+        if metrics is None:
+            return
         host, _, port = metrics_listen.rpartition(":")
-        metrics = AgentMetrics(agent)
         try:
-            await metrics.start(host.strip("[]"), int(port))
+            bound = await metrics.start(host.strip("[]"), int(port))
         except OSError as exc:
             raise NodemeshEbpfError(f"--metrics-listen {metrics_listen}: {exc.strerror}") from exc
-        log.info("metrics on http://%s/metrics", metrics_listen)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+
     try:
-        await agent.run()
+        await agent.run(owned)
     finally:
         if metrics is not None:
             await metrics.stop()

@@ -320,8 +320,7 @@ class Dataplane:
                     result[want.program] = self._converge(want, prog_fd, netns_fd, netns_id, force)
                 else:
                     result[want.program] = self._converge(want, prog_fd, socks_fd, socks_id, force)
-            if any(w.program == GUARD for w in self.wanted):
-                self._warn_other_guards(netns_fd)
+            self._warn_other_guards(netns_fd)  # (with or without ours: any one refuses)
             # Only now: an `_old` pin left by an interrupted enable() forces the swap again.
             for name in replaced:
                 self.map_pin(name + "_old").unlink()
@@ -332,9 +331,11 @@ class Dataplane:
     def _warn_other_guards(self, netns_fd: int) -> None:
         """Another data plane's guard in this network namespace (another pin root: an agent
         started with another --pin-root, never uninstalled) refuses the connections ours
-        sends to the node Envoy, and ours refuses its: say so (one data plane per node)."""
+        sends to the node Envoy (and ours, if attached, refuses its): say so (one data plane
+        per node). Also with `envoy_guard` False: any guard there refuses."""
         try:
-            mine = self._prog_id_of_link(self.link_pin(GUARD))
+            pin = self.link_pin(GUARD)
+            mine = self._prog_id_of_link(pin) if pin.exists() else 0
             for prog_id in bpf.prog_query(netns_fd, bpf.BPF_SK_LOOKUP, "the network namespace"):
                 if prog_id == mine:
                     continue

@@ -328,14 +328,18 @@ async def test_a_second_agent_on_the_node_waits_until_the_first_stops(cp: Contro
     agent started by hand with a typo in --node): the second converged the maps to its own
     node map, so pods on the node were balanced to another node's backends, and the two
     would overwrite each other at every change. The second now waits, saying which process
-    holds the node, and takes over once the first has stopped."""
+    holds the node, and takes over once the first has stopped. Both with the same
+    --metrics-listen (host network): the second opens it once it holds the node (it exited
+    on the taken port before)."""
     lab = cp.lab
+    port = free_port()
+    metrics = ("--metrics-listen", f"127.0.0.1:{port}")
     mine = cp.publish(cp.map_for("b"))
-    first = cp.start_agent()
+    first = cp.start_agent(NODE, *metrics)
     await until(lambda: cp.acked(mine), "the first agent's ACK")
     typo = "node-under-tset"
     theirs = cp.publish(cp.map_for("c", node=typo), node=typo)
-    second = cp.start_agent(node=typo)
+    second = cp.start_agent(typo, *metrics)
     log = Log(second)
     waiting = "waiting until it stops"
     await until(lambda: log.find(waiting) or cp.acked(theirs, typo), "the second agent")
@@ -352,6 +356,16 @@ async def test_a_second_agent_on_the_node_waits_until_the_first_stops(cp: Contro
     assert log.find("the other agent stopped; taking over"), log.lines
     result = await asyncio.to_thread(a.tool, "conns", "--to", f"{VIP}:80", "--count", "3")
     assert result == {"backends": {"c": 3}, "errors": {}}
+    assert second.popen.poll() is None, log.lines
+
+    def served() -> bool:  # (a blocking GET of a few ms: the ADS server waits that long)
+        try:
+            reply = http_get(f"http://127.0.0.1:{port}/metrics")
+        except OSError:
+            return False
+        return metric(parse_metrics(reply.body), "nodemesh_agent_services") == 1
+
+    await until(served, "the second agent's /metrics")
 
 
 async def test_an_agent_killed_while_it_writes_is_followed_by_the_next(cp: ControlPlane) -> None:

@@ -345,10 +345,17 @@ def test_an_upgrade_that_replaces_the_original_destinations_refuses_no_pod(
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            assert node.dataplane is not None
-            node.dataplane.enable()  # the swap, while the pod connects
-            done.touch()
-            out, _ = dialer.communicate(timeout=60)
+            try:
+                assert node.dataplane is not None
+                node.dataplane.enable()  # the swap, while the pod connects
+            finally:
+                done.touch()
+                try:
+                    out, _ = dialer.communicate(timeout=60)
+                finally:
+                    if dialer.poll() is None:
+                        dialer.kill()
+                        dialer.wait()
             result = json.loads(out.strip().splitlines()[-1])
             assert result["ok"] > 0 and not result["refused"], result
         # and the guard is back: another machine is refused
@@ -371,6 +378,10 @@ def test_a_second_data_plane_in_the_network_namespace_is_told(
     try:
         with caplog.at_level(logging.WARNING, logger="nodemesh.ebpf.loader"):
             other.enable()
+        assert "another nodemesh data plane guards the node Envoy's port" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nodemesh.ebpf.loader"):
+            node.enable(envoy_guard=False)  # without a guard of its own, the other's refuses
         assert "another nodemesh data plane guards the node Envoy's port" in caplog.text
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="nodemesh.ebpf.loader"):
