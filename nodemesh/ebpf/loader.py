@@ -390,6 +390,9 @@ class Dataplane:
                 pin.unlink()
                 if not detached:
                     self._wait_released(info, str(pin))
+            elif any(w.program == pin.name for w in WANTED):  # turned off (--envoy-guard off)
+                log.info("detaching %s: turned off", pin)
+                pin.unlink()
             else:
                 log.warning("detaching %s: this version does not attach it", pin)
                 pin.unlink()
