@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import platform
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +68,7 @@ def main() -> int:
     with NodeLab() as lab:
         lab.add_pod("a")
         node_map = NodeMap("bench", (NODE_MAP_VIP,), envoy=(lab.gateway, 15001))
-        listener = socket.create_server((lab.gateway, 15001), backlog=4096)
-        stop = threading.Event()
-
-        def accept() -> None:
-            listener.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    listener.accept()[0].close()
-                except TimeoutError:
-                    continue
-
-        acceptor = threading.Thread(target=accept)
-        acceptor.start()
-        try:
+        with lab.accepting(15001):
             samples: dict[str, list[float]] = {"guard": [], "no_guard": []}
             for _ in range(ROUNDS):
                 for mode in ("guard", "no_guard"):
@@ -93,10 +78,6 @@ def main() -> int:
                     samples[mode].append(statistics.median(_connects(lab)))
             with NodeMaps(lab.pin_root) as maps:
                 refused = maps.stats()["envoy_refused"]
-        finally:
-            stop.set()
-            acceptor.join()
-            listener.close()
     guard, plain = statistics.median(samples["guard"]), statistics.median(samples["no_guard"])
     result: dict[str, Any] = {
         "what": "median connect() to an L7 ClusterIP (to the node Envoy's port), microseconds, "

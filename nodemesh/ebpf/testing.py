@@ -15,10 +15,13 @@ import random
 import secrets
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,6 +300,30 @@ class NodeLab:
         cg = self.cgroup / f"hostnet-{name}"
         self._mkcg(cg)
         return Pod(self, name, None, self.gateway, cg)
+
+    @contextmanager
+    def accepting(self, port: int) -> Iterator[None]:
+        """A stand-in for the node Envoy: a listener on the node's address and `port` that
+        accepts and closes every connection (only their setup matters), while in the block."""
+        listener = socket.create_server((self.gateway, port), backlog=4096)
+        listener.settimeout(0.2)
+        stop = threading.Event()
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    listener.accept()[0].close()
+                except TimeoutError:
+                    continue
+
+        acceptor = threading.Thread(target=accept)
+        acceptor.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            acceptor.join()
+            listener.close()
 
     def envoy_container(self, name: str) -> Pod:
         """The node Envoy in a new cgroup below `envoy_cgroup` (host netns, its address), as a

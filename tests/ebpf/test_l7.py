@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -321,20 +320,7 @@ def test_an_upgrade_that_replaces_the_original_destinations_refuses_no_pod(
     in the new map while the links swap one by one: the old guard, reading the old map,
     refused pods' L7 connections meanwhile (5-46 per swap in three runs). The guard is now
     detached for the swap and attached again last."""
-    listener = socket.create_server((node.gateway, 15001), backlog=4096)
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                listener.accept()[0].close()
-            except TimeoutError:
-                continue
-
-    acceptor = threading.Thread(target=accept)
-    acceptor.start()
-    try:
+    with node.accepting(15001):
         program(node, (Service("web", VIP_L7, 80, True),))
         for i in range(2):
             pin_other_version(node, "nm_orig_tuple", 8, 4096 + i)  # another version's map
@@ -362,10 +348,6 @@ def test_an_upgrade_that_replaces_the_original_destinations_refuses_no_pod(
         other = node.outside_host("other")
         refused = other.tool("get", "--to", f"{node.gateway}:15001")
         assert refused == {"status": 0, "errno": "ECONNREFUSED"}, refused
-    finally:
-        stop.set()
-        acceptor.join()
-        listener.close()
 
 
 def test_a_second_data_plane_in_the_network_namespace_is_told(
